@@ -1,0 +1,274 @@
+"""The rh pytest plugin: command-line options, session fixtures (model, prompts, split, ranking),
+verdict collection, and the report written at the end of every run of ``pytest claims/``."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent
+RANKING_CACHE = ROOT / "fixtures" / "rankings"
+_VERDICT = "rh_verdict"
+_META = "rh_meta"
+_CLAIM = "rh_claim"
+_STATE = pytest.StashKey[dict]()
+
+log = logging.getLogger("rh")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    g = parser.getgroup("rh", "retrieval-head claims")
+    g.addoption("--model", default="smollm2-135m",
+                help="registry key (smollm2-135m, tiny-llama, llama8b, llama8b-base, llama70b), HF repo id or local dir")
+    g.addoption("--profile", default="quick", choices=("quick", "full"), help="how much evidence to gather")
+    g.addoption("--alpha", type=float, default=None, help="significance level (default: the profile's, 0.05)")
+    g.addoption("--quant", default=None, choices=("4bit", "8bit"), help="bitsandbytes quantization (CUDA only)")
+    g.addoption("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    g.addoption("--rankings", default=None, metavar="PATH", help="use this ranking file instead of the cache")
+    g.addoption("--recompute", action="store_true", help="recompute the ranking even if it is cached")
+    g.addoption("--report-dir", default=str(ROOT / "reports"), help="where the HTML and JSON reports go")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[_STATE] = {"verdicts": [], "meta": {}, "claims_run": 0, "started": datetime.now(timezone.utc),
+                            "t0": time.perf_counter()}
+
+
+# --------------------------------------------------------------------------- session fixtures
+
+
+@pytest.fixture(scope="session")
+def rh_model(pytestconfig):
+    """The model under test, loaded once per session."""
+    from rh.models import load_model
+
+    return load_model(pytestconfig.getoption("--model"), quant=pytestconfig.getoption("--quant"),
+                      device=pytestconfig.getoption("--device"))
+
+
+@pytest.fixture(scope="session")
+def profile(pytestconfig, rh_model):
+    from rh.profiles import get_profile
+
+    return get_profile(pytestconfig.getoption("--profile"), rh_model.shape, alpha=pytestconfig.getoption("--alpha"))
+
+
+@pytest.fixture(scope="session")
+def niah_samples(rh_model, profile):
+    """Passkey prompts over the profile's lengths x depths."""
+    from rh.niah import build_passkey_samples
+
+    return build_passkey_samples(
+        rh_model.tokenizer, lengths=profile.lengths, depths=profile.depths, n_per_setting=profile.n_per_setting,
+        seed=profile.sample_seed, chat=rh_model.instruct, max_positions=rh_model.max_positions,
+    )
+
+
+@pytest.fixture(scope="session")
+def niah_split(niah_samples, profile):
+    """(identify, validate): the seeded 80/20 split by sample id."""
+    from rh.niah import split_samples
+
+    return split_samples(niah_samples, frac=profile.identify_frac, seed=profile.split_seed)
+
+
+@pytest.fixture(scope="session")
+def validation(niah_split):
+    return niah_split[1]
+
+
+@pytest.fixture(scope="session")
+def ranking(pytestconfig, rh_model, profile, niah_split):
+    """Sum-attention ranking on the identification split: from --rankings, the cache, or computed."""
+    from rh.rankings import Ranking, cached_ranking
+    from rh.scoring import sum_attention_ranking
+
+    path = pytestconfig.getoption("--rankings")
+    if path:
+        r = Ranking.load(path, shape=rh_model.shape)
+        _session_meta(pytestconfig)["ranking"] = {"path": str(path), "provenance": r.provenance, "cache": "external"}
+        return r
+    identify = niah_split[0]
+    prov = {
+        "model_id": rh_model.provenance["model_id"], "revision": rh_model.provenance["revision"],
+        "dtype": rh_model.provenance["dtype"], "quant": rh_model.provenance["quant"],
+        "shape": rh_model.shape.as_dict(), "method": "sum_attention", "task": "passkey",
+        "lengths": list(profile.lengths), "depths": list(profile.depths), "n_per_setting": profile.n_per_setting,
+        "identify_frac": profile.identify_frac, "split_seed": profile.split_seed, "sample_seed": profile.sample_seed,
+        "chat": rh_model.instruct, "identify_ids_hash": _ids_hash([s.id for s in identify]),
+    }
+    r, where, hit = cached_ranking(
+        RANKING_CACHE, prov, lambda: sum_attention_ranking(rh_model, identify, provenance=prov,
+                                                           batch_size=profile.batch_size),
+        shape=rh_model.shape, recompute=pytestconfig.getoption("--recompute"),
+    )
+    _session_meta(pytestconfig)["ranking"] = {"path": str(where), "cache": "hit" if hit else "computed",
+                                              "provenance": r.provenance,
+                                              "top10": [str(h) for h in r.top(min(10, rh_model.shape.n_total))]}
+    return r
+
+
+@pytest.fixture(scope="session")
+def baseline(pytestconfig, rh_model, validation, profile):
+    """Teacher-forced outcomes on the validation split with no intervention."""
+    from rh.causal import evaluate_baseline
+
+    df = evaluate_baseline(rh_model, validation, batch_size=profile.batch_size)
+    by_depth = df.groupby("depth")["correct"].mean()
+    _session_meta(pytestconfig)["baseline"] = {
+        "accuracy": float(df["correct"].mean()), "n": len(df),
+        "accuracy_by_depth": {f"{d:g}": float(a) for d, a in by_depth.items()},
+    }
+    return df
+
+
+@pytest.fixture
+def record_verdict(request, pytestconfig):
+    """Call with a ``Verdict``: attaches it to the test report (xdist-safe), then passes,
+    fails (refuted) or skips (inconclusive) the test accordingly."""
+
+    def record(verdict) -> None:
+        request.node.user_properties.append((_VERDICT, verdict.to_dict()))
+        request.node.user_properties.append((_META, _session_meta(pytestconfig)))
+        if verdict.inconclusive:
+            pytest.skip(f"inconclusive: {verdict.reason}")
+        assert verdict.supported, "claim refuted:\n" + verdict.explain()
+
+    return record
+
+
+def _session_meta(config: pytest.Config) -> dict[str, Any]:
+    return config.stash[_STATE]["meta"]
+
+
+def _ids_hash(ids: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- collection of verdicts
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    state = _config.stash[_STATE] if _config else None
+    if state is None or "claim" not in report.keywords:
+        return
+    props = dict(report.user_properties)
+    if report.when == "call" or (report.when == "setup" and not report.passed):
+        state["claims_run"] += 1
+        if _META in props:
+            _merge(state["meta"], props[_META])
+        if _VERDICT in props:
+            v = dict(props[_VERDICT])
+            v["nodeid"] = report.nodeid
+            v["outcome"] = report.outcome
+            state["verdicts"].append(v)
+        elif report.failed:
+            state["verdicts"].append({
+                "nodeid": report.nodeid, "claim": props.get(_CLAIM, report.nodeid), "status": "error",
+                "outcome": "error",
+                "reason": _short_error(report),
+            })
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Carry each claim's id (``@pytest.mark.claim("CA-1")``) to its reports, for the error rows."""
+    for item in items:
+        marker = item.get_closest_marker("claim")
+        if marker is not None and marker.args:
+            item.user_properties.append((_CLAIM, str(marker.args[0])))
+
+
+def _short_error(report: pytest.TestReport) -> str:
+    crash = getattr(report.longrepr, "reprcrash", None)
+    return crash.message if crash is not None else str(report.longrepr)[-2000:]
+
+
+def _merge(into: dict, new: dict) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
+
+
+_config: pytest.Config | None = None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    global _config
+    _config = session.config
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    config = session.config
+    if hasattr(config, "workerinput"):  # xdist worker: the controller writes the report
+        return
+    state = config.stash[_STATE]
+    if not state["claims_run"]:
+        return
+    try:
+        paths = _write_report(config, state)
+    except Exception as exc:  # a report failure must not hide the test results
+        log.exception("could not write the rh report")
+        config._rh_report_error = str(exc)  # type: ignore[attr-defined]
+        return
+    config._rh_report_paths = paths  # type: ignore[attr-defined]
+
+
+def _write_report(config: pytest.Config, state: dict) -> tuple[Path, Path]:
+    import torch
+    import transformers
+
+    import rh
+    from rh.plots import report_figures
+    from rh.report import report_stem, write_report
+
+    finished = datetime.now(timezone.utc)
+    meta = dict(state["meta"])
+    meta.update({
+        "model": config.getoption("--model"), "profile": config.getoption("--profile"),
+        "rh_version": rh.__version__, "started": state["started"].isoformat(timespec="seconds"),
+        "finished": finished.isoformat(timespec="seconds"),
+        "runtime_s": round(time.perf_counter() - state["t0"], 1),
+        "command": "pytest " + " ".join(config.invocation_params.args),
+        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "platform": platform.platform(),
+    })
+    figures = report_figures(state["verdicts"], meta)
+    stem = report_stem(config.getoption("--model"), state["started"])
+    return write_report(state["verdicts"], meta, config.getoption("--report-dir"), stem, figures)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    paths = getattr(config, "_rh_report_paths", None)
+    if paths:
+        terminalreporter.write_sep("-", "rh report")
+        for p in paths:
+            terminalreporter.write_line(str(p))
+    err = getattr(config, "_rh_report_error", None)
+    if err:
+        terminalreporter.write_line(f"rh report could not be written: {err}", red=True)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrize ``ablation_k`` over the profile's K levels (known once the model's shape is)."""
+    if "ablation_k" in metafunc.fixturenames:
+        metafunc.parametrize("ablation_k", _ablation_levels(metafunc.config), ids=lambda k: f"K={k}")
+
+
+def _ablation_levels(config: pytest.Config) -> tuple[int, ...]:
+    from rh.models import expected_shape
+    from rh.profiles import get_profile
+
+    shape = expected_shape(config.getoption("--model"))
+    return get_profile(config.getoption("--profile"), shape, alpha=config.getoption("--alpha")).ablation_levels

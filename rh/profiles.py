@@ -1,0 +1,78 @@
+"""Profiles: how much evidence a run gathers (design decision 6). ``quick`` checks the catalogue
+in minutes; ``full`` is what a paper would cite. Scaled by the model's head count, since head
+counts differ by 20x between SmolLM2 (270) and Llama-3.3-70B (5120)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from rh.heads import HeadShape
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    lengths: tuple[int, ...]
+    depths: tuple[float, ...]
+    n_per_setting: int  # samples per (length, depth)
+    ablation_levels: tuple[int, ...]  # K values for top-K vs random-K
+    random_draws: int  # random head sets per K
+    alpha: float = 0.05
+    baseline_floor: float = 0.5  # below this baseline accuracy an ablation drop cannot be shown
+    identify_frac: float = 0.8
+    split_seed: int = 0
+    sample_seed: int = 0
+    draw_seed: int = 0
+    batch_size: int = 8
+    n_boot: int = 10_000
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_DEPTHS_5 = (0.0, 0.25, 0.5, 0.75, 1.0)
+_DEPTHS_11 = tuple(round(i / 10, 1) for i in range(11))
+
+# (quick, full) per size class, keyed by the model's total number of query heads.
+_TABLE: dict[str, tuple[Profile, Profile]] = {
+    "tiny": (  # random test models (< 100 heads)
+        Profile("quick", (128,), (0.0, 0.5, 1.0), 4, (2, 4), 3, batch_size=16),
+        Profile("full", (128, 256), _DEPTHS_5, 8, (2, 4, 8), 10, batch_size=16),
+    ),
+    "small": (  # SmolLM2-135M (270 heads)
+        Profile("quick", (512,), _DEPTHS_5, 16, (5, 10, 20), 10),
+        Profile("full", (512, 1024, 2048), _DEPTHS_11, 20, (5, 10, 20, 30, 40, 50), 50),
+    ),
+    "large": (  # Llama-3-8B (1024), Llama-3.3-70B (5120)
+        Profile("quick", (2048,), _DEPTHS_5, 8, (10, 20, 50), 5, batch_size=4),
+        Profile("full", (2048, 4096, 8192), _DEPTHS_11, 10, (5, 10, 20, 30, 40, 50, 100), 20, batch_size=2),
+    ),
+}
+
+
+def size_class(shape: HeadShape) -> str:
+    if shape.n_total < 100:
+        return "tiny"
+    if shape.n_total < 1000:
+        return "small"
+    return "large"
+
+
+def get_profile(name: str, shape: HeadShape, **overrides: Any) -> Profile:
+    """The ``quick`` or ``full`` profile for a model of this shape, with any field overridden."""
+    if name not in ("quick", "full"):
+        raise ValueError(f"unknown profile {name!r}: use 'quick' or 'full'")
+    quick, full = _TABLE[size_class(shape)]
+    prof = quick if name == "quick" else full
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    prof = replace(prof, **overrides)
+    if not (0 < prof.alpha < 1):
+        raise ValueError(f"alpha={prof.alpha}: choose a significance level strictly between 0 and 1")
+    too_big = [k for k in prof.ablation_levels if 2 * k > shape.n_total]
+    if too_big:
+        raise ValueError(
+            f"ablation levels {too_big} are too large for a model with {shape.n_total} heads: K random "
+            f"heads are drawn from outside the top K, so K may be at most {shape.n_total // 2}"
+        )
+    return prof

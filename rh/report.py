@@ -1,0 +1,521 @@
+"""The run report: one JSON file for machines and one self-contained HTML page for people.
+
+Every ``pytest claims/`` run ends here. Verdicts arrive as plain dicts (``Verdict.to_dict()`` plus
+the pytest ``nodeid``/``outcome``); a crashed claim arrives as ``{"status": "error", ...}`` and is
+kept apart from the three verdicts. Both files are redacted of Hugging Face tokens, rendered fully
+in memory and only then written atomically, so a failure leaves nothing half-written on disk. The
+HTML page has no external resources: inline CSS, figures as base64 data URIs, no scripts.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
+
+from rh.io import atomic_write_text
+
+__all__ = [
+    "STATUSES",
+    "redact",
+    "render_html",
+    "report_stem",
+    "summarize",
+    "write_report",
+]
+
+#: The statuses a report counts, in display order; ``error`` is a crash, not a verdict.
+STATUSES: tuple[str, ...] = ("supported", "refuted", "inconclusive", "error")
+
+_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{20,}")
+_REDACTED = "hf_***"
+_STEM_RE = re.compile(r"[A-Za-z0-9._-]+")
+_UNSAFE_CHARS_RE = re.compile(r"[^A-Za-z0-9._-]+")
+_MAX_STEM = 200
+_MAX_LIST_ITEMS = 20  # long lists in details/meta are cut in the HTML (the JSON keeps them whole)
+_DASH = "\u2014"
+
+_BADGE_COLOURS: dict[str, tuple[str, str]] = {  # status -> (background, text)
+    "supported": ("#1a7f37", "#ffffff"),
+    "refuted": ("#cf222e", "#ffffff"),
+    "inconclusive": ("#d4a72c", "#1f2328"),
+    "error": ("#24292f", "#ffffff"),
+}
+_UNKNOWN_BADGE = ("#8c959f", "#ffffff")
+
+_IMAGE_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"GIF87a", "image/gif"),
+    (b"GIF89a", "image/gif"),
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def redact(obj: Any) -> Any:
+    """Return a copy of ``obj`` with every Hugging Face token (``hf_`` + 20+ alphanumerics) replaced.
+
+    Walks dicts (keys and values), lists, tuples and sets; any substring of a string that looks
+    like a token becomes ``"hf_***"``, so a token inside a longer message is caught too.
+    """
+    if isinstance(obj, str):
+        return _TOKEN_RE.sub(_REDACTED, obj)
+    if isinstance(obj, Mapping):
+        return {redact(k) if isinstance(k, str) else k: redact(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [redact(v) for v in obj]
+    if isinstance(obj, set | frozenset):
+        return [redact(v) for v in sorted(obj, key=repr)]
+    return obj
+
+
+def summarize(verdicts: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """Count entries by status: always the four of :data:`STATUSES`, plus any unexpected status."""
+    counts = {status: 0 for status in STATUSES}
+    for verdict in verdicts:
+        status = _status(verdict)
+        counts[status] = counts.get(status, 0) + 1
+    return counts
+
+
+def report_stem(model_key: str, when: datetime) -> str:
+    """File stem ``<model>-<YYYYmmdd-HHMMSS>`` for a run of ``model_key`` started at ``when``.
+
+    A Hugging Face id keeps its organisation (``meta-llama/Llama-3.3-70B-Instruct`` becomes
+    ``meta-llama_Llama-3.3-70B-Instruct``); a local path becomes its last component; any other
+    character outside letters, digits, ``-``, ``_``, ``.`` becomes ``_``.
+    """
+    if not isinstance(model_key, str) or not model_key.strip():
+        raise ValueError(f"report_stem: model_key must be a non-empty string, got {model_key!r}")
+    if not isinstance(when, datetime):
+        raise ValueError(f"report_stem: when must be a datetime, got {when!r}")
+    key = model_key.strip()
+    if _looks_like_path(key):
+        stripped = key.rstrip("/\\")
+        name = PureWindowsPath(stripped).name if "\\" in stripped else PurePosixPath(stripped).name
+        key = name or stripped
+    safe = _UNSAFE_CHARS_RE.sub("_", key).strip("._") or "model"
+    return f"{safe}-{when.strftime('%Y%m%d-%H%M%S')}"
+
+
+def render_html(
+    verdicts: Sequence[Mapping[str, Any]],
+    meta: Mapping[str, Any],
+    figures: Mapping[str, bytes] | None = None,
+) -> str:
+    """Render the report as one self-contained HTML page (inline CSS, no scripts, no network).
+
+    Layout: title and summary line, the claim matrix, one section per claim id, figures, and the
+    run metadata. Every user-supplied value is HTML-escaped; inputs are not redacted here
+    (:func:`write_report` redacts before rendering).
+    """
+    verdicts = [v if isinstance(v, Mapping) else {"reason": repr(v)} for v in verdicts]
+    meta = meta if isinstance(meta, Mapping) else {"meta": meta}
+    figures = dict(figures or {})
+    counts = summarize(verdicts)
+    model = meta.get("model") or meta.get("model_id") or "unknown model"
+    when = _display_time(meta.get("started") or meta.get("finished"))
+    title = f"rh report \u2014 {model}" + (f" \u2014 {when}" if when else "")
+
+    parts: list[str] = [
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        "<head>",
+        '<meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{_e(title)}</title>",
+        f"<style>{_CSS}</style>",
+        "</head>",
+        "<body>",
+        f"<h1>{_e(title)}</h1>",
+        _render_subtitle(meta),
+        _render_summary(counts, len(verdicts)),
+        '<h2 id="matrix">Claim matrix</h2>',
+        _render_matrix(verdicts),
+        '<h2 id="claims">Claims</h2>',
+        _render_claim_sections(verdicts),
+    ]
+    if figures:
+        parts += ['<h2 id="figures">Figures</h2>', _render_figures(figures)]
+    parts += [
+        '<h2 id="run">Run metadata</h2>',
+        _render_value(meta) if meta else f"<p>{_DASH}</p>",
+        "</body>",
+        "</html>",
+    ]
+    return "\n".join(p for p in parts if p) + "\n"
+
+
+def write_report(
+    verdicts: list[dict],
+    meta: dict,
+    out_dir: str | Path,
+    stem: str,
+    figures: dict[str, bytes] | None = None,
+) -> tuple[Path, Path]:
+    """Write ``<out_dir>/<stem>.json`` and ``<out_dir>/<stem>.html``; return their paths.
+
+    Tokens are redacted from verdicts, meta and figure titles first. Both documents are built in
+    memory before either file is touched, and each is written atomically, so bad input raises
+    ``ValueError`` without leaving anything on disk. Non-finite floats become ``null`` in JSON.
+    """
+    if not isinstance(stem, str) or not _is_safe_stem(stem):
+        raise ValueError(
+            f"write_report: stem {stem!r} is not a safe file name; use letters, digits, '-', '_' "
+            f"and '.' only (not starting with '.', at most {_MAX_STEM} characters), "
+            "e.g. report_stem(model_key, datetime.now())"
+        )
+    if figures is not None and not isinstance(figures, Mapping):
+        raise ValueError(f"write_report: figures must be a dict of title -> PNG bytes, got {type(figures).__name__}")
+    clean_verdicts = _jsonable(redact(list(verdicts)))
+    clean_meta = _jsonable(redact(dict(meta)))
+    clean_figures = {redact(str(title)): data for title, data in (figures or {}).items()}
+    document = {"meta": clean_meta, "summary": summarize(clean_verdicts), "verdicts": clean_verdicts}
+    json_text = json.dumps(document, indent=2, allow_nan=False, ensure_ascii=False) + "\n"
+    html_text = render_html(clean_verdicts, clean_meta, clean_figures)
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"write_report: out_dir {str(out)!r} exists and is not a folder")
+    json_path = atomic_write_text(out / f"{stem}.json", json_text)
+    html_path = atomic_write_text(out / f"{stem}.html", html_text)
+    return json_path, html_path
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers: values
+# --------------------------------------------------------------------------------------------
+
+
+def _e(value: Any) -> str:
+    """HTML-escape ``str(value)``, quotes included (safe in text and attributes)."""
+    return html.escape(str(value), quote=True)
+
+
+def _status(verdict: Mapping[str, Any]) -> str:
+    status = verdict.get("status")
+    return str(status).strip().lower() if status not in (None, "") else "unknown"
+
+
+def _is_safe_stem(stem: str) -> bool:
+    return bool(_STEM_RE.fullmatch(stem)) and not stem.startswith(".") and len(stem) <= _MAX_STEM
+
+
+def _looks_like_path(key: str) -> bool:
+    """A model key is a local path if it exists or is shaped like one (an HF id is ``org/name``)."""
+    if key.startswith(("/", "./", "../", "~", ".\\", "..\\")) or "\\" in key or re.match(r"^[A-Za-z]:", key):
+        return True
+    if key.count("/") > 1 or key.endswith("/"):
+        return True
+    try:
+        return "/" in key and Path(key).expanduser().exists()
+    except OSError:
+        return False
+
+
+def _as_float(value: Any) -> float | None:
+    """A finite float, or None for None, NaN, infinities and anything non-numeric."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _fmt_p(value: Any) -> str:
+    p = _as_float(value)
+    if p is None:
+        return _DASH
+    return "<1e-4" if p < 1e-4 else format(p, ".3g")
+
+
+def _fmt_effect(value: Any) -> str:
+    x = _as_float(value)
+    return _DASH if x is None else format(x, ".3f")
+
+
+def _fmt_ci(ci: Any) -> str:
+    if isinstance(ci, Sequence) and not isinstance(ci, str) and len(ci) == 2:
+        lo, hi = (_as_float(c) for c in ci)
+        if lo is not None or hi is not None:
+            return f"[{_fmt_effect(lo)}, {_fmt_effect(hi)}]"
+    return ""
+
+
+def _fmt_scalar(value: Any) -> str:
+    """Plain text for a scalar in details/meta: floats to 4 significant digits, None to a dash."""
+    if value is None:
+        return _DASH
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return format(value, ".4g") if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def _fmt_params(params: Any) -> str:
+    if isinstance(params, Mapping):
+        pairs = []
+        for key, value in params.items():
+            nested = isinstance(value, Mapping | list | tuple | set | frozenset)
+            pairs.append(f"{key}={json.dumps(_jsonable(value)) if nested else _fmt_scalar(value)}")
+        return ", ".join(pairs) or _DASH
+    if params in (None, "", [], ()):
+        return _DASH
+    return str(params)
+
+
+def _display_time(value: Any) -> str:
+    if not value:
+        return ""
+    try:
+        return datetime.fromisoformat(str(value)).strftime("%Y-%m-%d %H:%M:%S")
+    except ValueError:
+        return str(value)
+
+
+def _jsonable(obj: Any) -> Any:
+    """Coerce to strict JSON: non-finite floats to None, numpy scalars/arrays, paths and others to text."""
+    if obj is None or isinstance(obj, bool | int | str):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, set | frozenset):
+        return [_jsonable(v) for v in sorted(obj, key=repr)]
+    if hasattr(obj, "tolist") and callable(obj.tolist):  # numpy arrays/scalars, torch tensors
+        try:
+            return _jsonable(obj.tolist())
+        except Exception:  # noqa: BLE001 - fall back to text below
+            pass
+    if hasattr(obj, "item") and callable(obj.item):
+        try:
+            return _jsonable(obj.item())
+        except Exception:  # noqa: BLE001
+            pass
+    return str(obj)
+
+
+def _anchor(claim: str) -> str:
+    return "claim-" + (_UNSAFE_CHARS_RE.sub("-", claim).strip("-") or "unnamed")
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers: HTML pieces
+# --------------------------------------------------------------------------------------------
+
+
+def _badge(status: str, tooltip: str = "") -> str:
+    bg, fg = _BADGE_COLOURS.get(status, _UNKNOWN_BADGE)
+    title = f' title="{_e(tooltip)}"' if tooltip else ""
+    return (f'<span class="badge badge-{_e(_UNSAFE_CHARS_RE.sub("-", status))}" '
+            f'style="background:{bg};color:{fg}"{title}>{_e(status)}</span>')
+
+
+def _render_subtitle(meta: Mapping[str, Any]) -> str:
+    bits = []
+    for key, label in (("model_id", "model id"), ("revision", "revision"), ("profile", "profile"),
+                       ("device", "device"), ("dtype", "dtype"), ("runtime_s", "runtime")):
+        value = meta.get(key)
+        if value in (None, ""):
+            continue
+        if key == "runtime_s" and _as_float(value) is not None:
+            value = f"{_as_float(value):.1f} s"
+        bits.append(f"{_e(label)}: <code>{_e(value)}</code>")
+    return f'<p class="sub">{" · ".join(bits)}</p>' if bits else ""
+
+
+def _render_summary(counts: Mapping[str, int], total: int) -> str:
+    items = [f"{_badge(status)} {counts[status]}" for status in counts]
+    return f'<p class="summary"><strong>{total}</strong> results: {" &nbsp; ".join(items)}</p>'
+
+
+def _render_matrix(verdicts: Sequence[Mapping[str, Any]]) -> str:
+    if not verdicts:
+        return "<p>No claims were run.</p>"
+    rows = ["<table class=\"matrix\"><thead><tr><th>claim</th><th>parameters</th><th>verdict</th>"
+            "<th>effect [CI]</th><th>p (adj.)</th><th>n</th><th>test</th></tr></thead><tbody>"]
+    for v in verdicts:
+        claim = str(v.get("claim") or v.get("nodeid") or "?")
+        status = _status(v)
+        tooltip = f"pytest: {v['outcome']}" if v.get("outcome") else ""
+        if status == "error":
+            effect_cell = p_cell = n_cell = test_cell = _DASH
+        else:
+            effect_cell = _effect_cell(v)
+            p_cell = _p_cell(v)
+            n_cell = _e(_fmt_scalar(v.get("n")))
+            test_cell = _e(v.get("test") or _DASH)
+        rows.append(
+            f'<tr class="row-{_e(_UNSAFE_CHARS_RE.sub("-", status))}">'
+            f'<td><a href="#{_e(_anchor(claim))}">{_e(claim)}</a></td>'
+            f"<td>{_e(_fmt_params(v.get('params')))}</td>"
+            f"<td>{_badge(status, tooltip)}</td>"
+            f'<td class="num">{effect_cell}</td><td class="num">{p_cell}</td>'
+            f'<td class="num">{n_cell}</td><td>{test_cell}</td></tr>'
+        )
+    rows.append("</tbody></table>")
+    return "\n".join(rows)
+
+
+def _effect_cell(v: Mapping[str, Any]) -> str:
+    effect = _fmt_effect(v.get("effect"))
+    ci = _fmt_ci(v.get("ci"))
+    name = v.get("effect_name") or ""
+    level = _as_float(v.get("ci_level"))
+    tip = str(name) + (f" ({level * 100:g}% CI)" if level is not None and ci else "")
+    text = _e(effect) + (f" {_e(ci)}" if ci else "")
+    small = f'<br><small>{_e(name)}</small>' if name else ""
+    title = f' title="{_e(tip)}"' if tip else ""
+    return f"<span{title}>{text}</span>{small}"
+
+
+def _p_cell(v: Mapping[str, Any]) -> str:
+    adjusted, raw = v.get("p_adjusted"), v.get("p_value")
+    if _as_float(adjusted) is not None:
+        return f"{_e(_fmt_p(adjusted))}<br><small>raw {_e(_fmt_p(raw))}</small>"
+    if _as_float(raw) is not None:
+        return f"{_e(_fmt_p(raw))}<br><small>unadjusted</small>"
+    return _DASH
+
+
+def _render_claim_sections(verdicts: Sequence[Mapping[str, Any]]) -> str:
+    if not verdicts:
+        return f"<p>{_DASH}</p>"
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for v in verdicts:  # first-appearance order, which is pytest's collection order
+        groups.setdefault(str(v.get("claim") or v.get("nodeid") or "?"), []).append(v)
+    out: list[str] = []
+    for claim, items in groups.items():
+        statement = next((str(v["statement"]) for v in items if v.get("statement")), "")
+        source = next((str(v["source"]) for v in items if v.get("source")), "")
+        badges = " ".join(_badge(s) + f" {n}" for s, n in summarize(items).items() if n)
+        out.append(f'<section class="claim" id="{_e(_anchor(claim))}">')
+        out.append(f"<h3>{_e(claim)} <span class=\"counts\">{badges}</span></h3>")
+        if statement:
+            out.append(f'<p class="statement">{_e(statement)}</p>')
+        if source:
+            out.append(f'<p class="source">Source: {_e(source)}</p>')
+        out.extend(_render_verdict(v) for v in items)
+        out.append("</section>")
+    return "\n".join(out)
+
+
+def _render_verdict(v: Mapping[str, Any]) -> str:
+    status = _status(v)
+    head = f"{_badge(status)} <strong>{_e(_fmt_params(v.get('params')))}</strong>"
+    if v.get("outcome"):
+        head += f' <small>pytest: {_e(v["outcome"])}</small>'
+    lines = ['<div class="verdict">', f"<p>{head}</p>"]
+    reason = v.get("reason")
+    if reason not in (None, ""):
+        lines.append(f'<pre class="reason">{_e(reason)}</pre>')
+    if status != "error":
+        stats: list[tuple[str, str]] = []
+        if v.get("test"):
+            stats.append(("test", _e(v["test"])))
+        if _as_float(v.get("statistic")) is not None:
+            stats.append(("statistic", _e(format(_as_float(v["statistic"]), ".4g"))))
+        stats.append(("p", _e(_fmt_p(v.get("p_value")))))
+        if _as_float(v.get("p_adjusted")) is not None:
+            stats.append(("p adjusted", _e(_fmt_p(v.get("p_adjusted")))))
+        label = str(v.get("effect_name") or "effect")
+        ci = _fmt_ci(v.get("ci"))
+        level = _as_float(v.get("ci_level"))
+        ci_text = f" {ci}" + (f" ({level * 100:g}% CI)" if level is not None else "") if ci else ""
+        stats.append((label, _e(_fmt_effect(v.get("effect")) + ci_text)))
+        if v.get("n") is not None:
+            stats.append(("n", _e(_fmt_scalar(v.get("n")))))
+        if _as_float(v.get("alpha")) is not None:
+            stats.append(("alpha", _e(_fmt_scalar(_as_float(v.get("alpha"))))))
+        lines.append('<p class="stats">' + " · ".join(f"{_e(k)}: {val}" for k, val in stats) + "</p>")
+    if v.get("nodeid"):
+        lines.append(f'<p class="nodeid"><code>{_e(v["nodeid"])}</code></p>')
+    details = v.get("details")
+    if details not in (None, {}, [], ""):
+        lines.append('<details open><summary>details</summary>')
+        lines.append(_render_value(details))
+        lines.append("</details>")
+    lines.append("</div>")
+    return "\n".join(lines)
+
+
+def _render_value(value: Any, depth: int = 0) -> str:
+    """Generic, escaped rendering of JSON-like data: dicts as key/value tables, lists shortened."""
+    if depth > 8:
+        return _e(json.dumps(_jsonable(value))[:500])
+    if isinstance(value, Mapping):
+        if not value:
+            return "{}"
+        rows = "".join(f"<tr><th>{_e(k)}</th><td>{_render_value(v, depth + 1)}</td></tr>"
+                       for k, v in value.items())
+        return f'<table class="kv">{rows}</table>'
+    if isinstance(value, list | tuple | set | frozenset):
+        items = list(value)
+        if not items:
+            return "[]"
+        shown = items[:_MAX_LIST_ITEMS]
+        more = len(items) - len(shown)
+        tail = f" <small>… ({more} more; full list in the JSON)</small>" if more else ""
+        if all(not isinstance(x, Mapping | list | tuple | set | frozenset) for x in shown):
+            return "[" + ", ".join(_e(_fmt_scalar(x)) for x in shown) + "]" + tail
+        lis = "".join(f"<li>{_render_value(x, depth + 1)}</li>" for x in shown)
+        return f"<ol start=\"0\">{lis}</ol>{tail}"
+    return _e(_fmt_scalar(value))
+
+
+def _render_figures(figures: Mapping[str, Any]) -> str:
+    out = []
+    for title, data in figures.items():
+        mime = _image_mime(data)
+        if mime is None:
+            out.append(f'<p class="missing">Figure {_e(title)} could not be embedded '
+                       "(not PNG, JPEG or GIF bytes).</p>")
+            continue
+        uri = f"data:{mime};base64,{base64.b64encode(bytes(data)).decode('ascii')}"
+        out.append(f'<figure><img src="{uri}" alt="{_e(title)}">'
+                   f"<figcaption>{_e(title)}</figcaption></figure>")
+    return "\n".join(out)
+
+
+def _image_mime(data: Any) -> str | None:
+    if not isinstance(data, bytes | bytearray | memoryview):
+        return None
+    head = bytes(data[:8])
+    return next((mime for magic, mime in _IMAGE_MAGIC if head.startswith(magic)), None)
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2em auto;max-width:72em;
+padding:0 1em;color:#1f2328;line-height:1.45}
+h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #d0d7de;padding-bottom:.2em;margin-top:1.6em}
+.sub{color:#57606a;margin-top:0}.summary{font-size:1.1em}
+table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #d0d7de;padding:.25em .6em;
+vertical-align:top;text-align:left}thead th{background:#f6f8fa}
+table.matrix td.num{text-align:right;white-space:nowrap}
+table.kv th{background:#f6f8fa;font-weight:600;white-space:nowrap}
+.badge{display:inline-block;padding:.05em .55em;border-radius:.8em;font-size:.85em;font-weight:600}
+small{color:#57606a}
+section.claim{border-top:1px solid #d0d7de;padding-top:.4em;margin-top:1em}
+.statement{font-style:italic}.source{color:#57606a;margin-top:-.5em}
+.verdict{margin:.6em 0 .6em 1em;padding-left:.8em;border-left:3px solid #d0d7de}
+pre.reason{white-space:pre-wrap;word-break:break-word;background:#f6f8fa;padding:.4em .6em;margin:.2em 0}
+.stats{font-size:.92em}.nodeid{font-size:.85em;color:#57606a}
+figure{margin:1em 0}figure img{max-width:100%;border:1px solid #d0d7de}figcaption{color:#57606a}
+.counts{font-size:.7em;font-weight:normal}
+"""
