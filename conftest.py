@@ -34,6 +34,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--rankings", default=None, metavar="PATH", help="use this ranking file instead of the cache")
     g.addoption("--recompute", action="store_true", help="recompute the ranking even if it is cached")
     g.addoption("--report-dir", default=str(ROOT / "reports"), help="where the HTML and JSON reports go")
+    g.addoption("--ranking-cache", default=str(RANKING_CACHE), help="folder of cached rankings")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -105,7 +106,7 @@ def ranking(pytestconfig, rh_model, profile, niah_split):
         "chat": rh_model.instruct, "identify_ids_hash": _ids_hash([s.id for s in identify]),
     }
     r, where, hit = cached_ranking(
-        RANKING_CACHE, prov, lambda: sum_attention_ranking(rh_model, identify, provenance=prov,
+        pytestconfig.getoption("--ranking-cache"), prov, lambda: sum_attention_ranking(rh_model, identify, provenance=prov,
                                                            batch_size=profile.batch_size),
         shape=rh_model.shape, recompute=pytestconfig.getoption("--recompute"),
     )

@@ -1,0 +1,92 @@
+"""CA-1's decision rule on synthetic outcomes, and its outcome gathering on the tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import binomtest
+
+from rh.causal import NecessityOutcomes, necessity_outcomes, necessity_verdicts
+from rh.heads import Head
+from rh.rankings import Ranking
+
+pytestmark = pytest.mark.unit
+
+
+def _outcomes(k, base, top, rand):
+    base, top, rand = (np.asarray(x, dtype=float) for x in (base, top, rand))
+    rand = np.atleast_2d(rand)
+    return NecessityOutcomes(k, [Head(0, 0)], [[Head(0, 1)]] * len(rand), base, base - 1, top, top - 1,
+                             rand, rand - 1, pd.DataFrame())
+
+
+def test_clear_effect_is_supported_with_the_exact_sign_test_p_and_holm():
+    n = 16
+    outs = [
+        _outcomes(5, [1] * n, [1] * 8 + [0] * 8, np.ones((3, n))),  # 8 samples worse: p = 0.5**8
+        _outcomes(10, [1] * n, [0] * n, np.ones((3, n))),  # all 16 worse
+    ]
+    v = necessity_verdicts(outs, alpha=0.05, n_boot=2000)
+    assert v[10].p_value == pytest.approx(binomtest(16, 16, 0.5, alternative="greater").pvalue)
+    assert v[5].p_value == pytest.approx(0.5**8)
+    # Holm with m=2: smallest p doubled, the other max(its own, previous)
+    assert v[10].p_adjusted == pytest.approx(2 * 0.5**16)
+    assert v[5].p_adjusted == pytest.approx(max(0.5**8, 2 * 0.5**16))
+    assert v[10].supported and v[5].supported
+    # 4 of 16 worse gives p = 0.0625: not significant, so refuted
+    v4 = necessity_verdicts([_outcomes(5, [1] * n, [1] * 12 + [0] * 4, np.ones((3, n)))], n_boot=500)[5]
+    assert v4.refuted and v4.p_value == pytest.approx(0.5**4)
+    assert v[10].effect == pytest.approx(1.0)
+    assert v[5].effect == pytest.approx(8 / 16)
+    lo, hi = v[5].ci
+    assert lo <= 8 / 16 <= hi
+
+
+def test_no_difference_is_refuted():
+    n = 16
+    v = necessity_verdicts([_outcomes(5, [1] * n, [1] * 8 + [0] * 8, [[1] * 8 + [0] * 8])], n_boot=500)[5]
+    assert v.refuted and v.p_value == 1.0 and "not < alpha" in v.reason
+
+
+def test_random_worse_than_top_is_refuted_not_supported():
+    n = 16
+    v = necessity_verdicts([_outcomes(5, [1] * n, [1] * n, [[0] * n])], n_boot=500)[5]
+    assert v.refuted and v.effect < 0
+
+
+def test_low_baseline_and_too_few_samples_are_inconclusive():
+    n = 16
+    low = necessity_verdicts([_outcomes(5, [1] * 4 + [0] * 12, [0] * n, [[1] * n])], n_boot=500)[5]
+    assert low.inconclusive and "floor" in low.reason and low.p_adjusted is None
+    few = necessity_verdicts([_outcomes(5, [1] * 4, [0] * 4, [[1] * 4]), _outcomes(6, [1] * 4, [0] * 4, [[1] * 4])],
+                             n_boot=500)
+    # 0.5**4 = 0.0625 can never pass alpha/2
+    assert all(v.inconclusive and "samples" in v.reason for v in few.values())
+
+
+def _ranking(shape):
+    scores = {h: float(i) for i, h in enumerate(reversed(shape.all_heads()))}
+    return Ranking("test", shape, scores)
+
+
+def test_outcomes_on_the_tiny_model_use_disjoint_seeded_random_sets(tiny, tiny_samples):
+    r = _ranking(tiny.shape)
+    a = necessity_outcomes(tiny, tiny_samples, r, 3, draws=2, seed=7, batch_size=6)
+    b = necessity_outcomes(tiny, tiny_samples, r, 3, draws=2, seed=7, batch_size=6)
+    assert a.top_heads == r.top(3) == [Head(0, 0), Head(0, 1), Head(0, 2)]
+    assert a.random_heads == b.random_heads
+    for heads in a.random_heads:
+        assert len(set(heads)) == 3 and not set(heads) & set(a.top_heads)
+    assert a.random_correct.shape == (2, len(tiny_samples))
+    np.testing.assert_array_equal(a.top_logprob, b.top_logprob)
+    assert set(a.frame["condition"]) == {"baseline", "top3", "random3#0", "random3#1"}
+    # the top-3 condition really ablated something: its log-probs differ from the baseline's
+    assert not np.allclose(a.top_logprob, a.baseline_logprob)
+
+
+def test_a_ranking_of_another_shape_is_refused(tiny, tiny_samples):
+    from rh.heads import HeadShape
+
+    with pytest.raises(ValueError, match="layers"):
+        necessity_outcomes(tiny, tiny_samples, _ranking(HeadShape(2, 8, 2, 8)), 2, draws=1)
