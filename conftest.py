@@ -135,8 +135,14 @@ def record_verdict(request, pytestconfig):
     """Call with a ``Verdict``: attaches it to the test report (xdist-safe), then passes,
     fails (refuted) or skips (inconclusive) the test accordingly."""
 
+    marker = request.node.get_closest_marker("claim")
+    doc = " ".join((getattr(request.node, "function", None).__doc__ or "").split())
+
     def record(verdict) -> None:
-        request.node.user_properties.append((_VERDICT, verdict.to_dict()))
+        entry = verdict.to_dict()
+        entry["statement"] = doc
+        entry["source"] = marker.kwargs.get("source", "") if marker else ""
+        request.node.user_properties.append((_VERDICT, entry))
         request.node.user_properties.append((_META, _session_meta(pytestconfig)))
         if verdict.inconclusive:
             pytest.skip(f"inconclusive: {verdict.reason}")

@@ -21,7 +21,7 @@ def ca1_verdicts(rh_model, validation, ranking, baseline, profile):
                               n_boot=profile.n_boot, seed=profile.draw_seed)
 
 
-@pytest.mark.claim("CA-1")
+@pytest.mark.claim("CA-1", source="seeds 000 §2.4, 001, 002")
 def test_top_k_heads_are_necessary_for_retrieval(ablation_k, ca1_verdicts, record_verdict):
     """Ablating the top-K retrieval heads drops needle retrieval accuracy more than ablating K
     random heads drawn from outside the top K (one-sided, Holm across K)."""

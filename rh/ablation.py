@@ -14,11 +14,12 @@ from typing import Any
 import torch
 
 from rh.heads import Head, HeadShape, validate_heads
+from rh.models import hf_model
 
 
 def attention_modules(model: Any) -> list[torch.nn.Module]:
     """The self-attention module of every decoder layer, in layer order."""
-    hf = model.model if hasattr(model, "shape") else model  # LoadedModel or a transformers model
+    hf = hf_model(model)
     layers = getattr(getattr(hf, "model", hf), "layers", None)
     if layers is None:
         raise ValueError(f"{type(hf).__name__} has no decoder layers at .model.layers; rh supports Llama-style models")

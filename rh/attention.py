@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from rh.models import hf_model
+
 _PREFIX = "rh_capture__"
 _active: ContextVar[AttentionCapture | None] = ContextVar("rh_attention_capture", default=None)
 
@@ -132,13 +134,13 @@ def keep_rows(layer: int, probs: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def capture_attention(model: Any, reduce: Reducer = keep_rows) -> Iterator[AttentionCapture]:
-    """Within the block, every forward of ``model`` records ``reduce(layer, probs)`` per layer.
+    """Within the block, every forward of ``model`` (a ``LoadedModel`` or transformers model) records ``reduce(layer, probs)`` per layer.
 
     The model's attention implementation is swapped for the capture wrapper of the same base and
     restored in ``finally``, also when the block raises. Outputs are those of the base
     implementation, unchanged.
     """
-    hf = getattr(model, "model", model) if not hasattr(model, "config") else model
+    hf = hf_model(model)
     config = hf.config
     base = config._attn_implementation
     if base.startswith(_PREFIX):

@@ -3,6 +3,7 @@ and seeded random draws."""
 
 from __future__ import annotations
 
+import numbers
 import random
 import re
 from collections.abc import Iterable
@@ -53,7 +54,7 @@ class Head(NamedTuple):
         if isinstance(spec, Head):
             return spec
         if isinstance(spec, (tuple, list)) and len(spec) == 2 and all(
-            isinstance(x, int) and not isinstance(x, bool) for x in spec
+            isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in spec
         ):
             return cls(int(spec[0]), int(spec[1]))
         if isinstance(spec, str):

@@ -3,11 +3,13 @@ any Hugging Face id or local directory; dtype, device map and 4/8-bit; the HF to
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import importlib.metadata as md
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,8 +122,8 @@ def _looks_like_repo_id(name: str) -> bool:
 
 
 def _looks_instruct(name: str) -> bool:
-    low = name.lower()
-    return any(tag in low for tag in ("instruct", "chat", "-it"))
+    """A first guess from the name; replaced on loading by whether the tokenizer has a chat template."""
+    return re.search(r"instruct|chat|(^|[-_])it($|[-_])", name.lower()) is not None
 
 
 def hf_token() -> str | None:
@@ -160,7 +162,10 @@ def expected_shape(name: str) -> HeadShape:
     try:
         cfg = AutoConfig.from_pretrained(spec.source, token=token)
     except Exception as exc:
-        raise _access_error(spec, exc, has_token=bool(token)) from exc
+        err = _access_error(spec, exc, has_token=bool(token))
+        if err is exc:
+            raise
+        raise err from exc
     return _config_shape(cfg)
 
 
@@ -206,7 +211,8 @@ def load_model(
             "by leaving --quant unset"
         )
     if spec.kind == "random":
-        return tiny_llama(seed=seed, device=device, attn_implementation=attn_implementation)
+        return tiny_llama(seed=seed, device=device, attn_implementation=attn_implementation,
+                          dtype=_as_dtype(dtype) if dtype is not None else torch.float32)
     dtype = _as_dtype(dtype) if dtype is not None else torch.bfloat16
 
     if spec.kind == "bundled-gguf":
@@ -232,6 +238,8 @@ def load_model(
         }
     else:
         model, tokenizer, prov = _load_pretrained(spec, device, dtype, quant, max_memory, attn_implementation)
+        if spec.key not in REGISTRY:  # an unregistered model is instruct iff its tokenizer has a chat template
+            spec = dataclasses.replace(spec, instruct=bool(getattr(tokenizer, "chat_template", None)))
 
     model.eval()
     model.requires_grad_(False)
@@ -267,7 +275,10 @@ def _load_pretrained(spec, device, dtype, quant, max_memory, attn_implementation
         tokenizer = AutoTokenizer.from_pretrained(spec.source, token=token)
         model = AutoModelForCausalLM.from_pretrained(spec.source, **kwargs)
     except Exception as exc:  # translate hub failures into a message that says what to do
-        raise _access_error(spec, exc, has_token=bool(token)) from exc
+        err = _access_error(spec, exc, has_token=bool(token))
+        if err is exc:
+            raise
+        raise err from exc
     if not device.startswith("cuda"):
         model.to(device)
     revision = getattr(model.config, "_commit_hash", None)
@@ -279,7 +290,9 @@ def _load_pretrained(spec, device, dtype, quant, max_memory, attn_implementation
 
 
 def _access_error(spec: ModelSpec, exc: BaseException, *, has_token: bool) -> BaseException:
-    """Say which of gated / offline / missing it was, and how to fix it. Never includes the token."""
+    """Say which of gated / offline / missing it was, and how to fix it. Never includes the token.
+
+    Returns ``exc`` itself when it is none of these (the caller re-raises it unchanged)."""
     chain, e = [], exc
     while e is not None and len(chain) < 10:
         chain.append(e)
@@ -289,7 +302,7 @@ def _access_error(spec: ModelSpec, exc: BaseException, *, has_token: bool) -> Ba
     repo = spec.source
     if spec.kind == "local":
         return exc
-    if "GatedRepoError" in names or "gated" in text or ("401" in text and not has_token):
+    if "GatedRepoError" in names or "gated" in text:
         if has_token:
             return ModelAccessError(
                 f"{repo} is gated and the HF_TOKEN found was not granted access: accept the licence "
@@ -299,6 +312,15 @@ def _access_error(spec: ModelSpec, exc: BaseException, *, has_token: bool) -> Ba
             f"{repo} is gated and no Hugging Face token was found: accept the licence at "
             f"https://huggingface.co/{repo}, then set HF_TOKEN in the environment or in a .env file "
             "(or Colab's secrets); or pass --model smollm2-135m to use the bundled model"
+        )
+    # Checked before the offline heuristics: the hub's not-found message quotes a .../resolve/... URL.
+    if "RepositoryNotFoundError" in names or ("401" in text and not has_token):
+        hint = "" if has_token else (
+            "; if it is private or gated, accept its licence and set HF_TOKEN in the environment or a .env file"
+        )
+        return ModelAccessError(
+            f"{repo} was not found on the Hugging Face hub: check the spelling, or pass a registry "
+            f"key ({', '.join(sorted(REGISTRY))}) or a local directory{hint}"
         )
     offline = (
         "LocalEntryNotFoundError" in names or "OfflineModeIsEnabled" in names
@@ -311,7 +333,7 @@ def _access_error(spec: ModelSpec, exc: BaseException, *, has_token: bool) -> Ba
             f"(`hf download {repo}`) and point HF_HOME at that cache, or pass --model with a local "
             "directory; the bundled smollm2-135m needs no download"
         )
-    if "RepositoryNotFoundError" in names or "404" in text:
+    if "404" in text:
         return ModelAccessError(
             f"{repo} was not found on the Hugging Face hub: check the spelling, or pass a registry "
             f"key ({', '.join(sorted(REGISTRY))}) or a local directory"
@@ -363,11 +385,13 @@ def file_sha256(path: Path) -> str:
 
 
 def _dir_fingerprint(path: Path) -> str:
-    """A cheap fingerprint of a local model directory: names, sizes and config.json's content."""
+    """A cheap fingerprint of a local model directory: file names, sizes and modification times,
+    and config.json's content (hashing many GB of weights would cost minutes)."""
     h = hashlib.sha256()
     for f in sorted(path.iterdir()):
         if f.is_file():
-            h.update(f"{f.name}:{f.stat().st_size};".encode())
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
     h.update((path / "config.json").read_bytes())
     return "dir:" + h.hexdigest()[:16]
 
@@ -418,3 +442,8 @@ def tiny_llama(
             "dtype": str(dtype).removeprefix("torch."), "device": device, "quant": "none",
             "attn_implementation": attn_implementation}
     return LoadedModel("tiny-llama", model, tokenizer, head_shape(model), spec, prov)
+
+
+def hf_model(model: Any) -> Any:
+    """The transformers model inside a ``LoadedModel``, or ``model`` itself."""
+    return model.model if isinstance(model, LoadedModel) else model

@@ -77,8 +77,13 @@ class Haystack:
 
     def __init__(self, tokenizer: Any):
         self.ids = np.asarray(tokenizer(haystack_text(), add_special_tokens=False).input_ids, dtype=np.int64)
-        pieces = tokenizer.convert_ids_to_tokens(self.ids.tolist())
-        ends = np.array([p.rstrip().endswith((".", "!", "?")) for p in pieces])
+        # Decoded text, not raw pieces: byte-level BPE writes ".\n" as ".Ċ" (one token in Llama 3),
+        # which a piece-based rstrip() would not see as a sentence end. Once per distinct id.
+        uniq, inverse = np.unique(self.ids, return_inverse=True)
+        uniq_ends = np.array(
+            [tokenizer.decode([int(i)]).rstrip().endswith((".", "!", "?")) for i in uniq], dtype=bool
+        )
+        ends = uniq_ends[inverse.reshape(-1)]
         # position i starts a sentence when token i-1 ends one
         self.sentence_start = np.concatenate([[True], ends[:-1]])
 
@@ -177,6 +182,12 @@ def build_passkey_samples(
             raise ValueError(f"depth {d} is outside [0, 1]: 0 puts the needle first, 1 last")
     hay = Haystack.for_tokenizer(tokenizer)
     template = prompt_template(tokenizer, PASSKEY_QUESTION, PASSKEY_ANSWER_PREFIX, chat=chat)
+    settings = [(int(length), f"{float(depth):.3f}") for length in lengths for depth in depths]
+    if len(set(settings)) != len(settings):  # they would share sample ids (and so windows and passkeys)
+        raise ValueError(
+            f"lengths {list(lengths)} x depths {list(depths)} repeat a setting: sample ids keep lengths "
+            "as integers and depths to 3 decimals; give each length and depth once"
+        )
     samples = []
     for length in lengths:
         for depth in depths:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +43,12 @@ class Ranking:
                 f"a ranking must score every head of its {self.shape.n_layers}x{self.shape.n_heads} "
                 f"model exactly once (extra: {[str(h) for h in extra]}, missing: {[str(h) for h in missing]})"
             )
+        bad = [h for h in sorted(self.scores) if not math.isfinite(self.scores[h])]
+        if bad:  # NaN breaks the sort in ``heads``, so top(k) would be arbitrary
+            raise ValueError(
+                f"a ranking needs a finite score for every head; {len(bad)} are not "
+                f"(e.g. {bad[0]}={self.scores[bad[0]]}): check the scoring run for NaN/inf"
+            )
 
     @property
     def heads(self) -> list[Head]:
@@ -48,9 +56,9 @@ class Ranking:
         return sorted(self.scores, key=lambda h: (-self.scores[h], h.layer, h.head))
 
     def _check_k(self, k: int) -> int:
-        if not isinstance(k, int) or k < 0 or k > self.shape.n_total:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 <= k <= self.shape.n_total:
             raise ValueError(f"k={k!r}: choose 0 <= k <= {self.shape.n_total}, the number of heads in the model")
-        return k
+        return int(k)
 
     def top(self, k: int) -> list[Head]:
         return self.heads[: self._check_k(k)]
@@ -96,7 +104,12 @@ class Ranking:
             if data.get("format") != FORMAT:
                 raise ValueError(f"format is {data.get('format')!r}, expected {FORMAT!r}")
             shape = HeadShape(**data["shape"])
-            scores = {Head.parse(row["head"]): float(row["score"]) for row in data["heads"]}
+            scores: dict[Head, float] = {}
+            for row in data["heads"]:
+                head = Head.parse(row["head"])
+                if head in scores:
+                    raise ValueError(f"head {head} is listed twice")
+                scores[head] = float(row["score"])
             per_setting = {
                 name: {Head.parse(h): float(v) for h, v in vals.items()}
                 for name, vals in data.get("per_setting", {}).items()
