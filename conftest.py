@@ -38,6 +38,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    from rh.models import resolve_spec
+
+    try:  # a bad --model is a usage error, reported before anything is collected
+        resolve_spec(config.getoption("--model"))
+    except (ValueError, FileNotFoundError) as exc:
+        raise pytest.UsageError(f"--model: {exc}") from None
     config.stash[_STATE] = {"verdicts": [], "meta": {}, "claims_run": 0, "started": datetime.now(timezone.utc),
                             "t0": time.perf_counter()}
 

@@ -52,3 +52,10 @@ def test_a_bad_ranking_file_is_an_error_in_the_report(tmp_path):
     assert {v["status"] for v in data["verdicts"]} == {"error"}
     assert all(v["claim"] == "CA-1" for v in data["verdicts"])
     assert "not valid JSON" in data["verdicts"][0]["reason"]
+
+
+def test_an_unknown_model_is_a_usage_error_naming_the_choices(tmp_path):
+    proc = _run_claims(tmp_path, "--model", "smollm3")
+    assert proc.returncode == 4  # pytest's usage error
+    assert "unknown model 'smollm3'" in proc.stderr and "smollm2-135m" in proc.stderr
+    assert not (tmp_path / "reports").exists()
