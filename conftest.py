@@ -69,13 +69,11 @@ def profile(pytestconfig, rh_model):
 
 @pytest.fixture(scope="session")
 def niah_samples(rh_model, profile):
-    """Passkey prompts over the profile's lengths x depths."""
-    from rh.niah import build_passkey_samples
+    """Prompts over the profile's tasks x lengths x depths."""
+    from rh.niah import build_samples
 
-    return build_passkey_samples(
-        rh_model.tokenizer, lengths=profile.lengths, depths=profile.depths, n_per_setting=profile.n_per_setting,
-        seed=profile.sample_seed, chat=rh_model.instruct, max_positions=rh_model.max_positions,
-    )
+    return build_samples(rh_model.tokenizer, profile.sweep(), chat=rh_model.instruct,
+                         max_positions=rh_model.max_positions)
 
 
 @pytest.fixture(scope="session")
@@ -94,6 +92,7 @@ def validation(niah_split):
 @pytest.fixture(scope="session")
 def ranking(pytestconfig, rh_model, profile, niah_split):
     """Sum-attention ranking on the identification split: from --rankings, the cache, or computed."""
+    from rh.niah import PROMPT_VERSION
     from rh.rankings import Ranking, cached_ranking
     from rh.scoring import sum_attention_ranking
 
@@ -106,7 +105,8 @@ def ranking(pytestconfig, rh_model, profile, niah_split):
     prov = {
         "model_id": rh_model.provenance["model_id"], "revision": rh_model.provenance["revision"],
         "dtype": rh_model.provenance["dtype"], "quant": rh_model.provenance["quant"],
-        "shape": rh_model.shape.as_dict(), "method": "sum_attention", "task": "passkey",
+        "shape": rh_model.shape.as_dict(), "method": "sum_attention", "tasks": list(profile.tasks),
+        "prompt_version": PROMPT_VERSION,
         "lengths": list(profile.lengths), "depths": list(profile.depths), "n_per_setting": profile.n_per_setting,
         "identify_frac": profile.identify_frac, "split_seed": profile.split_seed, "sample_seed": profile.sample_seed,
         "chat": rh_model.instruct, "identify_ids_hash": _ids_hash([s.id for s in identify]),

@@ -1,20 +1,60 @@
-"""Group samples into batches that stack without padding (equal prompt and answer lengths)."""
+"""Batches of samples: equal lengths stack as they are; mixed lengths are padded on the left with
+an attention mask and position ids that give every real token the position it has alone, so a
+padded row computes what the unpadded prompt computes."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
 
 from rh.niah import Sample
 
 
-def equal_length_batches(samples: Sequence[Sample], batch_size: int) -> Iterator[list[Sample]]:
-    """Yield batches of at most ``batch_size`` samples sharing prompt and answer lengths, keeping
-    the input order within each group."""
+@dataclass
+class Batch:
+    samples: list[Sample]
+    input_ids: torch.Tensor  # [b, L], left-padded
+    attention_mask: torch.Tensor  # [b, L], 0 on padding
+    pad: list[int]  # left padding of each row
+
+    @property
+    def padded(self) -> bool:
+        return any(self.pad)
+
+    def needle_span(self, row: int) -> tuple[int, int]:
+        """The row's needle span, shifted by its padding."""
+        s, e = self.samples[row].needle_span
+        return s + self.pad[row], e + self.pad[row]
+
+    def answer_span(self, row: int) -> tuple[int, int]:
+        s, e = self.samples[row].answer_span
+        return s + self.pad[row], e + self.pad[row]
+
+    def model_inputs(self, device: torch.device | str) -> dict[str, torch.Tensor]:
+        """Keyword arguments for the model's forward; position ids only where there is padding."""
+        out = {"input_ids": self.input_ids.to(device), "attention_mask": self.attention_mask.to(device)}
+        if self.padded:
+            out["position_ids"] = (self.attention_mask.cumsum(-1) - 1).clamp(min=0).to(device)
+        return out
+
+
+def make_batches(samples: Sequence[Sample], batch_size: int, pad_id: int, *,
+                 with_answer: bool = False) -> Iterator[Batch]:
+    """Batches of at most ``batch_size``, samples ordered by length so that equal lengths share a
+    batch (no padding) and mixed ones pad as little as possible. ``with_answer`` appends the gold
+    answer but its last token (the teacher-forcing input)."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be at least 1")
-    groups: dict[tuple[int, int], list[Sample]] = {}
-    for s in samples:
-        groups.setdefault((len(s.input_ids), len(s.answer_ids)), []).append(s)
-    for group in groups.values():
-        for i in range(0, len(group), batch_size):
-            yield group[i : i + batch_size]
+    if pad_id is None:
+        raise ValueError("the tokenizer has no pad token id: set tokenizer.pad_token before batching")
+    seqs = [tuple(s.input_ids) + (tuple(s.answer_ids[:-1]) if with_answer else ()) for s in samples]
+    order = sorted(range(len(samples)), key=lambda i: len(seqs[i]))
+    for c in range(0, len(order), batch_size):
+        rows = order[c : c + batch_size]
+        width = max(len(seqs[i]) for i in rows)
+        pad = [width - len(seqs[i]) for i in rows]
+        ids = torch.tensor([[pad_id] * p + list(seqs[i]) for p, i in zip(pad, rows)], dtype=torch.long)
+        mask = torch.tensor([[0] * p + [1] * len(seqs[i]) for p, i in zip(pad, rows)], dtype=torch.long)
+        yield Batch([samples[i] for i in rows], ids, mask, pad)

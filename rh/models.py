@@ -447,3 +447,20 @@ def tiny_llama(
 def hf_model(model: Any) -> Any:
     """The transformers model inside a ``LoadedModel``, or ``model`` itself."""
     return model.model if isinstance(model, LoadedModel) else model
+
+
+def load_tokenizer(name: str = DEFAULT_MODEL) -> Any:
+    """The tokenizer of a model, without its weights (registry key, HF repo id or local dir)."""
+    spec = resolve_spec(name)
+    if spec.kind in ("bundled-gguf", "random"):
+        return bundled_tokenizer()
+    from transformers import AutoTokenizer
+
+    token = hf_token() if spec.kind == "hub" else None
+    try:
+        return AutoTokenizer.from_pretrained(spec.source, token=token)
+    except Exception as exc:
+        err = _access_error(spec, exc, has_token=bool(token))
+        if err is exc:
+            raise
+        raise err from exc

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from rh.heads import HeadShape
+from rh.niah import Sweep
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,11 @@ class Profile:
     draw_seed: int = 0
     batch_size: int = 8
     n_boot: int = 10_000
+    tasks: tuple[str, ...] = ("passkey",)  # the tasks CA-1 identifies and ablates on
+
+    def sweep(self) -> Sweep:
+        """The prompt grid this profile asks for."""
+        return Sweep(self.lengths, self.depths, self.n_per_setting, self.tasks, self.sample_seed)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 import rh
 from rh.attention import capture_attention
-from rh.batching import equal_length_batches
+from rh.batching import make_batches
 from rh.heads import Head
 from rh.models import LoadedModel
 from rh.niah import Sample
@@ -35,21 +35,21 @@ def sum_attention_scores(model: LoadedModel, samples: Sequence[Sample], *, batch
     out = np.zeros((len(samples), shape.n_layers, shape.n_heads), dtype=np.float64)
     index = {s.id: i for i, s in enumerate(samples)}
     bar = tqdm(total=len(samples), desc="sum attention", unit="sample", disable=not progress, leave=False)
-    for batch in equal_length_batches(samples, batch_size):
-        ids = torch.tensor([s.input_ids for s in batch], device=model.device)
-        span = torch.zeros(ids.shape, dtype=torch.float32, device=model.device)
-        for row, s in enumerate(batch):
-            span[row, s.needle_span[0] : s.needle_span[1]] = 1.0
+    for batch in make_batches(samples, batch_size, model.tokenizer.pad_token_id):
+        span = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=model.device)
+        for row in range(len(batch.samples)):
+            s, e = batch.needle_span(row)
+            span[row, s:e] = 1.0
 
         def reduce(layer: int, probs: torch.Tensor) -> torch.Tensor:
             return torch.einsum("bhl,bl->bh", probs, span.to(probs.device)).cpu()
 
         with torch.no_grad(), capture_attention(model.model, reduce) as cap:
-            model.model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1, use_cache=False)
+            model.model(**batch.model_inputs(model.device), logits_to_keep=1, use_cache=False)
         per_layer = torch.stack(cap.step(0), dim=1)  # [b, layers, heads]
-        for row, s in enumerate(batch):
+        for row, s in enumerate(batch.samples):
             out[index[s.id]] = per_layer[row].double().numpy()
-        bar.update(len(batch))
+        bar.update(len(batch.samples))
     bar.close()
     return out
 

@@ -295,14 +295,15 @@ def test_split_duplicate_ids():
         split_ids(["a", "b", "a"])
 
 
-def test_split_samples_follows_split_ids(tok):
+def test_split_samples_follows_split_ids_over_groups(tok):
     samples = build_passkey_samples(tok, lengths=[256], depths=[0.0, 0.5, 1.0], n_per_setting=5)
     ident, val = split_samples(samples, seed=4)
-    want_ident, want_val = split_ids([s.id for s in samples], seed=4)
-    assert [s.id for s in ident] == want_ident and [s.id for s in val] == want_val
+    want_ident, want_val = split_ids(sorted({s.group for s in samples}), seed=4)
+    assert [s.group for s in ident] == [g for g in (s.group for s in samples) if g in set(want_ident)]
+    assert {s.group for s in val} == set(want_val)
     assert len(ident) == 12 and len(val) == 3
     reversed_ident, _ = split_samples(samples[::-1], seed=4)
-    assert {s.id for s in reversed_ident} == set(want_ident)
+    assert {s.id for s in reversed_ident} == {s.id for s in ident}
     with pytest.raises(ValueError, match="unique"):
         split_samples(samples + samples[:1])
 
