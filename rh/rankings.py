@@ -4,8 +4,11 @@ model of another shape (design decision 4)."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
+import re
 import math
 import numbers
 from collections.abc import Callable
@@ -13,10 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from filelock import FileLock
 
 from rh.heads import Head, HeadShape, random_heads
-from rh.io import atomic_write_json
+from rh.io import atomic_write_json, atomic_write_text
 
 FORMAT = "rh.ranking/1"
 # Bump when a scoring method changes what it computes, so stale cached rankings are not reused.
@@ -119,21 +123,149 @@ class Ranking:
             raise ValueError(f"{source} is not a valid rh ranking: {exc}") from exc
 
     def save(self, path: str | Path) -> Path:
+        """Write our JSON, or CSV when ``path`` ends in ``.csv``; atomically either way."""
+        if str(path).lower().endswith(".csv"):
+            return atomic_write_text(path, self.to_csv())
         return atomic_write_json(path, self.to_json())
+
+    def to_csv(self) -> str:
+        """One row per head: layer, head, score, rank, then one column per setting. The first line
+        is a ``#`` comment carrying the format, shape, method and provenance as JSON."""
+        settings = sorted(self.per_setting)
+        buf = io.StringIO()
+        meta = {"format": FORMAT, "method": self.method, "shape": self.shape.as_dict(), "provenance": self.provenance}
+        buf.write("# " + json.dumps(meta, sort_keys=True, default=str) + "\n")
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["layer", "head", "score", "rank", *settings])
+        for r, h in enumerate(self.heads):
+            w.writerow([h.layer, h.head, repr(float(self.scores[h])), r + 1,
+                        *(repr(float(self.per_setting[k][h])) if h in self.per_setting[k] else "" for k in settings)])
+        return buf.getvalue()
 
     @classmethod
     def load(cls, path: str | Path, *, shape: HeadShape | None = None) -> Ranking:
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"ranking file {str(path)!r} does not exist")
+        """Load a ranking file in any supported format (see :func:`load_ranking`)."""
+        return load_ranking(path, shape=shape)
+
+
+# --------------------------------------------------------------------------- external formats
+
+FORMATS = ("rh-json", "rh-csv", "seed003", "wu24")
+
+
+def load_ranking(path: str | Path, *, shape: HeadShape | None = None, fmt: str = "auto") -> Ranking:
+    """Load our JSON or CSV, seed 003's ``head_rankings`` JSON, or Wu24's ``{"layer-head": [scores]}``.
+
+    The format is detected from the content unless ``fmt`` names it. External files carry no head
+    shape, so it is inferred from the heads they list (which must then be every head of that grid);
+    pass ``shape`` to check the ranking against a model: a mismatch is refused.
+    """
+    path = Path(path)
+    where = f"ranking file {str(path)!r}"
+    if fmt not in ("auto", *FORMATS):
+        raise ValueError(f"unknown ranking format {fmt!r}: use one of {', '.join(FORMATS)} or 'auto'")
+    if not path.exists():
+        raise FileNotFoundError(f"{where} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if fmt == "rh-csv" or (fmt == "auto" and (path.suffix.lower() == ".csv" or text.startswith("# "))):
+        ranking = _from_csv(text, where)
+    else:
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"ranking file {str(path)!r} is not valid JSON (truncated?): {exc}") from exc
-        ranking = cls.from_json(data, source=f"ranking file {str(path)!r}")
-        if shape is not None:
-            ranking.check_shape(shape)
-        return ranking
+            raise ValueError(f"{where} is not valid JSON (truncated?): {exc}") from exc
+        if fmt == "auto":
+            fmt = _detect(data, where)
+        if fmt == "rh-json":
+            ranking = Ranking.from_json(data, source=where)
+        elif fmt == "seed003":
+            ranking = _from_seed003(data, where, shape)
+        else:
+            ranking = _from_wu24(data, where, shape)
+        if fmt != "rh-json":  # ours carries its provenance already
+            ranking.provenance.setdefault("source_file", str(path))
+            ranking.provenance.setdefault("source_format", fmt)
+    if shape is not None:
+        ranking.check_shape(shape)
+    return ranking
+
+
+def _detect(data: Any, where: str) -> str:
+    if isinstance(data, dict) and (str(data.get("format", "")).startswith("rh.") or "heads" in data):
+        return "rh-json"  # ours, possibly damaged: from_json says what is wrong
+    if isinstance(data, dict) and isinstance(data.get("head_rankings"), list):
+        return "seed003"
+    if isinstance(data, dict) and data and all(re.fullmatch(r"\d+-\d+", str(k)) for k in data):
+        return "wu24"
+    raise ValueError(
+        f"{where} is in no known format: expected rh's ranking JSON (format {FORMAT!r}), seed 003's "
+        "{'head_rankings': [...]} or Wu24's {'layer-head': [scores]}; convert it or pass fmt="
+    )
+
+
+def _grid(scores: dict[Head, float], where: str, shape: HeadShape | None) -> HeadShape:
+    """The shape the heads span; every head of it must be present."""
+    if not scores:
+        raise ValueError(f"{where} lists no heads")
+    if shape is None:
+        n_layers = max(h.layer for h in scores) + 1
+        n_heads = max(h.head for h in scores) + 1
+        shape = HeadShape(n_layers, n_heads, n_heads, 0)  # KV heads and head_dim are not in these files
+    expected = shape.n_layers * shape.n_heads
+    if len(scores) != expected:
+        raise ValueError(
+            f"{where} scores {len(scores)} heads but a {shape.n_layers} x {shape.n_heads} model has {expected}: "
+            "the file is truncated or for another model"
+        )
+    return shape
+
+
+def _from_seed003(data: dict, where: str, shape: HeadShape | None) -> Ranking:
+    scores: dict[Head, float] = {}
+    try:
+        for row in data["head_rankings"]:
+            h = Head.parse(row["head"])
+            if h in scores:
+                raise ValueError(f"head {h} is listed twice")
+            scores[h] = float(row["score"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{where} is not a valid seed-003 head_rankings file: {exc}") from exc
+    grid = _grid(scores, where, shape)
+    prov = {k: data[k] for k in ("method", "model_key", "model_name", "question", "total_tokens",
+                                 "needle_position", "samples_processed", "timestamp") if k in data}
+    return Ranking(str(data.get("method", "summed_attention")), grid, scores, prov)
+
+
+def _from_wu24(data: dict, where: str, shape: HeadShape | None) -> Ranking:
+    scores: dict[Head, float] = {}
+    try:
+        for key, values in data.items():
+            vals = [float(v) for v in (values if isinstance(values, list) else [values])]
+            if not vals:
+                raise ValueError(f"head {key} has no scores")
+            scores[Head.parse(key)] = float(np.mean(vals))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where} is not a valid Wu24 head-score file: {exc}") from exc
+    grid = _grid(scores, where, shape)
+    return Ranking("wu24", grid, scores, {"n_trials": int(max(len(v) if isinstance(v, list) else 1
+                                                                for v in data.values()))})
+
+
+def _from_csv(text: str, where: str) -> Ranking:
+    lines = text.splitlines()
+    try:
+        meta = json.loads(lines[0][2:]) if lines and lines[0].startswith("# ") else {}
+        rows = list(csv.DictReader(lines[1:] if meta else lines))
+        scores = {Head(int(r["layer"]), int(r["head"])): float(r["score"]) for r in rows}
+        if len(scores) != len(rows):
+            raise ValueError("a head is listed twice")
+        settings = [c for c in (rows[0].keys() if rows else []) if c not in ("layer", "head", "score", "rank")]
+        per_setting = {k: {Head(int(r["layer"]), int(r["head"])): float(r[k]) for r in rows if r[k] not in ("", None)}
+                       for k in settings}
+        shape = HeadShape(**meta["shape"]) if "shape" in meta else _grid(scores, where, None)
+        return Ranking(meta.get("method", "csv"), shape, scores, dict(meta.get("provenance", {})), per_setting)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise ValueError(f"{where} is not a valid rh ranking CSV: {exc}") from exc
 
 
 # --------------------------------------------------------------------------- cache

@@ -154,7 +154,7 @@ def test_load_rejects_invalid_content_naming_the_file(tmp_path, mutate, needle):
 def test_load_rejects_a_json_file_that_is_not_an_object(tmp_path):
     path = tmp_path / "r.json"
     path.write_text("[1, 2, 3]")
-    with pytest.raises(ValueError, match="not a valid rh ranking"):
+    with pytest.raises(ValueError, match="no known format"):
         Ranking.load(path)
 
 
