@@ -33,6 +33,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.addoption("--rankings", default=None, metavar="PATH", help="use this ranking file instead of the cache")
     g.addoption("--recompute", action="store_true", help="recompute the ranking even if it is cached")
+    g.addoption("--method", default="sum_attention", choices=("sum_attention", "wu24"),
+                help="how heads are identified (default: sum attention, seed 003)")
     g.addoption("--report-dir", default=str(ROOT / "reports"), help="where the HTML and JSON reports go")
     g.addoption("--ranking-cache", default=str(RANKING_CACHE), help="folder of cached rankings")
 
@@ -91,35 +93,44 @@ def validation(niah_split):
 
 @pytest.fixture(scope="session")
 def ranking(pytestconfig, rh_model, profile, niah_split):
-    """Sum-attention ranking on the identification split: from --rankings, the cache, or computed."""
-    from rh.niah import PROMPT_VERSION
-    from rh.rankings import Ranking, cached_ranking
-    from rh.scoring import sum_attention_ranking
+    """The ranking on the identification split (--method): from --rankings, the cache, or computed."""
+    from rh.pipeline import cached_identification, ranking_provenance
+    from rh.rankings import load_ranking
 
     path = pytestconfig.getoption("--rankings")
     if path:
-        r = Ranking.load(path, shape=rh_model.shape)
-        _session_meta(pytestconfig)["ranking"] = {"path": str(path), "provenance": r.provenance, "cache": "external"}
+        r = load_ranking(path, shape=rh_model.shape)
+        _session_meta(pytestconfig)["ranking"] = {"path": str(path), "provenance": r.provenance, "cache": "external",
+                                                  "top10": [str(h) for h in r.top(min(10, rh_model.shape.n_total))]}
+        _attention_example(pytestconfig, rh_model, r, niah_split[1])
         return r
     identify = niah_split[0]
-    prov = {
-        "model_id": rh_model.provenance["model_id"], "revision": rh_model.provenance["revision"],
-        "dtype": rh_model.provenance["dtype"], "quant": rh_model.provenance["quant"],
-        "shape": rh_model.shape.as_dict(), "method": "sum_attention", "tasks": list(profile.tasks),
-        "prompt_version": PROMPT_VERSION,
-        "lengths": list(profile.lengths), "depths": list(profile.depths), "n_per_setting": profile.n_per_setting,
-        "identify_frac": profile.identify_frac, "split_seed": profile.split_seed, "sample_seed": profile.sample_seed,
-        "chat": rh_model.instruct, "identify_ids_hash": _ids_hash([s.id for s in identify]),
-    }
-    r, where, hit = cached_ranking(
-        pytestconfig.getoption("--ranking-cache"), prov, lambda: sum_attention_ranking(rh_model, identify, provenance=prov,
-                                                           batch_size=profile.batch_size),
-        shape=rh_model.shape, recompute=pytestconfig.getoption("--recompute"),
-    )
+    method = pytestconfig.getoption("--method")
+    prov = ranking_provenance(rh_model, profile.sweep(), method, identify, identify_frac=profile.identify_frac,
+                              split_seed=profile.split_seed)
+    r, where, hit = cached_identification(rh_model, identify, prov, cache_dir=pytestconfig.getoption("--ranking-cache"),
+                                          recompute=pytestconfig.getoption("--recompute"),
+                                          batch_size=profile.batch_size)
     _session_meta(pytestconfig)["ranking"] = {"path": str(where), "cache": "hit" if hit else "computed",
                                               "provenance": r.provenance,
                                               "top10": [str(h) for h in r.top(min(10, rh_model.shape.n_total))]}
+    _attention_example(pytestconfig, rh_model, r, niah_split[1])
     return r
+
+
+def _attention_example(config, model, ranking, validation) -> None:
+    """The top heads' last-token attention on one validation prompt, for the report's heatmap."""
+    from rh.scoring import last_token_attention
+
+    if not validation:
+        return
+    sample = validation[0]
+    heads = ranking.top(min(5, model.shape.n_total))
+    rows = last_token_attention(model, sample, heads)
+    _session_meta(config)["attention_example"] = {
+        "sample": sample.id, "heads": [str(h) for h in heads], "needle_span": list(sample.needle_span),
+        "answer_span": list(sample.answer_span), "rows": [[round(float(x), 5) for x in row] for row in rows],
+    }
 
 
 @pytest.fixture(scope="session")
@@ -159,12 +170,6 @@ def record_verdict(request, pytestconfig):
 
 def _session_meta(config: pytest.Config) -> dict[str, Any]:
     return config.stash[_STATE]["meta"]
-
-
-def _ids_hash(ids: list[str]) -> str:
-    import hashlib
-
-    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- collection of verdicts

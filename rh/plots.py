@@ -70,18 +70,45 @@ def head_grid(ranking_json: Mapping[str, Any], top_k: int = 10) -> bytes:
     return _png(fig)
 
 
+def attention_profile(rows: np.ndarray, labels: Sequence[str], needle_span: tuple[int, int],
+                      answer_span: tuple[int, int] | None = None, title: str = "") -> bytes:
+    """The last token's attention across the context, one row per head, the needle span marked
+    (seed 000's attention heatmap): a spike at the needle is what a retrieval head looks like."""
+    rows = np.asarray(rows, dtype=float)
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(8, 1.2 + 0.35 * len(rows) + 2.2), sharex=True,
+                                  gridspec_kw={"height_ratios": [max(1, len(rows)) * 0.35, 2.2]})
+    im = ax.imshow(rows, aspect="auto", cmap="magma", interpolation="nearest", vmin=0, vmax=max(rows.max(), 1e-9))
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    for a in (ax, ax2):
+        a.axvspan(needle_span[0] - 0.5, needle_span[1] - 0.5, color="tab:cyan", alpha=0.25, lw=0)
+        if answer_span is not None:
+            a.axvspan(answer_span[0] - 0.5, answer_span[1] - 0.5, color="tab:green", alpha=0.35, lw=0)
+    for row, label in zip(rows, labels):
+        ax2.plot(row, lw=0.8, label=label)
+    ax2.set_xlabel("context position (token)")
+    ax2.set_ylabel("attention")
+    ax2.legend(fontsize=7, ncol=min(5, len(labels)), frameon=False)
+    ax.set_title(title or "last-token attention (needle shaded, answer in green)", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.02, pad=0.01)
+    return _png(fig)
+
+
 def report_figures(verdicts: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> dict[str, bytes]:
     """Every figure the report can draw from the verdicts and the run metadata."""
-    import json
-
     figures: dict[str, bytes] = {}
     curve = ablation_curve(verdicts)
     if curve:
         figures["CA-1: accuracy vs heads ablated"] = curve
+    ex = meta.get("attention_example")
+    if ex:
+        figures[f"Last-token attention of the top heads on {ex['sample']}"] = attention_profile(
+            ex["rows"], ex["heads"], tuple(ex["needle_span"]), tuple(ex["answer_span"]))
     path = (meta.get("ranking") or {}).get("path")
     if path and Path(path).exists():
+        from rh.rankings import load_ranking
+
         try:
-            figures["Head scores by layer and head"] = head_grid(json.loads(Path(path).read_text()))
+            figures["Head scores by layer and head"] = head_grid(load_ranking(path).to_json())
         except (ValueError, KeyError) as exc:
             log.warning("head grid not drawn: %s", exc)
     return figures

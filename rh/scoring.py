@@ -324,3 +324,15 @@ def sum_attention_ranking(model: LoadedModel, samples: Sequence[Sample], *, prov
                           batch_size: int = 8, progress: bool = True) -> Ranking:
     """Rank every head by its mean sum attention to the needle over ``samples``."""
     return identify(model, samples, "sum_attention", provenance=provenance, batch_size=batch_size, progress=progress)
+
+
+def last_token_attention(model: LoadedModel, sample: Sample, heads: Sequence[Head]) -> np.ndarray:
+    """The last prompt token's attention over the whole context for ``heads``: ``[len(heads), length]``
+    (seed 000's attention heatmap), from the capture mechanism."""
+    from rh.attention import keep_rows
+
+    ids = torch.tensor([sample.input_ids], device=model.device)
+    with torch.no_grad(), capture_attention(model.model, keep_rows) as cap:
+        model.model(input_ids=ids, logits_to_keep=1, use_cache=False)
+    rows = cap.step(0)
+    return np.stack([rows[h.layer][0, h.head].double().numpy() for h in heads])

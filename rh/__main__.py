@@ -1,0 +1,114 @@
+"""Command line: ``python -m rh identify ...`` (Step 1 of seed 000) and ``python -m rh niah ...``.
+
+    python -m rh identify --model smollm2-135m --method sum_attention --task passkey --task hq_state
+    python -m rh identify --model llama8b --method wu24 --task inc_state --lengths 2048 4096 --per-task
+    python -m rh niah --task hq_state --length 1024 --depth 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _identify(args: argparse.Namespace) -> int:
+    from rh.models import load_model
+    from rh.niah import Sweep, build_samples, split_samples
+    from rh.pipeline import DEFAULT_CACHE, cached_identification, ranking_provenance
+    from rh.plots import head_grid
+    from rh.profiles import get_profile
+    from rh.scoring import Wu24Options, general_heads
+
+    model = load_model(args.model, quant=args.quant, device=args.device)
+    prof = get_profile(args.profile, model.shape)
+    sweep = Sweep(
+        tuple(args.lengths or prof.lengths), tuple(args.depths if args.depths is not None else prof.depths),
+        args.n or prof.n_per_setting, tuple(args.task or prof.tasks), args.seed,
+    )
+    samples = build_samples(model.tokenizer, sweep, chat=model.instruct, max_positions=model.max_positions)
+    ident = samples if args.split == "all" else split_samples(samples, frac=prof.identify_frac, seed=prof.split_seed)[0]
+    frac = 1.0 if args.split == "all" else prof.identify_frac
+    options = Wu24Options(topk=args.topk, rouge_filter=not args.no_rouge_filter,
+                          once_per_position=args.once_per_position) if args.method == "wu24" else None
+    groups = {t: [s for s in ident if s.task == t] for t in sweep.tasks} if args.per_task else {"all": ident}
+    cache = Path(args.cache or DEFAULT_CACHE)
+    rankings = {}
+    for name, subset in groups.items():
+        prov = ranking_provenance(model, sweep, args.method, subset, identify_frac=frac, split_seed=prof.split_seed,
+                                  options=options)
+        r, path, hit = cached_identification(model, subset, prov, cache_dir=cache, recompute=args.recompute,
+                                             options=options, batch_size=args.batch_size or prof.batch_size)
+        rankings[name] = r
+        print(f"\n{name}: {args.method} over {len(subset)} samples -> {path} ({'cached' if hit else 'computed'})")
+        print(f"{'rank':>4}  {'head':<8} {'score':>10}")
+        for i, h in enumerate(r.top(min(args.top, model.shape.n_total))):
+            print(f"{i + 1:>4}  {str(h):<8} {r.scores[h]:>10.4f}")
+        if args.out:
+            out = Path(args.out)
+            target = out / f"{model.key}-{args.method}-{name}.json" if out.suffix == "" else out
+            if len(groups) > 1 and out.suffix:
+                target = out.with_name(f"{out.stem}-{name}{out.suffix}")
+            r.save(target)
+            print(f"saved {target}")
+        if args.figures:
+            fig = Path(args.figures) / f"{model.key}-{args.method}-{name}-heads.png"
+            fig.parent.mkdir(parents=True, exist_ok=True)
+            fig.write_bytes(head_grid(r.to_json(), top_k=args.top))
+            print(f"figure {fig}")
+    if args.per_task and len(rankings) > 1:
+        gen = general_heads(rankings, args.top)
+        print(f"\ngeneral heads (in every task's top {args.top}): {', '.join(map(str, gen)) or 'none'}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m rh", description="retrieval-head tools")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    idp = sub.add_parser("identify", help="rank heads by sum attention or the Wu24 retrieval score")
+    idp.add_argument("--model", default="smollm2-135m")
+    idp.add_argument("--method", default="sum_attention", choices=("sum_attention", "sum", "wu24"))
+    idp.add_argument("--task", action="append", help="task to identify on (repeatable; default: the profile's)")
+    idp.add_argument("--profile", default="quick", choices=("quick", "full"))
+    idp.add_argument("--lengths", type=int, nargs="+")
+    idp.add_argument("--depths", type=float, nargs="+")
+    idp.add_argument("--n", type=int, help="samples per (length, depth, task)")
+    idp.add_argument("--seed", type=int, default=0)
+    idp.add_argument("--split", choices=("identify", "all"), default="identify",
+                     help="score the 80%% identification split (default) or every sample")
+    idp.add_argument("--per-task", action="store_true", help="one ranking per task, and their general heads")
+    idp.add_argument("--top", type=int, default=10, help="how many top heads to print (and K for general heads)")
+    idp.add_argument("--out", help="also save the ranking here (.json or .csv; a folder for one file per task)")
+    idp.add_argument("--figures", help="write the layer x head score grid into this folder")
+    idp.add_argument("--cache", help="ranking cache folder (default fixtures/rankings)")
+    idp.add_argument("--recompute", action="store_true")
+    idp.add_argument("--quant", choices=("4bit", "8bit"))
+    idp.add_argument("--device")
+    idp.add_argument("--batch-size", type=int)
+    idp.add_argument("--topk", type=int, default=1, help="wu24: check each head's top-k positions")
+    idp.add_argument("--no-rouge-filter", action="store_true", help="wu24: count every trial")
+    idp.add_argument("--once-per-position", action="store_true", help="wu24: credit a needle position once")
+
+    sub.add_parser("niah", help="print one prompt with its needle marked (see python -m rh.niah -h)", add_help=False)
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["niah"]:
+        from rh.niah import main as niah_main
+
+        return niah_main(argv[1:])
+    args = ap.parse_args(argv)
+    if args.method == "sum":
+        args.method = "sum_attention"
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _identify(args)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
