@@ -3,6 +3,7 @@
     python -m rh identify --model smollm2-135m --method sum_attention --task passkey --task hq_state
     python -m rh identify --model llama8b --method wu24 --task inc_state --lengths 2048 4096 --per-task
     python -m rh niah --task hq_state --length 1024 --depth 0.5
+    python -m rh report reports/llama8b-....json reports/llama70b-....json -o compare.html
 """
 
 from __future__ import annotations
@@ -93,12 +94,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     idp.add_argument("--once-per-position", action="store_true", help="wu24: credit a needle position once")
 
     sub.add_parser("niah", help="print one prompt with its needle marked (see python -m rh.niah -h)", add_help=False)
+    sub.add_parser("report", help="combine run reports into one comparison page (python -m rh report -h)",
+                   add_help=False)
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["niah"]:
         from rh.niah import main as niah_main
 
         return niah_main(argv[1:])
+    if argv[:1] == ["report"]:
+        from rh.compare import main_report
+
+        return main_report(argv[1:])
     args = ap.parse_args(argv)
     if args.method == "sum":
         args.method = "sum_attention"

@@ -1,10 +1,12 @@
-"""The run report: one JSON file for machines and one self-contained HTML page for people.
+"""The run report: one JSON file for machines, one self-contained HTML page and a terminal matrix for people.
 
 Every ``pytest claims/`` run ends here. Verdicts arrive as plain dicts (``Verdict.to_dict()`` plus
 the pytest ``nodeid``/``outcome``); a crashed claim arrives as ``{"status": "error", ...}`` and is
 kept apart from the three verdicts. Both files are redacted of Hugging Face tokens, rendered fully
 in memory and only then written atomically, so a failure leaves nothing half-written on disk. The
 HTML page has no external resources: inline CSS, figures as base64 data URIs, no scripts.
+:func:`format_matrix` prints the same claim matrix as plain text for the pytest terminal summary;
+``rh.compare`` combines the JSON reports of several runs into one page.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from rh.io import atomic_write_text
 
 __all__ = [
     "STATUSES",
+    "format_matrix",
+    "provenance",
     "redact",
     "render_html",
     "report_stem",
@@ -48,6 +52,12 @@ _BADGE_COLOURS: dict[str, tuple[str, str]] = {  # status -> (background, text)
     "error": ("#24292f", "#ffffff"),
 }
 _UNKNOWN_BADGE = ("#8c959f", "#ffffff")
+
+# Terminal: a symbol per status so the matrix reads without colour, ANSI SGR codes when it has it.
+_SYMBOLS: dict[str, str] = {"supported": "+", "refuted": "x", "inconclusive": "?", "error": "!"}
+_ANSI: dict[str, str] = {"supported": "32", "refuted": "1;31", "inconclusive": "33", "error": "1;35"}
+_NODEID_PARAMS_RE = re.compile(r"\[(.*)\]$")
+_REVISION_SHORT = 12
 
 _IMAGE_MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"\x89PNG\r\n\x1a\n", "image/png"),
@@ -108,6 +118,103 @@ def report_stem(model_key: str, when: datetime) -> str:
     return f"{safe}-{when.strftime('%Y%m%d-%H%M%S')}"
 
 
+def format_matrix(verdicts: Sequence[Mapping[str, Any]], *, color: bool = False, width: int = 100) -> str:
+    """The claim matrix as plain text for the terminal, then the counts (no trailing newline).
+
+    One row per verdict — claim, parameters, verdict, effect [CI], adjusted p, n — in the order
+    given; each status has its own symbol (``+`` supported, ``x`` refuted, ``?`` inconclusive,
+    ``!`` error) and, with ``color=True``, its own ANSI colour. Inconclusive and errored rows get
+    their reason on an indented line. The parameters column (then the reason) is cut with
+    ``...`` to keep lines within ``width`` characters where that is possible.
+    """
+    verdicts = [v if isinstance(v, Mapping) else {"reason": repr(v)} for v in verdicts]
+    width = max(int(width), 40)
+    header = ("claim", "parameters", "verdict", "effect [CI]", "p adj", "n")
+    rows: list[tuple[str, ...]] = []
+    for v in verdicts:
+        status = _status(v)
+        if status == "error":
+            effect = p_text = n_text = "-"
+        else:
+            effect = _plain(_fmt_effect(v.get("effect")) + (f" {_fmt_ci(v.get('ci'))}" if _fmt_ci(v.get("ci")) else ""))
+            p_text = _plain(_p_text(v))
+            n_text = _plain(_fmt_scalar(v.get("n")))
+        rows.append((_shorten(_claim_of(v), 24), _plain(_params_text(v)), _status_word(status),
+                     effect, p_text, n_text))
+    widths = [max([len(header[i])] + [len(r[i]) for r in rows]) for i in range(len(header))]
+    gap = "  "
+    fixed = sum(widths) - widths[1] + len(gap) * (len(header) - 1)
+    widths[1] = max(min(widths[1], width - fixed), min(widths[1], 12))
+    numeric = {3, 4, 5}
+
+    def line(cells: Sequence[str], status: str | None = None) -> str:
+        out = []
+        for i, cell in enumerate(cells):
+            text = _shorten(cell, widths[i])
+            text = text.rjust(widths[i]) if i in numeric else text.ljust(widths[i])
+            if i == 2 and status is not None:
+                text = _ansi(text, status, color)
+            out.append(text)
+        return gap.join(out).rstrip()
+
+    lines = [line(header), gap.join("-" * w for w in widths)]
+    for v, row in zip(verdicts, rows):
+        status = _status(v)
+        lines.append(line(row, status))
+        reason = " ".join(str(v.get("reason") or "").split())
+        if status not in ("supported", "refuted") and reason:
+            lines.append(_shorten(f"    {_SYMBOLS.get(status, '~')} {reason}", width))
+    if not verdicts:
+        lines.append("(no claims were run)")
+    counts = summarize(verdicts)
+    parts = [_ansi(f"{n} {status}", status, color and n > 0) for status, n in counts.items()]
+    lines.append(f"{len(verdicts)} results: " + ", ".join(parts))
+    return "\n".join(lines)
+
+
+def provenance(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """What a reader needs to trust or reproduce a run, as label -> value, from a report's meta.
+
+    Model, model id and revision, dtype, rh version, profile and alpha, seeds, start/finish and
+    runtime, command, software versions, platform and hardware. Values missing from the top level
+    of ``meta`` are taken from the ranking's provenance (``meta["ranking"]["provenance"]``) where
+    it has them; labels with no value are left out.
+    """
+    meta = meta if isinstance(meta, Mapping) else {}
+    ranking = meta.get("ranking") if isinstance(meta.get("ranking"), Mapping) else {}
+    rprov = ranking.get("provenance") if isinstance(ranking.get("provenance"), Mapping) else {}
+
+    def first(*values: Any) -> Any:
+        return next((v for v in values if v not in (None, "", {}, [])), None)
+
+    seeds = meta.get("seeds")
+    if not seeds:
+        seeds = {k: rprov[k] for k in ("split_seed", "sample_seed", "draw_seed") if rprov.get(k) is not None}
+    software = {k: meta[k] for k in ("python", "torch", "transformers") if meta.get(k)}
+    runtime = _as_float(meta.get("runtime_s"))
+    out: dict[str, Any] = {
+        "model": meta.get("model"),
+        "model id": first(meta.get("model_id"), rprov.get("model_id")),
+        "revision": first(meta.get("revision"), meta.get("model_revision"), rprov.get("revision")),
+        "dtype": first(meta.get("dtype"), rprov.get("dtype")),
+        "quantization": first(meta.get("quant"), rprov.get("quant")),
+        "rh version": first(meta.get("rh_version"), rprov.get("rh_version")),
+        "profile": meta.get("profile"),
+        "alpha": meta.get("alpha"),
+        "seeds": seeds,
+        "started": _display_time(meta.get("started")) or None,
+        "finished": _display_time(meta.get("finished")) or None,
+        "runtime": _fmt_runtime(runtime) if runtime is not None else meta.get("runtime_s"),
+        "command": meta.get("command"),
+        "software": software,
+        "platform": meta.get("platform"),
+        "hardware": first(meta.get("hardware"), meta.get("device")),
+    }
+    if out["model id"] == out["model"]:
+        out["model id"] = None
+    return {k: v for k, v in out.items() if v not in (None, "", {}, [])}
+
+
 def render_html(
     verdicts: Sequence[Mapping[str, Any]],
     meta: Mapping[str, Any],
@@ -115,13 +222,17 @@ def render_html(
 ) -> str:
     """Render the report as one self-contained HTML page (inline CSS, no scripts, no network).
 
-    Layout: title and summary line, the claim matrix, one section per claim id, figures, and the
-    run metadata. Every user-supplied value is HTML-escaped; inputs are not redacted here
-    (:func:`write_report` redacts before rendering).
+    Layout: title, provenance line and counts; the claim matrix; one section per claim id (statement,
+    source, its figures, then each parametrization's verdict); the remaining figures; provenance
+    (model, revision, rh version, seeds, runtime, hardware) and the full run metadata. A figure whose
+    title starts with a claim id of this run and a colon (``"CA-1: accuracy vs K"``) is shown in that
+    claim's section; any other figure in the global Figures section. Every user-supplied value is
+    HTML-escaped; inputs are not redacted here (:func:`write_report` redacts before rendering).
     """
     verdicts = [v if isinstance(v, Mapping) else {"reason": repr(v)} for v in verdicts]
     meta = meta if isinstance(meta, Mapping) else {"meta": meta}
     figures = dict(figures or {})
+    claim_figures, global_figures = _split_figures(figures, [_claim_of(v) for v in verdicts])
     counts = summarize(verdicts)
     model = meta.get("model") or meta.get("model_id") or "unknown model"
     when = _display_time(meta.get("started") or meta.get("finished"))
@@ -140,14 +251,18 @@ def render_html(
         f"<h1>{_e(title)}</h1>",
         _render_subtitle(meta),
         _render_summary(counts, len(verdicts)),
+        _render_nav(bool(global_figures)),
         '<h2 id="matrix">Claim matrix</h2>',
         _render_matrix(verdicts),
         '<h2 id="claims">Claims</h2>',
-        _render_claim_sections(verdicts),
+        _render_claim_sections(verdicts, claim_figures),
     ]
-    if figures:
-        parts += ['<h2 id="figures">Figures</h2>', _render_figures(figures)]
+    if global_figures:
+        parts += ['<h2 id="figures">Figures</h2>', _render_figures(global_figures)]
+    prov = provenance(meta)
     parts += [
+        '<h2 id="provenance">Provenance</h2>',
+        _render_value(prov) if prov else f"<p>{_DASH}</p>",
         '<h2 id="run">Run metadata</h2>',
         _render_value(meta) if meta else f"<p>{_DASH}</p>",
         "</body>",
@@ -311,6 +426,103 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
+def _plain(text: str) -> str:
+    """Terminal text: the HTML dash for a missing value becomes an ASCII ``-``."""
+    return text.replace(_DASH, "-")
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else (text[: max(limit - 3, 0)] + "...")[:limit]
+
+
+def _ansi(text: str, status: str, color: bool) -> str:
+    code = _ANSI.get(status)
+    return f"\x1b[{code}m{text}\x1b[0m" if color and code else text
+
+
+def _status_word(status: str) -> str:
+    return f"{_SYMBOLS.get(status, '~')} {status}"
+
+
+def _claim_of(v: Mapping[str, Any]) -> str:
+    return str(v.get("claim") or v.get("nodeid") or "?")
+
+
+def _params_text(v: Mapping[str, Any]) -> str:
+    """The verdict's parameters; for a crashed test (no params) the id in its nodeid's brackets."""
+    text = _fmt_params(v.get("params"))
+    if text == _DASH and v.get("nodeid"):
+        match = _NODEID_PARAMS_RE.search(str(v["nodeid"]))
+        if match and match.group(1):
+            return match.group(1)
+    return text
+
+
+def _p_text(v: Mapping[str, Any]) -> str:
+    """The adjusted p-value, else the raw one marked as such, else a dash."""
+    if _as_float(v.get("p_adjusted")) is not None:
+        return _fmt_p(v.get("p_adjusted"))
+    if _as_float(v.get("p_value")) is not None:
+        return f"{_fmt_p(v.get('p_value'))} (raw)"
+    return _DASH
+
+
+def _fmt_runtime(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    if minutes < 120:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def _short_revision(revision: Any) -> str:
+    """A commit hash or ``sha256:<hex>`` digest cut to its first 12 hex digits (the full one is a tooltip)."""
+    text = str(revision)
+    prefix, _, digest = text.rpartition(":")
+    if re.fullmatch(r"[0-9a-fA-F]{13,}", digest):
+        return (f"{prefix}:" if prefix else "") + digest[:_REVISION_SHORT]
+    return text
+
+
+def _hardware_text(hardware: Any) -> str:
+    """One line for a ``meta["hardware"]`` dict: GPU(s) (``gpu`` or ``gpus``) or device, CPU count, threads."""
+    if not isinstance(hardware, Mapping):
+        return "" if hardware in (None, "") else str(hardware)
+    bits = []
+    device, gpu = hardware.get("device"), hardware.get("gpu")
+    gpus = hardware.get("gpus")
+    if isinstance(gpus, list | tuple) and gpus:  # one name per device: "2 x NVIDIA H100"
+        names = [str(g) for g in gpus]
+        gpu = ", ".join(f"{names.count(g)} x {g}" if names.count(g) > 1 else g for g in dict.fromkeys(names))
+    if gpu:
+        bits.append(f"{gpu}" + (f" ({device})" if device and str(device) not in str(gpu) else ""))
+    elif device:
+        bits.append(str(device))
+    if hardware.get("cpu_count") is not None:
+        bits.append(f"{hardware['cpu_count']} CPUs")
+    if hardware.get("torch_threads") is not None:
+        bits.append(f"{hardware['torch_threads']} torch threads")
+    known = {"device", "gpu", "gpus", "cpu_count", "torch_threads"}
+    bits += [f"{k}: {_fmt_scalar(v)}" for k, v in hardware.items() if k not in known and v not in (None, "")]
+    return ", ".join(bits)
+
+
+def _split_figures(figures: Mapping[str, Any], claims: Sequence[str]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Figures titled ``"<claim id>: ..."`` for a claim in this run go to that claim; the rest stay global."""
+    known = set(claims)
+    per_claim: dict[str, dict[str, Any]] = {}
+    rest: dict[str, Any] = {}
+    for title, data in figures.items():
+        prefix, sep, _ = str(title).partition(":")
+        if sep and prefix.strip() in known:
+            per_claim.setdefault(prefix.strip(), {})[title] = data
+        else:
+            rest[title] = data
+    return per_claim, rest
+
+
 def _anchor(claim: str) -> str:
     return "claim-" + (_UNSAFE_CHARS_RE.sub("-", claim).strip("-") or "unnamed")
 
@@ -328,16 +540,27 @@ def _badge(status: str, tooltip: str = "") -> str:
 
 
 def _render_subtitle(meta: Mapping[str, Any]) -> str:
+    prov = provenance(meta)
     bits = []
-    for key, label in (("model_id", "model id"), ("revision", "revision"), ("profile", "profile"),
-                       ("device", "device"), ("dtype", "dtype"), ("runtime_s", "runtime")):
-        value = meta.get(key)
+    for label in ("model id", "revision", "dtype", "profile", "rh version", "runtime"):
+        value = prov.get(label)
         if value in (None, ""):
             continue
-        if key == "runtime_s" and _as_float(value) is not None:
-            value = f"{_as_float(value):.1f} s"
-        bits.append(f"{_e(label)}: <code>{_e(value)}</code>")
+        if label == "revision":
+            bits.append(f'{_e(label)}: <code title="{_e(value)}">{_e(_short_revision(value))}</code>')
+        else:
+            bits.append(f"{_e(label)}: <code>{_e(value)}</code>")
+    hardware = _hardware_text(prov.get("hardware"))
+    if hardware:
+        bits.append(f"hardware: <code>{_e(hardware)}</code>")
     return f'<p class="sub">{" · ".join(bits)}</p>' if bits else ""
+
+
+def _render_nav(has_figures: bool) -> str:
+    links = [("matrix", "claim matrix"), ("claims", "claims")]
+    links += [("figures", "figures")] if has_figures else []
+    links += [("provenance", "provenance"), ("run", "run metadata")]
+    return '<p class="nav">' + " · ".join(f'<a href="#{a}">{_e(t)}</a>' for a, t in links) + "</p>"
 
 
 def _render_summary(counts: Mapping[str, int], total: int) -> str:
@@ -351,9 +574,10 @@ def _render_matrix(verdicts: Sequence[Mapping[str, Any]]) -> str:
     rows = ["<table class=\"matrix\"><thead><tr><th>claim</th><th>parameters</th><th>verdict</th>"
             "<th>effect [CI]</th><th>p (adj.)</th><th>n</th><th>test</th></tr></thead><tbody>"]
     for v in verdicts:
-        claim = str(v.get("claim") or v.get("nodeid") or "?")
+        claim = _claim_of(v)
         status = _status(v)
         tooltip = f"pytest: {v['outcome']}" if v.get("outcome") else ""
+        verdict_cell = _badge(status, tooltip) + _reason_note(v)
         if status == "error":
             effect_cell = p_cell = n_cell = test_cell = _DASH
         else:
@@ -364,13 +588,21 @@ def _render_matrix(verdicts: Sequence[Mapping[str, Any]]) -> str:
         rows.append(
             f'<tr class="row-{_e(_UNSAFE_CHARS_RE.sub("-", status))}">'
             f'<td><a href="#{_e(_anchor(claim))}">{_e(claim)}</a></td>'
-            f"<td>{_e(_fmt_params(v.get('params')))}</td>"
-            f"<td>{_badge(status, tooltip)}</td>"
+            f"<td>{_e(_params_text(v))}</td>"
+            f"<td>{verdict_cell}</td>"
             f'<td class="num">{effect_cell}</td><td class="num">{p_cell}</td>'
             f'<td class="num">{n_cell}</td><td>{test_cell}</td></tr>'
         )
     rows.append("</tbody></table>")
     return "\n".join(rows)
+
+
+def _reason_note(v: Mapping[str, Any], limit: int = 90) -> str:
+    """For an inconclusive or errored entry, its reason in small text (cut; the whole as a tooltip)."""
+    reason = " ".join(str(v.get("reason") or "").split())
+    if _status(v) in ("supported", "refuted") or not reason:
+        return ""
+    return f'<br><small class="why" title="{_e(reason)}">{_e(_shorten(reason, limit))}</small>'
 
 
 def _effect_cell(v: Mapping[str, Any]) -> str:
@@ -380,7 +612,7 @@ def _effect_cell(v: Mapping[str, Any]) -> str:
     level = _as_float(v.get("ci_level"))
     tip = str(name) + (f" ({level * 100:g}% CI)" if level is not None and ci else "")
     text = _e(effect) + (f" {_e(ci)}" if ci else "")
-    small = f'<br><small>{_e(name)}</small>' if name else ""
+    small = f'<br><small class="ename">{_e(name)}</small>' if name else ""
     title = f' title="{_e(tip)}"' if tip else ""
     return f"<span{title}>{text}</span>{small}"
 
@@ -394,12 +626,15 @@ def _p_cell(v: Mapping[str, Any]) -> str:
     return _DASH
 
 
-def _render_claim_sections(verdicts: Sequence[Mapping[str, Any]]) -> str:
+def _render_claim_sections(
+    verdicts: Sequence[Mapping[str, Any]], claim_figures: Mapping[str, Mapping[str, Any]] | None = None
+) -> str:
     if not verdicts:
         return f"<p>{_DASH}</p>"
+    claim_figures = claim_figures or {}
     groups: dict[str, list[Mapping[str, Any]]] = {}
     for v in verdicts:  # first-appearance order, which is pytest's collection order
-        groups.setdefault(str(v.get("claim") or v.get("nodeid") or "?"), []).append(v)
+        groups.setdefault(_claim_of(v), []).append(v)
     out: list[str] = []
     for claim, items in groups.items():
         statement = next((str(v["statement"]) for v in items if v.get("statement")), "")
@@ -411,6 +646,8 @@ def _render_claim_sections(verdicts: Sequence[Mapping[str, Any]]) -> str:
             out.append(f'<p class="statement">{_e(statement)}</p>')
         if source:
             out.append(f'<p class="source">Source: {_e(source)}</p>')
+        if claim_figures.get(claim):
+            out.append(_render_figures(claim_figures[claim], strip_prefix=claim))
         out.extend(_render_verdict(v) for v in items)
         out.append("</section>")
     return "\n".join(out)
@@ -418,10 +655,10 @@ def _render_claim_sections(verdicts: Sequence[Mapping[str, Any]]) -> str:
 
 def _render_verdict(v: Mapping[str, Any]) -> str:
     status = _status(v)
-    head = f"{_badge(status)} <strong>{_e(_fmt_params(v.get('params')))}</strong>"
+    head = f"{_badge(status)} <strong>{_e(_params_text(v))}</strong>"
     if v.get("outcome"):
         head += f' <small>pytest: {_e(v["outcome"])}</small>'
-    lines = ['<div class="verdict">', f"<p>{head}</p>"]
+    lines = [f'<div class="verdict verdict-{_e(_UNSAFE_CHARS_RE.sub("-", status))}">', f"<p>{head}</p>"]
     reason = v.get("reason")
     if reason not in (None, ""):
         lines.append(f'<pre class="reason">{_e(reason)}</pre>')
@@ -479,9 +716,13 @@ def _render_value(value: Any, depth: int = 0) -> str:
     return _e(_fmt_scalar(value))
 
 
-def _render_figures(figures: Mapping[str, Any]) -> str:
+def _render_figures(figures: Mapping[str, Any], strip_prefix: str = "") -> str:
+    """Figures as ``<figure>`` with data URIs; ``strip_prefix`` drops ``"<claim id>:"`` from captions."""
     out = []
     for title, data in figures.items():
+        caption = str(title)
+        if strip_prefix and caption.partition(":")[0].strip() == strip_prefix:
+            caption = caption.partition(":")[2].strip() or caption
         mime = _image_mime(data)
         if mime is None:
             out.append(f'<p class="missing">Figure {_e(title)} could not be embedded '
@@ -489,7 +730,7 @@ def _render_figures(figures: Mapping[str, Any]) -> str:
             continue
         uri = f"data:{mime};base64,{base64.b64encode(bytes(data)).decode('ascii')}"
         out.append(f'<figure><img src="{uri}" alt="{_e(title)}">'
-                   f"<figcaption>{_e(title)}</figcaption></figure>")
+                   f"<figcaption>{_e(caption)}</figcaption></figure>")
     return "\n".join(out)
 
 
@@ -508,7 +749,8 @@ h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #d0d7de;padding
 table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #d0d7de;padding:.25em .6em;
 vertical-align:top;text-align:left}thead th{background:#f6f8fa}
 table.matrix td.num{text-align:right;white-space:nowrap}
-table.kv th{background:#f6f8fa;font-weight:600;white-space:nowrap}
+table.kv th{background:#f6f8fa;font-weight:600;white-space:nowrap}table.kv td{overflow-wrap:anywhere}
+table.matrix td.num small.ename{white-space:normal}table.matrix th{white-space:nowrap}
 .badge{display:inline-block;padding:.05em .55em;border-radius:.8em;font-size:.85em;font-weight:600}
 small{color:#57606a}
 section.claim{border-top:1px solid #d0d7de;padding-top:.4em;margin-top:1em}
@@ -518,4 +760,17 @@ pre.reason{white-space:pre-wrap;word-break:break-word;background:#f6f8fa;padding
 .stats{font-size:.92em}.nodeid{font-size:.85em;color:#57606a}
 figure{margin:1em 0}figure img{max-width:100%;border:1px solid #d0d7de}figcaption{color:#57606a}
 .counts{font-size:.7em;font-weight:normal}
+.nav{font-size:.9em}.nav a{color:#0969da}
+.badge-supported::before{content:"\\2713\\00a0"}.badge-refuted::before{content:"\\2717\\00a0"}
+.badge-inconclusive::before{content:"?\\00a0"}.badge-error::before{content:"!\\00a0"}
+tr.row-refuted>td{background:#ffebe9}tr.row-inconclusive>td{background:#fff8c5}
+tr.row-error>td{background:#eaeef2}
+tr.row-refuted>td:first-child{box-shadow:inset 4px 0 #cf222e}
+tr.row-inconclusive>td:first-child{box-shadow:inset 4px 0 #d4a72c}
+tr.row-error>td:first-child{box-shadow:inset 4px 0 #24292f}
+tr.row-supported>td:first-child{box-shadow:inset 4px 0 #1a7f37}
+.verdict-supported{border-left-color:#1a7f37}.verdict-refuted{border-left-color:#cf222e;background:#fff5f5}
+.verdict-inconclusive{border-left-color:#d4a72c;background:#fffbe6}
+.verdict-error{border-left-color:#24292f;background:#f3f4f6}
+small.why{display:inline-block;max-width:22em}
 """

@@ -13,7 +13,7 @@ from datetime import datetime
 
 import pytest
 
-from rh.report import redact, render_html, report_stem, summarize, write_report
+from rh.report import format_matrix, provenance, redact, render_html, report_stem, summarize, write_report
 
 pytestmark = pytest.mark.unit
 
@@ -241,3 +241,113 @@ def test_report_stem_is_accepted_by_write_report(tmp_path, verdicts, meta):
 def test_report_stem_rejects_empty_key():
     with pytest.raises(ValueError, match="model_key"):
         report_stem("  ", datetime(2025, 1, 1))
+
+
+# --------------------------------------------------------------------------------------------
+# Terminal matrix
+# --------------------------------------------------------------------------------------------
+
+
+def test_format_matrix_lists_every_entry_and_hand_counted_totals(verdicts):
+    text = format_matrix(verdicts, width=100)
+    assert "\x1b[" not in text  # no colour unless asked
+    lines = text.splitlines()
+    assert lines[0].split() == ["claim", "parameters", "verdict", "effect", "[CI]", "p", "adj", "n"]
+    body = [line for line in lines[2:-1] if not line.startswith("    ")]
+    assert len(body) == len(verdicts)
+    for line, v in zip(body, verdicts):
+        assert line.startswith(v["claim"])
+        assert v["status"] in line
+    assert "k=10" in body[0] and "k=20" in body[1]
+    assert "+ supported" in body[0] and "x refuted" in body[1] and "? inconclusive" in body[2]
+    assert "! error" in body[4]
+    assert "0.620 [0.410, 0.800]" in body[0] and "0.0369" in body[0] and body[0].rstrip().endswith("40")
+    # inconclusive and errored rows carry their reason on the next line
+    assert any("baseline too low" in line for line in lines) and any("CUDA out of memory" in line for line in lines)
+    hand = {"supported": 2, "refuted": 1, "inconclusive": 1, "error": 1}
+    assert lines[-1] == f"{len(verdicts)} results: " + ", ".join(f"{n} {s}" for s, n in hand.items())
+
+
+def test_format_matrix_colour_width_and_empty(verdicts):
+    verdicts[0]["params"] = {"task": "x" * 300, "k": 10}
+    coloured = format_matrix(verdicts, color=True, width=80)
+    assert "\x1b[32m" in coloured and "\x1b[1;31m" in coloured and "\x1b[33m" in coloured and "\x1b[0m" in coloured
+    plain = format_matrix(verdicts, width=80)
+    assert max(len(line) for line in plain.splitlines()) <= 80
+    assert "..." in plain.splitlines()[2]  # the long parameter is cut, not wrapped
+    assert re.sub(r"\x1b\[[0-9;]*m", "", coloured) == plain  # colour changes nothing else
+    assert format_matrix([]).splitlines()[-1] == "0 results: 0 supported, 0 refuted, 0 inconclusive, 0 error"
+
+
+def test_format_matrix_error_row_takes_params_from_nodeid():
+    text = format_matrix([{"claim": "CA-1", "nodeid": "claims/t.py::test_a[K=20]", "status": "error",
+                           "reason": "boom"}])
+    assert "K=20" in text.splitlines()[2] and "! error" in text
+
+
+# --------------------------------------------------------------------------------------------
+# Per-run page: provenance, per-claim figures, visibly distinct statuses
+# --------------------------------------------------------------------------------------------
+
+
+def _section(page: str, anchor: str) -> str:
+    start = page.index(f'id="{anchor}"')
+    return page[start:page.index("</section>", start)]
+
+
+def test_provenance_block_has_model_revision_seeds_runtime_and_hardware(verdicts, meta):
+    meta = {**meta, "ranking": {"provenance": {"revision": "a" * 40, "split_seed": 0, "dtype": "bfloat16"}},
+            "hardware": {"device": "cuda", "gpu": "NVIDIA H100 80GB HBM3", "cpu_count": 16, "torch_threads": 8}}
+    prov = provenance(meta)
+    assert prov["revision"] == "a" * 40 and prov["rh version"] == "0.1.0" and prov["dtype"] == "bfloat16"
+    assert prov["seeds"] == {"split": 0, "random_heads": [1, 2, 3]} and prov["runtime"] == "2 min 00 s"
+    page = render_html(verdicts, meta)
+    block = page.split('id="provenance"', 1)[1].split('id="run"', 1)[0]
+    for text in ("smollm2-135m", "a" * 40, "0.1.0", "random_heads", "2 min 00 s", "NVIDIA H100 80GB HBM3",
+                 "torch_threads", "cpu_count", "pytest claims/", "quick"):
+        assert text in block, text
+    sub = page.split('class="sub"', 1)[1].split("</p>", 1)[0]
+    assert "a" * 12 in sub and "NVIDIA H100 80GB HBM3 (cuda), 16 CPUs, 8 torch threads" in sub
+    assert page.index('id="matrix"') < page.index('id="claims"') < page.index('id="provenance"') < page.index('id="run"')
+    # without a ranking provenance, the seeds fall back to nothing rather than failing
+    assert "seeds" not in provenance({"model": "m"})
+
+
+def test_claim_prefixed_figures_go_to_their_claim_section(verdicts, meta):
+    png = _png_bytes()
+    figures = {"CA-1: accuracy vs K": png, "ID-2: spike": png + b"2", "ZZ-9: no such claim": png,
+               "head grid": png}
+    page = render_html(verdicts, meta, figures)
+    ca1, id2, id1 = _section(page, "claim-CA-1"), _section(page, "claim-ID-2"), _section(page, "claim-ID-1")
+    assert 'alt="CA-1: accuracy vs K"' in ca1 and "<figcaption>accuracy vs K</figcaption>" in ca1
+    assert 'alt="ID-2: spike"' in id2 and "<figure" not in id1
+    global_figs = page.split('id="figures"', 1)[1].split('id="provenance"', 1)[0]
+    assert 'alt="head grid"' in global_figs and 'alt="ZZ-9: no such claim"' in global_figs
+    assert "CA-1: accuracy vs K" not in global_figs
+    assert page.count("data:image/png;base64,") == 4
+    # only claim figures: no global Figures section at all
+    assert 'id="figures"' not in render_html(verdicts, meta, {"CA-1: curve": png})
+
+
+def test_refuted_inconclusive_and_error_are_visibly_distinct(verdicts, meta):
+    page = render_html(verdicts, meta)
+    matrix = page.split('id="matrix"', 1)[1].split('id="claims"', 1)[0]
+    assert re.findall(r'<tr class="row-(\w+)"', matrix) == [v["status"] for v in verdicts]
+    css = page.split("<style>", 1)[1].split("</style>", 1)[0]
+    backgrounds = {s: re.search(rf"tr\.row-{s}>td\{{background:(#[0-9a-f]+)", css).group(1)
+                   for s in ("refuted", "inconclusive", "error")}
+    assert len(set(backgrounds.values())) == 3 and "#ffffff" not in backgrounds.values()
+    symbols = {s: re.search(rf'\.badge-{s}::before\{{content:"([^"]+)"', css).group(1)
+               for s in ("supported", "refuted", "inconclusive", "error")}
+    assert len(set(symbols.values())) == 4  # a symbol per status, readable without colour
+    assert "baseline too low" in matrix  # an inconclusive row says why in the matrix
+    claims = page.split('id="claims"', 1)[1]
+    for status in ("supported", "refuted", "inconclusive", "error"):
+        assert f'class="verdict verdict-{status}"' in claims
+
+
+def test_hardware_with_a_list_of_gpus_is_summarised(verdicts, meta):
+    meta = {**meta, "hardware": {"device": "cuda", "gpus": ["NVIDIA H100", "NVIDIA H100", "A100"], "cpu_count": 16,
+                                 "torch_threads": 16}}
+    sub = render_html(verdicts, meta).split('class="sub"', 1)[1].split("</p>", 1)[0]
+    assert "2 x NVIDIA H100, A100 (cuda), 16 CPUs, 16 torch threads" in sub
