@@ -35,6 +35,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--recompute", action="store_true", help="recompute the ranking even if it is cached")
     g.addoption("--method", default="sum_attention", choices=("sum_attention", "wu24"),
                 help="how heads are identified (default: sum attention, seed 003)")
+    g.addoption("--compare-model", default=None,
+                help="a second variant of the model (e.g. llama8b-base for llama8b) for ID-6")
+    g.addoption("--expected", default=None, metavar="PATH",
+                help="compare every verdict with this file (fixtures/expected/<model>.json): the run passes "
+                     "exactly when no verdict changed, whatever the verdicts are")
+    g.addoption("--update-expected", action="store_true", help="with --expected: rewrite the file from this run")
     g.addoption("--report-dir", default=str(ROOT / "reports"), help="where the HTML and JSON reports go")
     g.addoption("--ranking-cache", default=str(RANKING_CACHE), help="folder of cached rankings")
 
@@ -87,34 +93,52 @@ def niah_split(niah_samples, profile):
 
 
 @pytest.fixture(scope="session")
-def validation(niah_split):
-    return niah_split[1]
+def validation(niah_split, profile):
+    """CA-1's validation prompts: the 20% side, on the profile's CA tasks."""
+    return [s for s in niah_split[1] if s.task in profile.tasks]
 
 
 @pytest.fixture(scope="session")
-def ranking(pytestconfig, rh_model, profile, niah_split):
-    """The ranking on the identification split (--method): from --rankings, the cache, or computed."""
+def identify_ranking(pytestconfig, rh_model, profile):
+    """A function: (identification samples, method, sweep) -> (ranking, cache path), via the cache."""
     from rh.pipeline import cached_identification, ranking_provenance
+
+    from rh.pipeline import load_sample_scores
+
+    def get(samples, method: str = "sum_attention", sweep=None, *, model=None, with_scores: bool = False):
+        m = model or rh_model
+        prov = ranking_provenance(m, sweep or profile.sweep(), method, samples,
+                                  identify_frac=profile.identify_frac, split_seed=profile.split_seed)
+        kwargs = dict(cache_dir=pytestconfig.getoption("--ranking-cache"), batch_size=profile.batch_size)
+        r, where, hit = cached_identification(m, samples, prov, recompute=pytestconfig.getoption("--recompute"),
+                                              **kwargs)
+        if not with_scores:
+            return r, where, hit
+        scored = load_sample_scores(where)
+        if scored is None:  # cached before per-sample scores were kept: compute them once
+            r, where, hit = cached_identification(m, samples, prov, recompute=True, **kwargs)
+            scored = load_sample_scores(where)
+        return r, where, hit, scored
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def ranking(pytestconfig, rh_model, profile, niah_split, identify_ranking):
+    """The ranking on the identification split (--method): from --rankings, the cache, or computed."""
     from rh.rankings import load_ranking
 
     path = pytestconfig.getoption("--rankings")
     if path:
         r = load_ranking(path, shape=rh_model.shape)
-        _session_meta(pytestconfig)["ranking"] = {"path": str(path), "provenance": r.provenance, "cache": "external",
-                                                  "top10": [str(h) for h in r.top(min(10, rh_model.shape.n_total))]}
-        _attention_example(pytestconfig, rh_model, r, niah_split[1])
-        return r
-    identify = niah_split[0]
-    method = pytestconfig.getoption("--method")
-    prov = ranking_provenance(rh_model, profile.sweep(), method, identify, identify_frac=profile.identify_frac,
-                              split_seed=profile.split_seed)
-    r, where, hit = cached_identification(rh_model, identify, prov, cache_dir=pytestconfig.getoption("--ranking-cache"),
-                                          recompute=pytestconfig.getoption("--recompute"),
-                                          batch_size=profile.batch_size)
-    _session_meta(pytestconfig)["ranking"] = {"path": str(where), "cache": "hit" if hit else "computed",
-                                              "provenance": r.provenance,
+        where, cache = path, "external"
+    else:
+        identify = [s for s in niah_split[0] if s.task in profile.tasks]
+        r, where, hit = identify_ranking(identify, pytestconfig.getoption("--method"))
+        cache = "hit" if hit else "computed"
+    _session_meta(pytestconfig)["ranking"] = {"path": str(where), "cache": cache, "provenance": r.provenance,
                                               "top10": [str(h) for h in r.top(min(10, rh_model.shape.n_total))]}
-    _attention_example(pytestconfig, rh_model, r, niah_split[1])
+    _attention_example(pytestconfig, rh_model, r, [s for s in niah_split[1] if s.task in profile.tasks])
     return r
 
 
@@ -150,9 +174,11 @@ def baseline(pytestconfig, rh_model, validation, profile):
 @pytest.fixture
 def record_verdict(request, pytestconfig):
     """Call with a ``Verdict``: attaches it to the test report (xdist-safe), then passes,
-    fails (refuted) or skips (inconclusive) the test accordingly."""
+    fails (refuted) or skips (inconclusive) the test accordingly. Under ``--expected`` the test
+    instead passes exactly when the verdict is the expected one (``--update-expected``: always)."""
 
     marker = request.node.get_closest_marker("claim")
+    expected = _expected_verdicts(pytestconfig)
     doc = " ".join((getattr(request.node, "function", None).__doc__ or "").split())
 
     def record(verdict) -> None:
@@ -161,11 +187,33 @@ def record_verdict(request, pytestconfig):
         entry["source"] = marker.kwargs.get("source", "") if marker else ""
         request.node.user_properties.append((_VERDICT, entry))
         request.node.user_properties.append((_META, _session_meta(pytestconfig)))
+        if expected is not None and pytestconfig.getoption("--update-expected"):
+            return
+        if expected is not None:
+            key = _verdict_key(entry)
+            want = expected.get(key, "absent from the expected file")
+            assert verdict.status == want, (
+                f"{key}: expected {want}, got {verdict.status} -- if the science changed, rerun with "
+                f"--update-expected and commit the file\n" + verdict.explain())
+            return
         if verdict.inconclusive:
             pytest.skip(f"inconclusive: {verdict.reason}")
         assert verdict.supported, "claim refuted:\n" + verdict.explain()
 
     return record
+
+
+def _expected_verdicts(config: pytest.Config) -> dict[str, str] | None:
+    """The expected statuses under --expected, else None."""
+    path = config.getoption("--expected")
+    if not path:
+        return None
+    if config.getoption("--update-expected"):
+        return {}  # the file is rewritten from this run: any verdict will do
+    import json
+
+    p = Path(path)
+    return json.loads(p.read_text())["verdicts"] if p.exists() else {}
 
 
 def _session_meta(config: pytest.Config) -> dict[str, Any]:
@@ -234,6 +282,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     state = config.stash[_STATE]
     if not state["claims_run"]:
         return
+    expected = config.getoption("--expected")
+    if expected:
+        session.exitstatus = _check_expected(config, state, Path(expected), int(exitstatus))
     try:
         paths = _write_report(config, state)
     except Exception as exc:  # a report failure must not hide the test results
@@ -260,33 +311,96 @@ def _write_report(config: pytest.Config, state: dict) -> tuple[Path, Path]:
         "runtime_s": round(time.perf_counter() - state["t0"], 1),
         "command": "pytest " + " ".join(config.invocation_params.args),
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "platform": platform.platform(),
+        "platform": platform.platform(), "hardware": _hardware(),
     })
     figures = report_figures(state["verdicts"], meta)
     stem = report_stem(config.getoption("--model"), state["started"])
     return write_report(state["verdicts"], meta, config.getoption("--report-dir"), stem, figures)
 
 
+def _verdict_key(v: dict) -> str:
+    params = ",".join(f"{k}={v2}" for k, v2 in sorted((v.get("params") or {}).items()) if k != "heads")
+    return f"{v.get('claim')}[{params}]"
+
+
+def _check_expected(config: pytest.Config, state: dict, path: Path, exitstatus: int) -> int:
+    """Compare statuses with the expected file (or rewrite it); the run passes iff nothing changed."""
+    from rh.io import atomic_write_json
+
+    got = {_verdict_key(v): v["status"] for v in state["verdicts"]}
+    if config.getoption("--update-expected"):
+        atomic_write_json(path, {"model": config.getoption("--model"), "profile": config.getoption("--profile"),
+                                 "verdicts": dict(sorted(got.items()))})
+        state["expected_diff"] = [f"wrote {len(got)} expected verdicts to {path}"]
+        return 0 if "error" not in got.values() else 1
+    if not path.exists():
+        state["expected_diff"] = [f"{path} does not exist: create it with --expected {path} --update-expected"]
+        return 1
+    import json
+
+    want = json.loads(path.read_text())["verdicts"]
+    diff = [f"{k}: expected {want.get(k, 'absent')}, got {got.get(k, 'absent')}"
+            for k in sorted(set(want) | set(got)) if want.get(k) != got.get(k)]
+    state["expected_diff"] = diff or [f"all {len(got)} verdicts as expected in {path}"]
+    return 1 if diff else (0 if exitstatus in (0, 1) else exitstatus)
+
+
+def _hardware() -> dict[str, Any]:
+    import os
+
+    import torch
+
+    hw: dict[str, Any] = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                          "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    if torch.cuda.is_available():
+        hw["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return hw
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    verdicts = sorted(config.stash[_STATE]["verdicts"], key=lambda v: v.get("nodeid", ""))
+    if verdicts:
+        from rh.report import format_matrix
+
+        terminalreporter.write_sep("=", "rh claim matrix")
+        for line in format_matrix(verdicts, color=terminalreporter.hasmarkup,
+                                  width=terminalreporter._tw.fullwidth).splitlines():
+            terminalreporter.write_line(line)
     paths = getattr(config, "_rh_report_paths", None)
     if paths:
         terminalreporter.write_sep("-", "rh report")
         for p in paths:
             terminalreporter.write_line(str(p))
+    for line in config.stash[_STATE].get("expected_diff", []):
+        terminalreporter.write_line(f"rh expected verdicts: {line}")
     err = getattr(config, "_rh_report_error", None)
     if err:
         terminalreporter.write_line(f"rh report could not be written: {err}", red=True)
 
 
+_PARAMETRIZED = {  # fixture name -> (profile field, test id)
+    "ablation_k": ("ablation_levels", lambda k: f"K={k}"),
+    "inverse_k": ("inverse_levels", lambda k: f"K={k}"),
+    "id_task": ("id_tasks", str),
+    "claim_depth": ("depths", lambda d: f"depth={d:g}"),
+}
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Parametrize ``ablation_k`` over the profile's K levels (known once the model's shape is)."""
-    if "ablation_k" in metafunc.fixturenames:
-        metafunc.parametrize("ablation_k", _ablation_levels(metafunc.config), ids=lambda k: f"K={k}")
+    """Parametrize claims over the profile's K levels, tasks and depths (known from the model's
+    shape, which the registry or the model's config gives without loading weights)."""
+    wanted = [name for name in _PARAMETRIZED if name in metafunc.fixturenames]
+    if not wanted or metafunc.definition.get_closest_marker("claim") is None:
+        return
+    prof = _collection_profile(metafunc.config)
+    for name in wanted:
+        field, ids = _PARAMETRIZED[name]
+        metafunc.parametrize(name, getattr(prof, field), ids=ids)
 
 
-def _ablation_levels(config: pytest.Config) -> tuple[int, ...]:
+def _collection_profile(config: pytest.Config):
     from rh.models import expected_shape
     from rh.profiles import get_profile
 
     shape = expected_shape(config.getoption("--model"))
-    return get_profile(config.getoption("--profile"), shape, alpha=config.getoption("--alpha")).ablation_levels
+    return get_profile(config.getoption("--profile"), shape, alpha=config.getoption("--alpha"))

@@ -7,6 +7,12 @@ and, beside it, computes only the last query row's attention probabilities from 
 that row is the last prompt token; while decoding it is the current token. The mask function is
 registered under the same name, or the causal mask would silently disappear. Nothing is forked,
 no projection is recomputed, and no N x N matrix is built: the cost is O(L) per head.
+
+The same registered function is where interventions on the attention computation run
+(:class:`AttentionIntervention`, attached per module with :func:`add_intervention`): query
+zeroing and logit zeroing in ``rh.ablation``, and the query-head -> KV-head map of a pruned layer
+(``rh_kv_heads``, see ``rh.pruning``). Interventions run before the capture, so a capture sees the
+attention the model actually computed.
 """
 
 from __future__ import annotations
@@ -86,6 +92,68 @@ def last_row_probs(
     return torch.softmax(scores, dim=-1)
 
 
+class AttentionIntervention:
+    """A change to one attention module's computation, run inside the registered attention function.
+
+    ``before`` may replace the query/key/value the base implementation sees (``[b, heads, q, d]``
+    and ``[b, kv_heads, kv, d]``, after RoPE and the KV cache); ``after`` may replace its output
+    (``[b, q, heads, d]``) and attention weights (eager only, else ``None``); ``last_row`` may
+    replace the capture's last-row probabilities (``[b, heads, kv]``) so a capture records the
+    attention the intervention produced. Every method defaults to the identity.
+    """
+
+    def before(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return query, key, value
+
+    def after(self, module: torch.nn.Module, output: torch.Tensor, weights: torch.Tensor | None,
+              query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
+              scaling: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return output, weights
+
+    def last_row(self, module: torch.nn.Module, probs: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                 attention_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        return probs
+
+
+_INTERVENTIONS_ATTR = "_rh_attention_interventions"
+
+
+def add_intervention(module: torch.nn.Module, intervention: AttentionIntervention) -> Callable[[], None]:
+    """Attach ``intervention`` to one attention module; return the function that detaches it.
+
+    It only runs while the model uses the registered attention function (inside
+    :func:`rh_attention_active` or :func:`capture_attention`).
+    """
+    table: dict[int, AttentionIntervention] = module.__dict__.setdefault(_INTERVENTIONS_ATTR, {})
+    key = id(intervention)
+    table[key] = intervention
+
+    def remove() -> None:
+        t = module.__dict__.get(_INTERVENTIONS_ATTR)
+        if t is not None:
+            t.pop(key, None)
+            if not t:
+                del module.__dict__[_INTERVENTIONS_ATTR]
+
+    return remove
+
+
+def interventions(module: torch.nn.Module) -> tuple[AttentionIntervention, ...]:
+    """The interventions attached to ``module``, in the order they were added."""
+    return tuple(module.__dict__.get(_INTERVENTIONS_ATTR, {}).values())
+
+
+def expand_kv(module: torch.nn.Module, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One KV head per query head where a pruned layer's groups are uneven (``module.rh_kv_heads``
+    maps each remaining query head to its KV head); unchanged elsewhere."""
+    index = getattr(module, "rh_kv_heads", None)
+    if index is None:
+        return key, value
+    index = index.to(key.device)
+    return key.index_select(1, index), value.index_select(1, index)
+
+
 def _base_function(name: str, module: torch.nn.Module) -> Callable:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -99,12 +167,23 @@ def _base_function(name: str, module: torch.nn.Module) -> Callable:
 
 def _make_wrapper(base: str) -> Callable:
     def rh_capture_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        key, value = expand_kv(module, key, value)
+        hooks = interventions(module)
+        for h in hooks:
+            query, key, value = h.before(module, query, key, value, attention_mask)
         out = _base_function(base, module)(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        if hooks:
+            output, weights = out
+            for h in hooks:
+                output, weights = h.after(module, output, weights, query, key, value, attention_mask, scale)
+            out = (output, weights)
         cap = _active.get()
         if cap is not None and cap._model_id == id(getattr(module, "config", None)):
-            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
             with torch.no_grad():
                 probs = last_row_probs(query.detach(), key.detach(), attention_mask, scale)
+                for h in hooks:
+                    probs = h.last_row(module, probs, query.detach(), key.detach(), attention_mask, scale)
             cap._record(int(module.layer_idx), probs)
         return out
 
@@ -127,6 +206,35 @@ def _register(base: str) -> str:
     return name
 
 
+def install_rh_attention(model: Any) -> str:
+    """Switch ``model`` to rh's registered attention function for good and return its name: a
+    pruned model whose layers map query heads to KV heads unevenly needs it on every forward."""
+    hf = hf_model(model)
+    name = _register(hf.config._attn_implementation.removeprefix(_PREFIX))
+    if hf.config._attn_implementation != name:
+        hf.set_attn_implementation(name)
+    return name
+
+
+@contextlib.contextmanager
+def rh_attention_active(model: Any) -> Iterator[str]:
+    """Within the block the model runs rh's registered attention function (its own
+    implementation, plus interventions and capture); the previous name is restored in ``finally``.
+
+    Blocks nest: an inner block finds the wrapper already in place and leaves it so.
+    """
+    hf = hf_model(model)
+    previous = hf.config._attn_implementation
+    name = _register(previous.removeprefix(_PREFIX))
+    if previous != name:
+        hf.set_attn_implementation(name)
+    try:
+        yield name
+    finally:
+        if hf.config._attn_implementation != previous:
+            hf.set_attn_implementation(previous)
+
+
 def keep_rows(layer: int, probs: torch.Tensor) -> torch.Tensor:
     """Default reducer: keep the whole last-token row of every head, on the CPU."""
     return probs.cpu()
@@ -138,19 +246,18 @@ def capture_attention(model: Any, reduce: Reducer = keep_rows) -> Iterator[Atten
 
     The model's attention implementation is swapped for the capture wrapper of the same base and
     restored in ``finally``, also when the block raises. Outputs are those of the base
-    implementation, unchanged.
+    implementation, unchanged (unless an intervention such as ``ablate(..., method="query")`` is
+    active, whose effect the capture then records).
     """
     hf = hf_model(model)
     config = hf.config
-    base = config._attn_implementation
-    if base.startswith(_PREFIX):
+    current = _active.get()
+    if current is not None and current._model_id == id(config):
         raise RuntimeError("capture_attention blocks on the same model cannot be nested")
     cap = AttentionCapture(reduce=reduce, n_layers=int(config.num_hidden_layers), _model_id=id(config))
-    name = _register(base)
-    token = _active.set(cap)
-    hf.set_attn_implementation(name)
-    try:
-        yield cap
-    finally:
-        hf.set_attn_implementation(base)
-        _active.reset(token)
+    with rh_attention_active(hf):
+        token = _active.set(cap)
+        try:
+            yield cap
+        finally:
+            _active.reset(token)

@@ -34,6 +34,7 @@ from rh.report import (
     _e,
     _fmt_ci,
     _fmt_effect,
+    html_head,
     _hardware_text,
     _p_text,
     _params_text,
@@ -221,15 +222,7 @@ def _render_comparison(paths: Sequence[Path], docs: Sequence[Mapping[str, Any]])
     n_disagree, n_partial = states.count("disagree"), states.count("partial")
     title = "rh comparison \u2014 " + " vs ".join(_run_label(i, m).split(": ", 1)[1] for i, m in enumerate(metas))
     parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en">',
-        "<head>",
-        '<meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{_e(title)}</title>",
-        f"<style>{_CSS}{_COMPARE_CSS}</style>",
-        "</head>",
-        "<body>",
+        *html_head(title, _CSS + _COMPARE_CSS),
         f"<h1>{_e(title)}</h1>",
         f'<p class="summary"><strong>{len(rows)}</strong> claim settings across <strong>{len(docs)}</strong> runs: '
         f'<span class="tag tag-disagree">{n_disagree} disagree</span> '

@@ -1,18 +1,30 @@
 """Retrieval accuracy under an intervention. Teacher-forced (design decision 3): one forward over
 prompt + answer gives exact match (greedy decoding reproduces the gold answer exactly when the
-argmax at every gold position is the gold token) and the answer's log-probability."""
+argmax at every gold position is the gold token) and the answer's log-probability. Generation
+(:func:`generated`) gives free-form replies scored by exact, contains and ROUGE recall.
+
+Every function returns one row per sample (and condition), with id, task, length and depth, so
+accuracy by depth, length or task is a ``groupby`` (:func:`accuracy_table`);
+:func:`evaluate_conditions` runs the same samples under several named interventions."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from rh.ablation import decode_positions
 from rh.batching import make_batches
 from rh.models import LoadedModel
 from rh.niah import Sample
+
+Condition = Callable[[], contextlib.AbstractContextManager] | None
 
 
 def teacher_forced(model: LoadedModel, samples: Sequence[Sample], *, condition: str = "baseline",
@@ -20,14 +32,17 @@ def teacher_forced(model: LoadedModel, samples: Sequence[Sample], *, condition: 
     """One row per sample: ``correct`` (greedy would emit the gold answer) and ``logprob`` (sum of
     the gold tokens' log-probabilities), plus id, task, length, depth and ``condition``.
 
-    Runs whatever interventions are active around the call (e.g. inside ``ablate``).
+    Runs whatever interventions are active around the call (e.g. inside ``ablate``). Decode-only
+    ablations (``phase="decode"``) apply at the answer positions, which greedy decoding would
+    process as decoding steps, so the outcome is that of ablated decoding.
     """
     rows = {}
     bar = tqdm(total=len(samples), desc=f"evaluate {condition}", unit="sample", disable=not progress, leave=False)
     for batch in make_batches(samples, batch_size, model.tokenizer.pad_token_id, with_answer=True):
         # rows end together (left padding): row i's answer is predicted by its last len(answer) positions
         n_keep = max(len(s.answer_ids) for s in batch.samples)
-        with torch.no_grad():
+        starts = [p + len(s.input_ids) for p, s in zip(batch.pad, batch.samples)]  # first answer input
+        with torch.no_grad(), decode_positions(starts, batch.input_ids.shape[1]):
             logits = model.model(**batch.model_inputs(model.device), logits_to_keep=n_keep, use_cache=False).logits
         logp = torch.log_softmax(logits.float().cpu(), dim=-1)  # [b, n_keep, vocab]
         for row, s in enumerate(batch.samples):
@@ -63,32 +78,115 @@ def greedy_answers(model: LoadedModel, samples: Sequence[Sample], *, max_new_tok
 
 
 def generated(model: LoadedModel, samples: Sequence[Sample], *, max_new_tokens: int = 32, condition: str = "baseline",
-              batch_size: int = 8) -> pd.DataFrame:
+              batch_size: int = 8, progress: bool = True, min_new_tokens: int = 0) -> pd.DataFrame:
     """Greedy generation scored as Wu24 and gkamradt score it: one row per sample with the text,
     ``exact`` (the reply starts with the answer), ``contains`` (the answer appears in the first
-    line), and ROUGE-1 / ROUGE-L recall of the answer's words (rouge-score, stemmed)."""
+    line), and ROUGE-1 / ROUGE-L recall of the answer's words (rouge-score, stemmed). Wu24 decodes
+    up to 50 new tokens; generation stops once every row of a batch has ended (end-of-sequence
+    token), unless ``min_new_tokens`` forces more."""
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
     texts = {}
+    bar = tqdm(total=len(samples), desc=f"generate {condition}", unit="sample", disable=not progress, leave=False)
     for batch in make_batches(samples, batch_size, model.tokenizer.pad_token_id):
         inputs = batch.model_inputs(model.device)
         inputs.pop("position_ids", None)  # generate derives them from the attention mask
         with torch.no_grad():
-            gen = model.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                       pad_token_id=model.tokenizer.pad_token_id)
+            gen = model.model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                       do_sample=False, pad_token_id=model.tokenizer.pad_token_id)
         width = batch.input_ids.shape[1]
         for row, s in enumerate(batch.samples):
             texts[s.id] = model.tokenizer.decode(gen[row, width:].tolist(), skip_special_tokens=True)
+        bar.update(len(batch.samples))
+    bar.close()
     rows = []
     for s in samples:
         text = texts[s.id]
-        first = text.strip().splitlines()[0] if text.strip() else ""
-        score = scorer.score(s.answer, first)
-        rows.append({
-            "id": s.id, "task": s.task, "length": s.length, "depth": s.depth, "condition": condition,
-            "text": text, "exact": first.strip().startswith(s.answer.strip()),
-            "contains": s.answer.strip().lower() in first.lower(),
-            "rouge1_recall": score["rouge1"].recall, "rougeL_recall": score["rougeL"].recall,
-        })
+        rows.append({"id": s.id, "task": s.task, "length": s.length, "depth": s.depth, "condition": condition,
+                     "text": text, **score_reply(s.answer, text, scorer=scorer)})
+    return pd.DataFrame(rows)
+
+
+def score_reply(answer: str, text: str, *, scorer: Any = None) -> dict[str, Any]:
+    """Score one generated reply against the gold ``answer``, on the reply's first line: ``exact``
+    (it starts with the answer), ``contains`` (the answer occurs in it, case-insensitive) and
+    ROUGE-1 / ROUGE-L recall of the answer's words (rouge-score, stemmed)."""
+    if scorer is None:
+        from rouge_score import rouge_scorer
+
+        scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    score = scorer.score(answer, first)
+    return {
+        "exact": first.strip().startswith(answer.strip()),
+        "contains": answer.strip().lower() in first.lower(),
+        "rouge1_recall": score["rouge1"].recall,
+        "rougeL_recall": score["rougeL"].recall,
+    }
+
+
+def evaluate_conditions(model: LoadedModel, samples: Sequence[Sample], conditions: Mapping[str, Condition], *,
+                        how: str = "teacher_forced", batch_size: int = 8, max_new_tokens: int = 50,
+                        progress: bool = True) -> pd.DataFrame:
+    """Evaluate the same ``samples`` under each named condition; one row per sample and condition.
+
+    ``conditions`` maps a name to a zero-argument callable returning a context manager (e.g.
+    ``lambda: ablate(model, heads, "query")``), or ``None`` for no intervention. ``how`` is
+    ``"teacher_forced"`` (exact match and answer log-prob, one pass) or ``"generate"`` (greedy
+    replies of up to ``max_new_tokens`` tokens, exact / contains / ROUGE recall).
+    """
+    if how not in ("teacher_forced", "generate"):
+        raise ValueError(f"how={how!r}: use 'teacher_forced' (one forward pass) or 'generate' (greedy decoding)")
+    if not conditions:
+        raise ValueError("no conditions given: pass e.g. {'baseline': None, 'top10': lambda: ablate(model, top10)}")
+    frames = []
+    for name, make in tqdm(conditions.items(), desc="conditions", unit="condition", disable=not progress, leave=False):
+        ctx = make() if make is not None else contextlib.nullcontext()
+        with ctx:
+            if how == "teacher_forced":
+                frames.append(teacher_forced(model, samples, condition=name, batch_size=batch_size, progress=progress))
+            else:
+                frames.append(generated(model, samples, max_new_tokens=max_new_tokens, condition=name,
+                                        batch_size=batch_size, progress=progress))
+    return pd.concat(frames, ignore_index=True)
+
+
+def wilson_interval(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion: sensible at 0/n and n/n, where the normal one is not."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    from scipy.stats import norm
+
+    z = float(norm.ppf(0.5 + level / 2))
+    p = successes / n
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half)))
+
+
+def accuracy_table(df: pd.DataFrame, by: Sequence[str] | str = ("condition",), metric: str = "correct", *,
+                   level: float = 0.95) -> pd.DataFrame:
+    """Mean of ``metric`` per group of ``by`` with n and a ``level`` confidence interval: Wilson for
+    0/1 outcomes (``correct``, ``exact``, ``contains``), normal for continuous ones (log-prob, ROUGE)."""
+    by = [by] if isinstance(by, str) else list(by)
+    missing = [c for c in [*by, metric] if c not in df.columns]
+    if missing:
+        raise ValueError(f"columns {missing} are not in the results (have {list(df.columns)})")
+    rows = []
+    for key, g in df.groupby(by, sort=True):
+        vals = g[metric].astype(float).to_numpy()
+        n = len(vals)
+        mean = float(vals.mean()) if n else float("nan")
+        if np.isin(vals, (0.0, 1.0)).all():
+            lo, hi = wilson_interval(int(vals.sum()), n, level)
+        else:
+            from scipy.stats import norm
+
+            se = float(vals.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+            z = float(norm.ppf(0.5 + level / 2))
+            lo, hi = mean - z * se, mean + z * se
+        key = key if isinstance(key, tuple) else (key,)
+        rows.append({**dict(zip(by, key)), "n": n, metric: mean, "ci_low": lo, "ci_high": hi})
     return pd.DataFrame(rows)

@@ -7,15 +7,20 @@ so a ranking computed by one is found by the other.
 from __future__ import annotations
 
 import hashlib
+import io
+import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from rh.io import atomic_write_bytes
 from rh.models import LoadedModel
 from rh.niah import PROMPT_VERSION, Sample, Sweep
 from rh.rankings import Ranking, cache_path, cached_ranking
-from rh.scoring import METHODS, Wu24Options, identify
+from rh.scoring import METHODS, SampleScores, Wu24Options, aggregate, score_samples
 
 DEFAULT_CACHE = Path(__file__).resolve().parent.parent / "fixtures" / "rankings"
 
@@ -64,10 +69,39 @@ def cached_identification(
 ) -> tuple[Ranking, Path, bool]:
     """The ranking for ``provenance``: loaded from the cache, or computed (checkpointed beside the
     cache file, so a killed run resumes) and stored. Returns ``(ranking, path, hit)``."""
-    checkpoint = cache_path(cache_dir, provenance).with_suffix(".partial.json")
-    return cached_ranking(
-        cache_dir, provenance,
-        lambda: identify(model, identify_samples, provenance["method"], options=options, provenance=provenance,
-                         batch_size=batch_size, checkpoint=checkpoint, progress=progress),
-        shape=model.shape, recompute=recompute,
-    )
+    path = cache_path(cache_dir, provenance)
+    checkpoint = path.with_suffix(".partial.json")
+
+    def compute() -> Ranking:
+        t0 = time.perf_counter()
+        scored = score_samples(model, identify_samples, provenance["method"], options=options,
+                               batch_size=batch_size, checkpoint=checkpoint, progress=progress)
+        save_sample_scores(samples_path(path), scored)
+        ranking = aggregate(model.shape, identify_samples, scored, provenance=provenance)
+        ranking.provenance["runtime_s"] = round(time.perf_counter() - t0, 2)
+        return ranking
+
+    return cached_ranking(cache_dir, provenance, compute, shape=model.shape, recompute=recompute)
+
+
+def samples_path(ranking_path: str | Path) -> Path:
+    """Where a cached ranking's per-sample scores live (beside it, ``.samples.npz``)."""
+    return Path(ranking_path).with_suffix(".samples.npz")
+
+
+def save_sample_scores(path: str | Path, scored: SampleScores) -> Path:
+    """Per-sample head scores as a compressed ``.npz`` (ids, scores, counted), written atomically."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, method=np.array(scored.method), ids=np.array(scored.ids), scores=scored.scores,
+                        counted=scored.counted)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def load_sample_scores(ranking_path: str | Path) -> SampleScores | None:
+    """The per-sample scores stored beside a cached ranking, or None (e.g. an external ranking)."""
+    path = samples_path(ranking_path)
+    if not path.exists():
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        return SampleScores(str(z["method"]), [str(x) for x in z["ids"]], z["scores"], z["counted"],
+                            [{} for _ in z["ids"]])

@@ -18,7 +18,7 @@ class Profile:
     depths: tuple[float, ...]
     n_per_setting: int  # samples per (length, depth)
     ablation_levels: tuple[int, ...]  # K values for top-K vs random-K
-    random_draws: int  # random head sets per K
+    random_draws: int  # random head sets per K: the head-set null needs more than len(levels)/alpha - 1
     alpha: float = 0.05
     baseline_floor: float = 0.5  # below this baseline accuracy an ablation drop cannot be shown
     identify_frac: float = 0.8
@@ -28,10 +28,21 @@ class Profile:
     batch_size: int = 8
     n_boot: int = 10_000
     tasks: tuple[str, ...] = ("passkey",)  # the tasks CA-1 identifies and ablates on
+    id_tasks: tuple[str, ...] = ("passkey", "employee_count", "hq_state", "inc_state", "inc_year")  # ID-5, CA-4
+    id_k: int = 10  # top-K compared by the identification claims, ablated by CA-5 and CA-6
+    general_k: int = 10  # per-task top-K whose intersection are the general heads (ID-5, CA-4)
+    stability_length: int = 1024  # ID-3 compares rankings at lengths[0] and this length
+    inverse_levels: tuple[int, ...] = (10, 50, 100)  # CA-3: K lowest-scoring heads
+    ni_margin: float = 0.1  # CA-3's non-inferiority margin (accuracy)
+    depth_n: int = 8  # CA-6: fresh validation prompts per depth
+    sparsity_threshold: float = 0.1  # ID-1
+    sparsity_max_fraction: float = 0.05  # ID-1
+    spike_ratio: float = 10.0  # ID-2
 
     def sweep(self) -> Sweep:
-        """The prompt grid this profile asks for."""
-        return Sweep(self.lengths, self.depths, self.n_per_setting, self.tasks, self.sample_seed)
+        """The prompt grid this profile asks for: every task of CA-1 and of the identification claims."""
+        tasks = tuple(dict.fromkeys((*self.tasks, *self.id_tasks)))
+        return Sweep(self.lengths, self.depths, self.n_per_setting, tasks, self.sample_seed)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -43,16 +54,21 @@ _DEPTHS_11 = tuple(round(i / 10, 1) for i in range(11))
 # (quick, full) per size class, keyed by the model's total number of query heads.
 _TABLE: dict[str, tuple[Profile, Profile]] = {
     "tiny": (  # random test models (< 100 heads)
-        Profile("quick", (128,), (0.0, 0.5, 1.0), 4, (2, 4), 3, batch_size=16),
-        Profile("full", (128, 256), _DEPTHS_5, 8, (2, 4, 8), 10, batch_size=16),
+        Profile("quick", (128,), (0.0, 0.5, 1.0), 4, (2, 4), 49, batch_size=16, id_tasks=("passkey", "inc_year"),
+                id_k=4, general_k=8, stability_length=160, inverse_levels=(2, 4), depth_n=4),
+        Profile("full", (128, 256), _DEPTHS_5, 8, (2, 4, 8), 79, batch_size=16, id_k=4, general_k=8,
+                stability_length=384, inverse_levels=(2, 4, 8), depth_n=8),
     ),
     "small": (  # SmolLM2-135M (270 heads)
-        Profile("quick", (512,), _DEPTHS_5, 16, (5, 10, 20), 10),
-        Profile("full", (512, 1024, 2048), _DEPTHS_11, 20, (5, 10, 20, 30, 40, 50), 50),
+        Profile("quick", (512,), _DEPTHS_5, 16, (10, 20), 49),
+        Profile("full", (512, 1024, 2048), _DEPTHS_11, 20, (5, 10, 20, 30, 40, 50), 199, stability_length=2048,
+                depth_n=16),
     ),
     "large": (  # Llama-3-8B (1024), Llama-3.3-70B (5120)
-        Profile("quick", (2048,), _DEPTHS_5, 8, (10, 20, 50), 5, batch_size=4),
-        Profile("full", (2048, 4096, 8192), _DEPTHS_11, 10, (5, 10, 20, 30, 40, 50, 100), 20, batch_size=2),
+        Profile("quick", (2048,), _DEPTHS_5, 8, (10, 20, 50), 79, batch_size=4, id_k=20, general_k=50,
+                stability_length=4096, inverse_levels=(50, 200, 500)),
+        Profile("full", (2048, 4096, 8192), _DEPTHS_11, 10, (5, 10, 20, 30, 40, 50, 100), 199, batch_size=2,
+                id_k=20, general_k=50, stability_length=16384, inverse_levels=(50, 200, 500, 1000), depth_n=16),
     ),
 }
 
@@ -75,6 +91,12 @@ def get_profile(name: str, shape: HeadShape, **overrides: Any) -> Profile:
     prof = replace(prof, **overrides)
     if not (0 < prof.alpha < 1):
         raise ValueError(f"alpha={prof.alpha}: choose a significance level strictly between 0 and 1")
+    need = len(prof.ablation_levels) / prof.alpha
+    if prof.random_draws + 1 <= need:
+        raise ValueError(
+            f"random_draws={prof.random_draws} is too few: with {len(prof.ablation_levels)} K levels at alpha="
+            f"{prof.alpha}, the head-set null needs at least {int(need)} draws to be able to pass Holm's threshold"
+        )
     too_big = [k for k in prof.ablation_levels if 2 * k > shape.n_total]
     if too_big:
         raise ValueError(

@@ -239,15 +239,7 @@ def render_html(
     title = f"rh report \u2014 {model}" + (f" \u2014 {when}" if when else "")
 
     parts: list[str] = [
-        "<!DOCTYPE html>",
-        '<html lang="en">',
-        "<head>",
-        '<meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{_e(title)}</title>",
-        f"<style>{_CSS}</style>",
-        "</head>",
-        "<body>",
+        *html_head(title, _CSS),
         f"<h1>{_e(title)}</h1>",
         _render_subtitle(meta),
         _render_summary(counts, len(verdicts)),
@@ -310,6 +302,21 @@ def write_report(
 # --------------------------------------------------------------------------------------------
 # Helpers: values
 # --------------------------------------------------------------------------------------------
+
+
+def html_head(title: str, css: str) -> list[str]:
+    """The opening lines of a self-contained page, up to and including ``<body>``."""
+    return [
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        "<head>",
+        '<meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{_e(title)}</title>",
+        f"<style>{css}</style>",
+        "</head>",
+        "<body>",
+    ]
 
 
 def _e(value: Any) -> str:

@@ -14,9 +14,15 @@ from rh.rankings import Ranking
 pytestmark = pytest.mark.unit
 
 
+DRAWS = 59  # enough for the head-set null to pass Holm with two levels (1/60 < 0.05/2)
+
+
 def _outcomes(k, base, top, rand):
+    """Outcomes with ``rand`` repeated to DRAWS random sets when one row is given."""
     base, top, rand = (np.asarray(x, dtype=float) for x in (base, top, rand))
     rand = np.atleast_2d(rand)
+    if len(rand) == 1:
+        rand = np.repeat(rand, DRAWS, axis=0)
     return NecessityOutcomes(k, [Head(0, 0)], [[Head(0, 1)]] * len(rand), base, base - 1, top, top - 1,
                              rand, rand - 1, pd.DataFrame())
 
@@ -24,23 +30,45 @@ def _outcomes(k, base, top, rand):
 def test_clear_effect_is_supported_with_the_exact_sign_test_p_and_holm():
     n = 16
     outs = [
-        _outcomes(5, [1] * n, [1] * 8 + [0] * 8, np.ones((3, n))),  # 8 samples worse: p = 0.5**8
-        _outcomes(10, [1] * n, [0] * n, np.ones((3, n))),  # all 16 worse
+        _outcomes(5, [1] * n, [1] * 8 + [0] * 8, np.ones((DRAWS, n))),  # 8 samples worse: sign p = 0.5**8
+        _outcomes(10, [1] * n, [0] * n, np.ones((DRAWS, n))),  # all 16 worse: sign p = 0.5**16
     ]
     v = necessity_verdicts(outs, alpha=0.05, n_boot=2000)
-    assert v[10].p_value == pytest.approx(binomtest(16, 16, 0.5, alternative="greater").pvalue)
-    assert v[5].p_value == pytest.approx(0.5**8)
+    # the head-set null: the top-K drop exceeds all 59 random drops, p = 1/60, the larger p at both K
+    head_p = 1 / (DRAWS + 1)
+    assert v[10].details["sign_test_p"] == pytest.approx(binomtest(16, 16, 0.5, alternative="greater").pvalue)
+    assert v[5].details["sign_test_p"] == pytest.approx(0.5**8)
+    assert v[10].details["headset_null_p"] == pytest.approx(head_p)
+    assert v[10].p_value == pytest.approx(max(0.5**16, head_p)) and v[5].p_value == pytest.approx(max(0.5**8, head_p))
     # Holm with m=2: smallest p doubled, the other max(its own, previous)
-    assert v[10].p_adjusted == pytest.approx(2 * 0.5**16)
-    assert v[5].p_adjusted == pytest.approx(max(0.5**8, 2 * 0.5**16))
+    assert v[10].p_adjusted == pytest.approx(2 * head_p)
+    assert v[5].p_adjusted == pytest.approx(max(head_p, 2 * head_p))
     assert v[10].supported and v[5].supported
-    # 4 of 16 worse gives p = 0.0625: not significant, so refuted
-    v4 = necessity_verdicts([_outcomes(5, [1] * n, [1] * 12 + [0] * 4, np.ones((3, n)))], n_boot=500)[5]
-    assert v4.refuted and v4.p_value == pytest.approx(0.5**4)
     assert v[10].effect == pytest.approx(1.0)
     assert v[5].effect == pytest.approx(8 / 16)
     lo, hi = v[5].ci
     assert lo <= 8 / 16 <= hi
+    # 4 of 16 worse gives p = 0.0625: not significant, so refuted
+    v4 = necessity_verdicts([_outcomes(5, [1] * n, [1] * 12 + [0] * 4, np.ones((DRAWS, n)))], n_boot=500)[5]
+    assert v4.refuted and v4.p_value == pytest.approx(0.5**4)
+
+
+def test_a_harmful_top_set_that_is_no_outlier_among_random_sets_is_refuted():
+    """The sign test alone would pass (every sample worse than the random mean), but 10 of the
+    random sets are as harmful as the top set: the head-set null p = 11/60 stops the claim."""
+    n = 16
+    rand = np.ones((DRAWS, n))
+    rand[:10] = 0.0
+    v = necessity_verdicts([_outcomes(5, [1] * n, [0] * n, rand)], n_boot=500)[5]
+    assert v.details["sign_test_p"] < 1e-4
+    assert v.details["headset_null_p"] == pytest.approx(11 / 60)
+    assert v.refuted and v.p_value == pytest.approx(11 / 60)
+
+
+def test_too_few_random_draws_is_inconclusive():
+    n = 16
+    v = necessity_verdicts([_outcomes(5, [1] * n, [0] * n, np.ones((10, n)))], n_boot=500)[5]
+    assert v.inconclusive and "draws" in v.reason
 
 
 def test_no_difference_is_refuted():

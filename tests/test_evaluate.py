@@ -69,3 +69,87 @@ def test_batch_size_does_not_change_outcomes(tiny, tiny_samples):
     assert a["logprob"].to_numpy() == pytest.approx(b["logprob"].to_numpy(), abs=1e-4)
     assert a["id"].tolist() == [s.id for s in tiny_samples]
     assert set(a.columns) >= {"id", "task", "length", "depth", "condition", "correct", "logprob"}
+
+
+# ---------------------------------------------------------------------------- conditions, tables, figures
+
+import pandas as pd  # noqa: E402
+
+from rh.evaluate import accuracy_table, evaluate_conditions, generated, score_reply, wilson_interval  # noqa: E402
+
+
+@pytest.mark.parametrize("answer, text, exact, contains, r1", [
+    ("4821", "4821. That is the key.", True, True, 1.0),
+    ("4821", "The key is 4821\n7777", False, True, 1.0),
+    ("4821", "\n\n4821", True, True, 1.0),
+    ("Hello world", "hello there, world", False, False, 1.0),  # ROUGE ignores case and punctuation
+    ("red blue green yellow", "red green", False, False, 0.5),
+    ("4821", "", False, False, 0.0),
+    ("4821", "1\n4821", False, False, 0.0),  # only the first line counts
+])
+def test_score_reply(answer, text, exact, contains, r1):
+    got = score_reply(answer, text)
+    assert (got["exact"], got["contains"]) == (exact, contains)
+    assert got["rouge1_recall"] == pytest.approx(r1)
+
+
+def test_generated_text_is_the_greedy_continuation(tiny, tiny_samples):
+    samples = tiny_samples[:3]
+    df = generated(tiny, samples, max_new_tokens=5, batch_size=2, progress=False)
+    toks = greedy_answers(tiny, samples, max_new_tokens=5)
+    assert df["text"].tolist() == [tiny.tokenizer.decode(t, skip_special_tokens=True) for t in toks]
+    assert df["id"].tolist() == [s.id for s in samples]
+    assert {"exact", "contains", "rouge1_recall", "rougeL_recall", "condition"} <= set(df.columns)
+
+
+def test_evaluate_conditions_runs_each_condition_on_the_same_samples(tiny, tiny_samples):
+    heads = ["L1H2", "L3H6"]
+    df = evaluate_conditions(tiny, tiny_samples, {"baseline": None, "zero": lambda: ablate(tiny, heads)},
+                             progress=False)
+    assert df.groupby("condition").size().to_dict() == {"baseline": 6, "zero": 6}
+    with ablate(tiny, heads):
+        direct = teacher_forced(tiny, tiny_samples, progress=False)
+    assert df[df.condition == "zero"]["logprob"].to_numpy() == pytest.approx(direct["logprob"].to_numpy(), abs=1e-5)
+    assert df[df.condition == "baseline"]["logprob"].to_numpy() == pytest.approx(
+        teacher_forced(tiny, tiny_samples, progress=False)["logprob"].to_numpy(), abs=1e-5)
+    with pytest.raises(ValueError, match="how='beam'"):
+        evaluate_conditions(tiny, tiny_samples, {"baseline": None}, how="beam")
+
+
+def test_accuracy_table_groups_with_wilson_intervals():
+    df = pd.DataFrame({"condition": ["a"] * 4 + ["b"] * 4, "depth": [0.0, 0.0, 1.0, 1.0] * 2,
+                       "correct": [True, True, True, False, False, False, False, False],
+                       "logprob": [-1.0, -2.0, -3.0, -4.0, -1.0, -1.0, -1.0, -1.0]})
+    t = accuracy_table(df, by="condition")
+    assert t["n"].tolist() == [4, 4] and t["correct"].tolist() == [0.75, 0.0]
+    # published Wilson 95% intervals: 3/4 -> (0.3006, 0.9544), 0/4 -> (0, 0.4899)
+    assert (t.loc[0, "ci_low"], t.loc[0, "ci_high"]) == pytest.approx((0.3006, 0.9544), abs=1e-4)
+    assert (t.loc[1, "ci_low"], t.loc[1, "ci_high"]) == pytest.approx((0.0, 0.4899), abs=1e-4)
+    by_depth = accuracy_table(df, by=["condition", "depth"])
+    assert by_depth[["condition", "depth", "correct"]].values.tolist() == [
+        ["a", 0.0, 1.0], ["a", 1.0, 0.5], ["b", 0.0, 0.0], ["b", 1.0, 0.0]]
+    lp = accuracy_table(df, by="condition", metric="logprob").iloc[0]  # continuous: normal interval
+    se = pd.Series([-1.0, -2.0, -3.0, -4.0]).std() / 2
+    assert (lp["ci_low"], lp["ci_high"]) == pytest.approx((-2.5 - 1.959964 * se, -2.5 + 1.959964 * se), abs=1e-5)
+    assert wilson_interval(0, 0) != wilson_interval(0, 0)  # NaN for no data
+    with pytest.raises(ValueError, match="not in the results"):
+        accuracy_table(df, by="length")
+
+
+def test_ablation_figures_are_pngs():
+    from rh.plots_ablation import ablation_curve, curve_frame, depth_accuracy_chart
+
+    rows = []
+    for cond in ["baseline", "top5", "top10", "random5#0", "random5#1", "random10#0", "random10#1"]:
+        for i, depth in enumerate([0.0, 0.5, 1.0] * 3):
+            rows.append({"condition": cond, "depth": depth, "correct": (i + len(cond)) % 3 != 0})
+    df = pd.DataFrame(rows)
+    png = depth_accuracy_chart(df[df.condition.isin(["baseline", "top5"])])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    frame = curve_frame(df)
+    assert frame.loc[frame.condition == "random10#1", ["selection", "k", "draw"]].iloc[0].tolist() == ["random", 10, 1]
+    assert ablation_curve(frame)[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="not 'baseline'"):
+        curve_frame(pd.DataFrame({"condition": ["zero"]}))
+    with pytest.raises(ValueError, match="conditions \\['query'\\]"):
+        depth_accuracy_chart(df, conditions=["baseline", "query"])

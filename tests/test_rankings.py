@@ -238,3 +238,35 @@ def test_failed_recompute_keeps_the_old_file(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         cached_ranking(tmp_path, PROV, boom, shape=SHAPE, recompute=True)
     assert path.read_bytes() == before
+
+
+def _race_worker(args):
+    """A separate process asking the cache for the same key (as two pytest-xdist workers would)."""
+    import time as _time
+
+    from rh.heads import HeadShape as _Shape
+    from rh.rankings import Ranking as _Ranking
+    from rh.rankings import cached_ranking as _cached
+
+    cache_dir, marker = args
+    shape = _Shape(2, 2, 1, 4)
+
+    def compute():
+        with open(marker, "a") as fh:
+            fh.write("x")
+        _time.sleep(2.0)  # long enough that the other worker arrives while this one computes
+        return _Ranking("race", shape, {h: float(i) for i, h in enumerate(shape.all_heads())})
+
+    r, _, hit = _cached(cache_dir, {"model_id": "race", "method": "race"}, compute, shape=shape)
+    return hit, [str(h) for h in r.heads]
+
+
+def test_two_processes_racing_for_one_key_compute_it_once(tmp_path):
+    import multiprocessing as mp
+
+    marker = tmp_path / "computed"
+    with mp.get_context("spawn").Pool(2) as pool:
+        results = pool.map(_race_worker, [(str(tmp_path / "cache"), str(marker))] * 2)
+    assert marker.read_text() == "x"  # one computation
+    assert sorted(hit for hit, _ in results) == [False, True]
+    assert results[0][1] == results[1][1]

@@ -1,0 +1,36 @@
+"""Fixtures shared by the claim modules: rankings on the identification split."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ca_identify(niah_split, profile):
+    return [s for s in niah_split[0] if s.task in profile.tasks]
+
+
+@pytest.fixture(scope="session")
+def sum_identification(identify_ranking, ca_identify):
+    """Sum-attention ranking and per-sample scores on the CA tasks' identification split."""
+    r, _, _, scored = identify_ranking(ca_identify, "sum_attention", with_scores=True)
+    return r, scored
+
+
+@pytest.fixture(scope="session")
+def wu24_identification(identify_ranking, ca_identify):
+    """Wu24 retrieval-score ranking and per-trial scores on the same split; ``(None, reason)`` when
+    no trial passes the ROUGE filter (a model that does not retrieve has no retrieval score)."""
+    try:
+        r, _, _, scored = identify_ranking(ca_identify, "wu24", with_scores=True)
+    except ValueError as exc:
+        if "no sample passed" not in str(exc):
+            raise
+        return None, str(exc)
+    return r, scored
+
+
+@pytest.fixture(scope="session")
+def task_rankings(identify_ranking, niah_split, profile):
+    """One sum-attention ranking per task (seed 000 §1.5)."""
+    return {t: identify_ranking([s for s in niah_split[0] if s.task == t])[0] for t in profile.id_tasks}
