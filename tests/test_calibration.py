@@ -91,23 +91,19 @@ def _summary(name: str, flags: np.ndarray, spread: float) -> str:
             f"SD of random-set accuracy across draws {spread:.3f}")
 
 
-def test_ca1_false_positive_rate_when_every_head_set_is_equally_harmful(record_property):
-    """Null with interchangeable head sets: the per-sample sign test is exact here, so CA-1 is
-    supported in at most alpha of runs at each K and across the Holm-corrected family."""
-    flags, spread = _supported(RUNS_NULL, seed=1, set_sd=0.0)
-    msg = _summary("null, equally harmful head sets", flags, spread)
-    record_property("calibration_null_homogeneous", msg)
-    tol = _tolerance(RUNS_NULL)
-    assert flags.mean(axis=0).max() <= tol, f"per-K false-positive rate above {tol:.3f}: {msg}"
-    assert flags.any(axis=1).mean() <= tol, f"family-wise false-positive rate above {tol:.3f}: {msg}"
-
-
-def test_ca1_false_positive_rate_with_a_shuffled_ranking(record_property):
-    """The issue's calibration: with a shuffled ranking (top-K = another random K-set; head sets
-    differ in harm as real ones do) CA-1 is supported in at most about alpha of runs."""
-    flags, spread = _supported(RUNS_NULL, seed=2, set_sd=SET_SD_REALISTIC)
-    msg = _summary("null, shuffled ranking (head sets differ in harm)", flags, spread)
-    record_property("calibration_null_shuffled", msg)
+@pytest.mark.parametrize("name, seed, set_sd", [
+    # head sets interchangeable: the per-sample sign test alone would be exact here
+    ("null, equally harmful head sets", 1, 0.0),
+    # the issue's calibration: a shuffled ranking (top-K = another random K-set) where head sets
+    # differ in harm as real ones do; the sign test alone passed 0.198 of runs family-wise here
+    ("null, shuffled ranking (head sets differ in harm)", 2, SET_SD_REALISTIC),
+])
+def test_ca1_false_positive_rate_under_the_null(name, seed, set_sd, record_property):
+    """With no real signal, CA-1 is supported in at most about alpha of runs, at each K and across
+    the Holm-corrected family."""
+    flags, spread = _supported(RUNS_NULL, seed=seed, set_sd=set_sd)
+    msg = _summary(name, flags, spread)
+    record_property(f"calibration_{name}", msg)
     tol = _tolerance(RUNS_NULL)
     assert flags.mean(axis=0).max() <= tol, f"per-K false-positive rate above {tol:.3f}: {msg}"
     assert flags.any(axis=1).mean() <= tol, f"family-wise false-positive rate above {tol:.3f}: {msg}"
