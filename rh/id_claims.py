@@ -6,15 +6,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-import torch
 
-from rh.attention import capture_attention
-from rh.batching import make_batches
 from rh.heads import Head
 from rh.models import LoadedModel
 from rh.niah import Sample
 from rh.rankings import Ranking
-from rh.scoring import SampleScores, general_heads
+from rh.scoring import SampleScores, general_heads, score_samples
 from rh.stats import (
     Verdict,
     bootstrap_fraction_ci,
@@ -71,22 +68,11 @@ def needle_mass_ratios(model: LoadedModel, samples: Sequence[Sample], heads: Seq
                        batch_size: int = 8) -> np.ndarray:
     """Per sample, the top heads' mean attention per needle token over the uniform share 1/L
     (the last prompt token's row; L = visible keys): ``[n_samples]``, mean over ``heads``."""
-    out = {}
-    for batch in make_batches(samples, batch_size, model.tokenizer.pad_token_id):
-        span = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=model.device)
-        for row in range(len(batch.samples)):
-            s, e = batch.needle_span(row)
-            span[row, s:e] = 1.0
-        with torch.no_grad(), capture_attention(model.model,
-                                                lambda l, p: torch.einsum("bhl,bl->bh", p, span.to(p.device)).cpu()
-                                                ) as cap:
-            model.model(**batch.model_inputs(model.device), logits_to_keep=1, use_cache=False)
-        mass = torch.stack(cap.step(0), dim=1)  # [b, layers, heads]
-        for row, s in enumerate(batch.samples):
-            n_span = s.needle_span[1] - s.needle_span[0]
-            per_head = [float(mass[row, h.layer, h.head]) / n_span * len(s.input_ids) for h in heads]
-            out[s.id] = float(np.mean(per_head))
-    return np.array([out[s.id] for s in samples])
+    mass = score_samples(model, samples, "sum_attention", batch_size=batch_size, progress=False).scores
+    layers = [h.layer for h in heads]
+    idx = [h.head for h in heads]
+    per_token = np.array([(s.needle_span[1] - s.needle_span[0]) / len(s.input_ids) for s in samples])
+    return mass[:, layers, idx].mean(axis=1) / per_token
 
 
 def needle_spike(ratios: np.ndarray, *, k: int, min_ratio: float = 10.0, alpha: float = 0.05) -> Verdict:
