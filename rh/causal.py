@@ -266,12 +266,7 @@ def inverse_ablation(model: LoadedModel, samples: Sequence[Sample], ranking: Ran
     from rh.stats import non_inferiority as _ni
 
     best_p = _ni(np.zeros(len(base)), margin, level=1 - alpha)[3]  # no sample changes: the best case
-    if best_p >= alpha / len(levels):
-        return {k: Verdict("CA-3", {"k": k, "margin": margin}, "inconclusive",
-                           f"{len(base)} samples cannot show non-inferiority at margin {margin}: even with no change "
-                           f"p = {best_p:.3g} >= Holm's {alpha / len(levels):.3g}; use more samples",
-                           "non-inferiority", None, None, None, None, None, n=len(base), alpha=alpha)
-                for k in levels}
+    underpowered = best_p >= alpha / len(levels)
     rows = {}
     for k in levels:
         with ablate(model, ranking.bottom(k)):
@@ -283,9 +278,16 @@ def inverse_ablation(model: LoadedModel, samples: Sequence[Sample], ranking: Ran
     out = {}
     for k, (mean, ci, holds, p, acc) in rows.items():
         ok = adj[k] < alpha
-        status = "supported" if ok else "refuted"
-        why = (f"adjusted p = {adj[k]:.3g} < {alpha}: the change is no worse than -{margin}" if ok else
-               f"adjusted p = {adj[k]:.3g}: a loss larger than {margin} cannot be ruled out")
+        if ci[1] < -margin:  # even the upper bound loses more than the margin: clearly not kept
+            status, why = "refuted", f"the upper bound {ci[1]:+.3f} is below -{margin}: accuracy is not kept"
+        elif underpowered:
+            status, why = "inconclusive", (f"{len(base)} samples cannot show non-inferiority at margin {margin}: "
+                                           f"even with no change p = {best_p:.3g} >= Holm's "
+                                           f"{alpha / len(levels):.3g}; use more samples")
+        else:
+            status = "supported" if ok else "refuted"
+            why = (f"adjusted p = {adj[k]:.3g} < {alpha}: the change is no worse than -{margin}" if ok else
+                   f"adjusted p = {adj[k]:.3g}: a loss larger than {margin} cannot be ruled out")
         out[k] = Verdict(
             "CA-3", {"k": k, "margin": margin}, status,
             f"bottom-{k} ablation: accuracy {base.mean():.2f} -> {acc:.2f} (change {mean:+.3f}, one-sided "
