@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--decode-steps", type=int, default=16)
     ap.add_argument("--samples-per-depth", type=int, default=8, help="passkey samples per depth for accuracy; 0 skips")
+    ap.add_argument("--skip-timing", action="store_true", help="counts and accuracy only")
     args = ap.parse_args()
 
     path = args.ranking or COMMITTED_RANKING
@@ -78,10 +79,12 @@ def main() -> None:
     print(f"full: params {rep.loc['parameters', 'before'] / 1e6:.2f} M, "
           f"KV cache {int(rep.loc['kv_cache_bytes_per_token', 'before'])} bytes/token")
 
-    print("\nmeasured, batch 1, median of repeats (interleaved with the full model):")
-    print("K   ctx   prefill_full_s  prefill_pruned_s  ratio  decode_full_ms  decode_pruned_ms  ratio  "
-          "kv_measured_ratio  flops_ratio")
-    for k, (pruned, _) in pruned_models.items():
+    if not args.skip_timing:
+        print(f"\nmeasured, batch 1, best of {args.repeats} (interleaved with the full model):")
+        print("K   ctx   prefill_full_s  prefill_pruned_s  ratio  decode_full_ms  decode_pruned_ms  ratio  "
+              "kv_measured_ratio  flops_ratio")
+    timed = {} if args.skip_timing else pruned_models
+    for k, (pruned, _) in timed.items():
         for ctx in args.contexts:
             rep = efficiency_report(m, pruned, context_length=ctx, repeats=args.repeats,
                                     decode_steps=args.decode_steps).set_index("metric")
