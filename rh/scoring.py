@@ -320,12 +320,6 @@ def sum_attention_scores(model: LoadedModel, samples: Sequence[Sample], *, batch
     return score_samples(model, samples, "sum_attention", batch_size=batch_size, progress=progress).scores
 
 
-def sum_attention_ranking(model: LoadedModel, samples: Sequence[Sample], *, provenance: dict[str, Any] | None = None,
-                          batch_size: int = 8, progress: bool = True) -> Ranking:
-    """Rank every head by its mean sum attention to the needle over ``samples``."""
-    return identify(model, samples, "sum_attention", provenance=provenance, batch_size=batch_size, progress=progress)
-
-
 def last_token_attention(model: LoadedModel, sample: Sample, heads: Sequence[Head]) -> np.ndarray:
     """The last prompt token's attention over the whole context for ``heads``: ``[len(heads), length]``
     (seed 000's attention heatmap), from the capture mechanism."""
