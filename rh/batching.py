@@ -4,7 +4,9 @@ padded row computes what the unpadded prompt computes."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -58,3 +60,22 @@ def make_batches(samples: Sequence[Sample], batch_size: int, pad_id: int, *,
         ids = torch.tensor([[pad_id] * p + list(seqs[i]) for p, i in zip(pad, rows)], dtype=torch.long)
         mask = torch.tensor([[0] * p + [1] * len(seqs[i]) for p, i in zip(pad, rows)], dtype=torch.long)
         yield Batch([samples[i] for i in rows], ids, mask, pad)
+
+
+_current: ContextVar[Batch | None] = ContextVar("rh_current_batch", default=None)
+
+
+@contextlib.contextmanager
+def running(batch: Batch) -> Iterator[Batch]:
+    """Within the block, :func:`current_batch` is ``batch``: interventions that act on a sample's
+    own positions (``rh.interventions``) read each row's sample and left padding from it."""
+    token = _current.set(batch)
+    try:
+        yield batch
+    finally:
+        _current.reset(token)
+
+
+def current_batch() -> Batch | None:
+    """The batch the model is running (inside :func:`running`), else None."""
+    return _current.get()

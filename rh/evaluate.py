@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rh.ablation import decode_positions
-from rh.batching import make_batches
+from rh.batching import make_batches, running
 from rh.models import LoadedModel
 from rh.niah import Sample
 
@@ -42,7 +42,7 @@ def teacher_forced(model: LoadedModel, samples: Sequence[Sample], *, condition: 
         # rows end together (left padding): row i's answer is predicted by its last len(answer) positions
         n_keep = max(len(s.answer_ids) for s in batch.samples)
         starts = [p + len(s.input_ids) for p, s in zip(batch.pad, batch.samples)]  # first answer input
-        with torch.no_grad(), decode_positions(starts, batch.input_ids.shape[1]):
+        with torch.no_grad(), decode_positions(starts, batch.input_ids.shape[1]), running(batch):
             logits = model.model(**batch.model_inputs(model.device), logits_to_keep=n_keep, use_cache=False).logits
         logp = torch.log_softmax(logits.float().cpu(), dim=-1)  # [b, n_keep, vocab]
         for row, s in enumerate(batch.samples):
@@ -68,7 +68,7 @@ def greedy_answers(model: LoadedModel, samples: Sequence[Sample], *, max_new_tok
         n = max_new_tokens or max(len(s.answer_ids) for s in batch.samples)
         inputs = batch.model_inputs(model.device)
         inputs.pop("position_ids", None)  # generate derives them from the attention mask
-        with torch.no_grad():
+        with torch.no_grad(), running(batch):
             gen = model.model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                        pad_token_id=model.tokenizer.pad_token_id)
         width = batch.input_ids.shape[1]
@@ -92,7 +92,7 @@ def generated(model: LoadedModel, samples: Sequence[Sample], *, max_new_tokens: 
     for batch in make_batches(samples, batch_size, model.tokenizer.pad_token_id):
         inputs = batch.model_inputs(model.device)
         inputs.pop("position_ids", None)  # generate derives them from the attention mask
-        with torch.no_grad():
+        with torch.no_grad(), running(batch):
             gen = model.model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                                        do_sample=False, pad_token_id=model.tokenizer.pad_token_id)
         width = batch.input_ids.shape[1]
