@@ -333,6 +333,7 @@ def make_sample(
         needle=needle, length=length, depth=depth, depth_used=pos / n_ctx if n_ctx else depth,
         window_start=start, group=group or sid, question=question,
         answer_span=(span_start + in_answer[0], span_start + in_answer[-1] + 1),
+        meta={"context_span": (len(template.prefix_ids), len(template.prefix_ids) + len(context))},
     )
     check_needle_span(tokenizer, sample)
     return sample

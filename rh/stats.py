@@ -866,6 +866,41 @@ def non_inferiority(
     return mean, (lo, hi), bool(lo > -delta), float(p)
 
 
+def margin_test(
+    changes: Any, bound: float, *, alternative: str = "greater", level: float = 0.95
+) -> tuple[float, tuple[float, float], float]:
+    """Exact test that the mean of paired 0/1 differences lies beyond ``bound`` (IV-1, IV-2).
+
+    ``changes`` are per-sample differences of paired 0/1 outcomes (values -1, 0, +1), e.g. the
+    accuracy drop ``baseline - ablated``. ``alternative="greater"``: H0 mean <= bound against
+    mean > bound ("the drop exceeds 10 points"); ``"less"``: H0 mean >= bound against mean <
+    bound ("the drop stays under 5 points"). The same exact unconditional test on the trinomial
+    counts as :func:`non_inferiority` (which is the case ``alternative="greater"``, ``bound =
+    -delta`` on the change). Returns ``(mean, (lo, hi), p)`` with one-sided ``level`` bounds.
+    """
+    fn = "margin_test"
+    x = _finite_1d(changes, "changes", fn)
+    if not bool(np.isin(x, (-1.0, 0.0, 1.0)).all()):
+        raise ValueError(f"{fn}: changes must be differences of paired 0/1 outcomes (values -1, 0, +1)")
+    if not _is_real(bound) or not -1.0 < float(bound) < 1.0:
+        raise ValueError(f"{fn}: bound must lie strictly between -1 and 1, got {bound!r}")
+    if alternative not in ("greater", "less"):
+        raise ValueError(f"{fn}: alternative {alternative!r} is not one of 'greater', 'less'")
+    level = _check_level(level, fn)
+    alpha = 1.0 - level
+    n = x.shape[0]
+    b = int(np.count_nonzero(x > 0))
+    c = int(np.count_nonzero(x < 0))
+    test = _ni_exact_p if n <= _NI_EXACT_MAX_N else _ni_score_p
+    lo = _ni_lower_bound(lambda d: test(b, c, n, d), b, c, n, alpha)
+    hi = -_ni_lower_bound(lambda d: test(c, b, n, d), c, b, n, alpha)
+    if alternative == "greater":
+        p = test(b, c, n, float(bound))
+    else:
+        p = test(c, b, n, -float(bound))
+    return float(x.mean()), (lo, hi), float(p)
+
+
 # --------------------------------------------------------------------------------------------
 # Trend over levels (CA-2)
 # --------------------------------------------------------------------------------------------

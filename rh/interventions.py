@@ -1,0 +1,810 @@
+"""Interventions on critical heads beyond plain ablation (seed 004; claims IV-1 ... IV-7).
+
+"Critical heads" are the top of a :class:`~rh.rankings.Ranking` (any method); these primitives
+reuse the ablation and capture layers rather than growing their own:
+
+- :func:`patch_positions` replaces the residual stream (or chosen heads' outputs) at chosen
+  token positions with noise scaled to the activations' own statistics, with their mean, or with
+  activations recorded from other prompts (:func:`record_activations`).
+- :func:`override_attention` forces heads' attention to a pattern (hub, uniform over the visible
+  keys, sequential i -> i-1, or a given causal matrix) through the registered attention function
+  that also runs the capture (:mod:`rh.attention`), so it works under sdpa, eager and flash.
+- :func:`transplant_heads` copies heads' ``q/k/v/o`` slices from a donor of the same shape into
+  a recipient for the duration of a block; under grouped-query attention the transplanted head
+  gets a KV head of its own, so exactly that head changes.
+- :func:`hub_position` finds the position the critical heads attend to most (seed 004's hub).
+
+The claim-level functions (:func:`incremental_ablation`, :func:`position_patching`,
+:func:`attention_override`, :func:`transplant_function`, :func:`difficulty_strata`) turn these
+into :class:`~rh.stats.Verdict` objects. Positions are always prompt positions (0 = the first
+prompt token); left padding is accounted for through :func:`rh.batching.current_batch`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from rh.ablation import ablate, attention_modules, uniform_attention
+from rh.attention import AttentionIntervention, add_intervention, install_rh_attention, rh_attention_active
+from rh.batching import current_batch, make_batches, running
+from rh.evaluate import teacher_forced
+from rh.heads import Head, HeadShape, validate_heads
+from rh.models import LoadedModel, hf_model
+from rh.niah import Sample
+from rh.stats import Verdict, bootstrap_ci, holm, margin_test, mcnemar_exact, non_inferiority
+
+log = logging.getLogger(__name__)
+
+PATCH_MODES = ("noise", "mean", "source")
+PATTERNS = ("hub", "uniform", "sequential")
+
+Positions = Sequence[int] | Mapping[str, Sequence[int]] | Callable[[Sample], Sequence[int]]
+
+
+def _inconclusive(claim: str, params: dict, reason: str, test: str, alpha: float, n: int = 0,
+                  details: dict | None = None) -> Verdict:
+    return Verdict(claim, params, "inconclusive", reason, test, None, None, None, None, None, n=n, alpha=alpha,
+                   details=details or {})
+
+
+def _seed_of(*parts: Any) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def _row_pads(attention_mask: torch.Tensor | None, b: int, q_len: int, kv_len: int) -> torch.Tensor:
+    """The left padding of each row (the first key the last query may see), from the mask as the
+    attention function receives it: absent (no padding), 2-D padding mask, or 4-D bool/additive."""
+    if attention_mask is None:
+        return torch.zeros(b, dtype=torch.long)
+    m = attention_mask
+    if m.dim() == 2:
+        visible = m[:, -kv_len:].bool()
+    else:
+        row = m[:, 0, -1, :kv_len]
+        visible = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
+    return visible.float().argmax(-1).cpu().long()
+
+
+# ============================================================================ position patching
+
+
+def _positions_of(positions: Positions, sample: Sample | None) -> list[int]:
+    if callable(positions):
+        if sample is None:
+            raise ValueError("per-sample positions need the batch's samples: run inside rh.evaluate.teacher_forced "
+                             "(or rh.batching.running)")
+        return [int(p) for p in positions(sample)]
+    if isinstance(positions, Mapping):
+        if sample is None:
+            raise ValueError("per-sample positions need the batch's samples: run inside rh.evaluate.teacher_forced "
+                             "(or rh.batching.running)")
+        if sample.id not in positions:
+            raise ValueError(f"no patch positions were given for sample {sample.id!r}")
+        return [int(p) for p in positions[sample.id]]
+    return [int(p) for p in positions]
+
+
+def check_positions(samples: Sequence[Sample], positions: Positions) -> None:
+    """Every position must lie inside its sample's prompt; raise a ValueError naming the first that does not."""
+    for s in samples:
+        for p in _positions_of(positions, s):
+            if not 0 <= p < s.length:
+                raise ValueError(f"patch position {p} is outside the prompt of sample {s.id!r} "
+                                 f"({s.length} tokens: positions 0..{s.length - 1})")
+
+
+def record_activations(model: LoadedModel, samples: Sequence[Sample], layer: int, *,
+                       heads: Sequence[Head | str] | None = None, batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """What :func:`patch_positions` with ``mode="source"`` writes: per sample id, the residual
+    stream entering decoder layer ``layer`` (``[length, hidden]``), or with ``heads`` (all in
+    ``layer``) those heads' ``o_proj`` inputs (``[length, len(heads), head_dim]``), on the CPU."""
+    heads = validate_heads(heads, model.shape) if heads else None
+    _check_layer(model, layer, heads)
+    store: dict[str, torch.Tensor] = {}
+    seen: list[torch.Tensor] = []
+    if heads:
+        target = attention_modules(model)[layer].o_proj
+    else:
+        target = _layers_with_attention(model)[layer]
+
+    def hook(module, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        seen.append(x.detach())
+
+    handle = target.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in make_batches(samples, batch_size, model.tokenizer.pad_token_id):
+            seen.clear()
+            with torch.no_grad():
+                model.model(**batch.model_inputs(model.device), logits_to_keep=1, use_cache=False)
+            x = seen[0].float().cpu()
+            for row, s in enumerate(batch.samples):
+                v = x[row, batch.pad[row] :]
+                if heads:
+                    d = model.shape.head_dim
+                    v = torch.stack([v[:, h.head * d : (h.head + 1) * d] for h in heads], dim=1)
+                store[s.id] = v.clone()
+    finally:
+        handle.remove()
+    return store
+
+
+def _layers_with_attention(model: Any) -> list[torch.nn.Module]:
+    """The decoder layers, in order (the parents of :func:`rh.ablation.attention_modules`)."""
+    attention_modules(model)  # the same error for a model without .model.layers
+    hf = hf_model(model)
+    return list(getattr(hf, "model", hf).layers)
+
+
+def _check_layer(model: LoadedModel, layer: int, heads: Sequence[Head] | None) -> None:
+    n = model.shape.n_layers
+    if not (isinstance(layer, (int, np.integer)) and 0 <= int(layer) < n):
+        raise ValueError(f"layer={layer!r} is outside the model: it has layers 0..{n - 1}")
+    if heads and any(h.layer != layer for h in heads):
+        raise ValueError(f"every patched head must be in layer {layer}; got {[str(h) for h in heads]}: "
+                         "patch one layer per block (blocks nest)")
+
+
+@contextlib.contextmanager
+def patch_positions(model: LoadedModel, layer: int, positions: Positions, *, mode: str = "noise",
+                    heads: Sequence[Head | str] | None = None, source: Mapping[str, torch.Tensor] | None = None,
+                    seed: int = 0) -> Iterator[None]:
+    """Within the block, replace activations at prompt ``positions`` in every forward of ``model``.
+
+    Where: the residual stream entering decoder layer ``layer`` (a forward pre-hook), or, with
+    ``heads`` (all in ``layer``), those heads' outputs at the ``o_proj`` input. ``positions``: the
+    same prompt positions for every sample, a mapping sample id -> positions, or a function of the
+    :class:`~rh.niah.Sample`. ``mode``:
+
+    - ``"noise"``: Gaussian noise with the per-feature mean and standard deviation of the row's
+      own activations at that point (over its real tokens), seeded by ``(seed, sample id, layer)``
+      so a result does not depend on batching;
+    - ``"mean"``: that per-feature mean;
+    - ``"source"``: the activations ``source[sample id]`` recorded by :func:`record_activations`
+      (from another prompt of the same length, or the same prompt: then nothing changes).
+
+    Per-sample positions, noise seeds and sources need the batch's samples, which
+    ``rh.evaluate.teacher_forced`` provides (:func:`rh.batching.running`). The hook goes in ``finally``.
+    """
+    if mode not in PATCH_MODES:
+        raise ValueError(f"unknown patch mode={mode!r}: use one of {', '.join(repr(m) for m in PATCH_MODES)}")
+    if mode == "source" and source is None:
+        raise ValueError("mode='source' needs source=: the activations from record_activations(model, prompts, layer)")
+    if mode != "source" and source is not None:
+        raise ValueError(f"source= only applies to mode='source', not mode={mode!r}; drop it")
+    heads = validate_heads(heads, model.shape) if heads else None
+    _check_layer(model, layer, heads)
+    if not (callable(positions) or isinstance(positions, Mapping)):
+        fixed = _positions_of(positions, None)
+        if not fixed:
+            raise ValueError("positions is empty: give at least one prompt position to patch")
+        bad = [p for p in fixed if p < 0]
+        if bad:
+            raise ValueError(f"patch positions {bad} are negative: positions count from 0, the first prompt token")
+    d = model.shape.head_dim
+    cols = None if not heads else torch.cat([torch.arange(h.head * d, (h.head + 1) * d) for h in heads])
+    target = attention_modules(model)[layer].o_proj if heads else _layers_with_attention(model)[layer]
+
+    def pre_hook(module, args, kwargs):
+        from_kwargs = not args
+        x = kwargs["hidden_states"] if from_kwargs else args[0]
+        batch = current_batch()
+        b, width = x.shape[0], x.shape[1]
+        if batch is not None and len(batch.samples) != b:
+            batch = None
+        x = x.clone()
+        for row in range(b):
+            sample = batch.samples[row] if batch is not None else None
+            pad = batch.pad[row] if batch is not None else 0
+            length = sample.length if sample is not None else width
+            pos = _positions_of(positions, sample)
+            for p in pos:
+                if not 0 <= p < length:
+                    where = f"sample {sample.id!r}" if sample is not None else "this input"
+                    raise ValueError(f"patch position {p} is outside the prompt of {where} ({length} tokens)")
+            if width < pad + max(pos) + 1:
+                continue  # a decoding step: the prompt positions were patched at prefill
+            idx = torch.tensor([pad + p for p in pos], device=x.device)
+            acts = x[row, pad:] if cols is None else x[row, pad:][:, cols.to(x.device)]
+            if mode == "source":
+                key = sample.id if sample is not None else None
+                if key not in source:
+                    raise ValueError(f"source= has no activations for sample {key!r}: record them with "
+                                     "record_activations on the same samples")
+                src = source[key]
+                src = src.reshape(src.shape[0], -1)
+                if src.shape[1] != acts.shape[1] or src.shape[0] <= max(pos):
+                    raise ValueError(f"source activations for {key!r} have shape {tuple(src.shape)}; patching "
+                                     f"needs [>{max(pos)}, {acts.shape[1]}]: record them at the same layer and heads")
+                new = src[torch.tensor(pos)].to(x.device, x.dtype)
+            else:
+                a = acts[: sample.length if sample is not None else None].float()  # the prompt's own tokens
+                mu, sd = a.mean(0), a.std(0, unbiased=False)
+                if mode == "mean":
+                    new = mu.expand(len(pos), -1)
+                else:
+                    g = torch.Generator().manual_seed(_seed_of(seed, sample.id if sample else row, layer))
+                    z = torch.randn(len(pos), a.shape[1], generator=g).to(a.device)
+                    new = mu + sd * z
+                new = new.to(x.dtype)
+            if cols is None:
+                x[row, idx] = new
+            else:
+                c = cols.to(x.device)
+                block = x[row, idx]
+                block[:, c] = new
+                x[row, idx] = block
+        if from_kwargs:
+            kwargs = dict(kwargs)
+            kwargs["hidden_states"] = x
+            return args, kwargs
+        return (x, *args[1:]), kwargs
+
+    handle = target.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def hub_position(model: LoadedModel, samples: Sequence[Sample], heads: Sequence[Head | str]) -> tuple[int, np.ndarray]:
+    """Seed 004's hub: the prompt position the critical ``heads`` attend to most from the last
+    token, their attention averaged over heads and ``samples`` (which must share one length).
+    Returns ``(position, mean attention per position)``. Averaging over samples whose needles sit
+    at different depths washes the needle out, so the hub is a position every prompt shares (for
+    Llama-family models usually the first token, the attention sink)."""
+    from rh.scoring import last_token_attention
+
+    heads = validate_heads(heads, model.shape)
+    if not samples:
+        raise ValueError("hub_position needs at least one sample")
+    lengths = {s.length for s in samples}
+    if len(lengths) != 1:
+        raise ValueError(f"hub_position needs samples of one length (positions are compared across them); got {sorted(lengths)}")
+    prof = np.mean([last_token_attention(model, s, heads).mean(0) for s in samples], axis=0)
+    return int(np.argmax(prof)), prof
+
+
+def non_hub_positions(samples: Sequence[Sample], hub: int, *, seed: int = 0) -> dict[str, list[int]]:
+    """One control position per sample, drawn (seeded by sample id) from its haystack context
+    outside the needle span, away from the hub: the "non-hub" of seed 004's comparison."""
+    out = {}
+    for s in samples:
+        c0, c1 = s.meta.get("context_span", (1, s.length - 1))
+        n0, n1 = s.needle_span
+        cand = [p for p in range(max(c0, 1), c1) if not n0 <= p < n1 and abs(p - hub) > 1]
+        if not cand:
+            raise ValueError(f"sample {s.id!r} has no context position outside the needle and the hub")
+        rng = np.random.default_rng(_seed_of(seed, s.id, "non-hub"))
+        out[s.id] = [int(rng.choice(cand))]
+    return out
+
+
+# ============================================================================ attention override
+
+
+class _Override(AttentionIntervention):
+    """Forces query heads ``heads`` to a pattern after the kernel ran; see :func:`override_attention`."""
+
+    def __init__(self, heads: Sequence[int], pattern: Any, hub: int | None, fraction: float, rest: str):
+        self.heads, self.pattern, self.hub, self.fraction, self.rest = list(heads), pattern, hub, fraction, rest
+
+    def after(self, module, output, weights, query, key, value, attention_mask, scaling):
+        b, n_heads, q_len, _ = query.shape
+        kv_len = value.shape[2]
+        groups = n_heads // value.shape[1]
+        idx = self.heads
+        v = value.index_select(1, torch.tensor([h // groups for h in idx], device=value.device)).float()
+        offset = kv_len - q_len  # key index of query 0
+        pads = _row_pads(attention_mask, b, q_len, kv_len).to(value.device)
+        qpos = torch.arange(q_len, device=value.device) + offset  # key index of each query
+        new_w = None
+        if isinstance(self.pattern, torch.Tensor) or self.pattern == "uniform":
+            if self.pattern == "uniform":
+                out, new_w = uniform_attention(query, value, attention_mask, idx, with_weights=weights is not None)
+            else:
+                w = self.pattern.to(value.device, torch.float32)
+                if w.shape != (q_len, kv_len):
+                    raise ValueError(f"the override pattern is {tuple(w.shape)} but this forward has {q_len} queries "
+                                     f"and {kv_len} keys: give a [{q_len}, {kv_len}] matrix")
+                new_w = w[None, None].expand(b, len(idx), q_len, kv_len)
+                out = (new_w @ v).transpose(1, 2)
+        elif self.pattern == "sequential":
+            prev = qpos[None, :] - 1
+            prev = torch.where(prev < pads[:, None], qpos[None, :], prev)  # the first real token attends to itself
+            gather = prev[:, None, :, None].expand(b, len(idx), q_len, v.shape[-1])
+            out = v.gather(2, gather).transpose(1, 2)
+            if weights is not None:
+                new_w = torch.zeros(b, len(idx), q_len, weights.shape[-1], device=value.device)
+                new_w.scatter_(3, prev[:, None, :, None].expand(b, len(idx), q_len, 1), 1.0)
+        else:  # hub
+            col = pads + int(self.hub)  # [b]
+            v_hub = v[torch.arange(b, device=v.device), :, col]  # [b, n, d]
+            if self.rest == "uniform":
+                base, base_w = uniform_attention(query, value, attention_mask, idx, with_weights=weights is not None)
+            else:
+                base = output[:, :, idx].float()
+                base_w = weights[:, idx].float() if weights is not None else None
+            out = self.fraction * v_hub[:, None] + (1 - self.fraction) * base
+            sees = qpos[None, :] >= col[:, None]  # [b, q]: causality: queries before the hub keep their own attention
+            out = torch.where(sees[:, :, None, None], out, output[:, :, idx].float())
+            if weights is not None:
+                one = torch.zeros(b, len(idx), q_len, weights.shape[-1], device=value.device)
+                one[torch.arange(b), :, :, col] = 1.0
+                mixed = self.fraction * one + (1 - self.fraction) * _pad_keys(base_w, weights.shape[-1])
+                new_w = torch.where(sees[:, None, :, None], mixed, weights[:, idx].float())
+        output = output.clone()
+        output[:, :, idx] = out.to(output.dtype)
+        if weights is not None and new_w is not None:
+            weights = weights.clone()
+            weights[:, idx] = _pad_keys(new_w, weights.shape[-1]).to(weights.dtype)
+        return output, weights
+
+
+def _pad_keys(w: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(w, (0, width - w.shape[-1])) if w.shape[-1] < width else w
+
+
+def check_causal_pattern(pattern: torch.Tensor) -> None:
+    """A given attention pattern must be ``[queries, keys]``, non-negative, with rows summing to 1
+    and no weight on a key after its query; raise a ValueError saying which rule it breaks."""
+    if not isinstance(pattern, torch.Tensor) or pattern.dim() != 2:
+        raise ValueError("an attention pattern must be a 2-D tensor [queries, keys]")
+    q, k = pattern.shape
+    if k < q:
+        raise ValueError(f"the pattern has {q} queries but only {k} keys: every query needs at least itself to attend to")
+    w = pattern.float()
+    if (w < 0).any():
+        raise ValueError("the pattern has negative attention weights; attention is a probability distribution")
+    if not torch.allclose(w.sum(-1), torch.ones(q), atol=1e-4):
+        raise ValueError("the pattern's rows do not sum to 1; normalise each query's weights")
+    future = torch.arange(k)[None, :] > (torch.arange(q) + (k - q))[:, None]
+    bad = (w > 0) & future
+    if bad.any():
+        i, j = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(f"the pattern breaks causality: query {i} puts weight on key {j}, which comes after it; "
+                         "a causal model's token may attend only to itself and earlier tokens")
+
+
+@contextlib.contextmanager
+def override_attention(model: LoadedModel, heads: Iterable[Head | str], pattern: str | torch.Tensor = "uniform", *,
+                       hub: int = 0, fraction: float = 0.8, rest: str = "original") -> Iterator[list[Head]]:
+    """Within the block, ``heads`` attend by ``pattern`` instead of their own scores (seed 004 §1.3).
+
+    - ``"uniform"``: equal weight on every visible key (what zeroing the logits gives);
+    - ``"sequential"``: token i attends only to token i-1 (the first token to itself);
+    - ``"hub"``: ``fraction`` of the mass on prompt position ``hub``, the rest as the head's own
+      attention (``rest="original"``, rescaled) or uniform (``rest="uniform"``); tokens before the
+      hub cannot see it and keep their own attention;
+    - a ``[queries, keys]`` tensor: that causal pattern, for a forward of exactly that shape.
+
+    Runs inside rh's registered attention function (so under sdpa, eager and flash); under eager
+    the returned attention weights are the forced ones. Yields the parsed heads.
+    """
+    if isinstance(pattern, torch.Tensor):
+        check_causal_pattern(pattern)
+    elif pattern not in PATTERNS:
+        raise ValueError(f"unknown pattern={pattern!r}: use one of {', '.join(repr(p) for p in PATTERNS)} "
+                         "or a [queries, keys] tensor")
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction={fraction}: the hub's share of attention must lie in [0, 1]")
+    if rest not in ("original", "uniform"):
+        raise ValueError(f"rest={rest!r}: use 'original' (the head's own attention) or 'uniform'")
+    if pattern == "hub" and (not isinstance(hub, (int, np.integer)) or hub < 0):
+        raise ValueError(f"hub={hub!r} must be a prompt position (an integer >= 0)")
+    heads = validate_heads(heads, model.shape)
+    if pattern == "hub":
+        batch = current_batch()
+        if batch is not None and any(hub >= s.length for s in batch.samples):
+            raise ValueError(f"hub={hub} is outside the prompt ({min(s.length for s in batch.samples)} tokens)")
+    modules = attention_modules(model)
+    by_layer: dict[int, list[int]] = {}
+    for h in heads:
+        by_layer.setdefault(h.layer, []).append(h.head)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(rh_attention_active(model))
+        for layer, idx in sorted(by_layer.items()):
+            stack.callback(add_intervention(modules[layer], _Override(sorted(idx), pattern, hub, fraction, rest)))
+        yield heads
+
+
+# ============================================================================ head transplant
+
+
+def _shape_from_model(model: Any) -> tuple[HeadShape, int]:
+    cfg = hf_model(model).config
+    n_heads = int(cfg.num_attention_heads)
+    hd = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads)
+    return HeadShape(int(cfg.num_hidden_layers), n_heads, int(getattr(cfg, "num_key_value_heads", n_heads)), hd), \
+        int(cfg.hidden_size)
+
+
+def check_same_shape(recipient: Any, donor: Any) -> HeadShape:
+    """Both models must have the same layers, heads, KV heads, head size and hidden size; a
+    ValueError names the difference (no projection between shapes is attempted)."""
+    (a, ha), (b, hb) = _shape_from_model(recipient), _shape_from_model(donor)
+    if a != b or ha != hb:
+        raise ValueError(
+            f"the donor's shape ({b.n_layers} layers x {b.n_heads} heads, {b.n_kv_heads} KV heads, head_dim "
+            f"{b.head_dim}, hidden {hb}) differs from the recipient's ({a.n_layers} x {a.n_heads}, {a.n_kv_heads} KV, "
+            f"head_dim {a.head_dim}, hidden {ha}): a head moves only between models of one shape (e.g. a base "
+            "model and its instruct variant); a projection between shapes would be a new head, not a transplant"
+        )
+    return a
+
+
+def _plain_linear(lin: torch.nn.Module, where: str) -> torch.nn.Linear:
+    if type(lin) is not torch.nn.Linear:
+        raise ValueError(f"{where} is a {type(lin).__name__}: a transplant needs unquantized weights; "
+                         "load both models in bf16/fp32 (no --quant)")
+    if lin.weight.device.type == "meta":
+        raise ValueError(f"{where}'s weights are offloaded (meta device): load the model fully onto devices")
+    return lin
+
+
+@contextlib.contextmanager
+def transplant_heads(recipient: LoadedModel, donor: Any, heads: Iterable[Head | str],
+                     donor_heads: Iterable[Head | str] | None = None, *, kv: str = "own") -> Iterator[list[Head]]:
+    """Within the block, each of the recipient's ``heads`` computes with the donor's weights for
+    that head (or for the matching entry of ``donor_heads``): its rows of ``q_proj``, its columns of
+    ``o_proj`` and its KV head's rows of ``k_proj``/``v_proj``. The recipient's weights are restored
+    in ``finally``.
+
+    Grouped-query attention: ``kv="own"`` (default) appends the donor's KV head as an extra KV head
+    used by the transplanted query head alone, so exactly that head changes (the layer then runs
+    through rh's attention function, which maps query heads to KV heads); ``kv="group"`` overwrites
+    the recipient's KV head in place, which changes every query head of its group. The models must
+    have one shape (:func:`check_same_shape`).
+    """
+    if kv not in ("own", "group"):
+        raise ValueError(f"kv={kv!r}: use 'own' (the head gets its own KV head) or 'group' (overwrite the group's)")
+    shape = check_same_shape(recipient, donor)
+    heads = validate_heads(heads, shape)
+    donor_list = validate_heads(donor_heads, shape) if donor_heads is not None else list(heads)
+    if len(donor_list) != len(heads):
+        raise ValueError(f"{len(heads)} heads but {len(donor_list)} donor heads: give one donor head per head")
+    if any(h.layer != g.layer for h, g in zip(heads, donor_list)):
+        raise ValueError("a head moves within its layer: each donor head must be in the same layer as its recipient head")
+    d, group = shape.head_dim, shape.group_size
+    rec_mods, don_mods = attention_modules(recipient), attention_modules(donor)
+    saved: list[Callable[[], None]] = []
+    needs_index = False
+    try:
+        with torch.no_grad():
+            by_layer: dict[int, list[tuple[int, int]]] = {}
+            for h, g in zip(heads, donor_list):
+                by_layer.setdefault(h.layer, []).append((h.head, g.head))
+            for layer, pairs in sorted(by_layer.items()):
+                r, s = rec_mods[layer], don_mods[layer]
+                if getattr(r, "rh_kept_heads", None) is not None or getattr(r, "rh_kv_heads", None) is not None:
+                    raise ValueError(f"layer {layer} of the recipient is pruned or already transplanted: transplant "
+                                     "into the unpruned model, all heads in one block")
+                names = ("q_proj", "k_proj", "v_proj", "o_proj")
+                rl = {n: _plain_linear(getattr(r, n), f"recipient layer {layer} {n}") for n in names}
+                sl = {n: _plain_linear(getattr(s, n), f"donor layer {layer} {n}") for n in names}
+                originals = {n: (rl[n].weight, rl[n].bias, rl[n].out_features, rl[n].in_features) for n in names}
+                prev_groups = r.num_key_value_groups
+
+                def restore(r=r, rl=rl, originals=originals, prev_groups=prev_groups):
+                    for n, (w, bias, out_f, in_f) in originals.items():
+                        rl[n].weight, rl[n].bias = w, bias
+                        rl[n].out_features, rl[n].in_features = out_f, in_f
+                    r.num_key_value_groups = prev_groups
+                    if "rh_kv_heads" in r._buffers:
+                        del r._buffers["rh_kv_heads"]
+
+                saved.append(restore)
+                new = {n: rl[n].weight.detach().clone() for n in names}
+                new_bias = {n: (rl[n].bias.detach().clone() if rl[n].bias is not None else None) for n in names}
+
+                def take(n: str, rows_to: slice, rows_from: slice, dim: int = 0) -> None:
+                    src = sl[n].weight.detach().to(new[n].device, new[n].dtype)
+                    if dim == 0:
+                        new[n][rows_to] = src[rows_from]
+                        if new_bias[n] is not None and sl[n].bias is not None:
+                            new_bias[n][rows_to] = sl[n].bias.detach().to(new_bias[n].device, new_bias[n].dtype)[rows_from]
+                    else:
+                        new[n][:, rows_to] = src[:, rows_from]
+
+                kv_map = [q // group for q in range(shape.n_heads)]
+                extra_k, extra_v, extra_kb, extra_vb = [], [], [], []
+                for hr, hd_ in pairs:
+                    take("q_proj", slice(hr * d, (hr + 1) * d), slice(hd_ * d, (hd_ + 1) * d))
+                    take("o_proj", slice(hr * d, (hr + 1) * d), slice(hd_ * d, (hd_ + 1) * d), dim=1)
+                    kv_src = slice((hd_ // group) * d, (hd_ // group + 1) * d)
+                    if kv == "group" or group == 1:
+                        kv_dst = slice((hr // group) * d, (hr // group + 1) * d)
+                        take("k_proj", kv_dst, kv_src)
+                        take("v_proj", kv_dst, kv_src)
+                    else:
+                        kv_map[hr] = shape.n_kv_heads + len(extra_k)
+                        extra_k.append(sl["k_proj"].weight.detach()[kv_src].to(new["k_proj"].device, new["k_proj"].dtype))
+                        extra_v.append(sl["v_proj"].weight.detach()[kv_src].to(new["v_proj"].device, new["v_proj"].dtype))
+                        for lst, n in ((extra_kb, "k_proj"), (extra_vb, "v_proj")):
+                            if rl[n].bias is not None:
+                                lst.append(sl[n].bias.detach()[kv_src].to(new_bias[n].device, new_bias[n].dtype))
+                if extra_k:
+                    new["k_proj"] = torch.cat([new["k_proj"], *extra_k])
+                    new["v_proj"] = torch.cat([new["v_proj"], *extra_v])
+                    if extra_kb:
+                        new_bias["k_proj"] = torch.cat([new_bias["k_proj"], *extra_kb])
+                        new_bias["v_proj"] = torch.cat([new_bias["v_proj"], *extra_vb])
+                for n in names:
+                    lin = rl[n]
+                    lin.weight = torch.nn.Parameter(new[n], requires_grad=False)
+                    if new_bias[n] is not None:
+                        lin.bias = torch.nn.Parameter(new_bias[n], requires_grad=False)
+                    lin.out_features, lin.in_features = new[n].shape
+                if extra_k:
+                    r.num_key_value_groups = 1  # K/V arrive expanded to one KV head per query head
+                    r.register_buffer("rh_kv_heads", torch.tensor(kv_map, device=new["q_proj"].device),
+                                      persistent=False)
+                    needs_index = True
+        with contextlib.ExitStack() as stack:
+            if needs_index:
+                stack.enter_context(rh_attention_active(recipient))
+            yield heads
+    finally:
+        for restore in reversed(saved):
+            restore()
+
+
+# ============================================================================ claims
+
+
+def _correct(df: pd.DataFrame, ids: Sequence[str]) -> np.ndarray:
+    return df.set_index("id").loc[list(ids), "correct"].to_numpy(dtype=float)
+
+
+def _floor_reason(base: np.ndarray, floor: float) -> str | None:
+    if base.mean() < floor:
+        return f"baseline accuracy {base.mean():.2f} is below the floor {floor:.2f}: there is no retrieval to lose"
+    return None
+
+
+def incremental_ablation(model: LoadedModel, samples: Sequence[Sample], heads: Sequence[Head], baseline: pd.DataFrame,
+                         *, levels: Sequence[int] = (1, 2, 3), min_drop: float = 0.10, alpha: float = 0.05,
+                         baseline_floor: float = 0.5, batch_size: int = 8,
+                         ) -> tuple[dict[int, Verdict], dict[int, pd.DataFrame]]:
+    """IV-1: ablating the top 1, 2, 3 critical heads (zero ablation) drops accuracy by more than
+    ``min_drop``: per level an exact test of H0 drop <= min_drop on the paired outcomes, Holm
+    across levels. Returns the verdicts and each level's per-sample frame (IV-7 reuses them)."""
+    ids = [s.id for s in samples]
+    base = _correct(baseline, ids)
+    test = f"exact one-sided test of H0: drop <= {min_drop} on paired outcomes, Holm across levels"
+    frames, rows = {}, {}
+    for n in levels:
+        if n > len(heads):
+            raise ValueError(f"level {n} needs {n} critical heads but only {len(heads)} were given")
+        with ablate(model, heads[:n]):
+            frames[n] = teacher_forced(model, samples, condition=f"top{n}", batch_size=batch_size)
+        rows[n] = margin_test(base - _correct(frames[n], ids), min_drop, level=1 - alpha)
+    floor = _floor_reason(base, baseline_floor)
+    best = margin_test(np.ones(len(base)) * (base > 0), min_drop)[2] if base.any() else 1.0
+    under = None if best < alpha / len(levels) else (
+        f"{len(base)} samples cannot show a drop above {min_drop}: even if every correct answer were lost, "
+        f"p = {best:.3g} >= Holm's {alpha / len(levels):.3g}; use more samples")
+    adj = dict(zip(rows, holm([r[2] for r in rows.values()])))
+    out = {}
+    for n, (drop, ci, p) in rows.items():
+        abl = _correct(frames[n], ids)
+        details = {"baseline_accuracy": float(base.mean()), "ablated_accuracy": float(abl.mean()),
+                   "heads": [str(h) for h in heads[:n]], "min_drop": min_drop}
+        params = {"n_heads": n}
+        if floor or under:
+            out[n] = _inconclusive("IV-1", params, floor or under, test, alpha, len(base), details)
+            continue
+        ok = adj[n] < alpha
+        why = (f"adjusted p = {adj[n]:.3g} < {alpha}: the drop exceeds {min_drop}" if ok else
+               f"adjusted p = {adj[n]:.3g}: a drop of at most {min_drop} cannot be ruled out")
+        out[n] = Verdict("IV-1", params, "supported" if ok else "refuted",
+                         f"top-{n} ablation ({', '.join(details['heads'])}): accuracy {base.mean():.2f} -> "
+                         f"{abl.mean():.2f} (drop {drop:+.3f}, one-sided {1 - alpha:.0%} bounds [{ci[0]:+.3f}, "
+                         f"{ci[1]:+.3f}]); {why}", test, drop, p, adj[n], drop, ci, ci_level=1 - alpha, n=len(base),
+                         alpha=alpha, effect_name="accuracy drop (baseline - ablated)", details=details)
+    return out, frames
+
+
+def position_patching(model: LoadedModel, samples: Sequence[Sample], baseline: pd.DataFrame, *, layer: int, hub: int,
+                      mode: str = "noise", hub_min: float = 0.10, nonhub_max: float = 0.05, alpha: float = 0.05,
+                      baseline_floor: float = 0.5, batch_size: int = 8, seed: int = 0) -> Verdict:
+    """IV-2: patching the hub position at ``layer`` hurts by more than ``hub_min`` while patching a
+    non-hub context position hurts by less than ``nonhub_max``, and the hub hurts more than the
+    non-hub (exact paired tests; an intersection-union test: supported when all three reject, p =
+    their maximum). Samples whose needle covers the hub are left out."""
+    params = {"mode": mode}
+    test = (f"intersection-union of exact paired tests: hub drop > {hub_min}, non-hub drop < {nonhub_max}, "
+            "hub-patched worse than non-hub-patched (McNemar)")
+    kept = [s for s in samples if not s.needle_span[0] <= hub < s.needle_span[1]]
+    ids = [s.id for s in kept]
+    if len(kept) < len(samples):
+        log.info("IV-2: %d samples have the needle on the hub position %d and are left out", len(samples) - len(kept), hub)
+    if not kept:
+        return _inconclusive("IV-2", params, f"every sample's needle covers the hub position {hub}", test, alpha)
+    base = _correct(baseline, ids)
+    others = non_hub_positions(kept, hub, seed=seed)
+    with patch_positions(model, layer, [hub], mode=mode, seed=seed):
+        hub_df = teacher_forced(model, kept, condition="hub patched", batch_size=batch_size)
+    with patch_positions(model, layer, others, mode=mode, seed=seed):
+        other_df = teacher_forced(model, kept, condition="non-hub patched", batch_size=batch_size)
+    hub_c, other_c = _correct(hub_df, ids), _correct(other_df, ids)
+    hub_drop, hub_ci, p1 = margin_test(base - hub_c, hub_min, level=1 - alpha)
+    other_drop, other_ci, p2 = margin_test(base - other_c, nonhub_max, alternative="less", level=1 - alpha)
+    b, c, p3 = mcnemar_exact(other_c.astype(bool), hub_c.astype(bool), alternative="greater")
+    p = max(p1, p2, p3)
+    details = {"layer": layer, "hub": hub, "baseline_accuracy": float(base.mean()),
+               "hub_accuracy": float(hub_c.mean()), "non_hub_accuracy": float(other_c.mean()),
+               "hub_drop_ci": list(hub_ci), "non_hub_drop_ci": list(other_ci),
+               "p_hub_drop": p1, "p_non_hub_small": p2, "p_hub_worse": p3,
+               "non_hub_positions": {k: v[0] for k, v in list(others.items())[:20]}}
+    floor = _floor_reason(base, baseline_floor)
+    best = margin_test(np.zeros(len(base)), nonhub_max, alternative="less")[2]
+    if floor or best >= alpha:
+        reason = floor or (f"{len(base)} samples cannot show a non-hub drop below {nonhub_max}: even with no change "
+                           f"p = {best:.3g} >= {alpha}; use more samples")
+        return _inconclusive("IV-2", params, reason, test, alpha, len(base), details)
+    failed = [what for what, pv in (("hub drop > %g" % hub_min, p1), ("non-hub drop < %g" % nonhub_max, p2),
+                                    ("hub worse than non-hub", p3)) if pv >= alpha]
+    status = "supported" if not failed else "refuted"
+    why = f"all three tests reject at {alpha} (max p = {p:.3g})" if not failed else f"not shown: {'; '.join(failed)}"
+    return Verdict("IV-2", params, status,
+                   f"{mode} at layer {layer}: accuracy {base.mean():.2f} -> {hub_c.mean():.2f} with the hub (position "
+                   f"{hub}) patched, {other_c.mean():.2f} with a non-hub position patched; {why}",
+                   test, float(b - c), p, p, hub_drop - other_drop, None, n=len(base), alpha=alpha,
+                   effect_name="hub drop - non-hub drop", details=details)
+
+
+def attention_override(model: LoadedModel, samples: Sequence[Sample], heads: Sequence[Head], baseline: pd.DataFrame,
+                       *, hub: int, patterns: Sequence[str] = PATTERNS, fraction: float = 0.8, keep: float = 0.9,
+                       alpha: float = 0.05, baseline_floor: float = 0.5, batch_size: int = 8,
+                       ) -> dict[str, Verdict]:
+    """IV-3: forcing the critical heads to uniform or sequential attention lowers accuracy (exact
+    one-sided McNemar); forcing the hub pattern keeps at least ``keep`` of the baseline accuracy
+    (non-inferiority with margin ``(1 - keep) x baseline``); Holm across patterns."""
+    ids = [s.id for s in samples]
+    base = _correct(baseline, ids)
+    rows = {}
+    for pat in patterns:
+        with override_attention(model, heads, pat, hub=hub, fraction=fraction):
+            df = teacher_forced(model, samples, condition=f"{pat} attention", batch_size=batch_size)
+        forced = _correct(df, ids)
+        if pat == "hub":
+            margin = (1 - keep) * float(base.mean())
+            mean, ci, _, p = non_inferiority(forced - base, margin, level=1 - alpha)
+            rows[pat] = (p, forced, mean, ci, margin)
+        else:
+            b, c, p = mcnemar_exact(base.astype(bool), forced.astype(bool), alternative="greater")
+            ci = bootstrap_ci(base - forced, seed=_seed_of("IV-3", pat) % (2**32))
+            rows[pat] = (p, forced, float((base - forced).mean()), ci, None)
+    adj = dict(zip(rows, holm([r[0] for r in rows.values()])))
+    floor = _floor_reason(base, baseline_floor)
+    out = {}
+    for pat, (p, forced, effect, ci, margin) in rows.items():
+        params = {"pattern": pat}
+        details = {"baseline_accuracy": float(base.mean()), "forced_accuracy": float(forced.mean()),
+                   "heads": [str(h) for h in heads], "hub": hub, "fraction": fraction}
+        if pat == "hub":
+            test = f"exact non-inferiority, margin {1 - keep:.0%} of the baseline, Holm across patterns"
+            name = "accuracy change (forced - baseline)"
+        else:
+            test = "exact one-sided McNemar, Holm across patterns"
+            name = "accuracy drop (baseline - forced)"
+        if floor:
+            out[pat] = _inconclusive("IV-3", params, floor, test, alpha, len(base), details)
+            continue
+        ok = adj[pat] < alpha and (pat == "hub" or effect > 0)
+        if pat == "hub":
+            why = (f"keeps >= {keep:.0%} of the baseline (adjusted p = {adj[pat]:.3g})" if ok else
+                   f"a loss of more than {margin:.3f} cannot be ruled out (adjusted p = {adj[pat]:.3g})")
+        else:
+            why = (f"accuracy drops (adjusted p = {adj[pat]:.3g})" if ok else
+                   f"no drop shown (drop {effect:+.3f}, adjusted p = {adj[pat]:.3g})")
+        out[pat] = Verdict("IV-3", params, "supported" if ok else "refuted",
+                           f"{pat} attention in {len(heads)} critical heads: accuracy {base.mean():.2f} -> "
+                           f"{forced.mean():.2f}; {why}", test, effect, p, adj[pat], effect, ci, n=len(base),
+                           alpha=alpha, effect_name=name, details=details)
+    return out
+
+
+def transplant_function(recipient: LoadedModel, donor: LoadedModel | None, samples: Sequence[Sample],
+                        heads: Sequence[Head], baseline: pd.DataFrame, *, keep: float = 0.8, alpha: float = 0.05,
+                        baseline_floor: float = 0.5, batch_size: int = 8) -> Verdict:
+    """IV-4: the critical heads transplanted from ``donor`` keep at least ``keep`` of their function
+    in the recipient. Their function is the accuracy they carry (baseline - with them zero-ablated);
+    the transplant keeps it when accuracy with the donor's heads is non-inferior to the baseline with
+    margin ``(1 - keep) x function``. Inconclusive without a donor, or when ablating the heads does not
+    measurably hurt (there is no function to keep)."""
+    params = {"heads": len(heads)}
+    test = "exact non-inferiority with margin (1 - keep) x (baseline - ablated)"
+    if donor is None:
+        return _inconclusive("IV-4", params, "no donor model of the same shape: pass --compare-model (e.g. the base "
+                             "variant of an instruct model)", test, alpha)
+    check_same_shape(recipient, donor)
+    ids = [s.id for s in samples]
+    base = _correct(baseline, ids)
+    with ablate(recipient, heads):
+        abl = _correct(teacher_forced(recipient, samples, condition="ablated", batch_size=batch_size), ids)
+    with transplant_heads(recipient, donor, heads):
+        tr = _correct(teacher_forced(recipient, samples, condition="transplanted", batch_size=batch_size), ids)
+    function = float(base.mean() - abl.mean())
+    _, _, p_fn = mcnemar_exact(base.astype(bool), abl.astype(bool), alternative="greater")
+    details = {"baseline_accuracy": float(base.mean()), "ablated_accuracy": float(abl.mean()),
+               "transplanted_accuracy": float(tr.mean()), "heads": [str(h) for h in heads],
+               "donor": getattr(donor, "key", "donor"), "p_function": p_fn}
+    floor = _floor_reason(base, baseline_floor)
+    if floor:
+        return _inconclusive("IV-4", params, floor, test, alpha, len(base), details)
+    if p_fn >= alpha or function <= 0:
+        return _inconclusive("IV-4", params, f"ablating the heads does not measurably hurt (accuracy {base.mean():.2f} "
+                             f"-> {abl.mean():.2f}, p = {p_fn:.3g}): they carry no function to keep", test, alpha,
+                             len(base), details)
+    margin = (1 - keep) * function
+    mean, ci, holds, p = non_inferiority(tr - base, margin, level=1 - alpha)
+    retained = (float(tr.mean()) - float(abl.mean())) / function
+    status = "supported" if p < alpha else "refuted"
+    return Verdict("IV-4", params, status,
+                   f"accuracy {base.mean():.2f} (own heads), {abl.mean():.2f} (ablated), {tr.mean():.2f} (donor's "
+                   f"heads): {retained:.0%} of the function kept; " + (
+                       f"no worse than {keep:.0%} (p = {p:.3g})" if status == "supported" else
+                       f"keeping less than {keep:.0%} cannot be ruled out (p = {p:.3g})"),
+                   test, mean, p, p, retained, None, n=len(base), alpha=alpha,
+                   effect_name="fraction of the heads' function kept", details=details)
+
+
+def difficulty_strata(baseline: pd.DataFrame, ablated: pd.DataFrame, *, n_strata: int = 3, alpha: float = 0.05,
+                      n_perm: int = 20_000, min_per_stratum: int = 5, seed: int = 0) -> Verdict:
+    """IV-7: ablation hurts hard items more than easy ones. Items are split into ``n_strata``
+    equal-count strata by their baseline answer probability (hard = lowest); the test is a one-sided
+    permutation test that the mean per-item accuracy drop is larger in the hard stratum than in the
+    easy one (p = (1 + #perm >= observed) / (n_perm + 1)). Per-stratum drops and the mean drop in
+    answer log-probability are in ``details``."""
+    params = {"strata": n_strata}
+    test = f"one-sided permutation test on the per-item accuracy drop, hard vs easy ({n_perm} permutations)"
+    df = baseline[["id", "correct", "logprob"]].merge(ablated[["id", "correct", "logprob"]], on="id",
+                                                      suffixes=("", "_abl"))
+    if len(df) < n_strata * min_per_stratum:
+        return _inconclusive("IV-7", params, f"{len(df)} items cannot fill {n_strata} strata of at least "
+                             f"{min_per_stratum}", test, alpha, len(df))
+    conf = np.exp(df["logprob"].to_numpy())
+    order = np.argsort(conf, kind="stable")
+    labels = np.empty(len(df), dtype=int)
+    for k, chunk in enumerate(np.array_split(order, n_strata)):
+        labels[chunk] = k  # 0 = hard (lowest confidence)
+    drop = df["correct"].to_numpy(float) - df["correct_abl"].to_numpy(float)
+    lp_drop = df["logprob"].to_numpy() - df["logprob_abl"].to_numpy()
+    names = ["hard", *[f"medium{i}" if n_strata > 3 else "medium" for i in range(1, n_strata - 1)], "easy"]
+    per = {names[k]: {"n": int((labels == k).sum()), "baseline_accuracy": float(df["correct"].to_numpy()[labels == k].mean()),
+                      "accuracy_drop": float(drop[labels == k].mean()), "logprob_drop": float(lp_drop[labels == k].mean()),
+                      "confidence_range": [float(conf[labels == k].min()), float(conf[labels == k].max())]}
+           for k in range(n_strata)}
+    hard, easy = drop[labels == 0], drop[labels == n_strata - 1]
+    details = {"strata": per}
+    if not drop.any():
+        return _inconclusive("IV-7", params, "the ablation changed no item's outcome: there is no harm to compare "
+                             "across strata", test, alpha, len(df), details)
+    observed = hard.mean() - easy.mean()
+    pooled = np.concatenate([hard, easy])
+    rng = np.random.default_rng(seed)
+    perm = np.empty(n_perm)
+    for i in range(n_perm):
+        x = rng.permutation(pooled)
+        perm[i] = x[: len(hard)].mean() - x[len(hard):].mean()
+    p = (1 + int(np.count_nonzero(perm >= observed - 1e-12))) / (n_perm + 1)
+    ci = bootstrap_ci(hard, seed=seed)
+    status = "supported" if p < alpha and observed > 0 else "refuted"
+    note = ""
+    if per["hard"]["baseline_accuracy"] < per["easy"]["baseline_accuracy"]:
+        note = (f"; note the hard stratum starts lower ({per['hard']['baseline_accuracy']:.2f} vs "
+                f"{per['easy']['baseline_accuracy']:.2f}), so it has less accuracy to lose")
+    return Verdict("IV-7", params, status,
+                   f"accuracy drop {hard.mean():+.3f} on hard items vs {easy.mean():+.3f} on easy ones "
+                   f"(p = {p:.3g}){note}", test, observed, p, p, observed, None, n=len(df), alpha=alpha,
+                   effect_name="drop on hard - drop on easy", details={**details, "hard_drop_ci": list(ci)})

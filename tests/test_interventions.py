@@ -1,0 +1,379 @@
+"""Seed 004's interventions on the tiny random Llama, each checked against a computation of its own."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from rh.ablation import attention_modules
+from rh.batching import make_batches, running
+from rh.heads import Head
+from rh.interventions import (
+    check_causal_pattern,
+    difficulty_strata,
+    hub_position,
+    non_hub_positions,
+    override_attention,
+    patch_positions,
+    record_activations,
+    transplant_function,
+    transplant_heads,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def _logits(model, samples, batch_size=8):
+    """Last-position logits per sample id, the batch running (as teacher_forced runs it)."""
+    out = {}
+    for batch in make_batches(samples, batch_size, model.tokenizer.pad_token_id):
+        with torch.no_grad(), running(batch):
+            lg = model.model(**batch.model_inputs(model.device), logits_to_keep=1, use_cache=False).logits
+        for row, s in enumerate(batch.samples):
+            out[s.id] = lg[row, -1].float()
+    return out
+
+
+def _o_proj_inputs(model, samples, layer, *, batch_size=8, **forward):
+    """The o_proj input of ``layer`` per sample id (prompt positions only): what each head writes."""
+    seen = {}
+    mod = attention_modules(model)[layer].o_proj
+    out = {}
+    h = mod.register_forward_pre_hook(lambda m, args: seen.__setitem__("x", args[0].detach().float()))
+    try:
+        for batch in make_batches(samples, batch_size, model.tokenizer.pad_token_id):
+            with torch.no_grad(), running(batch):
+                model.model(**batch.model_inputs(model.device), logits_to_keep=1, use_cache=False, **forward)
+            for row, s in enumerate(batch.samples):
+                out[s.id] = seen["x"][row, batch.pad[row]:]
+    finally:
+        h.remove()
+    return out
+
+
+def _values(model, sample, layer):
+    """V of every KV head at ``layer`` for one prompt: [kv_heads, L, d] (V carries no RoPE)."""
+    seen = {}
+    mod = attention_modules(model)[layer].v_proj
+    h = mod.register_forward_hook(lambda m, a, out: seen.__setitem__("v", out.detach().float()))
+    try:
+        with torch.no_grad():
+            model.model(input_ids=torch.tensor([sample.input_ids]), logits_to_keep=1, use_cache=False)
+    finally:
+        h.remove()
+    d = model.shape.head_dim
+    return seen["v"][0].reshape(-1, model.shape.n_kv_heads, d).transpose(0, 1)
+
+
+@pytest.fixture(scope="module")
+def mixed(tiny):
+    """Prompts of two lengths, so that batches are left-padded."""
+    from rh.niah import build_passkey_samples
+
+    return build_passkey_samples(tiny.tokenizer, lengths=[96, 128], depths=[0.25, 0.75], n_per_setting=1, seed=3,
+                                 max_positions=tiny.max_positions)
+
+
+# ---------------------------------------------------------------------------- position patching
+
+
+@pytest.mark.parametrize("heads", [None, ["L2H1", "L2H6"]])
+def test_patching_with_the_same_prompts_activations_changes_nothing(tiny, mixed, heads):
+    clean = _logits(tiny, mixed)
+    src = record_activations(tiny, mixed, 2, heads=heads)
+    every = lambda s: list(range(s.length))  # noqa: E731
+    with patch_positions(tiny, 2, every, mode="source", source=src, heads=heads):
+        patched = _logits(tiny, mixed)
+    for s in mixed:
+        torch.testing.assert_close(patched[s.id], clean[s.id], atol=1e-5, rtol=1e-5)
+
+
+def test_mean_patching_replaces_only_the_chosen_position_with_the_prompts_mean(tiny, mixed):
+    layer, pos = 1, 5
+    seen = {}
+    block = tiny.model.model.layers[layer]
+    grab = lambda m, args: seen.__setitem__("x", args[0].detach().clone())  # noqa: E731
+    sample = mixed[0]
+    ids = torch.tensor([sample.input_ids])
+    h = block.register_forward_pre_hook(grab)
+    try:
+        with torch.no_grad():
+            tiny.model(input_ids=ids, logits_to_keep=1, use_cache=False)
+        clean = seen["x"][0]
+        with torch.no_grad(), patch_positions(tiny, layer, [pos], mode="mean"):
+            h.remove()
+            h = block.register_forward_pre_hook(grab)  # after the patch hook: sees what the layer gets
+            tiny.model(input_ids=ids, logits_to_keep=1, use_cache=False)
+        got = seen["x"][0]
+    finally:
+        h.remove()
+    others = [i for i in range(sample.length) if i != pos]
+    torch.testing.assert_close(got[others], clean[others])
+    torch.testing.assert_close(got[pos], clean.mean(0), atol=1e-5, rtol=1e-5)
+
+
+def test_noise_patching_is_seeded_per_sample_not_per_batch(tiny, mixed):
+    with patch_positions(tiny, 1, [3, 7], mode="noise", seed=5):
+        a = _logits(tiny, mixed, batch_size=1)
+        b = _logits(tiny, mixed, batch_size=4)
+    clean = _logits(tiny, mixed)
+    for s in mixed:
+        torch.testing.assert_close(a[s.id], b[s.id], atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(a[s.id], clean[s.id])
+
+
+def test_patching_rejects_bad_input_and_leaves_no_hook(tiny, mixed):
+    layer = tiny.model.model.layers[1]
+    with pytest.raises(ValueError, match="outside the prompt"):
+        with patch_positions(tiny, 1, {s.id: [s.length] for s in mixed}):
+            _logits(tiny, mixed)
+    assert not layer._forward_pre_hooks
+    with pytest.raises(ValueError, match="negative"):
+        with patch_positions(tiny, 1, [-1]):
+            pass
+    with pytest.raises(ValueError, match="unknown patch mode"):
+        with patch_positions(tiny, 1, [0], mode="zero"):
+            pass
+    with pytest.raises(ValueError, match="needs source="):
+        with patch_positions(tiny, 1, [0], mode="source"):
+            pass
+    with pytest.raises(ValueError, match="outside the model"):
+        with patch_positions(tiny, 9, [0]):
+            pass
+    with pytest.raises(ValueError, match="must be in layer 1"):
+        with patch_positions(tiny, 1, [0], heads=["L2H0"]):
+            pass
+    assert not layer._forward_pre_hooks
+
+
+def test_hub_is_the_argmax_of_the_critical_heads_mean_attention(tiny_eager, tiny_samples):
+    heads = [Head(2, 1), Head(3, 5)]
+    hub, prof = hub_position(tiny_eager, tiny_samples, heads)
+    rows = []
+    for s in tiny_samples:  # independent: eager attention weights of the last query
+        with torch.no_grad():
+            att = tiny_eager.model(input_ids=torch.tensor([s.input_ids]), output_attentions=True).attentions
+        rows.append(np.mean([att[h.layer][0, h.head, -1].numpy() for h in heads], axis=0))
+    want = np.mean(rows, axis=0)
+    np.testing.assert_allclose(prof, want, atol=1e-5)
+    assert hub == int(np.argmax(want))
+
+
+def test_non_hub_positions_avoid_the_needle_the_hub_and_the_template(tiny_samples):
+    pos = non_hub_positions(tiny_samples, 0, seed=1)
+    for s in tiny_samples:
+        (p,) = pos[s.id]
+        c0, c1 = s.meta["context_span"]
+        assert c0 <= p < c1 and not s.needle_span[0] <= p < s.needle_span[1] and p > 1
+    assert pos == non_hub_positions(tiny_samples, 0, seed=1)
+
+
+# ---------------------------------------------------------------------------- attention override
+
+
+def test_uniform_override_emits_the_mean_of_v_over_visible_keys(tiny, tiny_samples):
+    s, head, layer = tiny_samples[0], 5, 2
+    with override_attention(tiny, [Head(layer, head)], "uniform"):
+        got = _o_proj_inputs(tiny, [s], layer)[s.id]
+    v = _values(tiny, s, layer)[head // tiny.shape.group_size]  # [L, d]
+    want = v.cumsum(0) / torch.arange(1, v.shape[0] + 1)[:, None]
+    d = tiny.shape.head_dim
+    torch.testing.assert_close(got[:, head * d:(head + 1) * d], want, atol=1e-5, rtol=1e-5)
+
+
+def test_sequential_override_attends_only_to_the_previous_token(tiny_eager, mixed):
+    layer, head = 1, 3
+    with override_attention(tiny_eager, [Head(layer, head)], "sequential"):
+        att = {}
+        for batch in make_batches(mixed, 8, tiny_eager.tokenizer.pad_token_id):
+            with torch.no_grad(), running(batch):
+                a = tiny_eager.model(**batch.model_inputs("cpu"), output_attentions=True).attentions[layer]
+            for row, s in enumerate(batch.samples):
+                att[s.id] = a[row, head, batch.pad[row]:, batch.pad[row]:]
+        outs = _o_proj_inputs(tiny_eager, mixed, layer)
+    d = tiny_eager.shape.head_dim
+    for s in mixed:
+        L = s.length
+        want = torch.zeros(L, L)
+        want[0, 0] = 1.0
+        want[torch.arange(1, L), torch.arange(0, L - 1)] = 1.0
+        torch.testing.assert_close(att[s.id].float(), want)
+        v = _values(tiny_eager, s, layer)[head // tiny_eager.shape.group_size]
+        prev = torch.cat([v[:1], v[:-1]])
+        torch.testing.assert_close(outs[s.id][:, head * d:(head + 1) * d], prev, atol=1e-5, rtol=1e-5)
+
+
+def test_hub_override_moves_the_fraction_onto_the_hub_and_respects_causality(tiny_eager, tiny_samples):
+    s, layer, head, hub = tiny_samples[0], 2, 6, 4
+    ids = torch.tensor([s.input_ids])
+    with torch.no_grad():
+        clean = tiny_eager.model(input_ids=ids, output_attentions=True).attentions[layer][0, head]
+        with override_attention(tiny_eager, [Head(layer, head)], "hub", hub=hub, fraction=0.8):
+            forced = tiny_eager.model(input_ids=ids, output_attentions=True).attentions[layer][0, head]
+    want = 0.2 * clean
+    want[hub:, hub] += 0.8
+    want[:hub] = clean[:hub]  # tokens before the hub cannot see it
+    torch.testing.assert_close(forced, want, atol=1e-6, rtol=1e-5)
+
+
+def test_override_rejects_acausal_and_malformed_patterns(tiny):
+    bad = torch.zeros(4, 4)
+    bad[:, 0] = 1.0
+    bad[1] = torch.tensor([0.0, 0.0, 1.0, 0.0])
+    with pytest.raises(ValueError, match="breaks causality: query 1 puts weight on key 2"):
+        check_causal_pattern(bad)
+    with pytest.raises(ValueError, match="do not sum to 1"):
+        check_causal_pattern(torch.tril(torch.ones(4, 4)))
+    with pytest.raises(ValueError, match="unknown pattern"):
+        with override_attention(tiny, ["L0H0"], "random"):
+            pass
+    with pytest.raises(ValueError, match="outside the model"):
+        with override_attention(tiny, ["L9H0"], "uniform"):
+            pass
+    ok = torch.tril(torch.ones(4, 4))
+    ok = ok / ok.sum(-1, keepdim=True)
+    check_causal_pattern(ok)
+
+
+def test_a_given_causal_pattern_is_applied(tiny, tiny_samples):
+    s, layer, head = tiny_samples[0], 1, 2
+    L = s.length
+    pat = torch.zeros(L, L)
+    pat[:, 0] = 1.0  # everyone reads the first token
+    with override_attention(tiny, [Head(layer, head)], pat):
+        got = _o_proj_inputs(tiny, [s], layer)[s.id]
+    v = _values(tiny, s, layer)[head // tiny.shape.group_size]
+    d = tiny.shape.head_dim
+    torch.testing.assert_close(got[:, head * d:(head + 1) * d], v[:1].expand(L, -1), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------- transplant
+
+
+def _head_by_hand(model, sample, layer, q_w, k_w, v_w):
+    """One head's attention output computed from its q/k/v weight slices, with the model's own RoPE."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    seen = {}
+    attn = attention_modules(model)[layer]
+    h = attn.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model.model(input_ids=torch.tensor([sample.input_ids]), logits_to_keep=1, use_cache=False)
+    finally:
+        h.remove()
+    x = seen["hidden_states"][0].float()
+    cos, sin = seen["position_embeddings"]
+    q, k, v = x @ q_w.T, x @ k_w.T, x @ v_w.T
+    q, k = apply_rotary_pos_emb(q[None, None], k[None, None], cos, sin)
+    scores = (q[0, 0] @ k[0, 0].T) / q_w.shape[0] ** 0.5
+    scores = scores.masked_fill(torch.triu(torch.ones_like(scores, dtype=torch.bool), 1), float("-inf"))
+    return torch.softmax(scores, -1) @ v
+
+
+def test_transplant_into_an_identical_copy_changes_nothing(tiny, tiny_samples):
+    twin = copy.deepcopy(tiny)
+    clean = _logits(tiny, tiny_samples)
+    with transplant_heads(tiny, twin, ["L1H2", "L3H7"]):
+        got = _logits(tiny, tiny_samples)
+    for s in tiny_samples:
+        torch.testing.assert_close(got[s.id], clean[s.id], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kv", ["own", "group"])
+def test_transplant_changes_exactly_that_head_and_is_undone(tiny, tiny_samples, kv):
+    from rh.models import tiny_llama
+
+    donor = tiny_llama(seed=7)
+    layer, head = 1, 2
+    d, g = tiny.shape.head_dim, tiny.shape.group_size
+    s = tiny_samples[1]
+    before = _o_proj_inputs(tiny, [s], layer)[s.id]
+    logits_before = _logits(tiny, tiny_samples)
+    o_before = attention_modules(tiny)[layer].o_proj.weight.clone()
+    with transplant_heads(tiny, donor, [Head(layer, head)], kv=kv):
+        after = _o_proj_inputs(tiny, [s], layer)[s.id]
+        o_now = attention_modules(tiny)[layer].o_proj.weight.clone()
+    dm = attention_modules(donor)[layer]
+    kv_rows = slice((head // g) * d, (head // g + 1) * d)
+    want = _head_by_hand(tiny, s, layer, dm.q_proj.weight[head * d:(head + 1) * d], dm.k_proj.weight[kv_rows],
+                         dm.v_proj.weight[kv_rows])
+    torch.testing.assert_close(after[:, head * d:(head + 1) * d], want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(o_now[:, head * d:(head + 1) * d], dm.o_proj.weight[:, head * d:(head + 1) * d])
+    others = [h for h in range(tiny.shape.n_heads) if h != head]
+    same_group = [h for h in others if h // g == head // g]
+    cols = lambda hs: torch.cat([torch.arange(h * d, (h + 1) * d) for h in hs])  # noqa: E731
+    if kv == "own":  # every other head, its group-mates included, is untouched
+        torch.testing.assert_close(after[:, cols(others)], before[:, cols(others)])
+    else:  # the group's K/V are the donor's: group-mates change, the other groups do not
+        rest = [h for h in others if h not in same_group]
+        torch.testing.assert_close(after[:, cols(rest)], before[:, cols(rest)])
+        assert not torch.allclose(after[:, cols(same_group)], before[:, cols(same_group)])
+    torch.testing.assert_close(attention_modules(tiny)[layer].o_proj.weight, o_before)
+    assert getattr(attention_modules(tiny)[layer], "rh_kv_heads", None) is None
+    for s2 in tiny_samples:
+        torch.testing.assert_close(_logits(tiny, [s2])[s2.id], logits_before[s2.id])
+
+
+def test_transplant_refuses_a_donor_of_another_shape_and_restores_on_error(tiny):
+    from rh.models import tiny_llama
+
+    other = tiny_llama(seed=1, n_heads=4, n_kv_heads=2)
+    with pytest.raises(ValueError, match="differs from the recipient's .* a projection between shapes"):
+        with transplant_heads(tiny, other, ["L0H0"]):
+            pass
+    w = attention_modules(tiny)[0].q_proj.weight.clone()
+    with pytest.raises(RuntimeError, match="boom"):
+        with transplant_heads(tiny, tiny_llama(seed=2), ["L0H0"]):
+            raise RuntimeError("boom")
+    torch.testing.assert_close(attention_modules(tiny)[0].q_proj.weight, w)
+    assert tiny.model.config._attn_implementation == "sdpa"
+
+
+def test_iv4_is_inconclusive_without_a_donor(tiny, tiny_samples):
+    v = transplant_function(tiny, None, tiny_samples, [Head(0, 0)], pd.DataFrame())
+    assert v.inconclusive and "--compare-model" in v.reason
+
+
+# ---------------------------------------------------------------------------- strata (IV-7)
+
+
+def _frames(conf, base, abl):
+    ids = [f"s{i}" for i in range(len(conf))]
+    b = pd.DataFrame({"id": ids, "correct": base, "logprob": np.log(conf)})
+    a = pd.DataFrame({"id": ids, "correct": abl, "logprob": np.log(conf) - 1.0})
+    return b, a
+
+
+def test_strata_rule_on_planted_outcomes():
+    conf = np.linspace(0.05, 0.99, 30)
+    base = np.ones(30, dtype=bool)
+    hurt_hard = np.r_[np.zeros(10), np.ones(20)].astype(bool)  # the 10 least confident items are lost
+    v = difficulty_strata(*_frames(conf, base, hurt_hard), n_perm=4000)
+    assert v.supported and v.details["strata"]["hard"]["accuracy_drop"] == 1.0
+    assert v.details["strata"]["easy"]["accuracy_drop"] == 0.0
+    hurt_easy = hurt_hard[::-1]
+    assert difficulty_strata(*_frames(conf, base, hurt_easy), n_perm=4000).refuted
+    assert difficulty_strata(*_frames(conf, base, base), n_perm=100).inconclusive
+    assert difficulty_strata(*_frames(conf[:9], base[:9], base[:9]), n_perm=100).inconclusive
+
+
+def test_strata_permutation_p_matches_an_exact_enumeration():
+    from itertools import combinations
+
+    conf = np.linspace(0.1, 0.9, 15)
+    base = np.ones(15, dtype=bool)
+    abl = base.copy()
+    abl[[0, 2, 7, 13]] = False
+    v = difficulty_strata(*_frames(conf, base, abl), n_perm=40_000, min_per_stratum=5)
+    drop = (base.astype(float) - abl)
+    hard, easy = drop[:5], drop[10:]
+    pooled = np.r_[hard, easy]
+    obs = hard.mean() - easy.mean()
+    combos = list(combinations(range(10), 5))
+    exact = np.mean([pooled[list(c)].mean() - np.delete(pooled, list(c)).mean() >= obs - 1e-12 for c in combos])
+    assert v.p_value == pytest.approx(exact, abs=0.01)
