@@ -31,6 +31,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--alpha", type=float, default=None, help="significance level (default: the profile's, 0.05)")
     g.addoption("--quant", default=None, choices=("4bit", "8bit"), help="bitsandbytes quantization (CUDA only)")
     g.addoption("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    g.addoption("--max-memory", default=None, metavar="SPEC",
+                help="cap per device for device_map='auto' across the GPUs: '70GiB' (each GPU), "
+                     "'70GiB,cpu=100GiB' or '0=70GiB,1=70GiB,cpu=100GiB'")
     g.addoption("--rankings", default=None, metavar="PATH", help="use this ranking file instead of the cache")
     g.addoption("--recompute", action="store_true", help="recompute the ranking even if it is cached")
     g.addoption("--method", default="sum_attention", choices=("sum_attention", "wu24"),
@@ -65,7 +68,7 @@ def rh_model(pytestconfig):
     from rh.models import load_model
 
     return load_model(pytestconfig.getoption("--model"), quant=pytestconfig.getoption("--quant"),
-                      device=pytestconfig.getoption("--device"))
+                      device=pytestconfig.getoption("--device"), max_memory=pytestconfig.getoption("--max-memory"))
 
 
 @pytest.fixture(scope="session")

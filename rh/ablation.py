@@ -449,6 +449,8 @@ def ablate(
 def _o_proj_hook(shape: HeadShape, idx: list[int], phase: str, means: HeadMeans | None, layer: int,
                  device: torch.device):
     """The ``o_proj`` pre-hook that zeroes (or mean-fills) the slices of query heads ``idx``."""
+    if device.type == "meta":  # weights offloaded by accelerate: build on the CPU, moved to the input per call
+        device = torch.device("cpu")
     mask = _head_mask(shape.n_heads, shape.head_dim, idx, device)
     fill = None
     if means is not None:

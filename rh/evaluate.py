@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from rh.ablation import decode_positions
 from rh.batching import make_batches, running
+from rh.memory import oom_guard
 from rh.models import LoadedModel
 from rh.niah import Sample
 
@@ -42,7 +43,8 @@ def teacher_forced(model: LoadedModel, samples: Sequence[Sample], *, condition: 
         # rows end together (left padding): row i's answer is predicted by its last len(answer) positions
         n_keep = max(len(s.answer_ids) for s in batch.samples)
         starts = [p + len(s.input_ids) for p, s in zip(batch.pad, batch.samples)]  # first answer input
-        with torch.no_grad(), decode_positions(starts, batch.input_ids.shape[1]), running(batch):
+        with torch.no_grad(), decode_positions(starts, batch.input_ids.shape[1]), running(batch), \
+                oom_guard("teacher-forced evaluation", batch_size=len(batch.samples), length=batch.input_ids.shape[1]):
             logits = model.model(**batch.model_inputs(model.device), logits_to_keep=n_keep, use_cache=False).logits
         logp = torch.log_softmax(logits.float().cpu(), dim=-1)  # [b, n_keep, vocab]
         for row, s in enumerate(batch.samples):

@@ -88,8 +88,14 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        """Where inputs go: the device of the input embeddings (the first shard under a device map)."""
-        return self.model.get_input_embeddings().weight.device
+        """Where inputs go: the device of the input embeddings (the first shard under a device map;
+        where the embeddings run if accelerate offloaded their weights)."""
+        emb = self.model.get_input_embeddings()
+        dev = emb.weight.device
+        if dev.type == "meta":
+            hook = getattr(emb, "_hf_hook", None)
+            dev = torch.device(getattr(hook, "execution_device", None) or "cpu")
+        return dev
 
     @property
     def max_positions(self) -> int:
@@ -188,16 +194,28 @@ def load_model(
     device: str | None = None,
     dtype: torch.dtype | str | None = None,
     quant: str | None = None,
-    max_memory: dict | None = None,
+    max_memory: dict | str | None = None,
+    device_map: str | dict | None = None,
+    offload_folder: str | Path | None = None,
     attn_implementation: str = "sdpa",
     seed: int = 0,
 ) -> LoadedModel:
     """Load a model by registry key, HF repo id or local directory, ready for inference.
 
     Defaults: bf16 everywhere (fp32 for the tiny random model); on CUDA, ``device_map="auto"``
-    across every visible GPU; ``quant="4bit"|"8bit"`` loads through bitsandbytes (CUDA only).
+    across every visible GPU, each capped by ``max_memory`` (a dict such as ``{0: "70GiB", 1:
+    "70GiB", "cpu": "100GiB"}``, or a string, see :func:`parse_max_memory`); ``quant="4bit"|"8bit"``
+    loads through bitsandbytes (CUDA only). ``device_map`` overrides the placement (accelerate's
+    names: a dict from module to GPU index, ``"cpu"`` or ``"disk"``, with ``offload_folder`` for
+    disk), for a local directory or a hub model.
     """
     spec = resolve_spec(name)
+    max_memory = parse_max_memory(max_memory)
+    if device_map is not None and spec.kind == "random":
+        raise ValueError(
+            f"device_map does not apply to {spec.key} (built in memory): save it with save_pretrained "
+            "and load that directory, or dispatch it with accelerate.dispatch_model"
+        )
     if quant not in (None, "none", "4bit", "8bit"):
         raise ValueError(f"quant={quant!r}: use '4bit', '8bit' or leave it unset for bf16")
     quant = None if quant in (None, "none") else quant
@@ -205,6 +223,11 @@ def load_model(
     device = device or ("cuda" if cuda else "cpu")
     if device.startswith("cuda") and not cuda:
         raise ValueError(f"device={device!r} asked for, but torch sees no CUDA device; use device='cpu'")
+    if max_memory and device_map is None and device != "cuda":
+        raise ValueError(
+            f"max_memory caps what device_map='auto' puts on each GPU, but device={device!r} loads the model "
+            "on one device: drop --max-memory there, or pass device_map='auto'"
+        )
     if quant and not device.startswith("cuda"):
         raise ValueError(
             f"quant={quant!r} needs a CUDA GPU (bitsandbytes); on CPU load the model in bf16 "
@@ -229,7 +252,10 @@ def load_model(
             str(gguf_path.parent), gguf_file=gguf_path.name, dtype=dtype,
             attn_implementation=attn_implementation,
         )
-        model.to(device)
+        if device_map is not None:  # the GGUF is dequantized in memory first; dispatch it from there
+            model = _dispatch(model, device_map, max_memory, offload_folder)
+        else:
+            model.to(device)
         tokenizer = tok_src
         prov = {
             "model_id": spec.key,
@@ -237,7 +263,8 @@ def load_model(
             "revision": f"sha256:{file_sha256(gguf_path)}",
         }
     else:
-        model, tokenizer, prov = _load_pretrained(spec, device, dtype, quant, max_memory, attn_implementation)
+        model, tokenizer, prov = _load_pretrained(spec, device, dtype, quant, max_memory, attn_implementation,
+                                                  device_map, offload_folder)
         if spec.key not in REGISTRY:  # an unregistered model is instruct iff its tokenizer has a chat template
             spec = dataclasses.replace(spec, instruct=bool(getattr(tokenizer, "chat_template", None)))
 
@@ -249,20 +276,29 @@ def load_model(
         {"dtype": str(dtype).removeprefix("torch."), "device": device, "quant": quant or "none",
          "attn_implementation": model.config._attn_implementation}
     )
+    dmap = getattr(model, "hf_device_map", None)
+    if dmap and len(set(map(str, dmap.values()))) > 1:  # where the layers went (not part of any cache key)
+        prov["device_map"] = {str(d): sum(1 for v in dmap.values() if str(v) == str(d))
+                              for d in dict.fromkeys(map(str, dmap.values()))}
     return LoadedModel(spec.key, model, tokenizer, head_shape(model), spec, prov)
 
 
-def _load_pretrained(spec, device, dtype, quant, max_memory, attn_implementation):
+def _load_pretrained(spec, device, dtype, quant, max_memory, attn_implementation, device_map=None,
+                     offload_folder=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation}
     token = hf_token() if spec.kind == "hub" else None
     if token:
         kwargs["token"] = token
-    if device.startswith("cuda"):
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    elif device.startswith("cuda"):
         kwargs["device_map"] = "auto" if device == "cuda" else device
-        if max_memory:
-            kwargs["max_memory"] = max_memory
+    if max_memory and "device_map" in kwargs:
+        kwargs["max_memory"] = max_memory
+    if offload_folder is not None:
+        kwargs["offload_folder"] = str(offload_folder)
     if quant:
         from transformers import BitsAndBytesConfig
 
@@ -279,7 +315,7 @@ def _load_pretrained(spec, device, dtype, quant, max_memory, attn_implementation
         if err is exc:
             raise
         raise err from exc
-    if not device.startswith("cuda"):
+    if "device_map" not in kwargs:
         model.to(device)
     revision = getattr(model.config, "_commit_hash", None)
     if spec.kind == "local":
@@ -287,6 +323,63 @@ def _load_pretrained(spec, device, dtype, quant, max_memory, attn_implementation
     prov = {"model_id": spec.source if spec.kind == "hub" else spec.key, "source": spec.source,
             "revision": revision or "unknown"}
     return model, tokenizer, prov
+
+
+def _dispatch(model: Any, device_map: str | dict, max_memory: dict | None, offload_folder: str | Path | None) -> Any:
+    """Place an in-memory model by ``device_map`` (``"auto"`` or explicit) with accelerate."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    if isinstance(device_map, str):
+        if device_map != "auto":
+            return model.to(device_map)
+        device_map = infer_auto_device_map(model, max_memory=max_memory,
+                                           no_split_module_classes=getattr(model, "_no_split_modules", None))
+    return dispatch_model(model, device_map=device_map, offload_dir=str(offload_folder) if offload_folder else None)
+
+
+_SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+
+
+def parse_max_memory(spec: dict | str | None, *, n_gpus: int | None = None) -> dict[int | str, int | str] | None:
+    """``max_memory`` for ``device_map="auto"``, as accelerate takes it: GPU index or ``"cpu"`` /
+    ``"disk"`` -> a size such as ``"70GiB"`` (or bytes).
+
+    Accepts a dict (keys may be strings of digits), or a string: ``"70GiB"`` caps every visible GPU
+    (CPU offload then not allowed), ``"70GiB,cpu=100GiB"`` the same with a CPU share, and
+    ``"0=70GiB,1=70GiB,cpu=100GiB"`` each device by name. ``None`` or ``""``: no cap.
+    """
+    if spec is None or (isinstance(spec, str) and not spec.strip()):
+        return None
+    items: list[tuple[str | int | None, Any]] = []
+    if isinstance(spec, dict):
+        items = list(spec.items())
+    elif isinstance(spec, str):
+        for part in spec.split(","):
+            key, sep, value = part.partition("=")
+            items.append((key.strip(), value.strip()) if sep else (None, key.strip()))
+    else:
+        raise ValueError(f"max_memory={spec!r}: give a dict such as {{0: '70GiB', 'cpu': '100GiB'}} or a string "
+                         "such as '70GiB' or '0=70GiB,1=70GiB,cpu=100GiB'")
+    out: dict[int | str, int | str] = {}
+    for key, value in items:
+        if not (isinstance(value, int) and value > 0) and not (isinstance(value, str) and _SIZE.match(value)):
+            raise ValueError(f"max_memory: {value!r} is not a size; write it like '70GiB', '500MB' or a byte count")
+        if key is None:
+            n = torch.cuda.device_count() if n_gpus is None else n_gpus
+            if n == 0:
+                raise ValueError(f"max_memory={spec!r} caps every GPU, but none is visible: name devices "
+                                 "(e.g. 'cpu=100GiB') or drop the option")
+            out.update({i: value for i in range(n)})
+            continue
+        k = key.strip().lower() if isinstance(key, str) else key
+        if isinstance(k, str) and k.isdigit():
+            k = int(k)
+        if isinstance(k, str) and k.startswith("cuda:") and k[5:].isdigit():
+            k = int(k[5:])
+        if not (isinstance(k, int) and k >= 0) and k not in ("cpu", "disk", "mps"):
+            raise ValueError(f"max_memory: unknown device {key!r}; use a GPU index (0, 1, ...), 'cpu' or 'disk'")
+        out[k] = value.strip() if isinstance(value, str) else value
+    return out
 
 
 def _access_error(spec: ModelSpec, exc: BaseException, *, has_token: bool) -> BaseException:

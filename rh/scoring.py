@@ -31,6 +31,7 @@ from rh.attention import capture_attention
 from rh.batching import Batch, make_batches
 from rh.heads import Head, HeadShape
 from rh.io import atomic_write_json
+from rh.memory import oom_guard
 from rh.models import LoadedModel
 from rh.niah import Sample
 from rh.rankings import Ranking
@@ -199,7 +200,8 @@ def score_samples(
     bar = tqdm(total=len(samples), initial=len(samples) - len(todo), desc=f"identify ({method})", unit="sample",
                disable=not progress, leave=False)
     for i, batch in enumerate(make_batches(todo, batch_size, model.tokenizer.pad_token_id)):
-        scores, counted, info = _SCORERS[method](model, batch, options)
+        with oom_guard(f"identification ({method})", batch_size=len(batch.samples), length=batch.input_ids.shape[1]):
+            scores, counted, info = _SCORERS[method](model, batch, options)
         for row, s in enumerate(batch.samples):
             done[s.id] = (scores[row], bool(counted[row]), info[row])
         if checkpoint:
