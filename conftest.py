@@ -386,6 +386,8 @@ _PARAMETRIZED = {  # fixture name -> (profile field, test id)
     "inverse_k": ("inverse_levels", lambda k: f"K={k}"),
     "id_task": ("id_tasks", str),
     "claim_depth": ("depths", lambda d: f"depth={d:g}"),
+    "iv_level": ("incremental_levels", lambda n: f"top{n}"),
+    "iv_pattern": ("override_patterns", str),
 }
 
 

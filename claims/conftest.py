@@ -34,3 +34,14 @@ def wu24_identification(identify_ranking, ca_identify):
 def task_rankings(identify_ranking, niah_split, profile):
     """One sum-attention ranking per task (seed 000 §1.5)."""
     return {t: identify_ranking([s for s in niah_split[0] if s.task == t])[0] for t in profile.id_tasks}
+
+
+@pytest.fixture(scope="session")
+def compare_model(pytestconfig):
+    """The --compare-model (e.g. the base variant of an instruct model), loaded once, or None."""
+    name = pytestconfig.getoption("--compare-model")
+    if not name:
+        return None
+    from rh.models import load_model
+
+    return load_model(name, quant=pytestconfig.getoption("--quant"), device=pytestconfig.getoption("--device"))

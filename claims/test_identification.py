@@ -94,15 +94,13 @@ def test_general_retrieval_heads_exist(task_rankings, profile, record_verdict):
 
 
 @pytest.fixture(scope="session")
-def compare_ranking(pytestconfig, profile, identify_ranking):
+def compare_ranking(compare_model, profile, identify_ranking):
     """The ranking of --compare-model on its own prompts of the same design, or None."""
-    name = pytestconfig.getoption("--compare-model")
-    if not name:
+    if compare_model is None:
         return None
-    from rh.models import load_model
     from rh.niah import build_samples, split_samples
 
-    other = load_model(name, quant=pytestconfig.getoption("--quant"), device=pytestconfig.getoption("--device"))
+    other = compare_model
     sweep = profile.sweep()
     samples = build_samples(other.tokenizer, sweep, chat=other.instruct, max_positions=other.max_positions)
     ident = [s for s in split_samples(samples, frac=profile.identify_frac, seed=profile.split_seed)[0]

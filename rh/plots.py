@@ -99,6 +99,9 @@ def report_figures(verdicts: Sequence[Mapping[str, Any]], meta: Mapping[str, Any
     curve = ablation_curve(verdicts)
     if curve:
         figures["CA-1: accuracy vs heads ablated"] = curve
+    from rh.plots_interventions import intervention_figures
+
+    figures.update(intervention_figures(verdicts))
     ex = meta.get("attention_example")
     if ex:
         figures[f"Last-token attention of the top heads on {ex['sample']}"] = attention_profile(

@@ -38,6 +38,20 @@ class Profile:
     sparsity_threshold: float = 0.1  # ID-1
     sparsity_max_fraction: float = 0.05  # ID-1
     spike_ratio: float = 10.0  # ID-2
+    # Seed 004's interventions (IV-*): "critical heads" are the ranking's top ``critical_k``.
+    critical_k: int = 3  # seed 004 ablates, patches and overrides the top 3
+    incremental_levels: tuple[int, ...] = (1, 2, 3)  # IV-1
+    iv_n: int = 16  # IV-1/2/3/4/7: fresh prompts per depth (IV-2's "< 5 points" needs about 60 to be testable)
+    iv_min_drop: float = 0.10  # IV-1, IV-2: the hub drop must exceed this
+    iv_nonhub_max: float = 0.05  # IV-2: the non-hub drop must stay under this
+    patch_mode: str = "noise"  # IV-2
+    hub_fraction: float = 0.8  # IV-3: the hub pattern's share of attention
+    hub_keep: float = 0.9  # IV-3: the hub pattern keeps this share of the baseline
+    override_patterns: tuple[str, ...] = ("hub", "uniform", "sequential")  # IV-3
+    transplant_keep: float = 0.8  # IV-4
+    probe_n: int = 24  # IV-5: fresh prompts per depth for the layer probes
+    ig_n: int = 8  # IV-6: prompts attributed
+    ig_steps: int = 32  # IV-6: integration steps
 
     def sweep(self) -> Sweep:
         """The prompt grid this profile asks for: every task of CA-1 and of the identification claims."""
@@ -55,20 +69,22 @@ _DEPTHS_11 = tuple(round(i / 10, 1) for i in range(11))
 _TABLE: dict[str, tuple[Profile, Profile]] = {
     "tiny": (  # random test models (< 100 heads)
         Profile("quick", (128,), (0.0, 0.5, 1.0), 4, (2, 4), 49, batch_size=16, id_tasks=("passkey", "inc_year"),
-                id_k=4, general_k=8, stability_length=160, inverse_levels=(2, 4), depth_n=4),
+                id_k=4, general_k=8, stability_length=160, inverse_levels=(2, 4), depth_n=4, iv_n=4, probe_n=8,
+                ig_n=4, ig_steps=16),
         Profile("full", (128, 256), _DEPTHS_5, 8, (2, 4, 8), 79, batch_size=16, id_k=4, general_k=8,
-                stability_length=384, inverse_levels=(2, 4, 8), depth_n=8),
+                stability_length=384, inverse_levels=(2, 4, 8), depth_n=8, iv_n=8, probe_n=16),
     ),
     "small": (  # SmolLM2-135M (270 heads)
         Profile("quick", (512,), _DEPTHS_5, 16, (10, 20), 49),
         Profile("full", (512, 1024, 2048), _DEPTHS_11, 20, (5, 10, 20, 30, 40, 50), 199, stability_length=2048,
-                depth_n=16),
+                depth_n=16, iv_n=20, probe_n=40, ig_n=32, ig_steps=64),
     ),
     "large": (  # Llama-3-8B (1024), Llama-3.3-70B (5120)
         Profile("quick", (2048,), _DEPTHS_5, 8, (10, 20, 50), 79, batch_size=4, id_k=20, general_k=50,
                 stability_length=4096, inverse_levels=(50, 200, 500)),
         Profile("full", (2048, 4096, 8192), _DEPTHS_11, 10, (5, 10, 20, 30, 40, 50, 100), 199, batch_size=2,
-                id_k=20, general_k=50, stability_length=16384, inverse_levels=(50, 200, 500, 1000), depth_n=16),
+                id_k=20, general_k=50, stability_length=16384, inverse_levels=(50, 200, 500, 1000), depth_n=16,
+                iv_n=20, probe_n=40, ig_n=32, ig_steps=64),
     ),
 }
 

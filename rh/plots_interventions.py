@@ -1,0 +1,132 @@
+"""Figures of the intervention claims (IV-*), drawn from their verdicts' details for the report.
+Accuracy bars carry 95% Wilson intervals from the counts (accuracy x n)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from rh.evaluate import wilson_interval
+from rh.plots import _png, plt
+
+log = logging.getLogger(__name__)
+
+
+def _by_claim(verdicts: Sequence[Mapping[str, Any]], claim: str) -> list[Mapping[str, Any]]:
+    return [v for v in verdicts if v.get("claim") == claim and v.get("details")]
+
+
+def _bars(ax, labels: Sequence[str], accs: Sequence[float], n: int, colors: Sequence[str]) -> None:
+    lo_hi = [wilson_interval(int(round(a * n)), n) for a in accs]
+    err = np.array([[a - lo, hi - a] for a, (lo, hi) in zip(accs, lo_hi)]).T
+    ax.bar(range(len(accs)), accs, yerr=err, color=colors, capsize=3)
+    ax.set_xticks(range(len(accs)), labels, fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("exact-match accuracy")
+
+
+def incremental_curve(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
+    """IV-1: accuracy as the 1, 2, 3 most critical heads are ablated (seed 004's deliverable)."""
+    rows = sorted(_by_claim(verdicts, "IV-1"), key=lambda v: v["params"]["n_heads"])
+    if not rows:
+        return None
+    n = rows[0]["n"]
+    xs = [0] + [v["params"]["n_heads"] for v in rows]
+    accs = [rows[0]["details"]["baseline_accuracy"]] + [v["details"]["ablated_accuracy"] for v in rows]
+    ci = np.array([wilson_interval(int(round(a * n)), n) for a in accs])
+    fig, ax = plt.subplots(figsize=(4.8, 3.4))
+    ax.fill_between(xs, ci[:, 0], ci[:, 1], color="tab:red", alpha=0.15, lw=0, label="95% Wilson interval")
+    ax.plot(xs, accs, "o-", color="tab:red", label="top-n critical heads ablated")
+    thr = accs[0] - rows[0]["details"].get("min_drop", 0.1)
+    ax.axhline(thr, color="0.5", ls=":", lw=1, label="baseline - 10 points")
+    ax.set_xticks(xs, ["none"] + [str(x) for x in xs[1:]])
+    ax.set_xlabel("critical heads ablated")
+    ax.set_ylabel("exact-match accuracy")
+    ax.set_ylim(-0.05, 1.05)
+    ax.legend(frameon=False, fontsize=7)
+    ax.set_title(f"IV-1: incremental ablation ({n} prompts)", fontsize=9)
+    return _png(fig)
+
+
+def patching_bars(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
+    rows = [v for v in _by_claim(verdicts, "IV-2") if "hub_accuracy" in v["details"]]
+    if not rows:
+        return None
+    d, n = rows[0]["details"], rows[0]["n"]
+    fig, ax = plt.subplots(figsize=(4.2, 3.2))
+    _bars(ax, ["baseline", f"hub (pos {d['hub']})", "non-hub"],
+          [d["baseline_accuracy"], d["hub_accuracy"], d["non_hub_accuracy"]], n, ["0.6", "tab:red", "tab:blue"])
+    ax.set_title(f"IV-2: {rows[0]['params'].get('mode', '')} patching at layer {d['layer']}", fontsize=9)
+    return _png(fig)
+
+
+def override_bars(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
+    rows = _by_claim(verdicts, "IV-3")
+    if not rows:
+        return None
+    n = rows[0]["n"]
+    labels = ["baseline"] + [v["params"]["pattern"] for v in rows]
+    accs = [rows[0]["details"]["baseline_accuracy"]] + [v["details"]["forced_accuracy"] for v in rows]
+    fig, ax = plt.subplots(figsize=(4.6, 3.2))
+    _bars(ax, labels, accs, n, ["0.6"] + ["tab:purple"] * len(rows))
+    ax.set_title(f"IV-3: forced attention in {len(rows[0]['details']['heads'])} critical heads", fontsize=9)
+    return _png(fig)
+
+
+def strata_bars(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
+    rows = [v for v in _by_claim(verdicts, "IV-7") if "strata" in v["details"]]
+    if not rows:
+        return None
+    strata = rows[0]["details"]["strata"]
+    names = list(strata)
+    fig, ax = plt.subplots(figsize=(4.6, 3.2))
+    base = [strata[s]["baseline_accuracy"] for s in names]
+    drop = [strata[s]["accuracy_drop"] for s in names]
+    x = np.arange(len(names))
+    ax.bar(x - 0.2, base, 0.4, color="0.6", label="baseline accuracy")
+    ax.bar(x + 0.2, drop, 0.4, color="tab:red", label="accuracy drop when ablated")
+    ax.set_xticks(x, [f"{s}\n(n={strata[s]['n']})" for s in names], fontsize=8)
+    ax.set_ylim(min(0.0, min(drop) - 0.05), 1.05)
+    ax.legend(frameon=False, fontsize=7)
+    ax.set_title("IV-7: harm by difficulty (baseline answer probability)", fontsize=9)
+    return _png(fig)
+
+
+def intervention_figures(verdicts: Sequence[Mapping[str, Any]]) -> dict[str, bytes]:
+    """Every IV figure the verdicts allow, titled ``"IV-n: ..."`` so the report files it under its claim."""
+    out: dict[str, bytes] = {}
+    for title, fn in (("IV-1: accuracy vs critical heads ablated", incremental_curve),
+                      ("IV-2: hub vs non-hub patching", patching_bars),
+                      ("IV-3: accuracy under forced attention patterns", override_bars),
+                      ("IV-7: accuracy drop by difficulty stratum", strata_bars)):
+        try:
+            png = fn(verdicts)
+        except (KeyError, TypeError, ValueError) as exc:  # a figure must never cost the report
+            log.warning("%s not drawn: %s", title, exc)
+            continue
+        if png:
+            out[title] = png
+    for v in _by_claim(verdicts, "IV-5"):
+        try:
+            import pandas as pd
+
+            from rh.probes import probe_figure
+
+            out["IV-5: probe accuracy by layer"] = probe_figure(pd.DataFrame(v["details"]["layers"]),
+                                                                v["details"]["critical_layers"])
+        except (KeyError, TypeError, ValueError, ImportError) as exc:
+            log.warning("IV-5 figure not drawn: %s", exc)
+    for v in _by_claim(verdicts, "IV-6"):
+        ex = v["details"].get("example")
+        if ex:
+            try:
+                from rh.attribution import attribution_figure
+
+                out["IV-6: integrated-gradients attribution on one prompt"] = attribution_figure(
+                    np.asarray(ex["token_attr"]), tuple(ex["needle_span"]), f"IV-6: attribution on {ex['sample']}")
+            except (KeyError, TypeError, ValueError, ImportError) as exc:
+                log.warning("IV-6 figure not drawn: %s", exc)
+    return out
