@@ -255,25 +255,43 @@ def inverse_ablation(model: LoadedModel, samples: Sequence[Sample], ranking: Ran
                      n_boot: int = 10_000, seed: int = 0) -> dict[int, Verdict]:
     """CA-3: ablating the K lowest-scoring heads keeps accuracy within ``margin`` of the baseline
     (non-inferiority: the lower confidence bound of the mean change is >= -margin), Holm across K."""
+    base = baseline.set_index("id").loc[[s.id for s in samples], "correct"].to_numpy(dtype=float)
+    ablated = {}
+    if base.mean() >= baseline_floor:  # below it the verdicts are inconclusive whatever the ablation does
+        for k in levels:
+            with ablate(model, ranking.bottom(k)):
+                df = teacher_forced(model, samples, condition=f"bottom{k}", batch_size=batch_size)
+            ablated[k] = df["correct"].to_numpy(dtype=float)
+    bottom = {k: [str(h) for h in ranking.bottom(min(k, 20))] for k in levels}
+    return inverse_verdicts(base, ablated, levels, margin=margin, alpha=alpha, baseline_floor=baseline_floor,
+                            n_boot=n_boot, seed=seed, bottom_heads=bottom)
+
+
+def inverse_verdicts(base: np.ndarray, ablated: dict[int, np.ndarray], levels: Sequence[int], *, margin: float = 0.1,
+                     alpha: float = 0.05, baseline_floor: float = 0.5, n_boot: int = 10_000, seed: int = 0,
+                     bottom_heads: dict[int, list[str]] | None = None) -> dict[int, Verdict]:
+    """CA-3's decision from per-sample outcomes (0/1): ``base`` and, per K, ``ablated[k]``.
+
+    Inconclusive when the baseline is below the floor (nothing to keep). Refuted when even the
+    upper confidence bound of the change is below ``-margin`` (clearly not kept, however few the
+    samples). Inconclusive when the samples cannot show non-inferiority even with no change at
+    all. Otherwise supported exactly when the Holm-adjusted non-inferiority p is below ``alpha``.
+    """
     from rh.stats import non_inferiority
 
-    base = baseline.set_index("id").loc[[s.id for s in samples], "correct"].to_numpy(dtype=float)
+    base = np.asarray(base, dtype=float)
     if base.mean() < baseline_floor:  # "keeps accuracy" is empty when there is none to keep
         return {k: Verdict("CA-3", {"k": k, "margin": margin}, "inconclusive",
                            f"baseline accuracy {base.mean():.2f} is below the floor {baseline_floor:.2f}: there is "
                            "no retrieval to keep", "non-inferiority", None, None, None, None, None, n=len(base),
                            alpha=alpha) for k in levels}
-    from rh.stats import non_inferiority as _ni
-
-    best_p = _ni(np.zeros(len(base)), margin, level=1 - alpha)[3]  # no sample changes: the best case
+    best_p = non_inferiority(np.zeros(len(base)), margin, level=1 - alpha)[3]  # no sample changes: the best case
     underpowered = best_p >= alpha / len(levels)
     rows = {}
     for k in levels:
-        with ablate(model, ranking.bottom(k)):
-            df = teacher_forced(model, samples, condition=f"bottom{k}", batch_size=batch_size)
-        change = df["correct"].to_numpy(dtype=float) - base
-        mean, ci, holds, p = non_inferiority(change, margin, level=1 - alpha, n_boot=n_boot, seed=hash_seed(seed, k))
-        rows[k] = (mean, ci, holds, p, float(df["correct"].mean()))
+        acc = np.asarray(ablated[k], dtype=float)
+        mean, ci, holds, p = non_inferiority(acc - base, margin, level=1 - alpha, n_boot=n_boot, seed=hash_seed(seed, k))
+        rows[k] = (mean, ci, holds, p, float(acc.mean()))
     adj = dict(zip(rows, holm([r[3] for r in rows.values()])))
     out = {}
     for k, (mean, ci, holds, p, acc) in rows.items():
@@ -293,9 +311,9 @@ def inverse_ablation(model: LoadedModel, samples: Sequence[Sample], ranking: Ran
             f"bottom-{k} ablation: accuracy {base.mean():.2f} -> {acc:.2f} (change {mean:+.3f}, one-sided "
             f"{1 - alpha:.0%} bounds [{ci[0]:+.3f}, {ci[1]:+.3f}]); {why}",
             f"non-inferiority with margin {margin}, Holm across K", mean, p, adj[k], mean, ci,
-            ci_level=1 - alpha, n=len(samples), alpha=alpha, effect_name="accuracy change (ablated - baseline)",
+            ci_level=1 - alpha, n=len(base), alpha=alpha, effect_name="accuracy change (ablated - baseline)",
             details={"baseline_accuracy": float(base.mean()), "ablated_accuracy": acc,
-                     "bottom_heads": [str(h) for h in ranking.bottom(min(k, 20))]},
+                     "bottom_heads": (bottom_heads or {}).get(k, [])},
         )
     return out
 
@@ -424,3 +442,27 @@ def mechanism_comparison(model: LoadedModel, samples: Sequence[Sample], heads: S
         details={"accuracy": acc, "query_vs_zero_mcnemar_p": p_zq, "query_vs_logits_rel_diff": q_vs_l,
                  "query_vs_zero_rel_diff_min": q_vs_z, "tolerance": tol, "probe_samples": len(probe)},
     )
+
+
+def selection_conditions(model: LoadedModel, ranking: Ranking, ks: Sequence[int], *, draws: int = 1, seed: int = 0,
+                         bottom: bool = True, baseline: bool = True, method: str = "zero") -> dict:
+    """Named conditions for ``rh.evaluate.evaluate_conditions`` (seed 000 §2): ``baseline`` (no
+    ablation), then per K ``topK`` (the K best heads), ``randomK#d`` (``draws`` K-sets drawn from
+    outside the top K, seeded exactly as :func:`necessity_outcomes` draws them) and, with ``bottom``,
+    ``bottomK`` (the K lowest-scoring heads: inverse ablation). The names are the ones
+    ``rh.plots_ablation.curve_frame`` parses; each value opens ``ablate(model, heads, method)``."""
+    ranking.check_shape(model.shape)
+    if draws < 0:
+        raise ValueError(f"draws={draws}: the number of random head sets per K cannot be negative")
+    out: dict = {"baseline": None} if baseline else {}
+
+    def make(heads: list[Head]):
+        return lambda: ablate(model, heads, method)
+
+    for k in ks:
+        out[f"top{k}"] = make(ranking.top(k))
+        for d in range(draws):
+            out[f"random{k}#{d}"] = make(ranking.random_outside_top(k, seed=hash_seed(seed, k, d)))
+        if bottom:
+            out[f"bottom{k}"] = make(ranking.bottom(k))
+    return out

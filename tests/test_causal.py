@@ -118,3 +118,32 @@ def test_a_ranking_of_another_shape_is_refused(tiny, tiny_samples):
 
     with pytest.raises(ValueError, match="layers"):
         necessity_outcomes(tiny, tiny_samples, _ranking(HeadShape(2, 8, 2, 8)), 2, draws=1)
+
+
+# ---------------------------------------------------------------------------- CA-3's decision rule
+
+
+def test_ca3_rule_supported_refuted_and_inconclusive():
+    from rh.causal import inverse_verdicts
+    from rh.stats import non_inferiority
+
+    n = 80
+    base = np.ones(n)
+    kept = base.copy()
+    kept[:2] = 0  # lose 2 of 80: well within a 0.1 margin
+    lost = np.r_[np.ones(20), np.zeros(60)]  # 1.00 -> 0.25
+    v = inverse_verdicts(base, {10: kept, 50: lost}, [10, 50], margin=0.1, n_boot=100)
+    assert v[10].supported and v[50].refuted
+    assert "upper bound" in v[50].reason
+    p10 = non_inferiority(kept - base, 0.1, level=0.95)[3]
+    p50 = non_inferiority(lost - base, 0.1, level=0.95)[3]
+    assert p10 < p50 and v[10].p_adjusted == pytest.approx(2 * p10)  # Holm: the smaller of two p doubles
+    assert v[50].p_adjusted == pytest.approx(min(1.0, max(2 * p10, p50)))
+    # 16 samples cannot show non-inferiority at margin 0.1 even with no change, but a collapse is still refuted
+    small = inverse_verdicts(np.ones(16), {10: np.ones(16), 50: np.r_[np.ones(4), np.zeros(12)]}, [10, 50],
+                             margin=0.1, n_boot=100)
+    assert small[10].inconclusive and "use more samples" in small[10].reason
+    assert small[50].refuted
+    # a baseline below the floor has nothing to keep
+    low = inverse_verdicts(np.r_[np.ones(3), np.zeros(13)], {10: np.zeros(16)}, [10], n_boot=100)
+    assert low[10].inconclusive and "below the floor" in low[10].reason
