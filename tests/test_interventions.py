@@ -377,3 +377,23 @@ def test_strata_permutation_p_matches_an_exact_enumeration():
     combos = list(combinations(range(10), 5))
     exact = np.mean([pooled[list(c)].mean() - np.delete(pooled, list(c)).mean() >= obs - 1e-12 for c in combos])
     assert v.p_value == pytest.approx(exact, abs=0.01)
+
+
+def test_intervention_figures_render_from_verdict_details():
+    from rh.plots_interventions import intervention_figures
+
+    iv1 = [{"claim": "IV-1", "params": {"n_heads": n}, "n": 80,
+            "details": {"baseline_accuracy": 1.0, "ablated_accuracy": a, "min_drop": 0.1}}
+           for n, a in ((1, 0.9), (2, 0.5), (3, 0.2))]
+    iv2 = [{"claim": "IV-2", "params": {"mode": "noise"}, "n": 80,
+            "details": {"layer": 17, "hub": 0, "baseline_accuracy": 1.0, "hub_accuracy": 0.1,
+                        "non_hub_accuracy": 1.0}}]
+    iv3 = [{"claim": "IV-3", "params": {"pattern": p}, "n": 80,
+            "details": {"baseline_accuracy": 1.0, "forced_accuracy": a, "heads": ["L1H1"] * 3}}
+           for p, a in (("hub", 0.95), ("uniform", 0.4))]
+    strata = {s: {"n": 10, "baseline_accuracy": 1.0, "accuracy_drop": d, "logprob_drop": d,
+                  "confidence_range": [0, 1]} for s, d in (("hard", 0.5), ("medium", 0.2), ("easy", 0.0))}
+    iv7 = [{"claim": "IV-7", "params": {"strata": 3}, "n": 30, "details": {"strata": strata}}]
+    figs = intervention_figures(iv1 + iv2 + iv3 + iv7 + [{"claim": "IV-4", "params": {}, "details": {}}])
+    assert sorted(t.split(":")[0] for t in figs) == ["IV-1", "IV-2", "IV-3", "IV-7"]
+    assert all(png.startswith(b"\x89PNG") for png in figs.values())
