@@ -1,0 +1,50 @@
+"""Unit tests of rh.causal.selection_conditions: the baseline / top-K / random-K / bottom-K
+conditions the walkthrough notebook evaluates, named as the ablation figures parse them."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from rh.causal import hash_seed, selection_conditions
+from rh.heads import Head, random_heads
+from rh.plots_ablation import curve_frame
+from rh.rankings import Ranking
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def ranking(tiny):
+    """Scores fall with layer * 8 + head: L0H0 best, L3H7 worst."""
+    heads = tiny.shape.all_heads()
+    return Ranking("sum_attention", tiny.shape, {h: float(100 - (h.layer * 8 + h.head)) for h in heads})
+
+
+def test_names_and_heads(tiny, ranking):
+    conds = selection_conditions(tiny, ranking, [2, 4], draws=2, seed=7)
+    assert list(conds) == ["baseline", "top2", "random2#0", "random2#1", "bottom2",
+                           "top4", "random4#0", "random4#1", "bottom4"]
+    assert conds["baseline"] is None
+    opened = {}
+    for name, make in conds.items():
+        if make is not None:
+            with make() as heads:
+                opened[name] = heads
+    assert opened["top2"] == [Head(0, 0), Head(0, 1)]
+    assert opened["bottom4"] == [Head(3, 4), Head(3, 5), Head(3, 6), Head(3, 7)]
+    for k in (2, 4):
+        top = set(opened[f"top{k}"])
+        for d in range(2):  # the draws necessity_outcomes makes for the same seed
+            expect = random_heads(tiny.shape, k, exclude=sorted(top), seed=hash_seed(7, k, d))
+            assert sorted(opened[f"random{k}#{d}"]) == sorted(expect)
+            assert not top & set(opened[f"random{k}#{d}"])
+    frame = curve_frame(pd.DataFrame({"condition": list(conds)}))  # the ablation curve reads these names
+    assert list(frame["selection"]) == ["baseline"] + ["top", "random", "random", "bottom"] * 2
+    assert list(frame["k"]) == [0] + [2] * 4 + [4] * 4
+
+
+def test_options(tiny, ranking):
+    assert list(selection_conditions(tiny, ranking, [3], draws=0, bottom=False, baseline=False)) == ["top3"]
+    with pytest.raises(ValueError, match="draws"):
+        selection_conditions(tiny, ranking, [3], draws=-1)
