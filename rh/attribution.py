@@ -1,0 +1,440 @@
+"""Integrated-gradients attribution of the critical heads' direct effect on the answer (claim
+IV-6: "integrated-gradients attribution of the critical heads concentrates on the needle tokens").
+
+The target of the attribution, for a set of heads H, is their *direct logit attribution* to the
+first answer token at the last prompt position::
+
+    F(x) = sum_{h in H} u . (W_O[:, h] @ o_h(x)[-1]),    u = W_U[a] * g / rms_clean
+
+with ``o_h`` the head's slice of its layer's ``o_proj`` input, ``W_O[:, h]`` the matching columns
+of ``o_proj.weight``, ``W_U[a]`` the unembedding row of the answer token ``a``, ``g`` the final
+norm's weight and ``rms_clean`` the final norm's RMS of the clean run's last-position residual,
+held constant (the norm scale is frozen, as in standard direct logit attribution). ``heads=None``
+attributes the answer token's full logit instead (norm not frozen). Attribution is computed by
+captum's :class:`~captum.attr.IntegratedGradients` over ``inputs_embeds``: per token, the
+attributions are summed over the embedding dimensions.
+
+Precision: IG's completeness (attributions sum to F(x) - F(baseline)) holds up to the quadrature
+error of the path integral and the rounding of every forward and backward. The model is used in
+the dtype it was loaded in (a 70B model cannot be copied to fp32); the embeddings handed to captum,
+its path sums and F itself are float32, cast to the model's dtype at the model's input. In bf16 the
+per-step gradients carry ~3 significant digits, so completeness is looser than in fp32: for a tight
+check load the model with ``dtype="fp32"`` (``rh.models.load_model``); :func:`attribution_concentrates`
+takes the completeness errors and calls the claim inconclusive when any exceeds its tolerance.
+The quadrature error can dominate: on SmolLM2-135M (a 512-token passkey prompt, its top five Wu24
+heads, fp32) F is far from smooth along the straight path for every baseline tried (pad, mean row,
+' the': total variation 7-9 on an 81-point grid against a net change of 2.1), and the completeness
+error was 1.54 / 0.30 / 1.46 at 16 / 32 / 128 Gauss-Legendre steps (bf16: 1.50 / 1.49 at 16 / 32).
+On the tiny random Llama (fp32, token baseline) it is below 1e-6 at 16 steps.
+
+Baseline: the default is the pad token's embedding at every position, not all-zero embeddings.
+At zero embeddings a pre-norm decoder is singular: every RMSNorm divides a vanishing residual by
+``sqrt(mean(x^2) + eps) ~ sqrt(eps)``, amplifying it layer after layer, so F(alpha * x) does not
+tend to F(0) as alpha -> 0 (on SmolLM2-135M in fp32, F(1e-30 x) = 1.55 and F(1e-12 x) = -0.65
+against F(0) = 0 and F(x) = 1.95). The path integral then misses a jump at the baseline and
+completeness fails at any number of steps. A token's embedding (the pad token, the mean row, or
+any token id) keeps every point of the path at a normal scale. An all-zero pad row (a
+``padding_idx`` embedding, untrained reserved tokens) is as singular as 'zeros'; a warning says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from rh.heads import Head, validate_heads
+from rh.models import LoadedModel, hf_model
+from rh.niah import Sample
+from rh.stats import Verdict, bootstrap_ci, decide, min_attainable_p_wilcoxon, ratio_test_greater
+
+log = logging.getLogger(__name__)
+
+CLAIM = "IV-6"
+TEST_NAME = ("one-sided Wilcoxon signed-rank on log(needle mass ratio) (needle share of |IG attribution| over the "
+             "needle's share of tokens)")
+
+
+@dataclass
+class Attribution:
+    """Integrated gradients of one sample: ``token_attr[i]`` is token i's attribution (summed over
+    the embedding dimensions), ``delta`` captum's convergence delta, ``f_input`` / ``f_baseline``
+    the target at the input and at the baseline, and ``completeness_error`` =
+    ``|sum(token_attr) - (f_input - f_baseline)| / max(|f_input - f_baseline|, 1e-6)``."""
+
+    token_attr: np.ndarray
+    delta: float
+    f_input: float
+    f_baseline: float
+    completeness_error: float
+    sample_id: str = ""
+    heads: list[Head] | None = None
+    n_steps: int = 0
+    dtype: str = ""
+    needle_span: tuple[int, int] = (0, 0)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def needle_mass_ratio(self) -> float:
+        return needle_mass_ratio(self.token_attr, self.needle_span)
+
+
+class _Stop(Exception):
+    """Raised inside the forward once every needed head output is captured: later layers cannot
+    change F, so they are not run."""
+
+
+def _attn_modules(model: Any) -> list[torch.nn.Module]:
+    from rh.ablation import attention_modules
+
+    return attention_modules(model)
+
+
+def _final_norm(hf: Any) -> torch.nn.Module:
+    norm = getattr(getattr(hf, "model", hf), "norm", None)
+    if norm is None or not hasattr(norm, "weight"):
+        raise ValueError(f"{type(hf).__name__} has no final norm at .model.norm; rh supports Llama-style models")
+    return norm
+
+
+def _check_sample(model: LoadedModel, sample: Sample) -> None:
+    n = len(sample.input_ids)
+    if n == 0:
+        raise ValueError(f"sample {sample.id!r} has no input tokens")
+    if not sample.answer_ids:
+        raise ValueError(f"sample {sample.id!r} has no answer tokens: the target is the first answer token's logit; "
+                         "build samples with rh.niah")
+    s, e = sample.needle_span
+    if not (0 <= s < e <= n):
+        raise ValueError(f"sample {sample.id!r}: needle_span {sample.needle_span} is outside its {n} tokens; "
+                         "need 0 <= start < end <= len(input_ids)")
+    if n > model.max_positions:
+        raise ValueError(f"sample {sample.id!r} has {n} tokens, more than the model's {model.max_positions} positions")
+
+
+def _check_heads(model: LoadedModel, heads: Sequence[Any] | None) -> list[Head] | None:
+    if heads is None:
+        return None
+    heads = list(heads)
+    if not heads:
+        raise ValueError("heads is empty: pass the critical heads, e.g. ['L14H3'], or heads=None for the full logit")
+    try:
+        return validate_heads(heads, model.shape)
+    except ValueError as exc:
+        raise ValueError(f"heads: {exc}") from None
+
+
+def final_rms(model: LoadedModel, input_ids: Sequence[int]) -> float:
+    """The final norm's RMS, ``sqrt(mean(x^2) + eps)``, of the last-position residual (the last
+    decoder layer's output, before the norm) on the clean prompt."""
+    hf = hf_model(model)
+    norm = _final_norm(hf)
+    eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(mod, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        seen["x"] = x[:, -1].detach().float()
+
+    h = norm.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            ids = torch.tensor([list(input_ids)], dtype=torch.long, device=model.device)
+            hf(input_ids=ids, use_cache=False, logits_to_keep=1)
+    finally:
+        h.remove()
+    x = seen["x"][0]
+    return float(torch.sqrt(x.pow(2).mean() + eps))
+
+
+def head_readouts(model: LoadedModel, heads: Sequence[Head], answer_id: int, rms: float) -> dict[Head, torch.Tensor]:
+    """Per head, ``w_h = W_O[:, h]^T u`` (float32, ``[head_dim]``), so a head's direct logit
+    contribution is ``o_h . w_h``, with ``u = W_U[answer_id] * g / rms``."""
+    hf = hf_model(model)
+    norm = _final_norm(hf)
+    mods = _attn_modules(model)
+    d = model.shape.head_dim
+    w_u = hf.get_output_embeddings().weight[answer_id].detach().float()
+    u = w_u * norm.weight.detach().float().to(w_u.device) / float(rms)
+    out = {}
+    for h in heads:
+        w_o = mods[h.layer].o_proj.weight.detach()
+        cols = w_o[:, h.head * d:(h.head + 1) * d].float()  # [hidden, head_dim]
+        out[h] = cols.T @ u.to(cols.device)
+    return out
+
+
+def _target_fn(model: LoadedModel, heads: list[Head] | None, answer_id: int, rms: float | None):
+    """F(inputs_embeds) -> [batch] float32, for captum (embeddings are cast to the model's dtype)."""
+    hf = hf_model(model)
+    dtype = hf.get_input_embeddings().weight.dtype
+    if heads is None:
+        def full_logit(emb: torch.Tensor) -> torch.Tensor:
+            out = hf(inputs_embeds=emb.to(dtype), use_cache=False, logits_to_keep=1)
+            return out.logits[:, -1, answer_id].float()
+        return full_logit
+
+    readout = head_readouts(model, heads, answer_id, rms)
+    mods = _attn_modules(model)
+    d = model.shape.head_dim
+    layers = sorted({h.layer for h in heads})
+    last = layers[-1]
+
+    def direct_logit(emb: torch.Tensor) -> torch.Tensor:
+        seen: dict[int, torch.Tensor] = {}
+
+        def hook_for(layer: int):
+            def hook(mod, args):
+                seen[layer] = args[0][:, -1]  # [b, n_heads * head_dim], keeps the graph
+                if layer == last:
+                    raise _Stop
+            return hook
+
+        handles = [mods[l].o_proj.register_forward_pre_hook(hook_for(l)) for l in layers]
+        try:
+            hf(inputs_embeds=emb.to(dtype), use_cache=False, logits_to_keep=1)
+        except _Stop:
+            pass
+        finally:
+            for hd in handles:
+                hd.remove()
+        total = torch.zeros(emb.shape[0], dtype=torch.float32, device=emb.device)
+        for h in heads:
+            o = seen[h.layer][:, h.head * d:(h.head + 1) * d].float()
+            w = readout[h]
+            total = total + (o @ w.to(o.device)).to(total.device)
+        return total
+
+    return direct_logit
+
+
+def target_value(model: LoadedModel, sample: Sample, heads: Sequence[Any] | None) -> float:
+    """F at the sample's own embeddings: the heads' direct logit attribution to the first answer
+    token at the last prompt position (``heads=None``: the answer token's logit)."""
+    _check_sample(model, sample)
+    hs = _check_heads(model, heads)
+    answer = int(sample.answer_ids[0])
+    rms = final_rms(model, sample.input_ids) if hs is not None else None
+    f = _target_fn(model, hs, answer, rms)
+    emb = _embeddings(model, sample)
+    with torch.no_grad():
+        return float(f(emb)[0])
+
+
+def _embeddings(model: LoadedModel, sample: Sample) -> torch.Tensor:
+    hf = hf_model(model)
+    ids = torch.tensor([list(sample.input_ids)], dtype=torch.long, device=model.device)
+    with torch.no_grad():
+        return hf.get_input_embeddings()(ids).float()  # [1, L, hidden]
+
+
+def _baseline(model: LoadedModel, emb: torch.Tensor, baseline: Any) -> torch.Tensor:
+    """The baseline embeddings ``[1, L, hidden]`` float32; warns when a position's baseline is
+    (nearly) the zero vector, where completeness cannot hold (see the module docstring)."""
+    table = hf_model(model).get_input_embeddings().weight
+    if isinstance(baseline, bool):
+        raise ValueError(f"baseline={baseline!r}: use 'pad', 'mean', 'zeros', a token id or a tensor")
+    if isinstance(baseline, (int, np.integer)):
+        if not 0 <= int(baseline) < table.shape[0]:
+            raise ValueError(f"baseline={baseline}: not a token id of this model (0..{table.shape[0] - 1})")
+        b = table[int(baseline)].detach().float().expand_as(emb).clone()
+    elif isinstance(baseline, str):
+        if baseline == "zeros":
+            b = torch.zeros_like(emb)
+        elif baseline == "pad":
+            pad = model.tokenizer.pad_token_id
+            if pad is None:
+                raise ValueError("baseline='pad': the tokenizer has no pad token; pass a token id (e.g. the id "
+                                 "of ' the') or baseline='mean'")
+            b = table[int(pad)].detach().float().expand_as(emb).clone()
+        elif baseline == "mean":
+            b = table.detach().float().mean(dim=0).expand_as(emb).clone()
+        else:
+            raise ValueError(f"baseline={baseline!r}: use 'pad', 'mean', 'zeros', a token id or a tensor of the "
+                             "embeddings' shape [seq_len, hidden]")
+    else:
+        b = torch.as_tensor(baseline, dtype=torch.float32, device=emb.device)
+        if b.dim() == 2:
+            b = b.unsqueeze(0)
+        if b.shape != emb.shape:
+            raise ValueError(f"baseline has shape {tuple(b.shape)}, but the sample's embeddings are "
+                             f"{tuple(emb.shape[1:])}: pass [seq_len, hidden] or [1, seq_len, hidden]")
+    typical = float(emb[0].norm(dim=-1).median())
+    weakest = float(b[0].norm(dim=-1).min())
+    if weakest < 1e-2 * typical:
+        what = baseline if isinstance(baseline, (str, int, np.integer)) else "tensor"
+        log.warning("integrated_gradients: the baseline (%s) is (nearly) the zero vector at some position (norm "
+                    "%.2g vs a typical token's %.2g): every RMSNorm rescales a vanishing residual, so F jumps at the "
+                    "baseline and IG's completeness cannot hold; use a token's embedding as the baseline",
+                    what, weakest, typical)
+    return b
+
+
+def integrated_gradients(model: LoadedModel, sample: Sample, heads: Sequence[Any] | None, *, n_steps: int = 32,
+                         baseline: Any = "pad", internal_batch_size: int | None = None,
+                         method: str = "gausslegendre") -> Attribution:
+    """Integrated gradients of F (see the module docstring) w.r.t. the sample's input embeddings.
+
+    ``heads``: Heads or specs ('L14H3', (14, 3)); None attributes the answer token's full logit.
+    ``baseline``: 'pad' (the pad token's embedding at every position), 'mean' (the mean embedding
+    row), a token id (that token's embedding everywhere), 'zeros' (all-zero embeddings: see the
+    module docstring for why completeness fails there) or a ``[seq_len, hidden]`` tensor.
+    ``internal_batch_size`` bounds how many of the ``n_steps`` path points run in one
+    forward/backward (None: all at once; memory grows with it, with the sequence length and with
+    the depth of the deepest head, since later layers are not run). ``method`` is captum's
+    quadrature ('gausslegendre', 'riemann_trapezoid', ...).
+
+    Runs in the model's dtype with float32 inputs and sums. IG wants fp32 (see the module
+    docstring): bf16 rounding adds to the quadrature error; always read ``completeness_error``.
+    """
+    from captum.attr import IntegratedGradients
+
+    _check_sample(model, sample)
+    hs = _check_heads(model, heads)
+    if n_steps < 1:
+        raise ValueError(f"n_steps={n_steps}: integrated gradients needs at least one step (32 or more is usual)")
+    if internal_batch_size is not None and internal_batch_size < 1:
+        raise ValueError(f"internal_batch_size={internal_batch_size}: use None (all steps at once) or >= 1")
+    dtype = hf_model(model).get_input_embeddings().weight.dtype
+    if dtype != torch.float32:
+        log.info("integrated_gradients on a %s model: completeness is only approximate; load fp32 for a tight check",
+                 str(dtype).removeprefix("torch."))
+    answer = int(sample.answer_ids[0])
+    rms = final_rms(model, sample.input_ids) if hs is not None else None
+    f = _target_fn(model, hs, answer, rms)
+    emb = _embeddings(model, sample)
+    base = _baseline(model, emb, baseline)
+    with torch.no_grad():
+        f_in = float(f(emb)[0])
+        f_base = float(f(base)[0])
+    ig = IntegratedGradients(f)
+    attr, delta = ig.attribute(emb, baselines=base, n_steps=n_steps, method=method,
+                               internal_batch_size=internal_batch_size, return_convergence_delta=True)
+    token_attr = attr[0].detach().double().sum(dim=-1).cpu().numpy()
+    diff = f_in - f_base
+    err = abs(float(token_attr.sum()) - diff) / max(abs(diff), 1e-6)
+    return Attribution(token_attr, float(delta.reshape(-1)[0]), f_in, f_base, float(err), sample.id, hs, n_steps,
+                       str(dtype).removeprefix("torch."), tuple(sample.needle_span),
+                       {"baseline": baseline if isinstance(baseline, (str, int, np.integer)) else "tensor",
+                        "method": method, "rms_clean": rms, "answer_id": answer})
+
+
+# ---------------------------------------------------------------------------- concentration
+
+
+def needle_mass_ratio(token_attr: Any, needle_span: tuple[int, int]) -> float:
+    """Share of the absolute attribution on the needle tokens over the needle's share of tokens:
+    ``(sum |attr[s:e]| / sum |attr|) / ((e - s) / len(attr))``. 1 = no concentration."""
+    a = np.abs(np.asarray(token_attr, dtype=float))
+    if a.ndim != 1 or a.size == 0:
+        raise ValueError(f"needle_mass_ratio: token_attr must be a non-empty 1-D array (one value per token), "
+                         f"got shape {a.shape}")
+    if not np.isfinite(a).all():
+        raise ValueError("needle_mass_ratio: token_attr contains NaN or inf; check the attribution run")
+    try:
+        s, e = (int(x) for x in needle_span)
+    except (TypeError, ValueError):
+        raise ValueError(f"needle_mass_ratio: needle_span must be a (start, end) pair, got {needle_span!r}") from None
+    n = a.size
+    if not (0 <= s < e <= n):
+        raise ValueError(f"needle_mass_ratio: needle_span {(s, e)} is outside the sequence of {n} tokens; need "
+                         f"0 <= start < end <= {n} (the span of the same sample the attributions belong to)")
+    total = a.sum()
+    if total == 0:
+        raise ValueError("needle_mass_ratio: every attribution is zero, so no share can be computed; check that the "
+                         "target depends on the input (heads in the model, F(input) != F(baseline))")
+    return float((a[s:e].sum() / total) / ((e - s) / n))
+
+
+def attribution_concentrates(ratios: Any, *, alpha: float = 0.05, completeness_errors: Any = None,
+                             tolerance: float = 0.05, sample_ids: Sequence[str] | None = None,
+                             params: dict | None = None, n_boot: int = 10_000, seed: int = 0) -> Verdict:
+    """IV-6: the critical heads' IG attribution concentrates on the needle (needle mass ratio > 1).
+
+    ``ratios`` holds one :func:`needle_mass_ratio` per sample. Test: one-sided Wilcoxon
+    signed-rank on log(ratio) (:func:`rh.stats.ratio_test_greater` with threshold 1). Effect =
+    log(median ratio) (> 0 as claimed), with a percentile bootstrap CI of the log median over
+    samples. Inconclusive when any sample's IG completeness error exceeds ``tolerance`` (the
+    attributions do not account for F, so their distribution is not trusted), or when there are
+    too few samples for the test to reach ``alpha``. Ratios of exactly 0 (no attribution at all
+    on the needle) are floored at 1e-12 before the log, which keeps their rank.
+    """
+    r = np.asarray(ratios, dtype=float).ravel()
+    n = r.size
+    ids = list(sample_ids) if sample_ids is not None else [f"#{i}" for i in range(n)]
+    if len(ids) != n:
+        raise ValueError(f"attribution_concentrates: {len(ids)} sample_ids for {n} ratios; pass one id per ratio")
+    if n == 0:
+        raise ValueError("attribution_concentrates: ratios is empty; pass one needle_mass_ratio per sample")
+    if not np.isfinite(r).all() or (r < 0).any():
+        raise ValueError("attribution_concentrates: ratios must be finite and >= 0 (needle_mass_ratio's output)")
+    base_params = {"tolerance": tolerance, **(params or {})}
+    eff_name = "log(median needle mass ratio); > 0 as claimed"
+    details: dict[str, Any] = {"ratios": [round(float(x), 4) for x in r]}
+    if completeness_errors is not None:
+        ce = np.asarray(completeness_errors, dtype=float).ravel()
+        if ce.size != n:
+            raise ValueError(f"attribution_concentrates: {ce.size} completeness_errors for {n} ratios; pass one per "
+                             "sample (Attribution.completeness_error), in the same order")
+        details["completeness_errors"] = [float(x) for x in ce]
+        bad = [i for i in range(n) if not (ce[i] <= tolerance)]
+        if bad:
+            worst = max(bad, key=lambda i: ce[i] if math.isfinite(ce[i]) else math.inf)
+            listed = ", ".join(f"{ids[i]} ({ce[i]:.3g})" for i in bad[:10])
+            return Verdict(
+                CLAIM, base_params, "inconclusive",
+                f"IG completeness fails on {len(bad)} of {n} samples beyond tolerance {tolerance:g}: {listed}"
+                f"{' ...' if len(bad) > 10 else ''}; worst {ids[worst]} off by {ce[worst]:.3g} of F(x) - F(baseline)."
+                " Use more n_steps or an fp32 model", TEST_NAME, None, None, None, None, None, n=n, alpha=alpha,
+                effect_name=eff_name, details={**details, "failed": [ids[i] for i in bad]})
+    min_p = min_attainable_p_wilcoxon(n)
+    if min_p >= alpha:
+        return Verdict(CLAIM, base_params, "inconclusive",
+                       f"{n} samples cannot reach p < {alpha:g} with a one-sided signed-rank test (smallest p "
+                       f"{min_p:.3g}); use at least {math.floor(math.log(alpha) / math.log(0.5)) + 1}",
+                       TEST_NAME, None, None, None, None, None, n=n, alpha=alpha, effect_name=eff_name,
+                       details=details)
+    floored = np.maximum(r, 1e-12)
+    med, p = ratio_test_greater(floored, 1.0)
+    logs = np.log(floored)
+    effect = float(np.log(med))
+    ci = bootstrap_ci(logs, np.median, n_boot=n_boot, level=0.95, seed=seed)
+    status, why = decide(p, effect, alpha)
+    details.update({"median_ratio": med, "ci_median_ratio": [math.exp(ci[0]), math.exp(ci[1])]})
+    return Verdict(
+        CLAIM, base_params, status,
+        f"median over {n} samples: the heads' |IG attribution| per needle token is {med:.2f}x its uniform share "
+        f"(95% CI {math.exp(ci[0]):.2f}-{math.exp(ci[1]):.2f}x); {why}",
+        TEST_NAME, med, p, p, effect, ci, n=n, alpha=alpha, effect_name=eff_name, details=details,
+    )
+
+
+# ---------------------------------------------------------------------------- figure
+
+
+def attribution_figure(token_attr: Any, needle_span: tuple[int, int], title: str = "IG attribution") -> bytes:
+    """Per-token attribution along the prompt with the needle span shaded. PNG bytes."""
+    from rh.plots import _png, plt
+
+    a = np.asarray(token_attr, dtype=float)
+    if a.ndim != 1 or a.size == 0:
+        raise ValueError(f"attribution_figure: token_attr must be a non-empty 1-D array, got shape {a.shape}")
+    s, e = (int(x) for x in needle_span)
+    if not (0 <= s < e <= a.size):
+        raise ValueError(f"attribution_figure: needle_span {(s, e)} is outside the sequence of {a.size} tokens")
+    fig, ax = plt.subplots(figsize=(7.0, 3.0))
+    x = np.arange(a.size)
+    ax.axvspan(s - 0.5, e - 0.5, color="gold", alpha=0.35, lw=0, label="needle")
+    ax.bar(x, a, width=1.0, color=np.where(a >= 0, "tab:blue", "tab:red"), lw=0)
+    ax.axhline(0, color="0.3", lw=0.6)
+    ax.set_xlim(-0.5, a.size - 0.5)
+    ax.set_xlabel("token position")
+    ax.set_ylabel("attribution (sum over embedding dims)")
+    ax.set_title(title)
+    ax.legend(frameon=False, fontsize=8)
+    return _png(fig)

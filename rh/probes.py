@@ -1,0 +1,332 @@
+"""Linear probes on the residual stream (claim IV-5: "the answer becomes linearly decodable at or
+after the critical heads' layers").
+
+:func:`last_token_residuals` reads the residual stream at the last prompt token after every
+decoder layer, :func:`layer_probes` fits a cross-validated linear probe per residual index that
+predicts the first answer token, and :func:`decodable_after_heads` turns the per-layer accuracies
+into a :class:`~rh.stats.Verdict` by comparing the first decodable index with the critical heads'
+layers.
+
+Residual indices: index 0 is the input of layer 0 (the token embeddings), index ``l + 1`` the
+residual after decoder layer ``l``. A head in layer ``L`` first writes into index ``L + 1``.
+Every index is the *un-normed* residual: transformers' ``output_hidden_states`` replaces its last
+entry by the final norm's output (``capture_outputs(tie_last_hidden_states=True)`` in
+transformers 5), so the residuals are read with hooks on the decoder layers instead, which also
+keeps only the last column rather than every position of every layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from rh.models import LoadedModel, hf_model
+from rh.niah import Sample
+from rh.stats import Verdict, holm, min_attainable_p_binomial
+
+log = logging.getLogger(__name__)
+
+CLAIM = "IV-5"
+TEST_NAME = ("cross-validated linear probe per residual index (StandardScaler + L2 logistic regression), exact "
+             "one-sided binomial test of its hits against the majority-class rate, Holm across indices")
+
+
+# ---------------------------------------------------------------------------- residuals
+
+
+def decoder_layers(model: Any) -> list[torch.nn.Module]:
+    """The decoder layers of a Llama-style model, in order."""
+    hf = hf_model(model)
+    layers = getattr(getattr(hf, "model", hf), "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(hf).__name__} has no decoder layers at .model.layers; rh supports Llama-style models")
+    return list(layers)
+
+
+def last_token_residuals(model: LoadedModel, samples: Sequence[Sample], *, batch_size: int = 8,
+                         progress: bool = True) -> np.ndarray:
+    """The residual stream at each sample's last prompt token, before layer 0 and after every layer.
+
+    Returns ``[n_samples, n_layers + 1, hidden]`` float32 in the order of ``samples``: index 0 is
+    the input of layer 0 (the embeddings), index ``l + 1`` the output of decoder layer ``l``,
+    none of them passed through the final norm (unlike ``output_hidden_states``' last entry).
+    Samples are left-padded per batch (:func:`rh.batching.make_batches`), so the last prompt
+    token is the last column; only the prompt is run (no answer tokens), ``logits_to_keep=1``.
+    """
+    from rh.batching import make_batches
+
+    samples = list(samples)
+    if not samples:
+        raise ValueError("last_token_residuals: samples is empty; pass at least one Sample")
+    layers = decoder_layers(model)
+    n_layers = len(layers)
+    hidden = int(hf_model(model).config.hidden_size)
+    out = np.zeros((len(samples), n_layers + 1, hidden), dtype=np.float32)
+    # rows of a batch back to positions in `samples` (make_batches reorders by length)
+    slots: dict[int, list[int]] = {}
+    for i, s in enumerate(samples):
+        slots.setdefault(id(s), []).append(i)
+
+    seen: dict[int, torch.Tensor] = {}
+
+    def pre_hook(mod, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        seen[0] = x[:, -1].detach().float().cpu()
+
+    def post_hook(idx):
+        def hook(mod, args, output):
+            x = output[0] if isinstance(output, (tuple, list)) else output
+            seen[idx] = x[:, -1].detach().float().cpu()
+        return hook
+
+    handles = [layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)]
+    handles += [layer.register_forward_hook(post_hook(l + 1)) for l, layer in enumerate(layers)]
+    n_batches = math.ceil(len(samples) / batch_size)
+    try:
+        bar = tqdm(make_batches(samples, batch_size, model.tokenizer.pad_token_id), total=n_batches,
+                   desc="residuals", unit="batch", disable=not progress, leave=False)
+        for batch in bar:
+            seen.clear()
+            with torch.no_grad():
+                hf_model(model)(**batch.model_inputs(model.device), logits_to_keep=1, use_cache=False)
+            stack = torch.stack([seen[i] for i in range(n_layers + 1)], dim=1).numpy()  # [b, n_layers+1, hidden]
+            for row, s in enumerate(batch.samples):
+                out[slots[id(s)].pop(0)] = stack[row]
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+def answer_labels(samples: Sequence[Sample]) -> np.ndarray:
+    """The first gold answer token id of every sample, ``[n_samples]`` int64: the probe's target."""
+    empty = [s.id for s in samples if not s.answer_ids]
+    if empty:
+        raise ValueError(f"answer_labels: samples {empty[:5]} have no answer tokens; build them with rh.niah")
+    return np.array([int(s.answer_ids[0]) for s in samples], dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------- probes
+
+
+def _probe(C: float, max_iter: int, seed: int):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter, random_state=seed))
+
+
+def layer_probes(features: Any, labels: Any, *, folds: int = 5, seed: int = 0, C: float = 1.0,
+                 max_iter: int = 5000, progress: bool = True) -> pd.DataFrame:
+    """A cross-validated linear probe per residual index: can ``features[:, i]`` predict ``labels``?
+
+    ``features`` is ``[n_samples, n_indices, hidden]`` (from :func:`last_token_residuals`),
+    ``labels`` ``[n_samples]`` (from :func:`answer_labels`). Classes with a single member cannot
+    be both trained on and tested, so they are dropped (with a logged warning); ``folds`` is
+    lowered to the smallest remaining class count, and at least 2 folds are used. The probe is
+    ``StandardScaler`` then L2 logistic regression (``C``), fit in float64 on stratified, shuffled
+    (``seed``) folds; every kept sample is predicted once, by the probe not trained on it.
+
+    One row per residual index: ``layer`` (the index), ``accuracy``, ``n``, ``n_correct``,
+    ``chance`` (the majority-class frequency, what a constant predictor gets), ``p_value`` (exact
+    one-sided binomial test of ``n_correct`` out of ``n`` against ``chance``), ``n_classes`` and
+    ``folds``. With fewer than two classes of two or more members nothing can be probed: the rows
+    have NaN accuracy and p = 1 (and :func:`decodable_after_heads` says inconclusive).
+    """
+    from scipy.stats import binomtest
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    X = np.asarray(features)
+    y = np.asarray(labels)
+    if X.ndim != 3:
+        raise ValueError(f"layer_probes: features must be [n_samples, n_indices, hidden], got shape {X.shape}; "
+                         "pass the output of last_token_residuals")
+    if y.ndim != 1:
+        raise ValueError(f"layer_probes: labels must be 1-D [n_samples], got shape {y.shape}")
+    if len(X) != len(y):
+        raise ValueError(f"layer_probes: features has {len(X)} samples but labels has {len(y)}; pass one label "
+                         "per sample, in the same order (answer_labels(samples) for last_token_residuals(model, "
+                         "samples))")
+    if folds < 2:
+        raise ValueError(f"layer_probes: folds={folds}; cross-validation needs at least 2")
+    if not np.isfinite(X).all():
+        raise ValueError("layer_probes: features contain NaN or inf; check the model's dtype (fp16 overflow?)")
+
+    classes, counts = np.unique(y, return_counts=True)
+    singles = classes[counts < 2]
+    if len(singles):
+        log.warning("layer_probes: dropping %d sample(s) whose label occurs once (%s): a class needs 2 members "
+                    "to be both trained on and tested", len(singles), ", ".join(map(str, singles[:10])))
+    keep = ~np.isin(y, singles)
+    X, y = X[keep], y[keep]
+    classes, counts = np.unique(y, return_counts=True)
+    n = len(y)
+    n_idx = X.shape[1]
+    if len(classes) < 2:
+        log.warning("layer_probes: %d class(es) with 2+ members after dropping singletons; nothing to probe",
+                    len(classes))
+        chance = 1.0 if n else float("nan")
+        return pd.DataFrame({"layer": np.arange(n_idx), "accuracy": np.nan, "n": n, "n_correct": 0,
+                             "chance": chance, "p_value": 1.0, "n_classes": len(classes), "folds": 0})
+    k = max(2, min(int(folds), int(counts.min())))
+    if k < folds:
+        log.info("layer_probes: %d folds instead of %d (the smallest class has %d members)", k, folds, counts.min())
+    chance = float(counts.max() / n)
+    cv = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    rows = []
+    unconverged = 0
+    for i in tqdm(range(n_idx), desc="probes", unit="layer", disable=not progress, leave=False):
+        Xi = X[:, i].astype(np.float64)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            pred = cross_val_predict(_probe(C, max_iter, seed), Xi, y, cv=cv)
+        unconverged += sum(issubclass(w.category, ConvergenceWarning) for w in caught)
+        n_correct = int((pred == y).sum())
+        p = float(binomtest(n_correct, n, chance, alternative="greater").pvalue)
+        rows.append({"layer": i, "accuracy": n_correct / n, "n": n, "n_correct": n_correct, "chance": chance,
+                     "p_value": min(1.0, p), "n_classes": len(classes), "folds": k})
+    if unconverged:
+        log.warning("layer_probes: %d probe fit(s) did not converge in max_iter=%d; raise max_iter", unconverged,
+                    max_iter)
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------- verdict
+
+
+def _layers_of(critical_layers: Any) -> list[int]:
+    out = []
+    for x in critical_layers:
+        layer = getattr(x, "layer", x)  # a Head or a layer index
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+            raise ValueError(f"critical_layers: {x!r} is neither a layer index nor a Head; pass e.g. [14, 16] or "
+                             "the critical Heads themselves")
+        out.append(int(layer))
+    return out
+
+
+def decodable_after_heads(df: pd.DataFrame, critical_layers: Sequence[int], *, alpha: float = 0.05,
+                          params: dict | None = None) -> Verdict:
+    """IV-5: the answer becomes linearly decodable at or after the critical heads' layers.
+
+    ``df`` is :func:`layer_probes`' table (rows = residual indices 0..n_layers), ``critical_layers``
+    the layers of the critical heads (ints, or Heads). Holm across the indices; the onset is the
+    first index whose adjusted p < ``alpha``. A head in layer L first writes into index L + 1, so:
+
+    * supported: the onset exists and is >= min(critical_layers) + 1;
+    * refuted: the onset is <= min(critical_layers): the answer was decodable before any critical
+      head wrote to the residual stream;
+    * inconclusive: no index is decodable above chance (the claim cannot be tested), or there are
+      too few samples for the exact binomial test to reach alpha / (number of indices) at all.
+
+    Effect = onset - (min critical layer + 1): >= 0 is as claimed (0 = decodable exactly where the
+    first critical head writes), negative refutes it.
+    """
+    need = {"layer", "accuracy", "n", "n_correct", "chance", "p_value"}
+    missing = need - set(df.columns)
+    if missing:
+        raise ValueError(f"decodable_after_heads: df lacks columns {sorted(missing)}; pass layer_probes' output")
+    if len(df) < 2:
+        raise ValueError(f"decodable_after_heads: df has {len(df)} row(s); need one per residual index (n_layers + 1)")
+    df = df.sort_values("layer").reset_index(drop=True)
+    idx = df["layer"].to_numpy(int)
+    if not np.array_equal(idx, np.arange(len(df))):
+        raise ValueError(f"decodable_after_heads: df's layer column must be 0..{len(df) - 1} once each, got "
+                         f"{idx.tolist()}")
+    n_layers = len(df) - 1
+    crit = sorted(set(_layers_of(critical_layers)))
+    if not crit:
+        raise ValueError("decodable_after_heads: critical_layers is empty; pass the layers of the critical heads")
+    bad = [c for c in crit if not 0 <= c < n_layers]
+    if bad:
+        raise ValueError(f"decodable_after_heads: critical layers {bad} are outside the model's layers "
+                         f"0..{n_layers - 1} (df has {n_layers + 1} residual indices)")
+    first_write = crit[0] + 1
+    acc = df["accuracy"].to_numpy(float)
+    chance = float(df["chance"].iloc[0])
+    n = int(df["n"].iloc[0])
+    m = len(df)
+    base_params = {"critical_layers": crit, **(params or {})}
+    details = {"accuracy": [None if math.isnan(a) else round(float(a), 4) for a in acc], "chance": chance,
+               "onset": None, "critical_layers": crit, "first_write_index": first_write, "n_indices": m}
+
+    def _inconclusive(reason: str, p_adj: list[float] | None = None) -> Verdict:
+        if p_adj is not None:
+            details["p_adjusted"] = [float(p) for p in p_adj]
+        return Verdict(CLAIM, base_params, "inconclusive", reason, TEST_NAME, None, None, None, None, None,
+                       n=n, alpha=alpha, effect_name="onset index - (min critical layer + 1)", details=details)
+
+    if np.isnan(acc).all():
+        return _inconclusive("the labels have fewer than two answer tokens with two or more samples each: "
+                             "there is nothing for a probe to decode")
+    min_p = min_attainable_p_binomial(n, chance, "greater") if 0 < chance < 1 else 1.0
+    if min_p >= alpha / m:
+        return _inconclusive(f"{n} samples at chance {chance:.3f} cannot reach p < alpha/{m} = {alpha / m:.2g} with "
+                             f"an exact binomial test even at 100% accuracy (smallest p {min_p:.2g}); use more samples")
+    p_raw = df["p_value"].to_numpy(float)
+    p_adj = holm(p_raw.tolist())
+    sig = [i for i in range(m) if p_adj[i] < alpha]
+    if not sig:
+        best = int(np.nanargmax(acc))
+        return _inconclusive(
+            f"no residual index decodes the answer above chance after Holm (best: index {best}, accuracy "
+            f"{acc[best]:.2f} vs chance {chance:.2f}, adjusted p {p_adj[best]:.3g}): the claim cannot be tested",
+            p_adj)
+    onset = sig[0]
+    effect = float(onset - first_write)
+    details.update({"onset": onset, "p_adjusted": [float(p) for p in p_adj], "significant_indices": sig})
+    where = (f"the answer is first linearly decodable at residual index {onset} (after layer {onset - 1})"
+             if onset else "the answer is linearly decodable already in the embeddings (index 0)")
+    where += f", accuracy {acc[onset]:.2f} vs chance {chance:.2f}, adjusted p {p_adj[onset]:.3g}"
+    if onset >= first_write:
+        status = "supported"
+        why = f"at or after index {first_write}, where the first critical head (layer {crit[0]}) writes"
+    else:
+        status = "refuted"
+        why = f"before index {first_write}, where the first critical head (layer {crit[0]}) writes"
+    return Verdict(CLAIM, base_params, status, f"{where}: {why}", TEST_NAME, float(onset), float(p_raw[onset]),
+                   float(p_adj[onset]), effect, None, n=n, alpha=alpha,
+                   effect_name="onset index - (min critical layer + 1); >= 0 as claimed", details=details)
+
+
+# ---------------------------------------------------------------------------- figure
+
+
+def probe_figure(df: pd.DataFrame, critical_layers: Sequence[int], *, alpha: float = 0.05,
+                 title: str = "IV-5: linear decodability of the answer") -> bytes:
+    """Probe accuracy per residual index with the chance line, a dotted line at index L + 1 for every
+    critical head's layer L, and the onset (first Holm-significant index) marked. PNG bytes."""
+    from rh.plots import _png, plt
+
+    df = df.sort_values("layer")
+    crit = sorted(set(_layers_of(critical_layers)))
+    x = df["layer"].to_numpy(int)
+    acc = df["accuracy"].to_numpy(float)
+    fig, ax = plt.subplots(figsize=(6.0, 3.6))
+    ax.plot(x, acc, "o-", color="tab:blue", ms=4, label="probe accuracy (cross-validated)")
+    ax.axhline(float(df["chance"].iloc[0]), color="0.5", ls="--", lw=1, label="chance (majority class)")
+    for i, c in enumerate(crit):
+        ax.axvline(c + 1, color="tab:red", ls=":", lw=1.2, label="critical head writes (L+1)" if i == 0 else None)
+    p = df["p_value"].to_numpy(float)
+    if np.isfinite(acc).any():
+        p_adj = np.array(holm(p.tolist()))
+        sig = np.flatnonzero(p_adj < alpha)
+        if len(sig):
+            o = int(x[sig[0]])
+            ax.plot([o], [acc[sig[0]]], "*", color="tab:green", ms=14, label=f"onset (index {o})")
+    ax.set_xlabel("residual index (0 = embeddings, l+1 = after layer l)")
+    ax.set_ylabel("accuracy on the first answer token")
+    ax.set_ylim(-0.05, 1.05)
+    ax.legend(frameon=False, fontsize=7, loc="upper left")
+    ax.set_title(title)
+    return _png(fig)

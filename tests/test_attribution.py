@@ -1,0 +1,129 @@
+"""IV-6's attribution: the direct-logit target, captum IG's completeness on the tiny model, the
+needle mass ratio and the decision rule."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from rh.attribution import (
+    attribution_concentrates,
+    attribution_figure,
+    integrated_gradients,
+    needle_mass_ratio,
+    target_value,
+)
+from rh.heads import Head
+
+pytestmark = pytest.mark.unit
+
+HEADS = [Head(1, 2), Head(2, 5), Head(2, 0)]
+
+
+@pytest.fixture(scope="module")
+def short(tiny):
+    """One 96-token passkey prompt: IG runs n_steps forwards and backwards, so keep it short."""
+    from rh.niah import build_passkey_samples
+
+    return build_passkey_samples(tiny.tokenizer, lengths=[96], depths=[0.5], n_per_setting=1, seed=3,
+                                 max_positions=tiny.max_positions)[0]
+
+
+def test_the_target_is_the_heads_direct_logit_attribution(tiny, short):
+    """Recomputed by hand: capture the o_proj inputs, project through W_O, the final norm's weight
+    over the clean RMS, and the answer token's unembedding row."""
+    hf = tiny.model
+    d = tiny.shape.head_dim
+    seen = {}
+    hooks = [hf.model.layers[l].self_attn.o_proj.register_forward_pre_hook(
+        lambda m, args, _l=l: seen.__setitem__(_l, args[0][0, -1].clone())) for l in (1, 2)]
+    hooks.append(hf.model.norm.register_forward_pre_hook(lambda m, args: seen.__setitem__("res", args[0][0, -1])))
+    try:
+        with torch.no_grad():
+            logits = hf(input_ids=torch.tensor([list(short.input_ids)])).logits[0, -1]
+    finally:
+        for h in hooks:
+            h.remove()
+    a = short.answer_ids[0]
+    res = seen["res"].double()
+    rms = torch.sqrt(res.pow(2).mean() + hf.model.norm.variance_epsilon)
+    u = hf.lm_head.weight[a].double() * hf.model.norm.weight.double() / rms
+    want = sum(float(u @ (hf.model.layers[h.layer].self_attn.o_proj.weight[:, h.head * d:(h.head + 1) * d].double()
+                          @ seen[h.layer][h.head * d:(h.head + 1) * d].double())) for h in HEADS)
+    assert target_value(tiny, short, HEADS) == pytest.approx(want, rel=1e-4, abs=1e-6)
+    assert target_value(tiny, short, ["L1H2"]) != pytest.approx(want)
+    # heads=None: the answer token's full logit
+    assert target_value(tiny, short, None) == pytest.approx(float(logits[a]), rel=1e-4, abs=1e-5)
+
+
+def test_ig_completeness_holds_on_the_tiny_model_in_fp32(tiny, short, caplog):
+    # a token's embedding as the baseline keeps the path away from all-zero embeddings, where every
+    # RMSNorm amplifies a vanishing residual by 1/sqrt(eps) and F jumps at the baseline
+    the = tiny.tokenizer(" the", add_special_tokens=False).input_ids[0]
+    with caplog.at_level(logging.WARNING, logger="rh.attribution"):
+        attr = integrated_gradients(tiny, short, HEADS, n_steps=16, baseline=the)
+    assert "zero vector" not in caplog.text
+    assert attr.token_attr.shape == (len(short.input_ids),)
+    assert attr.dtype == "float32" and attr.heads == HEADS and attr.sample_id == short.id
+    assert attr.f_input == pytest.approx(target_value(tiny, short, HEADS), rel=1e-5, abs=1e-7)
+    assert abs(attr.f_input - attr.f_baseline) > 1e-3
+    assert attr.completeness_error < 1e-3
+    assert attr.delta == pytest.approx(attr.token_attr.sum() - (attr.f_input - attr.f_baseline), abs=1e-4)
+    assert attr.needle_mass_ratio == pytest.approx(needle_mass_ratio(attr.token_attr, short.needle_span))
+    png = attribution_figure(attr.token_attr, short.needle_span, "test")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_zero_baseline_is_flagged(tiny, short, caplog):
+    """The tiny model's pad row is zero (``padding_idx``): the 'pad' baseline is as singular as 'zeros'."""
+    assert float(tiny.model.get_input_embeddings().weight[tiny.tokenizer.pad_token_id].abs().max()) == 0.0
+    with caplog.at_level(logging.WARNING, logger="rh.attribution"):
+        attr = integrated_gradients(tiny, short, [Head(0, 1)], n_steps=2)
+    assert "zero vector" in caplog.text and attr.f_baseline == 0.0
+
+
+def test_needle_mass_ratio_on_a_hand_made_vector():
+    attr = np.array([1.0, -1.0, 4.0, -4.0, 0.0, 2.0, 0.0, 0.0])  # |attr| sums to 12
+    # needle [2, 4): |4| + |-4| = 8 of 12, over 2 of 8 tokens: (8/12) / (2/8) = 8/3
+    assert needle_mass_ratio(attr, (2, 4)) == pytest.approx(8 / 3)
+    assert needle_mass_ratio(np.ones(10), (3, 7)) == pytest.approx(1.0)
+    assert needle_mass_ratio(attr, (6, 8)) == 0.0
+
+
+def test_verdict_rule():
+    rng = np.random.default_rng(0)
+    high = np.exp(rng.normal(1.0, 0.3, size=12))
+    v = attribution_concentrates(high)
+    assert v.supported and v.claim == "IV-6" and v.effect == pytest.approx(np.log(np.median(high)))
+    lo, hi = v.ci
+    assert lo <= v.effect <= hi and v.p_value < 0.001
+    flat = np.exp(rng.normal(-0.5, 0.3, size=12))
+    assert attribution_concentrates(flat).refuted
+    few = attribution_concentrates(high[:4])  # 0.5**4 = 0.0625 cannot pass 0.05
+    assert few.inconclusive and "at least 5" in few.reason
+    errs = np.full(12, 0.01)
+    errs[3] = 0.4
+    bad = attribution_concentrates(high, completeness_errors=errs, sample_ids=[f"s{i}" for i in range(12)])
+    assert bad.inconclusive and "s3 (0.4)" in bad.reason and bad.details["failed"] == ["s3"]
+    assert attribution_concentrates(high, completeness_errors=errs, tolerance=0.5).supported
+
+
+def test_bad_input_is_refused_with_the_fix(tiny, short):
+    with pytest.raises(ValueError, match=r"heads: head L4H0 is outside the model: it has layers 0..3"):
+        integrated_gradients(tiny, short, [Head(4, 0)], n_steps=2)
+    with pytest.raises(ValueError, match="heads is empty"):
+        target_value(tiny, short, [])
+    with pytest.raises(ValueError, match=r"needle_span \(90, 100\) is outside the sequence of 96 tokens"):
+        needle_mass_ratio(np.ones(96), (90, 100))
+    import dataclasses
+
+    broken = dataclasses.replace(short, needle_span=(10, 999))
+    with pytest.raises(ValueError, match="needle_span .* is outside its 96 tokens"):
+        integrated_gradients(tiny, broken, HEADS, n_steps=2)
+    with pytest.raises(ValueError, match="3 completeness_errors for 12 ratios"):
+        attribution_concentrates(np.ones(12), completeness_errors=[0, 0, 0])
+    with pytest.raises(ValueError, match="baseline='nope'"):
+        integrated_gradients(tiny, short, HEADS, n_steps=2, baseline="nope")

@@ -1,0 +1,157 @@
+"""IV-5's probes: residuals at the last prompt token, cross-validated layer probes, the decision rule."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from rh.probes import answer_labels, decodable_after_heads, last_token_residuals, layer_probes, probe_figure
+
+pytestmark = pytest.mark.unit
+
+
+# ---------------------------------------------------------------------------- residuals
+
+
+@pytest.fixture(scope="module")
+def mixed(tiny, tiny_samples):
+    """Two samples of different lengths, so a batch of both is left-padded."""
+    from rh.niah import build_passkey_samples
+
+    short = build_passkey_samples(tiny.tokenizer, lengths=[96], depths=[0.5], n_per_setting=1, seed=2,
+                                  max_positions=tiny.max_positions)
+    return [tiny_samples[1], short[0]]
+
+
+def test_residuals_have_one_row_per_index_and_start_with_the_last_tokens_embedding(tiny, tiny_samples):
+    res = last_token_residuals(tiny, tiny_samples[:2], batch_size=2, progress=False)
+    n_layers, hidden = tiny.shape.n_layers, tiny.model.config.hidden_size
+    assert res.shape == (2, n_layers + 1, hidden) and res.dtype == np.float32
+    emb = tiny.model.get_input_embeddings().weight
+    for i, s in enumerate(tiny_samples[:2]):
+        np.testing.assert_allclose(res[i, 0], emb[s.input_ids[-1]].detach().numpy(), rtol=0, atol=1e-7)
+    # indices 0..n_layers-1 are transformers' hidden states; the last is the un-normed residual,
+    # where transformers returns the final norm's output
+    ids = torch.tensor([list(tiny_samples[0].input_ids)])
+    with torch.no_grad():
+        hs = tiny.model(input_ids=ids, output_hidden_states=True).hidden_states
+    for i in range(n_layers):
+        np.testing.assert_allclose(res[0, i], hs[i][0, -1].numpy(), rtol=1e-5, atol=1e-5)
+    normed = tiny.model.model.norm(torch.tensor(res[0, -1])[None])[0]
+    np.testing.assert_allclose(normed.detach().numpy(), hs[-1][0, -1].numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_left_padded_batch_equals_each_sample_alone(tiny, mixed):
+    assert len(mixed[0].input_ids) != len(mixed[1].input_ids)
+    batched = last_token_residuals(tiny, mixed, batch_size=2, progress=False)  # longest last: order restored
+    for i, s in enumerate(mixed):
+        alone = last_token_residuals(tiny, [s], batch_size=1, progress=False)[0]
+        np.testing.assert_allclose(batched[i], alone, rtol=1e-4, atol=1e-5)
+    assert answer_labels(mixed).tolist() == [s.answer_ids[0] for s in mixed]
+
+
+# ---------------------------------------------------------------------------- probes
+
+
+def test_random_labels_decode_nothing():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(60, 4, 16))
+    y = rng.permutation(np.repeat(np.arange(3), 20))
+    df = layer_probes(X, y, folds=5, progress=False)
+    assert list(df["layer"]) == [0, 1, 2, 3]
+    assert np.allclose(df["chance"], 1 / 3) and (df["n"] == 60).all()
+    assert (df["accuracy"] < 1 / 3 + 0.2).all()
+    from rh.stats import holm
+
+    assert min(holm(df["p_value"].tolist())) >= 0.05
+    v = decodable_after_heads(df, [1])
+    assert v.inconclusive and "cannot be tested" in v.reason
+
+
+def test_a_planted_linear_signal_is_decoded_from_its_layer_on():
+    rng = np.random.default_rng(1)
+    n, d = 60, 16
+    y = np.repeat(np.arange(3), n // 3)
+    X = rng.normal(size=(n, 5, d))
+    centers = rng.normal(size=(3, d)) * 4
+    X[:, 3:] += centers[y][:, None, :]  # decodable from index 3 on
+    df = layer_probes(X, y, progress=False)
+    assert (df.loc[df.layer >= 3, "accuracy"] > 0.95).all()
+    assert (df.loc[df.layer >= 3, "p_value"] < 1e-15).all()
+    assert (df.loc[df.layer < 3, "accuracy"] < 0.6).all()
+    from scipy.stats import binomtest
+
+    row = df.iloc[4]
+    assert row.p_value == pytest.approx(binomtest(int(row.n_correct), n, 1 / 3, alternative="greater").pvalue)
+    assert decodable_after_heads(df, [2]).supported  # first write at index 3 = onset
+    assert decodable_after_heads(df, [3]).refuted  # first write at index 4 > onset 3
+    png = probe_figure(df, [2])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_singleton_classes_are_dropped_and_folds_shrink(caplog):
+    rng = np.random.default_rng(2)
+    y = np.array([0] * 3 + [1] * 3 + [7])
+    X = rng.normal(size=(7, 2, 4))
+    with caplog.at_level(logging.WARNING, logger="rh.probes"):
+        df = layer_probes(X, y, folds=5, progress=False)
+    assert "occurs once" in caplog.text
+    assert (df["n"] == 6).all() and (df["folds"] == 3).all() and (df["chance"] == 0.5).all()
+    one = layer_probes(X[:3], y[:3], progress=False)  # a single class: nothing to probe
+    assert one["accuracy"].isna().all() and (one["p_value"] == 1.0).all()
+    assert decodable_after_heads(one, [0]).inconclusive
+
+
+# ---------------------------------------------------------------------------- decision rule
+
+
+def _df(accuracy, *, n=40, chance=0.1):
+    from scipy.stats import binomtest
+
+    rows = []
+    for i, a in enumerate(accuracy):
+        k = int(round(a * n))
+        rows.append({"layer": i, "accuracy": k / n, "n": n, "n_correct": k, "chance": chance,
+                     "p_value": binomtest(k, n, chance, alternative="greater").pvalue})
+    return pd.DataFrame(rows)
+
+
+def test_decision_rule_on_hand_built_tables():
+    acc = [0.1, 0.1, 0.1, 0.1, 0.9, 1.0, 1.0]  # onset at index 4 (after layer 3)
+    df = _df(acc)
+    sup = decodable_after_heads(df, [3, 5])  # first write at index 4 = onset: "at"
+    assert sup.supported and sup.effect == 0 and sup.details["onset"] == 4 and sup.statistic == 4
+    assert sup.p_adjusted < 0.05 and sup.details["critical_layers"] == [3, 5]
+    later = decodable_after_heads(df, [1])  # onset 4 after first write at 2: "after"
+    assert later.supported and later.effect == 2
+    ref = decodable_after_heads(df, [4, 5])  # decodable at 4, before layer 4 writes (index 5)
+    assert ref.refuted and ref.effect == -1 and "before index 5" in ref.reason
+    from rh.heads import Head
+
+    assert decodable_after_heads(df, [Head(4, 1)]).refuted  # Heads are read as their layers
+    none = decodable_after_heads(_df([0.1] * 7), [2])
+    assert none.inconclusive and none.p_value is None
+    few = decodable_after_heads(_df([0.0, 1.0, 1.0], n=4, chance=0.5), [0])  # 0.5**4 > 0.05/3
+    assert few.inconclusive and "more samples" in few.reason
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_is_refused_with_the_fix():
+    X = np.zeros((5, 3, 4))
+    with pytest.raises(ValueError, match="features has 5 samples but labels has 4"):
+        layer_probes(X, np.zeros(4), progress=False)
+    with pytest.raises(ValueError, match=r"features must be \[n_samples, n_indices, hidden\]"):
+        layer_probes(np.zeros((5, 4)), np.zeros(5), progress=False)
+    df = _df([0.1, 0.1, 1.0])
+    with pytest.raises(ValueError, match=r"critical layers \[2\] are outside the model's layers 0..1"):
+        decodable_after_heads(df, [2])
+    with pytest.raises(ValueError, match="critical_layers is empty"):
+        decodable_after_heads(df, [])
+    with pytest.raises(ValueError, match="lacks columns"):
+        decodable_after_heads(df.drop(columns="p_value"), [0])
