@@ -256,7 +256,7 @@ def decodable_after_heads(df: pd.DataFrame, critical_layers: Sequence[int], *, a
     chance = float(df["chance"].iloc[0])
     n = int(df["n"].iloc[0])
     m = len(df)
-    base_params = {"critical_layers": crit, **(params or {})}
+    base_params = dict(params or {})  # the critical layers depend on the ranking: they go in details
     details = {"accuracy": [None if math.isnan(a) else round(float(a), 4) for a in acc], "chance": chance,
                "onset": None, "critical_layers": crit, "first_write_index": first_write, "n_indices": m}
 

@@ -52,6 +52,7 @@ class Profile:
     probe_n: int = 24  # IV-5: fresh prompts per depth for the layer probes
     ig_n: int = 8  # IV-6: prompts attributed
     ig_steps: int = 32  # IV-6: integration steps
+    ig_tolerance: float = 0.05  # IV-6: IG's completeness error allowed, relative to F(x) - F(baseline)
 
     def sweep(self) -> Sweep:
         """The prompt grid this profile asks for: every task of CA-1 and of the identification claims."""
@@ -70,7 +71,7 @@ _TABLE: dict[str, tuple[Profile, Profile]] = {
     "tiny": (  # random test models (< 100 heads)
         Profile("quick", (128,), (0.0, 0.5, 1.0), 4, (2, 4), 49, batch_size=16, id_tasks=("passkey", "inc_year"),
                 id_k=4, general_k=8, stability_length=160, inverse_levels=(2, 4), depth_n=4, iv_n=4, probe_n=8,
-                ig_n=4, ig_steps=16),
+                ig_n=5, ig_steps=16),
         Profile("full", (128, 256), _DEPTHS_5, 8, (2, 4, 8), 79, batch_size=16, id_k=4, general_k=8,
                 stability_length=384, inverse_levels=(2, 4, 8), depth_n=8, iv_n=8, probe_n=16),
     ),
