@@ -258,9 +258,10 @@ def patch_positions(model: LoadedModel, layer: int, positions: Positions, *, mod
 def hub_position(model: LoadedModel, samples: Sequence[Sample], heads: Sequence[Head | str]) -> tuple[int, np.ndarray]:
     """Seed 004's hub: the prompt position the critical ``heads`` attend to most from the last
     token, their attention averaged over heads and ``samples`` (which must share one length).
-    Returns ``(position, mean attention per position)``. Averaging over samples whose needles sit
-    at different depths washes the needle out, so the hub is a position every prompt shares (for
-    Llama-family models usually the first token, the attention sink)."""
+    Returns ``(position, mean attention per position)``. Each sample's needle span is left out of
+    its average: retrieval heads attend to the needle, and needles at one depth share positions, so
+    without this the hub would be where one depth's needles sit. The hub is a position the prompts
+    share outside the needle (for Llama-family models usually the first token, the attention sink)."""
     from rh.scoring import last_token_attention
 
     heads = validate_heads(heads, model.shape)
@@ -269,8 +270,14 @@ def hub_position(model: LoadedModel, samples: Sequence[Sample], heads: Sequence[
     lengths = {s.length for s in samples}
     if len(lengths) != 1:
         raise ValueError(f"hub_position needs samples of one length (positions are compared across them); got {sorted(lengths)}")
-    prof = np.mean([last_token_attention(model, s, heads).mean(0) for s in samples], axis=0)
-    return int(np.argmax(prof)), prof
+    rows = []
+    for s in samples:
+        row = last_token_attention(model, s, heads).mean(0)
+        row[s.needle_span[0] : s.needle_span[1]] = np.nan
+        rows.append(row)
+    with np.errstate(invalid="ignore"):
+        prof = np.nanmean(np.stack(rows), axis=0)  # NaN only where every sample's needle sits
+    return int(np.nanargmax(prof)), prof
 
 
 def non_hub_positions(samples: Sequence[Sample], hub: int, *, seed: int = 0) -> dict[str, list[int]]:
