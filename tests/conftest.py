@@ -28,3 +28,13 @@ def tiny_samples(tiny):
 
     return build_passkey_samples(tiny.tokenizer, lengths=[128], depths=[0.0, 0.5, 1.0], n_per_setting=2, seed=1,
                                  max_positions=tiny.max_positions)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tiny, tmp_path_factory):
+    """``tiny_llama()`` (fp32) written by save_pretrained, tokenizer included: a local model
+    directory like a user's own."""
+    path = tmp_path_factory.mktemp("models") / "tiny-saved"
+    tiny.model.save_pretrained(path)
+    tiny.tokenizer.save_pretrained(path)
+    return path

@@ -28,22 +28,13 @@ HEADS = [Head(0, 1), Head(1, 0), Head(1, 5), Head(3, 2), Head(3, 7)]
 
 
 @pytest.fixture(scope="module")
-def saved(tiny, tmp_path_factory):
-    """The tiny random Llama (``tiny_llama(seed=0)``, fp32) written by save_pretrained, tokenizer included."""
-    path = tmp_path_factory.mktemp("dispatch") / "tiny"
-    tiny.model.save_pretrained(path)
-    tiny.tokenizer.save_pretrained(path)
-    return path
+def plain(tiny_dir):
+    return load_model(str(tiny_dir), device="cpu")  # bf16, the default for a real model
 
 
 @pytest.fixture(scope="module")
-def plain(saved):
-    return load_model(str(saved), device="cpu")  # bf16, the default for a real model
-
-
-@pytest.fixture(scope="module")
-def dispatched(saved, tmp_path_factory):
-    return load_model(str(saved), device_map=DEVICE_MAP, offload_folder=tmp_path_factory.mktemp("offload"))
+def dispatched(tiny_dir, tmp_path_factory):
+    return load_model(str(tiny_dir), device_map=DEVICE_MAP, offload_folder=tmp_path_factory.mktemp("offload"))
 
 
 @pytest.fixture(scope="module")
@@ -160,9 +151,9 @@ def test_max_memory_for_every_gpu_needs_a_gpu():
         parse_max_memory("70GiB", n_gpus=0)
 
 
-def test_max_memory_without_a_device_map_is_refused(saved):
+def test_max_memory_without_a_device_map_is_refused(tiny_dir):
     with pytest.raises(ValueError, match="max_memory caps"):
-        load_model(str(saved), device="cpu", max_memory={"cpu": "1GiB"})
+        load_model(str(tiny_dir), device="cpu", max_memory={"cpu": "1GiB"})
 
 
 def test_device_map_for_the_random_model_is_refused():
@@ -178,9 +169,9 @@ two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two C
 
 @pytest.mark.gpu
 @cuda
-def test_4bit_local_directory(saved, mixed):
+def test_4bit_local_directory(tiny_dir, mixed):
     pytest.importorskip("bitsandbytes")
-    q = load_model(str(saved), quant="4bit")
+    q = load_model(str(tiny_dir), quant="4bit")
     assert q.provenance["quant"] == "4bit"
     assert any("4bit" in type(m).__name__ for m in q.model.modules())
     df = teacher_forced(q, mixed, batch_size=2, progress=False)
@@ -191,20 +182,20 @@ def test_4bit_local_directory(saved, mixed):
 
 @pytest.mark.gpu
 @cuda
-def test_auto_device_map_on_cuda_matches_cuda_model(saved, mixed):
-    one = load_model(str(saved), device="cuda:0")
-    auto = load_model(str(saved), max_memory={0: "10GiB", "cpu": "10GiB"})  # device_map="auto"
+def test_auto_device_map_on_cuda_matches_cuda_model(tiny_dir, mixed):
+    one = load_model(str(tiny_dir), device="cuda:0")
+    auto = load_model(str(tiny_dir), max_memory={0: "10GiB", "cpu": "10GiB"})  # device_map="auto"
     pd.testing.assert_frame_equal(teacher_forced(one, mixed, batch_size=4, progress=False),
                                   teacher_forced(auto, mixed, batch_size=4, progress=False), check_exact=True)
 
 
 @pytest.mark.gpu
 @two_gpus
-def test_two_gpus_exact(saved, mixed):
-    one = load_model(str(saved), device="cuda:0")
+def test_two_gpus_exact(tiny_dir, mixed):
+    one = load_model(str(tiny_dir), device="cuda:0")
     split = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 0, "model.layers.2": 1,
              "model.layers.3": 1, "model.norm": 1, "model.rotary_emb": 1, "lm_head": 1}
-    two = load_model(str(saved), device_map=split)
+    two = load_model(str(tiny_dir), device_map=split)
     assert set(two.model.hf_device_map.values()) == {0, 1}
     for method in ("zero", "query", "logits"):
         with ablate(one, HEADS, method):

@@ -35,13 +35,6 @@ def tiny():
     return tiny_llama()
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tiny, tmp_path_factory):
-    """``tiny_llama()`` written by save_pretrained: a local model directory like a user's own."""
-    path = tmp_path_factory.mktemp("models") / "tiny-saved"
-    tiny.model.save_pretrained(path)
-    tiny.tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture
