@@ -30,7 +30,7 @@ def tiny_samples(tiny):
                                  max_positions=tiny.max_positions)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tiny_dir(tiny, tmp_path_factory):
     """``tiny_llama()`` (fp32) written by save_pretrained, tokenizer included: a local model
     directory like a user's own."""

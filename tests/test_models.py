@@ -35,8 +35,6 @@ def tiny():
     return tiny_llama()
 
 
-
-
 @pytest.fixture
 def no_network(monkeypatch, tmp_path):
     """Hub offline, an empty HF cache, no token, and DNS cut off (any lookup is recorded and fails).
