@@ -396,6 +396,11 @@ def test_intervention_figures_render_from_verdict_details():
     strata = {s: {"n": 10, "baseline_accuracy": 1.0, "accuracy_drop": d, "logprob_drop": d,
                   "confidence_range": [0, 1]} for s, d in (("hard", 0.5), ("medium", 0.2), ("easy", 0.0))}
     iv7 = [{"claim": "IV-7", "params": {"strata": 3}, "n": 30, "details": {"strata": strata}}]
-    figs = intervention_figures(iv1 + iv2 + iv3 + iv7 + [{"claim": "IV-4", "params": {}, "details": {}}])
-    assert sorted(t.split(":")[0] for t in figs) == ["IV-1", "IV-2", "IV-3", "IV-7"]
+    layers = {"layer": [0, 1, 2], "accuracy": [0.1, 0.2, 1.0], "chance": [0.1] * 3, "p_value": [1, 0.5, 1e-9],
+              "n": [40] * 3}
+    iv5 = [{"claim": "IV-5", "params": {}, "n": 40, "details": {"layers": layers, "critical_layers": [1]}}]
+    iv6 = [{"claim": "IV-6", "params": {}, "n": 1,
+            "details": {"example": {"sample": "s0", "needle_span": [3, 5], "token_attr": [0.1, -0.2, 0.0, 1.0, 0.5, 0.1]}}}]
+    figs = intervention_figures(iv1 + iv2 + iv3 + iv5 + iv6 + iv7 + [{"claim": "IV-4", "params": {}, "details": {}}])
+    assert sorted(t.split(":")[0] for t in figs) == ["IV-1", "IV-2", "IV-3", "IV-5", "IV-6", "IV-7"]
     assert all(png.startswith(b"\x89PNG") for png in figs.values())
