@@ -48,13 +48,18 @@ PHASES = ("all", "decode")
 HeadMeans = dict[Head, torch.Tensor]
 
 
-def attention_modules(model: Any) -> list[torch.nn.Module]:
-    """The self-attention module of every decoder layer, in layer order."""
+def decoder_layers(model: Any) -> list[torch.nn.Module]:
+    """The decoder layers of a Llama-style model (a ``LoadedModel`` or transformers model), in order."""
     hf = hf_model(model)
     layers = getattr(getattr(hf, "model", hf), "layers", None)
     if layers is None:
         raise ValueError(f"{type(hf).__name__} has no decoder layers at .model.layers; rh supports Llama-style models")
-    return [layer.self_attn for layer in layers]
+    return list(layers)
+
+
+def attention_modules(model: Any) -> list[torch.nn.Module]:
+    """The self-attention module of every decoder layer, in layer order."""
+    return [layer.self_attn for layer in decoder_layers(model)]
 
 
 def _head_mask(n_heads: int, head_dim: int, heads: Iterable[int], device: torch.device) -> torch.Tensor:

@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rh.ablation import attention_modules
 from rh.heads import Head, validate_heads
 from rh.models import LoadedModel, hf_model
 from rh.niah import Sample
@@ -87,12 +88,6 @@ class Attribution:
 class _Stop(Exception):
     """Raised inside the forward once every needed head output is captured: later layers cannot
     change F, so they are not run."""
-
-
-def _attn_modules(model: Any) -> list[torch.nn.Module]:
-    from rh.ablation import attention_modules
-
-    return attention_modules(model)
 
 
 def _final_norm(hf: Any) -> torch.nn.Module:
@@ -157,7 +152,7 @@ def head_readouts(model: LoadedModel, heads: Sequence[Head], answer_id: int, rms
     contribution is ``o_h . w_h``, with ``u = W_U[answer_id] * g / rms``."""
     hf = hf_model(model)
     norm = _final_norm(hf)
-    mods = _attn_modules(model)
+    mods = attention_modules(model)
     d = model.shape.head_dim
     w_u = hf.get_output_embeddings().weight[answer_id].detach().float()
     u = w_u * norm.weight.detach().float().to(w_u.device) / float(rms)
@@ -180,7 +175,7 @@ def _target_fn(model: LoadedModel, heads: list[Head] | None, answer_id: int, rms
         return full_logit
 
     readout = head_readouts(model, heads, answer_id, rms)
-    mods = _attn_modules(model)
+    mods = attention_modules(model)
     d = model.shape.head_dim
     layers = sorted({h.layer for h in heads})
     last = layers[-1]

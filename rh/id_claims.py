@@ -25,9 +25,11 @@ from rh.stats import (
 )
 
 
-def inconclusive(claim: str, params: dict, reason: str, test: str, alpha: float = 0.05) -> Verdict:
-    """A verdict whose preconditions failed, with the reason."""
-    return Verdict(claim, params, "inconclusive", reason, test, None, None, None, None, None, alpha=alpha)
+def inconclusive(claim: str, params: dict, reason: str, test: str, alpha: float = 0.05, n: int = 0,
+                 details: dict | None = None) -> Verdict:
+    """A verdict whose preconditions failed, with the reason (and the sample size and numbers seen so far)."""
+    return Verdict(claim, params, "inconclusive", reason, test, None, None, None, None, None, n=n, alpha=alpha,
+                   details=details or {})
 
 
 def sparsity(scored: SampleScores, *, threshold: float = 0.1, max_fraction: float = 0.05, alpha: float = 0.05,

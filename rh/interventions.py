@@ -32,12 +32,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from rh.ablation import ablate, attention_modules, uniform_attention
-from rh.attention import AttentionIntervention, add_intervention, install_rh_attention, rh_attention_active
-from rh.batching import current_batch, make_batches, running
+from rh.ablation import ablate, attention_modules, decoder_layers, uniform_attention
+from rh.attention import AttentionIntervention, add_intervention, rh_attention_active
+from rh.batching import current_batch, make_batches
 from rh.evaluate import teacher_forced
 from rh.heads import Head, HeadShape, validate_heads
-from rh.models import LoadedModel, hf_model
+from rh.id_claims import inconclusive
+from rh.models import LoadedModel, head_shape, hf_model
 from rh.niah import Sample
 from rh.stats import Verdict, bootstrap_ci, holm, margin_test, mcnemar_exact, non_inferiority
 
@@ -47,12 +48,6 @@ PATCH_MODES = ("noise", "mean", "source")
 PATTERNS = ("hub", "uniform", "sequential")
 
 Positions = Sequence[int] | Mapping[str, Sequence[int]] | Callable[[Sample], Sequence[int]]
-
-
-def _inconclusive(claim: str, params: dict, reason: str, test: str, alpha: float, n: int = 0,
-                  details: dict | None = None) -> Verdict:
-    return Verdict(claim, params, "inconclusive", reason, test, None, None, None, None, None, n=n, alpha=alpha,
-                   details=details or {})
 
 
 def _seed_of(*parts: Any) -> int:
@@ -92,15 +87,6 @@ def _positions_of(positions: Positions, sample: Sample | None) -> list[int]:
     return [int(p) for p in positions]
 
 
-def check_positions(samples: Sequence[Sample], positions: Positions) -> None:
-    """Every position must lie inside its sample's prompt; raise a ValueError naming the first that does not."""
-    for s in samples:
-        for p in _positions_of(positions, s):
-            if not 0 <= p < s.length:
-                raise ValueError(f"patch position {p} is outside the prompt of sample {s.id!r} "
-                                 f"({s.length} tokens: positions 0..{s.length - 1})")
-
-
 def record_activations(model: LoadedModel, samples: Sequence[Sample], layer: int, *,
                        heads: Sequence[Head | str] | None = None, batch_size: int = 8) -> dict[str, torch.Tensor]:
     """What :func:`patch_positions` with ``mode="source"`` writes: per sample id, the residual
@@ -113,7 +99,7 @@ def record_activations(model: LoadedModel, samples: Sequence[Sample], layer: int
     if heads:
         target = attention_modules(model)[layer].o_proj
     else:
-        target = _layers_with_attention(model)[layer]
+        target = decoder_layers(model)[layer]
 
     def hook(module, args, kwargs):
         x = args[0] if args else kwargs["hidden_states"]
@@ -135,13 +121,6 @@ def record_activations(model: LoadedModel, samples: Sequence[Sample], layer: int
     finally:
         handle.remove()
     return store
-
-
-def _layers_with_attention(model: Any) -> list[torch.nn.Module]:
-    """The decoder layers, in order (the parents of :func:`rh.ablation.attention_modules`)."""
-    attention_modules(model)  # the same error for a model without .model.layers
-    hf = hf_model(model)
-    return list(getattr(hf, "model", hf).layers)
 
 
 def _check_layer(model: LoadedModel, layer: int, heads: Sequence[Head] | None) -> None:
@@ -191,7 +170,7 @@ def patch_positions(model: LoadedModel, layer: int, positions: Positions, *, mod
             raise ValueError(f"patch positions {bad} are negative: positions count from 0, the first prompt token")
     d = model.shape.head_dim
     cols = None if not heads else torch.cat([torch.arange(h.head * d, (h.head + 1) * d) for h in heads])
-    target = attention_modules(model)[layer].o_proj if heads else _layers_with_attention(model)[layer]
+    target = attention_modules(model)[layer].o_proj if heads else decoder_layers(model)[layer]
 
     def pre_hook(module, args, kwargs):
         from_kwargs = not args
@@ -333,6 +312,11 @@ class _Override(AttentionIntervention):
                 new_w = torch.zeros(b, len(idx), q_len, weights.shape[-1], device=value.device)
                 new_w.scatter_(3, prev[:, None, :, None].expand(b, len(idx), q_len, 1), 1.0)
         else:  # hub
+            batch = current_batch()  # each row's prompt length where the batch is known, else its real tokens
+            limit = ([sm.length for sm in batch.samples] if batch is not None and len(batch.samples) == b
+                     else (kv_len - pads).tolist())
+            if any(self.hub >= n for n in limit):
+                raise ValueError(f"hub={self.hub} is outside the prompt ({min(limit)} tokens): give a prompt position")
             col = pads + int(self.hub)  # [b]
             v_hub = v[torch.arange(b, device=v.device), :, col]  # [b, n, d]
             if self.rest == "uniform":
@@ -408,10 +392,6 @@ def override_attention(model: LoadedModel, heads: Iterable[Head | str], pattern:
     if pattern == "hub" and (not isinstance(hub, (int, np.integer)) or hub < 0):
         raise ValueError(f"hub={hub!r} must be a prompt position (an integer >= 0)")
     heads = validate_heads(heads, model.shape)
-    if pattern == "hub":
-        batch = current_batch()
-        if batch is not None and any(hub >= s.length for s in batch.samples):
-            raise ValueError(f"hub={hub} is outside the prompt ({min(s.length for s in batch.samples)} tokens)")
     modules = attention_modules(model)
     by_layer: dict[int, list[int]] = {}
     for h in heads:
@@ -427,11 +407,8 @@ def override_attention(model: LoadedModel, heads: Iterable[Head | str], pattern:
 
 
 def _shape_from_model(model: Any) -> tuple[HeadShape, int]:
-    cfg = hf_model(model).config
-    n_heads = int(cfg.num_attention_heads)
-    hd = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads)
-    return HeadShape(int(cfg.num_hidden_layers), n_heads, int(getattr(cfg, "num_key_value_heads", n_heads)), hd), \
-        int(cfg.hidden_size)
+    hf = hf_model(model)
+    return head_shape(hf), int(hf.config.hidden_size)
 
 
 def check_same_shape(recipient: Any, donor: Any) -> HeadShape:
@@ -607,7 +584,7 @@ def incremental_ablation(model: LoadedModel, samples: Sequence[Sample], heads: S
                    "heads": [str(h) for h in heads[:n]], "min_drop": min_drop}
         params = {"n_heads": n}
         if floor or under:
-            out[n] = _inconclusive("IV-1", params, floor or under, test, alpha, len(base), details)
+            out[n] = inconclusive("IV-1", params, floor or under, test, alpha, len(base), details)
             continue
         ok = adj[n] < alpha
         why = (f"adjusted p = {adj[n]:.3g} < {alpha}: the drop exceeds {min_drop}" if ok else
@@ -635,7 +612,7 @@ def position_patching(model: LoadedModel, samples: Sequence[Sample], baseline: p
     if len(kept) < len(samples):
         log.info("IV-2: %d samples have the needle on the hub position %d and are left out", len(samples) - len(kept), hub)
     if not kept:
-        return _inconclusive("IV-2", params, f"every sample's needle covers the hub position {hub}", test, alpha)
+        return inconclusive("IV-2", params, f"every sample's needle covers the hub position {hub}", test, alpha)
     base = _correct(baseline, ids)
     others = non_hub_positions(kept, hub, seed=seed)
     with patch_positions(model, layer, [hub], mode=mode, seed=seed):
@@ -657,7 +634,7 @@ def position_patching(model: LoadedModel, samples: Sequence[Sample], baseline: p
     if floor or best >= alpha:
         reason = floor or (f"{len(base)} samples cannot show a non-hub drop below {nonhub_max}: even with no change "
                            f"p = {best:.3g} >= {alpha}; use more samples")
-        return _inconclusive("IV-2", params, reason, test, alpha, len(base), details)
+        return inconclusive("IV-2", params, reason, test, alpha, len(base), details)
     failed = [what for what, pv in (("hub drop > %g" % hub_min, p1), ("non-hub drop < %g" % nonhub_max, p2),
                                     ("hub worse than non-hub", p3)) if pv >= alpha]
     status = "supported" if not failed else "refuted"
@@ -705,7 +682,7 @@ def attention_override(model: LoadedModel, samples: Sequence[Sample], heads: Seq
             test = "exact one-sided McNemar, Holm across patterns"
             name = "accuracy drop (baseline - forced)"
         if floor:
-            out[pat] = _inconclusive("IV-3", params, floor, test, alpha, len(base), details)
+            out[pat] = inconclusive("IV-3", params, floor, test, alpha, len(base), details)
             continue
         ok = adj[pat] < alpha and (pat == "hub" or effect > 0)
         if pat == "hub":
@@ -732,7 +709,7 @@ def transplant_function(recipient: LoadedModel, donor: LoadedModel | None, sampl
     params = {"heads": len(heads)}
     test = "exact non-inferiority with margin (1 - keep) x (baseline - ablated)"
     if donor is None:
-        return _inconclusive("IV-4", params, "no donor model of the same shape: pass --compare-model (e.g. the base "
+        return inconclusive("IV-4", params, "no donor model of the same shape: pass --compare-model (e.g. the base "
                              "variant of an instruct model)", test, alpha)
     check_same_shape(recipient, donor)
     ids = [s.id for s in samples]
@@ -748,9 +725,9 @@ def transplant_function(recipient: LoadedModel, donor: LoadedModel | None, sampl
                "donor": getattr(donor, "key", "donor"), "p_function": p_fn}
     floor = _floor_reason(base, baseline_floor)
     if floor:
-        return _inconclusive("IV-4", params, floor, test, alpha, len(base), details)
+        return inconclusive("IV-4", params, floor, test, alpha, len(base), details)
     if p_fn >= alpha or function <= 0:
-        return _inconclusive("IV-4", params, f"ablating the heads does not measurably hurt (accuracy {base.mean():.2f} "
+        return inconclusive("IV-4", params, f"ablating the heads does not measurably hurt (accuracy {base.mean():.2f} "
                              f"-> {abl.mean():.2f}, p = {p_fn:.3g}): they carry no function to keep", test, alpha,
                              len(base), details)
     margin = (1 - keep) * function
@@ -778,7 +755,7 @@ def difficulty_strata(baseline: pd.DataFrame, ablated: pd.DataFrame, *, n_strata
     df = baseline[["id", "correct", "logprob"]].merge(ablated[["id", "correct", "logprob"]], on="id",
                                                       suffixes=("", "_abl"))
     if len(df) < n_strata * min_per_stratum:
-        return _inconclusive("IV-7", params, f"{len(df)} items cannot fill {n_strata} strata of at least "
+        return inconclusive("IV-7", params, f"{len(df)} items cannot fill {n_strata} strata of at least "
                              f"{min_per_stratum}", test, alpha, len(df))
     conf = np.exp(df["logprob"].to_numpy())
     order = np.argsort(conf, kind="stable")
@@ -795,7 +772,7 @@ def difficulty_strata(baseline: pd.DataFrame, ablated: pd.DataFrame, *, n_strata
     hard, easy = drop[labels == 0], drop[labels == n_strata - 1]
     details = {"strata": per}
     if not drop.any():
-        return _inconclusive("IV-7", params, "the ablation changed no item's outcome: there is no harm to compare "
+        return inconclusive("IV-7", params, "the ablation changed no item's outcome: there is no harm to compare "
                              "across strata", test, alpha, len(df), details)
     observed = hard.mean() - easy.mean()
     pooled = np.concatenate([hard, easy])

@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from rh.ablation import decoder_layers
 from rh.models import LoadedModel, hf_model
 from rh.niah import Sample
 from rh.stats import Verdict, holm, min_attainable_p_binomial
@@ -40,15 +41,6 @@ TEST_NAME = ("cross-validated linear probe per residual index (StandardScaler + 
 
 
 # ---------------------------------------------------------------------------- residuals
-
-
-def decoder_layers(model: Any) -> list[torch.nn.Module]:
-    """The decoder layers of a Llama-style model, in order."""
-    hf = hf_model(model)
-    layers = getattr(getattr(hf, "model", hf), "layers", None)
-    if layers is None:
-        raise ValueError(f"{type(hf).__name__} has no decoder layers at .model.layers; rh supports Llama-style models")
-    return list(layers)
 
 
 def last_token_residuals(model: LoadedModel, samples: Sequence[Sample], *, batch_size: int = 8,

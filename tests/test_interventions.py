@@ -222,6 +222,16 @@ def test_hub_override_moves_the_fraction_onto_the_hub_and_respects_causality(tin
     torch.testing.assert_close(forced, want, atol=1e-6, rtol=1e-5)
 
 
+def test_a_hub_outside_the_prompt_is_refused_and_no_intervention_is_left(tiny, mixed):
+    from rh.attention import interventions
+
+    with pytest.raises(ValueError, match="hub=96 is outside the prompt"):
+        with override_attention(tiny, ["L1H0"], "hub", hub=96):
+            _logits(tiny, mixed)  # the shorter prompts have 96 tokens: positions 0..95
+    assert not interventions(attention_modules(tiny)[1])
+    assert tiny.model.config._attn_implementation == "sdpa"
+
+
 def test_override_rejects_acausal_and_malformed_patterns(tiny):
     bad = torch.zeros(4, 4)
     bad[:, 0] = 1.0
