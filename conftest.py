@@ -31,6 +31,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--alpha", type=float, default=None, help="significance level (default: the profile's, 0.05)")
     g.addoption("--quant", default=None, choices=("4bit", "8bit"), help="bitsandbytes quantization (CUDA only)")
     g.addoption("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    g.addoption("--dtype", default="auto", choices=("auto", "bfloat16", "bf16", "float32", "fp32", "float16", "fp16"),
+                help="weights and activations: auto (default) = bf16 on CUDA and on CPUs with native bf16 matmul "
+                     "(amx_bf16/avx512_bf16), float32 on other CPUs, where bf16 is emulated and several times slower")
     g.addoption("--max-memory", default=None, metavar="SPEC",
                 help="cap per device for device_map='auto' across the GPUs: '70GiB' (each GPU), "
                      "'70GiB,cpu=100GiB' or '0=70GiB,1=70GiB,cpu=100GiB'")
@@ -68,7 +71,8 @@ def rh_model(pytestconfig):
     from rh.models import load_model
 
     return load_model(pytestconfig.getoption("--model"), quant=pytestconfig.getoption("--quant"),
-                      device=pytestconfig.getoption("--device"), max_memory=pytestconfig.getoption("--max-memory"))
+                      device=pytestconfig.getoption("--device"), max_memory=pytestconfig.getoption("--max-memory"),
+                      dtype=pytestconfig.getoption("--dtype"))
 
 
 @pytest.fixture(scope="session")

@@ -44,4 +44,5 @@ def compare_model(pytestconfig):
         return None
     from rh.models import load_model
 
-    return load_model(name, quant=pytestconfig.getoption("--quant"), device=pytestconfig.getoption("--device"))
+    return load_model(name, quant=pytestconfig.getoption("--quant"), device=pytestconfig.getoption("--device"),
+                      dtype=pytestconfig.getoption("--dtype"))

@@ -23,7 +23,7 @@ def _identify(args: argparse.Namespace) -> int:
     from rh.profiles import get_profile
     from rh.scoring import Wu24Options, general_heads
 
-    model = load_model(args.model, quant=args.quant, device=args.device)
+    model = load_model(args.model, quant=args.quant, device=args.device, dtype=args.dtype)
     prof = get_profile(args.profile, model.shape)
     sweep = Sweep(
         tuple(args.lengths or prof.lengths), tuple(args.depths if args.depths is not None else prof.depths),
@@ -33,7 +33,8 @@ def _identify(args: argparse.Namespace) -> int:
     ident = samples if args.split == "all" else split_samples(samples, frac=prof.identify_frac, seed=prof.split_seed)[0]
     frac = 1.0 if args.split == "all" else prof.identify_frac
     options = Wu24Options(topk=args.topk, rouge_filter=not args.no_rouge_filter,
-                          once_per_position=args.once_per_position) if args.method == "wu24" else None
+                          once_per_position=args.once_per_position, score_prefill=not args.skip_first_step,
+                          span=args.span) if args.method == "wu24" else None
     groups = {t: [s for s in ident if s.task == t] for t in sweep.tasks} if args.per_task else {"all": ident}
     cache = Path(args.cache or DEFAULT_CACHE)
     rankings = {}
@@ -88,9 +89,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     idp.add_argument("--recompute", action="store_true")
     idp.add_argument("--quant", choices=("4bit", "8bit"))
     idp.add_argument("--device")
+    idp.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "bf16", "float32", "fp32", "float16", "fp16"),
+                     help="auto: bf16 on CUDA and on CPUs with native bf16 matmul, float32 elsewhere (rankings on "
+                          "the CPU are computed in float32 whatever this says)")
     idp.add_argument("--batch-size", type=int)
     idp.add_argument("--topk", type=int, default=1, help="wu24: check each head's top-k positions")
     idp.add_argument("--no-rouge-filter", action="store_true", help="wu24: count every trial")
+    idp.add_argument("--skip-first-step", action="store_true",
+                     help="wu24: do not score the forward that emits the first answer token (a departure from the "
+                          "original, which scores it)")
+    idp.add_argument("--span", default="exact", choices=("exact", "wu24"),
+                     help="wu24: which prompt tokens are the answer: exact (default, known from prompt construction) "
+                          "or the original's set-coverage search (one token early on answers that repeat a token)")
     idp.add_argument("--once-per-position", action="store_true", help="wu24: credit a needle position once")
 
     sub.add_parser("niah", help="print one prompt with its needle marked (see python -m rh.niah -h)", add_help=False)

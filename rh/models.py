@@ -9,7 +9,10 @@ import hashlib
 import importlib.metadata as md
 import logging
 import os
+import platform
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +84,7 @@ class LoadedModel:
     shape: HeadShape
     spec: ModelSpec
     provenance: dict[str, Any] = field(default_factory=dict)
+    twins: dict[str, "LoadedModel"] = field(default_factory=dict, repr=False)  # the same weights in other dtypes
 
     @property
     def instruct(self) -> bool:
@@ -188,6 +192,104 @@ def _config_shape(cfg: Any) -> HeadShape:
     return HeadShape(int(cfg.num_hidden_layers), n_heads, n_kv, head_dim)
 
 
+# x86 feature flags of a CPU that multiplies bf16 matrices natively (AMX tiles or AVX-512 BF16).
+# Without them torch emulates bf16 through fp32 and bf16 runs several times *slower* than fp32
+# (measured 6.2x on an AVX2-only AMD EPYC, SmolLM2-135M at 512 tokens: benchmarks/bench_dtype.py).
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    """The dtype a model loads in, and why (kept in the report's provenance)."""
+
+    dtype: torch.dtype
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str] | None:
+    """The CPU's feature flags as the kernel reports them (``flags`` on x86, ``Features`` on ARM),
+    or None where they cannot be read (not Linux)."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return None
+
+
+def bf16_matmul_ratio(n: int = 384, repeats: int = 3) -> float:
+    """Seconds of a bf16 ``n x n`` matmul over those of the same in fp32, best of ``repeats`` each:
+    well under 1 where the CPU multiplies bf16 natively, several where torch emulates it. Takes a
+    fraction of a second."""
+    a = torch.randn(n, n)
+    times = {}
+    for dt in (torch.float32, torch.bfloat16):
+        x = a.to(dt)
+        x @ x  # warm-up: first-call dispatch and allocation
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            x @ x
+            best = min(best, time.perf_counter() - t0)
+        times[dt] = best
+    return times[torch.bfloat16] / max(times[torch.float32], 1e-9)
+
+
+def choose_dtype(
+    device: str,
+    *,
+    flags: set[str] | None | Callable[[], set[str] | None] = None,
+    machine: str | None = None,
+    probe: Callable[[], float] | None = None,
+    read_flags: bool = True,
+) -> DtypeChoice:
+    """bf16 where the hardware multiplies it natively, fp32 otherwise.
+
+    - CUDA: bf16 (float16 on a GPU without bf16 support).
+    - An x86 CPU: bf16 when it reports ``amx_bf16`` or ``avx512_bf16``, else fp32: torch would
+      emulate bf16 at several times the cost of fp32.
+    - Any other CPU, or flags that cannot be read: a sub-second matmul probe decides; bf16 only if
+      it is at least as fast as fp32.
+    ``flags``, ``machine`` and ``probe`` are there for tests (defaults: this machine's; with
+    ``read_flags=False`` and no ``flags``, the flags count as unreadable).
+    """
+    if device.startswith("cuda"):
+        if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+            return DtypeChoice(torch.float16, "CUDA device without bf16 support: float16")
+        return DtypeChoice(torch.bfloat16, "CUDA: bf16")
+    if device != "cpu":
+        return DtypeChoice(torch.float32, f"device {device!r}: float32 (pass --dtype to choose)")
+    if flags is None and read_flags:
+        flags = cpu_flags
+    found = flags() if callable(flags) else flags
+    arch = (machine or platform.machine()).lower()
+    if found is not None and arch in ("x86_64", "amd64", "i686", "x86"):
+        native = sorted(set(BF16_CPU_FLAGS) & found)
+        if native:
+            return DtypeChoice(torch.bfloat16, f"CPU reports {', '.join(native)}: native bf16 matmul")
+        return DtypeChoice(torch.float32, "CPU reports neither amx_bf16 nor avx512_bf16: bf16 would be emulated "
+                                          "(several times slower than float32)")
+    ratio = (probe or bf16_matmul_ratio)()
+    where = "flags unreadable" if found is None else f"{arch} CPU"
+    if ratio <= 1.0:
+        return DtypeChoice(torch.bfloat16, f"{where}; a bf16 matmul took {ratio:.2f}x the fp32 time: bf16")
+    return DtypeChoice(torch.float32, f"{where}; a bf16 matmul took {ratio:.2f}x the fp32 time: float32")
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: str) -> DtypeChoice:
+    """An explicit dtype (``--dtype``) as asked for, or ``None`` / ``"auto"``: :func:`choose_dtype`."""
+    if dtype is None or (isinstance(dtype, str) and dtype == "auto"):
+        return choose_dtype(device)
+    return DtypeChoice(_as_dtype(dtype), "asked for (--dtype)")
+
+
 def load_model(
     name: str = DEFAULT_MODEL,
     *,
@@ -202,7 +304,9 @@ def load_model(
 ) -> LoadedModel:
     """Load a model by registry key, HF repo id or local directory, ready for inference.
 
-    Defaults: bf16 everywhere (fp32 for the tiny random model); on CUDA, ``device_map="auto"``
+    Defaults: ``dtype="auto"`` picks bf16 on CUDA and on CPUs that multiply bf16 natively, fp32 on
+    other CPUs (:func:`choose_dtype`; fp32 for the tiny random model); the choice and its reason
+    go into ``provenance`` (``dtype``, ``dtype_reason``). On CUDA, ``device_map="auto"``
     across every visible GPU, each capped by ``max_memory`` (a dict such as ``{0: "70GiB", 1:
     "70GiB", "cpu": "100GiB"}``, or a string, see :func:`parse_max_memory`); ``quant="4bit"|"8bit"``
     loads through bitsandbytes (CUDA only). ``device_map`` overrides the placement (accelerate's
@@ -217,7 +321,7 @@ def load_model(
             "and load that directory, or dispatch it with accelerate.dispatch_model"
         )
     if quant not in (None, "none", "4bit", "8bit"):
-        raise ValueError(f"quant={quant!r}: use '4bit', '8bit' or leave it unset for bf16")
+        raise ValueError(f"quant={quant!r}: use '4bit', '8bit' or leave it unset for the unquantized model")
     quant = None if quant in (None, "none") else quant
     cuda = torch.cuda.is_available()
     device = device or ("cuda" if cuda else "cpu")
@@ -230,19 +334,23 @@ def load_model(
         )
     if quant and not device.startswith("cuda"):
         raise ValueError(
-            f"quant={quant!r} needs a CUDA GPU (bitsandbytes); on CPU load the model in bf16 "
+            f"quant={quant!r} needs a CUDA GPU (bitsandbytes); on CPU load the model unquantized "
             "by leaving --quant unset"
         )
     if spec.kind == "random":
-        return tiny_llama(seed=seed, device=device, attn_implementation=attn_implementation,
-                          dtype=_as_dtype(dtype) if dtype is not None else torch.float32)
-    dtype = _as_dtype(dtype) if dtype is not None else torch.bfloat16
+        choice = (DtypeChoice(torch.float32, "tiny random model: float32") if dtype in (None, "auto")
+                  else resolve_dtype(dtype, device))
+        tiny = tiny_llama(seed=seed, device=device, attn_implementation=attn_implementation, dtype=choice.dtype)
+        tiny.provenance["dtype_reason"] = choice.reason
+        return tiny
+    choice = resolve_dtype(dtype, device)
+    dtype = choice.dtype
 
     if spec.kind == "bundled-gguf":
         if quant:
             raise ValueError(
                 f"quant={quant!r} does not apply to {spec.key}: its GGUF weights load in "
-                "bf16 and the model is small; drop --quant"
+                "the chosen dtype and the model is small; drop --quant"
             )
         gguf_path = bundled_gguf_path(spec)
         tok_src = _gguf_tokenizer(str(gguf_path))
@@ -273,7 +381,8 @@ def load_model(
     if spec.shape is not None and head_shape(model) != spec.shape:
         raise RuntimeError(f"{spec.key} loaded with shape {head_shape(model)}, but the registry says {spec.shape}")
     prov.update(
-        {"dtype": str(dtype).removeprefix("torch."), "device": device, "quant": quant or "none",
+        {"dtype": str(dtype).removeprefix("torch."), "dtype_reason": choice.reason, "device": device,
+         "quant": quant or "none",
          "attn_implementation": model.config._attn_implementation}
     )
     dmap = getattr(model, "hf_device_map", None)
@@ -495,7 +604,7 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
              "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
     if dtype not in table:
-        raise ValueError(f"dtype={dtype!r}: use one of {', '.join(table)}")
+        raise ValueError(f"dtype={dtype!r}: use 'auto' or one of {', '.join(table)}")
     return table[dtype]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -22,11 +23,42 @@ from rh.niah import PROMPT_VERSION, Sample, Sweep
 from rh.rankings import Ranking, cache_path, cached_ranking
 from rh.scoring import METHODS, SampleScores, Wu24Options, aggregate, score_samples
 
+log = logging.getLogger(__name__)
+
 DEFAULT_CACHE = Path(__file__).resolve().parent.parent / "fixtures" / "rankings"
 
 
 def ids_hash(ids: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
+
+
+def identification_dtype(model: LoadedModel) -> str:
+    """The dtype rankings are computed in: float32 for an unquantized model on the CPU, whatever dtype
+    the session runs in, so that a ranking (and so every verdict built on it) does not depend on
+    whether this CPU multiplies bf16 natively; elsewhere (CUDA, quantized) the model's own dtype."""
+    prov = model.provenance
+    if prov.get("quant", "none") == "none" and model.device.type in ("cpu", "meta"):
+        return "float32"
+    return str(prov["dtype"])
+
+
+def identification_model(model: LoadedModel, dtype: str) -> LoadedModel:
+    """``model`` itself when it runs in ``dtype``, else the same weights loaded again in ``dtype``
+    (once per session: kept on ``model``). Only a cache miss on a bf16 CPU session needs this."""
+    if model.provenance["dtype"] == dtype:
+        return model
+    twin = model.twins.get(dtype)
+    if twin is None:
+        from rh.models import load_model
+
+        source = model.spec.source if model.spec.kind in ("hub", "local") else model.key
+        log.info("identification runs in %s: loading %s again in %s", dtype, model.key, dtype)
+        twin = load_model(source, dtype=dtype, device="cpu")
+        if twin.provenance["revision"] != model.provenance["revision"]:
+            raise RuntimeError(f"{model.key} loaded again in {dtype} has revision {twin.provenance['revision']}, "
+                               f"not {model.provenance['revision']}: the weights changed during the session")
+        model.twins[dtype] = twin
+    return twin
 
 
 def ranking_provenance(
@@ -45,7 +77,7 @@ def ranking_provenance(
     tasks = sorted({s.task for s in identify_samples}) if identify_samples else list(sweep.tasks)
     prov: dict[str, Any] = {
         "model_id": model.provenance["model_id"], "revision": model.provenance["revision"],
-        "dtype": model.provenance["dtype"], "quant": model.provenance["quant"],
+        "dtype": identification_dtype(model), "quant": model.provenance["quant"],
         "shape": model.shape.as_dict(), "method": method, "tasks": tasks, "prompt_version": PROMPT_VERSION,
         "lengths": list(sweep.lengths), "depths": list(sweep.depths), "n_per_setting": sweep.n_per_setting,
         "identify_frac": identify_frac, "split_seed": split_seed, "sample_seed": sweep.seed,
@@ -74,7 +106,8 @@ def cached_identification(
 
     def compute() -> Ranking:
         t0 = time.perf_counter()
-        scored = score_samples(model, identify_samples, provenance["method"], options=options,
+        scorer = identification_model(model, provenance["dtype"])
+        scored = score_samples(scorer, identify_samples, provenance["method"], options=options,
                                batch_size=batch_size, checkpoint=checkpoint, progress=progress)
         save_sample_scores(samples_path(path), scored)
         ranking = aggregate(model.shape, identify_samples, scored, provenance=provenance)

@@ -49,10 +49,24 @@ class Wu24Options:
     rouge_filter: bool = True  # count only trials whose answer reaches ROUGE-1 recall > threshold
     rouge_threshold: float = 0.5
     once_per_position: bool = False  # credit each needle position at most once per head and trial
-    score_prefill: bool = False  # the original scored decoding steps only (its prefill ran in flash)
+    # The forward that emits the first answer token is scored, as in the original: it prefills
+    # ``input_ids[:, :-1]`` and its first decoding step runs the last prompt token's query, which
+    # produces the first answer token. In rh that forward is the prefill (its last query row).
+    # ``False`` leaves it out: a departure, which drops ~20% of the score mass on SmolLM2 and most
+    # of it on one-token answers.
+    score_prefill: bool = True
+    # Which prompt tokens count as the answer: "exact" (default), the answer's own tokens in the
+    # needle, known from prompt construction; "wu24", the original's ``find_needle_idx``: the first
+    # window of the answer's length whose *set* of tokens covers over 90% of the answer's distinct
+    # ids, which lands one token early on answers that repeat a token ("5088": [x, 5, 0, 8] covers
+    # {5, 0, 8}) and so loses the last one.
+    span: str = "exact"
     extra_tokens: int = 8  # decode the answer's length plus this many tokens
 
     def __post_init__(self) -> None:
+        if self.span not in ("exact", "wu24"):
+            raise ValueError(f"span={self.span!r}: use 'exact' (the answer's tokens in the needle) or 'wu24' "
+                             "(the original's set-coverage search)")
         if self.topk < 1:
             raise ValueError(f"topk={self.topk}: check at least the top-1 position")
         if not 0.0 <= self.rouge_threshold <= 1.0:
@@ -106,6 +120,9 @@ def _wu24_batch(model: LoadedModel, batch: Batch, options: Wu24Options) -> tuple
     for row, s in enumerate(batch.samples):
         a, b = batch.answer_span(row)
         prompt = batch.input_ids[row]
+        if opts.span == "wu24":
+            pad = batch.pad[row]
+            a, b = (pad + x for x in wu24_span(prompt[pad:], prompt[a:b]))
         tokens = new[row].tolist()
         n_steps = next((i + 1 for i, t in enumerate(tokens) if t in eos), len(tokens))
         text = tok.decode(tokens[:n_steps], skip_special_tokens=True)
@@ -114,6 +131,21 @@ def _wu24_batch(model: LoadedModel, batch: Batch, options: Wu24Options) -> tuple
         scores[row] = wu24_trial_scores(top[row, : min(n_steps, steps)], prompt, tokens[:n_steps], (a, b), opts)
         info.append({"generated": text, "rouge1_recall": recall})
     return scores, counted, info
+
+
+def wu24_span(prompt_ids: Sequence[int] | torch.Tensor, answer_ids: Sequence[int] | torch.Tensor,
+              coverage: float = 0.9) -> tuple[int, int]:
+    """The original Wu24 ``find_needle_idx``: the first window of ``len(answer_ids)`` prompt tokens
+    whose set of ids covers more than ``coverage`` of the answer's distinct ids."""
+    prompt = [int(t) for t in prompt_ids]
+    want = {int(t) for t in answer_ids}
+    n = len(answer_ids)
+    if not want:
+        raise ValueError("answer_ids is empty: there is no span to search for")
+    for i in range(len(prompt) - n + 1):
+        if len(set(prompt[i : i + n]) & want) / len(want) > coverage:
+            return i, i + n
+    raise ValueError(f"no window of {n} prompt tokens covers {coverage:.0%} of the answer's ids {sorted(want)}")
 
 
 def wu24_trial_scores(

@@ -3,6 +3,7 @@ cases, resumable scoring, general heads, and the external ranking formats."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -62,10 +63,97 @@ def test_wu24_a_head_that_always_attends_the_copied_token_scores_one_and_others_
     np.testing.assert_allclose(s, [[1.0, 0.0], [0.0, 0.0]])
 
 
-def test_wu24_skips_the_prefill_step_like_the_original():
+def test_wu24_scores_the_step_that_emits_the_first_answer_token_by_default():
     top = _case()
-    s = wu24_trial_scores(top[..., :1], PROMPT, GEN, (2, 5), Wu24Options())
-    np.testing.assert_allclose(s, [[2 / 3, 0.0], [0.0, 0.0]])  # steps 1 and 2 of 3 answer tokens
+    np.testing.assert_allclose(wu24_trial_scores(top[..., :1], PROMPT, GEN, (2, 5), Wu24Options()),
+                               [[1.0, 0.0], [0.0, 0.0]])
+    s = wu24_trial_scores(top[..., :1], PROMPT, GEN, (2, 5), Wu24Options(score_prefill=False))
+    np.testing.assert_allclose(s, [[2 / 3, 0.0], [0.0, 0.0]])  # the departure: steps 1 and 2 of 3 answer tokens
+
+
+def test_wu24_span_search_is_the_originals_set_coverage():
+    from rh.scoring import wu24_span
+
+    prompt = [1, 2, 5, 0, 8, 8, 3]  # "5088" at [2, 6)
+    assert wu24_span(prompt, [5, 0, 8, 8]) == (1, 5)  # [2, 5, 0, 8] covers {5, 0, 8}: one token early
+    assert wu24_span([1, 7, 8, 9, 2], [7, 8, 9]) == (1, 4)  # distinct tokens: the exact span
+    with pytest.raises(ValueError, match="covers"):
+        wu24_span([1, 2, 3], [7, 8])
+    with pytest.raises(ValueError, match="span="):
+        Wu24Options(span="fuzzy")
+
+
+def _copying_tiny(attn: str, sample, g: int, h_last: torch.Tensor):
+    """The tiny Llama whose LM head has one non-zero row, token ``g`` = the last prompt position's
+    final hidden state: its first greedy token is ``g`` whatever the attention does."""
+    from rh.models import tiny_llama
+
+    m = tiny_llama(seed=0, attn_implementation=attn)
+    w = torch.zeros_like(m.model.lm_head.weight)
+    w[g] = h_last
+    m.model.lm_head.weight.data.copy_(w)
+    return m
+
+
+@pytest.fixture(scope="module")
+def copy_case(tiny_eager, tiny_samples):
+    """A prompt, a head whose prefill top-1 (the last prompt token's query) lands on position p, an
+    answer span around p, and models that answer with the token at p first."""
+    s = tiny_samples[0]
+    ids = torch.tensor([s.input_ids])
+    with torch.no_grad():
+        out = tiny_eager.model(input_ids=ids, output_attentions=True, output_hidden_states=True)
+    tops = torch.stack([a[0, :, -1, :].argmax(-1) for a in out.attentions])  # [L, H] top-1 at prefill
+    p = int(tops[1, 0])  # layer 1, head 0
+    a, b = max(p - 1, 0), min(p + 2, len(s.input_ids) - 1)
+    g = s.input_ids[p]
+    sample = dataclasses.replace(s, answer_span=(a, b))
+    h = out.hidden_states[-1][0, -1]
+    return sample, g, tops, (a, b), _copying_tiny("sdpa", sample, g, h), _copying_tiny("eager", sample, g, h)
+
+
+def test_wu24_on_the_tiny_model_credits_a_head_that_copies_the_first_answer_token(copy_case):
+    sample, g, tops, (a, b), sdpa, _ = copy_case
+    ids = torch.tensor(sample.input_ids)
+    opts = Wu24Options(rouge_filter=False, extra_tokens=2)
+    on = score_samples(sdpa, [sample], "wu24", options=opts, progress=False).scores[0]
+    off = score_samples(sdpa, [sample], "wu24", options=dataclasses.replace(opts, score_prefill=False),
+                        progress=False).scores[0]
+    # the step-0 credit computed from eager attention: top-1 inside the span, on a token equal to g
+    first = ((tops >= a) & (tops < b) & (ids[tops] == g)).double().numpy() / (b - a)
+    assert first[1, 0] > 0  # the head of the case
+    np.testing.assert_allclose(on - off, first, atol=1e-12)
+    assert on[1, 0] > off[1, 0]
+
+
+def test_wu24_default_follows_the_original_loop_step_by_step(copy_case):
+    """The original's loop: prefill all but the last prompt token, then decode from the last
+    prompt token, scoring every step (eager attention, top-1 per head, 1/|span| per matching copy)."""
+    sample, _, _, (a, b), sdpa, eager = copy_case
+    opts = Wu24Options(rouge_filter=False, extra_tokens=3)
+    got = score_samples(sdpa, [sample], "wu24", options=opts, progress=False).scores[0]
+
+    ids = torch.tensor([sample.input_ids])
+    eos = {eager.tokenizer.eos_token_id, *([eager.model.generation_config.eos_token_id] if isinstance(
+        eager.model.generation_config.eos_token_id, int) else eager.model.generation_config.eos_token_id or [])}
+    want = np.zeros((4, 8))
+    with torch.no_grad():
+        out = eager.model(input_ids=ids[:, :-1], use_cache=True)
+        past, inp = out.past_key_values, ids[:, -1:]
+        for _ in range(len(sample.answer_ids) + opts.extra_tokens):
+            out = eager.model(input_ids=inp, past_key_values=past, use_cache=True, output_attentions=True)
+            past = out.past_key_values
+            tok = int(out.logits[0, -1].argmax())
+            for layer, att in enumerate(out.attentions):
+                for head in range(att.shape[1]):
+                    pos = int(att[0, head, -1].argmax())
+                    if a <= pos < b and int(ids[0, pos]) == tok:
+                        want[layer, head] += 1 / (b - a)
+            if tok in eos:
+                break
+            inp = torch.tensor([[tok]])
+    assert want.sum() > 0  # the case makes heads score
+    np.testing.assert_allclose(got, want, atol=1e-9)
 
 
 def test_wu24_topk_two_credits_the_second_choice():
