@@ -224,6 +224,26 @@ def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str] | None:
     return None
 
 
+def cpu_description(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The CPU's model name and its bf16-related flags, e.g. ``"AMD EPYC (avx2; no avx512_bf16/amx_bf16)"``:
+    what a timing needs beside it, since machines of one kind differ by up to 30x."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path(cpuinfo).read_text(errors="replace").splitlines():
+            key, sep, value = line.partition(":")
+            if sep and key.strip() == "model name":
+                name = value.strip()
+                break
+    except OSError:
+        pass
+    flags = cpu_flags(cpuinfo)
+    if flags is None:
+        return name
+    native = sorted(set(BF16_CPU_FLAGS) & flags)
+    vec = "avx512f" if "avx512f" in flags else "avx2" if "avx2" in flags else "no avx2"
+    return f"{name} ({vec}; {', '.join(native) if native else 'no avx512_bf16/amx_bf16'})"
+
+
 def bf16_matmul_ratio(n: int = 384, repeats: int = 3) -> float:
     """Seconds of a bf16 ``n x n`` matmul over those of the same in fp32, best of ``repeats`` each:
     well under 1 where the CPU multiplies bf16 natively, several where torch emulates it. Takes a

@@ -197,6 +197,9 @@ def provenance(meta: Mapping[str, Any]) -> dict[str, Any]:
         "model id": first(meta.get("model_id"), rprov.get("model_id")),
         "revision": first(meta.get("revision"), meta.get("model_revision"), rprov.get("revision")),
         "dtype": first(meta.get("dtype"), rprov.get("dtype")),
+        "dtype chosen because": meta.get("dtype_reason"),
+        "rankings identified in": rprov.get("dtype") if meta.get("dtype") and rprov.get("dtype") != meta.get("dtype")
+        else None,
         "quantization": first(meta.get("quant"), rprov.get("quant")),
         "rh version": first(meta.get("rh_version"), rprov.get("rh_version")),
         "profile": meta.get("profile"),
@@ -209,10 +212,22 @@ def provenance(meta: Mapping[str, Any]) -> dict[str, Any]:
         "software": software,
         "platform": meta.get("platform"),
         "hardware": first(meta.get("hardware"), meta.get("device")),
+        "forward passes": _fmt_cost(meta.get("cost")),
+        "budget": meta.get("budget", {}).get("summary") if isinstance(meta.get("budget"), Mapping) else None,
     }
     if out["model id"] == out["model"]:
         out["model id"] = None
     return {k: v for k, v in out.items() if v not in (None, "", {}, [])}
+
+
+def _fmt_cost(cost: Any) -> str | None:
+    """``{"total": n, ...}`` token-layers as a line: the run's deterministic forward-pass bill."""
+    if not isinstance(cost, Mapping) or cost.get("total") is None:
+        return None
+    line = f"{int(cost['total']):,} token-layers (tokens x decoder layers executed)"
+    if cost.get("seconds_per_token_layer"):
+        line += f"; this machine: {float(cost['seconds_per_token_layer']) * 1e6:.2f} us per token-layer"
+    return line
 
 
 def render_html(

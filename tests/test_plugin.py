@@ -46,7 +46,7 @@ def test_claims_on_the_tiny_model_write_a_report_with_a_verdict_per_k(tmp_path):
     # a second run loads the cached ranking, and its verdicts match the expected file
     again = _run_claims(tmp_path, "--expected", str(expected))
     assert again.returncode == 0, again.stdout[-2000:]
-    assert "all 2 verdicts as expected" in again.stdout
+    assert "all 2 verdicts checked are as expected" in again.stdout
     newest = max((tmp_path / "reports").glob("tiny-llama-*.json"), key=lambda p: p.stat().st_mtime)
     assert json.loads(newest.read_text())["meta"]["ranking"]["cache"] == "hit"
 
@@ -75,3 +75,76 @@ def test_an_unknown_model_is_a_usage_error_naming_the_choices(tmp_path):
     assert proc.returncode == 4  # pytest's usage error
     assert "unknown model 'smollm3'" in proc.stderr and "smollm2-135m" in proc.stderr
     assert not (tmp_path / "reports").exists()
+
+
+def test_a_budget_checks_what_fits_and_lists_what_it_left_out(tmp_path):
+    """--budget plans from the token-layers the expected file recorded: a claim recorded as too
+    costly for the budget is left out and named, the others are compared, the run passes."""
+    expected = tmp_path / "expected.json"
+    first = _run_claims(tmp_path, "--expected", str(expected), "--update-expected")
+    assert first.returncode == 0, first.stdout[-3000:]
+    data = json.loads(expected.read_text())
+    nodes = data["nodes"]
+    assert set(nodes) == {f"{CA1}[K=2]", f"{CA1}[K=4]"}
+    assert data["fixture_token_layers"]["baseline"] > 0  # the baseline evaluation was counted
+    assert sum(data["fixture_token_layers"].values()) > 0 and "float32" in data["recorded"]
+    report = json.loads(next((tmp_path / "reports").glob("*.json")).read_text())
+    assert report["meta"]["cost"]["total"] >= sum(data["fixture_token_layers"].values())
+    assert "token-layers" in first.stdout
+
+    nodes[f"{CA1}[K=4]"]["token_layers"] = 10**15  # far beyond any budget on any machine
+    expected.write_text(json.dumps(data))
+    proc = _run_claims(tmp_path, "--expected", str(expected), "--budget", "10")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "1 of 2 claims planned" in proc.stdout
+    assert f"left out: {CA1}[K=4] (over budget" in proc.stdout
+    assert "all 1 verdicts checked are as expected" in proc.stdout
+    assert "CA-1[k=4] (over budget" in proc.stdout
+
+    nodes[f"{CA1}[K=2]"]["token_layers"] = 10**15
+    expected.write_text(json.dumps(data))
+    none = _run_claims(tmp_path, "--expected", str(expected), "--budget", "10")
+    assert none.returncode == 1 and "no claim was checked" in none.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budget", "5"], "--budget plans from the token-layers"),
+    (["--budget", "-1", "--expected", "x.json"], "positive number"),
+    (["--update-expected"], "--update-expected needs --expected"),
+    (["--expected", "nowhere.json"], "no such file"),
+])
+def test_budget_and_expected_usage_errors_come_before_the_model_loads(tmp_path, args, message):
+    proc = _run_claims(tmp_path, *args)
+    assert proc.returncode == 4, proc.stdout[-2000:]
+    assert message in proc.stderr
+    assert not (tmp_path / "reports").exists()
+
+
+def test_a_claim_stopped_by_the_budget_is_left_out_not_an_error(pytester):
+    """The deadline's exception inside a claim turns into a named skip, and the comparison lists it
+    instead of failing the run."""
+    pytester.makeconftest((ROOT / "conftest.py").read_text())
+    pytester.makeini("[pytest]\nmarkers =\n    claim(id, source=...): a claim\n")
+    pytester.makepyfile(test_claims="""
+        import pytest
+        from rh.budget import BudgetExhausted
+        from rh.stats import Verdict
+
+        @pytest.mark.claim("X-1")
+        def test_slow(record_verdict):
+            raise BudgetExhausted("the --budget of 1 min ran out")
+
+        @pytest.mark.claim("X-2")
+        def test_quick(record_verdict):
+            record_verdict(Verdict(claim="X-2", status="supported", test="t", statistic=1.0, p_value=0.01,
+                                   p_adjusted=0.01, effect=0.5, ci=(0.1, 0.9), n=10, reason="", params={}))
+        """)
+    (pytester.path / "exp.json").write_text(json.dumps({
+        "model": "tiny-llama", "profile": "quick", "verdicts": {"X-1[]": "supported", "X-2[]": "supported"},
+        "nodes": {"test_claims.py::test_slow": {"key": "X-1[]"}, "test_claims.py::test_quick": {"key": "X-2[]"}}}))
+    res = pytester.runpytest_subprocess("--model", "tiny-llama", "--expected", "exp.json", "--report-dir", "reports",
+                                        "-rs")
+    out = res.stdout.str()
+    assert res.ret == 0, out
+    assert "left out: the budget ran out while it ran" in out
+    assert "all 1 verdicts checked are as expected" in out and "X-1[] (the budget ran out while it ran)" in out

@@ -1,0 +1,167 @@
+"""What a run costs and what fits: forward passes counted in token-layers, this machine's seconds
+per token-layer, and the largest set of claims that fits a wall-clock budget.
+
+A *token-layer* is one token through one decoder layer. Counted by a forward pre-hook on every
+decoder layer, it is deterministic (the same prompts, batches and interventions give the same
+count on any machine), so a count recorded by one run plans the next run on another machine:
+seconds = token-layers x this machine's seconds per token-layer (:func:`calibrate`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class TokenLayerCounter:
+    """Token-layers executed, per label (the claim or fixture running when they ran).
+
+    ``attach(model)`` adds one forward pre-hook per decoder layer and returns a handle whose
+    ``remove()`` takes them all off. ``label`` is what the next passes are charged to."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    label: str = "other"
+    total: int = 0
+    on_count: Any = None  # called with no arguments after each count (progress reporting)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per label, exclusive of nested labels
+    _mark: float = field(default_factory=time.perf_counter, repr=False)
+
+    def _switch(self, label: str) -> None:
+        now = time.perf_counter()
+        self.seconds[self.label] = self.seconds.get(self.label, 0.0) + now - self._mark
+        self._mark = now
+        self.label = label
+
+    def attach(self, model: Any) -> "_Handles":
+        from rh.ablation import decoder_layers
+
+        handles = [layer.register_forward_pre_hook(self._hook, with_kwargs=True) for layer in decoder_layers(model)]
+        return _Handles(handles)
+
+    def _hook(self, module, args, kwargs) -> None:
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if hidden is None:
+            return
+        n = int(hidden.shape[0]) * int(hidden.shape[1]) if hidden.dim() >= 3 else int(hidden.shape[0])
+        self.counts[self.label] = self.counts.get(self.label, 0) + n
+        self.total += n
+        if self.on_count is not None:
+            self.on_count()
+
+    @contextlib.contextmanager
+    def charged_to(self, label: str) -> Iterator[None]:
+        """Passes inside the block are charged to ``label``; the previous label is restored after."""
+        before = self.label
+        self._switch(label)
+        try:
+            yield
+        finally:
+            self._switch(before)
+
+
+@dataclass
+class _Handles:
+    handles: list
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+def calibrate(model: Any, *, batch_size: int, length: int, repeats: int = 2) -> tuple[float, str]:
+    """This machine's seconds per token-layer for ``model``: a forward over ``batch_size`` x
+    ``length`` random tokens, timed after one warm-up, best of ``repeats``. Returns the figure and
+    a line that says how it was measured."""
+    from rh.ablation import decoder_layers
+    from rh.models import hf_model
+
+    hf = hf_model(model)
+    n_layers = len(decoder_layers(hf))
+    device = getattr(model, "device", None) or next(hf.parameters()).device
+    vocab = int(hf.config.vocab_size)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch_size, length), generator=gen).to(device)
+    best = float("inf")
+    with torch.no_grad():
+        hf(input_ids=ids, logits_to_keep=1, use_cache=False)  # warm-up
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            hf(input_ids=ids, logits_to_keep=1, use_cache=False)
+            best = min(best, time.perf_counter() - t0)
+    per = best / (batch_size * length * n_layers)
+    return per, (f"one forward of {batch_size} x {length} tokens x {n_layers} layers took {best:.2f} s "
+                 f"(best of {repeats} after a warm-up): {per * 1e6:.2f} us per token-layer")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The claims a budget admits, in the order they run, and why each other one was left out."""
+
+    chosen: tuple[str, ...]
+    left_out: dict[str, str]
+    cost: float  # planned for the chosen claims, their fixtures included (in the unit of the costs given)
+    budget: float
+
+
+def plan_budget(
+    items: Sequence[tuple[str, Iterable[str]]],
+    test_cost: Mapping[str, float | None],
+    fixture_cost: Mapping[str, float],
+    budget: float,
+    *,
+    unit: str = "token-layers",
+) -> Plan:
+    """The largest set of tests whose recorded costs fit ``budget`` (token-layers, or seconds).
+
+    ``items`` are (nodeid, fixture names it uses) in collection order; a test costs its own
+    token-layers plus those of every fixture it uses that no test chosen before it has paid for
+    (session fixtures run once). Greedy by marginal cost, cheapest first, which maximises the
+    number of claims checked; a test without a recorded cost is left out (it cannot be planned).
+    The chosen tests keep their collection order."""
+    fixtures_of = {nid: set(fx) for nid, fx in items}
+    left: dict[str, str] = {}
+    candidates = []
+    for nid, _ in items:
+        if test_cost.get(nid) is None:
+            left[nid] = "no recorded cost (run it once with --update-expected to record one)"
+        else:
+            candidates.append(nid)
+    paid: set[str] = set()
+    spent = 0.0
+    chosen: set[str] = set()
+
+    def marginal(nid: str) -> float:
+        return float(test_cost[nid] or 0) + sum(float(fixture_cost.get(f, 0)) for f in fixtures_of[nid] - paid)
+
+    pending = list(candidates)
+    while pending:
+        best = min(pending, key=lambda n: (marginal(n), candidates.index(n)))
+        cost = marginal(best)
+        if spent + cost > budget:
+            break
+        spent += cost
+        paid |= fixtures_of[best]
+        chosen.add(best)
+        pending.remove(best)
+    for nid in pending:
+        left[nid] = f"over budget: needs {marginal(nid):,.0f} more {unit}, {max(budget - spent, 0):,.0f} left"
+    order = [nid for nid, _ in items if nid in chosen]
+    return Plan(tuple(order), left, spent, budget)
+
+
+class BudgetExhausted(Exception):
+    """The run's wall-clock budget ran out while a claim was running."""
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"

@@ -1,0 +1,106 @@
+"""Unit tests of rh.expected: a strict loader (each bad file named with its fix), a comparison that
+lists what was left out and fails what vanished or changed, and updates that merge a subset, refuse
+another model and never write an error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rh.expected import compare, load_expected, update
+
+pytestmark = pytest.mark.unit
+
+GOOD = {"model": "m", "profile": "quick",
+        "verdicts": {"CA-1[k=10]": "supported", "CA-1[k=20]": "refuted", "ID-1[]": "supported"},
+        "nodes": {"t::ca1[K=10]": {"key": "CA-1[k=10]", "token_layers": 100},
+                  "t::ca1[K=20]": {"key": "CA-1[k=20]", "token_layers": 200},
+                  "t::id1": {"key": "ID-1[]", "token_layers": 0}},
+        "fixture_token_layers": {"baseline": 7}}
+
+
+def _write(tmp_path, data, name="exp.json"):
+    p = tmp_path / name
+    p.write_text(data if isinstance(data, str) else json.dumps(data))
+    return p
+
+
+def _row(nodeid, key, status):
+    return {"nodeid": nodeid, "key": key, "status": status, "token_layers": 1}
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"verdicts": {"CA-1[k=10]": "supp', "not valid JSON"),
+    ("[1, 2]", '"verdicts" mapping'),
+    ('{"model": "m"}', '"verdicts" mapping'),
+    ('{"verdicts": {"a": "supported", "a": "refuted"}}', "appears twice"),
+    ('{"verdicts": {"a": "maybe"}}', "one of supported"),
+    ('{"verdicts": {}, "nodes": {"x": 3}}', '"nodes"'),
+])
+def test_bad_files_are_refused_naming_the_file(tmp_path, content, message):
+    p = _write(tmp_path, content)
+    with pytest.raises(ValueError, match=message) as err:
+        load_expected(p)
+    assert str(p) in str(err.value)
+
+
+def test_binary_and_missing_files(tmp_path):
+    p = tmp_path / "bin.json"
+    p.write_bytes(b"\xff\xfe\x00\x81")
+    with pytest.raises(ValueError, match="not a text file"):
+        load_expected(p)
+    with pytest.raises(FileNotFoundError, match="--update-expected"):
+        load_expected(tmp_path / "none.json")
+    assert load_expected(tmp_path / "none.json", missing_ok=True).verdicts == {}
+
+
+def test_the_first_format_still_loads(tmp_path):
+    e = load_expected(_write(tmp_path, {"model": "m", "verdicts": {"CA-1[k=10]": "supported"}}))
+    assert e.verdicts == {"CA-1[k=10]": "supported"} and e.nodes == {}
+
+
+def test_compare_passes_what_matches_and_lists_what_was_left_out(tmp_path):
+    e = load_expected(_write(tmp_path, GOOD))
+    rows = [_row("t::ca1[K=10]", "CA-1[k=10]", "supported"), _row("t::id1", "ID-1[]", "supported")]
+    c = compare(e, rows, left_out={"t::ca1[K=20]": "over budget"})
+    assert c.ok and c.checked == 2 and c.left_out == ["CA-1[k=20]"]
+    assert any("CA-1[k=20] (over budget)" in line for line in c.lines)
+
+
+def test_compare_fails_a_changed_verdict_and_one_that_vanished(tmp_path):
+    e = load_expected(_write(tmp_path, GOOD))
+    changed = compare(e, [_row("t::ca1[K=10]", "CA-1[k=10]", "refuted"), _row("t::id1", "ID-1[]", "supported"),
+                          _row("t::ca1[K=20]", "CA-1[k=20]", "refuted")], left_out={})
+    assert not changed.ok and "CA-1[k=10]: expected supported, got refuted" in changed.lines
+    vanished = compare(e, [_row("t::ca1[K=10]", "CA-1[k=10]", "supported")], left_out={"t::id1": "deselected"})
+    assert not vanished.ok and any("CA-1[k=20]" in x and "no test produced it" in x for x in vanished.lines)
+    errored = compare(e, [_row("t::ca1[K=10]", "CA-1[k=10]", "error")], left_out={"t::ca1[K=20]": "x", "t::id1": "x"})
+    assert not errored.ok
+
+
+def test_update_of_a_subset_merges_and_says_what_it_kept(tmp_path):
+    e = load_expected(_write(tmp_path, GOOD))
+    new, lines = update(e, [_row("t::ca1[K=10]", "CA-1[k=10]", "inconclusive")], model="m", profile="quick",
+                        dtype="float32", recorded="today", fixture_token_layers={"baseline": 9}, complete=False)
+    assert new.verdicts == {**GOOD["verdicts"], "CA-1[k=10]": "inconclusive"}
+    assert new.nodes["t::ca1[K=20]"] == GOOD["nodes"]["t::ca1[K=20]"]
+    assert new.nodes["t::ca1[K=10]"]["dtype"] == "float32" and new.fixture_token_layers == {"baseline": 9}
+    assert "kept 2" in lines[0] and "CA-1[k=20]" in lines[0]
+
+
+def test_a_complete_update_replaces_and_an_error_keeps_its_old_entry(tmp_path):
+    e = load_expected(_write(tmp_path, GOOD))
+    rows = [_row("t::ca1[K=10]", "CA-1[k=10]", "refuted"), _row("t::ca1[K=20]", "CA-1[k=20]", "supported"),
+            _row("t::id1", "ID-1", "error")]
+    new, lines = update(e, rows, model="m", profile="quick", dtype="float32", recorded="today",
+                        fixture_token_layers={}, complete=True)
+    assert new.verdicts == {"CA-1[k=10]": "refuted", "CA-1[k=20]": "supported", "ID-1[]": "supported"}
+    assert "error" not in new.verdicts.values() and "in error: ID-1" in lines[1]
+
+
+def test_update_refuses_another_models_file(tmp_path):
+    e = load_expected(_write(tmp_path, GOOD))
+    with pytest.raises(ValueError, match="another --expected path"):
+        update(e, [], model="llama70b", profile="quick", dtype="bfloat16", recorded="", fixture_token_layers={},
+               complete=True)
