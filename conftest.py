@@ -3,7 +3,9 @@ verdict collection, and the report written at the end of every run of ``pytest c
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import platform
 import sys
 import time
@@ -112,6 +114,8 @@ def _session_model(config: pytest.Config):
         state["counter"].attach(model.model)
         state["counter"].on_count = lambda: _progress(config)
         state["meta"].update({"dtype": model.provenance["dtype"], "dtype_reason": model.provenance.get("dtype_reason")})
+        _progress(config, f"loaded {model.key} in {model.provenance['dtype']} "
+                          f"({model.provenance.get('dtype_reason', '')})", force=True)
         if config.getoption("--budget") is not None or config.getoption("--update-expected"):
             from rh.budget import calibrate
 
@@ -120,13 +124,12 @@ def _session_model(config: pytest.Config):
                 per_tl, how = calibrate(model, batch_size=prof.batch_size, length=prof.lengths[0])
             state["per_tl"] = (per_tl, how)
             state["meta"].setdefault("cost", {}).update(seconds_per_token_layer=per_tl, calibration=how)
-        _progress(config, f"loaded {model.key} in {model.provenance['dtype']} "
-                          f"({model.provenance.get('dtype_reason', '')})", force=True)
+            _progress(config, f"this machine: {how}", force=True)
         state["model"] = model
     return state["model"]
 
 
-PROGRESS_EVERY_S = 60.0
+PROGRESS_EVERY_S = float(os.environ.get("RH_PROGRESS_SECONDS", "60"))  # at most this long between progress lines
 
 
 def _progress(config: pytest.Config, message: str | None = None, *, force: bool = False) -> None:
@@ -144,19 +147,18 @@ def _progress(config: pytest.Config, message: str | None = None, *, force: bool 
     from rh.budget import format_duration
 
     counter = state["counter"]
-    done = f"{counter.total:,} token-layers"
+    total = counter.total - counter.counts.get("calibration", 0)
+    done = f"{total:,} token-layers"
     plan = state["budget"]
     if plan is not None and plan["planned_tl"]:
-        done += f" of {plan['planned_tl']:,} planned ({counter.total / plan['planned_tl']:.0%})"
+        done += f" of {plan['planned_tl']:,} planned ({total / plan['planned_tl']:.0%})"
     text = message or f"running {counter.label.removeprefix('fixture:')}"
     line = f"rh [{format_duration(now - state['t0'])}] {text}; {done}"
     if plan is not None:
         line += f"; {format_duration(max(plan['deadline'] - now, 0))} of the budget left"
-    if capman is not None:
-        with capman.global_and_fixture_disabled():
-            tr.write_line(line)
-    else:
-        tr.write_line(line)
+    with capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext():
+        tr.ensure_newline()
+        tr.write(line + "\n", flush=True)  # flushed: stdout is block-buffered when CI sends it to a file
 
 
 @pytest.fixture(scope="session")

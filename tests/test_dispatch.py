@@ -29,12 +29,13 @@ HEADS = [Head(0, 1), Head(1, 0), Head(1, 5), Head(3, 2), Head(3, 7)]
 
 @pytest.fixture(scope="module")
 def plain(tiny_dir):
-    return load_model(str(tiny_dir), device="cpu")  # bf16, the default for a real model
+    return load_model(str(tiny_dir), device="cpu", dtype="bfloat16")  # bf16, as on a GPU or an AMX CPU
 
 
 @pytest.fixture(scope="module")
 def dispatched(tiny_dir, tmp_path_factory):
-    return load_model(str(tiny_dir), device_map=DEVICE_MAP, offload_folder=tmp_path_factory.mktemp("offload"))
+    return load_model(str(tiny_dir), device_map=DEVICE_MAP, offload_folder=tmp_path_factory.mktemp("offload"),
+                      dtype="bfloat16")
 
 
 @pytest.fixture(scope="module")

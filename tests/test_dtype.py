@@ -110,3 +110,19 @@ def test_rankings_are_identified_in_float32_on_the_cpu_whatever_the_session_dtyp
     assert twin is not bf and identification_model(bf, "float32") is twin  # loaded once
     for (n, a), (_, b) in zip(twin.model.named_parameters(), fp.model.named_parameters()):
         assert torch.equal(a, b), n
+
+
+def test_the_report_says_which_dtype_and_why():
+    from rh.report import provenance, render_html
+
+    meta = {"model": "smollm2-135m", "dtype": "bfloat16", "dtype_reason": "CPU reports amx_bf16: native bf16 matmul",
+            "ranking": {"provenance": {"dtype": "float32"}},
+            "cost": {"total": 1234567, "seconds_per_token_layer": 8.1e-5}}
+    prov = provenance(meta)
+    assert prov["dtype"] == "bfloat16" and prov["dtype chosen because"] == meta["dtype_reason"]
+    assert prov["rankings identified in"] == "float32"
+    assert prov["forward passes"].startswith("1,234,567 token-layers") and "81.00 us" in prov["forward passes"]
+    html = render_html([], meta)
+    assert "native bf16 matmul" in html and "1,234,567 token-layers" in html
+    same = provenance({**meta, "dtype": "float32"})
+    assert "rankings identified in" not in same  # said only when it differs from the session's dtype

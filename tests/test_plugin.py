@@ -17,10 +17,13 @@ ROOT = Path(__file__).resolve().parents[1]
 CA1 = "claims/test_causal.py::test_top_k_heads_are_necessary_for_retrieval"
 
 
-def _run_claims(tmp_path, *extra, target=CA1):
+def _run_claims(tmp_path, *extra, target=CA1, env=None):
+    import os
+
     cmd = [sys.executable, "-m", "pytest", target, "--model", "tiny-llama", "-p", "no:cacheprovider", "-q",
            "--report-dir", str(tmp_path / "reports"), "--ranking-cache", str(tmp_path / "rankings"), *extra]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
 
 
 def test_claims_on_the_tiny_model_write_a_report_with_a_verdict_per_k(tmp_path):
@@ -94,8 +97,13 @@ def test_a_budget_checks_what_fits_and_lists_what_it_left_out(tmp_path):
 
     nodes[f"{CA1}[K=4]"]["token_layers"] = 10**15  # far beyond any budget on any machine
     expected.write_text(json.dumps(data))
-    proc = _run_claims(tmp_path, "--expected", str(expected), "--budget", "10")
+    proc = _run_claims(tmp_path, "--expected", str(expected), "--budget", "10", env={"RH_PROGRESS_SECONDS": "0"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    # progress through the terminal reporter, although pytest captures output (here: every pass)
+    progress = [line for line in proc.stdout.splitlines() if line.startswith("rh [")]
+    assert any("loaded tiny-llama in float32" in line for line in progress)
+    assert any("running baseline" in line and "token-layers of" in line and "of the budget left" in line
+               for line in progress), progress[:5]
     assert "1 of 2 claims planned" in proc.stdout
     assert f"left out: {CA1}[K=4] (over budget" in proc.stdout
     assert "all 1 verdicts checked are as expected" in proc.stdout
