@@ -7,7 +7,7 @@ cached rankings, and the agreement of per-prompt outcomes, for the dtype choice 
 1. **Speed**: the same passkey prompts (the quick profile's length, batch 8), teacher-forced, in
    each dtype, interleaved, best of ``--repeats``: seconds per prompt and the bf16/fp32 ratio.
 2. **Rankings**: every cached ranking computed in bf16 against the one computed in fp32 on the same
-   prompts (same provenance but the dtype, and for Wu24 its options): top-K overlap, Spearman's
+   prompts (the same provenance but the dtype): top-K overlap, Spearman's
    rho over all heads, and the score gap at the top-K boundary (how fragile the boundary is).
 3. **Outcomes**: the quick profile's validation prompts under no ablation and under the fp32
    ranking's top-K zero-ablation, in each dtype: same exact match per prompt, and the largest
@@ -38,7 +38,7 @@ def _load(path: Path) -> dict:
 def ranking_pairs(cache: Path, model_id: str):
     """(bf16 file, fp32 file) pairs of cached rankings that differ only by dtype (and Wu24 options)."""
     def key(prov: dict) -> tuple:
-        p = {k: v for k, v in prov.items() if k not in ("dtype", "wu24", "rh_version", "runtime_s", "created")}
+        p = {k: v for k, v in prov.items() if k not in ("dtype", "rh_version", "runtime_s", "created", "n_counted")}
         return json.dumps(p, sort_keys=True, default=str)
 
     by_dtype: dict[str, dict[str, Path]] = {"bfloat16": {}, "float32": {}}
