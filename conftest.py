@@ -385,7 +385,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 
     exp = state["expected"]
     _session_model(config)
-    per_tl, how = state["per_tl"]
+    per_tl = state["per_tl"][0]
     now = time.perf_counter()
     reserve = 30.0 + 0.03 * budget * 60  # the report, the comparison, a margin for noise
     deadline = state["t0"] + budget * 60 - reserve
@@ -394,17 +394,24 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
                      for f, tl in exp.fixture_token_layers.items()}
     plan = plan_budget([(it.nodeid, it.fixturenames) for it in claims], costs, fixture_costs,
                        max(deadline - now, 0), unit="estimated seconds")
+    # Claims without a recorded cost cannot be planned: deselected. The others run cheapest first;
+    # those beyond the first plan still run if the claims before them prove the estimate high
+    # (each is checked against the time left when it starts: pytest_runtest_setup).
     keep = set(plan.chosen)
-    dropped = [it for it in claims if it.nodeid not in keep]
-    state["left_out"].update(plan.left_out)
+    runnable = set(plan.order)
+    dropped = [it for it in claims if it.nodeid not in runnable]
+    state["left_out"].update({n: why for n, why in plan.left_out.items() if n not in runnable})
+    rank = {nid: i for i, nid in enumerate(plan.order)}
+    others = [it for it in items if it.get_closest_marker("claim") is None]
     if dropped:
         config.hook.pytest_deselected(items=dropped)
-        items[:] = [it for it in items if it.nodeid not in {d.nodeid for d in dropped}]
+    items[:] = others + sorted((it for it in claims if it.nodeid in runnable), key=lambda it: rank[it.nodeid])
     planned_tl = sum(int(exp.nodes[n].get("token_layers") or 0) for n in plan.chosen) + sum(
         exp.fixture_token_layers.get(f, 0) for f in {f for it in claims if it.nodeid in keep for f in it.fixturenames})
     summary = (f"{budget:g} min: {len(plan.chosen)} of {len(claims)} claims planned, {planned_tl:,} token-layers, "
                f"about {format_duration(plan.cost)} of the {format_duration(max(deadline - now, 0))} left, at "
-               f"{per_tl * 1e6:.2f} us per token-layer ({how})")
+               f"{per_tl * 1e6:.2f} us per token-layer as measured now; {len(plan.order) - len(plan.chosen)} more "
+               f"run, cheapest first, if the time left allows when each would start")
     state["budget"] = {"plan": plan, "planned_tl": planned_tl, "deadline": deadline, "per_tl": per_tl,
                        "summary": summary, "fixture_costs": fixture_costs, "costs": costs}
     state["meta"]["budget"] = {"minutes": budget, "summary": summary, "chosen": list(plan.chosen),
@@ -434,14 +441,14 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     ratio = actual / planned if planned > 60 else 1.0
     est_s = planned_s * max(ratio, 0.5)
     left = b["deadline"] - time.perf_counter()
-    state["paid"] |= set(item.fixturenames)
-    state["started_item"] = (time.perf_counter(), planned_s)
     if est_s > left:
         from rh.budget import format_duration
 
         why = f"over budget: needs about {format_duration(est_s)}, {format_duration(max(left, 0))} left"
         state["left_out"][item.nodeid] = why
         pytest.skip(f"left out: {why}")
+    state["paid"] |= set(item.fixturenames)
+    state["started_item"] = (time.perf_counter(), planned_s)
 
 
 @pytest.hookimpl(wrapper=True)

@@ -108,6 +108,7 @@ class Plan:
     left_out: dict[str, str]
     cost: float  # planned for the chosen claims, their fixtures included (in the unit of the costs given)
     budget: float
+    order: tuple[str, ...] = ()  # every claim with a recorded cost, cheapest marginal cost first
 
 
 def plan_budget(
@@ -141,19 +142,23 @@ def plan_budget(
         return float(test_cost[nid] or 0) + sum(float(fixture_cost.get(f, 0)) for f in fixtures_of[nid] - paid)
 
     pending = list(candidates)
+    greedy: list[str] = []
+    fits = True
     while pending:
         best = min(pending, key=lambda n: (marginal(n), candidates.index(n)))
         cost = marginal(best)
-        if spent + cost > budget:
-            break
-        spent += cost
+        if fits and spent + cost > budget:
+            fits = False
+            for nid in pending:
+                left[nid] = f"over budget: needs {marginal(nid):,.0f} more {unit}, {max(budget - spent, 0):,.0f} left"
+        if fits:
+            spent += cost
+            chosen.add(best)
         paid |= fixtures_of[best]
-        chosen.add(best)
+        greedy.append(best)
         pending.remove(best)
-    for nid in pending:
-        left[nid] = f"over budget: needs {marginal(nid):,.0f} more {unit}, {max(budget - spent, 0):,.0f} left"
     order = [nid for nid, _ in items if nid in chosen]
-    return Plan(tuple(order), left, spent, budget)
+    return Plan(tuple(order), left, spent, budget, tuple(greedy))
 
 
 class BudgetExhausted(Exception):

@@ -128,8 +128,11 @@ def compare(expected: Expected, rows: list[dict[str, Any]], *, left_out: dict[st
     left_keys = {expected.key_of(n) or n: why for n, why in left_out.items()}
     left_keys.update({k: r.get("reason", "left out") for k, r in got.items() if r["status"] == "left_out"})
     missing = [k for k in sorted(expected.verdicts) if k not in got and k not in left_keys]
+    unmapped = sorted(n for n in left_out if expected.key_of(n) is None)
     for k in missing:
-        lines.append(f"{k}: expected {expected.verdicts[k]}, but no test produced it")
+        hint = (f" (left out without a recorded key: {', '.join(unmapped)}; record them with --update-expected)"
+                if unmapped else "")
+        lines.append(f"{k}: expected {expected.verdicts[k]}, but no test produced it{hint}")
         ok = False
     checked = sum(1 for r in got.values() if r["status"] != "left_out")
     if ok:

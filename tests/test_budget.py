@@ -74,3 +74,9 @@ def test_plan_leaves_out_a_claim_with_no_recorded_cost():
 def test_plan_with_no_budget_chooses_nothing():
     p = plan_budget(ITEMS, {"a": 1, "b": 1, "c": 1, "d": 1}, FIXTURES, 0)
     assert p.chosen == () and len(p.left_out) == 4
+
+
+def test_plan_orders_every_costed_claim_cheapest_first_beyond_the_first_plan():
+    p = plan_budget(ITEMS, {"a": 10, "b": 5, "c": 30, "d": 200}, FIXTURES, 100)
+    assert p.order == ("c", "a", "d", "b")  # 30, 60, then d 200 (b still needs 1005 with ranking paid)
+    assert set(p.chosen) == {"c", "a"} and p.order[: len(p.chosen)] == ("c", "a")

@@ -104,3 +104,11 @@ def test_update_refuses_another_models_file(tmp_path):
     with pytest.raises(ValueError, match="another --expected path"):
         update(e, [], model="llama70b", profile="quick", dtype="bfloat16", recorded="", fixture_token_layers={},
                complete=True)
+
+
+def test_a_left_out_test_without_a_recorded_key_is_named_when_its_verdict_goes_missing(tmp_path):
+    data = {**GOOD, "nodes": {k: v for k, v in GOOD["nodes"].items() if k != "t::ca1[K=20]"}}
+    e = load_expected(_write(tmp_path, data))
+    c = compare(e, [_row("t::ca1[K=10]", "CA-1[k=10]", "supported"), _row("t::id1", "ID-1[]", "supported")],
+                left_out={"t::ca1[K=20]": "no recorded cost"})
+    assert not c.ok and any("left out without a recorded key: t::ca1[K=20]" in x for x in c.lines)
