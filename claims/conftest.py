@@ -37,6 +37,29 @@ def task_rankings(identify_ranking, niah_split, profile):
 
 
 @pytest.fixture(scope="session")
+def task_validation(rh_model, profile):
+    """Fresh prompts of each identification task (``task_n`` per depth, a seed the identification
+    never saw) on which ID-5 tests the candidate general heads and CA-4 ablates them."""
+    from dataclasses import replace
+
+    from rh.niah import build_samples
+
+    sweep = replace(profile.sweep(), lengths=profile.lengths[:1], tasks=profile.id_tasks, n_per_setting=profile.task_n,
+                    seed=profile.sample_seed + 5_000_011)
+    fresh = build_samples(rh_model.tokenizer, sweep, chat=rh_model.instruct, max_positions=rh_model.max_positions)
+    return {t: [s for s in fresh if s.task == t] for t in profile.id_tasks}
+
+
+@pytest.fixture(scope="session")
+def task_baselines(rh_model, task_validation, profile):
+    """Each task's unablated outcomes on its validation prompts: the floor of ID-5 and CA-4."""
+    from rh.evaluate import teacher_forced
+
+    return {t: teacher_forced(rh_model, samples, condition="baseline", batch_size=profile.batch_size)
+            for t, samples in task_validation.items()}
+
+
+@pytest.fixture(scope="session")
 def compare_model(pytestconfig):
     """The --compare-model (e.g. the base variant of an instruct model), loaded once, or None."""
     name = pytestconfig.getoption("--compare-model")

@@ -4,6 +4,7 @@
     python -m rh identify --model llama8b --method wu24 --task inc_state --lengths 2048 4096 --per-task
     python -m rh niah --task hq_state --length 1024 --depth 0.5
     python -m rh report reports/llama8b-....json reports/llama70b-....json -o compare.html
+    python -m rh calibrate --size small --profile quick --reps 300
 """
 
 from __future__ import annotations
@@ -66,6 +67,34 @@ def _identify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    import json
+
+    from rh.heads import HeadShape
+    from rh.profiles import get_profile
+    from rh.rules.calibration import FAMILIES, calibrate, format_table
+
+    shape = {"tiny": HeadShape(4, 8, 2, 16), "small": HeadShape(30, 9, 3, 64), "large": HeadShape(32, 32, 8, 128)}
+    prof = get_profile(args.profile, shape[args.size])
+    fams = args.family or list(FAMILIES)
+    bad = [f for f in fams if f not in FAMILIES]
+    if bad or args.reps < 1:
+        print(f"error: unknown family {bad} (choose from {', '.join(FAMILIES)})" if bad else "error: --reps must be >= 1",
+              file=sys.stderr)
+        return 2
+    rows = []
+    for f in fams:
+        rows.append(calibrate(f, prof, reps=args.reps, seed=FAMILIES.index(f)))
+        print(f"{f}: done", file=sys.stderr, flush=True)
+    print(f"profile {args.profile} for a {args.size} model: {rows[0].sizes}")
+    print(format_table(rows))
+    if args.json:
+        tmp = Path(args.json).with_suffix(".tmp")
+        tmp.write_text(json.dumps([r.as_dict() for r in rows], indent=1))
+        tmp.replace(args.json)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rh", description="retrieval-head tools")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -103,6 +132,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                           "or the original's set-coverage search (one token early on answers that repeat a token)")
     idp.add_argument("--once-per-position", action="store_true", help="wu24: credit a needle position once")
 
+    cal = sub.add_parser("calibrate", help="simulate every claim family's false-support, false-refute and power "
+                         "at a profile's sizes (rh.rules.calibration)")
+    cal.add_argument("--size", default="small", choices=("tiny", "small", "large"),
+                     help="the model size class whose profile sizes are used (small: SmolLM2-135M)")
+    cal.add_argument("--profile", default="quick", choices=("quick", "full"))
+    cal.add_argument("--reps", type=int, default=300, help="simulated runs per scenario and family")
+    cal.add_argument("--family", action="append", help="only this family (repeatable)")
+    cal.add_argument("--json", help="also write the rates to this JSON file")
+
     sub.add_parser("niah", help="print one prompt with its needle marked (see python -m rh.niah -h)", add_help=False)
     sub.add_parser("report", help="combine run reports into one comparison page (python -m rh report -h)",
                    add_help=False)
@@ -117,6 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return main_report(argv[1:])
     args = ap.parse_args(argv)
+    if args.command == "calibrate":
+        return _calibrate(args)
     if args.method == "sum":
         args.method = "sum_attention"
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

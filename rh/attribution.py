@@ -52,7 +52,7 @@ from rh.ablation import attention_modules
 from rh.heads import Head, validate_heads
 from rh.models import LoadedModel, hf_model
 from rh.niah import Sample
-from rh.stats import Verdict, bootstrap_ci, decide, min_attainable_p_wilcoxon, ratio_test_greater
+from rh.stats import Verdict
 
 log = logging.getLogger(__name__)
 
@@ -348,8 +348,10 @@ def needle_mass_ratio(token_attr: Any, needle_span: tuple[int, int]) -> float:
 
 def attribution_concentrates(ratios: Any, *, alpha: float = 0.05, completeness_errors: Any = None,
                              tolerance: float = 0.05, sample_ids: Sequence[str] | None = None,
-                             params: dict | None = None, n_boot: int = 10_000, seed: int = 0) -> Verdict:
-    """IV-6: the critical heads' IG attribution concentrates on the needle (needle mass ratio > 1).
+                             params: dict | None = None, n_boot: int = 10_000, seed: int = 0,
+                             min_ratio: float = 2.0) -> Verdict:
+    """IV-6: the critical heads' IG attribution concentrates on the needle (needle mass ratio > 1;
+    refuted when the ratio is shown below ``min_ratio``, the smallest concentration of interest).
 
     ``ratios`` holds one :func:`needle_mass_ratio` per sample. Test: one-sided Wilcoxon
     signed-rank on log(ratio) (:func:`rh.stats.ratio_test_greater` with threshold 1). Effect =
@@ -387,26 +389,12 @@ def attribution_concentrates(ratios: Any, *, alpha: float = 0.05, completeness_e
                 f"{' ...' if len(bad) > 10 else ''}; worst {ids[worst]} off by {ce[worst]:.3g} of F(x) - F(baseline)."
                 " Use more n_steps or an fp32 model", TEST_NAME, None, None, None, None, None, n=n, alpha=alpha,
                 effect_name=eff_name, details={**details, "failed": [ids[i] for i in bad]})
-    min_p = min_attainable_p_wilcoxon(n)
-    if min_p >= alpha:
-        return Verdict(CLAIM, base_params, "inconclusive",
-                       f"{n} samples cannot reach p < {alpha:g} with a one-sided signed-rank test (smallest p "
-                       f"{min_p:.3g}); use at least {math.floor(math.log(alpha) / math.log(0.5)) + 1}",
-                       TEST_NAME, None, None, None, None, None, n=n, alpha=alpha, effect_name=eff_name,
-                       details=details)
-    floored = np.maximum(r, 1e-12)
-    med, p = ratio_test_greater(floored, 1.0)
-    logs = np.log(floored)
-    effect = float(np.log(med))
-    ci = bootstrap_ci(logs, np.median, n_boot=n_boot, level=0.95, seed=seed)
-    status, why = decide(p, effect, alpha)
-    details.update({"median_ratio": med, "ci_median_ratio": [math.exp(ci[0]), math.exp(ci[1])]})
-    return Verdict(
-        CLAIM, base_params, status,
-        f"median over {n} samples: the heads' |IG attribution| per needle token is {med:.2f}x its uniform share "
-        f"(95% CI {math.exp(ci[0]):.2f}-{math.exp(ci[1]):.2f}x); {why}",
-        TEST_NAME, med, p, p, effect, ci, n=n, alpha=alpha, effect_name=eff_name, details=details,
-    )
+    from rh.rules.claims import ratio_rule
+
+    return ratio_rule(CLAIM, r, support_ratio=1.0, refute_ratio=min_ratio, alpha=alpha, params=base_params,
+                      test=TEST_NAME + f"; refuted when shown below {min_ratio:g}x", effect_name=eff_name,
+                      describe="the heads' |IG attribution| per needle token over its uniform share",
+                      details=details)
 
 
 # ---------------------------------------------------------------------------- figure

@@ -22,15 +22,7 @@ from rh.heads import Head
 from rh.models import LoadedModel
 from rh.niah import Sample
 from rh.rankings import Ranking
-from rh.stats import (
-    Verdict,
-    bootstrap_ci,
-    decide,
-    headset_null_p,
-    holm,
-    min_attainable_p_sign,
-    sign_test_greater,
-)
+from rh.stats import Verdict
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +45,8 @@ class NecessityOutcomes:
     random_correct: np.ndarray  # [draws, n]
     random_logprob: np.ndarray  # [draws, n]
     frame: pd.DataFrame  # every row of every condition, for the report
+    matched_correct: np.ndarray | None = None  # [matched draws, n]: random K-sets with the top K's layers
+    matched_logprob: np.ndarray | None = None
 
 
 def _arrays(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -73,9 +67,11 @@ def necessity_outcomes(
     seed: int = 0,
     baseline: pd.DataFrame | None = None,
     batch_size: int = 8,
+    matched_draws: int = 0,
 ) -> NecessityOutcomes:
     """Evaluate ``samples`` with no ablation, with the top-``k`` heads ablated, and with ``draws``
-    random ``k``-sets from outside the top ``k`` (seeded by ``seed``, ``k`` and the draw index)."""
+    random ``k``-sets from outside the top ``k`` (seeded by ``seed``, ``k`` and the draw index);
+    with ``matched_draws``, also that many random sets matched to the top K's layers."""
     ranking.check_shape(model.shape)
     if draws < 1:
         raise ValueError(f"draws={draws}: need at least one random head set as the control")
@@ -93,7 +89,16 @@ def necessity_outcomes(
     tc, tl = _arrays(frames[1])
     rc = np.stack([_arrays(f)[0] for f in frames[2:]])
     rl = np.stack([_arrays(f)[1] for f in frames[2:]])
-    return NecessityOutcomes(k, top, rand_sets, bc, bl, tc, tl, rc, rl, pd.concat(frames, ignore_index=True))
+    mc = ml = None
+    if matched_draws:
+        mframes = []
+        for d in range(matched_draws):
+            with ablate(model, ranking.random_layer_matched(k, seed=hash_seed(seed, k, d, 7))):
+                mframes.append(teacher_forced(model, samples, condition=f"matched{k}#{d}", batch_size=batch_size))
+        mc = np.stack([_arrays(f)[0] for f in mframes])
+        ml = np.stack([_arrays(f)[1] for f in mframes])
+        frames += mframes
+    return NecessityOutcomes(k, top, rand_sets, bc, bl, tc, tl, rc, rl, pd.concat(frames, ignore_index=True), mc, ml)
 
 
 def hash_seed(*parts: int) -> int:
@@ -109,144 +114,45 @@ def necessity_verdicts(
     *,
     alpha: float = 0.05,
     baseline_floor: float = 0.5,
+    min_gap: float = 0.2,
     n_boot: int = 10_000,
     seed: int = 0,
+    control: str = "outside_top",
 ) -> dict[int, Verdict]:
-    """One CA-1 verdict per K, Holm-corrected across the K levels.
+    """One CA-1 verdict per K, Holm-corrected across the K levels: :func:`rh.rules.claims.necessity`."""
+    from rh.rules.claims import necessity
 
-    Per sample, d = (mean correctness over the random draws) - (correctness with the top K
-    ablated); the exact one-sided sign test asks whether d > 0 more often than chance. The effect
-    is the mean of d — the top-K accuracy drop minus the random-K drop — with a bootstrap CI over
-    samples. Preconditions (else inconclusive): baseline accuracy >= ``baseline_floor``, and
-    enough samples that the smallest reachable p could pass Holm's strictest threshold. The
-    head-set null p (the top-K drop ranked among the random draws' drops) is reported beside it.
-    """
-    if not outcomes:
-        raise ValueError("no ablation levels given")
-    m = len(outcomes)
-    rows = []
-    for o in outcomes:
-        n = len(o.top_correct)
-        d = o.random_correct.mean(axis=0) - o.top_correct
-        n_pos, n_neg, p_sign = sign_test_greater(d)
-        effect = float(d.mean())
-        ci = bootstrap_ci(d, n_boot=n_boot, seed=hash_seed(seed, o.k))
-        base_acc = float(o.baseline_correct.mean())
-        top_drop = base_acc - float(o.top_correct.mean())
-        rand_drops = base_acc - o.random_correct.mean(axis=1)
-        lp_d = o.random_logprob.mean(axis=0) - o.top_logprob
-        details = {
-            "baseline_accuracy": base_acc,
-            "top_accuracy": float(o.top_correct.mean()),
-            "random_accuracy": float(o.random_correct.mean()),
-            "random_accuracy_per_draw": o.random_correct.mean(axis=1).tolist(),
-            "top_drop": top_drop,
-            "random_drop_mean": float(rand_drops.mean()),
-            "samples_top_worse": n_pos,
-            "samples_top_better": n_neg,
-            "headset_null_p": headset_null_p(top_drop, rand_drops),
-            "sign_test_p": p_sign,
-            "draws": int(o.random_correct.shape[0]),
-            "logprob_drop_gap_mean": float(lp_d.mean()),
-            "logprob_sign_test_p": sign_test_greater(lp_d)[2],
-            "top_heads": [str(h) for h in o.top_heads],
-        }
-        # Both must hold: the samples say top-K hurts more than the random sets on average (sign test),
-        # and the top-K set is an outlier among random K-sets (head-set null). The sign test alone treats
-        # the random sets as fixed and passes for any harmful set, so a shuffled ranking would pass it
-        # far more often than alpha (tests/test_calibration.py measures this).
-        p = max(p_sign, details["headset_null_p"])
-        rows.append((o, n, n_pos, p, effect, ci, base_acc, details))
-
-    # Holm over the levels whose preconditions hold; the others are inconclusive.
-    reasons: dict[int, str] = {}
-    for o, n, _, _, _, _, base_acc, _ in rows:
-        if base_acc < baseline_floor:
-            reasons[o.k] = (
-                f"baseline accuracy {base_acc:.2f} is below the floor {baseline_floor:.2f}: "
-                "a drop cannot be shown on a task the model does not do"
-            )
-        elif min_attainable_p_sign(n) >= alpha / m:
-            reasons[o.k] = (
-                f"only {n} validation samples: the smallest reachable p ({min_attainable_p_sign(n):.3g}) "
-                f"cannot pass Holm's threshold alpha/{m} = {alpha / m:.3g}; use more samples"
-            )
-        elif 1 / (details["draws"] + 1) >= alpha / m:
-            need = int(np.ceil(m / alpha))
-            reasons[o.k] = (
-                f"only {details['draws']} random head sets: the head-set null cannot reach p below "
-                f"{1 / (details['draws'] + 1):.3g}, not under Holm's threshold {alpha / m:.3g}; use at least "
-                f"{need} draws"
-            )
-    testable = [r for r in rows if r[0].k not in reasons]
-    adjusted = dict(zip([r[0].k for r in testable], holm([r[3] for r in testable]))) if testable else {}
-
-    verdicts = {}
-    for o, n, n_pos, p, effect, ci, base_acc, details in rows:
-        if o.k in reasons:
-            status, reason, p_adj = "inconclusive", reasons[o.k], None
-        else:
-            p_adj = adjusted[o.k]
-            status, why = decide(p_adj, effect, alpha)
-            reason = (
-                f"top-{o.k} ablation: accuracy {base_acc:.2f} -> {details['top_accuracy']:.2f}; "
-                f"random-{o.k} (mean of {details['draws']} draws): -> {details['random_accuracy']:.2f}; "
-                f"{why}"
-            )
-        verdicts[o.k] = Verdict(
-            claim="CA-1", params={"k": o.k}, status=status, reason=reason, test=TEST_NAME,
-            statistic=float(n_pos), p_value=p, p_adjusted=p_adj, effect=effect, ci=ci, n=n, alpha=alpha,
-            effect_name="accuracy drop of top-K minus that of random-K (mean over draws)", details=details,
-        )
-    return verdicts
+    return necessity(outcomes, alpha=alpha, baseline_floor=baseline_floor, min_gap=min_gap, n_boot=n_boot, seed=seed,
+                     control=control)
 
 
 # --------------------------------------------------------------------------- CA-2 ... CA-6
 
 
-def dose_response(outcomes: Sequence[NecessityOutcomes], ca1: dict[int, Verdict], *, alpha: float = 0.05) -> Verdict:
-    """CA-2: the top-K drop grows with K (Page's L trend test on paired per-sample drops) and the
-    top-vs-random gap stays positive at every K (the CA-1 effects)."""
-    from rh.stats import trend_test
+def top_logprobs(model: LoadedModel, samples: Sequence[Sample], ranking: Ranking, levels: Sequence[int],
+                 outcomes: Sequence[NecessityOutcomes] = (), *, batch_size: int = 8) -> dict[int, np.ndarray]:
+    """CA-2's dose: the answer log-prob with the top K ablated, per K (reusing CA-1's outcomes
+    where a K coincides; one pass over the samples per other K)."""
+    have = {o.k: o.top_logprob for o in outcomes}
+    out = {}
+    for k in levels:
+        if k in have:
+            out[k] = have[k]
+            continue
+        with ablate(model, ranking.top(k)):
+            out[k] = teacher_forced(model, samples, condition=f"top{k}", batch_size=batch_size)["logprob"].to_numpy(float)
+    return out
 
-    levels = [o.k for o in outcomes]
-    if len(levels) < 2:
-        return Verdict("CA-2", {"levels": levels}, "inconclusive", "a trend needs at least two K levels",
-                       "Page's L", None, None, None, None, None, alpha=alpha)
-    drops = np.stack([o.baseline_correct - o.top_correct for o in outcomes], axis=1)  # [n, levels]
-    from rh.stats import min_attainable_p_page
 
-    blocked = [v for v in ca1.values() if v.inconclusive]
-    if blocked:
-        return Verdict("CA-2", {"levels": levels}, "inconclusive", f"CA-1 is inconclusive: {blocked[0].reason}",
-                       "Page's L", None, None, None, None, None, n=drops.shape[0], alpha=alpha)
-    if min_attainable_p_page(drops.shape[0], len(levels)) > alpha:
-        return Verdict("CA-2", {"levels": levels}, "inconclusive",
-                       f"{drops.shape[0]} samples x {len(levels)} levels cannot reach p < {alpha} with Page's L",
-                       "Page's L", None, None, None, None, None, n=drops.shape[0], alpha=alpha)
-    stat, p = trend_test(levels, drops)
-    gaps = {o.k: ca1[o.k].effect for o in outcomes}
-    curve = {o.k: {"top_drop": ca1[o.k].details["top_drop"], "random_drop": ca1[o.k].details["random_drop_mean"]}
-             for o in outcomes}
-    if p < alpha and all(g is not None and g > 0 for g in gaps.values()):
-        status, why = "supported", f"Page's L p = {p:.3g} < {alpha} and the gap is positive at every K"
-    else:
-        failed = []
-        if not p < alpha:
-            failed.append(f"no significant trend (p = {p:.3g})")
-        bad = [k for k, g in gaps.items() if g is None or g <= 0]
-        if bad:
-            failed.append(f"the top-vs-random gap is not positive at K = {bad}")
-        status, why = "refuted", "; ".join(failed)
-    mean_drop = drops.mean(axis=0)
-    return Verdict(
-        "CA-2", {"levels": levels}, status,
-        "top-K accuracy drop by K: " + ", ".join(f"{k}: {d:.2f}" for k, d in zip(levels, mean_drop)) + f"; {why}",
-        "Page's L trend test on paired per-sample drops across K", stat, p, p,
-        float(mean_drop[-1] - mean_drop[0]), None, n=drops.shape[0], alpha=alpha,
-        effect_name="drop at the largest K minus drop at the smallest",
-        details={"gaps": {str(k): g for k, g in gaps.items()}, "curve": {str(k): v for k, v in curve.items()}},
-    )
+def dose_response(base_logprob: np.ndarray, top_logprob: dict[int, np.ndarray], ca1: dict[int, Verdict], *,
+                  alpha: float = 0.05, min_growth: float = 1.0, baseline_floor: float = 0.5,
+                  baseline_accuracy: float | None = None) -> Verdict:
+    """CA-2: the top-K drop (answer log-prob) grows with K and the top-vs-random gap holds at every
+    K: :func:`rh.rules.claims.dose_response`."""
+    from rh.rules.claims import dose_response as rule
+
+    return rule(base_logprob, top_logprob, ca1, alpha=alpha, min_growth=min_growth, baseline_floor=baseline_floor,
+                baseline_accuracy=baseline_accuracy)
 
 
 def inverse_ablation(model: LoadedModel, samples: Sequence[Sample], ranking: Ranking, levels: Sequence[int],
@@ -270,107 +176,36 @@ def inverse_ablation(model: LoadedModel, samples: Sequence[Sample], ranking: Ran
 def inverse_verdicts(base: np.ndarray, ablated: dict[int, np.ndarray], levels: Sequence[int], *, margin: float = 0.1,
                      alpha: float = 0.05, baseline_floor: float = 0.5, n_boot: int = 10_000, seed: int = 0,
                      bottom_heads: dict[int, list[str]] | None = None) -> dict[int, Verdict]:
-    """CA-3's decision from per-sample outcomes (0/1): ``base`` and, per K, ``ablated[k]``.
+    """CA-3's decision from per-sample 0/1 outcomes: :func:`rh.rules.claims.inverse` (supported when
+    the loss is shown below ``margin``, refuted when shown above it, Holm across K)."""
+    from rh.rules.claims import inverse
 
-    Inconclusive when the baseline is below the floor (nothing to keep). Refuted when even the
-    upper confidence bound of the change is below ``-margin`` (clearly not kept, however few the
-    samples). Inconclusive when the samples cannot show non-inferiority even with no change at
-    all. Otherwise supported exactly when the Holm-adjusted non-inferiority p is below ``alpha``.
-    """
-    from rh.stats import non_inferiority
-
-    base = np.asarray(base, dtype=float)
-    if base.mean() < baseline_floor:  # "keeps accuracy" is empty when there is none to keep
-        return {k: Verdict("CA-3", {"k": k, "margin": margin}, "inconclusive",
-                           f"baseline accuracy {base.mean():.2f} is below the floor {baseline_floor:.2f}: there is "
-                           "no retrieval to keep", "non-inferiority", None, None, None, None, None, n=len(base),
-                           alpha=alpha) for k in levels}
-    best_p = non_inferiority(np.zeros(len(base)), margin, level=1 - alpha)[3]  # no sample changes: the best case
-    underpowered = best_p >= alpha / len(levels)
-    rows = {}
-    for k in levels:
-        acc = np.asarray(ablated[k], dtype=float)
-        mean, ci, holds, p = non_inferiority(acc - base, margin, level=1 - alpha, n_boot=n_boot, seed=hash_seed(seed, k))
-        rows[k] = (mean, ci, holds, p, float(acc.mean()))
-    adj = dict(zip(rows, holm([r[3] for r in rows.values()])))
-    out = {}
-    for k, (mean, ci, holds, p, acc) in rows.items():
-        ok = adj[k] < alpha
-        if ci[1] < -margin:  # even the upper bound loses more than the margin: clearly not kept
-            status, why = "refuted", f"the upper bound {ci[1]:+.3f} is below -{margin}: accuracy is not kept"
-        elif underpowered:
-            status, why = "inconclusive", (f"{len(base)} samples cannot show non-inferiority at margin {margin}: "
-                                           f"even with no change p = {best_p:.3g} >= Holm's "
-                                           f"{alpha / len(levels):.3g}; use more samples")
-        else:
-            status = "supported" if ok else "refuted"
-            why = (f"adjusted p = {adj[k]:.3g} < {alpha}: the change is no worse than -{margin}" if ok else
-                   f"adjusted p = {adj[k]:.3g}: a loss larger than {margin} cannot be ruled out")
-        out[k] = Verdict(
-            "CA-3", {"k": k, "margin": margin}, status,
-            f"bottom-{k} ablation: accuracy {base.mean():.2f} -> {acc:.2f} (change {mean:+.3f}, one-sided "
-            f"{1 - alpha:.0%} bounds [{ci[0]:+.3f}, {ci[1]:+.3f}]); {why}",
-            f"non-inferiority with margin {margin}, Holm across K", mean, p, adj[k], mean, ci,
-            ci_level=1 - alpha, n=len(base), alpha=alpha, effect_name="accuracy change (ablated - baseline)",
-            details={"baseline_accuracy": float(base.mean()), "ablated_accuracy": acc,
-                     "bottom_heads": (bottom_heads or {}).get(k, [])},
-        )
-    return out
-
-
-def _mcnemar_drop(base: np.ndarray, ablated: np.ndarray) -> tuple[int, int, float]:
-    """Samples right at baseline and wrong under ablation vs the reverse: exact one-sided McNemar."""
-    from rh.stats import mcnemar_exact
-
-    return mcnemar_exact(base.astype(bool), ablated.astype(bool), alternative="greater")
+    return inverse(base, ablated, levels, margin=margin, alpha=alpha, baseline_floor=baseline_floor,
+                   bottom_heads=bottom_heads)
 
 
 def ablation_hurts(claim: str, model: LoadedModel, groups: dict[str, Sequence[Sample]], heads: Sequence[Head],
                    baseline: pd.DataFrame | None, *, param: str, alpha: float = 0.05, baseline_floor: float = 0.5,
-                   batch_size: int = 8, n_boot: int = 10_000, seed: int = 0) -> dict[str, Verdict]:
+                   min_drop: float = 0.2, batch_size: int = 8, n_boot: int = 10_000, seed: int = 0) -> dict[str, Verdict]:
     """CA-4 / CA-6: for each group of samples (a task, a depth), ablating ``heads`` lowers accuracy
-    below the baseline (exact one-sided McNemar per group, Holm across groups)."""
-    if not heads:
-        return {g: Verdict(claim, {param: g}, "inconclusive", "there are no heads to ablate (the set is empty)",
-                           "exact one-sided McNemar", None, None, None, None, None, alpha=alpha) for g in groups}
-    rows = {}
-    for g, samples in groups.items():
-        ids = [s.id for s in samples]
-        if baseline is not None and set(ids) <= set(baseline["id"]):
-            base = baseline.set_index("id").loc[ids, "correct"].to_numpy(dtype=float)
-        else:
-            base = teacher_forced(model, samples, condition="baseline", batch_size=batch_size)["correct"].to_numpy(float)
-        with ablate(model, heads):
-            abl = teacher_forced(model, samples, condition="ablated", batch_size=batch_size)["correct"].to_numpy(float)
-        b, c, p = _mcnemar_drop(base, abl)
-        rows[g] = (base, abl, b, c, p)
-    m = len(rows)
-    reasons = {}
-    for g, (base, *_rest) in rows.items():
-        if base.mean() < baseline_floor:
-            reasons[g] = f"baseline accuracy {base.mean():.2f} is below the floor {baseline_floor:.2f}"
-        elif min_attainable_p_sign(len(base)) > alpha / m:
-            reasons[g] = (f"only {len(base)} samples: the smallest reachable p ({min_attainable_p_sign(len(base)):.3g}) "
-                          f"cannot pass Holm's threshold {alpha / m:.3g}")
-    testable = [g for g in rows if g not in reasons]
-    adj = dict(zip(testable, holm([rows[g][4] for g in testable]))) if testable else {}
-    out = {}
-    for g, (base, abl, b, c, p) in rows.items():
-        drop = float(base.mean() - abl.mean())
-        ci = bootstrap_ci(base - abl, n_boot=n_boot, seed=hash_seed(seed, len(out)))
-        if g in reasons:
-            status, reason, p_adj = "inconclusive", reasons[g], None
-        else:
-            p_adj = adj[g]
-            status, why = decide(p_adj, drop, alpha)
-            reason = f"{param} {g}: accuracy {base.mean():.2f} -> {abl.mean():.2f} with {len(heads)} heads ablated; {why}"
-        out[g] = Verdict(
-            claim, {param: g, "heads": len(heads)}, status, reason, "exact one-sided McNemar, Holm across " + param,
-            float(b), p, p_adj, drop, ci, n=len(base), alpha=alpha, effect_name="accuracy drop (baseline - ablated)",
-            details={"baseline_accuracy": float(base.mean()), "ablated_accuracy": float(abl.mean()),
-                     "right_to_wrong": b, "wrong_to_right": c, "heads": [str(h) for h in heads[:20]]},
-        )
-    return out
+    (:func:`rh.rules.claims.drop_family`: > 0 supports, < ``min_drop`` refutes, Holm across groups)."""
+    from rh.rules.claims import drop_family
+
+    data = {}
+    if heads:
+        for g, samples in groups.items():
+            ids = [s.id for s in samples]
+            if baseline is not None and set(ids) <= set(baseline["id"]):
+                base = baseline.set_index("id").loc[ids, "correct"].to_numpy(dtype=float)
+            else:
+                base = teacher_forced(model, samples, condition="baseline", batch_size=batch_size)["correct"].to_numpy(float)
+            with ablate(model, heads):
+                abl = teacher_forced(model, samples, condition="ablated", batch_size=batch_size)["correct"].to_numpy(float)
+            data[g] = (base, abl)
+    else:
+        data = {g: (np.zeros(0), np.zeros(0)) for g in groups}
+    return drop_family(claim, data, param=param, n_heads=len(heads), min_drop=min_drop, alpha=alpha,
+                       baseline_floor=baseline_floor, heads=[str(h) for h in heads])
 
 
 def head_outputs(model: LoadedModel, samples: Sequence[Sample], heads: Sequence[Head], method: str | None,
@@ -427,7 +262,7 @@ def mechanism_comparison(model: LoadedModel, samples: Sequence[Sample], heads: S
     b, c, p_zq = mcnemar_exact(correct["query"], correct["zero"], alternative="two-sided")
     same = q_vs_l <= tol
     differs = q_vs_z > tol
-    status = "supported" if same and differs else "refuted"
+    status = "supported" if same and differs else "refuted"  # an exact identity: no sampling, no power
     why = []
     why.append(f"query vs logits: max |difference| = {q_vs_l:.2e} of the output scale "
                f"({'within' if same else 'beyond'} tolerance {tol:.1e})")
@@ -441,6 +276,8 @@ def mechanism_comparison(model: LoadedModel, samples: Sequence[Sample], heads: S
         effect_name="accuracy under query zeroing minus under output zeroing (reported, not tested)",
         details={"accuracy": acc, "query_vs_zero_mcnemar_p": p_zq, "query_vs_logits_rel_diff": q_vs_l,
                  "query_vs_zero_rel_diff_min": q_vs_z, "tolerance": tol, "probe_samples": len(probe)},
+        min_effect=tol, power={"support": None, "support_at": None, "refute": None, "refute_at": None,
+                               "method": "none", "note": "an exact check of the heads' outputs: no sampling"},
     )
 
 

@@ -15,10 +15,6 @@ from rh.scoring import SampleScores, general_heads, score_samples
 from rh.stats import (
     Verdict,
     bootstrap_fraction_ci,
-    decide,
-    holm,
-    intersection_null_p,
-    ratio_test_greater,
     spearman_ci,
     spearman_test,
     topk_overlap_test,
@@ -26,10 +22,11 @@ from rh.stats import (
 
 
 def inconclusive(claim: str, params: dict, reason: str, test: str, alpha: float = 0.05, n: int = 0,
-                 details: dict | None = None) -> Verdict:
-    """A verdict whose preconditions failed, with the reason (and the sample size and numbers seen so far)."""
-    return Verdict(claim, params, "inconclusive", reason, test, None, None, None, None, None, n=n, alpha=alpha,
-                   details=details or {})
+                 details: dict | None = None, **kw) -> Verdict:
+    """A verdict whose preconditions failed, with the reason: :func:`rh.rules.claims.inconclusive`."""
+    from rh.rules.claims import inconclusive as make
+
+    return make(claim, params, reason, test, alpha, n, details, **kw)
 
 
 def sparsity(scored: SampleScores, *, threshold: float = 0.1, max_fraction: float = 0.05, alpha: float = 0.05,
@@ -63,6 +60,9 @@ def sparsity(scored: SampleScores, *, threshold: float = 0.1, max_fraction: floa
         effect_name=f"fraction of heads with score > {threshold}, minus {max_fraction}",
         details={"fraction": frac, "n_heads_above": int(round(frac * n_heads)), "n_heads": n_heads,
                  "top_scores": sorted(scores.mean(axis=0).tolist(), reverse=True)[:10]},
+        min_effect=max_fraction,
+        power={"support": None, "support_at": None, "refute": None, "refute_at": None, "method": "none",
+               "note": "a bootstrap interval over trials: its error rates are measured in rh.rules.calibration"},
     )
 
 
@@ -77,30 +77,36 @@ def needle_mass_ratios(model: LoadedModel, samples: Sequence[Sample], heads: Seq
     return mass[:, layers, idx].mean(axis=1) / per_token
 
 
-def needle_spike(ratios: np.ndarray, *, k: int, min_ratio: float = 10.0, alpha: float = 0.05) -> Verdict:
-    """ID-2: the top-K heads put at least ``min_ratio`` times the uniform mass per token on the needle."""
-    from rh.stats import min_attainable_p_wilcoxon
+def needle_mass_per_head(model: LoadedModel, samples: Sequence[Sample], heads: Sequence[Head], *,
+                         batch_size: int = 8) -> np.ndarray:
+    """Per sample and head, the head's attention per needle token over the uniform share:
+    ``[n_samples, len(heads)]`` (the columns :func:`needle_mass_ratios` averages)."""
+    mass = score_samples(model, samples, "sum_attention", batch_size=batch_size, progress=False).scores
+    per_token = np.array([(s.needle_span[1] - s.needle_span[0]) / len(s.input_ids) for s in samples])
+    return mass[:, [h.layer for h in heads], [h.head for h in heads]] / per_token[:, None]
 
-    if min_attainable_p_wilcoxon(len(ratios)) >= alpha:
-        return inconclusive("ID-2", {"k": k, "min_ratio": min_ratio},
-                            f"{len(ratios)} prompts cannot reach p < {alpha} with a signed-rank test; use more",
-                            "one-sided Wilcoxon signed-rank", alpha)
-    med, p = ratio_test_greater(ratios, min_ratio)
-    status, why = decide(p, float(np.log(med / min_ratio)), alpha)
-    return Verdict(
-        "ID-2", {"k": k, "min_ratio": min_ratio}, status,
-        f"median over {len(ratios)} validation prompts: the top-{k} heads put {med:.1f}x the uniform mass per "
-        f"token on the needle (need >= {min_ratio:g}x); {why}",
-        "one-sided Wilcoxon signed-rank on log(ratio) - log(threshold)", med, p, p,
-        float(np.log(med / min_ratio)), None, n=len(ratios), alpha=alpha,
-        effect_name=f"log(median ratio / {min_ratio:g})",
-        details={"ratios": [round(float(r), 2) for r in ratios], "median_ratio": med},
-    )
+
+def needle_spike(ratios: np.ndarray, *, k: int, min_ratio: float = 10.0, alpha: float = 0.05,
+                 baseline_accuracy: float | None = None, baseline_floor: float = 0.0) -> Verdict:
+    """ID-2: the top-K heads put at least ``min_ratio`` times the uniform mass per token on the
+    needle (supported: shown above; refuted: shown below; :func:`rh.rules.claims.ratio_rule`)."""
+    from rh.rules.claims import floor_reason, ratio_rule
+
+    params = {"k": k, "min_ratio": min_ratio}
+    test = "one-sided Wilcoxon signed-rank tests on log(ratio) against log(min_ratio), both directions"
+    floor = floor_reason(baseline_accuracy, baseline_floor) if baseline_floor > 0 else None
+    if floor:
+        return inconclusive("ID-2", params, floor, test, alpha, len(ratios), min_effect=min_ratio)
+    return ratio_rule("ID-2", ratios, support_ratio=min_ratio, refute_ratio=min_ratio, alpha=alpha, params=params,
+                      test=test, effect_name=f"log(median ratio), against log({min_ratio:g})",
+                      describe=f"the top-{k} heads' mass per needle token over the uniform share")
 
 
 def _overlap_verdict(claim: str, params: dict, a: Ranking, b: Ranking, k: int, alpha: float, what: str,
                      p_adjusted: float | None = None) -> Verdict:
-    """Top-K overlap against the hypergeometric null, with Spearman's rho of all heads' scores."""
+    """Top-K overlap against the hypergeometric null, with Spearman's rho of all heads' scores.
+    Supported when the overlap beats chance; never refuted (a uniform null cannot show that two
+    rankings disagree), so otherwise inconclusive."""
     heads = a.shape.all_heads()
     overlap, expected, p = topk_overlap_test(a.top(k), b.top(k), a.shape.n_total)
     x = [a.scores[h] for h in heads]
@@ -108,55 +114,78 @@ def _overlap_verdict(claim: str, params: dict, a: Ranking, b: Ranking, k: int, a
     rho, p_rho = spearman_test(x, y)
     ci = spearman_ci(x, y, level=0.95, n_boot=2000, seed=0)
     p_adj = p if p_adjusted is None else p_adjusted
-    status, why = decide(p_adj, overlap - expected, alpha)
+    status = "supported" if p_adj < alpha and overlap > expected else "inconclusive"
+    why = (f"adjusted p = {p_adj:.3g} < {alpha}" if status == "supported" else
+           f"adjusted p = {p_adj:.3g}: not shown, and a uniform null cannot show disagreement")
     return Verdict(
-        claim, params, status,
-        f"{what}: {overlap} of the top {k} heads are shared (chance: {expected:.2f}); Spearman rho over all "
+        claim=claim, params=params, status=status,
+        reason=f"{what}: {overlap} of the top {k} heads are shared (chance: {expected:.2f}); Spearman rho over all "
         f"{len(heads)} heads = {rho:.2f}; {why}",
-        "one-sided hypergeometric test of the top-K overlap", float(overlap), p, p_adj, float(overlap - expected),
-        None, n=len(heads), alpha=alpha, effect_name="top-K overlap minus its chance expectation",
+        test="one-sided hypergeometric test of the top-K overlap", statistic=float(overlap), p_value=p,
+        p_adjusted=p_adj, effect=float(overlap - expected), ci=None, n=len(heads), alpha=alpha,
+        effect_name="top-K overlap minus its chance expectation",
         details={"overlap": overlap, "expected": expected, "spearman_rho": rho, "spearman_p": p_rho,
                  "spearman_ci": list(ci), "shared": [str(h) for h in a.top(k) if h in set(b.top(k))],
                  "top_a": [str(h) for h in a.top(k)], "top_b": [str(h) for h in b.top(k)]},
+        min_effect=None, power={"support": None, "support_at": None, "refute": None, "refute_at": None,
+                                "method": "none", "note": "rankings without per-prompt scores: no resampling"},
     )
 
 
-def stability(pairs: Mapping[str, tuple[Ranking, Ranking, str, str]], *, k: int,
-              alpha: float = 0.05) -> dict[str, Verdict]:
-    """ID-3: rankings from two settings of one axis share their top heads (a verdict per axis,
-    Holm across axes). ``pairs[axis] = (ranking_a, ranking_b, label_a, label_b)``."""
-    ps = {axis: topk_overlap_test(a.top(k), b.top(k), a.shape.n_total)[2] for axis, (a, b, _, _) in pairs.items()}
-    adj = dict(zip(ps, holm(list(ps.values()))))
-    return {axis: _overlap_verdict("ID-3", {"axis": axis, "k": k}, a, b, k, alpha, f"{la} vs {lb}",
-                                   p_adjusted=adj[axis])
-            for axis, (a, b, la, lb) in pairs.items()}
+def stability(pairs: Mapping[str, tuple], *, k: int, min_effect: float, alpha: float = 0.05,
+              baseline_accuracy: float | None = None, baseline_floor: float = 0.5, n_boot: int = 400,
+              seed: int = 0) -> dict[str, Verdict]:
+    """ID-3: rankings from two settings of one axis agree as well as each agrees with itself
+    (:func:`rh.rules.claims.agreement`, Holm across axes for both decisions).
+    ``pairs[axis] = (scores_a, scores_b, label_a, label_b)`` with per-prompt scores ``[n, L, H]``."""
+    from dataclasses import replace
+
+    from rh.rules.claims import agreement
+    from rh.rules.core import holm_pairs, three_way
+
+    out = {axis: agreement("ID-3", a, b, k=k, min_effect=min_effect, same_prompts=False, alpha=alpha, n_boot=n_boot,
+                           seed=seed, params={"axis": axis, "k": k}, what=f"{la} vs {lb}",
+                           baseline_accuracy=baseline_accuracy, baseline_floor=baseline_floor)
+           for axis, (a, b, la, lb) in pairs.items()}
+    live = {a: v for a, v in out.items() if v.p_value is not None}
+    adj_s, adj_r = holm_pairs({a: v.p_value for a, v in live.items()}, {a: v.details["p_refute"] for a, v in live.items()})
+    for axis, v in live.items():
+        status, why = three_way(adj_s[axis], adj_r[axis], alpha, supported_why="stable (Holm across axes)",
+                                refuted_why="unstable (Holm across axes)", neither_why="undecided after Holm")
+        out[axis] = replace(v, status=status, p_adjusted=adj_s[axis],
+                            details={**v.details, "p_refute_adjusted": adj_r[axis]},
+                            reason=v.reason if status == v.status else f"{v.reason}; {why}")
+    return out
 
 
-def methods_agree(sum_rank: Ranking, wu24_rank: Ranking, *, k: int, alpha: float = 0.05) -> Verdict:
-    """ID-4: sum attention and the Wu24 score find the same top heads (beyond chance)."""
-    return _overlap_verdict("ID-4", {"k": k}, sum_rank, wu24_rank, k, alpha, "sum attention vs Wu24")
+def methods_agree(sum_scores: np.ndarray, wu24_scores: np.ndarray, wu24_counted: np.ndarray, *, k: int,
+                  min_effect: float, alpha: float = 0.05, baseline_accuracy: float | None = None,
+                  baseline_floor: float = 0.5, n_boot: int = 400, seed: int = 0) -> Verdict:
+    """ID-4: sum attention and the Wu24 score find the same top heads as well as each finds its own
+    on other prompts (same prompts for both; Wu24's trials that fail the ROUGE filter do not count)."""
+    from rh.rules.claims import agreement
+
+    w = np.asarray(wu24_counted, float).reshape(len(wu24_scores), -1).mean(axis=1) > 0
+    return agreement("ID-4", sum_scores, wu24_scores, k=k, min_effect=min_effect, same_prompts=True,
+                     weights_b=w.astype(float), alpha=alpha, n_boot=n_boot, seed=seed, params={"k": k},
+                     what="sum attention vs Wu24", baseline_accuracy=baseline_accuracy, baseline_floor=baseline_floor)
 
 
-def general_heads_exist(rankings: Mapping[str, Ranking], *, k: int, alpha: float = 0.05) -> Verdict:
-    """ID-5: the intersection of the per-task top-K sets is larger than for independent random sets."""
-    tasks = sorted(rankings)
-    n_total = next(iter(rankings.values())).shape.n_total
-    if len(tasks) < 2:
-        return Verdict("ID-5", {"k": k}, "inconclusive", f"general heads need at least two tasks, got {tasks}",
-                       "intersection null", None, None, None, None, None, alpha=alpha)
-    gen = general_heads(dict(rankings), k)
-    observed, expected, p = intersection_null_p([set(rankings[t].top(k)) for t in tasks], n_total, seed=0)
-    status, why = decide(p, observed - expected, alpha)
-    return Verdict(
-        "ID-5", {"k": k, "tasks": len(tasks)}, status,
-        f"{observed} heads are in the top {k} of all {len(tasks)} tasks ({', '.join(tasks)}): "
-        f"{', '.join(map(str, gen)) or 'none'}; chance expects {expected:.3g}; {why}",
-        "intersection size against independent uniformly random top-K sets", float(observed), p, p,
-        float(observed - expected), None, n=len(tasks), alpha=alpha,
-        effect_name="intersection size minus its chance expectation",
-        details={"general_heads": [str(h) for h in gen], "expected": expected,
-                 "per_task_top": {t: [str(h) for h in rankings[t].top(k)] for t in tasks}},
-    )
+def general_heads_exist(model: LoadedModel, rankings: Mapping[str, Ranking], validation: Mapping[str, Sequence[Sample]],
+                        *, k: int, ratio: float = 10.0, alpha: float = 0.05,
+                        accuracy: Mapping[str, float] | None = None, baseline_floor: float = 0.5,
+                        batch_size: int = 8) -> Verdict:
+    """ID-5: heads in every task's top K (on the identification split) that retrieve in every task,
+    tested per head on each task's fresh validation prompts (:func:`rh.rules.claims.general_heads_rule`)."""
+    from rh.rules.claims import general_heads_rule
+
+    cands = general_heads(dict(rankings), k) if len(rankings) >= 2 else []
+    low = accuracy is None or any(a < baseline_floor for a in accuracy.values())
+    ratios = {t: (needle_mass_per_head(model, validation[t], cands, batch_size=batch_size) if cands and not low
+                  else np.zeros((len(validation[t]), len(cands)))) for t in sorted(rankings)}
+    return general_heads_rule(ratios, [str(h) for h in cands], ratio=ratio, alpha=alpha, accuracy=accuracy,
+                              baseline_floor=baseline_floor, k=k,
+                              extra_details={"per_task_top": {t: [str(h) for h in rankings[t].top(k)] for t in rankings}})
 
 
 def variants_share_heads(a: Ranking | None, b: Ranking | None, *, k: int, alpha: float = 0.05,

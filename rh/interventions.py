@@ -40,7 +40,7 @@ from rh.heads import Head, HeadShape, validate_heads
 from rh.id_claims import inconclusive
 from rh.models import LoadedModel, head_shape, hf_model
 from rh.niah import Sample
-from rh.stats import Verdict, bootstrap_ci, holm, margin_test, mcnemar_exact, non_inferiority
+from rh.stats import Verdict
 
 log = logging.getLogger(__name__)
 
@@ -559,41 +559,20 @@ def incremental_ablation(model: LoadedModel, samples: Sequence[Sample], heads: S
                          baseline_floor: float = 0.5, batch_size: int = 8,
                          ) -> tuple[dict[int, Verdict], dict[int, pd.DataFrame]]:
     """IV-1: ablating the top 1, 2, 3 critical heads (zero ablation) drops accuracy by more than
-    ``min_drop``: per level an exact test of H0 drop <= min_drop on the paired outcomes, Holm
-    across levels. Returns the verdicts and each level's per-sample frame (IV-7 reuses them)."""
+    ``min_drop`` (:func:`rh.rules.claims.incremental`). Returns the verdicts and each level's
+    per-sample frame (IV-7 reuses them)."""
+    from rh.rules.claims import incremental
+
     ids = [s.id for s in samples]
     base = _correct(baseline, ids)
-    test = f"exact one-sided test of H0: drop <= {min_drop} on paired outcomes, Holm across levels"
-    frames, rows = {}, {}
+    frames = {}
     for n in levels:
         if n > len(heads):
             raise ValueError(f"level {n} needs {n} critical heads but only {len(heads)} were given")
         with ablate(model, heads[:n]):
             frames[n] = teacher_forced(model, samples, condition=f"top{n}", batch_size=batch_size)
-        rows[n] = margin_test(base - _correct(frames[n], ids), min_drop, level=1 - alpha)
-    floor = _floor_reason(base, baseline_floor)
-    best = margin_test(np.ones(len(base)) * (base > 0), min_drop)[2] if base.any() else 1.0
-    under = None if best < alpha / len(levels) else (
-        f"{len(base)} samples cannot show a drop above {min_drop}: even if every correct answer were lost, "
-        f"p = {best:.3g} >= Holm's {alpha / len(levels):.3g}; use more samples")
-    adj = dict(zip(rows, holm([r[2] for r in rows.values()])))
-    out = {}
-    for n, (drop, ci, p) in rows.items():
-        abl = _correct(frames[n], ids)
-        details = {"baseline_accuracy": float(base.mean()), "ablated_accuracy": float(abl.mean()),
-                   "heads": [str(h) for h in heads[:n]], "min_drop": min_drop}
-        params = {"n_heads": n}
-        if floor or under:
-            out[n] = inconclusive("IV-1", params, floor or under, test, alpha, len(base), details)
-            continue
-        ok = adj[n] < alpha
-        why = (f"adjusted p = {adj[n]:.3g} < {alpha}: the drop exceeds {min_drop}" if ok else
-               f"adjusted p = {adj[n]:.3g}: a drop of at most {min_drop} cannot be ruled out")
-        out[n] = Verdict("IV-1", params, "supported" if ok else "refuted",
-                         f"top-{n} ablation ({', '.join(details['heads'])}): accuracy {base.mean():.2f} -> "
-                         f"{abl.mean():.2f} (drop {drop:+.3f}, one-sided {1 - alpha:.0%} bounds [{ci[0]:+.3f}, "
-                         f"{ci[1]:+.3f}]); {why}", test, drop, p, adj[n], drop, ci, ci_level=1 - alpha, n=len(base),
-                         alpha=alpha, effect_name="accuracy drop (baseline - ablated)", details=details)
+    out = incremental(base, {n: _correct(frames[n], ids) for n in levels}, [str(h) for h in heads], min_drop=min_drop,
+                      alpha=alpha, baseline_floor=baseline_floor)
     return out, frames
 
 
@@ -620,82 +599,32 @@ def position_patching(model: LoadedModel, samples: Sequence[Sample], baseline: p
     with patch_positions(model, layer, others, mode=mode, seed=seed):
         other_df = teacher_forced(model, kept, condition="non-hub patched", batch_size=batch_size)
     hub_c, other_c = _correct(hub_df, ids), _correct(other_df, ids)
-    hub_drop, hub_ci, p1 = margin_test(base - hub_c, hub_min, level=1 - alpha)
-    other_drop, other_ci, p2 = margin_test(base - other_c, nonhub_max, alternative="less", level=1 - alpha)
-    b, c, p3 = mcnemar_exact(other_c.astype(bool), hub_c.astype(bool), alternative="greater")
-    p = max(p1, p2, p3)
-    details = {"layer": layer, "hub": hub, "baseline_accuracy": float(base.mean()),
-               "hub_accuracy": float(hub_c.mean()), "non_hub_accuracy": float(other_c.mean()),
-               "hub_drop_ci": list(hub_ci), "non_hub_drop_ci": list(other_ci),
-               "p_hub_drop": p1, "p_non_hub_small": p2, "p_hub_worse": p3,
-               "non_hub_positions": {k: v[0] for k, v in list(others.items())[:20]}}
-    floor = _floor_reason(base, baseline_floor)
-    best = margin_test(np.zeros(len(base)), nonhub_max, alternative="less")[2]
-    if floor or best >= alpha:
-        reason = floor or (f"{len(base)} samples cannot show a non-hub drop below {nonhub_max}: even with no change "
-                           f"p = {best:.3g} >= {alpha}; use more samples")
-        return inconclusive("IV-2", params, reason, test, alpha, len(base), details)
-    failed = [what for what, pv in (("hub drop > %g" % hub_min, p1), ("non-hub drop < %g" % nonhub_max, p2),
-                                    ("hub worse than non-hub", p3)) if pv >= alpha]
-    status = "supported" if not failed else "refuted"
-    why = f"all three tests reject at {alpha} (max p = {p:.3g})" if not failed else f"not shown: {'; '.join(failed)}"
-    return Verdict("IV-2", params, status,
-                   f"{mode} at layer {layer}: accuracy {base.mean():.2f} -> {hub_c.mean():.2f} with the hub (position "
-                   f"{hub}) patched, {other_c.mean():.2f} with a non-hub position patched; {why}",
-                   test, float(b - c), p, p, hub_drop - other_drop, None, n=len(base), alpha=alpha,
-                   effect_name="hub drop - non-hub drop", details=details)
+    from rh.rules.claims import position
+
+    return position(base, hub_c, other_c, hub_min=hub_min, nonhub_max=nonhub_max, alpha=alpha,
+                    baseline_floor=baseline_floor, params=params, describe=f"{mode} at layer {layer}: ",
+                    details={"layer": layer, "hub": hub,
+                             "non_hub_positions": {k: v[0] for k, v in list(others.items())[:20]}})
 
 
 def attention_override(model: LoadedModel, samples: Sequence[Sample], heads: Sequence[Head], baseline: pd.DataFrame,
                        *, hub: int, patterns: Sequence[str] = PATTERNS, fraction: float = 0.8, keep: float = 0.9,
-                       alpha: float = 0.05, baseline_floor: float = 0.5, batch_size: int = 8,
+                       min_drop: float = 0.10, alpha: float = 0.05, baseline_floor: float = 0.5, batch_size: int = 8,
                        ) -> dict[str, Verdict]:
     """IV-3: forcing the critical heads to uniform or sequential attention lowers accuracy (exact
     one-sided McNemar); forcing the hub pattern keeps at least ``keep`` of the baseline accuracy
     (non-inferiority with margin ``(1 - keep) x baseline``); Holm across patterns."""
+    from rh.rules.claims import override
+
     ids = [s.id for s in samples]
     base = _correct(baseline, ids)
-    rows = {}
+    forced = {}
     for pat in patterns:
         with override_attention(model, heads, pat, hub=hub, fraction=fraction):
-            df = teacher_forced(model, samples, condition=f"{pat} attention", batch_size=batch_size)
-        forced = _correct(df, ids)
-        if pat == "hub":
-            margin = (1 - keep) * float(base.mean())
-            mean, ci, _, p = non_inferiority(forced - base, margin, level=1 - alpha)
-            rows[pat] = (p, forced, mean, ci, margin)
-        else:
-            b, c, p = mcnemar_exact(base.astype(bool), forced.astype(bool), alternative="greater")
-            ci = bootstrap_ci(base - forced, seed=_seed_of("IV-3", pat) % (2**32))
-            rows[pat] = (p, forced, float((base - forced).mean()), ci, None)
-    adj = dict(zip(rows, holm([r[0] for r in rows.values()])))
-    floor = _floor_reason(base, baseline_floor)
-    out = {}
-    for pat, (p, forced, effect, ci, margin) in rows.items():
-        params = {"pattern": pat}
-        details = {"baseline_accuracy": float(base.mean()), "forced_accuracy": float(forced.mean()),
-                   "heads": [str(h) for h in heads], "hub": hub, "fraction": fraction}
-        if pat == "hub":
-            test = f"exact non-inferiority, margin {1 - keep:.0%} of the baseline, Holm across patterns"
-            name = "accuracy change (forced - baseline)"
-        else:
-            test = "exact one-sided McNemar, Holm across patterns"
-            name = "accuracy drop (baseline - forced)"
-        if floor:
-            out[pat] = inconclusive("IV-3", params, floor, test, alpha, len(base), details)
-            continue
-        ok = adj[pat] < alpha and (pat == "hub" or effect > 0)
-        if pat == "hub":
-            why = (f"keeps >= {keep:.0%} of the baseline (adjusted p = {adj[pat]:.3g})" if ok else
-                   f"a loss of more than {margin:.3f} cannot be ruled out (adjusted p = {adj[pat]:.3g})")
-        else:
-            why = (f"accuracy drops (adjusted p = {adj[pat]:.3g})" if ok else
-                   f"no drop shown (drop {effect:+.3f}, adjusted p = {adj[pat]:.3g})")
-        out[pat] = Verdict("IV-3", params, "supported" if ok else "refuted",
-                           f"{pat} attention in {len(heads)} critical heads: accuracy {base.mean():.2f} -> "
-                           f"{forced.mean():.2f}; {why}", test, effect, p, adj[pat], effect, ci, n=len(base),
-                           alpha=alpha, effect_name=name, details=details)
-    return out
+            forced[pat] = _correct(teacher_forced(model, samples, condition=f"{pat} attention", batch_size=batch_size), ids)
+    info = {"heads": [str(h) for h in heads], "hub": hub, "fraction": fraction}
+    return override(base, forced, keep=keep, min_drop=min_drop, alpha=alpha, baseline_floor=baseline_floor,
+                    details={p: info for p in patterns})
 
 
 def transplant_function(recipient: LoadedModel, donor: LoadedModel | None, samples: Sequence[Sample],
@@ -718,77 +647,19 @@ def transplant_function(recipient: LoadedModel, donor: LoadedModel | None, sampl
         abl = _correct(teacher_forced(recipient, samples, condition="ablated", batch_size=batch_size), ids)
     with transplant_heads(recipient, donor, heads):
         tr = _correct(teacher_forced(recipient, samples, condition="transplanted", batch_size=batch_size), ids)
-    function = float(base.mean() - abl.mean())
-    _, _, p_fn = mcnemar_exact(base.astype(bool), abl.astype(bool), alternative="greater")
-    details = {"baseline_accuracy": float(base.mean()), "ablated_accuracy": float(abl.mean()),
-               "transplanted_accuracy": float(tr.mean()), "heads": [str(h) for h in heads],
-               "donor": getattr(donor, "key", "donor"), "p_function": p_fn}
-    floor = _floor_reason(base, baseline_floor)
-    if floor:
-        return inconclusive("IV-4", params, floor, test, alpha, len(base), details)
-    if p_fn >= alpha or function <= 0:
-        return inconclusive("IV-4", params, f"ablating the heads does not measurably hurt (accuracy {base.mean():.2f} "
-                             f"-> {abl.mean():.2f}, p = {p_fn:.3g}): they carry no function to keep", test, alpha,
-                             len(base), details)
-    margin = (1 - keep) * function
-    mean, ci, holds, p = non_inferiority(tr - base, margin, level=1 - alpha)
-    retained = (float(tr.mean()) - float(abl.mean())) / function
-    status = "supported" if p < alpha else "refuted"
-    return Verdict("IV-4", params, status,
-                   f"accuracy {base.mean():.2f} (own heads), {abl.mean():.2f} (ablated), {tr.mean():.2f} (donor's "
-                   f"heads): {retained:.0%} of the function kept; " + (
-                       f"no worse than {keep:.0%} (p = {p:.3g})" if status == "supported" else
-                       f"keeping less than {keep:.0%} cannot be ruled out (p = {p:.3g})"),
-                   test, mean, p, p, retained, None, n=len(base), alpha=alpha,
-                   effect_name="fraction of the heads' function kept", details=details)
+    from rh.rules.claims import transplant
+
+    return transplant(base, abl, tr, keep=keep, alpha=alpha, baseline_floor=baseline_floor, params=params,
+                      details={"heads": [str(h) for h in heads], "donor": getattr(donor, "key", "donor")})
 
 
-def difficulty_strata(baseline: pd.DataFrame, ablated: pd.DataFrame, *, n_strata: int = 3, alpha: float = 0.05,
-                      n_perm: int = 20_000, min_per_stratum: int = 5, seed: int = 0) -> Verdict:
-    """IV-7: ablation hurts hard items more than easy ones. Items are split into ``n_strata``
-    equal-count strata by their baseline answer probability (hard = lowest); the test is a one-sided
-    permutation test that the mean per-item accuracy drop is larger in the hard stratum than in the
-    easy one (p = (1 + #perm >= observed) / (n_perm + 1)). Per-stratum drops and the mean drop in
-    answer log-probability are in ``details``."""
-    params = {"strata": n_strata}
-    test = f"one-sided permutation test on the per-item accuracy drop, hard vs easy ({n_perm} permutations)"
+def difficulty_strata(baseline: pd.DataFrame, ablated: pd.DataFrame, *, min_effect: float = 0.5, alpha: float = 0.05,
+                      baseline_floor: float = 0.5, seed: int = 0) -> Verdict:
+    """IV-7: ablation hurts hard items more than easy ones, as an interaction on the answer's
+    log-odds among items correct at baseline (:func:`rh.rules.claims.difficulty`)."""
+    from rh.rules.claims import difficulty
+
     df = baseline[["id", "correct", "logprob"]].merge(ablated[["id", "correct", "logprob"]], on="id",
                                                       suffixes=("", "_abl"))
-    if len(df) < n_strata * min_per_stratum:
-        return inconclusive("IV-7", params, f"{len(df)} items cannot fill {n_strata} strata of at least "
-                             f"{min_per_stratum}", test, alpha, len(df))
-    conf = np.exp(df["logprob"].to_numpy())
-    order = np.argsort(conf, kind="stable")
-    labels = np.empty(len(df), dtype=int)
-    for k, chunk in enumerate(np.array_split(order, n_strata)):
-        labels[chunk] = k  # 0 = hard (lowest confidence)
-    drop = df["correct"].to_numpy(float) - df["correct_abl"].to_numpy(float)
-    lp_drop = df["logprob"].to_numpy() - df["logprob_abl"].to_numpy()
-    names = ["hard", *[f"medium{i}" if n_strata > 3 else "medium" for i in range(1, n_strata - 1)], "easy"]
-    per = {names[k]: {"n": int((labels == k).sum()), "baseline_accuracy": float(df["correct"].to_numpy()[labels == k].mean()),
-                      "accuracy_drop": float(drop[labels == k].mean()), "logprob_drop": float(lp_drop[labels == k].mean()),
-                      "confidence_range": [float(conf[labels == k].min()), float(conf[labels == k].max())]}
-           for k in range(n_strata)}
-    hard, easy = drop[labels == 0], drop[labels == n_strata - 1]
-    details = {"strata": per}
-    if not drop.any():
-        return inconclusive("IV-7", params, "the ablation changed no item's outcome: there is no harm to compare "
-                             "across strata", test, alpha, len(df), details)
-    observed = hard.mean() - easy.mean()
-    pooled = np.concatenate([hard, easy])
-    rng = np.random.default_rng(seed)
-    perm = np.empty(n_perm)
-    for i in range(n_perm):
-        x = rng.permutation(pooled)
-        perm[i] = x[: len(hard)].mean() - x[len(hard):].mean()
-    p = (1 + int(np.count_nonzero(perm >= observed - 1e-12))) / (n_perm + 1)
-    ci = bootstrap_ci(hard, seed=seed)
-    status = "supported" if p < alpha and observed > 0 else "refuted"
-    note = ""
-    if per["hard"]["baseline_accuracy"] < per["easy"]["baseline_accuracy"]:
-        note = (f"; note the hard stratum starts lower ({per['hard']['baseline_accuracy']:.2f} vs "
-                f"{per['easy']['baseline_accuracy']:.2f}), so it has less accuracy to lose")
-    return Verdict("IV-7", params, status,
-                   f"accuracy drop {hard.mean():+.3f} on hard items vs {easy.mean():+.3f} on easy ones "
-                   f"(p = {p:.3g}){note}", test, observed, p, p, observed, None, n=len(df), alpha=alpha,
-                   effect_name="drop on hard - drop on easy", details={**details, "hard_drop_ci": list(ci)})
+    return difficulty(df["correct"].to_numpy(float), df["logprob"].to_numpy(float), df["logprob_abl"].to_numpy(float),
+                      min_effect=min_effect, alpha=alpha, baseline_floor=baseline_floor)

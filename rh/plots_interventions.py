@@ -77,21 +77,27 @@ def override_bars(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
 
 
 def strata_bars(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
-    rows = [v for v in _by_claim(verdicts, "IV-7") if "strata" in v["details"]]
+    """IV-7: per item right at baseline, the log-odds drop under ablation against the baseline
+    log-odds; the hard half (left of the median) and the easy half in two colours, their means as lines."""
+    rows = [v for v in _by_claim(verdicts, "IV-7") if "items" in v["details"]]
     if not rows:
         return None
-    strata = rows[0]["details"]["strata"]
-    names = list(strata)
+    items = rows[0]["details"]["items"]
+    x = np.asarray(items["baseline_log_odds"], float)
+    y = np.asarray(items["log_odds_drop"], float)
+    if x.size == 0:
+        return None
+    med = np.sort(x)[x.size // 2] if x.size else 0.0
+    hard = x < med
     fig, ax = plt.subplots(figsize=(4.6, 3.2))
-    base = [strata[s]["baseline_accuracy"] for s in names]
-    drop = [strata[s]["accuracy_drop"] for s in names]
-    x = np.arange(len(names))
-    ax.bar(x - 0.2, base, 0.4, color="0.6", label="baseline accuracy")
-    ax.bar(x + 0.2, drop, 0.4, color="tab:red", label="accuracy drop when ablated")
-    ax.set_xticks(x, [f"{s}\n(n={strata[s]['n']})" for s in names], fontsize=8)
-    ax.set_ylim(min(0.0, min(drop) - 0.05), 1.05)
+    for mask, colour, name in ((hard, "tab:red", "hard half"), (~hard, "tab:blue", "easy half")):
+        if mask.any():
+            ax.scatter(x[mask], y[mask], s=12, color=colour, label=f"{name} (mean drop {y[mask].mean():.2f})")
+            ax.hlines(y[mask].mean(), x[mask].min(), x[mask].max(), color=colour, lw=1)
+    ax.set_xlabel("baseline log-odds of the answer", fontsize=8)
+    ax.set_ylabel("log-odds drop when ablated", fontsize=8)
     ax.legend(frameon=False, fontsize=7)
-    ax.set_title("IV-7: harm by difficulty (baseline answer probability)", fontsize=9)
+    ax.set_title("IV-7: harm by difficulty (items right at baseline)", fontsize=9)
     return _png(fig)
 
 
@@ -101,7 +107,7 @@ def intervention_figures(verdicts: Sequence[Mapping[str, Any]]) -> dict[str, byt
     for title, fn in (("IV-1: accuracy vs critical heads ablated", incremental_curve),
                       ("IV-2: hub vs non-hub patching", patching_bars),
                       ("IV-3: accuracy under forced attention patterns", override_bars),
-                      ("IV-7: accuracy drop by difficulty stratum", strata_bars)):
+                      ("IV-7: log-odds drop by difficulty", strata_bars)):
         try:
             png = fn(verdicts)
         except (KeyError, TypeError, ValueError) as exc:  # a figure must never cost the report

@@ -288,7 +288,10 @@ def decodable_after_heads(df: pd.DataFrame, critical_layers: Sequence[int], *, a
         why = f"before index {first_write}, where the first critical head (layer {crit[0]}) writes"
     return Verdict(CLAIM, base_params, status, f"{where}: {why}", TEST_NAME, float(onset), float(p_raw[onset]),
                    float(p_adj[onset]), effect, None, n=n, alpha=alpha,
-                   effect_name="onset index - (min critical layer + 1); >= 0 as claimed", details=details)
+                   effect_name="onset index - (min critical layer + 1); >= 0 as claimed", details=details,
+                   min_effect=0.0, power={"support": None, "support_at": None, "refute": None, "refute_at": None,
+                                          "method": "none", "note": "the onset of Holm-significant decoding; both "
+                                          "outcomes need a significant probe"})
 
 
 # ---------------------------------------------------------------------------- figure

@@ -34,7 +34,9 @@ class Profile:
     stability_length: int = 1024  # ID-3 compares rankings at lengths[0] and this length
     inverse_levels: tuple[int, ...] = (10, 50, 100)  # CA-3: K lowest-scoring heads
     ni_margin: float = 0.1  # CA-3's non-inferiority margin (accuracy)
+    inverse_n: int = 16  # CA-3: fresh prompts per depth (n = 16 x 5 depths = 80 gives power ~0.9 at margin 0.1)
     depth_n: int = 8  # CA-6: fresh validation prompts per depth
+    task_n: int = 4  # CA-4, ID-5: fresh prompts per depth and task (5 depths x 8 = 40 per task in quick)
     sparsity_threshold: float = 0.1  # ID-1
     sparsity_max_fraction: float = 0.05  # ID-1
     spike_ratio: float = 10.0  # ID-2
@@ -53,6 +55,16 @@ class Profile:
     ig_n: int = 8  # IV-6: prompts attributed
     ig_steps: int = 32  # IV-6: integration steps
     ig_tolerance: float = 0.05  # IV-6: IG's completeness error allowed, relative to F(x) - F(baseline)
+    # Smallest effects of interest Δ (CLAIMS.md's three-way rule: refuted only when shown below Δ).
+    ca1_min_gap: float = 0.2  # CA-1: top-K drop minus random-K drop (accuracy)
+    ca1_control: str = "outside_top"  # CA-1's deciding control: "outside_top" or "layer_matched" random K-sets
+    matched_draws: int = 0  # CA-1: layer-matched random K-sets per K (reported beside; decide when chosen)
+    dose_levels: tuple[int, ...] = (5, 10, 20, 40)  # CA-2: top-K ablated at each (>= 3 levels)
+    dose_min_growth: float = 1.0  # CA-2: growth of the answer log-prob drop, smallest to largest K (nats)
+    min_drop: float = 0.2  # CA-4, CA-6, IV-3 (uniform, sequential): accuracy drop
+    agree_min_effect: float = 0.2  # ID-3, ID-4: self- minus cross-agreement, as a fraction of id_k
+    iv7_min_effect: float = 0.5  # IV-7: log-odds drop, hard half minus easy half (nats)
+    ig_min_ratio: float = 2.0  # IV-6: attribution concentration (times the uniform share)
 
     def sweep(self) -> Sweep:
         """The prompt grid this profile asks for: every task of CA-1 and of the identification claims."""
@@ -71,21 +83,21 @@ _TABLE: dict[str, tuple[Profile, Profile]] = {
     "tiny": (  # random test models (< 100 heads)
         Profile("quick", (128,), (0.0, 0.5, 1.0), 4, (2, 4), 49, batch_size=16, id_tasks=("passkey", "inc_year"),
                 id_k=4, general_k=8, stability_length=160, inverse_levels=(2, 4), depth_n=4, iv_n=4, probe_n=8,
-                ig_n=5, ig_steps=16),
+                ig_n=5, ig_steps=16, dose_levels=(1, 2, 4), inverse_n=4),
         Profile("full", (128, 256), _DEPTHS_5, 8, (2, 4, 8), 79, batch_size=16, id_k=4, general_k=8,
-                stability_length=384, inverse_levels=(2, 4, 8), depth_n=8, iv_n=8, probe_n=16),
+                stability_length=384, inverse_levels=(2, 4, 8), depth_n=8, iv_n=8, probe_n=16, dose_levels=(1, 2, 4, 8)),
     ),
     "small": (  # SmolLM2-135M (270 heads)
-        Profile("quick", (512,), _DEPTHS_5, 16, (10, 20), 49),
+        Profile("quick", (512,), _DEPTHS_5, 16, (10, 20), 49, depth_n=40, task_n=8),
         Profile("full", (512, 1024, 2048), _DEPTHS_11, 20, (5, 10, 20, 30, 40, 50), 199, stability_length=2048,
-                depth_n=16, iv_n=20, probe_n=40, ig_n=32, ig_steps=64),
+                depth_n=32, iv_n=20, probe_n=40, ig_n=32, ig_steps=64, dose_levels=(5, 10, 20, 30, 40, 50)),
     ),
     "large": (  # Llama-3-8B (1024), Llama-3.3-70B (5120)
         Profile("quick", (2048,), _DEPTHS_5, 8, (10, 20, 50), 79, batch_size=4, id_k=20, general_k=50,
-                stability_length=4096, inverse_levels=(50, 200, 500)),
+                stability_length=4096, inverse_levels=(50, 200, 500), dose_levels=(10, 20, 50, 100)),
         Profile("full", (2048, 4096, 8192), _DEPTHS_11, 10, (5, 10, 20, 30, 40, 50, 100), 199, batch_size=2,
                 id_k=20, general_k=50, stability_length=16384, inverse_levels=(50, 200, 500, 1000), depth_n=16,
-                iv_n=20, probe_n=40, ig_n=32, ig_steps=64),
+                iv_n=20, probe_n=40, ig_n=32, ig_steps=64, dose_levels=(5, 10, 20, 50, 100)),
     ),
 }
 
@@ -114,6 +126,15 @@ def get_profile(name: str, shape: HeadShape, **overrides: Any) -> Profile:
             f"random_draws={prof.random_draws} is too few: with {len(prof.ablation_levels)} K levels at alpha="
             f"{prof.alpha}, the head-set null needs at least {int(need)} draws to be able to pass Holm's threshold"
         )
+    if prof.ca1_control not in ("outside_top", "layer_matched"):
+        raise ValueError(f"ca1_control={prof.ca1_control!r}: use 'outside_top' or 'layer_matched'")
+    if prof.ca1_control == "layer_matched" and prof.matched_draws + 1 <= need:
+        raise ValueError(f"ca1_control='layer_matched' with matched_draws={prof.matched_draws}: the deciding null "
+                         f"needs more than {int(need) - 1} draws")
+    if len(prof.dose_levels) and len(prof.dose_levels) < 3:
+        raise ValueError(f"dose_levels={prof.dose_levels}: CA-2's trend needs at least three K levels")
+    if any(k > shape.n_total for k in prof.dose_levels):
+        raise ValueError(f"dose_levels={prof.dose_levels} exceed the model's {shape.n_total} heads")
     too_big = [k for k in prof.ablation_levels if 2 * k > shape.n_total]
     if too_big:
         raise ValueError(

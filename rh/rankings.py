@@ -75,6 +75,35 @@ class Ranking:
         """``k`` heads drawn uniformly (seeded) from outside the top ``k``."""
         return random_heads(self.shape, k, exclude=self.top(k), seed=seed)
 
+    def random_layer_matched(self, k: int, *, seed: int) -> list[Head]:
+        """``k`` heads from outside the top ``k`` with the top K's count in every layer (seeded), so
+        the control ablates as deep in the network as the top K does. A layer with too few heads
+        outside the top K gives its shortfall to the nearest layers that have heads to spare."""
+        import numpy as np
+
+        top = self.top(k)
+        need: dict[int, int] = {}
+        for h in top:
+            need[h.layer] = need.get(h.layer, 0) + 1
+        taken = set(top)
+        free = {l: [h for h in self.shape.all_heads() if h.layer == l and h not in taken]
+                for l in range(self.shape.n_layers)}
+        rng = np.random.default_rng(seed)
+        out: list[Head] = []
+        short = 0
+        for layer in sorted(need):
+            pool = free[layer]
+            m = min(need[layer], len(pool))
+            out += [pool[i] for i in rng.choice(len(pool), m, replace=False)] if m else []
+            free[layer] = [h for h in pool if h not in set(out)]
+            short += need[layer] - m
+            if short:
+                for other in sorted(range(self.shape.n_layers), key=lambda x: (abs(x - layer), x)):
+                    while short and free[other]:
+                        out.append(free[other].pop(int(rng.integers(len(free[other])))))
+                        short -= 1
+        return out
+
     def check_shape(self, shape: HeadShape) -> None:
         """Refuse a ranking computed for a model of another shape."""
         if (self.shape.n_layers, self.shape.n_heads) != (shape.n_layers, shape.n_heads):

@@ -636,7 +636,31 @@ def _effect_cell(v: Mapping[str, Any]) -> str:
     text = _e(effect) + (f" {_e(ci)}" if ci else "")
     small = f'<br><small class="ename">{_e(name)}</small>' if name else ""
     title = f' title="{_e(tip)}"' if tip else ""
-    return f"<span{title}>{text}</span>{small}"
+    return f"<span{title}>{text}</span>{small}{_power_note(v)}"
+
+
+_POWER_TARGET = 0.8
+
+
+def _power_note(v: Mapping[str, Any]) -> str:
+    """Δ and the power to support / refute beside the CI; flagged when below 0.8 (the claim can then
+    end inconclusive for want of data, never be falsely refuted)."""
+    delta = _as_float(v.get("min_effect"))
+    power = v.get("power") if isinstance(v.get("power"), Mapping) else None
+    if delta is None and not power:
+        return ""
+    parts = [f"Δ = {delta:g}"] if delta is not None else []
+    if power:
+        sup, ref = _as_float(power.get("support")), _as_float(power.get("refute"))
+        if sup is not None or ref is not None:
+            parts.append("power " + " / ".join(
+                f"{w} {x:.2f}" for w, x in (("support", sup), ("refute", ref)) if x is not None))
+            if min(x for x in (sup, ref) if x is not None) < _POWER_TARGET:
+                parts.append("underpowered at these sizes")
+        elif power.get("note"):
+            parts.append(f"power: {power['note']}")
+    return f'<br><small class="power" title="{_e(str(power or ""))}">{_e(" · ".join(parts))}</small>'
+
 
 
 def _p_cell(v: Mapping[str, Any]) -> str:
@@ -702,6 +726,12 @@ def _render_verdict(v: Mapping[str, Any]) -> str:
             stats.append(("n", _e(_fmt_scalar(v.get("n")))))
         if _as_float(v.get("alpha")) is not None:
             stats.append(("alpha", _e(_fmt_scalar(_as_float(v.get("alpha"))))))
+        if _as_float(v.get("min_effect")) is not None:
+            stats.append(("smallest effect of interest Δ", _e(format(_as_float(v["min_effect"]), "g"))))
+        if isinstance(v.get("power"), Mapping):
+            from rh.stats import _fmt_power
+
+            stats.append(("power", _e(_fmt_power(dict(v["power"])))))
         lines.append('<p class="stats">' + " · ".join(f"{_e(k)}: {val}" for k, val in stats) + "</p>")
     if v.get("nodeid"):
         lines.append(f'<p class="nodeid"><code>{_e(v["nodeid"])}</code></p>')

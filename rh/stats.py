@@ -13,13 +13,25 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from scipy import stats as _sps
 
 __all__ = [
     "STATUSES",
+    "SignTestResult",
+    "McNemarResult",
+    "ConfidenceInterval",
+    "OverlapResult",
+    "CorrelationResult",
+    "NonInferiorityResult",
+    "MarginResult",
+    "TrendResult",
+    "FractionResult",
+    "FractionBounds",
+    "RatioTestResult",
+    "margin_test",
     "Verdict",
     "sign_test_greater",
     "mcnemar_exact",
@@ -28,7 +40,6 @@ __all__ = [
     "holm",
     "headset_null_p",
     "min_attainable_p_sign",
-    "decide",
     "topk_overlap_test",
     "intersection_null_p",
     "spearman_test",
@@ -47,6 +58,71 @@ __all__ = [
 ]
 
 STATUSES: tuple[str, ...] = ("supported", "refuted", "inconclusive")
+
+# Results of the tests below: named tuples in the style of scipy.stats (``res.pvalue``, ``res.ci``)
+# that still unpack as the plain tuples they used to be.
+
+class SignTestResult(NamedTuple):
+    n_pos: int
+    n_neg: int
+    pvalue: float
+
+
+class McNemarResult(NamedTuple):
+    b: int  # pairs right -> wrong (first true, second false)
+    c: int
+    pvalue: float
+
+
+class ConfidenceInterval(NamedTuple):
+    low: float
+    high: float
+
+
+class OverlapResult(NamedTuple):
+    overlap: int
+    expected: float
+    pvalue: float
+
+
+class CorrelationResult(NamedTuple):
+    statistic: float
+    pvalue: float
+
+
+class NonInferiorityResult(NamedTuple):
+    mean: float
+    ci: tuple[float, float]
+    holds: bool
+    pvalue: float
+
+
+class MarginResult(NamedTuple):
+    mean: float
+    ci: tuple[float, float]
+    pvalue: float
+
+
+class TrendResult(NamedTuple):
+    statistic: float
+    pvalue: float
+
+
+class FractionResult(NamedTuple):
+    fraction: float
+    ci: tuple[float, float]
+
+
+class FractionBounds(NamedTuple):
+    low: float
+    high: float
+    pvalue: float | None
+
+
+class RatioTestResult(NamedTuple):
+    median: float
+    pvalue: float
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -80,6 +156,20 @@ def _jsonable(x: Any) -> Any:
 def _opt_float(x: Any) -> float | None:
     """``None`` stays ``None``; anything else becomes a Python float."""
     return None if x is None else float(x)
+
+
+def _fmt_power(power: dict | None) -> str:
+    """``support 0.83 at 0.1, refute 0.91 at 0`` (or the reason power is not stated)."""
+    if not power:
+        return "n/a"
+    parts = []
+    for side in ("support", "refute"):
+        if power.get(side) is not None:
+            parts.append(f"{side} {power[side]:.2f} at {_fmt(power.get(side + '_at'))}")
+    text = ", ".join(parts) or "not computed"
+    if power.get("note"):
+        text += f" ({power['note']})"
+    return text
 
 
 def _fmt(x: float | None, spec: str = ".4g") -> str:
@@ -118,6 +208,8 @@ class Verdict:
     alpha: float = 0.05
     effect_name: str = ""
     details: dict = field(default_factory=dict)
+    min_effect: float | None = None  # the claim's smallest effect of interest (the refutation boundary)
+    power: dict | None = None  # rh.rules.Power.to_dict(): power to support and to refute at these sizes
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -167,6 +259,8 @@ class Verdict:
             f"effect:    {_fmt(self.effect)}{effect_name}, CI {ci}",
             f"n:         {self.n}",
             f"alpha:     {self.alpha:g}",
+            f"min effect: {_fmt(self.min_effect)}",
+            f"power:     {_fmt_power(self.power)}",
         ]
         return "\n".join(lines)
 
@@ -188,7 +282,9 @@ class Verdict:
         if missing:
             raise ValueError(f"Verdict.from_dict is missing keys {missing}")
         kw = dict(d)
-        for key in ("statistic", "p_value", "p_adjusted", "effect"):
+        for key in ("statistic", "p_value", "p_adjusted", "effect", "min_effect"):
+            if key not in kw:
+                continue
             kw[key] = _opt_float(kw[key])
         if kw["ci"] is not None:
             kw["ci"] = (float(kw["ci"][0]), float(kw["ci"][1]))
@@ -208,7 +304,7 @@ class Verdict:
 # --------------------------------------------------------------------------------------------
 
 
-def sign_test_greater(diffs: Sequence[float] | np.ndarray) -> tuple[int, int, float]:
+def sign_test_greater(diffs: Sequence[float] | np.ndarray) -> SignTestResult:
     """Exact one-sided sign test that paired differences are positive.
 
     Zeros (ties) are dropped; returns ``(n_pos, n_neg, p)`` with
@@ -222,9 +318,9 @@ def sign_test_greater(diffs: Sequence[float] | np.ndarray) -> tuple[int, int, fl
     n_neg = int(np.count_nonzero(d < 0))
     n = n_pos + n_neg
     if n == 0:
-        return n_pos, n_neg, 1.0
+        return SignTestResult(n_pos, n_neg, 1.0)
     p = float(_sps.binomtest(n_pos, n, 0.5, alternative="greater").pvalue)
-    return n_pos, n_neg, min(1.0, p)
+    return SignTestResult(n_pos, n_neg, min(1.0, p))
 
 
 def _as_bool_1d(x: Any, name: str) -> np.ndarray:
@@ -243,7 +339,7 @@ def mcnemar_exact(
     correct_a: Sequence[bool] | np.ndarray,
     correct_b: Sequence[bool] | np.ndarray,
     alternative: str = "greater",
-) -> tuple[int, int, float]:
+) -> McNemarResult:
     """Exact (binomial) McNemar test on paired correctness of outcomes A and B on the same items.
 
     Returns ``(b, c, p)`` where ``b = #(A correct and B wrong)`` and ``c = #(A wrong and B
@@ -266,9 +362,9 @@ def mcnemar_exact(
     b = int(np.count_nonzero(a & ~b_))
     c = int(np.count_nonzero(~a & b_))
     if b + c == 0:
-        return b, c, 1.0
+        return McNemarResult(b, c, 1.0)
     p = float(_sps.binomtest(b, b + c, 0.5, alternative=alternative).pvalue)
-    return b, c, min(1.0, p)
+    return McNemarResult(b, c, min(1.0, p))
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,7 +391,7 @@ def bootstrap_ci(
     n_boot: int = 10_000,
     level: float = 0.95,
     seed: int = 0,
-) -> tuple[float, float]:
+) -> ConfidenceInterval:
     """Percentile bootstrap confidence interval of ``statistic`` over resamples of the first axis.
 
     Resamples rows with replacement using ``np.random.default_rng(seed)``. A statistic taking an
@@ -319,7 +415,7 @@ def bootstrap_ci(
 
     if np.all(x == x[0]):
         s = float(np.asarray(statistic(x)).item())
-        return s, s
+        return ConfidenceInterval(s, s)
 
     rng = np.random.default_rng(seed)
     row = max(1, int(np.prod(x.shape[1:], dtype=np.int64)))
@@ -342,7 +438,7 @@ def bootstrap_ci(
             out[i] = float(np.asarray(statistic(x[idx])).item())
     tail = (1.0 - level) / 2.0
     lo, hi = np.quantile(out, [tail, 1.0 - tail])
-    return float(lo), float(hi)
+    return ConfidenceInterval(float(lo), float(hi))
 
 
 def paired_bootstrap_ci(
@@ -351,7 +447,7 @@ def paired_bootstrap_ci(
     n_boot: int = 10_000,
     level: float = 0.95,
     seed: int = 0,
-) -> tuple[float, float]:
+) -> ConfidenceInterval:
     """Percentile bootstrap CI of ``mean(a - b)`` over paired items (a thin wrapper on :func:`bootstrap_ci`)."""
     a_ = np.asarray(a, dtype=float)
     b_ = np.asarray(b, dtype=float)
@@ -360,7 +456,7 @@ def paired_bootstrap_ci(
             f"paired_bootstrap_ci: a has shape {a_.shape} but b has shape {b_.shape}; "
             "pass paired values for the same items"
         )
-    return bootstrap_ci(a_ - b_, np.mean, n_boot=n_boot, level=level, seed=seed)
+    return ConfidenceInterval(*bootstrap_ci(a_ - b_, np.mean, n_boot=n_boot, level=level, seed=seed))
 
 
 # --------------------------------------------------------------------------------------------
@@ -423,31 +519,6 @@ def min_attainable_p_sign(n: int) -> float:
     return 0.5 ** int(n)
 
 
-def decide(p_adjusted: float, effect: float, alpha: float) -> tuple[str, str]:
-    """Supported when ``p_adjusted < alpha`` and ``effect > 0``, else refuted; returns ``(status, reason)``.
-
-    Preconditions that make a claim inconclusive are the caller's to check before calling this.
-    """
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"decide: alpha must lie in (0, 1), got {alpha!r}")
-    if p_adjusted is None or math.isnan(p_adjusted):
-        raise ValueError(f"decide: p_adjusted is {p_adjusted!r}; compute a p-value first")
-    if effect is None or math.isnan(effect):
-        raise ValueError(f"decide: effect is {effect!r}; compute an effect first")
-    p_ok = p_adjusted < alpha
-    e_ok = effect > 0
-    if p_ok and e_ok:
-        return "supported", (
-            f"effect {effect:.4g} > 0 and adjusted p = {p_adjusted:.4g} < alpha = {alpha:g}"
-        )
-    failed = []
-    if not e_ok:
-        failed.append(f"effect {effect:.4g} is not > 0")
-    if not p_ok:
-        failed.append(f"adjusted p = {p_adjusted:.4g} is not < alpha = {alpha:g}")
-    return "refuted", " and ".join(failed)
-
-
 # --------------------------------------------------------------------------------------------
 # Input validation shared by the tests below
 # --------------------------------------------------------------------------------------------
@@ -507,7 +578,7 @@ def _as_item_set(items: Any, name: str, fn: str) -> set:
 # --------------------------------------------------------------------------------------------
 
 
-def topk_overlap_test(a: Any, b: Any, n_total: int) -> tuple[int, float, float]:
+def topk_overlap_test(a: Any, b: Any, n_total: int) -> OverlapResult:
     """One-sided hypergeometric test that two head sets overlap more than chance.
 
     Tested: ``|A ∩ B|`` for head sets A and B (sizes may differ) out of ``n_total`` heads.
@@ -527,7 +598,7 @@ def topk_overlap_test(a: Any, b: Any, n_total: int) -> tuple[int, float, float]:
     overlap = len(sa & sb)
     expected = len(sa) * len(sb) / n
     p = float(_sps.hypergeom.sf(overlap - 1, n, len(sa), len(sb)))
-    return overlap, expected, min(1.0, max(0.0, p))
+    return OverlapResult(overlap, expected, min(1.0, max(0.0, p)))
 
 
 def _intersection_pmf(sizes: Sequence[int], n_total: int) -> np.ndarray:
@@ -550,7 +621,7 @@ def _intersection_pmf(sizes: Sequence[int], n_total: int) -> np.ndarray:
 
 def intersection_null_p(
     sets: Sequence[Any], n_total: int, *, draws: int = 10_000, seed: int = 0, method: str = "exact"
-) -> tuple[int, float, float]:
+) -> OverlapResult:
     """Is the intersection of m head sets larger than for independent random sets of the same sizes?
 
     Tested: the size of ``S_1 ∩ ... ∩ S_m`` (e.g. per-task top-K sets; ID-5's general heads).
@@ -585,7 +656,7 @@ def intersection_null_p(
     if method == "exact":
         pmf = _intersection_pmf(sizes, n)
         p = float(pmf[observed:].sum())
-        return observed, expected, min(1.0, max(0.0, p))
+        return OverlapResult(observed, expected, min(1.0, max(0.0, p)))
     n_draws = _check_count(draws, "draws", fn, minimum=1)
     rng = np.random.default_rng(seed)
     chunk = max(1, _BOOT_CHUNK_ELEMS // n)
@@ -601,7 +672,7 @@ def intersection_null_p(
             kth = np.partition(keys, s - 1, axis=1)[:, s - 1 : s]
             member &= keys <= kth
         count += int(np.count_nonzero(member.sum(axis=1) >= observed))
-    return observed, expected, (1 + count) / (n_draws + 1)
+    return OverlapResult(observed, expected, (1 + count) / (n_draws + 1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -639,7 +710,7 @@ def _paired_xy(x: Any, y: Any, fn: str, min_len: int) -> tuple[np.ndarray, np.nd
     return xa, ya
 
 
-def spearman_test(x: Any, y: Any, alternative: str = "greater") -> tuple[float, float]:
+def spearman_test(x: Any, y: Any, alternative: str = "greater") -> CorrelationResult:
     """Spearman's rank correlation of paired scores (e.g. every head's score in two settings).
 
     Tested: rho between ``x`` and ``y`` (mid-ranks for ties). Null: x and y are independent, so
@@ -662,12 +733,12 @@ def spearman_test(x: Any, y: Any, alternative: str = "greater") -> tuple[float, 
         p = float(res.pvalue)
     else:
         p = float(_sps.spearmanr(xa, ya, alternative=alternative).pvalue)
-    return rho, min(1.0, max(0.0, p))
+    return CorrelationResult(rho, min(1.0, max(0.0, p)))
 
 
 def spearman_ci(
     x: Any, y: Any, level: float = 0.95, n_boot: int = 10_000, seed: int = 0
-) -> tuple[float, float]:
+) -> ConfidenceInterval:
     """Percentile bootstrap CI (two-sided ``level``) of Spearman's rho, resampling paired items.
 
     Items (heads) are resampled with replacement and re-ranked (mid-ranks) in each resample; the
@@ -690,7 +761,7 @@ def spearman_ci(
         raise ValueError(f"{fn}: every resample was constant; x and y need more distinct values")
     tail = (1.0 - level) / 2.0
     lo, hi = np.quantile(out, [tail, 1.0 - tail])
-    return float(lo), float(hi)
+    return ConfidenceInterval(float(lo), float(hi))
 
 
 # --------------------------------------------------------------------------------------------
@@ -802,7 +873,7 @@ def non_inferiority(
     n_boot: int = 10_000,
     seed: int = 0,
     method: str = "auto",
-) -> tuple[float, tuple[float, float], bool, float]:
+) -> NonInferiorityResult:
     """Non-inferiority of a mean per-sample change with margin ``delta`` (CA-3: ablating the K
     lowest-scoring heads costs less than ``delta`` accuracy).
 
@@ -853,7 +924,7 @@ def non_inferiority(
         p = test(b, c, n, -delta)
         lo = _ni_lower_bound(lambda d: test(b, c, n, d), b, c, n, alpha)
         hi = -_ni_lower_bound(lambda d: test(c, b, n, d), c, b, n, alpha)
-        return mean, (lo, hi), bool(p < alpha), p
+        return NonInferiorityResult(mean, (lo, hi), bool(p < alpha), p)
     n_boot = _check_count(n_boot, "n_boot", fn, minimum=1)
     rng = np.random.default_rng(seed)
     boot = np.empty(n_boot)
@@ -863,12 +934,12 @@ def non_inferiority(
         boot[start : start + m] = x[rng.integers(0, n, size=(m, n))].mean(axis=1)
     lo, hi = (float(v) for v in np.quantile(boot, [alpha, level]))
     p = (1 + int(np.count_nonzero(boot <= -delta))) / (n_boot + 1)
-    return mean, (lo, hi), bool(lo > -delta), float(p)
+    return NonInferiorityResult(mean, (lo, hi), bool(lo > -delta), float(p))
 
 
 def margin_test(
     changes: Any, bound: float, *, alternative: str = "greater", level: float = 0.95
-) -> tuple[float, tuple[float, float], float]:
+) -> MarginResult:
     """Exact test that the mean of paired 0/1 differences lies beyond ``bound`` (IV-1, IV-2).
 
     ``changes`` are per-sample differences of paired 0/1 outcomes (values -1, 0, +1), e.g. the
@@ -898,7 +969,7 @@ def margin_test(
         p = test(b, c, n, float(bound))
     else:
         p = test(c, b, n, -float(bound))
-    return float(x.mean()), (lo, hi), float(p)
+    return MarginResult(float(x.mean()), (lo, hi), float(p))
 
 
 # --------------------------------------------------------------------------------------------
@@ -953,7 +1024,7 @@ def _page_tied(ranks: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
     return L, float(_sps.norm.sf((L - mean) / math.sqrt(var)))
 
 
-def trend_test(levels: Any, values: Any) -> tuple[float, float]:
+def trend_test(levels: Any, values: Any) -> TrendResult:
     """One-sided test that an outcome increases with the level (CA-2: the top-K drop grows with K).
 
     ``values`` is one number per level (1-D) or paired per-sample outcomes ``[samples, levels]``
@@ -994,7 +1065,7 @@ def trend_test(levels: Any, values: Any) -> tuple[float, float]:
     k = lev.shape[0]
     if v.ndim == 1:
         if np.all(v == v[0]):
-            return 0.0, 1.0
+            return TrendResult(0.0, 1.0)
         tau = float(_sps.kendalltau(lev, v).statistic)
         if k <= _KENDALL_EXACT_MAX:
             sx = np.sign(lev[:, None] - lev[None, :])
@@ -1005,13 +1076,13 @@ def trend_test(levels: Any, values: Any) -> tuple[float, float]:
         else:
             ties = np.unique(v).shape[0] != k
             p = float(_sps.kendalltau(lev, v, alternative="greater", method="asymptotic" if ties else "exact").pvalue)
-        return tau, min(1.0, max(0.0, p))
+        return TrendResult(tau, min(1.0, max(0.0, p)))
     pred = _sps.rankdata(lev).astype(np.int64)
     ranks = _sps.rankdata(v, axis=1)
     if k >= 3 and v.shape[0] >= 2 and all(np.unique(r).shape[0] == k for r in ranks):
         res = _sps.page_trend_test(v, predicted_ranks=pred)
-        return float(res.statistic), min(1.0, max(0.0, float(res.pvalue)))
-    return _page_tied(ranks, pred)
+        return TrendResult(float(res.statistic), min(1.0, max(0.0, float(res.pvalue))))
+    return TrendResult(*_page_tied(ranks, pred))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1019,7 +1090,7 @@ def trend_test(levels: Any, values: Any) -> tuple[float, float]:
 # --------------------------------------------------------------------------------------------
 
 
-def fraction_ci(flags: Any, *, level: float = 0.95, method: str = "wilson") -> tuple[float, tuple[float, float]]:
+def fraction_ci(flags: Any, *, level: float = 0.95, method: str = "wilson") -> FractionResult:
     """A proportion and its two-sided ``level`` confidence interval (``scipy.stats.binomtest``).
 
     ``flags`` are booleans or 0/1 (e.g. "this head's score is above 0.1"); ``method`` is
@@ -1038,7 +1109,7 @@ def fraction_ci(flags: Any, *, level: float = 0.95, method: str = "wilson") -> t
         raise ValueError(f"{fn}: method {method!r} is not one of 'wilson', 'wilsoncc', 'exact'")
     k, n = int(a.astype(bool).sum()), int(a.shape[0])
     ci = _sps.binomtest(k, n).proportion_ci(confidence_level=level, method=method)
-    return k / n, (float(ci.low), float(ci.high))
+    return FractionResult(k / n, (float(ci.low), float(ci.high)))
 
 
 def bootstrap_fraction_ci(
@@ -1049,7 +1120,7 @@ def bootstrap_fraction_ci(
     level: float = 0.95,
     n_boot: int = 10_000,
     seed: int = 0,
-) -> tuple[float, float, float | None]:
+) -> FractionBounds:
     """Bootstrap over samples of the fraction of heads whose mean score exceeds ``threshold`` (ID-1).
 
     ``scores`` is ``[n_samples, n_heads]`` (per-sample retrieval scores). The statistic is the
@@ -1090,7 +1161,7 @@ def bootstrap_fraction_ci(
     tail = (1.0 - level) / 2.0
     lo, hi = np.quantile(out, [tail, 1.0 - tail])
     p = None if max_fraction is None else (1 + int(np.count_nonzero(out >= float(max_fraction)))) / (n_boot + 1)
-    return float(lo), float(hi), p
+    return FractionBounds(float(lo), float(hi), p)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1098,7 +1169,7 @@ def bootstrap_fraction_ci(
 # --------------------------------------------------------------------------------------------
 
 
-def ratio_test_greater(ratios: Any, threshold: float) -> tuple[float, float]:
+def ratio_test_greater(ratios: Any, threshold: float) -> RatioTestResult:
     """One-sided Wilcoxon signed-rank test that per-sample ratios exceed ``threshold`` (ID-2).
 
     Tested: ``d = log(ratio) - log(threshold)`` per sample (e.g. attention mass per needle token
@@ -1118,9 +1189,9 @@ def ratio_test_greater(ratios: Any, threshold: float) -> tuple[float, float]:
     d = d[d != 0]
     med = float(np.median(r))
     if d.size == 0:
-        return med, 1.0
+        return RatioTestResult(med, 1.0)
     p = float(_sps.wilcoxon(d, alternative="greater").pvalue)
-    return med, min(1.0, max(0.0, p))
+    return RatioTestResult(med, min(1.0, max(0.0, p)))
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,42 +27,45 @@ def _outcomes(k, base, top, rand):
                              rand, rand - 1, pd.DataFrame())
 
 
-def test_clear_effect_is_supported_with_the_exact_sign_test_p_and_holm():
+def test_clear_effect_is_supported_with_the_exact_paired_p_and_holm():
+    from rh.stats import _ni_exact_p
+
     n = 16
     outs = [
-        _outcomes(5, [1] * n, [1] * 8 + [0] * 8, np.ones((DRAWS, n))),  # 8 samples worse: sign p = 0.5**8
-        _outcomes(10, [1] * n, [0] * n, np.ones((DRAWS, n))),  # all 16 worse: sign p = 0.5**16
+        _outcomes(5, [1] * n, [1] * 8 + [0] * 8, np.ones((DRAWS, n))),  # 8 samples worse
+        _outcomes(10, [1] * n, [0] * n, np.ones((DRAWS, n))),  # all 16 worse
     ]
     v = necessity_verdicts(outs, alpha=0.05, n_boot=2000)
-    # the head-set null: the top-K drop exceeds all 59 random drops, p = 1/60, the larger p at both K
+    # the head-set null: the top-K drop exceeds all 59 random drops, p = 1/60
     head_p = 1 / (DRAWS + 1)
     assert v[10].details["sign_test_p"] == pytest.approx(binomtest(16, 16, 0.5, alternative="greater").pvalue)
-    assert v[5].details["sign_test_p"] == pytest.approx(0.5**8)
     assert v[10].details["headset_null_p"] == pytest.approx(head_p)
-    assert v[10].p_value == pytest.approx(max(0.5**16, head_p)) and v[5].p_value == pytest.approx(max(0.5**8, head_p))
+    # the paired test: item i against random draw i, +1 where only the top K lost it (an independent
+    # computation: the exact unconditional test of rh.stats on the counts)
+    assert v[5].details["paired_p"] == pytest.approx(_ni_exact_p(8, 0, n, 0.0), abs=2e-3)
+    assert v[10].p_value == pytest.approx(max(v[10].details["paired_p"], head_p))
+    assert v[5].p_value == pytest.approx(max(v[5].details["paired_p"], head_p))
     # Holm with m=2: smallest p doubled, the other max(its own, previous)
-    assert v[10].p_adjusted == pytest.approx(2 * head_p)
-    assert v[5].p_adjusted == pytest.approx(max(head_p, 2 * head_p))
+    ps = sorted([v[5].p_value, v[10].p_value])
+    assert sorted([v[5].p_adjusted, v[10].p_adjusted]) == pytest.approx([2 * ps[0], max(2 * ps[0], ps[1])])
     assert v[10].supported and v[5].supported
-    assert v[10].effect == pytest.approx(1.0)
-    assert v[5].effect == pytest.approx(8 / 16)
+    assert v[10].effect == pytest.approx(1.0) and v[5].effect == pytest.approx(8 / 16)
     lo, hi = v[5].ci
-    assert lo <= 8 / 16 <= hi
-    # 4 of 16 worse gives p = 0.0625: not significant, so refuted
-    v4 = necessity_verdicts([_outcomes(5, [1] * n, [1] * 12 + [0] * 4, np.ones((DRAWS, n)))], n_boot=500)[5]
-    assert v4.refuted and v4.p_value == pytest.approx(0.5**4)
+    assert lo <= 8 / 16 <= hi and v[5].min_effect == 0.2 and v[5].power["support"] is not None
+    # 1 of 16 worse: neither a gap > 0 nor one < 0.2 is shown, so inconclusive (never refuted)
+    v1 = necessity_verdicts([_outcomes(5, [1] * n, [1] * 15 + [0], np.ones((DRAWS, n)))], n_boot=500)[5]
+    assert v1.inconclusive and "neither" in v1.reason
 
 
-def test_a_harmful_top_set_that_is_no_outlier_among_random_sets_is_refuted():
-    """The sign test alone would pass (every sample worse than the random mean), but 10 of the
-    random sets are as harmful as the top set: the head-set null p = 11/60 stops the claim."""
+def test_a_harmful_top_set_that_is_no_outlier_among_random_sets_is_not_supported():
+    """Every sample is worse than the random mean, but 10 of the random sets are as harmful as the
+    top set: the head-set null p = 11/60 stops the support, and the gap is not shown below Δ either."""
     n = 16
     rand = np.ones((DRAWS, n))
     rand[:10] = 0.0
     v = necessity_verdicts([_outcomes(5, [1] * n, [0] * n, rand)], n_boot=500)[5]
-    assert v.details["sign_test_p"] < 1e-4
     assert v.details["headset_null_p"] == pytest.approx(11 / 60)
-    assert v.refuted and v.p_value == pytest.approx(11 / 60)
+    assert v.inconclusive and v.p_value == pytest.approx(11 / 60)
 
 
 def test_too_few_random_draws_is_inconclusive():
@@ -71,16 +74,17 @@ def test_too_few_random_draws_is_inconclusive():
     assert v.inconclusive and "draws" in v.reason
 
 
-def test_no_difference_is_refuted():
+def test_no_difference_is_refuted_because_the_gap_is_shown_below_delta():
     n = 16
-    v = necessity_verdicts([_outcomes(5, [1] * n, [1] * 8 + [0] * 8, [[1] * 8 + [0] * 8])], n_boot=500)[5]
-    assert v.refuted and v.p_value == 1.0 and "not < alpha" in v.reason
+    v = necessity_verdicts([_outcomes(5, [1] * n, [1] * 12 + [0] * 4, [[1] * 12 + [0] * 4])], n_boot=500)[5]
+    # 16 items, none differing: P(no +1 | gap >= 0.2) <= 0.8**16 = 0.028 < 0.05
+    assert v.refuted and "< Δ" in v.reason and v.details["p_refute"] < 0.05
 
 
-def test_random_worse_than_top_is_refuted_not_supported():
+def test_random_sets_that_destroy_retrieval_leave_no_room_for_a_gap():
     n = 16
     v = necessity_verdicts([_outcomes(5, [1] * n, [1] * n, [[0] * n])], n_boot=500)[5]
-    assert v.refuted and v.effect < 0
+    assert v.inconclusive and "ceiling" in v.reason and v.effect < 0
 
 
 def test_low_baseline_and_too_few_samples_are_inconclusive():
@@ -134,15 +138,14 @@ def test_ca3_rule_supported_refuted_and_inconclusive():
     lost = np.r_[np.ones(20), np.zeros(60)]  # 1.00 -> 0.25
     v = inverse_verdicts(base, {10: kept, 50: lost}, [10, 50], margin=0.1, n_boot=100)
     assert v[10].supported and v[50].refuted
-    assert "upper bound" in v[50].reason
-    p10 = non_inferiority(kept - base, 0.1, level=0.95)[3]
-    p50 = non_inferiority(lost - base, 0.1, level=0.95)[3]
-    assert p10 < p50 and v[10].p_adjusted == pytest.approx(2 * p10)  # Holm: the smaller of two p doubles
-    assert v[50].p_adjusted == pytest.approx(min(1.0, max(2 * p10, p50)))
-    # 16 samples cannot show non-inferiority at margin 0.1 even with no change, but a collapse is still refuted
+    assert "Δ = 0.1" in v[50].reason and v[50].min_effect == 0.1
+    p10 = non_inferiority(kept - base, 0.1, level=0.95)[3]  # the same exact test, computed independently
+    assert v[10].p_value == pytest.approx(p10, abs=2e-3)
+    assert v[10].p_adjusted == pytest.approx(min(1.0, 2 * v[10].p_value))  # Holm: the smaller of two p doubles
+    # 16 samples cannot show non-inferiority at margin 0.1 even with no change, but a collapse is refuted
     small = inverse_verdicts(np.ones(16), {10: np.ones(16), 50: np.r_[np.ones(4), np.zeros(12)]}, [10, 50],
                              margin=0.1, n_boot=100)
-    assert small[10].inconclusive and "use more samples" in small[10].reason
+    assert small[10].inconclusive and "power to support" in small[10].reason
     assert small[50].refuted
     # a baseline below the floor has nothing to keep
     low = inverse_verdicts(np.r_[np.ones(3), np.zeros(13)], {10: np.zeros(16)}, [10], n_boot=100)

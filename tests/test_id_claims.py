@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rh.heads import Head, HeadShape
-from rh.id_claims import general_heads_exist, needle_mass_ratios, sparsity, variants_share_heads
+from rh.id_claims import general_heads_exist, needle_mass_per_head, needle_mass_ratios, sparsity, variants_share_heads
 from rh.rankings import Ranking
 from rh.scoring import SampleScores
 
@@ -46,12 +46,19 @@ def _ranking(shape, seed):
     return Ranking("t", shape, {h: float(v) for h, v in zip(shape.all_heads(), rng.random(shape.n_total))})
 
 
-def test_general_heads_exist_when_tasks_share_their_top_heads_and_not_for_one_task():
-    shape = HeadShape(10, 10, 2, 4)
-    same = _ranking(shape, 0)
-    v = general_heads_exist({"a": same, "b": same, "c": same}, k=5)
-    assert v.supported and v.statistic == 5  # the whole top 5 is shared, chance expects 5^3/100^2
-    assert general_heads_exist({"a": same}, k=5).inconclusive
+def test_general_heads_are_tested_per_head_on_fresh_prompts(tiny, tiny_samples):
+    same = _ranking(tiny.shape, 0)
+    heads = same.top(3)
+    per = needle_mass_per_head(tiny, tiny_samples, heads, batch_size=4)
+    assert per.shape == (len(tiny_samples), 3)
+    np.testing.assert_allclose(per.mean(axis=1), needle_mass_ratios(tiny, tiny_samples, heads, batch_size=4), rtol=1e-5)
+    tasks = {"a": tiny_samples, "b": tiny_samples}
+    v = general_heads_exist(tiny, {"a": same, "b": same}, tasks, k=3, accuracy={"a": 0.9, "b": 0.9})
+    assert v.details["candidates"] == [str(h) for h in heads] and set(v.details["per_head"]) == set(v.details["candidates"])
+    # a model that does not retrieve on a task has no general heads to find, whatever its attention does
+    low = general_heads_exist(tiny, {"a": same, "b": same}, tasks, k=3, accuracy={"a": 0.0, "b": 0.9})
+    assert low.inconclusive and "floor" in low.reason
+    assert general_heads_exist(tiny, {"a": same}, {"a": tiny_samples}, k=3, accuracy={"a": 0.9}).inconclusive
 
 
 def test_variants_claim_is_inconclusive_without_a_pair_or_with_different_shapes():

@@ -156,3 +156,30 @@ def test_a_claim_stopped_by_the_budget_is_left_out_not_an_error(pytester):
     assert res.ret == 0, out
     assert "left out: the budget ran out while it ran" in out
     assert "all 1 verdicts checked are as expected" in out and "X-1[] (the budget ran out while it ran)" in out
+
+
+@pytest.mark.parametrize("floor", ["profile", "off"])
+def test_a_random_model_supports_no_claim_but_the_mechanical_identity(tmp_path, floor):
+    """``pytest claims/ --model tiny-llama``: a random model has no retrieval heads, so no claim but
+    CA-5 (an exact identity of the ablation mechanisms) may be supported. With the baseline floor
+    switched off the rules themselves must still not support anything on its outcomes."""
+    import os
+
+    env = {}
+    extra = []
+    if floor == "off":
+        (tmp_path / "floor_off.py").write_text(
+            "import dataclasses\nimport rh.profiles as P\nq, f = P._TABLE['tiny']\n"
+            "P._TABLE['tiny'] = (dataclasses.replace(q, baseline_floor=0.0), f)\n")
+        env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+        extra = ["-p", "floor_off"]
+    proc = _run_claims(tmp_path, *extra, target="claims/", env=env)
+    reports = sorted((tmp_path / "reports").glob("tiny-llama-*.json"))
+    assert reports, proc.stdout[-3000:] + proc.stderr[-3000:]
+    verdicts = json.loads(reports[-1].read_text())["verdicts"]
+    assert not [v for v in verdicts if v["status"] == "error"], proc.stdout[-3000:]
+    supported = sorted({v["claim"] for v in verdicts if v["status"] == "supported"})
+    assert supported == ["CA-5"], [(v["claim"], v["params"], v["reason"]) for v in verdicts if v["status"] == "supported"]
+    assert len({v["claim"] for v in verdicts}) >= 18  # every claim ran
+    for v in verdicts:
+        assert "min_effect" in v and "power" in v, v["claim"]

@@ -19,7 +19,6 @@ from rh.stats import (
     Verdict,
     bootstrap_ci,
     bootstrap_fraction_ci,
-    decide,
     fraction_ci,
     headset_null_p,
     holm,
@@ -267,21 +266,14 @@ def test_paired_bootstrap_ci():
         paired_bootstrap_ci([1.0, 2.0], [1.0])
 
 
-# ---------------------------------------------------------------- decide
+# ---------------------------------------------------------------- named results
 
 
-def test_decide():
-    status, reason = decide(0.01, 0.2, 0.05)
-    assert status == "supported"
-    assert "0.01" in reason and "0.2" in reason
-    status, reason = decide(0.2, 0.3, 0.05)
-    assert status == "refuted" and "0.2" in reason and "alpha" in reason
-    status, reason = decide(0.001, -0.1, 0.05)
-    assert status == "refuted" and "-0.1" in reason and "alpha" not in reason
-    status, reason = decide(0.05, 0.0, 0.05)  # both boundaries fail
-    assert status == "refuted" and "effect" in reason and "alpha" in reason
-    with pytest.raises(ValueError):
-        decide(float("nan"), 0.1, 0.05)
+def test_results_are_named_and_still_unpack():
+    res = sign_test_greater([1.0, 1.0, -1.0, 0.0])
+    n_pos, n_neg, p = res
+    assert (res.n_pos, res.n_neg, res.pvalue) == (n_pos, n_neg, p) == (2, 1, 0.5)
+    assert "decide" not in dir(__import__("rh.stats").stats)  # "not significant" has no path to "refuted"
 
 
 # ---------------------------------------------------------------- Verdict

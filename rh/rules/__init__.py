@@ -1,0 +1,13 @@
+"""Decision rules, apart from the mechanisms that gather outcomes (CLAIMS.md's three-way rule).
+
+- :mod:`rh.rules.core`: :func:`three_way`, :class:`Bounds`, :class:`Power`, t tests.
+- :mod:`rh.rules.paired`: paired 0/1 outcomes (accuracy before/after an intervention), exact.
+- :mod:`rh.rules.claims`: each claim family's decision from its outcomes.
+- :mod:`rh.rules.calibration`: simulated false-support, false-refute and power at a profile's sizes.
+"""
+
+from rh.rules.core import Bounds, Power, TTestResult, holm_pairs, t_power, t_test, three_way
+from rh.rules.paired import FLIP_RATE, paired_family, paired_power, paired_tests, rule_power
+
+__all__ = ["Bounds", "Power", "TTestResult", "holm_pairs", "t_power", "t_test", "three_way", "FLIP_RATE",
+           "paired_family", "paired_power", "paired_tests", "rule_power"]

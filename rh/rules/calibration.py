@@ -1,0 +1,312 @@
+"""Calibration of every claim family's decision rule, by simulation at a profile's sizes.
+
+For each family, :func:`calibrate` plants data at the boundary of each hypothesis and runs the
+very decision function the claim uses (``rh.rules.claims``), measuring
+
+- **false support**: P(supported | effect at the support boundary, e.g. no drop), must be <= α;
+- **false refute**: P(refuted | effect at Δ, or for "keeps" claims at the margin), must be <= α;
+- **power**: P(supported | a planted effect) and P(refuted | no effect, or twice the margin).
+
+Sizes come from the :class:`~rh.profiles.Profile` (validation prompts per task, depth and
+intervention prompts, K levels, draws), never from constants, so the rates are the ones the runs
+really have. ``python -m rh calibrate`` prints the table; ``tests/test_calibration.py`` checks it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rh.profiles import Profile
+from rh.stats import Verdict
+
+__all__ = ["Rates", "sizes", "FAMILIES", "calibrate", "calibrate_all", "format_table"]
+
+_BASE_ACC = 0.9  # planted baseline accuracy of the simulated items
+_FLIP = 0.02  # background flips each way
+
+
+@dataclass(frozen=True)
+class Rates:
+    family: str
+    sizes: dict
+    alpha: float
+    reps: int
+    false_support: float  # at the support boundary
+    false_refute: float  # at the refutation boundary
+    power_support: float
+    power_refute: float
+    planted: dict = field(default_factory=dict)
+
+    @property
+    def mc_error(self) -> float:
+        """Binomial standard error of a rate near α over ``reps`` simulations."""
+        return math.sqrt(self.alpha * (1 - self.alpha) / self.reps)
+
+    def as_dict(self) -> dict:
+        return {"family": self.family, "sizes": self.sizes, "alpha": self.alpha, "reps": self.reps,
+                "false_support": self.false_support, "false_refute": self.false_refute,
+                "power_support": self.power_support, "power_refute": self.power_refute, "planted": self.planted,
+                "mc_error": round(self.mc_error, 4)}
+
+
+def sizes(p: Profile) -> dict:
+    """The sample sizes a run of this profile decides with (validation split = 1 - identify_frac)."""
+    per_task = p.n_per_setting * len(p.depths) * len(p.lengths)
+    n_val = per_task - int(round(p.identify_frac * per_task))
+    return {"n_val": n_val, "levels": len(p.ablation_levels), "draws": p.random_draws,
+            "tasks": len(p.id_tasks), "task": p.task_n * len(p.depths), "depths": len(p.depths), "depth_n": p.depth_n,
+            "iv": p.iv_n * len(p.depths), "inverse": p.inverse_n * len(p.depths), "inverse_levels": len(p.inverse_levels),
+            "incremental_levels": len(p.incremental_levels), "dose_levels": len(p.dose_levels),
+            "ig_n": p.ig_n, "id_k": p.id_k, "identify": per_task - n_val}
+
+
+def _pair(rng: np.random.Generator, n: int, drop: float, base_acc: float = _BASE_ACC) -> tuple[np.ndarray, np.ndarray]:
+    """Paired 0/1 outcomes with a planted accuracy drop (negative: a gain) and background flips."""
+    base = (rng.random(n) < base_acc).astype(float)
+    u = rng.random(n)
+    after = base.copy()
+    lose = _FLIP + max(drop, 0.0)
+    gain = _FLIP + max(-drop, 0.0)
+    after[(base == 1) & (u < lose / base_acc)] = 0
+    after[(base == 0) & (u < gain / (1 - base_acc))] = 1
+    return base, after
+
+
+def _rate(status: str, runs: list[list[Verdict]]) -> float:
+    flat = [v for vs in runs for v in vs]
+    return float(np.mean([v.status == status for v in flat])) if flat else float("nan")
+
+
+# ----------------------------------------------------------------------------------- simulators
+# Each returns the verdicts of one simulated run with the planted effect ``effect``.
+
+
+def _sim_ca1(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
+    from rh.causal import NecessityOutcomes
+    from rh.rules.claims import necessity
+
+    n, draws = s["n_val"], s["draws"]
+    outs = []
+    for k in p.ablation_levels:
+        base = (rng.random(n) < _BASE_ACC).astype(float)
+        # items differ in how easily random ablations lose them: most never, a quarter sometimes
+        item_q = np.where(rng.random(n) < 0.25, rng.uniform(0.0, 0.3, n), 0.0)
+        rand = ((rng.random((draws, n)) >= item_q) & (base == 1)).astype(float)
+        top = ((rng.random(n) >= item_q + effect / _BASE_ACC) & (base == 1)).astype(float)
+        z = np.zeros(n)
+        outs.append(NecessityOutcomes(k, [], [], base, z, top, z, rand, np.zeros((draws, n)), None))
+    return list(necessity(outs, alpha=p.alpha, baseline_floor=p.baseline_floor, min_gap=p.ca1_min_gap,
+                          n_boot=200, seed=int(rng.integers(1 << 30))).values())
+
+
+def _sim_drop(groups: int, n: int) -> Callable:
+    def run(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
+        from rh.rules.claims import drop_family
+
+        data = {g: _pair(rng, n, effect) for g in range(groups)}
+        return list(drop_family("CA-4", data, param="g", n_heads=1, min_drop=p.min_drop, alpha=p.alpha,
+                                baseline_floor=p.baseline_floor).values())
+    return run
+
+
+def _sim_ca3(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
+    from rh.rules.claims import inverse
+
+    n = s["inverse"]
+    base = (rng.random(n) < _BASE_ACC).astype(float)
+    ablated = {k: _pair_from(rng, base, effect) for k in p.inverse_levels}
+    return list(inverse(base, ablated, p.inverse_levels, margin=p.ni_margin, alpha=p.alpha,
+                        baseline_floor=p.baseline_floor).values())
+
+
+def _pair_from(rng, base: np.ndarray, drop: float) -> np.ndarray:
+    acc = max(base.mean(), 1e-9)
+    u = rng.random(base.size)
+    after = base.copy()
+    after[(base == 1) & (u < (_FLIP + max(drop, 0)) / acc)] = 0
+    after[(base == 0) & (u < _FLIP / max(1 - acc, 1e-9))] = 1
+    return after
+
+
+def _sim_iv1(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
+    from rh.rules.claims import incremental
+
+    n = s["iv"]
+    base = (rng.random(n) < _BASE_ACC).astype(float)
+    abl = {m: _pair_from(rng, base, effect) for m in p.incremental_levels}
+    return list(incremental(base, abl, ["h"] * max(p.incremental_levels), min_drop=p.iv_min_drop, alpha=p.alpha,
+                            baseline_floor=p.baseline_floor).values())
+
+
+def _sim_iv2(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
+    """``effect`` is the hub drop; the non-hub arm sits at its boundary for the false rates."""
+    from rh.rules.claims import position
+
+    n = s["iv"]
+    base = (rng.random(n) < _BASE_ACC).astype(float)
+    hub = _pair_from(rng, base, effect)
+    other = _pair_from(rng, base, 0.0 if effect != p.iv_min_drop else p.iv_nonhub_max)
+    return [position(base, hub, other, hub_min=p.iv_min_drop, nonhub_max=p.iv_nonhub_max, alpha=p.alpha,
+                     baseline_floor=p.baseline_floor)]
+
+
+def _sim_iv3_hub(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
+    from rh.rules.claims import override
+
+    n = s["iv"]
+    base = (rng.random(n) < _BASE_ACC).astype(float)
+    return [override(base, {"hub": _pair_from(rng, base, effect)}, keep=p.hub_keep, min_drop=p.iv_min_drop,
+                     alpha=p.alpha, baseline_floor=p.baseline_floor)["hub"]]
+
+
+def _sim_ca2(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
+    """Per-sample log-prob drops rising linearly by ``effect`` nats from the first to the last level,
+    spread 1.5 nats per sample and level; CA-1 supported at every K (the trend part alone)."""
+    from rh.rules.claims import dose_response
+
+    n, levels = s["n_val"], list(p.dose_levels)
+    frac = np.linspace(0, 1, len(levels))
+    person = rng.normal(2.0, 1.0, n)[:, None]
+    drops = person + effect * frac[None, :] + rng.normal(0, 1.5, (n, len(levels)))
+    base_lp = np.full(n, -0.1)
+    tops = {k: base_lp - drops[:, j] for j, k in enumerate(levels)}
+    ca1 = {k: Verdict(claim="CA-1", params={"k": k}, status="supported", reason="", test="", statistic=None,
+                      p_value=None, p_adjusted=None, effect=0.3, ci=None) for k in p.ablation_levels}
+    return [dose_response(base_lp, tops, ca1, alpha=p.alpha, min_growth=p.dose_min_growth,
+                          baseline_floor=p.baseline_floor, baseline_accuracy=_BASE_ACC)]
+
+
+def _sim_iv7(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
+    """A softmax over the answer and 20 alternatives; ablation lowers the answer logit by 1.5 for
+    every item (a uniform shift: no interaction) plus ``effect`` more on the less confident half."""
+    from rh.rules.claims import difficulty
+
+    n = s["iv"]
+    a = rng.normal(2.5, 1.5, n)
+    others = rng.normal(0, 1, (n, 20))
+
+    def lp(x):
+        full = np.concatenate([x[:, None], others], axis=1)
+        return x - np.log(np.exp(full).sum(axis=1))
+
+    base_lp = lp(a)
+    correct = (a > others.max(axis=1)).astype(float)
+    hard = base_lp < np.median(base_lp[correct == 1]) if correct.any() else np.zeros(n, bool)
+    shift = 1.5 + effect * hard + rng.normal(0, 0.5, n)
+    return [difficulty(correct, base_lp, lp(a - shift), min_effect=p.iv7_min_effect, alpha=p.alpha,
+                       baseline_floor=p.baseline_floor)]
+
+
+def _sim_ratio(n_key: str, support: Callable[[Profile], float], refute: Callable[[Profile], float]) -> Callable:
+    def run(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
+        """Log ratios normal with spread 1 around log(``effect``)."""
+        from rh.rules.claims import ratio_rule
+
+        r = np.exp(rng.normal(math.log(effect), 1.0, s[n_key]))
+        return [ratio_rule("ID-2", r, support_ratio=support(p), refute_ratio=refute(p), alpha=p.alpha, test="",
+                           effect_name="", describe="")]
+    return run
+
+
+def _sim_id5(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
+    """Three candidate heads; each task's prompts share a window effect across tasks (the dependence
+    a uniform null ignores). ``effect``: every candidate's true ratio (the boundary is the threshold)."""
+    from rh.rules.claims import general_heads_rule
+
+    n = s["task"]
+    window = rng.normal(0, 0.7, (n, 3))  # shared by every task: the same windows and needle positions
+    ratios = {f"t{t}": np.exp(math.log(effect) + window + rng.normal(0, 0.7, (n, 3))) for t in range(s["tasks"])}
+    acc = {t: _BASE_ACC for t in ratios}
+    return [general_heads_rule(ratios, ["a", "b", "c"], ratio=p.spike_ratio, alpha=p.alpha, accuracy=acc,
+                               baseline_floor=p.baseline_floor, k=p.general_k)]
+
+
+def _sim_agree(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
+    """Two methods on the same prompts: heads' true scores, per-prompt noise; ``effect`` is the number
+    of B's true top-K heads that are not A's (0: the same heads; K: disjoint)."""
+    from rh.rules.claims import agreement
+
+    n, k, heads = s["identify"], p.id_k, 270
+    mu_a = np.sort(rng.gamma(1.0, 1.0, heads))[::-1]
+    mu_b = mu_a.copy()
+    swap = int(round(effect))
+    if swap:
+        idx_in, idx_out = np.arange(k - swap, k), np.arange(3 * k, 3 * k + swap)
+        mu_b[idx_in], mu_b[idx_out] = mu_a[idx_out], mu_a[idx_in]
+    prompt = rng.normal(0, 0.5, (n, 1))
+    A = mu_a[None] + prompt + rng.normal(0, 1.0, (n, heads))
+    B = mu_b[None] + prompt + rng.normal(0, 1.0, (n, heads))
+    return [agreement("ID-4", A, B, k=k, min_effect=p.agree_min_effect * k, same_prompts=True, alpha=p.alpha,
+                      n_boot=100, seed=int(rng.integers(1 << 30)), baseline_accuracy=_BASE_ACC,
+                      baseline_floor=p.baseline_floor)]
+
+
+# family -> (simulator, effect at the support boundary, at the refutation boundary, planted for power
+# to support, planted for power to refute)
+def _families(p: Profile, s: dict) -> dict[str, tuple]:
+    d = p.min_drop
+    return {
+        "CA-1": (_sim_ca1, 0.0, p.ca1_min_gap, p.ca1_min_gap + 0.1, 0.0),
+        "CA-2": (_sim_ca2, 0.0, p.dose_min_growth, 2 * p.dose_min_growth, 0.0),
+        "CA-3": (_sim_ca3, p.ni_margin, p.ni_margin, 0.0, 2 * p.ni_margin),
+        "CA-4": (_sim_drop(s["tasks"], s["task"]), 0.0, d, d + 0.1, 0.0),
+        "CA-6": (_sim_drop(s["depths"], s["depth_n"]), 0.0, d, d + 0.1, 0.0),
+        "IV-1": (_sim_iv1, p.iv_min_drop, p.iv_min_drop, 2 * p.iv_min_drop + 0.1, 0.0),
+        "IV-2": (_sim_iv2, p.iv_min_drop, p.iv_min_drop, 2 * p.iv_min_drop + 0.1, 0.0),
+        "IV-3": (_sim_iv3_hub, (1 - p.hub_keep) * _BASE_ACC, (1 - p.hub_keep) * _BASE_ACC, 0.0,
+                 3 * (1 - p.hub_keep) * _BASE_ACC),
+        "IV-7": (_sim_iv7, 0.0, p.iv7_min_effect, 3 * p.iv7_min_effect, 0.0),
+        "ID-2": (_sim_ratio("n_val", lambda q: q.spike_ratio, lambda q: q.spike_ratio), p.spike_ratio, p.spike_ratio,
+                 4 * p.spike_ratio, 1.0),
+        "IV-6": (_sim_ratio("ig_n", lambda q: 1.0, lambda q: q.ig_min_ratio), 1.0, p.ig_min_ratio,
+                 3 * p.ig_min_ratio, 0.5),
+        "ID-5": (_sim_id5, p.spike_ratio, p.spike_ratio, 4 * p.spike_ratio, 1.0),
+        "ID-3/ID-4": (_sim_agree, float(p.id_k), 0.0, 0.0, float(p.id_k)),
+    }
+
+
+FAMILIES = ("CA-1", "CA-2", "CA-3", "CA-4", "CA-6", "IV-1", "IV-2", "IV-3", "IV-7", "ID-2", "IV-6", "ID-5",
+            "ID-3/ID-4")
+
+
+def calibrate(family: str, profile: Profile, *, reps: int = 200, seed: int = 0) -> Rates:
+    """Simulate ``reps`` runs per scenario for one family at ``profile``'s sizes."""
+    s = sizes(profile)
+    fams = _families(profile, s)
+    if family not in fams:
+        raise ValueError(f"unknown claim family {family!r}: choose one of {', '.join(fams)}")
+    sim, at_sup, at_ref, pw_sup, pw_ref = fams[family]
+    rng = np.random.default_rng(seed)
+
+    def runs(effect):
+        return [sim(profile, s, rng, effect) for _ in range(reps)]
+
+    from rh.rules.paired import decisions_only
+
+    with decisions_only():
+        fs, fr = runs(at_sup), runs(at_ref)
+        ps, pr = runs(pw_sup), runs(pw_ref)
+    return Rates(family, s, profile.alpha, reps, _rate("supported", fs), _rate("refuted", fr), _rate("supported", ps),
+                 _rate("refuted", pr), planted={"false_support_at": at_sup, "false_refute_at": at_ref,
+                                                "power_support_at": pw_sup, "power_refute_at": pw_ref})
+
+
+def calibrate_all(profile: Profile, *, reps: int = 200, seed: int = 0, families=FAMILIES) -> list[Rates]:
+    return [calibrate(f, profile, reps=reps, seed=seed) for f in families]
+
+
+def format_table(rows: list[Rates]) -> str:
+    out = [f"{'family':10} {'false support':>13} {'false refute':>12} {'power (support)':>16} {'power (refute)':>15}"
+           f"  planted (support / refute)"]
+    for r in rows:
+        pl = r.planted
+        out.append(f"{r.family:10} {r.false_support:13.3f} {r.false_refute:12.3f} {r.power_support:16.2f} "
+                   f"{r.power_refute:15.2f}  {pl['power_support_at']:g} / {pl['power_refute_at']:g}")
+    if rows:
+        out.append(f"alpha = {rows[0].alpha:g}, {rows[0].reps} simulated runs per cell (Monte-Carlo error of a rate "
+                   f"near alpha: {rows[0].mc_error:.3f})")
+    return "\n".join(out)

@@ -1,0 +1,627 @@
+"""Each claim family's decision from its outcomes: pure functions from arrays to verdicts.
+
+The mechanisms (``rh.causal``, ``rh.interventions``, ``rh.id_claims``) gather the outcomes with
+forward passes; everything that turns them into *supported / refuted / inconclusive* lives here,
+so one module says how every claim is decided and the calibration (``rh.rules.calibration``) can
+run the very same functions on simulated data. Every verdict carries ``min_effect`` (Δ) and
+``power``; see ``rh.rules.core`` for the rule itself.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from scipy import stats as _sps
+
+from rh.rules.core import Bounds, Power, holm_pairs, t_power, t_test, three_way
+from rh.rules.paired import FLIP_RATE, paired_ci, paired_family, paired_p, paired_power, rule_power
+from rh.stats import (
+    Verdict,
+    bootstrap_ci,
+    headset_null_p,
+    mcnemar_exact,
+    min_attainable_p_sign,
+    sign_test_greater,
+)
+
+__all__ = [
+    "floor_reason", "inconclusive", "necessity", "dose_response", "inverse", "drop_family", "incremental",
+    "position", "override", "transplant", "difficulty", "ratio_rule", "general_heads_rule", "agreement",
+]
+
+
+def floor_reason(accuracy: float | None, floor: float, what: str = "retrieval") -> str | None:
+    """The named floor: a model that does not retrieve has nothing to lose, keep or share."""
+    if accuracy is None or accuracy < floor:
+        acc = "unknown" if accuracy is None else f"{accuracy:.2f}"
+        return (f"baseline accuracy {acc} is below the floor {floor:.2f}: the model does not do the task, so there "
+                f"is no {what} to test (a floor)")
+    return None
+
+
+def inconclusive(claim: str, params: dict, reason: str, test: str, alpha: float = 0.05, n: int = 0,
+                 details: dict | None = None, *, min_effect: float | None = None, power: Power | None = None,
+                 effect_name: str = "") -> Verdict:
+    """A verdict whose preconditions failed, with the reason and whatever was measured."""
+    return Verdict(claim=claim, params=params, status="inconclusive", reason=reason, test=test, statistic=None,
+                   p_value=None, p_adjusted=None, effect=None, ci=None, n=n, alpha=alpha, effect_name=effect_name,
+                   details=details or {}, min_effect=min_effect, power=power.to_dict() if power else None)
+
+
+# ------------------------------------------------------------------------------------------ CA-1
+
+CA1_TEST = ("supported: head-set null (top-K drop ranked among random K-sets) and the exact paired test of a gap > 0 "
+            "(item i's top-K outcome against random draw i mod D), the larger p Holm-corrected across K; refuted: "
+            "the same paired test shows the gap below Δ, Holm across K")
+
+
+def necessity(outcomes: Sequence, *, alpha: float = 0.05, baseline_floor: float = 0.5, min_gap: float = 0.2,
+              n_boot: int = 10_000, seed: int = 0, control: str = "outside_top") -> dict[int, Verdict]:
+    """CA-1 per K from :class:`rh.causal.NecessityOutcomes`. Per item the top-K outcome is paired
+    with one random draw (item i with draw i mod D: an unbiased estimate of the mean-over-draws gap
+    whose differences are -1, 0, +1, so the exact paired test applies; the sign test on the
+    mean-over-draws difference counted every item a random set ever lost as "top better" and had
+    power 0.17 where this has 0.63, see rh.rules.calibration). Supported when that test shows a gap
+    > 0 and the head-set null rejects (p = the larger); refuted when it shows the gap below Δ. Inconclusive at a floor (baseline below the floor), at a
+    ceiling (random K-sets already leave less than Δ to lose), or when neither test rejects."""
+    from dataclasses import replace as _replace
+
+    from rh.causal import hash_seed
+
+    if not outcomes:
+        raise ValueError("no ablation levels given")
+    if control not in ("outside_top", "layer_matched"):
+        raise ValueError(f"control={control!r}: use 'outside_top' or 'layer_matched'")
+    if control == "layer_matched":  # the matched sets decide; the uniform ones are reported beside
+        missing = [o.k for o in outcomes if getattr(o, "matched_correct", None) is None]
+        if missing:
+            raise ValueError(f"control='layer_matched' but K = {missing} have no layer-matched draws: set the "
+                             "profile's matched_draws")
+        outcomes = [_replace(o, random_correct=o.matched_correct, random_logprob=o.matched_logprob,
+                             matched_correct=o.random_correct, matched_logprob=o.random_logprob) for o in outcomes]
+    m = len(outcomes)
+    rows, reasons = {}, {}
+    for o in outcomes:
+        n = len(o.top_correct)
+        draws = int(o.random_correct.shape[0])
+        d = o.random_correct.mean(axis=0) - o.top_correct
+        n_pos, n_neg, p_sign = sign_test_greater(d)
+        base_acc = float(o.baseline_correct.mean())
+        top_drop = base_acc - float(o.top_correct.mean())
+        rand_drops = base_acc - o.random_correct.mean(axis=1)
+        one_draw = o.random_correct[np.arange(n) % draws, np.arange(n)] - o.top_correct
+        p_ref = paired_p(one_draw, min_gap, "less")
+        lp_d = o.random_logprob.mean(axis=0) - o.top_logprob
+        details = {
+            "baseline_accuracy": base_acc, "top_accuracy": float(o.top_correct.mean()),
+            "random_accuracy": float(o.random_correct.mean()),
+            "random_accuracy_per_draw": o.random_correct.mean(axis=1).tolist(),
+            "top_drop": top_drop, "random_drop_mean": float(rand_drops.mean()),
+            "samples_top_worse": n_pos, "samples_top_better": n_neg,
+            "headset_null_p": headset_null_p(top_drop, rand_drops), "sign_test_p": p_sign, "draws": draws,
+            "p_refute": p_ref, "logprob_drop_gap_mean": float(lp_d.mean()),
+            "logprob_sign_test_p": sign_test_greater(lp_d)[2], "top_heads": [str(h) for h in o.top_heads],
+        }
+        if getattr(o, "matched_correct", None) is not None:  # the other control, reported beside
+            mc = o.matched_correct
+            m_drops = base_acc - mc.mean(axis=1)
+            details["control"] = control
+            details["outside_top" if control == "layer_matched" else "layer_matched"] = {"draws": int(mc.shape[0]), "random_accuracy": float(mc.mean()),
+                                        "headset_null_p": headset_null_p(top_drop, m_drops),
+                                        "sign_test_p": sign_test_greater(mc.mean(axis=0) - o.top_correct)[2]}
+        p_pair = paired_p(one_draw, 0.0, "greater")  # uses magnitudes, unlike the sign test on mean-over-draws
+        details["paired_p"] = p_pair
+        p = max(p_pair, details["headset_null_p"])
+        effect = float(d.mean())
+        ci = bootstrap_ci(d, n_boot=n_boot, level=1 - 2 * alpha, seed=hash_seed(seed, o.k))
+        rows[o.k] = (o, n, n_pos, p, p_ref, effect, ci, base_acc, details)
+        floor = floor_reason(base_acc, baseline_floor)
+        rand_acc = details["random_accuracy"]
+        if floor:
+            reasons[o.k] = floor
+        elif rand_acc < min_gap:
+            reasons[o.k] = (f"random K-sets already leave accuracy {rand_acc:.2f} < Δ = {min_gap:g}: there is no "
+                            "room for a gap of Δ (a ceiling)")
+        elif min_attainable_p_sign(n) >= alpha / m:
+            reasons[o.k] = (f"only {n} validation samples: the smallest reachable p ({min_attainable_p_sign(n):.3g}) "
+                            f"cannot pass Holm's threshold alpha/{m} = {alpha / m:.3g}; use more samples")
+        elif 1 / (draws + 1) >= alpha / m:
+            reasons[o.k] = (f"only {draws} random head sets: the head-set null cannot reach p below "
+                            f"{1 / (draws + 1):.3g}, not under Holm's threshold {alpha / m:.3g}; use at least "
+                            f"{int(np.ceil(m / alpha))} draws")
+    testable = [k for k in rows if k not in reasons]
+    adj_s, adj_r = holm_pairs({k: rows[k][3] for k in testable}, {k: rows[k][4] for k in testable})
+    bounds = Bounds("greater", 0.0, min_gap)
+    out = {}
+    for k, (o, n, n_pos, p, p_ref, effect, ci, base_acc, details) in rows.items():
+        pw = rule_power(n, bounds, alpha / m)
+        power = Power(pw.support, pw.support_at, pw.refute, pw.refute_at, "exact (approximate for the support)",
+                      f"support approximated by the exact paired test; the head-set null must also reject (its "
+                      f"smallest p is 1/{details['draws'] + 1}); {FLIP_RATE:.0%} of items flip each way")
+        common = dict(claim="CA-1", params={"k": k}, test=CA1_TEST, statistic=float(n_pos), p_value=p, effect=effect,
+                      ci=ci, ci_level=1 - 2 * alpha, n=n, alpha=alpha, min_effect=min_gap, power=power.to_dict(),
+                      effect_name="accuracy drop of top-K minus that of random-K (mean over draws)")
+        if k in reasons:
+            out[k] = Verdict(status="inconclusive", reason=reasons[k], p_adjusted=None, details=details, **common)
+            continue
+        status, why = three_way(
+            adj_s[k], adj_r[k], alpha,
+            supported_why=f"the gap is > 0 (adjusted p = {adj_s[k]:.3g})",
+            refuted_why=f"the gap is < Δ = {min_gap:g} (adjusted p = {adj_r[k]:.3g})",
+            neither_why=(f"neither a gap > 0 (adjusted p = {adj_s[k]:.3g}) nor one < Δ = {min_gap:g} (adjusted p = "
+                         f"{adj_r[k]:.3g}) is shown; power to support {power.support:.2f}, to refute "
+                         f"{power.refute:.2f}"))
+        reason = (f"top-{k} ablation: accuracy {base_acc:.2f} -> {details['top_accuracy']:.2f}; random-{k} (mean of "
+                  f"{details['draws']} draws): -> {details['random_accuracy']:.2f}; {why}")
+        out[k] = Verdict(status=status, reason=reason, p_adjusted=adj_s[k],
+                         details={**details, "p_refute_adjusted": adj_r[k]}, **common)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ CA-2
+
+CA2_TEST = ("supported: Page's L trend of the answer log-probability drop over K (paired per sample) and CA-1 "
+            "supported at every K; refuted: the drop's growth from the smallest to the largest K is shown below Δ "
+            "(one-sided t) or CA-1 is refuted at some K")
+
+
+def dose_response(base_logprob: np.ndarray, top_logprob: Mapping[int, np.ndarray], ca1: Mapping[int, Verdict], *,
+                  alpha: float = 0.05, min_growth: float = 1.0, baseline_floor: float = 0.5,
+                  baseline_accuracy: float | None = None) -> Verdict:
+    """CA-2 on the answer log-probability (it has room to move where accuracy is already lost):
+    per sample the drop ``base - top_K`` at each K of ``top_logprob`` (at least three levels)."""
+    from rh.stats import trend_test
+
+    levels = sorted(top_logprob)
+    params = {"levels": levels}
+    name = f"growth of the answer log-prob drop from K={levels[0] if levels else '?'} to the largest K (nats)"
+    if len(levels) < 3:
+        return inconclusive("CA-2", params, f"a dose-response needs at least three K levels, got {levels}", CA2_TEST,
+                            alpha, min_effect=min_growth, effect_name=name)
+    floor = floor_reason(baseline_accuracy, baseline_floor)
+    drops = np.stack([np.asarray(base_logprob, float) - np.asarray(top_logprob[k], float) for k in levels], axis=1)
+    growth = drops[:, -1] - drops[:, 0]
+    mean_drop = drops.mean(axis=0)
+    details = {"mean_logprob_drop": {str(k): float(v) for k, v in zip(levels, mean_drop)},
+               "gaps": {str(k): v.effect for k, v in ca1.items()},
+               "ca1_status": {str(k): v.status for k, v in ca1.items()},
+               "curve": {str(k): {"top_drop": v.details.get("top_drop"), "random_drop": v.details.get("random_drop_mean")}
+                         for k, v in ca1.items()}}
+    if floor:
+        return inconclusive("CA-2", params, floor, CA2_TEST, alpha, len(growth), details, min_effect=min_growth,
+                            effect_name=name)
+    _, p_trend = trend_test(levels, drops)
+    tt = t_test(growth, 0.0, min_growth, alpha=alpha)
+    pw = Power(t_power(len(growth), tt.sd, min_growth, alpha), min_growth, t_power(len(growth), tt.sd, min_growth, alpha),
+               0.0, "noncentral t at the observed spread", "Page's test is approximated by the t test of the growth")
+    ca1_sup = all(v.supported for v in ca1.values()) and bool(ca1)
+    ca1_ref = [k for k, v in ca1.items() if v.refuted]
+    p_sup = p_trend if ca1_sup else None
+    p_ref = tt.pvalue_less if not ca1_ref else 0.0
+    status, why = three_way(
+        p_sup, p_ref, alpha,
+        supported_why=f"the drop grows with K (Page p = {p_trend:.3g}) and CA-1 holds at every K",
+        refuted_why=(f"CA-1 is refuted at K = {ca1_ref}" if ca1_ref else
+                     f"the growth is < Δ = {min_growth:g} nats (p = {tt.pvalue_less:.3g})"),
+        neither_why=(f"trend p = {p_trend:.3g}, growth < Δ p = {tt.pvalue_less:.3g}" +
+                     ("" if ca1_sup else "; CA-1 is not supported at every K")))
+    return Verdict(claim="CA-2", params=params, status=status,
+                   reason="mean answer log-prob drop by K: " + ", ".join(f"{k}: {d:.2f}" for k, d in zip(levels, mean_drop))
+                   + f"; {why}", test=CA2_TEST, statistic=float(tt.mean), p_value=p_trend, p_adjusted=p_trend,
+                   effect=float(tt.mean), ci=tt.ci, ci_level=1 - 2 * alpha, n=len(growth), alpha=alpha,
+                   effect_name=name, details={**details, "p_refute": p_ref}, min_effect=min_growth,
+                   power=pw.to_dict())
+
+
+# ------------------------------------------------------------------------------------------ CA-3, CA-4, CA-6, IV-1
+
+
+def inverse(base: np.ndarray, ablated: Mapping[int, np.ndarray], levels: Sequence[int], *, margin: float = 0.1,
+            alpha: float = 0.05, baseline_floor: float = 0.5,
+            bottom_heads: Mapping[int, list[str]] | None = None) -> dict[int, Verdict]:
+    """CA-3: ablating the K lowest-scoring heads keeps accuracy within ``margin``. Supported: the loss
+    is shown below the margin (non-inferiority); refuted: shown above it; Holm across K."""
+    base = np.asarray(base, float)
+    groups = {k: (base, ablated.get(k, np.zeros(0)) if base.mean() >= baseline_floor else base) for k in levels}
+    return paired_family(
+        "CA-3", groups, param="k", bounds=Bounds("less", margin, margin), alpha=alpha, baseline_floor=baseline_floor,
+        test=f"exact paired tests of the loss against the margin {margin:g} (non-inferiority / inferiority), Holm across K",
+        effect_name="accuracy loss (baseline - ablated)", extra_params={"margin": margin},
+        describe=lambda k, b, a: f"bottom-{k} ablation: accuracy {b.mean():.2f} -> {a.mean():.2f}",
+        extra_details={k: {"bottom_heads": list((bottom_heads or {}).get(k, []))} for k in levels})
+
+
+def drop_family(claim: str, groups: Mapping, *, param: str, n_heads: int, min_drop: float = 0.2,
+                alpha: float = 0.05, baseline_floor: float = 0.5, heads: Sequence[str] = ()) -> dict:
+    """CA-4 / CA-6: ablating the heads lowers accuracy in every group (a task, a depth). Supported:
+    drop > 0 shown; refuted: drop < Δ = ``min_drop`` shown; Holm across the groups."""
+    if n_heads == 0:
+        return {g: inconclusive(claim, {param: g, "heads": 0}, "there are no heads to ablate (the set is empty)",
+                                "exact paired tests", alpha, min_effect=min_drop) for g in groups}
+    return paired_family(
+        claim, groups, param=param, bounds=Bounds("greater", 0.0, min_drop), alpha=alpha,
+        baseline_floor=baseline_floor, test=f"exact paired tests of the drop (> 0; < Δ = {min_drop:g}), Holm across {param}",
+        effect_name="accuracy drop (baseline - ablated)", extra_params={"heads": n_heads},
+        describe=lambda g, b, a: f"{param} {g}: accuracy {b.mean():.2f} -> {a.mean():.2f} with {n_heads} heads ablated",
+        extra_details={g: {"heads": list(heads)[:20]} for g in groups})
+
+
+def incremental(base: np.ndarray, ablated: Mapping[int, np.ndarray], heads: Sequence[str], *, min_drop: float = 0.10,
+                alpha: float = 0.05, baseline_floor: float = 0.5) -> dict[int, Verdict]:
+    """IV-1: ablating the top n critical heads drops accuracy by more than ``min_drop`` (the claim's
+    threshold is also Δ: refuted when the drop is shown below it); Holm across levels."""
+    groups = {n: (np.asarray(base, float), np.asarray(a, float)) for n, a in ablated.items()}
+    return paired_family(
+        "IV-1", groups, param="n_heads", bounds=Bounds("greater", min_drop, min_drop), alpha=alpha,
+        baseline_floor=baseline_floor, test=f"exact paired tests of H0 drop <= {min_drop} and H0 drop >= {min_drop}, "
+        "Holm across levels", effect_name="accuracy drop (baseline - ablated)",
+        describe=lambda n, b, a: f"top-{n} ablation ({', '.join(heads[:n])}): accuracy {b.mean():.2f} -> {a.mean():.2f}",
+        extra_details={n: {"heads": list(heads[:n]), "min_drop": min_drop} for n in groups})
+
+
+# ------------------------------------------------------------------------------------------ IV-2, IV-3, IV-4
+
+IV2_TEST = ("supported: intersection-union of exact paired tests (hub drop > hub_min, non-hub drop < nonhub_max, "
+            "hub-patched worse than non-hub-patched); refuted: hub drop < hub_min or non-hub drop > nonhub_max shown "
+            "(Bonferroni over the two)")
+
+
+def position(base: np.ndarray, hub: np.ndarray, other: np.ndarray, *, hub_min: float = 0.10, nonhub_max: float = 0.05,
+             alpha: float = 0.05, baseline_floor: float = 0.5, params: dict | None = None,
+             details: dict | None = None, describe: str = "") -> Verdict:
+    """IV-2 from per-item 0/1 outcomes at baseline, with the hub patched and with a non-hub position patched."""
+    base, hub, other = (np.asarray(x, float) for x in (base, hub, other))
+    params = dict(params or {})
+    n = len(base)
+    power = Power(min(paired_power(n, 2 * hub_min, hub_min, "greater", alpha),
+                      paired_power(n, 0.0, nonhub_max, "less", alpha)), 2 * hub_min,
+                  paired_power(n, 0.0, hub_min, "less", alpha / 2), 0.0, "exact",
+                  "support: the weaker of the hub and non-hub arms (hub drop 2 x hub_min, non-hub 0); refute: no hub "
+                  f"effect; {FLIP_RATE:.0%} of items flip each way")
+    hub_drop, hub_ci, p1 = float((base - hub).mean()), paired_ci(base - hub), paired_p(base - hub, hub_min, "greater")
+    other_drop, other_ci = float((base - other).mean()), paired_ci(base - other)
+    p2 = paired_p(base - other, nonhub_max, "less")
+    b, c, p3 = mcnemar_exact(other.astype(bool), hub.astype(bool), alternative="greater")
+    r1 = paired_p(base - hub, hub_min, "less")
+    r2 = paired_p(base - other, nonhub_max, "greater")
+    details = {**(details or {}), "baseline_accuracy": float(base.mean()), "hub_accuracy": float(hub.mean()),
+               "non_hub_accuracy": float(other.mean()), "hub_drop_ci": list(hub_ci), "non_hub_drop_ci": list(other_ci),
+               "p_hub_drop": p1, "p_non_hub_small": p2, "p_hub_worse": p3, "p_hub_drop_short": r1,
+               "p_non_hub_large": r2}
+    floor = floor_reason(float(base.mean()), baseline_floor)
+    if floor:
+        return inconclusive("IV-2", params, floor, IV2_TEST, alpha, n, details, min_effect=hub_min, power=power)
+    p_sup = max(p1, p2, p3)
+    p_ref = min(1.0, 2 * min(r1, r2))
+    refuters = [w for w, pv in ((f"hub drop < {hub_min:g}", r1), (f"non-hub drop > {nonhub_max:g}", r2)) if 2 * pv < alpha]
+    status, why = three_way(p_sup, p_ref, alpha, supported_why=f"all three tests reject (max p = {p_sup:.3g})",
+                            refuted_why=f"shown: {'; '.join(refuters)} (Bonferroni p = {p_ref:.3g})",
+                            neither_why=(f"support p = {p_sup:.3g} (hub > {hub_min:g}: {p1:.3g}, non-hub < "
+                                         f"{nonhub_max:g}: {p2:.3g}, hub worse: {p3:.3g}); refute p = {p_ref:.3g}"))
+    return Verdict(claim="IV-2", params=params, status=status,
+                   reason=f"{describe}accuracy {base.mean():.2f} -> {hub.mean():.2f} with the hub patched, "
+                   f"{other.mean():.2f} with a non-hub position patched; {why}", test=IV2_TEST,
+                   statistic=float(b - c), p_value=p_sup, p_adjusted=p_sup, effect=hub_drop - other_drop, ci=None,
+                   n=n, alpha=alpha, effect_name="hub drop - non-hub drop", details=details, min_effect=hub_min,
+                   power=power.to_dict())
+
+
+def override(base: np.ndarray, forced: Mapping[str, np.ndarray], *, keep: float = 0.9, min_drop: float = 0.10,
+             alpha: float = 0.05, baseline_floor: float = 0.5, details: Mapping | None = None) -> dict[str, Verdict]:
+    """IV-3: uniform/sequential attention drops accuracy (> 0 shown; refuted when < Δ = ``min_drop``);
+    the hub pattern keeps at least ``keep`` of it (loss < (1 - keep) x baseline shown; refuted when
+    shown above). Holm across patterns."""
+    base = np.asarray(base, float)
+    margin = (1 - keep) * float(base.mean())
+    bounds = {p: Bounds("less", margin, margin) if p == "hub" else Bounds("greater", 0.0, min_drop) for p in forced}
+    return paired_family(
+        "IV-3", {p: (base, np.asarray(f, float)) for p, f in forced.items()}, param="pattern", bounds=bounds,
+        alpha=alpha, baseline_floor=baseline_floor,
+        test=f"exact paired tests: drop > 0 / < Δ = {min_drop:g} (uniform, sequential), loss against {1 - keep:.0%} of "
+             "the baseline (hub), Holm across patterns", effect_name="accuracy drop (baseline - forced)",
+        describe=lambda p, b, a: f"{p} attention in the critical heads: accuracy {b.mean():.2f} -> {a.mean():.2f}",
+        extra_details=details)
+
+
+def transplant(base: np.ndarray, ablated: np.ndarray, transplanted: np.ndarray, *, keep: float = 0.8,
+               alpha: float = 0.05, baseline_floor: float = 0.5, params: dict | None = None,
+               details: dict | None = None) -> Verdict:
+    """IV-4: the donor's heads keep at least ``keep`` of the function (baseline - ablated): the loss
+    against the baseline is shown below ``(1 - keep) x function`` (supported) or above it (refuted)."""
+    base, ablated, tr = (np.asarray(x, float) for x in (base, ablated, transplanted))
+    params = dict(params or {})
+    test = "exact paired tests of the loss with the donor's heads against (1 - keep) x (baseline - ablated)"
+    function = float(base.mean() - ablated.mean())
+    _, _, p_fn = mcnemar_exact(base.astype(bool), ablated.astype(bool), alternative="greater")
+    details = {**(details or {}), "baseline_accuracy": float(base.mean()), "ablated_accuracy": float(ablated.mean()),
+               "transplanted_accuracy": float(tr.mean()), "p_function": p_fn}
+    floor = floor_reason(float(base.mean()), baseline_floor)
+    if floor:
+        return inconclusive("IV-4", params, floor, test, alpha, len(base), details, min_effect=1 - keep)
+    if p_fn >= alpha or function <= 0:
+        return inconclusive("IV-4", params, f"ablating the heads does not measurably hurt (accuracy {base.mean():.2f} "
+                            f"-> {ablated.mean():.2f}, p = {p_fn:.3g}): they carry no function to keep", test, alpha,
+                            len(base), details, min_effect=1 - keep)
+    margin = (1 - keep) * function
+    v = paired_family("IV-4", {"transplant": (base, tr)}, param="_", bounds=Bounds("less", margin, margin), alpha=alpha,
+                      baseline_floor=baseline_floor, test=test, effect_name="accuracy loss with the donor's heads",
+                      describe=lambda g, b, a: (f"accuracy {b.mean():.2f} (own heads), {ablated.mean():.2f} (ablated), "
+                                                f"{a.mean():.2f} (donor's heads)"),
+                      extra_details={"transplant": details})["transplant"]
+    from dataclasses import replace
+
+    return replace(v, params=params, min_effect=1 - keep)
+
+
+# ------------------------------------------------------------------------------------------ IV-7
+
+IV7_TEST = ("Welch t tests on the answer log-odds drop among items correct at baseline, hard half minus easy half "
+            "(by baseline log-odds): > 0 supports, < Δ refutes")
+
+
+def log_odds(logprob: np.ndarray) -> np.ndarray:
+    """log(p / (1 - p)) of the answer's probability from its log-probability (finite for p < 1)."""
+    lp = np.minimum(np.asarray(logprob, float), -1e-12)
+    return lp - np.log(-np.expm1(lp))
+
+
+def difficulty(base_correct: np.ndarray, base_logprob: np.ndarray, abl_logprob: np.ndarray, *,
+               min_effect: float = 0.5, alpha: float = 0.05, baseline_floor: float = 0.5, min_items: int = 8,
+               params: dict | None = None) -> Verdict:
+    """IV-7 as an interaction on the log-odds scale: a uniform shift of the answer logit moves every
+    item's log-odds by about the same amount (whereas the items near the threshold flip first in
+    accuracy), so "hard items are hurt more" must show a larger log-odds drop for the low-confidence
+    half of the items correct at baseline. Effect: mean drop (hard) - mean drop (easy), nats."""
+    params = dict(params or {"strata": 2})
+    bc = np.asarray(base_correct, float).astype(bool)
+    name = "log-odds drop on hard items minus on easy items (nats), items correct at baseline"
+    floor = floor_reason(float(bc.mean()) if bc.size else None, baseline_floor)
+    if floor:
+        return inconclusive("IV-7", params, floor, IV7_TEST, alpha, int(bc.size), min_effect=min_effect,
+                            effect_name=name)
+    lo_b = log_odds(np.asarray(base_logprob, float)[bc])
+    drop = lo_b - log_odds(np.asarray(abl_logprob, float)[bc])
+    if drop.size < min_items:
+        return inconclusive("IV-7", params, f"only {drop.size} items are correct at baseline; at least {min_items} are "
+                            "needed for two halves", IV7_TEST, alpha, int(drop.size), min_effect=min_effect,
+                            effect_name=name)
+    order = np.argsort(lo_b, kind="stable")
+    half = drop.size // 2
+    hard, easy = drop[order[:half]], drop[order[drop.size - half:]]
+    diff = float(hard.mean() - easy.mean())
+    se = math.sqrt(hard.var(ddof=1) / hard.size + easy.var(ddof=1) / easy.size)
+    details = {"hard": {"n": int(hard.size), "log_odds_drop": float(hard.mean()),
+                        "baseline_log_odds": [float(lo_b[order[0]]), float(lo_b[order[half - 1]])]},
+               "easy": {"n": int(easy.size), "log_odds_drop": float(easy.mean()),
+                        "baseline_log_odds": [float(lo_b[order[drop.size - half]]), float(lo_b[order[-1]])]},
+               "items": {"baseline_log_odds": [round(float(x), 3) for x in lo_b],
+                         "log_odds_drop": [round(float(x), 3) for x in drop]}}
+    if not se > 0:
+        return inconclusive("IV-7", params, "the log-odds drops have no spread: nothing to compare", IV7_TEST, alpha,
+                            int(drop.size), details, min_effect=min_effect, effect_name=name)
+    v1, v2 = hard.var(ddof=1) / hard.size, easy.var(ddof=1) / easy.size
+    df = (v1 + v2) ** 2 / (v1 ** 2 / (hard.size - 1) + v2 ** 2 / (easy.size - 1))
+    t = _sps.t(df)
+    p_sup = float(t.sf(diff / se))
+    p_ref = float(t.cdf((diff - min_effect) / se))
+    q = float(t.ppf(1 - alpha))
+    pw = t_power(hard.size + easy.size, se * math.sqrt(hard.size + easy.size), min_effect, alpha)
+    power = Power(pw, min_effect, pw, 0.0, "noncentral t at the observed spread", "two halves, Welch")
+    status, why = three_way(p_sup, p_ref, alpha, supported_why=f"hard items lose more log-odds (p = {p_sup:.3g})",
+                            refuted_why=f"the difference is < Δ = {min_effect:g} nats (p = {p_ref:.3g})",
+                            neither_why=f"difference > 0 p = {p_sup:.3g}, < Δ = {min_effect:g} p = {p_ref:.3g}")
+    return Verdict(claim="IV-7", params=params, status=status,
+                   reason=f"log-odds drop {hard.mean():+.2f} on hard items vs {easy.mean():+.2f} on easy ones "
+                   f"({drop.size} items correct at baseline); {why}", test=IV7_TEST, statistic=diff / se,
+                   p_value=p_sup, p_adjusted=p_sup, effect=diff, ci=(diff - q * se, diff + q * se),
+                   ci_level=1 - 2 * alpha, n=int(drop.size), alpha=alpha, effect_name=name,
+                   details={**details, "p_refute": p_ref}, min_effect=min_effect, power=power.to_dict())
+
+
+# ------------------------------------------------------------------------------------------ ID-2, IV-6
+
+
+def ratio_rule(claim: str, ratios: np.ndarray, *, support_ratio: float, refute_ratio: float, alpha: float = 0.05,
+               params: dict | None = None, test: str, effect_name: str, describe: str,
+               details: dict | None = None) -> Verdict:
+    """Ratios (attention or attribution mass per needle token over uniform): one-sided Wilcoxon
+    signed-rank tests on log(ratio), > log(support_ratio) supports, < log(refute_ratio) refutes."""
+    from rh.stats import min_attainable_p_wilcoxon
+
+    r = np.maximum(np.asarray(ratios, float), 1e-12)
+    params = dict(params or {})
+    n = r.size
+    logs = np.log(r)
+    details = {**(details or {}), "ratios": [round(float(x), 3) for x in r]}
+    if min_attainable_p_wilcoxon(n) >= alpha:
+        return inconclusive(claim, params, f"{n} prompts cannot reach p < {alpha} with a signed-rank test; use more",
+                            test, alpha, n, details, min_effect=refute_ratio, effect_name=effect_name)
+    med = float(np.median(r))
+
+    def wil(x, alt):
+        x = x[x != 0]
+        return 1.0 if x.size == 0 else float(_sps.wilcoxon(x, alternative=alt).pvalue)
+
+    p_sup = wil(logs - math.log(support_ratio), "greater")
+    p_ref = wil(logs - math.log(refute_ratio), "less")
+    sd = float(logs.std(ddof=1)) if n > 1 else math.nan
+    sa = math.log(refute_ratio) if refute_ratio > support_ratio else math.log(2 * support_ratio)
+    power = Power(t_power(n, sd, sa - math.log(support_ratio), alpha), math.exp(sa),
+                  t_power(n, sd, math.log(refute_ratio), alpha), 1.0, "noncentral t on log ratios at the observed spread",
+                  "approximates the signed-rank test; effects as ratios")
+    ci = bootstrap_ci(logs, np.median, n_boot=2000, level=1 - 2 * alpha, seed=0)
+    status, why = three_way(p_sup, p_ref, alpha, supported_why=f"the ratio is > {support_ratio:g} (p = {p_sup:.3g})",
+                            refuted_why=f"the ratio is < Δ = {refute_ratio:g} (p = {p_ref:.3g})",
+                            neither_why=(f"neither > {support_ratio:g} (p = {p_sup:.3g}) nor < {refute_ratio:g} "
+                                         f"(p = {p_ref:.3g}) is shown"))
+    return Verdict(claim=claim, params=params, status=status, reason=f"{describe}: median {med:.2f}x over {n}; {why}",
+                   test=test, statistic=med, p_value=p_sup, p_adjusted=p_sup, effect=float(np.log(med)), ci=ci,
+                   ci_level=1 - 2 * alpha, n=n, alpha=alpha, effect_name=effect_name,
+                   details={**details, "median_ratio": med, "p_refute": p_ref}, min_effect=refute_ratio,
+                   power=power.to_dict())
+
+
+# ------------------------------------------------------------------------------------------ ID-5
+
+ID5_TEST = ("per-head intersection-union test on fresh validation prompts: a candidate (in every task's top K on the "
+            "identification split) is general when one-sided signed-rank tests show its needle mass per token above "
+            "`ratio` x uniform in every task (p = the largest), Holm over candidates; valid whatever the dependence "
+            "between tasks that share windows")
+
+
+def general_heads_rule(ratios: Mapping[str, np.ndarray], candidates: Sequence[str], *, ratio: float = 10.0,
+                       alpha: float = 0.05, accuracy: Mapping[str, float] | None = None, baseline_floor: float = 0.5,
+                       k: int = 10, extra_details: dict | None = None) -> Verdict:
+    """ID-5 from ``ratios[task]`` = ``[n_prompts, n_candidates]`` needle-mass ratios of the candidate
+    heads on each task's validation prompts. Supported when at least one candidate is shown above
+    ``ratio`` in every task; refuted when every candidate is shown below it in some task (none of
+    the heads every task ranks high retrieves in all of them); inconclusive otherwise, or when no
+    head is in every top K, or when a task's baseline accuracy is below the floor."""
+    from rh.stats import holm
+
+    tasks = sorted(ratios)
+    params = {"k": k, "tasks": len(tasks)}
+    name = "number of candidates shown general"
+    details = {"candidates": list(candidates), "ratio": ratio, **(extra_details or {}),
+               "task_accuracy": dict(accuracy or {})}
+    if len(tasks) < 2:
+        return inconclusive("ID-5", params, f"general heads need at least two tasks, got {tasks}", ID5_TEST, alpha,
+                            details=details, min_effect=ratio, effect_name=name)
+    low = {t: a for t, a in (accuracy or {}).items() if a < baseline_floor}
+    if accuracy is None or low:
+        return inconclusive("ID-5", params, "the model does not retrieve on " + (
+            ", ".join(f"{t} (accuracy {a:.2f})" for t, a in low.items()) if low else "tasks of unknown accuracy") +
+            f" (floor {baseline_floor:.2f}): a model that retrieves nothing has no retrieval heads to share (a floor)",
+            ID5_TEST, alpha, details=details, min_effect=ratio, effect_name=name)
+    if not candidates:
+        return inconclusive("ID-5", params, f"no head is in the top {k} of every task: there is no candidate to test "
+                            "(an empty intersection is not a test)", ID5_TEST, alpha, details=details,
+                            min_effect=ratio, effect_name=name)
+    lr = math.log(ratio)
+    p_sup, p_ref, med = [], [], []
+    for j in range(len(candidates)):
+        ps, pr, mj = [], [], []
+        for t in tasks:
+            x = np.log(np.maximum(np.asarray(ratios[t], float)[:, j], 1e-12)) - lr
+            x = x[x != 0]
+            ps.append(1.0 if x.size == 0 else float(_sps.wilcoxon(x, alternative="greater").pvalue))
+            pr.append(1.0 if x.size == 0 else float(_sps.wilcoxon(x, alternative="less").pvalue))
+            mj.append(float(np.median(np.asarray(ratios[t], float)[:, j])))
+        p_sup.append(max(ps))  # general = above in every task (intersection-union)
+        p_ref.append(min(1.0, len(tasks) * min(pr)))  # not general = below in some task (Bonferroni over tasks)
+        med.append(mj)
+    adj_s = holm(p_sup)
+    adj_r = max(p_ref)  # refuted only if every candidate is shown not general (intersection-union over heads)
+    general = [c for c, p in zip(candidates, adj_s) if p < alpha]
+    details.update({"per_head": {c: {"p_general": ps, "p_general_adjusted": pa, "p_not_general": pr,
+                                     "median_ratio_per_task": dict(zip(tasks, m))}
+                                 for c, ps, pa, pr, m in zip(candidates, p_sup, adj_s, p_ref, med)},
+                    "general_heads": general})
+    n = min(np.asarray(ratios[t]).shape[0] for t in tasks)
+    status, why = three_way(min(adj_s), adj_r, alpha,
+                            supported_why=f"{len(general)} head(s) retrieve in every task: {', '.join(general)}",
+                            refuted_why=f"every candidate falls below {ratio:g}x in some task (p = {adj_r:.3g})",
+                            neither_why=f"smallest adjusted p for a general head {min(adj_s):.3g}; for none {adj_r:.3g}")
+    return Verdict(claim="ID-5", params=params, status=status,
+                   reason=f"{len(candidates)} head(s) are in the top {k} of all {len(tasks)} tasks ({', '.join(tasks)}): "
+                   f"{', '.join(candidates)}; {why}", test=ID5_TEST, statistic=float(len(general)),
+                   p_value=min(p_sup), p_adjusted=min(adj_s), effect=float(len(general)), ci=None, n=n, alpha=alpha,
+                   effect_name=name, details=details, min_effect=ratio,
+                   power=Power.none("per-head signed-rank tests across tasks; see the calibration").to_dict())
+
+
+# ------------------------------------------------------------------------------------------ ID-3, ID-4
+
+AGREE_TEST = ("random split halves of the prompts: the top-K overlap between the two rankings against each "
+              "ranking's overlap with itself across halves; deficit = self-agreement - cross-agreement (heads); its "
+              "split-to-split quantiles (conservative for the mean) below Δ support, above Δ refute")
+
+
+def _half_means(scores: np.ndarray, weights: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Weighted per-head means over the prompts selected by each row of ``mask`` ``[rounds, n]``."""
+    w = mask * weights[None, :]
+    return (w @ scores) / np.maximum(w.sum(axis=1, keepdims=True), 1e-12)
+
+
+def _topk_sets(means: np.ndarray, k: int) -> np.ndarray:
+    return np.argsort(-means, axis=1, kind="stable")[:, :k]
+
+
+def _overlaps(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.array([np.intersect1d(x, y).size for x, y in zip(a, b)], dtype=float)
+
+
+def _halves(rng: np.random.Generator, n: int, rounds: int) -> np.ndarray:
+    mask = np.zeros((rounds, n))
+    for r in range(rounds):
+        mask[r, rng.permutation(n)[: n // 2]] = 1.0
+    return mask
+
+
+def agreement(claim: str, scores_a: np.ndarray, scores_b: np.ndarray, *, k: int, min_effect: float,
+              same_prompts: bool, weights_a: np.ndarray | None = None, weights_b: np.ndarray | None = None,
+              alpha: float = 0.05, n_boot: int = 400, seed: int = 0, params: dict | None = None, what: str = "",
+              baseline_accuracy: float | None = None, baseline_floor: float = 0.5) -> Verdict:
+    """ID-3 / ID-4: two rankings "agree" when their top-K overlap is as large as each ranking's
+    overlap with itself, within ``min_effect`` heads.
+
+    ``scores_*`` are per-prompt head scores ``[n, ...]``, ``weights_*`` which prompts count (Wu24's
+    ROUGE filter). Each of ``n_boot`` rounds splits the prompts at random into halves H1, H2 (the
+    same split for both methods when ``same_prompts``) and compares like with like: the self-
+    overlaps A(H1)-A(H2), B(H1)-B(H2) and the cross-overlaps A(H1)-B(H2), B(H1)-A(H2), all between
+    halves of independent prompts. Deficit = mean self - mean cross. Supported when the (1 - α)
+    quantile of the deficit over rounds is below Δ, refuted when its α quantile is above Δ."""
+    params = dict(params or {})
+    name = "self-agreement minus cross-agreement of the top K (heads, out of K)"
+    floor = floor_reason(baseline_accuracy, baseline_floor)
+    if floor:
+        return inconclusive(claim, params, floor, AGREE_TEST, alpha, min_effect=min_effect, effect_name=name)
+    A = np.asarray(scores_a, float).reshape(len(scores_a), -1)
+    B = np.asarray(scores_b, float).reshape(len(scores_b), -1)
+    wa = np.ones(len(A)) if weights_a is None else np.asarray(weights_a, float)
+    wb = np.ones(len(B)) if weights_b is None else np.asarray(weights_b, float)
+    if wa.sum() < 8 or wb.sum() < 8:
+        return inconclusive(claim, params, f"too few prompts count ({int(wa.sum())} and {int(wb.sum())}; at least 8 "
+                            "each) to split in halves", AGREE_TEST, alpha, min_effect=min_effect, effect_name=name)
+    if same_prompts and len(A) != len(B):
+        raise ValueError(f"agreement: same_prompts needs as many rows ({len(A)} vs {len(B)})")
+    rng = np.random.default_rng(seed)
+    ha = _halves(rng, len(A), n_boot)
+    hb = ha if same_prompts else _halves(rng, len(B), n_boot)
+    a1, a2 = _topk_sets(_half_means(A, wa, ha), k), _topk_sets(_half_means(A, wa, 1 - ha), k)
+    b1, b2 = _topk_sets(_half_means(B, wb, hb), k), _topk_sets(_half_means(B, wb, 1 - hb), k)
+    self_a, self_b = _overlaps(a1, a2), _overlaps(b1, b2)
+    cross = (_overlaps(a1, b2) + _overlaps(b1, a2)) / 2
+    deficit = (self_a + self_b) / 2 - cross
+    full = np.ones((1, len(A))), np.ones((1, len(B)))
+    observed = int(np.intersect1d(_topk_sets(_half_means(A, wa, full[0]), k)[0],
+                                  _topk_sets(_half_means(B, wb, full[1]), k)[0]).size)
+    chance = k * k / A.shape[1]
+    details_self = {"chance_overlap": chance, "self_overlap_a_low": float(np.quantile(self_a, alpha)),
+                    "self_overlap_b_low": float(np.quantile(self_b, alpha))}
+    if min(details_self["self_overlap_a_low"], details_self["self_overlap_b_low"]) <= chance:
+        return inconclusive(claim, params, (
+            f"{what}: a ranking does not reproduce itself across halves of the prompts beyond chance (self-overlap "
+            f"{self_a.mean():.1f} and {self_b.mean():.1f} of {k}, chance {chance:.2f}): agreement with another ranking "
+            "cannot be judged"), AGREE_TEST, alpha, int(min(wa.sum(), wb.sum())), details_self,
+            min_effect=min_effect, effect_name=name)
+    lo, hi = (float(v) for v in np.quantile(deficit, [alpha, 1 - alpha]))
+    p_sup = float(np.mean(deficit >= min_effect))
+    p_ref = float(np.mean(deficit <= min_effect))
+    eff = float(deficit.mean())
+    details = {"overlap": observed, "self_overlap_a": float(self_a.mean()), "self_overlap_b": float(self_b.mean()),
+               "cross_overlap": float(cross.mean()), "rounds": n_boot, "p_refute": p_ref,
+               "prompts": [int(wa.sum()), int(wb.sum())], **details_self}
+    status, why = three_way(p_sup, p_ref, alpha,
+                            supported_why=f"they agree as well as each agrees with itself, within Δ = {min_effect:g} heads",
+                            refuted_why=f"they agree less than each agrees with itself, by more than Δ = {min_effect:g}",
+                            neither_why=f"the deficit's bounds [{lo:.2f}, {hi:.2f}] straddle Δ = {min_effect:g}")
+    return Verdict(claim=claim, params=params, status=status,
+                   reason=(f"{what}: {observed} of the top {k} heads shared; across halves of the prompts each ranking "
+                           f"shares {self_a.mean():.1f} and {self_b.mean():.1f} with itself and {cross.mean():.1f} with "
+                           f"the other; {why}"), test=AGREE_TEST, statistic=eff, p_value=p_sup, p_adjusted=p_sup,
+                   effect=eff, ci=(lo, hi), ci_level=1 - 2 * alpha, n=int(min(wa.sum(), wb.sum())), alpha=alpha,
+                   effect_name=name, details=details, min_effect=min_effect,
+                   power=Power.none("split-half rule; its error rates are measured in rh.rules.calibration").to_dict())

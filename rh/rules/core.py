@@ -1,0 +1,144 @@
+"""The three-way rule every verdict follows (CLAIMS.md, "How every claim is decided").
+
+A claim's effect θ is oriented by the claim. The claim either says θ exceeds a bound
+(``direction="greater"``: "the drop is above 0", "above 10 points") or stays under one
+(``direction="less"``: "the loss stays under the margin"). Two one-sided tests decide it:
+
+- **supported** when the test of the claimed direction rejects at α (family-corrected):
+  H0 θ <= ``support_bound`` (greater) or θ >= ``support_bound`` (less);
+- **refuted** when the test that the effect falls short of the smallest effect of interest Δ
+  (``refute_bound``) rejects at α: H0 θ >= Δ (greater) or θ <= Δ (less). For a "drop > 0" claim
+  Δ > 0 is the smallest drop that would matter; for a threshold claim ("> 10 points") Δ is the
+  threshold itself; for a "keeps accuracy" claim the mirror image;
+- **inconclusive** otherwise, with the reason. No path turns "not significant" into refuted.
+
+``support_bound <= refute_bound`` (greater) makes the two rejections exclusive for any pair of
+valid level-α tests evaluated on the same data and at most one can fire.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
+
+import numpy as np
+from scipy import stats as _sps
+
+from rh.stats import holm
+
+__all__ = ["Power", "Bounds", "three_way", "holm_pairs", "TTestResult", "t_test", "t_power"]
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The two boundaries of a claim's effect. ``min_effect`` is Δ, what the verdict reports."""
+
+    direction: str  # "greater": the claim says θ > support_bound; "less": θ < support_bound
+    support_bound: float
+    refute_bound: float
+
+    def __post_init__(self) -> None:
+        if self.direction not in ("greater", "less"):
+            raise ValueError(f"Bounds.direction must be 'greater' or 'less', got {self.direction!r}")
+        ok = self.support_bound <= self.refute_bound if self.direction == "greater" else (
+            self.support_bound >= self.refute_bound)
+        if not ok:
+            raise ValueError(f"Bounds: for direction {self.direction!r} the refutation boundary {self.refute_bound} "
+                             f"must lie beyond the support boundary {self.support_bound} in the claimed direction, "
+                             "or support and refutation could both be declared")
+
+    @property
+    def min_effect(self) -> float:
+        return float(self.refute_bound)
+
+
+@dataclass(frozen=True)
+class Power:
+    """Power of a rule at the sizes used: P(supported | θ = support_at), P(refuted | θ = refute_at)."""
+
+    support: float | None
+    support_at: float | None
+    refute: float | None
+    refute_at: float | None
+    method: str
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        for k in ("support", "refute", "support_at", "refute_at"):
+            if out[k] is not None:
+                out[k] = round(float(out[k]), 4)
+        return out
+
+    @classmethod
+    def none(cls, why: str) -> Power:
+        """A claim with no statistical test (an exact identity, a missing model): power is not defined."""
+        return cls(None, None, None, None, "none", why)
+
+
+def three_way(p_support: float | None, p_refute: float | None, alpha: float, *, supported_why: str,
+              refuted_why: str, neither_why: str) -> tuple[str, str]:
+    """``(status, reason)`` from the two family-corrected p-values (None: that test was not run)."""
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"three_way: alpha must lie in (0, 1), got {alpha!r}")
+    sup = p_support is not None and p_support < alpha
+    ref = p_refute is not None and p_refute < alpha
+    if sup and ref:  # cannot happen with valid tests and ordered bounds; never pick one silently
+        return "inconclusive", (f"both the claimed direction (p = {p_support:.3g}) and the shortfall "
+                                f"(p = {p_refute:.3g}) reject: the tests disagree, so nothing is decided")
+    if sup:
+        return "supported", supported_why
+    if ref:
+        return "refuted", refuted_why
+    return "inconclusive", neither_why
+
+
+def holm_pairs(p_support: dict, p_refute: dict) -> tuple[dict, dict]:
+    """Holm within the family, separately for the support and the refutation p-values."""
+    ks = list(p_support)
+    adj_s = dict(zip(ks, holm([p_support[k] for k in ks]))) if ks else {}
+    kr = list(p_refute)
+    adj_r = dict(zip(kr, holm([p_refute[k] for k in kr]))) if kr else {}
+    return adj_s, adj_r
+
+
+class TTestResult(NamedTuple):
+    """One-sample one-sided t tests of a mean against two bounds, scipy-style fields."""
+
+    mean: float
+    sd: float
+    n: int
+    pvalue_greater: float  # H0 mean <= bound_greater
+    pvalue_less: float  # H0 mean >= bound_less
+    ci: tuple[float, float]  # one-sided (1 - alpha) lower and upper bounds
+
+
+def t_test(x, bound_greater: float, bound_less: float, *, alpha: float = 0.05) -> TTestResult:
+    """Student's t tests of the mean of ``x`` (continuous per-sample effects, e.g. log-probability
+    drops): one of H0 mean <= ``bound_greater``, one of H0 mean >= ``bound_less``. A constant
+    sample has no spread to estimate: both p are 1 (nothing is decided from it)."""
+    v = np.asarray(x, dtype=float).ravel()
+    v = v[np.isfinite(v)]
+    n = v.size
+    if n < 2:
+        return TTestResult(float(v.mean()) if n else math.nan, math.nan, n, 1.0, 1.0, (-math.inf, math.inf))
+    mean, sd = float(v.mean()), float(v.std(ddof=1))
+    if sd == 0:
+        return TTestResult(mean, 0.0, n, 1.0, 1.0, (mean, mean))
+    se = sd / math.sqrt(n)
+    t = _sps.t(n - 1)
+    pg = float(t.sf((mean - bound_greater) / se))
+    pl = float(t.cdf((mean - bound_less) / se))
+    q = float(t.ppf(1 - alpha))
+    return TTestResult(mean, sd, n, pg, pl, (mean - q * se, mean + q * se))
+
+
+def t_power(n: int, sd: float, distance: float, alpha: float) -> float | None:
+    """Power of a one-sided one-sample t test at level ``alpha`` when the true mean lies ``distance``
+    beyond the null boundary, spread ``sd`` (noncentral t). None when sd is unknown."""
+    if n < 2 or not (sd > 0) or not math.isfinite(sd):
+        return None
+    df = n - 1
+    crit = _sps.t.ppf(1 - alpha, df)
+    return float(_sps.nct.sf(crit, df, distance / (sd / math.sqrt(n))))

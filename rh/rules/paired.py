@@ -1,0 +1,231 @@
+"""The three-way rule on paired 0/1 outcomes (accuracy before and after an intervention).
+
+Used by CA-3, CA-4, CA-6, IV-1, IV-3 and IV-4, and for CA-1's refutation. Per item the change is
+``before - after`` in {-1, 0, +1} (+1: right before, wrong after); θ is its mean, the accuracy
+drop. Both one-sided tests are the exact unconditional test of :func:`rh.stats.margin_test`
+(trinomial counts ordered by Tango's score), so the size is at most α for every nuisance value.
+
+Power is computed exactly: the p-value of every possible outcome ``(b, c)`` of ``n`` items is
+tabulated once and summed under a planted trinomial with a background flip rate of
+:data:`FLIP_RATE` each way (the items that change with no net effect).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Mapping
+
+import numpy as np
+from scipy.special import gammaln, xlogy
+
+from rh.rules.core import Bounds, Power, holm_pairs, three_way
+from rh.stats import Verdict, _ni_exact_p, _tango_z, margin_test
+
+__all__ = ["FLIP_RATE", "p_table", "paired_power", "paired_family", "paired_tests"]
+
+FLIP_RATE = 0.02  # items that flip each way with no net change, assumed by the power figures
+_GRID = 129
+
+
+@functools.lru_cache(maxsize=64)
+def p_table(n: int, bound: float) -> np.ndarray:
+    """Exact p of H0 θ <= ``bound`` (against θ > bound) for every outcome: ``[b, c]`` grid, b = +1
+    changes, c = -1 changes (NaN where b + c > n). The region of an outcome is every outcome whose
+    monotone Tango statistic is at least as large; p is its largest probability on the null boundary."""
+    b = np.arange(n + 1)[:, None].astype(float) * np.ones((1, n + 1))
+    c = np.ones((n + 1, 1)) * np.arange(n + 1)[None, :].astype(float)
+    valid = b + c <= n
+    n0 = np.where(valid, n - b - c, 0.0)
+    logcoef = np.where(valid, gammaln(n + 1) - gammaln(b + 1) - gammaln(c + 1) - gammaln(n0 + 1), -np.inf)
+    z = np.where(valid, _tango_z(b, c, n, bound), -np.inf)
+    z = np.maximum.accumulate(z, axis=0)
+    z = np.flip(np.maximum.accumulate(np.flip(z, axis=1), axis=1), axis=1)
+    vb, vc, vn0, vlog, vz = b[valid], c[valid], n0[valid], logcoef[valid], z[valid]
+    order = np.argsort(-vz, kind="stable")
+    zs = vz[order]
+    # last index of each tie group of z (an outcome's region includes its ties)
+    last = np.searchsorted(-zs, -zs + 1e-9 * np.maximum(1.0, np.abs(zs)), side="right") - 1
+    s_lo, s_hi = max(0.0, -bound), (1.0 - bound) / 2.0
+    best = np.zeros(zs.size)
+    for s in np.linspace(s_lo, s_hi, _GRID):
+        pp, pm, p0 = min(max(s + bound, 0.0), 1.0), s, min(max(1.0 - 2.0 * s - bound, 0.0), 1.0)
+        logp = vlog + xlogy(vb, pp) + xlogy(vc, pm) + xlogy(vn0, p0)
+        cum = np.cumsum(np.exp(logp[order]))
+        best = np.maximum(best, cum[last])
+    out = np.full((n + 1, n + 1), np.nan)
+    flat = np.empty(zs.size)
+    flat[order] = np.minimum(best, 1.0)
+    out[valid] = flat
+    return out
+
+
+def _p_less_table(n: int, bound: float) -> np.ndarray:
+    """p of H0 θ >= bound for every outcome: the mirror image (swap b and c, negate the bound)."""
+    return p_table(n, -bound).T
+
+
+def paired_power(n: int, theta: float, bound: float, alternative: str, alpha: float,
+                 flip: float = FLIP_RATE) -> float:
+    """Exact probability that the one-sided test at ``bound`` rejects at ``alpha`` when the true drop
+    is ``theta`` and ``flip`` of the items change each way on top of it."""
+    if n < 1:
+        return 0.0
+    pp, pm = flip + max(theta, 0.0), flip + max(-theta, 0.0)
+    p0 = 1.0 - pp - pm
+    if p0 < 0:
+        raise ValueError(f"paired_power: theta={theta} with flip rate {flip} is not a distribution")
+    table = p_table(n, bound) if alternative == "greater" else _p_less_table(n, bound)
+    b = np.arange(n + 1)[:, None] * np.ones((1, n + 1))
+    c = np.ones((n + 1, 1)) * np.arange(n + 1)[None, :]
+    valid = b + c <= n
+    n0 = np.where(valid, n - b - c, 0)
+    logp = np.where(valid, gammaln(n + 1) - gammaln(b + 1) - gammaln(c + 1) - gammaln(n0 + 1)
+                    + xlogy(b, pp) + xlogy(c, pm) + xlogy(n0, p0), -np.inf)
+    reject = valid & (np.nan_to_num(table, nan=1.0) < alpha)
+    return float(np.exp(logp[reject]).sum())
+
+
+_CI = {"on": True}  # the calibration turns the confidence bounds off: only the decisions are simulated
+
+
+@contextlib.contextmanager
+def decisions_only():
+    """Within this block paired verdicts carry no confidence bounds (the bisection that inverts the
+    exact test is the slow part); decisions and p-values are unchanged."""
+    old = _CI["on"]
+    _CI["on"] = False
+    try:
+        yield
+    finally:
+        _CI["on"] = old
+
+
+@functools.lru_cache(maxsize=65536)
+def _counts_ci(b: int, c: int, n: int) -> tuple[float, float]:
+    """One-sided 95% bounds of :func:`rh.stats.margin_test` on counts (outcomes recur)."""
+    diffs = np.array([1.0] * b + [-1.0] * c + [0.0] * (n - b - c))
+    return margin_test(diffs, 0.0)[1]
+
+
+def _counts_test(b: int, c: int, n: int, bound: float, alternative: str) -> float:
+    """The exact p of H0 θ <= bound ("greater") or θ >= bound ("less") from the tabulated test."""
+    table = p_table(n, bound) if alternative == "greater" else _p_less_table(n, bound)
+    return float(table[b, c])
+
+
+def paired_p(diffs: np.ndarray, bound: float, alternative: str) -> float:
+    """The exact p of H0 θ <= bound ("greater") or θ >= bound ("less") on changes in {-1, 0, +1}."""
+    x = np.asarray(diffs, float)
+    return _counts_test(int((x > 0).sum()), int((x < 0).sum()), int(x.size), float(bound), alternative)
+
+
+def paired_ci(diffs: np.ndarray) -> tuple[float, float]:
+    """One-sided 95% lower and upper bounds of the mean change (a 90% interval); NaN inside
+    :func:`decisions_only`."""
+    x = np.asarray(diffs, float)
+    if not _CI["on"]:
+        return float("nan"), float("nan")
+    return _counts_ci(int((x > 0).sum()), int((x < 0).sum()), int(x.size))
+
+
+def paired_tests(diffs: np.ndarray, bounds: Bounds) -> tuple[float, float, tuple[float, float], float]:
+    """``(p_support, p_refute, (lo, hi), mean)`` on per-item changes in {-1, 0, +1}."""
+    x = np.asarray(diffs, float)
+    if not np.isin(x, (-1.0, 0.0, 1.0)).all():
+        raise ValueError("paired_tests: changes must be differences of paired 0/1 outcomes (values -1, 0, +1)")
+    b, c, n = int((x > 0).sum()), int((x < 0).sum()), int(x.size)
+    sup_alt, ref_alt = ("greater", "less") if bounds.direction == "greater" else ("less", "greater")
+    p_sup = _counts_test(b, c, n, float(bounds.support_bound), sup_alt)
+    p_ref = _counts_test(b, c, n, float(bounds.refute_bound), ref_alt)
+    ci = _counts_ci(b, c, n) if _CI["on"] else (float("nan"), float("nan"))
+    return p_sup, p_ref, ci, float(x.mean())
+
+
+def rule_power(n: int, bounds: Bounds, alpha: float, *, support_at: float | None = None,
+               refute_at: float | None = None) -> Power:
+    """Power of the paired rule at ``n`` items and the family's first Holm threshold ``alpha``.
+
+    Support is planted at Δ for "drop > 0" claims (at twice the threshold for threshold claims,
+    at no loss for "keeps" claims); refutation at zero effect (at twice the margin for "keeps")."""
+    if bounds.direction == "greater":
+        sa = support_at if support_at is not None else (
+            bounds.refute_bound if bounds.refute_bound > bounds.support_bound else 2 * bounds.support_bound)
+        ra = 0.0 if refute_at is None else refute_at
+        ps = paired_power(n, sa, bounds.support_bound, "greater", alpha)
+        pr = paired_power(n, ra, bounds.refute_bound, "less", alpha)
+    else:
+        sa = 0.0 if support_at is None else support_at
+        ra = refute_at if refute_at is not None else min(2 * bounds.refute_bound, 0.98 - 2 * FLIP_RATE)
+        ps = paired_power(n, sa, bounds.support_bound, "less", alpha)
+        pr = paired_power(n, ra, bounds.refute_bound, "greater", alpha)
+    return Power(ps, sa, pr, ra, "exact", f"n = {n}, level {alpha:.3g}, {FLIP_RATE:.0%} of items flipping "
+                 "each way besides the effect")
+
+
+def paired_family(claim: str, groups: Mapping, *, param: str, bounds: Bounds | Mapping, alpha: float,
+                  baseline_floor: float, test: str, effect_name: str, describe, extra_params: dict | None = None,
+                  extra_details: Mapping | None = None, min_effect: float | None = None) -> dict:
+    """One verdict per group from ``groups[g] = (before, after)`` (0/1 arrays, paired), Holm across
+    the groups for the support and the refutation p-values separately.
+
+    Inconclusive (named) when the baseline is below ``baseline_floor``: with no retrieval there is no
+    room for a drop (a floor), and "keeps accuracy" is empty. ``describe(g, before, after)`` gives
+    the reason's opening words."""
+    rows, reasons = {}, {}
+    for g, (before, after) in groups.items():
+        before, after = np.asarray(before, float), np.asarray(after, float)
+        diffs = before - after
+        if len(diffs) == 0:
+            reasons[g] = "no items"
+            rows[g] = (before, after, None)
+            continue
+        rows[g] = (before, after, paired_tests(diffs, bounds[g] if isinstance(bounds, Mapping) else bounds))
+        if before.mean() < baseline_floor:
+            reasons[g] = (f"baseline accuracy {before.mean():.2f} is below the floor {baseline_floor:.2f}: "
+                          "there is no retrieval for the intervention to change (a floor)")
+    bmap = bounds if isinstance(bounds, Mapping) else {g: bounds for g in rows}
+    testable = [g for g in rows if g not in reasons]
+    adj_s, adj_r = holm_pairs({g: rows[g][2][0] for g in testable}, {g: rows[g][2][1] for g in testable})
+    m = max(len(testable), 1)
+    out = {}
+    for g, (before, after, res) in rows.items():
+        n = len(before)
+        bounds_g = bmap[g]
+        power = rule_power(n, bounds_g, alpha / m) if n else None
+        params = {param: g, **(extra_params or {})}
+        details = {"baseline_accuracy": float(before.mean()) if n else None,
+                   "after_accuracy": float(after.mean()) if n else None,
+                   "right_to_wrong": int(((before == 1) & (after == 0)).sum()),
+                   "wrong_to_right": int(((before == 0) & (after == 1)).sum()),
+                   **dict((extra_details or {}).get(g, {}))}
+        common = dict(claim=claim, params=params, test=test, n=n, alpha=alpha, effect_name=effect_name,
+                      min_effect=bounds_g.min_effect if min_effect is None else min_effect,
+                      power=power.to_dict() if power else None)
+        if g in reasons:
+            out[g] = Verdict(status="inconclusive", reason=reasons[g], statistic=None, p_value=None,
+                             p_adjusted=None, effect=None if res is None else res[3],
+                             ci=None if res is None else res[2], ci_level=0.90, details=details, **common)
+            continue
+        p_sup, p_ref, ci, mean = res
+        bounds = bounds_g
+        side = ">" if bounds.direction == "greater" else "<"
+        away = "<" if bounds.direction == "greater" else ">"
+        status, why = three_way(
+            adj_s[g], adj_r[g], alpha,
+            supported_why=f"the effect is {side} {bounds.support_bound:g} (adjusted p = {adj_s[g]:.3g})",
+            refuted_why=f"the effect is {away} Δ = {bounds.refute_bound:g} (adjusted p = {adj_r[g]:.3g})",
+            neither_why=(f"neither {side} {bounds.support_bound:g} (adjusted p = {adj_s[g]:.3g}) nor {away} Δ = "
+                         f"{bounds.refute_bound:g} (adjusted p = {adj_r[g]:.3g}) is shown; power to support "
+                         f"{power.support:.2f}, to refute {power.refute:.2f} at n = {n}"))
+        out[g] = Verdict(status=status, reason=f"{describe(g, before, after)} (effect {mean:+.3f}, one-sided "
+                         f"95% bounds [{ci[0]:+.3f}, {ci[1]:+.3f}]); {why}", statistic=mean,
+                         p_value=p_sup, p_adjusted=adj_s[g], effect=mean, ci=ci, ci_level=0.90,
+                         details={**details, "p_refute": p_ref, "p_refute_adjusted": adj_r[g]}, **common)
+    return out
+
+
+def exact_p_check(b: int, c: int, n: int, bound: float) -> tuple[float, float]:
+    """The tabulated p and :func:`rh.stats._ni_exact_p`'s for one outcome (they differ only by the
+    nuisance grid); for tests."""
+    return float(p_table(n, bound)[b, c]), _ni_exact_p(b, c, n, bound)

@@ -1,0 +1,284 @@
+"""The three-way rule, family by family (rh.rules): too little data gives *inconclusive*, never
+refuted; an effect below Δ with enough data gives *refuted*; an effect above Δ gives *supported*.
+Power figures are checked against an independent Monte-Carlo of the real tests."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from rh.causal import NecessityOutcomes
+from rh.rules import Bounds, paired_power, three_way
+from rh.rules.claims import (
+    agreement,
+    difficulty,
+    dose_response,
+    drop_family,
+    general_heads_rule,
+    incremental,
+    inverse,
+    necessity,
+    override,
+    position,
+    ratio_rule,
+    transplant,
+)
+from rh.rules.paired import exact_p_check, p_table
+from rh.stats import Verdict, _ni_exact_p
+
+pytestmark = pytest.mark.unit
+
+
+def _pairs(n: int, lost: int, gained: int = 0, base_acc: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """n items, the first ``round(base_acc n)`` right at baseline; ``lost`` of them wrong after,
+    ``gained`` of the wrong ones right after."""
+    right = int(round(base_acc * n))
+    base = np.r_[np.ones(right), np.zeros(n - right)]
+    after = base.copy()
+    after[:lost] = 0
+    after[right:right + gained] = 1
+    return base, after
+
+
+# ------------------------------------------------------------------------------------ the rule
+
+
+def test_three_way_never_turns_not_significant_into_refuted():
+    assert three_way(0.2, 0.3, 0.05, supported_why="s", refuted_why="r", neither_why="n") == ("inconclusive", "n")
+    assert three_way(0.01, 0.9, 0.05, supported_why="s", refuted_why="r", neither_why="n")[0] == "supported"
+    assert three_way(0.9, 0.01, 0.05, supported_why="s", refuted_why="r", neither_why="n")[0] == "refuted"
+    assert three_way(None, None, 0.05, supported_why="s", refuted_why="r", neither_why="n")[0] == "inconclusive"
+    assert three_way(0.01, 0.01, 0.05, supported_why="s", refuted_why="r", neither_why="n")[0] == "inconclusive"
+
+
+def test_bounds_refuse_a_refutation_boundary_inside_the_claim():
+    with pytest.raises(ValueError, match="refutation boundary"):
+        Bounds("greater", 0.2, 0.1)
+    with pytest.raises(ValueError, match="refutation boundary"):
+        Bounds("less", 0.1, 0.2)
+
+
+def test_the_tabulated_exact_test_is_the_stats_module_test():
+    """Power and decisions use the table; it must be the same test as rh.stats.margin_test."""
+    for n, bound in ((12, 0.0), (16, 0.2), (30, -0.1)):
+        for b in range(0, n + 1, 2):
+            for c in range(0, n + 1 - b, 3):
+                tab, direct = exact_p_check(b, c, n, bound)
+                assert tab == pytest.approx(direct, abs=2e-3), (n, bound, b, c)
+    assert np.isnan(p_table(5, 0.0)[4, 4])  # b + c > n is no outcome
+
+
+def test_exact_power_matches_a_monte_carlo_of_the_real_test():
+    rng = np.random.default_rng(0)
+    n, theta, alpha, flip = 24, 0.3, 0.05, 0.02
+    hits = 0
+    reps = 1500
+    for _ in range(reps):
+        u = rng.random(n)
+        b, c = int((u < theta + flip).sum()), int(((u >= theta + flip) & (u < theta + 2 * flip)).sum())
+        hits += _ni_exact_p(b, c, n, 0.0) < alpha  # the test margin_test runs, not the table
+    mc = hits / reps
+    assert paired_power(n, theta, 0.0, "greater", alpha, flip) == pytest.approx(mc, abs=4 * math.sqrt(mc * (1 - mc) / reps))
+
+
+# ------------------------------------------------------------------------------------ paired families
+
+
+@pytest.mark.parametrize("fn", ["drop", "incremental"])
+def test_paired_drop_claims_three_ways(fn):
+    def run(base, after):
+        if fn == "drop":
+            return drop_family("CA-6", {"d": (base, after)}, param="depth", n_heads=3, min_drop=0.2)["d"]
+        return incremental(base, {1: after}, ["L0H0"], min_drop=0.1)[1]
+
+    few = run(*_pairs(6, 1))  # 6 items: a drop of 1/6 proves nothing either way
+    assert few.inconclusive and "neither" in few.reason and few.power["support"] < 0.8
+    assert run(*_pairs(200, 2)).refuted  # a 1-point drop on 200 items: below Δ
+    assert run(*_pairs(200, 100)).supported  # a 50-point drop
+    v = run(*_pairs(200, 100))
+    assert v.min_effect == (0.2 if fn == "drop" else 0.1) and 0 < v.power["support"] <= 1
+    assert v.ci[0] <= v.effect <= v.ci[1] and v.ci_level == 0.90
+
+
+def test_a_floor_is_inconclusive_and_named():
+    v = drop_family("CA-4", {"t": _pairs(200, 0, base_acc=0.1)}, param="task", n_heads=3)["t"]
+    assert v.inconclusive and "floor" in v.reason
+
+
+def test_keep_accuracy_claims_are_the_mirror_image():
+    def ca3(base, after):
+        return inverse(base, {10: after}, [10], margin=0.1)[10]
+
+    assert ca3(*_pairs(10, 0)).inconclusive  # no change, but 10 items cannot show it
+    assert ca3(*_pairs(300, 3)).supported  # a 1-point loss on 300 items: within the margin
+    assert ca3(*_pairs(300, 150)).refuted  # a 50-point loss: accuracy is not kept
+    hub = override(*_pairs(300, 3)[:1], {"hub": _pairs(300, 3)[1]}, keep=0.9)["hub"]
+    assert hub.supported and hub.min_effect == pytest.approx(0.1)
+
+
+def test_iv2_needs_all_three_arms_and_refutes_only_on_a_shown_shortfall():
+    base, hub = _pairs(200, 100)
+    _, other = _pairs(200, 1)
+    assert position(base, hub, other).supported
+    _, small_hub = _pairs(200, 2)
+    assert position(base, small_hub, other).refuted  # the hub drop is shown below 10 points
+    b, h = _pairs(12, 6)
+    assert position(b, h, _pairs(12, 0)[1]).inconclusive  # 12 items cannot show "< 5 points"
+
+
+def test_iv4_keeps_the_function_or_not():
+    base, abl = _pairs(300, 150)
+    assert transplant(base, abl, _pairs(300, 5)[1]).supported
+    assert transplant(base, abl, _pairs(300, 140)[1]).refuted
+    assert transplant(base, base, base).inconclusive  # ablating does not hurt: no function to keep
+
+
+# ------------------------------------------------------------------------------------ CA-1, CA-2
+
+
+def _outcomes(k: int, n: int, top_lost: int, rand_lost: int, draws: int = 49) -> NecessityOutcomes:
+    base = np.ones(n)
+    top = base.copy()
+    top[:top_lost] = 0
+    rand = np.ones((draws, n))
+    rng = np.random.default_rng(k)
+    for d in range(draws):
+        rand[d, rng.choice(n, rand_lost, replace=False)] = 0
+    z = np.zeros(n)
+    return NecessityOutcomes(k, [], [], base, z, top, z, rand, np.zeros((draws, n)), None)
+
+
+def test_ca1_three_ways():
+    sup = necessity([_outcomes(10, 60, 40, 1)], min_gap=0.2, n_boot=100)[10]
+    assert sup.supported and sup.min_effect == 0.2
+    ref = necessity([_outcomes(10, 300, 3, 2)], min_gap=0.2, n_boot=100)[10]
+    assert ref.refuted, ref.reason
+    few = necessity([_outcomes(10, 6, 1, 1)], min_gap=0.2, n_boot=100)[10]
+    assert few.inconclusive
+
+
+def test_ca1_ceiling_and_per_k_draws():
+    ceiling = necessity([_outcomes(10, 60, 60, 55)], min_gap=0.2, n_boot=100)[10]
+    assert ceiling.inconclusive and "ceiling" in ceiling.reason
+    # the draws check reads each K's own draws (a K with 3 draws is inconclusive, not refuted)
+    v = necessity([_outcomes(10, 300, 3, 2, draws=3), _outcomes(20, 300, 3, 2, draws=49)], min_gap=0.2, n_boot=50)
+    assert v[10].inconclusive and "draws" in v[10].reason
+    assert v[20].status != "inconclusive" or "draws" not in v[20].reason
+
+
+def _ca1(status: str) -> dict:
+    return {k: Verdict(claim="CA-1", params={"k": k}, status=status, reason="", test="", statistic=None,
+                       p_value=None, p_adjusted=None, effect=0.3, ci=None) for k in (10, 20)}
+
+
+def test_ca2_three_ways_on_log_probability():
+    rng = np.random.default_rng(0)
+    n, levels = 60, [5, 10, 20, 40]
+    base = np.full(n, -0.1)
+    growing = {k: base - (1 + 0.1 * k + rng.normal(0, 0.5, n)) for k in levels}
+    flat = {k: base - (2 + rng.normal(0, 0.5, n)) for k in levels}
+    assert dose_response(base, growing, _ca1("supported"), min_growth=1.0, baseline_accuracy=0.9).supported
+    assert dose_response(base, flat, _ca1("supported"), min_growth=1.0, baseline_accuracy=0.9).refuted
+    two = {k: growing[k] for k in levels[:2]}
+    assert "three" in dose_response(base, two, _ca1("supported"), baseline_accuracy=0.9).reason
+    # a ceiling in accuracy is not a ceiling in log-probability: a trend still shows
+    assert not dose_response(base, growing, _ca1("inconclusive"), baseline_accuracy=0.9).supported
+
+
+# ------------------------------------------------------------------------------------ IV-7
+
+
+def _strata(n: int, extra_on_hard: float, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    lp = -np.exp(rng.uniform(-4, 0, n))  # answer log-prob at baseline, all correct
+    from rh.rules.claims import log_odds
+
+    lo = log_odds(lp)
+    hard = lo < np.median(lo)
+    new_lo = lo - 1.5 - extra_on_hard * hard - rng.normal(0, 0.3, n)
+    new_lp = -np.log1p(np.exp(-new_lo))
+    return np.ones(n), lp, new_lp
+
+
+def test_iv7_a_uniform_shift_is_not_an_interaction():
+    assert difficulty(*_strata(200, 0.0)).refuted  # same log-odds drop everywhere: below Δ
+    assert difficulty(*_strata(200, 2.0)).supported
+    assert difficulty(*_strata(6, 2.0)).inconclusive
+
+
+# ------------------------------------------------------------------------------------ ratios, ID-5, agreement
+
+
+def test_ratio_rule_three_ways():
+    rng = np.random.default_rng(1)
+    kw = dict(support_ratio=10.0, refute_ratio=10.0, test="", effect_name="", describe="")
+    assert ratio_rule("ID-2", np.exp(rng.normal(np.log(40), 0.5, 30)), **kw).supported
+    assert ratio_rule("ID-2", np.exp(rng.normal(np.log(2), 0.5, 30)), **kw).refuted
+    assert ratio_rule("ID-2", np.exp(rng.normal(np.log(40), 0.5, 4)), **kw).inconclusive
+
+
+def test_id5_per_head_tests_across_tasks():
+    rng = np.random.default_rng(2)
+    acc = {"a": 0.9, "b": 0.9}
+    good = {t: np.exp(rng.normal(np.log(50), 0.5, (30, 2))) for t in acc}
+    assert general_heads_rule(good, ["L1H1", "L2H2"], ratio=10, accuracy=acc).supported
+    bad = {"a": good["a"], "b": np.exp(rng.normal(np.log(1), 0.5, (30, 2)))}  # not retrieving in task b
+    assert general_heads_rule(bad, ["L1H1", "L2H2"], ratio=10, accuracy=acc).refuted
+    floor = general_heads_rule(good, ["L1H1"], ratio=10, accuracy={"a": 0.0, "b": 0.9})
+    assert floor.inconclusive and "floor" in floor.reason
+    empty = general_heads_rule({t: np.zeros((30, 0)) for t in acc}, [], ratio=10, accuracy=acc)
+    assert empty.inconclusive and "no head" in empty.reason
+
+
+def test_agreement_against_self_agreement():
+    rng = np.random.default_rng(3)
+    n, heads, k = 40, 100, 10
+    mu = np.r_[np.linspace(6, 4, k), np.zeros(heads - k)]
+    A = mu + rng.normal(0, 1, (n, heads))
+    B = mu + rng.normal(0, 1, (n, heads))
+    same = agreement("ID-4", A, B, k=k, min_effect=2, same_prompts=True, baseline_accuracy=0.9, n_boot=200)
+    assert same.supported, same.reason
+    C = np.r_[np.zeros(heads - k), np.linspace(6, 4, k)] + rng.normal(0, 1, (n, heads))
+    assert agreement("ID-4", A, C, k=k, min_effect=2, same_prompts=True, baseline_accuracy=0.9, n_boot=200).refuted
+    noisy = agreement("ID-3", A[:10] * 0 + rng.normal(0, 1, (10, heads)), B[:10] * 0 + rng.normal(0, 1, (10, heads)),
+                      k=k, min_effect=2, same_prompts=False, baseline_accuracy=0.9, n_boot=200)
+    assert noisy.inconclusive and "reproduce itself" in noisy.reason  # noise agrees with nothing, itself included
+    assert agreement("ID-4", A, B, k=k, min_effect=2, same_prompts=True, baseline_accuracy=0.0).inconclusive
+
+
+def test_layer_matched_controls_copy_the_top_k_layers():
+    from collections import Counter
+
+    from rh.heads import HeadShape
+    from rh.rankings import Ranking
+
+    shape = HeadShape(4, 3, 1, 8)
+    heads = shape.all_heads()
+    # the top 4: three heads of layer 2 and one of layer 0; layer 2 has no head to spare
+    scores = {h: (10.0 if h.layer == 2 else 5.0 if (h.layer, h.head) == (0, 0) else 0.0) for h in heads}
+    r = Ranking("x", shape, scores)
+    top = r.top(4)
+    for seed in range(5):
+        m = r.random_layer_matched(4, seed=seed)
+        assert len(m) == 4 and len(set(m)) == 4 and not set(m) & set(top)
+        c = Counter(h.layer for h in m)
+        assert c[0] == 1 and c[2] == 0 and c[1] + c[3] == 3  # layer 2's shortfall goes to its neighbours
+    scores = {h: float(h.head * 10 + h.layer) for h in heads}  # the top 2: head 2 of layers 3 and 2
+    r2 = Ranking("y", shape, scores)
+    assert Counter(h.layer for h in r2.random_layer_matched(2, seed=0)) == Counter(h.layer for h in r2.top(2))
+
+
+def test_the_profile_chooses_the_deciding_control():
+    o = _outcomes(10, 60, 40, 1)
+    from dataclasses import replace
+
+    matched = replace(o, matched_correct=np.ones_like(o.random_correct) * 0 + o.top_correct[None, :],
+                      matched_logprob=o.random_logprob)
+    uni = necessity([matched], min_gap=0.2, n_boot=50)[10]
+    lm = necessity([matched], min_gap=0.2, n_boot=50, control="layer_matched")[10]
+    assert uni.supported and "layer_matched" in uni.details
+    assert not lm.supported  # matched sets hurt exactly as much as the top K: no gap
+    with pytest.raises(ValueError, match="layer-matched draws"):
+        necessity([o], control="layer_matched")
