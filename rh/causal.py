@@ -269,10 +269,10 @@ def mechanism_comparison(model: LoadedModel, samples: Sequence[Sample], heads: S
     why.append(f"query vs zero: the least-differing head differs by {q_vs_z:.2e} "
                f"({'so they differ' if differs else 'they do not differ'})")
     return Verdict(
-        "CA-5", {"k": len(heads)}, status,
-        "; ".join(why) + "; accuracy " + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()),
-        "exact comparison of the heads' outputs (o_proj input) under each mechanism", q_vs_l, None, None,
-        float(acc["zero"] - acc["query"]), None, n=len(samples), alpha=alpha,
+        claim="CA-5", params={"k": len(heads)}, status=status,
+        reason="; ".join(why) + "; accuracy " + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()),
+        test="exact comparison of the heads' outputs (o_proj input) under each mechanism", statistic=q_vs_l,
+        p_value=None, p_adjusted=None, effect=float(acc["zero"] - acc["query"]), ci=None, n=len(samples), alpha=alpha,
         effect_name="accuracy under query zeroing minus under output zeroing (reported, not tested)",
         details={"accuracy": acc, "query_vs_zero_mcnemar_p": p_zq, "query_vs_logits_rel_diff": q_vs_l,
                  "query_vs_zero_rel_diff_min": q_vs_z, "tolerance": tol, "probe_samples": len(probe)},

@@ -14,7 +14,6 @@ from rh.rankings import Ranking
 from rh.scoring import SampleScores, general_heads, score_samples
 from rh.stats import (
     Verdict,
-    bootstrap_fraction_ci,
     spearman_ci,
     spearman_test,
     topk_overlap_test,
@@ -31,39 +30,17 @@ def inconclusive(claim: str, params: dict, reason: str, test: str, alpha: float 
 
 def sparsity(scored: SampleScores, *, threshold: float = 0.1, max_fraction: float = 0.05, alpha: float = 0.05,
              n_boot: int = 10_000, seed: int = 0) -> Verdict:
-    """ID-1: fewer than ``max_fraction`` of heads have a mean Wu24 score above ``threshold``.
-
-    The fraction of heads whose mean over the counted trials exceeds the threshold, with a
-    bootstrap CI over trials: supported when the CI's upper bound is below ``max_fraction``,
-    refuted when its lower bound is at or above it, inconclusive when the CI straddles it.
-    """
+    """ID-1: fewer than ``max_fraction`` of heads have a mean Wu24 score above ``threshold``
+    (:func:`rh.rules.claims.sparsity_rule`: simultaneous per-head bounds on the count; ``n_boot`` and
+    ``seed`` are kept for callers and unused)."""
     scores = scored.scores[scored.counted].reshape(int(scored.counted.sum()), -1)
     if len(scores) < 5:
-        return Verdict("ID-1", {"threshold": threshold}, "inconclusive",
-                       f"only {len(scores)} Wu24 trials passed the ROUGE filter; at least 5 are needed for a CI",
-                       "bootstrap CI of a fraction", None, None, None, None, None, n=len(scores), alpha=alpha)
-    frac = float((scores.mean(axis=0) > threshold).mean())
-    lo, hi, p_boot = bootstrap_fraction_ci(scores, threshold, max_fraction, level=1 - 2 * alpha, n_boot=n_boot,
-                                           seed=seed)
-    if hi < max_fraction:
-        status, why = "supported", f"the CI's upper bound {hi:.3f} is below {max_fraction}"
-    elif lo >= max_fraction:
-        status, why = "refuted", f"the CI's lower bound {lo:.3f} is at or above {max_fraction}"
-    else:
-        status, why = "inconclusive", f"the CI [{lo:.3f}, {hi:.3f}] straddles {max_fraction}; more trials would decide"
-    n_heads = scores.shape[1]
-    return Verdict(
-        "ID-1", {"threshold": threshold, "max_fraction": max_fraction}, status,
-        f"{frac:.1%} of {n_heads} heads ({round(frac * n_heads)}) have a mean Wu24 score > {threshold}; {why}",
-        f"bootstrap over {len(scores)} counted trials (one-sided {1 - alpha:.0%} bound)", frac, p_boot, p_boot,
-        frac - max_fraction, (lo, hi), ci_level=1 - 2 * alpha, n=len(scores), alpha=alpha,
-        effect_name=f"fraction of heads with score > {threshold}, minus {max_fraction}",
-        details={"fraction": frac, "n_heads_above": int(round(frac * n_heads)), "n_heads": n_heads,
-                 "top_scores": sorted(scores.mean(axis=0).tolist(), reverse=True)[:10]},
-        min_effect=max_fraction,
-        power={"support": None, "support_at": None, "refute": None, "refute_at": None, "method": "none",
-               "note": "a bootstrap interval over trials: its error rates are measured in rh.rules.calibration"},
-    )
+        return inconclusive("ID-1", {"threshold": threshold},
+                            f"only {len(scores)} Wu24 trials passed the ROUGE filter; at least 5 are needed for a CI",
+                            "bootstrap CI of a fraction", alpha, len(scores), min_effect=max_fraction)
+    from rh.rules.claims import sparsity_rule
+
+    return sparsity_rule(scores, threshold=threshold, max_fraction=max_fraction, alpha=alpha)
 
 
 def needle_mass_ratios(model: LoadedModel, samples: Sequence[Sample], heads: Sequence[Head], *,
@@ -192,13 +169,11 @@ def variants_share_heads(a: Ranking | None, b: Ranking | None, *, k: int, alpha:
                          names: tuple[str, str] = ("base", "instruct")) -> Verdict:
     """ID-6: base and instruct variants share retrieval heads; inconclusive with one variant."""
     if a is None or b is None:
-        return Verdict("ID-6", {"k": k}, "inconclusive",
-                       "only one variant was run: pass --compare-model with the other variant (e.g. llama8b-base "
-                       "with llama8b) to decide this claim", "hypergeometric top-K overlap",
-                       None, None, None, None, None, alpha=alpha)
+        return inconclusive("ID-6", {"k": k}, "only one variant was run: pass --compare-model with the other variant "
+                            "(e.g. llama8b-base with llama8b) to decide this claim", "hypergeometric top-K overlap",
+                            alpha)
     if (a.shape.n_layers, a.shape.n_heads) != (b.shape.n_layers, b.shape.n_heads):
-        return Verdict("ID-6", {"k": k}, "inconclusive",
-                       f"the two models differ in shape ({a.shape.n_layers}x{a.shape.n_heads} vs "
-                       f"{b.shape.n_layers}x{b.shape.n_heads}): they are not variants of one model",
-                       "hypergeometric top-K overlap", None, None, None, None, None, alpha=alpha)
+        return inconclusive("ID-6", {"k": k}, f"the two models differ in shape ({a.shape.n_layers}x{a.shape.n_heads} "
+                            f"vs {b.shape.n_layers}x{b.shape.n_heads}): they are not variants of one model",
+                            "hypergeometric top-K overlap", alpha)
     return _overlap_verdict("ID-6", {"k": k}, a, b, k, alpha, f"{names[0]} vs {names[1]}")

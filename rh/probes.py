@@ -255,8 +255,10 @@ def decodable_after_heads(df: pd.DataFrame, critical_layers: Sequence[int], *, a
     def _inconclusive(reason: str, p_adj: list[float] | None = None) -> Verdict:
         if p_adj is not None:
             details["p_adjusted"] = [float(p) for p in p_adj]
-        return Verdict(CLAIM, base_params, "inconclusive", reason, TEST_NAME, None, None, None, None, None,
-                       n=n, alpha=alpha, effect_name="onset index - (min critical layer + 1)", details=details)
+        from rh.rules.claims import inconclusive
+
+        return inconclusive(CLAIM, base_params, reason, TEST_NAME, alpha, n, details, min_effect=0.0,
+                            effect_name="onset index - (min critical layer + 1)")
 
     if np.isnan(acc).all():
         return _inconclusive("the labels have fewer than two answer tokens with two or more samples each: "
@@ -286,8 +288,9 @@ def decodable_after_heads(df: pd.DataFrame, critical_layers: Sequence[int], *, a
     else:
         status = "refuted"
         why = f"before index {first_write}, where the first critical head (layer {crit[0]}) writes"
-    return Verdict(CLAIM, base_params, status, f"{where}: {why}", TEST_NAME, float(onset), float(p_raw[onset]),
-                   float(p_adj[onset]), effect, None, n=n, alpha=alpha,
+    return Verdict(claim=CLAIM, params=base_params, status=status, reason=f"{where}: {why}", test=TEST_NAME,
+                   statistic=float(onset), p_value=float(p_raw[onset]), p_adjusted=float(p_adj[onset]), effect=effect,
+                   ci=None, n=n, alpha=alpha,
                    effect_name="onset index - (min critical layer + 1); >= 0 as claimed", details=details,
                    min_effect=0.0, power={"support": None, "support_at": None, "refute": None, "refute_at": None,
                                           "method": "none", "note": "the onset of Holm-significant decoding; both "

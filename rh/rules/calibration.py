@@ -245,6 +245,24 @@ def _sim_agree(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
                       baseline_floor=p.baseline_floor)]
 
 
+def _sim_id1(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
+    """Wu24 scores of 270 heads over the counted trials: ``effect`` is the true fraction of heads whose
+    mean exceeds the threshold (rounded to whole heads); as many heads again sit just below it, so
+    the fraction is estimated, not read off; the rest score near 0."""
+    from rh.id_claims import sparsity
+    from rh.scoring import SampleScores
+
+    n, heads, thr = s["identify"], 270, p.sparsity_threshold
+    above = int(round(effect * heads))
+    mu = np.full(heads, 0.01)
+    mu[:above] = rng.uniform(thr + 0.005, thr + 0.05, above)
+    mu[above:2 * above] = rng.uniform(thr - 0.05, thr - 0.005, above)
+    x = np.clip(mu[None, :] + rng.normal(0, 0.1, (n, heads)), 0, 1)
+    scored = SampleScores("wu24", [str(i) for i in range(n)], x[:, None, :], np.ones(n, bool), [{} for _ in range(n)])
+    return [sparsity(scored, threshold=thr, max_fraction=p.sparsity_max_fraction, alpha=p.alpha, n_boot=200,
+                     seed=int(rng.integers(1 << 30)))]
+
+
 # family -> (simulator, effect at the support boundary, at the refutation boundary, planted for power
 # to support, planted for power to refute)
 def _families(p: Profile, s: dict) -> dict[str, tuple]:
@@ -260,6 +278,10 @@ def _families(p: Profile, s: dict) -> dict[str, tuple]:
         "IV-3": (_sim_iv3_hub, (1 - p.hub_keep) * _BASE_ACC, (1 - p.hub_keep) * _BASE_ACC, 0.0,
                  3 * (1 - p.hub_keep) * _BASE_ACC),
         "IV-7": (_sim_iv7, 0.0, p.iv7_min_effect, 3 * p.iv7_min_effect, 0.0),
+        # 270 heads: 14 (5.2%) is the fewest at or above 5%, 13 (4.8%) the most below it
+        "ID-1": (_sim_id1, math.ceil(p.sparsity_max_fraction * 270) / 270,
+                 (math.ceil(p.sparsity_max_fraction * 270) - 1) / 270, p.sparsity_max_fraction / 5,
+                 3 * p.sparsity_max_fraction),
         "ID-2": (_sim_ratio("n_val", lambda q: q.spike_ratio, lambda q: q.spike_ratio), p.spike_ratio, p.spike_ratio,
                  4 * p.spike_ratio, 1.0),
         "IV-6": (_sim_ratio("ig_n", lambda q: 1.0, lambda q: q.ig_min_ratio), 1.0, p.ig_min_ratio,
@@ -269,7 +291,7 @@ def _families(p: Profile, s: dict) -> dict[str, tuple]:
     }
 
 
-FAMILIES = ("CA-1", "CA-2", "CA-3", "CA-4", "CA-6", "IV-1", "IV-2", "IV-3", "IV-7", "ID-2", "IV-6", "ID-5",
+FAMILIES = ("CA-1", "CA-2", "CA-3", "CA-4", "CA-6", "IV-1", "IV-2", "IV-3", "IV-7", "ID-1", "ID-2", "IV-6", "ID-5",
             "ID-3/ID-4")
 
 

@@ -27,7 +27,7 @@ from scipy import stats as _sps
 
 from rh.stats import holm
 
-__all__ = ["Power", "Bounds", "three_way", "holm_pairs", "TTestResult", "t_test", "t_power"]
+__all__ = ["Power", "Bounds", "three_way", "decide_bounds", "holm_pairs", "TTestResult", "t_test", "t_power"]
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,22 @@ def three_way(p_support: float | None, p_refute: float | None, alpha: float, *, 
     if ref:
         return "refuted", refuted_why
     return "inconclusive", neither_why
+
+
+def decide_bounds(p_support: float, p_refute: float, alpha: float, bounds: Bounds, power: Power | None = None,
+                  *, what: str = "the effect", n: int | None = None) -> tuple[str, str]:
+    """:func:`three_way` with the reasons spelled from ``bounds`` (family-corrected p-values)."""
+    side = ">" if bounds.direction == "greater" else "<"
+    away = "<" if bounds.direction == "greater" else ">"
+    tail = ""
+    if power is not None and power.support is not None and power.refute is not None:
+        tail = f"; power to support {power.support:.2f}, to refute {power.refute:.2f}" + (f" at n = {n}" if n else "")
+    return three_way(
+        p_support, p_refute, alpha,
+        supported_why=f"{what} is {side} {bounds.support_bound:g} (adjusted p = {p_support:.3g})",
+        refuted_why=f"{what} is {away} Δ = {bounds.refute_bound:g} (adjusted p = {p_refute:.3g})",
+        neither_why=(f"neither {side} {bounds.support_bound:g} (adjusted p = {p_support:.3g}) nor {away} Δ = "
+                     f"{bounds.refute_bound:g} (adjusted p = {p_refute:.3g}) is shown{tail}"))
 
 
 def holm_pairs(p_support: dict, p_refute: dict) -> tuple[dict, dict]:

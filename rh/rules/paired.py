@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import numpy as np
 from scipy.special import gammaln, xlogy
 
-from rh.rules.core import Bounds, Power, holm_pairs, three_way
+from rh.rules.core import Bounds, Power, decide_bounds, holm_pairs
 from rh.stats import Verdict, _ni_exact_p, _tango_z, margin_test
 
 __all__ = ["FLIP_RATE", "p_table", "paired_power", "paired_family", "paired_tests"]
@@ -208,16 +208,7 @@ def paired_family(claim: str, groups: Mapping, *, param: str, bounds: Bounds | M
                              ci=None if res is None else res[2], ci_level=0.90, details=details, **common)
             continue
         p_sup, p_ref, ci, mean = res
-        bounds = bounds_g
-        side = ">" if bounds.direction == "greater" else "<"
-        away = "<" if bounds.direction == "greater" else ">"
-        status, why = three_way(
-            adj_s[g], adj_r[g], alpha,
-            supported_why=f"the effect is {side} {bounds.support_bound:g} (adjusted p = {adj_s[g]:.3g})",
-            refuted_why=f"the effect is {away} Δ = {bounds.refute_bound:g} (adjusted p = {adj_r[g]:.3g})",
-            neither_why=(f"neither {side} {bounds.support_bound:g} (adjusted p = {adj_s[g]:.3g}) nor {away} Δ = "
-                         f"{bounds.refute_bound:g} (adjusted p = {adj_r[g]:.3g}) is shown; power to support "
-                         f"{power.support:.2f}, to refute {power.refute:.2f} at n = {n}"))
+        status, why = decide_bounds(adj_s[g], adj_r[g], alpha, bounds_g, power, n=n)
         out[g] = Verdict(status=status, reason=f"{describe(g, before, after)} (effect {mean:+.3f}, one-sided "
                          f"95% bounds [{ci[0]:+.3f}, {ci[1]:+.3f}]); {why}", statistic=mean,
                          p_value=p_sup, p_adjusted=adj_s[g], effect=mean, ci=ci, ci_level=0.90,
