@@ -351,3 +351,18 @@ def test_hardware_with_a_list_of_gpus_is_summarised(verdicts, meta):
                                  "torch_threads": 16}}
     sub = render_html(verdicts, meta).split('class="sub"', 1)[1].split("</p>", 1)[0]
     assert "2 x NVIDIA H100, A100 (cuda), 16 CPUs, 16 torch threads" in sub
+
+
+def test_html_shows_delta_and_power_beside_the_ci_and_flags_low_power(meta):
+    base = {"claim": "CA-6", "status": "inconclusive", "reason": "neither shown", "effect": 0.1, "ci": [0.0, 0.2],
+            "ci_level": 0.9, "n": 16, "alpha": 0.05, "params": {"depth": 0.5}}
+    low = {**base, "min_effect": 0.2, "power": {"support": 0.37, "support_at": 0.3, "refute": 0.03, "refute_at": 0.0,
+                                                "method": "exact", "note": ""}}
+    high = {**base, "claim": "CA-4", "min_effect": 0.25, "power": {"support": 0.98, "support_at": 0.3, "refute": 0.99,
+                                                                   "refute_at": 0.0, "method": "exact", "note": ""}}
+    page = render_html([low, high], meta)
+    claims = page.split('id="matrix"', 1)[1]
+    assert "Δ = 0.2 · power support 0.37 / refute 0.03 · underpowered at these sizes" in claims
+    assert "Δ = 0.25 · power support 0.98 / refute 0.99" in claims
+    assert claims.count("underpowered at these sizes") == 1
+    assert "smallest effect of interest Δ" in page and "support 0.37 at 0.3, refute 0.03 at 0" in page
