@@ -188,8 +188,9 @@ def dose_response(base_logprob: np.ndarray, top_logprob: Mapping[int, np.ndarray
                             effect_name=name)
     _, p_trend = trend_test(levels, drops)
     tt = t_test(growth, 0.0, min_growth, alpha=alpha)
-    pw = Power(t_power(len(growth), tt.sd, min_growth, alpha), min_growth, t_power(len(growth), tt.sd, min_growth, alpha),
-               0.0, "noncentral t at the observed spread", "Page's test is approximated by the t test of the growth")
+    pw_t = t_power(len(growth), tt.sd, min_growth, alpha)  # the same distance from either boundary
+    pw = Power(pw_t, min_growth, pw_t, 0.0, "noncentral t at the observed spread",
+               "Page's test is approximated by the t test of the growth")
     ca1_sup = all(v.supported for v in ca1.values()) and bool(ca1)
     ca1_ref = [k for k, v in ca1.items() if v.refuted]
     p_sup = p_trend if ca1_sup else None

@@ -172,6 +172,7 @@ def paired_family(claim: str, groups: Mapping, *, param: str, bounds: Bounds | M
     Inconclusive (named) when the baseline is below ``baseline_floor``: with no retrieval there is no
     room for a drop (a floor), and "keeps accuracy" is empty. ``describe(g, before, after)`` gives
     the reason's opening words."""
+    bmap = bounds if isinstance(bounds, Mapping) else {g: bounds for g in groups}
     rows, reasons = {}, {}
     for g, (before, after) in groups.items():
         before, after = np.asarray(before, float), np.asarray(after, float)
@@ -180,11 +181,10 @@ def paired_family(claim: str, groups: Mapping, *, param: str, bounds: Bounds | M
             reasons[g] = "no items"
             rows[g] = (before, after, None)
             continue
-        rows[g] = (before, after, paired_tests(diffs, bounds[g] if isinstance(bounds, Mapping) else bounds))
+        rows[g] = (before, after, paired_tests(diffs, bmap[g]))
         if before.mean() < baseline_floor:
             reasons[g] = (f"baseline accuracy {before.mean():.2f} is below the floor {baseline_floor:.2f}: "
                           "there is no retrieval for the intervention to change (a floor)")
-    bmap = bounds if isinstance(bounds, Mapping) else {g: bounds for g in rows}
     testable = [g for g in rows if g not in reasons]
     adj_s, adj_r = holm_pairs({g: rows[g][2][0] for g in testable}, {g: rows[g][2][1] for g in testable})
     m = max(len(testable), 1)
