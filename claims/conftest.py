@@ -57,15 +57,3 @@ def task_baselines(rh_model, task_validation, profile):
 
     return {t: teacher_forced(rh_model, samples, condition="baseline", batch_size=profile.batch_size)
             for t, samples in task_validation.items()}
-
-
-@pytest.fixture(scope="session")
-def compare_model(pytestconfig):
-    """The --compare-model (e.g. the base variant of an instruct model), loaded once, or None."""
-    name = pytestconfig.getoption("--compare-model")
-    if not name:
-        return None
-    from rh.models import load_model
-
-    return load_model(name, quant=pytestconfig.getoption("--quant"), device=pytestconfig.getoption("--device"),
-                      dtype=pytestconfig.getoption("--dtype"))

@@ -1,7 +1,7 @@
 """rh: check causal claims about retrieval heads in LLMs, as pytest tests.
 
 The library holds primitives only (models, prompts, attention capture, ablation, evaluation,
-statistics, report); the claims live in ``claims/`` and the pytest plugin in ``conftest.py``.
+statistics, report); the claims live in ``claims/`` and the pytest plugin in ``rh/pytest_plugin.py``.
 """
 
 from importlib.metadata import PackageNotFoundError, version as _version

@@ -5,6 +5,8 @@
     python -m rh niah --task hq_state --length 1024 --depth 0.5
     python -m rh report reports/llama8b-....json reports/llama70b-....json -o compare.html
     python -m rh calibrate --size small --profile quick --reps 300
+    python -m rh audit full_attention_heads.tsv qrhead_scores.json --model llama8b
+    python -m rh audit --heads L16H1,L14H31 --model smollm2-135m
 """
 
 from __future__ import annotations
@@ -141,6 +143,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     cal.add_argument("--family", action="append", help="only this family (repeatable)")
     cal.add_argument("--json", help="also write the rates to this JSON file")
 
+    aud = sub.add_parser("audit", help="re-check published head files (QRHead, DuoAttention, RazorAttention, "
+                         "CompressKV, Wu24, rh, plain head sets): CA-1, and CA-2 where the file gives an order")
+    from rh.audit import add_arguments
+
+    add_arguments(aud)
+
     sub.add_parser("niah", help="print one prompt with its needle marked (see python -m rh.niah -h)", add_help=False)
     sub.add_parser("report", help="combine run reports into one comparison page (python -m rh report -h)",
                    add_help=False)
@@ -157,6 +165,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.command == "calibrate":
         return _calibrate(args)
+    if args.command == "audit":
+        from rh.audit import run
+
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        try:
+            return run(args)
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     if args.method == "sum":
         args.method = "sum_attention"
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import pandas as pd
-from tqdm.auto import tqdm
 
+from rh.progress import track
 from rh.ablation import ablate
 from rh.evaluate import teacher_forced
 from rh.heads import Head
@@ -82,7 +82,7 @@ def necessity_outcomes(
     frames = [baseline]
     with ablate(model, top):
         frames.append(teacher_forced(model, samples, condition=f"top{k}", batch_size=batch_size))
-    for d, heads in enumerate(tqdm(rand_sets, desc=f"random K={k}", unit="draw", leave=False)):
+    for d, heads in enumerate(track(rand_sets, f"random K={k} draws", unit="draw")):
         with ablate(model, heads):
             frames.append(teacher_forced(model, samples, condition=f"random{k}#{d}", batch_size=batch_size))
     bc, bl = _arrays(frames[0])

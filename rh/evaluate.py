@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from rh.progress import listened, track
 from rh.ablation import decode_positions
 from rh.batching import make_batches, running
 from rh.memory import oom_guard
@@ -38,7 +39,8 @@ def teacher_forced(model: LoadedModel, samples: Sequence[Sample], *, condition: 
     process as decoding steps, so the outcome is that of ablated decoding.
     """
     rows = {}
-    bar = tqdm(total=len(samples), desc=f"evaluate {condition}", unit="sample", disable=not progress, leave=False)
+    bar = tqdm(total=len(samples), desc=f"evaluate {condition}", unit="sample", disable=not progress or listened(),
+               leave=False)
     for batch in make_batches(samples, batch_size, model.tokenizer.pad_token_id, with_answer=True):
         # rows end together (left padding): row i's answer is predicted by its last len(answer) positions
         n_keep = max(len(s.answer_ids) for s in batch.samples)
@@ -90,7 +92,8 @@ def generated(model: LoadedModel, samples: Sequence[Sample], *, max_new_tokens: 
 
     scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
     texts = {}
-    bar = tqdm(total=len(samples), desc=f"generate {condition}", unit="sample", disable=not progress, leave=False)
+    bar = tqdm(total=len(samples), desc=f"generate {condition}", unit="sample", disable=not progress or listened(),
+               leave=False)
     for batch in make_batches(samples, batch_size, model.tokenizer.pad_token_id):
         inputs = batch.model_inputs(model.device)
         inputs.pop("position_ids", None)  # generate derives them from the attention mask
@@ -143,7 +146,7 @@ def evaluate_conditions(model: LoadedModel, samples: Sequence[Sample], condition
     if not conditions:
         raise ValueError("no conditions given: pass e.g. {'baseline': None, 'top10': lambda: ablate(model, top10)}")
     frames = []
-    for name, make in tqdm(conditions.items(), desc="conditions", unit="condition", disable=not progress, leave=False):
+    for name, make in (track(conditions.items(), "conditions", unit="condition") if progress else conditions.items()):
         ctx = make() if make is not None else contextlib.nullcontext()
         with ctx:
             if how == "teacher_forced":

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rh.io import no_duplicate_keys
+
 STATUSES = ("supported", "refuted", "inconclusive")
 
 
@@ -54,7 +56,7 @@ def load_expected(path: str | Path, *, missing_ok: bool = False) -> Expected:
             return Expected(p)
         raise FileNotFoundError(f"--expected {p}: no such file; create it with --expected {p} --update-expected")
     try:
-        data = json.loads(p.read_text(), object_pairs_hook=_no_duplicates(p))
+        data = json.loads(p.read_text(), object_pairs_hook=no_duplicate_keys(f"--expected {p}", "; keep one"))
     except UnicodeDecodeError:
         raise ValueError(f"--expected {p}: not a text file; give the JSON file written by --update-expected") from None
     except json.JSONDecodeError as exc:
@@ -72,18 +74,6 @@ def load_expected(path: str | Path, *, missing_ok: bool = False) -> Expected:
     return Expected(p, data.get("model"), data.get("profile"), dict(data["verdicts"]), dict(nodes),
                     {str(k): int(v) for k, v in (data.get("fixture_token_layers") or {}).items()},
                     dict(data.get("fixture_seconds") or {}), dict(data.get("recorded") or {}))
-
-
-def _no_duplicates(path: Path):
-    def hook(pairs):
-        seen = {}
-        for k, v in pairs:
-            if k in seen:
-                raise ValueError(f"--expected {path}: key {k!r} appears twice; keep one")
-            seen[k] = v
-        return seen
-
-    return hook
 
 
 @dataclass(frozen=True)

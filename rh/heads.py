@@ -6,7 +6,7 @@ from __future__ import annotations
 import numbers
 import random
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -106,3 +106,31 @@ def random_heads(shape: HeadShape, k: int, *, exclude: Iterable[Head] = (), seed
             f"remain after excluding {len(excluded)}; lower k"
         )
     return random.Random(seed).sample(pool, k)
+
+
+def layer_matched_heads(shape: HeadShape, top: Sequence[Head], *, seed: int) -> list[Head]:
+    """``len(top)`` heads from outside ``top`` with ``top``'s count in every layer (seeded), so a
+    control ablates as deep in the network as ``top`` does. A layer with too few heads outside
+    ``top`` gives its shortfall to the nearest layers that have heads to spare."""
+    import numpy as np
+
+    need: dict[int, int] = {}
+    for h in top:
+        need[h.layer] = need.get(h.layer, 0) + 1
+    taken = set(top)
+    free = {l: [h for h in shape.all_heads() if h.layer == l and h not in taken] for l in range(shape.n_layers)}
+    rng = np.random.default_rng(seed)
+    out: list[Head] = []
+    short = 0
+    for layer in sorted(need):
+        pool = free[layer]
+        m = min(need[layer], len(pool))
+        out += [pool[i] for i in rng.choice(len(pool), m, replace=False)] if m else []
+        free[layer] = [h for h in pool if h not in set(out)]
+        short += need[layer] - m
+        if short:
+            for other in sorted(range(shape.n_layers), key=lambda x: (abs(x - layer), x)):
+                while short and free[other]:
+                    out.append(free[other].pop(int(rng.integers(len(free[other])))))
+                    short -= 1
+    return out

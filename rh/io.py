@@ -48,3 +48,19 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Atomically write ``obj`` as indented JSON; raises before touching disk if it cannot serialise."""
     text = json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n"
     return atomic_write_text(path, text)
+
+
+def no_duplicate_keys(where: str, fix: str = ""):
+    """A ``json.loads`` ``object_pairs_hook`` refusing a key given twice (JSON parsers keep the last,
+    silently): the error names ``where`` and ends with ``fix``."""
+
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in pairs:
+            if k in out:
+                raise ValueError(f"{where}: key {k!r} appears twice{fix}")
+            out[k] = v
+        return out
+
+    return hook
+

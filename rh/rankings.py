@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 from filelock import FileLock
 
-from rh.heads import Head, HeadShape, random_heads
-from rh.io import atomic_write_json, atomic_write_text
+from rh.heads import Head, HeadShape, layer_matched_heads, random_heads
+from rh.io import atomic_write_json, atomic_write_text, no_duplicate_keys
 
 FORMAT = "rh.ranking/1"
 # Bump when a scoring method changes what it computes, so stale cached rankings are not reused.
@@ -76,33 +76,9 @@ class Ranking:
         return random_heads(self.shape, k, exclude=self.top(k), seed=seed)
 
     def random_layer_matched(self, k: int, *, seed: int) -> list[Head]:
-        """``k`` heads from outside the top ``k`` with the top K's count in every layer (seeded), so
-        the control ablates as deep in the network as the top K does. A layer with too few heads
-        outside the top K gives its shortfall to the nearest layers that have heads to spare."""
-        import numpy as np
-
-        top = self.top(k)
-        need: dict[int, int] = {}
-        for h in top:
-            need[h.layer] = need.get(h.layer, 0) + 1
-        taken = set(top)
-        free = {l: [h for h in self.shape.all_heads() if h.layer == l and h not in taken]
-                for l in range(self.shape.n_layers)}
-        rng = np.random.default_rng(seed)
-        out: list[Head] = []
-        short = 0
-        for layer in sorted(need):
-            pool = free[layer]
-            m = min(need[layer], len(pool))
-            out += [pool[i] for i in rng.choice(len(pool), m, replace=False)] if m else []
-            free[layer] = [h for h in pool if h not in set(out)]
-            short += need[layer] - m
-            if short:
-                for other in sorted(range(self.shape.n_layers), key=lambda x: (abs(x - layer), x)):
-                    while short and free[other]:
-                        out.append(free[other].pop(int(rng.integers(len(free[other])))))
-                        short -= 1
-        return out
+        """``k`` heads from outside the top ``k`` with the top K's count in every layer (seeded):
+        :func:`rh.heads.layer_matched_heads`."""
+        return layer_matched_heads(self.shape, self.top(k), seed=seed)
 
     def check_shape(self, shape: HeadShape) -> None:
         """Refuse a ranking computed for a model of another shape."""
@@ -200,7 +176,7 @@ def load_ranking(path: str | Path, *, shape: HeadShape | None = None, fmt: str =
         ranking = _from_csv(text, where)
     else:
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=no_duplicate_keys(where, ": give each head once"))
         except json.JSONDecodeError as exc:
             raise ValueError(f"{where} is not valid JSON (truncated?): {exc}") from exc
         if fmt == "auto":
@@ -272,7 +248,10 @@ def _from_wu24(data: dict, where: str, shape: HeadShape | None) -> Ranking:
             vals = [float(v) for v in (values if isinstance(values, list) else [values])]
             if not vals:
                 raise ValueError(f"head {key} has no scores")
-            scores[Head.parse(key)] = float(np.mean(vals))
+            head = Head.parse(key)
+            if head in scores:  # "0-1" and "0-01" name one head
+                raise ValueError(f"head {head} is listed twice (as {key!r} and an equivalent key)")
+            scores[head] = float(np.mean(vals))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{where} is not a valid Wu24 head-score file: {exc}") from exc
     grid = _grid(scores, where, shape)

@@ -173,18 +173,14 @@ def test_a_head_set_null_with_enough_draws_is_calibrated_and_keeps_power(record_
     assert alt.all(axis=1).mean() >= 0.9, msg
 
 
-def _quiet_tqdm(*args, **kwargs):
-    from tqdm.auto import tqdm
-
-    return tqdm(*args, **{**kwargs, "disable": True})
-
-
-def test_ca1_on_the_tiny_model_with_shuffled_rankings(tiny, monkeypatch, record_property):
+def test_ca1_on_the_tiny_model_with_shuffled_rankings(tiny, request, record_property):
     """The tiny random Llama's own greedy answers are the gold answers (baseline accuracy 1.0); a
     ranking with random scores has no signal, so CA-1 should be supported in about alpha of the
     shuffles at most."""
-    for module in ("rh.causal", "rh.evaluate"):  # no progress bars: this test prints nothing
-        monkeypatch.setattr(f"{module}.tqdm", _quiet_tqdm)
+    from rh import progress
+
+    token = progress.listen(lambda *a: None)  # a listener instead of tqdm bars: this test prints nothing
+    request.addfinalizer(lambda: progress.unlisten(token))
     samples = build_samples(tiny.tokenizer, Sweep((128,), (0.0, 0.5, 1.0), 4, ("passkey",)),
                             max_positions=tiny.max_positions)
     gold = greedy_answers(tiny, samples, batch_size=16)

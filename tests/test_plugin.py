@@ -62,15 +62,13 @@ def test_claims_on_the_tiny_model_write_a_report_with_a_verdict_per_k(tmp_path):
     assert "CA-1[k=4]: expected supported, got inconclusive" in changed.stdout
 
 
-def test_a_bad_ranking_file_is_an_error_in_the_report(tmp_path):
+def test_a_bad_ranking_file_is_a_usage_error_before_the_model_loads(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"format": "rh.ranking/1", "heads": [')
     proc = _run_claims(tmp_path, "--rankings", str(bad))
-    assert proc.returncode != 0
-    data = json.loads(next((tmp_path / "reports").glob("*.json")).read_text())
-    assert {v["status"] for v in data["verdicts"]} == {"error"}
-    assert all(v["claim"] == "CA-1" for v in data["verdicts"])
-    assert "not valid JSON" in data["verdicts"][0]["reason"]
+    assert proc.returncode == 4, proc.stdout[-2000:]  # pytest's usage error: nothing was collected or loaded
+    assert "--rankings:" in proc.stderr and str(bad) in proc.stderr and "not valid JSON" in proc.stderr
+    assert "loaded tiny-llama" not in proc.stdout and not (tmp_path / "reports").exists()
 
 
 def test_an_unknown_model_is_a_usage_error_naming_the_choices(tmp_path):
@@ -131,8 +129,6 @@ def test_budget_and_expected_usage_errors_come_before_the_model_loads(tmp_path, 
 def test_a_claim_stopped_by_the_budget_is_left_out_not_an_error(pytester):
     """The deadline's exception inside a claim turns into a named skip, and the comparison lists it
     instead of failing the run."""
-    pytester.makeconftest((ROOT / "conftest.py").read_text())
-    pytester.makeini("[pytest]\nmarkers =\n    claim(id, source=...): a claim\n")
     pytester.makepyfile(test_claims="""
         import pytest
         from rh.budget import BudgetExhausted
@@ -183,3 +179,107 @@ def test_a_random_model_supports_no_claim_but_the_mechanical_identity(tmp_path, 
     assert len({v["claim"] for v in verdicts}) >= 18  # every claim ran
     for v in verdicts:
         assert "min_effect" in v and "power" in v, v["claim"]
+
+
+def _guide_example() -> tuple[str, str]:
+    """The worked example of docs/writing-claims.md: (file name, code)."""
+    import re
+
+    text = (ROOT / "docs" / "writing-claims.md").read_text()
+    m = re.search(r"<!-- example: (\S+) -->\n```python\n(.*?)```", text, re.S)
+    assert m, "docs/writing-claims.md lost its worked example"
+    return m.group(1), m.group(2)
+
+
+def test_the_guides_example_runs_in_an_outside_project_and_lands_in_the_report(pytester):
+    """An empty folder elsewhere with one claim file: the installed plugin gives it the fixtures,
+    the claim matrix and the report (nothing from this repository's conftest)."""
+    name, code = _guide_example()
+    pytester.path.joinpath(name).write_text(code)
+    res = pytester.runpytest_subprocess("--model", "tiny-llama", "-p", "no:cacheprovider", "-rs")
+    out = res.stdout.str()
+    assert res.ret == 0, out  # inconclusive skips
+    assert "rh claim matrix" in out and "LAB-1" in out
+    reports = sorted((pytester.path / "reports").glob("tiny-llama-*.json"))  # the default rh_report_dir
+    assert len(reports) == 1 and reports[0].with_suffix(".html").exists()
+    [v] = json.loads(reports[0].read_text())["verdicts"]
+    assert v["claim"] == "LAB-1" and v["source"].startswith("our notebook")
+    assert v["statement"].startswith("Ablating the ranking's top 3 heads")
+    # a random model: the floor makes it inconclusive, never supported
+    assert v["status"] == "inconclusive" and "below the floor" in v["reason"], v
+    assert v["params"] == {"set": "top3", "heads": 3} and v["min_effect"] == 0.2
+    assert list((pytester.path / ".rh" / "rankings").glob("tiny-llama-sum_attention-*.json"))  # the default cache
+
+
+def test_without_the_plugin_there_are_no_rh_options_or_fixtures(pytester):
+    pytester.makepyfile(test_ours="""
+        def test_uses_the_model(rh_model):
+            pass
+        """)
+    res = pytester.runpytest_subprocess("-p", "no:rh", "--model", "tiny-llama")
+    assert res.ret == 4  # usage error
+    assert "unrecognized arguments: --model" in res.stderr.str()
+    res = pytester.runpytest_subprocess("-p", "no:rh")
+    assert res.ret == 1
+    assert "fixture 'rh_model' not found" in res.stdout.str()
+    # with the plugin (the default once rh is installed) the fixture exists
+    assert "rh_model" in pytester.runpytest_subprocess("--fixtures").stdout.str()
+
+
+def test_a_head_set_is_tested_at_its_own_size_and_claims_needing_an_order_say_so(tmp_path):
+    """--heads: CA-1 runs at K = the set's size only; CA-2 (top K at several K) is inconclusive,
+    named as not applicable, instead of inventing an order."""
+    proc = _run_claims(tmp_path, "--heads", "L0H1,L1H2,L3H7", "-k", "necessary or grows",
+                       target="claims/test_causal.py", )
+    reports = sorted((tmp_path / "reports").glob("tiny-llama-*.json"))
+    assert reports, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(reports[-1].read_text())
+    by = {v["claim"]: v for v in data["verdicts"]}
+    assert [v["params"]["k"] for v in data["verdicts"] if v["claim"] == "CA-1"] == [3]
+    assert by["CA-1"]["status"] == "inconclusive"  # a random model: the floor
+    assert by["CA-2"]["status"] == "inconclusive"
+    assert "not applicable to a head set" in by["CA-2"]["reason"] and "K=3" in by["CA-2"]["reason"]
+    assert data["meta"]["ranking"]["head_set"] == ["L0H1", "L1H2", "L3H7"]
+    assert data["meta"]["ranking"]["cache"] == "external"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--heads", "L0H1,L9H0"], "--heads: head L9H0 is outside the model"),
+    (["--heads", "L0H1", "--rankings", "x.json"], "give one"),
+    (["--per-layer", "2"], "--per-layer M needs --rankings"),
+])
+def test_bad_heads_are_usage_errors_before_the_model_loads(tmp_path, args, message):
+    proc = _run_claims(tmp_path, *args)
+    assert proc.returncode == 4, proc.stdout[-2000:]
+    assert message in proc.stderr
+    assert not (tmp_path / "reports").exists()
+
+
+def test_a_long_claim_prints_progress_without_s_and_estimates_the_time_left(pytester, monkeypatch):
+    """pytest captures tqdm: the plugin's progress lines (what runs, the loop's position, token-layers
+    of those an expected file recorded, time left) reach the terminal without ``-s``."""
+    pytester.makepyfile(test_long="""
+        import pytest
+        import torch
+        from rh.progress import track
+        from rh.rules.claims import inconclusive
+
+        @pytest.mark.claim("P-1")
+        def test_long(rh_model, record_verdict):
+            for _ in track(range(3), "conditions", unit="condition"):
+                rh_model.model(torch.ones(1, 16, dtype=torch.long))
+            record_verdict(inconclusive("P-1", {}, "a test of the progress lines", "none"))
+        """)
+    pytester.makeini("[pytest]\nrh_expected_dir = expected\n")
+    # the tiny model has 4 layers: 3 passes of 16 tokens are 192 token-layers; the file says 384
+    (pytester.path / "expected").mkdir()
+    (pytester.path / "expected" / "tiny-llama.json").write_text(json.dumps({
+        "model": "tiny-llama", "verdicts": {"P-1[]": "inconclusive"},
+        "nodes": {"test_long.py::test_long": {"key": "P-1[]", "token_layers": 384}}}))
+    monkeypatch.setenv("RH_PROGRESS_SECONDS", "0")  # a line at every forward pass, not once a minute
+    res = pytester.runpytest_subprocess("--model", "tiny-llama", "-p", "no:cacheprovider")
+    out = res.stdout.str()
+    assert res.ret == 0, out
+    lines = [ln for ln in out.splitlines() if ln.startswith("rh [")]
+    assert any("running test_long.py::test_long, conditions 2 of 3" in ln for ln in lines), lines
+    assert any("192 token-layers of 384 expected (50%)" in ln and "left at this pace" in ln for ln in lines), lines

@@ -1,0 +1,838 @@
+"""The rh pytest plugin, registered through the ``pytest11`` entry point when rh is installed:
+command-line options, the session fixtures (model, profile, prompts, split, ranking, baseline,
+``record_verdict``), verdict collection, progress lines, and the HTML/JSON report written at the
+end of every run that checked a claim. The run's state lives on one registered plugin object,
+:class:`RhSession` (``config.stash`` holds it for the fixtures); ``docs/writing-claims.md`` shows
+how to write claims in your own repository."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+_VERDICT = "rh_verdict"
+_META = "rh_meta"
+_CLAIM = "rh_claim"
+PLUGIN_NAME = "rh-session"
+
+log = logging.getLogger("rh")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    g = parser.getgroup("rh", "retrieval-head claims")
+    g.addoption("--model", default="smollm2-135m",
+                help="registry key (smollm2-135m, tiny-llama, llama8b, llama8b-base, llama70b), HF repo id or local dir")
+    g.addoption("--profile", default="quick", choices=("quick", "full"), help="how much evidence to gather")
+    g.addoption("--alpha", type=float, default=None, help="significance level (default: the profile's, 0.05)")
+    g.addoption("--quant", default=None, choices=("4bit", "8bit"), help="bitsandbytes quantization (CUDA only)")
+    g.addoption("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    g.addoption("--dtype", default="auto", choices=("auto", "bfloat16", "bf16", "float32", "fp32", "float16", "fp16"),
+                help="weights and activations: auto (default) = bf16 on CUDA and on CPUs with native bf16 matmul "
+                     "(amx_bf16/avx512_bf16), float32 on other CPUs, where bf16 is emulated and several times slower")
+    g.addoption("--max-memory", default=None, metavar="SPEC",
+                help="cap per device for device_map='auto' across the GPUs: '70GiB' (each GPU), "
+                     "'70GiB,cpu=100GiB' or '0=70GiB,1=70GiB,cpu=100GiB'")
+    g.addoption("--rankings", default=None, metavar="PATH", help="use this ranking file instead of the cache")
+    g.addoption("--recompute", action="store_true", help="recompute the ranking even if it is cached")
+    g.addoption("--method", default="sum_attention", choices=("sum_attention", "wu24"),
+                help="how heads are identified (default: sum attention, seed 003)")
+    g.addoption("--compare-model", default=None,
+                help="a second variant of the model (e.g. llama8b-base for llama8b) for ID-6")
+    g.addoption("--expected", default=None, metavar="PATH",
+                help="compare every verdict with this file (fixtures/expected/<model>.json): the run passes "
+                     "exactly when no verdict changed, whatever the verdicts are")
+    g.addoption("--update-expected", action="store_true",
+                help="with --expected: write this run's verdicts and token-layers into the file (a run of some "
+                     "claims merges into it, saying which it kept; errors are never written)")
+    g.addoption("--budget", type=float, default=None, metavar="MINUTES",
+                help="wall-clock minutes for this run (model loading included): the claims are planned from the "
+                     "token-layers recorded in --expected and this machine's measured seconds per token-layer; "
+                     "those that do not fit are left out and listed, and a claim still running when the time is "
+                     "up is stopped and left out")
+    g.addoption("--heads", default=None, metavar="L16H1,L14H31",
+                help="test this head set instead of a ranking (no order: CA-1 runs at K = its size, claims that "
+                     "need the top K of an order say so)")
+    g.addoption("--per-layer", type=int, default=None, metavar="M",
+                help="with a per-layer {layer: [heads]} file in --rankings: test the first M heads of each layer")
+    g.addoption("--report-dir", default=None, help="where the HTML and JSON reports go (default: the ini value "
+                "rh_report_dir, else reports/ under the rootdir)")
+    g.addoption("--ranking-cache", default=None, help="folder of cached rankings (default: the ini value "
+                "rh_ranking_cache, else .rh/rankings/ under the rootdir)")
+    parser.addini("rh_report_dir", "where rh writes its reports, relative to the rootdir", default="reports")
+    parser.addini("rh_ranking_cache", "rh's ranking cache, relative to the rootdir", default=".rh/rankings")
+    parser.addini("rh_expected_dir", "where expected-verdict files <model>.json live (used for the progress "
+                  "lines' estimate of the time left when --expected is not given)", default="")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    from rh.expected import load_expected
+    from rh.models import resolve_spec
+
+    try:  # a bad --model is a usage error, reported before anything is collected
+        resolve_spec(config.getoption("--model"))
+    except (ValueError, FileNotFoundError) as exc:
+        raise pytest.UsageError(f"--model: {exc}") from None
+    budget = config.getoption("--budget")
+    if budget is not None and not budget > 0:
+        raise pytest.UsageError(f"--budget {budget:g}: give the minutes this run may take, a positive number")
+    expected = None
+    path = config.getoption("--expected")
+    if config.getoption("--update-expected") and not path:
+        raise pytest.UsageError("--update-expected needs --expected PATH: the file to write")
+    if path:
+        try:  # a bad file is found now, not after the model has loaded
+            expected = load_expected(path, missing_ok=bool(config.getoption("--update-expected")))
+        except (ValueError, FileNotFoundError) as exc:
+            raise pytest.UsageError(str(exc)) from None
+    if budget is not None:
+        if expected is None or not expected.nodes:
+            raise pytest.UsageError("--budget plans from the token-layers recorded in an expected-verdicts file: pass "
+                                    "--expected PATH of a file written by --update-expected")
+        if getattr(config.option, "numprocesses", None):
+            raise pytest.UsageError("--budget plans one process: drop -n")
+    external = _external_heads(config)
+    config.addinivalue_line("markers", "claim(id, source=...): a research claim checked on a model (rh)")
+    session = RhSession(config, expected=expected, external=external)
+    config.stash[_SESSION] = session
+    config.pluginmanager.register(session, PLUGIN_NAME)
+    from rh import progress
+
+    session.progress_token = progress.listen(session.on_progress)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    session = config.stash.get(_SESSION, None)
+    if session is not None and session.progress_token is not None:
+        from rh import progress
+
+        progress.unlisten(session.progress_token)
+        session.progress_token = None
+
+
+def _external_heads(config: pytest.Config):
+    """``--rankings`` / ``--heads``, loaded and checked against the model's shape before any weights
+    load (the registry or the model's config.json gives the shape)."""
+    path, spec, per_layer = (config.getoption(o) for o in ("--rankings", "--heads", "--per-layer"))
+    if path and spec:
+        raise pytest.UsageError("--rankings and --heads both name the heads under test: give one")
+    if per_layer is not None and not path:
+        raise pytest.UsageError("--per-layer M needs --rankings PATH of a per-layer {layer: [heads]} file")
+    if not (path or spec):
+        return None
+    from rh.models import expected_shape
+    from rh.published import load_heads, parse_head_set
+
+    shape = expected_shape(config.getoption("--model"))
+    try:
+        if spec:
+            return parse_head_set(spec, shape)
+        return load_heads(path, shape=shape, per_layer=per_layer)
+    except (ValueError, FileNotFoundError) as exc:
+        raise pytest.UsageError(f"--{'heads' if spec else 'rankings'}: {exc}") from None
+
+
+# --------------------------------------------------------------------------- session fixtures
+
+
+_SESSION = pytest.StashKey["RhSession"]()
+
+
+def _rh(config: pytest.Config) -> RhSession:
+    return config.stash[_SESSION]
+
+
+class RhSession:
+    """One run's state, registered as a plugin: the verdicts collected, the session's metadata, the
+    forward passes' counter, the budget's plan, and the report written at the end."""
+
+    def __init__(self, config: pytest.Config, *, expected=None, external=None) -> None:
+        from rh.budget import TokenLayerCounter
+
+        self.config = config
+        self.expected = expected
+        self.external = external  # a Ranking or HeadSet from --rankings / --heads, or None
+        self.verdicts: list[dict[str, Any]] = []
+        self.meta: dict[str, Any] = {}
+        self.claims_run = 0
+        self.started = datetime.now(timezone.utc)
+        self.t0 = time.perf_counter()
+        self.counter = TokenLayerCounter()
+        self.model = None
+        self.left_out: dict[str, str] = {}
+        self.deselected: set[str] = set()
+        self.budget: dict[str, Any] | None = None
+        self.last_progress = time.perf_counter()
+        self.paid: set[str] = set()
+        self.timing = [0.0, 0.0]
+        self.per_tl: tuple[float | None, str] = (None, "")
+        self.old_alarm = None
+        self.started_item: tuple[float, float] | None = None
+        self.expected_diff: list[str] = []
+        self.report_paths: tuple[Path, Path] | None = None
+        self.report_error: str | None = None
+        self.progress_token = None
+        self.step: tuple[str, int, int | None] | None = None  # the loop running now: (what, done, total)
+        self.step_label: str | None = None
+        self.estimate: dict[str, Any] | None = None  # planned token-layers for the progress lines
+        self.loaded_at: float | None = None
+
+    def on_progress(self, what: str, done: int, total: int | None) -> None:
+        """rh.progress's listener: remember the loop's position, maybe print a line (only in a session
+        that loaded the model under test: unit tests that use rh's loops stay quiet)."""
+        if self.model is None:
+            return
+        self.step = (what, done, total)
+        self.step_label = self.counter.label
+        _progress(self.config)
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if "claim" not in report.keywords:
+            return
+        props = dict(report.user_properties)
+        if report.when == "call" or (report.when == "setup" and not report.passed):
+            self.claims_run += 1
+            if _META in props:
+                _merge(self.meta, props[_META])
+            if report.nodeid in self.left_out:
+                return
+            cost = self.counter.counts.get(report.nodeid, 0)
+            seconds = self.counter.seconds.get(report.nodeid)
+            if _VERDICT in props:
+                v = dict(props[_VERDICT])
+                v["nodeid"] = report.nodeid
+                v["outcome"] = report.outcome
+                v["key"] = _verdict_key(v)
+                v["token_layers"] = cost
+                v["seconds"] = seconds
+                self.verdicts.append(v)
+            elif report.failed:
+                exp = self.expected
+                claim = props.get(_CLAIM, report.nodeid)
+                self.verdicts.append({
+                    "nodeid": report.nodeid, "claim": claim, "status": "error", "outcome": "error",
+                    "key": (exp.key_of(report.nodeid) if exp is not None else None) or f"{claim}[{report.nodeid}]",
+                    "reason": _short_error(report), "token_layers": cost,
+                })
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_fixture_setup(self, fixturedef, request):
+        """Forward passes run while a fixture is set up are charged to it (session fixtures run once)."""
+        with self.counter.charged_to(f"fixture:{fixturedef.argname}"):
+            return (yield)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_call(self, item):
+        with self.counter.charged_to(item.nodeid):
+            return (yield)
+
+    def pytest_deselected(self, items) -> None:
+        for item in items:
+            self.deselected.add(item.nodeid)
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+        """With --budget: measure this machine, plan the claims that fit, deselect the others."""
+        budget = config.getoption("--budget")
+        claims = [it for it in items if it.get_closest_marker("claim") is not None]
+        if budget is None and claims:
+            self.estimate = _estimate(config, self.expected, claims)
+        if budget is None or not claims:
+            return
+        import signal
+
+        from rh.budget import format_duration, plan_budget
+
+        from rh.expected import estimated_seconds
+
+        exp = self.expected
+        _session_model(config)
+        per_tl = self.per_tl[0]
+        now = time.perf_counter()
+        reserve = 30.0 + 0.03 * budget * 60  # the report, the comparison, a margin for noise
+        deadline = self.t0 + budget * 60 - reserve
+        costs = {nid: estimated_seconds(node.get("token_layers"), node, per_tl) for nid, node in exp.nodes.items()}
+        fixture_costs = {f: estimated_seconds(tl, exp.fixture_seconds.get(f), per_tl)
+                         for f, tl in exp.fixture_token_layers.items()}
+        plan = plan_budget([(it.nodeid, it.fixturenames) for it in claims], costs, fixture_costs,
+                           max(deadline - now, 0), unit="estimated seconds")
+        # Claims without a recorded cost cannot be planned: deselected. The others run cheapest first;
+        # those beyond the first plan still run if the claims before them prove the estimate high
+        # (each is checked against the time left when it starts: pytest_runtest_setup).
+        keep = set(plan.chosen)
+        runnable = set(plan.order)
+        dropped = [it for it in claims if it.nodeid not in runnable]
+        self.left_out.update({n: why for n, why in plan.left_out.items() if n not in runnable})
+        rank = {nid: i for i, nid in enumerate(plan.order)}
+        others = [it for it in items if it.get_closest_marker("claim") is None]
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+        items[:] = others + sorted((it for it in claims if it.nodeid in runnable), key=lambda it: rank[it.nodeid])
+        planned_tl = sum(int(exp.nodes[n].get("token_layers") or 0) for n in plan.chosen) + sum(
+            exp.fixture_token_layers.get(f, 0) for f in {f for it in claims if it.nodeid in keep for f in it.fixturenames})
+        summary = (f"{budget:g} min: {len(plan.chosen)} of {len(claims)} claims planned, {planned_tl:,} token-layers, "
+                   f"about {format_duration(plan.cost)} of the {format_duration(max(deadline - now, 0))} left, at "
+                   f"{per_tl * 1e6:.2f} us per token-layer as measured now; {len(plan.order) - len(plan.chosen)} more "
+                   f"run, cheapest first, if the time left allows when each would start")
+        self.budget = {"plan": plan, "planned_tl": planned_tl, "deadline": deadline, "per_tl": per_tl,
+                           "summary": summary, "fixture_costs": fixture_costs, "costs": costs}
+        self.meta["budget"] = {"minutes": budget, "summary": summary, "chosen": list(plan.chosen),
+                                   "left_out": dict(plan.left_out)}
+        self.meta.setdefault("cost", {})["seconds_per_token_layer"] = per_tl
+        _progress(config, f"budget {summary}", force=True)
+        if hasattr(signal, "setitimer") and deadline > now:
+            def _out_of_time(signum, frame):
+                from rh.budget import BudgetExhausted
+
+                raise BudgetExhausted(f"the --budget of {budget:g} min ran out")
+
+            self.old_alarm = signal.signal(signal.SIGALRM, _out_of_time)
+            signal.setitimer(signal.ITIMER_REAL, deadline - now)
+
+    def pytest_runtest_setup(self, item: pytest.Item) -> None:
+        """With --budget: a claim that no longer fits the time left (re-estimated from how the claims
+        so far compared with their plan) is left out rather than started."""
+        if self.budget is None or item.get_closest_marker("claim") is None:
+            return
+        b = self.budget
+        planned_s = (b["costs"].get(item.nodeid) or 0.0) + sum(
+            b["fixture_costs"].get(f) or 0.0 for f in set(item.fixturenames) - self.paid)
+        actual, planned = self.timing
+        ratio = actual / planned if planned > 60 else 1.0
+        est_s = planned_s * max(ratio, 0.5)
+        left = b["deadline"] - time.perf_counter()
+        if est_s > left:
+            from rh.budget import format_duration
+
+            why = f"over budget: needs about {format_duration(est_s)}, {format_duration(max(left, 0))} left"
+            self.left_out[item.nodeid] = why
+            pytest.skip(f"left out: {why}")
+        self.paid |= set(item.fixturenames)
+        self.started_item = (time.perf_counter(), planned_s)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call):
+        """A claim stopped by the budget's deadline is left out (skipped, named), not an error."""
+        rep = yield
+        from rh.budget import BudgetExhausted
+
+        if call.excinfo is not None and call.excinfo.errisinstance(BudgetExhausted):
+            why = "the budget ran out while it ran"
+            self.left_out[item.nodeid] = why
+            rep.outcome = "skipped"
+            rep.longrepr = (str(item.path), item.location[1] or 0, f"left out: {why}")
+        from rh.published import HeadSetHasNoOrder
+
+        if call.excinfo is not None and call.excinfo.errisinstance(HeadSetHasNoOrder) and rep.failed:
+            reason = f"not applicable to a head set: {call.excinfo.value}"
+            rep.outcome = "skipped"
+            rep.longrepr = (str(item.path), item.location[1] or 0, reason)
+            marker = item.get_closest_marker("claim")
+            rep.user_properties.append((_VERDICT, {
+                "claim": str(marker.args[0]) if marker and marker.args else item.nodeid, "status": "inconclusive",
+                "reason": reason, "params": {}, "test": "", "n": 0}))
+        if call.when == "teardown" and self.started_item:
+            t0, est = self.started_item
+            self.started_item = None
+            if item.nodeid not in self.left_out:
+                self.timing[0] += time.perf_counter() - t0
+                self.timing[1] += est
+        return rep
+
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        config = session.config
+        if hasattr(config, "workerinput"):  # xdist worker: the controller writes the report
+            return
+        _stop_alarm(self)
+        if not self.claims_run and not self.left_out:
+            return
+        counter = self.counter
+        cost = self.meta.setdefault("cost", {})
+        cost.update({"total": counter.total - counter.counts.get("calibration", 0),
+                     "by": {k: v for k, v in sorted(counter.counts.items()) if k != "calibration"}})
+        status = int(exitstatus)
+        if self.expected is not None:
+            try:
+                status = _check_expected(config, self, status)
+            except Exception as exc:  # a comparison that fails must not lose the report
+                log.exception("could not compare with the expected verdicts")
+                self.expected_diff = [f"could not compare with {self.expected.path}: {exc}"]
+                status = status or 1
+        try:
+            paths = _write_report(config, self)
+        except Exception as exc:  # a report failure must not hide the test results
+            log.exception("could not write the rh report")
+            self.report_error = str(exc)
+            session.exitstatus = status or 1
+            return
+        self.report_paths = paths
+        session.exitstatus = status
+
+    def pytest_terminal_summary(self, terminalreporter, exitstatus, config) -> None:
+        verdicts = sorted(self.verdicts, key=lambda v: v.get("nodeid", ""))
+        if verdicts:
+            from rh.report import format_matrix
+
+            terminalreporter.write_sep("=", "rh claim matrix")
+            for line in format_matrix(verdicts, color=terminalreporter.hasmarkup,
+                                      width=terminalreporter._tw.fullwidth).splitlines():
+                terminalreporter.write_line(line)
+        if self.budget is not None:
+            terminalreporter.write_sep("-", "rh budget")
+            terminalreporter.write_line(self.budget["summary"])
+            for nid, why in sorted(self.left_out.items()):
+                terminalreporter.write_line(f"left out: {nid} ({why})")
+        total = self.meta.get("cost", {}).get("total")
+        if total is not None:
+            terminalreporter.write_line(f"rh forward passes: {total:,} token-layers (tokens x decoder layers executed)")
+        paths = self.report_paths
+        if paths:
+            terminalreporter.write_sep("-", "rh report")
+            for p in paths:
+                terminalreporter.write_line(str(p))
+        for line in self.expected_diff:
+            terminalreporter.write_line(f"rh expected verdicts: {line}")
+        err = self.report_error
+        if err:
+            terminalreporter.write_line(f"rh report could not be written: {err}", red=True)
+
+
+@pytest.fixture(scope="session")
+def rh_model(pytestconfig):
+    """The model under test, loaded once per session (its forward passes are counted)."""
+    return _session_model(pytestconfig)
+
+
+def _session_model(config: pytest.Config):
+    """Load the model once (the fixture, or the budget's calibration before the first claim)."""
+    state = _rh(config)
+    if state.model is None:
+        from rh.models import load_model
+
+        model = load_model(config.getoption("--model"), quant=config.getoption("--quant"),
+                           device=config.getoption("--device"), max_memory=config.getoption("--max-memory"),
+                           dtype=config.getoption("--dtype"))
+        state.counter.attach(model.model)
+        state.counter.on_count = lambda: _progress(config)
+        state.meta.update({"dtype": model.provenance["dtype"], "dtype_reason": model.provenance.get("dtype_reason")})
+        _progress(config, f"loaded {model.key} in {model.provenance['dtype']} "
+                          f"({model.provenance.get('dtype_reason', '')})", force=True)
+        if config.getoption("--budget") is not None or config.getoption("--update-expected"):
+            from rh.budget import calibrate
+
+            prof = _collection_profile(config)
+            with state.counter.charged_to("calibration"):
+                per_tl, how = calibrate(model, batch_size=prof.batch_size, length=prof.lengths[0])
+            state.per_tl = (per_tl, how)
+            state.meta.setdefault("cost", {}).update(seconds_per_token_layer=per_tl, calibration=how)
+            _progress(config, f"this machine: {how}", force=True)
+        state.model = model
+        state.loaded_at = time.perf_counter()
+    return state.model
+
+
+PROGRESS_EVERY_S = float(os.environ.get("RH_PROGRESS_SECONDS", "60"))  # at most this long between progress lines
+
+
+def _progress(config: pytest.Config, message: str | None = None, *, force: bool = False) -> None:
+    """A line on the terminal at least once a minute while claims run (pytest captures tqdm):
+    elapsed time, the claim or fixture running and the loop it is in (conditions done of planned),
+    token-layers done, and the time left: of the budget, or estimated from the token-layers an
+    expected-verdicts file recorded for these claims."""
+    state = _rh(config)
+    now = time.perf_counter()
+    if not force and now - state.last_progress < PROGRESS_EVERY_S:
+        return
+    state.last_progress = now
+    tr = config.pluginmanager.getplugin("terminalreporter")
+    capman = config.pluginmanager.getplugin("capturemanager")
+    if tr is None or hasattr(config, "workerinput"):
+        return
+    from rh.budget import format_duration
+
+    counter = state.counter
+    total = counter.total - counter.counts.get("calibration", 0)
+    plan = state.budget or state.estimate
+    planned = plan["planned_tl"] if plan is not None else 0
+    done = f"{total:,} token-layers"
+    if planned:
+        done += f" of {planned:,} {'planned' if state.budget else 'expected'} ({min(total / planned, 1):.0%})"
+    label = counter.label.removeprefix("fixture:")
+    text = message or f"running {label}"
+    if message is None and state.step is not None and state.step[0] and counter.label == state.step_label:
+        what, n, of = state.step
+        text += f", {what} {n}" + (f" of {of}" if of else "")
+    line = f"rh [{format_duration(now - state.t0)}] {text}; {done}"
+    if state.budget is not None:
+        line += f"; {format_duration(max(state.budget['deadline'] - now, 0))} of the budget left"
+    elif planned and state.loaded_at is not None and total > 0:
+        rate = (now - state.loaded_at) / total
+        line += f"; about {format_duration(max(planned - total, 0) * rate)} left at this pace"
+    with capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext():
+        tr.ensure_newline()
+        tr.write(line + "\n", flush=True)  # flushed: stdout is block-buffered when CI sends it to a file
+
+
+@pytest.fixture(scope="session")
+def profile(pytestconfig, rh_model):
+    from rh.profiles import get_profile
+
+    return get_profile(pytestconfig.getoption("--profile"), rh_model.shape, alpha=pytestconfig.getoption("--alpha"),
+                       **_head_set_levels(pytestconfig))
+
+
+@pytest.fixture(scope="session")
+def niah_samples(rh_model, profile):
+    """Prompts over the profile's tasks x lengths x depths."""
+    from rh.niah import build_samples
+
+    return build_samples(rh_model.tokenizer, profile.sweep(), chat=rh_model.instruct,
+                         max_positions=rh_model.max_positions)
+
+
+@pytest.fixture(scope="session")
+def niah_split(niah_samples, profile):
+    """(identify, validate): the seeded 80/20 split by sample id."""
+    from rh.niah import split_samples
+
+    return split_samples(niah_samples, frac=profile.identify_frac, seed=profile.split_seed)
+
+
+@pytest.fixture(scope="session")
+def validation(niah_split, profile):
+    """CA-1's validation prompts: the 20% side, on the profile's CA tasks."""
+    return [s for s in niah_split[1] if s.task in profile.tasks]
+
+
+@pytest.fixture(scope="session")
+def identify_ranking(pytestconfig, rh_model, profile):
+    """A function: (identification samples, method, sweep) -> (ranking, cache path), via the cache."""
+    from rh.pipeline import cached_identification, ranking_provenance
+
+    from rh.pipeline import load_sample_scores
+
+    def get(samples, method: str = "sum_attention", sweep=None, *, model=None, with_scores: bool = False):
+        m = model or rh_model
+        prov = ranking_provenance(m, sweep or profile.sweep(), method, samples,
+                                  identify_frac=profile.identify_frac, split_seed=profile.split_seed)
+        kwargs = dict(cache_dir=ranking_cache(pytestconfig), batch_size=profile.batch_size)
+        r, where, hit = cached_identification(m, samples, prov, recompute=pytestconfig.getoption("--recompute"),
+                                              **kwargs)
+        if not with_scores:
+            return r, where, hit
+        scored = load_sample_scores(where)
+        if scored is None:  # cached before per-sample scores were kept: compute them once
+            r, where, hit = cached_identification(m, samples, prov, recompute=True, **kwargs)
+            scored = load_sample_scores(where)
+        return r, where, hit, scored
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def ranking(pytestconfig, rh_model, profile, niah_split, identify_ranking):
+    """The ranking on the identification split (--method): from --rankings, the cache, or computed.
+    With ``--heads`` (or a head-set file) it is a :class:`rh.published.HeadSet`: ``top(k)`` exists
+    only for K = its size, and a claim asking for another K fails with a clear reason."""
+    external = _rh(pytestconfig).external
+    if external is not None:
+        r = external
+        r.check_shape(rh_model.shape)
+        where = pytestconfig.getoption("--rankings") or "--heads"
+        cache = "external"
+        if not hasattr(r, "scores"):  # a head set: no top-10 to show, no attention example by rank
+            _session_meta(pytestconfig)["ranking"] = {"path": str(where), "cache": cache, "provenance": r.provenance,
+                                                      "head_set": [str(h) for h in r.members]}
+            return r
+    else:
+        identify = [s for s in niah_split[0] if s.task in profile.tasks]
+        r, where, hit = identify_ranking(identify, pytestconfig.getoption("--method"))
+        cache = "hit" if hit else "computed"
+    _session_meta(pytestconfig)["ranking"] = {"path": str(where), "cache": cache, "provenance": r.provenance,
+                                              "top10": [str(h) for h in r.top(min(10, rh_model.shape.n_total))]}
+    _attention_example(pytestconfig, rh_model, r, [s for s in niah_split[1] if s.task in profile.tasks])
+    return r
+
+
+def _attention_example(config, model, ranking, validation) -> None:
+    """The top heads' last-token attention on one validation prompt, for the report's heatmap."""
+    from rh.scoring import last_token_attention
+
+    if not validation:
+        return
+    sample = validation[0]
+    heads = ranking.top(min(5, model.shape.n_total))
+    rows = last_token_attention(model, sample, heads)
+    _session_meta(config)["attention_example"] = {
+        "sample": sample.id, "heads": [str(h) for h in heads], "needle_span": list(sample.needle_span),
+        "answer_span": list(sample.answer_span), "rows": [[round(float(x), 5) for x in row] for row in rows],
+    }
+
+
+@pytest.fixture(scope="session")
+def baseline(pytestconfig, rh_model, validation, profile):
+    """Teacher-forced outcomes on the validation split with no intervention."""
+    from rh.causal import evaluate_baseline
+
+    df = evaluate_baseline(rh_model, validation, batch_size=profile.batch_size)
+    by_depth = df.groupby("depth")["correct"].mean()
+    _session_meta(pytestconfig)["baseline"] = {
+        "accuracy": float(df["correct"].mean()), "n": len(df),
+        "accuracy_by_depth": {f"{d:g}": float(a) for d, a in by_depth.items()},
+    }
+    return df
+
+
+@pytest.fixture
+def record_verdict(request, pytestconfig):
+    """Call with a ``Verdict``: attaches it to the test report (xdist-safe), then passes,
+    fails (refuted) or skips (inconclusive) the test accordingly. Under ``--expected`` the test
+    instead passes exactly when the verdict is the expected one (``--update-expected``: always)."""
+
+    marker = request.node.get_closest_marker("claim")
+    exp = _rh(pytestconfig).expected
+    expected = None if exp is None else ({} if pytestconfig.getoption("--update-expected") else exp.verdicts)
+    doc = " ".join((getattr(request.node, "function", None).__doc__ or "").split())
+
+    def record(verdict) -> None:
+        entry = verdict.to_dict()
+        entry["statement"] = doc
+        entry["source"] = marker.kwargs.get("source", "") if marker else ""
+        request.node.user_properties.append((_VERDICT, entry))
+        request.node.user_properties.append((_META, _session_meta(pytestconfig)))
+        if expected is not None and pytestconfig.getoption("--update-expected"):
+            return
+        if expected is not None:
+            key = _verdict_key(entry)
+            want = expected.get(key, "absent from the expected file")
+            assert verdict.status == want, (
+                f"{key}: expected {want}, got {verdict.status} -- if the science changed, rerun with "
+                f"--update-expected and commit the file\n" + verdict.explain())
+            return
+        if verdict.inconclusive:
+            pytest.skip(f"inconclusive: {verdict.reason}")
+        assert verdict.supported, "claim refuted:\n" + verdict.explain()
+
+    return record
+
+
+def _path_setting(config: pytest.Config, option: str, ini: str) -> Path:
+    value = config.getoption(option)
+    if value:
+        return Path(value)
+    return config.rootpath / config.getini(ini)
+
+
+def report_dir(config: pytest.Config) -> Path:
+    """``--report-dir``, else the ini value ``rh_report_dir`` under the rootdir."""
+    return _path_setting(config, "--report-dir", "rh_report_dir")
+
+
+def ranking_cache(config: pytest.Config) -> Path:
+    """``--ranking-cache``, else the ini value ``rh_ranking_cache`` under the rootdir."""
+    return _path_setting(config, "--ranking-cache", "rh_ranking_cache")
+
+
+@pytest.fixture(scope="session")
+def compare_model(pytestconfig):
+    """The --compare-model (e.g. the base variant of an instruct model), loaded once, or None."""
+    name = pytestconfig.getoption("--compare-model")
+    if not name:
+        return None
+    from rh.models import load_model
+
+    return load_model(name, quant=pytestconfig.getoption("--quant"), device=pytestconfig.getoption("--device"),
+                      dtype=pytestconfig.getoption("--dtype"))
+
+
+def _session_meta(config: pytest.Config) -> dict[str, Any]:
+    return _rh(config).meta
+
+
+# --------------------------------------------------------------------------- collection of verdicts
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """Carry each claim's id (``@pytest.mark.claim("CA-1")``) to its reports, for the error rows."""
+    marker = item.get_closest_marker("claim")
+    if marker is not None and marker.args:
+        item.user_properties.append((_CLAIM, str(marker.args[0])))
+
+
+def _short_error(report: pytest.TestReport) -> str:
+    crash = getattr(report.longrepr, "reprcrash", None)
+    return crash.message if crash is not None else str(report.longrepr)[-2000:]
+
+
+def _merge(into: dict, new: dict) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
+
+
+def _stop_alarm(state: RhSession) -> None:
+    import signal
+
+    if state.old_alarm is not None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, state.old_alarm)
+        state.old_alarm = None
+
+
+def _write_report(config: pytest.Config, state: RhSession) -> tuple[Path, Path]:
+    import torch
+    import transformers
+
+    import rh
+    from rh.plots import report_figures
+    from rh.report import report_stem, write_report
+
+    finished = datetime.now(timezone.utc)
+    meta = dict(state.meta)
+    meta.update({
+        "model": config.getoption("--model"), "profile": config.getoption("--profile"),
+        "rh_version": rh.__version__, "started": state.started.isoformat(timespec="seconds"),
+        "finished": finished.isoformat(timespec="seconds"),
+        "runtime_s": round(time.perf_counter() - state.t0, 1),
+        "command": "pytest " + " ".join(config.invocation_params.args),
+        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "platform": platform.platform(), "hardware": _hardware(),
+    })
+    figures = report_figures(state.verdicts, meta)
+    stem = report_stem(config.getoption("--model"), state.started)
+    return write_report(state.verdicts, meta, report_dir(config), stem, figures)
+
+
+def _verdict_key(v: dict) -> str:
+    params = ",".join(f"{k}={v2}" for k, v2 in sorted((v.get("params") or {}).items()) if k != "heads")
+    return f"{v.get('claim')}[{params}]"
+
+
+def _check_expected(config: pytest.Config, state: RhSession, exitstatus: int) -> int:
+    """Compare statuses with the expected file (or write it); the run passes iff no verdict it
+    checked changed. Claims deliberately not run (--budget, -k) are listed, not compared."""
+    from rh.expected import compare, update
+    from rh.io import atomic_write_json
+
+    exp = state.expected
+    rows = [v for v in state.verdicts if v.get("nodeid") not in state.left_out]
+    left_out = dict(state.left_out)
+    left_out.update({n: "deselected" for n in state.deselected if n not in left_out})
+    if config.getoption("--update-expected"):
+        run = {r["nodeid"] for r in rows}
+        complete = not left_out and set(exp.nodes) <= run
+        model = state.model
+        dtype = model.provenance["dtype"] if model is not None else "unknown"
+        hw = _hardware()
+        recorded = (f"{state.started.date().isoformat()}, {hw.get('cpu', '')}, {dtype}, "
+                    f"{len(rows)} claims, `pytest {' '.join(config.invocation_params.args)}`")
+        counter = state.counter
+        fixture_cost = {k.removeprefix("fixture:"): v for k, v in counter.counts.items() if k.startswith("fixture:")}
+        fixture_s = {k.removeprefix("fixture:"): v for k, v in counter.seconds.items() if k.startswith("fixture:")}
+        per_tl = state.per_tl[0]
+        new, lines = update(exp, rows, model=config.getoption("--model"), profile=config.getoption("--profile"),
+                            dtype=dtype, recorded=recorded, fixture_token_layers=fixture_cost, complete=complete,
+                            fixture_seconds=fixture_s, seconds_per_token_layer=per_tl)
+        atomic_write_json(exp.path, new.as_json())
+        state.expected_diff = lines
+        return 1 if any(r["status"] == "error" for r in rows) else 0
+    result = compare(exp, rows, left_out=left_out)
+    state.expected_diff = result.lines
+    state.meta["expected"] = {"path": str(exp.path), "ok": result.ok, "checked": result.checked,
+                                 "left_out": result.left_out, "lines": result.lines}
+    if result.checked == 0:
+        state.expected_diff.append("no claim was checked against the file: the run proves nothing")
+        return 1
+    return 1 if not result.ok else (0 if exitstatus in (0, 1) else exitstatus)
+
+
+def _hardware() -> dict[str, Any]:
+    import os
+
+    import torch
+
+    from rh.models import cpu_description
+
+    hw: dict[str, Any] = {"cpu": cpu_description(), "cpu_count": os.cpu_count(),
+                          "torch_threads": torch.get_num_threads(),
+                          "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    if hasattr(os, "getloadavg"):
+        hw["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    if torch.cuda.is_available():
+        hw["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return hw
+
+
+_PARAMETRIZED = {  # fixture name -> (profile field, test id)
+    "ablation_k": ("ablation_levels", lambda k: f"K={k}"),
+    "inverse_k": ("inverse_levels", lambda k: f"K={k}"),
+    "id_task": ("id_tasks", str),
+    "claim_depth": ("depths", lambda d: f"depth={d:g}"),
+    "iv_level": ("incremental_levels", lambda n: f"top{n}"),
+    "iv_pattern": ("override_patterns", str),
+}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrize claims over the profile's K levels, tasks and depths (known from the model's
+    shape, which the registry or the model's config gives without loading weights)."""
+    wanted = [name for name in _PARAMETRIZED if name in metafunc.fixturenames]
+    if not wanted or metafunc.definition.get_closest_marker("claim") is None:
+        return
+    prof = _collection_profile(metafunc.config)
+    for name in wanted:
+        field, ids = _PARAMETRIZED[name]
+        metafunc.parametrize(name, getattr(prof, field), ids=ids)
+
+
+def _collection_profile(config: pytest.Config):
+    from rh.models import expected_shape
+    from rh.profiles import get_profile
+
+    shape = expected_shape(config.getoption("--model"))
+    try:
+        return get_profile(config.getoption("--profile"), shape, alpha=config.getoption("--alpha"),
+                           **_head_set_levels(config))
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+def _estimate(config: pytest.Config, expected, claims: list[pytest.Item]) -> dict[str, Any] | None:
+    """Token-layers these claims cost when the expected-verdicts file (``--expected``, else
+    ``<rh_expected_dir>/<model>.json``) recorded them: what the progress lines count down."""
+    if expected is None:
+        folder = config.getini("rh_expected_dir")
+        path = config.rootpath / folder / f"{config.getoption('--model')}.json" if folder else None
+        if path is None or not path.is_file():
+            return None
+        from rh.expected import load_expected
+
+        try:
+            expected = load_expected(path)
+        except (ValueError, OSError):
+            return None
+    nodes = [expected.nodes.get(it.nodeid) for it in claims]
+    if not any(nodes):
+        return None
+    fixtures = {f for it in claims for f in it.fixturenames}
+    planned = sum(int((n or {}).get("token_layers") or 0) for n in nodes) + sum(
+        int(tl or 0) for f, tl in expected.fixture_token_layers.items() if f in fixtures)
+    return {"planned_tl": planned, "source": str(expected.path)} if planned else None
+
+
+def _head_set_levels(config: pytest.Config) -> dict[str, Any]:
+    """A head set under test has one K: its size (CA-1's top K is the set; no other K exists)."""
+    external = _rh(config).external
+    if external is None or hasattr(external, "scores"):
+        return {}
+    return {"ablation_levels": (len(external),)}

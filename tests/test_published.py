@@ -1,0 +1,234 @@
+"""Loaders for published head files (rh.published): each format read into a ranking or a head set,
+in order and with scores where the format has them, and every malformed file refused with a
+message naming it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from rh.heads import Head, HeadShape
+from rh.published import HeadSet, HeadSetHasNoOrder, load_heads, parse_head_set, ties_at_cut
+from rh.rankings import Ranking
+
+pytestmark = pytest.mark.unit
+
+SHAPE = HeadShape(4, 8, 2, 16)  # the tiny Llama: 4 layers x 8 query heads, 2 KV heads (groups of 4)
+
+
+def _write(tmp_path, name, content):
+    p = tmp_path / name
+    p.write_text(content if isinstance(content, str) else json.dumps(content))
+    return p
+
+
+def _qrhead_rows(seed=0):
+    """QRHead's detection output: every head with a score, best first (as its score_heads sorts)."""
+    rng = np.random.default_rng(seed)
+    rows = [(f"{l}-{h}", float(rng.random())) for l in range(4) for h in range(8)]
+    return sorted(rows, key=lambda r: r[1], reverse=True)
+
+
+# --------------------------------------------------------------------------- QRHead
+
+
+def test_qrhead_scores_load_as_a_ranking_in_the_files_order(tmp_path):
+    rows = _qrhead_rows()
+    r = load_heads(_write(tmp_path, "qr.json", rows), shape=SHAPE)
+    assert isinstance(r, Ranking) and r.method == "qrhead"
+    assert [str(h) for h in r.heads] == [f"L{k.split('-')[0]}H{k.split('-')[1]}" for k, _ in rows]
+    assert r.scores[Head(*map(int, rows[0][0].split("-")))] == rows[0][1]
+    assert r.provenance["source_format"] == "qrhead"
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda rows: rows[:-3], "scores 29 heads, but the model has 32"),
+    (lambda rows: rows[:-1] + [rows[0]], "listed twice"),
+    (lambda rows: [["x-1", 0.5]] + rows[1:], "row 1 ('x-1') is not a head"),
+    (lambda rows: [["9-0", 0.5]] + rows[1:], "outside the model"),
+    (lambda rows: rows[:1] + [[rows[1][0], "high"]] + rows[2:], "row 2 (["),
+])
+def test_a_bad_qrhead_file_is_refused_naming_it(tmp_path, mutate, message):
+    path = _write(tmp_path, "qr.json", mutate(_qrhead_rows()))
+    with pytest.raises(ValueError) as err:
+        load_heads(path, shape=SHAPE)
+    assert message in str(err.value) and str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("name, content", [
+    ("set.json", json.dumps("2-5,1-3,,,0-7")),  # a JSON string; empty items as in QRHead's configs
+    ("set.txt", "2-5,1-3,0-7\n"),  # a bare string in a text file
+    ("config.yaml", 'attn_head_set: "2-5,1-3,0-7" # top3\nmodel_base_class: "x"\n'),  # a QRHead config
+])
+def test_qrhead_head_set_strings_load_as_a_head_set(tmp_path, name, content):
+    s = load_heads(_write(tmp_path, name, content), shape=SHAPE)
+    assert isinstance(s, HeadSet)
+    assert set(s.members) == {Head(2, 5), Head(1, 3), Head(0, 7)}
+
+
+# --------------------------------------------------------------------------- DuoAttention
+
+
+def _duo_tsv(gates):
+    return "\n".join("\t".join(f"{g:.18e}" for g in row) for row in gates) + "\n"
+
+
+def test_duoattention_gates_rank_query_heads_by_their_kv_groups_gate(tmp_path):
+    gates = np.array([[0.6, 0.0], [1.0, 0.4], [0.0, 0.99], [0.4, 0.2]])
+    r = load_heads(_write(tmp_path, "full_attention_heads.tsv", _duo_tsv(gates)), shape=SHAPE)
+    assert isinstance(r, Ranking) and r.method == "duo_attention"
+    # independently: query head h of layer l takes gate[l, h // 4] (DuoAttention's repeat_interleave)
+    per_query = np.repeat(gates, 4, axis=1)
+    for l in range(4):
+        for h in range(8):
+            assert r.scores[Head(l, h)] == pytest.approx(per_query[l, h])
+    # the stated tie rule: gate descending, then layer, then query head, ascending
+    expected = sorted(((l, h) for l in range(4) for h in range(8)), key=lambda x: (-per_query[x], x[0], x[1]))
+    assert [(h.layer, h.head) for h in r.heads] == expected
+    assert r.heads[:4] == [Head(1, 0), Head(1, 1), Head(1, 2), Head(1, 3)]
+    # a cut inside a KV group splits a tie of 4, a cut at a group boundary splits none
+    assert ties_at_cut(r, 2) == 4 and ties_at_cut(r, 4) == 0
+
+
+@pytest.mark.parametrize("text, message", [
+    (_duo_tsv(np.full((3, 2), 0.5)), "has 3 rows, but the model has 4 layers"),  # truncated
+    (_duo_tsv(np.full((4, 3), 0.5)), "row 1 has 3 columns, but the model has 2 KV heads"),
+    (_duo_tsv(np.full((4, 2), 0.5)).replace("5.0", "x5.0", 1), "is not a number"),
+    (_duo_tsv(np.array([[0.5, 1.5]] + [[0.5, 0.5]] * 3)), "a gate must lie in [0, 1]"),
+    (_duo_tsv(np.full((4, 2), 0.5)).replace("\t", "  "), "columns"),  # spaces, not tabs
+])
+def test_a_bad_duoattention_file_is_refused_naming_it(tmp_path, text, message):
+    path = _write(tmp_path, "full_attention_heads.tsv", text)
+    with pytest.raises(ValueError) as err:
+        load_heads(path, shape=SHAPE)
+    assert message in str(err.value) and str(path) in str(err.value)
+
+
+# --------------------------------------------------------------------------- per-layer JSON
+
+
+def test_a_razorattention_style_per_layer_set_loads_as_a_head_set(tmp_path):
+    s = load_heads(_write(tmp_path, "razor.json", {"1": [3, 0], "3": [7]}), shape=SHAPE)
+    assert isinstance(s, HeadSet) and s.members == (Head(1, 0), Head(1, 3), Head(3, 7))
+
+
+def test_a_compresskv_style_per_layer_order_needs_per_layer(tmp_path):
+    rng = np.random.default_rng(1)
+    order = {str(l): [int(h) for h in rng.permutation(8)] for l in range(4)}
+    path = _write(tmp_path, "compress.json", order)
+    with pytest.raises(ValueError, match="lists every head of every layer"):
+        load_heads(path, shape=SHAPE)
+    s = load_heads(path, shape=SHAPE, per_layer=2)
+    assert set(s.members) == {Head(l, h) for l in range(4) for h in order[str(l)][:2]}
+    assert s.provenance["per_layer"] == 2
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"1": [3, 0], "1": [7]}', "key '1' appears twice"),  # duplicate keys: JSON parsers keep the last
+    ('{"01": [3], "1": [4]}', "layer key '01' is not written plainly"),
+    ('{"1": [3, 3]}', "lists a head twice"),
+    ('{"1": [8]}', "outside the model"),
+    ('{"7": [0]}', "layer 7 is outside the model"),
+    ('{"1": ["a"]}', "must list query-head indices"),
+    ('{"1": [3, 0]', "not valid JSON"),  # truncated
+])
+def test_a_bad_per_layer_file_is_refused_naming_it(tmp_path, text, message):
+    path = _write(tmp_path, "heads.json", text)
+    with pytest.raises(ValueError) as err:
+        load_heads(path, shape=SHAPE)
+    assert message in str(err.value) and str(path) in str(err.value)
+
+
+# --------------------------------------------------------------------------- plain head sets
+
+
+@pytest.mark.parametrize("name, content", [
+    ("heads.json", '["L2H5", "1-3", [0, 7]]'),
+    ("heads.yaml", "- L2H5\n- 1-3\n- L0H7\n"),
+])
+def test_a_plain_list_of_heads_loads_as_a_head_set(tmp_path, name, content):
+    s = load_heads(_write(tmp_path, name, content), shape=SHAPE)
+    assert isinstance(s, HeadSet) and set(s.members) == {Head(2, 5), Head(1, 3), Head(0, 7)}
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("heads.json", '["L2H5", "L2H5"]', "listed twice"),
+    ("heads.json", '["L2H5", "2-05"]', "listed twice"),  # an equivalent spelling is the same head
+    ("heads.json", '["L2H5", "L"]', "item 2 ('L') is not a head"),
+    ("heads.yaml", "a: [1]\na: [2]\n", "duplicate key"),
+    ("heads.json", "", "is empty"),
+])
+def test_a_bad_head_list_is_refused_naming_it(tmp_path, name, content, message):
+    path = _write(tmp_path, name, content)
+    with pytest.raises(ValueError) as err:
+        load_heads(path, shape=SHAPE)
+    assert message in str(err.value) and str(path) in str(err.value)
+
+
+def test_a_binary_or_missing_file_is_named(tmp_path):
+    path = tmp_path / "heads.json"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    with pytest.raises(ValueError, match="not a text file") as err:
+        load_heads(path, shape=SHAPE)
+    assert str(path) in str(err.value)
+    with pytest.raises(FileNotFoundError, match="nowhere.json"):
+        load_heads(tmp_path / "nowhere.json", shape=SHAPE)
+
+
+def test_heads_on_the_command_line():
+    s = parse_head_set("L2H5, 1-3,", SHAPE)
+    assert s.members == (Head(1, 3), Head(2, 5))
+    with pytest.raises(ValueError, match="--heads: head L2H5 is listed twice"):
+        parse_head_set("L2H5,L2H5", SHAPE)
+    with pytest.raises(ValueError, match="names no head"):
+        parse_head_set(" , ", SHAPE)
+
+
+# --------------------------------------------------------------------------- a set is not an order
+
+
+def test_a_head_set_defines_top_k_only_at_its_own_size():
+    s = parse_head_set("L2H5,L1H3,L0H7", SHAPE)
+    assert s.top(3) == [Head(0, 7), Head(1, 3), Head(2, 5)]
+    with pytest.raises(HeadSetHasNoOrder, match="the top 2 heads needs an order.*K=3"):
+        s.top(2)
+    with pytest.raises(HeadSetHasNoOrder):
+        s.bottom(3)
+    for seed in range(20):
+        drawn = s.random_outside_top(3, seed=seed)
+        assert len(set(drawn)) == 3 and not set(drawn) & set(s.members)
+        matched = s.random_layer_matched(3, seed=seed)
+        assert sorted(h.layer for h in matched) == [0, 1, 2] and not set(matched) & set(s.members)
+
+
+def test_a_file_for_another_model_is_refused(tmp_path):
+    big = HeadShape(32, 32, 8, 128)
+    rows = [(f"{l}-{h}", 1.0 / (1 + l * 32 + h)) for l in range(32) for h in range(32)]
+    with pytest.raises(ValueError, match="scores 1024 heads, but the model has 32"):
+        load_heads(_write(tmp_path, "qr.json", rows), shape=SHAPE)
+    assert len(load_heads(tmp_path / "qr.json", shape=big).heads) == 1024
+    with pytest.raises(ValueError, match="has 4 rows, but the model has 32 layers"):
+        load_heads(_write(tmp_path, "duo.tsv", _duo_tsv(np.full((4, 2), 0.5))), shape=big)
+
+
+def test_rh_and_wu24_rankings_still_load_through_the_same_entry(tmp_path):
+    rng = np.random.default_rng(3)
+    scores = {h: float(rng.random()) for h in SHAPE.all_heads()}
+    ours = Ranking("sum_attention", SHAPE, scores)
+    ours.save(tmp_path / "ours.json")
+    assert load_heads(tmp_path / "ours.json", shape=SHAPE).heads == ours.heads
+    wu = {f"{h.layer}-{h.head}": [v, v] for h, v in scores.items()}
+    assert load_heads(_write(tmp_path, "wu.json", wu), shape=SHAPE).heads == ours.heads
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"0-0": [0.1], "0-1": [0.2], "0-1": [99]}', "key '0-1' appears twice"),  # the last would win: L0H1 on top
+    ('{"0-0": [0.1], "0-1": [0.2], "0-01": [99]}', "head L0H1 is listed twice"),  # an equivalent spelling
+])
+def test_a_wu24_file_listing_a_head_twice_is_refused(tmp_path, text, message):
+    path = _write(tmp_path, "wu24.json", text)
+    with pytest.raises(ValueError) as err:
+        load_heads(path, shape=SHAPE)
+    assert message in str(err.value) and str(path) in str(err.value)
