@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +27,25 @@ def _identify(args: argparse.Namespace) -> int:
     from rh.profiles import get_profile
     from rh.scoring import Wu24Options, general_heads
 
+    from rh.models import expected_shape, resolve_spec
+
+    for name in ("n", "batch_size", "top", "topk"):  # 0 is not "the default": refuse it, before the model loads
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {value}: give a positive whole number")
+    if args.out:
+        out = Path(args.out)
+        if out.suffix and out.suffix.lower() not in (".json", ".csv"):
+            raise ValueError(f"--out {args.out}: a ranking is saved as .json or .csv (or give a folder)")
+        folder = out if not out.suffix else out.parent
+        probe = folder if folder.exists() else next((p for p in folder.parents if p.exists()), Path("."))
+        if not probe.is_dir() or not os.access(probe, os.W_OK):
+            raise ValueError(f"--out {args.out}: {probe} is not writable (or not a folder); choose another path")
+    from rh.tasks import get_task
+
+    for t in args.task or ():
+        get_task(t)  # an unknown task is named now, not after the model has loaded
+    get_profile(args.profile, expected_shape(args.model))  # the model's shape, without its weights
     model = load_model(args.model, quant=args.quant, device=args.device, dtype=args.dtype)
     prof = get_profile(args.profile, model.shape)
     sweep = Sweep(
@@ -39,7 +59,9 @@ def _identify(args: argparse.Namespace) -> int:
                           once_per_position=args.once_per_position, score_prefill=not args.skip_first_step,
                           span=args.span) if args.method == "wu24" else None
     groups = {t: [s for s in ident if s.task == t] for t in sweep.tasks} if args.per_task else {"all": ident}
-    cache = Path(args.cache or DEFAULT_CACHE)
+    # a random test model's rankings never go into the folder of committed ones
+    cache = Path(args.cache) if args.cache else (
+        Path(".rh/rankings") if resolve_spec(args.model).kind == "random" else DEFAULT_CACHE)
     rankings = {}
     for name, subset in groups.items():
         prov = ranking_provenance(model, sweep, args.method, subset, identify_frac=frac, split_seed=prof.split_seed,

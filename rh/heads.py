@@ -70,7 +70,10 @@ class Head(NamedTuple):
 
 
 def parse_heads(specs: Iterable[str | tuple[int, int] | Head]) -> list[Head]:
-    """Parse many head specs, keeping order."""
+    """Parse many head specs, keeping order. One string is refused rather than read character by
+    character (``"L0H1"`` would otherwise be the heads 'L', '0', 'H', '1')."""
+    if isinstance(specs, str):
+        raise ValueError(f"heads={specs!r} is one string: pass a list of heads, e.g. [{', '.join(repr(x.strip()) for x in specs.split(',') if x.strip())}]")
     return [Head.parse(s) for s in specs]
 
 

@@ -7,10 +7,12 @@ import dataclasses
 import functools
 import hashlib
 import importlib.metadata as md
+import json
 import logging
 import os
 import platform
 import re
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -117,6 +119,14 @@ def resolve_spec(name: str) -> ModelSpec:
                 f"model directory {str(path)!r} has no config.json: point --model at a folder "
                 "written by save_pretrained (config.json, weights, tokenizer files)"
             )
+        try:
+            cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except (ValueError, OSError) as exc:
+            raise ValueError(f"model directory {str(path)!r}: config.json is unreadable ({exc}); rewrite it with "
+                             "save_pretrained") from None
+        if not isinstance(cfg, dict) or "model_type" not in cfg:
+            raise ValueError(f"model directory {str(path)!r}: config.json names no model_type (is it empty?); point "
+                             "--model at a folder written by save_pretrained")
         return ModelSpec(path.name, "local", str(path.resolve()), instruct=_looks_instruct(path.name))
     if _looks_like_repo_id(name):
         return ModelSpec(name, "hub", name, instruct=_looks_instruct(name))
@@ -136,9 +146,56 @@ def _looks_instruct(name: str) -> bool:
     return re.search(r"instruct|chat|(^|[-_])it($|[-_])", name.lower()) is not None
 
 
-def hf_token() -> str | None:
+@functools.lru_cache(maxsize=None)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within ``timeout`` seconds (once per
+    process). When it does not, rh asks transformers for local files only: a model in the local
+    cache still loads, and any other fails at once with the offline message, instead of after the
+    hub client's minute of retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _hub_kwargs(spec: ModelSpec) -> dict[str, Any]:
+    return {"local_files_only": True} if spec.kind == "hub" and not hub_reachable() else {}
+
+
+def _hub_failure(spec: ModelSpec, exc: BaseException, *, has_token: bool) -> BaseException:
+    """The error to raise for a failed hub load, to be raised ``from None``: the chained frames of
+    the hub client carry the token among their arguments, and pytest prints frame arguments."""
+    err = _access_error(spec, exc, has_token=has_token)
+    if err is not exc or spec.kind != "hub":
+        return err
+    from rh.report import redact
+
+    return ModelAccessError(f"{spec.source} could not be loaded: {type(exc).__name__}: {redact(str(exc))}")
+
+
+class Secret(str):
+    """A token: the string itself wherever it is used, but hidden from ``repr`` (tracebacks that
+    print frame arguments or locals, such as pytest's ``--showlocals``, show ``'hf_***'``)."""
+
+    def __repr__(self) -> str:
+        return "'hf_***'"
+
+
+def hf_token() -> Secret | None:
     """The Hugging Face token: ``HF_TOKEN`` in the environment, else in a ``.env`` file, else
-    Colab's ``userdata``. Never logged or returned in any report."""
+    Colab's ``userdata``. Never logged or returned in any report; its ``repr`` hides it."""
+    tok = _find_token()
+    return Secret(tok) if tok else None
+
+
+def _find_token() -> str | None:
     tok = os.environ.get("HF_TOKEN")
     if tok:
         return tok
@@ -170,12 +227,12 @@ def expected_shape(name: str) -> HeadShape:
 
     token = hf_token() if spec.kind == "hub" else None
     try:
-        cfg = AutoConfig.from_pretrained(spec.source, token=token)
+        cfg = AutoConfig.from_pretrained(spec.source, token=token, **_hub_kwargs(spec))
     except Exception as exc:
-        err = _access_error(spec, exc, has_token=bool(token))
+        err = _hub_failure(spec, exc, has_token=bool(token))
         if err is exc:
             raise
-        raise err from exc
+        raise err from None
     return _config_shape(cfg)
 
 
@@ -437,13 +494,13 @@ def _load_pretrained(spec, device, dtype, quant, max_memory, attn_implementation
             else BitsAndBytesConfig(load_in_8bit=True)
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(spec.source, token=token)
-        model = AutoModelForCausalLM.from_pretrained(spec.source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(spec.source, token=token, **_hub_kwargs(spec))
+        model = AutoModelForCausalLM.from_pretrained(spec.source, **kwargs, **_hub_kwargs(spec))
     except Exception as exc:  # translate hub failures into a message that says what to do
-        err = _access_error(spec, exc, has_token=bool(token))
+        err = _hub_failure(spec, exc, has_token=bool(token))
         if err is exc:
             raise
-        raise err from exc
+        raise err from None
     if "device_map" not in kwargs:
         model.to(device)
     revision = getattr(model.config, "_commit_hash", None)
@@ -680,9 +737,9 @@ def load_tokenizer(name: str = DEFAULT_MODEL) -> Any:
 
     token = hf_token() if spec.kind == "hub" else None
     try:
-        return AutoTokenizer.from_pretrained(spec.source, token=token)
+        return AutoTokenizer.from_pretrained(spec.source, token=token, **_hub_kwargs(spec))
     except Exception as exc:
-        err = _access_error(spec, exc, has_token=bool(token))
+        err = _hub_failure(spec, exc, has_token=bool(token))
         if err is exc:
             raise
-        raise err from exc
+        raise err from None

@@ -7,7 +7,9 @@ so a ranking computed by one is found by the other.
 from __future__ import annotations
 
 import hashlib
+import json
 import io
+import zipfile
 import logging
 import time
 from collections.abc import Sequence
@@ -17,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from rh.io import atomic_write_bytes
+from rh.io import atomic_write_bytes, atomic_write_json
 from rh.models import LoadedModel
 from rh.niah import PROMPT_VERSION, Sample, Sweep
 from rh.rankings import Ranking, cache_path, cached_ranking
@@ -103,14 +105,27 @@ def cached_identification(
     cache file, so a killed run resumes) and stored. Returns ``(ranking, path, hit)``."""
     path = cache_path(cache_dir, provenance)
     checkpoint = path.with_suffix(".partial.json")
+    refused = path.with_suffix(".refused.json")  # these prompts gave no ranking: remembered, not rescored
+    if refused.exists() and not recompute:
+        try:
+            reason = json.loads(refused.read_text())["reason"]
+        except (ValueError, KeyError, TypeError, OSError):
+            reason = None
+        if reason:
+            raise ValueError(f"{reason} (found in {refused.name}; --recompute scores the samples again)")
 
     def compute() -> Ranking:
         t0 = time.perf_counter()
         scorer = identification_model(model, provenance["dtype"])
         scored = score_samples(scorer, identify_samples, provenance["method"], options=options,
                                batch_size=batch_size, checkpoint=checkpoint, progress=progress)
+        try:
+            ranking = aggregate(model.shape, identify_samples, scored, provenance=provenance)
+        except ValueError as exc:  # e.g. Wu24 on a model that retrieves nothing: no scores file, the refusal kept
+            atomic_write_json(refused, {"reason": str(exc), "provenance": provenance})
+            raise
+        refused.unlink(missing_ok=True)
         save_sample_scores(samples_path(path), scored)
-        ranking = aggregate(model.shape, identify_samples, scored, provenance=provenance)
         ranking.provenance["runtime_s"] = round(time.perf_counter() - t0, 2)
         return ranking
 
@@ -135,6 +150,10 @@ def load_sample_scores(ranking_path: str | Path) -> SampleScores | None:
     path = samples_path(ranking_path)
     if not path.exists():
         return None
-    with np.load(path, allow_pickle=False) as z:
-        return SampleScores(str(z["method"]), [str(x) for x in z["ids"]], z["scores"], z["counted"],
-                            [{} for _ in z["ids"]])
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return SampleScores(str(z["method"]), [str(x) for x in z["ids"]], z["scores"], z["counted"],
+                                [{} for _ in z["ids"]])
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+        raise ValueError(f"the per-sample scores {str(path)!r} are unreadable ({type(exc).__name__}: {exc}): rerun "
+                         "with --recompute (or delete the file) to score the samples again") from None

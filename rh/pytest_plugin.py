@@ -76,9 +76,12 @@ def pytest_configure(config: pytest.Config) -> None:
     from rh.expected import load_expected
     from rh.models import resolve_spec
 
-    try:  # a bad --model is a usage error, reported before anything is collected
+    from rh.models import ModelAccessError, expected_shape
+
+    try:  # a bad --model is a usage error, reported before anything is collected or loaded
         resolve_spec(config.getoption("--model"))
-    except (ValueError, FileNotFoundError) as exc:
+        shape = expected_shape(config.getoption("--model"))  # off the registry: its config.json, once
+    except (ValueError, FileNotFoundError, ModelAccessError) as exc:
         raise pytest.UsageError(f"--model: {exc}") from None
     budget = config.getoption("--budget")
     if budget is not None and not budget > 0:
@@ -92,17 +95,29 @@ def pytest_configure(config: pytest.Config) -> None:
             expected = load_expected(path, missing_ok=bool(config.getoption("--update-expected")))
         except (ValueError, FileNotFoundError) as exc:
             raise pytest.UsageError(str(exc)) from None
+        if config.getoption("--update-expected"):  # the file is written at the end: refuse an unwritable place now
+            target = Path(path)
+            folder = next((p for p in (target.parent, *target.parent.parents) if p.exists()), Path("."))
+            if not folder.is_dir() or not os.access(folder, os.W_OK) or (target.exists() and not target.is_file()):
+                raise pytest.UsageError(f"--update-expected: {path} cannot be written ({folder} is not a writable "
+                                        "folder); choose another path")
     if budget is not None:
         if expected is None or not expected.nodes:
             raise pytest.UsageError("--budget plans from the token-layers recorded in an expected-verdicts file: pass "
                                     "--expected PATH of a file written by --update-expected")
         if getattr(config.option, "numprocesses", None):
             raise pytest.UsageError("--budget plans one process: drop -n")
-    external = _external_heads(config)
+    external = _external_heads(config, shape)
     config.addinivalue_line("markers", "claim(id, source=...): a research claim checked on a model (rh)")
-    session = RhSession(config, expected=expected, external=external)
+    session = RhSession(config, expected=expected, external=external, shape=shape)
     config.stash[_SESSION] = session
     config.pluginmanager.register(session, PLUGIN_NAME)
+    _collection_profile(config)  # --alpha, --heads against the profile: usage errors now, not at collection
+    reports = report_dir(config)
+    probe = next((p for p in (reports, *reports.parents) if p.exists()), None)
+    if probe is None or not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise pytest.UsageError(f"--report-dir {reports}: {probe or reports} is not a writable folder; choose another "
+                                "(the report would be lost at the end of the run)")
     from rh import progress
 
     session.progress_token = progress.listen(session.on_progress)
@@ -117,7 +132,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         session.progress_token = None
 
 
-def _external_heads(config: pytest.Config):
+def _external_heads(config: pytest.Config, shape):
     """``--rankings`` / ``--heads``, loaded and checked against the model's shape before any weights
     load (the registry or the model's config.json gives the shape)."""
     path, spec, per_layer = (config.getoption(o) for o in ("--rankings", "--heads", "--per-layer"))
@@ -127,10 +142,8 @@ def _external_heads(config: pytest.Config):
         raise pytest.UsageError("--per-layer M needs --rankings PATH of a per-layer {layer: [heads]} file")
     if not (path or spec):
         return None
-    from rh.models import expected_shape
     from rh.published import load_heads, parse_head_set
 
-    shape = expected_shape(config.getoption("--model"))
     try:
         if spec:
             return parse_head_set(spec, shape)
@@ -153,12 +166,13 @@ class RhSession:
     """One run's state, registered as a plugin: the verdicts collected, the session's metadata, the
     forward passes' counter, the budget's plan, and the report written at the end."""
 
-    def __init__(self, config: pytest.Config, *, expected=None, external=None) -> None:
+    def __init__(self, config: pytest.Config, *, expected=None, external=None, shape=None) -> None:
         from rh.budget import TokenLayerCounter
 
         self.config = config
         self.expected = expected
         self.external = external  # a Ranking or HeadSet from --rankings / --heads, or None
+        self.shape = shape  # the model's head shape, known before its weights load
         self.verdicts: list[dict[str, Any]] = []
         self.meta: dict[str, Any] = {}
         self.claims_run = 0
@@ -636,7 +650,13 @@ def report_dir(config: pytest.Config) -> Path:
 
 
 def ranking_cache(config: pytest.Config) -> Path:
-    """``--ranking-cache``, else the ini value ``rh_ranking_cache`` under the rootdir."""
+    """``--ranking-cache``, else the ini value ``rh_ranking_cache`` under the rootdir; rankings of a
+    random test model (``tiny-llama``) go to ``.rh/rankings`` under the rootdir instead, never into
+    a folder of committed rankings."""
+    from rh.models import resolve_spec
+
+    if not config.getoption("--ranking-cache") and resolve_spec(config.getoption("--model")).kind == "random":
+        return config.rootpath / ".rh" / "rankings"
     return _path_setting(config, "--ranking-cache", "rh_ranking_cache")
 
 
@@ -796,10 +816,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def _collection_profile(config: pytest.Config):
-    from rh.models import expected_shape
     from rh.profiles import get_profile
 
-    shape = expected_shape(config.getoption("--model"))
+    shape = _rh(config).shape
     try:
         return get_profile(config.getoption("--profile"), shape, alpha=config.getoption("--alpha"),
                            **_head_set_levels(config))

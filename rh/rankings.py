@@ -171,7 +171,11 @@ def load_ranking(path: str | Path, *, shape: HeadShape | None = None, fmt: str =
         raise ValueError(f"unknown ranking format {fmt!r}: use one of {', '.join(FORMATS)} or 'auto'")
     if not path.exists():
         raise FileNotFoundError(f"{where} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{where} is not a text file ({exc.reason} at byte {exc.start}): give the JSON or CSV "
+                         "ranking itself") from None
     if fmt == "rh-csv" or (fmt == "auto" and (path.suffix.lower() == ".csv" or text.startswith("# "))):
         ranking = _from_csv(text, where)
     else:
@@ -264,6 +268,10 @@ def _from_csv(text: str, where: str) -> Ranking:
     try:
         meta = json.loads(lines[0][2:]) if lines and lines[0].startswith("# ") else {}
         rows = list(csv.DictReader(lines[1:] if meta else lines))
+        missing = [c for c in ("layer", "head", "score") if not rows or c not in rows[0]]
+        if missing:
+            raise ValueError(f"no {', '.join(repr(c) for c in missing)} column (a ranking CSV has the header "
+                             "layer,head,score[,rank,...])" if rows else "no rows")
         scores = {Head(int(r["layer"]), int(r["head"])): float(r["score"]) for r in rows}
         if len(scores) != len(rows):
             raise ValueError("a head is listed twice")
@@ -308,9 +316,15 @@ def cached_ranking(
     """
     path = cache_path(cache_dir, provenance)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
+    locks = path.parent / ".locks"  # one lock per entry, kept out of the folder's listing
+    locks.mkdir(exist_ok=True)
+    with FileLock(str(locks / (path.name + ".lock"))):
         if path.exists() and not recompute:
-            return Ranking.load(path, shape=shape), path, True
+            try:
+                return Ranking.load(path, shape=shape), path, True
+            except ValueError as exc:
+                raise ValueError(f"the cached ranking is unreadable ({exc}): rerun with --recompute to compute it "
+                                 "again (the file is replaced)") from None
         ranking = compute()
         ranking.check_shape(shape)
         ranking.save(path)

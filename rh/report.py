@@ -285,7 +285,8 @@ def write_report(
     stem: str,
     figures: dict[str, bytes] | None = None,
 ) -> tuple[Path, Path]:
-    """Write ``<out_dir>/<stem>.json`` and ``<out_dir>/<stem>.html``; return their paths.
+    """Write ``<out_dir>/<stem>.json`` and ``<out_dir>/<stem>.html``; return their paths. A report
+    already there (another run started in the same second) is kept: this one becomes ``<stem>-2``.
 
     Tokens are redacted from verdicts, meta and figure titles first. Both documents are built in
     memory before either file is touched, and each is written atomically, so bad input raises
@@ -309,6 +310,11 @@ def write_report(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"write_report: out_dir {str(out)!r} exists and is not a folder")
+    n = 1
+    base = stem
+    while (out / f"{stem}.json").exists() or (out / f"{stem}.html").exists():  # never overwrite another run's
+        n += 1
+        stem = f"{base}-{n}"
     json_path = atomic_write_text(out / f"{stem}.json", json_text)
     html_path = atomic_write_text(out / f"{stem}.html", html_text)
     return json_path, html_path

@@ -1,0 +1,193 @@
+"""Bad inputs and faults, as a careless or hostile user would try them: each gets a clear message
+naming the input and the fix, early (before any weights load), and leaves nothing behind. The
+token's absence from every output is tested in test_secrets.py; loaders of published files in
+test_published.py; --expected's merging and refusals in test_expected.py."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.unit
+
+
+
+CLAIM = """
+import pytest
+
+
+@pytest.mark.claim("C-1")
+def test_c(rh_model, record_verdict):
+    pass
+"""
+
+
+def _leftovers(tmp_path):
+    return sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if "__pycache__" not in p.parts)
+
+
+# --------------------------------------------------------------------------- pytest options and files
+
+
+def _bad_files(tmp_path):
+    (tmp_path / "truncated.json").write_text('{"verdicts": {"CA-1[k=2]": "inconc')
+    (tmp_path / "noverdicts.json").write_text('{"model": "tiny-llama"}')
+    (tmp_path / "list.json").write_text('["supported"]')
+    (tmp_path / "a_file").write_text("")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--expected", "{tmp}/truncated.json"], "not valid JSON"),
+    (["--expected", "{tmp}/noverdicts.json"], 'a "verdicts" mapping'),
+    (["--expected", "{tmp}/list.json"], 'a "verdicts" mapping'),
+    (["--expected", "{tmp}/a_file/exp.json", "--update-expected"], "cannot be written"),
+    (["--report-dir", "{tmp}/a_file/reports"], "is not a writable folder"),
+    (["--alpha", "0"], "strictly between 0 and 1"),
+    (["--alpha", "1.5"], "strictly between 0 and 1"),
+    (["--alpha", "0.001"], "use alpha >= 0.04"),  # the fix a user can apply, not a field no option sets
+    (["--rankings", "{tmp}/a_file"], "is empty"),
+    (["--model", "{tmp}/emptymodel"], "config.json names no model_type"),
+])
+def test_a_bad_option_is_a_usage_error_before_anything_loads(pytester, args, message):
+    tmp = pytester.path
+    _bad_files(tmp)
+    (tmp / "emptymodel").mkdir()
+    (tmp / "emptymodel" / "config.json").write_text("{}")
+    pytester.makepyfile(test_c=CLAIM)
+    before = _leftovers(tmp)
+    res = pytester.runpytest_inprocess("--model", "tiny-llama", "-p", "no:cacheprovider",
+                                       *(a.replace("{tmp}", str(tmp)) for a in args))
+    err = res.stderr.str()
+    assert res.ret == 4, res.stdout.str()[-2000:] + err[-2000:]  # pytest's usage error
+    assert message in err, err[-2000:]
+    assert "Traceback" not in err and "loaded tiny-llama" not in res.stdout.str()
+    assert _leftovers(tmp) == before  # no report, no cache, nothing written
+
+
+def test_two_reports_of_the_same_second_do_not_overwrite_each_other(tmp_path):
+    from datetime import datetime
+
+    from rh.report import report_stem, write_report
+
+    stem = report_stem("tiny-llama", datetime(2026, 12, 1, 12, 0, 0))
+    a = write_report([], {"run": 1}, tmp_path, stem)
+    b = write_report([], {"run": 2}, tmp_path, stem)
+    assert a[0] != b[0] and b[0].name == f"{stem}-2.json"
+    assert json.loads(a[0].read_text())["meta"]["run"] == 1 and json.loads(b[0].read_text())["meta"]["run"] == 2
+
+
+def test_a_random_models_rankings_stay_out_of_the_committed_folder(pytester):
+    """An ini that caches rankings in fixtures/rankings (as this repository's does): tiny-llama's
+    go to .rh/rankings instead."""
+    pytester.makeini("[pytest]\nrh_ranking_cache = fixtures/rankings\n")
+    pytester.makepyfile(test_r="""
+        import pytest
+
+        @pytest.mark.claim("R-1")
+        def test_r(ranking):
+            pass
+        """)
+    res = pytester.runpytest_subprocess("--model", "tiny-llama", "-p", "no:cacheprovider")
+    assert res.ret == 0, res.stdout.str()
+    assert not (pytester.path / "fixtures").exists()
+    cached = list((pytester.path / ".rh" / "rankings").iterdir())
+    assert any(p.name.startswith("tiny-llama-sum_attention-") for p in cached)
+    assert not [p for p in cached if p.name.endswith(".lock")]  # no lock file beside the entries
+
+
+# --------------------------------------------------------------------------- python -m rh identify
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--n", "0"], "--n 0: give a positive whole number"),
+    (["--batch-size", "0"], "--batch-size 0: give a positive whole number"),
+    (["--out", "ranking.txt"], "saved as .json or .csv"),
+    (["--out", "{tmp}/a_file/ranking.json"], "is not writable"),
+    (["--task", "passkee"], "unknown task 'passkee'"),
+])
+def test_identify_refuses_bad_input_before_the_model_loads(tmp_path, capsys, monkeypatch, args, message):
+    import rh.models
+    from rh.__main__ import main
+
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setattr(rh.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    rc = main(["identify", "--model", "tiny-llama", "--cache", str(tmp_path / "cache"),
+               *(a.replace("{tmp}", str(tmp_path)) for a in args)])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err, err
+    assert not (tmp_path / "cache").exists()
+
+
+# --------------------------------------------------------------------------- library messages
+
+
+def test_a_ranking_csv_without_its_columns_names_them(tmp_path):
+    from rh.rankings import load_ranking
+
+    p = tmp_path / "r.csv"
+    p.write_text("lyr,head,score\n0,0,1.0\n")
+    with pytest.raises(ValueError, match=r"r.csv.*no 'layer' column \(a ranking CSV has the header"):
+        load_ranking(p)
+
+
+def test_a_binary_ranking_file_is_named(tmp_path):
+    from rh.rankings import load_ranking
+
+    p = tmp_path / "r.json"
+    p.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
+    with pytest.raises(ValueError, match=r"r.json.*is not a text file"):
+        load_ranking(p)
+
+
+def test_a_truncated_cache_entry_says_to_recompute(tmp_path):
+    from rh.heads import HeadShape
+    from rh.rankings import cache_path, cached_ranking
+
+    shape = HeadShape(4, 8, 2, 16)
+    prov = {"model_id": "tiny", "method": "sum_attention"}
+    path = cache_path(tmp_path, prov)
+    path.write_text('{"format": "rh.ranking/1", "heads": [')
+    with pytest.raises(ValueError, match="rerun with --recompute"):
+        cached_ranking(tmp_path, prov, lambda: pytest.fail("not recomputed"), shape=shape)
+
+
+def test_truncated_per_sample_scores_say_so_and_name_the_file(tmp_path):
+    from rh.pipeline import load_sample_scores, samples_path
+
+    ranking = tmp_path / "r.json"
+    npz = samples_path(ranking)
+    buf = tmp_path / "full.npz"
+    np.savez_compressed(buf, method=np.array("sum_attention"), ids=np.array(["a"]), scores=np.zeros((1, 4)),
+                        counted=np.ones(1, bool))
+    npz.write_bytes(buf.read_bytes()[:40])
+    with pytest.raises(ValueError, match=r"r.samples.npz.*unreadable.*--recompute"):
+        load_sample_scores(ranking)
+
+
+def test_ablate_given_one_string_says_to_pass_a_list(tiny):
+    from rh.ablation import ablate
+
+    with pytest.raises(ValueError, match=r"heads='L0H1' is one string: pass a list of heads, e.g. \['L0H1'\]"):
+        with ablate(tiny, "L0H1"):
+            pass
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in tiny.model.modules())  # no hook left
+
+
+def test_no_orphan_scores_when_wu24_finds_no_passing_sample(tiny, tiny_samples, tmp_path, monkeypatch):
+    """A random model retrieves nothing: the Wu24 identification refuses, leaves no scores file,
+    and remembers the refusal so the next run does not score the samples again."""
+    import rh.pipeline
+    from rh.niah import Sweep
+    from rh.pipeline import cached_identification, ranking_provenance
+
+    sweep = Sweep((128,), (0.0, 0.5, 1.0), 2, ("passkey",), 1)
+    prov = ranking_provenance(tiny, sweep, "wu24", tiny_samples, identify_frac=1.0, split_seed=0)
+    with pytest.raises(ValueError, match="no sample passed"):
+        cached_identification(tiny, tiny_samples, prov, cache_dir=tmp_path, progress=False)
+    assert not list(tmp_path.glob("*.npz")) and not list(tmp_path.glob("*.partial.json"))
+    [refused] = tmp_path.glob("*.refused.json")
+    monkeypatch.setattr(rh.pipeline, "score_samples", lambda *a, **k: pytest.fail("scored again"))
+    with pytest.raises(ValueError, match="no sample passed.*--recompute scores the samples again"):
+        cached_identification(tiny, tiny_samples, prov, cache_dir=tmp_path, progress=False)
