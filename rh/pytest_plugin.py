@@ -95,6 +95,12 @@ def pytest_configure(config: pytest.Config) -> None:
             expected = load_expected(path, missing_ok=bool(config.getoption("--update-expected")))
         except (ValueError, FileNotFoundError) as exc:
             raise pytest.UsageError(str(exc)) from None
+        model, prof = config.getoption("--model"), config.getoption("--profile")
+        if expected.model not in (None, model) or expected.profile not in (None, prof):
+            what = "write into" if config.getoption("--update-expected") else "compare with"
+            raise pytest.UsageError(f"--expected {path} is for model {expected.model!r}, profile {expected.profile!r}; "
+                                    f"this run is {model!r}, {prof!r}: it cannot {what} that file. Give the file of "
+                                    "this model and profile")
         if config.getoption("--update-expected"):  # the file is written at the end: refuse an unwritable place now
             target = Path(path)
             folder = next((p for p in (target.parent, *target.parent.parents) if p.exists()), Path("."))

@@ -36,6 +36,7 @@ def _bad_files(tmp_path):
     (tmp_path / "noverdicts.json").write_text('{"model": "tiny-llama"}')
     (tmp_path / "list.json").write_text('["supported"]')
     (tmp_path / "a_file").write_text("")
+    (tmp_path / "other.json").write_text('{"model": "smollm2-135m", "profile": "quick", "verdicts": {}}')
 
 
 @pytest.mark.parametrize("args, message", [
@@ -43,6 +44,8 @@ def _bad_files(tmp_path):
     (["--expected", "{tmp}/noverdicts.json"], 'a "verdicts" mapping'),
     (["--expected", "{tmp}/list.json"], 'a "verdicts" mapping'),
     (["--expected", "{tmp}/a_file/exp.json", "--update-expected"], "cannot be written"),
+    (["--expected", "{tmp}/other.json", "--update-expected"], "is for model 'smollm2-135m'"),  # no clobbering
+    (["--expected", "{tmp}/other.json"], "it cannot compare with that file"),
     (["--report-dir", "{tmp}/a_file/reports"], "is not a writable folder"),
     (["--alpha", "0"], "strictly between 0 and 1"),
     (["--alpha", "1.5"], "strictly between 0 and 1"),
