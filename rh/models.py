@@ -169,17 +169,6 @@ def _hub_kwargs(spec: ModelSpec) -> dict[str, Any]:
     return {"local_files_only": True} if spec.kind == "hub" and not hub_reachable() else {}
 
 
-def _hub_failure(spec: ModelSpec, exc: BaseException, *, has_token: bool) -> BaseException:
-    """The error to raise for a failed hub load, to be raised ``from None``: the chained frames of
-    the hub client carry the token among their arguments, and pytest prints frame arguments."""
-    err = _access_error(spec, exc, has_token=has_token)
-    if err is not exc or spec.kind != "hub":
-        return err
-    from rh.report import redact
-
-    return ModelAccessError(f"{spec.source} could not be loaded: {type(exc).__name__}: {redact(str(exc))}")
-
-
 class Secret(str):
     """A token: the string itself wherever it is used, but hidden from ``repr`` (tracebacks that
     print frame arguments or locals, such as pytest's ``--showlocals``, show ``'hf_***'``)."""
@@ -229,10 +218,11 @@ def expected_shape(name: str) -> HeadShape:
     try:
         cfg = AutoConfig.from_pretrained(spec.source, token=token, **_hub_kwargs(spec))
     except Exception as exc:
-        err = _hub_failure(spec, exc, has_token=bool(token))
-        if err is exc:
-            raise
-        raise err from None
+        err = _access_error(spec, exc, has_token=bool(token))
+        if err is exc and spec.kind != "hub":
+            raise  # a local model: no token anywhere, the whole traceback helps
+        # without the hub client's frames, whose arguments carry the token (pytest prints arguments)
+        raise err.with_traceback(None) from None
     return _config_shape(cfg)
 
 
@@ -497,10 +487,11 @@ def _load_pretrained(spec, device, dtype, quant, max_memory, attn_implementation
         tokenizer = AutoTokenizer.from_pretrained(spec.source, token=token, **_hub_kwargs(spec))
         model = AutoModelForCausalLM.from_pretrained(spec.source, **kwargs, **_hub_kwargs(spec))
     except Exception as exc:  # translate hub failures into a message that says what to do
-        err = _hub_failure(spec, exc, has_token=bool(token))
-        if err is exc:
-            raise
-        raise err from None
+        err = _access_error(spec, exc, has_token=bool(token))
+        if err is exc and spec.kind != "hub":
+            raise  # a local model: no token anywhere, the whole traceback helps
+        # without the hub client's frames, whose arguments carry the token (pytest prints arguments)
+        raise err.with_traceback(None) from None
     if "device_map" not in kwargs:
         model.to(device)
     revision = getattr(model.config, "_commit_hash", None)
@@ -739,7 +730,8 @@ def load_tokenizer(name: str = DEFAULT_MODEL) -> Any:
     try:
         return AutoTokenizer.from_pretrained(spec.source, token=token, **_hub_kwargs(spec))
     except Exception as exc:
-        err = _hub_failure(spec, exc, has_token=bool(token))
-        if err is exc:
-            raise
-        raise err from None
+        err = _access_error(spec, exc, has_token=bool(token))
+        if err is exc and spec.kind != "hub":
+            raise  # a local model: no token anywhere, the whole traceback helps
+        # without the hub client's frames, whose arguments carry the token (pytest prints arguments)
+        raise err.with_traceback(None) from None

@@ -194,3 +194,20 @@ def test_no_orphan_scores_when_wu24_finds_no_passing_sample(tiny, tiny_samples, 
     monkeypatch.setattr(rh.pipeline, "score_samples", lambda *a, **k: pytest.fail("scored again"))
     with pytest.raises(ValueError, match="no sample passed.*--recompute scores the samples again"):
         cached_identification(tiny, tiny_samples, prov, cache_dir=tmp_path, progress=False)
+
+
+def test_error_rows_keep_their_parameters(pytester):
+    """A claim in error at every K: one row per K in the report (the keys do not collapse)."""
+    pytester.makepyfile(test_e="""
+        import pytest
+
+        @pytest.mark.claim("E-1")
+        def test_e(ablation_k):
+            raise RuntimeError("boom")
+        """)
+    res = pytester.runpytest_inprocess("--model", "tiny-llama", "-p", "no:cacheprovider")
+    assert res.ret == 1
+    [report] = (pytester.path / "reports").glob("tiny-llama-*.json")
+    rows = json.loads(report.read_text())["verdicts"]
+    assert sorted(r["key"] for r in rows) == ["E-1[test_e.py::test_e[K=2]]", "E-1[test_e.py::test_e[K=4]]"]
+    assert {r["status"] for r in rows} == {"error"} and all("boom" in r["reason"] for r in rows)

@@ -98,7 +98,7 @@ def test_the_token_is_in_no_output_of_any_loading_failure(pytester, monkeypatch,
         if f.is_file() and f.name != ".env":
             assert TOKEN not in f.read_text(errors="replace"), f
     expected = {"gated": "is gated", "notfound": "was not found on the Hugging Face hub",
-                "offline": "the hub cannot be reached", "other": "could not be loaded",
+                "offline": "the hub cannot be reached", "other": "something else went wrong",
                 "real": "Llama"}[mode]
     assert expected in out, out[-3000:]
     assert "Retrying in" not in out  # no storm of hub retries before the message
