@@ -52,6 +52,14 @@ def _bad_files(tmp_path):
     (["--alpha", "0.001"], "use alpha >= 0.04"),  # the fix a user can apply, not a field no option sets
     (["--rankings", "{tmp}/a_file"], "is empty"),
     (["--model", "{tmp}/emptymodel"], "config.json names no model_type"),
+    (["--heads", "L0H1,L9H0"], "--heads: head L9H0 is outside the model"),
+    (["--heads", "L0H1", "--rankings", "x.json"], "give one"),
+    (["--per-layer", "2"], "--per-layer M needs --rankings"),
+    (["--budget", "5"], "--budget plans from the token-layers"),
+    (["--budget", "-1", "--expected", "x.json"], "positive number"),
+    (["--update-expected"], "--update-expected needs --expected"),
+    (["--expected", "nowhere.json"], "no such file"),
+    (["--model", "smollm3"], "unknown model 'smollm3'"),
 ])
 def test_a_bad_option_is_a_usage_error_before_anything_loads(pytester, args, message):
     tmp = pytester.path
