@@ -559,6 +559,27 @@ def parse_max_memory(spec: dict | str | None, *, n_gpus: int | None = None) -> d
     return out
 
 
+def _offline_error(repo: str) -> ModelAccessError:
+    return ModelAccessError(
+        f"{repo} is not in the local Hugging Face cache and the hub cannot be reached (no "
+        "network, or HF_HUB_OFFLINE is set): download it where there is a network "
+        f"(`hf download {repo}`) and point HF_HOME at that cache, or pass --model with a local "
+        "directory; the bundled smollm2-135m needs no download"
+    )
+
+
+def check_reachable(name: str) -> None:
+    """Fail now, with the offline message, for a hub model that is neither cached locally nor
+    reachable: before a session collects anything or loads any weights."""
+    spec = resolve_spec(name)
+    if spec.kind != "hub" or hub_reachable():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(spec.source, "config.json"), str):
+        raise _offline_error(spec.source)
+
+
 def _access_error(spec: ModelSpec, exc: BaseException, *, has_token: bool) -> BaseException:
     """Say which of gated / offline / missing it was, and how to fix it. Never includes the token.
 
@@ -597,12 +618,7 @@ def _access_error(spec: ModelSpec, exc: BaseException, *, has_token: bool) -> Ba
         or "offline" in text or "connect" in text or "resolve" in text or "network" in text
     )
     if offline:
-        return ModelAccessError(
-            f"{repo} is not in the local Hugging Face cache and the hub cannot be reached (no "
-            "network, or HF_HUB_OFFLINE is set): download it where there is a network "
-            f"(`hf download {repo}`) and point HF_HOME at that cache, or pass --model with a local "
-            "directory; the bundled smollm2-135m needs no download"
-        )
+        return _offline_error(repo)
     if "404" in text:
         return ModelAccessError(
             f"{repo} was not found on the Hugging Face hub: check the spelling, or pass a registry "

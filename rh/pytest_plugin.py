@@ -76,10 +76,11 @@ def pytest_configure(config: pytest.Config) -> None:
     from rh.expected import load_expected
     from rh.models import resolve_spec
 
-    from rh.models import ModelAccessError, expected_shape
+    from rh.models import ModelAccessError, check_reachable, expected_shape
 
     try:  # a bad --model is a usage error, reported before anything is collected or loaded
         resolve_spec(config.getoption("--model"))
+        check_reachable(config.getoption("--model"))  # offline and not cached: say so in seconds
         shape = expected_shape(config.getoption("--model"))  # off the registry: its config.json, once
     except (ValueError, FileNotFoundError, ModelAccessError) as exc:
         raise pytest.UsageError(f"--model: {exc}") from None
@@ -458,7 +459,7 @@ def _session_model(config: pytest.Config):
     return state.model
 
 
-PROGRESS_EVERY_S = float(os.environ.get("RH_PROGRESS_SECONDS", "60"))  # at most this long between progress lines
+PROGRESS_EVERY_S = float(os.environ.get("RH_PROGRESS_SECONDS", "50"))  # 50 s: a line within every minute, as forwards allow
 
 
 def _progress(config: pytest.Config, message: str | None = None, *, force: bool = False) -> None:
