@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,18 +28,17 @@ def _identify(args: argparse.Namespace) -> int:
 
     from rh.models import expected_shape, resolve_spec
 
-    for name in ("n", "batch_size", "top", "topk"):  # 0 is not "the default": refuse it, before the model loads
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} {value}: give a positive whole number")
+    from rh.audit import require_positive
+    from rh.io import unwritable_folder
+
+    require_positive(args, "n", "batch_size", "top", "topk")  # 0 is not "the default": refused before the model loads
     if args.out:
         out = Path(args.out)
         if out.suffix and out.suffix.lower() not in (".json", ".csv"):
             raise ValueError(f"--out {args.out}: a ranking is saved as .json or .csv (or give a folder)")
-        folder = out if not out.suffix else out.parent
-        probe = folder if folder.exists() else next((p for p in folder.parents if p.exists()), Path("."))
-        if not probe.is_dir() or not os.access(probe, os.W_OK):
-            raise ValueError(f"--out {args.out}: {probe} is not writable (or not a folder); choose another path")
+        blocked = unwritable_folder(out if not out.suffix else out.parent)
+        if blocked is not None:
+            raise ValueError(f"--out {args.out}: {blocked} is not writable (or not a folder); choose another path")
     from rh.tasks import get_task
 
     for t in args.task or ():

@@ -44,9 +44,12 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--dtype", default="auto")
 
 
-def _positive(name: str, value: int | None) -> None:
-    if value is not None and value < 1:
-        raise ValueError(f"--{name} {value}: give a positive whole number")
+def require_positive(args: argparse.Namespace, *names: str) -> None:
+    """Refuse 0 or a negative count for any of these options (``None``: the default applies)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {value}: give a positive whole number")
 
 
 def plan(args: argparse.Namespace) -> dict[str, Any]:
@@ -54,12 +57,11 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
     from rh.models import expected_shape
     from rh.niah import Sweep
     from rh.profiles import get_profile
-    from rh.published import load_heads, parse_head_set
+    from rh.published import HeadSet, load_heads, parse_head_set
 
     if not args.paths and not args.heads:
         raise ValueError("give at least one head file (PATH) or --heads L16H1,L14H31")
-    for name in ("n", "length", "draws", "per_layer"):
-        _positive(name.replace("_", "-"), getattr(args, name))
+    require_positive(args, "n", "length", "draws", "per_layer")
     shape = expected_shape(args.model)
     inputs = []
     for p in args.paths:
@@ -72,7 +74,7 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
         overrides["random_draws"] = args.draws
     out = []
     for label, heads in inputs:
-        ordered = hasattr(heads, "scores")
+        ordered = not isinstance(heads, HeadSet)
         levels = tuple(args.k or base.ablation_levels) if ordered else (len(heads),)
         prof = get_profile(args.profile, shape, ablation_levels=levels, **overrides)
         out.append({"label": label, "heads": heads, "profile": prof, "ordered": ordered})
@@ -84,7 +86,7 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
     prof = out[0]["profile"]
     sweep = Sweep((args.length or prof.lengths[0],), prof.depths, args.n or prof.n_per_setting, prof.tasks,
                   prof.sample_seed + AUDIT_PROMPT_SEED)
-    return {"shape": shape, "inputs": out, "sweep": sweep}
+    return {"inputs": out, "sweep": sweep}
 
 
 def run(args: argparse.Namespace, *, out=None) -> int:

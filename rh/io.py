@@ -64,3 +64,12 @@ def no_duplicate_keys(where: str, fix: str = ""):
 
     return hook
 
+
+def unwritable_folder(folder: str | os.PathLike) -> Path | None:
+    """Why files could not be written under ``folder`` (created as needed): the nearest existing
+    path at or above it when that is not a writable folder (a file in the way, a read-only
+    folder), else None. For checking an output path before a long run rather than after it."""
+    folder = Path(folder)
+    nearest = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    return None if nearest.is_dir() and os.access(nearest, os.W_OK) else nearest
+

@@ -139,13 +139,13 @@ def load_heads(path: str | Path, *, shape: HeadShape, fmt: str = "auto",
         raise ValueError(f"per_layer={per_layer!r}: give the number of heads to keep in each layer, >= 1")
     if not path.is_file():
         raise FileNotFoundError(f"{where} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+    if fmt in rankings.FORMATS:
+        return load_ranking(path, shape=shape, fmt=fmt)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise ValueError(f"{where} is not a text file ({exc.reason} at byte {exc.start}): give the JSON, "
                          "TSV, YAML or CSV file itself") from None
-    if fmt in rankings.FORMATS:
-        return load_ranking(path, shape=shape, fmt=fmt)
     if fmt == "duo" or (fmt == "auto" and path.suffix.lower() == ".tsv"):
         return _from_duo(text, where, shape, path)
     data = _parse(text, where, path, fmt)

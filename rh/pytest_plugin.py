@@ -103,10 +103,12 @@ def pytest_configure(config: pytest.Config) -> None:
                                     f"this run is {model!r}, {prof!r}: it cannot {what} that file. Give the file of "
                                     "this model and profile")
         if config.getoption("--update-expected"):  # the file is written at the end: refuse an unwritable place now
+            from rh.io import unwritable_folder
+
             target = Path(path)
-            folder = next((p for p in (target.parent, *target.parent.parents) if p.exists()), Path("."))
-            if not folder.is_dir() or not os.access(folder, os.W_OK) or (target.exists() and not target.is_file()):
-                raise pytest.UsageError(f"--update-expected: {path} cannot be written ({folder} is not a writable "
+            blocked = unwritable_folder(target.parent) or (target if target.exists() and not target.is_file() else None)
+            if blocked is not None:
+                raise pytest.UsageError(f"--update-expected: {path} cannot be written ({blocked} is not a writable "
                                         "folder); choose another path")
     if budget is not None:
         if expected is None or not expected.nodes:
@@ -119,11 +121,14 @@ def pytest_configure(config: pytest.Config) -> None:
     session = RhSession(config, expected=expected, external=external, shape=shape)
     config.stash[_SESSION] = session
     config.pluginmanager.register(session, PLUGIN_NAME)
-    _collection_profile(config)  # --alpha, --heads against the profile: usage errors now, not at collection
+    # the profile for this model's shape, once: --alpha and --heads are usage errors now, not at collection
+    session.collection_profile = _collection_profile(config)
+    from rh.io import unwritable_folder
+
     reports = report_dir(config)
-    probe = next((p for p in (reports, *reports.parents) if p.exists()), None)
-    if probe is None or not probe.is_dir() or not os.access(probe, os.W_OK):
-        raise pytest.UsageError(f"--report-dir {reports}: {probe or reports} is not a writable folder; choose another "
+    blocked = unwritable_folder(reports)
+    if blocked is not None:
+        raise pytest.UsageError(f"--report-dir {reports}: {blocked} is not a writable folder; choose another "
                                 "(the report would be lost at the end of the run)")
     from rh import progress
 
@@ -180,6 +185,7 @@ class RhSession:
         self.expected = expected
         self.external = external  # a Ranking or HeadSet from --rankings / --heads, or None
         self.shape = shape  # the model's head shape, known before its weights load
+        self.collection_profile = None  # the --profile for that shape (set in pytest_configure)
         self.verdicts: list[dict[str, Any]] = []
         self.meta: dict[str, Any] = {}
         self.claims_run = 0
@@ -448,7 +454,7 @@ def _session_model(config: pytest.Config):
         if config.getoption("--budget") is not None or config.getoption("--update-expected"):
             from rh.budget import calibrate
 
-            prof = _collection_profile(config)
+            prof = state.collection_profile
             with state.counter.charged_to("calibration"):
                 per_tl, how = calibrate(model, batch_size=prof.batch_size, length=prof.lengths[0])
             state.per_tl = (per_tl, how)
@@ -562,13 +568,15 @@ def ranking(pytestconfig, rh_model, profile, niah_split, identify_ranking):
     """The ranking on the identification split (--method): from --rankings, the cache, or computed.
     With ``--heads`` (or a head-set file) it is a :class:`rh.published.HeadSet`: ``top(k)`` exists
     only for K = its size, and a claim asking for another K fails with a clear reason."""
+    from rh.published import HeadSet
+
     external = _rh(pytestconfig).external
     if external is not None:
         r = external
         r.check_shape(rh_model.shape)
         where = pytestconfig.getoption("--rankings") or "--heads"
         cache = "external"
-        if not hasattr(r, "scores"):  # a head set: no top-10 to show, no attention example by rank
+        if isinstance(r, HeadSet):  # no top-10 to show, no attention example by rank
             _session_meta(pytestconfig)["ranking"] = {"path": str(where), "cache": cache, "provenance": r.provenance,
                                                       "head_set": [str(h) for h in r.members]}
             return r
@@ -816,7 +824,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     wanted = [name for name in _PARAMETRIZED if name in metafunc.fixturenames]
     if not wanted or metafunc.definition.get_closest_marker("claim") is None:
         return
-    prof = _collection_profile(metafunc.config)
+    prof = _rh(metafunc.config).collection_profile
     for name in wanted:
         field, ids = _PARAMETRIZED[name]
         metafunc.parametrize(name, getattr(prof, field), ids=ids)
@@ -859,6 +867,8 @@ def _estimate(config: pytest.Config, expected, claims: list[pytest.Item]) -> dic
 def _head_set_levels(config: pytest.Config) -> dict[str, Any]:
     """A head set under test has one K: its size (CA-1's top K is the set; no other K exists)."""
     external = _rh(config).external
-    if external is None or hasattr(external, "scores"):
+    from rh.published import HeadSet
+
+    if not isinstance(external, HeadSet):
         return {}
     return {"ablation_levels": (len(external),)}
