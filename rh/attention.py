@@ -235,6 +235,17 @@ def rh_attention_active(model: Any) -> Iterator[str]:
             hf.set_attn_implementation(previous)
 
 
+def base_implementation(model: Any) -> str:
+    """The attention implementation the model's kernels are, under rh's wrapper or not."""
+    return str(getattr(hf_model(model).config, "_attn_implementation", "")).removeprefix(_PREFIX)
+
+
+def capturing(model: Any) -> bool:
+    """Whether an attention capture on ``model`` is active (it records every layer's attention)."""
+    cap = _active.get()
+    return cap is not None and cap._model_id == id(getattr(hf_model(model), "config", None))
+
+
 def keep_rows(layer: int, probs: torch.Tensor) -> torch.Tensor:
     """Default reducer: keep the whole last-token row of every head, on the CPU."""
     return probs.cpu()

@@ -15,8 +15,6 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 
 @dataclass
 class TokenLayerCounter:
@@ -54,6 +52,8 @@ class TokenLayerCounter:
         if self.on_count is not None:
             self.on_count()
 
+    _hook._rh_passive = True  # it only counts: rh.prefix.first_modified_layer ignores it
+
     @contextlib.contextmanager
     def charged_to(self, label: str) -> Iterator[None]:
         """Passes inside the block are charged to ``label``; the previous label is restored after."""
@@ -79,6 +79,8 @@ def calibrate(model: Any, *, batch_size: int, length: int, repeats: int = 2) -> 
     """This machine's seconds per token-layer for ``model``: a forward over ``batch_size`` x
     ``length`` random tokens, timed after one warm-up, best of ``repeats``. Returns the figure and
     a line that says how it was measured."""
+    import torch
+
     from rh.ablation import decoder_layers
     from rh.models import hf_model
 
@@ -170,3 +172,51 @@ def format_duration(seconds: float) -> str:
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+# --------------------------------------------------------------------------- savings and per-claim bills
+
+_SAVED: dict[str, int] = {}  # token-layers the exact savings left out, by kind, in this process
+
+
+def note_saved(kind: str, token_layers: int) -> None:
+    """Record ``token_layers`` that a saving (``"prefix reuse"``, ``"early stopping"``) did not run."""
+    if token_layers:
+        _SAVED[kind] = _SAVED.get(kind, 0) + int(token_layers)
+
+
+def saved_token_layers() -> dict[str, int]:
+    """Token-layers left out by each kind of saving so far in this process (a copy)."""
+    return dict(_SAVED)
+
+
+def claim_costs(verdicts: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """Token-layers per claim id: each verdict's own passes plus those of the fixtures first set up
+    for it (a fixture shared by several claims is billed to the first that ran)."""
+    out: dict[str, int] = {}
+    for v in verdicts:
+        tl = v.get("token_layers_with_fixtures", v.get("token_layers"))
+        if tl is None:
+            continue
+        claim = str(v.get("claim") or v.get("nodeid") or "?")
+        out[claim] = out.get(claim, 0) + int(tl)
+    return dict(sorted(out.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def format_cost(cost: Mapping[str, Any]) -> str:
+    """The forward passes' bill as lines: the total, what the savings left out, then per claim."""
+    total = int(cost.get("total") or 0)
+    lines = [f"{total:,} token-layers (tokens x decoder layers executed)"]
+    saved = {k: int(v) for k, v in (cost.get("saved") or {}).items() if v}
+    if saved:
+        plain = total + sum(saved.values())
+        parts = ", ".join(f"{k} {v:,}" for k, v in saved.items())
+        lines.append(f"left out by exact savings: {parts}; the plain passes would be {plain:,} "
+                     f"(this run: {total / plain:.0%} of them)")
+    by_claim = cost.get("by_claim") or {}
+    if by_claim:
+        width = max(len(c) for c in by_claim)
+        for claim, tl in by_claim.items():
+            share = f" ({tl / total:.0%})" if total else ""
+            lines.append(f"  {claim.ljust(width)}  {int(tl):>14,}{share}")
+    return "\n".join(lines)

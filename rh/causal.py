@@ -33,7 +33,8 @@ TEST_NAME = ("head-set null (top-K drop ranked among random K-sets) and exact on
 @dataclass
 class NecessityOutcomes:
     """Per-sample outcomes for one K: ``*_correct`` are 0/1, ``*_logprob`` the answer log-prob.
-    ``random_*`` have one row per random draw."""
+    ``random_*`` have one row per random draw; NaN where early stopping left an item unevaluated
+    (:func:`necessity_outcomes`: every entry CA-1's rule reads is evaluated)."""
 
     k: int
     top_heads: list[Head]
@@ -57,6 +58,67 @@ def evaluate_baseline(model: LoadedModel, samples: Sequence[Sample], *, batch_si
     return teacher_forced(model, samples, condition="baseline", batch_size=batch_size)
 
 
+def needed_items(draw: int, draws: int, n: int) -> list[int]:
+    """The items CA-1's paired test reads from random draw ``draw`` of ``draws``: item i is paired
+    with draw i mod ``draws`` (:func:`rh.rules.claims.necessity`)."""
+    return list(range(draw, n, draws))
+
+
+def side_decided(correct: float, remaining: int, top_correct: float) -> bool | None:
+    """Whether a random K-set's drop is at least the top K's (``True``), below it (``False``), or not
+    yet known (``None``) with ``correct`` items right so far and ``remaining`` still to evaluate, on
+    the same n items as the top K's ``top_correct``: the head-set null's indicator, decided as soon
+    as no outcome of the remaining items can change it."""
+    if correct > top_correct:
+        return False
+    if correct + remaining <= top_correct:
+        return True
+    return None
+
+
+def _stopped_draw(model: LoadedModel, samples: Sequence[Sample], heads: list[Head], condition: str, *,
+                  first: list[int], order: list[int], top_correct: float, batch_size: int,
+                  stop_early: bool) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """One random K-set's outcomes: the items in ``first`` always, the others (in ``order``) only until
+    the head-set null's indicator is decided, evaluated a chunk at a time, each chunk as small as the
+    fewest items that could decide it. NaN marks what was left out. With ``stop_early=False``, every item."""
+    n = len(samples)
+    correct = np.full(n, np.nan)
+    logprob = np.full(n, np.nan)
+    frames = []
+
+    def run(idx: list[int]) -> None:
+        df = teacher_forced(model, [samples[i] for i in idx], condition=condition, batch_size=batch_size,
+                            progress=False)
+        correct[idx], logprob[idx] = _arrays(df)
+        frames.append(df)
+
+    with ablate(model, heads):
+        if not stop_early:
+            run(list(range(n)))
+        else:
+            rest = [i for i in order if i not in set(first)]
+            if first:
+                run(first)
+            while rest:
+                done = int(np.nansum(correct))
+                left = len(rest)
+                if side_decided(done, left, top_correct) is not None:
+                    break
+                to_false = int(top_correct) + 1 - done  # this many more right items decide "below"
+                to_true = done + left - int(top_correct)  # this many more wrong ones decide "at least"
+                size = max(1, min(to_false, to_true, batch_size))
+                run(rest[:size])
+                rest = rest[size:]
+    skipped = [samples[i] for i in np.flatnonzero(np.isnan(correct))]
+    if skipped:  # the passes the plain path would have run: each prompt and its answer but the last token
+        from rh.budget import note_saved
+
+        note_saved("early stopping", sum(len(s.input_ids) + len(s.answer_ids) - 1 for s in skipped)
+                   * model.shape.n_layers)
+    return correct, logprob, (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame())
+
+
 def necessity_outcomes(
     model: LoadedModel,
     samples: Sequence[Sample],
@@ -68,10 +130,17 @@ def necessity_outcomes(
     baseline: pd.DataFrame | None = None,
     batch_size: int = 8,
     matched_draws: int = 0,
+    stop_early: bool = True,
 ) -> NecessityOutcomes:
     """Evaluate ``samples`` with no ablation, with the top-``k`` heads ablated, and with ``draws``
     random ``k``-sets from outside the top ``k`` (seeded by ``seed``, ``k`` and the draw index);
-    with ``matched_draws``, also that many random sets matched to the top K's layers."""
+    with ``matched_draws``, also that many random sets matched to the top K's layers.
+
+    ``stop_early`` (default): a random set is evaluated on the items CA-1's paired test pairs with
+    it, then only until the head-set null's indicator (is its drop at least the top K's?) is decided
+    (:func:`side_decided`); the other entries are NaN. CA-1's rule reads nothing else, so its verdict
+    is the one the full evaluation gives (``tests/test_early_stop.py``), for a fraction of the passes
+    when the top K's drop is far from the random sets'."""
     ranking.check_shape(model.shape)
     if draws < 1:
         raise ValueError(f"draws={draws}: need at least one random head set as the control")
@@ -79,25 +148,32 @@ def necessity_outcomes(
     rand_sets = [ranking.random_outside_top(k, seed=hash_seed(seed, k, d)) for d in range(draws)]
     if baseline is None:
         baseline = evaluate_baseline(model, samples, batch_size=batch_size)
+    baseline = baseline.set_index("id").loc[[s.id for s in samples]].reset_index()
     frames = [baseline]
     with ablate(model, top):
         frames.append(teacher_forced(model, samples, condition=f"top{k}", batch_size=batch_size))
-    for d, heads in enumerate(track(rand_sets, f"random K={k} draws", unit="draw")):
-        with ablate(model, heads):
-            frames.append(teacher_forced(model, samples, condition=f"random{k}#{d}", batch_size=batch_size))
     bc, bl = _arrays(frames[0])
     tc, tl = _arrays(frames[1])
-    rc = np.stack([_arrays(f)[0] for f in frames[2:]])
-    rl = np.stack([_arrays(f)[1] for f in frames[2:]])
+    n = len(samples)
+    # items the baseline gets right first: they decide "below the top K" soonest
+    order = sorted(range(n), key=lambda i: (-bc[i], i))
+
+    def evaluate(sets: list[list[Head]], name: str) -> tuple[np.ndarray, np.ndarray]:
+        cs, ls = [], []
+        for d, heads in enumerate(track(sets, f"{name} K={k} draws", unit="draw")):
+            c, lp, df = _stopped_draw(model, samples, heads, f"{name}{k}#{d}", first=needed_items(d, len(sets), n),
+                                      order=order, top_correct=float(tc.sum()), batch_size=batch_size,
+                                      stop_early=stop_early)
+            cs.append(c)
+            ls.append(lp)
+            frames.append(df)
+        return np.stack(cs), np.stack(ls)
+
+    rc, rl = evaluate(rand_sets, "random")
     mc = ml = None
     if matched_draws:
-        mframes = []
-        for d in range(matched_draws):
-            with ablate(model, ranking.random_layer_matched(k, seed=hash_seed(seed, k, d, 7))):
-                mframes.append(teacher_forced(model, samples, condition=f"matched{k}#{d}", batch_size=batch_size))
-        mc = np.stack([_arrays(f)[0] for f in mframes])
-        ml = np.stack([_arrays(f)[1] for f in mframes])
-        frames += mframes
+        matched = [ranking.random_layer_matched(k, seed=hash_seed(seed, k, d, 7)) for d in range(matched_draws)]
+        mc, ml = evaluate(matched, "matched")
     return NecessityOutcomes(k, top, rand_sets, bc, bl, tc, tl, rc, rl, pd.concat(frames, ignore_index=True), mc, ml)
 
 
@@ -191,6 +267,8 @@ def ablation_hurts(claim: str, model: LoadedModel, groups: dict[str, Sequence[Sa
     (:func:`rh.rules.claims.drop_family`: > 0 supports, < ``min_drop`` refutes, Holm across groups)."""
     from rh.rules.claims import drop_family
 
+    from rh.prefix import first_layers, hinting
+
     data = {}
     if heads:
         for g, samples in groups.items():
@@ -198,7 +276,9 @@ def ablation_hurts(claim: str, model: LoadedModel, groups: dict[str, Sequence[Sa
             if baseline is not None and set(ids) <= set(baseline["id"]):
                 base = baseline.set_index("id").loc[ids, "correct"].to_numpy(dtype=float)
             else:
-                base = teacher_forced(model, samples, condition="baseline", batch_size=batch_size)["correct"].to_numpy(float)
+                with hinting(model, first_layers([heads])):  # the ablated pass starts where the heads do
+                    base = teacher_forced(model, samples, condition="baseline",
+                                          batch_size=batch_size)["correct"].to_numpy(float)
             with ablate(model, heads):
                 abl = teacher_forced(model, samples, condition="ablated", batch_size=batch_size)["correct"].to_numpy(float)
             data[g] = (base, abl)

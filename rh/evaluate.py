@@ -25,6 +25,7 @@ from rh.batching import make_batches, running
 from rh.memory import oom_guard
 from rh.models import LoadedModel
 from rh.niah import Sample
+from rh.prefix import forward
 
 Condition = Callable[[], contextlib.AbstractContextManager] | None
 
@@ -47,7 +48,7 @@ def teacher_forced(model: LoadedModel, samples: Sequence[Sample], *, condition: 
         starts = [p + len(s.input_ids) for p, s in zip(batch.pad, batch.samples)]  # first answer input
         with torch.no_grad(), decode_positions(starts, batch.input_ids.shape[1]), running(batch), \
                 oom_guard("teacher-forced evaluation", batch_size=len(batch.samples), length=batch.input_ids.shape[1]):
-            logits = model.model(**batch.model_inputs(model.device), logits_to_keep=n_keep, use_cache=False).logits
+            logits = forward(model, batch.model_inputs(model.device), logits_to_keep=n_keep, use_cache=False).logits
         logp = torch.log_softmax(logits.float().cpu(), dim=-1)  # [b, n_keep, vocab]
         for row, s in enumerate(batch.samples):
             gold = torch.tensor(s.answer_ids)

@@ -39,8 +39,9 @@ def ablation_curve(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
     base = rows[0]["details"]["baseline_accuracy"]
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     ax.axhline(base, color="0.5", ls="--", lw=1, label="no ablation")
-    ax.plot(ks, rand, "o-", color="tab:blue", label="random K (mean of draws)")
+    ax.plot(ks, rand, "o-", color="tab:blue", label="random K (each item with one draw)")
     for k, draws in zip(ks, per_draw):
+        draws = [a for a in draws if a is not None]  # draws stopped early have no accuracy of their own
         if draws:
             ax.scatter([k] * len(draws), draws, color="tab:blue", alpha=0.25, s=12)
     ax.plot(ks, top, "s-", color="tab:red", label="top K by ranking")

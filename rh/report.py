@@ -224,9 +224,19 @@ def _fmt_cost(cost: Any) -> str | None:
     """``{"total": n, ...}`` token-layers as a line: the run's deterministic forward-pass bill."""
     if not isinstance(cost, Mapping) or cost.get("total") is None:
         return None
-    line = f"{int(cost['total']):,} token-layers (tokens x decoder layers executed)"
+    from rh.budget import format_cost
+
+    lines = format_cost(cost).splitlines()
+    line = lines[0]
     if cost.get("seconds_per_token_layer"):
         line += f"; this machine: {float(cost['seconds_per_token_layer']) * 1e6:.2f} us per token-layer"
+    rest = [x.strip() for x in lines[1:]]
+    saved = [x for x in rest if x.startswith("left out")]
+    per_claim = [" ".join(x.split()) for x in rest if not x.startswith("left out")]
+    if saved:
+        line += "; " + saved[0]
+    if per_claim:
+        line += "; per claim (shared fixtures billed to the first claim that ran): " + ", ".join(per_claim)
     return line
 
 

@@ -57,6 +57,22 @@ CA1_TEST = ("supported: head-set null (top-K drop ranked among random K-sets) an
             "the same paired test shows the gap below Δ, Holm across K")
 
 
+def _at_least_top(random_correct: np.ndarray, top_correct: np.ndarray) -> np.ndarray:
+    """Per random draw, whether its accuracy drop is at least the top K's (the head-set null's
+    count, ties included) on the same items; decided from the evaluated items where early stopping
+    left some out (:func:`rh.causal.side_decided`): a draw whose indicator is still open is refused."""
+    from rh.causal import side_decided
+
+    top = float(np.sum(top_correct))
+    out = []
+    for d, row in enumerate(np.asarray(random_correct, float)):
+        side = side_decided(float(np.nansum(row)), int(np.isnan(row).sum()), top)
+        if side is None:
+            raise ValueError(f"random draw {d} was stopped before its side of the top K's drop was decided")
+        out.append(side)
+    return np.array(out, dtype=bool)
+
+
 def necessity(outcomes: Sequence, *, alpha: float = 0.05, baseline_floor: float = 0.5, min_gap: float = 0.2,
               n_boot: int = 10_000, seed: int = 0, control: str = "outside_top") -> dict[int, Verdict]:
     """CA-1 per K from :class:`rh.causal.NecessityOutcomes`. Per item the top-K outcome is paired
@@ -65,7 +81,13 @@ def necessity(outcomes: Sequence, *, alpha: float = 0.05, baseline_floor: float 
     mean-over-draws difference counted every item a random set ever lost as "top better" and had
     power 0.17 where this has 0.63, see rh.rules.calibration). Supported when that test shows a gap
     > 0 and the head-set null rejects (p = the larger); refuted when it shows the gap below Δ. Inconclusive at a floor (baseline below the floor), at a
-    ceiling (random K-sets already leave less than Δ to lose), or when neither test rejects."""
+    ceiling (random K-sets already leave less than Δ to lose), or when neither test rejects.
+
+    What it reads of the random draws, and nothing else, so that early stopping
+    (:func:`rh.causal.necessity_outcomes`) gives the verdict of the full evaluation: each item's
+    paired draw (the paired test, the effect and its CI, the random accuracy behind the ceiling, all
+    estimated from these n pairs), and per draw whether its drop is at least the top K's (the
+    head-set null's count), which is decided once the remaining items cannot change it."""
     from dataclasses import replace as _replace
 
     from rh.causal import hash_seed
@@ -86,36 +108,45 @@ def necessity(outcomes: Sequence, *, alpha: float = 0.05, baseline_floor: float 
     for o in outcomes:
         n = len(o.top_correct)
         draws = int(o.random_correct.shape[0])
-        d = o.random_correct.mean(axis=0) - o.top_correct
-        n_pos, n_neg, p_sign = sign_test_greater(d)
         base_acc = float(o.baseline_correct.mean())
         top_drop = base_acc - float(o.top_correct.mean())
-        rand_drops = base_acc - o.random_correct.mean(axis=1)
-        one_draw = o.random_correct[np.arange(n) % draws, np.arange(n)] - o.top_correct
+        pair = (np.arange(n) % draws, np.arange(n))
+        one_draw = o.random_correct[pair] - o.top_correct
+        if np.isnan(one_draw).any():
+            raise ValueError(f"K={o.k}: the random draw paired with an item was not evaluated on it "
+                             "(rh.causal.needed_items lists what the rule reads)")
+        n_pos, n_neg, p_sign = sign_test_greater(one_draw)
+        at_least = _at_least_top(o.random_correct, o.top_correct)
         p_ref = paired_p(one_draw, min_gap, "less")
-        lp_d = o.random_logprob.mean(axis=0) - o.top_logprob
+        lp_d = o.random_logprob[pair] - o.top_logprob
+        full = ~np.isnan(o.random_correct).any(axis=1)
         details = {
             "baseline_accuracy": base_acc, "top_accuracy": float(o.top_correct.mean()),
-            "random_accuracy": float(o.random_correct.mean()),
-            "random_accuracy_per_draw": o.random_correct.mean(axis=1).tolist(),
-            "top_drop": top_drop, "random_drop_mean": float(rand_drops.mean()),
+            "random_accuracy": float(o.random_correct[pair].mean()),
+            "random_accuracy_per_draw": [float(r.mean()) if f else None for r, f in zip(o.random_correct, full)],
+            "random_draws_evaluated_in_full": int(full.sum()),
+            "random_items_evaluated": int((~np.isnan(o.random_correct)).sum()),
+            "top_drop": top_drop, "random_drop_mean": base_acc - float(o.random_correct[pair].mean()),
             "samples_top_worse": n_pos, "samples_top_better": n_neg,
-            "headset_null_p": headset_null_p(top_drop, rand_drops), "sign_test_p": p_sign, "draws": draws,
+            "headset_null_p": (1 + int(at_least.sum())) / (draws + 1), "random_sets_at_least_top": int(at_least.sum()),
+            "sign_test_p": p_sign, "draws": draws,
             "p_refute": p_ref, "logprob_drop_gap_mean": float(lp_d.mean()),
             "logprob_sign_test_p": sign_test_greater(lp_d)[2], "top_heads": [str(h) for h in o.top_heads],
         }
         if getattr(o, "matched_correct", None) is not None:  # the other control, reported beside
             mc = o.matched_correct
-            m_drops = base_acc - mc.mean(axis=1)
+            m_pair = (np.arange(n) % mc.shape[0], np.arange(n))
+            m_at_least = _at_least_top(mc, o.top_correct)
             details["control"] = control
-            details["outside_top" if control == "layer_matched" else "layer_matched"] = {"draws": int(mc.shape[0]), "random_accuracy": float(mc.mean()),
-                                        "headset_null_p": headset_null_p(top_drop, m_drops),
-                                        "sign_test_p": sign_test_greater(mc.mean(axis=0) - o.top_correct)[2]}
+            details["outside_top" if control == "layer_matched" else "layer_matched"] = {
+                "draws": int(mc.shape[0]), "random_accuracy": float(mc[m_pair].mean()),
+                "headset_null_p": (1 + int(m_at_least.sum())) / (mc.shape[0] + 1),
+                "sign_test_p": sign_test_greater(mc[m_pair] - o.top_correct)[2]}
         p_pair = paired_p(one_draw, 0.0, "greater")  # uses magnitudes, unlike the sign test on mean-over-draws
         details["paired_p"] = p_pair
         p = max(p_pair, details["headset_null_p"])
-        effect = float(d.mean())
-        ci = bootstrap_ci(d, n_boot=n_boot, level=1 - 2 * alpha, seed=hash_seed(seed, o.k))
+        effect = float(one_draw.mean())
+        ci = bootstrap_ci(one_draw, n_boot=n_boot, level=1 - 2 * alpha, seed=hash_seed(seed, o.k))
         rows[o.k] = (o, n, n_pos, p, p_ref, effect, ci, base_acc, details)
         floor = floor_reason(base_acc, baseline_floor)
         rand_acc = details["random_accuracy"]
@@ -142,13 +173,15 @@ def necessity(outcomes: Sequence, *, alpha: float = 0.05, baseline_floor: float 
                       f"smallest p is 1/{details['draws'] + 1}); {FLIP_RATE:.0%} of items flip each way")
         common = dict(claim="CA-1", params={"k": k}, test=CA1_TEST, statistic=float(n_pos), p_value=p, effect=effect,
                       ci=ci, ci_level=1 - 2 * alpha, n=n, alpha=alpha, min_effect=min_gap, power=power.to_dict(),
-                      effect_name="accuracy drop of top-K minus that of random-K (mean over draws)")
+                      effect_name="accuracy drop of top-K minus that of random-K (each item paired with one draw)")
         if k in reasons:
             out[k] = Verdict(status="inconclusive", reason=reasons[k], p_adjusted=None, details=details, **common)
             continue
         status, why = decide_bounds(adj_s[k], adj_r[k], alpha, bounds, power, what="the gap", n=n)
-        reason = (f"top-{k} ablation: accuracy {base_acc:.2f} -> {details['top_accuracy']:.2f}; random-{k} (mean of "
-                  f"{details['draws']} draws): -> {details['random_accuracy']:.2f}; {why}")
+        reason = (f"top-{k} ablation: accuracy {base_acc:.2f} -> {details['top_accuracy']:.2f}; random-{k} (each item "
+                  f"with one of {details['draws']} draws): -> {details['random_accuracy']:.2f}; "
+                  f"{details['random_sets_at_least_top']} of {details['draws']} random sets drop as much as the top "
+                  f"K; {why}")
         out[k] = Verdict(status=status, reason=reason, p_adjusted=adj_s[k],
                          details={**details, "p_refute_adjusted": adj_r[k]}, **common)
     return out
