@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from rh.budget import claim_costs, format_cost, saved_token_layers  # torch-free
+
 _VERDICT = "rh_verdict"
 _META = "rh_meta"
 _CLAIM = "rh_claim"
@@ -62,6 +64,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      "need the top K of an order say so)")
     g.addoption("--per-layer", type=int, default=None, metavar="M",
                 help="with a per-layer {layer: [heads]} file in --rankings: test the first M heads of each layer")
+    g.addoption("--plain", action="store_true",
+                help="run every forward pass in full: no prefix reuse, no early stopping of CA-1's random head "
+                     "sets (the reference the savings give identical verdicts to, at about twice the token-layers)")
+    g.addoption("--plan", action="store_true",
+                help="print each collected claim's planned conditions, forward passes, token-layers and estimated "
+                     "time (timed on a random 2-layer copy of the model's architecture), then stop: no weights "
+                     "load and no test runs (rh.plan; with --expected, the recorded counts beside)")
     g.addoption("--report-dir", default=None, help="where the HTML and JSON reports go (default: the ini value "
                 "rh_report_dir, else reports/ under the rootdir)")
     g.addoption("--ranking-cache", default=None, help="folder of cached rankings (default: the ini value "
@@ -110,6 +119,11 @@ def pytest_configure(config: pytest.Config) -> None:
             if blocked is not None:
                 raise pytest.UsageError(f"--update-expected: {path} cannot be written ({blocked} is not a writable "
                                         "folder); choose another path")
+    if config.getoption("--plan"):
+        if budget is not None:
+            raise pytest.UsageError("--plan runs no claim: drop --budget (the plan's estimated times say what fits)")
+        if getattr(config.option, "numprocesses", None):
+            raise pytest.UsageError("--plan plans in one process: drop -n")
     if budget is not None:
         if expected is None or not expected.nodes:
             raise pytest.UsageError("--budget plans from the token-layers recorded in an expected-verdicts file: pass "
@@ -137,6 +151,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     session = config.stash.get(_SESSION, None)
+    if session is not None:
+        session.resources.close()
     if session is not None and session.progress_token is not None:
         from rh import progress
 
@@ -210,6 +226,11 @@ class RhSession:
         self.step_label: str | None = None
         self.estimate: dict[str, Any] | None = None  # planned token-layers for the progress lines
         self.loaded_at: float | None = None
+        self.plan = None  # with --plan: the rh.plan.Plan printed instead of running the claims
+        self.resources = contextlib.ExitStack()  # closed at unconfigure: the session's prefix cache
+        self.prefix = None  # that rh.prefix.PrefixCache (None with --plain)
+        self.item_start = 0  # the counter's total when the running test started
+        self.saved_at_start = dict(saved_token_layers())
 
     def on_progress(self, what: str, done: int, total: int | None) -> None:
         """rh.progress's listener: remember the loop's position, maybe print a line (only in a session
@@ -238,6 +259,7 @@ class RhSession:
                 v["outcome"] = report.outcome
                 v["key"] = _verdict_key(v)
                 v["token_layers"] = cost
+                v["token_layers_with_fixtures"] = self.counter.total - self.item_start
                 v["seconds"] = seconds
                 self.verdicts.append(v)
             elif report.failed:
@@ -247,6 +269,7 @@ class RhSession:
                     "nodeid": report.nodeid, "claim": claim, "status": "error", "outcome": "error",
                     "key": (exp.key_of(report.nodeid) if exp is not None else None) or f"{claim}[{report.nodeid}]",
                     "reason": _short_error(report), "token_layers": cost,
+                    "token_layers_with_fixtures": self.counter.total - self.item_start,
                 })
 
     @pytest.hookimpl(wrapper=True)
@@ -323,6 +346,37 @@ class RhSession:
             self.old_alarm = signal.signal(signal.SIGALRM, _out_of_time)
             signal.setitimer(signal.ITIMER_REAL, deadline - now)
 
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtestloop(self, session: pytest.Session):
+        """With --plan: print the plan of the collected claims (rh.plan) and run nothing."""
+        config = session.config
+        if not config.getoption("--plan"):
+            return None
+        from rh.plan import format_plan, plan_session, recorded_for
+
+        claims = [it for it in session.items if it.get_closest_marker("claim") is not None]
+        expected = self.expected
+        folder = config.getini("rh_expected_dir")
+        if expected is None and folder:
+            expected = recorded_for(config.rootpath / folder / f"{config.getoption('--model')}.json",
+                                    config.getoption("--model"), config.getoption("--profile"))
+        plan = plan_session(config, claims, shape=self.shape, profile=self.collection_profile, external=self.external,
+                            expected=expected, cache_dir=ranking_cache(config))
+        tr = config.pluginmanager.getplugin("terminalreporter")
+        if tr is not None:
+            tr.ensure_newline()
+            tr.write_sep("=", "rh plan")
+            heading = (f"{config.getoption('--model')}, {config.getoption('--profile')} profile: {len(claims)} "
+                       f"claims planned, none run")
+            for line in format_plan(plan, heading=heading):
+                tr.write_line(line)
+        self.plan = plan
+        return True
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_logstart(self, nodeid, location) -> None:
+        self.item_start = self.counter.total  # a claim's bill: the fixtures first set up for it, then its body
+
     def pytest_runtest_setup(self, item: pytest.Item) -> None:
         """With --budget: a claim that no longer fits the time left (re-estimated from how the claims
         so far compared with their plan) is left out rather than started."""
@@ -383,7 +437,10 @@ class RhSession:
         counter = self.counter
         cost = self.meta.setdefault("cost", {})
         cost.update({"total": counter.total - counter.counts.get("calibration", 0),
-                     "by": {k: v for k, v in sorted(counter.counts.items()) if k != "calibration"}})
+                     "by": {k: v for k, v in sorted(counter.counts.items()) if k != "calibration"},
+                     "by_claim": claim_costs(self.verdicts),
+                     "saved": {k: v - self.saved_at_start.get(k, 0) for k, v in saved_token_layers().items()
+                               if v - self.saved_at_start.get(k, 0)}})
         status = int(exitstatus)
         if self.expected is not None:
             try:
@@ -416,9 +473,11 @@ class RhSession:
             terminalreporter.write_line(self.budget["summary"])
             for nid, why in sorted(self.left_out.items()):
                 terminalreporter.write_line(f"left out: {nid} ({why})")
-        total = self.meta.get("cost", {}).get("total")
-        if total is not None:
-            terminalreporter.write_line(f"rh forward passes: {total:,} token-layers (tokens x decoder layers executed)")
+        cost = self.meta.get("cost", {})
+        if cost.get("total") is not None:
+            terminalreporter.write_sep("-", "rh forward passes")
+            for line in format_cost(cost).splitlines():
+                terminalreporter.write_line(line)
         paths = self.report_paths
         if paths:
             terminalreporter.write_sep("-", "rh report")
@@ -460,6 +519,10 @@ def _session_model(config: pytest.Config):
             state.per_tl = (per_tl, how)
             state.meta.setdefault("cost", {}).update(seconds_per_token_layer=per_tl, calibration=how)
             _progress(config, f"this machine: {how}", force=True)
+        if not config.getoption("--plain"):
+            from rh.prefix import reuse_prefixes
+
+            state.prefix = state.resources.enter_context(reuse_prefixes(model))
         state.model = model
         state.loaded_at = time.perf_counter()
     return state.model

@@ -1,0 +1,204 @@
+"""``pytest claims/ --plan`` (rh.plan): the planned token-layers of rh's catalogue against the
+counts a real run recorded, the plan printed before any weights load, a team's own registered
+cost, and the calibration on a random copy of the model's architecture."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORDED = ROOT / "fixtures" / "expected" / "smollm2-135m.json"
+
+
+def _rows(name: str, ctx) -> list:
+    from rh.plan import cost_rows, registered
+
+    fn = registered(name, builtin=True)
+    assert fn is not None, f"no built-in cost for {name}"
+    return cost_rows(fn, ctx)
+
+
+@pytest.fixture(scope="module")
+def smollm2_ctx():
+    """The plan context of the quick profile on SmolLM2-135M (30 layers x 9 heads, prompts of 512
+    tokens), with the committed ranking cache: no tokenizer, no weights."""
+    from rh.models import REGISTRY
+    from rh.plan import PlanContext, planned_model
+    from rh.profiles import get_profile
+
+    shape = REGISTRY["smollm2-135m"].shape
+    stand_in = planned_model("smollm2-135m", device="cpu", dtype="float32", shape=shape)
+    return PlanContext(get_profile("quick", shape), shape, model="smollm2-135m",
+                       cache_dir=ROOT / "fixtures" / "rankings", planned_model=stand_in)
+
+
+def test_the_quick_plan_reproduces_the_token_layers_a_smollm2_run_recorded(smollm2_ctx):
+    """Every fixture and claim body the recorded run charged is planned at its recorded count:
+    exactly where the answers are 4-digit numbers (passkey, inc_year: 515 tokens a pass), within
+    0.5% where an answer's tokens are estimated from its text (employee counts and states, CA-4's
+    and ID-5's five tasks). IV-6's recorded run stopped at its first prompt off completeness: the
+    plan is the bound of all ig_n prompts, ig_n x the recorded prompt."""
+    data = json.loads(RECORDED.read_text())
+    ctx = smollm2_ctx
+    assert len(ctx.validation) == 16 and ctx.layers == 30
+    for name, recorded in data["fixture_token_layers"].items():
+        planned = sum(r.token_layers for r in _rows(name, ctx))
+        assert planned == pytest.approx(recorded, rel=0.005), name
+    assert sum(r.token_layers for r in _rows("ca1_outcomes", ctx)) == 2 * 50 * 16 * 515 * 30 == 24_720_000
+    assert sum(r.token_layers for r in _rows("ranking", ctx)) == 512 * 30  # cached: the attention example only
+    assert "cached" in " ".join(_rows("ranking", ctx)[0].conditions)
+    checked = 0
+    for nodeid, node in data["nodes"].items():
+        body = nodeid.split("::")[1].split("[")[0]
+        from rh.plan import registered
+
+        if registered(body, builtin=True) is None:
+            continue
+        planned = sum(r.token_layers for r in _rows(body, ctx))
+        if "attribution" in body:
+            assert planned == ctx.profile.ig_n * node["token_layers"], body
+        else:
+            assert planned == pytest.approx(node["token_layers"], rel=0.005), body
+        checked += 1
+    assert checked >= 8
+
+
+def test_answer_tokens_are_estimated_from_the_answer_text():
+    from rh.plan import answer_token_estimate
+
+    assert answer_token_estimate("4821") == 4
+    assert answer_token_estimate("12,300") == 6
+    assert answer_token_estimate("Texas") == 1 and answer_token_estimate("New York") == 2
+
+
+_DRIVER = """
+import sys
+import rh.models
+
+def _no(*a, **k):
+    raise AssertionError("--plan loaded the model")
+
+rh.models.load_model = rh.models.tiny_llama = _no
+import pytest
+common = ["claims/", "--plan", "--model", "tiny-llama", "-p", "no:cacheprovider", "--ranking-cache", sys.argv[1],
+          "-W", "ignore::pytest.PytestAssertRewriteWarning"]
+rc = pytest.main(common)
+print("RC-ALL", rc, flush=True)
+rc = pytest.main(common + ["-k", "necessary"])
+print("RC-K", rc, flush=True)
+"""
+
+
+def test_plan_of_the_catalogue_prints_a_row_per_claim_and_loads_nothing(tmp_path):
+    """--plan on claims/ with tiny-llama: one row per claim and a total, the calibration line, no
+    test run, exit 0, and the model is never loaded (load_model raises in this process); with
+    -k only the selected claims are planned."""
+    proc = subprocess.run([sys.executable, "-c", _DRIVER, str(tmp_path / "rankings")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    out = proc.stdout
+    assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
+    assert "RC-ALL 0" in out and "RC-K 0" in out, out[-3000:]  # exit 0 both times
+    full, selected = out.split("RC-ALL 0")
+    assert "rh plan" in full and "loaded the model" not in out and "loaded tiny-llama" not in out
+    summary = [line for line in full.splitlines() if line.startswith("=") and " in " in line][-1]
+    assert not re.search(r"passed|failed|skipped|error", summary), summary  # no test ran
+    n = int(re.search(r"collected (\d+) items", full).group(1))
+    rows = [line.split()[0] for line in full.splitlines() if line[:3] in ("CA-", "ID-", "IV-")]
+    assert n > 20 and len(rows) == len(set(rows)) == n, rows
+    assert f"total ({n} claims)" in full and "this machine:" in full and "us per token-layer" in full
+    assert "ranking: identification (sum attention)" in full and "not cached" in full  # an empty cache
+    total = next(line for line in full.splitlines() if line.startswith("total"))
+    assert "unknown" not in total  # every catalogue claim has a known cost
+    k_rows = [line.split()[0] for line in selected.splitlines() if line[:3] in ("CA-", "ID-", "IV-")]
+    assert k_rows == ["CA-1[K=2]", "CA-1[K=4]"], selected[-2000:]
+    assert "total (2 claims)" in selected
+
+
+@pytest.fixture(scope="module")
+def warm_imports():
+    """Pytester's in-process run drops the modules first imported after it started (torch's and
+    transformers' cannot be imported twice): import what the plan and its calibration use before."""
+    import rh.expected
+    import rh.pipeline
+    import rh.plan
+    import rh.published
+
+    rh.plan.calibrate_config(rh.plan.model_config("tiny-llama"), batch_size=1, length=8, repeats=1)
+
+
+def test_a_registered_cost_of_your_own_fixture_is_planned_and_an_unregistered_one_is_unknown(warm_imports, pytester,
+                                                                                             monkeypatch):
+    import rh.plan
+
+    monkeypatch.setattr(rh.plan, "_COSTS", {k: list(v) for k, v in rh.plan._COSTS.items()})
+    pytester.makeconftest(textwrap.dedent("""
+        import pytest
+        from rh.plan import forward_cost, register_cost
+
+        @pytest.fixture(scope="session")
+        def lab_outcomes(rh_model, validation):
+            raise AssertionError("not run under --plan")
+
+        @register_cost("lab_outcomes")
+        def _(ctx):
+            return forward_cost("lab_outcomes", ["baseline", "top3"], ctx.validation, ctx)
+    """))
+    pytester.makepyfile(test_lab=textwrap.dedent("""
+        import pytest
+
+        @pytest.mark.claim("LAB-1")
+        def test_registered(lab_outcomes):
+            pass
+
+        @pytest.mark.claim("LAB-2")
+        def test_unregistered(rh_model):
+            pass
+    """))
+    res = pytester.runpytest_inprocess("--plan", "--model", "tiny-llama", "-p", "no:cacheprovider")
+    assert res.ret == 0
+    out = res.stdout.str()
+    lab1 = next(line for line in out.splitlines() if line.startswith("LAB-1"))
+    lab2 = next(line for line in out.splitlines() if line.startswith("LAB-2"))
+    from rh.models import REGISTRY
+    from rh.plan import PlanContext
+    from rh.profiles import get_profile
+
+    shape = REGISTRY["tiny-llama"].shape
+    ctx = PlanContext(get_profile("quick", shape), shape)
+    want = rh.plan.forward_cost("lab_outcomes", ["baseline", "top3"], ctx.validation, ctx).token_layers
+    assert want > 0 and f"{want:,}" in lab1
+    assert "lab_outcomes: 2 conditions (baseline, top3)" in out
+    assert "unknown" in lab2 and "unknown cost: test_unregistered" in out
+    assert "1 unknown" in out
+    res.assert_outcomes()  # nothing ran
+
+
+def test_the_calibration_times_a_random_copy_of_the_architecture():
+    from rh.plan import calibrate_config, model_config
+
+    cfg = model_config("tiny-llama")
+    per, how = calibrate_config(cfg, batch_size=2, length=32, device="cpu")
+    assert per > 0 and math.isfinite(per) and "2 layers" in how
+    assert cfg.num_hidden_layers == 4  # the model's own config is left as it was
+
+
+def test_the_bundled_models_config_comes_from_the_gguf_header_without_the_weights():
+    from rh.models import REGISTRY, bundled_gguf_path
+    from rh.plan import gguf_metadata, model_config
+
+    meta = gguf_metadata(bundled_gguf_path(REGISTRY["smollm2-135m"]))
+    assert meta["general.architecture"] == "llama" and meta["llama.block_count"] == 30
+    cfg = model_config("smollm2-135m")
+    s = REGISTRY["smollm2-135m"].shape
+    assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (
+        s.n_layers, s.n_heads, s.n_kv_heads, s.head_dim)
