@@ -252,21 +252,34 @@ def keep_rows(layer: int, probs: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def capture_attention(model: Any, reduce: Reducer = keep_rows) -> Iterator[AttentionCapture]:
+def capture_attention(model: Any, reduce: Reducer = keep_rows, *,
+                      through_layer: int | None = None) -> Iterator[AttentionCapture]:
     """Within the block, every forward of ``model`` (a ``LoadedModel`` or transformers model) records ``reduce(layer, probs)`` per layer.
 
     The model's attention implementation is swapped for the capture wrapper of the same base and
     restored in ``finally``, also when the block raises. Outputs are those of the base
     implementation, unchanged (unless an intervention such as ``ablate(..., method="query")`` is
     active, whose effect the capture then records).
+
+    ``through_layer=L``: the forwards in the block run decoder layers 0..L only (a causal layer
+    cannot change what the layers before it attend to), the capture records those, and the model's
+    outputs are not its real ones: for passes that only read the attention of heads up to layer L.
     """
     hf = hf_model(model)
     config = hf.config
     current = _active.get()
     if current is not None and current._model_id == id(config):
         raise RuntimeError("capture_attention blocks on the same model cannot be nested")
-    cap = AttentionCapture(reduce=reduce, n_layers=int(config.num_hidden_layers), _model_id=id(config))
-    with rh_attention_active(hf):
+    n_layers = int(config.num_hidden_layers)
+    if through_layer is not None and not 0 <= int(through_layer) < n_layers:
+        raise ValueError(f"through_layer={through_layer}: the model has layers 0..{n_layers - 1}")
+    stop = None if through_layer is None else int(through_layer) + 1
+    cap = AttentionCapture(reduce=reduce, n_layers=n_layers if stop is None else stop, _model_id=id(config))
+    with rh_attention_active(hf), contextlib.ExitStack() as stack:
+        if stop is not None and stop < n_layers:  # later layers cannot change what the earlier ones attend to
+            from rh.prefix import layer_slice
+
+            stack.enter_context(layer_slice(hf, 0, stop))
         token = _active.set(cap)
         try:
             yield cap

@@ -47,7 +47,8 @@ def needle_mass_ratios(model: LoadedModel, samples: Sequence[Sample], heads: Seq
                        batch_size: int = 8) -> np.ndarray:
     """Per sample, the top heads' mean attention per needle token over the uniform share 1/L
     (the last prompt token's row; L = visible keys): ``[n_samples]``, mean over ``heads``."""
-    mass = score_samples(model, samples, "sum_attention", batch_size=batch_size, progress=False).scores
+    mass = score_samples(model, samples, "sum_attention", batch_size=batch_size, progress=False,
+                         through_layer=max(h.layer for h in heads) if heads else None).scores
     layers = [h.layer for h in heads]
     idx = [h.head for h in heads]
     per_token = np.array([(s.needle_span[1] - s.needle_span[0]) / len(s.input_ids) for s in samples])
@@ -58,7 +59,8 @@ def needle_mass_per_head(model: LoadedModel, samples: Sequence[Sample], heads: S
                          batch_size: int = 8) -> np.ndarray:
     """Per sample and head, the head's attention per needle token over the uniform share:
     ``[n_samples, len(heads)]`` (the columns :func:`needle_mass_ratios` averages)."""
-    mass = score_samples(model, samples, "sum_attention", batch_size=batch_size, progress=False).scores
+    mass = score_samples(model, samples, "sum_attention", batch_size=batch_size, progress=False,
+                         through_layer=max(h.layer for h in heads) if heads else None).scores
     per_token = np.array([(s.needle_span[1] - s.needle_span[0]) / len(s.input_ids) for s in samples])
     return mass[:, [h.layer for h in heads], [h.head for h in heads]] / per_token[:, None]
 

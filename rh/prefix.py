@@ -302,14 +302,25 @@ def forward(model: Any, inputs: Mapping[str, torch.Tensor], **kwargs: Any) -> An
     return out
 
 
+@contextlib.contextmanager
+def layer_slice(model: Any, start: int = 0, stop: int | None = None) -> Iterator[None]:
+    """Within the block, the model's forward runs decoder layers ``start..stop-1`` only (the
+    modules themselves, hooks and all); the full layer list is back in ``finally``. Callers give
+    the first layer its input (:func:`forward`) or read only what layers before ``stop`` compute
+    (``rh.attention.capture_attention(..., through_layer=)``): a shorter pass, not the model's output."""
+    hf = hf_model(model)
+    inner = hf.model
+    full = inner.layers
+    inner.layers = torch.nn.ModuleList(list(full)[start:stop])
+    try:
+        yield
+    finally:
+        inner.layers = full
+
+
 def _run_from(hf: Any, start: int, state: torch.Tensor, inputs: Mapping[str, torch.Tensor], kwargs: dict) -> Any:
     """The model's forward from decoder layer ``start`` on, ``state`` entering it: the embedding's
     output is replaced by ``state`` and layers 0..start-1 are out of the layer list for the call."""
-    inner = hf.model
-    full = inner.layers
     rest = {k: v for k, v in inputs.items() if k != "input_ids"}
-    inner.layers = torch.nn.ModuleList(list(full)[start:])
-    try:
+    with layer_slice(hf, start):
         return hf(inputs_embeds=state, **rest, **kwargs)
-    finally:
-        inner.layers = full

@@ -669,11 +669,22 @@ def _attention_example(config, model, ranking, validation) -> None:
 
 
 @pytest.fixture(scope="session")
-def baseline(pytestconfig, rh_model, validation, profile):
-    """Teacher-forced outcomes on the validation split with no intervention."""
+def baseline(pytestconfig, rh_model, validation, profile, ranking):
+    """Teacher-forced outcomes on the validation split with no intervention. The passes keep the
+    residual stream where the top-K sets the claims ablate on these prompts start (CA-1, CA-2,
+    CA-5), so those passes run only the layers from there on (rh.prefix)."""
     from rh.causal import evaluate_baseline
+    from rh.prefix import first_layers, hinting
+    from rh.published import HeadSetHasNoOrder
 
-    df = evaluate_baseline(rh_model, validation, batch_size=profile.batch_size)
+    sets = []
+    for k in {*profile.ablation_levels, *profile.dose_levels, profile.id_k}:
+        try:
+            sets.append(ranking.top(k))
+        except HeadSetHasNoOrder:  # a head set has only its own size
+            pass
+    with hinting(rh_model, first_layers(sets)):
+        df = evaluate_baseline(rh_model, validation, batch_size=profile.batch_size)
     by_depth = df.groupby("depth")["correct"].mean()
     _session_meta(pytestconfig)["baseline"] = {
         "accuracy": float(df["correct"].mean()), "n": len(df),

@@ -76,7 +76,8 @@ class Wu24Options:
 # --------------------------------------------------------------------------- per-batch scorers
 
 
-def _sum_attention_batch(model: LoadedModel, batch: Batch, options: None) -> tuple[np.ndarray, np.ndarray, list]:
+def _sum_attention_batch(model: LoadedModel, batch: Batch, options: None, *,
+                         through_layer: int | None = None) -> tuple[np.ndarray, np.ndarray, list]:
     span = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=model.device)
     for row in range(len(batch.samples)):
         s, e = batch.needle_span(row)
@@ -85,9 +86,9 @@ def _sum_attention_batch(model: LoadedModel, batch: Batch, options: None) -> tup
     def reduce(layer: int, probs: torch.Tensor) -> torch.Tensor:
         return torch.einsum("bhl,bl->bh", probs, span.to(probs.device)).cpu()
 
-    with torch.no_grad(), capture_attention(model.model, reduce) as cap:
+    with torch.no_grad(), capture_attention(model.model, reduce, through_layer=through_layer) as cap:
         model.model(**batch.model_inputs(model.device), logits_to_keep=1, use_cache=False)
-    scores = torch.stack(cap.step(0), dim=1).double().numpy()  # [b, layers, heads]
+    scores = torch.stack(cap.step(0), dim=1).double().numpy()  # [b, layers (through through_layer), heads]
     n = len(batch.samples)
     return scores, np.ones(n, dtype=bool), [{} for _ in range(n)]
 
@@ -216,8 +217,12 @@ def score_samples(
     checkpoint: str | Path | None = None,
     progress: bool = True,
     on_batch: Callable[[int], None] | None = None,
+    through_layer: int | None = None,
 ) -> SampleScores:
     """Score every sample with ``method``, batch by batch, in input order.
+
+    ``through_layer=L`` (sum attention only): score the heads of layers 0..L, running only those
+    layers (``scores`` then has L + 1 layers): for callers that read a few heads, not a ranking.
 
     With ``checkpoint``, each finished batch is written there (atomically) and samples already in
     it are skipped, so a killed run resumes where it stopped; the file is removed on success.
@@ -227,13 +232,18 @@ def score_samples(
     if not samples:
         raise ValueError("no samples to score: the identification split is empty; use more samples per setting")
     shape = model.shape
+    extra = {}
+    if through_layer is not None:
+        if method != "sum_attention" or checkpoint:
+            raise ValueError("through_layer applies to sum-attention scoring without a checkpoint")
+        extra = {"through_layer": int(through_layer)}
     done = _load_checkpoint(checkpoint, method, shape) if checkpoint else {}
     todo = [s for s in samples if s.id not in done]
     bar = tqdm(total=len(samples), initial=len(samples) - len(todo), desc=f"identify ({method})", unit="sample",
                disable=not progress, leave=False)
     for i, batch in enumerate(make_batches(todo, batch_size, model.tokenizer.pad_token_id)):
         with oom_guard(f"identification ({method})", batch_size=len(batch.samples), length=batch.input_ids.shape[1]):
-            scores, counted, info = _SCORERS[method](model, batch, options)
+            scores, counted, info = _SCORERS[method](model, batch, options, **extra)
         for row, s in enumerate(batch.samples):
             done[s.id] = (scores[row], bool(counted[row]), info[row])
         if checkpoint:
@@ -360,7 +370,8 @@ def last_token_attention(model: LoadedModel, sample: Sample, heads: Sequence[Hea
     from rh.attention import keep_rows
 
     ids = torch.tensor([sample.input_ids], device=model.device)
-    with torch.no_grad(), capture_attention(model.model, keep_rows) as cap:
+    last = max(h.layer for h in heads) if heads else None
+    with torch.no_grad(), capture_attention(model.model, keep_rows, through_layer=last) as cap:
         model.model(input_ids=ids, logits_to_keep=1, use_cache=False)
     rows = cap.step(0)
     return np.stack([rows[h.layer][0, h.head].double().numpy() for h in heads])

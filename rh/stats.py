@@ -506,7 +506,15 @@ def headset_null_p(observed: float, null: Sequence[float] | np.ndarray) -> float
         raise ValueError("headset_null_p: observed is NaN")
     tol = abs(obs) * 1e-14 if math.isfinite(obs) else 0.0
     count = int(np.count_nonzero(z >= obs - tol))
-    return (1 + count) / (z.size + 1)
+    return headset_null_p_of_count(count, z.size)
+
+
+def headset_null_p_of_count(at_least: int, draws: int) -> float:
+    """:func:`headset_null_p` from its count: ``at_least`` of ``draws`` random head sets reach the
+    observed statistic (ties included). For rules that decide each draw's side without its value."""
+    if draws < 1:
+        raise ValueError("headset_null_p: null is empty; draw at least one random head set")
+    return (1 + int(at_least)) / (int(draws) + 1)
 
 
 def min_attainable_p_sign(n: int) -> float:

@@ -185,3 +185,32 @@ def test_the_byte_budget_evicts_the_least_recently_used(tiny, tiny_samples):
                 both = teacher_forced(tiny, tiny_samples, batch_size=3, progress=False)
         _same(plain.iloc[:3].reset_index(drop=True), got)
         _same(plain, both)
+
+
+def test_a_capture_through_a_layer_runs_only_that_far_and_records_what_the_full_pass_records(tiny, tiny_samples):
+    """Attention of layers 0..L does not depend on later layers: a capture through L equals the
+    full capture there, counts (L + 1) x tokens token-layers, and the layer list is whole after."""
+    from rh.attention import capture_attention
+    from rh.scoring import last_token_attention, score_samples
+
+    full = score_samples(tiny, tiny_samples, "sum_attention", batch_size=6, progress=False).scores
+    counter = TokenLayerCounter()
+    handle = counter.attach(tiny.model)
+    try:
+        short = score_samples(tiny, tiny_samples, "sum_attention", batch_size=6, progress=False,
+                              through_layer=1).scores
+    finally:
+        handle.remove()
+    assert short.shape[1] == 2
+    np.testing.assert_allclose(short, full[:, :2], rtol=0, atol=1e-6)
+    assert counter.total == 2 * sum(len(s.input_ids) for s in tiny_samples)  # equal lengths: no padding
+    heads = [Head(0, 1), Head(2, 3)]
+    row = last_token_attention(tiny, tiny_samples[0], heads)
+    with torch.no_grad(), capture_attention(tiny.model) as cap:
+        tiny.model(input_ids=torch.tensor([tiny_samples[0].input_ids]), logits_to_keep=1, use_cache=False)
+    ref = np.stack([cap.step(0)[h.layer][0, h.head].double().numpy() for h in heads])
+    np.testing.assert_allclose(row, ref, rtol=0, atol=1e-6)
+    assert len(tiny.model.model.layers) == tiny.shape.n_layers
+    with pytest.raises(ValueError, match="through_layer=4"):
+        with capture_attention(tiny.model, through_layer=4):
+            pass

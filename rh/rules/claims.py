@@ -20,7 +20,7 @@ from rh.rules.paired import FLIP_RATE, paired_ci, paired_family, paired_p, paire
 from rh.stats import (
     Verdict,
     bootstrap_ci,
-    headset_null_p,
+    headset_null_p_of_count,
     mcnemar_exact,
     min_attainable_p_sign,
     sign_test_greater,
@@ -128,7 +128,8 @@ def necessity(outcomes: Sequence, *, alpha: float = 0.05, baseline_floor: float 
             "random_items_evaluated": int((~np.isnan(o.random_correct)).sum()),
             "top_drop": top_drop, "random_drop_mean": base_acc - float(o.random_correct[pair].mean()),
             "samples_top_worse": n_pos, "samples_top_better": n_neg,
-            "headset_null_p": (1 + int(at_least.sum())) / (draws + 1), "random_sets_at_least_top": int(at_least.sum()),
+            "headset_null_p": headset_null_p_of_count(int(at_least.sum()), draws),
+            "random_sets_at_least_top": int(at_least.sum()),
             "sign_test_p": p_sign, "draws": draws,
             "p_refute": p_ref, "logprob_drop_gap_mean": float(lp_d.mean()),
             "logprob_sign_test_p": sign_test_greater(lp_d)[2], "top_heads": [str(h) for h in o.top_heads],
@@ -140,7 +141,7 @@ def necessity(outcomes: Sequence, *, alpha: float = 0.05, baseline_floor: float 
             details["control"] = control
             details["outside_top" if control == "layer_matched" else "layer_matched"] = {
                 "draws": int(mc.shape[0]), "random_accuracy": float(mc[m_pair].mean()),
-                "headset_null_p": (1 + int(m_at_least.sum())) / (mc.shape[0] + 1),
+                "headset_null_p": headset_null_p_of_count(int(m_at_least.sum()), mc.shape[0]),
                 "sign_test_p": sign_test_greater(mc[m_pair] - o.top_correct)[2]}
         p_pair = paired_p(one_draw, 0.0, "greater")  # uses magnitudes, unlike the sign test on mean-over-draws
         details["paired_p"] = p_pair
