@@ -17,7 +17,7 @@ import pytest
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[1]
-RECORDED = ROOT / "fixtures" / "expected" / "smollm2-135m.json"
+RECORDED = ROOT / "tests" / "data" / "smollm2-135m-plain-token-layers.json"  # a run with every pass in full
 
 
 def _rows(name: str, ctx) -> list:
