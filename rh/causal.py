@@ -61,7 +61,9 @@ def evaluate_baseline(model: LoadedModel, samples: Sequence[Sample], *, batch_si
 def needed_items(draw: int, draws: int, n: int) -> list[int]:
     """The items CA-1's paired test reads from random draw ``draw`` of ``draws``: item i is paired
     with draw i mod ``draws`` (:func:`rh.rules.claims.necessity`)."""
-    return list(range(draw, n, draws))
+    from rh.rules.claims import paired_draws
+
+    return [int(i) for i in np.flatnonzero(paired_draws(n, draws) == draw)]
 
 
 def side_decided(correct: float, remaining: int, top_correct: float) -> bool | None:
@@ -97,7 +99,8 @@ def _stopped_draw(model: LoadedModel, samples: Sequence[Sample], heads: list[Hea
         if not stop_early:
             run(list(range(n)))
         else:
-            rest = [i for i in order if i not in set(first)]
+            paired = set(first)
+            rest = [i for i in order if i not in paired]
             if first:
                 run(first)
             while rest:

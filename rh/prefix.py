@@ -100,14 +100,12 @@ def first_modified_layer(model: Any) -> int:
     layers = _layers(hf)
     if inner is None or not layers or _global_hooks() or capturing(hf):
         return 0
-    outside = [hf, inner, getattr(inner, "embed_tokens", None), getattr(inner, "rotary_emb", None)]
-    for m in outside:
-        if m is None:
-            return 0
+    embed, rotary = getattr(inner, "embed_tokens", None), getattr(inner, "rotary_emb", None)
+    if embed is None or rotary is None or _hooked(embed) or _hooked(rotary):
+        return 0
+    for m in (hf, inner):  # their own hooks only: their submodules include the layers
         if any(not _is_passive(h) for t in (m._forward_pre_hooks, m._forward_hooks) for h in t.values()):
             return 0
-    if _hooked(inner.embed_tokens) or _hooked(inner.rotary_emb):
-        return 0
     for i, layer in enumerate(layers):
         if _hooked(layer):
             return i

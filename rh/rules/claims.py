@@ -57,6 +57,11 @@ CA1_TEST = ("supported: head-set null (top-K drop ranked among random K-sets) an
             "the same paired test shows the gap below Δ, Holm across K")
 
 
+def paired_draws(n: int, draws: int) -> np.ndarray:
+    """CA-1's pairing: item i's outcome is compared with random draw ``i mod draws``."""
+    return np.arange(n) % draws
+
+
 def _at_least_top(random_correct: np.ndarray, top_correct: np.ndarray) -> np.ndarray:
     """Per random draw, whether its accuracy drop is at least the top K's (the head-set null's
     count, ties included) on the same items; decided from the evaluated items where early stopping
@@ -110,7 +115,7 @@ def necessity(outcomes: Sequence, *, alpha: float = 0.05, baseline_floor: float 
         draws = int(o.random_correct.shape[0])
         base_acc = float(o.baseline_correct.mean())
         top_drop = base_acc - float(o.top_correct.mean())
-        pair = (np.arange(n) % draws, np.arange(n))
+        pair = (paired_draws(n, draws), np.arange(n))
         one_draw = o.random_correct[pair] - o.top_correct
         if np.isnan(one_draw).any():
             raise ValueError(f"K={o.k}: the random draw paired with an item was not evaluated on it "
@@ -136,7 +141,7 @@ def necessity(outcomes: Sequence, *, alpha: float = 0.05, baseline_floor: float 
         }
         if getattr(o, "matched_correct", None) is not None:  # the other control, reported beside
             mc = o.matched_correct
-            m_pair = (np.arange(n) % mc.shape[0], np.arange(n))
+            m_pair = (paired_draws(n, mc.shape[0]), np.arange(n))
             m_at_least = _at_least_top(mc, o.top_correct)
             details["control"] = control
             details["outside_top" if control == "layer_matched" else "layer_matched"] = {
