@@ -13,13 +13,19 @@ The same registered function is where interventions on the attention computation
 zeroing and logit zeroing in ``rh.ablation``, and the query-head -> KV-head map of a pruned layer
 (``rh_kv_heads``, see ``rh.pruning``). Interventions run before the capture, so a capture sees the
 attention the model actually computed.
+
+Several query rows: ``capture_attention(model, reduce, rows=R)`` records, per forward and
+layer, the rows ``R`` (an int m = the last m positions, or Python-style negative positions such
+as ``(-5, -1)``, counted from the end so that they line up across left-padded rows) as
+``[batch, heads, len(R), kv]`` (:func:`rows_probs`): O(len(R) * L) per head, never N x N. The
+default (``rows=None``) is the last-row path above, unchanged in what it computes and costs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,13 +45,16 @@ class AttentionCapture:
     """What a capture block recorded: ``steps[t][layer]`` is ``reduce(layer, probs)`` for call ``t``.
 
     ``probs`` is float32 of shape ``[batch, n_heads, kv_len]``: the attention of the last query
-    position of each forward call. Call 0 is the prefill; later calls are decoding steps.
+    position of each forward call. Call 0 is the prefill; later calls are decoding steps. With
+    ``rows`` (see :func:`capture_attention`) it is ``[batch, n_heads, len(rows), kv_len]``, row
+    ``r`` being query position ``rows[r]`` counted from the end (-1 = last).
     """
 
     reduce: Reducer
     n_layers: int
     steps: list[dict[int, Any]] = field(default_factory=list)
     _model_id: int = 0
+    rows: tuple[int, ...] | None = None
 
     def _record(self, layer: int, probs: torch.Tensor) -> None:
         if layer == 0 or not self.steps or layer in self.steps[-1]:
@@ -92,6 +101,62 @@ def last_row_probs(
     return torch.softmax(scores, dim=-1)
 
 
+def _row_chunk(b: int, n_heads: int, kv_len: int, n_rows: int) -> int:
+    """Rows per chunk so that one chunk's float32 scores stay near 2**26 elements (256 MB)."""
+    return max(1, min(n_rows, (1 << 26) // max(1, b * n_heads * kv_len)))
+
+
+def rows_probs(
+    query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
+    rows: tuple[int, ...],
+) -> torch.Tensor:
+    """Softmax attention of the query positions ``rows`` (negative, counted from the end of the
+    query: -1 is the last): ``[batch, n_heads, len(rows), kv_len]`` in float32.
+
+    The same computation as :func:`last_row_probs`, per row: GQA grouping as ``repeat_kv``; the
+    mask's rows where it is 4-D (it holds causality and padding); where it is absent (sdpa's
+    causal skip) or 2-D (flash: padding only), the causal constraint is added explicitly: query
+    ``i`` of ``q_len`` sees keys ``0 .. kv_len - q_len + i``. Rows are computed in chunks, so the
+    transient memory is one chunk's scores beside the output; no N x N matrix is built. A query
+    row that sees no key at all (a left-padding position) comes back as zeros.
+    """
+    b, n_heads, q_len, d = query.shape
+    n_kv, kv_len = key.shape[1], key.shape[2]
+    groups = n_heads // n_kv
+    idx = [q_len + r for r in rows]
+    if any(not 0 <= i < q_len for i in idx):
+        raise RuntimeError(
+            f"attention capture of rows {rows}: this forward has only {q_len} query positions (a decoding step has "
+            "one); capture several rows on a forward over at least that many new tokens"
+        )
+    if attention_mask is None and q_len > 1 and kv_len > q_len:
+        key = key[:, :, :q_len]  # sdpa's crop for a prefill into an empty static cache
+        kv_len = q_len
+    out = torch.empty(b, n_heads, len(idx), kv_len, dtype=torch.float32, device=query.device)
+    kf = key.float()
+    keys = torch.arange(kv_len, device=query.device)
+    step = _row_chunk(b, n_heads, kv_len, len(idx))
+    for c in range(0, len(idx), step):
+        sel = torch.tensor(idx[c : c + step], device=query.device)
+        q = query.index_select(2, sel).float().reshape(b, n_kv, groups, len(sel), d)
+        scores = torch.einsum("bkgrd,bkld->bkgrl", q, kf).reshape(b, n_heads, len(sel), kv_len) * scaling
+        m = attention_mask
+        if m is not None and m.dim() == 4:
+            row = m.index_select(2, sel)[..., :kv_len]
+            if row.dtype == torch.bool:
+                scores = scores.masked_fill(~row, float("-inf"))
+            else:
+                scores = scores + row.float()
+        else:
+            causal = keys[None, :] <= (kv_len - q_len + sel)[:, None]  # [r, kv]
+            scores = scores.masked_fill(~causal[None, None], float("-inf"))
+            if m is not None:  # [b, kv] padding mask (flash attention)
+                scores = scores.masked_fill(~m[:, None, None, -kv_len:].bool(), float("-inf"))
+        # a padding query row sees no key: zeros, not softmax's NaN
+        out[:, :, c : c + len(sel)] = torch.softmax(scores, dim=-1).nan_to_num_(0.0)
+    return out
+
+
 class AttentionIntervention:
     """A change to one attention module's computation, run inside the registered attention function.
 
@@ -100,6 +165,12 @@ class AttentionIntervention:
     (``[b, q, heads, d]``) and attention weights (eager only, else ``None``); ``last_row`` may
     replace the capture's last-row probabilities (``[b, heads, kv]``) so a capture records the
     attention the intervention produced. Every method defaults to the identity.
+
+    A multi-row capture (``capture_attention(..., rows=...)``) computes its rows from the query and
+    key that ``before`` returned, so query/key interventions show in it; but ``last_row`` rewrites
+    only the last row, with that row's semantics, so a multi-row capture refuses (RuntimeError) to
+    run on a module with an intervention that overrides ``last_row``, rather than record rows the
+    model did not compute.
     """
 
     def before(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -180,10 +251,22 @@ def _make_wrapper(base: str) -> Callable:
             out = (output, weights)
         cap = _active.get()
         if cap is not None and cap._model_id == id(getattr(module, "config", None)):
-            with torch.no_grad():
-                probs = last_row_probs(query.detach(), key.detach(), attention_mask, scale)
-                for h in hooks:
-                    probs = h.last_row(module, probs, query.detach(), key.detach(), attention_mask, scale)
+            if cap.rows is None:
+                with torch.no_grad():
+                    probs = last_row_probs(query.detach(), key.detach(), attention_mask, scale)
+                    for h in hooks:
+                        probs = h.last_row(module, probs, query.detach(), key.detach(), attention_mask, scale)
+            else:
+                rewriting = [type(h).__name__ for h in hooks
+                             if type(h).last_row is not AttentionIntervention.last_row]
+                if rewriting:
+                    raise RuntimeError(
+                        f"a multi-row attention capture cannot run with {', '.join(rewriting)} attached to layer "
+                        f"{module.layer_idx}: it rewrites only the last row of the capture; capture the last row "
+                        "(rows=None) or remove the intervention"
+                    )
+                with torch.no_grad():
+                    probs = rows_probs(query.detach(), key.detach(), attention_mask, scale, cap.rows)
             cap._record(int(module.layer_idx), probs)
         return out
 
@@ -251,9 +334,25 @@ def keep_rows(layer: int, probs: torch.Tensor) -> torch.Tensor:
     return probs.cpu()
 
 
+def _capture_rows(rows: int | Sequence[int] | None) -> tuple[int, ...] | None:
+    if rows is None:
+        return None
+    if isinstance(rows, bool):
+        raise ValueError(f"rows={rows!r}: give a row count or negative positions counted from the end")
+    if isinstance(rows, int):
+        if rows < 1:
+            raise ValueError(f"rows={rows}: capture at least one row")
+        return tuple(range(-rows, 0))
+    out = tuple(int(r) for r in rows)
+    if not out or any(r >= 0 for r in out):
+        raise ValueError(f"rows={rows!r}: give negative positions counted from the end (-1 = the last query)")
+    return out
+
+
 @contextlib.contextmanager
 def capture_attention(model: Any, reduce: Reducer = keep_rows, *,
-                      through_layer: int | None = None) -> Iterator[AttentionCapture]:
+                      through_layer: int | None = None,
+                      rows: int | Sequence[int] | None = None) -> Iterator[AttentionCapture]:
     """Within the block, every forward of ``model`` (a ``LoadedModel`` or transformers model) records ``reduce(layer, probs)`` per layer.
 
     The model's attention implementation is swapped for the capture wrapper of the same base and
@@ -264,6 +363,13 @@ def capture_attention(model: Any, reduce: Reducer = keep_rows, *,
     ``through_layer=L``: the forwards in the block run decoder layers 0..L only (a causal layer
     cannot change what the layers before it attend to), the capture records those, and the model's
     outputs are not its real ones: for passes that only read the attention of heads up to layer L.
+
+    ``rows``: record several query rows per forward: an int ``m`` (the last ``m`` positions, in
+    order) or negative positions counted from the end (``(-3, -1)``); ``reduce`` then receives
+    ``[batch, heads, len(rows), kv]``. Counted from the end, rows line up across left-padded
+    batch rows. Every forward in the block must have that many query positions (a decoding step
+    has one: RuntimeError), and no intervention that rewrites the last row may be attached (see
+    :class:`AttentionIntervention`). ``rows=None`` (default) is the last-row capture.
     """
     hf = hf_model(model)
     config = hf.config
@@ -274,7 +380,8 @@ def capture_attention(model: Any, reduce: Reducer = keep_rows, *,
     if through_layer is not None and not 0 <= int(through_layer) < n_layers:
         raise ValueError(f"through_layer={through_layer}: the model has layers 0..{n_layers - 1}")
     stop = None if through_layer is None else int(through_layer) + 1
-    cap = AttentionCapture(reduce=reduce, n_layers=n_layers if stop is None else stop, _model_id=id(config))
+    cap = AttentionCapture(reduce=reduce, n_layers=n_layers if stop is None else stop, _model_id=id(config),
+                           rows=_capture_rows(rows))
     with rh_attention_active(hf), contextlib.ExitStack() as stack:
         if stop is not None and stop < n_layers:  # later layers cannot change what the earlier ones attend to
             from rh.prefix import layer_slice

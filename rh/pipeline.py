@@ -23,7 +23,7 @@ from rh.io import atomic_write_bytes, atomic_write_json
 from rh.models import LoadedModel
 from rh.niah import PROMPT_VERSION, Sample, Sweep
 from rh.rankings import Ranking, cache_path, cached_ranking
-from rh.scoring import METHODS, SampleScores, Wu24Options, aggregate, score_samples
+from rh.scoring import METHODS, QRHeadOptions, SampleScores, Wu24Options, aggregate, score_samples
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def ranking_provenance(
     *,
     identify_frac: float,
     split_seed: int,
-    options: Wu24Options | None = None,
+    options: Wu24Options | QRHeadOptions | None = None,
 ) -> dict[str, Any]:
     """Everything that determines a ranking's content: the cache key is derived from it."""
     if method not in METHODS:
@@ -87,6 +87,8 @@ def ranking_provenance(
     }
     if method == "wu24":
         prov["wu24"] = asdict(options or Wu24Options())
+    if method == "qrhead":  # its options change what it scores: part of the cache key
+        prov["qrhead"] = asdict(options if isinstance(options, QRHeadOptions) else QRHeadOptions())
     return prov
 
 
@@ -97,7 +99,7 @@ def cached_identification(
     *,
     cache_dir: str | Path = DEFAULT_CACHE,
     recompute: bool = False,
-    options: Wu24Options | None = None,
+    options: Wu24Options | QRHeadOptions | None = None,
     batch_size: int = 8,
     progress: bool = True,
 ) -> tuple[Ranking, Path, bool]:

@@ -36,6 +36,8 @@ class Ranking:
     scores: dict[Head, float]
     provenance: dict[str, Any] = field(default_factory=dict)
     per_setting: dict[str, dict[Head, float]] = field(default_factory=dict)
+    # Bootstrap uncertainty (rh.uncertainty.RankingUncertainty.to_json()); None when not computed.
+    uncertainty: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         expected = set(self.shape.all_heads())
@@ -93,7 +95,7 @@ class Ranking:
     # ----------------------------------------------------------------- serialisation
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "format": FORMAT,
             "method": self.method,
             "shape": self.shape.as_dict(),
@@ -106,6 +108,9 @@ class Ranking:
                 name: {str(h): float(v) for h, v in sorted(vals.items())} for name, vals in self.per_setting.items()
             },
         }
+        if self.uncertainty is not None:  # absent otherwise, so files without it read as before
+            out["uncertainty"] = self.uncertainty
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any], *, source: str = "ranking") -> Ranking:
@@ -123,7 +128,11 @@ class Ranking:
                 name: {Head.parse(h): float(v) for h, v in vals.items()}
                 for name, vals in data.get("per_setting", {}).items()
             }
-            return cls(data["method"], shape, scores, dict(data.get("provenance", {})), per_setting)
+            uncertainty = data.get("uncertainty")
+            if uncertainty is not None and not isinstance(uncertainty, dict):
+                raise ValueError(f"uncertainty is a {type(uncertainty).__name__}, expected an object or null")
+            return cls(data["method"], shape, scores, dict(data.get("provenance", {})), per_setting,
+                       None if uncertainty is None else dict(uncertainty))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"{source} is not a valid rh ranking: {exc}") from exc
 

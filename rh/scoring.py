@@ -7,8 +7,15 @@
   generated, adding 1/|answer span|; only trials whose answer reaches ROUGE-1 recall > 0.5 count,
   and scores are averaged over the counted trials. Flags give the variants users ask about.
 
-Both read attention through :func:`rh.attention.capture_attention` (no eager prefill, no N x N
-matrices). :func:`identify` runs either over samples with a per-batch checkpoint, so a killed
+- **QRHead query-focused retrieval score** (Zhang et al. 2025, princeton-pli/QRHead; its
+  calibration is ICR's, Chen et al. 2024): the question tokens' mean attention to each needle
+  token, minus that of the content-free query "N/A" put in the question's place, outlier tokens
+  dropped, summed over the needle (:class:`QRHeadOptions`, :func:`question_span`,
+  :func:`qrhead_filter_sum`).
+
+All read attention through :func:`rh.attention.capture_attention` (no eager prefill, no N x N
+matrices). Content-free scores (RazorAttention's echo and induction) are in
+:mod:`rh.content_free`. :func:`identify` runs any of them over samples with a per-batch checkpoint, so a killed
 identification resumes where it stopped.
 """
 
@@ -38,7 +45,7 @@ from rh.rankings import Ranking
 
 log = logging.getLogger(__name__)
 
-METHODS = ("sum_attention", "wu24")
+METHODS = ("sum_attention", "wu24", "qrhead")
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,49 @@ class Wu24Options:
             raise ValueError(f"topk={self.topk}: check at least the top-1 position")
         if not 0.0 <= self.rouge_threshold <= 1.0:
             raise ValueError(f"rouge_threshold={self.rouge_threshold}: a ROUGE recall lies in [0, 1]")
+
+
+@dataclass(frozen=True)
+class QRHeadOptions:
+    """The QRHead score and its variants (defaults follow princeton-pli/QRHead's
+    ``src/qrretriever/attn_retriever.py``, ``score_docs_per_head_for_detection``, except ``query``).
+
+    - ``query="question"`` (default): the query rows are the question's own tokens, located in the
+      prompt's suffix by decoding (:func:`question_span`). ``"qrhead"``: as QRHead's
+      ``query_content``, from the "Question:" label through the end of the prompt (QRHead's runs
+      from its late instruction through the chat template's assistant header; rh's prompt has no
+      late instruction, and ends with the answer prefix).
+    - ``calibrate``: subtract the attention of the same prompt with the question's tokens replaced
+      by those of ``null_query`` (QRHead's default ``"N/A"``), per needle token, before the filter.
+    - ``filter_outliers``: per head, drop needle tokens whose calibrated score is not above
+      mean - 2 std (torch's unbiased std) over the needle, then sum (QRHead's ``tok_mask``). A
+      one-token needle is summed unfiltered (QRHead's std of one token is NaN, dropping it).
+    - ``reuse_prefix``: the null pass reuses the real pass's KV cache up to the question, as QRHead
+      does (one full forward plus one over the prompt's tail); ``False`` runs the null prompt in
+      full (no cache kept: two full forwards). Both compute the same scores.
+
+    Other departures from QRHead: the "document" is the needle span (QRHead: each paragraph, its
+    index "[i] " included); the null prompt replaces the question's tokens by the null query's
+    (tokenized alone, with the question's leading space) instead of re-tokenizing the whole prompt;
+    probabilities use the module's own ``scaling`` and mask (QRHead: 1/sqrt(head_dim), a causal
+    mask) in float32; a head's score is the mean of its per-sample scores (:func:`aggregate`),
+    where QRHead's detection ranks heads by the NDCG@10 of the documents each head's score
+    ranks (``exp_scripts/detection/detect_qrhead_beir.py``): with one relevant span per prompt
+    and no competing documents, rh keeps the score itself.
+    """
+
+    query: str = "question"
+    calibrate: bool = True
+    null_query: str = "N/A"
+    filter_outliers: bool = True
+    reuse_prefix: bool = True
+
+    def __post_init__(self) -> None:
+        if self.query not in ("question", "qrhead"):
+            raise ValueError(f"query={self.query!r}: use 'question' (the question's tokens) or 'qrhead' "
+                             "(from the 'Question:' label through the end of the prompt, as QRHead's query_content)")
+        if self.calibrate and not self.null_query.strip():
+            raise ValueError("null_query is empty: the calibration needs a content-free query such as 'N/A'")
 
 
 # --------------------------------------------------------------------------- per-batch scorers
@@ -189,7 +239,197 @@ def _eos_ids(model: LoadedModel) -> list[int]:
     return [e for e in eos + [model.tokenizer.eos_token_id] if e is not None]
 
 
-_SCORERS: dict[str, Callable] = {"sum_attention": _sum_attention_batch, "wu24": _wu24_batch}
+# --------------------------------------------------------------------------- QRHead
+
+
+def _suffix_text_offsets(tokenizer: Any, ids: Sequence[int]) -> tuple[str, list[int]]:
+    """The decoded text of ``ids`` and, per token boundary k, ``len(decode(ids[:k]))``."""
+    ids = list(ids)
+    text = tokenizer.decode(ids)
+    return text, [len(tokenizer.decode(ids[:k])) for k in range(len(ids) + 1)]
+
+
+def _suffix_start(sample: Sample) -> int:
+    """Where the prompt's suffix (question, chat tail, answer prefix) starts: the context's end."""
+    span = (sample.meta or {}).get("context_span")
+    return int(span[1]) if span else int(sample.needle_span[1])
+
+
+def question_span(tokenizer: Any, sample: Sample) -> tuple[int, int]:
+    """The token span ``[start, end)`` of ``sample.question`` in ``sample.input_ids``.
+
+    It is searched in the prompt's suffix (after ``sample.meta["context_span"]``, else after the
+    needle): the suffix is decoded, the question's characters located, and the smallest run of
+    tokens whose decoding holds the whole question is returned. Raises ValueError when the sample
+    has no question, or the question is not found or does not decode back.
+    """
+    q = (sample.question or "").strip()
+    if not q:
+        raise ValueError(f"sample {sample.id} has no question text: QRHead scoring needs Sample.question")
+    start = _suffix_start(sample)
+    suffix = list(sample.input_ids[start:])
+    text, offs = _suffix_text_offsets(tokenizer, suffix)
+    c0 = text.rfind(q)
+    if c0 < 0:
+        raise ValueError(f"the question {q!r} of sample {sample.id} is not in its prompt's suffix {text!r}: "
+                         "the prompt does not end with the question it records")
+    c1 = c0 + len(q)
+    t0 = max(k for k in range(len(suffix)) if offs[k] <= c0)
+    t1 = min(k for k in range(1, len(suffix) + 1) if offs[k] >= c1)
+    got = tokenizer.decode(suffix[t0:t1])
+    if q not in got:
+        raise ValueError(f"the question span of sample {sample.id} decodes to {got!r}, not {q!r}")
+    return start + t0, start + t1
+
+
+def _qrhead_rows(tokenizer: Any, sample: Sample, opts: QRHeadOptions) -> dict[str, Any]:
+    """One sample's layout: its question span, where its query rows start (``first``), the null
+    row's tail (replacing ``input_ids[q0:]``), and the query rows of the real and null prompts as
+    distances from the end ``(d_start, d_end)``: rows ``[len - d_start, len - d_end)`` (the null
+    rows, ``n_null`` tokens, are placed by :func:`_qrhead_batch`, which may pad before them)."""
+    ids = list(sample.input_ids)
+    n = len(ids)
+    q0, q1 = question_span(tokenizer, sample)
+    first = q0
+    if opts.query == "qrhead":  # from the "Question:" label, as QRHead's query_content from its instruction
+        start = _suffix_start(sample)
+        text, offs = _suffix_text_offsets(tokenizer, ids[start:q0])
+        c = text.rfind("Question:")
+        if c >= 0:
+            first = start + max(k for k in range(len(offs) - 1) if offs[k] <= c)
+    out: dict[str, Any] = {"q_span": (q0, q1), "first": first,
+                           "real_d": (n - first, 0) if opts.query == "qrhead" else (n - q0, n - q1)}
+    if opts.calibrate:
+        piece = tokenizer.decode(ids[q0:q1])
+        q = sample.question.strip()
+        at = piece.rfind(q)
+        null_piece = piece[:at] + opts.null_query + piece[at + len(q):]
+        null_ids = list(tokenizer(null_piece, add_special_tokens=False).input_ids)
+        if not null_ids:
+            raise ValueError(f"the null query {opts.null_query!r} tokenizes to nothing")
+        out["null_tail"] = null_ids + ids[q1:]
+        out["n_null"] = len(null_ids)
+    return out
+
+
+def _row_weights(dists: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """``[b, m]`` weights over the last ``m`` query rows: 1/count on each row's query rows."""
+    m = max(d0 for d0, _ in dists)
+    w = torch.zeros(len(dists), m)
+    for r, (d0, d1) in enumerate(dists):
+        w[r, m - d0 : m - d1] = 1.0 / (d0 - d1)
+    return w
+
+
+def _qrhead_batch(model: LoadedModel, batch: Batch,
+                  options: QRHeadOptions | None) -> tuple[np.ndarray, np.ndarray, list]:
+    if options is not None and not isinstance(options, QRHeadOptions):
+        raise TypeError(f"qrhead scoring takes QRHeadOptions, not {type(options).__name__}")
+    opts = options or QRHeadOptions()
+    tok, dev = model.tokenizer, model.device
+    b, width = batch.input_ids.shape
+    pads = batch.pad
+    lay = [_qrhead_rows(tok, s, opts) for s in batch.samples]
+    spans = [batch.needle_span(r) for r in range(b)]
+    n_span = max(e - s for s, e in spans)
+    key_idx = torch.zeros(b, n_span, dtype=torch.long)
+    key_ok = torch.zeros(b, n_span, dtype=torch.bool)
+    for r, (s, e) in enumerate(spans):
+        key_idx[r, : e - s] = torch.arange(s, e)
+        key_ok[r, : e - s] = True
+
+    def per_token(rows_w: torch.Tensor):
+        """Reducer: mean over the weighted query rows of the attention to each needle token."""
+        def reduce(layer: int, probs: torch.Tensor) -> torch.Tensor:  # [b, h, m, kv]
+            mean = torch.einsum("bhml,bm->bhl", probs, rows_w.to(probs.device))
+            return mean.gather(2, key_idx.to(probs.device)[:, None, :].expand(-1, probs.shape[1], -1)).cpu()
+        return reduce
+
+    w = _row_weights([l["real_d"] for l in lay])
+    inputs = batch.model_inputs(dev)
+    cut = min(pads[r] + l["first"] for r, l in enumerate(lay))  # the null pass starts here
+    reuse = opts.calibrate and opts.reuse_prefix
+    cache = None
+    if reuse:
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+    if reuse:
+        inputs.update(_cache_kwarg(model.model, cache))
+    with torch.no_grad(), capture_attention(model.model, per_token(w), rows=w.shape[1]) as cap:
+        model.model(**inputs, logits_to_keep=1, use_cache=reuse)
+    real = torch.stack(cap.step(0), dim=1).double()  # [b, L, H, n_span]
+    null = None
+    if opts.calibrate:
+        # null rows: the row's tokens up to its question (same padded positions as the real pass),
+        # padding inserted there so that every row ends together, then the null query and the rest
+        tails = []
+        for r, l in enumerate(lay):
+            q0 = pads[r] + l["q_span"][0]
+            tails.append((batch.input_ids[r, cut:q0].tolist(), l["null_tail"]))
+        T = max(len(a) + len(n) for a, n in tails)
+        ids = torch.full((b, T), int(tok.pad_token_id), dtype=torch.long)
+        mask = torch.zeros(b, T, dtype=torch.long)
+        wn = torch.zeros(b, T)  # over the null pass's query positions
+        for r, ((a, n), l) in enumerate(zip(tails, lay)):
+            gap = T - len(a) - len(n)
+            ids[r, : len(a)] = torch.tensor(a, dtype=torch.long)
+            mask[r, : len(a)] = 1
+            ids[r, len(a) + gap :] = torch.tensor(n, dtype=torch.long)
+            mask[r, len(a) + gap :] = 1
+            if opts.query == "qrhead":  # the label's tokens (before the padding), the null query and the rest
+                sel = list(range(len(a) - (l["q_span"][0] - l["first"]), len(a))) + list(range(len(a) + gap, T))
+            else:
+                sel = list(range(len(a) + gap, len(a) + gap + l["n_null"]))
+            wn[r, sel] = 1.0 / len(sel)
+        used = wn.any(dim=0).nonzero()
+        wn = wn[:, int(used.min()) :]  # capture only the last rows that carry weight
+        full_mask = torch.cat([batch.attention_mask[:, :cut], mask], dim=1)
+        pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
+        if reuse:
+            extra = cache.get_seq_length() - cut
+            if extra > 0:
+                cache.crop(-extra)  # keep the first ``cut`` positions (QRHead crops at the query's start)
+            kwargs = {"input_ids": ids, "attention_mask": full_mask, "position_ids": pos[:, cut:],
+                      "use_cache": True, **_cache_kwarg(model.model, cache)}
+        else:
+            kwargs = {"input_ids": torch.cat([batch.input_ids[:, :cut], ids], dim=1), "attention_mask": full_mask,
+                      "position_ids": pos, "use_cache": False}
+        kwargs = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        with torch.no_grad(), capture_attention(model.model, per_token(wn), rows=wn.shape[1]) as cap:
+            model.model(**kwargs, logits_to_keep=1)
+        null = torch.stack(cap.step(0), dim=1).double()
+        del cache
+    cal = real - null if null is not None else real
+    scores = np.zeros((b, cal.shape[1], cal.shape[2]))
+    info = []
+    for r in range(b):
+        n = int(key_ok[r].sum())
+        scores[r] = qrhead_filter_sum(cal[r, :, :, :n], opts.filter_outliers).numpy()
+        info.append({"question_span": list(lay[r]["q_span"]), "query_start": int(lay[r]["first"]),
+                     "mean_uncalibrated_mass": float(real[r, :, :, :n].sum(-1).mean())})
+    return scores, np.ones(b, dtype=bool), info
+
+
+def _cache_kwarg(hf: Any, cache: Any) -> dict[str, Any]:
+    """The forward's cache keyword: ``cache`` where transformers renamed ``past_key_values``."""
+    import inspect
+
+    params = inspect.signature(hf.forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+
+
+def qrhead_filter_sum(per_token: torch.Tensor, filter_outliers: bool = True) -> torch.Tensor:
+    """QRHead's per-document aggregation: over the last axis (the document's tokens), drop tokens
+    whose score is not above mean - 2 * std (unbiased), then sum. A one-token document is summed."""
+    if not filter_outliers or per_token.shape[-1] < 2:
+        return per_token.sum(-1)
+    thr = per_token.mean(-1, keepdim=True) - 2 * per_token.std(-1, keepdim=True)
+    return per_token.masked_fill(~(per_token > thr), 0.0).sum(-1)
+
+
+_SCORERS: dict[str, Callable] = {"sum_attention": _sum_attention_batch, "wu24": _wu24_batch,
+                                 "qrhead": _qrhead_batch}
 
 
 # --------------------------------------------------------------------------- identification
@@ -212,7 +452,7 @@ def score_samples(
     samples: Sequence[Sample],
     method: str = "sum_attention",
     *,
-    options: Wu24Options | None = None,
+    options: Wu24Options | QRHeadOptions | None = None,
     batch_size: int = 8,
     checkpoint: str | Path | None = None,
     progress: bool = True,
@@ -228,7 +468,10 @@ def score_samples(
     it are skipped, so a killed run resumes where it stopped; the file is removed on success.
     """
     if method not in _SCORERS:
-        raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+        hint = ""
+        if method in ("echo", "induction"):
+            hint = " (echo and induction are content-free: rh.content_free.content_free_scores)"
+        raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}{hint}")
     if not samples:
         raise ValueError("no samples to score: the identification split is empty; use more samples per setting")
     shape = model.shape
@@ -319,7 +562,7 @@ def identify(
     samples: Sequence[Sample],
     method: str = "sum_attention",
     *,
-    options: Wu24Options | None = None,
+    options: Wu24Options | QRHeadOptions | None = None,
     provenance: dict[str, Any] | None = None,
     batch_size: int = 8,
     checkpoint: str | Path | None = None,
@@ -332,6 +575,8 @@ def identify(
     prov = dict(provenance or {})
     if method == "wu24":
         prov.setdefault("wu24", asdict(options or Wu24Options()))
+    if method == "qrhead":
+        prov.setdefault("qrhead", asdict(options or QRHeadOptions()))
     ranking = aggregate(model.shape, samples, scored, provenance=prov)
     ranking.provenance["runtime_s"] = round(time.perf_counter() - t0, 2)
     return ranking
