@@ -62,3 +62,36 @@ def task_baselines(rh_model, task_validation, task_rankings, profile):
     with hinting(rh_model, first_layers([general_heads(task_rankings, profile.general_k)])):
         return {t: teacher_forced(rh_model, samples, condition="baseline", batch_size=profile.batch_size)
                 for t, samples in task_validation.items()}
+
+
+@pytest.fixture(scope="session")
+def keep_samples(rh_model, profile):
+    """Fresh prompts (``inverse_n`` per depth, a seed no identification used) for the claims that
+    an intervention *keeps* accuracy within a margin: CA-3 and CA-8 (non-inferiority needs about 80)."""
+    from dataclasses import replace
+
+    from rh.niah import build_samples
+
+    sweep = replace(profile.sweep(), lengths=profile.lengths[:1], tasks=profile.tasks, n_per_setting=profile.inverse_n,
+                    seed=profile.sample_seed + 4_000_037)
+    return build_samples(rh_model.tokenizer, sweep, chat=rh_model.instruct, max_positions=rh_model.max_positions)
+
+
+@pytest.fixture(scope="session")
+def keep_baseline(rh_model, keep_samples, ranking, profile):
+    """The unablated outcomes on :func:`keep_samples`, shared by CA-3 and CA-8. The passes keep the
+    residual stream where CA-3's bottom K and CA-8's top K start, so those passes run only the
+    layers from there on (rh.prefix)."""
+    from rh.causal import evaluate_baseline
+    from rh.prefix import first_layers, hinting
+    from rh.published import HeadSetHasNoOrder
+
+    sets = []
+    for pick, levels in ((ranking.bottom, profile.inverse_levels), (ranking.top, profile.compress_levels)):
+        for k in levels:
+            try:
+                sets.append(pick(k))
+            except HeadSetHasNoOrder:  # a head set has no bottom, and only its own size
+                pass
+    with hinting(rh_model, first_layers(sets)):
+        return evaluate_baseline(rh_model, keep_samples, batch_size=profile.batch_size)

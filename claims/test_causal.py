@@ -52,20 +52,13 @@ def test_the_drop_grows_with_k(rh_model, validation, ranking, baseline, ca1_outc
 
 
 @pytest.fixture(scope="session")
-def ca3_verdicts(rh_model, ranking, profile):
+def ca3_verdicts(rh_model, ranking, keep_samples, keep_baseline, profile):
     """Fresh prompts (``inverse_n`` per depth): non-inferiority at margin 0.1 needs about 80 items."""
-    from dataclasses import replace
+    from rh.causal import inverse_ablation
 
-    from rh.causal import evaluate_baseline, inverse_ablation
-    from rh.niah import build_samples
-
-    sweep = replace(profile.sweep(), lengths=profile.lengths[:1], tasks=profile.tasks, n_per_setting=profile.inverse_n,
-                    seed=profile.sample_seed + 4_000_037)
-    fresh = build_samples(rh_model.tokenizer, sweep, chat=rh_model.instruct, max_positions=rh_model.max_positions)
-    baseline = evaluate_baseline(rh_model, fresh, batch_size=profile.batch_size)
-    return inverse_ablation(rh_model, fresh, ranking, profile.inverse_levels, baseline, margin=profile.ni_margin,
-                            alpha=profile.alpha, batch_size=profile.batch_size, n_boot=profile.n_boot,
-                            baseline_floor=profile.baseline_floor)
+    return inverse_ablation(rh_model, keep_samples, ranking, profile.inverse_levels, keep_baseline,
+                            margin=profile.ni_margin, alpha=profile.alpha, batch_size=profile.batch_size,
+                            n_boot=profile.n_boot, baseline_floor=profile.baseline_floor)
 
 
 @pytest.mark.claim("CA-3", source="seed 000 §2.5")

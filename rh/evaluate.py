@@ -33,7 +33,9 @@ Condition = Callable[[], contextlib.AbstractContextManager] | None
 def teacher_forced(model: LoadedModel, samples: Sequence[Sample], *, condition: str = "baseline",
                    batch_size: int = 8, progress: bool = True) -> pd.DataFrame:
     """One row per sample: ``correct`` (greedy would emit the gold answer) and ``logprob`` (sum of
-    the gold tokens' log-probabilities), plus id, task, length, depth and ``condition``.
+    the gold tokens' log-probabilities), ``first_token_prob`` and ``first_argmax`` (the token greedy
+    decoding would start its answer with: CA-7 reads distractor answers from it), plus id, task,
+    length, depth and ``condition``.
 
     Runs whatever interventions are active around the call (e.g. inside ``ablate``). Decode-only
     ablations (``phase="decode"``) apply at the answer positions, which greedy decoding would
@@ -59,6 +61,7 @@ def teacher_forced(model: LoadedModel, samples: Sequence[Sample], *, condition: 
                 "correct": bool((lp.argmax(-1) == gold).all()),
                 "logprob": float(gold_lp.sum()),
                 "first_token_prob": float(gold_lp[0].exp()),
+                "first_argmax": int(lp[0].argmax()),  # the token greedy decoding would start the answer with
             }
         bar.update(len(batch.samples))
     bar.close()

@@ -461,12 +461,54 @@ def _ca1(ctx):
     return forward_cost("ca1_outcomes", conds, ctx.validation, ctx, n_conditions=n, savings=f"{_PREFIX}; {_EARLY}")
 
 
+def _keep_prompts(ctx):
+    return ctx.fresh(ctx.profile.inverse_n, 4_000_037)
+
+
+def _keep_baseline(ctx):
+    return forward_cost("keep_baseline", ["baseline"], _keep_prompts(ctx), ctx)
+
+
 def _ca3(ctx):
     p = ctx.profile
-    fresh = ctx.fresh(p.inverse_n, 4_000_037)
-    return [forward_cost("ca3_verdicts", ["baseline"], fresh, ctx),
-            forward_cost("ca3_verdicts", [f"bottom{k}" for k in p.inverse_levels], fresh, ctx, savings=_PREFIX,
-                         note="only when the baseline clears the floor")]
+    return forward_cost("ca3_verdicts", [f"bottom{k}" for k in p.inverse_levels], _keep_prompts(ctx), ctx,
+                        savings=_PREFIX, note="only when the baseline clears the floor")
+
+
+def _ca8(ctx):
+    p = ctx.profile
+    conds = [f"{arm} K={k}" for k in p.compress_levels for arm in ("window outside the top", "window on the top")]
+    return forward_cost("ca8_verdicts", conds, _keep_prompts(ctx), ctx, savings=_PREFIX)
+
+
+def _ca7(ctx):
+    from rh.field import DISTRACTOR_SEED_OFFSET
+
+    p = ctx.profile
+    fresh = ctx.fresh(p.distractor_n, DISTRACTOR_SEED_OFFSET)  # the same lengths and 4-digit answers as passkey
+    return [forward_cost("ca7_verdicts", ["baseline"], fresh, ctx),
+            forward_cost("ca7_verdicts", [f"top{p.id_k}", f"random{p.id_k} x{p.random_draws}"], fresh, ctx,
+                         n_conditions=1 + p.random_draws, savings=f"{_PREFIX}; {_EARLY}")]
+
+
+def _ranking_uncertainty(ctx):
+    status = ctx.ranking_status(ctx.ca_identify, ctx.method, with_scores=True)
+    return identification_cost("ranking_uncertainty", ctx.ca_identify, ctx.method, ctx, status)
+
+
+def _method_scores(ctx):
+    p = ctx.profile
+    rows = []
+    if "qrhead" in p.id_methods:
+        rows.append(forward_cost("method_scores", ["qrhead"], ctx.ca_identify, ctx, answer=False))
+        rows.append(CostRow("method_scores", ("qrhead's null-query calibration: the question onwards, on the cache",),
+                            1, len(ctx.ca_identify), 32.0, ctx.layers, note="about 32 tokens a prompt (estimated)"))
+    free = [m for m in p.id_methods if m in ("echo", "induction")]
+    if free:
+        tokens = 4 * p.content_free_len + 1  # RazorAttention's 4 copies, after the BOS
+        rows.append(CostRow("method_scores", (f"{' and '.join(free)} on {p.content_free_n} random sequences",), 1,
+                            p.content_free_n, float(tokens), ctx.layers, note="one pass gives both scores"))
+    return rows
 
 
 def _task_validation(ctx) -> list[list[PlannedPrompt]]:
@@ -607,13 +649,14 @@ def _iv6_body(ctx):
 
 
 def _register_builtins() -> None:
-    plugin = {"ranking": _ranking, "baseline": _baseline}
+    plugin = {"ranking": _ranking, "baseline": _baseline, "ranking_uncertainty": _ranking_uncertainty}
     for name, fn in plugin.items():
         register_cost(name, fn, where="plugin")
     _free("rh_model", "profile", "niah_samples", "niah_split", "validation", "identify_ranking", "record_verdict",
           "compare_model", where="plugin")
     catalogue = {
-        "ca1_outcomes": _ca1, "ca3_verdicts": _ca3, "task_baselines": _task_baselines, "ca4_verdicts": _ca4,
+        "ca1_outcomes": _ca1, "ca3_verdicts": _ca3, "keep_baseline": _keep_baseline, "ca7_verdicts": _ca7,
+        "ca8_verdicts": _ca8, "method_scores": _method_scores, "task_baselines": _task_baselines, "ca4_verdicts": _ca4,
         "ca6_verdicts": _ca6, "iv_baseline": _iv_baseline, "iv1": _iv1, "iv3": _iv3, "hub": _hub,
         "sum_identification": _sum_identification, "wu24_identification": _wu24_identification,
         "task_rankings": _task_rankings, "stability_verdicts": _stability, "compare_ranking": _compare_ranking,
@@ -629,7 +672,8 @@ def _register_builtins() -> None:
     }
     for name, fn in catalogue.items():
         register_cost(name, fn, where="catalogue")
-    _free("task_validation", "iv_samples", "test_base_and_instruct_share_retrieval_heads", where="catalogue")
+    _free("task_validation", "iv_samples", "test_base_and_instruct_share_retrieval_heads", "keep_samples",
+          "test_retrieval_heads_gather_in_kv_groups", where="catalogue")
 
 
 _register_builtins()

@@ -65,6 +65,20 @@ class Profile:
     agree_min_effect: float = 0.2  # ID-3, ID-4: self- minus cross-agreement, as a fraction of id_k
     iv7_min_effect: float = 0.5  # IV-7: log-odds drop, hard half minus easy half (nats)
     ig_min_ratio: float = 2.0  # IV-6: attribution concentration (times the uniform share)
+    # Beyond the seeds (CLAIMS.md): ID-7, ID-8, CA-7, CA-8 and the ranking's uncertainty.
+    id_methods: tuple[str, ...] = ("qrhead", "echo", "induction")  # ID-7: compared with sum attention
+    content_free_n: int = 64  # ID-7: random repeated-token sequences for the echo and induction scores
+    content_free_len: int = 128  # ID-7: tokens in each copy of a content-free sequence
+    group_k: int = 0  # ID-8: top-K heads whose KV groups are counted (0: max(id_k, 10% of the heads))
+    group_min_effect: float = 0.15  # ID-8: same-group share of within-layer pairs above chance
+    uncertainty_boot: int = 500  # bootstrap rounds over prompt groups (ranking uncertainty, ID-8)
+    distractor_n: int = 16  # CA-7: fresh prompts per depth with distractor needles
+    distractor_needles: int = 4  # CA-7: needles per prompt, the target and its distractors
+    distractor_min_rise: float = 0.1  # CA-7: rise of the distractor-answer rate
+    compress_levels: tuple[int, ...] = ()  # CA-8: K heads kept whole (empty: id_k and a quarter of the heads)
+    compress_sink: int = 4  # CA-8: first tokens every restricted head keeps (the attention sink)
+    compress_window: int = 64  # CA-8: most recent tokens every restricted head keeps
+    compress_margin: float = 0.1  # CA-8: accuracy the restriction of the other heads may cost
 
     def sweep(self) -> Sweep:
         """The prompt grid this profile asks for: every task of CA-1 and of the identification claims."""
@@ -83,7 +97,8 @@ _TABLE: dict[str, tuple[Profile, Profile]] = {
     "tiny": (  # random test models (< 100 heads)
         Profile("quick", (128,), (0.0, 0.5, 1.0), 4, (2, 4), 49, batch_size=16, id_tasks=("passkey", "inc_year"),
                 id_k=4, general_k=8, stability_length=160, inverse_levels=(2, 4), depth_n=4, iv_n=4, probe_n=8,
-                ig_n=5, ig_steps=16, dose_levels=(1, 2, 4), inverse_n=4),
+                ig_n=5, ig_steps=16, dose_levels=(1, 2, 4), inverse_n=4, distractor_n=4, distractor_needles=2, content_free_n=16,
+                content_free_len=16, uncertainty_boot=100),
         Profile("full", (128, 256), _DEPTHS_5, 8, (2, 4, 8), 79, batch_size=16, id_k=4, general_k=8,
                 stability_length=384, inverse_levels=(2, 4, 8), depth_n=8, iv_n=8, probe_n=16, dose_levels=(1, 2, 4, 8)),
     ),
@@ -143,4 +158,16 @@ def get_profile(name: str, shape: HeadShape, **overrides: Any) -> Profile:
             f"ablation levels {too_big} are too large for a model with {shape.n_total} heads: K random "
             f"heads are drawn from outside the top K, so K may be at most {shape.n_total // 2}"
         )
+    resolved = {}
+    if not prof.group_k:
+        resolved["group_k"] = max(prof.id_k, shape.n_total // 10)
+    if not prof.compress_levels:
+        resolved["compress_levels"] = tuple(sorted({prof.id_k, shape.n_total // 4}))
+    prof = replace(prof, **resolved)
+    if any(not 0 < k < shape.n_total for k in (*prof.compress_levels, prof.group_k)):
+        raise ValueError(f"compress_levels={prof.compress_levels}, group_k={prof.group_k}: each must lie between 1 "
+                         f"and the model's {shape.n_total - 1} heads")
+    if prof.compress_sink < 0 or prof.compress_window < 1:
+        raise ValueError(f"compress_sink={prof.compress_sink}, compress_window={prof.compress_window}: the sink "
+                         "needs >= 0 tokens and the window >= 1")
     return prof

@@ -678,7 +678,7 @@ def baseline(pytestconfig, rh_model, validation, profile, ranking):
     from rh.published import HeadSetHasNoOrder
 
     sets = []
-    for k in {*profile.ablation_levels, *profile.dose_levels, profile.id_k}:
+    for k in {*profile.ablation_levels, *profile.dose_levels, profile.id_k, *profile.compress_levels}:
         try:
             sets.append(ranking.top(k))
         except HeadSetHasNoOrder:  # a head set has only its own size
@@ -691,6 +691,32 @@ def baseline(pytestconfig, rh_model, validation, profile, ranking):
         "accuracy_by_depth": {f"{d:g}": float(a) for d, a in by_depth.items()},
     }
     return df
+
+
+@pytest.fixture(scope="session")
+def ranking_uncertainty(pytestconfig, rh_model, profile, niah_split, identify_ranking, ranking):
+    """The session ranking's uncertainty from resampling its identification prompts by haystack
+    window (:mod:`rh.uncertainty`), per K (``id_k``, ``group_k``): per-head intervals, P(top K),
+    the stable core, how it narrows with the number of prompts, and the resampled top-K sets
+    (``boot_tops``, flat head indices). Empty for a ranking given from outside (--rankings,
+    --heads): its per-prompt scores are unknown. The ``id_k`` one goes into the report."""
+    import numpy as np
+
+    from rh.uncertainty import ranking_uncertainty as resample
+
+    if _rh(pytestconfig).external is not None:
+        return {}
+    identify = [s for s in niah_split[0] if s.task in profile.tasks]
+    *_, scored = identify_ranking(identify, pytestconfig.getoption("--method"), with_scores=True)
+    groups = [s.group for s in identify]
+    out = {}
+    for k in sorted({profile.id_k, profile.group_k}):
+        unc = resample(scored, rh_model.shape, k=k, groups=groups, n_boot=profile.uncertainty_boot,
+                       seed=profile.draw_seed, return_tops=True)
+        out[k] = {"json": unc.to_json(), "boot_tops": unc.boot_tops,
+                  "p_top": np.array(list(unc.p_top.values()), dtype=float)}
+    _session_meta(pytestconfig)["ranking_uncertainty"] = out[profile.id_k]["json"]
+    return out
 
 
 @pytest.fixture
@@ -818,6 +844,9 @@ def _write_report(config: pytest.Config, state: RhSession) -> tuple[Path, Path]:
         "platform": platform.platform(), "hardware": _hardware(),
     })
     figures = report_figures(state.verdicts, meta)
+    from rh.plots_field import field_figures
+
+    figures.update(field_figures(state.verdicts, meta))
     stem = report_stem(config.getoption("--model"), state.started)
     return write_report(state.verdicts, meta, report_dir(config), stem, figures)
 
@@ -889,6 +918,8 @@ _PARAMETRIZED = {  # fixture name -> (profile field, test id)
     "claim_depth": ("depths", lambda d: f"depth={d:g}"),
     "iv_level": ("incremental_levels", lambda n: f"top{n}"),
     "iv_pattern": ("override_patterns", str),
+    "id_method": ("id_methods", str),
+    "compress_k": ("compress_levels", lambda k: f"K={k}"),
 }
 
 

@@ -213,11 +213,26 @@ def provenance(meta: Mapping[str, Any]) -> dict[str, Any]:
         "platform": meta.get("platform"),
         "hardware": first(meta.get("hardware"), meta.get("device")),
         "forward passes": _fmt_cost(meta.get("cost")),
+        "ranking's stable core": _fmt_core(meta.get("ranking_uncertainty")),
         "budget": meta.get("budget", {}).get("summary") if isinstance(meta.get("budget"), Mapping) else None,
     }
     if out["model id"] == out["model"]:
         out["model id"] = None
     return {k: v for k, v in out.items() if v not in (None, "", {}, [])}
+
+
+def _fmt_core(unc: Any) -> str | None:
+    """The ranking's stable core (:mod:`rh.uncertainty`) as a line: which heads, how sure, how it narrows."""
+    if not isinstance(unc, Mapping) or not unc.get("p_top"):
+        return None
+    core = list(unc.get("stable_core") or [])
+    line = (f"{len(core)} of the top {unc.get('k')} heads are in the top {unc.get('k')} of at least "
+            f"{float(unc.get('core_threshold', 0.9)):.0%} of {unc.get('n_boot')} resamples of the "
+            f"{unc.get('n_units')} {unc.get('unit', 'unit')}s: {', '.join(core) or 'none'}")
+    nar = [r for r in unc.get("narrowing") or [] if isinstance(r, Mapping)]
+    if nar:
+        line += "; core size by units resampled: " + ", ".join(f"{r.get('n_units')}: {r.get('core_size')}" for r in nar)
+    return line
 
 
 def _fmt_cost(cost: Any) -> str | None:

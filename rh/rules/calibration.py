@@ -61,7 +61,9 @@ def sizes(p: Profile) -> dict:
             "tasks": len(p.id_tasks), "task": p.task_n * len(p.depths), "depths": len(p.depths), "depth_n": p.depth_n,
             "iv": p.iv_n * len(p.depths), "inverse": p.inverse_n * len(p.depths), "inverse_levels": len(p.inverse_levels),
             "incremental_levels": len(p.incremental_levels), "dose_levels": len(p.dose_levels),
-            "ig_n": p.ig_n, "id_k": p.id_k, "identify": per_task - n_val}
+            "ig_n": p.ig_n, "id_k": p.id_k, "identify": per_task - n_val,
+            "distractor": p.distractor_n * len(p.depths), "compress_levels": len(p.compress_levels) or 2,
+            "group_k": p.group_k or 27, "content_free": p.content_free_n}
 
 
 def _pair(rng: np.random.Generator, n: int, drop: float, base_acc: float = _BASE_ACC) -> tuple[np.ndarray, np.ndarray]:
@@ -245,6 +247,116 @@ def _sim_agree(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
                       baseline_floor=p.baseline_floor)]
 
 
+def _sim_id7(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
+    """ID-7 for a content-free method: A scored on the identification prompts, B on its own random
+    sequences (independent inputs, so independent halves); ``effect`` as in :func:`_sim_agree`."""
+    from rh.rules.field import method_agreement
+
+    n_a, n_b, k, heads = s["identify"], s["content_free"], p.id_k, 270
+    mu_a = np.sort(rng.gamma(1.0, 1.0, heads))[::-1]
+    mu_b = mu_a.copy()
+    swap = int(round(effect))
+    if swap:
+        idx_in, idx_out = np.arange(k - swap, k), np.arange(3 * k, 3 * k + swap)
+        mu_b[idx_in], mu_b[idx_out] = mu_a[idx_out], mu_a[idx_in]
+    A = mu_a[None] + rng.normal(0, 0.5, (n_a, 1)) + rng.normal(0, 1.0, (n_a, heads))
+    B = mu_b[None] + rng.normal(0, 0.5, (n_b, 1)) + rng.normal(0, 1.0, (n_b, heads))
+    return [method_agreement("echo", A, B, k=k, min_effect=p.agree_min_effect * k, same_prompts=False, alpha=p.alpha,
+                             n_boot=100, seed=int(rng.integers(1 << 30)), baseline_accuracy=_BASE_ACC,
+                             baseline_floor=p.baseline_floor)]
+
+
+# SmolLM2-135M's grid: 30 layers of 9 query heads reading 3 KV heads (the quick profile's model)
+_GRID = (30, 9, 3)
+
+
+def _planted_top(rng, effect: float, k: int) -> np.ndarray:
+    """A true top-K of flat head indices on :data:`_GRID`, three heads in each of K/3 layers.
+    ``effect`` 0: each layer's heads placed uniformly (the null itself); > 0: a fixed placement
+    whose same-group share of within-layer pairs is chance + ``effect`` (rounded up to whole pairs)."""
+    n_layers, n_heads, n_kv = _GRID
+    group = n_heads // n_kv
+    per = 3
+    layers = rng.choice(n_layers, size=max(1, k // per), replace=False)
+    chance = (group - 1) / (n_heads - 1)
+    pairs = len(layers) * per * (per - 1) // 2
+    if effect <= 0:
+        return np.concatenate([l * n_heads + rng.choice(n_heads, per, replace=False) for l in layers])
+    want = int(np.ceil((chance + effect) * pairs - 1e-9))
+    # a layer holds 3 same-group pairs (all in one group), 1 (two in one group) or 0 (one per group)
+    full, rest = divmod(want, 3)
+    out = []
+    for i, l in enumerate(layers):
+        g = rng.permutation(n_kv)
+        if i < full:
+            heads = g[0] * group + rng.permutation(group)[:3]
+        elif i < full + rest:
+            two = g[0] * group + rng.permutation(group)[:2]
+            heads = np.append(two, g[1] * group + rng.integers(group))
+        else:
+            heads = g * group + rng.integers(group, size=n_kv)
+        out.append(l * n_heads + np.asarray(heads))
+    return np.concatenate(out)
+
+
+def _sim_id8(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
+    """ID-8: per-prompt scores of the 270 heads, the planted top K a margin above the rest with
+    per-prompt noise, so the estimated and the resampled top K differ from the true one as real
+    rankings do; the rule gets the estimated top K and its bootstrap over prompts."""
+    from rh.rules.field import kv_clustering
+
+    n_layers, n_heads, n_kv = _GRID
+    k, n = s["group_k"] // 3 * 3, s["identify"]
+    true = _planted_top(rng, effect, k)
+    mu = rng.normal(0.0, 0.3, n_layers * n_heads)
+    mu[true] = 1.0 + rng.uniform(0, 0.5, true.size)
+    x = mu[None] + rng.normal(0, 1.5, (n, mu.size))
+    top = np.argsort(-x.mean(axis=0), kind="stable")[:k]
+    idx = rng.integers(0, n, (100, n))
+    boot = np.argsort(-x[idx].mean(axis=1), axis=1, kind="stable")[:, :k]
+    return [kv_clustering(top, boot, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv,
+                          min_effect=p.group_min_effect, alpha=p.alpha, baseline_accuracy=_BASE_ACC,
+                          baseline_floor=p.baseline_floor)]
+
+
+def _sim_ca7(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
+    """CA-7: ``effect`` in units of Δ: the top K's gap over random K-sets is ``effect`` x the CA-1
+    Δ and the rise of distractor answers ``effect`` x its Δ (both parts at their boundaries at 0 and 1)."""
+    from rh.causal import NecessityOutcomes
+    from rh.rules.field import distractor_necessity
+
+    n, draws, k = s["distractor"], s["draws"], p.id_k
+    gap = effect * p.ca1_min_gap
+    base = (rng.random(n) < _BASE_ACC).astype(float)
+    item_q = np.where(rng.random(n) < 0.25, rng.uniform(0.0, 0.3, n), 0.0)
+    rand = ((rng.random((draws, n)) >= item_q) & (base == 1)).astype(float)
+    top = ((rng.random(n) >= item_q + gap / _BASE_ACC) & (base == 1)).astype(float)
+    z = np.zeros(n)
+    out = NecessityOutcomes(k, [], [], base, z, top, z, rand, np.zeros((draws, n)), None)
+    d_base = (rng.random(n) < 0.05).astype(float)
+    d_top = 1 - _pair_from(rng, 1 - d_base, effect * p.distractor_min_rise)
+    v = distractor_necessity(out, d_base, d_top, alpha=p.alpha, baseline_floor=p.baseline_floor,
+                             min_gap=p.ca1_min_gap, min_rise=p.distractor_min_rise, n_boot=200,
+                             seed=int(rng.integers(1 << 30)))
+    return list(v.values())
+
+
+def _sim_ca8(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
+    """CA-8: ``effect`` names the scenario, each arm planted at once: 0 both arms at their support
+    boundaries (the others' loss = the margin, the top K's drop 0), 1 at their refutation boundaries
+    (loss = margin, drop = Δ), 2 both true (no loss, drop Δ + 0.1), 3 both false (loss 2 x margin, no drop)."""
+    from rh.rules.field import compression_safety
+
+    n, levels = s["inverse"], s["compress_levels"]
+    base = (rng.random(n) < _BASE_ACC).astype(float)
+    loss_others, drop_top = {0: (p.compress_margin, 0.0), 1: (p.compress_margin, p.min_drop),
+                             2: (0.0, p.min_drop + 0.1), 3: (2 * p.compress_margin, 0.0)}[int(effect)]
+    others = {k: _pair_from(rng, base, loss_others) for k in range(levels)}
+    top = {k: _pair_from(rng, base, drop_top) for k in range(levels)}
+    return list(compression_safety(base, others, top, margin=p.compress_margin, min_drop=p.min_drop, alpha=p.alpha,
+                                   baseline_floor=p.baseline_floor).values())
+
+
 def _sim_id1(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
     """Wu24 scores of 270 heads over the counted trials: ``effect`` is the true fraction of heads whose
     mean exceeds the threshold (rounded to whole heads); as many heads again sit just below it, so
@@ -288,11 +400,15 @@ def _families(p: Profile, s: dict) -> dict[str, tuple]:
                  3 * p.ig_min_ratio, 0.5),
         "ID-5": (_sim_id5, p.spike_ratio, p.spike_ratio, 4 * p.spike_ratio, 1.0),
         "ID-3/ID-4": (_sim_agree, float(p.id_k), 0.0, 0.0, float(p.id_k)),
+        "ID-7": (_sim_id7, float(p.id_k), 0.0, 0.0, float(p.id_k)),
+        "ID-8": (_sim_id8, 0.0, p.group_min_effect, p.group_min_effect + 0.25, 0.0),
+        "CA-7": (_sim_ca7, 0.0, 1.0, 1.5, 0.0),
+        "CA-8": (_sim_ca8, 0.0, 1.0, 2.0, 3.0),
     }
 
 
 FAMILIES = ("CA-1", "CA-2", "CA-3", "CA-4", "CA-6", "IV-1", "IV-2", "IV-3", "IV-7", "ID-1", "ID-2", "IV-6", "ID-5",
-            "ID-3/ID-4")
+            "ID-3/ID-4", "ID-7", "ID-8", "CA-7", "CA-8")
 
 
 def calibrate(family: str, profile: Profile, *, reps: int = 200, seed: int = 0) -> Rates:

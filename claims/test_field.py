@@ -1,0 +1,92 @@
+"""Claims the field relies on beyond the seeds (CLAIMS.md, "Beyond the seeds"): ID-7, ID-8, CA-7, CA-8."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+# ------------------------------------------------------------------------------------------ ID-7
+
+@pytest.fixture(scope="session")
+def method_scores(rh_model, ca_identify, profile):
+    """Per-input head scores of each further identification method: QRHead's query-focused score on
+    the identification prompts, the echo and induction scores on random repeated tokens (one pass
+    for both)."""
+    from rh.field import identification_scores
+
+    return identification_scores(rh_model, ca_identify, profile)
+
+
+@pytest.mark.claim("ID-7", source="QRHead (princeton-pli), RazorAttention vs Wu24")
+def test_identification_methods_agree(id_method, sum_identification, method_scores, baseline, profile,
+                                      record_verdict):
+    """Identification methods agree: another method's top-K heads overlap sum attention's as much as
+    each method's top K overlaps itself on other inputs, within Δ heads."""
+    from rh.rules.field import method_agreement
+
+    scored = method_scores[id_method]
+    record_verdict(method_agreement(
+        id_method, sum_identification[1].scores, scored.scores, k=profile.id_k,
+        min_effect=profile.agree_min_effect * profile.id_k, same_prompts=id_method == "qrhead",
+        weights_other=scored.counted.astype(float), alpha=profile.alpha, seed=profile.draw_seed,
+        baseline_accuracy=float(baseline["correct"].mean()), baseline_floor=profile.baseline_floor))
+
+
+# ------------------------------------------------------------------------------------------ ID-8
+
+@pytest.mark.claim("ID-8", source="DuoAttention issue 15")
+def test_retrieval_heads_gather_in_kv_groups(rh_model, ranking, ranking_uncertainty, baseline, profile,
+                                            record_verdict):
+    """Retrieval heads gather in some KV groups more than chance: among pairs of top-K heads in one
+    layer, more share a KV head than a placement keeping each layer's count would give, by Δ."""
+    from rh.field import flat_index
+    from rh.rules.field import kv_clustering
+
+    shape = rh_model.shape
+    k = profile.group_k
+    unc = ranking_uncertainty.get(k)
+    record_verdict(kv_clustering(
+        flat_index(ranking.top(k), shape), None if unc is None else unc["boot_tops"], n_layers=shape.n_layers,
+        n_heads=shape.n_heads, n_kv_heads=shape.n_kv_heads, min_effect=profile.group_min_effect,
+        alpha=profile.alpha, k=k, baseline_accuracy=float(baseline["correct"].mean()),
+        baseline_floor=profile.baseline_floor))
+
+
+# ------------------------------------------------------------------------------------------ CA-7
+
+@pytest.fixture(scope="session")
+def ca7_verdicts(rh_model, ranking, profile):
+    """The top K ablated on fresh prompts with distractor needles, against random K-sets."""
+    from rh.field import distractor_verdicts
+
+    return distractor_verdicts(rh_model, ranking, profile)
+
+
+@pytest.mark.claim("CA-7", source="RULER multi-key")
+@pytest.mark.parametrize("part", ["accuracy", "distractor_rate"])
+def test_ablating_the_top_heads_hurts_among_distractors(part, ca7_verdicts, record_verdict):
+    """With distractor needles present, ablating the top-K heads drops accuracy more than ablating K
+    random heads, and raises the rate of answering with a distractor's value by more than Δ."""
+    record_verdict(ca7_verdicts[part])
+
+
+# ------------------------------------------------------------------------------------------ CA-8
+
+@pytest.fixture(scope="session")
+def ca8_verdicts(rh_model, keep_samples, keep_baseline, ranking, profile):
+    """Every head outside the top K, then the top K, restricted to a sink plus a recent window, on
+    CA-3's fresh prompts (non-inferiority needs about 80) against their one baseline."""
+    from rh.field import compression_verdicts
+
+    return compression_verdicts(rh_model, keep_samples, keep_baseline, ranking, profile)
+
+
+@pytest.mark.claim("CA-8", source="DuoAttention, KV-compression work")
+@pytest.mark.parametrize("arm", ["others", "top"])
+def test_compression_keeps_accuracy_only_with_the_top_heads_whole(arm, compress_k, ca8_verdicts, record_verdict):
+    """Compression safety: restricting every head outside the top K to a sink plus a recent window
+    keeps accuracy within Δ of the baseline, while the same restriction on the top K does not."""
+    record_verdict(ca8_verdicts[(arm, compress_k)])
+
