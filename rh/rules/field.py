@@ -146,7 +146,8 @@ def kv_clustering(top: Sequence[int], boot_tops: np.ndarray | None, *, n_layers:
         if effs:
             effs = np.asarray(effs)
             lo, hi = (float(v) for v in np.quantile(effs, [alpha, 1 - alpha]))
-            p_ref = float(np.mean(effs >= min_effect))  # the bootstrap's p of H0 θ >= Δ
+            # the bootstrap's p of H0 θ >= Δ, counted as a permutation p is (never 0 from finitely many rounds)
+            p_ref = float((np.sum(effs >= min_effect) + 1) / (len(effs) + 1))
             details.update({"bootstrap_rounds": int(len(effs)), "bootstrap_mean_effect": float(effs.mean())})
     bounds = Bounds("greater", 0.0, min_effect)
     power = Power.none("exact conditional null for the support, a bootstrap bound for the refutation; rates in "
