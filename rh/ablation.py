@@ -62,6 +62,21 @@ def attention_modules(model: Any) -> list[torch.nn.Module]:
     return [layer.self_attn for layer in decoder_layers(model)]
 
 
+def unpruned_modules(model: Any, heads: Iterable[Head], shape: HeadShape, verb: str) -> list[torch.nn.Module]:
+    """The attention modules, refused unless there is one per layer of ``shape`` and every layer of
+    ``heads`` still has all its heads (a pruned layer's head indices no longer mean the same heads)."""
+    modules = attention_modules(model)
+    if len(modules) != shape.n_layers:
+        raise ValueError(f"the model has {len(modules)} layers but its shape says {shape.n_layers}: pass its own shape")
+    width = shape.n_heads * shape.head_dim
+    for layer in sorted({h.layer for h in heads}):
+        o_proj = getattr(modules[layer], "o_proj", None)
+        if o_proj is not None and getattr(o_proj, "in_features", width) != width:
+            raise ValueError(f"layer {layer}'s o_proj takes {o_proj.in_features} features, not {shape.n_heads} heads x "
+                             f"{shape.head_dim}: this model was pruned; {verb} heads of the unpruned model")
+    return modules
+
+
 def _head_mask(n_heads: int, head_dim: int, heads: Iterable[int], device: torch.device) -> torch.Tensor:
     mask = torch.zeros(n_heads, head_dim, dtype=torch.bool, device=device)
     mask[list(heads)] = True
@@ -404,16 +419,7 @@ def ablate(
         raise ValueError(f"reference= only applies to method='mean', not method={method!r}; drop it")
     shape = _shape_of(model, shape)
     heads = validate_heads(heads, shape)
-    modules = attention_modules(model)
-    if len(modules) != shape.n_layers:
-        raise ValueError(f"the model has {len(modules)} layers but its shape says {shape.n_layers}: pass its own shape")
-    width = shape.n_heads * shape.head_dim
-    for layer in sorted({h.layer for h in heads}):
-        if modules[layer].o_proj.in_features != width:
-            raise ValueError(
-                f"layer {layer}'s o_proj takes {modules[layer].o_proj.in_features} features, not "
-                f"{shape.n_heads} heads x {shape.head_dim}: this model was pruned; ablate heads of the unpruned model"
-            )
+    modules = unpruned_modules(model, heads, shape, "ablate")
     hf = hf_model(model)
     means = _check_means(reference, heads, shape, model, batch_size) if method == "mean" else None
     _check_conflicts(hf, heads, method, phase, means)

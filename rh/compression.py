@@ -349,17 +349,9 @@ def restrict_window(model: Any, heads: Iterable[Head | str | tuple[int, int]], *
     hf = hf_model(model)
     shape = shape or getattr(model, "shape", None) or head_shape(hf)
     heads = validate_heads(heads, shape)
-    from rh.ablation import active_ablations, attention_modules
+    from rh.ablation import active_ablations, unpruned_modules
 
-    modules = attention_modules(model)
-    if len(modules) != shape.n_layers:
-        raise ValueError(f"the model has {len(modules)} layers but its shape says {shape.n_layers}: pass its own shape")
-    width = shape.n_heads * shape.head_dim
-    for layer in sorted({h.layer for h in heads}):
-        o_proj = getattr(modules[layer], "o_proj", None)
-        if o_proj is not None and getattr(o_proj, "in_features", width) != width:
-            raise ValueError(f"layer {layer}'s o_proj takes {o_proj.in_features} features, not {shape.n_heads} heads x "
-                             f"{shape.head_dim}: this model was pruned; restrict heads of the unpruned model")
+    modules = unpruned_modules(model, heads, shape, "restrict")
     taken = [str(h) for h in heads if h in _ACTIVE.get(hf, {})]
     if taken:
         raise ValueError(f"head(s) {', '.join(taken)} are already window-restricted by an enclosing block; "

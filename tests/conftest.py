@@ -40,3 +40,18 @@ def tiny_dir(tiny, tmp_path_factory):
     tiny.model.save_pretrained(path)
     tiny.tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def ends_sentence(tok):
+    """Whether a token's text ends a sentence (., ! or ?, trailing whitespace ignored), under the
+    module's ``tok``: an independent reading of where rh may splice a needle."""
+    memo: dict[int, bool] = {}
+
+    def ends(token_id: int) -> bool:
+        token_id = int(token_id)
+        if token_id not in memo:
+            memo[token_id] = tok.decode([token_id]).rstrip().endswith((".", "!", "?"))
+        return memo[token_id]
+
+    return ends

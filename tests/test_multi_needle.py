@@ -47,19 +47,6 @@ def hay_ids(tok) -> np.ndarray:
     return np.asarray(tok(haystack_text(), add_special_tokens=False).input_ids)
 
 
-@pytest.fixture(scope="module")
-def ends_sentence(tok):
-    memo: dict[int, bool] = {}
-
-    def ends(token_id: int) -> bool:
-        token_id = int(token_id)
-        if token_id not in memo:
-            memo[token_id] = tok.decode([token_id]).rstrip().endswith((".", "!", "?"))
-        return memo[token_id]
-
-    return ends
-
-
 def all_samples(built):
     return [s for kind in MULTI_KINDS for s in built[kind]]
 

@@ -49,20 +49,6 @@ def templates(tok):
     return {chat: prompt_template(tok, PASSKEY_QUESTION, PASSKEY_ANSWER_PREFIX, chat=chat) for chat in (True, False)}
 
 
-@pytest.fixture(scope="module")
-def ends_sentence(tok):
-    """Whether a token's text ends a sentence (., ! or ?, trailing whitespace ignored)."""
-    memo: dict[int, bool] = {}
-
-    def ends(token_id: int) -> bool:
-        token_id = int(token_id)
-        if token_id not in memo:
-            memo[token_id] = tok.decode([token_id]).rstrip().endswith((".", "!", "?"))
-        return memo[token_id]
-
-    return ends
-
-
 def one(tok, length, depth, *, chat=True, seed=0, snap=True, **kw):
     (s,) = build_passkey_samples(tok, lengths=[length], depths=[depth], n_per_setting=1, seed=seed, chat=chat,
                                  snap_to_sentence=snap, **kw)

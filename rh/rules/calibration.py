@@ -227,18 +227,25 @@ def _sim_id5(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
                                baseline_floor=p.baseline_floor, k=p.general_k)]
 
 
-def _sim_agree(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
-    """Two methods on the same prompts: heads' true scores, per-prompt noise; ``effect`` is the number
-    of B's true top-K heads that are not A's (0: the same heads; K: disjoint)."""
-    from rh.rules.claims import agreement
-
-    n, k, heads = s["identify"], p.id_k, 270
+def _agree_means(rng, k: int, heads: int, effect: float) -> tuple[np.ndarray, np.ndarray]:
+    """Two methods' true head scores: B's top K is A's with ``effect`` heads swapped for heads ranked
+    3K and below (0: the same heads; K: disjoint)."""
     mu_a = np.sort(rng.gamma(1.0, 1.0, heads))[::-1]
     mu_b = mu_a.copy()
     swap = int(round(effect))
     if swap:
         idx_in, idx_out = np.arange(k - swap, k), np.arange(3 * k, 3 * k + swap)
         mu_b[idx_in], mu_b[idx_out] = mu_a[idx_out], mu_a[idx_in]
+    return mu_a, mu_b
+
+
+def _sim_agree(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
+    """Two methods on the same prompts: heads' true scores, per-prompt noise; ``effect`` is the number
+    of B's true top-K heads that are not A's (0: the same heads; K: disjoint)."""
+    from rh.rules.claims import agreement
+
+    n, k, heads = s["identify"], p.id_k, 270
+    mu_a, mu_b = _agree_means(rng, k, heads, effect)
     prompt = rng.normal(0, 0.5, (n, 1))
     A = mu_a[None] + prompt + rng.normal(0, 1.0, (n, heads))
     B = mu_b[None] + prompt + rng.normal(0, 1.0, (n, heads))
@@ -253,12 +260,7 @@ def _sim_id7(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
     from rh.rules.field import method_agreement
 
     n_a, n_b, k, heads = s["identify"], s["content_free"], p.id_k, 270
-    mu_a = np.sort(rng.gamma(1.0, 1.0, heads))[::-1]
-    mu_b = mu_a.copy()
-    swap = int(round(effect))
-    if swap:
-        idx_in, idx_out = np.arange(k - swap, k), np.arange(3 * k, 3 * k + swap)
-        mu_b[idx_in], mu_b[idx_out] = mu_a[idx_out], mu_a[idx_in]
+    mu_a, mu_b = _agree_means(rng, k, heads, effect)
     A = mu_a[None] + rng.normal(0, 0.5, (n_a, 1)) + rng.normal(0, 1.0, (n_a, heads))
     B = mu_b[None] + rng.normal(0, 0.5, (n_b, 1)) + rng.normal(0, 1.0, (n_b, heads))
     return [method_agreement("echo", A, B, k=k, min_effect=p.agree_min_effect * k, same_prompts=False, alpha=p.alpha,
