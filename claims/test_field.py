@@ -48,7 +48,7 @@ def test_retrieval_heads_gather_in_kv_groups(rh_model, ranking, ranking_uncertai
     k = profile.group_k
     unc = ranking_uncertainty.get(k)
     record_verdict(kv_clustering(
-        flat_index(ranking.top(k), shape), None if unc is None else unc["boot_tops"], n_layers=shape.n_layers,
+        flat_index(ranking.top(k), shape), None if unc is None else unc.boot_tops, n_layers=shape.n_layers,
         n_heads=shape.n_heads, n_kv_heads=shape.n_kv_heads, min_effect=profile.group_min_effect,
         alpha=profile.alpha, k=k, baseline_accuracy=float(baseline["correct"].mean()),
         baseline_floor=profile.baseline_floor))

@@ -39,7 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rh.attention import AttentionIntervention, add_intervention, rh_attention_active
-from rh.heads import Head, HeadShape, validate_heads
+from rh.heads import Head, HeadShape, heads_by_layer, validate_heads
 from rh.models import hf_model
 
 METHODS = ("zero", "mean", "query", "logits")
@@ -424,9 +424,7 @@ def ablate(
     means = _check_means(reference, heads, shape, model, batch_size) if method == "mean" else None
     _check_conflicts(hf, heads, method, phase, means)
 
-    by_layer: dict[int, list[int]] = {}
-    for h in heads:
-        by_layer.setdefault(h.layer, []).append(h.head)
+    by_layer = heads_by_layer(heads)
     table = _ACTIVE.setdefault(hf, {})
     registered: list[Head] = []
     try:

@@ -80,7 +80,7 @@ from typing import Any
 import torch
 
 from rh.attention import AttentionIntervention, add_intervention, rh_attention_active
-from rh.heads import Head, HeadShape, validate_heads
+from rh.heads import Head, HeadShape, heads_by_layer, validate_heads
 from rh.models import head_shape, hf_model
 
 _ACTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # hf model -> {Head: (sink, window)}
@@ -360,9 +360,7 @@ def restrict_window(model: Any, heads: Iterable[Head | str | tuple[int, int]], *
     for h in heads:
         if ablated.get(h, ("",))[0] == "logits":
             raise ValueError(_logits_conflict(h))
-    by_layer: dict[int, list[int]] = {}
-    for h in heads:
-        by_layer.setdefault(h.layer, []).append(h.head)
+    by_layer = heads_by_layer(heads)
     table = _ACTIVE.setdefault(hf, {})
     registered: list[Head] = []
     try:

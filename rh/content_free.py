@@ -58,6 +58,7 @@ from rh.rankings import Ranking
 from rh.scoring import SampleScores
 
 METHODS = ("echo", "induction")
+REPEATS = 4  # copies of the random block (RazorAttention's REPET_TIMES)
 
 
 def _special_ids(tokenizer: Any) -> set[int]:
@@ -78,7 +79,7 @@ def _bos_id(model: LoadedModel) -> int | None:
     return None if bos is None else int(bos)
 
 
-def random_repeated_sequences(model: LoadedModel, *, n_sequences: int, seq_len: int, repeats: int = 4,
+def random_repeated_sequences(model: LoadedModel, *, n_sequences: int, seq_len: int, repeats: int = REPEATS,
                               seed: int = 0, bos: bool = True) -> tuple[torch.Tensor, int]:
     """``[n_sequences, offset + repeats * seq_len]`` token ids and ``offset`` (1 with BOS, else 0).
 
@@ -120,7 +121,7 @@ def echo_induction_targets(offset: int, seq_len: int, repeats: int) -> tuple[tor
 
 
 def content_free_scores(model: LoadedModel, method: str | Sequence[str], *, n_sequences: int = 1,
-                        seq_len: int = 2500, repeats: int = 4, seed: int = 0, batch_size: int = 8,
+                        seq_len: int = 2500, repeats: int = REPEATS, seed: int = 0, batch_size: int = 8,
                         bos: bool = True) -> SampleScores | dict[str, SampleScores]:
     """Per-sequence echo or induction scores (ids ``random-000``, ...): ``scores[i]`` is
     ``[n_layers, n_heads]``, the mean over the queries of copies 2..R of their attention to the
@@ -167,7 +168,7 @@ def _echo_induction(model: LoadedModel, *, n_sequences: int, seq_len: int, repea
 
 
 def identify_content_free(model: LoadedModel, method: str, *, n_sequences: int = 1, seq_len: int = 2500,
-                          repeats: int = 4, seed: int = 0, batch_size: int = 8, bos: bool = True,
+                          repeats: int = REPEATS, seed: int = 0, batch_size: int = 8, bos: bool = True,
                           provenance: dict[str, Any] | None = None) -> Ranking:
     """Rank every head by its mean echo or induction score over ``n_sequences`` random sequences."""
     t0 = time.perf_counter()

@@ -35,8 +35,11 @@ def identification_scores(model: LoadedModel, samples: Sequence[Sample], profile
     from rh.content_free import content_free_scores
     from rh.scoring import score_samples
 
-    out: dict[str, Any] = {}
     methods = tuple(profile.id_methods)
+    unknown = [m for m in methods if m not in ("qrhead", "echo", "induction")]
+    if unknown:
+        raise ValueError(f"id_methods={methods}: unknown method(s) {unknown}; use qrhead, echo, induction")
+    out: dict[str, Any] = {}
     if "qrhead" in methods:
         out["qrhead"] = score_samples(model, samples, "qrhead", batch_size=profile.batch_size, progress=False)
     free = [m for m in methods if m in ("echo", "induction")]
@@ -45,9 +48,6 @@ def identification_scores(model: LoadedModel, samples: Sequence[Sample], profile
                                        seq_len=profile.content_free_len,
                                        seed=profile.sample_seed + CONTENT_FREE_SEED_OFFSET,
                                        batch_size=profile.batch_size))
-    unknown = [m for m in methods if m not in ("qrhead", "echo", "induction")]
-    if unknown:
-        raise ValueError(f"id_methods={methods}: unknown method(s) {unknown}; use qrhead, echo, induction")
     return out
 
 

@@ -77,6 +77,15 @@ def parse_heads(specs: Iterable[str | tuple[int, int] | Head]) -> list[Head]:
     return [Head.parse(s) for s in specs]
 
 
+def heads_by_layer(heads: Iterable[Head]) -> dict[int, list[int]]:
+    """Query-head indices per layer, in the order given: how per-layer hooks and interventions
+    receive a head set."""
+    out: dict[int, list[int]] = {}
+    for h in heads:
+        out.setdefault(h.layer, []).append(h.head)
+    return out
+
+
 def validate_heads(heads: Iterable[Head | str | tuple[int, int]], shape: HeadShape) -> list[Head]:
     """Parse and check every head exists in ``shape``; duplicates are an error, order is kept."""
     out = parse_heads(heads)

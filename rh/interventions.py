@@ -36,7 +36,7 @@ from rh.ablation import ablate, attention_modules, decoder_layers, uniform_atten
 from rh.attention import AttentionIntervention, add_intervention, rh_attention_active
 from rh.batching import current_batch, make_batches
 from rh.evaluate import teacher_forced
-from rh.heads import Head, HeadShape, validate_heads
+from rh.heads import Head, HeadShape, heads_by_layer, validate_heads
 from rh.id_claims import inconclusive
 from rh.models import LoadedModel, head_shape, hf_model
 from rh.niah import Sample
@@ -393,9 +393,7 @@ def override_attention(model: LoadedModel, heads: Iterable[Head | str], pattern:
         raise ValueError(f"hub={hub!r} must be a prompt position (an integer >= 0)")
     heads = validate_heads(heads, model.shape)
     modules = attention_modules(model)
-    by_layer: dict[int, list[int]] = {}
-    for h in heads:
-        by_layer.setdefault(h.layer, []).append(h.head)
+    by_layer = heads_by_layer(heads)
     with contextlib.ExitStack() as stack:
         stack.enter_context(rh_attention_active(model))
         for layer, idx in sorted(by_layer.items()):

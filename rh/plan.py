@@ -505,7 +505,9 @@ def _method_scores(ctx):
                             1, len(ctx.ca_identify), 32.0, ctx.layers, note="about 32 tokens a prompt (estimated)"))
     free = [m for m in p.id_methods if m in ("echo", "induction")]
     if free:
-        tokens = 4 * p.content_free_len + 1  # RazorAttention's 4 copies, after the BOS
+        from rh.content_free import REPEATS
+
+        tokens = REPEATS * p.content_free_len + 1  # the copies of the random block, after the BOS
         rows.append(CostRow("method_scores", (f"{' and '.join(free)} on {p.content_free_n} random sequences",), 1,
                             p.content_free_n, float(tokens), ctx.layers, note="one pass gives both scores"))
     return rows

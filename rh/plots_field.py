@@ -45,7 +45,7 @@ def kv_group_figure(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
         return None
     d = rows[0]["details"]
     n_heads, group = int(d["n_heads"]), int(d["group_size"])
-    n_layers = len(d["layer_counts"]) if d.get("n_layers") is None else int(d["n_layers"])
+    n_layers = int(d["n_layers"])
     grid = np.zeros((n_layers, n_heads // group))
     for name in d["top_heads"]:
         layer, head = (int(x) for x in name[1:].split("H"))

@@ -696,12 +696,11 @@ def baseline(pytestconfig, rh_model, validation, profile, ranking):
 @pytest.fixture(scope="session")
 def ranking_uncertainty(pytestconfig, rh_model, profile, niah_split, identify_ranking, ranking):
     """The session ranking's uncertainty from resampling its identification prompts by haystack
-    window (:mod:`rh.uncertainty`), per K (``id_k``, ``group_k``): per-head intervals, P(top K),
-    the stable core, how it narrows with the number of prompts, and the resampled top-K sets
-    (``boot_tops``, flat head indices). Empty for a ranking given from outside (--rankings,
-    --heads): its per-prompt scores are unknown. The ``id_k`` one goes into the report."""
-    import numpy as np
-
+    window (:mod:`rh.uncertainty`): ``{K: RankingUncertainty}`` for ``id_k`` and ``group_k``, with
+    per-head intervals, P(top K), the stable core, how it narrows with the number of prompts, and
+    the resampled top-K sets (``boot_tops``, flat head indices). Empty for a ranking given from
+    outside (--rankings, --heads): its per-prompt scores are unknown. The ``id_k`` one goes into
+    the report."""
     from rh.uncertainty import ranking_uncertainty as resample
 
     if _rh(pytestconfig).external is not None:
@@ -711,11 +710,9 @@ def ranking_uncertainty(pytestconfig, rh_model, profile, niah_split, identify_ra
     groups = [s.group for s in identify]
     out = {}
     for k in sorted({profile.id_k, profile.group_k}):
-        unc = resample(scored, rh_model.shape, k=k, groups=groups, n_boot=profile.uncertainty_boot,
-                       seed=profile.draw_seed, return_tops=True)
-        out[k] = {"json": unc.to_json(), "boot_tops": unc.boot_tops,
-                  "p_top": np.array(list(unc.p_top.values()), dtype=float)}
-    _session_meta(pytestconfig)["ranking_uncertainty"] = out[profile.id_k]["json"]
+        out[k] = resample(scored, rh_model.shape, k=k, groups=groups, n_boot=profile.uncertainty_boot,
+                          seed=profile.draw_seed, return_tops=True)
+    _session_meta(pytestconfig)["ranking_uncertainty"] = out[profile.id_k].to_json()
     return out
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import numpy as np
 
@@ -185,9 +186,9 @@ def distractor_necessity(outcome, base_distractor: np.ndarray, top_distractor: n
     acc = necessity([outcome], alpha=a2, baseline_floor=baseline_floor, min_gap=min_gap, n_boot=n_boot,
                     seed=seed)[outcome.k]
     extra = {"part": "accuracy", "k": outcome.k}
-    acc = Verdict(**{**acc.__dict__, "claim": "CA-7", "params": extra, "test": CA7_TEST,
-                     "reason": acc.reason + "; Bonferroni across CA-7's two parts (α/2 each)",
-                     "details": {**acc.details, "n_distractors": n_distractors}})
+    acc = replace(acc, claim="CA-7", params=extra, test=CA7_TEST,
+                  reason=acc.reason + "; Bonferroni across CA-7's two parts (α/2 each)",
+                  details={**acc.details, "n_distractors": n_distractors})
     base = np.asarray(base_distractor, float)
     top = np.asarray(top_distractor, float)
     params = {"part": "distractor_rate", "k": outcome.k}
@@ -253,6 +254,6 @@ def compression_safety(base: np.ndarray, others: Mapping[int, np.ndarray], top: 
                         extra_details=extra)
     fixed = {}
     for (arm, k), v in out.items():  # params as {"arm", "k"}, the claim's Δ per arm
-        fixed[(arm, k)] = Verdict(**{**v.__dict__, "params": {"arm": arm, "k": k, "sink": sink, "window": window},
-                                     "min_effect": margin if arm == "others" else min_drop})
+        fixed[(arm, k)] = replace(v, params={"arm": arm, "k": k, "sink": sink, "window": window},
+                                  min_effect=margin if arm == "others" else min_drop)
     return fixed
