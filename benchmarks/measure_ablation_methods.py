@@ -23,8 +23,8 @@ from rh.evaluate import accuracy_table, evaluate_conditions
 from rh.heads import random_heads
 from rh.models import load_model
 from rh.niah import Sweep, build_samples, split_samples
-from rh.plots_ablation import depth_accuracy_chart
 from rh.rankings import Ranking
+from rh.report import depth_accuracy_chart
 
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 # the ranking committed with the repository: sum-attention, passkey at 512 tokens, 64 identification samples

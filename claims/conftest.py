@@ -40,12 +40,9 @@ def task_rankings(identify_ranking, niah_split, profile):
 def task_validation(rh_model, profile):
     """Fresh prompts of each identification task (``task_n`` per depth, a seed the identification
     never saw) on which ID-5 tests the candidate general heads and CA-4 ablates them."""
-    from dataclasses import replace
-
     from rh.niah import build_samples
 
-    sweep = replace(profile.sweep(), lengths=profile.lengths[:1], tasks=profile.id_tasks, n_per_setting=profile.task_n,
-                    seed=profile.sample_seed + 5_000_011)
+    sweep = profile.fresh_sweep("tasks", profile.task_n, profile.id_tasks)
     fresh = build_samples(rh_model.tokenizer, sweep, chat=rh_model.instruct, max_positions=rh_model.max_positions)
     return {t: [s for s in fresh if s.task == t] for t in profile.id_tasks}
 
@@ -68,12 +65,9 @@ def task_baselines(rh_model, task_validation, task_rankings, profile):
 def keep_samples(rh_model, profile):
     """Fresh prompts (``inverse_n`` per depth, a seed no identification used) for the claims that
     an intervention *keeps* accuracy within a margin: CA-3 and CA-8 (non-inferiority needs about 80)."""
-    from dataclasses import replace
-
     from rh.niah import build_samples
 
-    sweep = replace(profile.sweep(), lengths=profile.lengths[:1], tasks=profile.tasks, n_per_setting=profile.inverse_n,
-                    seed=profile.sample_seed + 4_000_037)
+    sweep = profile.fresh_sweep("inverse", profile.inverse_n)
     return build_samples(rh_model.tokenizer, sweep, chat=rh_model.instruct, max_positions=rh_model.max_positions)
 
 

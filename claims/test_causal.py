@@ -90,13 +90,10 @@ def test_ablating_general_heads_hurts_every_task(id_task, ca4_verdicts, record_v
 @pytest.fixture(scope="session")
 def ca6_verdicts(rh_model, ranking, profile):
     """Fresh prompts (a seed the identification never saw), ``depth_n`` per depth: baseline vs top-K ablated."""
-    from dataclasses import replace
-
     from rh.causal import ablation_hurts
     from rh.niah import build_samples
 
-    sweep = replace(profile.sweep(), lengths=profile.lengths[:1], tasks=profile.tasks, n_per_setting=profile.depth_n,
-                    seed=profile.sample_seed + 1_000_003)
+    sweep = profile.fresh_sweep("depth", profile.depth_n)
     fresh = build_samples(rh_model.tokenizer, sweep, chat=rh_model.instruct, max_positions=rh_model.max_positions)
     groups = {d: [s for s in fresh if s.depth == d] for d in profile.depths}
     return ablation_hurts("CA-6", rh_model, groups, ranking.top(profile.id_k), None, param="depth",

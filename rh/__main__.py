@@ -22,8 +22,8 @@ def _identify(args: argparse.Namespace) -> int:
     from rh.models import load_model
     from rh.niah import Sweep, build_samples, split_samples
     from rh.pipeline import DEFAULT_CACHE, cached_identification, ranking_provenance
-    from rh.plots import head_grid
     from rh.profiles import get_profile
+    from rh.report import head_grid
     from rh.scoring import Wu24Options, general_heads
 
     from rh.models import expected_shape, resolve_spec
@@ -179,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return niah_main(argv[1:])
     if argv[:1] == ["report"]:
-        from rh.compare import main_report
+        from rh.report import main_report
 
         return main_report(argv[1:])
     args = ap.parse_args(argv)

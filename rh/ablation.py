@@ -19,7 +19,7 @@ the visible keys, so both give the mean of V there, not zero: seed 001's table i
 
 ``phase="decode"`` ablates only decoding steps (forward calls with one query position), as the
 Wu24 code did; the prefill is untouched. In a teacher-forced pass (``rh.evaluate.teacher_forced``)
-the answer positions play the decoding steps (:func:`decode_positions`), which gives the same
+the answer positions play the decoding steps (``rh.batching.running(..., decode_from=...)``), which gives the same
 outcome as ablated greedy decoding in one forward.
 
 Blocks nest and compose: the union of their heads is ablated, each head by its own method. Every
@@ -31,35 +31,21 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextvars import ContextVar
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from rh.batching import Batch, decode_start, make_batches
 from rh.attention import AttentionIntervention, add_intervention, rh_attention_active
 from rh.heads import Head, HeadShape, heads_by_layer, validate_heads
-from rh.models import hf_model
+from rh.models import attention_modules, hf_model
+from rh.recording import attn_z, reading
 
 METHODS = ("zero", "mean", "query", "logits")
 PHASES = ("all", "decode")
 
 HeadMeans = dict[Head, torch.Tensor]
-
-
-def decoder_layers(model: Any) -> list[torch.nn.Module]:
-    """The decoder layers of a Llama-style model (a ``LoadedModel`` or transformers model), in order."""
-    hf = hf_model(model)
-    layers = getattr(getattr(hf, "model", hf), "layers", None)
-    if layers is None:
-        raise ValueError(f"{type(hf).__name__} has no decoder layers at .model.layers; rh supports Llama-style models")
-    return list(layers)
-
-
-def attention_modules(model: Any) -> list[torch.nn.Module]:
-    """The self-attention module of every decoder layer, in layer order."""
-    return [layer.self_attn for layer in decoder_layers(model)]
 
 
 def unpruned_modules(model: Any, heads: Iterable[Head], shape: HeadShape, verb: str) -> list[torch.nn.Module]:
@@ -86,41 +72,15 @@ def _head_mask(n_heads: int, head_dim: int, heads: Iterable[int], device: torch.
 # ---------------------------------------------------------------------------- which positions
 
 
-@dataclass(frozen=True)
-class _DecodeStart:
-    start: torch.Tensor  # [b] first decoding position of each row
-    width: int  # the sequence width of the forward it describes
-
-
-_decode_start: ContextVar[_DecodeStart | None] = ContextVar("rh_decode_start", default=None)
-
-
-@contextlib.contextmanager
-def decode_positions(start: Sequence[int] | torch.Tensor, width: int) -> Iterator[None]:
-    """Within the block, a full-sequence forward of ``width`` positions treats positions
-    ``>= start[row]`` as decoding steps for ``phase="decode"`` ablations.
-
-    Teacher forcing uses it: feeding prompt + answer in one pass, the answer positions are the
-    ones greedy decoding would process one at a time, so ablating only there reproduces Wu24's
-    decode-only ablation without generating.
-    """
-    start_t = torch.as_tensor(list(start) if not isinstance(start, torch.Tensor) else start, dtype=torch.long)
-    token = _decode_start.set(_DecodeStart(start_t.reshape(-1), int(width)))
-    try:
-        yield
-    finally:
-        _decode_start.reset(token)
-
-
 def _phase_rows(phase: str, q_len: int, device: torch.device) -> torch.Tensor | bool | None:
     """Which query positions an ablation of ``phase`` touches in a forward of ``q_len`` positions:
     ``None`` = all of them, ``False`` = none, else a ``[b, q_len]`` boolean mask."""
     if phase == "all" or q_len == 1:
         return None
-    ds = _decode_start.get()
-    if ds is None or ds.width != q_len:
+    start = decode_start(q_len)
+    if start is None:
         return False  # a prefill: decode-only ablation leaves it alone
-    return torch.arange(q_len, device=device)[None, :] >= ds.start.to(device)[:, None]
+    return torch.arange(q_len, device=device)[None, :] >= start.to(device)[:, None]
 
 
 # ---------------------------------------------------------------------------- uniform attention
@@ -262,7 +222,6 @@ def _shape_of(model: Any, shape: HeadShape | None) -> HeadShape:
 
 def _input_batches(model: Any, data: Any, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
     """Model inputs from samples, ``Batch`` objects, input dicts or an ``input_ids`` tensor."""
-    from rh.batching import Batch, make_batches
     from rh.niah import Sample
 
     device = hf_model(model).get_input_embeddings().weight.device
@@ -300,27 +259,22 @@ def head_means(model: Any, data: Any, heads: Iterable[Head | str | tuple[int, in
     shape = _shape_of(model, shape)
     heads = validate_heads(shape.all_heads() if heads is None else heads, shape)
     hf = hf_model(model)
-    modules = attention_modules(model)
     layers = sorted({h.layer for h in heads})
     width = shape.n_heads * shape.head_dim
     sums: dict[int, torch.Tensor] = {}
     state: dict[str, Any] = {"mask": None, "count": 0}
-    handles = []
 
-    def make_hook(layer: int):
-        def hook(module, args):
-            x = args[0]
+    def add(layer: int):
+        def fn(x: torch.Tensor) -> None:
             if x.shape[-1] != width:
                 raise ValueError(f"layer {layer}'s o_proj takes {x.shape[-1]} features, not {width}: a pruned model?")
             m = state["mask"]
             m = torch.ones(x.shape[:2], device=x.device) if m is None else m.to(x.device, torch.float32)
             s = torch.einsum("bqf,bq->f", x.float(), m).double().cpu()
             sums[layer] = sums[layer] + s if layer in sums else s
-        return hook
+        return fn
 
-    try:
-        for layer in layers:
-            handles.append(modules[layer].o_proj.register_forward_pre_hook(make_hook(layer)))
+    with reading(model, {attn_z(layer): add(layer) for layer in layers}):
         batches = _input_batches(model, data, batch_size)
         for inputs in tqdm(batches, desc="reference means", unit="batch", disable=not progress, leave=False):
             ids = inputs["input_ids"]
@@ -329,9 +283,6 @@ def head_means(model: Any, data: Any, heads: Iterable[Head | str | tuple[int, in
             state["count"] += int(mask.sum()) if mask is not None else ids.numel()
             with torch.no_grad():
                 hf(**inputs, use_cache=False, logits_to_keep=1)
-    finally:
-        for h in handles:
-            h.remove()
     d = shape.head_dim
     return {h: (sums[h.layer][h.head * d : (h.head + 1) * d] / state["count"]).float() for h in heads}
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from rh.models import hf_model
+from rh.models import hf_model, layer_slice
 
 _PREFIX = "rh_capture__"
 _active: ContextVar[AttentionCapture | None] = ContextVar("rh_attention_capture", default=None)
@@ -384,8 +384,6 @@ def capture_attention(model: Any, reduce: Reducer = keep_rows, *,
                            rows=_capture_rows(rows))
     with rh_attention_active(hf), contextlib.ExitStack() as stack:
         if stop is not None and stop < n_layers:  # later layers cannot change what the earlier ones attend to
-            from rh.prefix import layer_slice
-
             stack.enter_context(layer_slice(hf, 0, stop))
         token = _active.set(cap)
         try:

@@ -48,9 +48,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from rh.ablation import attention_modules
 from rh.heads import Head, validate_heads
-from rh.models import LoadedModel, hf_model
+from rh.models import LoadedModel, attention_modules, final_norm, hf_model
+from rh.recording import attn_z, head_slice, recording, resid_post
 from rh.niah import Sample
 from rh.stats import Verdict
 
@@ -85,18 +85,6 @@ class Attribution:
         return needle_mass_ratio(self.token_attr, self.needle_span)
 
 
-class _Stop(Exception):
-    """Raised inside the forward once every needed head output is captured: later layers cannot
-    change F, so they are not run."""
-
-
-def _final_norm(hf: Any) -> torch.nn.Module:
-    norm = getattr(getattr(hf, "model", hf), "norm", None)
-    if norm is None or not hasattr(norm, "weight"):
-        raise ValueError(f"{type(hf).__name__} has no final norm at .model.norm; rh supports Llama-style models")
-    return norm
-
-
 def _check_sample(model: LoadedModel, sample: Sample) -> None:
     n = len(sample.input_ids)
     if n == 0:
@@ -128,22 +116,13 @@ def final_rms(model: LoadedModel, input_ids: Sequence[int]) -> float:
     """The final norm's RMS, ``sqrt(mean(x^2) + eps)``, of the last-position residual (the last
     decoder layer's output, before the norm) on the clean prompt."""
     hf = hf_model(model)
-    norm = _final_norm(hf)
+    norm = final_norm(hf)
     eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
-    seen: dict[str, torch.Tensor] = {}
-
-    def hook(mod, args, kwargs):
-        x = args[0] if args else kwargs["hidden_states"]
-        seen["x"] = x[:, -1].detach().float()
-
-    h = norm.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            ids = torch.tensor([list(input_ids)], dtype=torch.long, device=model.device)
-            hf(input_ids=ids, use_cache=False, logits_to_keep=1)
-    finally:
-        h.remove()
-    x = seen["x"][0]
+    last = resid_post(model.shape.n_layers - 1)  # what the final norm reads
+    with torch.no_grad(), recording(model, [last], keep=lambda x: x[:, -1].float()) as seen:
+        ids = torch.tensor([list(input_ids)], dtype=torch.long, device=model.device)
+        hf(input_ids=ids, use_cache=False, logits_to_keep=1)
+    x = seen[last][0]
     return float(torch.sqrt(x.pow(2).mean() + eps))
 
 
@@ -151,7 +130,7 @@ def head_readouts(model: LoadedModel, heads: Sequence[Head], answer_id: int, rms
     """Per head, ``w_h = W_O[:, h]^T u`` (float32, ``[head_dim]``), so a head's direct logit
     contribution is ``o_h . w_h``, with ``u = W_U[answer_id] * g / rms``."""
     hf = hf_model(model)
-    norm = _final_norm(hf)
+    norm = final_norm(hf)
     mods = attention_modules(model)
     d = model.shape.head_dim
     w_u = hf.get_output_embeddings().weight[answer_id].detach().float()
@@ -175,32 +154,16 @@ def _target_fn(model: LoadedModel, heads: list[Head] | None, answer_id: int, rms
         return full_logit
 
     readout = head_readouts(model, heads, answer_id, rms)
-    mods = attention_modules(model)
     d = model.shape.head_dim
-    layers = sorted({h.layer for h in heads})
-    last = layers[-1]
+    sites = [attn_z(layer) for layer in sorted({h.layer for h in heads})]
 
     def direct_logit(emb: torch.Tensor) -> torch.Tensor:
-        seen: dict[int, torch.Tensor] = {}
-
-        def hook_for(layer: int):
-            def hook(mod, args):
-                seen[layer] = args[0][:, -1]  # [b, n_heads * head_dim], keeps the graph
-                if layer == last:
-                    raise _Stop
-            return hook
-
-        handles = [mods[l].o_proj.register_forward_pre_hook(hook_for(l)) for l in layers]
-        try:
+        # the last position's o_proj inputs, graph kept; the forward stops after the last heads' layer
+        with recording(model, sites, keep=lambda x: x[:, -1], detach=False, stop_after=True) as seen:
             hf(inputs_embeds=emb.to(dtype), use_cache=False, logits_to_keep=1)
-        except _Stop:
-            pass
-        finally:
-            for hd in handles:
-                hd.remove()
         total = torch.zeros(emb.shape[0], dtype=torch.float32, device=emb.device)
         for h in heads:
-            o = seen[h.layer][:, h.head * d:(h.head + 1) * d].float()
+            o = head_slice(seen[attn_z(h.layer)], h.head, d).float()
             w = readout[h]
             total = total + (o @ w.to(o.device)).to(total.device)
         return total
@@ -397,29 +360,3 @@ def attribution_concentrates(ratios: Any, *, alpha: float = 0.05, completeness_e
                       test=TEST_NAME + f"; refuted when shown below {min_ratio:g}x", effect_name=eff_name,
                       describe="the heads' |IG attribution| per needle token over its uniform share",
                       details=details)
-
-
-# ---------------------------------------------------------------------------- figure
-
-
-def attribution_figure(token_attr: Any, needle_span: tuple[int, int], title: str = "IG attribution") -> bytes:
-    """Per-token attribution along the prompt with the needle span shaded. PNG bytes."""
-    from rh.plots import _png, plt
-
-    a = np.asarray(token_attr, dtype=float)
-    if a.ndim != 1 or a.size == 0:
-        raise ValueError(f"attribution_figure: token_attr must be a non-empty 1-D array, got shape {a.shape}")
-    s, e = (int(x) for x in needle_span)
-    if not (0 <= s < e <= a.size):
-        raise ValueError(f"attribution_figure: needle_span {(s, e)} is outside the sequence of {a.size} tokens")
-    fig, ax = plt.subplots(figsize=(7.0, 3.0))
-    x = np.arange(a.size)
-    ax.axvspan(s - 0.5, e - 0.5, color="gold", alpha=0.35, lw=0, label="needle")
-    ax.bar(x, a, width=1.0, color=np.where(a >= 0, "tab:blue", "tab:red"), lw=0)
-    ax.axhline(0, color="0.3", lw=0.6)
-    ax.set_xlim(-0.5, a.size - 0.5)
-    ax.set_xlabel("token position")
-    ax.set_ylabel("attribution (sum over embedding dims)")
-    ax.set_title(title)
-    ax.legend(frameon=False, fontsize=8)
-    return _png(fig)

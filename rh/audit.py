@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-AUDIT_PROMPT_SEED = 9_000_011  # added to the profile's sample seed: prompts no identification used
+from rh.seeds import prompt_seed
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -85,7 +85,7 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
         i["source"] = name if names.count(name) == 1 else i["label"]
     prof = out[0]["profile"]
     sweep = Sweep((args.length or prof.lengths[0],), prof.depths, args.n or prof.n_per_setting, prof.tasks,
-                  prof.sample_seed + AUDIT_PROMPT_SEED)
+                  prompt_seed(prof.sample_seed, "audit"))
     return {"inputs": out, "sweep": sweep}
 
 
@@ -94,9 +94,8 @@ def run(args: argparse.Namespace, *, out=None) -> int:
     from rh.causal import dose_response, evaluate_baseline, necessity_outcomes, necessity_verdicts, top_logprobs
     from rh.models import load_model
     from rh.niah import build_samples
-    from rh.plots import ablation_curve
     from rh.published import ties_at_cut
-    from rh.report import report_stem, write_report
+    from rh.report import ca1_ablation_curve, report_stem, write_report
     from rh.rules.claims import inconclusive
 
     out = out or sys.stdout
@@ -187,7 +186,7 @@ def run(args: argparse.Namespace, *, out=None) -> int:
     stem = "audit-" + report_stem(args.model, started)
     figures = {}
     for item in p["inputs"]:  # one accuracy-vs-K figure per input: their K levels are not one curve
-        png = ablation_curve([v for v in verdicts if v["params"].get("source") == item["source"]])
+        png = ca1_ablation_curve([v for v in verdicts if v["params"].get("source") == item["source"]])
         if png:
             figures[f"CA-1: {item['label']}"] = png
     paths = write_report(verdicts, meta, args.report_dir, stem, figures)

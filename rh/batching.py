@@ -62,14 +62,35 @@ def make_batches(samples: Sequence[Sample], batch_size: int, pad_id: int, *,
         yield Batch([samples[i] for i in rows], ids, mask, pad)
 
 
-_current: ContextVar[Batch | None] = ContextVar("rh_current_batch", default=None)
+@dataclass(frozen=True)
+class _Running:
+    """What the forward now running is: its batch and, when teacher forced, where decoding starts."""
+
+    batch: Batch
+    decode_start: torch.Tensor | None  # [b] first decoding position of each row, or None
+
+
+# The one context a forward carries for the hooks inside it (interventions, decode-only ablations).
+_current: ContextVar[_Running | None] = ContextVar("rh_current_forward", default=None)
 
 
 @contextlib.contextmanager
-def running(batch: Batch) -> Iterator[Batch]:
+def running(batch: Batch, *, decode_from: Sequence[int] | torch.Tensor | None = None) -> Iterator[Batch]:
     """Within the block, :func:`current_batch` is ``batch``: interventions that act on a sample's
-    own positions (``rh.interventions``) read each row's sample and left padding from it."""
-    token = _current.set(batch)
+    own positions (``rh.interventions``) read each row's sample and left padding from it.
+
+    ``decode_from`` (teacher forcing: prompt + answer fed in one pass) gives each row's first
+    position that greedy decoding would process as a decoding step; a forward as wide as the
+    batch then treats positions ``>= decode_from[row]`` as decoding steps for ``phase="decode"``
+    ablations (:func:`decode_start`), which reproduces Wu24's decode-only ablation without
+    generating."""
+    start = None
+    if decode_from is not None:
+        start = torch.as_tensor(decode_from if isinstance(decode_from, torch.Tensor) else list(decode_from),
+                                dtype=torch.long).reshape(-1)
+        if start.numel() != len(batch.samples):
+            raise ValueError(f"decode_from has {start.numel()} positions for a batch of {len(batch.samples)} rows")
+    token = _current.set(_Running(batch, start))
     try:
         yield batch
     finally:
@@ -78,4 +99,15 @@ def running(batch: Batch) -> Iterator[Batch]:
 
 def current_batch() -> Batch | None:
     """The batch the model is running (inside :func:`running`), else None."""
-    return _current.get()
+    run = _current.get()
+    return run.batch if run is not None else None
+
+
+def decode_start(width: int) -> torch.Tensor | None:
+    """Each row's first decoding position (``[b]``) when the forward now running is a teacher-forced
+    batch (``running(..., decode_from=...)``) ``width`` positions wide; else None (a prefill, or a
+    decoding step)."""
+    run = _current.get()
+    if run is None or run.decode_start is None or run.batch.input_ids.shape[1] != width:
+        return None
+    return run.decode_start

@@ -37,7 +37,7 @@ class TokenLayerCounter:
         self.label = label
 
     def attach(self, model: Any) -> "_Handles":
-        from rh.ablation import decoder_layers
+        from rh.models import decoder_layers
 
         handles = [layer.register_forward_pre_hook(self._hook, with_kwargs=True) for layer in decoder_layers(model)]
         return _Handles(handles)
@@ -81,7 +81,7 @@ def calibrate(model: Any, *, batch_size: int, length: int, repeats: int = 2) -> 
     a line that says how it was measured."""
     import torch
 
-    from rh.ablation import decoder_layers
+    from rh.models import decoder_layers
     from rh.models import hf_model
 
     hf = hf_model(model)

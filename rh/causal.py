@@ -22,6 +22,9 @@ from rh.heads import Head
 from rh.models import LoadedModel
 from rh.niah import Sample
 from rh.rankings import Ranking
+from rh.recording import attn_z, head_slice, recording
+from rh.rules.claims import side_decided
+from rh.seeds import derive_seed
 from rh.stats import Verdict
 
 log = logging.getLogger(__name__)
@@ -64,18 +67,6 @@ def needed_items(draw: int, draws: int, n: int) -> list[int]:
     from rh.rules.claims import paired_draws
 
     return [int(i) for i in np.flatnonzero(paired_draws(n, draws) == draw)]
-
-
-def side_decided(correct: float, remaining: int, top_correct: float) -> bool | None:
-    """Whether a random K-set's drop is at least the top K's (``True``), below it (``False``), or not
-    yet known (``None``) with ``correct`` items right so far and ``remaining`` still to evaluate, on
-    the same n items as the top K's ``top_correct``: the head-set null's indicator, decided as soon
-    as no outcome of the remaining items can change it."""
-    if correct > top_correct:
-        return False
-    if correct + remaining <= top_correct:
-        return True
-    return None
 
 
 def _stopped_draw(model: LoadedModel, samples: Sequence[Sample], heads: list[Head], condition: str, *,
@@ -148,7 +139,7 @@ def necessity_outcomes(
     if draws < 1:
         raise ValueError(f"draws={draws}: need at least one random head set as the control")
     top = ranking.top(k)
-    rand_sets = [ranking.random_outside_top(k, seed=hash_seed(seed, k, d)) for d in range(draws)]
+    rand_sets = [ranking.random_outside_top(k, seed=derive_seed(seed, k, d)) for d in range(draws)]
     if baseline is None:
         baseline = evaluate_baseline(model, samples, batch_size=batch_size)
     baseline = baseline.set_index("id").loc[[s.id for s in samples]].reset_index()
@@ -175,17 +166,9 @@ def necessity_outcomes(
     rc, rl = evaluate(rand_sets, "random")
     mc = ml = None
     if matched_draws:
-        matched = [ranking.random_layer_matched(k, seed=hash_seed(seed, k, d, 7)) for d in range(matched_draws)]
+        matched = [ranking.random_layer_matched(k, seed=derive_seed(seed, k, d, 7)) for d in range(matched_draws)]
         mc, ml = evaluate(matched, "matched")
     return NecessityOutcomes(k, top, rand_sets, bc, bl, tc, tl, rc, rl, pd.concat(frames, ignore_index=True), mc, ml)
-
-
-def hash_seed(*parts: int) -> int:
-    """A stable seed from integers (Python's ``hash`` of ints is stable, but spell it out)."""
-    out = 0
-    for p in parts:
-        out = (out * 1_000_003 + int(p)) % (2**63 - 1)
-    return out
 
 
 def necessity_verdicts(
@@ -297,26 +280,18 @@ def head_outputs(model: LoadedModel, samples: Sequence[Sample], heads: Sequence[
     token of ``samples``, with ``heads`` ablated by ``method`` (None: no ablation), float64."""
     from contextlib import nullcontext
 
-    from rh.ablation import attention_modules
     from rh.batching import make_batches
 
     d = model.shape.head_dim
-    mods = attention_modules(model)
+    sites = [attn_z(layer) for layer in sorted({h.layer for h in heads})]
     store: dict[Head, list[np.ndarray]] = {h: [] for h in heads}
     for batch in make_batches(samples, batch_size, model.tokenizer.pad_token_id):
         mask = batch.attention_mask.bool()
-        seen: dict[int, torch.Tensor] = {}
-        handles = [mods[l].o_proj.register_forward_hook(
-            lambda mod, args, out, _l=l: seen.__setitem__(_l, args[0].detach())) for l in {h.layer for h in heads}]
-        try:
-            ctx = ablate(model, heads, method) if method else nullcontext()
-            with torch.no_grad(), ctx:
-                model.model(**batch.model_inputs(model.device), logits_to_keep=1, use_cache=False)
-        finally:
-            for hd in handles:
-                hd.remove()
+        ctx = ablate(model, heads, method) if method else nullcontext()
+        with torch.no_grad(), ctx, recording(model, sites) as seen:
+            model.model(**batch.model_inputs(model.device), logits_to_keep=1, use_cache=False)
         for h in heads:
-            x = seen[h.layer][..., h.head * d : (h.head + 1) * d].float().cpu()  # [b, L, d]
+            x = head_slice(seen[attn_z(h.layer)], h.head, d).float().cpu()  # [b, L, d]
             store[h].append(x[mask].double().numpy())
     return {h: np.concatenate(v) for h, v in store.items()}
 
@@ -382,7 +357,7 @@ def selection_conditions(model: LoadedModel, ranking: Ranking, ks: Sequence[int]
     for k in ks:
         out[f"top{k}"] = make(ranking.top(k))
         for d in range(draws):
-            out[f"random{k}#{d}"] = make(ranking.random_outside_top(k, seed=hash_seed(seed, k, d)))
+            out[f"random{k}#{d}"] = make(ranking.random_outside_top(k, seed=derive_seed(seed, k, d)))
         if bottom:
             out[f"bottom{k}"] = make(ranking.bottom(k))
     return out

@@ -20,12 +20,12 @@ import torch
 from tqdm.auto import tqdm
 
 from rh.progress import listened, track
-from rh.ablation import decode_positions
 from rh.batching import make_batches, running
 from rh.memory import oom_guard
 from rh.models import LoadedModel
 from rh.niah import Sample
 from rh.prefix import forward
+from rh.stats import proportion_ci
 
 Condition = Callable[[], contextlib.AbstractContextManager] | None
 
@@ -48,7 +48,7 @@ def teacher_forced(model: LoadedModel, samples: Sequence[Sample], *, condition: 
         # rows end together (left padding): row i's answer is predicted by its last len(answer) positions
         n_keep = max(len(s.answer_ids) for s in batch.samples)
         starts = [p + len(s.input_ids) for p, s in zip(batch.pad, batch.samples)]  # first answer input
-        with torch.no_grad(), decode_positions(starts, batch.input_ids.shape[1]), running(batch), \
+        with torch.no_grad(), running(batch, decode_from=starts), \
                 oom_guard("teacher-forced evaluation", batch_size=len(batch.samples), length=batch.input_ids.shape[1]):
             logits = forward(model, batch.model_inputs(model.device), logits_to_keep=n_keep, use_cache=False).logits
         logp = torch.log_softmax(logits.float().cpu(), dim=-1)  # [b, n_keep, vocab]
@@ -161,20 +161,6 @@ def evaluate_conditions(model: LoadedModel, samples: Sequence[Sample], condition
     return pd.concat(frames, ignore_index=True)
 
 
-def wilson_interval(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval of a proportion: sensible at 0/n and n/n, where the normal one is not."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    from scipy.stats import norm
-
-    z = float(norm.ppf(0.5 + level / 2))
-    p = successes / n
-    den = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return (max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half)))
-
-
 def accuracy_table(df: pd.DataFrame, by: Sequence[str] | str = ("condition",), metric: str = "correct", *,
                    level: float = 0.95) -> pd.DataFrame:
     """Mean of ``metric`` per group of ``by`` with n and a ``level`` confidence interval: Wilson for
@@ -189,7 +175,7 @@ def accuracy_table(df: pd.DataFrame, by: Sequence[str] | str = ("condition",), m
         n = len(vals)
         mean = float(vals.mean()) if n else float("nan")
         if np.isin(vals, (0.0, 1.0)).all():
-            lo, hi = wilson_interval(int(vals.sum()), n, level)
+            lo, hi = proportion_ci(int(vals.sum()), n, level=level)
         else:
             from scipy.stats import norm
 

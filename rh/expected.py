@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rh.io import no_duplicate_keys
-
-STATUSES = ("supported", "refuted", "inconclusive")
+from rh.stats import STATUSES
 
 
 @dataclass

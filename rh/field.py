@@ -15,12 +15,11 @@ import numpy as np
 from rh.heads import Head, HeadShape
 from rh.models import LoadedModel
 from rh.niah import Sample
+from rh.seeds import prompt_seed
 
 __all__ = ["flat_index", "identification_scores", "distractor_samples", "distractor_answers", "distractor_verdicts",
-           "compression_verdicts", "DISTRACTOR_SEED_OFFSET", "CONTENT_FREE_SEED_OFFSET"]
+           "compression_verdicts"]
 
-DISTRACTOR_SEED_OFFSET = 6_000_011  # CA-7's fresh prompts: a seed no identification or other claim used
-CONTENT_FREE_SEED_OFFSET = 7_000_003  # ID-7's random repeated-token sequences
 
 
 def flat_index(heads: Sequence[Head], shape: HeadShape) -> np.ndarray:
@@ -46,7 +45,7 @@ def identification_scores(model: LoadedModel, samples: Sequence[Sample], profile
     if free:
         out.update(content_free_scores(model, tuple(free), n_sequences=profile.content_free_n,
                                        seq_len=profile.content_free_len,
-                                       seed=profile.sample_seed + CONTENT_FREE_SEED_OFFSET,
+                                       seed=prompt_seed(profile.sample_seed, "content_free"),
                                        batch_size=profile.batch_size))
     return out
 
@@ -57,7 +56,7 @@ def distractor_samples(model: LoadedModel, profile: Any) -> list[Sample]:
     from rh.multi_needle import MultiSweep, build_multi_samples
 
     sweep = MultiSweep("distractor", profile.lengths[:1], profile.depths, profile.distractor_n,
-                       n_needles=profile.distractor_needles, seed=profile.sample_seed + DISTRACTOR_SEED_OFFSET)
+                       n_needles=profile.distractor_needles, seed=prompt_seed(profile.sample_seed, "distractor"))
     return build_multi_samples(model.tokenizer, sweep, chat=model.instruct, max_positions=model.max_positions)
 
 

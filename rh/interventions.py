@@ -23,7 +23,6 @@ prompt token); left padding is accounted for through :func:`rh.batching.current_
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -32,14 +31,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from rh.ablation import ablate, attention_modules, decoder_layers, uniform_attention
+from rh.ablation import ablate, uniform_attention
 from rh.attention import AttentionIntervention, add_intervention, rh_attention_active
 from rh.batching import current_batch, make_batches
 from rh.evaluate import teacher_forced
 from rh.heads import Head, HeadShape, heads_by_layer, validate_heads
 from rh.id_claims import inconclusive
-from rh.models import LoadedModel, head_shape, hf_model
+from rh.models import LoadedModel, attention_modules, head_shape, hf_model
 from rh.niah import Sample
+from rh.recording import attn_z, head_slice, recording, resid_pre, rewriting
+from rh.seeds import derive_seed
 from rh.stats import Verdict
 
 log = logging.getLogger(__name__)
@@ -48,10 +49,6 @@ PATCH_MODES = ("noise", "mean", "source")
 PATTERNS = ("hub", "uniform", "sequential")
 
 Positions = Sequence[int] | Mapping[str, Sequence[int]] | Callable[[Sample], Sequence[int]]
-
-
-def _seed_of(*parts: Any) -> int:
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & (2**63 - 1)
 
 
 def _row_pads(attention_mask: torch.Tensor | None, b: int, q_len: int, kv_len: int) -> torch.Tensor:
@@ -95,31 +92,18 @@ def record_activations(model: LoadedModel, samples: Sequence[Sample], layer: int
     heads = validate_heads(heads, model.shape) if heads else None
     _check_layer(model, layer, heads)
     store: dict[str, torch.Tensor] = {}
-    seen: list[torch.Tensor] = []
-    if heads:
-        target = attention_modules(model)[layer].o_proj
-    else:
-        target = decoder_layers(model)[layer]
-
-    def hook(module, args, kwargs):
-        x = args[0] if args else kwargs["hidden_states"]
-        seen.append(x.detach())
-
-    handle = target.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
+    where = attn_z(layer) if heads else resid_pre(layer)
+    with recording(model, [where]) as seen:
         for batch in make_batches(samples, batch_size, model.tokenizer.pad_token_id):
-            seen.clear()
             with torch.no_grad():
                 model.model(**batch.model_inputs(model.device), logits_to_keep=1, use_cache=False)
-            x = seen[0].float().cpu()
+            x = seen[where].float().cpu()
             for row, s in enumerate(batch.samples):
                 v = x[row, batch.pad[row] :]
                 if heads:
                     d = model.shape.head_dim
-                    v = torch.stack([v[:, h.head * d : (h.head + 1) * d] for h in heads], dim=1)
+                    v = torch.stack([head_slice(v, h.head, d) for h in heads], dim=1)
                 store[s.id] = v.clone()
-    finally:
-        handle.remove()
     return store
 
 
@@ -151,7 +135,8 @@ def patch_positions(model: LoadedModel, layer: int, positions: Positions, *, mod
       (from another prompt of the same length, or the same prompt: then nothing changes).
 
     Per-sample positions, noise seeds and sources need the batch's samples, which
-    ``rh.evaluate.teacher_forced`` provides (:func:`rh.batching.running`). The hook goes in ``finally``.
+    ``rh.evaluate.teacher_forced`` provides (:func:`rh.batching.running`). The hook goes when the
+    block ends (:func:`rh.recording.rewriting`).
     """
     if mode not in PATCH_MODES:
         raise ValueError(f"unknown patch mode={mode!r}: use one of {', '.join(repr(m) for m in PATCH_MODES)}")
@@ -170,11 +155,9 @@ def patch_positions(model: LoadedModel, layer: int, positions: Positions, *, mod
             raise ValueError(f"patch positions {bad} are negative: positions count from 0, the first prompt token")
     d = model.shape.head_dim
     cols = None if not heads else torch.cat([torch.arange(h.head * d, (h.head + 1) * d) for h in heads])
-    target = attention_modules(model)[layer].o_proj if heads else decoder_layers(model)[layer]
+    where = attn_z(layer) if heads else resid_pre(layer)
 
-    def pre_hook(module, args, kwargs):
-        from_kwargs = not args
-        x = kwargs["hidden_states"] if from_kwargs else args[0]
+    def patch(x: torch.Tensor) -> torch.Tensor:
         batch = current_batch()
         b, width = x.shape[0], x.shape[1]
         if batch is not None and len(batch.samples) != b:
@@ -210,7 +193,7 @@ def patch_positions(model: LoadedModel, layer: int, positions: Positions, *, mod
                 if mode == "mean":
                     new = mu.expand(len(pos), -1)
                 else:
-                    g = torch.Generator().manual_seed(_seed_of(seed, sample.id if sample else row, layer))
+                    g = torch.Generator().manual_seed(derive_seed(seed, sample.id if sample else row, layer))
                     z = torch.randn(len(pos), a.shape[1], generator=g).to(a.device)
                     new = mu + sd * z
                 new = new.to(x.dtype)
@@ -221,17 +204,10 @@ def patch_positions(model: LoadedModel, layer: int, positions: Positions, *, mod
                 block = x[row, idx]
                 block[:, c] = new
                 x[row, idx] = block
-        if from_kwargs:
-            kwargs = dict(kwargs)
-            kwargs["hidden_states"] = x
-            return args, kwargs
-        return (x, *args[1:]), kwargs
+        return x
 
-    handle = target.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    try:
+    with rewriting(model, {where: patch}):
         yield
-    finally:
-        handle.remove()
 
 
 def hub_position(model: LoadedModel, samples: Sequence[Sample], heads: Sequence[Head | str]) -> tuple[int, np.ndarray]:
@@ -269,7 +245,7 @@ def non_hub_positions(samples: Sequence[Sample], hub: int, *, seed: int = 0) -> 
         cand = [p for p in range(max(c0, 1), c1) if not n0 <= p < n1 and abs(p - hub) > 1]
         if not cand:
             raise ValueError(f"sample {s.id!r} has no context position outside the needle and the hub")
-        rng = np.random.default_rng(_seed_of(seed, s.id, "non-hub"))
+        rng = np.random.default_rng(derive_seed(seed, s.id, "non-hub"))
         out[s.id] = [int(rng.choice(cand))]
     return out
 

@@ -1,12 +1,60 @@
-"""Small file helpers: atomic writes, so that a killed run never leaves a half-written file."""
+"""Small file helpers: atomic writes, so that a killed run never leaves a half-written file, and
+:func:`jsonable`, the one conversion of values to strict JSON types."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+
+def jsonable(obj: Any, *, strict: bool = False) -> Any:
+    """``obj`` as plain JSON types, ready for ``json.dumps(..., allow_nan=False)``.
+
+    Always: ``None``, ``str`` and ``bool`` stay; numpy booleans become ``bool``; ints and numpy
+    integers ``int``; floats and numpy floats ``float``, with NaN and infinities as ``None``;
+    dicts get ``str`` keys; lists and tuples become lists; numpy arrays nested lists. Every
+    container is converted recursively.
+
+    ``strict=True`` accepts only those and raises ``TypeError`` for anything else (a set, a
+    Mapping that is not a dict, a dataclass, a path...): what a :class:`~rh.stats.Verdict` may hold.
+    Otherwise (the report's metadata) any Mapping becomes a dict, a set or frozenset a list sorted
+    by ``repr``, an object with ``tolist()`` or ``item()`` (a torch tensor, a numpy scalar of another
+    kind) what that returns, converted in turn, and anything else (paths, dataclasses) ``str(obj)``.
+    """
+    if obj is None or isinstance(obj, str | bool):
+        return obj
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, int | np.integer):
+        return int(obj)
+    if isinstance(obj, float | np.floating):
+        obj = float(obj)
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict) or (not strict and isinstance(obj, Mapping)):
+        return {str(k): jsonable(v, strict=strict) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v, strict=strict) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist(), strict=strict)
+    if strict:
+        raise TypeError(f"cannot convert {type(obj).__name__} value {obj!r} to JSON; "
+                        "store numbers, strings, lists or dicts in a Verdict")
+    if isinstance(obj, set | frozenset):
+        return [jsonable(v) for v in sorted(obj, key=repr)]
+    for method in ("tolist", "item"):  # torch tensors, numpy scalars not caught above
+        if callable(getattr(obj, method, None)):
+            try:
+                return jsonable(getattr(obj, method)())
+            except Exception:  # noqa: BLE001 - fall back to text below
+                pass
+    return str(obj)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from rh.models import hf_model
+from rh.models import head_shape, hf_model
 
 GiB = 1024**3
 
@@ -89,13 +89,9 @@ def oom_guard(what: str, *, batch_size: int | None = None, length: int | None = 
 def kv_bytes_per_token(model: Any, *, layers: int | None = None) -> int:
     """Bytes of KV cache one token takes in ``layers`` layers (default: all): keys and values of
     every KV head, in the model's compute dtype (bf16: 2 bytes)."""
-    cfg = hf_model(model).config
-    cfg = getattr(cfg, "text_config", None) or cfg
-    n_heads = int(cfg.num_attention_heads)
-    n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
-    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads)
-    n_layers = int(cfg.num_hidden_layers) if layers is None else layers
-    return 2 * n_layers * n_kv * head_dim * _compute_bytes(model)
+    shape = head_shape(model)
+    n_layers = shape.n_layers if layers is None else layers
+    return 2 * n_layers * shape.n_kv_heads * shape.head_dim * _compute_bytes(model)
 
 
 def activation_bytes_per_token(model: Any) -> int:
@@ -106,10 +102,9 @@ def activation_bytes_per_token(model: Any) -> int:
     cfg = getattr(cfg, "text_config", None) or cfg
     hidden = int(cfg.hidden_size)
     inter = int(getattr(cfg, "intermediate_size", 4 * hidden))
-    n_heads = int(cfg.num_attention_heads)
-    head_dim = int(getattr(cfg, "head_dim", None) or hidden // n_heads)
+    shape = head_shape(model)
     b = _compute_bytes(model)
-    return b * (4 * hidden + 2 * n_heads * head_dim + 3 * inter) + 4 * 2 * hidden
+    return b * (4 * hidden + 2 * shape.n_heads * shape.head_dim + 3 * inter) + 4 * 2 * hidden
 
 
 def _compute_bytes(model: Any) -> int:

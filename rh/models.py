@@ -3,6 +3,7 @@ any Hugging Face id or local directory; dtype, device map and 4/8-bit; the HF to
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -14,7 +15,7 @@ import platform
 import re
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,8 +228,8 @@ def expected_shape(name: str) -> HeadShape:
 
 
 def head_shape(model: Any) -> HeadShape:
-    """Layers, query heads, KV heads and head_dim of a transformers decoder."""
-    return _config_shape(model.config)
+    """Layers, query heads, KV heads and head_dim of a transformers decoder (or a ``LoadedModel``)."""
+    return _config_shape(hf_model(model).config)
 
 
 def _config_shape(cfg: Any) -> HeadShape:
@@ -733,6 +734,52 @@ def tiny_llama(
 def hf_model(model: Any) -> Any:
     """The transformers model inside a ``LoadedModel``, or ``model`` itself."""
     return model.model if isinstance(model, LoadedModel) else model
+
+
+# ---------------------------------------------------------------------------- anatomy
+# Where the parts of a Llama-style decoder sit. Every module that hooks, patches or reads a part
+# finds it here, so supporting another layout is a change in this one place.
+
+
+def decoder_layers(model: Any, *, missing_ok: bool = False) -> list[torch.nn.Module]:
+    """The decoder layers of a Llama-style model (a ``LoadedModel`` or transformers model), in order.
+    A model without ``.model.layers`` is refused, or gives ``[]`` with ``missing_ok``."""
+    hf = hf_model(model)
+    layers = getattr(getattr(hf, "model", hf), "layers", None)
+    if layers is None:
+        if missing_ok:
+            return []
+        raise ValueError(f"{type(hf).__name__} has no decoder layers at .model.layers; rh supports Llama-style models")
+    return list(layers)
+
+
+def attention_modules(model: Any) -> list[torch.nn.Module]:
+    """The self-attention module of every decoder layer, in layer order."""
+    return [layer.self_attn for layer in decoder_layers(model)]
+
+
+def final_norm(model: Any) -> torch.nn.Module:
+    """The norm between the last decoder layer and the LM head (``.model.norm``)."""
+    hf = hf_model(model)
+    norm = getattr(getattr(hf, "model", hf), "norm", None)
+    if norm is None or not hasattr(norm, "weight"):
+        raise ValueError(f"{type(hf).__name__} has no final norm at .model.norm; rh supports Llama-style models")
+    return norm
+
+
+@contextlib.contextmanager
+def layer_slice(model: Any, start: int = 0, stop: int | None = None) -> Iterator[None]:
+    """Within the block, the model's forward runs decoder layers ``start..stop-1`` only (the
+    modules themselves, hooks and all); the full layer list is back in ``finally``. Callers give
+    the first layer its input (:func:`forward`) or read only what layers before ``stop`` compute
+    (``rh.attention.capture_attention(..., through_layer=)``): a shorter pass, not the model's output."""
+    inner = hf_model(model).model
+    full = inner.layers
+    inner.layers = torch.nn.ModuleList(list(full)[start:stop])
+    try:
+        yield
+    finally:
+        inner.layers = full
 
 
 def load_tokenizer(name: str = DEFAULT_MODEL) -> Any:

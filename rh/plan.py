@@ -251,13 +251,9 @@ class PlanContext:
         """``validation``: the 20% side of the sweep on the profile's CA tasks."""
         return [p for p in self.split(self.sweep_prompts)[1] if p.task in self.profile.tasks]
 
-    def fresh(self, per_depth: int, seed_offset: int, tasks: Sequence[str] | None = None) -> list[PlannedPrompt]:
-        """Fresh prompts as the catalogue draws them: the sweep at ``lengths[0]`` with ``per_depth``
-        prompts per depth and task, seeded ``sample_seed + seed_offset``."""
-        prof = self.profile
-        sweep = dataclasses.replace(prof.sweep(), lengths=prof.lengths[:1], tasks=tuple(tasks or prof.tasks),
-                                    n_per_setting=per_depth, seed=prof.sample_seed + seed_offset)
-        return self.prompts(sweep)
+    def fresh(self, per_depth: int, stream: str, tasks: Sequence[str] | None = None) -> list[PlannedPrompt]:
+        """Fresh prompts as the catalogue draws them (:meth:`rh.profiles.Profile.fresh_sweep`)."""
+        return self.prompts(self.profile.fresh_sweep(stream, per_depth, tasks))
 
     # ---------------------------------------------------------------- the ranking cache
 
@@ -462,7 +458,7 @@ def _ca1(ctx):
 
 
 def _keep_prompts(ctx):
-    return ctx.fresh(ctx.profile.inverse_n, 4_000_037)
+    return ctx.fresh(ctx.profile.inverse_n, "inverse")
 
 
 def _keep_baseline(ctx):
@@ -482,10 +478,8 @@ def _ca8(ctx):
 
 
 def _ca7(ctx):
-    from rh.field import DISTRACTOR_SEED_OFFSET
-
     p = ctx.profile
-    fresh = ctx.fresh(p.distractor_n, DISTRACTOR_SEED_OFFSET)  # the same lengths and 4-digit answers as passkey
+    fresh = ctx.fresh(p.distractor_n, "distractor")  # the same lengths and 4-digit answers as passkey
     return [forward_cost("ca7_verdicts", ["baseline"], fresh, ctx),
             forward_cost("ca7_verdicts", [f"top{p.id_k}", f"random{p.id_k} x{p.random_draws}"], fresh, ctx,
                          n_conditions=1 + p.random_draws, savings=f"{_PREFIX}; {_EARLY}")]
@@ -515,7 +509,7 @@ def _method_scores(ctx):
 
 def _task_validation(ctx) -> list[list[PlannedPrompt]]:
     p = ctx.profile
-    fresh = ctx.fresh(p.task_n, 5_000_011, p.id_tasks)
+    fresh = ctx.fresh(p.task_n, "tasks", p.id_tasks)
     return [[x for x in fresh if x.task == t] for t in p.id_tasks]
 
 
@@ -530,14 +524,14 @@ def _ca4(ctx):
 
 def _ca6(ctx):
     p = ctx.profile
-    fresh = ctx.fresh(p.depth_n, 1_000_003)
+    fresh = ctx.fresh(p.depth_n, "depth")
     groups = [[x for x in fresh if x.depth == d] for d in p.depths]
     return [forward_cost("ca6_verdicts", ["baseline"], groups, ctx),
             forward_cost("ca6_verdicts", [f"top{p.id_k}"], groups, ctx, savings=_PREFIX)]
 
 
 def _iv_prompts(ctx):
-    return ctx.fresh(ctx.profile.iv_n, 2_000_003)
+    return ctx.fresh(ctx.profile.iv_n, "interventions")
 
 
 def _iv_baseline(ctx):
@@ -631,7 +625,7 @@ def _iv4_body(ctx):
 
 
 def _iv5_body(ctx):
-    return forward_cost("IV-5 body", ["residual stream"], ctx.fresh(ctx.profile.probe_n, 3_000_017), ctx,
+    return forward_cost("IV-5 body", ["residual stream"], ctx.fresh(ctx.profile.probe_n, "probes"), ctx,
                         answer=False)
 
 

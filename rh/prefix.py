@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from rh.budget import note_saved
-from rh.models import hf_model
+from rh.models import decoder_layers, hf_model, layer_slice
 
 DEFAULT_MAX_BYTES = int(float(os.environ.get("RH_PREFIX_CACHE_MB", "2048")) * 2**20)
 
@@ -82,12 +82,6 @@ def _global_hooks() -> bool:
         "_global_backward_pre_hooks", "_global_forward_hooks_always_called"))
 
 
-def _layers(hf: Any) -> list[torch.nn.Module]:
-    inner = getattr(hf, "model", hf)
-    layers = getattr(inner, "layers", None)
-    return list(layers) if layers is not None else []
-
-
 def first_modified_layer(model: Any) -> int:
     """The first decoder layer whose computation something changes right now (a hook, an rh
     attention intervention); the number of layers when nothing does; 0 when the change could reach
@@ -97,7 +91,7 @@ def first_modified_layer(model: Any) -> int:
 
     hf = hf_model(model)
     inner = getattr(hf, "model", None)
-    layers = _layers(hf)
+    layers = decoder_layers(hf, missing_ok=True)
     if inner is None or not layers or _global_hooks() or capturing(hf):
         return 0
     embed, rotary = getattr(inner, "embed_tokens", None), getattr(inner, "rotary_emb", None)
@@ -116,7 +110,7 @@ def _signature(hf: Any, upto: int) -> tuple:
     """What computed the stream entering layer ``upto``: every parameter and buffer of the
     embedding and of layers 0..upto-1, by identity and version counter (in-place edits bump it)."""
     inner = hf.model
-    mods = [inner.embed_tokens, inner.rotary_emb, *_layers(hf)[:upto]]
+    mods = [inner.embed_tokens, inner.rotary_emb, *decoder_layers(hf, missing_ok=True)[:upto]]
     sig = []
     for m in mods:
         sig.append(id(m))
@@ -263,13 +257,13 @@ def forward(model: Any, inputs: Mapping[str, torch.Tensor], **kwargs: Any) -> An
     if first == 0:
         cache.misses += 1
         return hf(**inputs, **kwargs)
-    n_layers = len(_layers(hf))
+    n_layers = len(decoder_layers(hf, missing_ok=True))
     key = _batch_key(hf, inputs)
     found = cache.best(key, first if first < n_layers else n_layers - 1, hf)
     start = found[0] if found else 0
     keep = {layer for layer in cache.hinted() | ({first} if first < n_layers else set()) if start < layer <= first
             and layer < n_layers and (key, layer) not in cache.entries}
-    layers = _layers(hf)
+    layers = decoder_layers(hf, missing_ok=True)
     stored: dict[int, torch.Tensor] = {}
     handles = []
 
@@ -298,22 +292,6 @@ def forward(model: Any, inputs: Mapping[str, torch.Tensor], **kwargs: Any) -> An
     for layer, state in stored.items():
         cache.put(key, layer, state, _signature(hf, layer))
     return out
-
-
-@contextlib.contextmanager
-def layer_slice(model: Any, start: int = 0, stop: int | None = None) -> Iterator[None]:
-    """Within the block, the model's forward runs decoder layers ``start..stop-1`` only (the
-    modules themselves, hooks and all); the full layer list is back in ``finally``. Callers give
-    the first layer its input (:func:`forward`) or read only what layers before ``stop`` compute
-    (``rh.attention.capture_attention(..., through_layer=)``): a shorter pass, not the model's output."""
-    hf = hf_model(model)
-    inner = hf.model
-    full = inner.layers
-    inner.layers = torch.nn.ModuleList(list(full)[start:stop])
-    try:
-        yield
-    finally:
-        inner.layers = full
 
 
 def _run_from(hf: Any, start: int, state: torch.Tensor, inputs: Mapping[str, torch.Tensor], kwargs: dict) -> Any:

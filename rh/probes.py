@@ -28,8 +28,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from rh.ablation import decoder_layers
-from rh.models import LoadedModel, hf_model
+from rh.models import LoadedModel, decoder_layers, hf_model
+from rh.recording import recording, resid_post, resid_pre
 from rh.niah import Sample
 from rh.stats import Verdict, holm, min_attainable_p_binomial
 
@@ -58,8 +58,7 @@ def last_token_residuals(model: LoadedModel, samples: Sequence[Sample], *, batch
     samples = list(samples)
     if not samples:
         raise ValueError("last_token_residuals: samples is empty; pass at least one Sample")
-    layers = decoder_layers(model)
-    n_layers = len(layers)
+    n_layers = len(decoder_layers(model))
     hidden = int(hf_model(model).config.hidden_size)
     out = np.zeros((len(samples), n_layers + 1, hidden), dtype=np.float32)
     # rows of a batch back to positions in `samples` (make_batches reorders by length)
@@ -67,34 +66,18 @@ def last_token_residuals(model: LoadedModel, samples: Sequence[Sample], *, batch
     for i, s in enumerate(samples):
         slots.setdefault(id(s), []).append(i)
 
-    seen: dict[int, torch.Tensor] = {}
-
-    def pre_hook(mod, args, kwargs):
-        x = args[0] if args else kwargs["hidden_states"]
-        seen[0] = x[:, -1].detach().float().cpu()
-
-    def post_hook(idx):
-        def hook(mod, args, output):
-            x = output[0] if isinstance(output, (tuple, list)) else output
-            seen[idx] = x[:, -1].detach().float().cpu()
-        return hook
-
-    handles = [layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)]
-    handles += [layer.register_forward_hook(post_hook(l + 1)) for l, layer in enumerate(layers)]
+    sites = [resid_pre(0), *(resid_post(layer) for layer in range(n_layers))]  # index i: the input of layer i
     n_batches = math.ceil(len(samples) / batch_size)
-    try:
-        bar = tqdm(make_batches(samples, batch_size, model.tokenizer.pad_token_id), total=n_batches,
-                   desc="residuals", unit="batch", disable=not progress, leave=False)
+    bar = tqdm(make_batches(samples, batch_size, model.tokenizer.pad_token_id), total=n_batches,
+               desc="residuals", unit="batch", disable=not progress, leave=False)
+    with recording(model, sites, keep=lambda x: x[:, -1].float().cpu()) as seen:
         for batch in bar:
             seen.clear()
             with torch.no_grad():
                 hf_model(model)(**batch.model_inputs(model.device), logits_to_keep=1, use_cache=False)
-            stack = torch.stack([seen[i] for i in range(n_layers + 1)], dim=1).numpy()  # [b, n_layers+1, hidden]
+            stack = torch.stack([seen[s] for s in sites], dim=1).numpy()  # [b, n_layers+1, hidden]
             for row, s in enumerate(batch.samples):
                 out[slots[id(s)].pop(0)] = stack[row]
-    finally:
-        for h in handles:
-            h.remove()
     return out
 
 
@@ -196,7 +179,8 @@ def layer_probes(features: Any, labels: Any, *, folds: int = 5, seed: int = 0, C
 # ---------------------------------------------------------------------------- verdict
 
 
-def _layers_of(critical_layers: Any) -> list[int]:
+def layer_indices(critical_layers: Any) -> list[int]:
+    """Layer indices of ``critical_layers``: layer numbers or the critical Heads themselves."""
     out = []
     for x in critical_layers:
         layer = getattr(x, "layer", x)  # a Head or a layer index
@@ -236,7 +220,7 @@ def decodable_after_heads(df: pd.DataFrame, critical_layers: Sequence[int], *, a
         raise ValueError(f"decodable_after_heads: df's layer column must be 0..{len(df) - 1} once each, got "
                          f"{idx.tolist()}")
     n_layers = len(df) - 1
-    crit = sorted(set(_layers_of(critical_layers)))
+    crit = sorted(set(layer_indices(critical_layers)))
     if not crit:
         raise ValueError("decodable_after_heads: critical_layers is empty; pass the layers of the critical heads")
     bad = [c for c in crit if not 0 <= c < n_layers]
@@ -295,36 +279,3 @@ def decodable_after_heads(df: pd.DataFrame, critical_layers: Sequence[int], *, a
                    min_effect=0.0, power={"support": None, "support_at": None, "refute": None, "refute_at": None,
                                           "method": "none", "note": "the onset of Holm-significant decoding; both "
                                           "outcomes need a significant probe"})
-
-
-# ---------------------------------------------------------------------------- figure
-
-
-def probe_figure(df: pd.DataFrame, critical_layers: Sequence[int], *, alpha: float = 0.05,
-                 title: str = "IV-5: linear decodability of the answer") -> bytes:
-    """Probe accuracy per residual index with the chance line, a dotted line at index L + 1 for every
-    critical head's layer L, and the onset (first Holm-significant index) marked. PNG bytes."""
-    from rh.plots import _png, plt
-
-    df = df.sort_values("layer")
-    crit = sorted(set(_layers_of(critical_layers)))
-    x = df["layer"].to_numpy(int)
-    acc = df["accuracy"].to_numpy(float)
-    fig, ax = plt.subplots(figsize=(6.0, 3.6))
-    ax.plot(x, acc, "o-", color="tab:blue", ms=4, label="probe accuracy (cross-validated)")
-    ax.axhline(float(df["chance"].iloc[0]), color="0.5", ls="--", lw=1, label="chance (majority class)")
-    for i, c in enumerate(crit):
-        ax.axvline(c + 1, color="tab:red", ls=":", lw=1.2, label="critical head writes (L+1)" if i == 0 else None)
-    p = df["p_value"].to_numpy(float)
-    if np.isfinite(acc).any():
-        p_adj = np.array(holm(p.tolist()))
-        sig = np.flatnonzero(p_adj < alpha)
-        if len(sig):
-            o = int(x[sig[0]])
-            ax.plot([o], [acc[sig[0]]], "*", color="tab:green", ms=14, label=f"onset (index {o})")
-    ax.set_xlabel("residual index (0 = embeddings, l+1 = after layer l)")
-    ax.set_ylabel("accuracy on the first answer token")
-    ax.set_ylim(-0.05, 1.05)
-    ax.legend(frameon=False, fontsize=7, loc="upper left")
-    ax.set_title(title)
-    return _png(fig)

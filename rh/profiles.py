@@ -5,13 +5,15 @@ counts differ by 20x between SmolLM2 (270) and Llama-3.3-70B (5120)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from collections.abc import Sequence
 from typing import Any
 
 from rh.heads import HeadShape
 from rh.niah import Sweep
+from rh.seeds import prompt_seed
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Profile:
     name: str
     lengths: tuple[int, ...]
@@ -85,6 +87,13 @@ class Profile:
         tasks = tuple(dict.fromkeys((*self.tasks, *self.id_tasks)))
         return Sweep(self.lengths, self.depths, self.n_per_setting, tasks, self.sample_seed)
 
+    def fresh_sweep(self, stream: str, per_depth: int, tasks: Sequence[str] | None = None) -> Sweep:
+        """A claim's fresh prompts: the sweep at the first length, ``per_depth`` prompts per depth and
+        task (default: CA-1's ``tasks``), seeded by the prompt stream ``stream``
+        (:data:`rh.seeds.PROMPT_STREAMS`), so that no identification prompt is among them."""
+        return replace(self.sweep(), lengths=self.lengths[:1], tasks=tuple(tasks or self.tasks),
+                       n_per_setting=per_depth, seed=prompt_seed(self.sample_seed, stream))
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -95,24 +104,30 @@ _DEPTHS_11 = tuple(round(i / 10, 1) for i in range(11))
 # (quick, full) per size class, keyed by the model's total number of query heads.
 _TABLE: dict[str, tuple[Profile, Profile]] = {
     "tiny": (  # random test models (< 100 heads)
-        Profile("quick", (128,), (0.0, 0.5, 1.0), 4, (2, 4), 49, batch_size=16, id_tasks=("passkey", "inc_year"),
-                id_k=4, general_k=8, stability_length=160, inverse_levels=(2, 4), depth_n=4, iv_n=4, probe_n=8,
-                ig_n=5, ig_steps=16, dose_levels=(1, 2, 4), inverse_n=4, distractor_n=4, distractor_needles=2, content_free_n=16,
+        Profile(name="quick", lengths=(128,), depths=(0.0, 0.5, 1.0), n_per_setting=4, ablation_levels=(2, 4),
+                random_draws=49, batch_size=16, id_tasks=("passkey", "inc_year"), id_k=4, general_k=8,
+                stability_length=160, inverse_levels=(2, 4), depth_n=4, iv_n=4, probe_n=8, ig_n=5, ig_steps=16,
+                dose_levels=(1, 2, 4), inverse_n=4, distractor_n=4, distractor_needles=2, content_free_n=16,
                 content_free_len=16, uncertainty_boot=100),
-        Profile("full", (128, 256), _DEPTHS_5, 8, (2, 4, 8), 79, batch_size=16, id_k=4, general_k=8,
-                stability_length=384, inverse_levels=(2, 4, 8), depth_n=8, iv_n=8, probe_n=16, dose_levels=(1, 2, 4, 8)),
+        Profile(name="full", lengths=(128, 256), depths=_DEPTHS_5, n_per_setting=8, ablation_levels=(2, 4, 8),
+                random_draws=79, batch_size=16, id_k=4, general_k=8, stability_length=384, inverse_levels=(2, 4, 8),
+                depth_n=8, iv_n=8, probe_n=16, dose_levels=(1, 2, 4, 8)),
     ),
     "small": (  # SmolLM2-135M (270 heads)
-        Profile("quick", (512,), _DEPTHS_5, 16, (10, 20), 49, depth_n=40, task_n=8),
-        Profile("full", (512, 1024, 2048), _DEPTHS_11, 20, (5, 10, 20, 30, 40, 50), 199, stability_length=2048,
-                depth_n=32, iv_n=20, probe_n=40, ig_n=32, ig_steps=64, dose_levels=(5, 10, 20, 30, 40, 50)),
+        Profile(name="quick", lengths=(512,), depths=_DEPTHS_5, n_per_setting=16, ablation_levels=(10, 20),
+                random_draws=49, depth_n=40, task_n=8),
+        Profile(name="full", lengths=(512, 1024, 2048), depths=_DEPTHS_11, n_per_setting=20,
+                ablation_levels=(5, 10, 20, 30, 40, 50), random_draws=199, stability_length=2048, depth_n=32, iv_n=20,
+                probe_n=40, ig_n=32, ig_steps=64, dose_levels=(5, 10, 20, 30, 40, 50)),
     ),
     "large": (  # Llama-3-8B (1024), Llama-3.3-70B (5120)
-        Profile("quick", (2048,), _DEPTHS_5, 8, (10, 20, 50), 79, batch_size=4, id_k=20, general_k=50,
-                stability_length=4096, inverse_levels=(50, 200, 500), dose_levels=(10, 20, 50, 100)),
-        Profile("full", (2048, 4096, 8192), _DEPTHS_11, 10, (5, 10, 20, 30, 40, 50, 100), 199, batch_size=2,
-                id_k=20, general_k=50, stability_length=16384, inverse_levels=(50, 200, 500, 1000), depth_n=16,
-                iv_n=20, probe_n=40, ig_n=32, ig_steps=64, dose_levels=(5, 10, 20, 50, 100)),
+        Profile(name="quick", lengths=(2048,), depths=_DEPTHS_5, n_per_setting=8, ablation_levels=(10, 20, 50),
+                random_draws=79, batch_size=4, id_k=20, general_k=50, stability_length=4096,
+                inverse_levels=(50, 200, 500), dose_levels=(10, 20, 50, 100)),
+        Profile(name="full", lengths=(2048, 4096, 8192), depths=_DEPTHS_11, n_per_setting=10,
+                ablation_levels=(5, 10, 20, 30, 40, 50, 100), random_draws=199, batch_size=2, id_k=20, general_k=50,
+                stability_length=16384, inverse_levels=(50, 200, 500, 1000), depth_n=16, iv_n=20, probe_n=40, ig_n=32,
+                ig_steps=64, dose_levels=(5, 10, 20, 50, 100)),
     ),
 }
 

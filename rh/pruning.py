@@ -32,10 +32,10 @@ from typing import Any
 import pandas as pd
 import torch
 
-from rh.ablation import active_ablations, attention_modules
+from rh.ablation import active_ablations
 from rh.attention import install_rh_attention, interventions
 from rh.heads import Head, HeadShape, validate_heads
-from rh.models import LoadedModel, hf_model
+from rh.models import LoadedModel, attention_modules, hf_model
 
 log = logging.getLogger(__name__)
 

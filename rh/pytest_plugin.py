@@ -826,8 +826,7 @@ def _write_report(config: pytest.Config, state: RhSession) -> tuple[Path, Path]:
     import transformers
 
     import rh
-    from rh.plots import report_figures
-    from rh.report import report_stem, write_report
+    from rh.report import report_figures, report_stem, write_report
 
     finished = datetime.now(timezone.utc)
     meta = dict(state.meta)
@@ -841,9 +840,6 @@ def _write_report(config: pytest.Config, state: RhSession) -> tuple[Path, Path]:
         "platform": platform.platform(), "hardware": _hardware(),
     })
     figures = report_figures(state.verdicts, meta)
-    from rh.plots_field import field_figures
-
-    figures.update(field_figures(state.verdicts, meta))
     stem = report_stem(config.getoption("--model"), state.started)
     return write_report(state.verdicts, meta, report_dir(config), stem, figures)
 

@@ -18,6 +18,8 @@ from typing import Any, NamedTuple
 import numpy as np
 from scipy import stats as _sps
 
+from rh.io import jsonable
+
 __all__ = [
     "STATUSES",
     "SignTestResult",
@@ -47,6 +49,7 @@ __all__ = [
     "non_inferiority",
     "trend_test",
     "fraction_ci",
+    "proportion_ci",
     "bootstrap_fraction_ci",
     "ratio_test_greater",
     "min_attainable_p_binomial",
@@ -55,6 +58,7 @@ __all__ = [
     "min_attainable_p_kendall",
     "min_attainable_p_page",
     "min_attainable_p_headset",
+    "format_power",
 ]
 
 STATUSES: tuple[str, ...] = ("supported", "refuted", "inconclusive")
@@ -126,31 +130,8 @@ class RatioTestResult(NamedTuple):
 
 
 # --------------------------------------------------------------------------------------------
-# JSON helpers
+# Formatting helpers
 # --------------------------------------------------------------------------------------------
-
-
-def _jsonable(x: Any) -> Any:
-    """Convert ``x`` to plain JSON types: numpy scalars/arrays to Python, tuples to lists, non-finite floats to None."""
-    if x is None or isinstance(x, (str, bool)):
-        return x
-    if isinstance(x, np.bool_):
-        return bool(x)
-    if isinstance(x, (int, np.integer)):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        x = float(x)
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return [_jsonable(v) for v in x.tolist()]
-    raise TypeError(
-        f"cannot convert {type(x).__name__} value {x!r} to JSON; "
-        "store numbers, strings, lists or dicts in a Verdict"
-    )
 
 
 def _opt_float(x: Any) -> float | None:
@@ -158,7 +139,7 @@ def _opt_float(x: Any) -> float | None:
     return None if x is None else float(x)
 
 
-def _fmt_power(power: dict | None) -> str:
+def format_power(power: dict | None) -> str:
     """``support 0.83 at 0.1, refute 0.91 at 0`` (or the reason power is not stated)."""
     if not power:
         return "n/a"
@@ -260,13 +241,13 @@ class Verdict:
             f"n:         {self.n}",
             f"alpha:     {self.alpha:g}",
             f"min effect: {_fmt(self.min_effect)}",
-            f"power:     {_fmt_power(self.power)}",
+            f"power:     {format_power(self.power)}",
         ]
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
         """A JSON-serialisable dict: tuples become lists, numpy scalars Python numbers, NaN/inf None."""
-        return {f.name: _jsonable(getattr(self, f.name)) for f in fields(self)}
+        return {f.name: jsonable(getattr(self, f.name), strict=True) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, d: dict) -> Verdict:
@@ -1116,8 +1097,29 @@ def fraction_ci(flags: Any, *, level: float = 0.95, method: str = "wilson") -> F
     if method not in ("wilson", "wilsoncc", "exact"):
         raise ValueError(f"{fn}: method {method!r} is not one of 'wilson', 'wilsoncc', 'exact'")
     k, n = int(a.astype(bool).sum()), int(a.shape[0])
-    ci = _sps.binomtest(k, n).proportion_ci(confidence_level=level, method=method)
-    return FractionResult(k / n, (float(ci.low), float(ci.high)))
+    return FractionResult(k / n, proportion_ci(k, n, level=level, method=method))
+
+
+def proportion_ci(successes: int, n: int, *, level: float = 0.95, method: str = "wilson") -> tuple[float, float]:
+    """Two-sided ``level`` confidence interval of the proportion ``successes / n``
+    (``scipy.stats.binomtest(...).proportion_ci``); ``(nan, nan)`` when ``n == 0``.
+
+    ``method`` is ``"wilson"`` (default; sensible at 0/n and n/n, where the normal interval is
+    not), ``"wilsoncc"`` (with continuity correction) or ``"exact"`` (Clopper-Pearson,
+    conservative). ``successes`` and ``n`` are integers with ``0 <= successes <= n``.
+    """
+    fn = "proportion_ci"
+    n = _check_count(n, "n", fn)
+    successes = _check_count(successes, "successes", fn)
+    if successes > n:
+        raise ValueError(f"{fn}: successes must be at most n, got {successes} of {n}")
+    level = _check_level(level, fn)
+    if method not in ("wilson", "wilsoncc", "exact"):
+        raise ValueError(f"{fn}: method {method!r} is not one of 'wilson', 'wilsoncc', 'exact'")
+    if n == 0:
+        return (float("nan"), float("nan"))
+    ci = _sps.binomtest(successes, n).proportion_ci(confidence_level=level, method=method)
+    return (float(ci.low), float(ci.high))
 
 
 def bootstrap_fraction_ci(

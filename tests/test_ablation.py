@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rh.ablation import ablate, attention_modules
+from rh.ablation import ablate
+from rh.models import attention_modules
 from rh.heads import Head
 
 pytestmark = pytest.mark.unit

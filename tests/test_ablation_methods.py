@@ -15,13 +15,13 @@ from rh.ablation import (
     ablate,
     ablation_conditions,
     active_ablations,
-    attention_modules,
     head_means,
     uniform_attention,
 )
 from rh.attention import capture_attention, interventions
 from rh.evaluate import teacher_forced
 from rh.heads import Head
+from rh.models import attention_modules
 
 pytestmark = pytest.mark.unit
 

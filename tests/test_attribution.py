@@ -11,12 +11,12 @@ import torch
 
 from rh.attribution import (
     attribution_concentrates,
-    attribution_figure,
     integrated_gradients,
     needle_mass_ratio,
     target_value,
 )
 from rh.heads import Head
+from rh.report import attribution_figure
 
 pytestmark = pytest.mark.unit
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rh.ablation import decoder_layers
+from rh.models import decoder_layers
 from rh.budget import TokenLayerCounter, calibrate, plan_budget
 
 pytestmark = pytest.mark.unit

@@ -1,4 +1,4 @@
-"""Unit tests of rh.compare: the multi-run comparison page and ``python -m rh report``."""
+"""Unit tests of rh.report.compare: the multi-run comparison page and ``python -m rh report``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rh.compare import compare_reports, default_output, load_report, main_report, write_comparison
+from rh.report import compare_reports, default_output, load_report, main_report, write_comparison
 
 pytestmark = pytest.mark.unit
 

@@ -9,7 +9,8 @@ import contextlib
 import pytest
 import torch
 
-from rh.ablation import ablate, attention_modules
+from rh.ablation import ablate
+from rh.models import attention_modules
 from rh.attention import capture_attention, interventions
 from rh.compression import _Window, active_restrictions, kv_cache_bytes, restrict_window
 from rh.heads import Head, HeadShape

@@ -6,10 +6,11 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from rh.causal import hash_seed, selection_conditions
+from rh.causal import selection_conditions
+from rh.seeds import derive_seed
 from rh.heads import Head, random_heads
-from rh.plots_ablation import curve_frame
 from rh.rankings import Ranking
+from rh.report import curve_frame
 
 pytestmark = pytest.mark.unit
 
@@ -36,7 +37,7 @@ def test_names_and_heads(tiny, ranking):
     for k in (2, 4):
         top = set(opened[f"top{k}"])
         for d in range(2):  # the draws necessity_outcomes makes for the same seed
-            expect = random_heads(tiny.shape, k, exclude=sorted(top), seed=hash_seed(7, k, d))
+            expect = random_heads(tiny.shape, k, exclude=sorted(top), seed=derive_seed(7, k, d))
             assert sorted(opened[f"random{k}#{d}"]) == sorted(expect)
             assert not top & set(opened[f"random{k}#{d}"])
     frame = curve_frame(pd.DataFrame({"condition": list(conds)}))  # the ablation curve reads these names

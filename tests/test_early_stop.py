@@ -10,9 +10,11 @@ import pandas as pd
 import pytest
 
 import rh.causal as causal
-from rh.causal import necessity_outcomes, necessity_verdicts, needed_items, side_decided
+from rh.causal import necessity_outcomes, necessity_verdicts, needed_items
+from rh.rules.claims import side_decided
 from rh.heads import HeadShape
 from rh.rankings import Ranking
+from rh.seeds import derive_seed
 
 pytestmark = pytest.mark.unit
 
@@ -71,7 +73,7 @@ def table(monkeypatch):
         base = (rng.random(n) < 0.95).astype(float)
         outcomes = {frozenset(): base, frozenset(ranking.top(3)): ((rng.random(n) < top_acc) * base)}
         for d in range(draws):
-            heads = frozenset(ranking.random_outside_top(3, seed=causal.hash_seed(0, 3, d)))
+            heads = frozenset(ranking.random_outside_top(3, seed=derive_seed(0, 3, d)))
             outcomes[heads] = (rng.random(n) < rand_acc) * base
         model = _TableModel(shape, outcomes)
 

@@ -75,7 +75,7 @@ def test_batch_size_does_not_change_outcomes(tiny, tiny_samples):
 
 import pandas as pd  # noqa: E402
 
-from rh.evaluate import accuracy_table, evaluate_conditions, generated, score_reply, wilson_interval  # noqa: E402
+from rh.evaluate import accuracy_table, evaluate_conditions, generated, score_reply  # noqa: E402
 
 
 @pytest.mark.parametrize("answer, text, exact, contains, r1", [
@@ -131,13 +131,12 @@ def test_accuracy_table_groups_with_wilson_intervals():
     lp = accuracy_table(df, by="condition", metric="logprob").iloc[0]  # continuous: normal interval
     se = pd.Series([-1.0, -2.0, -3.0, -4.0]).std() / 2
     assert (lp["ci_low"], lp["ci_high"]) == pytest.approx((-2.5 - 1.959964 * se, -2.5 + 1.959964 * se), abs=1e-5)
-    assert wilson_interval(0, 0) != wilson_interval(0, 0)  # NaN for no data
     with pytest.raises(ValueError, match="not in the results"):
         accuracy_table(df, by="length")
 
 
 def test_ablation_figures_are_pngs():
-    from rh.plots_ablation import ablation_curve, curve_frame, depth_accuracy_chart
+    from rh.report import accuracy_vs_k_curve, curve_frame, depth_accuracy_chart
 
     rows = []
     for cond in ["baseline", "top5", "top10", "random5#0", "random5#1", "random10#0", "random10#1"]:
@@ -148,7 +147,7 @@ def test_ablation_figures_are_pngs():
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     frame = curve_frame(df)
     assert frame.loc[frame.condition == "random10#1", ["selection", "k", "draw"]].iloc[0].tolist() == ["random", 10, 1]
-    assert ablation_curve(frame)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert accuracy_vs_k_curve(frame)[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="not 'baseline'"):
         curve_frame(pd.DataFrame({"condition": ["zero"]}))
     with pytest.raises(ValueError, match="conditions \\['query'\\]"):

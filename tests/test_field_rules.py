@@ -156,8 +156,7 @@ def test_method_agreement_of_a_method_with_its_own_noisy_copy_is_supported():
 def test_every_field_figure_draws_from_the_rules_verdicts_and_the_report_names_the_core():
     """The figures read the details the rules write (a renamed key would blank a figure silently)."""
     from rh.heads import HeadShape
-    from rh.plots_field import field_figures
-    from rh.report import provenance
+    from rh.report import field_figures, provenance
     from rh.scoring import SampleScores
     from rh.uncertainty import ranking_uncertainty
 

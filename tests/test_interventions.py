@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from rh.ablation import attention_modules
+from rh.models import attention_modules
 from rh.batching import make_batches, running
 from rh.heads import Head
 from rh.interventions import (
@@ -377,7 +377,7 @@ def test_strata_rule_on_planted_outcomes():
 
 
 def test_intervention_figures_render_from_verdict_details():
-    from rh.plots_interventions import intervention_figures
+    from rh.report import intervention_figures
 
     iv1 = [{"claim": "IV-1", "params": {"n_heads": n}, "n": 80,
             "details": {"baseline_accuracy": 1.0, "ablated_accuracy": a, "min_drop": 0.1}}

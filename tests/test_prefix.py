@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from rh.ablation import ablate, decoder_layers
+from rh.ablation import ablate
+from rh.models import decoder_layers
 from rh.budget import TokenLayerCounter
 from rh.evaluate import teacher_forced
 from rh.heads import Head

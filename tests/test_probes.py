@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from rh.probes import answer_labels, decodable_after_heads, last_token_residuals, layer_probes, probe_figure
+from rh.probes import answer_labels, decodable_after_heads, last_token_residuals, layer_probes
+from rh.report import probe_figure
 
 pytestmark = pytest.mark.unit
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rh.ablation import ablate, attention_modules
+from rh.ablation import ablate
+from rh.models import attention_modules
 from rh.attention import capture_attention
 from rh.heads import Head
 from rh.pruning import efficiency_report, model_costs, plan_pruning, prune_heads

@@ -1,4 +1,4 @@
-"""Unit tests of rh.report: JSON/HTML contents, escaping, redaction, embedding, file safety."""
+"""Unit tests of rh.report (rh.report.html): JSON/HTML contents, escaping, redaction, embedding, file safety."""
 
 from __future__ import annotations
 

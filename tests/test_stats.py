@@ -33,6 +33,7 @@ from rh.stats import (
     min_attainable_p_wilcoxon,
     non_inferiority,
     paired_bootstrap_ci,
+    proportion_ci,
     ratio_test_greater,
     sign_test_greater,
     spearman_ci,
@@ -737,6 +738,64 @@ def test_fraction_ci_matches_hand_wilson_and_clopper_pearson():
         fraction_ci([0, 1], method="wald")
     with pytest.raises(ValueError, match="non-empty"):
         fraction_ci([])
+
+
+def wilson_by_hand(k: int, n: int, level: float) -> tuple[float, float]:
+    """The Wilson score interval written out (rh.evaluate's former wilson_interval), clamped to [0, 1]."""
+    z = float(sps.norm.ppf(0.5 + level / 2))
+    p = k / n
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half)))
+
+
+@pytest.mark.parametrize("level", [0.5, 0.8, 0.9, 0.95, 0.99, 0.999])
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 10, 17, 40, 100, 1000])
+def test_proportion_ci_is_the_wilson_interval(n, level):
+    for k in sorted({0, 1, n // 3, n // 2, n - 1, n}):
+        lo, hi = proportion_ci(k, n, level=level)
+        assert (lo, hi) == pytest.approx(wilson_by_hand(k, n, level), rel=1e-12, abs=1e-14), (k, n, level)
+        assert 0.0 <= lo <= k / n <= hi <= 1.0
+        assert type(lo) is float and type(hi) is float
+    assert proportion_ci(0, n, level=level)[0] == 0.0 and proportion_ci(n, n, level=level)[1] == 1.0
+
+
+def test_proportion_ci_published_values_methods_and_fraction_ci():
+    # published Wilson 95% intervals: 3/4 -> (0.3006, 0.9544), 0/4 -> (0, 0.4899)
+    assert proportion_ci(3, 4) == pytest.approx((0.3006, 0.9544), abs=1e-4)
+    assert proportion_ci(0, 4) == pytest.approx((0.0, 0.4899), abs=1e-4)
+    lo, hi = proportion_ci(7, 40, level=0.9, method="exact")  # Clopper-Pearson from the beta quantiles
+    assert lo == pytest.approx(sps.beta.ppf(0.05, 7, 34)) and hi == pytest.approx(sps.beta.ppf(0.95, 8, 33))
+    lo_cc, hi_cc = proportion_ci(7, 40, method="wilsoncc")
+    lo_w, hi_w = proportion_ci(7, 40)
+    assert lo_cc < lo_w and hi_cc > hi_w  # the continuity correction widens the interval
+    assert proportion_ci(np.int64(2), np.int64(5)) == proportion_ci(2, 5)
+    flags = [1, 0, 0, 1, 1, 0, 0]
+    assert fraction_ci(flags, level=0.9, method="wilsoncc") == (3 / 7, proportion_ci(3, 7, level=0.9, method="wilsoncc"))
+
+
+def test_proportion_ci_is_nan_without_data_and_refuses_bad_input():
+    lo, hi = proportion_ci(0, 0)
+    assert math.isnan(lo) and math.isnan(hi)
+    with pytest.raises(ValueError, match="at most n"):
+        proportion_ci(5, 4)
+    with pytest.raises(ValueError, match="successes must be an integer >= 0"):
+        proportion_ci(-1, 4)
+    with pytest.raises(ValueError, match="successes must be an integer"):
+        proportion_ci(1.5, 4)
+    with pytest.raises(ValueError, match="successes must be an integer"):
+        proportion_ci(True, 4)
+    with pytest.raises(ValueError, match="n must be an integer >= 0"):
+        proportion_ci(0, -1)
+    with pytest.raises(ValueError, match="n must be an integer"):
+        proportion_ci(1, 4.0)
+    with pytest.raises(ValueError, match="level must lie in"):
+        proportion_ci(1, 4, level=1.0)
+    with pytest.raises(ValueError, match="level must lie in"):
+        proportion_ci(1, 4, level=95)
+    with pytest.raises(ValueError, match="method 'wald'"):
+        proportion_ci(1, 4, method="wald")
 
 
 def test_bootstrap_fraction_ci_resamples_samples():

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy import stats as _sps
 
+from rh.seeds import derive_seed
 from rh.rules.core import Bounds, Power, decide_bounds, holm_pairs, t_power, t_test, three_way
 from rh.rules.paired import FLIP_RATE, paired_ci, paired_family, paired_p, paired_power, rule_power
 from rh.stats import (
@@ -62,12 +63,22 @@ def paired_draws(n: int, draws: int) -> np.ndarray:
     return np.arange(n) % draws
 
 
+def side_decided(correct: float, remaining: int, top_correct: float) -> bool | None:
+    """Whether a random K-set's drop is at least the top K's (``True``), below it (``False``), or not
+    yet known (``None``) with ``correct`` items right so far and ``remaining`` still to evaluate, on
+    the same n items as the top K's ``top_correct``: the head-set null's indicator, decided as soon
+    as no outcome of the remaining items can change it."""
+    if correct > top_correct:
+        return False
+    if correct + remaining <= top_correct:
+        return True
+    return None
+
+
 def _at_least_top(random_correct: np.ndarray, top_correct: np.ndarray) -> np.ndarray:
     """Per random draw, whether its accuracy drop is at least the top K's (the head-set null's
     count, ties included) on the same items; decided from the evaluated items where early stopping
-    left some out (:func:`rh.causal.side_decided`): a draw whose indicator is still open is refused."""
-    from rh.causal import side_decided
-
+    left some out (:func:`side_decided`): a draw whose indicator is still open is refused."""
     top = float(np.sum(top_correct))
     out = []
     for d, row in enumerate(np.asarray(random_correct, float)):
@@ -94,8 +105,6 @@ def necessity(outcomes: Sequence, *, alpha: float = 0.05, baseline_floor: float 
     estimated from these n pairs), and per draw whether its drop is at least the top K's (the
     head-set null's count), which is decided once the remaining items cannot change it."""
     from dataclasses import replace as _replace
-
-    from rh.causal import hash_seed
 
     if not outcomes:
         raise ValueError("no ablation levels given")
@@ -152,7 +161,7 @@ def necessity(outcomes: Sequence, *, alpha: float = 0.05, baseline_floor: float 
         details["paired_p"] = p_pair
         p = max(p_pair, details["headset_null_p"])
         effect = float(one_draw.mean())
-        ci = bootstrap_ci(one_draw, n_boot=n_boot, level=1 - 2 * alpha, seed=hash_seed(seed, o.k))
+        ci = bootstrap_ci(one_draw, n_boot=n_boot, level=1 - 2 * alpha, seed=derive_seed(seed, o.k))
         rows[o.k] = (o, n, n_pos, p, p_ref, effect, ci, base_acc, details)
         floor = floor_reason(base_acc, baseline_floor)
         rand_acc = details["random_accuracy"]

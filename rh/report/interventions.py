@@ -1,4 +1,6 @@
-"""Figures of the intervention claims (IV-*), drawn from their verdicts' details for the report.
+"""Figures of the intervention claims (IV-*), drawn from their verdicts' details for the report,
+and the two figures of the library's IV passes: :func:`probe_figure` (IV-5, ``rh.probes``'s
+per-layer table) and :func:`attribution_figure` (IV-6, ``rh.attribution``'s per-token attribution).
 Accuracy bars carry 95% Wilson intervals from the counts (accuracy x n)."""
 
 from __future__ import annotations
@@ -8,9 +10,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
-from rh.evaluate import wilson_interval
-from rh.plots import _png, plt
+from rh.report.plotting import plt, png
+from rh.stats import holm, proportion_ci
+
+__all__ = ["attribution_figure", "incremental_curve", "intervention_figures", "override_bars", "patching_bars",
+           "probe_figure", "strata_bars"]
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +26,7 @@ def _by_claim(verdicts: Sequence[Mapping[str, Any]], claim: str) -> list[Mapping
 
 
 def _bars(ax, labels: Sequence[str], accs: Sequence[float], n: int, colors: Sequence[str]) -> None:
-    lo_hi = [wilson_interval(int(round(a * n)), n) for a in accs]
+    lo_hi = [proportion_ci(int(round(a * n)), n) for a in accs]
     err = np.array([[a - lo, hi - a] for a, (lo, hi) in zip(accs, lo_hi)]).T
     ax.bar(range(len(accs)), accs, yerr=err, color=colors, capsize=3)
     ax.set_xticks(range(len(accs)), labels, fontsize=8)
@@ -36,7 +42,7 @@ def incremental_curve(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
     n = rows[0]["n"]
     xs = [0] + [v["params"]["n_heads"] for v in rows]
     accs = [rows[0]["details"]["baseline_accuracy"]] + [v["details"]["ablated_accuracy"] for v in rows]
-    ci = np.array([wilson_interval(int(round(a * n)), n) for a in accs])
+    ci = np.array([proportion_ci(int(round(a * n)), n) for a in accs])
     fig, ax = plt.subplots(figsize=(4.8, 3.4))
     ax.fill_between(xs, ci[:, 0], ci[:, 1], color="tab:red", alpha=0.15, lw=0, label="95% Wilson interval")
     ax.plot(xs, accs, "o-", color="tab:red", label="top-n critical heads ablated")
@@ -48,7 +54,7 @@ def incremental_curve(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
     ax.set_ylim(-0.05, 1.05)
     ax.legend(frameon=False, fontsize=7)
     ax.set_title(f"IV-1: incremental ablation ({n} prompts)", fontsize=9)
-    return _png(fig)
+    return png(fig)
 
 
 def patching_bars(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
@@ -60,7 +66,7 @@ def patching_bars(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
     _bars(ax, ["baseline", f"hub (pos {d['hub']})", "non-hub"],
           [d["baseline_accuracy"], d["hub_accuracy"], d["non_hub_accuracy"]], n, ["0.6", "tab:red", "tab:blue"])
     ax.set_title(f"IV-2: {rows[0]['params'].get('mode', '')} patching at layer {d['layer']}", fontsize=9)
-    return _png(fig)
+    return png(fig)
 
 
 def override_bars(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
@@ -73,7 +79,7 @@ def override_bars(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
     fig, ax = plt.subplots(figsize=(4.6, 3.2))
     _bars(ax, labels, accs, n, ["0.6"] + ["tab:purple"] * len(rows))
     ax.set_title(f"IV-3: forced attention in {len(rows[0]['details']['heads'])} critical heads", fontsize=9)
-    return _png(fig)
+    return png(fig)
 
 
 def strata_bars(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
@@ -98,7 +104,7 @@ def strata_bars(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
     ax.set_ylabel("log-odds drop when ablated", fontsize=8)
     ax.legend(frameon=False, fontsize=7)
     ax.set_title("IV-7: harm by difficulty (items right at baseline)", fontsize=9)
-    return _png(fig)
+    return png(fig)
 
 
 def intervention_figures(verdicts: Sequence[Mapping[str, Any]]) -> dict[str, bytes]:
@@ -109,18 +115,14 @@ def intervention_figures(verdicts: Sequence[Mapping[str, Any]]) -> dict[str, byt
                       ("IV-3: accuracy under forced attention patterns", override_bars),
                       ("IV-7: log-odds drop by difficulty", strata_bars)):
         try:
-            png = fn(verdicts)
+            data = fn(verdicts)
         except (KeyError, TypeError, ValueError) as exc:  # a figure must never cost the report
             log.warning("%s not drawn: %s", title, exc)
             continue
-        if png:
-            out[title] = png
+        if data:
+            out[title] = data
     for v in _by_claim(verdicts, "IV-5"):
         try:
-            import pandas as pd
-
-            from rh.probes import probe_figure
-
             out["IV-5: probe accuracy by layer"] = probe_figure(pd.DataFrame(v["details"]["layers"]),
                                                                 v["details"]["critical_layers"])
         except (KeyError, TypeError, ValueError, ImportError) as exc:
@@ -129,10 +131,62 @@ def intervention_figures(verdicts: Sequence[Mapping[str, Any]]) -> dict[str, byt
         ex = v["details"].get("example")
         if ex:
             try:
-                from rh.attribution import attribution_figure
-
                 out["IV-6: integrated-gradients attribution on one prompt"] = attribution_figure(
                     np.asarray(ex["token_attr"]), tuple(ex["needle_span"]), f"IV-6: attribution on {ex['sample']}")
             except (KeyError, TypeError, ValueError, ImportError) as exc:
                 log.warning("IV-6 figure not drawn: %s", exc)
     return out
+
+
+# ---------------------------------------------------------------------------- IV-5, IV-6 figures
+
+
+def probe_figure(df: pd.DataFrame, critical_layers: Sequence[int], *, alpha: float = 0.05,
+                 title: str = "IV-5: linear decodability of the answer") -> bytes:
+    """Probe accuracy per residual index with the chance line, a dotted line at index L + 1 for every
+    critical head's layer L, and the onset (first Holm-significant index) marked. PNG bytes."""
+    from rh.probes import layer_indices  # rh.probes loads torch: only when drawing
+
+    df = df.sort_values("layer")
+    crit = sorted(set(layer_indices(critical_layers)))
+    x = df["layer"].to_numpy(int)
+    acc = df["accuracy"].to_numpy(float)
+    fig, ax = plt.subplots(figsize=(6.0, 3.6))
+    ax.plot(x, acc, "o-", color="tab:blue", ms=4, label="probe accuracy (cross-validated)")
+    ax.axhline(float(df["chance"].iloc[0]), color="0.5", ls="--", lw=1, label="chance (majority class)")
+    for i, c in enumerate(crit):
+        ax.axvline(c + 1, color="tab:red", ls=":", lw=1.2, label="critical head writes (L+1)" if i == 0 else None)
+    p = df["p_value"].to_numpy(float)
+    if np.isfinite(acc).any():
+        p_adj = np.array(holm(p.tolist()))
+        sig = np.flatnonzero(p_adj < alpha)
+        if len(sig):
+            o = int(x[sig[0]])
+            ax.plot([o], [acc[sig[0]]], "*", color="tab:green", ms=14, label=f"onset (index {o})")
+    ax.set_xlabel("residual index (0 = embeddings, l+1 = after layer l)")
+    ax.set_ylabel("accuracy on the first answer token")
+    ax.set_ylim(-0.05, 1.05)
+    ax.legend(frameon=False, fontsize=7, loc="upper left")
+    ax.set_title(title)
+    return png(fig)
+
+
+def attribution_figure(token_attr: Any, needle_span: tuple[int, int], title: str = "IG attribution") -> bytes:
+    """Per-token attribution along the prompt with the needle span shaded. PNG bytes."""
+    a = np.asarray(token_attr, dtype=float)
+    if a.ndim != 1 or a.size == 0:
+        raise ValueError(f"attribution_figure: token_attr must be a non-empty 1-D array, got shape {a.shape}")
+    s, e = (int(x) for x in needle_span)
+    if not (0 <= s < e <= a.size):
+        raise ValueError(f"attribution_figure: needle_span {(s, e)} is outside the sequence of {a.size} tokens")
+    fig, ax = plt.subplots(figsize=(7.0, 3.0))
+    x = np.arange(a.size)
+    ax.axvspan(s - 0.5, e - 0.5, color="gold", alpha=0.35, lw=0, label="needle")
+    ax.bar(x, a, width=1.0, color=np.where(a >= 0, "tab:blue", "tab:red"), lw=0)
+    ax.axhline(0, color="0.3", lw=0.6)
+    ax.set_xlim(-0.5, a.size - 0.5)
+    ax.set_xlabel("token position")
+    ax.set_ylabel("attribution (sum over embedding dims)")
+    ax.set_title(title)
+    ax.legend(frameon=False, fontsize=8)
+    return png(fig)

@@ -1,31 +1,30 @@
-"""Figures for the report, as PNG bytes (matplotlib, no display needed)."""
+"""The report's figures, as PNG bytes: :func:`report_figures` draws every figure the verdicts
+and the run metadata allow (the one entry point the plugin calls); the head grid, the attention
+profile and CA-1's accuracy-vs-K curve are drawn here, the other claims' figures in
+:mod:`rh.report.interventions` and :mod:`rh.report.field`."""
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from rh.report.field import field_figures
+from rh.report.interventions import intervention_figures
+from rh.report.plotting import plt, png
+
+__all__ = ["attention_profile", "ca1_ablation_curve", "head_grid", "report_figures"]
 
 log = logging.getLogger(__name__)
 
 
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def ablation_curve(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
-    """Accuracy vs number of heads ablated, top-K against random-K (seed 001's Figure 8)."""
+def ca1_ablation_curve(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
+    """CA-1's verdicts as a curve: accuracy vs number of heads ablated, top-K against random-K,
+    each random draw's own accuracy as a dot (seed 001's Figure 8); None without CA-1 verdicts.
+    (:func:`rh.report.ablation.accuracy_vs_k_curve` draws the same from per-sample results.)"""
     rows = sorted(
         (v for v in verdicts if v.get("claim") == "CA-1" and v.get("details", {}).get("top_accuracy") is not None),
         key=lambda v: v["params"]["k"],
@@ -51,7 +50,7 @@ def ablation_curve(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
     ax.set_xticks(ks)
     ax.legend(frameon=False, fontsize=8)
     ax.set_title("CA-1: top-K vs random-K ablation")
-    return _png(fig)
+    return png(fig)
 
 
 def head_grid(ranking_json: Mapping[str, Any], top_k: int = 10) -> bytes:
@@ -68,7 +67,7 @@ def head_grid(ranking_json: Mapping[str, Any], top_k: int = 10) -> bytes:
     ax.set_ylabel("layer")
     ax.set_title(f"{ranking_json.get('method', 'score')} per head (top {top_k} outlined)", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.05)
-    return _png(fig)
+    return png(fig)
 
 
 def attention_profile(rows: np.ndarray, labels: Sequence[str], needle_span: tuple[int, int],
@@ -91,17 +90,17 @@ def attention_profile(rows: np.ndarray, labels: Sequence[str], needle_span: tupl
     ax2.legend(fontsize=7, ncol=min(5, len(labels)), frameon=False)
     ax.set_title(title or "last-token attention (needle shaded, answer in green)", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.02, pad=0.01)
-    return _png(fig)
+    return png(fig)
 
 
 def report_figures(verdicts: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> dict[str, bytes]:
-    """Every figure the report can draw from the verdicts and the run metadata."""
+    """Every figure the report can draw from the verdicts and the run metadata, title -> PNG bytes:
+    CA-1's curve, the intervention claims' figures, the attention example, the head grid, then the
+    figures of ID-7, ID-8, CA-7, CA-8 and the ranking's uncertainty (:func:`~rh.report.field.field_figures`)."""
     figures: dict[str, bytes] = {}
-    curve = ablation_curve(verdicts)
+    curve = ca1_ablation_curve(verdicts)
     if curve:
         figures["CA-1: accuracy vs heads ablated"] = curve
-    from rh.plots_interventions import intervention_figures
-
     figures.update(intervention_figures(verdicts))
     ex = meta.get("attention_example")
     if ex:
@@ -115,4 +114,5 @@ def report_figures(verdicts: Sequence[Mapping[str, Any]], meta: Mapping[str, Any
             figures["Head scores by layer and head"] = head_grid(load_ranking(path).to_json())
         except (ValueError, KeyError) as exc:
             log.warning("head grid not drawn: %s", exc)
+    figures.update(field_figures(verdicts, meta))
     return figures

@@ -5,25 +5,17 @@ as ``rh.evaluate`` returns them."""
 
 from __future__ import annotations
 
-import io
 import re
 from collections.abc import Sequence
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+from rh.evaluate import accuracy_table
+from rh.report.plotting import plt, png
+from rh.stats import proportion_ci
 
-from rh.evaluate import accuracy_table, wilson_interval  # noqa: E402
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
+__all__ = ["accuracy_vs_k_curve", "curve_frame", "depth_accuracy_chart"]
 
 
 def depth_accuracy_chart(df: pd.DataFrame, *, by: str = "depth", metric: str = "correct",
@@ -60,7 +52,7 @@ def depth_accuracy_chart(df: pd.DataFrame, *, by: str = "depth", metric: str = "
     ax.set_ylim(0, 1.05)
     ax.legend(frameon=False, fontsize=8, ncols=min(len(conds), 5), loc="upper center", bbox_to_anchor=(0.5, -0.18))
     ax.set_title(title or f"accuracy by {by}: baseline vs ablated", fontsize=10)
-    return _png(fig)
+    return png(fig)
 
 
 _COND = re.compile(r"^(?P<sel>top|random|bottom)(?P<k>\d+)(?:#(?P<draw>\d+))?$")
@@ -83,9 +75,10 @@ def curve_frame(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def ablation_curve(df: pd.DataFrame, *, metric: str = "correct", level: float = 0.95,
-                   title: str | None = None) -> bytes:
-    """Seed 001's Figure 8: ``metric`` against the number of heads ablated, top-K and random-K.
+def accuracy_vs_k_curve(df: pd.DataFrame, *, metric: str = "correct", level: float = 0.95,
+                        title: str | None = None) -> bytes:
+    """Seed 001's Figure 8 from per-sample results: ``metric`` against the number of heads
+    ablated, top-K and random-K (:func:`rh.report.figures.ca1_ablation_curve` draws CA-1's verdicts).
 
     ``df`` has one row per sample and condition with columns ``selection`` (``top``, ``random``,
     optionally ``bottom`` and ``baseline``), ``k``, ``draw`` (random draws) and ``metric``;
@@ -119,7 +112,7 @@ def ablation_curve(df: pd.DataFrame, *, metric: str = "correct", level: float = 
                 ax.scatter([k] * len(draws), draws, color=color, alpha=0.25, s=10)
             else:
                 y = float(vals.mean())
-                a, b = wilson_interval(int(vals.sum()), len(vals), level) if vals.isin((0.0, 1.0)).all() else (y, y)
+                a, b = proportion_ci(int(vals.sum()), len(vals), level=level) if vals.isin((0.0, 1.0)).all() else (y, y)
             ks.append(int(k)), ys.append(y), lo.append(a), hi.append(b)
         ks_all.update(ks)
         ax.plot(ks, ys, marker, color=color, label=label, ms=4)
@@ -131,4 +124,4 @@ def ablation_curve(df: pd.DataFrame, *, metric: str = "correct", level: float = 
         ax.set_xticks(sorted(ks_all))
     ax.legend(frameon=False, fontsize=8)
     ax.set_title(title or "accuracy vs heads ablated (top vs random)", fontsize=10)
-    return _png(fig)
+    return png(fig)

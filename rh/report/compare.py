@@ -1,6 +1,6 @@
 """Reports from several runs side by side: ``python -m rh report a.json b.json [...] -o out.html``.
 
-Each run's JSON report (written by ``rh.report.write_report``) becomes one column of a matrix
+Each run's JSON report (written by :func:`rh.report.write_report`) becomes one column of a matrix
 whose rows are the (claim, parameters) pairs of all runs, so a reader sees at once where 8B and
 70B, or the quick and the full profile, reach different verdicts. A header describes each run
 (model, revision, profile, date, runtime, rh version, hardware). Rows whose runs disagree are
@@ -25,28 +25,25 @@ from pathlib import Path
 from typing import Any
 
 from rh.io import atomic_write_text
-from rh.report import (
-    _CSS,
-    _DASH,
-    _badge,
-    _claim_of,
-    _display_time,
-    _e,
-    _fmt_ci,
-    _fmt_effect,
+from rh.report.format import (
+    CSS,
+    DASH,
+    UNSAFE_CHARS_RE,
+    badge,
+    claim_of,
+    display_time,
+    escape,
+    fmt_ci,
+    fmt_effect,
+    hardware_text,
     html_head,
-    _hardware_text,
-    _p_text,
-    _params_text,
-    _reason_note,
-    _short_revision,
-    _status,
-    _UNSAFE_CHARS_RE,
-    provenance,
-    redact,
-    render_html,
-    summarize,
+    p_text,
+    params_text,
+    reason_note,
+    short_revision,
+    status_of,
 )
+from rh.report.html import provenance, redact, render_html, summarize
 
 __all__ = ["compare_reports", "default_output", "load_report", "main_report", "write_comparison"]
 
@@ -131,7 +128,7 @@ def write_comparison(paths: Sequence[str | Path], out: str | Path) -> Path:
 def default_output(paths: Sequence[str | Path]) -> Path:
     """``<folder of the first report>/compare-<stem1>-vs-<stem2>....html`` (shortened when long)."""
     paths = [Path(p) for p in paths]
-    stems = [_UNSAFE_CHARS_RE.sub("_", p.stem) for p in paths]
+    stems = [UNSAFE_CHARS_RE.sub("_", p.stem) for p in paths]
     if len(stems) == 1:
         name = f"{stems[0]}-rerendered"
     else:
@@ -180,7 +177,7 @@ def _row_keys(verdicts: Sequence[Mapping[str, Any]]) -> list[tuple]:
             base: tuple = ("node", str(v["nodeid"]))
         else:
             params = json.dumps(v.get("params"), sort_keys=True, default=str)
-            base = ("claim", _claim_of(v), params)
+            base = ("claim", claim_of(v), params)
         seen[base] = seen.get(base, 0) + 1
         keys.append(base + (seen[base],))
     return keys
@@ -194,7 +191,7 @@ def _rows(docs: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, list[Mappin
         for key, v in zip(_row_keys(doc["verdicts"]), doc["verdicts"]):
             if key not in cells:
                 cells[key] = [None] * len(docs)
-                labels[key] = (_claim_of(v), _params_text(v))
+                labels[key] = (claim_of(v), params_text(v))
             cells[key][run] = v
     order = {claim: i for i, claim in enumerate(dict.fromkeys(claim for claim, _ in labels.values()))}
     keys = sorted(cells, key=lambda k: order[labels[k][0]])  # stable: first appearance within a claim
@@ -202,7 +199,7 @@ def _rows(docs: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, list[Mappin
 
 
 def _row_state(cells: Sequence[Mapping[str, Any] | None]) -> str:
-    statuses = {_status(v) for v in cells if v is not None}
+    statuses = {status_of(v) for v in cells if v is not None}
     if len(statuses) > 1:
         return "disagree"
     return "partial" if any(v is None for v in cells) else "agree"
@@ -222,8 +219,8 @@ def _render_comparison(paths: Sequence[Path], docs: Sequence[Mapping[str, Any]])
     n_disagree, n_partial = states.count("disagree"), states.count("partial")
     title = "rh comparison \u2014 " + " vs ".join(_run_label(i, m).split(": ", 1)[1] for i, m in enumerate(metas))
     parts = [
-        *html_head(title, _CSS + _COMPARE_CSS),
-        f"<h1>{_e(title)}</h1>",
+        *html_head(title, CSS + _COMPARE_CSS),
+        f"<h1>{escape(title)}</h1>",
         f'<p class="summary"><strong>{len(rows)}</strong> claim settings across <strong>{len(docs)}</strong> runs: '
         f'<span class="tag tag-disagree">{n_disagree} disagree</span> '
         f'<span class="tag tag-partial">{n_partial} missing from a run</span></p>',
@@ -232,7 +229,7 @@ def _render_comparison(paths: Sequence[Path], docs: Sequence[Mapping[str, Any]])
         _render_runs(paths, docs),
         '<h2 id="matrix">Claim matrix</h2>',
         '<p class="legend">Rows where the runs reach different verdicts are highlighted and marked '
-        f'\u2260; {_e(_DASH)} means the run did not check that claim setting.</p>',
+        f'\u2260; {escape(DASH)} means the run did not check that claim setting.</p>',
         _render_matrix(rows, states, metas),
         "</body>",
         "</html>",
@@ -241,7 +238,7 @@ def _render_comparison(paths: Sequence[Path], docs: Sequence[Mapping[str, Any]])
 
 
 def _render_disagreements(rows, states) -> str:
-    links = [f'<a href="#{_e(_row_anchor(i))}">{_e(claim)} {_e(params)}</a>'
+    links = [f'<a href="#{escape(_row_anchor(i))}">{escape(claim)} {escape(params)}</a>'
              for i, ((claim, params, _), state) in enumerate(zip(rows, states)) if state == "disagree"]
     if not links:
         return '<p class="agree-note">The runs agree on every claim setting they share.</p>'
@@ -251,27 +248,27 @@ def _render_disagreements(rows, states) -> str:
 def _render_runs(paths: Sequence[Path], docs: Sequence[Mapping[str, Any]]) -> str:
     head = ("run", "file", "model", "model id", "revision", "profile", "started", "runtime", "rh version",
             "hardware", "results")
-    out = ['<table class="runs"><thead><tr>' + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr></thead><tbody>"]
+    out = ['<table class="runs"><thead><tr>' + "".join(f"<th>{escape(h)}</th>" for h in head) + "</tr></thead><tbody>"]
     for i, (path, doc) in enumerate(zip(paths, docs)):
         meta = doc["meta"]
         prov = provenance(meta)
         revision = prov.get("revision")
-        rev_cell = (f'<code title="{_e(revision)}">{_e(_short_revision(revision))}</code>'
-                    if revision else _DASH)
+        rev_cell = (f'<code title="{escape(revision)}">{escape(short_revision(revision))}</code>'
+                    if revision else DASH)
         counts = summarize(doc["verdicts"])
         cells = [
             f"<strong>{i + 1}</strong>",
-            f"<code>{_e(redact(path.name))}</code>",
-            _e(prov.get("model") or _DASH),
-            _e(prov.get("model id") or _DASH),
+            f"<code>{escape(redact(path.name))}</code>",
+            escape(prov.get("model") or DASH),
+            escape(prov.get("model id") or DASH),
             rev_cell,
-            _e(prov.get("profile") or _DASH) + (f"<br><small>alpha {_e(prov['alpha'])}</small>"
+            escape(prov.get("profile") or DASH) + (f"<br><small>alpha {escape(prov['alpha'])}</small>"
                                                 if prov.get("alpha") is not None else ""),
-            _e(_display_time(meta.get("started")) or _DASH),
-            _e(prov.get("runtime") or _DASH),
-            _e(prov.get("rh version") or _DASH),
-            _e(_hardware_text(prov.get("hardware")) or meta.get("platform") or _DASH),
-            "<br>".join(f"{_badge(s)}\u00a0{n}" for s, n in counts.items() if n) or "no claims",
+            escape(display_time(meta.get("started")) or DASH),
+            escape(prov.get("runtime") or DASH),
+            escape(prov.get("rh version") or DASH),
+            escape(hardware_text(prov.get("hardware")) or meta.get("platform") or DASH),
+            "<br>".join(f"{badge(s)}\u00a0{n}" for s, n in counts.items() if n) or "no claims",
         ]
         out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     out.append("</tbody></table>")
@@ -282,34 +279,34 @@ def _render_matrix(rows, states, metas) -> str:
     if not rows:
         return "<p>No claims in any run.</p>"
     head = "<th>claim</th><th>parameters</th>" + "".join(
-        f"<th>{_e(_run_label(i, m))}</th>" for i, m in enumerate(metas))
+        f"<th>{escape(_run_label(i, m))}</th>" for i, m in enumerate(metas))
     out = [f'<table class="matrix compare"><thead><tr><th></th>{head}</tr></thead><tbody>']
     for i, ((claim, params, cells), state) in enumerate(zip(rows, states)):
         mark = '<span title="the runs disagree">\u2260</span>' if state == "disagree" else ""
         tds = "".join(_render_cell(v) for v in cells)
-        out.append(f'<tr id="{_e(_row_anchor(i))}" class="row-{state}"><td class="mark">{mark}</td>'
-                   f"<td>{_e(claim)}</td><td>{_e(params)}</td>{tds}</tr>")
+        out.append(f'<tr id="{escape(_row_anchor(i))}" class="row-{state}"><td class="mark">{mark}</td>'
+                   f"<td>{escape(claim)}</td><td>{escape(params)}</td>{tds}</tr>")
     out.append("</tbody></table>")
     return "\n".join(out)
 
 
 def _render_cell(v: Mapping[str, Any] | None) -> str:
     if v is None:
-        return f'<td class="missing" title="not checked in this run">{_e(_DASH)}</td>'
-    status = _status(v)
+        return f'<td class="missing" title="not checked in this run">{escape(DASH)}</td>'
+    status = status_of(v)
     tooltip = f"pytest: {v['outcome']}" if v.get("outcome") else ""
-    lines = [_badge(status, tooltip)]
+    lines = [badge(status, tooltip)]
     if status != "error":
-        ci = _fmt_ci(v.get("ci"))
-        effect = _fmt_effect(v.get("effect"))
-        if effect != _DASH or ci:
-            lines.append(f'<span class="effect">{_e(effect)}{_e(" " + ci) if ci else ""}</span>')
-        stats = [f"p adj {_e(_p_text(v))}"] if _p_text(v) != _DASH else []
-        stats += [f"n {_e(v['n'])}"] if v.get("n") is not None else []
+        ci = fmt_ci(v.get("ci"))
+        effect = fmt_effect(v.get("effect"))
+        if effect != DASH or ci:
+            lines.append(f'<span class="effect">{escape(effect)}{escape(" " + ci) if ci else ""}</span>')
+        stats = [f"p adj {escape(p_text(v))}"] if p_text(v) != DASH else []
+        stats += [f"n {escape(v['n'])}"] if v.get("n") is not None else []
         if stats:
             lines.append("<small>" + " · ".join(stats) + "</small>")
-    return f'<td class="cell cell-{_e(_UNSAFE_CHARS_RE.sub("-", status))}">' + "<br>".join(lines) \
-        + _reason_note(v, limit=70) + "</td>"
+    return f'<td class="cell cell-{escape(UNSAFE_CHARS_RE.sub("-", status))}">' + "<br>".join(lines) \
+        + reason_note(v, limit=70) + "</td>"
 
 
 def _row_anchor(i: int) -> str:

@@ -8,7 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from rh.plots import _png, plt
+from rh.report.plotting import plt, png
+
+__all__ = ["compression_figure", "distractor_figure", "field_figures", "kv_group_figure", "method_agreement_figure",
+           "uncertainty_figure"]
 
 
 def _of(verdicts: Sequence[Mapping[str, Any]], claim: str) -> list[Mapping[str, Any]]:
@@ -35,7 +38,7 @@ def method_agreement_figure(verdicts: Sequence[Mapping[str, Any]]) -> bytes | No
     ax.set_ylabel(f"top-{rows[0]['params']['k']} overlap (heads)")
     ax.set_title("ID-7: agreement between identification methods (halves of the inputs)", fontsize=9)
     ax.legend(frameon=False, fontsize=7)
-    return _png(fig)
+    return png(fig)
 
 
 def kv_group_figure(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
@@ -59,7 +62,7 @@ def kv_group_figure(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
     ax.set_title(f"ID-8: top-{rows[0]['params']['k']} heads per KV group\nsame-group share "
                  f"{share if share is None else round(share, 2)} vs chance {d['chance_share']:.2f}", fontsize=8)
     fig.colorbar(im, ax=ax, fraction=0.08, label="top heads")
-    return _png(fig)
+    return png(fig)
 
 
 def distractor_figure(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
@@ -84,7 +87,7 @@ def distractor_figure(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
     ax2.set_ylim(0, 1.05)
     ax2.set_ylabel("rate")
     fig.suptitle("CA-7: the top heads among distractor needles", fontsize=9)
-    return _png(fig)
+    return png(fig)
 
 
 def compression_figure(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
@@ -116,7 +119,7 @@ def compression_figure(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
     ax.set_ylim(-0.05, 1.05)
     ax.set_title(f"CA-8: a {d['sink']}-token sink + {d['window']}-token window", fontsize=9)
     ax.legend(frameon=False, fontsize=7)
-    return _png(fig)
+    return png(fig)
 
 
 def uncertainty_figure(unc: Mapping[str, Any], top: int | None = None) -> bytes | None:
@@ -149,10 +152,12 @@ def uncertainty_figure(unc: Mapping[str, Any], top: int | None = None) -> bytes 
         ax2.legend(frameon=False, fontsize=7)
         ax2.set_title("how it narrows with the prompts", fontsize=8)
     fig.suptitle(f"Ranking uncertainty ({unc.get('method')})", fontsize=9)
-    return _png(fig)
+    return png(fig)
 
 
 def field_figures(verdicts: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> dict[str, bytes]:
+    """The figures of ID-7, ID-8, CA-7 and CA-8 and of the ranking's uncertainty that the verdicts and
+    ``meta["ranking_uncertainty"]`` allow, title -> PNG bytes (part of :func:`rh.report.report_figures`)."""
     out = {}
     for title, fig in (("ID-7: agreement between identification methods", method_agreement_figure(verdicts)),
                        ("ID-8: top heads per KV group", kv_group_figure(verdicts)),

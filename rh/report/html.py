@@ -6,22 +6,45 @@ kept apart from the three verdicts. Both files are redacted of Hugging Face toke
 in memory and only then written atomically, so a failure leaves nothing half-written on disk. The
 HTML page has no external resources: inline CSS, figures as base64 data URIs, no scripts.
 :func:`format_matrix` prints the same claim matrix as plain text for the pytest terminal summary;
-``rh.compare`` combines the JSON reports of several runs into one page.
+:mod:`rh.report.compare` combines the JSON reports of several runs into one page. The formatting
+both pages share is in :mod:`rh.report.format`.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import json
-import math
 import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
-from rh.io import atomic_write_text
+from rh.io import atomic_write_text, jsonable
+from rh.report.format import (
+    CSS,
+    DASH,
+    UNSAFE_CHARS_RE,
+    as_float,
+    badge,
+    claim_of,
+    display_time,
+    escape,
+    fmt_ci,
+    fmt_effect,
+    fmt_p,
+    fmt_scalar,
+    hardware_text,
+    html_head,
+    p_text,
+    params_text,
+    reason_note,
+    short_revision,
+    shorten,
+    status_of,
+)
+from rh.stats import STATUSES as VERDICT_STATUSES
+from rh.stats import format_power
 
 __all__ = [
     "STATUSES",
@@ -35,29 +58,17 @@ __all__ = [
 ]
 
 #: The statuses a report counts, in display order; ``error`` is a crash, not a verdict.
-STATUSES: tuple[str, ...] = ("supported", "refuted", "inconclusive", "error")
+STATUSES: tuple[str, ...] = (*VERDICT_STATUSES, "error")
 
 _TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{20,}")
 _REDACTED = "hf_***"
 _STEM_RE = re.compile(r"[A-Za-z0-9._-]+")
-_UNSAFE_CHARS_RE = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_STEM = 200
 _MAX_LIST_ITEMS = 20  # long lists in details/meta are cut in the HTML (the JSON keeps them whole)
-_DASH = "\u2014"
-
-_BADGE_COLOURS: dict[str, tuple[str, str]] = {  # status -> (background, text)
-    "supported": ("#1a7f37", "#ffffff"),
-    "refuted": ("#cf222e", "#ffffff"),
-    "inconclusive": ("#d4a72c", "#1f2328"),
-    "error": ("#24292f", "#ffffff"),
-}
-_UNKNOWN_BADGE = ("#8c959f", "#ffffff")
 
 # Terminal: a symbol per status so the matrix reads without colour, ANSI SGR codes when it has it.
 _SYMBOLS: dict[str, str] = {"supported": "+", "refuted": "x", "inconclusive": "?", "error": "!"}
 _ANSI: dict[str, str] = {"supported": "32", "refuted": "1;31", "inconclusive": "33", "error": "1;35"}
-_NODEID_PARAMS_RE = re.compile(r"\[(.*)\]$")
-_REVISION_SHORT = 12
 
 _IMAGE_MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"\x89PNG\r\n\x1a\n", "image/png"),
@@ -93,7 +104,7 @@ def summarize(verdicts: Sequence[Mapping[str, Any]]) -> dict[str, int]:
     """Count entries by status: always the four of :data:`STATUSES`, plus any unexpected status."""
     counts = {status: 0 for status in STATUSES}
     for verdict in verdicts:
-        status = _status(verdict)
+        status = status_of(verdict)
         counts[status] = counts.get(status, 0) + 1
     return counts
 
@@ -114,7 +125,7 @@ def report_stem(model_key: str, when: datetime) -> str:
         stripped = key.rstrip("/\\")
         name = PureWindowsPath(stripped).name if "\\" in stripped else PurePosixPath(stripped).name
         key = name or stripped
-    safe = _UNSAFE_CHARS_RE.sub("_", key).strip("._") or "model"
+    safe = UNSAFE_CHARS_RE.sub("_", key).strip("._") or "model"
     return f"{safe}-{when.strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -132,15 +143,15 @@ def format_matrix(verdicts: Sequence[Mapping[str, Any]], *, color: bool = False,
     header = ("claim", "parameters", "verdict", "effect [CI]", "p adj", "n")
     rows: list[tuple[str, ...]] = []
     for v in verdicts:
-        status = _status(v)
+        status = status_of(v)
         if status == "error":
-            effect = p_text = n_text = "-"
+            effect = p_cell = n_cell = "-"
         else:
-            effect = _plain(_fmt_effect(v.get("effect")) + (f" {_fmt_ci(v.get('ci'))}" if _fmt_ci(v.get("ci")) else ""))
-            p_text = _plain(_p_text(v))
-            n_text = _plain(_fmt_scalar(v.get("n")))
-        rows.append((_shorten(_claim_of(v), 24), _plain(_params_text(v)), _status_word(status),
-                     effect, p_text, n_text))
+            effect = _plain(fmt_effect(v.get("effect")) + (f" {fmt_ci(v.get('ci'))}" if fmt_ci(v.get("ci")) else ""))
+            p_cell = _plain(p_text(v))
+            n_cell = _plain(fmt_scalar(v.get("n")))
+        rows.append((shorten(claim_of(v), 24), _plain(params_text(v)), _status_word(status),
+                     effect, p_cell, n_cell))
     widths = [max([len(header[i])] + [len(r[i]) for r in rows]) for i in range(len(header))]
     gap = "  "
     fixed = sum(widths) - widths[1] + len(gap) * (len(header) - 1)
@@ -150,7 +161,7 @@ def format_matrix(verdicts: Sequence[Mapping[str, Any]], *, color: bool = False,
     def line(cells: Sequence[str], status: str | None = None) -> str:
         out = []
         for i, cell in enumerate(cells):
-            text = _shorten(cell, widths[i])
+            text = shorten(cell, widths[i])
             text = text.rjust(widths[i]) if i in numeric else text.ljust(widths[i])
             if i == 2 and status is not None:
                 text = _ansi(text, status, color)
@@ -159,11 +170,11 @@ def format_matrix(verdicts: Sequence[Mapping[str, Any]], *, color: bool = False,
 
     lines = [line(header), gap.join("-" * w for w in widths)]
     for v, row in zip(verdicts, rows):
-        status = _status(v)
+        status = status_of(v)
         lines.append(line(row, status))
         reason = " ".join(str(v.get("reason") or "").split())
         if status not in ("supported", "refuted") and reason:
-            lines.append(_shorten(f"    {_SYMBOLS.get(status, '~')} {reason}", width))
+            lines.append(shorten(f"    {_SYMBOLS.get(status, '~')} {reason}", width))
     if not verdicts:
         lines.append("(no claims were run)")
     counts = summarize(verdicts)
@@ -191,7 +202,7 @@ def provenance(meta: Mapping[str, Any]) -> dict[str, Any]:
     if not seeds:
         seeds = {k: rprov[k] for k in ("split_seed", "sample_seed", "draw_seed") if rprov.get(k) is not None}
     software = {k: meta[k] for k in ("python", "torch", "transformers") if meta.get(k)}
-    runtime = _as_float(meta.get("runtime_s"))
+    runtime = as_float(meta.get("runtime_s"))
     out: dict[str, Any] = {
         "model": meta.get("model"),
         "model id": first(meta.get("model_id"), rprov.get("model_id")),
@@ -205,8 +216,8 @@ def provenance(meta: Mapping[str, Any]) -> dict[str, Any]:
         "profile": meta.get("profile"),
         "alpha": meta.get("alpha"),
         "seeds": seeds,
-        "started": _display_time(meta.get("started")) or None,
-        "finished": _display_time(meta.get("finished")) or None,
+        "started": display_time(meta.get("started")) or None,
+        "finished": display_time(meta.get("finished")) or None,
         "runtime": _fmt_runtime(runtime) if runtime is not None else meta.get("runtime_s"),
         "command": meta.get("command"),
         "software": software,
@@ -272,15 +283,15 @@ def render_html(
     verdicts = [v if isinstance(v, Mapping) else {"reason": repr(v)} for v in verdicts]
     meta = meta if isinstance(meta, Mapping) else {"meta": meta}
     figures = dict(figures or {})
-    claim_figures, global_figures = _split_figures(figures, [_claim_of(v) for v in verdicts])
+    claim_figures, global_figures = _split_figures(figures, [claim_of(v) for v in verdicts])
     counts = summarize(verdicts)
     model = meta.get("model") or meta.get("model_id") or "unknown model"
-    when = _display_time(meta.get("started") or meta.get("finished"))
+    when = display_time(meta.get("started") or meta.get("finished"))
     title = f"rh report \u2014 {model}" + (f" \u2014 {when}" if when else "")
 
     parts: list[str] = [
-        *html_head(title, _CSS),
-        f"<h1>{_e(title)}</h1>",
+        *html_head(title, CSS),
+        f"<h1>{escape(title)}</h1>",
         _render_subtitle(meta),
         _render_summary(counts, len(verdicts)),
         _render_nav(bool(global_figures)),
@@ -294,9 +305,9 @@ def render_html(
     prov = provenance(meta)
     parts += [
         '<h2 id="provenance">Provenance</h2>',
-        _render_value(prov) if prov else f"<p>{_DASH}</p>",
+        _render_value(prov) if prov else f"<p>{DASH}</p>",
         '<h2 id="run">Run metadata</h2>',
-        _render_value(meta) if meta else f"<p>{_DASH}</p>",
+        _render_value(meta) if meta else f"<p>{DASH}</p>",
         "</body>",
         "</html>",
     ]
@@ -325,8 +336,8 @@ def write_report(
         )
     if figures is not None and not isinstance(figures, Mapping):
         raise ValueError(f"write_report: figures must be a dict of title -> PNG bytes, got {type(figures).__name__}")
-    clean_verdicts = _jsonable(redact(list(verdicts)))
-    clean_meta = _jsonable(redact(dict(meta)))
+    clean_verdicts = jsonable(redact(list(verdicts)))
+    clean_meta = jsonable(redact(dict(meta)))
     clean_figures = {redact(str(title)): data for title, data in (figures or {}).items()}
     document = {"meta": clean_meta, "summary": summarize(clean_verdicts), "verdicts": clean_verdicts}
     json_text = json.dumps(document, indent=2, allow_nan=False, ensure_ascii=False) + "\n"
@@ -350,31 +361,6 @@ def write_report(
 # --------------------------------------------------------------------------------------------
 
 
-def html_head(title: str, css: str) -> list[str]:
-    """The opening lines of a self-contained page, up to and including ``<body>``."""
-    return [
-        "<!DOCTYPE html>",
-        '<html lang="en">',
-        "<head>",
-        '<meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{_e(title)}</title>",
-        f"<style>{css}</style>",
-        "</head>",
-        "<body>",
-    ]
-
-
-def _e(value: Any) -> str:
-    """HTML-escape ``str(value)``, quotes included (safe in text and attributes)."""
-    return html.escape(str(value), quote=True)
-
-
-def _status(verdict: Mapping[str, Any]) -> str:
-    status = verdict.get("status")
-    return str(status).strip().lower() if status not in (None, "") else "unknown"
-
-
 def _is_safe_stem(stem: str) -> bool:
     return bool(_STEM_RE.fullmatch(stem)) and not stem.startswith(".") and len(stem) <= _MAX_STEM
 
@@ -391,101 +377,9 @@ def _looks_like_path(key: str) -> bool:
         return False
 
 
-def _as_float(value: Any) -> float | None:
-    """A finite float, or None for None, NaN, infinities and anything non-numeric."""
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
-def _fmt_p(value: Any) -> str:
-    p = _as_float(value)
-    if p is None:
-        return _DASH
-    return "<1e-4" if p < 1e-4 else format(p, ".3g")
-
-
-def _fmt_effect(value: Any) -> str:
-    x = _as_float(value)
-    return _DASH if x is None else format(x, ".3f")
-
-
-def _fmt_ci(ci: Any) -> str:
-    if isinstance(ci, Sequence) and not isinstance(ci, str) and len(ci) == 2:
-        lo, hi = (_as_float(c) for c in ci)
-        if lo is not None or hi is not None:
-            return f"[{_fmt_effect(lo)}, {_fmt_effect(hi)}]"
-    return ""
-
-
-def _fmt_scalar(value: Any) -> str:
-    """Plain text for a scalar in details/meta: floats to 4 significant digits, None to a dash."""
-    if value is None:
-        return _DASH
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return format(value, ".4g") if math.isfinite(value) else str(value)
-    return str(value)
-
-
-def _fmt_params(params: Any) -> str:
-    if isinstance(params, Mapping):
-        pairs = []
-        for key, value in params.items():
-            nested = isinstance(value, Mapping | list | tuple | set | frozenset)
-            pairs.append(f"{key}={json.dumps(_jsonable(value)) if nested else _fmt_scalar(value)}")
-        return ", ".join(pairs) or _DASH
-    if params in (None, "", [], ()):
-        return _DASH
-    return str(params)
-
-
-def _display_time(value: Any) -> str:
-    if not value:
-        return ""
-    try:
-        return datetime.fromisoformat(str(value)).strftime("%Y-%m-%d %H:%M:%S")
-    except ValueError:
-        return str(value)
-
-
-def _jsonable(obj: Any) -> Any:
-    """Coerce to strict JSON: non-finite floats to None, numpy scalars/arrays, paths and others to text."""
-    if obj is None or isinstance(obj, bool | int | str):
-        return obj
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, set | frozenset):
-        return [_jsonable(v) for v in sorted(obj, key=repr)]
-    if hasattr(obj, "tolist") and callable(obj.tolist):  # numpy arrays/scalars, torch tensors
-        try:
-            return _jsonable(obj.tolist())
-        except Exception:  # noqa: BLE001 - fall back to text below
-            pass
-    if hasattr(obj, "item") and callable(obj.item):
-        try:
-            return _jsonable(obj.item())
-        except Exception:  # noqa: BLE001
-            pass
-    return str(obj)
-
-
 def _plain(text: str) -> str:
     """Terminal text: the HTML dash for a missing value becomes an ASCII ``-``."""
-    return text.replace(_DASH, "-")
-
-
-def _shorten(text: str, limit: int) -> str:
-    return text if len(text) <= limit else (text[: max(limit - 3, 0)] + "...")[:limit]
+    return text.replace(DASH, "-")
 
 
 def _ansi(text: str, status: str, color: bool) -> str:
@@ -497,29 +391,6 @@ def _status_word(status: str) -> str:
     return f"{_SYMBOLS.get(status, '~')} {status}"
 
 
-def _claim_of(v: Mapping[str, Any]) -> str:
-    return str(v.get("claim") or v.get("nodeid") or "?")
-
-
-def _params_text(v: Mapping[str, Any]) -> str:
-    """The verdict's parameters; for a crashed test (no params) the id in its nodeid's brackets."""
-    text = _fmt_params(v.get("params"))
-    if text == _DASH and v.get("nodeid"):
-        match = _NODEID_PARAMS_RE.search(str(v["nodeid"]))
-        if match and match.group(1):
-            return match.group(1)
-    return text
-
-
-def _p_text(v: Mapping[str, Any]) -> str:
-    """The adjusted p-value, else the raw one marked as such, else a dash."""
-    if _as_float(v.get("p_adjusted")) is not None:
-        return _fmt_p(v.get("p_adjusted"))
-    if _as_float(v.get("p_value")) is not None:
-        return f"{_fmt_p(v.get('p_value'))} (raw)"
-    return _DASH
-
-
 def _fmt_runtime(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.1f} s"
@@ -528,38 +399,6 @@ def _fmt_runtime(seconds: float) -> str:
         return f"{minutes} min {secs:02d} s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours} h {minutes:02d} min"
-
-
-def _short_revision(revision: Any) -> str:
-    """A commit hash or ``sha256:<hex>`` digest cut to its first 12 hex digits (the full one is a tooltip)."""
-    text = str(revision)
-    prefix, _, digest = text.rpartition(":")
-    if re.fullmatch(r"[0-9a-fA-F]{13,}", digest):
-        return (f"{prefix}:" if prefix else "") + digest[:_REVISION_SHORT]
-    return text
-
-
-def _hardware_text(hardware: Any) -> str:
-    """One line for a ``meta["hardware"]`` dict: GPU(s) (``gpu`` or ``gpus``) or device, CPU count, threads."""
-    if not isinstance(hardware, Mapping):
-        return "" if hardware in (None, "") else str(hardware)
-    bits = []
-    device, gpu = hardware.get("device"), hardware.get("gpu")
-    gpus = hardware.get("gpus")
-    if isinstance(gpus, list | tuple) and gpus:  # one name per device: "2 x NVIDIA H100"
-        names = [str(g) for g in gpus]
-        gpu = ", ".join(f"{names.count(g)} x {g}" if names.count(g) > 1 else g for g in dict.fromkeys(names))
-    if gpu:
-        bits.append(f"{gpu}" + (f" ({device})" if device and str(device) not in str(gpu) else ""))
-    elif device:
-        bits.append(str(device))
-    if hardware.get("cpu_count") is not None:
-        bits.append(f"{hardware['cpu_count']} CPUs")
-    if hardware.get("torch_threads") is not None:
-        bits.append(f"{hardware['torch_threads']} torch threads")
-    known = {"device", "gpu", "gpus", "cpu_count", "torch_threads"}
-    bits += [f"{k}: {_fmt_scalar(v)}" for k, v in hardware.items() if k not in known and v not in (None, "")]
-    return ", ".join(bits)
 
 
 def _split_figures(figures: Mapping[str, Any], claims: Sequence[str]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
@@ -577,19 +416,12 @@ def _split_figures(figures: Mapping[str, Any], claims: Sequence[str]) -> tuple[d
 
 
 def _anchor(claim: str) -> str:
-    return "claim-" + (_UNSAFE_CHARS_RE.sub("-", claim).strip("-") or "unnamed")
+    return "claim-" + (UNSAFE_CHARS_RE.sub("-", claim).strip("-") or "unnamed")
 
 
 # --------------------------------------------------------------------------------------------
 # Helpers: HTML pieces
 # --------------------------------------------------------------------------------------------
-
-
-def _badge(status: str, tooltip: str = "") -> str:
-    bg, fg = _BADGE_COLOURS.get(status, _UNKNOWN_BADGE)
-    title = f' title="{_e(tooltip)}"' if tooltip else ""
-    return (f'<span class="badge badge-{_e(_UNSAFE_CHARS_RE.sub("-", status))}" '
-            f'style="background:{bg};color:{fg}"{title}>{_e(status)}</span>')
 
 
 def _render_subtitle(meta: Mapping[str, Any]) -> str:
@@ -600,12 +432,12 @@ def _render_subtitle(meta: Mapping[str, Any]) -> str:
         if value in (None, ""):
             continue
         if label == "revision":
-            bits.append(f'{_e(label)}: <code title="{_e(value)}">{_e(_short_revision(value))}</code>')
+            bits.append(f'{escape(label)}: <code title="{escape(value)}">{escape(short_revision(value))}</code>')
         else:
-            bits.append(f"{_e(label)}: <code>{_e(value)}</code>")
-    hardware = _hardware_text(prov.get("hardware"))
+            bits.append(f"{escape(label)}: <code>{escape(value)}</code>")
+    hardware = hardware_text(prov.get("hardware"))
     if hardware:
-        bits.append(f"hardware: <code>{_e(hardware)}</code>")
+        bits.append(f"hardware: <code>{escape(hardware)}</code>")
     return f'<p class="sub">{" · ".join(bits)}</p>' if bits else ""
 
 
@@ -613,11 +445,11 @@ def _render_nav(has_figures: bool) -> str:
     links = [("matrix", "claim matrix"), ("claims", "claims")]
     links += [("figures", "figures")] if has_figures else []
     links += [("provenance", "provenance"), ("run", "run metadata")]
-    return '<p class="nav">' + " · ".join(f'<a href="#{a}">{_e(t)}</a>' for a, t in links) + "</p>"
+    return '<p class="nav">' + " · ".join(f'<a href="#{a}">{escape(t)}</a>' for a, t in links) + "</p>"
 
 
 def _render_summary(counts: Mapping[str, int], total: int) -> str:
-    items = [f"{_badge(status)} {counts[status]}" for status in counts]
+    items = [f"{badge(status)} {counts[status]}" for status in counts]
     return f'<p class="summary"><strong>{total}</strong> results: {" &nbsp; ".join(items)}</p>'
 
 
@@ -627,21 +459,21 @@ def _render_matrix(verdicts: Sequence[Mapping[str, Any]]) -> str:
     rows = ["<table class=\"matrix\"><thead><tr><th>claim</th><th>parameters</th><th>verdict</th>"
             "<th>effect [CI]</th><th>p (adj.)</th><th>n</th><th>test</th></tr></thead><tbody>"]
     for v in verdicts:
-        claim = _claim_of(v)
-        status = _status(v)
+        claim = claim_of(v)
+        status = status_of(v)
         tooltip = f"pytest: {v['outcome']}" if v.get("outcome") else ""
-        verdict_cell = _badge(status, tooltip) + _reason_note(v)
+        verdict_cell = badge(status, tooltip) + reason_note(v)
         if status == "error":
-            effect_cell = p_cell = n_cell = test_cell = _DASH
+            effect_cell = p_cell = n_cell = test_cell = DASH
         else:
             effect_cell = _effect_cell(v)
             p_cell = _p_cell(v)
-            n_cell = _e(_fmt_scalar(v.get("n")))
-            test_cell = _e(v.get("test") or _DASH)
+            n_cell = escape(fmt_scalar(v.get("n")))
+            test_cell = escape(v.get("test") or DASH)
         rows.append(
-            f'<tr class="row-{_e(_UNSAFE_CHARS_RE.sub("-", status))}">'
-            f'<td><a href="#{_e(_anchor(claim))}">{_e(claim)}</a></td>'
-            f"<td>{_e(_params_text(v))}</td>"
+            f'<tr class="row-{escape(UNSAFE_CHARS_RE.sub("-", status))}">'
+            f'<td><a href="#{escape(_anchor(claim))}">{escape(claim)}</a></td>'
+            f"<td>{escape(params_text(v))}</td>"
             f"<td>{verdict_cell}</td>"
             f'<td class="num">{effect_cell}</td><td class="num">{p_cell}</td>'
             f'<td class="num">{n_cell}</td><td>{test_cell}</td></tr>'
@@ -650,23 +482,15 @@ def _render_matrix(verdicts: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(rows)
 
 
-def _reason_note(v: Mapping[str, Any], limit: int = 90) -> str:
-    """For an inconclusive or errored entry, its reason in small text (cut; the whole as a tooltip)."""
-    reason = " ".join(str(v.get("reason") or "").split())
-    if _status(v) in ("supported", "refuted") or not reason:
-        return ""
-    return f'<br><small class="why" title="{_e(reason)}">{_e(_shorten(reason, limit))}</small>'
-
-
 def _effect_cell(v: Mapping[str, Any]) -> str:
-    effect = _fmt_effect(v.get("effect"))
-    ci = _fmt_ci(v.get("ci"))
+    effect = fmt_effect(v.get("effect"))
+    ci = fmt_ci(v.get("ci"))
     name = v.get("effect_name") or ""
-    level = _as_float(v.get("ci_level"))
+    level = as_float(v.get("ci_level"))
     tip = str(name) + (f" ({level * 100:g}% CI)" if level is not None and ci else "")
-    text = _e(effect) + (f" {_e(ci)}" if ci else "")
-    small = f'<br><small class="ename">{_e(name)}</small>' if name else ""
-    title = f' title="{_e(tip)}"' if tip else ""
+    text = escape(effect) + (f" {escape(ci)}" if ci else "")
+    small = f'<br><small class="ename">{escape(name)}</small>' if name else ""
+    title = f' title="{escape(tip)}"' if tip else ""
     return f"<span{title}>{text}</span>{small}{_power_note(v)}"
 
 
@@ -676,13 +500,13 @@ _POWER_TARGET = 0.8
 def _power_note(v: Mapping[str, Any]) -> str:
     """Δ and the power to support / refute beside the CI; flagged when below 0.8 (the claim can then
     end inconclusive for want of data, never be falsely refuted)."""
-    delta = _as_float(v.get("min_effect"))
+    delta = as_float(v.get("min_effect"))
     power = v.get("power") if isinstance(v.get("power"), Mapping) else None
     if delta is None and not power:
         return ""
     parts = [f"Δ = {delta:g}"] if delta is not None else []
     if power:
-        sup, ref = _as_float(power.get("support")), _as_float(power.get("refute"))
+        sup, ref = as_float(power.get("support")), as_float(power.get("refute"))
         if sup is not None or ref is not None:
             parts.append("power " + " / ".join(
                 f"{w} {x:.2f}" for w, x in (("support", sup), ("refute", ref)) if x is not None))
@@ -690,39 +514,38 @@ def _power_note(v: Mapping[str, Any]) -> str:
                 parts.append("underpowered at these sizes")
         elif power.get("note"):
             parts.append(f"power: {power['note']}")
-    return f'<br><small class="power" title="{_e(str(power or ""))}">{_e(" · ".join(parts))}</small>'
-
+    return f'<br><small class="power" title="{escape(str(power or ""))}">{escape(" · ".join(parts))}</small>'
 
 
 def _p_cell(v: Mapping[str, Any]) -> str:
     adjusted, raw = v.get("p_adjusted"), v.get("p_value")
-    if _as_float(adjusted) is not None:
-        return f"{_e(_fmt_p(adjusted))}<br><small>raw {_e(_fmt_p(raw))}</small>"
-    if _as_float(raw) is not None:
-        return f"{_e(_fmt_p(raw))}<br><small>unadjusted</small>"
-    return _DASH
+    if as_float(adjusted) is not None:
+        return f"{escape(fmt_p(adjusted))}<br><small>raw {escape(fmt_p(raw))}</small>"
+    if as_float(raw) is not None:
+        return f"{escape(fmt_p(raw))}<br><small>unadjusted</small>"
+    return DASH
 
 
 def _render_claim_sections(
     verdicts: Sequence[Mapping[str, Any]], claim_figures: Mapping[str, Mapping[str, Any]] | None = None
 ) -> str:
     if not verdicts:
-        return f"<p>{_DASH}</p>"
+        return f"<p>{DASH}</p>"
     claim_figures = claim_figures or {}
     groups: dict[str, list[Mapping[str, Any]]] = {}
     for v in verdicts:  # first-appearance order, which is pytest's collection order
-        groups.setdefault(_claim_of(v), []).append(v)
+        groups.setdefault(claim_of(v), []).append(v)
     out: list[str] = []
     for claim, items in groups.items():
         statement = next((str(v["statement"]) for v in items if v.get("statement")), "")
         source = next((str(v["source"]) for v in items if v.get("source")), "")
-        badges = " ".join(_badge(s) + f" {n}" for s, n in summarize(items).items() if n)
-        out.append(f'<section class="claim" id="{_e(_anchor(claim))}">')
-        out.append(f"<h3>{_e(claim)} <span class=\"counts\">{badges}</span></h3>")
+        badges = " ".join(badge(s) + f" {n}" for s, n in summarize(items).items() if n)
+        out.append(f'<section class="claim" id="{escape(_anchor(claim))}">')
+        out.append(f"<h3>{escape(claim)} <span class=\"counts\">{badges}</span></h3>")
         if statement:
-            out.append(f'<p class="statement">{_e(statement)}</p>')
+            out.append(f'<p class="statement">{escape(statement)}</p>')
         if source:
-            out.append(f'<p class="source">Source: {_e(source)}</p>')
+            out.append(f'<p class="source">Source: {escape(source)}</p>')
         if claim_figures.get(claim):
             out.append(_render_figures(claim_figures[claim], strip_prefix=claim))
         out.extend(_render_verdict(v) for v in items)
@@ -731,41 +554,39 @@ def _render_claim_sections(
 
 
 def _render_verdict(v: Mapping[str, Any]) -> str:
-    status = _status(v)
-    head = f"{_badge(status)} <strong>{_e(_params_text(v))}</strong>"
+    status = status_of(v)
+    head = f"{badge(status)} <strong>{escape(params_text(v))}</strong>"
     if v.get("outcome"):
-        head += f' <small>pytest: {_e(v["outcome"])}</small>'
-    lines = [f'<div class="verdict verdict-{_e(_UNSAFE_CHARS_RE.sub("-", status))}">', f"<p>{head}</p>"]
+        head += f' <small>pytest: {escape(v["outcome"])}</small>'
+    lines = [f'<div class="verdict verdict-{escape(UNSAFE_CHARS_RE.sub("-", status))}">', f"<p>{head}</p>"]
     reason = v.get("reason")
     if reason not in (None, ""):
-        lines.append(f'<pre class="reason">{_e(reason)}</pre>')
+        lines.append(f'<pre class="reason">{escape(reason)}</pre>')
     if status != "error":
         stats: list[tuple[str, str]] = []
         if v.get("test"):
-            stats.append(("test", _e(v["test"])))
-        if _as_float(v.get("statistic")) is not None:
-            stats.append(("statistic", _e(format(_as_float(v["statistic"]), ".4g"))))
-        stats.append(("p", _e(_fmt_p(v.get("p_value")))))
-        if _as_float(v.get("p_adjusted")) is not None:
-            stats.append(("p adjusted", _e(_fmt_p(v.get("p_adjusted")))))
+            stats.append(("test", escape(v["test"])))
+        if as_float(v.get("statistic")) is not None:
+            stats.append(("statistic", escape(format(as_float(v["statistic"]), ".4g"))))
+        stats.append(("p", escape(fmt_p(v.get("p_value")))))
+        if as_float(v.get("p_adjusted")) is not None:
+            stats.append(("p adjusted", escape(fmt_p(v.get("p_adjusted")))))
         label = str(v.get("effect_name") or "effect")
-        ci = _fmt_ci(v.get("ci"))
-        level = _as_float(v.get("ci_level"))
+        ci = fmt_ci(v.get("ci"))
+        level = as_float(v.get("ci_level"))
         ci_text = f" {ci}" + (f" ({level * 100:g}% CI)" if level is not None else "") if ci else ""
-        stats.append((label, _e(_fmt_effect(v.get("effect")) + ci_text)))
+        stats.append((label, escape(fmt_effect(v.get("effect")) + ci_text)))
         if v.get("n") is not None:
-            stats.append(("n", _e(_fmt_scalar(v.get("n")))))
-        if _as_float(v.get("alpha")) is not None:
-            stats.append(("alpha", _e(_fmt_scalar(_as_float(v.get("alpha"))))))
-        if _as_float(v.get("min_effect")) is not None:
-            stats.append(("smallest effect of interest Δ", _e(format(_as_float(v["min_effect"]), "g"))))
+            stats.append(("n", escape(fmt_scalar(v.get("n")))))
+        if as_float(v.get("alpha")) is not None:
+            stats.append(("alpha", escape(fmt_scalar(as_float(v.get("alpha"))))))
+        if as_float(v.get("min_effect")) is not None:
+            stats.append(("smallest effect of interest Δ", escape(format(as_float(v["min_effect"]), "g"))))
         if isinstance(v.get("power"), Mapping):
-            from rh.stats import _fmt_power
-
-            stats.append(("power", _e(_fmt_power(dict(v["power"])))))
-        lines.append('<p class="stats">' + " · ".join(f"{_e(k)}: {val}" for k, val in stats) + "</p>")
+            stats.append(("power", escape(format_power(dict(v["power"])))))
+        lines.append('<p class="stats">' + " · ".join(f"{escape(k)}: {val}" for k, val in stats) + "</p>")
     if v.get("nodeid"):
-        lines.append(f'<p class="nodeid"><code>{_e(v["nodeid"])}</code></p>')
+        lines.append(f'<p class="nodeid"><code>{escape(v["nodeid"])}</code></p>')
     details = v.get("details")
     if details not in (None, {}, [], ""):
         lines.append('<details open><summary>details</summary>')
@@ -778,11 +599,11 @@ def _render_verdict(v: Mapping[str, Any]) -> str:
 def _render_value(value: Any, depth: int = 0) -> str:
     """Generic, escaped rendering of JSON-like data: dicts as key/value tables, lists shortened."""
     if depth > 8:
-        return _e(json.dumps(_jsonable(value))[:500])
+        return escape(json.dumps(jsonable(value))[:500])
     if isinstance(value, Mapping):
         if not value:
             return "{}"
-        rows = "".join(f"<tr><th>{_e(k)}</th><td>{_render_value(v, depth + 1)}</td></tr>"
+        rows = "".join(f"<tr><th>{escape(k)}</th><td>{_render_value(v, depth + 1)}</td></tr>"
                        for k, v in value.items())
         return f'<table class="kv">{rows}</table>'
     if isinstance(value, list | tuple | set | frozenset):
@@ -793,10 +614,10 @@ def _render_value(value: Any, depth: int = 0) -> str:
         more = len(items) - len(shown)
         tail = f" <small>… ({more} more; full list in the JSON)</small>" if more else ""
         if all(not isinstance(x, Mapping | list | tuple | set | frozenset) for x in shown):
-            return "[" + ", ".join(_e(_fmt_scalar(x)) for x in shown) + "]" + tail
+            return "[" + ", ".join(escape(fmt_scalar(x)) for x in shown) + "]" + tail
         lis = "".join(f"<li>{_render_value(x, depth + 1)}</li>" for x in shown)
         return f"<ol start=\"0\">{lis}</ol>{tail}"
-    return _e(_fmt_scalar(value))
+    return escape(fmt_scalar(value))
 
 
 def _render_figures(figures: Mapping[str, Any], strip_prefix: str = "") -> str:
@@ -808,12 +629,12 @@ def _render_figures(figures: Mapping[str, Any], strip_prefix: str = "") -> str:
             caption = caption.partition(":")[2].strip() or caption
         mime = _image_mime(data)
         if mime is None:
-            out.append(f'<p class="missing">Figure {_e(title)} could not be embedded '
+            out.append(f'<p class="missing">Figure {escape(title)} could not be embedded '
                        "(not PNG, JPEG or GIF bytes).</p>")
             continue
         uri = f"data:{mime};base64,{base64.b64encode(bytes(data)).decode('ascii')}"
-        out.append(f'<figure><img src="{uri}" alt="{_e(title)}">'
-                   f"<figcaption>{_e(caption)}</figcaption></figure>")
+        out.append(f'<figure><img src="{uri}" alt="{escape(title)}">'
+                   f"<figcaption>{escape(caption)}</figcaption></figure>")
     return "\n".join(out)
 
 
@@ -822,38 +643,3 @@ def _image_mime(data: Any) -> str | None:
         return None
     head = bytes(data[:8])
     return next((mime for magic, mime in _IMAGE_MAGIC if head.startswith(magic)), None)
-
-
-_CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2em auto;max-width:72em;
-padding:0 1em;color:#1f2328;line-height:1.45}
-h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #d0d7de;padding-bottom:.2em;margin-top:1.6em}
-.sub{color:#57606a;margin-top:0}.summary{font-size:1.1em}
-table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #d0d7de;padding:.25em .6em;
-vertical-align:top;text-align:left}thead th{background:#f6f8fa}
-table.matrix td.num{text-align:right;white-space:nowrap}
-table.kv th{background:#f6f8fa;font-weight:600;white-space:nowrap}table.kv td{overflow-wrap:anywhere}
-table.matrix td.num small.ename{white-space:normal}table.matrix th{white-space:nowrap}
-.badge{display:inline-block;padding:.05em .55em;border-radius:.8em;font-size:.85em;font-weight:600}
-small{color:#57606a}
-section.claim{border-top:1px solid #d0d7de;padding-top:.4em;margin-top:1em}
-.statement{font-style:italic}.source{color:#57606a;margin-top:-.5em}
-.verdict{margin:.6em 0 .6em 1em;padding-left:.8em;border-left:3px solid #d0d7de}
-pre.reason{white-space:pre-wrap;word-break:break-word;background:#f6f8fa;padding:.4em .6em;margin:.2em 0}
-.stats{font-size:.92em}.nodeid{font-size:.85em;color:#57606a}
-figure{margin:1em 0}figure img{max-width:100%;border:1px solid #d0d7de}figcaption{color:#57606a}
-.counts{font-size:.7em;font-weight:normal}
-.nav{font-size:.9em}.nav a{color:#0969da}
-.badge-supported::before{content:"\\2713\\00a0"}.badge-refuted::before{content:"\\2717\\00a0"}
-.badge-inconclusive::before{content:"?\\00a0"}.badge-error::before{content:"!\\00a0"}
-tr.row-refuted>td{background:#ffebe9}tr.row-inconclusive>td{background:#fff8c5}
-tr.row-error>td{background:#eaeef2}
-tr.row-refuted>td:first-child{box-shadow:inset 4px 0 #cf222e}
-tr.row-inconclusive>td:first-child{box-shadow:inset 4px 0 #d4a72c}
-tr.row-error>td:first-child{box-shadow:inset 4px 0 #24292f}
-tr.row-supported>td:first-child{box-shadow:inset 4px 0 #1a7f37}
-.verdict-supported{border-left-color:#1a7f37}.verdict-refuted{border-left-color:#cf222e;background:#fff5f5}
-.verdict-inconclusive{border-left-color:#d4a72c;background:#fffbe6}
-.verdict-error{border-left-color:#24292f;background:#f3f4f6}
-small.why{display:inline-block;max-width:22em}
-"""
