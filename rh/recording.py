@@ -92,7 +92,11 @@ class _StopForward(Exception):
 
 
 def _resolve(model: Any, names: Iterable[Site | str]) -> list[Site]:
+    """The sites of ``names``, checked against the model (each once, each in one of its layers)."""
     sites = [site(n) for n in names]
+    twice = sorted({str(s) for s in sites if sites.count(s) > 1})
+    if twice:
+        raise ValueError(f"sites {twice} are given twice: give each once")
     n_layers = len(decoder_layers(model))
     bad = sorted({s.layer for s in sites if not 0 <= s.layer < n_layers})
     if bad:
@@ -106,9 +110,6 @@ def _first(args: tuple, kwargs: Mapping[str, Any]) -> torch.Tensor:
 
 def _output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
-
-
-_ORDER = {"hook_resid_pre": 0, "attn.hook_z": 1, "hook_resid_post": 2}  # the order a layer reaches its sites
 
 
 def _module(model: Any, s: Site) -> torch.nn.Module:
@@ -125,17 +126,18 @@ def reading(model: Any, fns: Mapping[Site | str, Callable[[torch.Tensor], Any]],
     it: after every rewrite registered on that module, in whatever order the blocks were entered.
     What the functions return is ignored; they must not change ``x`` in place.
 
-    ``stop_after``: the forward is cut short once the last of the sites (in the order the forward
-    reaches them) was read, and the block ends there, so put the forward last in the block: the
-    layers after it are not run (attribution through early heads needs no logits)."""
-    calls = {site(k): f for k, f in fns.items()}
-    _resolve(model, calls)
-    last = max(calls, key=lambda s: (s.layer, _ORDER[s.kind])) if calls else None
+    ``stop_after``: the forward is cut short once every site was read, and the block ends there,
+    so put the forward last in the block: the layers after the last site are not run (attribution
+    through early heads needs no logits). Reads happen when a module has run: ``resid_pre(l)`` is
+    read once layer ``l`` has run, as ``resid_post(l)`` is."""
+    calls = dict(zip(_resolve(model, fns), fns.values()))
+    fired: set[Site] = set()
 
     def make(s: Site, fn):
         def hook(module, args, kwargs, out):
             fn(_output(out) if s.kind == "hook_resid_post" else _first(args, kwargs))
-            if stop_after and s == last:
+            fired.add(s)
+            if stop_after and len(fired) == len(calls):
                 raise _StopForward
         return hook
 
@@ -159,7 +161,7 @@ def recording(model: Any, names: Iterable[Site | str], *, keep: Callable[[torch.
     last position, off the accelerator; without it every site's full tensor is held until the
     next forward). ``detach=False`` keeps the autograd graph (gradients through the sites).
     ``stop_after``: as for :func:`reading`."""
-    sites = [site(n) for n in names]
+    sites = _resolve(model, names)
     cache: dict[Site, Any] = {}
 
     def store(s: Site):
@@ -178,8 +180,7 @@ def rewriting(model: Any, fns: Mapping[Site | str, Callable[[torch.Tensor], torc
     ``fns[site](x)`` (None: left as it is). ``resid_pre`` and ``attn_z`` are rewritten before their
     module runs (a pre-hook: what the layer, or ``o_proj``, then consumes), ``resid_post`` after the
     layer ran (its output)."""
-    calls = {site(k): f for k, f in fns.items()}
-    _resolve(model, calls)
+    calls = dict(zip(_resolve(model, fns), fns.values()))
 
     def before(fn):
         def hook(module, args, kwargs):
