@@ -40,10 +40,7 @@ def task_rankings(identify_ranking, niah_split, profile):
 def task_validation(rh_model, profile):
     """Fresh prompts of each identification task (``task_n`` per depth, a seed the identification
     never saw) on which ID-5 tests the candidate general heads and CA-4 ablates them."""
-    from rh.niah import build_samples
-
-    sweep = profile.fresh_sweep("tasks", profile.task_n, profile.id_tasks)
-    fresh = build_samples(rh_model.tokenizer, sweep, chat=rh_model.instruct, max_positions=rh_model.max_positions)
+    fresh = profile.fresh_samples(rh_model, "tasks", profile.task_n, profile.id_tasks)
     return {t: [s for s in fresh if s.task == t] for t in profile.id_tasks}
 
 
@@ -65,10 +62,7 @@ def task_baselines(rh_model, task_validation, task_rankings, profile):
 def keep_samples(rh_model, profile):
     """Fresh prompts (``inverse_n`` per depth, a seed no identification used) for the claims that
     an intervention *keeps* accuracy within a margin: CA-3 and CA-8 (non-inferiority needs about 80)."""
-    from rh.niah import build_samples
-
-    sweep = profile.fresh_sweep("inverse", profile.inverse_n)
-    return build_samples(rh_model.tokenizer, sweep, chat=rh_model.instruct, max_positions=rh_model.max_positions)
+    return profile.fresh_samples(rh_model, "inverse", profile.inverse_n)
 
 
 @pytest.fixture(scope="session")

@@ -91,10 +91,8 @@ def test_ablating_general_heads_hurts_every_task(id_task, ca4_verdicts, record_v
 def ca6_verdicts(rh_model, ranking, profile):
     """Fresh prompts (a seed the identification never saw), ``depth_n`` per depth: baseline vs top-K ablated."""
     from rh.causal import ablation_hurts
-    from rh.niah import build_samples
 
-    sweep = profile.fresh_sweep("depth", profile.depth_n)
-    fresh = build_samples(rh_model.tokenizer, sweep, chat=rh_model.instruct, max_positions=rh_model.max_positions)
+    fresh = profile.fresh_samples(rh_model, "depth", profile.depth_n)
     groups = {d: [s for s in fresh if s.depth == d] for d in profile.depths}
     return ablation_hurts("CA-6", rh_model, groups, ranking.top(profile.id_k), None, param="depth",
                           alpha=profile.alpha, baseline_floor=profile.baseline_floor, min_drop=profile.min_drop,

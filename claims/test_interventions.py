@@ -10,13 +10,6 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def _fresh(rh_model, profile, per_depth: int, stream: str):
-    from rh.niah import build_samples
-
-    sweep = profile.fresh_sweep(stream, per_depth)
-    return build_samples(rh_model.tokenizer, sweep, chat=rh_model.instruct, max_positions=rh_model.max_positions)
-
-
 @pytest.fixture(scope="session")
 def critical(ranking, profile):
     """The critical heads: the ranking's top ``critical_k`` (at least as many as IV-1's levels)."""
@@ -25,7 +18,7 @@ def critical(ranking, profile):
 
 @pytest.fixture(scope="session")
 def iv_samples(rh_model, profile):
-    return _fresh(rh_model, profile, profile.iv_n, "interventions")
+    return profile.fresh_samples(rh_model, "interventions", profile.iv_n)
 
 
 @pytest.fixture(scope="session")
@@ -119,7 +112,7 @@ def test_the_answer_becomes_decodable_after_the_critical_heads(rh_model, ranking
     if floor:  # a model that does not retrieve has no critical heads to locate the answer after
         return record_verdict(inconclusive("IV-5", {}, floor, "layer probes", profile.alpha, min_effect=0.0))
 
-    samples = _fresh(rh_model, profile, profile.probe_n, "probes")
+    samples = profile.fresh_samples(rh_model, "probes", profile.probe_n)
     feats = last_token_residuals(rh_model, samples, batch_size=profile.batch_size)
     df = layer_probes(feats, answer_labels(samples), seed=profile.draw_seed)
     v = decodable_after_heads(df, [h.layer for h in ranking.top(profile.critical_k)], alpha=profile.alpha)

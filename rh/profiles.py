@@ -4,12 +4,12 @@ counts differ by 20x between SmolLM2 (270) and Llama-3.3-70B (5120)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from rh.heads import HeadShape
-from rh.niah import Sweep
+from rh.niah import Sample, Sweep, build_samples
 from rh.seeds import prompt_seed
 
 
@@ -93,6 +93,12 @@ class Profile:
         (:data:`rh.seeds.PROMPT_STREAMS`), so that no identification prompt is among them."""
         return replace(self.sweep(), lengths=self.lengths[:1], tasks=tuple(tasks or self.tasks),
                        n_per_setting=per_depth, seed=prompt_seed(self.sample_seed, stream))
+
+    def fresh_samples(self, model: Any, stream: str, per_depth: int, tasks: Sequence[str] | None = None) -> list[Sample]:
+        """The prompts of :meth:`fresh_sweep`, built for ``model`` (a ``LoadedModel``: its tokenizer,
+        chat template where it is an instruct model, and context length)."""
+        return build_samples(model.tokenizer, self.fresh_sweep(stream, per_depth, tasks), chat=model.instruct,
+                             max_positions=model.max_positions)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
