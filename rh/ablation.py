@@ -36,8 +36,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from rh.batching import Batch, decode_start, make_batches
 from rh.attention import AttentionIntervention, add_intervention, rh_attention_active
+from rh.batching import Batch, decode_start, make_batches
 from rh.heads import Head, HeadShape, heads_by_layer, validate_heads
 from rh.models import attention_modules, hf_model
 from rh.recording import attn_z, reading

@@ -50,8 +50,8 @@ import torch
 
 from rh.heads import Head, validate_heads
 from rh.models import LoadedModel, attention_modules, final_norm, hf_model
-from rh.recording import attn_z, head_slice, recording, resid_post
 from rh.niah import Sample
+from rh.recording import attn_z, head_slice, recording, resid_post
 from rh.stats import Verdict
 
 log = logging.getLogger(__name__)

@@ -81,8 +81,7 @@ def calibrate(model: Any, *, batch_size: int, length: int, repeats: int = 2) -> 
     a line that says how it was measured."""
     import torch
 
-    from rh.models import decoder_layers
-    from rh.models import hf_model
+    from rh.models import decoder_layers, hf_model
 
     hf = hf_model(model)
     n_layers = len(decoder_layers(hf))

@@ -21,7 +21,6 @@ __all__ = ["flat_index", "identification_scores", "distractor_samples", "distrac
            "compression_verdicts"]
 
 
-
 def flat_index(heads: Sequence[Head], shape: HeadShape) -> np.ndarray:
     """Heads as flat indices ``layer * n_heads + head`` (the order of a flattened score grid)."""
     return np.array([h.layer * shape.n_heads + h.head for h in heads], dtype=int)

@@ -771,7 +771,7 @@ def final_norm(model: Any) -> torch.nn.Module:
 def layer_slice(model: Any, start: int = 0, stop: int | None = None) -> Iterator[None]:
     """Within the block, the model's forward runs decoder layers ``start..stop-1`` only (the
     modules themselves, hooks and all); the full layer list is back in ``finally``. Callers give
-    the first layer its input (:func:`forward`) or read only what layers before ``stop`` compute
+    the first layer its input (:func:`rh.prefix.forward`) or read only what layers before ``stop`` compute
     (``rh.attention.capture_attention(..., through_layer=)``): a shorter pass, not the model's output."""
     inner = hf_model(model).model
     full = inner.layers

@@ -257,13 +257,13 @@ def forward(model: Any, inputs: Mapping[str, torch.Tensor], **kwargs: Any) -> An
     if first == 0:
         cache.misses += 1
         return hf(**inputs, **kwargs)
-    n_layers = len(decoder_layers(hf, missing_ok=True))
+    layers = decoder_layers(hf, missing_ok=True)
+    n_layers = len(layers)
     key = _batch_key(hf, inputs)
     found = cache.best(key, first if first < n_layers else n_layers - 1, hf)
     start = found[0] if found else 0
     keep = {layer for layer in cache.hinted() | ({first} if first < n_layers else set()) if start < layer <= first
             and layer < n_layers and (key, layer) not in cache.entries}
-    layers = decoder_layers(hf, missing_ok=True)
     stored: dict[int, torch.Tensor] = {}
     handles = []
 

@@ -29,8 +29,8 @@ import torch
 from tqdm.auto import tqdm
 
 from rh.models import LoadedModel, decoder_layers, hf_model
-from rh.recording import recording, resid_post, resid_pre
 from rh.niah import Sample
+from rh.recording import recording, resid_post, resid_pre
 from rh.stats import Verdict, holm, min_attainable_p_binomial
 
 log = logging.getLogger(__name__)

@@ -8,20 +8,16 @@ from typing import Any
 
 import numpy as np
 
-from rh.report.plotting import plt, png
+from rh.report.plotting import claim_rows, plt, png
 
 __all__ = ["compression_figure", "distractor_figure", "field_figures", "kv_group_figure", "method_agreement_figure",
            "uncertainty_figure"]
 
 
-def _of(verdicts: Sequence[Mapping[str, Any]], claim: str) -> list[Mapping[str, Any]]:
-    return [v for v in verdicts if v.get("claim") == claim and v.get("details")]
-
-
 def method_agreement_figure(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
     """ID-7: per method, its top-K overlap with sum attention's beside each one's overlap with
     itself across halves of its inputs (the null that matters), and chance."""
-    rows = [v for v in _of(verdicts, "ID-7") if "cross_overlap" in v["details"]]
+    rows = [v for v in claim_rows(verdicts, "ID-7") if "cross_overlap" in v["details"]]
     if not rows:
         return None
     names = [v["params"]["method"] for v in rows]
@@ -43,7 +39,7 @@ def method_agreement_figure(verdicts: Sequence[Mapping[str, Any]]) -> bytes | No
 
 def kv_group_figure(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
     """ID-8: where the top-K heads sit, layer by KV group (a cell counts the top heads reading that KV head)."""
-    rows = [v for v in _of(verdicts, "ID-8") if v["details"].get("top_heads") and v["details"].get("n_heads")]
+    rows = [v for v in claim_rows(verdicts, "ID-8") if v["details"].get("top_heads") and v["details"].get("n_heads")]
     if not rows:
         return None
     d = rows[0]["details"]
@@ -68,8 +64,8 @@ def kv_group_figure(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
 def distractor_figure(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
     """CA-7: accuracy with no ablation, the top K and random K ablated; distractor answers with no
     ablation and with the top K ablated."""
-    acc = [v for v in _of(verdicts, "CA-7") if v["params"].get("part") == "accuracy"]
-    rate = [v for v in _of(verdicts, "CA-7") if v["params"].get("part") == "distractor_rate"]
+    acc = [v for v in claim_rows(verdicts, "CA-7") if v["params"].get("part") == "accuracy"]
+    rate = [v for v in claim_rows(verdicts, "CA-7") if v["params"].get("part") == "distractor_rate"]
     if not acc or "top_accuracy" not in acc[0]["details"]:
         return None
     a = acc[0]["details"]
@@ -93,7 +89,7 @@ def distractor_figure(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
 def compression_figure(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
     """CA-8: accuracy with every head outside the top K on a sink + recent window, and with the top K
     on it, per K; the KV-cache share the policy saves (a KV head only when all its query heads are restricted)."""
-    rows = sorted(_of(verdicts, "CA-8"), key=lambda v: (v["params"]["k"], v["params"]["arm"]))
+    rows = sorted(claim_rows(verdicts, "CA-8"), key=lambda v: (v["params"]["k"], v["params"]["arm"]))
     if not rows:
         return None
     ks = sorted({v["params"]["k"] for v in rows})

@@ -12,17 +12,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from rh.report.plotting import plt, png
+from rh.report.plotting import claim_rows, plt, png
 from rh.stats import holm, proportion_ci
 
 __all__ = ["attribution_figure", "incremental_curve", "intervention_figures", "override_bars", "patching_bars",
            "probe_figure", "strata_bars"]
 
 log = logging.getLogger(__name__)
-
-
-def _by_claim(verdicts: Sequence[Mapping[str, Any]], claim: str) -> list[Mapping[str, Any]]:
-    return [v for v in verdicts if v.get("claim") == claim and v.get("details")]
 
 
 def _bars(ax, labels: Sequence[str], accs: Sequence[float], n: int, colors: Sequence[str]) -> None:
@@ -36,7 +32,7 @@ def _bars(ax, labels: Sequence[str], accs: Sequence[float], n: int, colors: Sequ
 
 def incremental_curve(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
     """IV-1: accuracy as the 1, 2, 3 most critical heads are ablated (seed 004's deliverable)."""
-    rows = sorted(_by_claim(verdicts, "IV-1"), key=lambda v: v["params"]["n_heads"])
+    rows = sorted(claim_rows(verdicts, "IV-1"), key=lambda v: v["params"]["n_heads"])
     if not rows:
         return None
     n = rows[0]["n"]
@@ -58,7 +54,7 @@ def incremental_curve(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
 
 
 def patching_bars(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
-    rows = [v for v in _by_claim(verdicts, "IV-2") if "hub_accuracy" in v["details"]]
+    rows = [v for v in claim_rows(verdicts, "IV-2") if "hub_accuracy" in v["details"]]
     if not rows:
         return None
     d, n = rows[0]["details"], rows[0]["n"]
@@ -70,7 +66,7 @@ def patching_bars(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
 
 
 def override_bars(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
-    rows = _by_claim(verdicts, "IV-3")
+    rows = claim_rows(verdicts, "IV-3")
     if not rows:
         return None
     n = rows[0]["n"]
@@ -85,7 +81,7 @@ def override_bars(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
 def strata_bars(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
     """IV-7: per item right at baseline, the log-odds drop under ablation against the baseline
     log-odds; the hard half (left of the median) and the easy half in two colours, their means as lines."""
-    rows = [v for v in _by_claim(verdicts, "IV-7") if "items" in v["details"]]
+    rows = [v for v in claim_rows(verdicts, "IV-7") if "items" in v["details"]]
     if not rows:
         return None
     items = rows[0]["details"]["items"]
@@ -121,13 +117,13 @@ def intervention_figures(verdicts: Sequence[Mapping[str, Any]]) -> dict[str, byt
             continue
         if data:
             out[title] = data
-    for v in _by_claim(verdicts, "IV-5"):
+    for v in claim_rows(verdicts, "IV-5"):
         try:
             out["IV-5: probe accuracy by layer"] = probe_figure(pd.DataFrame(v["details"]["layers"]),
                                                                 v["details"]["critical_layers"])
         except (KeyError, TypeError, ValueError, ImportError) as exc:
             log.warning("IV-5 figure not drawn: %s", exc)
-    for v in _by_claim(verdicts, "IV-6"):
+    for v in claim_rows(verdicts, "IV-6"):
         ex = v["details"].get("example")
         if ex:
             try:

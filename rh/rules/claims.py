@@ -15,9 +15,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy import stats as _sps
 
-from rh.seeds import derive_seed
 from rh.rules.core import Bounds, Power, decide_bounds, holm_pairs, t_power, t_test, three_way
 from rh.rules.paired import FLIP_RATE, paired_ci, paired_family, paired_p, paired_power, rule_power
+from rh.seeds import derive_seed
 from rh.stats import (
     Verdict,
     bootstrap_ci,
