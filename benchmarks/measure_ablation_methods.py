@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from rh.ablation import ablate, head_means
+from rh.ablation import Ablation, ablation_conditions, head_means
 from rh.evaluate import accuracy_table, evaluate_conditions
 from rh.heads import random_heads
 from rh.models import load_model
@@ -55,16 +55,13 @@ def main() -> None:
           f"ranking={os.path.basename(path)} top{args.k}={[str(h) for h in top]}")
     means = head_means(m, identify, top)
 
-    conds = {"baseline": None}
-    for method in ("zero", "mean", "query", "logits"):
-        ref = means if method == "mean" else None
-        conds[method] = lambda method=method, ref=ref: ablate(m, top, method, reference=ref)
+    conds = ablation_conditions(m, top, reference=means)
     if not args.no_decode:
         for method in ("zero", "query"):
-            conds[f"{method}/decode"] = lambda method=method: ablate(m, top, method, phase="decode")
+            conds[f"{method}/decode"] = Ablation(f"{method}/decode", top, method, "decode")
     for d in range(args.random_draws):
         rand = random_heads(m.shape, args.k, exclude=top, seed=d)
-        conds[f"random{args.k}#{d}/zero"] = lambda rand=rand: ablate(m, rand, "zero")
+        conds[f"random{args.k}#{d}/zero"] = Ablation(f"random{args.k}#{d}/zero", rand, selection="random", draw=d)
     df = evaluate_conditions(m, samples, conds, progress=False)
     val_ids = {s.id for s in validate}
     df["split"] = ["validate" if i in val_ids else "identify" for i in df["id"]]

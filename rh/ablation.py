@@ -29,6 +29,7 @@ hook, intervention and attention-implementation swap is undone in ``finally``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -38,7 +39,7 @@ from tqdm.auto import tqdm
 
 from rh.attention import AttentionIntervention, add_intervention, rh_attention_active
 from rh.batching import Batch, decode_start, make_batches
-from rh.heads import Head, HeadShape, heads_by_layer, validate_heads
+from rh.heads import Head, HeadShape, heads_by_layer, parse_heads, validate_heads
 from rh.models import attention_modules, hf_model
 from rh.recording import attn_z, reading
 
@@ -433,23 +434,95 @@ def _o_proj_hook(shape: HeadShape, idx: list[int], phase: str, means: HeadMeans 
     return pre_hook
 
 
+SELECTIONS = ("baseline", "top", "random", "bottom", "heads")
+
+
+@dataclasses.dataclass(frozen=True)
+class Ablation:
+    """One condition of an ablation experiment, declared rather than named: what it ablates and why.
+
+    ``name`` labels its rows in the results (``"top10"``, ``"random10#3"``, ``"mean"``);
+    ``heads`` (empty for the baseline), ``method`` and ``phase`` are :func:`ablate`'s;
+    ``selection`` says how the heads were chosen: ``"baseline"`` (none), ``"top"``, ``"random"``
+    or ``"bottom"`` (by a ranking) or ``"heads"`` (given); ``draw`` numbers the random draws;
+    ``reference`` feeds ``method="mean"`` (it is not part of the value's identity).
+
+    :func:`rh.evaluate.evaluate_conditions` opens it and writes :meth:`columns` beside each row, so
+    the figures read ``selection``, ``k`` and ``draw`` from the results, never from the name.
+    """
+
+    name: str
+    heads: tuple[Head, ...] = ()
+    method: str = "zero"
+    phase: str = "all"
+    selection: str = "heads"
+    draw: int | None = None
+    reference: Any = dataclasses.field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "heads", tuple(parse_heads(self.heads)))
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"an Ablation needs a non-empty name, not {self.name!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"condition {self.name!r}: unknown ablation method={self.method!r}: use one of "
+                             f"{', '.join(repr(m) for m in METHODS)}")
+        if self.phase not in PHASES:
+            raise ValueError(f"condition {self.name!r}: unknown phase={self.phase!r}: use 'all' or 'decode'")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"condition {self.name!r}: unknown selection={self.selection!r}: use one of "
+                             f"{', '.join(repr(x) for x in SELECTIONS)}")
+        if (self.selection == "baseline") != (not self.heads):
+            raise ValueError(f"condition {self.name!r}: selection='baseline' is the one condition without heads "
+                             f"(selection={self.selection!r}, {len(self.heads)} heads)")
+        if (self.draw is not None) != (self.selection == "random"):
+            raise ValueError(f"condition {self.name!r}: draw= numbers random draws only "
+                             f"(selection={self.selection!r}, draw={self.draw!r})")
+        if self.method == "mean" and self.reference is None:
+            raise ValueError(f"condition {self.name!r}: method='mean' needs reference=: the means from "
+                             "head_means(model, prompts, heads)")
+        if self.reference is not None and self.method != "mean":
+            raise ValueError(f"condition {self.name!r}: reference= only applies to method='mean', not "
+                             f"method={self.method!r}; drop it")
+
+    @classmethod
+    def baseline(cls, name: str = "baseline") -> Ablation:
+        """The condition that ablates nothing."""
+        return cls(name, selection="baseline")
+
+    @property
+    def k(self) -> int:
+        """The number of heads ablated."""
+        return len(self.heads)
+
+    def columns(self) -> dict[str, Any]:
+        """What the condition is, as the columns :func:`rh.evaluate.evaluate_conditions` adds to its rows."""
+        on = bool(self.heads)
+        return {"selection": self.selection, "k": self.k, "draw": self.draw,
+                "method": self.method if on else None, "phase": self.phase if on else None}
+
+    def open(self, model: Any) -> contextlib.AbstractContextManager:
+        """The block that applies the condition to ``model``: :func:`ablate`, or nothing for the baseline."""
+        if not self.heads:
+            return contextlib.nullcontext([])
+        return ablate(model, self.heads, self.method, phase=self.phase, reference=self.reference)
+
+
 def ablation_conditions(model: Any, heads: Iterable[Head | str | tuple[int, int]], methods: Sequence[str] = METHODS, *,
                         phase: str = "all", reference: Any = None, baseline: bool = True,
-                        ) -> dict[str, Any]:
-    """Named conditions for ``rh.evaluate.evaluate_conditions``: ``"baseline"`` (no ablation, unless
-    ``baseline=False``) and one ``ablate(model, heads, method, phase=...)`` per method.
+                        ) -> dict[str, Ablation]:
+    """Declared conditions for ``rh.evaluate.evaluate_conditions``: ``"baseline"`` (no ablation,
+    unless ``baseline=False``) and one :class:`Ablation` of ``heads`` per method, named by it.
 
     ``reference`` feeds ``"mean"``; pass the means from :func:`head_means` rather than samples,
     or they are recomputed for the condition.
     """
-    heads = list(heads)
+    heads = tuple(validate_heads(heads, _shape_of(model, None)))
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"unknown ablation method={m!r}: use one of {', '.join(repr(x) for x in METHODS)}")
     if "mean" in methods and reference is None:
         raise ValueError("the 'mean' condition needs reference=: the means from head_means(model, prompts, heads)")
-    out: dict[str, Any] = {"baseline": None} if baseline else {}
+    out: dict[str, Ablation] = {"baseline": Ablation.baseline()} if baseline else {}
     for m in methods:
-        ref = reference if m == "mean" else None
-        out[m] = lambda m=m, ref=ref: ablate(model, heads, m, phase=phase, reference=ref)
+        out[m] = Ablation(m, heads, m, phase, reference=reference if m == "mean" else None)
     return out

@@ -16,7 +16,7 @@ import torch
 import pandas as pd
 
 from rh.progress import track
-from rh.ablation import ablate
+from rh.ablation import Ablation, ablate
 from rh.evaluate import teacher_forced
 from rh.heads import Head
 from rh.models import LoadedModel
@@ -340,24 +340,22 @@ def mechanism_comparison(model: LoadedModel, samples: Sequence[Sample], heads: S
 
 
 def selection_conditions(model: LoadedModel, ranking: Ranking, ks: Sequence[int], *, draws: int = 1, seed: int = 0,
-                         bottom: bool = True, baseline: bool = True, method: str = "zero") -> dict:
-    """Named conditions for ``rh.evaluate.evaluate_conditions`` (seed 000 §2): ``baseline`` (no
-    ablation), then per K ``topK`` (the K best heads), ``randomK#d`` (``draws`` K-sets drawn from
-    outside the top K, seeded exactly as :func:`necessity_outcomes` draws them) and, with ``bottom``,
-    ``bottomK`` (the K lowest-scoring heads: inverse ablation). The names are the ones
-    ``rh.plots_ablation.curve_frame`` parses; each value opens ``ablate(model, heads, method)``."""
+                         bottom: bool = True, baseline: bool = True, method: str = "zero") -> dict[str, Ablation]:
+    """Declared conditions for ``rh.evaluate.evaluate_conditions`` (seed 000 §2), by name:
+    ``baseline`` (no ablation), then per K ``topK`` (the K best heads), ``randomK#d`` (``draws``
+    K-sets drawn from outside the top K, seeded exactly as :func:`necessity_outcomes` draws them)
+    and, with ``bottom``, ``bottomK`` (the K lowest-scoring heads: inverse ablation). Each value is
+    an :class:`rh.ablation.Ablation` that says its selection, K and draw, which the ablation
+    figures read from the results."""
     ranking.check_shape(model.shape)
     if draws < 0:
         raise ValueError(f"draws={draws}: the number of random head sets per K cannot be negative")
-    out: dict = {"baseline": None} if baseline else {}
-
-    def make(heads: list[Head]):
-        return lambda: ablate(model, heads, method)
-
+    out: dict[str, Ablation] = {"baseline": Ablation.baseline()} if baseline else {}
     for k in ks:
-        out[f"top{k}"] = make(ranking.top(k))
+        out[f"top{k}"] = Ablation(f"top{k}", ranking.top(k), method, selection="top")
         for d in range(draws):
-            out[f"random{k}#{d}"] = make(ranking.random_outside_top(k, seed=derive_seed(seed, k, d)))
+            heads = ranking.random_outside_top(k, seed=derive_seed(seed, k, d))
+            out[f"random{k}#{d}"] = Ablation(f"random{k}#{d}", heads, method, selection="random", draw=d)
         if bottom:
-            out[f"bottom{k}"] = make(ranking.bottom(k))
+            out[f"bottom{k}"] = Ablation(f"bottom{k}", ranking.bottom(k), method, selection="bottom")
     return out

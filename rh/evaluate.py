@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from rh.ablation import Ablation
 from rh.progress import listened, track
 from rh.batching import make_batches, running
 from rh.memory import oom_guard
@@ -135,29 +136,58 @@ def score_reply(answer: str, text: str, *, scorer: Any = None) -> dict[str, Any]
     }
 
 
-def evaluate_conditions(model: LoadedModel, samples: Sequence[Sample], conditions: Mapping[str, Condition], *,
+def evaluate_conditions(model: LoadedModel, samples: Sequence[Sample],
+                        conditions: Mapping[str, Ablation | Condition] | Sequence[Ablation], *,
                         how: str = "teacher_forced", batch_size: int = 8, max_new_tokens: int = 50,
                         progress: bool = True) -> pd.DataFrame:
-    """Evaluate the same ``samples`` under each named condition; one row per sample and condition.
+    """Evaluate the same ``samples`` under each condition; one row per sample and condition.
 
-    ``conditions`` maps a name to a zero-argument callable returning a context manager (e.g.
-    ``lambda: ablate(model, heads, "query")``), or ``None`` for no intervention. ``how`` is
-    ``"teacher_forced"`` (exact match and answer log-prob, one pass) or ``"generate"`` (greedy
-    replies of up to ``max_new_tokens`` tokens, exact / contains / ROUGE recall).
+    ``conditions`` is a list of :class:`rh.ablation.Ablation` values (``rh.causal.selection_conditions``
+    and ``rh.ablation.ablation_conditions`` build them), or a mapping from a name to an Ablation, to
+    a zero-argument callable returning a context manager (any other intervention, e.g.
+    ``lambda: restrict_window(model, heads, 64)``), or to ``None`` (no intervention). An Ablation's
+    rows also get its :meth:`~rh.ablation.Ablation.columns` (``selection``, ``k``, ``draw``,
+    ``method``, ``phase``), which the ablation figures read. ``how`` is ``"teacher_forced"`` (exact
+    match and answer log-prob, one pass) or ``"generate"`` (greedy replies of up to
+    ``max_new_tokens`` tokens, exact / contains / ROUGE recall).
     """
     if how not in ("teacher_forced", "generate"):
         raise ValueError(f"how={how!r}: use 'teacher_forced' (one forward pass) or 'generate' (greedy decoding)")
     if not conditions:
-        raise ValueError("no conditions given: pass e.g. {'baseline': None, 'top10': lambda: ablate(model, top10)}")
+        raise ValueError("no conditions given: pass e.g. rh.causal.selection_conditions(model, ranking, [10]) "
+                         "or {'baseline': None, 'top10': lambda: ablate(model, top10)}")
+    if not isinstance(conditions, Mapping):
+        conditions = list(conditions)
+        bad = [c for c in conditions if not isinstance(c, Ablation)]
+        if bad:
+            raise TypeError(f"a list of conditions holds rh.ablation.Ablation values, not {type(bad[0]).__name__}: "
+                            "name other interventions in a mapping {name: callable}")
+        named = [c.name for c in conditions]
+        twice = sorted({n for n in named if named.count(n) > 1})
+        if twice:
+            raise ValueError(f"conditions {twice} are named twice: give each condition its own name")
+        conditions = {c.name: c for c in conditions}
+    for name, cond in conditions.items():
+        if isinstance(cond, Ablation) and cond.name != name:
+            raise ValueError(f"condition {name!r} holds the Ablation named {cond.name!r}: use its name as the key")
+        if cond is not None and not isinstance(cond, Ablation) and not callable(cond):
+            raise TypeError(f"condition {name!r} is a {type(cond).__name__}: give an Ablation, a zero-argument "
+                            "callable returning a context manager, or None")
     frames = []
-    for name, make in (track(conditions.items(), "conditions", unit="condition") if progress else conditions.items()):
-        ctx = make() if make is not None else contextlib.nullcontext()
+    for name, cond in (track(conditions.items(), "conditions", unit="condition") if progress else conditions.items()):
+        if isinstance(cond, Ablation):
+            ctx = cond.open(model)
+        else:
+            ctx = cond() if cond is not None else contextlib.nullcontext()
         with ctx:
             if how == "teacher_forced":
-                frames.append(teacher_forced(model, samples, condition=name, batch_size=batch_size, progress=progress))
+                df = teacher_forced(model, samples, condition=name, batch_size=batch_size, progress=progress)
             else:
-                frames.append(generated(model, samples, max_new_tokens=max_new_tokens, condition=name,
-                                        batch_size=batch_size, progress=progress))
+                df = generated(model, samples, max_new_tokens=max_new_tokens, condition=name,
+                               batch_size=batch_size, progress=progress)
+        if isinstance(cond, Ablation):
+            df = df.assign(**{col: [value] * len(df) for col, value in cond.columns().items()})
+        frames.append(df)
     return pd.concat(frames, ignore_index=True)
 
 

@@ -400,8 +400,11 @@ def test_bad_input_is_refused_and_nothing_is_hooked(tiny, kwargs, match):
 
 def test_ablation_conditions_name_each_method(tiny, all_means):
     conds = ablation_conditions(tiny, ["L1H1"], reference=all_means)
-    assert list(conds) == ["baseline", *METHODS] and conds["baseline"] is None
-    with conds["logits"]() as heads:
+    assert list(conds) == ["baseline", *METHODS] and conds["baseline"].heads == ()
+    assert [c.method for c in conds.values()][1:] == list(METHODS) and conds["mean"].reference is all_means
+    with conds["logits"].open(tiny) as heads:
         assert heads == [Head(1, 1)] and active_ablations(tiny) == {Head(1, 1): ("logits", "all")}
     with pytest.raises(ValueError, match="needs reference="):
         ablation_conditions(tiny, ["L1H1"], ["mean"])
+    with pytest.raises(ValueError, match="outside the model"):  # checked when declared, not when run
+        ablation_conditions(tiny, ["L9H1"], ["zero"])

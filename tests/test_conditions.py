@@ -1,16 +1,15 @@
 """Unit tests of rh.causal.selection_conditions: the baseline / top-K / random-K / bottom-K
-conditions the walkthrough notebook evaluates, named as the ablation figures parse them."""
+conditions the walkthrough notebook evaluates, each an rh.ablation.Ablation that declares its
+selection, K and draw."""
 
 from __future__ import annotations
 
-import pandas as pd
 import pytest
 
 from rh.causal import selection_conditions
 from rh.seeds import derive_seed
 from rh.heads import Head, random_heads
 from rh.rankings import Ranking
-from rh.report import curve_frame
 
 pytestmark = pytest.mark.unit
 
@@ -26,12 +25,12 @@ def test_names_and_heads(tiny, ranking):
     conds = selection_conditions(tiny, ranking, [2, 4], draws=2, seed=7)
     assert list(conds) == ["baseline", "top2", "random2#0", "random2#1", "bottom2",
                            "top4", "random4#0", "random4#1", "bottom4"]
-    assert conds["baseline"] is None
     opened = {}
-    for name, make in conds.items():
-        if make is not None:
-            with make() as heads:
-                opened[name] = heads
+    for name, cond in conds.items():
+        assert cond.name == name
+        with cond.open(tiny) as heads:
+            opened[name] = heads
+    assert opened["baseline"] == []
     assert opened["top2"] == [Head(0, 0), Head(0, 1)]
     assert opened["bottom4"] == [Head(3, 4), Head(3, 5), Head(3, 6), Head(3, 7)]
     for k in (2, 4):
@@ -40,9 +39,9 @@ def test_names_and_heads(tiny, ranking):
             expect = random_heads(tiny.shape, k, exclude=sorted(top), seed=derive_seed(7, k, d))
             assert sorted(opened[f"random{k}#{d}"]) == sorted(expect)
             assert not top & set(opened[f"random{k}#{d}"])
-    frame = curve_frame(pd.DataFrame({"condition": list(conds)}))  # the ablation curve reads these names
-    assert list(frame["selection"]) == ["baseline"] + ["top", "random", "random", "bottom"] * 2
-    assert list(frame["k"]) == [0] + [2] * 4 + [4] * 4
+    assert [c.selection for c in conds.values()] == ["baseline"] + ["top", "random", "random", "bottom"] * 2
+    assert [c.k for c in conds.values()] == [0] + [2] * 4 + [4] * 4
+    assert [c.draw for c in conds.values()] == [None] + [None, 0, 1, None] * 2
 
 
 def test_options(tiny, ranking):

@@ -116,6 +116,51 @@ def test_evaluate_conditions_runs_each_condition_on_the_same_samples(tiny, tiny_
         evaluate_conditions(tiny, tiny_samples, {"baseline": None}, how="beam")
 
 
+def test_declared_conditions_run_their_ablation_and_say_what_they_are(tiny, tiny_samples):
+    """An Ablation runs exactly ablate(heads, method, phase) (the same log-probs as the block written
+    out), and its rows carry selection / k / draw / method / phase; the baseline none."""
+    from rh.ablation import Ablation
+
+    heads = ["L1H2", "L3H6"]
+    conds = [Ablation.baseline(), Ablation("q", heads, "query", "decode"),
+             Ablation("r#1", ["L0H0"], selection="random", draw=1)]
+    df = evaluate_conditions(tiny, tiny_samples, conds, progress=False)
+    with ablate(tiny, heads, "query", phase="decode"):
+        direct = teacher_forced(tiny, tiny_samples, progress=False)
+    assert df[df.condition == "q"]["logprob"].to_numpy() == pytest.approx(direct["logprob"].to_numpy(), abs=1e-5)
+    first = df.groupby("condition", sort=False).first()
+    assert first.loc["q", ["selection", "k", "method", "phase"]].tolist() == ["heads", 2, "query", "decode"]
+    assert first.loc["r#1", ["selection", "k", "draw", "method"]].tolist() == ["random", 1, 1, "zero"]
+    assert first.loc["baseline", "selection"] == "baseline" and first.loc["baseline", "k"] == 0
+    assert pd.isna(first.loc["baseline", "method"]) and pd.isna(first.loc["q", "draw"])
+    with pytest.raises(ValueError, match="named twice"):
+        evaluate_conditions(tiny, tiny_samples, [Ablation.baseline(), Ablation.baseline()], progress=False)
+    with pytest.raises(ValueError, match="holds the Ablation named 'q'"):
+        evaluate_conditions(tiny, tiny_samples, {"query": conds[1]}, progress=False)
+    with pytest.raises(TypeError, match="Ablation values"):
+        evaluate_conditions(tiny, tiny_samples, [None], progress=False)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"name": ""}, "non-empty name"),
+    ({"name": "x", "heads": ["L0H0"], "method": "noise"}, "unknown ablation method='noise'"),
+    ({"name": "x", "heads": ["L0H0"], "phase": "prefill"}, "unknown phase='prefill'"),
+    ({"name": "x", "heads": ["L0H0"], "selection": "best"}, "unknown selection='best'"),
+    ({"name": "x"}, "without heads"),
+    ({"name": "x", "heads": ["L0H0"], "selection": "baseline"}, "without heads"),
+    ({"name": "x", "heads": ["L0H0"], "selection": "random"}, "draw= numbers random draws"),
+    ({"name": "x", "heads": ["L0H0"], "draw": 2}, "draw= numbers random draws"),
+    ({"name": "x", "heads": ["L0H0"], "method": "mean"}, "needs reference="),
+    ({"name": "x", "heads": ["L0H0"], "reference": {}}, "only applies to method='mean'"),
+    ({"name": "x", "heads": "L0H0"}, "is one string"),
+])
+def test_an_ablation_refuses_what_it_cannot_mean(kwargs, match):
+    from rh.ablation import Ablation
+
+    with pytest.raises(ValueError, match=match):
+        Ablation(**kwargs)
+
+
 def test_accuracy_table_groups_with_wilson_intervals():
     df = pd.DataFrame({"condition": ["a"] * 4 + ["b"] * 4, "depth": [0.0, 0.0, 1.0, 1.0] * 2,
                        "correct": [True, True, True, False, False, False, False, False],
@@ -136,19 +181,20 @@ def test_accuracy_table_groups_with_wilson_intervals():
 
 
 def test_ablation_figures_are_pngs():
-    from rh.report import accuracy_vs_k_curve, curve_frame, depth_accuracy_chart
+    from rh.report import accuracy_vs_k_curve, depth_accuracy_chart
 
     rows = []
-    for cond in ["baseline", "top5", "top10", "random5#0", "random5#1", "random10#0", "random10#1"]:
+    conds = [("baseline", "baseline", 0, None), ("top5", "top", 5, None), ("top10", "top", 10, None)]
+    conds += [(f"random{k}#{d}", "random", k, d) for k in (5, 10) for d in (0, 1)]
+    for cond, sel, k, draw in conds:
         for i, depth in enumerate([0.0, 0.5, 1.0] * 3):
-            rows.append({"condition": cond, "depth": depth, "correct": (i + len(cond)) % 3 != 0})
+            rows.append({"condition": cond, "selection": sel, "k": k, "draw": draw, "depth": depth,
+                         "correct": (i + len(cond)) % 3 != 0})
     df = pd.DataFrame(rows)
     png = depth_accuracy_chart(df[df.condition.isin(["baseline", "top5"])])
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    frame = curve_frame(df)
-    assert frame.loc[frame.condition == "random10#1", ["selection", "k", "draw"]].iloc[0].tolist() == ["random", 10, 1]
-    assert accuracy_vs_k_curve(frame)[:8] == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(ValueError, match="not 'baseline'"):
-        curve_frame(pd.DataFrame({"condition": ["zero"]}))
+    assert accuracy_vs_k_curve(df)[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="column 'selection' is missing"):
+        accuracy_vs_k_curve(df.drop(columns="selection"))
     with pytest.raises(ValueError, match="conditions \\['query'\\]"):
         depth_accuracy_chart(df, conditions=["baseline", "query"])

@@ -208,6 +208,32 @@ def test_iv7_a_uniform_shift_is_not_an_interaction():
     assert difficulty(*_strata(6, 2.0)).inconclusive
 
 
+@pytest.mark.parametrize("n, extra", [(9, 0.4), (40, 0.5), (200, 0.1)])
+def test_iv7_is_welchs_test_written_out(n, extra):
+    """IV-7's p-values and interval (scipy's Welch test) against the Welch-Satterthwaite formulas
+    by hand, on the same hard and easy halves (an odd n leaves the middle item out)."""
+    from scipy import stats as sps
+
+    from rh.rules.claims import log_odds
+
+    correct, lp, new_lp = _strata(n, extra, seed=n)
+    v = difficulty(correct, lp, new_lp, min_effect=0.5, alpha=0.05)
+    lo = log_odds(lp)
+    drop = lo - log_odds(new_lp)
+    order = np.argsort(lo, kind="stable")
+    hard, easy = drop[order[:n // 2]], drop[order[n - n // 2:]]
+    a, b = hard.var(ddof=1) / hard.size, easy.var(ddof=1) / easy.size
+    se = math.sqrt(a + b)
+    df = (a + b) ** 2 / (a ** 2 / (hard.size - 1) + b ** 2 / (easy.size - 1))
+    diff = hard.mean() - easy.mean()
+    t = sps.t(df)
+    assert v.effect == pytest.approx(diff, rel=1e-12) and v.statistic == pytest.approx(diff / se, rel=1e-9)
+    assert v.p_value == pytest.approx(t.sf(diff / se), rel=1e-9, abs=1e-300)
+    assert v.details["p_refute"] == pytest.approx(t.cdf((diff - 0.5) / se), rel=1e-9, abs=1e-300)
+    q = t.ppf(0.95)
+    assert v.ci == pytest.approx((diff - q * se, diff + q * se), rel=1e-9) and v.ci_level == pytest.approx(0.9)
+
+
 # ------------------------------------------------------------------------------------ ratios, ID-5, agreement
 
 

@@ -36,7 +36,7 @@ from rh.report.html import (
 #: Figure functions, by the module of the wing they live in (imported when first asked for).
 _FIGURES: dict[str, str] = {
     **dict.fromkeys(("report_figures", "head_grid", "attention_profile", "ca1_ablation_curve"), "figures"),
-    **dict.fromkeys(("depth_accuracy_chart", "curve_frame", "accuracy_vs_k_curve"), "ablation"),
+    **dict.fromkeys(("depth_accuracy_chart", "accuracy_vs_k_curve"), "ablation"),
     **dict.fromkeys(("intervention_figures", "incremental_curve", "patching_bars", "override_bars", "strata_bars",
                      "probe_figure", "attribution_figure"), "interventions"),
     **dict.fromkeys(("field_figures", "method_agreement_figure", "kv_group_figure", "distractor_figure",

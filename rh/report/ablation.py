@@ -1,11 +1,11 @@
 """Ablation figures as PNG bytes (matplotlib Agg, no display): seed 000's baseline-vs-ablated
 accuracy across needle depths, and seed 001's Figure 8, accuracy against the number of heads
 ablated, top-K against random-K, with confidence bands. Inputs are plain per-sample DataFrames
-as ``rh.evaluate`` returns them."""
+as ``rh.evaluate`` returns them; the conditions' selection, K and draw are columns there (an
+``rh.ablation.Ablation`` declares them), never parsed back from the conditions' names."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -15,7 +15,7 @@ from rh.evaluate import accuracy_table
 from rh.report.plotting import plt, png
 from rh.stats import proportion_ci
 
-__all__ = ["accuracy_vs_k_curve", "curve_frame", "depth_accuracy_chart"]
+__all__ = ["accuracy_vs_k_curve", "depth_accuracy_chart"]
 
 
 def depth_accuracy_chart(df: pd.DataFrame, *, by: str = "depth", metric: str = "correct",
@@ -55,41 +55,23 @@ def depth_accuracy_chart(df: pd.DataFrame, *, by: str = "depth", metric: str = "
     return png(fig)
 
 
-_COND = re.compile(r"^(?P<sel>top|random|bottom)(?P<k>\d+)(?:#(?P<draw>\d+))?$")
-
-
-def curve_frame(df: pd.DataFrame) -> pd.DataFrame:
-    """Add ``selection``, ``k`` and ``draw`` columns parsed from condition names such as
-    ``top10``, ``random10#3`` (``rh.causal``'s naming); ``baseline`` rows get k = 0."""
-    rows = []
-    for cond in df["condition"]:
-        if cond == "baseline":
-            rows.append(("baseline", 0, -1))
-            continue
-        m = _COND.match(str(cond))
-        if not m:
-            raise ValueError(f"condition {cond!r} is not 'baseline', 'topK', 'bottomK' or 'randomK#draw'")
-        rows.append((m["sel"], int(m["k"]), int(m["draw"]) if m["draw"] else 0))
-    out = df.copy()
-    out["selection"], out["k"], out["draw"] = zip(*rows) if rows else ((), (), ())
-    return out
-
-
 def accuracy_vs_k_curve(df: pd.DataFrame, *, metric: str = "correct", level: float = 0.95,
                         title: str | None = None) -> bytes:
     """Seed 001's Figure 8 from per-sample results: ``metric`` against the number of heads
     ablated, top-K and random-K (:func:`rh.report.figures.ca1_ablation_curve` draws CA-1's verdicts).
 
     ``df`` has one row per sample and condition with columns ``selection`` (``top``, ``random``,
-    optionally ``bottom`` and ``baseline``), ``k``, ``draw`` (random draws) and ``metric``;
-    :func:`curve_frame` derives them from ``rh.causal`` condition names. Bands: for top/bottom, the
+    optionally ``bottom`` and ``baseline``), ``k``, ``draw`` (random draws) and ``metric``: what
+    ``rh.evaluate.evaluate_conditions`` returns for declared conditions
+    (``rh.causal.selection_conditions``). Bands: for top/bottom, the
     Wilson interval over samples; for random, the central ``level`` range of the per-draw
     accuracies when there are at least two draws (how much the choice of random heads matters),
     else the Wilson interval. A dashed line marks the baseline.
     """
     for col in ("selection", "k", metric):
         if col not in df.columns:
-            raise ValueError(f"column {col!r} is missing: pass curve_frame(results) or add selection/k/{metric}")
+            raise ValueError(f"column {col!r} is missing: evaluate rh.ablation.Ablation conditions (e.g. "
+                             f"rh.causal.selection_conditions) with evaluate_conditions, or add selection/k/{metric}")
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     base = df[df["selection"] == "baseline"]
     if len(base):

@@ -444,12 +444,10 @@ def difficulty(base_correct: np.ndarray, base_logprob: np.ndarray, abl_logprob: 
     if not se > 0:
         return inconclusive("IV-7", params, "the log-odds drops have no spread: nothing to compare", IV7_TEST, alpha,
                             int(drop.size), details, min_effect=min_effect, effect_name=name)
-    v1, v2 = hard.var(ddof=1) / hard.size, easy.var(ddof=1) / easy.size
-    df = (v1 + v2) ** 2 / (v1 ** 2 / (hard.size - 1) + v2 ** 2 / (easy.size - 1))
-    t = _sps.t(df)
-    p_sup = float(t.sf(diff / se))
-    p_ref = float(t.cdf((diff - min_effect) / se))
-    q = float(t.ppf(1 - alpha))
+    welch = _sps.ttest_ind(hard, easy, equal_var=False)
+    p_sup = float(_sps.ttest_ind(hard, easy, equal_var=False, alternative="greater").pvalue)
+    p_ref = float(_sps.ttest_ind(hard - min_effect, easy, equal_var=False, alternative="less").pvalue)
+    ci = welch.confidence_interval(1 - 2 * alpha)
     pw = t_power(hard.size + easy.size, se * math.sqrt(hard.size + easy.size), min_effect, alpha)
     power = Power(pw, min_effect, pw, 0.0, "noncentral t at the observed spread", "two halves, Welch")
     status, why = three_way(p_sup, p_ref, alpha, supported_why=f"hard items lose more log-odds (p = {p_sup:.3g})",
@@ -457,8 +455,8 @@ def difficulty(base_correct: np.ndarray, base_logprob: np.ndarray, abl_logprob: 
                             neither_why=f"difference > 0 p = {p_sup:.3g}, < Δ = {min_effect:g} p = {p_ref:.3g}")
     return Verdict(claim="IV-7", params=params, status=status,
                    reason=f"log-odds drop {hard.mean():+.2f} on hard items vs {easy.mean():+.2f} on easy ones "
-                   f"({drop.size} items correct at baseline); {why}", test=IV7_TEST, statistic=diff / se,
-                   p_value=p_sup, p_adjusted=p_sup, effect=diff, ci=(diff - q * se, diff + q * se),
+                   f"({drop.size} items correct at baseline); {why}", test=IV7_TEST, statistic=float(welch.statistic),
+                   p_value=p_sup, p_adjusted=p_sup, effect=diff, ci=(float(ci.low), float(ci.high)),
                    ci_level=1 - 2 * alpha, n=int(drop.size), alpha=alpha, effect_name=name,
                    details={**details, "p_refute": p_ref}, min_effect=min_effect, power=power.to_dict())
 
