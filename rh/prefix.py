@@ -56,8 +56,16 @@ def passive(fn):
     return fn
 
 
+#: transformers (5.x) installs these forward hooks on every layer (and attention module) the first
+#: time a forward asks for ``output_hidden_states`` or ``output_attentions``, and never removes
+#: them; they append what they see to the collector of the forward that asked, and return None.
+_TRANSFORMERS_READERS = {("transformers.utils.output_capturing", "output_capturing_hook")}
+
+
 def _is_passive(hook: Any) -> bool:
-    return bool(getattr(hook, "_rh_passive", False))
+    if getattr(hook, "_rh_passive", False):
+        return True
+    return (getattr(hook, "__module__", None), getattr(hook, "__name__", None)) in _TRANSFORMERS_READERS
 
 
 def _hooked(module: torch.nn.Module) -> bool:

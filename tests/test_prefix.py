@@ -18,7 +18,11 @@ pytestmark = pytest.mark.unit
 
 
 def _hooks(model) -> int:
-    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.model.modules())
+    """Forward hooks on the model, less transformers' own output recorders (installed for good by
+    any earlier test's ``output_hidden_states=True`` forward on the session model)."""
+    return sum(len(m._forward_pre_hooks) + sum(getattr(h, "__module__", None) != "transformers.utils.output_capturing"
+                                               for h in m._forward_hooks.values())
+               for m in model.model.modules())
 
 
 def _same(a, b) -> None:
@@ -141,6 +145,40 @@ def test_changes_outside_the_layers_or_a_capture_turn_reuse_off(tiny, tiny_sampl
         assert first_modified_layer(tiny) == tiny.shape.n_layers
     finally:
         handle.remove()
+
+
+def test_transformers_output_capturing_hooks_leave_reuse_on(tiny_samples):
+    """transformers installs a recording hook on every layer at the first forward that asks for
+    hidden states or attentions, and keeps it: that must not turn prefix reuse off for the session
+    (it did: first_modified_layer said 0), while any other hook still counts."""
+    from rh.models import tiny_llama
+
+    model = tiny_llama(seed=3, attn_implementation="eager")
+    ids = torch.tensor([tiny_samples[0].input_ids])
+    before = _hooks(model)
+    with torch.no_grad():
+        out = model.model(input_ids=ids, output_hidden_states=True, output_attentions=True)
+    n_all = sum(len(m._forward_hooks) for m in model.model.modules())
+    assert len(out.hidden_states) == model.shape.n_layers + 1 and n_all > model.shape.n_layers  # the hooks are there
+    assert _hooks(model) == before
+    assert first_modified_layer(model) == model.shape.n_layers
+    with ablate(model, [Head(2, 1)]):
+        assert first_modified_layer(model) == 2
+    layer1 = decoder_layers(model)[1]
+    h = layer1.register_forward_hook(lambda m, a, o: None)  # a hook of someone else's: it may change things
+    try:
+        assert first_modified_layer(model) == 1
+    finally:
+        h.remove()
+    with reuse_prefixes(model) as cache:
+        with hinting(model, [2]):
+            base = teacher_forced(model, tiny_samples, batch_size=4, progress=False)
+        with ablate(model, [Head(2, 1)]):
+            ablated = teacher_forced(model, tiny_samples, batch_size=4, progress=False)
+        assert cache.hits == 2  # both batches of the ablated pass started at layer 2
+    with ablate(model, [Head(2, 1)]):
+        _same(ablated, teacher_forced(model, tiny_samples, batch_size=4, progress=False))
+    _same(base, teacher_forced(model, tiny_samples, batch_size=4, progress=False))
 
 
 def test_the_layer_list_and_hooks_are_restored_when_a_pass_raises(tiny, tiny_samples):
