@@ -62,10 +62,13 @@ def passive(fn):
 _TRANSFORMERS_READERS = {("transformers.utils.output_capturing", "output_capturing_hook")}
 
 
-def _is_passive(hook: Any) -> bool:
-    if getattr(hook, "_rh_passive", False):
-        return True
+def transformers_reader(hook: Any) -> bool:
+    """Whether ``hook`` is one of transformers' own output recorders (read-only, never removed)."""
     return (getattr(hook, "__module__", None), getattr(hook, "__name__", None)) in _TRANSFORMERS_READERS
+
+
+def _is_passive(hook: Any) -> bool:
+    return bool(getattr(hook, "_rh_passive", False)) or transformers_reader(hook)
 
 
 def _hooked(module: torch.nn.Module) -> bool:

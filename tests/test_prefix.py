@@ -12,7 +12,7 @@ from rh.models import decoder_layers
 from rh.budget import TokenLayerCounter
 from rh.evaluate import teacher_forced
 from rh.heads import Head
-from rh.prefix import first_modified_layer, hinting, reuse_prefixes
+from rh.prefix import first_modified_layer, hinting, reuse_prefixes, transformers_reader
 
 pytestmark = pytest.mark.unit
 
@@ -20,8 +20,7 @@ pytestmark = pytest.mark.unit
 def _hooks(model) -> int:
     """Forward hooks on the model, less transformers' own output recorders (installed for good by
     any earlier test's ``output_hidden_states=True`` forward on the session model)."""
-    return sum(len(m._forward_pre_hooks) + sum(getattr(h, "__module__", None) != "transformers.utils.output_capturing"
-                                               for h in m._forward_hooks.values())
+    return sum(len(m._forward_pre_hooks) + sum(not transformers_reader(h) for h in m._forward_hooks.values())
                for m in model.model.modules())
 
 
