@@ -213,6 +213,7 @@ class RhSession:
         self.deselected: set[str] = set()
         self.budget: dict[str, Any] | None = None
         self.last_progress = time.perf_counter()
+        self.progress_every_s = progress_every_s()  # read when the session starts, not at import
         self.paid: set[str] = set()
         self.timing = [0.0, 0.0]
         self.per_tl: tuple[float | None, str] = (None, "")
@@ -528,7 +529,10 @@ def _session_model(config: pytest.Config):
     return state.model
 
 
-PROGRESS_EVERY_S = float(os.environ.get("RH_PROGRESS_SECONDS", "50"))  # 50 s: a line within every minute, as forwards allow
+def progress_every_s() -> float:
+    """Seconds between progress lines: ``RH_PROGRESS_SECONDS`` as the session finds it, else 50 (a
+    line within every minute, as forwards allow)."""
+    return float(os.environ.get("RH_PROGRESS_SECONDS", "50"))
 
 
 def _progress(config: pytest.Config, message: str | None = None, *, force: bool = False) -> None:
@@ -538,7 +542,7 @@ def _progress(config: pytest.Config, message: str | None = None, *, force: bool 
     expected-verdicts file recorded for these claims."""
     state = _rh(config)
     now = time.perf_counter()
-    if not force and now - state.last_progress < PROGRESS_EVERY_S:
+    if not force and now - state.last_progress < state.progress_every_s:
         return
     state.last_progress = now
     tr = config.pluginmanager.getplugin("terminalreporter")

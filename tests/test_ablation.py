@@ -9,7 +9,6 @@ from rh.ablation import ablate
 from rh.models import attention_modules
 from rh.heads import Head
 
-pytestmark = pytest.mark.unit
 
 
 def _ids(length=24, seed=0):

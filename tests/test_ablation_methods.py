@@ -23,7 +23,6 @@ from rh.evaluate import teacher_forced
 from rh.heads import Head
 from rh.models import attention_modules
 
-pytestmark = pytest.mark.unit
 
 D = 8  # tiny head_dim
 GROUP = 4  # tiny query heads per KV head

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[1] / "rh"
 

@@ -8,7 +8,6 @@ import torch
 from rh.attention import capture_attention
 from rh.models import tiny_llama
 
-pytestmark = pytest.mark.unit
 
 
 def _ids(n=2, length=37, seed=0, vocab=49152):

@@ -18,7 +18,6 @@ from rh.attribution import (
 from rh.heads import Head
 from rh.report import attribution_figure
 
-pytestmark = pytest.mark.unit
 
 HEADS = [Head(1, 2), Head(2, 5), Head(2, 0)]
 

@@ -10,7 +10,6 @@ import pytest
 
 from rh.__main__ import main
 
-pytestmark = pytest.mark.unit
 
 SIZES = ["--model", "tiny-llama", "--n", "2", "--draws", "20", "--k", "4"]
 
@@ -28,6 +27,7 @@ def _files(tmp_path):
     return qr, gates
 
 
+@pytest.mark.slow  # CA-1 and CA-2 on the tiny model for each of seven formats
 def test_an_audit_of_every_format_reports_ca1_and_ca2_where_there_is_an_order(tmp_path, capsys):
     qr, gates = _files(tmp_path)
     names = ["qrhead.json", "qrhead_set.txt", "full_attention_heads.tsv", "razor.json", "heads.yaml"]

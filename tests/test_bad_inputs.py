@@ -10,7 +10,6 @@ import json
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.unit
 
 
 
@@ -89,7 +88,7 @@ def test_two_reports_of_the_same_second_do_not_overwrite_each_other(tmp_path):
     assert json.loads(a[0].read_text())["meta"]["run"] == 1 and json.loads(b[0].read_text())["meta"]["run"] == 2
 
 
-def test_a_random_models_rankings_stay_out_of_the_committed_folder(pytester):
+def test_a_random_models_rankings_stay_out_of_the_committed_folder(warm_imports, pytester):
     """An ini that caches rankings in fixtures/rankings (as this repository's does): tiny-llama's
     go to .rh/rankings instead."""
     pytester.makeini("[pytest]\nrh_ranking_cache = fixtures/rankings\n")
@@ -100,7 +99,7 @@ def test_a_random_models_rankings_stay_out_of_the_committed_folder(pytester):
         def test_r(ranking):
             pass
         """)
-    res = pytester.runpytest_subprocess("--model", "tiny-llama", "-p", "no:cacheprovider")
+    res = pytester.runpytest_inprocess("--model", "tiny-llama", "-p", "no:cacheprovider")
     assert res.ret == 0, res.stdout.str()
     assert not (pytester.path / "fixtures").exists()
     cached = list((pytester.path / ".rh" / "rankings").iterdir())

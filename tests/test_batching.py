@@ -10,7 +10,6 @@ from rh.evaluate import teacher_forced
 from rh.niah import Sweep, build_samples
 from rh.scoring import sum_attention_scores
 
-pytestmark = pytest.mark.unit
 
 
 @pytest.fixture(scope="module")

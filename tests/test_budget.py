@@ -9,7 +9,6 @@ import torch
 from rh.models import decoder_layers
 from rh.budget import TokenLayerCounter, calibrate, plan_budget
 
-pytestmark = pytest.mark.unit
 
 
 def test_counter_counts_tokens_times_layers_per_label_and_leaves_no_hook(tiny):

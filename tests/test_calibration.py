@@ -27,7 +27,8 @@ from rh.rankings import Ranking
 from rh.rules.calibration import FAMILIES, calibrate, sizes
 from rh.stats import fraction_ci, headset_null_p, holm, min_attainable_p_headset, sign_test_greater
 
-pytestmark = pytest.mark.unit
+
+pytestmark = pytest.mark.slow  # calibration at the profiles' real sizes: the slow tier
 
 PROFILE = get_profile("quick", HeadShape(30, 9, 3, 64))  # SmolLM2-135M's shape: the sizes its quick run uses
 ALPHA = PROFILE.alpha

@@ -11,7 +11,6 @@ from rh.causal import NecessityOutcomes, necessity_outcomes, necessity_verdicts
 from rh.heads import Head
 from rh.rankings import Ranking
 
-pytestmark = pytest.mark.unit
 
 
 DRAWS = 59  # enough for the head-set null to pass Holm with two levels (1/60 < 0.05/2)

@@ -9,7 +9,6 @@ import pytest
 from rh.__main__ import main
 from rh.rankings import load_ranking
 
-pytestmark = pytest.mark.unit
 
 SMALL = ["--model", "tiny-llama", "--lengths", "128", "--depths", "0.5", "--n", "3"]
 

@@ -10,7 +10,6 @@ import pytest
 
 from rh.report import compare_reports, default_output, load_report, main_report, write_comparison
 
-pytestmark = pytest.mark.unit
 
 TOKEN = "hf_" + "abcdefghijklmnopqrstuvwxyzABCD"  # hf_ + 30 letters
 XSS = "<script>alert(1)</script>"

@@ -16,7 +16,6 @@ from rh.compression import _Window, active_restrictions, kv_cache_bytes, restric
 from rh.heads import Head, HeadShape
 from rh.prefix import first_modified_layer, forward, hinting, reuse_prefixes
 
-pytestmark = pytest.mark.unit
 
 HEADS = [Head(0, 1), Head(0, 6), Head(1, 0), Head(1, 1), Head(1, 2), Head(2, 5), Head(3, 3)]
 SINK, WINDOW = 3, 6

@@ -11,7 +11,6 @@ from rh.seeds import derive_seed
 from rh.heads import Head, random_heads
 from rh.rankings import Ranking
 
-pytestmark = pytest.mark.unit
 
 
 @pytest.fixture(scope="module")

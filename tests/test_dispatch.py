@@ -18,7 +18,6 @@ from rh.heads import Head
 from rh.models import load_model, parse_max_memory
 from rh.scoring import score_samples
 
-pytestmark = pytest.mark.unit
 
 # embeddings, layers 0 and 2, the norm and the head in memory; layers 1 and 3 read from disk per forward
 DEVICE_MAP = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "cpu",

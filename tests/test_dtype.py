@@ -10,7 +10,6 @@ import torch
 from rh.models import choose_dtype, cpu_flags, load_model, resolve_dtype
 from rh.pipeline import identification_dtype, identification_model
 
-pytestmark = pytest.mark.unit
 
 AVX2_ONLY = {"fpu", "sse2", "avx", "avx2", "fma", "f16c"}  # the AMD EPYC CI machine's kind
 SAPPHIRE_RAPIDS = AVX2_ONLY | {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}

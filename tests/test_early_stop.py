@@ -16,7 +16,6 @@ from rh.heads import HeadShape
 from rh.rankings import Ranking
 from rh.seeds import derive_seed
 
-pytestmark = pytest.mark.unit
 
 
 @pytest.mark.parametrize("n", [1, 3, 5])

@@ -10,7 +10,6 @@ import torch
 from rh.ablation import ablate
 from rh.evaluate import greedy_answers, teacher_forced
 
-pytestmark = pytest.mark.unit
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import pytest
 
 from rh.expected import compare, load_expected, update
 
-pytestmark = pytest.mark.unit
 
 GOOD = {"model": "m", "profile": "quick",
         "verdicts": {"CA-1[k=10]": "supported", "CA-1[k=20]": "refuted", "ID-1[]": "supported"},

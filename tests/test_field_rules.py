@@ -19,7 +19,6 @@ from rh.rules.field import (
     method_agreement,
 )
 
-pytestmark = pytest.mark.unit
 
 
 def _brute_pairs(counts, n_heads, group):

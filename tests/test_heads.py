@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 
 from rh.heads import Head, HeadShape, parse_heads, random_heads, validate_heads
 
-pytestmark = pytest.mark.unit
 
 SHAPE = HeadShape(n_layers=4, n_heads=8, n_kv_heads=2, head_dim=8)
 ALL = [Head(l, h) for l in range(4) for h in range(8)]  # written out, not SHAPE.all_heads()

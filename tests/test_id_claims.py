@@ -11,7 +11,6 @@ from rh.id_claims import general_heads_exist, needle_mass_per_head, needle_mass_
 from rh.rankings import Ranking
 from rh.scoring import SampleScores
 
-pytestmark = pytest.mark.unit
 
 
 def test_needle_mass_ratio_equals_eager_attention(tiny, tiny_eager, tiny_samples):

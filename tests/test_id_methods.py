@@ -21,7 +21,6 @@ from rh.niah import Sweep, build_samples
 from rh.rankings import Ranking
 from rh.scoring import QRHeadOptions, identify, qrhead_filter_sum, question_span, score_samples
 
-pytestmark = pytest.mark.unit
 
 
 def _eager(model, ids, mask=None):

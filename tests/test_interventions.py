@@ -24,7 +24,6 @@ from rh.interventions import (
     transplant_heads,
 )
 
-pytestmark = pytest.mark.unit
 
 
 def _logits(model, samples, batch_size=8):

@@ -16,7 +16,6 @@ import pytest
 
 from rh.io import atomic_write_json, atomic_write_text, jsonable
 
-pytestmark = pytest.mark.unit
 
 
 def test_written_file_has_the_umask_permissions_not_mkstemps_0600(tmp_path):

@@ -10,7 +10,6 @@ from rh.evaluate import teacher_forced
 from rh.memory import activation_bytes_per_token, auto_batch_size, is_oom, kv_bytes_per_token, oom_guard
 from rh.scoring import score_samples
 
-pytestmark = pytest.mark.unit
 
 CUDA_OOM = ("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.10 GiB of which "
             "1.2 GiB is free.")

@@ -25,7 +25,6 @@ from rh.models import (
     tiny_llama,
 )
 
-pytestmark = pytest.mark.unit
 
 FAKE_TOKEN = "hf_" + "abcdefghijklmnopqrstuvwxyzABCD"  # 30 letters, never a real token
 

@@ -23,7 +23,6 @@ from rh.niah import (
     prompt_template,
 )
 
-pytestmark = pytest.mark.unit
 
 DEPTHS = (0.0, 0.5, 1.0)
 LENGTHS = (256, 700)

@@ -30,7 +30,6 @@ from rh.niah import (
     split_samples,
 )
 
-pytestmark = pytest.mark.unit
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDED = ROOT / "tests" / "data" / "smollm2-135m-plain-token-layers.json"  # a run with every pass in full
@@ -99,6 +98,7 @@ print("RC-K", rc, flush=True)
 """
 
 
+@pytest.mark.slow  # the whole catalogue's plan in a subprocess
 def test_plan_of_the_catalogue_prints_a_row_per_claim_and_loads_nothing(tmp_path):
     """--plan on claims/ with tiny-llama: one row per claim and a total, the calibration line, no
     test run, exit 0, and the model is never loaded (load_model raises in this process); with
@@ -122,18 +122,6 @@ def test_plan_of_the_catalogue_prints_a_row_per_claim_and_loads_nothing(tmp_path
     k_rows = [line.split()[0] for line in selected.splitlines() if line[:3] in ("CA-", "ID-", "IV-")]
     assert k_rows == ["CA-1[K=2]", "CA-1[K=4]"], selected[-2000:]
     assert "total (2 claims)" in selected
-
-
-@pytest.fixture(scope="module")
-def warm_imports():
-    """Pytester's in-process run drops the modules first imported after it started (torch's and
-    transformers' cannot be imported twice): import what the plan and its calibration use before."""
-    import rh.expected
-    import rh.pipeline
-    import rh.plan
-    import rh.published
-
-    rh.plan.calibrate_config(rh.plan.model_config("tiny-llama"), batch_size=1, length=8, repeats=1)
 
 
 def test_a_registered_cost_of_your_own_fixture_is_planned_and_an_unregistered_one_is_unknown(warm_imports, pytester,

@@ -1,15 +1,22 @@
-"""The pytest plugin end to end on the tiny random model: claims run, verdicts land in a report."""
+"""The pytest plugin end to end on the tiny random model: claims run, verdicts land in a report.
+
+The end-to-end runs are subprocesses of ``pytest claims/ --model tiny-llama`` and sit in the slow
+tier; one run of the whole catalogue (:func:`tiny_catalogue`) is shared by every test that only
+reads a run's report and expected file. The plugin's own behaviour on small claim files runs
+in-process (pytester) in the unit tier.
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,17 +29,46 @@ def _run_claims(tmp_path, *extra, target=CA1, env=None):
 
     cmd = [sys.executable, "-m", "pytest", target, "--model", "tiny-llama", "-p", "no:cacheprovider", "-q",
            "--report-dir", str(tmp_path / "reports"), "--ranking-cache", str(tmp_path / "rankings"), *extra]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, **(env or {})})
 
 
-def test_claims_on_the_tiny_model_write_a_report_with_a_verdict_per_k(tmp_path):
-    expected = tmp_path / "expected.json"
-    proc = _run_claims(tmp_path, "--expected", str(expected), "--update-expected")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    reports = sorted((tmp_path / "reports").glob("tiny-llama-*.json"))
-    assert len(reports) == 1 and reports[0].with_suffix(".html").exists()
-    data = json.loads(reports[0].read_text())
+@dataclass(frozen=True)
+class Catalogue:
+    """One finished ``pytest claims/ --model tiny-llama --update-expected`` run."""
+
+    proc: subprocess.CompletedProcess
+    folder: Path  # its reports/ and rankings/
+    expected: Path  # the expected file it wrote
+    report: dict  # its JSON report
+
+    def ca1_only(self, into: Path) -> Path:
+        """A copy of the run's ranking cache and of its expected file cut to CA-1's keys and nodes
+        under ``into``: what a run of CA-1 alone recorded."""
+        shutil.copytree(self.folder / "rankings", into / "rankings")
+        data = json.loads(self.expected.read_text())
+        data["verdicts"] = {k: v for k, v in data["verdicts"].items() if k.startswith("CA-1[")}
+        data["nodes"] = {n: r for n, r in data["nodes"].items() if n.startswith(CA1 + "[")}
+        out = into / "expected.json"
+        out.write_text(json.dumps(data))
+        return out
+
+
+@pytest.fixture(scope="session")
+def tiny_catalogue(tmp_path_factory) -> Catalogue:
+    """The whole catalogue on the tiny random model, run once for every test that only reads it."""
+    folder = tmp_path_factory.mktemp("tiny-catalogue")
+    expected = folder / "expected.json"
+    proc = _run_claims(folder, "--expected", str(expected), "--update-expected", target="claims/")
+    reports = sorted((folder / "reports").glob("tiny-llama-*.json"))
+    assert proc.returncode == 0 and len(reports) == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return Catalogue(proc, folder, expected, json.loads(reports[0].read_text()))
+
+
+@pytest.mark.slow
+def test_claims_on_the_tiny_model_write_a_report_with_a_verdict_per_k(tiny_catalogue, tmp_path):
+    data = tiny_catalogue.report
+    assert len(list((tiny_catalogue.folder / "reports").glob("tiny-llama-*.html"))) == 1
     ca1 = [v for v in data["verdicts"] if v["claim"] == "CA-1"]
     assert sorted(v["params"]["k"] for v in ca1) == [2, 4]  # the tiny quick profile's K levels
     # a random model cannot retrieve a passkey: the claim is inconclusive (skipped), never supported
@@ -40,13 +76,16 @@ def test_claims_on_the_tiny_model_write_a_report_with_a_verdict_per_k(tmp_path):
     assert all("baseline accuracy" in v["reason"] for v in ca1)
     assert data["meta"]["baseline"]["accuracy"] < 0.5
     assert data["meta"]["ranking"]["cache"] == "computed"
-    assert len(list((tmp_path / "rankings").glob("tiny-llama-sum_attention-*.json"))) == 1
-    assert "2 passed" in proc.stdout  # under --update-expected every verdict is as expected
+    assert len(list((tiny_catalogue.folder / "rankings").glob("tiny-llama-sum_attention-*.json"))) >= 1
+    # under --update-expected every verdict is as expected: the run passed (the fixture checks its exit code)
+    recorded = json.loads(tiny_catalogue.expected.read_text())["verdicts"]
+    assert {k: v for k, v in recorded.items() if k.startswith("CA-1[")} == {
+        "CA-1[k=2]": "inconclusive", "CA-1[k=4]": "inconclusive"}
+    assert len(recorded) == len(data["verdicts"]) and set(recorded.values()) <= {"supported", "refuted", "inconclusive"}
+    assert "rh claim matrix" in tiny_catalogue.proc.stdout
 
-    assert json.loads(expected.read_text())["verdicts"] == {"CA-1[k=2]": "inconclusive", "CA-1[k=4]": "inconclusive"}
-    assert "rh claim matrix" in proc.stdout and "2 inconclusive" in proc.stdout
-
-    # a second run loads the cached ranking, and its verdicts match the expected file
+    # a second run (CA-1 alone) loads the cached ranking, and its verdicts match the expected file
+    expected = tiny_catalogue.ca1_only(tmp_path)
     again = _run_claims(tmp_path, "--expected", str(expected))
     assert again.returncode == 0, again.stdout[-2000:]
     assert "all 2 verdicts checked are as expected" in again.stdout
@@ -71,20 +110,19 @@ def test_a_bad_ranking_file_is_a_usage_error_before_the_model_loads(tmp_path):
     assert "loaded tiny-llama" not in proc.stdout and not (tmp_path / "reports").exists()
 
 
-def test_a_budget_checks_what_fits_and_lists_what_it_left_out(tmp_path):
+@pytest.mark.slow
+def test_a_budget_checks_what_fits_and_lists_what_it_left_out(tiny_catalogue, tmp_path):
     """--budget plans from the token-layers the expected file recorded: a claim recorded as too
     costly for the budget is left out and named, the others are compared, the run passes."""
-    expected = tmp_path / "expected.json"
-    first = _run_claims(tmp_path, "--expected", str(expected), "--update-expected")
-    assert first.returncode == 0, first.stdout[-3000:]
+    assert "token-layers" in tiny_catalogue.proc.stdout
+    full = json.loads(tiny_catalogue.expected.read_text())
+    assert full["fixture_token_layers"]["baseline"] > 0  # the baseline evaluation was counted
+    assert sum(full["fixture_token_layers"].values()) > 0 and "float32" in full["recorded"]
+    assert tiny_catalogue.report["meta"]["cost"]["total"] >= sum(full["fixture_token_layers"].values())
+    expected = tiny_catalogue.ca1_only(tmp_path)
     data = json.loads(expected.read_text())
     nodes = data["nodes"]
     assert set(nodes) == {f"{CA1}[K=2]", f"{CA1}[K=4]"}
-    assert data["fixture_token_layers"]["baseline"] > 0  # the baseline evaluation was counted
-    assert sum(data["fixture_token_layers"].values()) > 0 and "float32" in data["recorded"]
-    report = json.loads(next((tmp_path / "reports").glob("*.json")).read_text())
-    assert report["meta"]["cost"]["total"] >= sum(data["fixture_token_layers"].values())
-    assert "token-layers" in first.stdout
 
     nodes[f"{CA1}[K=4]"]["token_layers"] = 10**15  # far beyond any budget on any machine
     expected.write_text(json.dumps(data))
@@ -106,7 +144,7 @@ def test_a_budget_checks_what_fits_and_lists_what_it_left_out(tmp_path):
     assert none.returncode == 1 and "no claim was checked" in none.stdout
 
 
-def test_a_claim_stopped_by_the_budget_is_left_out_not_an_error(pytester):
+def test_a_claim_stopped_by_the_budget_is_left_out_not_an_error(warm_imports, pytester):
     """The deadline's exception inside a claim turns into a named skip, and the comparison lists it
     instead of failing the run."""
     pytester.makepyfile(test_claims="""
@@ -126,7 +164,7 @@ def test_a_claim_stopped_by_the_budget_is_left_out_not_an_error(pytester):
     (pytester.path / "exp.json").write_text(json.dumps({
         "model": "tiny-llama", "profile": "quick", "verdicts": {"X-1[]": "supported", "X-2[]": "supported"},
         "nodes": {"test_claims.py::test_slow": {"key": "X-1[]"}, "test_claims.py::test_quick": {"key": "X-2[]"}}}))
-    res = pytester.runpytest_subprocess("--model", "tiny-llama", "--expected", "exp.json", "--report-dir", "reports",
+    res = pytester.runpytest_inprocess("--model", "tiny-llama", "--expected", "exp.json", "--report-dir", "reports",
                                         "-rs")
     out = res.stdout.str()
     assert res.ret == 0, out
@@ -134,8 +172,9 @@ def test_a_claim_stopped_by_the_budget_is_left_out_not_an_error(pytester):
     assert "all 1 verdicts checked are as expected" in out and "X-1[] (the budget ran out while it ran)" in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("floor", ["profile", "off"])
-def test_a_random_model_supports_no_claim_but_the_mechanical_identity(tmp_path, floor):
+def test_a_random_model_supports_no_claim_but_the_mechanical_identity(tmp_path, floor, request):
     """``pytest claims/ --model tiny-llama``: a random model has no retrieval heads, so no claim but
     CA-5 (an exact identity of the ablation mechanisms) may be supported. With the baseline floor
     switched off the rules themselves must still not support anything on its outcomes."""
@@ -149,10 +188,14 @@ def test_a_random_model_supports_no_claim_but_the_mechanical_identity(tmp_path, 
             "P._TABLE['tiny'] = (dataclasses.replace(q, baseline_floor=0.0), f)\n")
         env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
         extra = ["-p", "floor_off"]
-    proc = _run_claims(tmp_path, *extra, target="claims/", env=env)
-    reports = sorted((tmp_path / "reports").glob("tiny-llama-*.json"))
-    assert reports, proc.stdout[-3000:] + proc.stderr[-3000:]
-    verdicts = json.loads(reports[-1].read_text())["verdicts"]
+    if floor == "profile":  # the shared run is this very run
+        run = request.getfixturevalue("tiny_catalogue")
+        proc, verdicts = run.proc, run.report["verdicts"]
+    else:
+        proc = _run_claims(tmp_path, *extra, target="claims/", env=env)
+        reports = sorted((tmp_path / "reports").glob("tiny-llama-*.json"))
+        assert reports, proc.stdout[-3000:] + proc.stderr[-3000:]
+        verdicts = json.loads(reports[-1].read_text())["verdicts"]
     assert not [v for v in verdicts if v["status"] == "error"], proc.stdout[-3000:]
     supported = sorted({v["claim"] for v in verdicts if v["status"] == "supported"})
     assert supported == ["CA-5"], [(v["claim"], v["params"], v["reason"]) for v in verdicts if v["status"] == "supported"]
@@ -171,12 +214,12 @@ def _guide_example() -> tuple[str, str]:
     return m.group(1), m.group(2)
 
 
-def test_the_guides_example_runs_in_an_outside_project_and_lands_in_the_report(pytester):
+def test_the_guides_example_runs_in_an_outside_project_and_lands_in_the_report(warm_imports, pytester):
     """An empty folder elsewhere with one claim file: the installed plugin gives it the fixtures,
     the claim matrix and the report (nothing from this repository's conftest)."""
     name, code = _guide_example()
     pytester.path.joinpath(name).write_text(code)
-    res = pytester.runpytest_subprocess("--model", "tiny-llama", "-p", "no:cacheprovider", "-rs")
+    res = pytester.runpytest_inprocess("--model", "tiny-llama", "-p", "no:cacheprovider", "-rs")
     out = res.stdout.str()
     assert res.ret == 0, out  # inconclusive skips
     assert "rh claim matrix" in out and "LAB-1" in out
@@ -191,21 +234,22 @@ def test_the_guides_example_runs_in_an_outside_project_and_lands_in_the_report(p
     assert list((pytester.path / ".rh" / "rankings").glob("tiny-llama-sum_attention-*.json"))  # the default cache
 
 
-def test_without_the_plugin_there_are_no_rh_options_or_fixtures(pytester):
+def test_without_the_plugin_there_are_no_rh_options_or_fixtures(warm_imports, pytester):
     pytester.makepyfile(test_ours="""
         def test_uses_the_model(rh_model):
             pass
         """)
-    res = pytester.runpytest_subprocess("-p", "no:rh", "--model", "tiny-llama")
+    res = pytester.runpytest_inprocess("-p", "no:rh", "--model", "tiny-llama")
     assert res.ret == 4  # usage error
     assert "unrecognized arguments: --model" in res.stderr.str()
-    res = pytester.runpytest_subprocess("-p", "no:rh")
+    res = pytester.runpytest_inprocess("-p", "no:rh")
     assert res.ret == 1
     assert "fixture 'rh_model' not found" in res.stdout.str()
     # with the plugin (the default once rh is installed) the fixture exists
-    assert "rh_model" in pytester.runpytest_subprocess("--fixtures").stdout.str()
+    assert "rh_model" in pytester.runpytest_inprocess("--fixtures").stdout.str()
 
 
+@pytest.mark.slow
 def test_a_head_set_is_tested_at_its_own_size_and_claims_needing_an_order_say_so(tmp_path):
     """--heads: CA-1 runs at K = the set's size only; CA-2 (top K at several K) is inconclusive,
     named as not applicable, instead of inventing an order."""
@@ -223,7 +267,7 @@ def test_a_head_set_is_tested_at_its_own_size_and_claims_needing_an_order_say_so
     assert data["meta"]["ranking"]["cache"] == "external"
 
 
-def test_a_long_claim_prints_progress_without_s_and_estimates_the_time_left(pytester, monkeypatch):
+def test_a_long_claim_prints_progress_without_s_and_estimates_the_time_left(warm_imports, pytester, monkeypatch):
     """pytest captures tqdm: the plugin's progress lines (what runs, the loop's position, token-layers
     of those an expected file recorded, time left) reach the terminal without ``-s``."""
     pytester.makepyfile(test_long="""
@@ -245,7 +289,7 @@ def test_a_long_claim_prints_progress_without_s_and_estimates_the_time_left(pyte
         "model": "tiny-llama", "verdicts": {"P-1[]": "inconclusive"},
         "nodes": {"test_long.py::test_long": {"key": "P-1[]", "token_layers": 384}}}))
     monkeypatch.setenv("RH_PROGRESS_SECONDS", "0")  # a line at every forward pass, not once a minute
-    res = pytester.runpytest_subprocess("--model", "tiny-llama", "-p", "no:cacheprovider")
+    res = pytester.runpytest_inprocess("--model", "tiny-llama", "-p", "no:cacheprovider")
     out = res.stdout.str()
     assert res.ret == 0, out
     lines = [ln for ln in out.splitlines() if ln.startswith("rh [")]

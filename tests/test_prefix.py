@@ -14,7 +14,6 @@ from rh.evaluate import teacher_forced
 from rh.heads import Head
 from rh.prefix import first_modified_layer, hinting, reuse_prefixes, transformers_reader
 
-pytestmark = pytest.mark.unit
 
 
 def _hooks(model) -> int:

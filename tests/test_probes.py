@@ -12,7 +12,6 @@ import torch
 from rh.probes import answer_labels, decodable_after_heads, last_token_residuals, layer_probes
 from rh.report import probe_figure
 
-pytestmark = pytest.mark.unit
 
 
 # ---------------------------------------------------------------------------- residuals

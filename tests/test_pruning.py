@@ -13,7 +13,6 @@ from rh.attention import capture_attention
 from rh.heads import Head
 from rh.pruning import efficiency_report, model_costs, plan_pruning, prune_heads
 
-pytestmark = pytest.mark.unit
 
 HIDDEN, D, GROUP = 64, 8, 4  # tiny: 8 query heads of 8 dims, 2 KV heads
 HEADS = [

@@ -13,7 +13,6 @@ from rh.heads import Head, HeadShape
 from rh.published import HeadSet, HeadSetHasNoOrder, load_heads, parse_head_set, ties_at_cut
 from rh.rankings import Ranking
 
-pytestmark = pytest.mark.unit
 
 SHAPE = HeadShape(4, 8, 2, 16)  # the tiny Llama: 4 layers x 8 query heads, 2 KV heads (groups of 4)
 

@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 from rh.heads import Head, HeadShape
 from rh.rankings import FORMAT, Ranking, cache_path, cached_ranking
 
-pytestmark = pytest.mark.unit
 
 SHAPE = HeadShape(n_layers=2, n_heads=3, n_kv_heads=1, head_dim=4)
 

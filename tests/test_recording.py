@@ -12,7 +12,6 @@ from rh.ablation import ablate
 from rh.models import attention_modules, decoder_layers, final_norm
 from rh.recording import Site, attn_z, head_slice, reading, recording, resid_post, resid_pre, rewriting, site
 
-pytestmark = pytest.mark.unit
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import pytest
 
 from rh.report import format_matrix, provenance, redact, render_html, report_stem, summarize, write_report
 
-pytestmark = pytest.mark.unit
 
 TOKEN = "hf_abcdefghijklmnopqrstuvwxyz123456"
 XSS = "<script>alert(1)</script>"

@@ -25,10 +25,10 @@ from rh.rules.claims import (
     ratio_rule,
     transplant,
 )
+from rh.rules.calibration import FAMILIES
 from rh.rules.paired import exact_p_check, p_table
 from rh.stats import Verdict, _ni_exact_p
 
-pytestmark = pytest.mark.unit
 
 
 def _pairs(n: int, lost: int, gained: int = 0, base_acc: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
@@ -308,3 +308,19 @@ def test_the_profile_chooses_the_deciding_control():
     assert not lm.supported  # matched sets hurt exactly as much as the top K: no gap
     with pytest.raises(ValueError, match="layer-matched draws"):
         necessity([o], control="layer_matched")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_calibration_simulator_runs_its_rule_at_the_quick_sizes(family):
+    """The unit tier's check of the calibration machinery (the rates themselves, at hundreds of runs,
+    are the slow tier's ``tests/test_calibration.py``): each family's simulator feeds its real rule
+    at the quick profile's sizes for SmolLM2's shape, and every rate is a proportion of the runs."""
+    from rh.heads import HeadShape
+    from rh.profiles import get_profile
+    from rh.rules.calibration import calibrate, sizes
+
+    profile = get_profile("quick", HeadShape(30, 9, 3, 64))
+    r = calibrate(family, profile, reps=2, seed=0)
+    assert r.family == family and r.reps == 2 and r.sizes == sizes(profile)
+    for rate in (r.false_support, r.false_refute, r.power_support, r.power_refute):
+        assert 0.0 <= rate <= 1.0, r  # a share of the runs' verdicts (NaN would mean no verdict at all)

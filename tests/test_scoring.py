@@ -22,7 +22,6 @@ from rh.scoring import (
     wu24_trial_scores,
 )
 
-pytestmark = pytest.mark.unit
 
 
 def test_sum_attention_equals_eager_output_attentions(tiny, tiny_eager, tiny_samples):

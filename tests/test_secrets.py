@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 
-pytestmark = pytest.mark.unit
 
 TOKEN = "hf_" + "Zq7xW" * 7  # 38 characters, the shape of a real token
 
@@ -79,7 +78,9 @@ CASES = [(mode, model, ("environment", ".env")[(i + j) % 2])
          for j, model in enumerate(["meta-llama/Llama-3.2-1B", "llama70b"]) for i, mode in enumerate(MODES)]
 
 
-@pytest.mark.parametrize("mode, model, where", CASES)
+# the first case in the unit tier, the matrix in the slow tier (a subprocess each, 4-7 s)
+@pytest.mark.parametrize("mode, model, where", [pytest.param(*c, marks=[pytest.mark.slow] if i else [])
+                                                for i, c in enumerate(CASES)])
 def test_the_token_is_in_no_output_of_any_loading_failure(pytester, monkeypatch, where, model, mode):
     pytester.makepyfile(fakehub=FAKEHUB, test_claim=CLAIM)
     monkeypatch.setenv("FAKEHUB_MODE", mode)

@@ -14,7 +14,6 @@ from rh.heads import HeadShape
 from rh.profiles import get_profile
 from rh.seeds import PROMPT_STREAMS, derive_seed, prompt_seed
 
-pytestmark = pytest.mark.unit
 
 
 def _polynomial(*parts: int) -> int:

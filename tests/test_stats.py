@@ -42,7 +42,6 @@ from rh.stats import (
     trend_test,
 )
 
-pytestmark = pytest.mark.unit
 
 
 def upper_tail(n: int, x: int) -> float:

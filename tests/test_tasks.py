@@ -13,7 +13,6 @@ from rh.models import bundled_tokenizer
 from rh.niah import Sweep, build_samples, main, split_samples
 from rh.tasks import FILING_TASKS, TASKS, US_STATES, Task, get_task, register_task
 
-pytestmark = pytest.mark.unit
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ from rh.uncertainty import (
     with_uncertainty,
 )
 
-pytestmark = pytest.mark.unit
 
 SMALL = HeadShape(n_layers=2, n_heads=3, n_kv_heads=1, head_dim=4)
 
