@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,6 +20,7 @@ class Batch:
     input_ids: torch.Tensor  # [b, L], left-padded
     attention_mask: torch.Tensor  # [b, L], 0 on padding
     pad: list[int]  # left padding of each row
+    index: list[int] = field(default_factory=list)  # each row's position in the sequence make_batches was given
 
     @property
     def padded(self) -> bool:
@@ -59,7 +60,7 @@ def make_batches(samples: Sequence[Sample], batch_size: int, pad_id: int, *,
         pad = [width - len(seqs[i]) for i in rows]
         ids = torch.tensor([[pad_id] * p + list(seqs[i]) for p, i in zip(pad, rows)], dtype=torch.long)
         mask = torch.tensor([[0] * p + [1] * len(seqs[i]) for p, i in zip(pad, rows)], dtype=torch.long)
-        yield Batch([samples[i] for i in rows], ids, mask, pad)
+        yield Batch([samples[i] for i in rows], ids, mask, pad, list(rows))
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ family of verdicts (:func:`necessity_verdicts`), so a parametrized claim reads i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from rh.recording import attn_z, head_slice, recording
 from rh.rules.claims import side_decided
 from rh.seeds import derive_seed
 from rh.stats import Verdict
+from rh.units import Unit, run_units
 
 log = logging.getLogger(__name__)
 
@@ -69,48 +71,68 @@ def needed_items(draw: int, draws: int, n: int) -> list[int]:
     return [int(i) for i in np.flatnonzero(paired_draws(n, draws) == draw)]
 
 
-def _stopped_draw(model: LoadedModel, samples: Sequence[Sample], heads: list[Head], condition: str, *,
-                  first: list[int], order: list[int], top_correct: float, batch_size: int,
-                  stop_early: bool) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
-    """One random K-set's outcomes: the items in ``first`` always, the others (in ``order``) only until
-    the head-set null's indicator is decided, evaluated a chunk at a time, each chunk as small as the
-    fewest items that could decide it. NaN marks what was left out. With ``stop_early=False``, every item."""
-    n = len(samples)
-    correct = np.full(n, np.nan)
-    logprob = np.full(n, np.nan)
-    frames = []
+def _chunk_size(done: int, left: int, top_correct: float, batch_size: int) -> int | None:
+    """How many more items a stopped random set evaluates next: None once the head-set null's
+    indicator is decided (:func:`side_decided`), else the fewest items that could decide it (at
+    most ``batch_size``)."""
+    if left == 0 or side_decided(done, left, top_correct) is not None:
+        return None
+    to_false = int(top_correct) + 1 - done  # this many more right items decide "below"
+    to_true = done + left - int(top_correct)  # this many more wrong ones decide "at least"
+    return max(1, min(to_false, to_true, batch_size))
 
-    def run(idx: list[int]) -> None:
-        df = teacher_forced(model, [samples[i] for i in idx], condition=condition, batch_size=batch_size,
-                            progress=False)
-        correct[idx], logprob[idx] = _arrays(df)
-        frames.append(df)
 
-    with ablate(model, heads):
-        if not stop_early:
-            run(list(range(n)))
-        else:
-            paired = set(first)
-            rest = [i for i in order if i not in paired]
-            if first:
-                run(first)
-            while rest:
-                done = int(np.nansum(correct))
-                left = len(rest)
-                if side_decided(done, left, top_correct) is not None:
-                    break
-                to_false = int(top_correct) + 1 - done  # this many more right items decide "below"
-                to_true = done + left - int(top_correct)  # this many more wrong ones decide "at least"
-                size = max(1, min(to_false, to_true, batch_size))
-                run(rest[:size])
-                rest = rest[size:]
-    skipped = [samples[i] for i in np.flatnonzero(np.isnan(correct))]
+def _stopped_draws(model: LoadedModel, samples: Sequence[Sample], sets: list[Ablation], *, order: list[int],
+                   top_correct: float, batch_size: int, stop_early: bool, what: str,
+                   ) -> list[tuple[np.ndarray, np.ndarray, pd.DataFrame]]:
+    """Each random K-set's outcomes: the items its paired test reads (:func:`needed_items`) always,
+    the others (in ``order``) only until the head-set null's indicator is decided, a chunk at a
+    time, each chunk as small as the fewest items that could decide it. NaN marks what was left out.
+    With ``stop_early=False``, every item.
+
+    The sets advance in waves: each wave submits every undecided set's next chunk as work units
+    to one :func:`rh.units.run_units` call, which runs rows of different sets side by side in one
+    batch. Each set's sequence of chunks depends on its own outcomes only, so the items evaluated
+    are exactly those of evaluating the sets one after another."""
+    n, draws = len(samples), len(sets)
+    correct = np.full((draws, n), np.nan)
+    logprob = np.full((draws, n), np.nan)
+    frames: list[list[pd.DataFrame]] = [[] for _ in range(draws)]
+    if stop_early:
+        todo = {d: needed_items(d, draws, n) for d in range(draws)}
+        rest = {d: [i for i in order if i not in set(todo[d])] for d in range(draws)}
+    else:
+        todo = {d: list(range(n)) for d in range(draws)}
+        rest = {d: [] for d in range(draws)}
+    decided = 0
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(contextlib.closing(track(range(draws), what, unit="draw")))
+        next(bar, None)
+        while todo:
+            live = [d for d in sorted(todo) if todo[d]]
+            units = [Unit(sets[d], tuple(samples[i].id for i in todo[d])) for d in live]
+            for d, df in zip(live, run_units(model, samples, units, batch_size=batch_size)):
+                idx = todo[d]
+                correct[d, idx], logprob[d, idx] = _arrays(df)
+                frames[d].append(df)
+            nxt = {}
+            for d in sorted(todo):
+                size = _chunk_size(int(np.nansum(correct[d])), len(rest[d]), top_correct, batch_size) \
+                    if stop_early else None
+                if size is None:
+                    decided += 1
+                    next(bar, None)
+                    continue
+                nxt[d], rest[d] = rest[d][:size], rest[d][size:]
+            todo = nxt
+    skipped = [samples[i] for d in range(draws) for i in np.flatnonzero(np.isnan(correct[d]))]
     if skipped:  # the passes the plain path would have run: each prompt and its answer but the last token
         from rh.budget import note_saved
 
         note_saved("early stopping", sum(len(s.input_ids) + len(s.answer_ids) - 1 for s in skipped)
                    * model.shape.n_layers)
-    return correct, logprob, (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame())
+    return [(correct[d], logprob[d], pd.concat(frames[d], ignore_index=True) if frames[d] else pd.DataFrame())
+            for d in range(draws)]
 
 
 def necessity_outcomes(
@@ -153,15 +175,11 @@ def necessity_outcomes(
     order = sorted(range(n), key=lambda i: (-bc[i], i))
 
     def evaluate(sets: list[list[Head]], name: str) -> tuple[np.ndarray, np.ndarray]:
-        cs, ls = [], []
-        for d, heads in enumerate(track(sets, f"{name} K={k} draws", unit="draw")):
-            c, lp, df = _stopped_draw(model, samples, heads, f"{name}{k}#{d}", first=needed_items(d, len(sets), n),
-                                      order=order, top_correct=float(tc.sum()), batch_size=batch_size,
-                                      stop_early=stop_early)
-            cs.append(c)
-            ls.append(lp)
-            frames.append(df)
-        return np.stack(cs), np.stack(ls)
+        conds = [Ablation(f"{name}{k}#{d}", tuple(heads), selection="random", draw=d) for d, heads in enumerate(sets)]
+        got = _stopped_draws(model, samples, conds, order=order, top_correct=float(tc.sum()), batch_size=batch_size,
+                             stop_early=stop_early, what=f"{name} K={k} draws")
+        frames.extend(df for _, _, df in got)
+        return np.stack([c for c, _, _ in got]), np.stack([lp for _, lp, _ in got])
 
     rc, rl = evaluate(rand_sets, "random")
     mc = ml = None

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from rh.ablation import Ablation
 from rh.progress import listened, track
-from rh.batching import make_batches, running
+from rh.batching import Batch, make_batches, running
 from rh.memory import oom_guard
 from rh.models import LoadedModel
 from rh.niah import Sample
@@ -46,27 +46,47 @@ def teacher_forced(model: LoadedModel, samples: Sequence[Sample], *, condition: 
     bar = tqdm(total=len(samples), desc=f"evaluate {condition}", unit="sample", disable=not progress or listened(),
                leave=False)
     for batch in make_batches(samples, batch_size, model.tokenizer.pad_token_id, with_answer=True):
-        # rows end together (left padding): row i's answer is predicted by its last len(answer) positions
-        n_keep = max(len(s.answer_ids) for s in batch.samples)
-        starts = [p + len(s.input_ids) for p, s in zip(batch.pad, batch.samples)]  # first answer input
-        with torch.no_grad(), running(batch, decode_from=starts), \
-                oom_guard("teacher-forced evaluation", batch_size=len(batch.samples), length=batch.input_ids.shape[1]):
-            logits = forward(model, batch.model_inputs(model.device), logits_to_keep=n_keep, use_cache=False).logits
-        logp = torch.log_softmax(logits.float().cpu(), dim=-1)  # [b, n_keep, vocab]
-        for row, s in enumerate(batch.samples):
-            gold = torch.tensor(s.answer_ids)
-            lp = logp[row, n_keep - len(gold) :]
-            gold_lp = lp.gather(-1, gold[:, None])[:, 0]
-            rows[s.id] = {
-                "id": s.id, "task": s.task, "length": s.length, "depth": s.depth, "condition": condition,
-                "correct": bool((lp.argmax(-1) == gold).all()),
-                "logprob": float(gold_lp.sum()),
-                "first_token_prob": float(gold_lp[0].exp()),
-                "first_argmax": int(lp[0].argmax()),  # the token greedy decoding would start the answer with
-            }
+        for s, res in zip(batch.samples, score_batch(model, batch)):
+            rows[s.id] = res
         bar.update(len(batch.samples))
     bar.close()
-    return pd.DataFrame([rows[s.id] for s in samples])
+    return rows_frame(samples, [rows[s.id] for s in samples], condition)
+
+
+#: what :func:`score_batch` gives per row, in this order
+SCORES = ("correct", "logprob", "first_token_prob", "first_argmax")
+
+
+def score_batch(model: LoadedModel, batch: Batch) -> list[tuple[bool, float, float, int]]:
+    """One teacher-forced forward over ``batch`` (built ``with_answer=True``), under whatever
+    interventions are active: per row, :data:`SCORES`."""
+    # rows end together (left padding): row i's answer is predicted by its last len(answer) positions
+    n_keep = max(len(s.answer_ids) for s in batch.samples)
+    starts = [p + len(s.input_ids) for p, s in zip(batch.pad, batch.samples)]  # first answer input
+    with torch.no_grad(), running(batch, decode_from=starts), \
+            oom_guard("teacher-forced evaluation", batch_size=len(batch.samples), length=batch.input_ids.shape[1]):
+        logits = forward(model, batch.model_inputs(model.device), logits_to_keep=n_keep, use_cache=False).logits
+    logp = torch.log_softmax(logits.float().cpu(), dim=-1)  # [b, n_keep, vocab]
+    out = []
+    for row, s in enumerate(batch.samples):
+        gold = torch.tensor(s.answer_ids)
+        lp = logp[row, n_keep - len(gold) :]
+        gold_lp = lp.gather(-1, gold[:, None])[:, 0]
+        out.append((
+            bool((lp.argmax(-1) == gold).all()),  # greedy decoding would emit the gold answer
+            float(gold_lp.sum()),
+            float(gold_lp[0].exp()),
+            int(lp[0].argmax()),  # the token greedy decoding would start the answer with
+        ))
+    return out
+
+
+def rows_frame(samples: Sequence[Sample], scores: Sequence[tuple], condition: str) -> pd.DataFrame:
+    """:func:`teacher_forced`'s frame: one row per sample, its scores (:data:`SCORES`) beside id,
+    task, length, depth and ``condition``."""
+    return pd.DataFrame([{"id": s.id, "task": s.task, "length": s.length, "depth": s.depth, "condition": condition,
+                          **dict(zip(SCORES, sc))} for s, sc in zip(samples, scores)],
+                        columns=["id", "task", "length", "depth", "condition", *SCORES])
 
 
 def greedy_answers(model: LoadedModel, samples: Sequence[Sample], *, max_new_tokens: int | None = None,

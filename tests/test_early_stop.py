@@ -93,8 +93,17 @@ def table(monkeypatch):
                                   "logprob": float(-1.0 + c[s.index] + 0.01 * s.index), "first_token_prob": 0.5}
                                  for s in subset])
 
+        def fake_units(m, samples, units, *, batch_size=8):
+            by_id = {s.id: s for s in samples}
+            out = []
+            for u in units:
+                with fake_ablate(m, u.condition.heads):
+                    out.append(fake_tf(m, [by_id[i] for i in u.sample_ids], condition=u.condition.name))
+            return out
+
         monkeypatch.setattr(causal, "ablate", fake_ablate)
         monkeypatch.setattr(causal, "teacher_forced", fake_tf)
+        monkeypatch.setattr(causal, "run_units", fake_units)
         return model, samples, ranking
 
     return make

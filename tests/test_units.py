@@ -1,0 +1,123 @@
+"""Work units (rh.units): declared forward passes, and the runner that puts rows of different
+conditions side by side in one batch. Each check is against the separate passes
+(``with ablate(...): teacher_forced(...)``) or a hand computation of the o_proj input."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from rh.ablation import Ablation, ablate, head_means
+from rh.evaluate import teacher_forced
+from rh.heads import Head
+from rh.models import attention_modules
+from rh.units import Unit, ablate_rows, run_units
+
+
+def _hooks(model) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.model.modules())
+
+
+def test_a_unit_is_a_hashable_value_that_survives_pickling():
+    u = Unit(Ablation("random2#0", (Head(1, 2), Head(3, 0)), selection="random", draw=0), ("a", "b"))
+    same = Unit(Ablation("random2#0", ("L1H2", "L3H0"), selection="random", draw=0), ["a", "b"])
+    assert u == same and hash(u) == hash(same)  # heads parsed, ids a tuple: equal values, one key
+    back = pickle.loads(pickle.dumps(u))
+    assert back == u and back.condition.heads == (Head(1, 2), Head(3, 0))
+    assert u != Unit(u.condition, ("a",)) and u.side_by_side
+    assert not Unit(Ablation("q", (Head(0, 0),), "query"), ("a",)).side_by_side
+    assert not Unit(Ablation("d", (Head(0, 0),), phase="decode"), ("a",)).side_by_side
+    assert Unit(Ablation.baseline(), ("a",)).side_by_side
+
+
+def test_bad_units_are_refused_naming_what_is_wrong(tiny, tiny_samples):
+    with pytest.raises(TypeError, match="rh.ablation.Ablation"):
+        Unit("top3", ("a",))
+    with pytest.raises(ValueError, match="names no prompt"):
+        Unit(Ablation.baseline(), ())
+    with pytest.raises(KeyError, match="nope"):
+        run_units(tiny, tiny_samples, [Unit(Ablation.baseline(), ("nope",))])
+
+
+def test_each_row_gets_its_own_heads_zeroed_at_the_o_proj_input(tiny):
+    """Against a hand computation: the o_proj input recorded before and after the per-row hook."""
+    layer = 2
+    o_proj = attention_modules(tiny)[layer].o_proj
+    rows = [[Head(layer, 1), Head(layer, 6)], [], [Head(layer, 3), Head(0, 2)]]  # the last also touches layer 0
+    seen = {}
+    before = o_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0].clone()))
+    n_hooks = _hooks(tiny)
+    try:
+        with ablate_rows(tiny, rows):
+            after = o_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("y", a[0].clone()))
+            try:
+                with torch.no_grad():
+                    tiny.model(input_ids=torch.randint(0, 1000, (3, 12), generator=torch.Generator().manual_seed(0)))
+            finally:
+                after.remove()
+    finally:
+        before.remove()
+    assert _hooks(tiny) == n_hooks - 1  # ablate_rows left nothing behind (the recorder is gone too)
+    d = tiny.shape.head_dim
+    want = seen["x"].clone()
+    for r, heads in enumerate(rows):
+        for h in heads:
+            if h.layer == layer:
+                want[r, :, h.head * d:(h.head + 1) * d] = 0
+    assert torch.equal(seen["y"], want)
+    assert not torch.equal(seen["x"][0], seen["y"][0]) and torch.equal(seen["x"][1], seen["y"][1])
+
+
+def test_a_forward_of_another_width_is_refused_and_the_hooks_go(tiny):
+    n_hooks = _hooks(tiny)
+    with pytest.raises(RuntimeError, match="2 rows; this forward has 3"):
+        with ablate_rows(tiny, [[Head(1, 1)], [Head(1, 2)]]), torch.no_grad():
+            tiny.model(input_ids=torch.ones(3, 8, dtype=torch.long))
+    assert _hooks(tiny) == n_hooks
+
+
+def test_units_side_by_side_give_the_separate_passes_outcomes(tiny, tiny_samples):
+    """Random sets, the baseline, a set spanning layers, prompts shared between units, and the
+    conditions that cannot share a batch (mean, query, decode-only) in one call: every frame equals
+    the separate pass's (correctness and first argmax exactly, log-probabilities within 1e-5)."""
+    ids = [s.id for s in tiny_samples]
+    rng = np.random.default_rng(0)
+    heads = tiny.shape.all_heads()
+    means = head_means(tiny, tiny_samples, [Head(1, 0), Head(2, 5)])
+    conds = [Ablation.baseline()]
+    conds += [Ablation(f"random3#{d}", tuple(heads[i] for i in rng.choice(len(heads), 3, replace=False)),
+                       selection="random", draw=d) for d in range(4)]
+    conds += [Ablation("mean", (Head(1, 0), Head(2, 5)), "mean", reference=means),
+              Ablation("query", (Head(3, 1),), "query"), Ablation("decode", (Head(0, 4), Head(3, 7)), phase="decode")]
+    units = [Unit(c, tuple(ids[j] for j in rng.choice(len(ids), int(rng.integers(1, len(ids) + 1)), replace=False)))
+             for c in conds]
+    n_hooks = _hooks(tiny)
+    got = run_units(tiny, tiny_samples, units, batch_size=4)
+    assert _hooks(tiny) == n_hooks
+    by_id = {s.id: s for s in tiny_samples}
+    for u, df in zip(units, got):
+        with u.condition.open(tiny):
+            want = teacher_forced(tiny, [by_id[i] for i in u.sample_ids], condition=u.condition.name, progress=False)
+        assert list(df["id"]) == list(u.sample_ids) and set(df["condition"]) == {u.condition.name}
+        assert list(df.columns) == list(want.columns)
+        assert df["correct"].tolist() == want["correct"].tolist(), u.condition.name
+        assert df["first_argmax"].tolist() == want["first_argmax"].tolist(), u.condition.name
+        np.testing.assert_allclose(df["logprob"], want["logprob"], rtol=1e-5, atol=1e-5)
+    # the ablations change something: the random sets' log-probs are not the baseline's
+    base = teacher_forced(tiny, tiny_samples, progress=False).set_index("id")["logprob"]
+    assert any(not np.allclose(df["logprob"], base.loc[list(df["id"])]) for df in got[1:5])
+
+
+def test_a_zero_ablation_unit_equals_ablate(tiny, tiny_samples):
+    """The per-row hook and ``ablate``'s hook are two implementations of one intervention: on the
+    same batch they give the same logits."""
+    heads = [Head(0, 3), Head(2, 1), Head(2, 6)]
+    [df] = run_units(tiny, tiny_samples, [Unit(Ablation("s", tuple(heads)), [s.id for s in tiny_samples])],
+                     batch_size=len(tiny_samples))
+    with ablate(tiny, heads):
+        want = teacher_forced(tiny, tiny_samples, condition="s", batch_size=len(tiny_samples), progress=False)
+    assert df["correct"].tolist() == want["correct"].tolist()
+    np.testing.assert_array_equal(df["logprob"].to_numpy(), want["logprob"].to_numpy())
