@@ -48,6 +48,8 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--ca1", action="store_true", help="CA-1's random sets: waves against one set at a time")
     ap.add_argument("--shuffles", type=int, default=3, help="with --ca1: rankings with random scores")
+    ap.add_argument("--model", default="tiny-llama", help="with --ca1: a registry key (tiny-llama, smollm2-135m)")
+    ap.add_argument("--draws", type=int, default=None, help="with --ca1: random draws per K (default: the profile's)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -142,13 +144,18 @@ def ca1(args) -> int:
     from rh.rankings import Ranking
     from rh.units import run_units
 
-    model = tiny_llama(seed=0)
-    samples = build_samples(model.tokenizer, Sweep((128,), (0.0, 0.5, 1.0), 4, ("passkey",)),
-                            max_positions=model.max_positions)
+    from rh.models import load_model
+
+    model = tiny_llama(seed=0) if args.model == "tiny-llama" else load_model(args.model)
+    prof = get_profile("quick", model.shape)
+    length = 128 if args.model == "tiny-llama" else prof.lengths[0]
+    samples = build_samples(model.tokenizer, Sweep((length,), (0.0, 0.5, 1.0), 4, ("passkey",)),
+                            max_positions=model.max_positions, chat=model.instruct)
     gold = greedy_answers(model, samples, batch_size=16)
     samples = [dataclasses.replace(s, answer_ids=g) for s, g in zip(samples, gold)]
-    baseline = causal.evaluate_baseline(model, samples, batch_size=16)
-    prof = get_profile("quick", model.shape)
+    batch = 16 if args.model == "tiny-llama" else prof.batch_size
+    draws = args.draws or prof.random_draws
+    baseline = causal.evaluate_baseline(model, samples, batch_size=batch)
     heads = model.shape.all_heads()
     passes = {"n": 0}
 
@@ -165,8 +172,8 @@ def ca1(args) -> int:
         try:
             with counter.charged_to("ca1"):
                 outs = [causal.necessity_outcomes(model, samples, Ranking("shuffled", model.shape, dict(zip(
-                    heads, np.random.default_rng(100 + s).random(len(heads)).tolist()))), k, draws=prof.random_draws,
-                    seed=s, baseline=baseline, batch_size=16) for s in range(args.shuffles) for k in prof.ablation_levels]
+                    heads, np.random.default_rng(100 + s).random(len(heads)).tolist()))), k, draws=draws,
+                    seed=s, baseline=baseline, batch_size=batch) for s in range(args.shuffles) for k in prof.ablation_levels]
         finally:
             handles.remove()
             first.remove()
@@ -184,8 +191,9 @@ def ca1(args) -> int:
         seen = ~np.isnan(a.random_correct)
         assert np.array_equal(seen, ~np.isnan(b.random_correct)), "the two evaluated different entries"
         assert np.array_equal(a.random_correct[seen], b.random_correct[seen]), "an outcome differs"
-    print(f"CA-1 on tiny-llama: {args.shuffles} shuffled rankings x K={prof.ablation_levels} x {prof.random_draws} "
-          f"random draws, {len(samples)} prompts, batch 16, torch threads {torch.get_num_threads()}, "
+    print(f"CA-1 on {args.model} ({model.provenance.get('dtype', 'float32')}): {args.shuffles} shuffled rankings x "
+          f"K={prof.ablation_levels} x {draws} random draws, {len(samples)} prompts of {length} tokens, batch {batch}, "
+          f"torch threads {torch.get_num_threads()}, "
           f"load average {load[0]:.2f} {load[1]:.2f}")
     print(f"one set at a time: {t_seq:6.1f} s, {p_seq:5d} forward passes, {tl_seq:,} token-layers")
     print(f"waves (side by side): {t_wav:6.1f} s, {p_wav:5d} forward passes, {tl_wav:,} token-layers "
