@@ -52,6 +52,7 @@ __all__ = [
     "proportion_ci",
     "bootstrap_fraction_ci",
     "ratio_test_greater",
+    "wilcoxon_pvalues",
     "min_attainable_p_binomial",
     "min_attainable_p_mcnemar",
     "min_attainable_p_wilcoxon",
@@ -1202,6 +1203,42 @@ def ratio_test_greater(ratios: Any, threshold: float) -> RatioTestResult:
         return RatioTestResult(med, 1.0)
     p = float(_sps.wilcoxon(d, alternative="greater").pvalue)
     return RatioTestResult(med, min(1.0, max(0.0, p)))
+
+
+def _wilcoxon_method(x: np.ndarray) -> str | None:
+    """The method ``scipy.stats.wilcoxon(x)``'s ``method="auto"`` picks for one 1-D sample of finite
+    nonzero values (asymptotic above 50 values; exact without ties; asymptotic with ties above 13),
+    or None where it picks a permutation test (ties, at most 13 values) or ``x`` is not such a sample."""
+    if x.ndim != 1 or x.size == 0 or not np.isfinite(x).all() or (x == 0).any():
+        return None
+    if x.size > 50:
+        return "asymptotic"
+    a = np.sort(np.abs(x))
+    if not (a[1:] == a[:-1]).any():
+        return "exact"
+    return "asymptotic" if x.size > 13 else None
+
+
+def wilcoxon_pvalues(samples: Sequence[Any], alternative: str) -> list[float]:
+    """``float(scipy.stats.wilcoxon(x, alternative=alternative).pvalue)`` for each 1-D sample ``x``,
+    with scipy's defaults, the same values as one call per sample but batched: the samples of one
+    length for which scipy would pick the same method (see :func:`_wilcoxon_method`) go through one
+    vectorised call with that method named, so its per-call overhead is paid once per batch, not
+    once per sample. Samples with zeros, non-finite values or a permutation test get their own call."""
+    xs = [np.asarray(x, dtype=float) for x in samples]
+    out: list[float | None] = [None] * len(xs)
+    batches: dict[tuple[int, str], list[int]] = {}
+    for i, x in enumerate(xs):
+        method = _wilcoxon_method(x)
+        if method is None:
+            out[i] = float(_sps.wilcoxon(x, alternative=alternative).pvalue)
+        else:
+            batches.setdefault((x.size, method), []).append(i)
+    for (_, method), idx in batches.items():
+        p = _sps.wilcoxon(np.stack([xs[i] for i in idx]), alternative=alternative, method=method, axis=1).pvalue
+        for i, v in zip(idx, np.atleast_1d(p)):
+            out[i] = float(v)
+    return out  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from rh.stats import (
     mcnemar_exact,
     min_attainable_p_sign,
     sign_test_greater,
+    wilcoxon_pvalues,
 )
 
 __all__ = [
@@ -80,8 +81,17 @@ def _at_least_top(random_correct: np.ndarray, top_correct: np.ndarray) -> np.nda
     count, ties included) on the same items; decided from the evaluated items where early stopping
     left some out (:func:`side_decided`): a draw whose indicator is still open is refused."""
     top = float(np.sum(top_correct))
+    rc = np.asarray(random_correct, float)
+    if rc.ndim == 2:  # every draw at once: :func:`side_decided` on the rows' sums and open items
+        correct, remaining = np.nansum(rc, axis=1), np.isnan(rc).sum(axis=1)
+        below = correct > top
+        at_least = ~below & (correct + remaining <= top)
+        open_ = np.flatnonzero(~below & ~at_least)
+        if open_.size:
+            raise ValueError(f"random draw {int(open_[0])} was stopped before its side of the top K's drop was decided")
+        return at_least
     out = []
-    for d, row in enumerate(np.asarray(random_correct, float)):
+    for d, row in enumerate(rc):
         side = side_decided(float(np.nansum(row)), int(np.isnan(row).sum()), top)
         if side is None:
             raise ValueError(f"random draw {d} was stopped before its side of the top K's drop was decided")
@@ -597,14 +607,22 @@ def general_heads_rule(ratios: Mapping[str, np.ndarray], candidates: Sequence[st
                             "(an empty intersection is not a test)", ID5_TEST, alpha, details=details,
                             min_effect=ratio, effect_name=name)
     lr = math.log(ratio)
+    # every (candidate, task) sample first, then its signed-rank tests in batches (the same p as one
+    # scipy call per sample: rh.stats.wilcoxon_pvalues)
+    xs = {}
+    for j in range(len(candidates)):
+        for t in tasks:
+            x = np.log(np.maximum(np.asarray(ratios[t], float)[:, j], 1e-12)) - lr
+            xs[j, t] = x[x != 0]
+    live = [key for key, x in xs.items() if x.size]
+    p_greater = dict(zip(live, wilcoxon_pvalues([xs[key] for key in live], "greater")))
+    p_less = dict(zip(live, wilcoxon_pvalues([xs[key] for key in live], "less")))
     p_sup, p_ref, med = [], [], []
     for j in range(len(candidates)):
         ps, pr, mj = [], [], []
         for t in tasks:
-            x = np.log(np.maximum(np.asarray(ratios[t], float)[:, j], 1e-12)) - lr
-            x = x[x != 0]
-            ps.append(1.0 if x.size == 0 else float(_sps.wilcoxon(x, alternative="greater").pvalue))
-            pr.append(1.0 if x.size == 0 else float(_sps.wilcoxon(x, alternative="less").pvalue))
+            ps.append(p_greater.get((j, t), 1.0))
+            pr.append(p_less.get((j, t), 1.0))
             mj.append(float(np.median(np.asarray(ratios[t], float)[:, j])))
         p_sup.append(max(ps))  # general = above in every task (intersection-union)
         p_ref.append(min(1.0, len(tasks) * min(pr)))  # not general = below in some task (Bonferroni over tasks)
@@ -643,17 +661,45 @@ def _half_means(scores: np.ndarray, weights: np.ndarray, mask: np.ndarray) -> np
 
 
 def _topk_sets(means: np.ndarray, k: int) -> np.ndarray:
-    return np.argsort(-means, axis=1, kind="stable")[:, :k]
+    """Per row the indices of the ``k`` largest means, largest first, ties by index: the first ``k``
+    of a stable argsort of ``-means``, found by a partition and a sort of the selected ``k`` only."""
+    neg = -np.asarray(means)
+    if neg.ndim != 2 or not 0 < k < neg.shape[1] or np.isnan(neg).any():
+        return np.argsort(neg, axis=1, kind="stable")[:, :k]
+    kth = np.partition(neg, k - 1, axis=1)[:, k - 1 : k]  # the k-th smallest of each row
+    less, tied = neg < kth, neg == kth
+    # all values below the k-th, then the lowest-indexed of those equal to it, as many as fit
+    take = less | (tied & (np.cumsum(tied, axis=1) <= k - less.sum(axis=1, keepdims=True)))
+    idx = np.nonzero(take)[1].reshape(len(neg), k)  # ascending index within each row
+    order = np.argsort(np.take_along_axis(neg, idx, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(idx, order, axis=1)
+
+
+_OVERLAP_CHUNK = 1 << 22  # elements of the [rows, k, k] comparison held at once
 
 
 def _overlaps(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.array([np.intersect1d(x, y).size for x, y in zip(a, b)], dtype=float)
+    """Per row, the number of distinct values of ``a``'s row found in ``b``'s (``np.intersect1d(x, y).size``)."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.ndim != 2 or b.ndim != 2 or len(a) != len(b) or a.dtype.kind not in "iub" or b.dtype.kind not in "iub":
+        return np.array([np.intersect1d(x, y).size for x, y in zip(a, b)], dtype=float)
+    sa = np.sort(a, axis=1)
+    first = np.ones(sa.shape, dtype=bool)  # the first of each run of equal values: each value once
+    first[:, 1:] = sa[:, 1:] != sa[:, :-1]
+    out = np.empty(len(a), dtype=float)
+    step = max(1, _OVERLAP_CHUNK // max(1, a.shape[1] * b.shape[1]))
+    for s in range(0, len(a), step):
+        found = (sa[s : s + step, :, None] == b[s : s + step, None, :]).any(axis=2)
+        out[s : s + step] = (found & first[s : s + step]).sum(axis=1)
+    return out
 
 
 def _halves(rng: np.random.Generator, n: int, rounds: int) -> np.ndarray:
+    """``[rounds, n]`` masks of a random half (``n // 2`` prompts) per round; ``rng.permuted`` of
+    ``rounds`` rows draws exactly what ``rounds`` calls of ``rng.permutation(n)`` draw."""
     mask = np.zeros((rounds, n))
-    for r in range(rounds):
-        mask[r, rng.permutation(n)[: n // 2]] = 1.0
+    perms = rng.permuted(np.tile(np.arange(n), (rounds, 1)), axis=1)
+    np.put_along_axis(mask, perms[:, : n // 2], 1.0, axis=1)
     return mask
 
 

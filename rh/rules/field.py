@@ -96,6 +96,36 @@ def _same_group_pairs(heads: np.ndarray, n_heads: int, group: int) -> tuple[int,
             np.bincount(layers))
 
 
+def _equal_pairs(keys: np.ndarray) -> np.ndarray:
+    """Per row of ``keys`` ``[rounds, K]``, the number of pairs of entries with equal keys
+    (``sum(c * (c - 1) // 2)`` over the counts ``c`` of each distinct key): after sorting, each entry
+    pairs with the equal entries before it, as many as its distance from the start of its run."""
+    s = np.sort(keys, axis=1)
+    pos = np.broadcast_to(np.arange(s.shape[1]), s.shape)
+    start = np.zeros(s.shape, dtype=bool)
+    start[:, :1] = True
+    start[:, 1:] = s[:, 1:] != s[:, :-1]
+    run_start = np.maximum.accumulate(np.where(start, pos, 0), axis=1)
+    return (pos - run_start).sum(axis=1)
+
+
+def _boot_effects(boot_tops: np.ndarray, n_heads: int, group: int, chance: float) -> np.ndarray:
+    """θ of each bootstrap top K ``[rounds, K]`` (the same-group share of its within-layer pairs
+    minus chance), in row order, leaving out the rows with no within-layer pair: per row what
+    :func:`_same_group_pairs` counts, for all rows at once."""
+    if boot_tops.ndim != 2 or boot_tops.shape[1] == 0:
+        effs = []
+        for row in boot_tops:
+            t_b, p_b, _ = _same_group_pairs(row, n_heads, group)
+            if p_b:
+                effs.append(t_b / p_b - chance)
+        return np.asarray(effs, dtype=float)
+    same = _equal_pairs(boot_tops // group)
+    pairs = _equal_pairs(boot_tops // n_heads)
+    keep = pairs > 0
+    return same[keep] / pairs[keep] - chance
+
+
 def kv_clustering(top: Sequence[int], boot_tops: np.ndarray | None, *, n_layers: int, n_heads: int, n_kv_heads: int,
                   min_effect: float, alpha: float = 0.05, k: int | None = None,
                   baseline_accuracy: float | None = None, baseline_floor: float = 0.5) -> Verdict:
@@ -139,13 +169,8 @@ def kv_clustering(top: Sequence[int], boot_tops: np.ndarray | None, *, n_layers:
     hi = lo = None
     p_ref = None
     if boot_tops is not None and len(boot_tops):
-        effs = []
-        for row in np.asarray(boot_tops, dtype=int):
-            t_b, p_b, _ = _same_group_pairs(row, n_heads, group)
-            if p_b:
-                effs.append(t_b / p_b - chance)
-        if effs:
-            effs = np.asarray(effs)
+        effs = _boot_effects(np.asarray(boot_tops, dtype=int), n_heads, group, chance)
+        if effs.size:
             lo, hi = (float(v) for v in np.quantile(effs, [alpha, 1 - alpha]))
             # the bootstrap's p of H0 θ >= Δ, counted as a permutation p is (never 0 from finitely many rounds)
             p_ref = float((np.sum(effs >= min_effect) + 1) / (len(effs) + 1))

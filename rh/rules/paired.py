@@ -65,10 +65,12 @@ def _p_less_table(n: int, bound: float) -> np.ndarray:
     return p_table(n, -bound).T
 
 
+@functools.lru_cache(maxsize=4096, typed=True)
 def paired_power(n: int, theta: float, bound: float, alternative: str, alpha: float,
                  flip: float = FLIP_RATE) -> float:
     """Exact probability that the one-sided test at ``bound`` rejects at ``alpha`` when the true drop
-    is ``theta`` and ``flip`` of the items change each way on top of it."""
+    is ``theta`` and ``flip`` of the items change each way on top of it. Cached: a family's rule
+    asks for the same few powers over and over (a pure function of its arguments)."""
     if n < 1:
         return 0.0
     pp, pm = flip + max(theta, 0.0), flip + max(-theta, 0.0)

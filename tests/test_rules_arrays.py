@@ -1,0 +1,569 @@
+"""The array rewrites of the decision rules (rh.rules.claims, rh.rules.field, rh.rules.paired,
+rh.stats.wilcoxon_pvalues) against the loops they replaced, kept here verbatim as references: every
+rewritten function must return exactly what it returned before (the verdicts of real runs and the
+calibration's rates with a fixed seed must not move), and draw the same random numbers."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import fields
+
+import numpy as np
+import pytest
+from scipy import stats as _sps
+from scipy.special import gammaln, xlogy
+
+import rh.rules.claims as claims_mod
+from rh.rules.claims import (
+    ID5_TEST,
+    agreement,
+    floor_reason,
+    general_heads_rule,
+    inconclusive,
+    side_decided,
+)
+from rh.rules.core import Bounds, Power, decide_bounds, three_way
+from rh.rules.field import ID8_TEST, _boot_effects, _equal_pairs, _same_group_pairs, group_pair_null, kv_clustering
+from rh.rules.paired import FLIP_RATE, _p_less_table, p_table, paired_power
+from rh.stats import Verdict, wilcoxon_pvalues
+
+pytestmark = pytest.mark.unit
+
+
+# ------------------------------------------------------------------------ references (verbatim)
+# The functions as they were before the array rewrites, renamed _reference_*; do not "improve" them.
+
+
+def _reference_at_least_top(random_correct: np.ndarray, top_correct: np.ndarray) -> np.ndarray:
+    """Per random draw, whether its accuracy drop is at least the top K's (the head-set null's
+    count, ties included) on the same items; decided from the evaluated items where early stopping
+    left some out (:func:`side_decided`): a draw whose indicator is still open is refused."""
+    top = float(np.sum(top_correct))
+    out = []
+    for d, row in enumerate(np.asarray(random_correct, float)):
+        side = side_decided(float(np.nansum(row)), int(np.isnan(row).sum()), top)
+        if side is None:
+            raise ValueError(f"random draw {d} was stopped before its side of the top K's drop was decided")
+        out.append(side)
+    return np.array(out, dtype=bool)
+
+
+def _reference_topk_sets(means: np.ndarray, k: int) -> np.ndarray:
+    return np.argsort(-means, axis=1, kind="stable")[:, :k]
+
+
+def _reference_overlaps(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.array([np.intersect1d(x, y).size for x, y in zip(a, b)], dtype=float)
+
+
+def _reference_halves(rng: np.random.Generator, n: int, rounds: int) -> np.ndarray:
+    mask = np.zeros((rounds, n))
+    for r in range(rounds):
+        mask[r, rng.permutation(n)[: n // 2]] = 1.0
+    return mask
+
+
+def _reference_general_heads_rule(ratios: Mapping[str, np.ndarray], candidates: Sequence[str], *, ratio: float = 10.0,
+                       alpha: float = 0.05, accuracy: Mapping[str, float] | None = None, baseline_floor: float = 0.5,
+                       k: int = 10, extra_details: dict | None = None) -> Verdict:
+    """ID-5 from ``ratios[task]`` = ``[n_prompts, n_candidates]`` needle-mass ratios of the candidate
+    heads on each task's validation prompts. Supported when at least one candidate is shown above
+    ``ratio`` in every task; refuted when every candidate is shown below it in some task (none of
+    the heads every task ranks high retrieves in all of them); inconclusive otherwise, or when no
+    head is in every top K, or when a task's baseline accuracy is below the floor."""
+    from rh.stats import holm
+
+    tasks = sorted(ratios)
+    params = {"k": k, "tasks": len(tasks)}
+    name = "number of candidates shown general"
+    details = {"candidates": list(candidates), "ratio": ratio, **(extra_details or {}),
+               "task_accuracy": dict(accuracy or {})}
+    if len(tasks) < 2:
+        return inconclusive("ID-5", params, f"general heads need at least two tasks, got {tasks}", ID5_TEST, alpha,
+                            details=details, min_effect=ratio, effect_name=name)
+    low = {t: a for t, a in (accuracy or {}).items() if a < baseline_floor}
+    if accuracy is None or low:
+        return inconclusive("ID-5", params, "the model does not retrieve on " + (
+            ", ".join(f"{t} (accuracy {a:.2f})" for t, a in low.items()) if low else "tasks of unknown accuracy") +
+            f" (floor {baseline_floor:.2f}): a model that retrieves nothing has no retrieval heads to share (a floor)",
+            ID5_TEST, alpha, details=details, min_effect=ratio, effect_name=name)
+    if not candidates:
+        return inconclusive("ID-5", params, f"no head is in the top {k} of every task: there is no candidate to test "
+                            "(an empty intersection is not a test)", ID5_TEST, alpha, details=details,
+                            min_effect=ratio, effect_name=name)
+    lr = math.log(ratio)
+    p_sup, p_ref, med = [], [], []
+    for j in range(len(candidates)):
+        ps, pr, mj = [], [], []
+        for t in tasks:
+            x = np.log(np.maximum(np.asarray(ratios[t], float)[:, j], 1e-12)) - lr
+            x = x[x != 0]
+            ps.append(1.0 if x.size == 0 else float(_sps.wilcoxon(x, alternative="greater").pvalue))
+            pr.append(1.0 if x.size == 0 else float(_sps.wilcoxon(x, alternative="less").pvalue))
+            mj.append(float(np.median(np.asarray(ratios[t], float)[:, j])))
+        p_sup.append(max(ps))  # general = above in every task (intersection-union)
+        p_ref.append(min(1.0, len(tasks) * min(pr)))  # not general = below in some task (Bonferroni over tasks)
+        med.append(mj)
+    adj_s = holm(p_sup)
+    adj_r = max(p_ref)  # refuted only if every candidate is shown not general (intersection-union over heads)
+    general = [c for c, p in zip(candidates, adj_s) if p < alpha]
+    details.update({"per_head": {c: {"p_general": ps, "p_general_adjusted": pa, "p_not_general": pr,
+                                     "median_ratio_per_task": dict(zip(tasks, m))}
+                                 for c, ps, pa, pr, m in zip(candidates, p_sup, adj_s, p_ref, med)},
+                    "general_heads": general})
+    n = min(np.asarray(ratios[t]).shape[0] for t in tasks)
+    status, why = three_way(min(adj_s), adj_r, alpha,
+                            supported_why=f"{len(general)} head(s) retrieve in every task: {', '.join(general)}",
+                            refuted_why=f"every candidate falls below {ratio:g}x in some task (p = {adj_r:.3g})",
+                            neither_why=f"smallest adjusted p for a general head {min(adj_s):.3g}; for none {adj_r:.3g}")
+    return Verdict(claim="ID-5", params=params, status=status,
+                   reason=f"{len(candidates)} head(s) are in the top {k} of all {len(tasks)} tasks ({', '.join(tasks)}): "
+                   f"{', '.join(candidates)}; {why}", test=ID5_TEST, statistic=float(len(general)),
+                   p_value=min(p_sup), p_adjusted=min(adj_s), effect=float(len(general)), ci=None, n=n, alpha=alpha,
+                   effect_name=name, details=details, min_effect=ratio,
+                   power=Power.none("per-head signed-rank tests across tasks; see the calibration").to_dict())
+
+
+def _reference_kv_clustering(top: Sequence[int], boot_tops: np.ndarray | None, *, n_layers: int, n_heads: int, n_kv_heads: int,
+                  min_effect: float, alpha: float = 0.05, k: int | None = None,
+                  baseline_accuracy: float | None = None, baseline_floor: float = 0.5) -> Verdict:
+    """ID-8: the top-K heads gather in some KV groups more than chance.
+
+    ``top``: the ranking's top K as flat indices ``layer * n_heads + head``; ``boot_tops``
+    ``[rounds, K]``: the top K of rankings from prompts resampled by group (:mod:`rh.uncertainty`),
+    None when no per-prompt scores exist (then nothing can be refuted).
+
+    Effect θ = the share of within-layer pairs of top heads that read the same KV head, minus the
+    share chance gives, ``(G - 1) / (H - 1)`` for groups of G among H query heads. Supported when
+    the exact conditional null (each layer keeps its count of top heads, placed uniformly among its
+    heads) rejects; refuted when the bootstrap's (1 - α) quantile of θ lies below Δ."""
+    params = {"k": int(k if k is not None else len(top))}
+    name = "same-KV-group share of within-layer top-head pairs minus chance"
+    if n_kv_heads >= n_heads:
+        return inconclusive("ID-8", params, f"not applicable: every query head has its own KV head ({n_heads} query, "
+                            f"{n_kv_heads} KV heads per layer), so there are no KV groups to gather in", ID8_TEST,
+                            alpha, min_effect=min_effect, effect_name=name)
+    if n_heads % n_kv_heads:
+        raise ValueError(f"kv_clustering: {n_heads} query heads do not split into {n_kv_heads} equal KV groups")
+    floor = floor_reason(baseline_accuracy, baseline_floor)
+    if floor:
+        return inconclusive("ID-8", params, floor, ID8_TEST, alpha, min_effect=min_effect, effect_name=name)
+    group = n_heads // n_kv_heads
+    chance = (group - 1) / (n_heads - 1)
+    top = np.asarray(top, dtype=int)
+    t_obs, pairs, counts = _same_group_pairs(top, n_heads, group)
+    counts = np.pad(counts, (0, max(0, n_layers - counts.size)))
+    details = {"same_group_pairs": t_obs, "within_layer_pairs": pairs, "chance_share": chance, "group_size": group,
+               "n_layers": n_layers, "n_heads": n_heads, "layer_counts": counts.tolist(), "top_heads": [f"L{i // n_heads}H{i % n_heads}" for i in top.tolist()]}
+    if pairs == 0:
+        return inconclusive("ID-8", params, f"no layer holds two of the top {len(top)} heads: the per-layer counts "
+                            "leave no pair whose KV groups could coincide (use a larger K)", ID8_TEST, alpha,
+                            details=details, min_effect=min_effect, effect_name=name)
+    pmf = group_pair_null(counts.tolist(), n_heads, group)
+    p_sup = float(min(1.0, pmf[t_obs:].sum()))
+    share = t_obs / pairs
+    effect = share - chance
+    details.update({"same_group_share": share, "null_p": p_sup, "null_expected_pairs": float(np.arange(pmf.size) @ pmf)})
+    hi = lo = None
+    p_ref = None
+    if boot_tops is not None and len(boot_tops):
+        effs = []
+        for row in np.asarray(boot_tops, dtype=int):
+            t_b, p_b, _ = _same_group_pairs(row, n_heads, group)
+            if p_b:
+                effs.append(t_b / p_b - chance)
+        if effs:
+            effs = np.asarray(effs)
+            lo, hi = (float(v) for v in np.quantile(effs, [alpha, 1 - alpha]))
+            # the bootstrap's p of H0 θ >= Δ, counted as a permutation p is (never 0 from finitely many rounds)
+            p_ref = float((np.sum(effs >= min_effect) + 1) / (len(effs) + 1))
+            details.update({"bootstrap_rounds": int(len(effs)), "bootstrap_mean_effect": float(effs.mean())})
+    bounds = Bounds("greater", 0.0, min_effect)
+    power = Power.none("exact conditional null for the support, a bootstrap bound for the refutation; rates in "
+                       "rh.rules.calibration (family ID-8)")
+    status, why = decide_bounds(p_sup, p_ref if p_ref is not None else 1.0, alpha, bounds, None,
+                                what="the same-group excess")
+    if p_ref is None and status != "supported":
+        why += "; no per-prompt scores to bound the effect, so it cannot be refuted"
+    reason = (f"of {pairs} pairs of top-{len(top)} heads in one layer, {t_obs} share a KV group ({share:.2f}; chance "
+              f"{chance:.2f}, expected {details['null_expected_pairs']:.1f} pairs); {why}")
+    return Verdict(claim="ID-8", params=params, status=status, reason=reason, test=ID8_TEST, statistic=float(t_obs),
+                   p_value=p_sup, p_adjusted=p_sup, effect=effect, ci=None if lo is None else (lo, hi),
+                   ci_level=1 - 2 * alpha, n=int(pairs), alpha=alpha, effect_name=name,
+                   details={**details, "p_refute": p_ref}, min_effect=min_effect, power=power.to_dict())
+
+
+def _reference_paired_power(n: int, theta: float, bound: float, alternative: str, alpha: float,
+                 flip: float = FLIP_RATE) -> float:
+    """Exact probability that the one-sided test at ``bound`` rejects at ``alpha`` when the true drop
+    is ``theta`` and ``flip`` of the items change each way on top of it."""
+    if n < 1:
+        return 0.0
+    pp, pm = flip + max(theta, 0.0), flip + max(-theta, 0.0)
+    p0 = 1.0 - pp - pm
+    if p0 < 0:
+        raise ValueError(f"paired_power: theta={theta} with flip rate {flip} is not a distribution")
+    table = p_table(n, bound) if alternative == "greater" else _p_less_table(n, bound)
+    b = np.arange(n + 1)[:, None] * np.ones((1, n + 1))
+    c = np.ones((n + 1, 1)) * np.arange(n + 1)[None, :]
+    valid = b + c <= n
+    n0 = np.where(valid, n - b - c, 0)
+    logp = np.where(valid, gammaln(n + 1) - gammaln(b + 1) - gammaln(c + 1) - gammaln(n0 + 1)
+                    + xlogy(b, pp) + xlogy(c, pm) + xlogy(n0, p0), -np.inf)
+    reject = valid & (np.nan_to_num(table, nan=1.0) < alpha)
+    return float(np.exp(logp[reject]).sum())
+
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _same(a, b) -> bool:
+    """Exact equality, NaN equal to NaN, through dicts, lists, tuples and arrays (types kept apart)."""
+    if isinstance(a, dict) or isinstance(b, dict):
+        return type(a) is type(b) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.dtype == b.dtype
+                and np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"))
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return type(a) is type(b) and a == b
+
+
+def _assert_same_verdict(new: Verdict, old: Verdict) -> None:
+    for f in fields(Verdict):
+        a, b = getattr(new, f.name), getattr(old, f.name)
+        assert _same(a, b), f"Verdict.{f.name}: {a!r} != {b!r}"
+
+
+def _outcome(fn, *args, **kw):
+    """('ok', result) or ('raise', exception type, message): both versions must fail alike."""
+    try:
+        return "ok", fn(*args, **kw)
+    except Exception as e:  # noqa: BLE001 - compared, not swallowed
+        return "raise", type(e), str(e)
+
+
+# ------------------------------------------------------------------------ Wilcoxon (ID-5, ID-2)
+
+
+def _wilcoxon_samples(rng, count):
+    out = []
+    for _ in range(count):
+        kind = int(rng.integers(0, 8))
+        # scipy's permutation test (ties or zeros, at most 13 values) takes a second at 12 or 13 values
+        n = int(rng.choice([1, 2, 3, 5, 8, 14, 20, 40, 50, 51, 64] if kind in (1, 2, 3, 6) else
+                           [1, 2, 3, 5, 8, 12, 13, 14, 20, 40, 50, 51, 64]))
+        x = rng.normal(rng.normal(0, 0.7), 1.0, n)
+        if kind == 1:
+            x = np.round(x, 1)  # ties (asymptotic above 13 values, permutation at 13 or fewer)
+        elif kind == 2:
+            x[: n // 2] = 0.0  # zeros
+        elif kind == 3:
+            x = np.round(2 * x) / 2  # heavy ties, ties of +a and -a
+        elif kind == 4:
+            x[0] = np.nan
+        elif kind == 5:
+            x[-1] = np.inf
+        elif kind == 6:
+            x = np.full(n, 0.25)  # all equal
+        out.append(x)
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_wilcoxon_pvalues_equal_one_scipy_call_per_sample():
+    """Catches a batch whose method differs from what scipy's "auto" picks for the sample alone
+    (exact vs normal approximation by n, ties, zeros) or samples mixed up between batches."""
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        xs = _wilcoxon_samples(rng, int(rng.integers(1, 14)))
+        for alt in ("greater", "less", "two-sided"):
+            new = _outcome(wilcoxon_pvalues, xs, alt)
+            old = _outcome(lambda: [float(_sps.wilcoxon(x, alternative=alt).pvalue) for x in xs])
+            assert new[0] == old[0] and _same(new[1:], old[1:]), (alt, [x.size for x in xs])
+    assert wilcoxon_pvalues([], "less") == []
+
+
+def _id5_inputs(rng):
+    n_tasks, n_cand = int(rng.choice([1, 2, 2, 3, 4])), int(rng.choice([0, 1, 2, 3, 3]))
+    ratio = float(rng.choice([10.0, 4.0, 1.0]))
+    shift = float(rng.choice([-1.0, 0.0, 1.5]))  # every task's log ratio above, at or below the threshold
+    ratios = {}
+    for t in range(n_tasks):
+        kind = int(rng.integers(0, 9))  # 6-8: plain
+        # ties or zeros among 12 or 13 values cost scipy's permutation test a second: keep clear of them
+        n = int(rng.choice([1, 3, 6, 30, 40, 55] if kind in (1, 2, 5) else [1, 6, 13, 14, 30, 40, 55, 55]))
+        r = np.exp(np.log(ratio) + rng.normal(shift, 0.8, (n, n_cand)))
+        if kind == 1:
+            r = np.round(r, 0)  # ties, and zeros clamped to 1e-12
+        elif kind == 2 and n_cand:
+            r[: n // 2, 0] = ratio  # exactly the threshold: zero differences, dropped
+        elif kind == 3 and n_cand:
+            r[:, -1] = ratio  # a column with no nonzero difference at all (p = 1)
+        elif kind == 4 and n_cand:
+            r[0, 0] = np.nan
+        elif kind == 5:
+            r = -np.abs(r)  # clamped to 1e-12: all tied
+        ratios[f"t{t}"] = r
+    cands = [f"L{j}H{j}" for j in range(n_cand)]
+    acc = {t: 0.9 if rng.random() < 0.95 else 0.3 for t in ratios} if rng.random() < 0.95 else None
+    return ratios, cands, dict(ratio=ratio, accuracy=acc, alpha=float(rng.choice([0.05, 0.2])), k=5)
+
+
+def test_general_heads_rule_equals_reference():
+    """Catches any change of ID-5's p-values, Holm adjustment, statuses or details (a p from the
+    wrong method or the wrong (candidate, task) sample, NaN order in max/min, empty columns)."""
+    rng = np.random.default_rng(1)
+    decided = {"supported": 0, "refuted": 0, "inconclusive": 0}
+    for _ in range(50):
+        ratios, cands, kw = _id5_inputs(rng)
+        new = _outcome(general_heads_rule, ratios, cands, **kw)
+        old = _outcome(_reference_general_heads_rule, ratios, cands, **kw)
+        assert new[0] == old[0] and (new[0] == "ok" or new[1:] == old[1:]), (new, old)
+        if new[0] == "ok":
+            _assert_same_verdict(new[1], old[1])
+            decided[new[1].status] += 1
+    assert decided["supported"] >= 3 and decided["refuted"] >= 3
+
+
+def test_id5_simulation_unchanged():
+    """The calibration's ID-5 simulator: same verdicts and the shared rng left in the same state."""
+    from rh.heads import HeadShape
+    from rh.profiles import get_profile
+    from rh.rules.calibration import _sim_id5, sizes
+
+    p = get_profile("quick", HeadShape(30, 9, 3, 64))
+    s = sizes(p)
+    for effect in (p.spike_ratio, 4 * p.spike_ratio, 1.0):
+        r1, r2 = np.random.default_rng(7), np.random.default_rng(7)
+        new = _sim_id5(p, s, r1, effect)
+        orig = claims_mod.general_heads_rule
+        try:
+            claims_mod.general_heads_rule = _reference_general_heads_rule
+            old = _sim_id5(p, s, r2, effect)
+        finally:
+            claims_mod.general_heads_rule = orig
+        _assert_same_verdict(new[0], old[0])
+        assert r1.bit_generator.state == r2.bit_generator.state
+
+
+# ------------------------------------------------------------------------ agreement (ID-3, ID-4, ID-7)
+
+
+def test_topk_sets_equal_stable_argsort():
+    """Catches ties broken otherwise than by index (the partition picks any of the tied), the
+    order within the top K, -0.0 vs 0.0, infinities, NaN rows, and k at 0, 1, H - 1, H and above."""
+    rng = np.random.default_rng(2)
+    for _ in range(150):
+        rows, heads = int(rng.integers(0, 6)), int(rng.integers(1, 30))
+        kind = int(rng.integers(0, 5))
+        if kind == 0:
+            m = rng.normal(size=(rows, heads))
+        elif kind == 1:
+            m = rng.integers(0, 3, (rows, heads)).astype(float)  # heavy ties
+        elif kind == 2:
+            m = rng.choice([0.0, -0.0, 1.0, -np.inf, np.inf], (rows, heads))
+        elif kind == 3:
+            m = np.full((rows, heads), 0.5)  # all equal
+        else:
+            m = rng.normal(size=(rows, heads))
+            m[rng.random((rows, heads)) < 0.2] = np.nan
+        for k in {0, 1, heads - 1, heads, heads + 1, int(rng.integers(1, heads + 1))}:
+            if k < 0:
+                continue
+            new, old = claims_mod._topk_sets(m, k), _reference_topk_sets(m, k)
+            assert new.dtype == old.dtype and np.array_equal(new, old), (m, k)
+
+
+def test_overlaps_equal_intersect1d():
+    """Catches duplicated values counted twice, rows of different widths, empty rows."""
+    rng = np.random.default_rng(3)
+    for _ in range(100):
+        rows = int(rng.integers(0, 8))
+        ka, kb, hi = int(rng.integers(0, 12)), int(rng.integers(0, 12)), int(rng.integers(1, 25))
+        a, b = rng.integers(0, hi, (rows, ka)), rng.integers(0, hi, (rows, kb))
+        new, old = claims_mod._overlaps(a, b), _reference_overlaps(a, b)
+        assert new.dtype == old.dtype and np.array_equal(new, old)
+    a = np.argsort(rng.normal(size=(400, 270)), axis=1)[:, :10]  # the rule's shapes
+    b = np.argsort(rng.normal(size=(400, 270)), axis=1)[:, :10]
+    assert np.array_equal(claims_mod._overlaps(a, b), _reference_overlaps(a, b))
+
+
+def test_halves_draw_what_the_loop_drew():
+    """Catches other random numbers (or as many drawn differently), which would move every later
+    draw of the rule's rng; n = 0, 1 and odd n, no rounds."""
+    for n, rounds in [(0, 3), (1, 4), (2, 5), (9, 30), (64, 100), (7, 0)]:
+        r1, r2 = np.random.default_rng(n + rounds), np.random.default_rng(n + rounds)
+        new, old = claims_mod._halves(r1, n, rounds), _reference_halves(r2, n, rounds)
+        assert new.dtype == old.dtype and np.array_equal(new, old)
+        assert r1.bit_generator.state == r2.bit_generator.state
+
+
+def _with_reference_helpers(fn, *args, **kw):
+    saved = claims_mod._topk_sets, claims_mod._overlaps, claims_mod._halves
+    claims_mod._topk_sets, claims_mod._overlaps, claims_mod._halves = (
+        _reference_topk_sets, _reference_overlaps, _reference_halves)
+    try:
+        return fn(*args, **kw)
+    finally:
+        claims_mod._topk_sets, claims_mod._overlaps, claims_mod._halves = saved
+
+
+def test_agreement_equals_reference():
+    """The whole ID-3/ID-4/ID-7 rule, new helpers against the old ones: tied scores (so the top K
+    depends on tie-breaking), weights that drop prompts, both pairings, K near the number of heads."""
+    rng = np.random.default_rng(4)
+    for i in range(30):
+        n_a = int(rng.integers(8, 30))
+        n_b = n_a if i % 2 else int(rng.integers(8, 30))
+        heads, k = int(rng.choice([12, 40])), int(rng.choice([1, 3, 10, 11]))
+        mu = rng.gamma(1.0, 1.0, heads)
+        a = mu + rng.normal(0, 1.0, (n_a, heads))
+        b = mu + rng.normal(0, 1.0, (n_b, heads))
+        if i % 3 == 0:
+            a, b = np.round(a), np.round(b)  # many tied means
+        wa = (rng.random(n_a) < 0.8).astype(float) if i % 4 == 0 else None
+        kw = dict(k=k, min_effect=0.3 * k, same_prompts=bool(i % 2), weights_a=wa, alpha=0.1, n_boot=40,
+                  seed=i, baseline_accuracy=0.9)
+        new = agreement("ID-4", a, b, **kw)
+        old = _with_reference_helpers(agreement, "ID-4", a, b, **kw)
+        _assert_same_verdict(new, old)
+
+
+@pytest.mark.parametrize("family", ["ID-3/ID-4", "ID-7"])
+def test_agreement_simulations_unchanged(family):
+    from rh.heads import HeadShape
+    from rh.profiles import get_profile
+    from rh.rules.calibration import _families, sizes
+
+    p = get_profile("quick", HeadShape(30, 9, 3, 64))
+    s = sizes(p)
+    sim = _families(p, s)[family][0]
+    for effect in (0.0, 3.0, float(p.id_k)):
+        r1, r2 = np.random.default_rng(11), np.random.default_rng(11)
+        new = sim(p, s, r1, effect)
+        old = _with_reference_helpers(sim, p, s, r2, effect)
+        _assert_same_verdict(new[0], old[0])
+        assert r1.bit_generator.state == r2.bit_generator.state
+
+
+# ------------------------------------------------------------------------ ID-8
+
+
+def test_equal_pairs_and_boot_effects_equal_the_loop():
+    """Catches pairs miscounted for runs of equal keys (duplicated heads, a whole row in one group),
+    rows without a within-layer pair kept, and row order."""
+    rng = np.random.default_rng(5)
+    for _ in range(60):
+        n_heads, group = int(rng.choice([4, 9, 8])), 1
+        group = int(rng.choice([d for d in (1, 2, 3, 4) if n_heads % d == 0]))
+        rounds, k = int(rng.integers(0, 20)), int(rng.integers(0, 10))
+        boot = rng.integers(0, int(rng.choice([n_heads, 3 * n_heads, 30 * n_heads])), (rounds, k))
+        chance = (group - 1) / (n_heads - 1)
+        old = []
+        for row in boot:
+            t_b, p_b, _ = _same_group_pairs(row, n_heads, group)
+            if p_b:
+                old.append(t_b / p_b - chance)
+        new = _boot_effects(boot, n_heads, group, chance)
+        assert new.dtype == np.float64 and _same(new.tolist(), old)
+        if rounds and k:
+            brute = [sum(int(x == y) for i, x in enumerate(r) for y in r[i + 1:]) for r in boot // group]
+            assert _equal_pairs(boot // group).tolist() == brute
+
+
+def test_kv_clustering_equals_reference():
+    rng = np.random.default_rng(6)
+    for i in range(40):
+        n_layers, n_heads, n_kv = 6, int(rng.choice([8, 9, 12])), int(rng.choice([1, 2, 3, 4]))
+        if n_heads % n_kv:
+            n_kv = 1
+        k = int(rng.choice([2, 6, 9, 12]))
+        top = rng.choice(n_layers * n_heads, k, replace=False)
+        if i % 5 == 0:
+            boot = None
+        elif i % 5 == 1:
+            boot = np.stack([rng.choice(n_layers, min(k, n_layers), replace=False) * n_heads
+                             for _ in range(10)])  # one head per layer: no row has a within-layer pair
+        else:
+            boot = rng.integers(0, n_layers * n_heads, (int(rng.integers(1, 60)), k))
+        kw = dict(n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, min_effect=0.2, alpha=0.1,
+                  baseline_accuracy=0.9)
+        new, old = _outcome(kv_clustering, top, boot, **kw), _outcome(_reference_kv_clustering, top, boot, **kw)
+        assert new[0] == old[0] and (new[0] == "ok" or new[1:] == old[1:])
+        if new[0] == "ok":
+            _assert_same_verdict(new[1], old[1])
+
+
+# ------------------------------------------------------------------------ CA-1, CA-7
+
+
+def test_at_least_top_equals_reference():
+    """Catches a draw decided otherwise (ties with the top K count as at least), NaN (items early
+    stopping left out) counted wrong, a different first open draw in the error, Fortran-order input."""
+    rng = np.random.default_rng(8)
+    for i in range(200):
+        draws, n = int(rng.integers(0, 12)), int(rng.integers(0, 15))
+        rc = (rng.random((draws, n)) < rng.random()).astype(float)
+        if i % 3 == 0:
+            rc[rng.random((draws, n)) < 0.3] = np.nan
+        if i % 7 == 0:
+            rc = rc * rng.random((draws, n))  # not 0/1: the sums are no longer whole
+        if i % 5 == 0:
+            rc = np.asfortranarray(rc)
+        top = (rng.random(n) < rng.random()).astype(float)
+        new, old = _outcome(claims_mod._at_least_top, rc, top), _outcome(_reference_at_least_top, rc, top)
+        assert new[0] == old[0]
+        if new[0] == "ok":
+            assert new[1].dtype == old[1].dtype and np.array_equal(new[1], old[1])
+        else:
+            assert new[1:] == old[1:]
+
+
+def test_necessity_simulations_unchanged():
+    from rh.heads import HeadShape
+    from rh.profiles import get_profile
+    from rh.rules.calibration import _sim_ca1, _sim_ca7, sizes
+    from rh.rules.paired import decisions_only
+
+    p = get_profile("quick", HeadShape(30, 9, 3, 64))
+    s = sizes(p)
+    for sim in (_sim_ca1, _sim_ca7):
+        for effect in (0.0, p.ca1_min_gap + 0.1):
+            r1, r2 = np.random.default_rng(3), np.random.default_rng(3)
+            with decisions_only():
+                new = sim(p, s, r1, effect)
+                saved = claims_mod._at_least_top
+                try:
+                    claims_mod._at_least_top = _reference_at_least_top
+                    old = sim(p, s, r2, effect)
+                finally:
+                    claims_mod._at_least_top = saved
+            assert len(new) == len(old)
+            for a, b in zip(new, old):
+                _assert_same_verdict(a, b)
+            assert r1.bit_generator.state == r2.bit_generator.state
+
+
+# ------------------------------------------------------------------------ paired rules' power
+
+
+def test_paired_power_cache_returns_the_computed_power():
+    """Catches a cache keyed too loosely (an int n and a float n, 0 and 0.0 for the alpha or the
+    bound sharing an entry with a different result) or a stale value."""
+    rng = np.random.default_rng(9)
+    args = []
+    for _ in range(40):
+        n = int(rng.integers(0, 40))
+        theta = float(rng.choice([0.0, -0.0, 0.1, 0.2, -0.1, 0.5]))
+        bound = float(rng.choice([0.0, 0.1, 0.2, -0.1]))
+        args.append((n, theta, bound, str(rng.choice(["greater", "less"])), float(rng.choice([0.05, 0.025, 0.0167]))))
+    args += [(20, 0, 0, "greater", 0.05), (20, 0.0, 0.0, "greater", 0.05), (np.int64(20), 0.1, 0.0, "less", 0.05)]
+    for a in args + args:  # twice: the second pass is served from the cache
+        assert _same(paired_power(*a), _reference_paired_power(*a)), a
+    with pytest.raises(ValueError):
+        paired_power(10, 0.99, 0.0, "greater", 0.05)
