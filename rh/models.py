@@ -648,13 +648,46 @@ def bundled_gguf_path(spec: ModelSpec) -> Path:
     )
 
 
+def cache_dir() -> Path:
+    """Where rh keeps what it derives once per machine (the bundled tokenizer, converted):
+    ``RH_CACHE_DIR``, else ``$XDG_CACHE_HOME/rh``, else ``~/.cache/rh``."""
+    if os.environ.get("RH_CACHE_DIR"):
+        return Path(os.environ["RH_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rh"
+
+
 @functools.lru_cache(maxsize=4)
 def _gguf_tokenizer(gguf_path: str):
-    """The tokenizer stored in a GGUF file (cached per process: building it takes seconds)."""
+    """The tokenizer stored in a GGUF file. Converting it from the GGUF takes about 5 s, so the
+    result is saved once (``save_pretrained``) under :func:`cache_dir`, keyed by the file (path,
+    size, modification time) and the transformers version, and later processes load that copy in
+    a fraction of a second (the same vocabulary, merges, special tokens and chat template:
+    ``tests/test_models.py``). An unwritable cache only costs the time."""
+    import shutil
+
+    import transformers
     from transformers import AutoTokenizer
 
     p = Path(gguf_path)
-    return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    st = p.stat()
+    key = hashlib.sha256(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}:{transformers.__version__}".encode())
+    saved = cache_dir() / "tokenizers" / f"{p.stem}-{key.hexdigest()[:16]}"
+    if (saved / "tokenizer.json").is_file():
+        try:
+            return AutoTokenizer.from_pretrained(str(saved))
+        except Exception:  # noqa: BLE001 - a damaged copy: convert again and replace it
+            log.warning("the cached tokenizer in %s could not be read; converting %s again", saved, p.name)
+    tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    tmp = saved.with_name(f".{saved.name}.{os.getpid()}.tmp")
+    try:
+        tok.save_pretrained(str(tmp))
+        shutil.rmtree(saved, ignore_errors=True)
+        os.replace(tmp, saved)  # atomic: another process sees the whole copy or none
+    except OSError as exc:
+        log.info("tokenizer not cached (%s): it will be converted from the GGUF again next time", exc)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return tok
 
 
 def bundled_tokenizer():

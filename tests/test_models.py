@@ -351,3 +351,50 @@ def test_an_unregistered_model_is_instruct_iff_its_tokenizer_has_a_chat_template
     t.model.save_pretrained(tmp_path / "tiny-saved")
     t.tokenizer.save_pretrained(tmp_path / "tiny-saved")
     assert load_model(str(tmp_path / "tiny-saved"), device="cpu").instruct  # SmolLM2's template is kept
+
+
+@pytest.mark.slow  # three conversions from the GGUF, about 5 s each
+def test_the_bundled_tokenizer_is_converted_once_and_its_saved_copy_tokenizes_the_same(tmp_path, monkeypatch):
+    """The GGUF tokenizer's converted copy under RH_CACHE_DIR is what later processes load: the
+    same ids for a haystack page, the same special tokens and chat prompt; a damaged copy is
+    converted again, and an unwritable cache folder only costs the time."""
+    from transformers import AutoTokenizer
+
+    from rh.models import REGISTRY, bundled_gguf_path
+    from rh.niah import haystack_text
+
+    path = str(bundled_gguf_path(REGISTRY["smollm2-135m"]))
+    convert = models._gguf_tokenizer.__wrapped__  # past the per-process cache
+    calls = []
+    real = AutoTokenizer.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        calls.append("gguf" if kwargs.get("gguf_file") else "copy")
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", classmethod(spy))
+    monkeypatch.setenv("RH_CACHE_DIR", str(tmp_path / "cache"))
+    first = convert(path)
+    [saved] = (tmp_path / "cache" / "tokenizers").iterdir()
+    assert calls == ["gguf"] and (saved / "tokenizer.json").is_file()
+    assert not [p for p in saved.parent.iterdir() if p.name.endswith(".tmp")]  # nothing half-written left
+    again = convert(path)
+    assert calls == ["gguf", "copy"]
+    text = haystack_text()  # the essays rh builds every haystack from: about 154k tokens
+    assert again(text)["input_ids"] == first(text)["input_ids"]
+    chat = [{"role": "user", "content": "What is the special magic number?"}]
+    assert again.apply_chat_template(chat, add_generation_prompt=True) == first.apply_chat_template(
+        chat, add_generation_prompt=True)
+    assert (again.bos_token_id, again.eos_token_id, again.pad_token_id, len(again)) == (
+        first.bos_token_id, first.eos_token_id, first.pad_token_id, len(first))
+
+    (saved / "tokenizer.json").write_text("{not json")  # damaged: converted again and replaced
+    calls.clear()
+    assert convert(path)(text)["input_ids"] == first(text)["input_ids"] and calls == ["copy", "gguf"]
+    assert convert(path) is not None and calls[-1] == "copy"
+
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    monkeypatch.setenv("RH_CACHE_DIR", str(blocked))  # a file where the folder should be
+    calls.clear()
+    assert convert(path)(text)["input_ids"] == first(text)["input_ids"] and calls == ["gguf"]
