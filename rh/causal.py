@@ -98,16 +98,11 @@ def _stopped_draws(model: LoadedModel, samples: Sequence[Sample], sets: list[Abl
     correct = np.full((draws, n), np.nan)
     logprob = np.full((draws, n), np.nan)
     frames: list[list[pd.DataFrame]] = [[] for _ in range(draws)]
-    if stop_early:
-        todo = {d: needed_items(d, draws, n) for d in range(draws)}
-        rest = {d: [i for i in order if i not in set(todo[d])] for d in range(draws)}
-    else:
-        todo = {d: list(range(n)) for d in range(draws)}
-        rest = {d: [] for d in range(draws)}
-    decided = 0
-    with contextlib.ExitStack() as stack:
-        bar = stack.enter_context(contextlib.closing(track(range(draws), what, unit="draw")))
-        next(bar, None)
+    todo = {d: needed_items(d, draws, n) if stop_early else list(range(n)) for d in range(draws)}
+    paired = {d: set(todo[d]) for d in range(draws)}
+    rest = {d: [i for i in order if i not in paired[d]] if stop_early else [] for d in range(draws)}
+    with contextlib.closing(track(range(draws), what, unit="draw")) as bar:
+        next(bar, None)  # progress: draws decided so far
         while todo:
             live = [d for d in sorted(todo) if todo[d]]
             units = [Unit(sets[d], tuple(samples[i].id for i in todo[d])) for d in live]
@@ -120,7 +115,6 @@ def _stopped_draws(model: LoadedModel, samples: Sequence[Sample], sets: list[Abl
                 size = _chunk_size(int(np.nansum(correct[d])), len(rest[d]), top_correct, batch_size) \
                     if stop_early else None
                 if size is None:
-                    decided += 1
                     next(bar, None)
                     continue
                 nxt[d], rest[d] = rest[d][:size], rest[d][size:]

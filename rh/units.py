@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from rh.ablation import Ablation, _shape_of, unpruned_modules
+from rh.ablation import Ablation, _head_mask, _shape_of, unpruned_modules
 from rh.batching import make_batches
 from rh.evaluate import rows_frame, score_batch, teacher_forced
 from rh.heads import Head, heads_by_layer
@@ -69,15 +69,12 @@ def ablate_rows(model, rows: Sequence[Sequence[Head]]) -> Iterator[None]:
     per_row = [heads_by_layer(list(hs)) for hs in rows]
     layers = sorted({layer for by in per_row for layer in by})
     modules = unpruned_modules(model, [h for hs in rows for h in hs], shape, "ablate")
-    width = shape.n_heads * shape.head_dim
     handles = []
     try:
+        cpu = torch.device("cpu")
         for layer in layers:
-            mask = torch.zeros(len(rows), shape.n_heads, shape.head_dim, dtype=torch.bool)
-            for r, by in enumerate(per_row):
-                for h in by.get(layer, ()):
-                    mask[r, h] = True
-            mask = mask.reshape(len(rows), 1, width)
+            mask = torch.stack([_head_mask(shape.n_heads, shape.head_dim, by.get(layer, ()), cpu) for by in per_row])
+            mask = mask[:, None, :]  # [rows, 1, heads x head_dim]: every position of the row
 
             def pre_hook(module, args, kwargs, mask=mask):
                 x = args[0]
@@ -116,7 +113,9 @@ def run_units(model, samples: Sequence[Sample] | Mapping[str, Sample], units: Se
             with ablate_rows(model, [heads[r] for r in batch.index]):
                 for r, res in zip(batch.index, score_batch(model, batch)):
                     results[r] = res
-        for j in shared:
-            mine = [(s, results[r]) for r, (jj, s) in enumerate(rows) if jj == j]
-            out[j] = rows_frame([s for s, _ in mine], [res for _, res in mine], units[j].condition.name)
+        start = 0
+        for j in shared:  # rows were laid out unit by unit
+            end = start + len(units[j].sample_ids)
+            out[j] = rows_frame([s for _, s in rows[start:end]], results[start:end], units[j].condition.name)
+            start = end
     return out  # type: ignore[return-value]

@@ -64,39 +64,35 @@ def paired_draws(n: int, draws: int) -> np.ndarray:
     return np.arange(n) % draws
 
 
+def _sides(correct, remaining, top_correct) -> tuple[np.ndarray, np.ndarray]:
+    """(below, at least): the head-set null's indicator decided either way, elementwise, with
+    ``correct`` items right so far and ``remaining`` still to evaluate against ``top_correct``."""
+    below = np.asarray(correct) > top_correct
+    return below, ~below & (np.asarray(correct) + np.asarray(remaining) <= top_correct)
+
+
 def side_decided(correct: float, remaining: int, top_correct: float) -> bool | None:
     """Whether a random K-set's drop is at least the top K's (``True``), below it (``False``), or not
     yet known (``None``) with ``correct`` items right so far and ``remaining`` still to evaluate, on
     the same n items as the top K's ``top_correct``: the head-set null's indicator, decided as soon
     as no outcome of the remaining items can change it."""
-    if correct > top_correct:
-        return False
-    if correct + remaining <= top_correct:
-        return True
-    return None
+    below, at_least = _sides(correct, remaining, top_correct)
+    return False if below else True if at_least else None
 
 
 def _at_least_top(random_correct: np.ndarray, top_correct: np.ndarray) -> np.ndarray:
     """Per random draw, whether its accuracy drop is at least the top K's (the head-set null's
     count, ties included) on the same items; decided from the evaluated items where early stopping
-    left some out (:func:`side_decided`): a draw whose indicator is still open is refused."""
-    top = float(np.sum(top_correct))
+    left some out (:func:`side_decided`, every draw at once): a draw whose indicator is still open
+    is refused."""
     rc = np.asarray(random_correct, float)
-    if rc.ndim == 2:  # every draw at once: :func:`side_decided` on the rows' sums and open items
-        correct, remaining = np.nansum(rc, axis=1), np.isnan(rc).sum(axis=1)
-        below = correct > top
-        at_least = ~below & (correct + remaining <= top)
-        open_ = np.flatnonzero(~below & ~at_least)
-        if open_.size:
-            raise ValueError(f"random draw {int(open_[0])} was stopped before its side of the top K's drop was decided")
-        return at_least
-    out = []
-    for d, row in enumerate(rc):
-        side = side_decided(float(np.nansum(row)), int(np.isnan(row).sum()), top)
-        if side is None:
-            raise ValueError(f"random draw {d} was stopped before its side of the top K's drop was decided")
-        out.append(side)
-    return np.array(out, dtype=bool)
+    if rc.ndim == 1:  # one row a draw: a 1-D input is draws of one item each, as before
+        rc = rc[:, None]
+    below, at_least = _sides(np.nansum(rc, axis=1), np.isnan(rc).sum(axis=1), float(np.sum(top_correct)))
+    open_ = np.flatnonzero(~below & ~at_least)
+    if open_.size:
+        raise ValueError(f"random draw {int(open_[0])} was stopped before its side of the top K's drop was decided")
+    return at_least
 
 
 def necessity(outcomes: Sequence, *, alpha: float = 0.05, baseline_floor: float = 0.5, min_gap: float = 0.2,
