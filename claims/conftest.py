@@ -49,12 +49,12 @@ def task_baselines(rh_model, task_validation, task_rankings, profile):
     """Each task's unablated outcomes on its validation prompts: the floor of ID-5 and CA-4. The
     passes keep the residual stream where CA-4's general heads start, so CA-4's ablated passes
     run only the layers from there on (rh.prefix)."""
-    from rh.evaluate import teacher_forced
+    from rh.causal import evaluate_baseline
     from rh.prefix import first_layers, hinting
     from rh.scoring import general_heads
 
     with hinting(rh_model, first_layers([general_heads(task_rankings, profile.general_k)])):
-        return {t: teacher_forced(rh_model, samples, condition="baseline", batch_size=profile.batch_size)
+        return {t: evaluate_baseline(rh_model, samples, batch_size=profile.batch_size)
                 for t, samples in task_validation.items()}
 
 

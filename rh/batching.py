@@ -43,19 +43,25 @@ class Batch:
         return out
 
 
+def batch_order(samples: Sequence[Sample], batch_size: int, *, with_answer: bool = False) -> list[list[int]]:
+    """Which samples :func:`make_batches` puts in each batch (their indices): ordered by length (a
+    stable sort), then cut into batches of at most ``batch_size``."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: must be at least 1")
+    lengths = [len(s.input_ids) + (len(s.answer_ids[:-1]) if with_answer else 0) for s in samples]
+    order = sorted(range(len(samples)), key=lambda i: lengths[i])
+    return [order[c : c + batch_size] for c in range(0, len(order), batch_size)]
+
+
 def make_batches(samples: Sequence[Sample], batch_size: int, pad_id: int, *,
                  with_answer: bool = False) -> Iterator[Batch]:
     """Batches of at most ``batch_size``, samples ordered by length so that equal lengths share a
     batch (no padding) and mixed ones pad as little as possible. ``with_answer`` appends the gold
     answer but its last token (the teacher-forcing input)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}: must be at least 1")
     if pad_id is None:
         raise ValueError("the tokenizer has no pad token id: set tokenizer.pad_token before batching")
     seqs = [tuple(s.input_ids) + (tuple(s.answer_ids[:-1]) if with_answer else ()) for s in samples]
-    order = sorted(range(len(samples)), key=lambda i: len(seqs[i]))
-    for c in range(0, len(order), batch_size):
-        rows = order[c : c + batch_size]
+    for rows in batch_order(samples, batch_size, with_answer=with_answer):
         width = max(len(seqs[i]) for i in rows)
         pad = [width - len(seqs[i]) for i in rows]
         ids = torch.tensor([[pad_id] * p + list(seqs[i]) for p, i in zip(pad, rows)], dtype=torch.long)

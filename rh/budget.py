@@ -54,6 +54,14 @@ class TokenLayerCounter:
 
     _hook._rh_passive = True  # it only counts: rh.prefix.first_modified_layer ignores it
 
+    def charge(self, n: int) -> None:
+        """Count ``n`` token-layers executed elsewhere (a Ray replica) to the current label."""
+        n = int(n)
+        self.counts[self.label] = self.counts.get(self.label, 0) + n
+        self.total += n
+        if self.on_count is not None:
+            self.on_count()
+
     @contextlib.contextmanager
     def charged_to(self, label: str) -> Iterator[None]:
         """Passes inside the block are charged to ``label``; the previous label is restored after."""

@@ -18,7 +18,6 @@ import pandas as pd
 
 from rh.progress import track
 from rh.ablation import Ablation, ablate
-from rh.evaluate import teacher_forced
 from rh.heads import Head
 from rh.models import LoadedModel
 from rh.niah import Sample
@@ -27,7 +26,8 @@ from rh.recording import attn_z, head_slice, recording
 from rh.rules.claims import side_decided
 from rh.seeds import derive_seed
 from rh.stats import Verdict
-from rh.units import Unit, run_units
+from rh.runner import run, run_one
+from rh.units import Unit
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def _arrays(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
 
 
 def evaluate_baseline(model: LoadedModel, samples: Sequence[Sample], *, batch_size: int = 8) -> pd.DataFrame:
-    return teacher_forced(model, samples, condition="baseline", batch_size=batch_size)
+    return run_one(model, samples, Ablation.baseline(), batch_size=batch_size)
 
 
 def needed_items(draw: int, draws: int, n: int) -> list[int]:
@@ -91,7 +91,7 @@ def _stopped_draws(model: LoadedModel, samples: Sequence[Sample], sets: list[Abl
     With ``stop_early=False``, every item.
 
     The sets advance in waves: each wave submits every undecided set's next chunk as work units
-    to one :func:`rh.units.run_units` call, which runs rows of different sets side by side in one
+    to one :func:`rh.runner.run` call, which runs rows of different sets side by side in one
     batch. Each set's sequence of chunks depends on its own outcomes only, so the items evaluated
     are exactly those of evaluating the sets one after another."""
     n, draws = len(samples), len(sets)
@@ -106,7 +106,7 @@ def _stopped_draws(model: LoadedModel, samples: Sequence[Sample], sets: list[Abl
         while todo:
             live = [d for d in sorted(todo) if todo[d]]
             units = [Unit(sets[d], tuple(samples[i].id for i in todo[d])) for d in live]
-            for d, df in zip(live, run_units(model, samples, units, batch_size=batch_size)):
+            for d, df in zip(live, run(model, samples, units, batch_size=batch_size)):
                 idx = todo[d]
                 correct[d, idx], logprob[d, idx] = _arrays(df)
                 frames[d].append(df)
@@ -160,8 +160,7 @@ def necessity_outcomes(
         baseline = evaluate_baseline(model, samples, batch_size=batch_size)
     baseline = baseline.set_index("id").loc[[s.id for s in samples]].reset_index()
     frames = [baseline]
-    with ablate(model, top):
-        frames.append(teacher_forced(model, samples, condition=f"top{k}", batch_size=batch_size))
+    frames.append(run_one(model, samples, Ablation(f"top{k}", tuple(top), selection="top"), batch_size=batch_size))
     bc, bl = _arrays(frames[0])
     tc, tl = _arrays(frames[1])
     n = len(samples)
@@ -213,8 +212,8 @@ def top_logprobs(model: LoadedModel, samples: Sequence[Sample], ranking: Ranking
         if k in have:
             out[k] = have[k]
             continue
-        with ablate(model, ranking.top(k)):
-            out[k] = teacher_forced(model, samples, condition=f"top{k}", batch_size=batch_size)["logprob"].to_numpy(float)
+        top = Ablation(f"top{k}", tuple(ranking.top(k)), selection="top")
+        out[k] = run_one(model, samples, top, batch_size=batch_size)["logprob"].to_numpy(float)
     return out
 
 
@@ -239,8 +238,8 @@ def inverse_ablation(model: LoadedModel, samples: Sequence[Sample], ranking: Ran
     ablated = {}
     if base.mean() >= baseline_floor:  # below it the verdicts are inconclusive whatever the ablation does
         for k in levels:
-            with ablate(model, ranking.bottom(k)):
-                df = teacher_forced(model, samples, condition=f"bottom{k}", batch_size=batch_size)
+            df = run_one(model, samples, Ablation(f"bottom{k}", tuple(ranking.bottom(k)), selection="bottom"),
+                         batch_size=batch_size)
             ablated[k] = df["correct"].to_numpy(dtype=float)
     bottom = {k: [str(h) for h in ranking.bottom(min(k, 20))] for k in levels}
     return inverse_verdicts(base, ablated, levels, margin=margin, alpha=alpha, baseline_floor=baseline_floor,
@@ -275,10 +274,9 @@ def ablation_hurts(claim: str, model: LoadedModel, groups: dict[str, Sequence[Sa
                 base = baseline.set_index("id").loc[ids, "correct"].to_numpy(dtype=float)
             else:
                 with hinting(model, first_layers([heads])):  # the ablated pass starts where the heads do
-                    base = teacher_forced(model, samples, condition="baseline",
-                                          batch_size=batch_size)["correct"].to_numpy(float)
-            with ablate(model, heads):
-                abl = teacher_forced(model, samples, condition="ablated", batch_size=batch_size)["correct"].to_numpy(float)
+                    base = evaluate_baseline(model, samples, batch_size=batch_size)["correct"].to_numpy(float)
+            abl = run_one(model, samples, Ablation("ablated", tuple(heads)),
+                          batch_size=batch_size)["correct"].to_numpy(float)
             data[g] = (base, abl)
     else:
         data = {g: (np.zeros(0), np.zeros(0)) for g in groups}
@@ -325,8 +323,7 @@ def mechanism_comparison(model: LoadedModel, samples: Sequence[Sample], heads: S
     acc = {"baseline": float(baseline.set_index("id").loc[[s.id for s in samples], "correct"].mean())}
     correct = {}
     for m in ("zero", "query", "logits"):
-        with ablate(model, heads, m):
-            df = teacher_forced(model, samples, condition=m, batch_size=batch_size)
+        df = run_one(model, samples, Ablation(m, tuple(heads), m), batch_size=batch_size)
         acc[m] = float(df["correct"].mean())
         correct[m] = df["correct"].to_numpy(bool)
     b, c, p_zq = mcnemar_exact(correct["query"], correct["zero"], alternative="two-sided")

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from rh.ablation import ablate, uniform_attention
+from rh.ablation import Ablation, ablate, uniform_attention
 from rh.attention import AttentionIntervention, add_intervention, rh_attention_active
 from rh.batching import current_batch, make_batches
 from rh.evaluate import teacher_forced
@@ -40,6 +40,7 @@ from rh.id_claims import inconclusive
 from rh.models import LoadedModel, attention_modules, head_shape, hf_model
 from rh.niah import Sample
 from rh.recording import attn_z, head_slice, recording, resid_pre, rewriting
+from rh.runner import run_one
 from rh.seeds import derive_seed
 from rh.stats import Verdict
 
@@ -543,8 +544,7 @@ def incremental_ablation(model: LoadedModel, samples: Sequence[Sample], heads: S
     for n in levels:
         if n > len(heads):
             raise ValueError(f"level {n} needs {n} critical heads but only {len(heads)} were given")
-        with ablate(model, heads[:n]):
-            frames[n] = teacher_forced(model, samples, condition=f"top{n}", batch_size=batch_size)
+        frames[n] = run_one(model, samples, Ablation(f"top{n}", tuple(heads[:n]), selection="top"), batch_size=batch_size)
     out = incremental(base, {n: _correct(frames[n], ids) for n in levels}, [str(h) for h in heads], min_drop=min_drop,
                       alpha=alpha, baseline_floor=baseline_floor)
     return out, frames
@@ -617,8 +617,7 @@ def transplant_function(recipient: LoadedModel, donor: LoadedModel | None, sampl
     check_same_shape(recipient, donor)
     ids = [s.id for s in samples]
     base = _correct(baseline, ids)
-    with ablate(recipient, heads):
-        abl = _correct(teacher_forced(recipient, samples, condition="ablated", batch_size=batch_size), ids)
+    abl = _correct(run_one(recipient, samples, Ablation("ablated", tuple(heads)), batch_size=batch_size), ids)
     with transplant_heads(recipient, donor, heads):
         tr = _correct(teacher_forced(recipient, samples, condition="transplanted", batch_size=batch_size), ids)
     from rh.rules.claims import transplant

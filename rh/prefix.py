@@ -246,6 +246,13 @@ def hinting(model: Any, layers: Iterable[int]) -> Iterator[None]:
         cache.hints.remove(wanted)
 
 
+def active_hints(model: Any) -> set[int]:
+    """The layers the open :func:`hinting` blocks on ``model`` ask passes to keep (none outside
+    :func:`reuse_prefixes`): what a runner passes to replicas running the same passes elsewhere."""
+    cache = active_cache(model)
+    return set().union(*cache.hints) if cache is not None and cache.hints else set()
+
+
 def first_layers(head_sets: Iterable[Iterable[Any]]) -> set[int]:
     """The first layer of each head set (``Head`` objects or anything with ``.layer``): the hints
     for a baseline whose conditions will ablate these sets."""

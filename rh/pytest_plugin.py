@@ -71,6 +71,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="print each collected claim's planned conditions, forward passes, token-layers and estimated "
                      "time (timed on a random 2-layer copy of the model's architecture), then stop: no weights "
                      "load and no test runs (rh.plan; with --expected, the recorded counts beside)")
+    g.addoption("--ray", default=None, metavar="local|HOST:PORT",
+                help="run the claims' forward passes (work units) on model replicas held by Ray actors: 'local' "
+                     "starts a cluster on this machine (every Ray process on 127.0.0.1) and stops it at the end; "
+                     "HOST:PORT joins a running cluster (`ray start --head`; rh installed on every node)")
+    g.addoption("--replicas", type=int, default=None, metavar="N", help="with --ray: model replicas (default 1)")
+    g.addoption("--threads-per-replica", type=int, default=None, metavar="T",
+                help="with --ray: CPU threads (and Ray CPUs) each replica holds (default 1)")
+    g.addoption("--gpus-per-replica", type=float, default=None, metavar="G",
+                help="with --ray: GPUs each replica holds, all on one node (default 0; a 70B model in bf16 needs 2 "
+                     "H100-80GB)")
+    g.addoption("--store", default=None, metavar="PATH",
+                help="keep every computed row (one condition on one prompt) in this JSON-lines file as it "
+                     "returns; a later run with the same --store and model computes only the rows it lacks "
+                     "(a run that died resumes; a shared baseline runs once)")
     g.addoption("--report-dir", default=None, help="where the HTML and JSON reports go (default: the ini value "
                 "rh_report_dir, else reports/ under the rootdir)")
     g.addoption("--ranking-cache", default=None, help="folder of cached rankings (default: the ini value "
@@ -79,6 +93,52 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("rh_ranking_cache", "rh's ranking cache, relative to the rootdir", default=".rh/rankings")
     parser.addini("rh_expected_dir", "where expected-verdict files <model>.json live (used for the progress "
                   "lines' estimate of the time left when --expected is not given)", default="")
+
+
+def _check_runner_options(config: pytest.Config) -> None:
+    """--ray and its companions, and --store: usage errors before anything loads."""
+    ray = config.getoption("--ray")
+    given = [o for o in ("--replicas", "--threads-per-replica", "--gpus-per-replica") if config.getoption(o) is not None]
+    if ray is None and given:
+        raise pytest.UsageError(f"{', '.join(given)} apply to Ray replicas: add --ray local (or --ray HOST:PORT)")
+    for opt in ("--replicas", "--threads-per-replica"):
+        v = config.getoption(opt)
+        if v is not None and v < 1:
+            raise pytest.UsageError(f"{opt} {v}: give a whole number of at least 1")
+    g = config.getoption("--gpus-per-replica")
+    if g is not None and not g >= 0:
+        raise pytest.UsageError(f"--gpus-per-replica {g:g}: give 0 (CPU replicas) or more")
+    if ray is not None:
+        if ray != "local":
+            host, _, port = ray.rpartition(":")
+            from rh.ray_executor import reachable
+
+            try:  # an address that does not answer is said now, before any weights load
+                reachable(ray)
+            except (ValueError, ConnectionError) as exc:
+                raise pytest.UsageError(str(exc)) from None
+        try:
+            import ray as _ray  # noqa: F401
+        except ImportError:
+            raise pytest.UsageError("--ray needs the ray package: pip install 'ray>=2.40' (scripts/setup.sh "
+                                    "installs it)") from None
+        if config.getoption("--gpus-per-replica") and config.getoption("--device") == "cpu":
+            raise pytest.UsageError("--gpus-per-replica with --device cpu: drop one of them")
+        if ray == "local" and (config.getoption("--gpus-per-replica") or 0) > 0:
+            import torch
+
+            have = torch.cuda.device_count()
+            if config.getoption("--gpus-per-replica") > have:
+                raise pytest.UsageError(f"--gpus-per-replica {config.getoption('--gpus-per-replica'):g}: this machine "
+                                        f"has {have} GPU(s), and a replica's GPUs must sit on one node")
+    store = config.getoption("--store")
+    if store:
+        target = Path(store)
+        if target.is_dir():
+            raise pytest.UsageError(f"--store {store}: is a folder; give a file, e.g. {target / 'rows.jsonl'}")
+        if not target.parent.is_dir():
+            raise pytest.UsageError(f"--store {store}: its folder {target.parent} does not exist; create it or give "
+                                    "another path")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -93,6 +153,7 @@ def pytest_configure(config: pytest.Config) -> None:
         shape = expected_shape(config.getoption("--model"))  # off the registry: its config.json, once
     except (ValueError, FileNotFoundError, ModelAccessError) as exc:
         raise pytest.UsageError(f"--model: {exc}") from None
+    _check_runner_options(config)
     budget = config.getoption("--budget")
     if budget is not None and not budget > 0:
         raise pytest.UsageError(f"--budget {budget:g}: give the minutes this run may take, a positive number")
@@ -230,6 +291,7 @@ class RhSession:
         self.plan = None  # with --plan: the rh.plan.Plan printed instead of running the claims
         self.resources = contextlib.ExitStack()  # closed at unconfigure: the session's prefix cache
         self.prefix = None  # that rh.prefix.PrefixCache (None with --plain)
+        self.runner = None  # the session's rh.runner.Runner, once the model has loaded
         self.item_start = 0  # the counter's total when the running test started
         self.saved_at_start = dict(saved_token_layers())
 
@@ -524,9 +586,47 @@ def _session_model(config: pytest.Config):
             from rh.prefix import reuse_prefixes
 
             state.prefix = state.resources.enter_context(reuse_prefixes(model))
+        state.runner = state.resources.enter_context(_session_runner(config, model))
+        state.meta["layout"] = state.runner.layout.as_dict()
         state.model = model
         state.loaded_at = time.perf_counter()
     return state.model
+
+
+def _session_runner(config: pytest.Config, model):
+    """The session's runner on ``model`` (rh.runner): local, or Ray replicas with --ray; the
+    store in --store's file, else in memory."""
+    from rh.runner import Layout, ResultStore, Runner, use_runner
+
+    state = _rh(config)
+    store = ResultStore(config.getoption("--store"))
+    if store.loaded or store.skipped:
+        _progress(config, f"store {config.getoption('--store')}: {store.loaded} rows kept from earlier runs"
+                          + (f", {store.skipped} unreadable lines (computed again)" if store.skipped else ""), force=True)
+    address = config.getoption("--ray")
+    if address is None:
+        return use_runner(model, Runner(model, store=store))
+    from rh.ray_executor import RayExecutor, ReplicaSpec
+
+    replicas = config.getoption("--replicas") or 1
+    threads = config.getoption("--threads-per-replica") or 1
+    gpus = config.getoption("--gpus-per-replica") or 0.0
+    spec = ReplicaSpec(model=config.getoption("--model"), dtype=model.provenance["dtype"],
+                       quant=config.getoption("--quant"), device="cuda" if gpus else "cpu",
+                       max_memory=config.getoption("--max-memory"), threads=threads, gpus=gpus,
+                       prefix_reuse=not config.getoption("--plain"))
+    _progress(config, f"starting {replicas} Ray replica(s) of {model.key} ({threads} thread(s)"
+                      + (f", {gpus:g} GPU(s)" if gpus else "") + f" each) at {address}", force=True)
+    try:
+        executor = RayExecutor(spec, address=address, replicas=replicas)
+    except (ConnectionError, ValueError, TimeoutError, ImportError) as exc:
+        store.close()
+        pytest.exit(f"rh --ray: {exc}", returncode=pytest.ExitCode.USAGE_ERROR)
+    layout = Layout.of(model, executor="ray", replicas=replicas, threads_per_replica=threads,
+                       gpus_per_replica=gpus or None)
+    _progress(config, f"{replicas} Ray replica(s) ready (pids {', '.join(map(str, executor.pids))})", force=True)
+    return use_runner(model, Runner(model, executor=executor, store=store, layout=layout,
+                                    charge=state.counter.charge))
 
 
 def progress_every_s() -> float:

@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 
 from rh.ablation import Ablation, _head_mask, _shape_of, unpruned_modules
-from rh.batching import make_batches
+from rh.batching import batch_order, make_batches
 from rh.evaluate import rows_frame, score_batch, teacher_forced
 from rh.heads import Head, heads_by_layer
 from rh.niah import Sample
@@ -90,32 +90,73 @@ def ablate_rows(model, rows: Sequence[Sequence[Head]]) -> Iterator[None]:
             h.remove()
 
 
-def run_units(model, samples: Sequence[Sample] | Mapping[str, Sample], units: Sequence[Unit], *,
-              batch_size: int = 8) -> list[pd.DataFrame]:
-    """Execute ``units`` on ``model``: one frame per unit, in order, each with the rows
-    :func:`rh.evaluate.teacher_forced` gives (``condition`` = the unit's condition's name)."""
-    by_id = samples if isinstance(samples, Mapping) else {s.id: s for s in samples}
+@dataclass(frozen=True)
+class Packet:
+    """One forward's rows, the atom the runners ship: at most ``batch_size`` rows, each a unit
+    (its index in the call) and a prompt id. ``condition`` is the one condition every row runs
+    under, or ``None`` for side-by-side rows, each with its own zero-ablated ``heads``.
+
+    The packets of a call depend on its units and the batch size alone (:func:`plan_packets`), so
+    every executor runs the same forwards: the same batches, the same padding, the same
+    token-layers."""
+
+    rows: tuple[tuple[int, str], ...]
+    condition: Ablation | None = None
+    heads: tuple[tuple[Head, ...], ...] = ()
+
+    @property
+    def sample_ids(self) -> tuple[str, ...]:
+        return tuple(i for _, i in self.rows)
+
+
+def plan_packets(units: Sequence[Unit], by_id: Mapping[str, Sample], batch_size: int) -> list[Packet]:
+    """The forwards that execute ``units``: each unit that cannot share a forward gets the batches
+    :func:`rh.evaluate.teacher_forced` would run it in, then the rows of every side-by-side unit
+    are batched together, shortest first (:func:`rh.batching.batch_order`)."""
     missing = sorted({i for u in units for i in u.sample_ids if i not in by_id})
     if missing:
         raise KeyError(f"units name prompts that were not given: {missing[:5]}")
-    out: list[pd.DataFrame | None] = [None] * len(units)
-    shared = [j for j, u in enumerate(units) if u.side_by_side]
+    out: list[Packet] = []
     for j, u in enumerate(units):
         if not u.side_by_side:
-            with u.condition.open(model):
-                out[j] = teacher_forced(model, [by_id[i] for i in u.sample_ids], condition=u.condition.name,
-                                        batch_size=batch_size, progress=False)
-    if shared:
-        rows = [(j, by_id[i]) for j in shared for i in units[j].sample_ids]
-        heads = [units[j].condition.heads for j, _ in rows]
-        results: list[tuple | None] = [None] * len(rows)
-        for batch in make_batches([s for _, s in rows], batch_size, model.tokenizer.pad_token_id, with_answer=True):
-            with ablate_rows(model, [heads[r] for r in batch.index]):
-                for r, res in zip(batch.index, score_batch(model, batch)):
-                    results[r] = res
-        start = 0
-        for j in shared:  # rows were laid out unit by unit
-            end = start + len(units[j].sample_ids)
-            out[j] = rows_frame([s for _, s in rows[start:end]], results[start:end], units[j].condition.name)
-            start = end
+            samples = [by_id[i] for i in u.sample_ids]
+            for rows in batch_order(samples, batch_size, with_answer=True):
+                out.append(Packet(tuple((j, u.sample_ids[r]) for r in rows), u.condition))
+    shared = [(j, i) for j, u in enumerate(units) if u.side_by_side for i in u.sample_ids]
+    for rows in batch_order([by_id[i] for _, i in shared], batch_size, with_answer=True):
+        picked = tuple(shared[r] for r in rows)
+        out.append(Packet(picked, None, tuple(units[j].condition.heads for j, _ in picked)))
+    return out
+
+
+def run_packet(model, packet: Packet, by_id: Mapping[str, Sample]) -> list[tuple]:
+    """One teacher-forced forward over the packet's rows: per row, in the packet's order,
+    :data:`rh.evaluate.SCORES`."""
+    samples = [by_id[i] for i in packet.sample_ids]
+    (batch,) = make_batches(samples, len(samples), model.tokenizer.pad_token_id, with_answer=True)
+    out: list[tuple | None] = [None] * len(samples)
+    ctx = packet.condition.open(model) if packet.condition is not None else \
+        ablate_rows(model, [packet.heads[r] for r in batch.index])
+    with ctx:
+        for r, res in zip(batch.index, score_batch(model, batch)):
+            out[r] = res
     return out  # type: ignore[return-value]
+
+
+def unit_frames(units: Sequence[Unit], by_id: Mapping[str, Sample], scores: Mapping[tuple[int, str], tuple],
+                ) -> list[pd.DataFrame]:
+    """Each unit's frame (:func:`rh.evaluate.rows_frame`) from the scores of its rows, keyed by
+    (unit index, prompt id)."""
+    return [rows_frame([by_id[i] for i in u.sample_ids], [scores[(j, i)] for i in u.sample_ids], u.condition.name)
+            for j, u in enumerate(units)]
+
+
+def run_units(model, samples: Sequence[Sample] | Mapping[str, Sample], units: Sequence[Unit], *,
+              batch_size: int = 8) -> list[pd.DataFrame]:
+    """Execute ``units`` on ``model`` in this process: one frame per unit, in order, each with the
+    rows :func:`rh.evaluate.teacher_forced` gives (``condition`` = the unit's condition's name)."""
+    by_id = samples if isinstance(samples, Mapping) else {s.id: s for s in samples}
+    scores: dict[tuple[int, str], tuple] = {}
+    for packet in plan_packets(units, by_id, batch_size):
+        scores.update(zip(packet.rows, run_packet(model, packet, by_id)))
+    return unit_frames(units, by_id, scores)

@@ -101,9 +101,12 @@ def table(monkeypatch):
                     out.append(fake_tf(m, [by_id[i] for i in u.sample_ids], condition=u.condition.name))
             return out
 
-        monkeypatch.setattr(causal, "ablate", fake_ablate)
-        monkeypatch.setattr(causal, "teacher_forced", fake_tf)
-        monkeypatch.setattr(causal, "run_units", fake_units)
+        def fake_one(m, subset, condition, *, batch_size=8):
+            with fake_ablate(m, condition.heads):
+                return fake_tf(m, subset, condition=condition.name)
+
+        monkeypatch.setattr(causal, "run", fake_units)
+        monkeypatch.setattr(causal, "run_one", fake_one)
         return model, samples, ranking
 
     return make

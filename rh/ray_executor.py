@@ -1,0 +1,269 @@
+"""Model replicas as Ray actors: the ``ray`` executor of :class:`rh.runner.Runner`.
+
+Each replica is an actor holding one copy of the model (``--threads-per-replica`` CPU threads or
+``--gpus-per-replica`` GPUs, reserved up front in one placement group: a bundle per replica, each
+on one node, so a replica's GPUs are one node's). pytest stays the controller: a claim's call to
+the runner is planned into packets (:func:`rh.units.plan_packets`, the same batches as in one
+process), each packet goes to the replica its prompts hash to (a prompt batch always meets the
+same replica, whose prefix cache then holds what its earlier passes kept), the replicas run their
+packets concurrently, and the controller gets back the rows, the token-layers each packet executed
+and the token-layers prefix reuse saved. Early stopping is the controller's: it submits a claim's
+next wave once the last one is back.
+
+A replica that dies (killed, out of memory, a node lost) is restarted by Ray, reloads the model
+and runs its packets again (``max_restarts``, ``max_task_retries``); only the packets whose results
+came back are counted, so nothing is counted twice.
+
+``--ray local`` starts a cluster on this machine and stops it at the end, every Ray process bound to
+127.0.0.1 (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``: no traffic to any other address, the machine's
+own included). ``--ray HOST:PORT`` joins a running cluster (``ray start --head`` on one node,
+``ray start --address HOST:PORT`` on the others), with rh installed on every node.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from rh.niah import Sample
+from rh.runner import Done
+from rh.units import Packet
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """What each replica loads (``rh.models.load_model``'s arguments) and the resources it holds."""
+
+    model: str
+    dtype: str | None = None
+    quant: str | None = None
+    device: str | None = None
+    max_memory: str | None = None
+    threads: int | None = None
+    gpus: float = 0.0
+    prefix_reuse: bool = True
+
+
+def _local_only() -> None:
+    """Every Ray process this one starts binds to the loopback address."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    try:
+        import ray._private.ray_constants as rc
+
+        rc.ENABLE_RAY_CLUSTER = False  # read at call time by ray's address resolution
+    except ImportError:  # pragma: no cover - checked by connect's import
+        pass
+
+
+def reachable(address: str, timeout: float = 3.0) -> None:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--ray {address!r}: give 'local' (a cluster on this machine) or the head node's HOST:PORT "
+                         "(what `ray start --head` printed, e.g. 10.0.0.5:6379)")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as e:
+        raise ConnectionError(f"--ray {address}: no Ray cluster answers there ({e.__class__.__name__}: {e}). Start one "
+                              f"with `ray start --head --port {port}` on that node, or use --ray local") from None
+
+
+def connect(address: str, *, num_cpus: int | None = None, num_gpus: int | None = None) -> bool:
+    """Connect to (``HOST:PORT``) or start (``local``) a Ray cluster; True if this call started it
+    (and :func:`disconnect` should stop it)."""
+    try:
+        import ray
+    except ImportError:
+        raise ImportError("--ray needs the ray package: pip install 'ray>=2.40' (scripts/setup.sh installs it)") from None
+    if ray.is_initialized():
+        return False
+    quiet = {"log_to_driver": False, "configure_logging": False}
+    if address == "local":
+        _local_only()
+        kw: dict[str, Any] = {"num_cpus": num_cpus, "include_dashboard": False, **quiet}
+        if num_gpus is not None:
+            kw["num_gpus"] = num_gpus
+        ray.init(_node_ip_address=LOOPBACK, **kw)
+        return True
+    reachable(address)
+    ray.init(address=address, **quiet)
+    return False
+
+
+def disconnect(started: bool) -> None:
+    import ray
+
+    if started and ray.is_initialized():
+        ray.shutdown()
+
+
+def check_resources(spec: ReplicaSpec, replicas: int) -> None:
+    """Refuse, before any replica loads, what the cluster cannot hold: more GPUs or threads per
+    replica than its largest node has, or more replicas than fit at once."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    gpus = [float(n["Resources"].get("GPU", 0)) for n in nodes]
+    cpus = [float(n["Resources"].get("CPU", 0)) for n in nodes]
+    if spec.gpus and spec.gpus > max(gpus, default=0):
+        raise ValueError(f"--gpus-per-replica {spec.gpus:g}: the largest node of the Ray cluster has "
+                         f"{max(gpus, default=0):g} GPUs, and a replica's GPUs must sit on one node; ask for fewer "
+                         "GPUs per replica (or quantize: --quant 4bit)")
+    threads = spec.threads or 1
+    if threads > max(cpus, default=0):
+        raise ValueError(f"--threads-per-replica {threads}: the largest node of the Ray cluster has "
+                         f"{max(cpus, default=0):g} CPUs; ask for at most that many")
+    fit = sum(int(min(c // threads, g // spec.gpus if spec.gpus else c // threads)) for c, g in zip(cpus, gpus))
+    if replicas > fit:
+        raise ValueError(f"--replicas {replicas}: the Ray cluster holds {fit} replica(s) of {threads} CPU(s)"
+                         + (f" and {spec.gpus:g} GPU(s)" if spec.gpus else "") + " at once; ask for fewer replicas "
+                         "or add nodes")
+
+
+class _Replica:
+    """One model copy (a Ray actor's body; see :func:`_actor_class`)."""
+
+    def __init__(self, spec: ReplicaSpec):
+        import contextlib
+
+        import torch
+
+        from rh.budget import TokenLayerCounter
+        from rh.models import load_model
+
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        self.model = load_model(spec.model, dtype=spec.dtype, quant=spec.quant, device=spec.device,
+                                max_memory=spec.max_memory)
+        self.counter = TokenLayerCounter()
+        self.counter.attach(self.model.model)
+        self.resources = contextlib.ExitStack()
+        if spec.prefix_reuse:
+            from rh.prefix import reuse_prefixes
+
+            self.resources.enter_context(reuse_prefixes(self.model))
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def run(self, packets: list[Packet], samples: list[Sample], hints: list[int]) -> list[tuple]:
+        from rh.budget import saved_token_layers
+        from rh.prefix import hinting
+        from rh.units import run_packet
+
+        by_id = {s.id: s for s in samples}
+        out = []
+        for p in packets:
+            tl, saved = self.counter.total, dict(saved_token_layers())
+            with hinting(self.model, hints):
+                scores = run_packet(self.model, p, by_id)
+            now = saved_token_layers()
+            out.append((scores, self.counter.total - tl,
+                        {k: v - saved.get(k, 0) for k, v in now.items() if v - saved.get(k, 0)}))
+        return out
+
+
+def _actor_class(max_restarts: int):
+    import ray
+
+    return ray.remote(max_restarts=max_restarts, max_task_retries=-1)(_Replica)
+
+
+def replica_of(packet: Packet, replicas: int) -> int:
+    """The replica a packet goes to: a hash of its prompts, so a prompt batch meets one replica."""
+    digest = hashlib.sha1("\0".join(sorted(packet.sample_ids)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") % replicas
+
+
+class RayExecutor:
+    """``replicas`` actors of :class:`_Replica` on a Ray cluster (:func:`connect`)."""
+
+    name = "ray"
+
+    def __init__(self, spec: ReplicaSpec, *, address: str = "local", replicas: int = 1, max_restarts: int = 3,
+                 place_timeout_s: float = 120.0):
+        if replicas < 1:
+            raise ValueError(f"--replicas {replicas}: need at least one replica")
+        self.spec, self.address, self.replicas = spec, address, replicas
+        threads = spec.threads or 1
+        self.started = connect(address, num_cpus=max(os.cpu_count() or 1, replicas * threads))
+        try:
+            import ray
+            from ray.util.placement_group import placement_group
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            check_resources(spec, replicas)
+            bundle = {"CPU": threads, **({"GPU": spec.gpus} if spec.gpus else {})}
+            self.group = placement_group([dict(bundle) for _ in range(replicas)], strategy="PACK")
+            ready, _ = ray.wait([self.group.ready()], timeout=place_timeout_s)
+            if not ready:
+                raise TimeoutError(f"the Ray cluster could not place {replicas} replica(s) of {bundle} within "
+                                   f"{place_timeout_s:.0f} s; ask for fewer replicas or fewer resources each")
+            cls = _actor_class(max_restarts)
+            self.actors = [cls.options(num_cpus=threads, num_gpus=spec.gpus or 0,
+                                       scheduling_strategy=PlacementGroupSchedulingStrategy(
+                                           placement_group=self.group, placement_group_bundle_index=i)).remote(spec)
+                           for i in range(replicas)]
+            self.pids = ray.get([a.pid.remote() for a in self.actors])  # waits for every replica to load
+        except BaseException:
+            self.close()
+            raise
+
+    def execute(self, packets: Sequence[Packet], by_id: Mapping[str, Sample], hints: Sequence[int]) -> Iterator[Done]:
+        import ray
+
+        mine: list[list[int]] = [[] for _ in range(self.replicas)]
+        for n, p in enumerate(packets):
+            mine[replica_of(p, self.replicas)].append(n)
+        refs = {}
+        for r, idx in enumerate(mine):
+            if idx:
+                ps = [packets[n] for n in idx]
+                samples = [by_id[i] for i in dict.fromkeys(i for p in ps for i in p.sample_ids)]
+                refs[r] = self.actors[r].run.remote(ps, samples, list(hints))
+        got: dict[int, Done] = {}
+        for r, ref in refs.items():
+            try:
+                results = ray.get(ref)
+            except ray.exceptions.RayActorError as e:
+                raise RuntimeError(f"Ray replica {r} died and could not be restarted ({e.__class__.__name__}); "
+                                   "its packets' rows were not counted. Rerun: with --store the rows already "
+                                   "computed are kept") from None
+            if not isinstance(results, list) or len(results) != len(mine[r]):
+                raise RuntimeError(f"Ray replica {r} returned {type(results).__name__} for {len(mine[r])} packets: "
+                                   "its results are not used")
+            for n, res in zip(mine[r], results):
+                scores, tl, saved = res
+                got[n] = Done(list(scores), int(tl), dict(saved))
+        for n in range(len(packets)):
+            yield got[n]
+
+    def close(self) -> None:
+        try:
+            import ray
+        except ImportError:
+            return
+        if ray.is_initialized():
+            for a in getattr(self, "actors", []):
+                try:
+                    ray.kill(a, no_restart=True)
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
+            group = getattr(self, "group", None)
+            if group is not None:
+                from ray.util.placement_group import remove_placement_group
+
+                try:
+                    remove_placement_group(group)
+                except Exception:  # noqa: BLE001
+                    pass
+        disconnect(getattr(self, "started", False))

@@ -1,0 +1,148 @@
+"""The Ray executor (rh.ray_executor) on a local cluster bound to 127.0.0.1: replicas of the tiny
+model give the rows and token-layers the in-process passes give, a replica killed mid-run is
+restarted and loses nothing, bad resources and addresses are refused before any replica loads,
+and no Ray process outlives the tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from rh.ablation import Ablation  # noqa: E402
+from rh.budget import TokenLayerCounter  # noqa: E402
+from rh.heads import Head  # noqa: E402
+from rh.niah import build_passkey_samples  # noqa: E402
+from rh.runner import Runner  # noqa: E402
+from rh.units import Unit, run_units  # noqa: E402
+
+
+def _ray_processes() -> list[int]:
+    out = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                    cmd = fh.read().decode(errors="replace")
+            except OSError:
+                continue
+            if "raylet" in cmd or "gcs_server" in cmd:
+                out.append(int(pid))
+    return out
+
+
+@pytest.fixture(scope="module")
+def replicas():
+    from rh.ray_executor import RayExecutor, ReplicaSpec
+
+    # no prefix reuse: the counts are compared with plain passes here
+    ex = RayExecutor(ReplicaSpec("tiny-llama", threads=1, prefix_reuse=False), address="local", replicas=2)
+    try:
+        yield ex
+    finally:
+        ex.close()
+        assert not ray.is_initialized()
+        deadline = time.time() + 20
+        while _ray_processes() and time.time() < deadline:
+            time.sleep(0.5)
+        assert not _ray_processes(), "a Ray process outlived the cluster the tests started"
+
+
+@pytest.fixture(scope="module")
+def samples(tiny):
+    return build_passkey_samples(tiny.tokenizer, lengths=[96, 128], depths=[0.0, 0.5, 1.0], n_per_setting=2, seed=3,
+                                 max_positions=tiny.max_positions)
+
+
+def _units(samples):
+    ids = tuple(s.id for s in samples)
+    return [Unit(Ablation.baseline(), ids), Unit(Ablation("top", (Head(1, 2), Head(3, 0)), selection="top"), ids),
+            *[Unit(Ablation(f"random2#{d}", (Head(d % 4, d), Head(2, 7 - d)), selection="random", draw=d), ids[d:d + 5])
+              for d in range(6)],
+            Unit(Ablation("q", (Head(2, 1),), "query"), ids), Unit(Ablation("d", (Head(0, 1),), phase="decode"), ids)]
+
+
+def _local(tiny, samples, units):
+    counter = TokenLayerCounter()
+    handle = counter.attach(tiny.model)
+    try:
+        frames = run_units(tiny, samples, units, batch_size=4)
+    finally:
+        handle.remove()
+    return frames, counter.total
+
+
+def _check(frames, ref):
+    for a, b in zip(frames, ref):
+        assert list(a["id"]) == list(b["id"]) and list(a["correct"]) == list(b["correct"])
+        assert list(a["first_argmax"]) == list(b["first_argmax"])
+        assert (a["logprob"] - b["logprob"]).abs().max() <= 1e-5
+
+
+def test_every_ray_process_binds_to_the_loopback_address(replicas):
+    assert {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]} == {"127.0.0.1"}
+
+
+def test_replicas_return_the_rows_and_token_layers_of_the_passes_run_here(tiny, samples, replicas):
+    units = _units(samples)
+    ref, tl = _local(tiny, samples, units)
+    charged = []
+    frames = Runner(tiny, executor=replicas, charge=charged.append).run(samples, units, batch_size=4)
+    _check(frames, ref)
+    assert sum(charged) == tl  # the same forwards, counted on the replicas
+    from rh.ray_executor import replica_of
+    from rh.units import plan_packets
+
+    used = {replica_of(p, 2) for p in plan_packets(units, {s.id: s for s in samples}, 4)}
+    assert used == {0, 1}  # both replicas worked
+
+
+def test_a_replica_killed_mid_run_is_restarted_and_loses_nothing(tiny, samples, replicas):
+    units = [Unit(Ablation(f"r{d}", (Head(d % 4, d // 4),)), tuple(s.id for s in samples)) for d in range(24)]
+    ref, tl = _local(tiny, samples, units)
+    victim = replicas.pids[0]
+    charged: list[int] = []
+    result: dict = {}
+
+    def go():
+        result["frames"] = Runner(tiny, executor=replicas, charge=charged.append).run(samples, units, batch_size=4)
+
+    t = threading.Thread(target=go)
+    t.start()
+    time.sleep(0.3)
+    os.kill(victim, signal.SIGKILL)
+    t.join(timeout=300)
+    assert not t.is_alive()
+    _check(result["frames"], ref)
+    assert sum(charged) == tl  # the lost replica's packets ran again, and were counted once
+    now = ray.get([a.pid.remote() for a in replicas.actors])
+    assert victim not in now  # restarted: a new process
+    replicas.pids = now
+
+
+def test_what_the_cluster_cannot_hold_is_refused_before_any_replica_loads(replicas):
+    from rh.ray_executor import ReplicaSpec, check_resources
+
+    with pytest.raises(ValueError, match="GPUs must sit on one node"):
+        check_resources(ReplicaSpec("tiny-llama", gpus=1), 1)
+    cpus = max(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"])
+    with pytest.raises(ValueError, match="largest node of the Ray cluster has"):
+        check_resources(ReplicaSpec("tiny-llama", threads=int(cpus) + 1), 1)
+    with pytest.raises(ValueError, match="replica\\(s\\) of 1 CPU"):
+        check_resources(ReplicaSpec("tiny-llama", threads=1), int(cpus) + 1)
+
+
+def test_an_address_that_does_not_answer_is_said_at_once():
+    from rh.ray_executor import reachable
+
+    t0 = time.perf_counter()
+    with pytest.raises(ConnectionError, match="no Ray cluster answers there"):
+        reachable("127.0.0.1:1")
+    assert time.perf_counter() - t0 < 10
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        reachable("somewhere")

@@ -1,0 +1,182 @@
+"""The runner (rh.runner): packets that do not depend on who runs them, the results store keyed by
+row and layout, resume from its file, and the refusals. Each check is against rh.units.run_units
+(the passes run directly, in this process) or a count of the rows an executor was handed."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+
+from rh.ablation import Ablation, ablate, head_means
+from rh.budget import TokenLayerCounter
+from rh.heads import Head
+from rh.runner import Done, Layout, LocalExecutor, ResultStore, Runner, row_key, run_one, runner_for, use_runner
+from rh.units import Unit, plan_packets, run_packet, run_units
+
+
+class Counting(LocalExecutor):
+    """The local executor, counting the rows it is handed."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.rows = 0
+
+    def execute(self, packets, by_id, hints):
+        self.rows += sum(len(p.rows) for p in packets)
+        yield from super().execute(packets, by_id, hints)
+
+
+def _units(samples):
+    ids = tuple(s.id for s in samples)
+    return [Unit(Ablation.baseline(), ids),
+            Unit(Ablation("a", (Head(1, 2), Head(3, 0))), ids[:4]),
+            Unit(Ablation("q", (Head(2, 1),), "query"), ids),
+            Unit(Ablation("d", (Head(0, 1),), phase="decode"), ids[2:]),
+            Unit(Ablation.baseline("again"), ids[1:3])]  # rows the first unit also asks for
+
+
+def _same(a, b):
+    assert list(a["id"]) == list(b["id"]) and list(a["condition"]) == list(b["condition"])
+    assert list(a["correct"]) == list(b["correct"]) and list(a["first_argmax"]) == list(b["first_argmax"])
+    assert (a["logprob"] - b["logprob"]).abs().max() <= 1e-5
+
+
+def test_a_unit_and_a_packet_survive_pickling_and_a_stored_row_survives_json(tiny, tiny_samples):
+    units = _units(tiny_samples)
+    by_id = {s.id: s for s in tiny_samples}
+    packets = plan_packets(units, by_id, 4)
+    assert pickle.loads(pickle.dumps(units)) == units
+    assert pickle.loads(pickle.dumps(packets)) == packets
+    row = run_packet(tiny, packets[0], by_id)[0]
+    from rh.runner import valid_row
+
+    assert valid_row(json.loads(json.dumps(list(row)))) == row
+    assert valid_row([1, 0.5, 0.5, 3]) is None and valid_row([True, "x", 0.5, 3]) is None  # not rows: refused
+
+
+def test_packets_depend_on_the_units_alone_and_run_each_row_once(tiny, tiny_samples):
+    units = _units(tiny_samples)
+    by_id = {s.id: s for s in tiny_samples}
+    a, b = plan_packets(units, by_id, 3), plan_packets(list(units), dict(reversed(list(by_id.items()))), 3)
+    assert a == b  # the same forwards whatever order the prompts were handed in
+    rows = [r for p in a for r in p.rows]
+    assert sorted(rows) == sorted((j, i) for j, u in enumerate(units) for i in u.sample_ids)
+    assert all(len(p.rows) <= 3 for p in a)
+    assert all(p.condition is None or not Unit(p.condition, ("x",)).side_by_side for p in a)
+
+
+def test_the_runner_gives_what_the_passes_give_and_a_row_asked_twice_runs_once(tiny, tiny_samples):
+    units = _units(tiny_samples)
+    ex = Counting(tiny)
+    got = Runner(tiny, executor=ex).run(tiny_samples, units, batch_size=4)
+    for a, b in zip(run_units(tiny, tiny_samples, units, batch_size=4), got):
+        _same(a, b)
+    asked = sum(len(u.sample_ids) for u in units)
+    assert ex.rows == asked - 2  # "again" asks for two baseline rows the first unit computes
+    runner = Runner(tiny, executor=ex)
+    runner.run(tiny_samples, units[:1], batch_size=4)
+    before = ex.rows
+    _same(runner.run(tiny_samples, units[-1:], batch_size=4)[0], got[-1])
+    assert ex.rows == before and runner.reused == 2  # a later call: served from the store
+
+
+def test_the_store_file_resumes_a_run_that_died(tiny, tiny_samples, tmp_path):
+    path = tmp_path / "rows.jsonl"
+    units = _units(tiny_samples)
+    first = Runner(tiny, executor=Counting(tiny), store=ResultStore(path))
+    ref = first.run(tiny_samples, units, batch_size=4)
+    first.close()
+    lines = path.read_text().splitlines()
+    stored = len(lines)
+    assert stored == first.computed  # every computed row kept
+    # the run "dies" having written 5 rows fewer, the last line torn
+    path.write_text("\n".join(lines[:-5]) + "\n" + lines[-5][:17] + "\n")
+    store = ResultStore(path)
+    assert store.loaded == stored - 5 and store.skipped == 1
+    ex = Counting(tiny)
+    again = Runner(tiny, executor=ex, store=store).run(tiny_samples, units, batch_size=4)
+    assert ex.rows == 5  # exactly the missing rows
+    for a, b in zip(ref, again):
+        _same(a, b)
+
+
+def test_rows_are_keyed_by_layout_and_tokens_not_by_the_conditions_name(tiny, tiny_samples):
+    s = tiny_samples[0]
+    lay = Layout.of(tiny).key()
+    heads = (Head(1, 2),)
+    assert row_key(lay, Ablation("x", heads), s) == row_key(lay, Ablation("y", heads, selection="top"), s)
+    assert row_key(lay, Ablation("x", heads), s) != row_key(lay, Ablation("x", heads, "query"), s)
+    assert row_key(lay, Ablation("x", heads), s) != row_key(lay, Ablation("x", heads, phase="decode"), s)
+    assert row_key(lay, Ablation("x", heads), s) != row_key(lay, Ablation("x", heads), tiny_samples[1])
+    other = Layout(model=Layout.of(tiny).model, revision=Layout.of(tiny).revision, dtype="bfloat16").key()
+    assert row_key(lay, Ablation("x", heads), s) != row_key(other, Ablation("x", heads), s)
+    means = head_means(tiny, tiny_samples[:2], list(heads))
+    assert row_key(lay, Ablation("m", heads, "mean", reference=means), s) is None  # means are not in its value
+
+
+def test_on_a_hooked_model_units_run_in_place_and_nothing_is_stored(tiny, tiny_samples):
+    runner = Runner(tiny, executor=Counting(tiny))
+    heads = (Head(1, 2), Head(2, 5), Head(0, 0))
+    with use_runner(tiny, runner):
+        with ablate(tiny, heads):
+            inside = run_one(tiny, tiny_samples, Ablation.baseline())
+        ablated = run_one(tiny, tiny_samples, Ablation("top", heads, selection="top"))
+        plain = run_one(tiny, tiny_samples, Ablation.baseline())
+    assert runner_for(tiny) is not runner  # uninstalled after the block
+    assert list(inside["correct"]) == list(ablated["correct"])
+    assert (inside["logprob"] - ablated["logprob"]).abs().max() <= 1e-5  # the ablation around the call applied
+    assert (inside["logprob"] - plain["logprob"]).abs().max() > 1e-4
+    assert runner.executor.rows == 2 * len(tiny_samples)  # the hooked call bypassed it, and the store
+    assert len(runner.store.rows) == 2 * len(tiny_samples)
+
+
+class Broken:
+    name = "broken"
+
+    def __init__(self, how):
+        self.how = how
+
+    def execute(self, packets, by_id, hints):
+        for p in packets:
+            yield Done([] if self.how == "short" else [("yes", 1.0, 0.5, 2)] * len(p.rows))
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("how", ["short", "garbled"])
+def test_results_that_are_not_rows_are_refused_not_used(tiny, tiny_samples, how):
+    runner = Runner(tiny, executor=Broken(how))
+    with pytest.raises(RuntimeError, match="broken executor returned"):
+        runner.run(tiny_samples, _units(tiny_samples)[:1])
+    assert not runner.store.rows
+
+
+def test_a_bad_store_path_is_refused_naming_it(tmp_path):
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        ResultStore(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ResultStore(tmp_path / "nope" / "rows.jsonl")
+
+
+def test_token_layers_counted_where_packets_run_equal_those_of_the_direct_passes(tiny, tiny_samples):
+    units = _units(tiny_samples)
+    by_id = {s.id: s for s in tiny_samples}
+    counter = TokenLayerCounter()
+    handle = counter.attach(tiny.model)
+    try:
+        run_units(tiny, tiny_samples, units, batch_size=4)
+        direct = counter.total
+        per_packet = []
+        for p in plan_packets(units, by_id, 4):
+            before = counter.total
+            run_packet(tiny, p, by_id)
+            per_packet.append(counter.total - before)
+    finally:
+        handle.remove()
+    assert sum(per_packet) == direct
+    widths = [max(len(by_id[i].input_ids) + len(by_id[i].answer_ids) - 1 for i in p.sample_ids) * len(p.rows)
+              for p in plan_packets(units, by_id, 4)]
+    assert per_packet == [w * tiny.shape.n_layers for w in widths]  # each packet: its padded rows x layers
