@@ -544,7 +544,10 @@ def incremental_ablation(model: LoadedModel, samples: Sequence[Sample], heads: S
     for n in levels:
         if n > len(heads):
             raise ValueError(f"level {n} needs {n} critical heads but only {len(heads)} were given")
-        frames[n] = run_one(model, samples, Ablation(f"top{n}", tuple(heads[:n]), selection="top"), batch_size=batch_size)
+        # run here, not as a work unit: the IV claims' passes reuse the prefixes their baseline keeps, and
+        # IV-2's and IV-3's (patching, attention overrides) are not units yet, so they all stay together
+        with ablate(model, heads[:n]):
+            frames[n] = teacher_forced(model, samples, condition=f"top{n}", batch_size=batch_size)
     out = incremental(base, {n: _correct(frames[n], ids) for n in levels}, [str(h) for h in heads], min_drop=min_drop,
                       alpha=alpha, baseline_floor=baseline_floor)
     return out, frames

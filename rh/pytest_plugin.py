@@ -498,6 +498,10 @@ class RhSession:
         if not self.claims_run and not self.left_out:
             return
         counter = self.counter
+        if self.runner is not None:  # what the work units cost: rows computed, and served by the store
+            r = self.runner
+            self.meta["units"] = {"rows_computed": r.computed, "rows_reused": r.reused, "store": r.store.path and
+                                  str(r.store.path), "store_loaded": r.store.loaded, "store_unreadable": r.store.skipped}
         cost = self.meta.setdefault("cost", {})
         cost.update({"total": counter.total - counter.counts.get("calibration", 0),
                      "by": {k: v for k, v in sorted(counter.counts.items()) if k != "calibration"},
@@ -541,6 +545,14 @@ class RhSession:
             terminalreporter.write_sep("-", "rh forward passes")
             for line in format_cost(cost).splitlines():
                 terminalreporter.write_line(line)
+            units, layout = self.meta.get("units"), self.meta.get("layout") or {}
+            if units:
+                where = (f"on {layout.get('replicas')} Ray replica(s)" if layout.get("executor") == "ray"
+                         else "in this process")
+                terminalreporter.write_line(
+                    f"work units: {units['rows_computed']} rows computed {where}, {units['rows_reused']} served by "
+                    f"the store" + (f" ({units['store']}: {units['store_loaded']} rows from earlier runs)"
+                                    if units["store"] else ""))
         paths = self.report_paths
         if paths:
             terminalreporter.write_sep("-", "rh report")

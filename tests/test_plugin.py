@@ -295,3 +295,57 @@ def test_a_long_claim_prints_progress_without_s_and_estimates_the_time_left(warm
     lines = [ln for ln in out.splitlines() if ln.startswith("rh [")]
     assert any("running test_long.py::test_long, conditions 2 of 3" in ln for ln in lines), lines
     assert any("192 token-layers of 384 expected (50%)" in ln and "left at this pace" in ln for ln in lines), lines
+
+
+def _node_costs(report: dict) -> dict[str, int]:
+    return {v["nodeid"]: v.get("token_layers") for v in report["verdicts"]}
+
+
+@pytest.mark.slow
+def test_the_catalogue_on_two_ray_replicas_gives_the_local_verdicts_and_token_layers(tiny_catalogue, tmp_path):
+    """``--ray local --replicas 2``: every verdict the local run recorded, and each claim's
+    token-layers equal to a local run's with the same (cached) rankings."""
+    shutil.copytree(tiny_catalogue.folder / "rankings", tmp_path / "rankings")
+    local = _run_claims(tmp_path / "local", "--ranking-cache", str(tmp_path / "rankings"), target="claims/")
+    ray = _run_claims(tmp_path / "ray", "--ranking-cache", str(tmp_path / "rankings"), "--expected",
+                      str(tiny_catalogue.expected), "--ray", "local", "--replicas", "2", "--threads-per-replica", "1",
+                      target="claims/")
+    assert ray.returncode == 0, ray.stdout[-3000:] + ray.stderr[-3000:]
+    assert "verdicts checked are as expected" in ray.stdout
+    reports = [json.loads(next((tmp_path / w / "reports").glob("*.json")).read_text()) for w in ("local", "ray")]
+    assert _node_costs(reports[0]) == _node_costs(reports[1])
+    assert reports[0]["meta"]["cost"]["by"] == reports[1]["meta"]["cost"]["by"]
+    assert reports[1]["meta"]["layout"]["executor"] == "ray" and reports[1]["meta"]["layout"]["replicas"] == 2
+    assert reports[1]["meta"]["units"]["rows_computed"] == reports[0]["meta"]["units"]["rows_computed"] > 0
+    assert "rows computed on 2 Ray replica(s)" in ray.stdout
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_way_resumes_from_its_store_computing_only_the_missing_rows(tiny_catalogue, tmp_path):
+    import os
+    import signal
+    import time
+
+    folder = tmp_path
+    exp = tiny_catalogue.ca1_only(folder)
+    store = folder / "rows.jsonl"
+    full = _run_claims(folder / "full", "--ranking-cache", str(folder / "rankings"), "--store", str(folder / "all.jsonl"))
+    assert full.returncode == 0, full.stdout[-2000:]
+    total = json.loads(next((folder / "full" / "reports").glob("*.json")).read_text())["meta"]["units"]["rows_computed"]
+    cmd = [sys.executable, "-m", "pytest", CA1, "--model", "tiny-llama", "-p", "no:cacheprovider", "-q",
+           "--report-dir", str(folder / "killed"), "--ranking-cache", str(folder / "rankings"), "--store", str(store)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and (not store.exists() or len(store.read_text().splitlines()) < total // 3):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    kept = len([ln for ln in store.read_text().splitlines() if ln.endswith("}")])
+    assert 0 < kept < total, (kept, total)
+    again = _run_claims(folder / "again", "--ranking-cache", str(folder / "rankings"), "--store", str(store),
+                        "--expected", str(exp))
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert "verdicts checked are as expected" in again.stdout
+    units = json.loads(next((folder / "again" / "reports").glob("*.json")).read_text())["meta"]["units"]
+    assert units["store_loaded"] == kept
+    assert units["rows_computed"] == total - kept  # only what was missing

@@ -180,3 +180,38 @@ def test_token_layers_counted_where_packets_run_equal_those_of_the_direct_passes
     widths = [max(len(by_id[i].input_ids) + len(by_id[i].answer_ids) - 1 for i in p.sample_ids) * len(p.rows)
               for p in plan_packets(units, by_id, 4)]
     assert per_packet == [w * tiny.shape.n_layers for w in widths]  # each packet: its padded rows x layers
+
+
+class _Config:
+    def __init__(self, **opts):
+        self.opts = {"--ray": None, "--replicas": None, "--threads-per-replica": None, "--gpus-per-replica": None,
+                     "--store": None, "--device": None, **{f"--{k.replace('_', '-')}": v for k, v in opts.items()}}
+
+    def getoption(self, name):
+        return self.opts[name]
+
+
+@pytest.mark.parametrize("opts, message", [
+    ({"replicas": 2}, "--replicas apply to Ray replicas: add --ray local"),
+    ({"ray": "local", "replicas": 0}, "--replicas 0: give a whole number"),
+    ({"ray": "local", "threads_per_replica": -1}, "--threads-per-replica -1"),
+    ({"ray": "local", "gpus_per_replica": -1.0}, "--gpus-per-replica -1"),
+    ({"ray": "somewhere"}, "give 'local' .*or the head node's HOST:PORT"),
+    ({"ray": "127.0.0.1:1"}, "no Ray cluster answers there"),
+    ({"ray": "local", "gpus_per_replica": 64.0}, "this machine has \\d+ GPU"),
+])
+def test_runner_options_are_checked_before_anything_loads(opts, message):
+    from rh.pytest_plugin import _check_runner_options
+
+    with pytest.raises(pytest.UsageError, match=message):
+        _check_runner_options(_Config(**opts))
+
+
+def test_a_store_that_cannot_be_a_file_is_a_usage_error(tmp_path):
+    from rh.pytest_plugin import _check_runner_options
+
+    with pytest.raises(pytest.UsageError, match="is a folder"):
+        _check_runner_options(_Config(store=str(tmp_path)))
+    with pytest.raises(pytest.UsageError, match="does not exist"):
+        _check_runner_options(_Config(store=str(tmp_path / "no" / "rows.jsonl")))
+    _check_runner_options(_Config(store=str(tmp_path / "rows.jsonl")))  # a new file in a folder that exists: fine
