@@ -46,16 +46,12 @@ class TokenLayerCounter:
         hidden = args[0] if args else kwargs.get("hidden_states")
         if hidden is None:
             return
-        n = int(hidden.shape[0]) * int(hidden.shape[1]) if hidden.dim() >= 3 else int(hidden.shape[0])
-        self.counts[self.label] = self.counts.get(self.label, 0) + n
-        self.total += n
-        if self.on_count is not None:
-            self.on_count()
+        self.charge(int(hidden.shape[0]) * int(hidden.shape[1]) if hidden.dim() >= 3 else int(hidden.shape[0]))
 
     _hook._rh_passive = True  # it only counts: rh.prefix.first_modified_layer ignores it
 
     def charge(self, n: int) -> None:
-        """Count ``n`` token-layers executed elsewhere (a Ray replica) to the current label."""
+        """Count ``n`` token-layers to the current label: the hook's count, or those a Ray replica executed."""
         n = int(n)
         self.counts[self.label] = self.counts.get(self.label, 0) + n
         self.total += n

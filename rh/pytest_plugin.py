@@ -110,7 +110,6 @@ def _check_runner_options(config: pytest.Config) -> None:
         raise pytest.UsageError(f"--gpus-per-replica {g:g}: give 0 (CPU replicas) or more")
     if ray is not None:
         if ray != "local":
-            host, _, port = ray.rpartition(":")
             from rh.ray_executor import reachable
 
             try:  # an address that does not answer is said now, before any weights load
@@ -133,12 +132,12 @@ def _check_runner_options(config: pytest.Config) -> None:
                                         f"has {have} GPU(s), and a replica's GPUs must sit on one node")
     store = config.getoption("--store")
     if store:
-        target = Path(store)
-        if target.is_dir():
-            raise pytest.UsageError(f"--store {store}: is a folder; give a file, e.g. {target / 'rows.jsonl'}")
-        if not target.parent.is_dir():
-            raise pytest.UsageError(f"--store {store}: its folder {target.parent} does not exist; create it or give "
-                                    "another path")
+        from rh.runner import check_store_path
+
+        try:
+            check_store_path(store)
+        except (IsADirectoryError, FileNotFoundError) as exc:
+            raise pytest.UsageError(str(exc)) from None
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -28,7 +28,6 @@ import os
 import socket
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from rh.niah import Sample
 from rh.runner import Done
@@ -77,7 +76,7 @@ def reachable(address: str, timeout: float = 3.0) -> None:
                               f"with `ray start --head --port {port}` on that node, or use --ray local") from None
 
 
-def connect(address: str, *, num_cpus: int | None = None, num_gpus: int | None = None) -> bool:
+def connect(address: str, *, num_cpus: int | None = None) -> bool:
     """Connect to (``HOST:PORT``) or start (``local``) a Ray cluster; True if this call started it
     (and :func:`disconnect` should stop it)."""
     try:
@@ -89,10 +88,7 @@ def connect(address: str, *, num_cpus: int | None = None, num_gpus: int | None =
     quiet = {"log_to_driver": False, "configure_logging": False}
     if address == "local":
         _local_only()
-        kw: dict[str, Any] = {"num_cpus": num_cpus, "include_dashboard": False, **quiet}
-        if num_gpus is not None:
-            kw["num_gpus"] = num_gpus
-        ray.init(_node_ip_address=LOOPBACK, **kw)
+        ray.init(_node_ip_address=LOOPBACK, num_cpus=num_cpus, include_dashboard=False, **quiet)
         return True
     reachable(address)
     ray.init(address=address, **quiet)

@@ -38,7 +38,7 @@ import pandas as pd
 
 from rh.ablation import Ablation
 from rh.niah import Sample
-from rh.units import Packet, Unit, plan_packets, run_packet, unit_frames
+from rh.units import Packet, Unit, check_prompts, plan_packets, run_packet, unit_frames
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,16 @@ def valid_row(value: Any) -> tuple | None:
         return None
 
 
+def check_store_path(path: str | os.PathLike) -> None:
+    """Refuse a store path that cannot be a file: a folder, or a file in a folder that does not exist."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"--store {path}: is a folder; give a file, e.g. {path / 'rows.jsonl'}")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"--store {path}: its folder {path.parent} does not exist; create it or give "
+                                "another path")
+
+
 class ResultStore:
     """Rows computed so far, by key; with ``path``, also appended to a JSON-lines file as each
     packet returns (one line a row, flushed), so a run that dies keeps what it computed and the
@@ -115,13 +125,9 @@ class ResultStore:
         self.loaded = 0
         self._fh = None
         if self.path is not None:
-            if self.path.exists() and self.path.is_dir():
-                raise IsADirectoryError(f"--store {self.path}: is a folder; give a file, e.g. {self.path / 'rows.jsonl'}")
+            check_store_path(self.path)
             if self.path.exists():
                 self._load()
-            elif not self.path.parent.exists():
-                raise FileNotFoundError(f"--store {self.path}: its folder {self.path.parent} does not exist; create it "
-                                        "or give another path")
 
     def _load(self) -> None:
         with open(self.path, encoding="utf-8", errors="replace") as fh:
@@ -216,9 +222,7 @@ class Runner:
     def run(self, samples: Sequence[Sample] | Mapping[str, Sample], units: Sequence[Unit], *,
             batch_size: int = 8) -> list[pd.DataFrame]:
         by_id = samples if isinstance(samples, Mapping) else {s.id: s for s in samples}
-        missing = sorted({i for u in units for i in u.sample_ids if i not in by_id})
-        if missing:
-            raise KeyError(f"units name prompts that were not given: {missing[:5]}")
+        check_prompts(units, by_id)
         if not self.pristine():  # an intervention or a weight edit is active: run here, as it stands, unstored
             from rh.units import run_units
 

@@ -33,7 +33,7 @@ import torch
 
 from rh.ablation import Ablation, _head_mask, _shape_of, unpruned_modules
 from rh.batching import batch_order, make_batches
-from rh.evaluate import rows_frame, score_batch, teacher_forced
+from rh.evaluate import rows_frame, score_batch
 from rh.heads import Head, heads_by_layer
 from rh.niah import Sample
 
@@ -109,13 +109,18 @@ class Packet:
         return tuple(i for _, i in self.rows)
 
 
+def check_prompts(units: Sequence[Unit], by_id: Mapping[str, Sample]) -> None:
+    """Refuse units that name prompts not in ``by_id``, naming the first few."""
+    missing = sorted({i for u in units for i in u.sample_ids if i not in by_id})
+    if missing:
+        raise KeyError(f"units name prompts that were not given: {missing[:5]}")
+
+
 def plan_packets(units: Sequence[Unit], by_id: Mapping[str, Sample], batch_size: int) -> list[Packet]:
     """The forwards that execute ``units``: each unit that cannot share a forward gets the batches
     :func:`rh.evaluate.teacher_forced` would run it in, then the rows of every side-by-side unit
     are batched together, shortest first (:func:`rh.batching.batch_order`)."""
-    missing = sorted({i for u in units for i in u.sample_ids if i not in by_id})
-    if missing:
-        raise KeyError(f"units name prompts that were not given: {missing[:5]}")
+    check_prompts(units, by_id)
     out: list[Packet] = []
     for j, u in enumerate(units):
         if not u.side_by_side:
