@@ -318,12 +318,9 @@ def test_id5_simulation_unchanged():
     for effect in (p.spike_ratio, 4 * p.spike_ratio, 1.0):
         r1, r2 = np.random.default_rng(7), np.random.default_rng(7)
         new = _sim_id5(p, s, r1, effect)
-        orig = claims_mod.general_heads_rule
-        try:
-            claims_mod.general_heads_rule = _reference_general_heads_rule
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(claims_mod, "general_heads_rule", _reference_general_heads_rule)
             old = _sim_id5(p, s, r2, effect)
-        finally:
-            claims_mod.general_heads_rule = orig
         _assert_same_verdict(new[0], old[0])
         assert r1.bit_generator.state == r2.bit_generator.state
 
@@ -514,12 +511,9 @@ def test_necessity_simulations_unchanged():
             r1, r2 = np.random.default_rng(3), np.random.default_rng(3)
             with decisions_only():
                 new = sim(p, s, r1, effect)
-                saved = claims_mod._at_least_top
-                try:
-                    claims_mod._at_least_top = _reference_at_least_top
+                with pytest.MonkeyPatch.context() as mp:
+                    mp.setattr(claims_mod, "_at_least_top", _reference_at_least_top)
                     old = sim(p, s, r2, effect)
-                finally:
-                    claims_mod._at_least_top = saved
             assert len(new) == len(old)
             for a, b in zip(new, old):
                 _assert_same_verdict(a, b)
