@@ -22,7 +22,9 @@ own included). ``--ray HOST:PORT`` joins a running cluster (``ray start --head``
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import ipaddress
 import logging
 import os
 import socket
@@ -63,6 +65,14 @@ def _local_only() -> None:
         pass
 
 
+def _is_loopback(address: str) -> bool:
+    host = address.rpartition(":")[0].strip("[]")
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def reachable(address: str, timeout: float = 3.0) -> None:
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
@@ -88,11 +98,40 @@ def connect(address: str, *, num_cpus: int | None = None) -> bool:
     quiet = {"log_to_driver": False, "configure_logging": False}
     if address == "local":
         _local_only()
-        ray.init(_node_ip_address=LOOPBACK, num_cpus=num_cpus, include_dashboard=False, **quiet)
+        ray.init(address="local", _node_ip_address=LOOPBACK, num_cpus=num_cpus, include_dashboard=False, **quiet)
         return True
     reachable(address)
+    if _is_loopback(address):  # a cluster on this machine: stay on the loopback address (see _local_only)
+        _local_only()
     ray.init(address=address, **quiet)
     return False
+
+
+@contextlib.contextmanager
+def local_nodes(nodes: int, *, cpus_per_node: int = 1, gpus_per_node: int = 0) -> Iterator[str]:
+    """``nodes`` Ray nodes on this machine, every one bound to 127.0.0.1, each with its own
+    resources (its own raylet, as a second machine would have): yields the head's ``HOST:PORT`` for
+    ``--ray``, and stops them all on exit. It tries a multi-node layout where only one machine is at
+    hand: ``ray start --address`` cannot add a second node bound to the loopback address (Ray
+    refuses multi-node clusters in its loopback-only mode, and outside it the node listens on every
+    address), so the nodes are started as Ray's own multi-node tests start them."""
+    _local_only()
+    from ray.cluster_utils import Cluster
+
+    args = {"node_ip_address": LOOPBACK, "num_cpus": cpus_per_node, "num_gpus": gpus_per_node,
+            "include_dashboard": False}
+    cluster = Cluster(initialize_head=True, head_node_args=args)
+    try:
+        for _ in range(nodes - 1):
+            cluster.add_node(**{k: v for k, v in args.items() if k != "include_dashboard"})
+        cluster.wait_for_nodes()
+        yield cluster.address
+    finally:
+        import ray
+
+        if ray.is_initialized():  # the driver connected to these nodes leaves first
+            ray.shutdown()
+        cluster.shutdown()
 
 
 def disconnect(started: bool) -> None:
@@ -150,6 +189,11 @@ class _Replica:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def node(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
     def run(self, packets: list[Packet], samples: list[Sample], hints: list[int]) -> list[tuple]:
         from rh.budget import saved_token_layers

@@ -147,3 +147,27 @@ def test_an_address_that_does_not_answer_is_said_at_once():
     assert time.perf_counter() - t0 < 10
     with pytest.raises(ValueError, match="HOST:PORT"):
         reachable("somewhere")
+
+
+def test_two_nodes_on_this_machine_each_hold_a_replica_and_give_the_rows_of_one_process(tiny, samples, replicas):
+    """Two Ray nodes of one CPU each, both on 127.0.0.1: the two one-thread replicas must sit on
+    different nodes, and their rows and token-layers are those of the passes run here."""
+    from rh.ray_executor import RayExecutor, ReplicaSpec, local_nodes
+
+    replicas.close()  # this test's own cluster; the module's is not needed after it
+    units = _units(samples)[:4]
+    ref, tl = _local(tiny, samples, units)
+    with local_nodes(2) as address:
+        assert address.startswith("127.0.0.1:")
+        ex = RayExecutor(ReplicaSpec("tiny-llama", threads=1, prefix_reuse=False), address=address, replicas=2)
+        try:
+            alive = [n for n in ray.nodes() if n["Alive"]]
+            assert len(alive) == 2 and {n["NodeManagerAddress"] for n in alive} == {"127.0.0.1"}
+            where = ray.get([a.node.remote() for a in ex.actors])
+            assert len(set(where)) == 2  # one replica per node
+            charged: list[int] = []
+            frames = Runner(tiny, executor=ex, charge=charged.append).run(samples, units, batch_size=4)
+        finally:
+            ex.close()
+    _check(frames, ref)
+    assert sum(charged) == tl
