@@ -23,6 +23,7 @@ from rh.budget import claim_costs, format_cost, saved_token_layers  # torch-free
 _VERDICT = "rh_verdict"
 _META = "rh_meta"
 _CLAIM = "rh_claim"
+_COST = "rh_cost"  # under pytest -n: what a worker's passes cost since its last report (see RhSession.ship_cost)
 PLUGIN_NAME = "rh-session"
 
 log = logging.getLogger("rh")
@@ -109,6 +110,9 @@ def _check_runner_options(config: pytest.Config) -> None:
     if g is not None and not g >= 0:
         raise pytest.UsageError(f"--gpus-per-replica {g:g}: give 0 (CPU replicas) or more")
     if ray is not None:
+        if getattr(config.option, "numprocesses", None):
+            raise pytest.UsageError("--ray with -n: the Ray replicas already run the passes side by side, and each "
+                                    "pytest -n worker would start replicas of its own; drop -n")
         if ray != "local":
             from rh.ray_executor import reachable
 
@@ -250,6 +254,10 @@ def _rh(config: pytest.Config) -> RhSession:
     return config.stash[_SESSION]
 
 
+def _add(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    return {k: a.get(k, 0) + b.get(k, 0) for k in {**a, **b}}
+
+
 class RhSession:
     """One run's state, registered as a plugin: the verdicts collected, the session's metadata, the
     forward passes' counter, the budget's plan, and the report written at the end."""
@@ -293,6 +301,30 @@ class RhSession:
         self.runner = None  # the session's rh.runner.Runner, once the model has loaded
         self.item_start = 0  # the counter's total when the running test started
         self.saved_at_start = dict(saved_token_layers())
+        self.shipped: dict[str, dict[str, int]] = {"by": {}, "saved": {}, "units": {}}  # a worker's costs reported
+        self.remote: dict[str, dict[str, int]] = {"by": {}, "saved": {}, "units": {}}  # the workers' costs received
+
+    def _units_counts(self) -> dict[str, int]:
+        r = self.runner
+        return {} if r is None else {"rows_computed": r.computed, "rows_reused": r.reused,
+                                     "store_loaded": r.store.loaded, "store_unreadable": r.store.skipped}
+
+    def ship_cost(self, item: pytest.Item, when: str) -> dict[str, Any]:
+        """Under ``pytest -n``, a worker's passes are counted where they run: each claim's reports carry
+        what this worker's counter, exact savings and runner added since its last report, and (with
+        the call) the claim's own bill, so the controller's totals and per-claim bills are a serial
+        run's sums (each worker sets up the session fixtures it needs, and pays for them once)."""
+        now = {"by": {k: v for k, v in self.counter.counts.items() if k != "calibration"},
+               "saved": {k: v - self.saved_at_start.get(k, 0) for k, v in saved_token_layers().items()},
+               "units": self._units_counts()}
+        delta = {part: {k: v - self.shipped[part].get(k, 0) for k, v in now[part].items()
+                        if v - self.shipped[part].get(k, 0)} for part in now}
+        self.shipped = now
+        if when == "call" or when == "setup":
+            delta["item"] = {"token_layers": self.counter.counts.get(item.nodeid, 0),
+                             "token_layers_with_fixtures": self.counter.total - self.item_start,
+                             "seconds": self.counter.seconds.get(item.nodeid)}
+        return delta
 
     def on_progress(self, what: str, done: int, total: int | None) -> None:
         """rh.progress's listener: remember the loop's position, maybe print a line (only in a session
@@ -307,6 +339,11 @@ class RhSession:
         if "claim" not in report.keywords:
             return
         props = dict(report.user_properties)
+        if _COST in props and not hasattr(self.config, "workerinput"):  # a pytest -n worker's passes
+            for part in ("by", "saved", "units"):
+                mine = self.remote[part]
+                for k, v in props[_COST].get(part, {}).items():
+                    mine[k] = mine.get(k, 0) + int(v)
         if report.when == "call" or (report.when == "setup" and not report.passed):
             self.claims_run += 1
             if _META in props:
@@ -315,13 +352,18 @@ class RhSession:
                 return
             cost = self.counter.counts.get(report.nodeid, 0)
             seconds = self.counter.seconds.get(report.nodeid)
+            with_fixtures = self.counter.total - self.item_start
+            shipped = (props.get(_COST) or {}).get("item")
+            if shipped:  # run by a pytest -n worker: its own counter's figures
+                cost, seconds, with_fixtures = (shipped["token_layers"], shipped["seconds"],
+                                                shipped["token_layers_with_fixtures"])
             if _VERDICT in props:
                 v = dict(props[_VERDICT])
                 v["nodeid"] = report.nodeid
                 v["outcome"] = report.outcome
                 v["key"] = _verdict_key(v)
                 v["token_layers"] = cost
-                v["token_layers_with_fixtures"] = self.counter.total - self.item_start
+                v["token_layers_with_fixtures"] = with_fixtures
                 v["seconds"] = seconds
                 self.verdicts.append(v)
             elif report.failed:
@@ -331,7 +373,7 @@ class RhSession:
                     "nodeid": report.nodeid, "claim": claim, "status": "error", "outcome": "error",
                     "key": (exp.key_of(report.nodeid) if exp is not None else None) or f"{claim}[{report.nodeid}]",
                     "reason": _short_error(report), "token_layers": cost,
-                    "token_layers_with_fixtures": self.counter.total - self.item_start,
+                    "token_layers_with_fixtures": with_fixtures,
                 })
 
     @pytest.hookimpl(wrapper=True)
@@ -481,6 +523,8 @@ class RhSession:
             rep.user_properties.append((_VERDICT, {
                 "claim": str(marker.args[0]) if marker and marker.args else item.nodeid, "status": "inconclusive",
                 "reason": reason, "params": {}, "test": "", "n": 0}))
+        if hasattr(item.config, "workerinput") and item.get_closest_marker("claim") is not None:
+            rep.user_properties.append((_COST, self.ship_cost(item, call.when)))
         if call.when == "teardown" and self.started_item:
             t0, est = self.started_item
             self.started_item = None
@@ -496,17 +540,22 @@ class RhSession:
         _stop_alarm(self)
         if not self.claims_run and not self.left_out:
             return
-        counter = self.counter
-        if self.runner is not None:  # what the work units cost: rows computed, and served by the store
-            r = self.runner
-            self.meta["units"] = {"rows_computed": r.computed, "rows_reused": r.reused, "store": r.store.path and
-                                  str(r.store.path), "store_loaded": r.store.loaded, "store_unreadable": r.store.skipped}
+        counter, remote = self.counter, self.remote
+        units = _add(self._units_counts(), remote["units"])
+        if units:  # what the work units cost: rows computed, and served by the store
+            store = config.getoption("--store")
+            self.meta["units"] = {"rows_computed": 0, "rows_reused": 0, "store_loaded": 0, "store_unreadable": 0,
+                                  **units, "store": store and str(Path(store))}
+        by = _add({k: v for k, v in counter.counts.items() if k != "calibration"}, remote["by"])
         cost = self.meta.setdefault("cost", {})
-        cost.update({"total": counter.total - counter.counts.get("calibration", 0),
-                     "by": {k: v for k, v in sorted(counter.counts.items()) if k != "calibration"},
+        cost.update({"total": counter.total - counter.counts.get("calibration", 0) + sum(remote["by"].values()),
+                     "by": dict(sorted(by.items())),
                      "by_claim": claim_costs(self.verdicts),
-                     "saved": {k: v - self.saved_at_start.get(k, 0) for k, v in saved_token_layers().items()
-                               if v - self.saved_at_start.get(k, 0)}})
+                     "saved": {k: v for k, v in _add({k: v - self.saved_at_start.get(k, 0)
+                                                      for k, v in saved_token_layers().items()},
+                                                     remote["saved"]).items() if v}})
+        if getattr(config.option, "numprocesses", None):
+            cost["workers"] = "each pytest -n worker loads the model and sets up the session fixtures it needs"
         status = int(exitstatus)
         if self.expected is not None:
             try:

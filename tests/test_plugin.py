@@ -321,6 +321,34 @@ def test_the_catalogue_on_two_ray_replicas_gives_the_local_verdicts_and_token_la
 
 
 @pytest.mark.slow
+def test_under_pytest_n_the_workers_passes_are_billed_on_the_controller(tiny_catalogue, tmp_path):
+    """``-n``: each worker counts its own passes and sends them with its claims' reports. With one
+    worker (the claims in the serial order, one model, one prefix cache) every claim's bill, every
+    fixture's and the total equal the serial run's; with two, the verdicts are the serial run's, every
+    claim that ran a pass is billed for it, and the total is the sum of the labels' bills (the
+    workers' own fixtures included), not the controller's zero."""
+    shutil.copytree(tiny_catalogue.folder / "rankings", tmp_path / "rankings")
+    runs = {}
+    for name, extra in (("serial", ()), ("n1", ("-n", "1")), ("n2", ("-n", "2"))):
+        proc = _run_claims(tmp_path / name, "--ranking-cache", str(tmp_path / "rankings"), *extra, target="claims/")
+        assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:]
+        runs[name] = json.loads(next((tmp_path / name / "reports").glob("*.json")).read_text())
+    serial, n1, n2 = runs["serial"], runs["n1"], runs["n2"]
+    assert serial["meta"]["cost"]["total"] > 0
+    assert _node_costs(n1) == _node_costs(serial)
+    assert n1["meta"]["cost"]["by"] == serial["meta"]["cost"]["by"]
+    assert n1["meta"]["cost"]["total"] == serial["meta"]["cost"]["total"]
+    assert n1["meta"]["cost"]["saved"] == serial["meta"]["cost"]["saved"]
+    assert n1["meta"]["units"]["rows_computed"] == serial["meta"]["units"]["rows_computed"]
+    status = {r: {v["key"]: v["status"] for v in runs[r]["verdicts"]} for r in runs}
+    assert status["n2"] == status["serial"] == status["n1"]
+    assert n2["meta"]["cost"]["total"] == sum(n2["meta"]["cost"]["by"].values())
+    billed = {n for n, tl in _node_costs(serial).items() if tl}
+    assert billed and billed == {n for n, tl in _node_costs(n2).items() if tl}
+    assert n2["meta"]["units"]["rows_computed"] >= serial["meta"]["units"]["rows_computed"]
+
+
+@pytest.mark.slow
 def test_a_run_killed_mid_way_resumes_from_its_store_computing_only_the_missing_rows(tiny_catalogue, tmp_path):
     import os
     import signal
