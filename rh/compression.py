@@ -80,7 +80,7 @@ from typing import Any
 import torch
 
 from rh.attention import AttentionIntervention, add_intervention, rh_attention_active
-from rh.heads import Head, HeadShape, heads_by_layer, validate_heads
+from rh.heads import Head, HeadShape, heads_by_layer, parse_heads, validate_heads
 from rh.models import head_shape, hf_model
 
 _ACTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # hf model -> {Head: (sink, window)}
@@ -378,6 +378,48 @@ def restrict_window(model: Any, heads: Iterable[Head | str | tuple[int, int]], *
             table.pop(h, None)
         if not table:
             _ACTIVE.pop(hf, None)
+
+
+@dataclass(frozen=True)
+class Restriction:
+    """A window restriction declared as a condition, as :class:`rh.ablation.Ablation` declares an
+    ablation: ``heads`` restricted to ``sink`` plus ``window`` (:func:`restrict_window`) in every
+    position, rows labelled ``name``. A :class:`rh.units.Unit` takes it as its condition, so the
+    restricted passes are work units like the ablations (stored, shipped to replicas, counted)."""
+
+    name: str
+    heads: tuple[Head, ...]
+    sink: int = 4
+    window: int = 64
+    selection: str = "heads"
+
+    method = "window"  # what a unit's rows and the store read beside the heads
+    phase = "all"
+    draw = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "heads", tuple(parse_heads(self.heads)))
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"a Restriction needs a non-empty name, not {self.name!r}")
+        if not self.heads:
+            raise ValueError(f"condition {self.name!r}: a window restriction needs at least one head")
+        object.__setattr__(self, "sink", _check_size("sink", self.sink, 0))
+        object.__setattr__(self, "window", _check_size("window", self.window, 1))
+
+    @property
+    def k(self) -> int:
+        return len(self.heads)
+
+    @property
+    def params(self) -> tuple[int, int]:
+        """What besides heads and method sets the rows: (sink, window)."""
+        return self.sink, self.window
+
+    def columns(self) -> dict[str, Any]:
+        return {"selection": self.selection, "k": self.k, "draw": None, "method": self.method, "phase": self.phase}
+
+    def open(self, model: Any) -> contextlib.AbstractContextManager:
+        return restrict_window(model, self.heads, sink=self.sink, window=self.window)
 
 
 # ---------------------------------------------------------------------------- memory

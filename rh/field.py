@@ -95,9 +95,10 @@ def compression_verdicts(model: LoadedModel, samples: Sequence[Sample], baseline
     the top K restricted to a sink plus a recent window, and with the top K restricted; the KV
     cache such a policy would save at these prompts' length, and how many needles already lie in
     the recent window (where a restricted head still sees them)."""
-    from rh.compression import kv_cache_bytes, restrict_window
-    from rh.evaluate import teacher_forced
+    from rh.compression import Restriction, kv_cache_bytes
     from rh.rules.field import compression_safety
+    from rh.runner import run
+    from rh.units import Unit
 
     shape = model.shape
     sink, window = profile.compress_sink, profile.compress_window
@@ -105,17 +106,20 @@ def compression_verdicts(model: LoadedModel, samples: Sequence[Sample], baseline
     length = max(s.length for s in samples)
     in_window = float(np.mean([s.needle_span[0] >= s.length - window or s.needle_span[1] <= sink for s in samples]))
     value_bytes = next(model.model.parameters()).element_size()
-    others, tops, kv = {}, {}, {}
+    ids = tuple(s.id for s in samples)
+    units = []
     for k in profile.compress_levels:
         top = ranking.top(k)
         keep = set(top)
         rest = [h for h in shape.all_heads() if h not in keep]
-        with restrict_window(model, rest, sink=sink, window=window):
-            df = teacher_forced(model, samples, condition=f"window-others-top{k}", batch_size=profile.batch_size)
-        others[k] = df["correct"].to_numpy(dtype=float)
-        with restrict_window(model, top, sink=sink, window=window):
-            df = teacher_forced(model, samples, condition=f"window-top{k}", batch_size=profile.batch_size)
-        tops[k] = df["correct"].to_numpy(dtype=float)
+        units += [Unit(Restriction(f"window-others-top{k}", rest, sink, window, selection="others"), ids),
+                  Unit(Restriction(f"window-top{k}", top, sink, window, selection="top"), ids)]
+    frames = iter(run(model, samples, units, batch_size=profile.batch_size))
+    others, tops, kv = {}, {}, {}
+    for k in profile.compress_levels:
+        others[k] = next(frames)["correct"].to_numpy(dtype=float)
+        tops[k] = next(frames)["correct"].to_numpy(dtype=float)
+        top = ranking.top(k)
         kv[k] = {**kv_cache_bytes(shape, shape.head_dim, full_heads=top, length=length, sink=sink, window=window,
                                   bytes_per_value=value_bytes),
                  "needles_within_window": in_window}

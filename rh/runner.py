@@ -84,8 +84,10 @@ def row_key(layout_key: str, condition: Ablation, sample: Sample) -> str | None:
     """The stored row's key, or None where the row is not stored (mean ablation)."""
     if condition.method == "mean" and condition.heads:
         return None
-    text = json.dumps([layout_key, [str(h) for h in condition.heads], condition.method if condition.heads else "",
-                       condition.phase if condition.heads else "", list(sample.input_ids), list(sample.answer_ids)])
+    fields = [layout_key, [str(h) for h in condition.heads], condition.method if condition.heads else "",
+              condition.phase if condition.heads else "", list(sample.input_ids), list(sample.answer_ids)]
+    params = list(getattr(condition, "params", ()))  # a window restriction's sink and window
+    text = json.dumps(fields + [params] if params else fields)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -33,6 +33,7 @@ import torch
 
 from rh.ablation import Ablation, _head_mask, _shape_of, unpruned_modules
 from rh.batching import batch_order, make_batches
+from rh.compression import Restriction
 from rh.evaluate import rows_frame, score_batch
 from rh.heads import Head, heads_by_layer
 from rh.niah import Sample
@@ -40,14 +41,16 @@ from rh.niah import Sample
 
 @dataclass(frozen=True)
 class Unit:
-    """Evaluate the prompts ``sample_ids`` teacher-forced under ``condition``."""
+    """Evaluate the prompts ``sample_ids`` teacher-forced under ``condition`` (an ablation, or a
+    window restriction: :class:`rh.compression.Restriction`)."""
 
-    condition: Ablation
+    condition: Ablation | Restriction
     sample_ids: tuple[str, ...]
 
     def __post_init__(self) -> None:
-        if not isinstance(self.condition, Ablation):
-            raise TypeError(f"a Unit's condition is an rh.ablation.Ablation, not {type(self.condition).__name__}")
+        if not isinstance(self.condition, (Ablation, Restriction)):
+            raise TypeError("a Unit's condition is an rh.ablation.Ablation or an rh.compression.Restriction, not "
+                            f"{type(self.condition).__name__}")
         object.__setattr__(self, "sample_ids", tuple(str(i) for i in self.sample_ids))
         if not self.sample_ids:
             raise ValueError(f"unit {self.condition.name!r} names no prompt")
@@ -57,7 +60,7 @@ class Unit:
         """Whether its rows may share a forward with other units' rows (zero-ablation in every
         position, or no ablation)."""
         c = self.condition
-        return not c.heads or (c.method == "zero" and c.phase == "all")
+        return isinstance(c, Ablation) and (not c.heads or (c.method == "zero" and c.phase == "all"))
 
 
 @contextlib.contextmanager

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import pickle
 
+from types import SimpleNamespace
+
 import pytest
 
 from rh.ablation import Ablation, ablate, head_means
@@ -114,6 +116,12 @@ def test_rows_are_keyed_by_layout_and_tokens_not_by_the_conditions_name(tiny, ti
     assert row_key(lay, Ablation("x", heads), s) != row_key(other, Ablation("x", heads), s)
     means = head_means(tiny, tiny_samples[:2], list(heads))
     assert row_key(lay, Ablation("m", heads, "mean", reference=means), s) is None  # means are not in its value
+    from rh.compression import Restriction
+
+    w = row_key(lay, Restriction("w", heads, sink=4, window=64), s)
+    assert w == row_key(lay, Restriction("v", heads, sink=4, window=64, selection="top"), s)
+    assert len({w, row_key(lay, Restriction("w", heads, sink=4, window=32), s),
+                row_key(lay, Restriction("w", heads, sink=0, window=64), s), row_key(lay, Ablation("x", heads), s)}) == 4
 
 
 def test_on_a_hooked_model_units_run_in_place_and_nothing_is_stored(tiny, tiny_samples):
@@ -183,7 +191,8 @@ def test_token_layers_counted_where_packets_run_equal_those_of_the_direct_passes
 
 
 class _Config:
-    def __init__(self, **opts):
+    def __init__(self, numprocesses=None, **opts):
+        self.option = SimpleNamespace(numprocesses=numprocesses)
         self.opts = {"--ray": None, "--replicas": None, "--threads-per-replica": None, "--gpus-per-replica": None,
                      "--store": None, "--device": None, **{f"--{k.replace('_', '-')}": v for k, v in opts.items()}}
 
@@ -199,6 +208,7 @@ class _Config:
     ({"ray": "somewhere"}, "give 'local' .*or the head node's HOST:PORT"),
     ({"ray": "127.0.0.1:1"}, "no Ray cluster answers there"),
     ({"ray": "local", "gpus_per_replica": 64.0}, "this machine has \\d+ GPU"),
+    ({"ray": "local", "numprocesses": 2}, "--ray with -n: the Ray replicas already run the passes side by side"),
 ])
 def test_runner_options_are_checked_before_anything_loads(opts, message):
     from rh.pytest_plugin import _check_runner_options

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from rh.ablation import Ablation, ablate, head_means
+from rh.compression import Restriction
 from rh.evaluate import teacher_forced
 from rh.heads import Head
 from rh.models import attention_modules
@@ -31,6 +32,13 @@ def test_a_unit_is_a_hashable_value_that_survives_pickling():
     assert not Unit(Ablation("q", (Head(0, 0),), "query"), ("a",)).side_by_side
     assert not Unit(Ablation("d", (Head(0, 0),), phase="decode"), ("a",)).side_by_side
     assert Unit(Ablation.baseline(), ("a",)).side_by_side
+    w = Unit(Restriction("window-top2", ("L1H2", "L3H0"), sink=2, window=8), ("a",))
+    assert pickle.loads(pickle.dumps(w)) == w and not w.side_by_side  # a restriction never shares a batch
+    assert w != Unit(Restriction("window-top2", ("L1H2", "L3H0"), sink=2, window=9), ("a",))
+    with pytest.raises(ValueError, match="at least one head"):
+        Restriction("w", ())
+    with pytest.raises(ValueError, match="window=0"):
+        Restriction("w", ("L0H0",), window=0)
 
 
 def test_bad_units_are_refused_naming_what_is_wrong(tiny, tiny_samples):
@@ -81,7 +89,7 @@ def test_a_forward_of_another_width_is_refused_and_the_hooks_go(tiny):
 
 def test_units_side_by_side_give_the_separate_passes_outcomes(tiny, tiny_samples):
     """Random sets, the baseline, a set spanning layers, prompts shared between units, and the
-    conditions that cannot share a batch (mean, query, decode-only) in one call: every frame equals
+    conditions that cannot share a batch (mean, query, decode-only, a window restriction) in one call: every frame equals
     the separate pass's (correctness and first argmax exactly, log-probabilities within 1e-5)."""
     ids = [s.id for s in tiny_samples]
     rng = np.random.default_rng(0)
@@ -91,7 +99,8 @@ def test_units_side_by_side_give_the_separate_passes_outcomes(tiny, tiny_samples
     conds += [Ablation(f"random3#{d}", tuple(heads[i] for i in rng.choice(len(heads), 3, replace=False)),
                        selection="random", draw=d) for d in range(4)]
     conds += [Ablation("mean", (Head(1, 0), Head(2, 5)), "mean", reference=means),
-              Ablation("query", (Head(3, 1),), "query"), Ablation("decode", (Head(0, 4), Head(3, 7)), phase="decode")]
+              Ablation("query", (Head(3, 1),), "query"), Ablation("decode", (Head(0, 4), Head(3, 7)), phase="decode"),
+              Restriction("window", (Head(0, 2), Head(1, 5), Head(3, 3)), sink=2, window=8)]
     units = [Unit(c, tuple(ids[j] for j in rng.choice(len(ids), int(rng.integers(1, len(ids) + 1)), replace=False)))
              for c in conds]
     n_hooks = _hooks(tiny)
@@ -109,6 +118,7 @@ def test_units_side_by_side_give_the_separate_passes_outcomes(tiny, tiny_samples
     # the ablations change something: the random sets' log-probs are not the baseline's
     base = teacher_forced(tiny, tiny_samples, progress=False).set_index("id")["logprob"]
     assert any(not np.allclose(df["logprob"], base.loc[list(df["id"])]) for df in got[1:5])
+    assert not np.allclose(got[-1]["logprob"], base.loc[list(got[-1]["id"])])  # the window removed keys
 
 
 def test_a_zero_ablation_unit_equals_ablate(tiny, tiny_samples):
