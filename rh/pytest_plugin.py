@@ -211,11 +211,14 @@ def pytest_configure(config: pytest.Config) -> None:
     from rh import progress
 
     session.progress_token = progress.listen(session.on_progress)
+    if not hasattr(config, "workerinput"):
+        session.catch_sigterm()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     session = config.stash.get(_SESSION, None)
     if session is not None:
+        session.release_sigterm()
         session.resources.close()
     if session is not None and session.progress_token is not None:
         from rh import progress
@@ -301,8 +304,43 @@ class RhSession:
         self.runner = None  # the session's rh.runner.Runner, once the model has loaded
         self.item_start = 0  # the counter's total when the running test started
         self.saved_at_start = dict(saved_token_layers())
+        self.collected: list[str] = []  # the claims' node ids, as collected
+        self.interrupted_by: str | None = None  # "SIGTERM" once that signal ended the run
+        self.old_sigterm = None
         self.shipped: dict[str, dict[str, int]] = {"by": {}, "saved": {}, "units": {}}  # a worker's costs reported
         self.remote: dict[str, dict[str, int]] = {"by": {}, "saved": {}, "units": {}}  # the workers' costs received
+
+    def catch_sigterm(self) -> None:
+        """SIGTERM (a batch scheduler's time limit, ``kill``) ends the run as Ctrl-C does: the claim
+        running stops, its fixtures and hooks are released, and the report is written with every
+        finished verdict, marked interrupted (:meth:`interruption`)."""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def on_term(signum, frame):
+            self.interrupted_by = "SIGTERM"
+            raise KeyboardInterrupt("SIGTERM")
+
+        self.old_sigterm = signal.signal(signal.SIGTERM, on_term)
+
+    def release_sigterm(self) -> None:
+        import signal
+
+        if self.old_sigterm is not None:
+            signal.signal(signal.SIGTERM, self.old_sigterm)
+            self.old_sigterm = None
+
+    def interruption(self, exitstatus: int) -> dict[str, Any] | None:
+        """What an interrupted run says of itself: by what, how many claims finished, which did not run."""
+        if int(exitstatus) != int(pytest.ExitCode.INTERRUPTED):
+            return None
+        done = {v.get("nodeid") for v in self.verdicts}
+        not_run = [n for n in self.collected if n not in done and n not in self.left_out and n not in self.deselected]
+        return {"by": self.interrupted_by or "SIGINT (Ctrl-C)", "finished": len(done),
+                "collected": len([n for n in self.collected if n not in self.deselected]), "not_run": not_run}
 
     def _units_counts(self) -> dict[str, int]:
         r = self.runner
@@ -396,6 +434,7 @@ class RhSession:
         """With --budget: measure this machine, plan the claims that fit, deselect the others."""
         budget = config.getoption("--budget")
         claims = [it for it in items if it.get_closest_marker("claim") is not None]
+        self.collected = [it.nodeid for it in claims]
         if budget is None and claims:
             self.estimate = _estimate(config, self.expected, claims)
         if budget is None or not claims:
@@ -538,7 +577,10 @@ class RhSession:
         if hasattr(config, "workerinput"):  # xdist worker: the controller writes the report
             return
         _stop_alarm(self)
-        if not self.claims_run and not self.left_out:
+        interrupted = self.interruption(exitstatus)
+        if interrupted is not None:
+            self.meta["interrupted"] = interrupted
+        if not self.claims_run and not self.left_out and not (interrupted and interrupted["collected"]):
             return
         counter, remote = self.counter, self.remote
         units = _add(self._units_counts(), remote["units"])
@@ -557,6 +599,9 @@ class RhSession:
         if getattr(config.option, "numprocesses", None):
             cost["workers"] = "each pytest -n worker loads the model and sets up the session fixtures it needs"
         status = int(exitstatus)
+        if interrupted is not None:  # the comparison lists the claims not run, as it lists those left out
+            for n in interrupted["not_run"]:
+                self.left_out.setdefault(n, f"not run: the run was interrupted by {interrupted['by']}")
         if self.expected is not None:
             try:
                 status = _check_expected(config, self, status)
@@ -572,9 +617,16 @@ class RhSession:
             session.exitstatus = status or 1
             return
         self.report_paths = paths
-        session.exitstatus = status
+        session.exitstatus = int(pytest.ExitCode.INTERRUPTED) if interrupted is not None else status
 
     def pytest_terminal_summary(self, terminalreporter, exitstatus, config) -> None:
+        stop = self.meta.get("interrupted")
+        if stop:
+            terminalreporter.write_sep("!", f"rh: interrupted by {stop['by']}", red=True)
+            terminalreporter.write_line(f"{stop['finished']} of {stop['collected']} claims finished; the report keeps "
+                                        f"their verdicts; {len(stop['not_run'])} not run:")
+            for n in stop["not_run"]:
+                terminalreporter.write_line(f"  not run: {n}")
         verdicts = sorted(self.verdicts, key=lambda v: v.get("nodeid", ""))
         if verdicts:
             from rh.report import format_matrix

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import textwrap
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -377,3 +378,59 @@ def test_a_run_killed_mid_way_resumes_from_its_store_computing_only_the_missing_
     units = json.loads(next((folder / "again" / "reports").glob("*.json")).read_text())["meta"]["units"]
     assert units["store_loaded"] == kept
     assert units["rows_computed"] == total - kept  # only what was missing
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_run_ended_by_a_signal_writes_its_finished_verdicts_and_says_what_did_not_run(tmp_path, sig):
+    """SIGTERM (a scheduler's time limit) ends the run as Ctrl-C does: the claim running stops, the
+    report is written with the verdict that finished, marked interrupted in the terminal, the JSON
+    and the HTML, with the claims not run named; the exit status is pytest's 'interrupted'."""
+    import os
+    import signal
+    import time
+
+    marker = tmp_path / "b-started"
+    (tmp_path / "test_claims.py").write_text(textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+
+        import pytest
+        from rh.stats import Verdict
+
+        def _v(claim):
+            return Verdict(claim=claim, status="supported", test="t", statistic=1.0, p_value=0.01, p_adjusted=0.01,
+                           effect=0.5, ci=(0.1, 0.9), n=10, reason="", params={{}})
+
+        @pytest.mark.claim("X-1")
+        def test_a(record_verdict):
+            record_verdict(_v("X-1"))
+
+        @pytest.mark.claim("X-2")
+        def test_b(record_verdict):
+            Path({str(marker)!r}).write_text("started")
+            time.sleep(120)
+            record_verdict(_v("X-2"))
+
+        @pytest.mark.claim("X-3")
+        def test_c(record_verdict):
+            record_verdict(_v("X-3"))
+        """))
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "test_claims.py", "--model", "tiny-llama", "-p",
+                             "no:cacheprovider", "--report-dir", "reports"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert marker.exists(), proc.communicate()[0][-3000:]
+    os.kill(proc.pid, getattr(signal, sig))
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2, out[-3000:]
+    assert f"rh: interrupted by {sig}" in out and "not run: test_claims.py::test_b" in out
+    [report] = list((tmp_path / "reports").glob("*.json"))
+    data = json.loads(report.read_text())
+    assert [v["claim"] for v in data["verdicts"]] == ["X-1"]
+    stop = data["meta"]["interrupted"]
+    assert stop["by"].startswith(sig) and stop["finished"] == 1 and stop["collected"] == 3
+    assert stop["not_run"] == ["test_claims.py::test_b", "test_claims.py::test_c"]
+    html = report.with_suffix(".html").read_text()
+    assert "<strong>Interrupted</strong> by " + sig in html and "test_claims.py::test_c" in html

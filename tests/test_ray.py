@@ -171,3 +171,26 @@ def test_two_nodes_on_this_machine_each_hold_a_replica_and_give_the_rows_of_one_
             ex.close()
     _check(frames, ref)
     assert sum(charged) == tl
+
+
+def test_connecting_keeps_the_controllers_sigterm_handler(replicas):
+    """``ray.init`` installs ``sys.exit`` for SIGTERM; the controller's own handler (rh's plugin ends
+    the run and writes the report) must still be the one in place after connecting."""
+    import signal
+
+    from rh.ray_executor import connect, disconnect
+
+    replicas.close()  # a fresh connection, not the module's
+    def mine(signum, frame):  # noqa: E306
+        pass
+
+    before = signal.signal(signal.SIGTERM, mine)
+    try:
+        started = connect("local", num_cpus=1)
+        try:
+            assert started and ray.is_initialized()
+            assert signal.getsignal(signal.SIGTERM) is mine
+        finally:
+            disconnect(started)
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -226,6 +226,8 @@ def provenance(meta: Mapping[str, Any]) -> dict[str, Any]:
         "forward passes": _fmt_cost(meta.get("cost")),
         "ranking's stable core": _fmt_core(meta.get("ranking_uncertainty")),
         "budget": meta.get("budget", {}).get("summary") if isinstance(meta.get("budget"), Mapping) else None,
+        "interrupted": (f"by {meta['interrupted'].get('by')}, {len(meta['interrupted'].get('not_run') or [])} "
+                        "claims not run") if isinstance(meta.get("interrupted"), Mapping) else None,
     }
     if out["model id"] == out["model"]:
         out["model id"] = None
@@ -294,6 +296,7 @@ def render_html(
         f"<h1>{escape(title)}</h1>",
         _render_subtitle(meta),
         _render_summary(counts, len(verdicts)),
+        _render_interrupted(meta.get("interrupted")),
         _render_nav(bool(global_figures)),
         '<h2 id="matrix">Claim matrix</h2>',
         _render_matrix(verdicts),
@@ -451,6 +454,18 @@ def _render_nav(has_figures: bool) -> str:
 def _render_summary(counts: Mapping[str, int], total: int) -> str:
     items = [f"{badge(status)} {counts[status]}" for status in counts]
     return f'<p class="summary"><strong>{total}</strong> results: {" &nbsp; ".join(items)}</p>'
+
+
+def _render_interrupted(stop: Any) -> str:
+    """A run that a signal ended: say so above the matrix, with the claims it did not run."""
+    if not isinstance(stop, Mapping):
+        return ""
+    not_run = [str(n) for n in stop.get("not_run") or []]
+    items = "".join(f"<li><code>{escape(n)}</code></li>" for n in not_run)
+    return (f'<div class="interrupted"><p><strong>Interrupted</strong> by {escape(str(stop.get("by")))}: '
+            f'{escape(fmt_scalar(stop.get("finished")))} of {escape(fmt_scalar(stop.get("collected")))} claims '
+            f"finished, and their verdicts are below; {len(not_run)} not run"
+            + (f":</p><ul>{items}</ul></div>" if not_run else ".</p></div>"))
 
 
 def _render_matrix(verdicts: Sequence[Mapping[str, Any]]) -> str:
