@@ -627,6 +627,9 @@ class RhSession:
                                         f"their verdicts; {len(stop['not_run'])} not run:")
             for n in stop["not_run"]:
                 terminalreporter.write_line(f"  not run: {n}")
+            if not config.getoption("--store"):
+                terminalreporter.write_line("(with --store PATH every computed row is kept, so the same command run "
+                                            "again computes only the rows that are missing)")
         verdicts = sorted(self.verdicts, key=lambda v: v.get("nodeid", ""))
         if verdicts:
             from rh.report import format_matrix
