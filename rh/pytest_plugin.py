@@ -8,7 +8,9 @@ how to write claims in your own repository."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import math
 import os
 import platform
 import time
@@ -158,8 +160,9 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"--model: {exc}") from None
     _check_runner_options(config)
     budget = config.getoption("--budget")
-    if budget is not None and not budget > 0:
-        raise pytest.UsageError(f"--budget {budget:g}: give the minutes this run may take, a positive number")
+    if budget is not None and not (budget > 0 and math.isfinite(budget)):
+        raise pytest.UsageError(f"--budget {budget:g}: give the minutes this run may take, a positive number "
+                                "(no budget: leave the option out)")
     expected = None
     path = config.getoption("--expected")
     if config.getoption("--update-expected") and not path:
@@ -208,6 +211,11 @@ def pytest_configure(config: pytest.Config) -> None:
     if blocked is not None:
         raise pytest.UsageError(f"--report-dir {reports}: {blocked} is not a writable folder; choose another "
                                 "(the report would be lost at the end of the run)")
+    cache = ranking_cache(config)
+    blocked = unwritable_folder(cache)
+    if blocked is not None:
+        raise pytest.UsageError(f"--ranking-cache {cache}: {blocked} is not a writable folder; choose another (the "
+                                "cache takes a lock file beside each ranking it reads, and keeps those it computes)")
     from rh import progress
 
     session.progress_token = progress.listen(session.on_progress)
@@ -395,8 +403,18 @@ class RhSession:
             if shipped:  # run by a pytest -n worker: its own counter's figures
                 cost, seconds, with_fixtures = (shipped["token_layers"], shipped["seconds"],
                                                 shipped["token_layers_with_fixtures"])
-            if _VERDICT in props:
-                v = dict(props[_VERDICT])
+            recorded = list({json.dumps(val, sort_keys=True, default=str): val
+                             for key, val in report.user_properties if key == _VERDICT}.values())
+            problem = None
+            if len(recorded) > 1:
+                problem = (f"the claim test recorded {len(recorded)} different verdicts ("
+                           + ", ".join(f"{r.get('claim')} {r.get('status')}" for r in recorded)
+                           + "): record one per test, and parametrize the test for more")
+            elif not recorded and report.when == "call" and not report.failed:
+                problem = "the claim test ended without recording a verdict: call record_verdict(verdict)" + (
+                    f" (it skipped: {_short_error(report)})" if report.skipped else "")
+            if recorded and problem is None:
+                v = dict(recorded[0])
                 v["nodeid"] = report.nodeid
                 v["outcome"] = report.outcome
                 v["key"] = _verdict_key(v)
@@ -404,13 +422,13 @@ class RhSession:
                 v["token_layers_with_fixtures"] = with_fixtures
                 v["seconds"] = seconds
                 self.verdicts.append(v)
-            elif report.failed:
+            elif report.failed or problem is not None:
                 exp = self.expected
                 claim = props.get(_CLAIM, report.nodeid)
                 self.verdicts.append({
                     "nodeid": report.nodeid, "claim": claim, "status": "error", "outcome": "error",
                     "key": (exp.key_of(report.nodeid) if exp is not None else None) or f"{claim}[{report.nodeid}]",
-                    "reason": _short_error(report), "token_layers": cost,
+                    "reason": problem or _short_error(report), "token_layers": cost,
                     "token_layers_with_fixtures": with_fixtures,
                 })
 

@@ -434,3 +434,45 @@ def test_a_run_ended_by_a_signal_writes_its_finished_verdicts_and_says_what_did_
     assert stop["not_run"] == ["test_claims.py::test_b", "test_claims.py::test_c"]
     html = report.with_suffix(".html").read_text()
     assert "<strong>Interrupted</strong> by " + sig in html and "test_claims.py::test_c" in html
+
+
+def test_a_claim_without_a_verdict_or_with_two_is_an_error_row(warm_imports, pytester):
+    """A claim test that passes or skips without recording a verdict, or records two different
+    ones, is an error row in the matrix and the report, never dropped; one recorded twice is one."""
+    pytester.makepyfile(test_claims="""
+        import pytest
+        from rh.stats import Verdict
+
+        def _v(claim, effect=0.5):
+            return Verdict(claim=claim, status="supported", test="t", statistic=1.0, p_value=0.01, p_adjusted=0.01,
+                           effect=effect, ci=(0.1, 0.9), n=10, reason="", params={})
+
+        @pytest.mark.claim("X-1")
+        def test_forgot(record_verdict):
+            pass
+
+        @pytest.mark.claim("X-2")
+        def test_skips(record_verdict):
+            pytest.skip("needs a GPU")
+
+        @pytest.mark.claim("X-3")
+        def test_twice(record_verdict):
+            record_verdict(_v("X-3", 0.5))
+            record_verdict(_v("X-3", 0.7))
+
+        @pytest.mark.claim("X-4")
+        def test_same_twice(record_verdict):
+            record_verdict(_v("X-4"))
+            record_verdict(_v("X-4"))
+        """)
+    res = pytester.runpytest_inprocess("--model", "tiny-llama", "--report-dir", "reports", "-p", "no:cacheprovider")
+    out = res.stdout.str()
+    data = json.loads(next((pytester.path / "reports").glob("*.json")).read_text())
+    rows = {v["claim"]: v for v in data["verdicts"]}
+    assert len(data["verdicts"]) == 4
+    assert rows["X-1"]["status"] == "error" and "without recording a verdict" in rows["X-1"]["reason"]
+    assert rows["X-2"]["status"] == "error" and "it skipped: " in rows["X-2"]["reason"]
+    assert "needs a GPU" in rows["X-2"]["reason"]
+    assert rows["X-3"]["status"] == "error" and "2 different verdicts" in rows["X-3"]["reason"]
+    assert rows["X-4"]["status"] == "supported"
+    assert "without recording a verdict" in out

@@ -365,3 +365,6 @@ def test_html_shows_delta_and_power_beside_the_ci_and_flags_low_power(meta):
     assert "Δ = 0.25 · power support 0.98 / refute 0.99" in claims
     assert claims.count("underpowered at these sizes") == 1
     assert "smallest effect of interest Δ" in page and "support 0.37 at 0.3, refute 0.03 at 0" in page
+    # a supported verdict with low power to refute: its test rejected, so no "underpowered" beside it
+    decided = render_html([{**low, "status": "supported", "reason": ""}], meta).split('id="matrix"', 1)[1]
+    assert "power support 0.37 / refute 0.03" in decided and "underpowered" not in decided

@@ -513,8 +513,9 @@ _POWER_TARGET = 0.8
 
 
 def _power_note(v: Mapping[str, Any]) -> str:
-    """Δ and the power to support / refute beside the CI; flagged when below 0.8 (the claim can then
-    end inconclusive for want of data, never be falsely refuted)."""
+    """Δ and the power to support / refute beside the CI; an inconclusive verdict is flagged when
+    either is below 0.8 (it may have ended so for want of data). A supported or refuted verdict is
+    not: the test that decided it rejected, whatever the other's power."""
     delta = as_float(v.get("min_effect"))
     power = v.get("power") if isinstance(v.get("power"), Mapping) else None
     if delta is None and not power:
@@ -525,8 +526,8 @@ def _power_note(v: Mapping[str, Any]) -> str:
         if sup is not None or ref is not None:
             parts.append("power " + " / ".join(
                 f"{w} {x:.2f}" for w, x in (("support", sup), ("refute", ref)) if x is not None))
-            if min(x for x in (sup, ref) if x is not None) < _POWER_TARGET:
-                parts.append("underpowered at these sizes")
+            if status_of(v) == "inconclusive" and min(x for x in (sup, ref) if x is not None) < _POWER_TARGET:
+                parts.append("underpowered at these sizes")  # why it may have ended so; a decided verdict stands
         elif power.get("note"):
             parts.append(f"power: {power['note']}")
     return f'<br><small class="power" title="{escape(str(power or ""))}">{escape(" · ".join(parts))}</small>'
