@@ -310,6 +310,41 @@ def cache_path(cache_dir: str | Path, provenance: dict[str, Any]) -> Path:
     return Path(cache_dir) / f"{model}-{method}-{cache_key(provenance)}.json"
 
 
+def _sha256_file(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+
+
+def entry_checksum(data: dict[str, Any], path: str | Path) -> dict[str, str]:
+    """A cache entry's checksums: of its JSON content (everything but the checksum itself, in a
+    canonical form) and of the per-sample scores file beside it, where there is one. The cache key
+    hashes the provenance, so these are what tell a changed entry from the one rh wrote."""
+    body = {k: v for k, v in data.items() if k != "checksum"}
+    out = {"content_sha256": hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()}
+    samples = _sha256_file(Path(path).with_suffix(".samples.npz"))
+    if samples is not None:
+        out["samples_sha256"] = samples
+    return out
+
+
+def check_entry(path: str | Path) -> None:
+    """Refuse a cache entry whose content or per-sample scores are not what rh wrote (edited by
+    hand, half-copied, or written by an rh without checksums)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path.name} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("checksum"), dict):
+        raise ValueError(f"{path.name} carries no checksum (written by an older rh, or not by rh), so its "
+                         "content cannot be trusted")
+    want, got = data["checksum"], entry_checksum(data, path)
+    if want.get("content_sha256") != got["content_sha256"]:
+        raise ValueError(f"{path.name} was changed after rh wrote it: its content does not match its checksum")
+    if want.get("samples_sha256") != got.get("samples_sha256"):
+        raise ValueError(f"the per-sample scores beside {path.name} are not those it was written with "
+                         "(changed, missing or added)")
+
+
 def cached_ranking(
     cache_dir: str | Path,
     provenance: dict[str, Any],
@@ -330,11 +365,14 @@ def cached_ranking(
     with FileLock(str(locks / (path.name + ".lock"))):
         if path.exists() and not recompute:
             try:
+                check_entry(path)
                 return Ranking.load(path, shape=shape), path, True
             except ValueError as exc:
                 raise ValueError(f"the cached ranking is unreadable ({exc}): rerun with --recompute to compute it "
                                  "again (the file is replaced)") from None
         ranking = compute()
         ranking.check_shape(shape)
-        ranking.save(path)
+        data = ranking.to_json()
+        data["checksum"] = entry_checksum(data, path)
+        atomic_write_json(path, data)
         return ranking, path, False

@@ -191,6 +191,35 @@ def test_cached_ranking_computes_once_then_loads(tmp_path):
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
 
 
+def test_a_cache_entry_changed_after_it_was_written_is_refused_never_trusted(tmp_path):
+    """Two scores swapped by hand (valid JSON, same provenance, so the same key), a checksum
+    removed, the per-sample scores beside it replaced: each is refused with the fix, and the entry
+    is not loaded. --recompute replaces it."""
+    import json
+
+    _, path, _ = cached_ranking(tmp_path, PROV, Counter(full_ranking()), shape=SHAPE)
+    pristine = path.read_text()
+    data = json.loads(pristine)
+    a, b = data["heads"][0]["score"], data["heads"][1]["score"]
+    data["heads"][0]["score"], data["heads"][1]["score"] = b, a
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="changed after rh wrote it.*--recompute"):
+        cached_ranking(tmp_path, PROV, lambda: pytest.fail("not recomputed"), shape=SHAPE)
+    del data["checksum"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="carries no checksum.*--recompute"):
+        cached_ranking(tmp_path, PROV, lambda: pytest.fail("not recomputed"), shape=SHAPE)
+    path.write_text(pristine)
+    path.with_suffix(".samples.npz").write_bytes(b"not the scores it was written with")
+    with pytest.raises(ValueError, match="per-sample scores beside .* are not those.*--recompute"):
+        cached_ranking(tmp_path, PROV, lambda: pytest.fail("not recomputed"), shape=SHAPE)
+    path.with_suffix(".samples.npz").unlink()
+    r, _, hit = cached_ranking(tmp_path, PROV, Counter(full_ranking()), shape=SHAPE)
+    assert hit and r.heads == ORDER  # the entry as written is trusted again
+    r, _, hit = cached_ranking(tmp_path, PROV, Counter(full_ranking()), shape=SHAPE, recompute=True)
+    assert not hit
+
+
 def test_cache_path_follows_the_content_fields_of_the_provenance(tmp_path):
     base = cache_path(tmp_path, PROV)
     assert cache_path(tmp_path, dict(reversed(list(PROV.items())))) == base  # key order is irrelevant
