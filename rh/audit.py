@@ -62,6 +62,15 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
     if not args.paths and not args.heads:
         raise ValueError("give at least one head file (PATH) or --heads L16H1,L14H31")
     require_positive(args, "n", "length", "draws", "per_layer")
+    bad_k = [k for k in args.k or () if k < 1]
+    if bad_k:
+        raise ValueError(f"--k {bad_k[0]}: give positive whole numbers (the numbers of top heads to ablate)")
+    from rh.io import unwritable_folder
+
+    blocked = unwritable_folder(args.report_dir)
+    if blocked is not None:
+        raise ValueError(f"--report-dir {args.report_dir}: {blocked} is not a writable folder; choose another (the "
+                         "report would be lost after the run)")
     shape = expected_shape(args.model)
     inputs = []
     for p in args.paths:
@@ -86,7 +95,33 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
     prof = out[0]["profile"]
     sweep = Sweep((args.length or prof.lengths[0],), prof.depths, args.n or prof.n_per_setting, prof.tasks,
                   prompt_seed(prof.sample_seed, "audit"))
-    return {"inputs": out, "sweep": sweep}
+    if args.length is not None:  # one prompt built with the tokenizer alone: a length too short is said now
+        from rh.models import load_tokenizer, resolve_spec
+        from rh.niah import build_samples
+
+        one = Sweep(sweep.lengths, sweep.depths[:1], 1, sweep.tasks[:1], sweep.seed)
+        try:
+            build_samples(load_tokenizer(args.model), one, chat=resolve_spec(args.model).instruct)
+        except ValueError as exc:
+            raise ValueError(f"--length {args.length}: {exc}") from None
+    return {"inputs": out, "sweep": sweep, "cost": planned_cost(out, sweep, shape.n_layers)}
+
+
+def planned_cost(inputs: list[dict[str, Any]], sweep: Any, layers: int) -> dict[str, int]:
+    """The audit's forward passes before any weights load, as plain counts (early stopping and
+    prefix reuse only lower them): one baseline pass per prompt, then per input and K the top K and
+    every random set over every prompt, and for a ranking CA-2's top K at its other dose levels;
+    token-layers at the prompts' length (each answer adds a few tokens)."""
+    prompts = len(sweep.lengths) * len(sweep.depths) * sweep.n_per_setting * len(sweep.tasks)
+    conditions = 1
+    for i in inputs:
+        prof = i["profile"]
+        conditions += len(prof.ablation_levels) * (1 + prof.random_draws)
+        if i["ordered"]:
+            conditions += len(set(prof.dose_levels) - set(prof.ablation_levels))
+    passes = prompts * conditions
+    return {"prompts": prompts, "conditions": conditions, "passes": passes,
+            "token_layers": passes * sweep.lengths[0] * layers}
 
 
 def run(args: argparse.Namespace, *, out=None) -> int:
@@ -102,7 +137,11 @@ def run(args: argparse.Namespace, *, out=None) -> int:
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     p = plan(args)  # bad input stops here, before the weights load
-    sweep = p["sweep"]
+    sweep, cost = p["sweep"], p["cost"]
+    print(f"audit plan: {cost['prompts']:,} prompts x {cost['conditions']:,} conditions = up to {cost['passes']:,} "
+          f"forward passes, about {cost['token_layers']:,} token-layers (early stopping and prefix reuse run "
+          "fewer)",
+          file=out, flush=True)
     model = load_model(args.model, quant=args.quant, device=args.device, dtype=args.dtype)
     from rh import progress
 

@@ -4,6 +4,7 @@ input refused before the weights load."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -35,6 +36,15 @@ def test_an_audit_of_every_format_reports_ca1_and_ca2_where_there_is_an_order(tm
                "--report-dir", str(tmp_path / "reports")])
     out = capsys.readouterr().out
     assert rc == 0, out
+    planned = re.search(r"audit plan: (\d+) prompts x [\d,]+ conditions = up to [\d,]+ forward passes, about "
+                        r"([\d,]+) token-layers", out)
+    assert planned, out[:2000]
+    length = int(re.search(r"(\d+) fresh .* prompts of (\d+) tokens", out).group(2))
+    assert f"{planned.group(1)} fresh" in out  # the prompts it then built
+    counted = int(re.search(r"forward passes: ([\d,]+) token-layers", out).group(1).replace(",", ""))
+    # the plan is the plain count at the prompts' length: what ran (early stopping, prefix reuse) is
+    # at most that, but for the answer tokens a teacher-forced pass adds (under 16 here)
+    assert 0 < counted <= int(planned.group(2).replace(",", "")) * (length + 16) / length
     [report] = (tmp_path / "reports").glob("audit-tiny-llama-*.json")
     assert report.with_suffix(".html").exists() and str(report) in out
     verdicts = json.loads(report.read_text())["verdicts"]
@@ -75,6 +85,9 @@ def test_a_cut_inside_a_tie_is_noted(tmp_path, capsys):
     (["--heads", "L0H1", "--n", "0"], "--n 0: give a positive whole number"),
     (["--heads", "L0H1", "--draws", "5"], "random_draws=5 is too few"),
     (["{tmp}/qrhead.json", "--k", "30"], "too large for a model with 32 heads"),
+    (["{tmp}/qrhead.json", "--k", "0"], "--k 0: give positive whole numbers"),
+    (["--heads", "L0H1", "--length", "5"], "--length 5: length=5 tokens is too short"),
+    (["--heads", "L0H1", "--report-dir", "{tmp}/bad.tsv/reports"], "is not a writable folder"),
 ])
 def test_bad_input_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch, args, message):
     import rh.models
@@ -86,8 +99,9 @@ def test_bad_input_is_refused_before_the_model_loads(tmp_path, capsys, monkeypat
         raise AssertionError("the model was loaded before the input was checked")
 
     monkeypatch.setattr(rh.models, "load_model", no_load)
-    rc = main(["audit", *(a.replace("{tmp}", str(tmp_path)) for a in args), "--model", "tiny-llama",
-               "--report-dir", str(tmp_path / "reports")])
+    given = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    rc = main(["audit", *given, "--model", "tiny-llama",
+               *([] if "--report-dir" in given else ["--report-dir", str(tmp_path / "reports")])])
     err = capsys.readouterr().err
     assert rc == 2 and message in err, err
     assert not (tmp_path / "reports").exists()
