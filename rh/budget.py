@@ -37,10 +37,15 @@ class TokenLayerCounter:
         self.label = label
 
     def attach(self, model: Any) -> "_Handles":
+        """Count ``model``'s passes; a copy of it loaded later for the same work (the float32 twin
+        identification runs on, :func:`rh.pipeline.identification_model`) is counted too: see
+        :func:`counters_of`."""
         from rh.models import decoder_layers
 
         handles = [layer.register_forward_pre_hook(self._hook, with_kwargs=True) for layer in decoder_layers(model)]
-        return _Handles(handles)
+        out = _Handles(handles, self, model)
+        model.__dict__.setdefault("_rh_counters", []).append(self)
+        return out
 
     def _hook(self, module, args, kwargs) -> None:
         hidden = args[0] if args else kwargs.get("hidden_states")
@@ -72,11 +77,21 @@ class TokenLayerCounter:
 @dataclass
 class _Handles:
     handles: list
+    counter: Any = None
+    model: Any = None
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        attached = getattr(self.model, "_rh_counters", None)
+        if attached is not None and self.counter in attached:
+            attached.remove(self.counter)
+
+
+def counters_of(model: Any) -> list[TokenLayerCounter]:
+    """The counters attached to ``model`` (a transformers model) now."""
+    return list(getattr(model, "__dict__", {}).get("_rh_counters", ()))
 
 
 def calibrate(model: Any, *, batch_size: int, length: int, repeats: int = 2) -> tuple[float, str]:

@@ -60,6 +60,11 @@ def identification_model(model: LoadedModel, dtype: str) -> LoadedModel:
             raise RuntimeError(f"{model.key} loaded again in {dtype} has revision {twin.provenance['revision']}, "
                                f"not {model.provenance['revision']}: the weights changed during the session")
         model.twins[dtype] = twin
+    from rh.budget import counters_of
+
+    for counter in counters_of(model.model):  # its passes are this session's: billed, and the progress lines go on
+        if counter not in counters_of(twin.model):
+            counter.attach(twin.model)
     return twin
 
 

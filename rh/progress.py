@@ -29,6 +29,12 @@ def listened() -> bool:
     return bool(_listeners.get())
 
 
+def step(what: str, done: int, total: int | None) -> None:
+    """Report a loop's position to the listeners (for loops that are not a :func:`track`)."""
+    for fn in _listeners.get():
+        fn(what, done, total)
+
+
 def track(items: Iterable[T], what: str, *, total: int | None = None, unit: str = "it") -> Iterator[T]:
     """Iterate ``items``, reporting ``what`` and the count done to the listeners, or through tqdm."""
     if total is None and hasattr(items, "__len__"):

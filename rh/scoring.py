@@ -482,8 +482,13 @@ def score_samples(
         extra = {"through_layer": int(through_layer)}
     done = _load_checkpoint(checkpoint, method, shape) if checkpoint else {}
     todo = [s for s in samples if s.id not in done]
+    from rh import progress as _progress
+
+    what = f"identification ({method}), samples"
     bar = tqdm(total=len(samples), initial=len(samples) - len(todo), desc=f"identify ({method})", unit="sample",
-               disable=not progress, leave=False)
+               disable=not progress or _progress.listened(), leave=False)
+    finished = len(samples) - len(todo)
+    _progress.step(what, finished, len(samples))
     for i, batch in enumerate(make_batches(todo, batch_size, model.tokenizer.pad_token_id)):
         with oom_guard(f"identification ({method})", batch_size=len(batch.samples), length=batch.input_ids.shape[1]):
             scores, counted, info = _SCORERS[method](model, batch, options, **extra)
@@ -492,6 +497,8 @@ def score_samples(
         if checkpoint:
             _save_checkpoint(checkpoint, method, shape, done)
         bar.update(len(batch.samples))
+        finished += len(batch.samples)
+        _progress.step(what, finished, len(samples))
         if on_batch is not None:
             on_batch(i)
     bar.close()

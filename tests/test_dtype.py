@@ -111,6 +111,26 @@ def test_rankings_are_identified_in_float32_on_the_cpu_whatever_the_session_dtyp
         assert torch.equal(a, b), n
 
 
+def test_the_float32_twin_identification_runs_on_is_billed_to_the_sessions_counter(tiny_dir):
+    """The passes of the twin (a bf16 CPU session's identification) are the session's: a counter
+    attached to the model counts them, under the label running, as it counts the model's own."""
+    from rh.budget import TokenLayerCounter
+
+    bf = load_model(str(tiny_dir), device="cpu", dtype="bfloat16")
+    counter = TokenLayerCounter()
+    handle = counter.attach(bf.model)
+    twin = identification_model(bf, "float32")
+    ids = torch.ones(2, 7, dtype=torch.long)
+    with counter.charged_to("fixture:ranking"), torch.no_grad():
+        twin.model(ids)
+    assert counter.counts == {"fixture:ranking": 2 * 7 * twin.shape.n_layers}
+    handle.remove()  # off the model: its own passes are no longer counted
+    assert identification_model(bf, "float32") is twin
+    with torch.no_grad():
+        bf.model(ids)
+    assert counter.total == 2 * 7 * twin.shape.n_layers
+
+
 def test_the_report_says_which_dtype_and_why():
     from rh.report import provenance, render_html
 

@@ -294,3 +294,20 @@ def test_unknown_format_and_csv_round_trip(tmp_path):
     assert back.scores == r.scores and back.per_setting == r.per_setting and back.provenance == r.provenance
     header = path.read_text().splitlines()[1]
     assert header == "layer,head,score,rank,passkey-L512-d0.500"
+
+
+def test_identification_reports_its_progress_to_the_listeners(tiny, tiny_samples):
+    """A host listening (the pytest plugin's progress lines) hears identification's position
+    after every batch, ending at every sample scored, so a long identification is not silent."""
+    from rh import progress
+    from rh.scoring import score_samples
+
+    heard = []
+    token = progress.listen(lambda what, done, total: heard.append((what, done, total)))
+    try:
+        score_samples(tiny, tiny_samples, "sum_attention", batch_size=3)
+    finally:
+        progress.unlisten(token)
+    n = len(tiny_samples)
+    assert heard[0] == ("identification (sum_attention), samples", 0, n) and heard[-1][1:] == (n, n)
+    assert [d for _, d, _ in heard] == sorted(d for _, d, _ in heard) and len(heard) == 1 + -(-n // 3)
