@@ -17,6 +17,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from rh.options import add_model_options, model_kwargs
+
 
 def _identify(args: argparse.Namespace) -> int:
     from rh.models import load_model
@@ -44,7 +46,7 @@ def _identify(args: argparse.Namespace) -> int:
     for t in args.task or ():
         get_task(t)  # an unknown task is named now, not after the model has loaded
     get_profile(args.profile, expected_shape(args.model))  # the model's shape, without its weights
-    model = load_model(args.model, quant=args.quant, device=args.device, dtype=args.dtype)
+    model = load_model(args.model, **model_kwargs(args))
     prof = get_profile(args.profile, model.shape)
     sweep = Sweep(
         tuple(args.lengths or prof.lengths), tuple(args.depths if args.depths is not None else prof.depths),
@@ -122,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="command", required=True)
 
     idp = sub.add_parser("identify", help="rank heads by sum attention or the Wu24 retrieval score")
-    idp.add_argument("--model", default="smollm2-135m")
+    add_model_options(idp.add_argument)
     idp.add_argument("--method", default="sum_attention", choices=("sum_attention", "sum", "wu24"))
     idp.add_argument("--task", action="append", help="task to identify on (repeatable; default: the profile's)")
     idp.add_argument("--profile", default="quick", choices=("quick", "full"))
@@ -138,11 +140,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     idp.add_argument("--figures", help="write the layer x head score grid into this folder")
     idp.add_argument("--cache", help="ranking cache folder (default fixtures/rankings)")
     idp.add_argument("--recompute", action="store_true")
-    idp.add_argument("--quant", choices=("4bit", "8bit"))
-    idp.add_argument("--device")
-    idp.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "bf16", "float32", "fp32", "float16", "fp16"),
-                     help="auto: bf16 on CUDA and on CPUs with native bf16 matmul, float32 elsewhere (rankings on "
-                          "the CPU are computed in float32 whatever this says)")
     idp.add_argument("--batch-size", type=int)
     idp.add_argument("--topk", type=int, default=1, help="wu24: check each head's top-k positions")
     idp.add_argument("--no-rouge-filter", action="store_true", help="wu24: count every trial")

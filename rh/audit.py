@@ -23,13 +23,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from rh.options import add_model_options, model_kwargs
 from rh.seeds import prompt_seed
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("paths", nargs="*", metavar="PATH", help="published head files (any format rh reads)")
     ap.add_argument("--heads", help="a head set on the command line instead of (or beside) files: L16H1,L14H31")
-    ap.add_argument("--model", default="smollm2-135m")
+    add_model_options(ap.add_argument)
     ap.add_argument("--format", default="auto", help="the files' format (default: detected from the content)")
     ap.add_argument("--per-layer", type=int, help="with a complete per-layer order: test the first M heads of each layer")
     ap.add_argument("--profile", default="quick", choices=("quick", "full"))
@@ -39,9 +40,6 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--draws", type=int, help="random head sets per K (default: the profile's)")
     ap.add_argument("--alpha", type=float)
     ap.add_argument("--report-dir", default="reports")
-    ap.add_argument("--quant", choices=("4bit", "8bit"))
-    ap.add_argument("--device")
-    ap.add_argument("--dtype", default="auto")
 
 
 def require_positive(args: argparse.Namespace, *names: str) -> None:
@@ -142,7 +140,7 @@ def run(args: argparse.Namespace, *, out=None) -> int:
           f"forward passes, about {cost['token_layers']:,} token-layers (early stopping and prefix reuse run "
           "fewer)",
           file=out, flush=True)
-    model = load_model(args.model, quant=args.quant, device=args.device, dtype=args.dtype)
+    model = load_model(args.model, **model_kwargs(args))
     from rh import progress
 
     last = [time.perf_counter()]

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from rh.budget import claim_costs, format_cost, saved_token_layers  # torch-free
+from rh.options import add_model_options
 
 _VERDICT = "rh_verdict"
 _META = "rh_meta"
@@ -33,18 +34,9 @@ log = logging.getLogger("rh")
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     g = parser.getgroup("rh", "retrieval-head claims")
-    g.addoption("--model", default="smollm2-135m",
-                help="registry key (smollm2-135m, tiny-llama, llama8b, llama8b-base, llama70b), HF repo id or local dir")
+    add_model_options(g.addoption)
     g.addoption("--profile", default="quick", choices=("quick", "full"), help="how much evidence to gather")
     g.addoption("--alpha", type=float, default=None, help="significance level (default: the profile's, 0.05)")
-    g.addoption("--quant", default=None, choices=("4bit", "8bit"), help="bitsandbytes quantization (CUDA only)")
-    g.addoption("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    g.addoption("--dtype", default="auto", choices=("auto", "bfloat16", "bf16", "float32", "fp32", "float16", "fp16"),
-                help="weights and activations: auto (default) = bf16 on CUDA and on CPUs with native bf16 matmul "
-                     "(amx_bf16/avx512_bf16), float32 on other CPUs, where bf16 is emulated and several times slower")
-    g.addoption("--max-memory", default=None, metavar="SPEC",
-                help="cap per device for device_map='auto' across the GPUs: '70GiB' (each GPU), "
-                     "'70GiB,cpu=100GiB' or '0=70GiB,1=70GiB,cpu=100GiB'")
     g.addoption("--rankings", default=None, metavar="PATH", help="use this ranking file instead of the cache")
     g.addoption("--recompute", action="store_true", help="recompute the ranking even if it is cached")
     g.addoption("--method", default="sum_attention", choices=("sum_attention", "wu24"),

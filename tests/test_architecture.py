@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1] / "rh"
 #: Bottom to top. A name ending in ``.*`` covers a subpackage and everything in it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation: data types, statistics and the decision rules (no model)",
-     ("rh", "rh.heads", "rh.io", "rh.progress", "rh.seeds", "rh.tasks", "rh.stats", "rh.expected",
+     ("rh", "rh.heads", "rh.io", "rh.options", "rh.progress", "rh.seeds", "rh.tasks", "rh.stats", "rh.expected",
       "rh.rules", "rh.rules.core", "rh.rules.paired", "rh.rules.claims", "rh.rules.field")),
     ("model: loading, prompts, hooks, ablation and evaluation passes",
      ("rh.models", "rh.recording", "rh.attention", "rh.budget", "rh.memory", "rh.niah", "rh.multi_needle",

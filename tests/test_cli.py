@@ -43,3 +43,23 @@ def test_bad_input_is_an_error_message_not_a_traceback(capsys):
     assert "unknown task 'nope'" in capsys.readouterr().err
     assert main(["niah", "--task", "passkey", "--length", "20"]) == 2
     assert "too short" in capsys.readouterr().err
+
+
+def test_the_model_options_are_the_same_in_pytest_identify_and_audit(pytestconfig):
+    """One declaration (rh.options) serves the plugin and both subcommands: each knows --max-memory,
+    and each refuses a dtype outside the same choices."""
+    import argparse
+
+    from rh.audit import add_arguments
+    from rh.options import DTYPES
+
+    audit = argparse.ArgumentParser()
+    add_arguments(audit)
+    args = audit.parse_args(["--heads", "L0H1", "--max-memory", "70GiB", "--dtype", "bf16"])
+    assert (args.max_memory, args.dtype, args.model) == ("70GiB", "bf16", "smollm2-135m")
+    with pytest.raises(SystemExit):
+        audit.parse_args(["--heads", "L0H1", "--dtype", "float64"])
+    with pytest.raises(SystemExit):
+        main(["identify", "--dtype", "float64"])
+    plugin = {o.names()[0]: o for o in pytestconfig._parser.getgroup("rh").options}
+    assert tuple(plugin["--dtype"].attrs()["choices"]) == DTYPES and "--max-memory" in plugin
