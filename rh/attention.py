@@ -70,8 +70,26 @@ class AttentionCapture:
         return [rec[l] for l in range(self.n_layers)]
 
 
+def logit_softcap(module: torch.nn.Module | None, kwargs: dict[str, Any] | None = None) -> float | None:
+    """The attention-logit soft-cap an attention call applies (Gemma 2: ``tanh(s / cap) * cap`` on the
+    scaled scores, before the mask), or None: the ``softcap`` the module passes its attention
+    function, else the module's ``attn_logit_softcapping``."""
+    cap = (kwargs or {}).get("softcap")
+    if cap is None and module is not None:
+        cap = getattr(module, "attn_logit_softcapping", None)
+    return float(cap) if cap else None
+
+
+def softcap_scores(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """``tanh(scores / softcap) * softcap`` (as Gemma 2's eager attention does), or ``scores`` unchanged."""
+    if not softcap:
+        return scores
+    return torch.tanh(scores / softcap) * softcap
+
+
 def last_row_probs(
-    query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
+    query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
+    softcap: float | None = None, sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Softmax attention of the last query position: ``[batch, n_heads, kv_len]`` in float32.
 
@@ -79,6 +97,10 @@ def last_row_probs(
     attention function receives them; query head ``h`` reads KV head ``h // (n_heads // n_kv)``,
     the grouping ``repeat_kv`` uses. The mask row is honoured whether it is absent (causal: the
     last query sees every key), boolean (True = attend), additive float, or a 2-D padding mask.
+    ``softcap``: the scaled scores are soft-capped before the mask, as the model's attention does.
+    ``sliding_window``: where the mask is absent or 2-D (flash attention receives the window as an
+    argument, not in the mask), the last query sees only the last ``sliding_window`` keys; a 4-D
+    mask already holds the window.
     """
     b, n_heads, q_len, d = query.shape
     n_kv, kv_len = key.shape[1], key.shape[2]
@@ -87,7 +109,8 @@ def last_row_probs(
         key = key[:, :, :q_len]  # sdpa's crop for a prefill into an empty static cache
         kv_len = q_len
     q = query[:, :, -1, :].float().reshape(b, n_kv, groups, d)
-    scores = torch.einsum("bkgd,bkld->bkgl", q, key.float()).reshape(b, n_heads, kv_len) * scaling
+    scores = softcap_scores(torch.einsum("bkgd,bkld->bkgl", q, key.float()).reshape(b, n_heads, kv_len) * scaling,
+                            softcap)
     if attention_mask is not None:
         m = attention_mask
         if m.dim() == 2:  # [b, kv] padding mask (flash attention)
@@ -98,6 +121,8 @@ def last_row_probs(
             scores = scores.masked_fill(~row, float("-inf"))
         else:
             scores = scores + row.float()
+    if sliding_window and kv_len > sliding_window and (attention_mask is None or attention_mask.dim() == 2):
+        scores[..., : kv_len - sliding_window] = float("-inf")
     return torch.softmax(scores, dim=-1)
 
 
@@ -108,7 +133,7 @@ def _row_chunk(b: int, n_heads: int, kv_len: int, n_rows: int) -> int:
 
 def rows_probs(
     query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
-    rows: tuple[int, ...],
+    rows: tuple[int, ...], softcap: float | None = None, sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Softmax attention of the query positions ``rows`` (negative, counted from the end of the
     query: -1 is the last): ``[batch, n_heads, len(rows), kv_len]`` in float32.
@@ -139,7 +164,8 @@ def rows_probs(
     for c in range(0, len(idx), step):
         sel = torch.tensor(idx[c : c + step], device=query.device)
         q = query.index_select(2, sel).float().reshape(b, n_kv, groups, len(sel), d)
-        scores = torch.einsum("bkgrd,bkld->bkgrl", q, kf).reshape(b, n_heads, len(sel), kv_len) * scaling
+        scores = softcap_scores(
+            torch.einsum("bkgrd,bkld->bkgrl", q, kf).reshape(b, n_heads, len(sel), kv_len) * scaling, softcap)
         m = attention_mask
         if m is not None and m.dim() == 4:
             row = m.index_select(2, sel)[..., :kv_len]
@@ -149,6 +175,8 @@ def rows_probs(
                 scores = scores + row.float()
         else:
             causal = keys[None, :] <= (kv_len - q_len + sel)[:, None]  # [r, kv]
+            if sliding_window:  # flash receives the window as an argument, not in the mask
+                causal &= keys[None, :] > (kv_len - q_len + sel)[:, None] - sliding_window
             scores = scores.masked_fill(~causal[None, None], float("-inf"))
             if m is not None:  # [b, kv] padding mask (flash attention)
                 scores = scores.masked_fill(~m[:, None, None, -kv_len:].bool(), float("-inf"))
@@ -251,9 +279,10 @@ def _make_wrapper(base: str) -> Callable:
             out = (output, weights)
         cap = _active.get()
         if cap is not None and cap._model_id == id(getattr(module, "config", None)):
+            softcap, window = logit_softcap(module, kwargs), kwargs.get("sliding_window")
             if cap.rows is None:
                 with torch.no_grad():
-                    probs = last_row_probs(query.detach(), key.detach(), attention_mask, scale)
+                    probs = last_row_probs(query.detach(), key.detach(), attention_mask, scale, softcap, window)
                     for h in hooks:
                         probs = h.last_row(module, probs, query.detach(), key.detach(), attention_mask, scale)
             else:
@@ -266,7 +295,7 @@ def _make_wrapper(base: str) -> Callable:
                         "(rows=None) or remove the intervention"
                     )
                 with torch.no_grad():
-                    probs = rows_probs(query.detach(), key.detach(), attention_mask, scale, cap.rows)
+                    probs = rows_probs(query.detach(), key.detach(), attention_mask, scale, cap.rows, softcap, window)
             cap._record(int(module.layer_idx), probs)
         return out
 

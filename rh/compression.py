@@ -21,7 +21,11 @@ row's first real token, and a padded row computes what the row alone computes). 
 index of query ``q`` of the call: ``kv_len - q_len + q`` (the cache plus the new positions; at a
 decoding step, the last key), where, with a 4-D mask, ``kv_len`` counts the keys up to the last one
 the call's final query may see (itself), so the empty slots of a static cache are not positions.
-``real`` tokens are those the mask lets the last query see. With ``sink + window`` at least the
+``real`` tokens are those the mask lets some query of the call see (a sliding-window layer hides
+the first tokens from the last query, not from the first ones). At a decoding step (one query) that
+is the last query's row: on a sliding-window layer whose window no longer covers the row's first
+tokens (or whose cache dropped them), the sink is then counted from the first key the step still
+sees; teacher-forced passes and prefills (every rh evaluation) see the whole row. With ``sink + window`` at least the
 number of real tokens nothing is removed and the block is an exact no-op.
 
 Where rh follows DuoAttention / StreamingLLM:
@@ -79,7 +83,7 @@ from typing import Any
 
 import torch
 
-from rh.attention import AttentionIntervention, add_intervention, rh_attention_active
+from rh.attention import AttentionIntervention, add_intervention, logit_softcap, rh_attention_active, softcap_scores
 from rh.heads import Head, HeadShape, heads_by_layer, parse_heads, validate_heads
 from rh.models import head_shape, hf_model
 
@@ -138,7 +142,9 @@ def _geometry(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tens
         else:
             allowed = m > torch.finfo(m.dtype).min / 2
             bias = m
-        real = allowed[:, :, -1, :].any(1)
+        # a key any query of the call may see: the last query's row alone would miss the keys a
+        # sliding-window layer's mask hides from it, and count the sink from the window's start
+        real = allowed.any(2).any(1)
         # the last query sees itself: its key index ends the sequence (a static cache's empty slots
         # come after it), and the queries before it are the positions just before
         seen = real.any(-1)
@@ -183,12 +189,13 @@ def _kv_of(query: torch.Tensor, key: torch.Tensor, heads: Sequence[int]) -> torc
 
 def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor | None, g: _Geometry,
             heads: Sequence[int], scaling: float, sink: int, window: int, *, rows: slice,
-            dense: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+            dense: bool, softcap: float | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Restricted attention of query heads ``heads`` for query positions ``rows``, float32.
 
     Returns the output ``[b, n, r, d]`` (None without ``value``) and, if ``dense``, the weights
     ``[b, n, r, kv]``. ``dense=False`` scores only the window band and the sink keys of each query
-    (``r + window - 1 + sink`` keys per row); ``dense=True`` scores every key.
+    (``r + window - 1 + sink`` keys per row); ``dense=True`` scores every key. ``softcap``: the
+    scaled scores are soft-capped before the mask, as the model's own attention does (Gemma 2).
     """
     kv_idx = _kv_of(query, key, heads)
     b, n = query.shape[0], len(heads)
@@ -203,7 +210,7 @@ def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor | None, 
         keep = keep[:, None] & g.real[:, None, None, :]
         if allowed is not None:
             keep = keep & allowed
-        scores = torch.einsum("bnrd,bnkd->bnrk", qb, k.float()) * scaling
+        scores = softcap_scores(torch.einsum("bnrd,bnkd->bnrk", qb, k.float()) * scaling, softcap)
         if bias is not None:
             scores = scores + bias.float()
         w = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1).nan_to_num(0.0)
@@ -215,7 +222,7 @@ def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor | None, 
     cols = torch.arange(lo, hi, device=qb.device)
     keep_w = (cols <= qp[:, :, None]) & (cols > qp[:, :, None] - window)  # [b, r, c]
     keep_w = keep_w[:, None] & g.real[:, None, None, lo:hi]
-    s_w = torch.einsum("bnrd,bnkd->bnrk", qb, k[:, :, lo:hi].float()) * scaling
+    s_w = softcap_scores(torch.einsum("bnrd,bnkd->bnrk", qb, k[:, :, lo:hi].float()) * scaling, softcap)
     if allowed is not None:
         keep_w = keep_w & allowed[..., lo:hi]
     if bias is not None:
@@ -225,7 +232,7 @@ def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor | None, 
     if s:
         si = g.sink_idx  # [b, s]
         ks = k.gather(2, si[:, None, :, None].expand(b, n, s, k.shape[-1])).float()
-        s_s = torch.einsum("bnrd,bnkd->bnrk", qb, ks) * scaling
+        s_s = softcap_scores(torch.einsum("bnrd,bnkd->bnrk", qb, ks) * scaling, softcap)
         keep_s = (g.sink_ok[:, None, :] & (si[:, None, :] <= qp[:, :, None] - window))[:, None]  # [b, 1, r, s]
         if allowed is not None:
             keep_s = keep_s & allowed.gather(-1, si[:, None, None, :].expand(*allowed.shape[:3], s))
@@ -286,7 +293,8 @@ class _Window(AttentionIntervention):
         if dense:
             weights = weights.clone()
         for rows in self._rows(query.shape[2], g, budget):
-            out, w = _attend(query, key, value, g, idx, scaling, self.sink, self.window, rows=rows, dense=dense)
+            out, w = _attend(query, key, value, g, idx, scaling, self.sink, self.window, rows=rows, dense=dense,
+                             softcap=logit_softcap(module))
             lost = g.removed[:, rows]  # [b, r]: rows that lose nothing keep the kernel's output
             cur = output[:, rows, idx]  # [b, r, n, d]
             output[:, rows, idx] = torch.where(lost[:, :, None, None], out.transpose(1, 2).to(output.dtype), cur)
@@ -302,7 +310,7 @@ class _Window(AttentionIntervention):
             return probs
         q_len = query.shape[2]
         _, w = _attend(query, key, None, g, self.heads, scaling, self.sink, self.window,
-                       rows=slice(q_len - 1, q_len), dense=True)
+                       rows=slice(q_len - 1, q_len), dense=True, softcap=logit_softcap(module))
         probs = probs.clone()
         w = w[:, :, 0].to(probs.device, probs.dtype)
         probs[:, self.heads] = torch.where(lost[:, None, None].to(probs.device), w, probs[:, self.heads])

@@ -1,5 +1,7 @@
-"""Model registry and loading: the bundled SmolLM2 GGUF, a tiny random Llama, the Llama-3 family,
-any Hugging Face id or local directory; dtype, device map and 4/8-bit; the HF token; head shape."""
+"""Model registry and loading: the bundled SmolLM2 GGUF, a tiny random Llama, tiny random models of
+every tested family (:data:`FAMILIES`, :func:`tiny_model`), the Llama-3 family and the models whose
+head files are published, any Hugging Face id or local directory; dtype, device map and 4/8-bit;
+the HF token; head shape; the architectures rh refuses from their config (:func:`check_layout`)."""
 
 from __future__ import annotations
 
@@ -65,12 +67,54 @@ REGISTRY: dict[str, ModelSpec] = {
         shape=HeadShape(32, 32, 8, 128),
         description="Llama-3-8B base, the base model of seed 003",
     ),
+    "llama3.1-8b": ModelSpec(
+        "llama3.1-8b", "hub", "meta-llama/Llama-3.1-8B-Instruct", instruct=True, gated=True,
+        shape=HeadShape(32, 32, 8, 128),
+        description="Llama-3.1-8B-Instruct (QRHead's head sets)",
+    ),
+    "mistral7b-v0.2": ModelSpec(
+        "mistral7b-v0.2", "hub", "mistralai/Mistral-7B-Instruct-v0.2", instruct=True, gated=True,
+        shape=HeadShape(32, 32, 8, 128),
+        description="Mistral-7B-Instruct-v0.2 (Wu24's and DuoAttention's head files; no sliding window)",
+    ),
+    "qwen2.5-7b": ModelSpec(
+        "qwen2.5-7b", "hub", "Qwen/Qwen2.5-7B-Instruct", instruct=True,
+        shape=HeadShape(28, 28, 4, 128),
+        description="Qwen2.5-7B-Instruct (QRHead's head sets; qkv biases)",
+    ),
+    "qwen3-8b": ModelSpec(
+        "qwen3-8b", "hub", "Qwen/Qwen3-8B", instruct=True,
+        shape=HeadShape(36, 32, 8, 128),
+        description="Qwen3-8B (QRHead's head sets; QK-norm)",
+    ),
+    "gemma3-4b": ModelSpec(
+        "gemma3-4b", "hub", "google/gemma-3-4b-it", instruct=True, gated=True,
+        shape=HeadShape(34, 8, 4, 256),
+        description="Gemma-3-4B-it's text decoder (QRHead's head sets; sliding layers, QK-norm); the hub "
+        "checkpoint is the vision-language Gemma3ForConditionalGeneration, which rh refuses to load",
+    ),
     "llama70b": ModelSpec(
         "llama70b", "hub", "meta-llama/Llama-3.3-70B-Instruct", instruct=True, gated=True,
         shape=HeadShape(80, 64, 8, 128),
         description="Llama-3.3-70B-Instruct, the target of seed 000",
     ),
 }
+
+
+# tiny random models of every tested family (rh.models.tiny_model), for unit tests and `--model tiny-<family>`
+REGISTRY.update({
+    f"tiny-{fam}": ModelSpec(
+        f"tiny-{fam}", "random", cfg_class, instruct=True, shape=HeadShape(4, 8, 2, 8),
+        description=f"random seeded {fam} (4 layers x 8 heads, 2 KV heads; {features}) with the SmolLM2 "
+        "tokenizer, for unit tests",
+    )
+    for fam, cfg_class, features in (
+        ("mistral", "MistralConfig", "sliding window 48"), ("qwen2", "Qwen2Config", "qkv biases"),
+        ("qwen3", "Qwen3Config", "QK-norm"), ("gemma2", "Gemma2Config", "soft-capping, sliding layers"),
+        ("gemma3", "Gemma3TextConfig", "QK-norm, sliding layers"), ("phi3", "Phi3Config", "fused qkv, partial rotary"),
+        ("olmo2", "Olmo2Config", "QK-norm"),
+    )
+})
 
 
 class ModelAccessError(OSError):
@@ -128,6 +172,7 @@ def resolve_spec(name: str) -> ModelSpec:
         if not isinstance(cfg, dict) or "model_type" not in cfg:
             raise ValueError(f"model directory {str(path)!r}: config.json names no model_type (is it empty?); point "
                              "--model at a folder written by save_pretrained")
+        check_architecture(cfg, f"model directory {str(path)!r}")
         return ModelSpec(path.name, "local", str(path.resolve()), instruct=_looks_instruct(path.name))
     if _looks_like_repo_id(name):
         return ModelSpec(name, "hub", name, instruct=_looks_instruct(name))
@@ -207,6 +252,139 @@ def _find_token() -> str | None:
         return None
 
 
+#: model_types rh has run and tests (tests/test_families.py), with their tiny random family.
+TESTED_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
+                      "gemma3_text": "gemma3", "phi3": "phi3", "olmo2": "olmo2"}
+
+SUPPORTED = ("decoder-only causal LMs with Llama's layout: decoder layers at .model.layers, each with a "
+             "self_attn whose o_proj reads n_heads x head_dim features, a final norm at .model.norm; tested: "
+             "Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 (text), Phi-3, OLMo-2")
+
+# Architectures known not to fit, by model_type, with what they are.
+_NOT_SUPPORTED = {
+    **{t: "an encoder-decoder model" for t in (
+        "t5", "mt5", "umt5", "bart", "mbart", "pegasus", "pegasus_x", "marian", "led", "bigbird_pegasus", "whisper",
+        "prophetnet", "fsmt", "blenderbot", "blenderbot-small", "longt5", "switch_transformers", "m2m_100",
+        "nllb-moe", "plbart", "seamless_m4t", "encoder-decoder", "t5gemma")},
+    **{t: "multi-latent attention (compressed KV: no per-head keys and values to read or ablate)" for t in (
+        "deepseek_v2", "deepseek_v3", "kimi_k2", "longcat_flash")},
+    **{t: "a state-space / linear-attention model (layers without softmax attention heads)" for t in (
+        "mamba", "mamba2", "falcon_mamba", "rwkv", "jamba", "bamba", "zamba", "zamba2", "falcon_h1", "nemotron_h",
+        "recurrent_gemma", "granitemoehybrid", "lfm2", "qwen3_next", "minimax", "xlstm")},
+    **{t: "a GPT-2-style layout (fused c_attn / dense projections, layers outside .model.layers)" for t in (
+        "gpt2", "gpt_neo", "gpt_neox", "gpt_neox_japanese", "gptj", "gpt_bigcode", "bloom", "falcon", "opt", "mpt",
+        "codegen", "phi", "persimmon", "ctrl", "openai-gpt", "xglm", "biogpt", "transfo-xl", "reformer")},
+    **{t: "an encoder-only model (no causal LM head)" for t in (
+        "bert", "roberta", "deberta", "deberta-v2", "distilbert", "electra", "albert", "modernbert", "xlm-roberta")},
+}
+
+_ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}
+
+
+class UnsupportedArchitecture(ValueError):
+    """A model rh cannot run, found from its config before any weights load."""
+
+
+def _arch_name(cfg: Any) -> str:
+    get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
+    archs = get("architectures") or []
+    mt = get("model_type") or "?"
+    return f"{archs[0]} (model_type {mt!r})" if archs else f"model_type {mt!r}"
+
+
+def check_architecture(cfg: Any, where: str = "") -> None:
+    """Refuse, from the config alone (a config.json dict or a transformers config), an architecture
+    rh cannot run: encoder-decoder, multi-latent attention, state-space or linear-attention layers,
+    GPT-2-style layouts, custom code, a model_type transformers does not know, and (for a
+    transformers config) one without ``num_attention_heads``. The message names the architecture and
+    what rh supports. Silent for everything else (the layout is checked by :func:`check_layout`)."""
+    is_dict = isinstance(cfg, dict)
+    get = cfg.get if is_dict else lambda k, d=None: getattr(cfg, k, d)
+    name = _arch_name(cfg)
+    at = f"{where}: " if where else ""
+
+    def refuse(what: str) -> None:
+        raise UnsupportedArchitecture(f"{at}{name} is {what}; rh supports {SUPPORTED}")
+
+    mt = str(get("model_type") or "")
+    text = get("text_config")
+    text_get = (text.get if isinstance(text, dict) else (lambda k, d=None: getattr(text, k, d))) if text else None
+    if mt in _NOT_SUPPORTED:
+        refuse(_NOT_SUPPORTED[mt])
+    if get("is_encoder_decoder"):
+        refuse("an encoder-decoder model")
+    for g in (get, text_get):
+        if g is None:
+            continue
+        if g("kv_lora_rank") or g("q_lora_rank"):
+            refuse("multi-latent attention (compressed KV: no per-head keys and values to read or ablate)")
+        types = g("layer_types")
+        if isinstance(types, (list, tuple)) and any(t not in _ATTENTION_LAYER_TYPES for t in types):
+            odd = sorted({str(t) for t in types if t not in _ATTENTION_LAYER_TYPES})
+            refuse(f"a model with non-attention layers ({', '.join(odd)})")
+    if is_dict:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        if cfg.get("auto_map"):
+            refuse("a model with its own code (auto_map: it needs trust_remote_code, which rh does not pass)")
+        if mt and mt not in CONFIG_MAPPING:
+            import transformers
+
+            refuse(f"a model_type transformers {transformers.__version__} does not know")
+        return
+    heads = getattr(text or cfg, "num_attention_heads", None)
+    if not heads:
+        refuse("a model whose config has no num_attention_heads (no attention heads rh can address)")
+
+
+def check_layout(cfg: Any, where: str = "") -> None:
+    """Refuse a model whose modules do not sit where rh hooks them, from its config alone: the
+    causal-LM class transformers would build is instantiated on the meta device (no memory, no
+    weights) and its anatomy checked. Families rh tests (:data:`TESTED_MODEL_TYPES`) skip the build."""
+    check_architecture(cfg, where)
+    if getattr(cfg, "model_type", None) in TESTED_MODEL_TYPES:
+        return
+    from transformers import AutoModelForCausalLM
+
+    at = f"{where}: " if where else ""
+    name = _arch_name(cfg)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+    except Exception as exc:  # noqa: BLE001 - any failure to build means rh cannot load it either
+        raise UnsupportedArchitecture(f"{at}{name}: transformers cannot build a causal LM from this config "
+                                      f"({type(exc).__name__}: {exc}); rh supports {SUPPORTED}") from None
+    problem = _anatomy_problem(model)
+    if problem:
+        raise UnsupportedArchitecture(f"{at}{name} builds {type(model).__name__}, which {problem}; "
+                                      f"rh supports {SUPPORTED}")
+
+
+def _anatomy_problem(model: Any) -> str | None:
+    """What of the layout rh relies on ``model`` lacks, or None."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        return "has no decoder layers at .model.layers"
+    try:
+        shape = head_shape(model)
+    except (AttributeError, TypeError, ValueError) as exc:
+        return f"has no head shape in its config ({exc})"
+    if len(layers) != shape.n_layers:
+        return f"has {len(layers)} layers at .model.layers but num_hidden_layers={shape.n_layers}"
+    for i, layer in enumerate(layers):
+        attn = getattr(layer, "self_attn", None)
+        o_proj = getattr(attn, "o_proj", None)
+        if attn is None or o_proj is None:
+            return f"has no self_attn.o_proj in decoder layer {i}"
+        if getattr(o_proj, "in_features", None) != shape.n_heads * shape.head_dim:
+            return (f"has an o_proj in layer {i} that reads {getattr(o_proj, 'in_features', '?')} features, not "
+                    f"{shape.n_heads} heads x {shape.head_dim}")
+    if not hasattr(getattr(inner, "norm", None), "weight"):
+        return "has no final norm at .model.norm"
+    return None
+
+
 def expected_shape(name: str) -> HeadShape:
     """The head shape of a model without loading its weights: from the registry, else from its
     config alone (config.json, a few KB)."""
@@ -224,6 +402,7 @@ def expected_shape(name: str) -> HeadShape:
             raise  # a local model: no token anywhere, the whole traceback helps
         # without the hub client's frames, whose arguments carry the token (pytest prints arguments)
         raise err.with_traceback(None) from None
+    check_layout(cfg, spec.source if spec.kind == "hub" else f"model directory {spec.source!r}")
     return _config_shape(cfg)
 
 
@@ -408,7 +587,12 @@ def load_model(
     if spec.kind == "random":
         choice = (DtypeChoice(torch.float32, "tiny random model: float32") if dtype in (None, "auto")
                   else resolve_dtype(dtype, device))
-        tiny = tiny_llama(seed=seed, device=device, attn_implementation=attn_implementation, dtype=choice.dtype)
+        if spec.key == "tiny-llama":
+            tiny = tiny_llama(seed=seed, device=device, attn_implementation=attn_implementation, dtype=choice.dtype)
+        else:  # tiny-<family>: sdpa unless the family has none (Gemma 2: eager)
+            fam = spec.key.removeprefix("tiny-")
+            impl = None if attn_implementation == "sdpa" else attn_implementation
+            tiny = tiny_model(fam, seed=seed, device=device, attn_implementation=impl, dtype=choice.dtype)
         tiny.provenance["dtype_reason"] = choice.reason
         return tiny
     choice = resolve_dtype(dtype, device)
@@ -439,6 +623,7 @@ def load_model(
             "revision": f"sha256:{file_sha256(gguf_path)}",
         }
     else:
+        attn_implementation = _preflight(spec, attn_implementation)
         model, tokenizer, prov = _load_pretrained(spec, device, dtype, quant, max_memory, attn_implementation,
                                                   device_map, offload_folder)
         if spec.key not in REGISTRY:  # an unregistered model is instruct iff its tokenizer has a chat template
@@ -458,6 +643,53 @@ def load_model(
         prov["device_map"] = {str(d): sum(1 for v in dmap.values() if str(v) == str(d))
                               for d in dict.fromkeys(map(str, dmap.values()))}
     return LoadedModel(spec.key, model, tokenizer, head_shape(model), spec, prov)
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".gguf")
+
+
+def _preflight(spec: ModelSpec, attn_implementation: str) -> str:
+    """Before any weights load: the model's config is read and its architecture checked
+    (:func:`check_layout`), a local folder must hold weights, and the attention implementation
+    asked for is one the model's class supports (sdpa falls back to eager where the class has no
+    sdpa path: Gemma 2, whose soft-capping sdpa cannot apply). Returns the implementation to use."""
+    from transformers import AutoConfig
+
+    token = hf_token() if spec.kind == "hub" else None
+    try:
+        cfg = AutoConfig.from_pretrained(spec.source, token=token, **_hub_kwargs(spec))
+    except Exception as exc:
+        err = _access_error(spec, exc, has_token=bool(token))
+        if err is exc and spec.kind != "hub":
+            raise
+        raise err.with_traceback(None) from None
+    where = spec.source if spec.kind == "hub" else f"model directory {spec.source!r}"
+    check_layout(cfg, where)
+    if spec.kind == "local":
+        path = Path(spec.source)
+        if not any(f.name.endswith(_WEIGHT_SUFFIXES) for f in path.iterdir() if f.is_file()):
+            raise FileNotFoundError(
+                f"{where} has a config.json ({_arch_name(cfg)}) but no weights (*.safetensors, *.bin): point --model "
+                "at a folder written by save_pretrained, weights included"
+            )
+    return supported_attention(cfg, attn_implementation)
+
+
+def supported_attention(cfg: Any, asked: str) -> str:
+    """``asked``, or ``"eager"`` where it is ``"sdpa"`` and the causal-LM class of ``cfg`` has no
+    sdpa path (Gemma 2)."""
+    if asked != "sdpa":
+        return asked
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(cfg)]
+    except (KeyError, ImportError, ValueError):
+        return asked
+    if getattr(cls, "_supports_sdpa", True) is False:
+        log.info("%s has no sdpa attention: loading it with eager attention", cls.__name__)
+        return "eager"
+    return asked
 
 
 def _load_pretrained(spec, device, dtype, quant, max_memory, attn_implementation, device_map=None,
@@ -764,6 +996,113 @@ def tiny_llama(
     return LoadedModel("tiny-llama", model, tokenizer, head_shape(model), spec, prov)
 
 
+@dataclass(frozen=True)
+class Family:
+    """A decoder family rh supports and tests (``tests/test_families.py``): the transformers config
+    and model classes, what is special about its attention, and what :func:`tiny_model` switches on
+    so the feature bites on a tiny random model."""
+
+    name: str
+    config_class: str
+    model_class: str
+    features: tuple[str, ...]
+    tiny: dict[str, Any] = field(default_factory=dict)  # config values of the tiny random model
+    head_dim_in_config: bool = True  # False: head_dim is hidden_size // num_attention_heads
+
+
+#: Window of the tiny models' sliding-window layers: small enough to bite on inputs of ~200 tokens.
+TINY_SLIDING_WINDOW = 48
+#: Attention-logit soft-cap of the tiny Gemma 2: Gemma 2's own is 50, which random weights never reach.
+TINY_SOFTCAP = 5.0
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("llama", "LlamaConfig", "LlamaForCausalLM", ("GQA",)),
+    Family("mistral", "MistralConfig", "MistralForCausalLM", ("GQA", f"sliding window {TINY_SLIDING_WINDOW}"),
+           {"sliding_window": TINY_SLIDING_WINDOW}),
+    Family("qwen2", "Qwen2Config", "Qwen2ForCausalLM", ("GQA", "qkv biases"), head_dim_in_config=False),
+    Family("qwen3", "Qwen3Config", "Qwen3ForCausalLM", ("GQA", "QK-norm")),
+    Family("gemma2", "Gemma2Config", "Gemma2ForCausalLM",
+           ("GQA", f"attention logit soft-capping {TINY_SOFTCAP:g}", f"sliding window {TINY_SLIDING_WINDOW} "
+            "(alternate layers)", "query_pre_attn_scalar", "final logit soft-capping", "eager attention"),
+           {"attn_logit_softcapping": TINY_SOFTCAP, "final_logit_softcapping": 30.0,
+            "sliding_window": TINY_SLIDING_WINDOW, "query_pre_attn_scalar": 16, "_alternate": True}),
+    Family("gemma3", "Gemma3TextConfig", "Gemma3ForCausalLM",
+           ("GQA", "QK-norm", f"sliding window {TINY_SLIDING_WINDOW} (alternate layers)", "local/global RoPE",
+            "query_pre_attn_scalar"),
+           {"sliding_window": TINY_SLIDING_WINDOW, "query_pre_attn_scalar": 16, "_alternate": True}),
+    Family("phi3", "Phi3Config", "Phi3ForCausalLM", ("GQA", "fused qkv_proj", "partial rotary 0.5"),
+           {"partial_rotary_factor": 0.5}, head_dim_in_config=False),
+    Family("olmo2", "Olmo2Config", "Olmo2ForCausalLM", ("GQA", "QK-norm over all heads", "post-norm layers"),
+           head_dim_in_config=False),
+)}
+
+
+def tiny_model(
+    family: str = "llama",
+    *,
+    seed: int = 0,
+    n_layers: int = 4,
+    n_heads: int = 8,
+    n_kv_heads: int = 2,
+    head_dim: int = 8,
+    vocab_size: int | None = None,
+    init_std: float = 0.2,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str | None = None,
+) -> LoadedModel:
+    """A random model of one of :data:`FAMILIES`, built offline from transformers' own config class
+    with the family's special features switched on (sliding windows of
+    :data:`TINY_SLIDING_WINDOW`, soft-capping, QK-norm, biases, partial rotary; sliding layers
+    alternate with full ones), seeded. Nothing is downloaded.
+
+    ``vocab_size=None``: the bundled SmolLM2 tokenizer's vocabulary and that tokenizer (as
+    :func:`tiny_llama`), so every prompt-building path runs; an int: that vocabulary and no
+    tokenizer (unit tests that feed token ids). ``init_std`` is the weights' initializer range,
+    larger than transformers' 0.02 so that random heads attend unevenly and the features bite.
+    ``attn_implementation=None``: sdpa where the family supports it, else eager (Gemma 2).
+    """
+    import transformers
+
+    fam = FAMILIES.get(family)
+    if fam is None:
+        raise ValueError(f"unknown model family {family!r}: rh builds tiny models of {', '.join(FAMILIES)}")
+    tokenizer = bundled_tokenizer() if vocab_size is None else None
+    vocab = len(tokenizer) if tokenizer is not None else int(vocab_size)
+    extra = dict(fam.tiny)
+    alternate = extra.pop("_alternate", False)
+    kwargs: dict[str, Any] = dict(
+        vocab_size=vocab, hidden_size=n_heads * head_dim, intermediate_size=4 * n_heads * head_dim,
+        num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
+        max_position_embeddings=4096, initializer_range=init_std, tie_word_embeddings=False,
+    )
+    if fam.head_dim_in_config:
+        kwargs["head_dim"] = head_dim
+    if alternate:
+        kwargs["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
+    if tokenizer is not None:
+        kwargs.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id)
+    else:  # no tokenizer: no special tokens (the families' defaults may lie outside a small vocabulary)
+        kwargs.update(bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    cfg = getattr(transformers, fam.config_class)(**kwargs, **extra)
+    model_cls = getattr(transformers, fam.model_class)
+    impl = attn_implementation or ("sdpa" if getattr(model_cls, "_supports_sdpa", True) else "eager")
+    cfg._attn_implementation = impl
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_cls(cfg)
+    model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    key = f"tiny-{family}"
+    shape = HeadShape(n_layers, n_heads, n_kv_heads, head_dim)
+    spec = REGISTRY.get(key) or ModelSpec(key, "random", fam.config_class, description=f"random seeded {family}")
+    spec = dataclasses.replace(spec, shape=shape, instruct=tokenizer is not None)
+    prov = {"model_id": key, "source": fam.config_class, "revision": f"seed:{seed}",
+            "dtype": str(dtype).removeprefix("torch."), "device": device, "quant": "none",
+            "attn_implementation": impl, "family": family, "features": list(fam.features)}
+    return LoadedModel(key, model, tokenizer, head_shape(model), spec, prov)
+
+
 def hf_model(model: Any) -> Any:
     """The transformers model inside a ``LoadedModel``, or ``model`` itself."""
     return model.model if isinstance(model, LoadedModel) else model
@@ -808,11 +1147,21 @@ def layer_slice(model: Any, start: int = 0, stop: int | None = None) -> Iterator
     (``rh.attention.capture_attention(..., through_layer=)``): a shorter pass, not the model's output."""
     inner = hf_model(model).model
     full = inner.layers
+    # Qwen2/3 and Gemma 2/3 pick each layer's mask (and Gemma 3 its RoPE) by enumerating the layer
+    # list against config.layer_types: the list of types is sliced with the layers, or a sliced
+    # run would hand layer `start` the mask of layer 0 (a sliding window where it has none)
+    cfg = getattr(inner, "config", None)
+    types = getattr(cfg, "layer_types", None)
+    sliced_types = isinstance(types, list) and len(types) == len(full)
     inner.layers = torch.nn.ModuleList(list(full)[start:stop])
+    if sliced_types:
+        cfg.layer_types = types[start:stop]
     try:
         yield
     finally:
         inner.layers = full
+        if sliced_types:
+            cfg.layer_types = types
 
 
 def load_tokenizer(name: str = DEFAULT_MODEL) -> Any:

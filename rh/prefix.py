@@ -316,5 +316,8 @@ def _run_from(hf: Any, start: int, state: torch.Tensor, inputs: Mapping[str, tor
     """The model's forward from decoder layer ``start`` on, ``state`` entering it: the embedding's
     output is replaced by ``state`` and layers 0..start-1 are out of the layer list for the call."""
     rest = {k: v for k, v in inputs.items() if k != "input_ids"}
+    # no KV cache (reuse is off for a pass that asks for one): a cache built from a config whose
+    # layer_types are sliced with the layers (rh.models.layer_slice) has fewer layers than indices
+    kwargs = {**kwargs, "use_cache": False}
     with layer_slice(hf, start):
         return hf(inputs_embeds=state, **rest, **kwargs)
