@@ -1,13 +1,9 @@
-"""Fixtures shared by the claim modules: rankings on the identification split."""
+"""Fixtures shared by the claim modules: rankings on the identification split (``ca_identify``, a
+plugin fixture)."""
 
 from __future__ import annotations
 
 import pytest
-
-
-@pytest.fixture(scope="session")
-def ca_identify(niah_split, profile):
-    return [s for s in niah_split[0] if s.task in profile.tasks]
 
 
 @pytest.fixture(scope="session")

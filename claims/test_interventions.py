@@ -44,11 +44,11 @@ def iv1(rh_model, iv_samples, iv_baseline, critical, profile):
 
 
 @pytest.fixture(scope="session")
-def hub(rh_model, niah_split, ranking, profile):
+def hub(rh_model, ca_identify, ranking, profile):
     """The position the critical heads attend to most, found on the identification split."""
     from rh.interventions import hub_position
 
-    ident = [s for s in niah_split[0] if s.task in profile.tasks and s.length == profile.lengths[0]]
+    ident = [s for s in ca_identify if s.length == profile.lengths[0]]
     return hub_position(rh_model, ident, ranking.top(profile.critical_k))[0]
 
 

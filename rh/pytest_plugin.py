@@ -831,6 +831,13 @@ def validation(niah_split, profile):
 
 
 @pytest.fixture(scope="session")
+def ca_identify(niah_split, profile):
+    """The identification prompts: the 80% side, on the profile's CA tasks (what ``ranking`` is
+    identified on, and any claim that rescores those prompts)."""
+    return [s for s in niah_split[0] if s.task in profile.tasks]
+
+
+@pytest.fixture(scope="session")
 def identify_ranking(pytestconfig, rh_model, profile):
     """A function: (identification samples, method, sweep) -> (ranking, cache path), via the cache."""
     from rh.pipeline import cached_identification, ranking_provenance
@@ -856,7 +863,7 @@ def identify_ranking(pytestconfig, rh_model, profile):
 
 
 @pytest.fixture(scope="session")
-def ranking(pytestconfig, rh_model, profile, niah_split, identify_ranking):
+def ranking(pytestconfig, rh_model, ca_identify, validation, identify_ranking):
     """The ranking on the identification split (--method): from --rankings, the cache, or computed.
     With ``--heads`` (or a head-set file) it is a :class:`rh.published.HeadSet`: ``top(k)`` exists
     only for K = its size, and a claim asking for another K fails with a clear reason."""
@@ -873,12 +880,11 @@ def ranking(pytestconfig, rh_model, profile, niah_split, identify_ranking):
                                                       "head_set": [str(h) for h in r.members]}
             return r
     else:
-        identify = [s for s in niah_split[0] if s.task in profile.tasks]
-        r, where, hit = identify_ranking(identify, pytestconfig.getoption("--method"))
+        r, where, hit = identify_ranking(ca_identify, pytestconfig.getoption("--method"))
         cache = "hit" if hit else "computed"
     _session_meta(pytestconfig)["ranking"] = {"path": str(where), "cache": cache, "provenance": r.provenance,
                                               "top10": [str(h) for h in r.top(min(10, rh_model.shape.n_total))]}
-    _attention_example(pytestconfig, rh_model, r, [s for s in niah_split[1] if s.task in profile.tasks])
+    _attention_example(pytestconfig, rh_model, r, validation)
     return r
 
 
@@ -923,7 +929,7 @@ def baseline(pytestconfig, rh_model, validation, profile, ranking):
 
 
 @pytest.fixture(scope="session")
-def ranking_uncertainty(pytestconfig, rh_model, profile, niah_split, identify_ranking, ranking):
+def ranking_uncertainty(pytestconfig, rh_model, profile, ca_identify, identify_ranking, ranking):
     """The session ranking's uncertainty from resampling its identification prompts by haystack
     window (:mod:`rh.uncertainty`): ``{K: RankingUncertainty}`` for ``id_k`` and ``group_k``, with
     per-head intervals, P(top K), the stable core, how it narrows with the number of prompts, and
@@ -934,9 +940,8 @@ def ranking_uncertainty(pytestconfig, rh_model, profile, niah_split, identify_ra
 
     if _rh(pytestconfig).external is not None:
         return {}
-    identify = [s for s in niah_split[0] if s.task in profile.tasks]
-    *_, scored = identify_ranking(identify, pytestconfig.getoption("--method"), with_scores=True)
-    groups = [s.group for s in identify]
+    *_, scored = identify_ranking(ca_identify, pytestconfig.getoption("--method"), with_scores=True)
+    groups = [s.group for s in ca_identify]
     out = {}
     for k in sorted({profile.id_k, profile.group_k}):
         out[k] = resample(scored, rh_model.shape, k=k, groups=groups, n_boot=profile.uncertainty_boot,
