@@ -587,3 +587,21 @@ def test_tiny_family_keys_load_through_load_model(family):
     assert type(m.model.config).__name__ == FAMILIES[family].config_class
     assert m.tokenizer is not None and m.provenance["family"] == family
     assert m.provenance["attn_implementation"] == ("eager" if family == "gemma2" else "sdpa")
+
+
+def test_the_vision_language_gemma3_checkpoint_is_refused_from_its_config(tmp_path):
+    """gemma-3-4b-it's config.json is a Gemma3ForConditionalGeneration (text decoder under
+    .model.language_model): refused before weights load, naming the class; its registry key still
+    gives the text decoder's shape for head files."""
+    from transformers import Gemma3Config, Gemma3TextConfig
+
+    from rh.models import UnsupportedArchitecture, expected_shape
+
+    cfg = Gemma3Config(text_config=Gemma3TextConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                    num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                                                    vocab_size=300),
+                       vision_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                      "intermediate_size": 64, "image_size": 28, "patch_size": 14})
+    cfg.save_pretrained(tmp_path / "g3")
+    with pytest.raises(UnsupportedArchitecture, match=r"Gemma3ForConditionalGeneration.*no decoder layers"):
+        expected_shape(str(tmp_path / "g3"))
