@@ -447,6 +447,18 @@ def transplant_heads(recipient: LoadedModel, donor: Any, heads: Iterable[Head | 
                     raise ValueError(f"layer {layer} of the recipient is pruned or already transplanted: transplant "
                                      "into the unpruned model, all heads in one block")
                 names = ("q_proj", "k_proj", "v_proj", "o_proj")
+                missing = [n for n in names if not hasattr(r, n) or not hasattr(s, n)]
+                if missing:
+                    raise ValueError(
+                        f"layer {layer}'s attention ({type(r).__name__}) has no {', '.join(missing)}: a transplant "
+                        "moves a head's rows of separate q/k/v projections; a fused qkv_proj (Phi-3) is not supported")
+                wide = [n for n in ("q_norm", "k_norm") if getattr(getattr(r, n, None), "weight", None) is not None
+                        and getattr(r, n).weight.numel() != d]
+                if wide:
+                    raise ValueError(
+                        f"layer {layer}'s {' and '.join(wide)} normalise all heads together ({type(r).__name__}, "
+                        "OLMo-2's QK-norm): a head's projection rows cannot move without the others'; a transplant "
+                        "is not supported for this family")
                 rl = {n: _plain_linear(getattr(r, n), f"recipient layer {layer} {n}") for n in names}
                 sl = {n: _plain_linear(getattr(s, n), f"donor layer {layer} {n}") for n in names}
                 originals = {n: (rl[n].weight, rl[n].bias, rl[n].out_features, rl[n].in_features) for n in names}

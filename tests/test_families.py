@@ -44,7 +44,7 @@ ATOL = 1e-4  # logits of float32 models through 4 layers, as tests/test_compress
 
 DIFFS: dict[str, dict[str, float]] = {}
 MECHANISMS = ("capture", "sum attention", "reference", "zero", "mean", "query", "logits", "decode phase",
-              "sites", "prefix reuse", "restrict_window")
+              "sites", "prefix reuse", "restrict_window", "transplant")
 
 
 def _note(family: str, mechanism: str, diff: float | torch.Tensor) -> None:
@@ -605,3 +605,74 @@ def test_the_vision_language_gemma3_checkpoint_is_refused_from_its_config(tmp_pa
     cfg.save_pretrained(tmp_path / "g3")
     with pytest.raises(UnsupportedArchitecture, match=r"Gemma3ForConditionalGeneration.*no decoder layers"):
         expected_shape(str(tmp_path / "g3"))
+
+
+# ---------------------------------------------------------------------------- transplant
+
+
+def _hand_transplant(recipient, donor, layer, head):
+    """A copy of ``recipient`` whose weights were edited by hand: the donor's rows of q_proj (and
+    bias) for ``head``, its columns of o_proj, and its KV head's rows of k_proj / v_proj."""
+    import copy
+
+    m = copy.deepcopy(recipient.model)
+    d, g = recipient.shape.head_dim, recipient.shape.group_size
+    r, s = m.model.layers[layer].self_attn, donor.model.model.layers[layer].self_attn
+    q, kv = slice(head * d, (head + 1) * d), slice((head // g) * d, (head // g + 1) * d)
+    with torch.no_grad():
+        for name, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+            getattr(r, name).weight[rows] = getattr(s, name).weight[rows]
+            if getattr(r, name).bias is not None:
+                getattr(r, name).bias[rows] = getattr(s, name).bias[rows]
+        r.o_proj.weight[:, q] = s.o_proj.weight[:, q]
+    return m
+
+
+@pytest.mark.parametrize("family", [f for f in FAMS if f not in ("phi3", "olmo2")])
+def test_transplant_equals_weight_surgery_by_hand(family):
+    """kv='group' gives the logits of a copy whose weights were edited by hand; kv='own' gives the
+    transplanted head's output of that copy and leaves every other head of the layer as it was;
+    the recipient is restored after the block."""
+    from rh.interventions import transplant_heads
+
+    m = _model(family)
+    donor = tiny_model(family, seed=7, vocab_size=VOCAB)
+    layer, head = 1, 2
+    ids, mask = _padded(seed=12)
+    hand = _hand_transplant(m, donor, layer, head)
+    clean = _logits(m, ids, mask)
+    with torch.no_grad():
+        want = hand(input_ids=ids, attention_mask=mask).logits.float()
+        with recording(hand, [attn_z(layer)]) as hz:
+            hand(input_ids=ids, attention_mask=mask)
+        with recording(m, [attn_z(layer)]) as cz:
+            m.model(input_ids=ids, attention_mask=mask)
+    with transplant_heads(m, donor, [Head(layer, head)], kv="group"):
+        got = _logits(m, ids, mask)
+    with transplant_heads(m, donor, [Head(layer, head)], kv="own"), torch.no_grad(), \
+            recording(m, [attn_z(layer)]) as oz:
+        m.model(input_ids=ids, attention_mask=mask)
+    d = m.shape.head_dim
+    mine = slice(head * d, (head + 1) * d)
+    others = torch.cat([torch.arange(h * d, (h + 1) * d) for h in range(8) if h != head])
+    diff = max((_real(got) - _real(want)).abs().max(),
+               (_real(oz[attn_z(layer)][..., mine]) - _real(hz[attn_z(layer)][..., mine])).abs().max(),
+               (_real(oz[attn_z(layer)][..., others]) - _real(cz[attn_z(layer)][..., others])).abs().max())
+    _note(family, "transplant", diff)
+    assert diff < ATOL
+    assert (_real(got) - _real(clean)).abs().max() > 100 * ATOL
+    assert torch.equal(_logits(m, ids, mask), clean)
+
+
+@pytest.mark.parametrize("family, match", [("phi3", "fused qkv_proj"), ("olmo2", "normalise all heads together")])
+def test_transplant_refuses_what_it_cannot_move_and_leaves_the_model_as_it_was(family, match):
+    from rh.interventions import transplant_heads
+
+    m = _model(family)
+    donor = tiny_model(family, seed=7, vocab_size=VOCAB)
+    ids, mask = _padded(seed=13)
+    clean = _logits(m, ids, mask)
+    with pytest.raises(ValueError, match=match):
+        with transplant_heads(m, donor, ["L1H2"]):
+            pass
+    assert torch.equal(_logits(m, ids, mask), clean)
