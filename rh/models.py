@@ -1037,6 +1037,34 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
 )}
 
 
+def tiny_config(family: str, *, n_layers: int = 4, n_heads: int = 8, n_kv_heads: int = 2, head_dim: int = 8,
+                vocab_size: int = 49152, init_std: float = 0.2, tokenizer: Any = None) -> Any:
+    """The transformers config of :func:`tiny_model`'s ``family`` model (no weights): its own config
+    class with the family's features switched on; special tokens from ``tokenizer``, or none."""
+    import transformers
+
+    fam = FAMILIES.get(family)
+    if fam is None:
+        raise ValueError(f"unknown model family {family!r}: rh builds tiny models of {', '.join(FAMILIES)}")
+    extra = dict(fam.tiny)
+    alternate = extra.pop("_alternate", False)
+    kwargs: dict[str, Any] = dict(
+        vocab_size=vocab_size, hidden_size=n_heads * head_dim, intermediate_size=4 * n_heads * head_dim,
+        num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
+        max_position_embeddings=4096, initializer_range=init_std, tie_word_embeddings=False,
+    )
+    if fam.head_dim_in_config:
+        kwargs["head_dim"] = head_dim
+    if alternate:
+        kwargs["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
+    if tokenizer is not None:
+        kwargs.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id)
+    else:  # no tokenizer: no special tokens (the families' defaults may lie outside a small vocabulary)
+        kwargs.update(bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    return getattr(transformers, fam.config_class)(**kwargs, **extra)
+
+
 def tiny_model(
     family: str = "llama",
     *,
@@ -1068,24 +1096,9 @@ def tiny_model(
     if fam is None:
         raise ValueError(f"unknown model family {family!r}: rh builds tiny models of {', '.join(FAMILIES)}")
     tokenizer = bundled_tokenizer() if vocab_size is None else None
-    vocab = len(tokenizer) if tokenizer is not None else int(vocab_size)
-    extra = dict(fam.tiny)
-    alternate = extra.pop("_alternate", False)
-    kwargs: dict[str, Any] = dict(
-        vocab_size=vocab, hidden_size=n_heads * head_dim, intermediate_size=4 * n_heads * head_dim,
-        num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
-        max_position_embeddings=4096, initializer_range=init_std, tie_word_embeddings=False,
-    )
-    if fam.head_dim_in_config:
-        kwargs["head_dim"] = head_dim
-    if alternate:
-        kwargs["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
-    if tokenizer is not None:
-        kwargs.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id)
-    else:  # no tokenizer: no special tokens (the families' defaults may lie outside a small vocabulary)
-        kwargs.update(bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    cfg = getattr(transformers, fam.config_class)(**kwargs, **extra)
+    cfg = tiny_config(family, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim,
+                      vocab_size=len(tokenizer) if tokenizer is not None else int(vocab_size), init_std=init_std,
+                      tokenizer=tokenizer)
     model_cls = getattr(transformers, fam.model_class)
     impl = attn_implementation or ("sdpa" if getattr(model_cls, "_supports_sdpa", True) else "eager")
     cfg._attn_implementation = impl

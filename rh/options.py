@@ -16,7 +16,9 @@ def add_model_options(add: Callable[..., Any]) -> None:
     """``--model``, ``--quant``, ``--device``, ``--dtype`` and ``--max-memory``: what
     :func:`rh.models.load_model` takes."""
     add("--model", default="smollm2-135m",
-        help="registry key (smollm2-135m, tiny-llama, llama8b, llama8b-base, llama70b), HF repo id or local dir")
+        help="registry key (smollm2-135m, tiny-llama, llama8b, llama8b-base, llama70b, llama3.1-8b, mistral7b-v0.2, "
+             "qwen2.5-7b, qwen3-8b, gemma3-4b, tiny-<family> for a random Mistral, Qwen2/3, Gemma 2/3, Phi-3 or "
+             "OLMo-2), HF repo id or local dir")
     add("--quant", default=None, choices=QUANTS, help="bitsandbytes quantization (CUDA only)")
     add("--device", default=None, help="cpu or cuda (default: cuda when available)")
     add("--dtype", default="auto", choices=DTYPES,

@@ -937,6 +937,12 @@ def model_config(name: str) -> Any:
     spec = resolve_spec(name)
     if spec.kind == "bundled-gguf":
         return _gguf_config(bundled_gguf_path(spec))
+    if spec.kind == "random" and spec.key != "tiny-llama":  # tiny-<family>: that family's own config
+        from rh.models import tiny_config
+
+        s = spec.shape
+        return tiny_config(spec.key.removeprefix("tiny-"), n_layers=s.n_layers, n_heads=s.n_heads,
+                           n_kv_heads=s.n_kv_heads, head_dim=s.head_dim)
     if spec.kind == "random":
         from transformers import LlamaConfig
 

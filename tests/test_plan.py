@@ -190,3 +190,17 @@ def test_the_bundled_models_config_comes_from_the_gguf_header_without_the_weight
     s = REGISTRY["smollm2-135m"].shape
     assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (
         s.n_layers, s.n_heads, s.n_kv_heads, s.head_dim)
+
+
+def test_a_tiny_model_of_another_family_is_planned_with_its_own_config():
+    """``--plan --model tiny-gemma2``: the config the plan times is the tiny Gemma 2's (soft-capping,
+    sliding layers), not a Llama of the same shape."""
+    from rh.models import tiny_model
+    from rh.plan import model_config
+
+    cfg = model_config("tiny-gemma2")
+    built = tiny_model("gemma2", vocab_size=300).model.config
+    assert type(cfg).__name__ == "Gemma2Config"
+    for k in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "sliding_window",
+              "attn_logit_softcapping", "layer_types"):
+        assert getattr(cfg, k) == getattr(built, k), k
