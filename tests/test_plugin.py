@@ -415,9 +415,12 @@ def test_a_run_ended_by_a_signal_writes_its_finished_verdicts_and_says_what_did_
         def test_c(record_verdict):
             record_verdict(_v("X-3"))
         """))
+    # as a terminal's Ctrl-C finds it: a run started in the background by a non-interactive shell (CI,
+    # nohup ... &) inherits SIGINT ignored, and Python then never turns it into KeyboardInterrupt
     proc = subprocess.Popen([sys.executable, "-m", "pytest", "test_claims.py", "--model", "tiny-llama", "-p",
                              "no:cacheprovider", "--report-dir", "reports"], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not marker.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
