@@ -421,12 +421,17 @@ def test_a_run_ended_by_a_signal_writes_its_finished_verdicts_and_says_what_did_
                              "no:cacheprovider", "--report-dir", "reports"], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 120
-    while not marker.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.1)
-    assert marker.exists(), proc.communicate()[0][-3000:]
-    os.kill(proc.pid, getattr(signal, sig))
-    out, _ = proc.communicate(timeout=60)
+    try:
+        deadline = time.time() + 120
+        while not marker.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert marker.exists(), proc.communicate()[0][-3000:]
+        os.kill(proc.pid, getattr(signal, sig))
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:  # it did not stop: no process of the test outlives it
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 2, out[-3000:]
     assert f"rh: interrupted by {sig}" in out and "not run: test_claims.py::test_b" in out
     [report] = list((tmp_path / "reports").glob("*.json"))
