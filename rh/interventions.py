@@ -53,17 +53,33 @@ Positions = Sequence[int] | Mapping[str, Sequence[int]] | Callable[[Sample], Seq
 
 
 def _row_pads(attention_mask: torch.Tensor | None, b: int, q_len: int, kv_len: int) -> torch.Tensor:
-    """The left padding of each row (the first key the last query may see), from the mask as the
-    attention function receives it: absent (no padding), 2-D padding mask, or 4-D bool/additive."""
+    """The left padding of each row (its first real key), from the mask as the attention function
+    receives it: absent (no padding), 2-D padding mask, or 4-D bool/additive. Under a sliding
+    window the last query no longer sees its row's first tokens, so the first key it sees is followed
+    back through the queries of the call: the first key the query at that position sees, until it no
+    longer moves. Only real queries are visited (a key a real query sees is real), so the rows a
+    kernel fills for padding queries do not count. (At a single decoding step under a sliding window
+    the first key that step sees is taken: the mask no longer shows the row's start.)"""
     if attention_mask is None:
         return torch.zeros(b, dtype=torch.long)
     m = attention_mask
     if m.dim() == 2:
-        visible = m[:, -kv_len:].bool()
-    else:
-        row = m[:, 0, -1, :kv_len]
-        visible = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
-    return visible.float().argmax(-1).cpu().long()
+        return m[:, -kv_len:].bool().float().argmax(-1).cpu().long()
+    rows = m[:, 0, :, :kv_len]
+    seen = rows if rows.dtype == torch.bool else rows > torch.finfo(rows.dtype).min / 2
+    first = seen[:, -1].float().argmax(-1)
+    if seen.shape[1] != q_len:  # one row broadcast over the queries
+        return first.cpu().long()
+    offset, rows_b = kv_len - q_len, torch.arange(seen.shape[0], device=seen.device)
+    for _ in range(kv_len):
+        q = first - offset
+        valid = q >= 0
+        back = seen[rows_b, q.clamp(min=0)].float().argmax(-1)
+        moved = torch.where(valid, torch.minimum(first, back), first)
+        if bool((moved == first).all()):
+            break
+        first = moved
+    return first.cpu().long()
 
 
 # ============================================================================ position patching

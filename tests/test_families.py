@@ -674,3 +674,24 @@ def test_transplant_refuses_what_it_cannot_move_and_leaves_the_model_as_it_was(f
         with transplant_heads(m, donor, ["L1H2"]):
             pass
     assert torch.equal(_logits(m, ids, mask), clean)
+
+
+@pytest.mark.parametrize("family", FAMS)
+def test_attention_overrides_find_each_rows_start_under_padding_and_sliding_windows(family):
+    """IV-3's overrides (hub, uniform, sequential) on a left-padded batch give each prompt's outcome
+    alone. They read a row's first real token from the mask: under a sliding window the last query
+    no longer sees it (tiny Mistral's hub override indexed past the keys before this was fixed)."""
+    from rh.evaluate import teacher_forced
+    from rh.interventions import override_attention
+    from rh.niah import build_passkey_samples
+
+    m = _model(family, "rh-tok")
+    samples = build_passkey_samples(m.tokenizer, lengths=[120, 160], depths=[0.5], n_per_setting=1, seed=2,
+                                    max_positions=m.max_positions)
+    heads = [Head(1, 0), Head(2, 5)]
+    for pattern, kw in (("hub", {"hub": 100}), ("uniform", {}), ("sequential", {})):
+        with override_attention(m, heads, pattern, **kw):
+            both = teacher_forced(m, samples, batch_size=2, progress=False).set_index("id")["logprob"]
+            alone = [teacher_forced(m, [s], batch_size=1, progress=False)["logprob"].iloc[0] for s in samples]
+        np.testing.assert_allclose(both.loc[[s.id for s in samples]].to_numpy(), alone, atol=1e-4, rtol=1e-4,
+                                   err_msg=f"{family} {pattern}")
