@@ -205,6 +205,23 @@ def test_a_random_model_supports_no_claim_but_the_mechanical_identity(tmp_path, 
         assert "min_effect" in v and "power" in v, v["claim"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2"])
+def test_the_catalogue_runs_on_every_familys_tiny_model_and_supports_only_the_identity(tmp_path, family):
+    """``pytest claims/ --model tiny-<family>``: every claim runs to a verdict (no error row) on a
+    random model of each family, and none but CA-5's mechanical identity is supported. (This run
+    found IV-3's hub override indexing past the keys under Mistral's sliding window.)"""
+    cmd = [sys.executable, "-m", "pytest", "claims/", "--model", f"tiny-{family}", "-p", "no:cacheprovider", "-q",
+           "--report-dir", str(tmp_path / "reports"), "--ranking-cache", str(tmp_path / "rankings")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    reports = sorted((tmp_path / "reports").glob(f"tiny-{family}-*.json"))
+    assert reports, proc.stdout[-3000:] + proc.stderr[-3000:]
+    verdicts = json.loads(reports[-1].read_text())["verdicts"]
+    assert not [(v["key"], v.get("reason")) for v in verdicts if v["status"] == "error"]
+    assert sorted({v["claim"] for v in verdicts if v["status"] == "supported"}) == ["CA-5"]
+    assert len({v["claim"] for v in verdicts}) >= 18  # every claim ran
+
+
 def _guide_example() -> tuple[str, str]:
     """The worked example of docs/writing-claims.md: (file name, code)."""
     import re
