@@ -342,6 +342,13 @@ class RhSession:
         return {"by": self.interrupted_by or "SIGINT (Ctrl-C)", "finished": len(done),
                 "collected": len([n for n in self.collected if n not in self.deselected]), "not_run": not_run}
 
+    def _own_counts(self) -> dict[str, dict[str, int]]:
+        """What this process's passes cost so far: token-layers per label (calibration aside), the
+        exact savings since the session started, and the runner's rows."""
+        return {"by": {k: v for k, v in self.counter.counts.items() if k != "calibration"},
+                "saved": {k: v - self.saved_at_start.get(k, 0) for k, v in saved_token_layers().items()},
+                "units": self._units_counts()}
+
     def _units_counts(self) -> dict[str, int]:
         r = self.runner
         return {} if r is None else {"rows_computed": r.computed, "rows_reused": r.reused,
@@ -352,9 +359,7 @@ class RhSession:
         what this worker's counter, exact savings and runner added since its last report, and (with
         the call) the claim's own bill, so the controller's totals and per-claim bills are a serial
         run's sums (each worker sets up the session fixtures it needs, and pays for them once)."""
-        now = {"by": {k: v for k, v in self.counter.counts.items() if k != "calibration"},
-               "saved": {k: v - self.saved_at_start.get(k, 0) for k, v in saved_token_layers().items()},
-               "units": self._units_counts()}
+        now = self._own_counts()
         delta = {part: {k: v - self.shipped[part].get(k, 0) for k, v in now[part].items()
                         if v - self.shipped[part].get(k, 0)} for part in now}
         self.shipped = now
@@ -379,9 +384,7 @@ class RhSession:
         props = dict(report.user_properties)
         if _COST in props and not hasattr(self.config, "workerinput"):  # a pytest -n worker's passes
             for part in ("by", "saved", "units"):
-                mine = self.remote[part]
-                for k, v in props[_COST].get(part, {}).items():
-                    mine[k] = mine.get(k, 0) + int(v)
+                self.remote[part] = _add(self.remote[part], props[_COST].get(part, {}))
         if report.when == "call" or (report.when == "setup" and not report.passed):
             self.claims_run += 1
             if _META in props:
@@ -592,20 +595,18 @@ class RhSession:
             self.meta["interrupted"] = interrupted
         if not self.claims_run and not self.left_out and not (interrupted and interrupted["collected"]):
             return
-        counter, remote = self.counter, self.remote
-        units = _add(self._units_counts(), remote["units"])
+        own, remote = self._own_counts(), self.remote
+        units = _add(own["units"], remote["units"])
         if units:  # what the work units cost: rows computed, and served by the store
             store = config.getoption("--store")
             self.meta["units"] = {"rows_computed": 0, "rows_reused": 0, "store_loaded": 0, "store_unreadable": 0,
                                   **units, "store": store and str(Path(store))}
-        by = _add({k: v for k, v in counter.counts.items() if k != "calibration"}, remote["by"])
+        by = _add(own["by"], remote["by"])
         cost = self.meta.setdefault("cost", {})
-        cost.update({"total": counter.total - counter.counts.get("calibration", 0) + sum(remote["by"].values()),
+        cost.update({"total": sum(by.values()),  # the counter's total is the sum of its labels
                      "by": dict(sorted(by.items())),
                      "by_claim": claim_costs(self.verdicts),
-                     "saved": {k: v for k, v in _add({k: v - self.saved_at_start.get(k, 0)
-                                                      for k, v in saved_token_layers().items()},
-                                                     remote["saved"]).items() if v}})
+                     "saved": {k: v for k, v in _add(own["saved"], remote["saved"]).items() if v}})
         if getattr(config.option, "numprocesses", None):
             cost["workers"] = "each pytest -n worker loads the model and sets up the session fixtures it needs"
         status = int(exitstatus)
