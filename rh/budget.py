@@ -195,10 +195,29 @@ def format_duration(seconds: float) -> str:
 # --------------------------------------------------------------------------- savings and per-claim bills
 
 _SAVED: dict[str, int] = {}  # token-layers the exact savings left out, by kind, in this process
+_PLAIN = [False]  # inside plain_passes(): every item evaluated (pytest --plain)
+
+
+@contextlib.contextmanager
+def plain_passes() -> Iterator[None]:
+    """Within the block the mechanisms read every item: no early stopping of CA-1's random sets, no
+    curtailment of the paired families (``pytest --plain``, with prefix reuse off as well)."""
+    before = _PLAIN[0]
+    _PLAIN[0] = True
+    try:
+        yield
+    finally:
+        _PLAIN[0] = before
+
+
+def stops_early(stop_early: bool | None) -> bool:
+    """A mechanism's ``stop_early`` argument: as given, or (None) True unless :func:`plain_passes` is on."""
+    return (not _PLAIN[0]) if stop_early is None else bool(stop_early)
 
 
 def note_saved(kind: str, token_layers: int) -> None:
-    """Record ``token_layers`` that a saving (``"prefix reuse"``, ``"early stopping"``) did not run."""
+    """Record ``token_layers`` that a saving (``"prefix reuse"``, ``"early stopping"``, ``"curtailment"``) did
+    not run."""
     if token_layers:
         _SAVED[kind] = _SAVED.get(kind, 0) + int(token_layers)
 

@@ -140,17 +140,22 @@ def necessity_outcomes(
     baseline: pd.DataFrame | None = None,
     batch_size: int = 8,
     matched_draws: int = 0,
-    stop_early: bool = True,
+    stop_early: bool | None = None,
 ) -> NecessityOutcomes:
     """Evaluate ``samples`` with no ablation, with the top-``k`` heads ablated, and with ``draws``
     random ``k``-sets from outside the top ``k`` (seeded by ``seed``, ``k`` and the draw index);
     with ``matched_draws``, also that many random sets matched to the top K's layers.
 
-    ``stop_early`` (default): a random set is evaluated on the items CA-1's paired test pairs with
-    it, then only until the head-set null's indicator (is its drop at least the top K's?) is decided
-    (:func:`side_decided`); the other entries are NaN. CA-1's rule reads nothing else, so its verdict
-    is the one the full evaluation gives (``tests/test_early_stop.py``), for a fraction of the passes
-    when the top K's drop is far from the random sets'."""
+    ``stop_early`` (default, unless :func:`rh.budget.plain_passes` is on): a random set is evaluated
+    on the items CA-1's paired test pairs with it, then only until the head-set null's indicator (is
+    its drop at least the top K's?) is decided (:func:`side_decided`); the other entries are NaN.
+    CA-1's rule reads nothing else, so its verdict is the one the full evaluation gives
+    (``tests/test_early_stop.py``), for a fraction of the passes when the top K's drop is far from
+    the random sets'.
+    """
+    from rh.budget import stops_early
+
+    stop_early = stops_early(stop_early)
     ranking.check_shape(model.shape)
     if draws < 1:
         raise ValueError(f"draws={draws}: need at least one random head set as the control")
@@ -231,16 +236,22 @@ def dose_response(base_logprob: np.ndarray, top_logprob: dict[int, np.ndarray], 
 def inverse_ablation(model: LoadedModel, samples: Sequence[Sample], ranking: Ranking, levels: Sequence[int],
                      baseline: pd.DataFrame, *, margin: float = 0.1, alpha: float = 0.05, batch_size: int = 8,
                      baseline_floor: float = 0.5,
-                     n_boot: int = 10_000, seed: int = 0) -> dict[int, Verdict]:
+                     n_boot: int = 10_000, seed: int = 0, stop_early: bool | None = None) -> dict[int, Verdict]:
     """CA-3: ablating the K lowest-scoring heads keeps accuracy within ``margin`` of the baseline
-    (non-inferiority: the lower confidence bound of the mean change is >= -margin), Holm across K."""
+    (non-inferiority: the lower confidence bound of the mean change is >= -margin), Holm across K.
+    The ablations are curtailed (:mod:`rh.curtail`; ``stop_early=False`` reads every item)."""
+    from rh.curtail import Arm, curtailed, paired_decider
+    from rh.rules.claims import inverse_bounds
+
     base = baseline.set_index("id").loc[[s.id for s in samples], "correct"].to_numpy(dtype=float)
     ablated = {}
     if base.mean() >= baseline_floor:  # below it the verdicts are inconclusive whatever the ablation does
-        for k in levels:
-            df = run_one(model, samples, Ablation(f"bottom{k}", tuple(ranking.bottom(k)), selection="bottom"),
-                         batch_size=batch_size)
-            ablated[k] = df["correct"].to_numpy(dtype=float)
+        arms = {k: Arm(samples, base, Ablation(f"bottom{k}", tuple(ranking.bottom(k)), selection="bottom"))
+                for k in levels}
+        ablated = curtailed(model, arms, paired_decider(bounds=inverse_bounds(margin), alpha=alpha,
+                                                        baseline_floor=baseline_floor),
+                            seed=derive_seed(seed, "CA-3"), batch_size=batch_size, stop_early=stop_early,
+                            what="CA-3 items")
     bottom = {k: [str(h) for h in ranking.bottom(min(k, 20))] for k in levels}
     return inverse_verdicts(base, ablated, levels, margin=margin, alpha=alpha, baseline_floor=baseline_floor,
                             n_boot=n_boot, seed=seed, bottom_heads=bottom)
@@ -259,15 +270,19 @@ def inverse_verdicts(base: np.ndarray, ablated: dict[int, np.ndarray], levels: S
 
 def ablation_hurts(claim: str, model: LoadedModel, groups: dict[str, Sequence[Sample]], heads: Sequence[Head],
                    baseline: pd.DataFrame | None, *, param: str, alpha: float = 0.05, baseline_floor: float = 0.5,
-                   min_drop: float = 0.2, batch_size: int = 8, n_boot: int = 10_000, seed: int = 0) -> dict[str, Verdict]:
+                   min_drop: float = 0.2, batch_size: int = 8, n_boot: int = 10_000, seed: int = 0,
+                   stop_early: bool | None = None) -> dict[str, Verdict]:
     """CA-4 / CA-6: for each group of samples (a task, a depth), ablating ``heads`` lowers accuracy
-    (:func:`rh.rules.claims.drop_family`: > 0 supports, < ``min_drop`` refutes, Holm across groups)."""
-    from rh.rules.claims import drop_family
-
+    (:func:`rh.rules.claims.drop_family`: > 0 supports, < ``min_drop`` refutes, Holm across groups).
+    Each group's baseline is evaluated in full; the ablation is curtailed (:mod:`rh.curtail`;
+    ``stop_early=False`` reads every item)."""
+    from rh.curtail import Arm, curtailed, paired_decider
     from rh.prefix import first_layers, hinting
+    from rh.rules.claims import drop_bounds, drop_family
 
     data = {}
     if heads:
+        arms = {}
         for g, samples in groups.items():
             ids = [s.id for s in samples]
             if baseline is not None and set(ids) <= set(baseline["id"]):
@@ -275,9 +290,12 @@ def ablation_hurts(claim: str, model: LoadedModel, groups: dict[str, Sequence[Sa
             else:
                 with hinting(model, first_layers([heads])):  # the ablated pass starts where the heads do
                     base = evaluate_baseline(model, samples, batch_size=batch_size)["correct"].to_numpy(float)
-            abl = run_one(model, samples, Ablation("ablated", tuple(heads)),
-                          batch_size=batch_size)["correct"].to_numpy(float)
-            data[g] = (base, abl)
+            arms[g] = Arm(samples, base, Ablation("ablated", tuple(heads)))
+        after = curtailed(model, arms, paired_decider(bounds=drop_bounds(min_drop), alpha=alpha,
+                                                      baseline_floor=baseline_floor),
+                          seed=derive_seed(seed, claim), batch_size=batch_size, stop_early=stop_early,
+                          what=f"{claim} items")
+        data = {g: (arms[g].before, after[g]) for g in arms}
     else:
         data = {g: (np.zeros(0), np.zeros(0)) for g in groups}
     return drop_family(claim, data, param=param, n_heads=len(heads), min_drop=min_drop, alpha=alpha,

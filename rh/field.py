@@ -90,15 +90,16 @@ def distractor_verdicts(model: LoadedModel, ranking: Any, profile: Any) -> dict[
 
 
 def compression_verdicts(model: LoadedModel, samples: Sequence[Sample], baseline, ranking: Any,
-                         profile: Any) -> dict:
+                         profile: Any, *, stop_early: bool | None = None) -> dict:
     """CA-8 at every K of ``profile.compress_levels``: the samples evaluated with every head outside
     the top K restricted to a sink plus a recent window, and with the top K restricted; the KV
     cache such a policy would save at these prompts' length, and how many needles already lie in
-    the recent window (where a restricted head still sees them)."""
+    the recent window (where a restricted head still sees them). The restrictions are curtailed
+    (:mod:`rh.curtail`; ``stop_early=False`` reads every item)."""
     from rh.compression import Restriction, kv_cache_bytes
-    from rh.rules.field import compression_safety
-    from rh.runner import run
-    from rh.units import Unit
+    from rh.curtail import Arm, curtailed, paired_decider
+    from rh.rules.field import compression_bounds, compression_safety
+    from rh.seeds import derive_seed
 
     shape = model.shape
     sink, window = profile.compress_sink, profile.compress_window
@@ -106,19 +107,22 @@ def compression_verdicts(model: LoadedModel, samples: Sequence[Sample], baseline
     length = max(s.length for s in samples)
     in_window = float(np.mean([s.needle_span[0] >= s.length - window or s.needle_span[1] <= sink for s in samples]))
     value_bytes = next(model.model.parameters()).element_size()
-    ids = tuple(s.id for s in samples)
-    units = []
+    arms = {}
     for k in profile.compress_levels:
         top = ranking.top(k)
         keep = set(top)
         rest = [h for h in shape.all_heads() if h not in keep]
-        units += [Unit(Restriction(f"window-others-top{k}", rest, sink, window, selection="others"), ids),
-                  Unit(Restriction(f"window-top{k}", top, sink, window, selection="top"), ids)]
-    frames = iter(run(model, samples, units, batch_size=profile.batch_size))
+        arms[("others", k)] = Arm(samples, base, Restriction(f"window-others-top{k}", rest, sink, window,
+                                                             selection="others"))
+        arms[("top", k)] = Arm(samples, base, Restriction(f"window-top{k}", top, sink, window, selection="top"))
+    decide = paired_decider(bounds=compression_bounds(profile.compress_levels, margin=profile.compress_margin,
+                                                      min_drop=profile.min_drop),
+                            alpha=profile.alpha, baseline_floor=profile.baseline_floor)
+    after = curtailed(model, arms, decide, seed=derive_seed(profile.draw_seed, "CA-8"), batch_size=profile.batch_size,
+                      stop_early=stop_early, what="CA-8 items")
     others, tops, kv = {}, {}, {}
     for k in profile.compress_levels:
-        others[k] = next(frames)["correct"].to_numpy(dtype=float)
-        tops[k] = next(frames)["correct"].to_numpy(dtype=float)
+        others[k], tops[k] = after[("others", k)], after[("top", k)]
         top = ranking.top(k)
         kv[k] = {**kv_cache_bytes(shape, shape.head_dim, full_heads=top, length=length, sink=sink, window=window,
                                   bytes_per_value=value_bytes),

@@ -615,18 +615,30 @@ def position_patching(model: LoadedModel, samples: Sequence[Sample], baseline: p
 def attention_override(model: LoadedModel, samples: Sequence[Sample], heads: Sequence[Head], baseline: pd.DataFrame,
                        *, hub: int, patterns: Sequence[str] = PATTERNS, fraction: float = 0.8, keep: float = 0.9,
                        min_drop: float = 0.10, alpha: float = 0.05, baseline_floor: float = 0.5, batch_size: int = 8,
-                       ) -> dict[str, Verdict]:
+                       seed: int = 0, stop_early: bool | None = None) -> dict[str, Verdict]:
     """IV-3: forcing the critical heads to uniform or sequential attention lowers accuracy (exact
     one-sided McNemar); forcing the hub pattern keeps at least ``keep`` of the baseline accuracy
-    (non-inferiority with margin ``(1 - keep) x baseline``); Holm across patterns."""
-    from rh.rules.claims import override
+    (non-inferiority with margin ``(1 - keep) x baseline``); Holm across patterns. The overrides
+    are curtailed (:mod:`rh.curtail`; ``stop_early=False`` reads every item)."""
+    from rh.curtail import Arm, curtailed, paired_decider
+    from rh.rules.claims import override, override_bounds
+    from rh.seeds import derive_seed
 
     ids = [s.id for s in samples]
     base = _correct(baseline, ids)
-    forced = {}
-    for pat in patterns:
-        with override_attention(model, heads, pat, hub=hub, fraction=fraction):
-            forced[pat] = _correct(teacher_forced(model, samples, condition=f"{pat} attention", batch_size=batch_size), ids)
+
+    def forcing(pat: str):
+        def evaluate(part: list[Sample]) -> np.ndarray:
+            with override_attention(model, heads, pat, hub=hub, fraction=fraction):
+                df = teacher_forced(model, part, condition=f"{pat} attention", batch_size=batch_size)
+            return _correct(df, [s.id for s in part])
+        return evaluate
+
+    arms = {pat: Arm(samples, base, evaluate=forcing(pat)) for pat in patterns}
+    decide = paired_decider(bounds=override_bounds(patterns, base, keep=keep, min_drop=min_drop), alpha=alpha,
+                            baseline_floor=baseline_floor)
+    forced = curtailed(model, arms, decide, seed=derive_seed(seed, "IV-3"), batch_size=batch_size,
+                       stop_early=stop_early, what="IV-3 items")
     info = {"heads": [str(h) for h in heads], "hub": hub, "fraction": fraction}
     return override(base, forced, keep=keep, min_drop=min_drop, alpha=alpha, baseline_floor=baseline_floor,
                     details={p: info for p in patterns})

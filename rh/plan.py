@@ -4,10 +4,10 @@ For each collected claim the plan lists the conditions its fixtures and its own 
 forward passes (prompts x conditions), and the token-layers (one token through one decoder layer,
 what :class:`rh.budget.TokenLayerCounter` counts during a run): passes x tokens per pass x layers.
 It is the *plain* count, an upper bound: prefix reuse (an ablated pass runs only the layers from
-the first ablated one, :mod:`rh.prefix`) and the early stopping of CA-1's random head sets make a
-real run cheaper; each row says which saving may lower it. A claim pays for the fixtures it uses
-that no claim before it paid for (session fixtures run once; :func:`rh.budget.plan_budget` uses
-the same rule), plus its own body.
+the first ablated one, :mod:`rh.prefix`), the early stopping of CA-1's random head sets and the
+curtailment of the paired families (:mod:`rh.curtail`) make a real run cheaper; each row says
+which saving may lower it. A claim pays for the fixtures it uses that no claim before it paid for
+(session fixtures run once; :func:`rh.budget.plan_budget` uses the same rule), plus its own body.
 
 Prompts are planned without the tokenizer. rh builds every prompt to an exact token length (the
 profile's ``lengths``), and the prompt sets, sample ids and the 80/20 split are functions of the
@@ -363,6 +363,7 @@ def identification_cost(name: str, prompts: Sequence[PlannedPrompt], method: str
 
 _PREFIX = "prefix reuse from the first ablated layer"
 _EARLY = "early stopping of random draws"
+_CURTAIL = "curtailment once the statuses are decided"
 
 
 # --------------------------------------------------------------------------- the registry
@@ -468,13 +469,13 @@ def _keep_baseline(ctx):
 def _ca3(ctx):
     p = ctx.profile
     return forward_cost("ca3_verdicts", [f"bottom{k}" for k in p.inverse_levels], _keep_prompts(ctx), ctx,
-                        savings=_PREFIX, note="only when the baseline clears the floor")
+                        savings=f"{_PREFIX}; {_CURTAIL}", note="only when the baseline clears the floor")
 
 
 def _ca8(ctx):
     p = ctx.profile
     conds = [f"{arm} K={k}" for k in p.compress_levels for arm in ("window outside the top", "window on the top")]
-    return forward_cost("ca8_verdicts", conds, _keep_prompts(ctx), ctx, savings=_PREFIX)
+    return forward_cost("ca8_verdicts", conds, _keep_prompts(ctx), ctx, savings=f"{_PREFIX}; {_CURTAIL}")
 
 
 def _ca7(ctx):
@@ -518,7 +519,8 @@ def _task_baselines(ctx):
 
 
 def _ca4(ctx):
-    return forward_cost("ca4_verdicts", ["general heads ablated"], _task_validation(ctx), ctx, savings=_PREFIX,
+    return forward_cost("ca4_verdicts", ["general heads ablated"], _task_validation(ctx), ctx,
+                        savings=f"{_PREFIX}; {_CURTAIL}",
                         note="none when the tasks' top K share no head")
 
 
@@ -527,7 +529,7 @@ def _ca6(ctx):
     fresh = ctx.fresh(p.depth_n, "depth")
     groups = [[x for x in fresh if x.depth == d] for d in p.depths]
     return [forward_cost("ca6_verdicts", ["baseline"], groups, ctx),
-            forward_cost("ca6_verdicts", [f"top{p.id_k}"], groups, ctx, savings=_PREFIX)]
+            forward_cost("ca6_verdicts", [f"top{p.id_k}"], groups, ctx, savings=f"{_PREFIX}; {_CURTAIL}")]
 
 
 def _iv_prompts(ctx):
@@ -545,7 +547,7 @@ def _iv1(ctx):
 
 def _iv3(ctx):
     return forward_cost("iv3", [f"{pat} attention" for pat in ctx.profile.override_patterns], _iv_prompts(ctx), ctx,
-                        savings=_PREFIX)
+                        savings=f"{_PREFIX}; {_CURTAIL}")
 
 
 def _hub(ctx):

@@ -61,7 +61,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="with a per-layer {layer: [heads]} file in --rankings: test the first M heads of each layer")
     g.addoption("--plain", action="store_true",
                 help="run every forward pass in full: no prefix reuse, no early stopping of CA-1's random head "
-                     "sets (the reference the savings give identical verdicts to, at about twice the token-layers)")
+                     "sets, no curtailment of the paired families (the reference the savings give identical "
+                     "verdicts to, at about three times the token-layers)")
     g.addoption("--plan", action="store_true",
                 help="print each collected claim's planned conditions, forward passes, token-layers and estimated "
                      "time (timed on a random 2-layer copy of the model's architecture), then stop: no weights "
@@ -712,6 +713,10 @@ def _session_model(config: pytest.Config):
             from rh.prefix import reuse_prefixes
 
             state.prefix = state.resources.enter_context(reuse_prefixes(model))
+        else:
+            from rh.budget import plain_passes
+
+            state.resources.enter_context(plain_passes())
         state.runner = state.resources.enter_context(_session_runner(config, model))
         state.meta["layout"] = state.runner.layout.as_dict()
         state.model = model

@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
       "rh.rules", "rh.rules.core", "rh.rules.paired", "rh.rules.claims", "rh.rules.field")),
     ("model: loading, prompts, hooks, ablation and evaluation passes",
      ("rh.models", "rh.recording", "rh.attention", "rh.budget", "rh.memory", "rh.niah", "rh.multi_needle",
-      "rh.batching", "rh.prefix", "rh.profiles", "rh.ablation", "rh.compression", "rh.evaluate", "rh.units",
+      "rh.batching", "rh.prefix", "rh.profiles", "rh.ablation", "rh.compression", "rh.evaluate", "rh.units", "rh.curtail",
       "rh.runner", "rh.ray_executor")),
     ("science: head scores, rankings and the claims' experiments",
      ("rh.scoring", "rh.rankings", "rh.published", "rh.uncertainty", "rh.pipeline", "rh.causal",

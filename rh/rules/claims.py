@@ -29,7 +29,7 @@ from rh.stats import (
 )
 
 __all__ = [
-    "floor_reason", "inconclusive", "necessity", "dose_response", "inverse", "drop_family", "incremental",
+    "floor_reason", "inconclusive", "necessity", "inverse_bounds", "drop_bounds", "override_bounds", "dose_response", "inverse", "drop_family", "incremental",
     "position", "override", "transplant", "difficulty", "ratio_rule", "general_heads_rule", "agreement",
 ]
 
@@ -267,6 +267,23 @@ def dose_response(base_logprob: np.ndarray, top_logprob: Mapping[int, np.ndarray
 # ------------------------------------------------------------------------------------------ CA-3, CA-4, CA-6, IV-1
 
 
+def inverse_bounds(margin: float) -> Bounds:
+    """CA-3's bounds: the loss is shown below ``margin`` (supported) or above it (refuted)."""
+    return Bounds("less", margin, margin)
+
+
+def drop_bounds(min_drop: float) -> Bounds:
+    """CA-4's and CA-6's bounds: the drop is shown above 0 (supported) or below Δ (refuted)."""
+    return Bounds("greater", 0.0, min_drop)
+
+
+def override_bounds(patterns: Sequence[str], base: np.ndarray, *, keep: float, min_drop: float) -> dict[str, Bounds]:
+    """IV-3's bounds per pattern: the hub pattern's loss against ``(1 - keep) x`` the baseline
+    accuracy, the others' drop against 0 and Δ = ``min_drop``."""
+    margin = (1 - keep) * float(np.mean(base))
+    return {p: Bounds("less", margin, margin) if p == "hub" else drop_bounds(min_drop) for p in patterns}
+
+
 def inverse(base: np.ndarray, ablated: Mapping[int, np.ndarray], levels: Sequence[int], *, margin: float = 0.1,
             alpha: float = 0.05, baseline_floor: float = 0.5,
             bottom_heads: Mapping[int, list[str]] | None = None) -> dict[int, Verdict]:
@@ -275,7 +292,7 @@ def inverse(base: np.ndarray, ablated: Mapping[int, np.ndarray], levels: Sequenc
     base = np.asarray(base, float)
     groups = {k: (base, ablated.get(k, np.zeros(0)) if base.mean() >= baseline_floor else base) for k in levels}
     return paired_family(
-        "CA-3", groups, param="k", bounds=Bounds("less", margin, margin), alpha=alpha, baseline_floor=baseline_floor,
+        "CA-3", groups, param="k", bounds=inverse_bounds(margin), alpha=alpha, baseline_floor=baseline_floor,
         test=f"exact paired tests of the loss against the margin {margin:g} (non-inferiority / inferiority), Holm across K",
         effect_name="accuracy loss (baseline - ablated)", extra_params={"margin": margin},
         describe=lambda k, b, a: f"bottom-{k} ablation: accuracy {b.mean():.2f} -> {a.mean():.2f}",
@@ -290,7 +307,7 @@ def drop_family(claim: str, groups: Mapping, *, param: str, n_heads: int, min_dr
         return {g: inconclusive(claim, {param: g, "heads": 0}, "there are no heads to ablate (the set is empty)",
                                 "exact paired tests", alpha, min_effect=min_drop) for g in groups}
     return paired_family(
-        claim, groups, param=param, bounds=Bounds("greater", 0.0, min_drop), alpha=alpha,
+        claim, groups, param=param, bounds=drop_bounds(min_drop), alpha=alpha,
         baseline_floor=baseline_floor, test=f"exact paired tests of the drop (> 0; < Δ = {min_drop:g}), Holm across {param}",
         effect_name="accuracy drop (baseline - ablated)", extra_params={"heads": n_heads},
         describe=lambda g, b, a: f"{param} {g}: accuracy {b.mean():.2f} -> {a.mean():.2f} with {n_heads} heads ablated",
@@ -363,8 +380,7 @@ def override(base: np.ndarray, forced: Mapping[str, np.ndarray], *, keep: float 
     the hub pattern keeps at least ``keep`` of it (loss < (1 - keep) x baseline shown; refuted when
     shown above). Holm across patterns."""
     base = np.asarray(base, float)
-    margin = (1 - keep) * float(base.mean())
-    bounds = {p: Bounds("less", margin, margin) if p == "hub" else Bounds("greater", 0.0, min_drop) for p in forced}
+    bounds = override_bounds(list(forced), base, keep=keep, min_drop=min_drop)
     return paired_family(
         "IV-3", {p: (base, np.asarray(f, float)) for p, f in forced.items()}, param="pattern", bounds=bounds,
         alpha=alpha, baseline_floor=baseline_floor,

@@ -21,6 +21,7 @@ from rh.rules.paired import paired_family, paired_tests, rule_power
 from rh.stats import Verdict
 
 __all__ = ["method_agreement", "group_pair_null", "kv_clustering", "distractor_necessity", "compression_safety",
+           "compression_bounds",
            "ID8_TEST", "CA7_TEST", "CA8_TEST"]
 
 
@@ -252,6 +253,16 @@ CA8_TEST = ("exact paired tests, Holm across the arms and K: restricting the hea
             "shown: supported; < Δ shown: refuted)")
 
 
+def compression_bounds(levels, *, margin: float, min_drop: float) -> dict:
+    """CA-8's bounds per ``(arm, K)``: restricting the others keeps the loss below ``margin``;
+    restricting the top K drops accuracy (above 0; refuted below Δ = ``min_drop``)."""
+    out = {}
+    for k in levels:
+        out[("others", k)] = Bounds("less", margin, margin)
+        out[("top", k)] = Bounds("greater", 0.0, min_drop)
+    return out
+
+
 def compression_safety(base: np.ndarray, others: Mapping[int, np.ndarray], top: Mapping[int, np.ndarray], *,
                        margin: float = 0.1, min_drop: float = 0.2, alpha: float = 0.05, baseline_floor: float = 0.5,
                        sink: int = 4, window: int = 64, kv_bytes: Mapping[int, dict] | None = None) -> dict:
@@ -259,12 +270,11 @@ def compression_safety(base: np.ndarray, others: Mapping[int, np.ndarray], top: 
     restricted to a sink of ``sink`` tokens plus a recent window of ``window``, ``top[K]`` with the
     top K restricted. Keys ``(arm, K)``; the KV-cache bytes the policy would save go into details."""
     base = np.asarray(base, float)
-    groups, bmap, extra = {}, {}, {}
+    groups, extra = {}, {}
+    bmap = compression_bounds(list(others), margin=margin, min_drop=min_drop)
     for k in others:
         groups[("others", k)] = (base, np.asarray(others[k], float))
-        bmap[("others", k)] = Bounds("less", margin, margin)
         groups[("top", k)] = (base, np.asarray(top[k], float))
-        bmap[("top", k)] = Bounds("greater", 0.0, min_drop)
         for arm in ("others", "top"):
             extra[(arm, k)] = {"arm": arm, "k": k, "sink": sink, "window": window,
                                "kv_cache": dict((kv_bytes or {}).get(k, {})) if arm == "others" else {}}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.special import gammaln, xlogy
@@ -22,7 +23,7 @@ from scipy.special import gammaln, xlogy
 from rh.rules.core import Bounds, Power, decide_bounds, holm_pairs
 from rh.stats import Verdict, _ni_exact_p, _tango_z, margin_test
 
-__all__ = ["FLIP_RATE", "p_table", "paired_power", "paired_family", "paired_tests"]
+__all__ = ["FLIP_RATE", "p_table", "paired_power", "paired_family", "paired_tests", "Partial", "family_decided"]
 
 FLIP_RATE = 0.02  # items that flip each way with no net change, assumed by the power figures
 _GRID = 129
@@ -165,6 +166,89 @@ def rule_power(n: int, bounds: Bounds, alpha: float, *, support_at: float | None
                  "each way besides the effect")
 
 
+# --------------------------------------------------------------------------- curtailment
+
+
+@dataclass(frozen=True)
+class Partial:
+    """One group's outcomes part-way: the baseline of every item is known, the intervention's of
+    some (``after`` NaN where not read yet). ``b``/``c``: right-to-wrong / wrong-to-right among the
+    items read; ``u1``/``u0``: unread items right / wrong at baseline. Every completion of the unread
+    items ends at ``(b + x, c + y)`` with ``0 <= x <= u1`` and ``0 <= y <= u0``."""
+
+    n: int
+    b: int
+    c: int
+    u1: int
+    u0: int
+    base_mean: float
+
+    @classmethod
+    def of(cls, before, after) -> Partial:
+        before, after = np.asarray(before, float), np.asarray(after, float)
+        if before.shape != after.shape:
+            raise ValueError(f"before has {before.size} items, after {after.size}: the outcomes are paired")
+        if np.isnan(before).any():
+            raise ValueError("curtailment needs every item's baseline: before has unread (NaN) items")
+        read = ~np.isnan(after)
+        diffs = before[read] - after[read]
+        return cls(int(before.size), int((diffs > 0).sum()), int((diffs < 0).sum()),
+                   int((before[~read] == 1).sum()), int((before[~read] == 0).sum()),
+                   float(before.mean()) if before.size else float("nan"))
+
+    @property
+    def read(self) -> int:
+        return self.n - self.u1 - self.u0
+
+    def p_range(self, bound: float, alternative: str) -> tuple[float, float]:
+        """The least and the largest exact p over every completion of the unread items."""
+        table = p_table(self.n, bound) if alternative == "greater" else _p_less_table(self.n, bound)
+        sub = table[self.b: self.b + self.u1 + 1, self.c: self.c + self.u0 + 1]
+        return float(np.nanmin(sub)), float(np.nanmax(sub))
+
+
+def _status(sup: bool, ref: bool) -> str:
+    return "inconclusive" if sup == ref else "supported" if sup else "refuted"
+
+
+def family_ranges(parts: Mapping, bounds: Mapping, baseline_floor: float) -> dict:
+    """Per testable group (baseline at or above the floor, some items): ``(lo, hi)`` of the
+    Holm-adjusted support and refutation p-values over every completion of every group's unread
+    items. Holm's adjusted p-values are nondecreasing in each raw p, so the extremes over the
+    product of the groups' completions are Holm of the groups' own extremes."""
+    testable = [g for g, pt in parts.items() if pt.n and pt.base_mean >= baseline_floor]
+    raw = {}
+    for g in testable:
+        bd = bounds[g]
+        sup_alt, ref_alt = ("greater", "less") if bd.direction == "greater" else ("less", "greater")
+        raw[g] = (parts[g].p_range(float(bd.support_bound), sup_alt), parts[g].p_range(float(bd.refute_bound), ref_alt))
+    lo_s, lo_r = holm_pairs({g: raw[g][0][0] for g in testable}, {g: raw[g][1][0] for g in testable})
+    hi_s, hi_r = holm_pairs({g: raw[g][0][1] for g in testable}, {g: raw[g][1][1] for g in testable})
+    return {g: {"p_support": raw[g][0], "p_refute": raw[g][1], "adj_support": (lo_s[g], hi_s[g]),
+                "adj_refute": (lo_r[g], hi_r[g])} for g in testable}
+
+
+def family_decided(groups: Mapping, *, bounds: Bounds | Mapping, alpha: float, baseline_floor: float) -> dict:
+    """Each group's status (:func:`paired_family`'s) where no outcome of the unread items (NaN in
+    ``after``) of any group can change it, else ``None``: curtailment. Sound, not merely likely:
+    a status is returned only if both Holm-adjusted decisions (support < α, refutation < α) are the
+    same at every completion of the family, which ``tests/test_curtail.py`` checks against
+    enumerating the completions."""
+    bmap = bounds if isinstance(bounds, Mapping) else {g: bounds for g in groups}
+    parts = {g: Partial.of(*groups[g]) for g in groups}
+    ranges = family_ranges(parts, bmap, baseline_floor)
+    out = {}
+    for g in groups:
+        if g not in ranges:  # no items, or a baseline below the floor: inconclusive, whatever the ablation does
+            out[g] = "inconclusive"
+            continue
+        (slo, shi), (rlo, rhi) = ranges[g]["adj_support"], ranges[g]["adj_refute"]
+        sup = True if shi < alpha else False if slo >= alpha else None
+        ref = True if rhi < alpha else False if rlo >= alpha else None
+        out[g] = None if sup is None or ref is None else _status(sup, ref)
+    return out
+
+
 def paired_family(claim: str, groups: Mapping, *, param: str, bounds: Bounds | Mapping, alpha: float,
                   baseline_floor: float, test: str, effect_name: str, describe, extra_params: dict | None = None,
                   extra_details: Mapping | None = None, min_effect: float | None = None) -> dict:
@@ -173,35 +257,58 @@ def paired_family(claim: str, groups: Mapping, *, param: str, bounds: Bounds | M
 
     Inconclusive (named) when the baseline is below ``baseline_floor``: with no retrieval there is no
     room for a drop (a floor), and "keeps accuracy" is empty. ``describe(g, before, after)`` gives
-    the reason's opening words."""
+    the reason's opening words (on the items read).
+
+    Curtailed groups: ``after`` may be NaN where an item was not read, when the family's statuses
+    were already decided (:func:`family_decided`; anything else is refused). The status is then
+    exactly the full evaluation's; the effect and interval are those of the items read and say so,
+    and the p-values reported are the largest any completion of the unread items could give."""
     bmap = bounds if isinstance(bounds, Mapping) else {g: bounds for g in groups}
+    arrays = {g: (np.asarray(b, float), np.asarray(a, float)) for g, (b, a) in groups.items()}
+    curtailed = any(np.isnan(a).any() for _, a in arrays.values())
+    decided = ranges = None
+    if curtailed:
+        decided = family_decided(arrays, bounds=bmap, alpha=alpha, baseline_floor=baseline_floor)
+        open_ = [g for g, st in decided.items() if st is None]
+        if open_:
+            raise ValueError(f"{claim}: {param} {open_[0]!r} was stopped before the family's statuses were decided: "
+                             "evaluate its remaining items")
+        ranges = family_ranges({g: Partial.of(*arrays[g]) for g in arrays}, bmap, baseline_floor)
     rows, reasons = {}, {}
-    for g, (before, after) in groups.items():
-        before, after = np.asarray(before, float), np.asarray(after, float)
-        diffs = before - after
-        if len(diffs) == 0:
+    for g, (before, after) in arrays.items():
+        read = ~np.isnan(after)
+        diffs = before[read] - after[read]
+        if len(before) == 0:
             reasons[g] = "no items"
             rows[g] = (before, after, None)
             continue
-        rows[g] = (before, after, paired_tests(diffs, bmap[g]))
+        rows[g] = (before, after, paired_tests(diffs, bmap[g]) if diffs.size else None)
         if before.mean() < baseline_floor:
             reasons[g] = (f"baseline accuracy {before.mean():.2f} is below the floor {baseline_floor:.2f}: "
                           "there is no retrieval for the intervention to change (a floor)")
     testable = [g for g in rows if g not in reasons]
-    adj_s, adj_r = holm_pairs({g: rows[g][2][0] for g in testable}, {g: rows[g][2][1] for g in testable})
+    if not curtailed:
+        adj_s, adj_r = holm_pairs({g: rows[g][2][0] for g in testable}, {g: rows[g][2][1] for g in testable})
     m = max(len(testable), 1)
     out = {}
     for g, (before, after, res) in rows.items():
         n = len(before)
+        read = ~np.isnan(after)
+        k = int(read.sum())
         bounds_g = bmap[g]
         power = rule_power(n, bounds_g, alpha / m) if n else None
         params = {param: g, **(extra_params or {})}
+        b_read, a_read = before[read], after[read]
         details = {"baseline_accuracy": float(before.mean()) if n else None,
-                   "after_accuracy": float(after.mean()) if n else None,
-                   "right_to_wrong": int(((before == 1) & (after == 0)).sum()),
-                   "wrong_to_right": int(((before == 0) & (after == 1)).sum()),
+                   "after_accuracy": float(a_read.mean()) if k else None,
+                   "right_to_wrong": int(((b_read == 1) & (a_read == 0)).sum()),
+                   "wrong_to_right": int(((b_read == 0) & (a_read == 1)).sum()),
                    **dict((extra_details or {}).get(g, {}))}
-        common = dict(claim=claim, params=params, test=test, n=n, alpha=alpha, effect_name=effect_name,
+        name = effect_name
+        if curtailed:
+            details["curtailed"] = {"items_read": k, "items": n}
+            name = f"{effect_name}, on the {k} of {n} items read"
+        common = dict(claim=claim, params=params, test=test, n=n, alpha=alpha, effect_name=name,
                       min_effect=bounds_g.min_effect if min_effect is None else min_effect,
                       power=power.to_dict() if power else None)
         if g in reasons:
@@ -209,13 +316,48 @@ def paired_family(claim: str, groups: Mapping, *, param: str, bounds: Bounds | M
                              p_adjusted=None, effect=None if res is None else res[3],
                              ci=None if res is None else res[2], ci_level=0.90, details=details, **common)
             continue
-        p_sup, p_ref, ci, mean = res
-        status, why = decide_bounds(adj_s[g], adj_r[g], alpha, bounds_g, power, n=n)
-        out[g] = Verdict(status=status, reason=f"{describe(g, before, after)} (effect {mean:+.3f}, one-sided "
-                         f"95% bounds [{ci[0]:+.3f}, {ci[1]:+.3f}]); {why}", statistic=mean,
-                         p_value=p_sup, p_adjusted=adj_s[g], effect=mean, ci=ci, ci_level=0.90,
-                         details={**details, "p_refute": p_ref, "p_refute_adjusted": adj_r[g]}, **common)
+        if not curtailed:
+            p_sup, p_ref, ci, mean = res
+            status, why = decide_bounds(adj_s[g], adj_r[g], alpha, bounds_g, power, n=n)
+            out[g] = Verdict(status=status, reason=f"{describe(g, before, after)} (effect {mean:+.3f}, one-sided "
+                             f"95% bounds [{ci[0]:+.3f}, {ci[1]:+.3f}]); {why}", statistic=mean,
+                             p_value=p_sup, p_adjusted=adj_s[g], effect=mean, ci=ci, ci_level=0.90,
+                             details={**details, "p_refute": p_ref, "p_refute_adjusted": adj_r[g]}, **common)
+            continue
+        rg = ranges[g]
+        status = decided[g]
+        mean = res[3] if res is not None else None
+        ci = res[2] if res is not None else None
+        shown = (f"effect {mean:+.3f}, one-sided 95% bounds [{ci[0]:+.3f}, {ci[1]:+.3f}], on the items read"
+                 if res is not None else "no item read")
+        why = _curtailed_why(status, rg, alpha, bounds_g, k, n)
+        out[g] = Verdict(status=status, reason=f"{describe(g, b_read, a_read)} ({shown}); {why}", statistic=mean,
+                         p_value=rg["p_support"][1], p_adjusted=rg["adj_support"][1], effect=mean, ci=ci,
+                         ci_level=0.90, details={**details, "p_refute": rg["p_refute"][1],
+                                                 "p_refute_adjusted": rg["adj_refute"][1],
+                                                 "curtailed": {"items_read": k, "items": n,
+                                                               "p_support_range": list(rg["p_support"]),
+                                                               "p_refute_range": list(rg["p_refute"]),
+                                                               "adjusted_support_range": list(rg["adj_support"]),
+                                                               "adjusted_refute_range": list(rg["adj_refute"])}},
+                         **common)
     return out
+
+
+def _curtailed_why(status: str, rg: Mapping, alpha: float, bounds: Bounds, k: int, n: int) -> str:
+    """The reason of a curtailed verdict: the status, and why the unread items cannot change it."""
+    side = ">" if bounds.direction == "greater" else "<"
+    away = "<" if bounds.direction == "greater" else ">"
+    head = (f"decided after {k} of {n} items: no outcome of the other {n - k} could change the status "
+            "(curtailment), so it is the full evaluation's")
+    if status == "supported":
+        return (f"the effect is {side} {bounds.support_bound:g} (adjusted p at most {rg['adj_support'][1]:.3g} "
+                f"whatever the unread items show); {head}")
+    if status == "refuted":
+        return (f"the effect is {away} Δ = {bounds.refute_bound:g} (adjusted p at most {rg['adj_refute'][1]:.3g} "
+                f"whatever the unread items show); {head}")
+    return (f"neither {side} {bounds.support_bound:g} (adjusted p at least {rg['adj_support'][0]:.3g}) nor {away} "
+            f"Δ = {bounds.refute_bound:g} (adjusted p at least {rg['adj_refute'][0]:.3g}) can be shown; {head}")
 
 
 def exact_p_check(b: int, c: int, n: int, bound: float) -> tuple[float, float]:

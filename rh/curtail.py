@@ -1,0 +1,137 @@
+"""Curtailment: a paired family's interventions evaluated item by item until its statuses are decided.
+
+The paired families (CA-3, CA-4, CA-6, CA-8, IV-3: :func:`rh.rules.paired.paired_family`) compare
+each item's baseline outcome with its outcome under an intervention. Once the items read so far
+settle every status whatever the other items would show (:func:`rh.rules.paired.family_decided`,
+proved against enumerating the completions in ``tests/test_curtail.py``), the rest cannot change
+the verdicts, so they are not evaluated. The statuses are exactly the full evaluation's; the effect
+and interval a verdict reports are those of the items read, and it says how many.
+
+:func:`curtailed` takes the family's arms (an arm: the prompts, their baseline outcomes, and the
+intervention as a work unit's condition or as a function that evaluates some prompts), reads each
+arm's items in a fixed order seeded by the claim (a random order, so the items read are a random
+subset and their effect an unbiased estimate), and in waves: each wave submits every undecided
+arm's next chunk, as work units to one :func:`rh.runner.run` call where the arms are units (their
+rows share batches), then asks the family's rule what is decided. A chunk is the fewest items whose
+most extreme outcome could decide the arm (at most the batch size). The passes left out go to the
+savings ledger as ``"curtailment"`` (:func:`rh.budget.note_saved`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from rh.ablation import Ablation
+from rh.compression import Restriction
+from rh.niah import Sample
+from rh.progress import track
+from rh.seeds import derive_seed
+
+__all__ = ["Arm", "curtailed", "item_order", "paired_decider"]
+
+Decide = Callable[[Mapping[Hashable, tuple[np.ndarray, np.ndarray]]], Mapping[Hashable, "str | None"]]
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One group of a paired family: ``samples`` and their baseline 0/1 outcomes ``before`` (in the
+    samples' order), and the intervention: ``condition`` (run as a work unit) or ``evaluate`` (a
+    function from a list of samples to their 0/1 outcomes under the intervention, run here)."""
+
+    samples: Sequence[Sample]
+    before: np.ndarray
+    condition: Ablation | Restriction | None = None
+    evaluate: Callable[[list[Sample]], np.ndarray] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.condition is None) == (self.evaluate is None):
+            raise ValueError("an Arm's intervention is a condition (a work unit) or an evaluate function: give one")
+        if len(self.before) != len(self.samples):
+            raise ValueError(f"an Arm has {len(self.samples)} samples and {len(self.before)} baseline outcomes")
+
+
+def item_order(n: int, seed: int) -> np.ndarray:
+    """The fixed order an arm's ``n`` items are read in: a permutation seeded by the claim."""
+    return np.random.default_rng(derive_seed(seed, "curtailment", n)).permutation(n)
+
+
+def paired_decider(*, bounds, alpha: float, baseline_floor: float) -> Decide:
+    """The decide function of a :func:`rh.rules.paired.paired_family` with these bounds."""
+    from rh.rules.paired import family_decided
+
+    return lambda groups: family_decided(groups, bounds=bounds, alpha=alpha, baseline_floor=baseline_floor)
+
+
+def _chunk(g, after: dict, arms: Mapping, order: dict, pos: dict, decide: Decide, batch_size: int) -> int:
+    """The fewest next items of arm ``g`` whose most extreme outcome (every one wrong, or every one
+    right, under the intervention) would decide it; ``batch_size`` if none that few would."""
+    left = len(order[g]) - pos[g]
+    groups = {h: (arms[h].before, after[h]) for h in arms}
+    for k in range(1, min(left, batch_size) + 1):
+        nxt = order[g][pos[g]: pos[g] + k]
+        for value in (0.0, 1.0):
+            trial = after[g].copy()
+            trial[nxt] = value
+            if decide({**groups, g: (arms[g].before, trial)})[g] is not None:
+                return k
+    return min(left, batch_size)
+
+
+def curtailed(model, arms: Mapping[Hashable, Arm], decide: Decide, *, seed: int, batch_size: int = 8,
+              stop_early: bool | None = None, what: str = "items") -> dict[Hashable, np.ndarray]:
+    """Each arm's outcomes under its intervention, NaN where curtailment left an item unread (with
+    ``stop_early=False``, or inside :func:`rh.budget.plain_passes`, every item). ``decide(groups)`` maps ``{arm: (before, after)}`` to each
+    arm's status where decided, else None: :func:`paired_decider`."""
+    from rh.budget import stops_early
+    from rh.runner import run
+    from rh.units import Unit
+
+    stop_early = stops_early(stop_early)
+    after = {g: np.full(len(a.samples), np.nan) for g, a in arms.items()}
+    order = {g: item_order(len(a.samples), seed) for g, a in arms.items()}
+    pos = {g: 0 for g in arms}
+    total = sum(len(a.samples) for a in arms.values())
+
+    def status() -> dict:
+        return dict(decide({g: (arms[g].before, after[g]) for g in arms})) if stop_early else {g: None for g in arms}
+
+    with contextlib.closing(track(range(total + 1), what, unit="item")) as bar:
+        next(bar, None)
+        done = 0
+        while True:
+            st = status()
+            unread = [g for g in arms if pos[g] < len(order[g])]
+            live = [g for g in unread if st[g] is None]
+            if not live and any(s is None for s in st.values()):
+                live = unread  # an arm held open by Holm's coupling: the others read on
+            if not live:
+                break
+            picks = {}
+            for g in live:
+                k = _chunk(g, after, arms, order, pos, decide, batch_size) if stop_early else \
+                    min(batch_size, len(order[g]) - pos[g])
+                picks[g] = order[g][pos[g]: pos[g] + k]
+                pos[g] += k
+            as_units = [g for g in live if arms[g].condition is not None]
+            if as_units:
+                by_id = {s.id: s for g in as_units for s in arms[g].samples}
+                units = [Unit(arms[g].condition, tuple(arms[g].samples[i].id for i in picks[g])) for g in as_units]
+                for g, df in zip(as_units, run(model, by_id, units, batch_size=batch_size)):
+                    after[g][picks[g]] = df["correct"].to_numpy(float)
+            for g in live:
+                if arms[g].evaluate is not None:
+                    after[g][picks[g]] = np.asarray(arms[g].evaluate([arms[g].samples[i] for i in picks[g]]), float)
+            for _ in range(sum(len(p) for p in picks.values())):
+                done += 1
+                next(bar, None)
+    skipped = [arms[g].samples[i] for g in arms for i in np.flatnonzero(np.isnan(after[g]))]
+    if skipped:  # the passes the plain path would have run: each prompt and its answer but the last token
+        from rh.budget import note_saved
+
+        note_saved("curtailment", sum(len(s.input_ids) + len(s.answer_ids) - 1 for s in skipped)
+                   * model.shape.n_layers)
+    return after
