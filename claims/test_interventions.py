@@ -40,7 +40,8 @@ def iv1(rh_model, iv_samples, iv_baseline, critical, profile):
 
     return incremental_ablation(rh_model, iv_samples, critical, iv_baseline, levels=profile.incremental_levels,
                                 min_drop=profile.iv_min_drop, alpha=profile.alpha,
-                                baseline_floor=profile.baseline_floor, batch_size=profile.batch_size)
+                                baseline_floor=profile.baseline_floor, batch_size=profile.batch_size,
+                                full=[profile.critical_k], seed=profile.draw_seed)
 
 
 @pytest.fixture(scope="session")

@@ -57,7 +57,7 @@ from rh.stats import Verdict
 log = logging.getLogger(__name__)
 
 CLAIM = "IV-6"
-TEST_NAME = ("one-sided Wilcoxon signed-rank on log(needle mass ratio) (needle share of |IG attribution| over the "
+TEST_NAME = ("one-sided exact sign tests of the median needle mass ratio (needle share of |IG attribution| over the "
              "needle's share of tokens)")
 
 
@@ -316,8 +316,8 @@ def attribution_concentrates(ratios: Any, *, alpha: float = 0.05, completeness_e
     """IV-6: the critical heads' IG attribution concentrates on the needle (needle mass ratio > 1;
     refuted when the ratio is shown below ``min_ratio``, the smallest concentration of interest).
 
-    ``ratios`` holds one :func:`needle_mass_ratio` per sample. Test: one-sided Wilcoxon
-    signed-rank on log(ratio) (:func:`rh.stats.ratio_test_greater` with threshold 1). Effect =
+    ``ratios`` holds one :func:`needle_mass_ratio` per sample. Test: one-sided exact sign tests of
+    the median ratio (:func:`rh.rules.claims.ratio_rule`, thresholds 1 and ``min_ratio``). Effect =
     log(median ratio) (> 0 as claimed), with a percentile bootstrap CI of the log median over
     samples. Inconclusive when any sample's IG completeness error exceeds ``tolerance`` (the
     attributions do not account for F, so their distribution is not trusted), or when there are

@@ -240,6 +240,19 @@ def claim_costs(verdicts: Iterable[Mapping[str, Any]]) -> dict[str, int]:
     return dict(sorted(out.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
+def claim_plain(verdicts: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """Token-layers per claim id the plain passes would have cost: its bill (:func:`claim_costs`) plus
+    what the exact savings left out while it and the fixtures first set up for it ran."""
+    out: dict[str, int] = {}
+    for v in verdicts:
+        tl = v.get("token_layers_with_fixtures", v.get("token_layers"))
+        if tl is None:
+            continue
+        claim = str(v.get("claim") or v.get("nodeid") or "?")
+        out[claim] = out.get(claim, 0) + int(tl) + int(v.get("saved_with_fixtures") or 0)
+    return out
+
+
 def format_cost(cost: Mapping[str, Any]) -> str:
     """The forward passes' bill as lines: the total, what the savings left out, then per claim."""
     total = int(cost.get("total") or 0)
@@ -251,9 +264,12 @@ def format_cost(cost: Mapping[str, Any]) -> str:
         lines.append(f"left out by exact savings: {parts}; the plain passes would be {plain:,} "
                      f"(this run: {total / plain:.0%} of them)")
     by_claim = cost.get("by_claim") or {}
+    plain_by = cost.get("plain_by_claim") or {}
     if by_claim:
         width = max(len(c) for c in by_claim)
         for claim, tl in by_claim.items():
             share = f" ({tl / total:.0%})" if total else ""
-            lines.append(f"  {claim.ljust(width)}  {int(tl):>14,}{share}")
+            plain = int(plain_by.get(claim) or 0)
+            paid = f"; plain {plain:,}, paid {tl / plain:.0%} of it" if plain > tl else ""
+            lines.append(f"  {claim.ljust(width)}  {int(tl):>14,}{share}{paid}")
     return "\n".join(lines)

@@ -46,10 +46,14 @@ class Arm:
     before: np.ndarray
     condition: Ablation | Restriction | None = None
     evaluate: Callable[[list[Sample]], np.ndarray] | None = None
+    known: np.ndarray | None = None  # every outcome already evaluated (an arm another claim reads in full)
 
     def __post_init__(self) -> None:
-        if (self.condition is None) == (self.evaluate is None):
-            raise ValueError("an Arm's intervention is a condition (a work unit) or an evaluate function: give one")
+        if sum(x is not None for x in (self.condition, self.evaluate, self.known)) != 1:
+            raise ValueError("an Arm's intervention is a condition (a work unit), an evaluate function, or its known "
+                             "outcomes: give one")
+        if self.known is not None and (len(self.known) != len(self.samples) or np.isnan(self.known).any()):
+            raise ValueError("an Arm's known outcomes are every sample's, in the samples' order")
         if len(self.before) != len(self.samples):
             raise ValueError(f"an Arm has {len(self.samples)} samples and {len(self.before)} baseline outcomes")
 
@@ -91,10 +95,11 @@ def curtailed(model, arms: Mapping[Hashable, Arm], decide: Decide, *, seed: int,
     from rh.units import Unit
 
     stop_early = stops_early(stop_early)
-    after = {g: np.full(len(a.samples), np.nan) for g, a in arms.items()}
+    after = {g: np.full(len(a.samples), np.nan) if a.known is None else np.asarray(a.known, float).copy()
+             for g, a in arms.items()}
     order = {g: item_order(len(a.samples), seed) for g, a in arms.items()}
-    pos = {g: 0 for g in arms}
-    total = sum(len(a.samples) for a in arms.values())
+    pos = {g: 0 if a.known is None else len(a.samples) for g, a in arms.items()}
+    total = sum(len(a.samples) for a in arms.values() if a.known is None)
 
     def status() -> dict:
         return dict(decide({g: (arms[g].before, after[g]) for g in arms})) if stop_early else {g: None for g in arms}

@@ -72,7 +72,7 @@ def needle_spike(ratios: np.ndarray, *, k: int, min_ratio: float = 10.0, alpha: 
     from rh.rules.claims import floor_reason, ratio_rule
 
     params = {"k": k, "min_ratio": min_ratio}
-    test = "one-sided Wilcoxon signed-rank tests on log(ratio) against log(min_ratio), both directions"
+    test = "one-sided exact sign tests of the median ratio against min_ratio, both directions"
     floor = floor_reason(baseline_accuracy, baseline_floor) if baseline_floor > 0 else None
     if floor:
         return inconclusive("ID-2", params, floor, test, alpha, len(ratios), min_effect=min_ratio)

@@ -559,26 +559,48 @@ def _floor_reason(base: np.ndarray, floor: float) -> str | None:
 
 def incremental_ablation(model: LoadedModel, samples: Sequence[Sample], heads: Sequence[Head], baseline: pd.DataFrame,
                          *, levels: Sequence[int] = (1, 2, 3), min_drop: float = 0.10, alpha: float = 0.05,
-                         baseline_floor: float = 0.5, batch_size: int = 8,
+                         baseline_floor: float = 0.5, batch_size: int = 8, full: Sequence[int] | None = None,
+                         seed: int = 0, stop_early: bool | None = None,
                          ) -> tuple[dict[int, Verdict], dict[int, pd.DataFrame]]:
     """IV-1: ablating the top 1, 2, 3 critical heads (zero ablation) drops accuracy by more than
     ``min_drop`` (:func:`rh.rules.claims.incremental`). Returns the verdicts and each level's
-    per-sample frame (IV-7 reuses them)."""
-    from rh.rules.claims import incremental
+    per-sample frame. The levels in ``full`` (default: every level) are evaluated on every prompt
+    (IV-7 reuses the top level's frame); the others are curtailed (:mod:`rh.curtail`), and their
+    frames hold the prompts read."""
+    from rh.curtail import Arm, curtailed, paired_decider
+    from rh.rules.claims import incremental, incremental_bounds
+    from rh.seeds import derive_seed
 
     ids = [s.id for s in samples]
     base = _correct(baseline, ids)
-    frames = {}
     for n in levels:
         if n > len(heads):
             raise ValueError(f"level {n} needs {n} critical heads but only {len(heads)} were given")
-        # run here, not as a work unit: the IV claims' passes reuse the prefixes their baseline keeps, and
-        # IV-2's and IV-3's (patching, attention overrides) are not units yet, so they all stay together
-        with ablate(model, heads[:n]):
-            frames[n] = teacher_forced(model, samples, condition=f"top{n}", batch_size=batch_size)
-    out = incremental(base, {n: _correct(frames[n], ids) for n in levels}, [str(h) for h in heads], min_drop=min_drop,
-                      alpha=alpha, baseline_floor=baseline_floor)
-    return out, frames
+    full = set(levels if full is None else full)
+    frames: dict[int, list[pd.DataFrame]] = {n: [] for n in levels}
+
+    def ablating(n: int):
+        def evaluate(part: list[Sample]) -> np.ndarray:
+            # run here, not as a work unit: the IV claims' passes reuse the prefixes their baseline keeps, and
+            # IV-2's and IV-3's (patching, attention overrides) are not units yet, so they all stay together
+            with ablate(model, heads[:n]):
+                df = teacher_forced(model, part, condition=f"top{n}", batch_size=batch_size)
+            frames[n].append(df)
+            return _correct(df, [s.id for s in part])
+        return evaluate
+
+    arms = {}
+    for n in levels:
+        if n in full:
+            arms[n] = Arm(samples, base, known=ablating(n)(list(samples)))
+        else:
+            arms[n] = Arm(samples, base, evaluate=ablating(n))
+    decide = paired_decider(bounds=incremental_bounds(min_drop), alpha=alpha, baseline_floor=baseline_floor)
+    after = curtailed(model, arms, decide, seed=derive_seed(seed, "IV-1"), batch_size=batch_size,
+                      stop_early=stop_early, what="IV-1 items")
+    out = incremental(base, after, [str(h) for h in heads], min_drop=min_drop, alpha=alpha,
+                      baseline_floor=baseline_floor)
+    return out, {n: pd.concat(fs, ignore_index=True) if fs else pd.DataFrame() for n, fs in frames.items()}
 
 
 def position_patching(model: LoadedModel, samples: Sequence[Sample], baseline: pd.DataFrame, *, layer: int, hub: int,

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from rh.budget import claim_costs, format_cost, saved_token_layers  # torch-free
+from rh.budget import claim_costs, claim_plain, format_cost, saved_token_layers  # torch-free
 from rh.options import add_model_options
 
 _VERDICT = "rh_verdict"
@@ -304,6 +304,7 @@ class RhSession:
         self.prefix = None  # that rh.prefix.PrefixCache (None with --plain)
         self.runner = None  # the session's rh.runner.Runner, once the model has loaded
         self.item_start = 0  # the counter's total when the running test started
+        self.saved_start = 0  # the exact savings' total then
         self.saved_at_start = dict(saved_token_layers())
         self.collected: list[str] = []  # the claims' node ids, as collected
         self.interrupted_by: str | None = None  # "SIGTERM" once that signal ended the run
@@ -367,6 +368,7 @@ class RhSession:
         if when == "call" or when == "setup":
             delta["item"] = {"token_layers": self.counter.counts.get(item.nodeid, 0),
                              "token_layers_with_fixtures": self.counter.total - self.item_start,
+                             "saved_with_fixtures": sum(saved_token_layers().values()) - self.saved_start,
                              "seconds": self.counter.seconds.get(item.nodeid)}
         return delta
 
@@ -395,10 +397,12 @@ class RhSession:
             cost = self.counter.counts.get(report.nodeid, 0)
             seconds = self.counter.seconds.get(report.nodeid)
             with_fixtures = self.counter.total - self.item_start
+            saved = sum(saved_token_layers().values()) - self.saved_start
             shipped = (props.get(_COST) or {}).get("item")
             if shipped:  # run by a pytest -n worker: its own counter's figures
-                cost, seconds, with_fixtures = (shipped["token_layers"], shipped["seconds"],
-                                                shipped["token_layers_with_fixtures"])
+                cost, seconds, with_fixtures, saved = (shipped["token_layers"], shipped["seconds"],
+                                                       shipped["token_layers_with_fixtures"],
+                                                       shipped.get("saved_with_fixtures", 0))
             recorded = list({json.dumps(val, sort_keys=True, default=str): val
                              for key, val in report.user_properties if key == _VERDICT}.values())
             problem = None
@@ -416,6 +420,7 @@ class RhSession:
                 v["key"] = _verdict_key(v)
                 v["token_layers"] = cost
                 v["token_layers_with_fixtures"] = with_fixtures
+                v["saved_with_fixtures"] = saved
                 v["seconds"] = seconds
                 self.verdicts.append(v)
             elif report.failed or problem is not None:
@@ -533,6 +538,7 @@ class RhSession:
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logstart(self, nodeid, location) -> None:
         self.item_start = self.counter.total  # a claim's bill: the fixtures first set up for it, then its body
+        self.saved_start = sum(saved_token_layers().values())
 
     def pytest_runtest_setup(self, item: pytest.Item) -> None:
         """With --budget: a claim that no longer fits the time left (re-estimated from how the claims
@@ -607,6 +613,7 @@ class RhSession:
         cost.update({"total": sum(by.values()),  # the counter's total is the sum of its labels
                      "by": dict(sorted(by.items())),
                      "by_claim": claim_costs(self.verdicts),
+                     "plain_by_claim": claim_plain(self.verdicts),
                      "saved": {k: v for k, v in _add(own["saved"], remote["saved"]).items() if v}})
         if getattr(config.option, "numprocesses", None):
             cost["workers"] = "each pytest -n worker loads the model and sets up the session fixtures it needs"

@@ -79,3 +79,21 @@ def test_plan_orders_every_costed_claim_cheapest_first_beyond_the_first_plan():
     p = plan_budget(ITEMS, {"a": 10, "b": 5, "c": 30, "d": 200}, FIXTURES, 100)
     assert p.order == ("c", "a", "d", "b")  # 30, 60, then d 200 (b still needs 1005 with ranking paid)
     assert set(p.chosen) == {"c", "a"} and p.order[: len(p.chosen)] == ("c", "a")
+
+
+def test_each_claims_plain_bill_adds_what_the_savings_left_out_while_it_ran():
+    """The report's per-claim line: paid token-layers, and the plain passes' (paid + the exact
+    savings noted while the claim and the fixtures first set up for it ran), per claim id."""
+    from rh.budget import claim_costs, claim_plain, format_cost
+
+    verdicts = [{"claim": "CA-3", "token_layers_with_fixtures": 600, "saved_with_fixtures": 400},
+                {"claim": "CA-3", "token_layers_with_fixtures": 0, "saved_with_fixtures": 0},
+                {"claim": "CA-5", "token_layers_with_fixtures": 300}]
+    assert claim_plain(verdicts) == {"CA-3": 1000, "CA-5": 300}
+    text = format_cost({"total": 900, "by_claim": claim_costs(verdicts), "plain_by_claim": claim_plain(verdicts),
+                        "saved": {"curtailment": 400}})
+    lines = text.splitlines()
+    assert "curtailment 400" in lines[1] and "would be 1,300" in lines[1]
+    ca3 = next(x for x in lines if "CA-3" in x)
+    assert "plain 1,000, paid 60% of it" in ca3
+    assert "plain" not in next(x for x in lines if "CA-5" in x)  # nothing saved: no plain beside

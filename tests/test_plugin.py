@@ -357,6 +357,9 @@ def test_under_pytest_n_the_workers_passes_are_billed_on_the_controller(tiny_cat
     assert n1["meta"]["cost"]["by"] == serial["meta"]["cost"]["by"]
     assert n1["meta"]["cost"]["total"] == serial["meta"]["cost"]["total"]
     assert n1["meta"]["cost"]["saved"] == serial["meta"]["cost"]["saved"]
+    assert n1["meta"]["cost"]["plain_by_claim"] == serial["meta"]["cost"]["plain_by_claim"]
+    plain, saved = serial["meta"]["cost"]["plain_by_claim"], serial["meta"]["cost"]["saved"]
+    assert sum(plain.values()) - sum(serial["meta"]["cost"]["by_claim"].values()) <= sum(saved.values())
     assert n1["meta"]["units"]["rows_computed"] == serial["meta"]["units"]["rows_computed"]
     status = {r: {v["key"]: v["status"] for v in runs[r]["verdicts"]} for r in runs}
     assert status["n2"] == status["serial"] == status["n1"]

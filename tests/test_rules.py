@@ -324,3 +324,49 @@ def test_every_calibration_simulator_runs_its_rule_at_the_quick_sizes(family):
     assert r.family == family and r.reps == 2 and r.sizes == sizes(profile)
     for rate in (r.false_support, r.false_refute, r.power_support, r.power_refute):
         assert 0.0 <= rate <= 1.0, r  # a share of the runs' verdicts (NaN would mean no verdict at all)
+
+
+def test_the_ratio_claims_test_the_median_with_exact_sign_tests():
+    """ID-2, ID-5 and IV-6 claim a median ratio. The sign test's p is the binomial tail counted by
+    hand, and a sample whose median sits below the threshold is never supported however far above
+    it the other prompts lie (the signed-rank test weighs those magnitudes: it tests the
+    pseudo-median, which right-skewed log ratios pull above the median)."""
+    import math
+
+    from rh.rules.claims import ratio_rule
+    from rh.stats import sign_pvalues
+
+    def tail(k, m):  # P(Binomial(m, 1/2) >= k)
+        return sum(math.comb(m, j) for j in range(k, m + 1)) / 2 ** m
+
+    x = np.array([0.5, 1.2, -0.3, 0.0, 2.0, 0.1, -1.0, 0.7])  # 5 above, 2 below, one tie dropped
+    assert sign_pvalues([x], "greater")[0] == pytest.approx(tail(5, 7))
+    assert sign_pvalues([x], "less")[0] == pytest.approx(1 - tail(6, 7))  # P(at most 5 of 7 above)
+    assert math.isnan(sign_pvalues([np.array([1.0, np.nan])], "greater")[0])
+    ratios = np.r_[np.full(9, 9.0), np.full(7, 1e6)]  # median 9x: below 10x, however large the rest
+    v = ratio_rule("ID-2", ratios, support_ratio=10.0, refute_ratio=10.0, alpha=0.05, test="t", effect_name="e",
+                   describe="d")
+    assert v.status != "supported" and v.p_value == pytest.approx(tail(7, 16))
+    v = ratio_rule("ID-2", np.full(16, 40.0), support_ratio=10.0, refute_ratio=10.0, alpha=0.05, test="t",
+                   effect_name="e", describe="d")
+    assert v.status == "supported" and v.p_value == pytest.approx(0.5 ** 16)
+
+
+def test_both_one_sided_tests_rejecting_is_inconclusive_and_says_the_effect_is_real_but_small():
+    status, why = three_way(0.001, 0.002, 0.05, supported_why="s", refuted_why="r", neither_why="n")
+    assert status == "inconclusive" and "below the smallest effect of interest" in why
+
+
+def test_iv2_reports_the_delta_of_the_arm_that_refuted():
+    """A non-hub arm shown to hurt by more than its 0.05 refutes IV-2 on its own: the verdict's Δ is
+    that arm's, not the hub arm's 0.10."""
+    from rh.rules.claims import position
+
+    n = 80
+    base = np.ones(n)
+    hub = np.r_[np.zeros(40), np.ones(40)]  # the hub drop is large: the hub arm does not refute
+    other = np.r_[np.zeros(30), np.ones(50)]  # the non-hub arm drops 0.375: shown above 0.05
+    v = position(base, hub, other, hub_min=0.10, nonhub_max=0.05)
+    assert v.status == "refuted" and v.min_effect == 0.05
+    v = position(base, np.ones(n), np.ones(n), hub_min=0.10, nonhub_max=0.05)  # no hub drop: the hub arm refutes
+    assert v.status == "refuted" and v.min_effect == 0.10

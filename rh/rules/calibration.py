@@ -203,28 +203,73 @@ def _sim_iv7(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
                        baseline_floor=p.baseline_floor)]
 
 
-def _sim_ratio(n_key: str, support: Callable[[Profile], float], refute: Callable[[Profile], float]) -> Callable:
+# Log-ratio noise with median 0 in shapes a real run shows, as quantile functions of u in (0, 1): the
+# claims are about the median ratio, so a rule must hold its rates whatever the skew (the signed-rank
+# test did not: it tests the pseudo-median).
+_LOG_NOISE: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "normal": lambda u: _norm_ppf(u),
+    "right-skewed": lambda u: -np.log1p(-u) - math.log(2.0),
+    "left-skewed": lambda u: np.log(u) + math.log(2.0),
+    "heavy-tailed": lambda u: _t2_ppf(u) * 0.7,
+}
+
+
+def _norm_ppf(u):
+    from scipy.stats import norm
+
+    return norm.ppf(u)
+
+
+def _t2_ppf(u):
+    from scipy.stats import t
+
+    return t.ppf(u, 2)
+
+
+def _noise(rng, shape: str, size) -> np.ndarray:
+    return _LOG_NOISE[shape](rng.random(size))
+
+
+def _sim_ratio(n_key: str, support: Callable[[Profile], float], refute: Callable[[Profile], float],
+               noise: str = "normal") -> Callable:
     def run(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
-        """Log ratios normal with spread 1 around log(``effect``)."""
+        """Log ratios around log(``effect``), the median, with :data:`_LOG_NOISE`'s ``noise``."""
         from rh.rules.claims import ratio_rule
 
-        r = np.exp(rng.normal(math.log(effect), 1.0, s[n_key]))
+        r = np.exp(math.log(effect) + _noise(rng, noise, s[n_key]))
         return [ratio_rule("ID-2", r, support_ratio=support(p), refute_ratio=refute(p), alpha=p.alpha, test="",
                            effect_name="", describe="")]
     return run
 
 
-def _sim_id5(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
-    """Three candidate heads; each task's prompts share a window effect across tasks (the dependence
-    a uniform null ignores). ``effect``: every candidate's true ratio (the boundary is the threshold)."""
-    from rh.rules.claims import general_heads_rule
+def _ratio_structures(n_key: str, support: Callable[[Profile], float], refute: Callable[[Profile], float]) -> dict:
+    return {name: _sim_ratio(n_key, support, refute, name) for name in _LOG_NOISE}
 
-    n = s["task"]
-    window = rng.normal(0, 0.7, (n, 3))  # shared by every task: the same windows and needle positions
-    ratios = {f"t{t}": np.exp(math.log(effect) + window + rng.normal(0, 0.7, (n, 3))) for t in range(s["tasks"])}
-    acc = {t: _BASE_ACC for t in ratios}
-    return [general_heads_rule(ratios, ["a", "b", "c"], ratio=p.spike_ratio, alpha=p.alpha, accuracy=acc,
-                               baseline_floor=p.baseline_floor, k=p.general_k)]
+
+def _sim_id5_with(noise: str) -> Callable:
+    def run(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
+        """Three candidate heads; each task's prompts share a window effect across tasks (the
+        dependence a uniform null ignores), and the per-prompt noise has :data:`_LOG_NOISE`'s
+        ``noise`` shape with median 0. ``effect``: every candidate's true median ratio (the boundary
+        is the threshold)."""
+        from rh.rules.claims import general_heads_rule
+
+        from scipy.stats import norm
+
+        n = s["task"]
+        window = rng.normal(0, 1, (n, 3))  # shared by every task: the same windows and needle positions
+        # each task's noise: correlated with the others through the window (a Gaussian copula), shaped
+        # by a monotone map, so its median stays 0 whatever the shape
+        ratios = {f"t{t}": np.exp(math.log(effect) + _LOG_NOISE[noise](
+            norm.cdf((window + rng.normal(0, 1, (n, 3))) / math.sqrt(2.0)))) for t in range(s["tasks"])}
+        acc = {t: _BASE_ACC for t in ratios}
+        return [general_heads_rule(ratios, ["a", "b", "c"], ratio=p.spike_ratio, alpha=p.alpha, accuracy=acc,
+                                   baseline_floor=p.baseline_floor, k=p.general_k)]
+    return run
+
+
+def _id5_structures() -> dict:
+    return {name: _sim_id5_with(name) for name in _LOG_NOISE}
 
 
 def _agree_means(rng, k: int, heads: int, effect: float) -> tuple[np.ndarray, np.ndarray]:
@@ -396,11 +441,11 @@ def _families(p: Profile, s: dict) -> dict[str, tuple]:
         "ID-1": (_sim_id1, math.ceil(p.sparsity_max_fraction * 270) / 270,
                  (math.ceil(p.sparsity_max_fraction * 270) - 1) / 270, p.sparsity_max_fraction / 5,
                  3 * p.sparsity_max_fraction),
-        "ID-2": (_sim_ratio("n_val", lambda q: q.spike_ratio, lambda q: q.spike_ratio), p.spike_ratio, p.spike_ratio,
-                 4 * p.spike_ratio, 1.0),
-        "IV-6": (_sim_ratio("ig_n", lambda q: 1.0, lambda q: q.ig_min_ratio), 1.0, p.ig_min_ratio,
+        "ID-2": (_ratio_structures("n_val", lambda q: q.spike_ratio, lambda q: q.spike_ratio), p.spike_ratio,
+                 p.spike_ratio, 4 * p.spike_ratio, 1.0),
+        "IV-6": (_ratio_structures("ig_n", lambda q: 1.0, lambda q: q.ig_min_ratio), 1.0, p.ig_min_ratio,
                  3 * p.ig_min_ratio, 0.5),
-        "ID-5": (_sim_id5, p.spike_ratio, p.spike_ratio, 4 * p.spike_ratio, 1.0),
+        "ID-5": (_id5_structures(), p.spike_ratio, p.spike_ratio, 4 * p.spike_ratio, 1.0),
         "ID-3/ID-4": (_sim_agree, float(p.id_k), 0.0, 0.0, float(p.id_k)),
         "ID-7": (_sim_id7, float(p.id_k), 0.0, 0.0, float(p.id_k)),
         "ID-8": (_sim_id8, 0.0, p.group_min_effect, p.group_min_effect + 0.25, 0.0),
@@ -414,25 +459,37 @@ FAMILIES = ("CA-1", "CA-2", "CA-3", "CA-4", "CA-6", "IV-1", "IV-2", "IV-3", "IV-
 
 
 def calibrate(family: str, profile: Profile, *, reps: int = 200, seed: int = 0) -> Rates:
-    """Simulate ``reps`` runs per scenario for one family at ``profile``'s sizes."""
+    """Simulate ``reps`` runs per scenario for one family at ``profile``'s sizes. A family simulated
+    under several data shapes (skewed, heavy-tailed, ...) reports the worst case over them: the
+    largest false-support and false-refute rates and the smallest powers (each shape's rates are in
+    ``planted["structures"]``)."""
     s = sizes(profile)
     fams = _families(profile, s)
     if family not in fams:
         raise ValueError(f"unknown claim family {family!r}: choose one of {', '.join(fams)}")
-    sim, at_sup, at_ref, pw_sup, pw_ref = fams[family]
+    sims, at_sup, at_ref, pw_sup, pw_ref = fams[family]
+    if not isinstance(sims, dict):
+        sims = {"": sims}
     rng = np.random.default_rng(seed)
-
-    def runs(effect):
-        return [sim(profile, s, rng, effect) for _ in range(reps)]
-
     from rh.rules.paired import decisions_only
 
-    with decisions_only():
-        fs, fr = runs(at_sup), runs(at_ref)
-        ps, pr = runs(pw_sup), runs(pw_ref)
-    return Rates(family, s, profile.alpha, reps, _rate("supported", fs), _rate("refuted", fr), _rate("supported", ps),
-                 _rate("refuted", pr), planted={"false_support_at": at_sup, "false_refute_at": at_ref,
-                                                "power_support_at": pw_sup, "power_refute_at": pw_ref})
+    per = {}
+    for name, sim in sims.items():
+        def runs(effect):
+            return [sim(profile, s, rng, effect) for _ in range(reps)]
+
+        with decisions_only():
+            fs, fr = runs(at_sup), runs(at_ref)
+            ps, pr = runs(pw_sup), runs(pw_ref)
+        per[name] = (_rate("supported", fs), _rate("refuted", fr), _rate("supported", ps), _rate("refuted", pr))
+    planted = {"false_support_at": at_sup, "false_refute_at": at_ref, "power_support_at": pw_sup,
+               "power_refute_at": pw_ref}
+    if len(per) > 1:  # the worst case over the data's shapes: the largest false rates, the smallest powers
+        planted["structures"] = {name: dict(zip(("false_support", "false_refute", "power_support", "power_refute"),
+                                                rates)) for name, rates in per.items()}
+    rates = list(per.values())
+    return Rates(family, s, profile.alpha, reps, max(r[0] for r in rates), max(r[1] for r in rates),
+                 min(r[2] for r in rates), min(r[3] for r in rates), planted=planted)
 
 
 def calibrate_all(profile: Profile, *, reps: int = 200, seed: int = 0, families=FAMILIES) -> list[Rates]:

@@ -25,11 +25,12 @@ from rh.stats import (
     mcnemar_exact,
     min_attainable_p_sign,
     sign_test_greater,
-    wilcoxon_pvalues,
+    sign_pvalues,
 )
 
 __all__ = [
-    "floor_reason", "inconclusive", "necessity", "inverse_bounds", "drop_bounds", "override_bounds", "dose_response", "inverse", "drop_family", "incremental",
+    "floor_reason", "inconclusive", "necessity", "inverse_bounds", "drop_bounds", "incremental_bounds",
+    "override_bounds", "dose_response", "inverse", "drop_family", "incremental",
     "position", "override", "transplant", "difficulty", "ratio_rule", "general_heads_rule", "agreement",
 ]
 
@@ -277,6 +278,11 @@ def drop_bounds(min_drop: float) -> Bounds:
     return Bounds("greater", 0.0, min_drop)
 
 
+def incremental_bounds(min_drop: float) -> Bounds:
+    """IV-1's bounds: the drop is shown above ``min_drop`` (supported) or below it (refuted)."""
+    return Bounds("greater", min_drop, min_drop)
+
+
 def override_bounds(patterns: Sequence[str], base: np.ndarray, *, keep: float, min_drop: float) -> dict[str, Bounds]:
     """IV-3's bounds per pattern: the hub pattern's loss against ``(1 - keep) x`` the baseline
     accuracy, the others' drop against 0 and Δ = ``min_drop``."""
@@ -320,7 +326,7 @@ def incremental(base: np.ndarray, ablated: Mapping[int, np.ndarray], heads: Sequ
     threshold is also Δ: refuted when the drop is shown below it); Holm across levels."""
     groups = {n: (np.asarray(base, float), np.asarray(a, float)) for n, a in ablated.items()}
     return paired_family(
-        "IV-1", groups, param="n_heads", bounds=Bounds("greater", min_drop, min_drop), alpha=alpha,
+        "IV-1", groups, param="n_heads", bounds=incremental_bounds(min_drop), alpha=alpha,
         baseline_floor=baseline_floor, test=f"exact paired tests of H0 drop <= {min_drop} and H0 drop >= {min_drop}, "
         "Holm across levels", effect_name="accuracy drop (baseline - ablated)",
         describe=lambda n, b, a: f"top-{n} ablation ({', '.join(heads[:n])}): accuracy {b.mean():.2f} -> {a.mean():.2f}",
@@ -366,11 +372,14 @@ def position(base: np.ndarray, hub: np.ndarray, other: np.ndarray, *, hub_min: f
                             refuted_why=f"shown: {'; '.join(refuters)} (Bonferroni p = {p_ref:.3g})",
                             neither_why=(f"support p = {p_sup:.3g} (hub > {hub_min:g}: {p1:.3g}, non-hub < "
                                          f"{nonhub_max:g}: {p2:.3g}, hub worse: {p3:.3g}); refute p = {p_ref:.3g}"))
+    # Δ is the arm's that decided: the non-hub arm's when it alone refutes (its drop shown above nonhub_max)
+    delta = nonhub_max if status == "refuted" and 2 * r1 >= alpha else hub_min
+    details["min_effect_by_arm"] = {"hub": hub_min, "non_hub": nonhub_max}
     return Verdict(claim="IV-2", params=params, status=status,
                    reason=f"{describe}accuracy {base.mean():.2f} -> {hub.mean():.2f} with the hub patched, "
                    f"{other.mean():.2f} with a non-hub position patched; {why}", test=IV2_TEST,
                    statistic=float(b - c), p_value=p_sup, p_adjusted=p_sup, effect=hub_drop - other_drop, ci=None,
-                   n=n, alpha=alpha, effect_name="hub drop - non-hub drop", details=details, min_effect=hub_min,
+                   n=n, alpha=alpha, effect_name="hub drop - non-hub drop", details=details, min_effect=delta,
                    power=power.to_dict())
 
 
@@ -545,34 +554,38 @@ def sparsity_rule(scores: np.ndarray, *, threshold: float = 0.1, max_fraction: f
 def ratio_rule(claim: str, ratios: np.ndarray, *, support_ratio: float, refute_ratio: float, alpha: float = 0.05,
                params: dict | None = None, test: str, effect_name: str, describe: str,
                details: dict | None = None) -> Verdict:
-    """Ratios (attention or attribution mass per needle token over uniform): one-sided Wilcoxon
-    signed-rank tests on log(ratio), > log(support_ratio) supports, < log(refute_ratio) refutes."""
-    from rh.stats import min_attainable_p_wilcoxon
+    """Ratios (attention or attribution mass per needle token over uniform): the claims are about the
+    median ratio, so one-sided exact sign tests (:func:`rh.stats.sign_pvalues`, valid for the median
+    whatever the skew): median > ``support_ratio`` supports, median < ``refute_ratio`` refutes."""
+    from scipy.stats import norm
+
+    from rh.stats import min_attainable_p_binomial, sign_power, sign_pvalues
 
     r = np.maximum(np.asarray(ratios, float), 1e-12)
     params = dict(params or {})
     n = r.size
     logs = np.log(r)
     details = {**(details or {}), "ratios": [round(float(x), 3) for x in r]}
-    if min_attainable_p_wilcoxon(n) >= alpha:
-        return inconclusive(claim, params, f"{n} prompts cannot reach p < {alpha} with a signed-rank test; use more",
+    if min_attainable_p_binomial(n) >= alpha:
+        return inconclusive(claim, params, f"{n} prompts cannot reach p < {alpha} with a sign test; use more",
                             test, alpha, n, details, min_effect=refute_ratio, effect_name=effect_name)
     med = float(np.median(r))
-
-    def wil(x, alt):
-        x = x[x != 0]
-        return 1.0 if x.size == 0 else float(_sps.wilcoxon(x, alternative=alt).pvalue)
-
-    p_sup = wil(logs - math.log(support_ratio), "greater")
-    p_ref = wil(logs - math.log(refute_ratio), "less")
+    (p_sup,) = sign_pvalues([logs - math.log(support_ratio)], "greater")
+    (p_ref,) = sign_pvalues([logs - math.log(refute_ratio)], "less")
     sd = float(logs.std(ddof=1)) if n > 1 else math.nan
     sa = math.log(refute_ratio) if refute_ratio > support_ratio else math.log(2 * support_ratio)
-    power = Power(t_power(n, sd, sa - math.log(support_ratio), alpha), math.exp(sa),
-                  t_power(n, sd, math.log(refute_ratio), alpha), 1.0, "noncentral t on log ratios at the observed spread",
-                  "approximates the signed-rank test; effects as ratios")
+
+    def power_at(distance: float) -> float | None:  # values above the tested median, log ratios normal at sd
+        if not (sd > 0):
+            return None
+        return sign_power(n, float(norm.cdf(distance / sd)), alpha)
+
+    power = Power(power_at(sa - math.log(support_ratio)), math.exp(sa), power_at(math.log(refute_ratio)), 1.0,
+                  "exact binomial power of the sign test, log ratios normal at the observed spread",
+                  "effects as median ratios")
     ci = bootstrap_ci(logs, np.median, n_boot=2000, level=1 - 2 * alpha, seed=0)
-    status, why = three_way(p_sup, p_ref, alpha, supported_why=f"the ratio is > {support_ratio:g} (p = {p_sup:.3g})",
-                            refuted_why=f"the ratio is < Δ = {refute_ratio:g} (p = {p_ref:.3g})",
+    status, why = three_way(p_sup, p_ref, alpha, supported_why=f"the median ratio is > {support_ratio:g} (p = {p_sup:.3g})",
+                            refuted_why=f"the median ratio is < Δ = {refute_ratio:g} (p = {p_ref:.3g})",
                             neither_why=(f"neither > {support_ratio:g} (p = {p_sup:.3g}) nor < {refute_ratio:g} "
                                          f"(p = {p_ref:.3g}) is shown"))
     return Verdict(claim=claim, params=params, status=status, reason=f"{describe}: median {med:.2f}x over {n}; {why}",
@@ -585,7 +598,7 @@ def ratio_rule(claim: str, ratios: np.ndarray, *, support_ratio: float, refute_r
 # ------------------------------------------------------------------------------------------ ID-5
 
 ID5_TEST = ("per-head intersection-union test on fresh validation prompts: a candidate (in every task's top K on the "
-            "identification split) is general when one-sided signed-rank tests show its needle mass per token above "
+            "identification split) is general when one-sided sign tests show its median needle mass per token above "
             "`ratio` x uniform in every task (p = the largest), Holm over candidates; valid whatever the dependence "
             "between tasks that share windows")
 
@@ -619,16 +632,16 @@ def general_heads_rule(ratios: Mapping[str, np.ndarray], candidates: Sequence[st
                             "(an empty intersection is not a test)", ID5_TEST, alpha, details=details,
                             min_effect=ratio, effect_name=name)
     lr = math.log(ratio)
-    # every (candidate, task) sample first, then its signed-rank tests in batches (the same p as one
-    # scipy call per sample: rh.stats.wilcoxon_pvalues)
+    # every (candidate, task) sample first, then its sign tests (the claim is about the median ratio:
+    # rh.stats.sign_pvalues)
     xs = {}
     for j in range(len(candidates)):
         for t in tasks:
             x = np.log(np.maximum(np.asarray(ratios[t], float)[:, j], 1e-12)) - lr
             xs[j, t] = x[x != 0]
     live = [key for key, x in xs.items() if x.size]
-    p_greater = dict(zip(live, wilcoxon_pvalues([xs[key] for key in live], "greater")))
-    p_less = dict(zip(live, wilcoxon_pvalues([xs[key] for key in live], "less")))
+    p_greater = dict(zip(live, sign_pvalues([xs[key] for key in live], "greater")))
+    p_less = dict(zip(live, sign_pvalues([xs[key] for key in live], "less")))
     p_sup, p_ref, med = [], [], []
     for j in range(len(candidates)):
         ps, pr, mj = [], [], []
@@ -656,7 +669,7 @@ def general_heads_rule(ratios: Mapping[str, np.ndarray], candidates: Sequence[st
                    f"{', '.join(candidates)}; {why}", test=ID5_TEST, statistic=float(len(general)),
                    p_value=min(p_sup), p_adjusted=min(adj_s), effect=float(len(general)), ci=None, n=n, alpha=alpha,
                    effect_name=name, details=details, min_effect=ratio,
-                   power=Power.none("per-head signed-rank tests across tasks; see the calibration").to_dict())
+                   power=Power.none("per-head sign tests across tasks; see the calibration").to_dict())
 
 
 # ------------------------------------------------------------------------------------------ ID-3, ID-4
