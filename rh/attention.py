@@ -413,6 +413,17 @@ def capture_attention(model: Any, reduce: Reducer = keep_rows, *,
                            rows=_capture_rows(rows))
     with rh_attention_active(hf), contextlib.ExitStack() as stack:
         if stop is not None and stop < n_layers:  # later layers cannot change what the earlier ones attend to
+            from rh.budget import note_saved
+            from rh.models import decoder_layers
+
+            def _left_out(module, args, kwargs, skipped=n_layers - stop) -> None:
+                hidden = args[0] if args else kwargs.get("hidden_states")
+                if hidden is not None and hidden.dim() >= 3:  # the layers the plain pass would also have run
+                    note_saved("shorter captures", int(hidden.shape[0]) * int(hidden.shape[1]) * skipped)
+
+            _left_out._rh_passive = True  # it only counts: rh.prefix.first_modified_layer ignores it
+            handle = decoder_layers(hf)[0].register_forward_pre_hook(_left_out, with_kwargs=True)
+            stack.callback(handle.remove)
             stack.enter_context(layer_slice(hf, 0, stop))
         token = _active.set(cap)
         try:

@@ -226,13 +226,17 @@ def test_the_byte_budget_evicts_the_least_recently_used(tiny, tiny_samples):
 
 def test_a_capture_through_a_layer_runs_only_that_far_and_records_what_the_full_pass_records(tiny, tiny_samples):
     """Attention of layers 0..L does not depend on later layers: a capture through L equals the
-    full capture there, counts (L + 1) x tokens token-layers, and the layer list is whole after."""
+    full capture there, counts (L + 1) x tokens token-layers, notes the rest as saved, and the
+    layer list is whole after."""
     from rh.attention import capture_attention
     from rh.scoring import last_token_attention, score_samples
+
+    from rh.budget import saved_token_layers
 
     full = score_samples(tiny, tiny_samples, "sum_attention", batch_size=6, progress=False).scores
     counter = TokenLayerCounter()
     handle = counter.attach(tiny.model)
+    before = saved_token_layers().get("shorter captures", 0)
     try:
         short = score_samples(tiny, tiny_samples, "sum_attention", batch_size=6, progress=False,
                               through_layer=1).scores
@@ -240,7 +244,10 @@ def test_a_capture_through_a_layer_runs_only_that_far_and_records_what_the_full_
         handle.remove()
     assert short.shape[1] == 2
     np.testing.assert_allclose(short, full[:, :2], rtol=0, atol=1e-6)
-    assert counter.total == 2 * sum(len(s.input_ids) for s in tiny_samples)  # equal lengths: no padding
+    tokens = sum(len(s.input_ids) for s in tiny_samples)  # equal lengths: no padding
+    assert counter.total == 2 * tokens
+    # the savings ledger: the two layers the plain capture would also have run (4 - 2), per token
+    assert saved_token_layers()["shorter captures"] - before == (tiny.shape.n_layers - 2) * tokens
     heads = [Head(0, 1), Head(2, 3)]
     row = last_token_attention(tiny, tiny_samples[0], heads)
     with torch.no_grad(), capture_attention(tiny.model) as cap:

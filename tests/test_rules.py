@@ -370,3 +370,23 @@ def test_iv2_reports_the_delta_of_the_arm_that_refuted():
     assert v.status == "refuted" and v.min_effect == 0.05
     v = position(base, np.ones(n), np.ones(n), hub_min=0.10, nonhub_max=0.05)  # no hub drop: the hub arm refutes
     assert v.status == "refuted" and v.min_effect == 0.10
+
+
+def test_id5_states_a_numeric_power_that_a_monte_carlo_of_the_rule_reproduces():
+    """ID-5's stated power to support (one candidate at 4x the threshold in every task, log ratios
+    normal at the observed spread) against the rule run on such data: within Monte-Carlo error."""
+    from rh.rules.claims import general_heads_rule
+
+    rng = np.random.default_rng(0)
+    n, sd, ratio = 24, 1.5, 10.0
+
+    def data(median):
+        return {t: np.exp(np.log(median) + rng.normal(0, sd, (n, 1))) for t in ("a", "b")}
+
+    acc = {"a": 0.9, "b": 0.9}
+    stated = general_heads_rule(data(4 * ratio), ["h"], ratio=ratio, accuracy=acc).power
+    assert stated["method"].startswith("exact binomial") and 0 < stated["support"] < 1
+    runs = 600
+    hits = sum(general_heads_rule(data(4 * ratio), ["h"], ratio=ratio, accuracy=acc).status == "supported"
+               for _ in range(runs))
+    assert abs(hits / runs - stated["support"]) < 4 * math.sqrt(0.25 / runs) + 0.05  # the spread is estimated
