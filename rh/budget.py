@@ -227,30 +227,27 @@ def saved_token_layers() -> dict[str, int]:
     return dict(_SAVED)
 
 
-def claim_costs(verdicts: Iterable[Mapping[str, Any]]) -> dict[str, int]:
-    """Token-layers per claim id: each verdict's own passes plus those of the fixtures first set up
-    for it (a fixture shared by several claims is billed to the first that ran)."""
+def _per_claim(verdicts: Iterable[Mapping[str, Any]], plain: bool) -> dict[str, int]:
     out: dict[str, int] = {}
     for v in verdicts:
         tl = v.get("token_layers_with_fixtures", v.get("token_layers"))
         if tl is None:
             continue
         claim = str(v.get("claim") or v.get("nodeid") or "?")
-        out[claim] = out.get(claim, 0) + int(tl)
+        out[claim] = out.get(claim, 0) + int(tl) + (int(v.get("saved_with_fixtures") or 0) if plain else 0)
     return dict(sorted(out.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def claim_costs(verdicts: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """Token-layers per claim id: each verdict's own passes plus those of the fixtures first set up
+    for it (a fixture shared by several claims is billed to the first that ran)."""
+    return _per_claim(verdicts, plain=False)
 
 
 def claim_plain(verdicts: Iterable[Mapping[str, Any]]) -> dict[str, int]:
     """Token-layers per claim id the plain passes would have cost: its bill (:func:`claim_costs`) plus
     what the exact savings left out while it and the fixtures first set up for it ran."""
-    out: dict[str, int] = {}
-    for v in verdicts:
-        tl = v.get("token_layers_with_fixtures", v.get("token_layers"))
-        if tl is None:
-            continue
-        claim = str(v.get("claim") or v.get("nodeid") or "?")
-        out[claim] = out.get(claim, 0) + int(tl) + int(v.get("saved_with_fixtures") or 0)
-    return out
+    return _per_claim(verdicts, plain=True)
 
 
 def format_cost(cost: Mapping[str, Any]) -> str:
