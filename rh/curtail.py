@@ -9,12 +9,12 @@ and interval a verdict reports are those of the items read, and it says how many
 
 :func:`curtailed` takes the family's arms (an arm: the prompts, their baseline outcomes, and the
 intervention as a work unit's condition or as a function that evaluates some prompts), reads each
-arm's items in a fixed order seeded by the claim (a random order, so the items read are a random
-subset and their effect an unbiased estimate), and in waves: each wave submits every undecided
-arm's next chunk, as work units to one :func:`rh.runner.run` call where the arms are units (their
-rows share batches), then asks the family's rule what is decided. A chunk is the fewest items whose
-most extreme outcome could decide the arm (at most the batch size). The passes left out go to the
-savings ledger as ``"curtailment"`` (:func:`rh.budget.note_saved`).
+arm's items a batch at a time: the batches its baseline ran in, in an order seeded by the claim (so
+the items read are a random set of batches and their effect an unbiased estimate), each evaluated
+alone, so that the pass finds the residual stream the baseline kept for that very batch (prefix
+reuse, :mod:`rh.prefix`). In waves: each wave reads every undecided arm's next batch, then asks the
+family's rule what is decided. The passes left out go to the savings ledger as ``"curtailment"``
+(:func:`rh.budget.note_saved`).
 """
 
 from __future__ import annotations
@@ -58,9 +58,16 @@ class Arm:
             raise ValueError(f"an Arm has {len(self.samples)} samples and {len(self.before)} baseline outcomes")
 
 
-def item_order(n: int, seed: int) -> np.ndarray:
-    """The fixed order an arm's ``n`` items are read in: a permutation seeded by the claim."""
-    return np.random.default_rng(derive_seed(seed, "curtailment", n)).permutation(n)
+def item_order(samples: Sequence[Sample], batch_size: int, seed: int) -> list[list[int]]:
+    """The fixed order an arm's items are read in: the batches its baseline ran in
+    (:func:`rh.batching.batch_order`), in an order seeded by the claim. Reading whole baseline
+    batches keeps prefix reuse: an intervention's pass over one of them finds the residual stream
+    its baseline kept for that very batch (:mod:`rh.prefix`)."""
+    from rh.batching import batch_order
+
+    blocks = batch_order(samples, batch_size, with_answer=True)
+    rng = np.random.default_rng(derive_seed(seed, "curtailment", len(samples)))
+    return [blocks[i] for i in rng.permutation(len(blocks))]
 
 
 def paired_decider(*, bounds, alpha: float, baseline_floor: float) -> Decide:
@@ -68,21 +75,6 @@ def paired_decider(*, bounds, alpha: float, baseline_floor: float) -> Decide:
     from rh.rules.paired import family_decided
 
     return lambda groups: family_decided(groups, bounds=bounds, alpha=alpha, baseline_floor=baseline_floor)
-
-
-def _chunk(g, after: dict, arms: Mapping, order: dict, pos: dict, decide: Decide, batch_size: int) -> int:
-    """The fewest next items of arm ``g`` whose most extreme outcome (every one wrong, or every one
-    right, under the intervention) would decide it; ``batch_size`` if none that few would."""
-    left = len(order[g]) - pos[g]
-    groups = {h: (arms[h].before, after[h]) for h in arms}
-    for k in range(1, min(left, batch_size) + 1):
-        nxt = order[g][pos[g]: pos[g] + k]
-        for value in (0.0, 1.0):
-            trial = after[g].copy()
-            trial[nxt] = value
-            if decide({**groups, g: (arms[g].before, trial)})[g] is not None:
-                return k
-    return min(left, batch_size)
 
 
 def curtailed(model, arms: Mapping[Hashable, Arm], decide: Decide, *, seed: int, batch_size: int = 8,
@@ -97,8 +89,8 @@ def curtailed(model, arms: Mapping[Hashable, Arm], decide: Decide, *, seed: int,
     stop_early = stops_early(stop_early)
     after = {g: np.full(len(a.samples), np.nan) if a.known is None else np.asarray(a.known, float).copy()
              for g, a in arms.items()}
-    order = {g: item_order(len(a.samples), seed) for g, a in arms.items()}
-    pos = {g: 0 if a.known is None else len(a.samples) for g, a in arms.items()}
+    order = {g: item_order(a.samples, batch_size, seed) if a.known is None else [] for g, a in arms.items()}
+    pos = {g: 0 for g in arms}  # batches read so far
     total = sum(len(a.samples) for a in arms.values() if a.known is None)
 
     def status() -> dict:
@@ -106,7 +98,6 @@ def curtailed(model, arms: Mapping[Hashable, Arm], decide: Decide, *, seed: int,
 
     with contextlib.closing(track(range(total + 1), what, unit="item")) as bar:
         next(bar, None)
-        done = 0
         while True:
             st = status()
             unread = [g for g in arms if pos[g] < len(order[g])]
@@ -115,24 +106,18 @@ def curtailed(model, arms: Mapping[Hashable, Arm], decide: Decide, *, seed: int,
                 live = unread  # an arm held open by Holm's coupling: the others read on
             if not live:
                 break
-            picks = {}
-            for g in live:
-                k = _chunk(g, after, arms, order, pos, decide, batch_size) if stop_early else \
-                    min(batch_size, len(order[g]) - pos[g])
-                picks[g] = order[g][pos[g]: pos[g] + k]
-                pos[g] += k
-            as_units = [g for g in live if arms[g].condition is not None]
-            if as_units:
-                by_id = {s.id: s for g in as_units for s in arms[g].samples}
-                units = [Unit(arms[g].condition, tuple(arms[g].samples[i].id for i in picks[g])) for g in as_units]
-                for g, df in zip(as_units, run(model, by_id, units, batch_size=batch_size)):
-                    after[g][picks[g]] = df["correct"].to_numpy(float)
-            for g in live:
-                if arms[g].evaluate is not None:
-                    after[g][picks[g]] = np.asarray(arms[g].evaluate([arms[g].samples[i] for i in picks[g]]), float)
-            for _ in range(sum(len(p) for p in picks.values())):
-                done += 1
-                next(bar, None)
+            for g in live:  # each arm's next baseline batch, alone in its pass: its prefix is kept
+                rows = order[g][pos[g]]
+                pos[g] += 1
+                part = [arms[g].samples[i] for i in rows]
+                if arms[g].condition is not None:
+                    (df,) = run(model, part, [Unit(arms[g].condition, tuple(s.id for s in part))],
+                                batch_size=batch_size)
+                    after[g][rows] = df["correct"].to_numpy(float)
+                else:
+                    after[g][rows] = np.asarray(arms[g].evaluate(part), float)
+                for _ in rows:
+                    next(bar, None)
     skipped = [arms[g].samples[i] for g in arms for i in np.flatnonzero(np.isnan(after[g]))]
     if skipped:  # the passes the plain path would have run: each prompt and its answer but the last token
         from rh.budget import note_saved

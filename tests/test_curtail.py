@@ -242,7 +242,7 @@ def test_the_claims_curtailed_on_the_tiny_model_match_reading_every_item(tiny, m
     runs = {
         "CA-3": lambda stop: inverse_ablation(tiny, many, ranking, (2, 4), base, batch_size=8, stop_early=stop),
         "CA-4": lambda stop: ablation_hurts("CA-4", tiny, {d: [s for s in many if s.depth == d] for d in (0.0, 1.0)},
-                                            ranking.top(3), base, param="depth", stop_early=stop),
+                                            ranking.top(3), base, param="depth", batch_size=2, stop_early=stop),
         "CA-8": lambda stop: compression_verdicts(tiny, many, base, ranking, profile, stop_early=stop),
         "IV-1": lambda stop: incremental_ablation(tiny, many, ranking.top(3), base, levels=(1, 2, 3), full=[3],
                                                   stop_early=stop)[0],
@@ -275,3 +275,30 @@ def test_plain_passes_read_every_item_unless_a_caller_says_otherwise():
         out = curtailed(_Shape(), {"a": Arm(items, np.ones(n), evaluate=ev)}, decide, seed=0)
     assert ev.calls == n and not np.isnan(out["a"]).any()
     assert stops_early(None)
+
+
+def test_curtailed_ablations_reuse_the_prefixes_their_baseline_kept(tiny, many):
+    """Each arm reads whole baseline batches, one pass each: the residual stream the hinted
+    baseline stored for that batch is found, and the ablated passes run only the layers from the
+    first ablated one (before, chunks of other compositions missed the cache)."""
+    import pandas as pd
+
+    from rh.causal import evaluate_baseline, inverse_ablation
+    from rh.prefix import first_layers, hinting, reuse_prefixes
+    from rh.rankings import Ranking
+
+    rng = np.random.default_rng(0)
+    shape = tiny.shape
+    # the lowest-scoring heads sit in the last two layers: the ablated passes can start at layer 2
+    scores = {h: float(x) + (h.layer < 2) for h, x in zip(shape.all_heads(), rng.random(shape.n_total))}
+    ranking = Ranking("t", shape, scores)
+    assert min(h.layer for h in ranking.bottom(4)) >= 2
+    planted = pd.DataFrame({"id": [s.id for s in many], "correct": True})
+    with reuse_prefixes(tiny) as cache:
+        with hinting(tiny, first_layers([ranking.bottom(2), ranking.bottom(4)])):
+            evaluate_baseline(tiny, many, batch_size=8)
+        hits = cache.hits
+        out = inverse_ablation(tiny, many, ranking, (2, 4), planted, batch_size=8)
+    read = sum(v.details["curtailed"]["items_read"] for v in out.values())
+    assert 0 < read < 2 * len(many)
+    assert cache.hits - hits == read // 8  # every batch read found its prefix
