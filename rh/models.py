@@ -534,7 +534,12 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: str) -> DtypeChoice:
     """An explicit dtype (``--dtype``) as asked for, or ``None`` / ``"auto"``: :func:`choose_dtype`."""
     if dtype is None or (isinstance(dtype, str) and dtype == "auto"):
         return choose_dtype(device)
-    return DtypeChoice(_as_dtype(dtype), "asked for (--dtype)")
+    dt = _as_dtype(dtype)
+    if dt == torch.float16 and device == "cpu":
+        return DtypeChoice(dt, "asked for (--dtype), but float16 on a CPU: most CPUs have no native float16 matmul "
+                               "(torch runs it slower than float32) and its range (at most 65504) can overflow a "
+                               "large model's activations; --dtype auto picks bf16 or float32 for this CPU")
+    return DtypeChoice(dt, "asked for (--dtype)")
 
 
 def load_model(

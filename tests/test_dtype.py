@@ -86,6 +86,15 @@ def test_explicit_dtype_wins_and_says_so():
         resolve_dtype("int4", "cpu")
 
 
+def test_float16_on_a_cpu_is_loaded_as_asked_with_the_warning_in_its_reason():
+    """The reason goes to the terminal line and the report's provenance: a CPU run in float16 says
+    why it is slow and where it can overflow, and what to pass instead."""
+    c = resolve_dtype("float16", "cpu")
+    assert c.dtype == torch.float16 and "asked for" in c.reason
+    assert "no native float16" in c.reason and "--dtype auto" in c.reason
+    assert "CPU" not in resolve_dtype("float16", "cuda").reason
+
+
 def test_local_model_loads_in_the_chosen_dtype_with_the_reason(tiny_dir, monkeypatch):
     import rh.models as models
 
