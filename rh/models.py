@@ -44,6 +44,18 @@ class ModelSpec:
     description: str = ""
     shape: HeadShape | None = None  # known without loading, for parametrizing claims at collection
 
+    @property
+    def model_name(self) -> str | None:
+        """The name the model is known by (a hub repo id, a local folder's name, the bundled GGUF's
+        model), to compare with the model a published head file names; None for a random model."""
+        if self.kind == "hub":
+            return self.source
+        if self.kind == "local":
+            return Path(self.source).name
+        if self.kind == "bundled-gguf" and self.gguf_file:
+            return self.gguf_file.split(".")[0]
+        return None
+
 
 REGISTRY: dict[str, ModelSpec] = {
     "smollm2-135m": ModelSpec(

@@ -170,6 +170,50 @@ def load_heads(path: str | Path, *, shape: HeadShape, fmt: str = "auto",
     return HeadSet(tuple(_heads_in(data, where, shape)), shape, "head set", prov)
 
 
+_MODEL_NAME = re.compile(r"(?i)((?:meta-)?(?:llama|mistral|mixtral|qwen|gemma|phi|olmo|smollm)[a-z0-9.\-]*\d[a-z0-9.\-]*)")
+
+
+def named_model(path: str | Path) -> str | None:
+    """The model a published head file says it was found on, or None: a config's
+    ``model_name_or_path`` (QRHead's configs) or ``model_base_class``, else the file's or a
+    folder's name where it reads as a model's (DuoAttention keeps its patterns in one per model)."""
+    path = Path(path)
+    if path.suffix.lower() in (".yaml", ".yml", ".json"):
+        try:
+            text = path.read_text(encoding="utf-8")
+            if path.suffix.lower() == ".json":
+                data = json.loads(text)
+            else:
+                import yaml
+
+                data = yaml.load(text, Loader=_strict_yaml_loader())
+        except Exception:  # an unreadable file is load_heads's to refuse, with its own message
+            data = None
+        if isinstance(data, dict):
+            for key in ("model_name_or_path", "model_base_class"):
+                if isinstance(data.get(key), str) and data[key].strip():
+                    return data[key].strip()
+    for part in (path.stem, *reversed(path.parent.parts)):
+        m = _MODEL_NAME.search(part)
+        if m:
+            return m.group(1).rstrip(".-")
+    return None
+
+
+def _model_key(name: str) -> str:
+    name = name.strip().rstrip("/").split("/")[-1].lower().removeprefix("meta-")
+    return re.sub(r"[^a-z0-9.]", "", name)
+
+
+def model_mismatch(named: str | None, model: str | None) -> str | None:
+    """A warning when a head file names another model than the one under test (a mismatch of
+    version at the same shape, since a wrong shape is refused): the heads were found there."""
+    if not named or not model or _model_key(named) == _model_key(model):
+        return None
+    return (f"the head file names {named!r} and the model under test is {model!r}: the heads were found on "
+            "another model of this shape (another version or fine-tune?); the verdicts test them on this one")
+
+
 def parse_items(spec: str) -> list[str]:
     """``"L16H1, 14-31,,"`` -> ``["L16H1", "14-31"]`` (empty items, as in QRHead's configs, dropped)."""
     return [s.strip() for s in spec.split(",") if s.strip()]

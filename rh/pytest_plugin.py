@@ -193,6 +193,9 @@ def pytest_configure(config: pytest.Config) -> None:
     external = _external_heads(config, shape)
     config.addinivalue_line("markers", "claim(id, source=...): a research claim checked on a model (rh)")
     session = RhSession(config, expected=expected, external=external, shape=shape)
+    session.heads_warning = _heads_model_warning(config)
+    if session.heads_warning:
+        session.meta["heads_model_warning"] = session.heads_warning
     config.stash[_SESSION] = session
     config.pluginmanager.register(session, PLUGIN_NAME)
     # the profile for this model's shape, once: --alpha and --heads are usage errors now, not at collection
@@ -246,6 +249,21 @@ def _external_heads(config: pytest.Config, shape):
         return load_heads(path, shape=shape, per_layer=per_layer)
     except (ValueError, FileNotFoundError) as exc:
         raise pytest.UsageError(f"--{'heads' if spec else 'rankings'}: {exc}") from None
+
+
+def _heads_model_warning(config: pytest.Config) -> str | None:
+    """--rankings PATH that names another model than --model (same shape: another version)."""
+    path = config.getoption("--rankings")
+    if not path:
+        return None
+    from rh.models import resolve_spec
+    from rh.published import model_mismatch, named_model
+
+    try:
+        model = resolve_spec(config.getoption("--model")).model_name
+    except (ValueError, FileNotFoundError):
+        return None
+    return model_mismatch(named_model(path), model)
 
 
 # --------------------------------------------------------------------------- session fixtures
@@ -447,6 +465,11 @@ class RhSession:
     def pytest_deselected(self, items) -> None:
         for item in items:
             self.deselected.add(item.nodeid)
+
+    heads_warning: str | None = None  # --rankings names another model than --model
+
+    def pytest_report_header(self, config: pytest.Config) -> list[str]:
+        return [f"rh warning: {self.heads_warning}"] if self.heads_warning else []
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -231,3 +231,54 @@ def test_a_wu24_file_listing_a_head_twice_is_refused(tmp_path, text, message):
     with pytest.raises(ValueError) as err:
         load_heads(path, shape=SHAPE)
     assert message in str(err.value) and str(path) in str(err.value)
+
+
+# --------------------------------------------------------------------------- the model a file names
+
+
+def test_a_head_file_names_its_model_in_its_config_or_its_path(tmp_path):
+    """QRHead's configs carry model_name_or_path; DuoAttention keeps its patterns in a folder named
+    after the model; a plain file names nothing."""
+    from rh.published import named_model
+
+    cfg = _write(tmp_path, "Llama-3.1-8B-Instruct_qr_head.yaml",
+                 'attn_head_set: "14-22,13-16"\nmodel_base_class: "Llama-3.1-8B-Instruct"\n'
+                 'model_name_or_path: "meta-llama/Llama-3.1-8B-Instruct"\n')
+    assert named_model(cfg) == "meta-llama/Llama-3.1-8B-Instruct"
+    assert named_model(_write(tmp_path, "Qwen2.5-7B-Instruct_full_head.yaml", 'attn_head_set: "1-2"\n')) == \
+        "Qwen2.5-7B-Instruct"
+    duo = tmp_path / "attn_patterns" / "Llama-3-8B-Instruct-Gradient-1048k" / "lr=0.02-reg=0.05"
+    duo.mkdir(parents=True)
+    assert named_model(_write(duo, "full_attention_heads.tsv", "1\t0\n")) == "Llama-3-8B-Instruct-Gradient-1048k"
+    assert named_model(_write(tmp_path, "heads.json", ["L1H2"])) is None
+
+
+def test_a_version_mismatch_is_a_warning_and_the_same_model_is_not():
+    from rh.models import REGISTRY
+    from rh.published import model_mismatch
+
+    llama3 = REGISTRY["llama8b"].model_name  # meta-llama/Meta-Llama-3-8B-Instruct
+    warn = model_mismatch("meta-llama/Llama-3.1-8B-Instruct", llama3)
+    assert warn and "Llama-3.1-8B-Instruct" in warn and "Meta-Llama-3-8B-Instruct" in warn
+    assert model_mismatch("Meta-Llama-3-8B-Instruct", llama3) is None  # the same model, spelt as a folder
+    assert model_mismatch("meta-llama/Llama-3.1-8B-Instruct", REGISTRY["llama3.1-8b"].model_name) is None
+    assert model_mismatch(None, llama3) is None and model_mismatch("x", None) is None
+    assert REGISTRY["smollm2-135m"].model_name == "SmolLM2-135M-Instruct" and REGISTRY["tiny-llama"].model_name is None
+
+
+def test_the_plugin_says_so_in_the_header_and_the_report(warm_imports, pytester, tmp_path):
+    """--rankings with a file that names another model: the run goes on (the shape fits), the
+    terminal header and the report's provenance say whose heads they are."""
+    folder = tmp_path / "SmolLM2-360M-Instruct"
+    folder.mkdir()
+    heads = folder / "heads.json"
+    heads.write_text(json.dumps(["L1H2", "L3H0"]))
+    pytester.makepyfile(test_x="def test_nothing():\n    pass\n")
+    result = pytester.runpytest_inprocess("--model", "smollm2-135m", "--rankings", str(heads), "--plan", "-p",
+                                          "no:cacheprovider")
+    out = result.stdout.str()
+    assert "rh warning: the head file names 'SmolLM2-360M-Instruct'" in out and "'SmolLM2-135M-Instruct'" in out
+    from rh.report.html import provenance
+
+    row = provenance({"heads_model_warning": "the head file names 'X'"})
+    assert row["head file"] == "the head file names 'X'"

@@ -209,6 +209,7 @@ def provenance(meta: Mapping[str, Any]) -> dict[str, Any]:
         "revision": first(meta.get("revision"), meta.get("model_revision"), rprov.get("revision")),
         "dtype": first(meta.get("dtype"), rprov.get("dtype")),
         "dtype chosen because": meta.get("dtype_reason"),
+        "head file": meta.get("heads_model_warning"),
         "rankings identified in": rprov.get("dtype") if meta.get("dtype") and rprov.get("dtype") != meta.get("dtype")
         else None,
         "quantization": first(meta.get("quant"), rprov.get("quant")),
