@@ -150,7 +150,7 @@ def load_heads(path: str | Path, *, shape: HeadShape, fmt: str = "auto",
         return _from_duo(text, where, shape, path)
     data = _parse(text, where, path, fmt)
     if fmt == "auto":
-        fmt = _detect(data, where)
+        fmt = _detect(data, where, path)
     if fmt == "ranking":
         return load_ranking(path, shape=shape)
     prov = {"source_file": str(path), "source_format": fmt}
@@ -267,7 +267,7 @@ def _strict_yaml_loader():
     return Loader
 
 
-def _detect(data: Any, where: str) -> str:
+def _detect(data: Any, where: str, path: Path) -> str:
     if isinstance(data, str):
         return "qrhead-set"
     if isinstance(data, dict):
@@ -275,6 +275,12 @@ def _detect(data: Any, where: str) -> str:
             return "qrhead-set"
         if data and all(re.fullmatch(r"\d+", str(k)) for k in data):
             return "per-layer"
+        if "model_type" in data and ("num_hidden_layers" in data or "architectures" in data):
+            raise ValueError(f"{where} is a model's config.json, not a head file: give the heads (DuoAttention "
+                             "writes them to full_attention_heads.tsv, QRHead to a config's attn_head_set)")
+        if any(k in data for k in ("model_name_or_path", "model_base_class")) or path.suffix.lower() in (".yaml", ".yml"):
+            raise ValueError(f"{where} is a config without attn_head_set: a QRHead config names its heads as "
+                             "attn_head_set: \"14-22,13-16,...\" (add it, or give the head-set file)")
         return "ranking"  # rh's JSON, seed 003's or Wu24's: load_ranking detects and says what is wrong
     if isinstance(data, list) and data:
         first = data[0]

@@ -217,7 +217,8 @@ def _detect(data: Any, where: str) -> str:
         return "wu24"
     raise ValueError(
         f"{where} is in no known format: expected rh's ranking JSON (format {FORMAT!r}), seed 003's "
-        "{'head_rankings': [...]} or Wu24's {'layer-head': [scores]}; convert it or pass fmt="
+        "{'head_rankings': [...]} or Wu24's {'layer-head': [scores]}; convert it, or name its format (rh audit "
+        "--format; fmt= in rh.published.load_heads)"
     )
 
 

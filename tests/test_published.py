@@ -282,3 +282,16 @@ def test_the_plugin_says_so_in_the_header_and_the_report(warm_imports, pytester,
 
     row = provenance({"heads_model_warning": "the head file names 'X'"})
     assert row["head file"] == "the head file names 'X'"
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("cfg.yaml", 'model_name_or_path: "meta-llama/Llama-3.1-8B-Instruct"\n', "config without attn_head_set"),
+    ("cfg.yaml", "foo: 1\n", "config without attn_head_set"),
+    ("config.json", {"model_type": "llama", "num_hidden_layers": 4}, "a model's config.json, not a head file"),
+])
+def test_a_config_that_is_not_a_head_file_says_what_it_is(tmp_path, name, content, message):
+    """A QRHead YAML without attn_head_set was reported as "not valid JSON"; a model's (or
+    DuoAttention's) config.json as "in no known format ... pass fmt=", the library's argument."""
+    with pytest.raises(ValueError, match=message) as err:
+        load_heads(_write(tmp_path, name, content), shape=SHAPE)
+    assert "JSON (truncated" not in str(err.value) and "fmt=" not in str(err.value)
