@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from rh.profiles import PROFILES  # torch-free
+
 import argparse
 import logging
 import sys
@@ -127,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_model_options(idp.add_argument)
     idp.add_argument("--method", default="sum_attention", choices=("sum_attention", "sum", "wu24"))
     idp.add_argument("--task", action="append", help="task to identify on (repeatable; default: the profile's)")
-    idp.add_argument("--profile", default="quick", choices=("quick", "full"))
+    idp.add_argument("--profile", default="quick", choices=PROFILES)
     idp.add_argument("--lengths", type=int, nargs="+")
     idp.add_argument("--depths", type=float, nargs="+")
     idp.add_argument("--n", type=int, help="samples per (length, depth, task)")
@@ -155,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "at a profile's sizes (rh.rules.calibration)")
     cal.add_argument("--size", default="small", choices=("tiny", "small", "large"),
                      help="the model size class whose profile sizes are used (small: SmolLM2-135M)")
-    cal.add_argument("--profile", default="quick", choices=("quick", "full"))
+    cal.add_argument("--profile", default="quick", choices=PROFILES)
     cal.add_argument("--reps", type=int, default=300, help="simulated runs per scenario and family")
     cal.add_argument("--family", action="append", help="only this family (repeatable)")
     cal.add_argument("--json", help="also write the rates to this JSON file")

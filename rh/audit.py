@@ -16,6 +16,8 @@ The prompts and the baseline are computed once and shared by every file of the r
 
 from __future__ import annotations
 
+from rh.profiles import PROFILES  # torch-free
+
 import argparse
 import sys
 import time
@@ -33,7 +35,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     add_model_options(ap.add_argument)
     ap.add_argument("--format", default="auto", help="the files' format (default: detected from the content)")
     ap.add_argument("--per-layer", type=int, help="with a complete per-layer order: test the first M heads of each layer")
-    ap.add_argument("--profile", default="quick", choices=("quick", "full"))
+    ap.add_argument("--profile", default="quick", choices=PROFILES)
     ap.add_argument("--k", type=int, nargs="+", help="K levels for a ranking (default: the profile's)")
     ap.add_argument("--n", type=int, help="prompts per depth (default: the profile's n_per_setting)")
     ap.add_argument("--length", type=int, help="prompt length in tokens (default: the profile's first)")

@@ -852,7 +852,7 @@ def format_plan(plan: Plan, *, heading: str = "", detail: bool = True) -> list[s
         rs = [c.recorded_s for c in plan.claims if c.recorded_s is not None]
         line += f"  {(f'{sum(rtl):,}' if rtl else '-'):>14}  {(format_duration(sum(rs)) if rs else '-'):>9}"
     lines.append(line)
-    lines.append("token-layers: the plain passes, an upper bound (prefix reuse and early stopping lower them; "
+    lines.append("token-layers: the plain passes, an upper bound (prefix reuse, early stopping and curtailment lower them; "
                  "model loading is not included in the time)")
     if rec:
         lines.append(f"recorded: token-layers and seconds of the same share in {plan.recorded_from} "

@@ -138,6 +138,25 @@ _TABLE: dict[str, tuple[Profile, Profile]] = {
 }
 
 
+#: the profiles, smallest first: ``smoke`` for a first try of one's own claim (a minute or two on the
+#: bundled model: few, short prompts, so most claims end inconclusive for want of data), ``quick``
+#: the catalogue's check, ``full`` the evidence a paper would want
+PROFILES = ("smoke", "quick", "full")
+
+
+def _smoke(quick: Profile) -> Profile:
+    """``quick`` cut to the least that still runs every claim: one short length, three depths, a few
+    prompts per setting, one K level with just enough random draws for the head-set null."""
+    length = min(quick.lengths[0], 256)
+    small = {f: min(getattr(quick, f), v) for f, v in (
+        ("n_per_setting", 4), ("depth_n", 4), ("task_n", 2), ("inverse_n", 4), ("iv_n", 4), ("probe_n", 4),
+        ("ig_n", 2), ("ig_steps", 8), ("distractor_n", 2), ("content_free_n", 8), ("content_free_len", 16),
+        ("uncertainty_boot", 50))}
+    return replace(quick, name="smoke", lengths=(length,), depths=(0.0, 0.5, 1.0),
+                   ablation_levels=quick.ablation_levels[:1], random_draws=29, stability_length=2 * length,
+                   inverse_levels=quick.inverse_levels[:1], incremental_levels=quick.incremental_levels[:1], **small)
+
+
 def size_class(shape: HeadShape) -> str:
     if shape.n_total < 100:
         return "tiny"
@@ -147,11 +166,11 @@ def size_class(shape: HeadShape) -> str:
 
 
 def get_profile(name: str, shape: HeadShape, **overrides: Any) -> Profile:
-    """The ``quick`` or ``full`` profile for a model of this shape, with any field overridden."""
-    if name not in ("quick", "full"):
-        raise ValueError(f"unknown profile {name!r}: use 'quick' or 'full'")
+    """The ``smoke``, ``quick`` or ``full`` profile for a model of this shape, with any field overridden."""
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}: use one of {', '.join(PROFILES)}")
     quick, full = _TABLE[size_class(shape)]
-    prof = quick if name == "quick" else full
+    prof = {"smoke": _smoke(quick), "quick": quick, "full": full}[name]
     overrides = {k: v for k, v in overrides.items() if v is not None}
     prof = replace(prof, **overrides)
     if not (0 < prof.alpha < 1):

@@ -7,6 +7,8 @@ how to write claims in your own repository."""
 
 from __future__ import annotations
 
+from rh.profiles import PROFILES  # torch-free
+
 import contextlib
 import json
 import logging
@@ -35,7 +37,7 @@ log = logging.getLogger("rh")
 def pytest_addoption(parser: pytest.Parser) -> None:
     g = parser.getgroup("rh", "retrieval-head claims")
     add_model_options(g.addoption)
-    g.addoption("--profile", default="quick", choices=("quick", "full"), help="how much evidence to gather")
+    g.addoption("--profile", default="quick", choices=PROFILES, help="how much evidence to gather")
     g.addoption("--alpha", type=float, default=None, help="significance level (default: the profile's, 0.05)")
     g.addoption("--rankings", default=None, metavar="PATH", help="use this ranking file instead of the cache")
     g.addoption("--recompute", action="store_true", help="recompute the ranking even if it is cached")

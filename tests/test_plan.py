@@ -204,3 +204,17 @@ def test_a_tiny_model_of_another_family_is_planned_with_its_own_config():
     for k in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "sliding_window",
               "attn_logit_softcapping", "layer_types"):
         assert getattr(cfg, k) == getattr(built, k), k
+
+
+@pytest.mark.slow  # two plans of the catalogue in subprocesses
+def test_the_smoke_profile_plans_the_catalogue_at_a_fraction_of_quick():
+    """``--profile smoke`` is accepted and collects the catalogue, planned (no weights) at a small
+    fraction of the quick profile's passes on the bundled model."""
+    totals = {}
+    for prof in ("smoke", "quick"):
+        proc = subprocess.run([sys.executable, "-m", "pytest", "claims/", "--plan", "--profile", prof, "-q",
+                               "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        line = next(x for x in proc.stdout.splitlines() if x.startswith("total ("))
+        totals[prof] = int(line.split()[4].replace(",", ""))
+    assert 0 < totals["smoke"] < totals["quick"] / 4, totals

@@ -71,3 +71,23 @@ def test_profiles_are_built_by_keyword():
     prof = get_profile("quick", HeadShape(30, 9, 3, 64))
     with pytest.raises(TypeError):
         type(prof)("quick", (512,), (0.0,), 16, (10,), 49)
+
+
+@pytest.mark.parametrize("shape", [HeadShape(4, 8, 2, 8), HeadShape(30, 9, 3, 64), HeadShape(32, 32, 8, 128),
+                                   HeadShape(80, 64, 8, 128)])
+def test_the_smoke_profile_is_quick_cut_down_and_valid_for_every_size(shape):
+    """``--profile smoke``: every claim still runs (the same fields, every check of get_profile
+    passes), on fewer and shorter prompts than quick's, with one K level."""
+    from rh.profiles import PROFILES
+
+    assert PROFILES == ("smoke", "quick", "full")
+    smoke, quick = get_profile("smoke", shape), get_profile("quick", shape)
+    assert smoke.name == "smoke" and smoke.lengths[0] <= min(quick.lengths[0], 256)
+    assert smoke.ablation_levels == quick.ablation_levels[:1]
+    for field in ("n_per_setting", "depth_n", "task_n", "inverse_n", "iv_n", "probe_n", "ig_n", "distractor_n",
+                  "content_free_n"):
+        assert getattr(smoke, field) <= getattr(quick, field), field
+    if shape.n_total >= 100:  # the tiny class's quick profile is already about this small
+        assert len(smoke.depths) * smoke.n_per_setting < len(quick.depths) * quick.n_per_setting
+    with pytest.raises(ValueError, match="smoke, quick, full"):
+        get_profile("tiny", shape)
