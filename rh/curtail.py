@@ -39,8 +39,9 @@ Decide = Callable[[Mapping[Hashable, tuple[np.ndarray, np.ndarray]]], Mapping[Ha
 @dataclass(frozen=True)
 class Arm:
     """One group of a paired family: ``samples`` and their baseline 0/1 outcomes ``before`` (in the
-    samples' order), and the intervention: ``condition`` (run as a work unit) or ``evaluate`` (a
-    function from a list of samples to their 0/1 outcomes under the intervention, run here)."""
+    samples' order), and the intervention: ``condition`` (run as a work unit), ``evaluate`` (a
+    function from a list of samples to their 0/1 outcomes under the intervention, run here), or
+    ``known`` (every outcome, evaluated already: the arm reads nothing but counts in the family)."""
 
     samples: Sequence[Sample]
     before: np.ndarray
@@ -80,8 +81,9 @@ def paired_decider(*, bounds, alpha: float, baseline_floor: float) -> Decide:
 def curtailed(model, arms: Mapping[Hashable, Arm], decide: Decide, *, seed: int, batch_size: int = 8,
               stop_early: bool | None = None, what: str = "items") -> dict[Hashable, np.ndarray]:
     """Each arm's outcomes under its intervention, NaN where curtailment left an item unread (with
-    ``stop_early=False``, or inside :func:`rh.budget.plain_passes`, every item). ``decide(groups)`` maps ``{arm: (before, after)}`` to each
-    arm's status where decided, else None: :func:`paired_decider`."""
+    ``stop_early=False``, or inside :func:`rh.budget.plain_passes`, every item). ``decide(groups)``
+    maps ``{arm: (before, after)}`` to each arm's status where decided, else None:
+    :func:`paired_decider`."""
     from rh.budget import stops_early
     from rh.runner import run
     from rh.units import Unit
