@@ -165,21 +165,35 @@ def _sim_iv3_hub(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
                      alpha=p.alpha, baseline_floor=p.baseline_floor)["hub"]]
 
 
-def _sim_ca2(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
-    """Per-sample log-prob drops rising linearly by ``effect`` nats from the first to the last level,
-    spread 1.5 nats per sample and level; CA-1 supported at every K (the trend part alone)."""
-    from rh.rules.claims import dose_response
+def _sim_ca2_with(shape: str) -> Callable:
+    def run(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
+        """Per-prompt growth of the log-prob drop from the first to the last level: ``effect`` plus
+        noise of :data:`_LOG_NOISE`'s ``shape`` (x 2 nats; "both-ways": slopes of either sign, half
+        the prompts shrinking), so its median is ``effect``; the levels between lie on the line
+        with noise. CA-1 supported at every K (the dose part alone)."""
+        from rh.rules.claims import dose_response
 
-    n, levels = s["n_val"], list(p.dose_levels)
-    frac = np.linspace(0, 1, len(levels))
-    person = rng.normal(2.0, 1.0, n)[:, None]
-    drops = person + effect * frac[None, :] + rng.normal(0, 1.5, (n, len(levels)))
-    base_lp = np.full(n, -0.1)
-    tops = {k: base_lp - drops[:, j] for j, k in enumerate(levels)}
-    ca1 = {k: Verdict(claim="CA-1", params={"k": k}, status="supported", reason="", test="", statistic=None,
-                      p_value=None, p_adjusted=None, effect=0.3, ci=None) for k in p.ablation_levels}
-    return [dose_response(base_lp, tops, ca1, alpha=p.alpha, min_growth=p.dose_min_growth,
-                          baseline_floor=p.baseline_floor, baseline_accuracy=_BASE_ACC)]
+        n, levels = s["n_val"], list(p.dose_levels)
+        frac = np.linspace(0, 1, len(levels))
+        if shape == "both-ways":
+            growth = effect + rng.choice([-1.0, 1.0], n) * (0.5 + np.abs(rng.normal(0, 1.5, n)))
+        else:
+            growth = effect + 2.0 * _noise(rng, shape, n)
+        person = rng.normal(2.0, 1.0, n)[:, None]
+        inner = rng.normal(0, 1.5, (n, len(levels)))
+        inner[:, [0, -1]] = 0.0
+        drops = person + growth[:, None] * frac[None, :] + inner
+        base_lp = np.full(n, -0.1)
+        tops = {k: base_lp - drops[:, j] for j, k in enumerate(levels)}
+        ca1 = {k: Verdict(claim="CA-1", params={"k": k}, status="supported", reason="", test="", statistic=None,
+                          p_value=None, p_adjusted=None, effect=0.3, ci=None) for k in p.ablation_levels}
+        return [dose_response(base_lp, tops, ca1, alpha=p.alpha, min_growth=p.dose_min_growth,
+                              baseline_floor=p.baseline_floor, baseline_accuracy=_BASE_ACC)]
+    return run
+
+
+def _ca2_structures() -> dict:
+    return {name: _sim_ca2_with(name) for name in (*_LOG_NOISE, "both-ways")}
 
 
 def _sim_iv7(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
@@ -428,7 +442,7 @@ def _families(p: Profile, s: dict) -> dict[str, tuple]:
     d = p.min_drop
     return {
         "CA-1": (_sim_ca1, 0.0, p.ca1_min_gap, p.ca1_min_gap + 0.1, 0.0),
-        "CA-2": (_sim_ca2, 0.0, p.dose_min_growth, 2 * p.dose_min_growth, 0.0),
+        "CA-2": (_ca2_structures(), 0.0, p.dose_min_growth, 2 * p.dose_min_growth, 0.0),
         "CA-3": (_sim_ca3, p.ni_margin, p.ni_margin, 0.0, 2 * p.ni_margin),
         "CA-4": (_sim_drop(s["tasks"], s["task"]), 0.0, d, d + 0.1, 0.0),
         "CA-6": (_sim_drop(s["depths"], s["depth_n"]), 0.0, d, d + 0.1, 0.0),

@@ -211,21 +211,23 @@ def necessity(outcomes: Sequence, *, alpha: float = 0.05, baseline_floor: float 
 
 # ------------------------------------------------------------------------------------------ CA-2
 
-CA2_TEST = ("supported: Page's L trend of the answer log-probability drop over K (paired per sample) and CA-1 "
-            "supported at every K; refuted: the drop's growth from the smallest to the largest K is shown below Δ "
-            "(one-sided t) or CA-1 is refuted at some K")
+CA2_TEST = ("per prompt, the growth of the answer log-probability drop from the smallest to the largest K; "
+            "supported: its median shown above 0 (exact sign test) and CA-1 supported at every K; refuted: its "
+            "median shown below Δ (exact sign test) or CA-1 refuted at some K, Bonferroni over the two")
 
 
 def dose_response(base_logprob: np.ndarray, top_logprob: Mapping[int, np.ndarray], ca1: Mapping[int, Verdict], *,
                   alpha: float = 0.05, min_growth: float = 1.0, baseline_floor: float = 0.5,
                   baseline_accuracy: float | None = None) -> Verdict:
     """CA-2 on the answer log-probability (it has room to move where accuracy is already lost):
-    per sample the drop ``base - top_K`` at each K of ``top_logprob`` (at least three levels)."""
-    from rh.stats import trend_test
-
+    per sample the drop ``base - top_K`` at each K of ``top_logprob`` (at least three levels), and
+    its growth from the smallest to the largest K. The claim is about the typical prompt, so exact
+    sign tests of the median growth (valid whatever the shape; Page's trend test, used before, tests
+    a consistent order within prompts, and supported in 10-18% of simulated runs whose per-prompt
+    slopes go both ways with no growth on average)."""
     levels = sorted(top_logprob)
     params = {"levels": levels}
-    name = f"growth of the answer log-prob drop from K={levels[0] if levels else '?'} to the largest K (nats)"
+    name = f"median growth of the answer log-prob drop from K={levels[0] if levels else '?'} to the largest K (nats)"
     if len(levels) < 3:
         return inconclusive("CA-2", params, f"a dose-response needs at least three K levels, got {levels}", CA2_TEST,
                             alpha, min_effect=min_growth, effect_name=name)
@@ -241,28 +243,52 @@ def dose_response(base_logprob: np.ndarray, top_logprob: Mapping[int, np.ndarray
     if floor:
         return inconclusive("CA-2", params, floor, CA2_TEST, alpha, len(growth), details, min_effect=min_growth,
                             effect_name=name)
-    _, p_trend = trend_test(levels, drops)
-    tt = t_test(growth, 0.0, min_growth, alpha=alpha)
-    pw_t = t_power(len(growth), tt.sd, min_growth, alpha)  # the same distance from either boundary
-    pw = Power(pw_t, min_growth, pw_t, 0.0, "noncentral t at the observed spread",
-               "Page's test is approximated by the t test of the growth")
+    (p_grow,) = sign_pvalues([growth], "greater")
+    (p_short,) = sign_pvalues([growth - min_growth], "less")
+    med = float(np.median(growth))
+    ci = bootstrap_ci(growth, np.median, n_boot=2000, level=1 - 2 * alpha, seed=0)
+    pw = _sign_rule_power(growth, 0.0, min_growth, alpha)
     ca1_sup = all(v.supported for v in ca1.values()) and bool(ca1)
     ca1_ref = [k for k, v in ca1.items() if v.refuted]
-    p_sup = p_trend if ca1_sup else None
-    p_ref = tt.pvalue_less if not ca1_ref else 0.0
+    # refuted by either part (a union): Bonferroni, each at α/2; CA-1's refutation p, Holm-adjusted in its family
+    p_ca1_ref = min((float(v.details.get("p_refute_adjusted", 0.0 if v.refuted else 1.0)) for v in ca1.values()),
+                    default=1.0)
+    p_sup = p_grow if ca1_sup else None
+    p_ref = min(1.0, 2 * min(p_short, p_ca1_ref))
     status, why = three_way(
         p_sup, p_ref, alpha,
-        supported_why=f"the drop grows with K (Page p = {p_trend:.3g}) and CA-1 holds at every K",
-        refuted_why=(f"CA-1 is refuted at K = {ca1_ref}" if ca1_ref else
-                     f"the growth is < Δ = {min_growth:g} nats (p = {tt.pvalue_less:.3g})"),
-        neither_why=(f"trend p = {p_trend:.3g}, growth < Δ p = {tt.pvalue_less:.3g}" +
+        supported_why=f"the drop grows with K for the typical prompt (median growth > 0, p = {p_grow:.3g}) and CA-1 "
+                      "holds at every K",
+        refuted_why=(f"CA-1 is refuted at K = {ca1_ref} (Bonferroni p = {p_ref:.3g})" if ca1_ref and p_ca1_ref <= p_short
+                     else f"the median growth is < Δ = {min_growth:g} nats (Bonferroni p = {p_ref:.3g})"),
+        neither_why=(f"growth > 0 p = {p_grow:.3g}, growth < Δ p = {p_short:.3g}" +
                      ("" if ca1_sup else "; CA-1 is not supported at every K")))
     return Verdict(claim="CA-2", params=params, status=status,
                    reason="mean answer log-prob drop by K: " + ", ".join(f"{k}: {d:.2f}" for k, d in zip(levels, mean_drop))
-                   + f"; {why}", test=CA2_TEST, statistic=float(tt.mean), p_value=p_trend, p_adjusted=p_trend,
-                   effect=float(tt.mean), ci=tt.ci, ci_level=1 - 2 * alpha, n=len(growth), alpha=alpha,
-                   effect_name=name, details={**details, "p_refute": p_ref}, min_effect=min_growth,
-                   power=pw.to_dict())
+                   + f"; median growth {med:.2f} nats; {why}", test=CA2_TEST, statistic=med, p_value=p_grow,
+                   p_adjusted=p_grow, effect=med, ci=ci, ci_level=1 - 2 * alpha, n=len(growth), alpha=alpha,
+                   effect_name=name, details={**details, "p_refute": p_ref, "p_growth_below_delta": p_short,
+                                              "mean_growth": float(growth.mean())},
+                   min_effect=min_growth, power=pw.to_dict())
+
+
+def _sign_rule_power(x: np.ndarray, support_bound: float, refute_bound: float, alpha: float) -> Power:
+    """Exact power of the two sign tests of a median at ``x``'s size, values normal at its observed
+    spread: to support with the median at ``refute_bound`` + (refute - support), to refute at the
+    support bound."""
+    from scipy.stats import norm
+
+    from rh.stats import sign_power
+
+    n = int(np.asarray(x).size)
+    sd = float(np.std(x, ddof=1)) if n > 1 else math.nan
+    if not (sd > 0):
+        return Power.none("no spread to plant an effect at")
+    gap = refute_bound - support_bound
+    sup_at = refute_bound + gap
+    return Power(sign_power(n, float(norm.cdf((sup_at - support_bound) / sd)), alpha), sup_at,
+                 sign_power(n, float(norm.cdf(gap / sd)), alpha / 2), support_bound,
+                 "exact binomial power of the sign tests, values normal at the observed spread")
 
 
 # ------------------------------------------------------------------------------------------ CA-3, CA-4, CA-6, IV-1
