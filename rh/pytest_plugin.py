@@ -64,7 +64,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--plain", action="store_true",
                 help="run every forward pass in full: no prefix reuse, no early stopping of CA-1's random head "
                      "sets, no curtailment of the paired families (the reference the savings give identical "
-                     "verdicts to, at about three times the token-layers)")
+                     "verdicts to, at about four times the token-layers)")
     g.addoption("--plan", action="store_true",
                 help="print each collected claim's planned conditions, forward passes, token-layers and estimated "
                      "time (timed on a random 2-layer copy of the model's architecture), then stop: no weights "
