@@ -147,13 +147,16 @@ def load_heads(path: str | Path, *, shape: HeadShape, fmt: str = "auto",
         raise ValueError(f"{where} is not a text file ({exc.reason} at byte {exc.start}): give the JSON, "
                          "TSV, YAML or CSV file itself") from None
     if fmt == "duo" or (fmt == "auto" and path.suffix.lower() == ".tsv"):
-        return _from_duo(text, where, shape, path)
+        duo = _from_duo(text, where, shape, path)
+        _note_model(duo.provenance, named_model(path))
+        return duo
     data = _parse(text, where, path, fmt)
     if fmt == "auto":
         fmt = _detect(data, where, path)
     if fmt == "ranking":
         return load_ranking(path, shape=shape)
     prov = {"source_file": str(path), "source_format": fmt}
+    _note_model(prov, named_model(path, data))
     if fmt == "qrhead":
         return _from_qrhead(data, where, shape, prov)
     if fmt == "qrhead-set":
@@ -173,27 +176,33 @@ def load_heads(path: str | Path, *, shape: HeadShape, fmt: str = "auto",
 _MODEL_NAME = re.compile(r"(?i)((?:meta-)?(?:llama|mistral|mixtral|qwen|gemma|phi|olmo|smollm)[a-z0-9.\-]*\d[a-z0-9.\-]*)")
 
 
-def named_model(path: str | Path) -> str | None:
-    """The model a published head file says it was found on, or None: a config's
-    ``model_name_or_path`` (QRHead's configs) or ``model_base_class``, else the file's or a
-    folder's name where it reads as a model's (DuoAttention keeps its patterns in one per model)."""
+def named_model(path: str | Path, data: Any = None) -> str | None:
+    """The model a published head file says it was found on, or None. Read where the publishers
+    write it: a QRHead config's ``model_name_or_path`` (or ``model_base_class``), else the config
+    file's own name (QRHead names each after its model); the folder a DuoAttention
+    ``full_attention_heads.tsv`` sits in (``attn_patterns/<model>/<config>/``). Never guessed from
+    other names: rh's own ranking files, or any folder of the user's, name no model here.
+    ``data``: the file's parsed content where the caller has it (:func:`load_heads` does)."""
     path = Path(path)
-    if path.suffix.lower() in (".yaml", ".yml", ".json"):
-        try:
-            text = path.read_text(encoding="utf-8")
-            if path.suffix.lower() == ".json":
-                data = json.loads(text)
-            else:
+    suffix = path.suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        if data is None:
+            try:
                 import yaml
 
-                data = yaml.load(text, Loader=_strict_yaml_loader())
-        except Exception:  # an unreadable file is load_heads's to refuse, with its own message
-            data = None
+                data = yaml.load(path.read_text(encoding="utf-8"), Loader=_strict_yaml_loader())
+            except Exception:  # an unreadable file is load_heads's to refuse, with its own message
+                data = None
         if isinstance(data, dict):
             for key in ("model_name_or_path", "model_base_class"):
                 if isinstance(data.get(key), str) and data[key].strip():
                     return data[key].strip()
-    for part in (path.stem, *reversed(path.parent.parts)):
+        parts: tuple[str, ...] = (path.stem,)
+    elif suffix == ".tsv":
+        parts = tuple(reversed(path.parent.parts))
+    else:
+        return None
+    for part in parts:
         m = _MODEL_NAME.search(part)
         if m:
             return m.group(1).rstrip(".-")
@@ -212,6 +221,11 @@ def model_mismatch(named: str | None, model: str | None) -> str | None:
         return None
     return (f"the head file names {named!r} and the model under test is {model!r}: the heads were found on "
             "another model of this shape (another version or fine-tune?); the verdicts test them on this one")
+
+
+def _note_model(prov: dict, name: str | None) -> None:
+    if name:
+        prov["named_model"] = name  # the model the file says its heads were found on
 
 
 def parse_items(spec: str) -> list[str]:

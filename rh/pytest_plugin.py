@@ -195,7 +195,7 @@ def pytest_configure(config: pytest.Config) -> None:
     external = _external_heads(config, shape)
     config.addinivalue_line("markers", "claim(id, source=...): a research claim checked on a model (rh)")
     session = RhSession(config, expected=expected, external=external, shape=shape)
-    session.heads_warning = _heads_model_warning(config)
+    session.heads_warning = _heads_model_warning(config, external)
     if session.heads_warning:
         session.meta["heads_model_warning"] = session.heads_warning
     config.stash[_SESSION] = session
@@ -253,19 +253,20 @@ def _external_heads(config: pytest.Config, shape):
         raise pytest.UsageError(f"--{'heads' if spec else 'rankings'}: {exc}") from None
 
 
-def _heads_model_warning(config: pytest.Config) -> str | None:
-    """--rankings PATH that names another model than --model (same shape: another version)."""
-    path = config.getoption("--rankings")
-    if not path:
+def _heads_model_warning(config: pytest.Config, external) -> str | None:
+    """--rankings PATH that names another model than --model (same shape: another version): the
+    name :func:`rh.published.load_heads` read from the file."""
+    named = getattr(external, "provenance", {}).get("named_model")
+    if not named:
         return None
     from rh.models import resolve_spec
-    from rh.published import model_mismatch, named_model
+    from rh.published import model_mismatch
 
     try:
         model = resolve_spec(config.getoption("--model")).model_name
     except (ValueError, FileNotFoundError):
         return None
-    return model_mismatch(named_model(path), model)
+    return model_mismatch(named, model)
 
 
 # --------------------------------------------------------------------------- session fixtures

@@ -251,6 +251,31 @@ def test_a_head_file_names_its_model_in_its_config_or_its_path(tmp_path):
     duo.mkdir(parents=True)
     assert named_model(_write(duo, "full_attention_heads.tsv", "1\t0\n")) == "Llama-3-8B-Instruct-Gradient-1048k"
     assert named_model(_write(tmp_path, "heads.json", ["L1H2"])) is None
+    # a folder of the user's, or rh's own ranking files, name no model: only the publishers' places count
+    mine = tmp_path / "smollm2-experiments"
+    mine.mkdir()
+    assert named_model(_write(mine, "smollm2-135m-sum_attention-06a50ae2927cda6f.json", ["L1H2"])) is None
+    assert named_model(_write(mine, "heads.txt", "L1H2")) is None
+
+
+def test_rhs_own_ranking_files_given_as_rankings_carry_no_model_warning():
+    """The committed rankings are named after their model key and cache key
+    (``smollm2-135m-sum_attention-<hash>.json``): read as a published name, they would warn that
+    the heads come from another model on every run that reuses them."""
+    from pathlib import Path
+
+    from rh.models import REGISTRY
+    from rh.published import model_mismatch, named_model
+
+    root = Path(__file__).resolve().parents[1] / "fixtures" / "rankings"
+    shape = REGISTRY["smollm2-135m"].shape
+    files = sorted(root.glob("smollm2-135m-*.json"))
+    assert files
+    for f in files[:3]:
+        r = load_heads(f, shape=shape)
+        named = r.provenance.get("named_model")
+        assert named is None and model_mismatch(named, REGISTRY["smollm2-135m"].model_name) is None
+        assert named_model(f) is None  # read from the file name, it gave 'smollm2-135m-sum': another model
 
 
 def test_a_version_mismatch_is_a_warning_and_the_same_model_is_not():
@@ -269,15 +294,14 @@ def test_a_version_mismatch_is_a_warning_and_the_same_model_is_not():
 def test_the_plugin_says_so_in_the_header_and_the_report(warm_imports, pytester, tmp_path):
     """--rankings with a file that names another model: the run goes on (the shape fits), the
     terminal header and the report's provenance say whose heads they are."""
-    folder = tmp_path / "SmolLM2-360M-Instruct"
-    folder.mkdir()
-    heads = folder / "heads.json"
-    heads.write_text(json.dumps(["L1H2", "L3H0"]))
+    heads = tmp_path / "SmolLM2-360M-Instruct_qr_head.yaml"
+    heads.write_text('attn_head_set: "1-2,3-0"\nmodel_name_or_path: "HuggingFaceTB/SmolLM2-360M-Instruct"\n')
     pytester.makepyfile(test_x="def test_nothing():\n    pass\n")
     result = pytester.runpytest_inprocess("--model", "smollm2-135m", "--rankings", str(heads), "--plan", "-p",
                                           "no:cacheprovider")
     out = result.stdout.str()
-    assert "rh warning: the head file names 'SmolLM2-360M-Instruct'" in out and "'SmolLM2-135M-Instruct'" in out
+    assert "rh warning: the head file names 'HuggingFaceTB/SmolLM2-360M-Instruct'" in out
+    assert "'SmolLM2-135M-Instruct'" in out
     from rh.report.html import provenance
 
     row = provenance({"heads_model_warning": "the head file names 'X'"})
