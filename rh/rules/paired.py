@@ -235,8 +235,11 @@ def family_decided(groups: Mapping, *, bounds: Bounds | Mapping, alpha: float, b
     same at every completion of the family, which ``tests/test_curtail.py`` checks against
     enumerating the completions."""
     bmap = bounds if isinstance(bounds, Mapping) else {g: bounds for g in groups}
-    parts = {g: Partial.of(*groups[g]) for g in groups}
-    ranges = family_ranges(parts, bmap, baseline_floor)
+    return _statuses(groups, family_ranges({g: Partial.of(*groups[g]) for g in groups}, bmap, baseline_floor), alpha)
+
+
+def _statuses(groups: Mapping, ranges: Mapping, alpha: float) -> dict:
+    """:func:`family_decided` from the family's ranges (:func:`family_ranges`)."""
     out = {}
     for g in groups:
         if g not in ranges:  # no items, or a baseline below the floor: inconclusive, whatever the ablation does
@@ -268,12 +271,12 @@ def paired_family(claim: str, groups: Mapping, *, param: str, bounds: Bounds | M
     curtailed = any(np.isnan(a).any() for _, a in arrays.values())
     decided = ranges = None
     if curtailed:
-        decided = family_decided(arrays, bounds=bmap, alpha=alpha, baseline_floor=baseline_floor)
+        ranges = family_ranges({g: Partial.of(*arrays[g]) for g in arrays}, bmap, baseline_floor)
+        decided = _statuses(arrays, ranges, alpha)
         open_ = [g for g, st in decided.items() if st is None]
         if open_:
             raise ValueError(f"{claim}: {param} {open_[0]!r} was stopped before the family's statuses were decided: "
                              "evaluate its remaining items")
-        ranges = family_ranges({g: Partial.of(*arrays[g]) for g in arrays}, bmap, baseline_floor)
     rows, reasons = {}, {}
     for g, (before, after) in arrays.items():
         read = ~np.isnan(after)
@@ -282,7 +285,13 @@ def paired_family(claim: str, groups: Mapping, *, param: str, bounds: Bounds | M
             reasons[g] = "no items"
             rows[g] = (before, after, None)
             continue
-        rows[g] = (before, after, paired_tests(diffs, bmap[g]) if diffs.size else None)
+        if not diffs.size:
+            res = None
+        elif curtailed:  # the p-values are the ranges' (over n items); the items read give the estimate
+            res = (None, None, paired_ci(diffs), float(diffs.mean()))
+        else:
+            res = paired_tests(diffs, bmap[g])
+        rows[g] = (before, after, res)
         if before.mean() < baseline_floor:
             reasons[g] = (f"baseline accuracy {before.mean():.2f} is below the floor {baseline_floor:.2f}: "
                           "there is no retrieval for the intervention to change (a floor)")
