@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy import stats as _sps
 
-from rh.rules.core import Bounds, Power, decide_bounds, holm_pairs, t_power, t_test, three_way
+from rh.rules.core import Bounds, Power, decide_bounds, holm_pairs, t_power, three_way
 from rh.rules.paired import FLIP_RATE, paired_ci, paired_family, paired_p, paired_power, rule_power
 from rh.seeds import derive_seed
 from rh.stats import (
@@ -272,22 +272,28 @@ def dose_response(base_logprob: np.ndarray, top_logprob: Mapping[int, np.ndarray
                    min_effect=min_growth, power=pw.to_dict())
 
 
-def _sign_rule_power(x: np.ndarray, support_bound: float, refute_bound: float, alpha: float) -> Power:
-    """Exact power of the two sign tests of a median at ``x``'s size, values normal at its observed
-    spread: to support with the median at ``refute_bound`` + (refute - support), to refute at the
-    support bound."""
+def _sign_power_at(n: int, distance: float, sd: float, alpha: float) -> float | None:
+    """Exact power of a one-sided sign test on ``n`` values whose median lies ``distance`` beyond the
+    tested one, the values normal with spread ``sd`` (None without a spread)."""
     from scipy.stats import norm
 
     from rh.stats import sign_power
 
+    return sign_power(n, float(norm.cdf(distance / sd)), alpha) if sd > 0 else None
+
+
+def _sign_rule_power(x: np.ndarray, support_bound: float, refute_bound: float, alpha: float) -> Power:
+    """Exact power of the two sign tests of a median at ``x``'s size, values normal at its observed
+    spread: to support with the median at ``refute_bound`` + (refute - support), to refute at the
+    support bound (the refutation at α/2: CA-2's union)."""
     n = int(np.asarray(x).size)
     sd = float(np.std(x, ddof=1)) if n > 1 else math.nan
     if not (sd > 0):
         return Power.none("no spread to plant an effect at")
     gap = refute_bound - support_bound
     sup_at = refute_bound + gap
-    return Power(sign_power(n, float(norm.cdf((sup_at - support_bound) / sd)), alpha), sup_at,
-                 sign_power(n, float(norm.cdf(gap / sd)), alpha / 2), support_bound,
+    return Power(_sign_power_at(n, sup_at - support_bound, sd, alpha), sup_at,
+                 _sign_power_at(n, gap, sd, alpha / 2), support_bound,
                  "exact binomial power of the sign tests, values normal at the observed spread")
 
 
@@ -583,9 +589,7 @@ def ratio_rule(claim: str, ratios: np.ndarray, *, support_ratio: float, refute_r
     """Ratios (attention or attribution mass per needle token over uniform): the claims are about the
     median ratio, so one-sided exact sign tests (:func:`rh.stats.sign_pvalues`, valid for the median
     whatever the skew): median > ``support_ratio`` supports, median < ``refute_ratio`` refutes."""
-    from scipy.stats import norm
-
-    from rh.stats import min_attainable_p_binomial, sign_power, sign_pvalues
+    from rh.stats import min_attainable_p_binomial, sign_pvalues
 
     r = np.maximum(np.asarray(ratios, float), 1e-12)
     params = dict(params or {})
@@ -600,13 +604,8 @@ def ratio_rule(claim: str, ratios: np.ndarray, *, support_ratio: float, refute_r
     (p_ref,) = sign_pvalues([logs - math.log(refute_ratio)], "less")
     sd = float(logs.std(ddof=1)) if n > 1 else math.nan
     sa = math.log(refute_ratio) if refute_ratio > support_ratio else math.log(2 * support_ratio)
-
-    def power_at(distance: float) -> float | None:  # values above the tested median, log ratios normal at sd
-        if not (sd > 0):
-            return None
-        return sign_power(n, float(norm.cdf(distance / sd)), alpha)
-
-    power = Power(power_at(sa - math.log(support_ratio)), math.exp(sa), power_at(math.log(refute_ratio)), 1.0,
+    power = Power(_sign_power_at(n, sa - math.log(support_ratio), sd, alpha), math.exp(sa),
+                  _sign_power_at(n, math.log(refute_ratio), sd, alpha), 1.0,
                   "exact binomial power of the sign test, log ratios normal at the observed spread",
                   "effects as median ratios")
     ci = bootstrap_ci(logs, np.median, n_boot=2000, level=1 - 2 * alpha, seed=0)
@@ -704,10 +703,6 @@ def _id5_power(ratios: Mapping[str, np.ndarray], tasks: Sequence[str], m: int, *
     pooled): to support with one candidate at a median of 4 x ``ratio`` in every task (its sign test
     rejecting in each task at Holm's first level α/m), and to refute with every candidate at a
     median ratio of 1 (each shown below in some task at α/T)."""
-    from scipy.stats import norm
-
-    from rh.stats import sign_power
-
     sup, miss = 1.0, []
     for t in tasks:
         x = np.log(np.maximum(np.asarray(ratios[t], float), 1e-12))
@@ -715,8 +710,8 @@ def _id5_power(ratios: Mapping[str, np.ndarray], tasks: Sequence[str], m: int, *
         n = int(np.asarray(ratios[t]).shape[0])
         if not (sd > 0):
             return Power.none("no spread of the log ratios to plant an effect at")
-        sup *= sign_power(n, float(norm.cdf(math.log(4.0) / sd)), alpha / max(m, 1))
-        miss.append(1.0 - sign_power(n, float(norm.cdf(math.log(ratio) / sd)), alpha / len(tasks)))
+        sup *= _sign_power_at(n, math.log(4.0), sd, alpha / max(m, 1))
+        miss.append(1.0 - _sign_power_at(n, math.log(ratio), sd, alpha / len(tasks)))
     ref = (1.0 - float(np.prod(miss))) ** max(m, 1)
     return Power(sup, 4.0 * ratio, ref, 1.0, "exact binomial power of the sign tests, log ratios normal at each "
                  "task's observed spread", "support: one candidate at 4x the threshold in every task; refute: every "
