@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-from rh.profiles import PROFILES  # torch-free
-
 import argparse
 import logging
 import sys
@@ -20,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rh.options import add_model_options, model_kwargs
+from rh.profiles import PROFILES  # torch-free
 
 
 def _identify(args: argparse.Namespace) -> int:

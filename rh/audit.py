@@ -16,8 +16,6 @@ The prompts and the baseline are computed once and shared by every file of the r
 
 from __future__ import annotations
 
-from rh.profiles import PROFILES  # torch-free
-
 import argparse
 import sys
 import time
@@ -26,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from rh.options import add_model_options, model_kwargs
+from rh.profiles import PROFILES  # torch-free
 from rh.seeds import prompt_seed
 
 

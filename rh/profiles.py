@@ -138,8 +138,8 @@ _TABLE: dict[str, tuple[Profile, Profile]] = {
 }
 
 
-#: the profiles, smallest first: ``smoke`` for a first try of one's own claim (a minute or two on the
-#: bundled model: few, short prompts, so most claims end inconclusive for want of data), ``quick``
+#: the profiles, smallest first: ``smoke`` for a first try of one's own claim (under a minute for the
+#: guide's example on the bundled model: few, short prompts, so most claims end inconclusive), ``quick``
 #: the catalogue's check, ``full`` the evidence a paper would want
 PROFILES = ("smoke", "quick", "full")
 
@@ -170,7 +170,7 @@ def get_profile(name: str, shape: HeadShape, **overrides: Any) -> Profile:
     if name not in PROFILES:
         raise ValueError(f"unknown profile {name!r}: use one of {', '.join(PROFILES)}")
     quick, full = _TABLE[size_class(shape)]
-    prof = {"smoke": _smoke(quick), "quick": quick, "full": full}[name]
+    prof = full if name == "full" else _smoke(quick) if name == "smoke" else quick
     overrides = {k: v for k, v in overrides.items() if v is not None}
     prof = replace(prof, **overrides)
     if not (0 < prof.alpha < 1):

@@ -7,8 +7,6 @@ how to write claims in your own repository."""
 
 from __future__ import annotations
 
-from rh.profiles import PROFILES  # torch-free
-
 import contextlib
 import json
 import logging
@@ -24,6 +22,7 @@ import pytest
 
 from rh.budget import claim_costs, claim_plain, format_cost, saved_token_layers  # torch-free
 from rh.options import add_model_options
+from rh.profiles import PROFILES  # torch-free
 
 _VERDICT = "rh_verdict"
 _META = "rh_meta"

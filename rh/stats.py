@@ -1183,7 +1183,9 @@ def bootstrap_fraction_ci(
 
 
 def ratio_test_greater(ratios: Any, threshold: float) -> RatioTestResult:
-    """One-sided Wilcoxon signed-rank test that per-sample ratios exceed ``threshold`` (ID-2).
+    """One-sided Wilcoxon signed-rank test that per-sample ratios exceed ``threshold``. The ratio
+    claims (ID-2, ID-5, IV-6) no longer use it: they claim a median, and this tests the pseudo-median
+    (:func:`sign_pvalues`, :func:`rh.rules.claims.ratio_rule`).
 
     Tested: ``d = log(ratio) - log(threshold)`` per sample (e.g. attention mass per needle token
     over the uniform share). Null: d is symmetric about 0 (the typical ratio is the threshold).

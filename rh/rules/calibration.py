@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import stats as _sps
 
 from rh.profiles import Profile
 from rh.stats import Verdict
@@ -192,10 +193,6 @@ def _sim_ca2_with(shape: str) -> Callable:
     return run
 
 
-def _ca2_structures() -> dict:
-    return {name: _sim_ca2_with(name) for name in (*_LOG_NOISE, "both-ways")}
-
-
 def _sim_iv7(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
     """A softmax over the answer and 20 alternatives; ablation lowers the answer logit by 1.5 for
     every item (a uniform shift: no interaction) plus ``effect`` more on the less confident half."""
@@ -221,23 +218,16 @@ def _sim_iv7(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
 # claims are about the median ratio, so a rule must hold its rates whatever the skew (the signed-rank
 # test did not: it tests the pseudo-median).
 _LOG_NOISE: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "normal": lambda u: _norm_ppf(u),
+    "normal": lambda u: _sps.norm.ppf(u),
     "right-skewed": lambda u: -np.log1p(-u) - math.log(2.0),
     "left-skewed": lambda u: np.log(u) + math.log(2.0),
-    "heavy-tailed": lambda u: _t2_ppf(u) * 0.7,
+    "heavy-tailed": lambda u: _sps.t.ppf(u, 2) * 0.7,
 }
 
 
-def _norm_ppf(u):
-    from scipy.stats import norm
-
-    return norm.ppf(u)
-
-
-def _t2_ppf(u):
-    from scipy.stats import t
-
-    return t.ppf(u, 2)
+def _shapes(sim: Callable[[str], Callable], names=tuple(_LOG_NOISE)) -> dict:
+    """A family's simulator under each data shape: ``{shape: sim(shape)}``."""
+    return {name: sim(name) for name in names}
 
 
 def _noise(rng, shape: str, size) -> np.ndarray:
@@ -256,10 +246,6 @@ def _sim_ratio(n_key: str, support: Callable[[Profile], float], refute: Callable
     return run
 
 
-def _ratio_structures(n_key: str, support: Callable[[Profile], float], refute: Callable[[Profile], float]) -> dict:
-    return {name: _sim_ratio(n_key, support, refute, name) for name in _LOG_NOISE}
-
-
 def _sim_id5_with(noise: str) -> Callable:
     def run(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
         """Three candidate heads; each task's prompts share a window effect across tasks (the
@@ -268,22 +254,16 @@ def _sim_id5_with(noise: str) -> Callable:
         is the threshold)."""
         from rh.rules.claims import general_heads_rule
 
-        from scipy.stats import norm
-
         n = s["task"]
         window = rng.normal(0, 1, (n, 3))  # shared by every task: the same windows and needle positions
         # each task's noise: correlated with the others through the window (a Gaussian copula), shaped
         # by a monotone map, so its median stays 0 whatever the shape
         ratios = {f"t{t}": np.exp(math.log(effect) + _LOG_NOISE[noise](
-            norm.cdf((window + rng.normal(0, 1, (n, 3))) / math.sqrt(2.0)))) for t in range(s["tasks"])}
+            _sps.norm.cdf((window + rng.normal(0, 1, (n, 3))) / math.sqrt(2.0)))) for t in range(s["tasks"])}
         acc = {t: _BASE_ACC for t in ratios}
         return [general_heads_rule(ratios, ["a", "b", "c"], ratio=p.spike_ratio, alpha=p.alpha, accuracy=acc,
                                    baseline_floor=p.baseline_floor, k=p.general_k)]
     return run
-
-
-def _id5_structures() -> dict:
-    return {name: _sim_id5_with(name) for name in _LOG_NOISE}
 
 
 def _agree_means(rng, k: int, heads: int, effect: float) -> tuple[np.ndarray, np.ndarray]:
@@ -442,7 +422,7 @@ def _families(p: Profile, s: dict) -> dict[str, tuple]:
     d = p.min_drop
     return {
         "CA-1": (_sim_ca1, 0.0, p.ca1_min_gap, p.ca1_min_gap + 0.1, 0.0),
-        "CA-2": (_ca2_structures(), 0.0, p.dose_min_growth, 2 * p.dose_min_growth, 0.0),
+        "CA-2": (_shapes(_sim_ca2_with, (*_LOG_NOISE, "both-ways")), 0.0, p.dose_min_growth, 2 * p.dose_min_growth, 0.0),
         "CA-3": (_sim_ca3, p.ni_margin, p.ni_margin, 0.0, 2 * p.ni_margin),
         "CA-4": (_sim_drop(s["tasks"], s["task"]), 0.0, d, d + 0.1, 0.0),
         "CA-6": (_sim_drop(s["depths"], s["depth_n"]), 0.0, d, d + 0.1, 0.0),
@@ -455,11 +435,11 @@ def _families(p: Profile, s: dict) -> dict[str, tuple]:
         "ID-1": (_sim_id1, math.ceil(p.sparsity_max_fraction * 270) / 270,
                  (math.ceil(p.sparsity_max_fraction * 270) - 1) / 270, p.sparsity_max_fraction / 5,
                  3 * p.sparsity_max_fraction),
-        "ID-2": (_ratio_structures("n_val", lambda q: q.spike_ratio, lambda q: q.spike_ratio), p.spike_ratio,
-                 p.spike_ratio, 4 * p.spike_ratio, 1.0),
-        "IV-6": (_ratio_structures("ig_n", lambda q: 1.0, lambda q: q.ig_min_ratio), 1.0, p.ig_min_ratio,
-                 3 * p.ig_min_ratio, 0.5),
-        "ID-5": (_id5_structures(), p.spike_ratio, p.spike_ratio, 4 * p.spike_ratio, 1.0),
+        "ID-2": (_shapes(lambda sh: _sim_ratio("n_val", lambda q: q.spike_ratio, lambda q: q.spike_ratio, sh)),
+                 p.spike_ratio, p.spike_ratio, 4 * p.spike_ratio, 1.0),
+        "IV-6": (_shapes(lambda sh: _sim_ratio("ig_n", lambda q: 1.0, lambda q: q.ig_min_ratio, sh)), 1.0,
+                 p.ig_min_ratio, 3 * p.ig_min_ratio, 0.5),
+        "ID-5": (_shapes(_sim_id5_with), p.spike_ratio, p.spike_ratio, 4 * p.spike_ratio, 1.0),
         "ID-3/ID-4": (_sim_agree, float(p.id_k), 0.0, 0.0, float(p.id_k)),
         "ID-7": (_sim_id7, float(p.id_k), 0.0, 0.0, float(p.id_k)),
         "ID-8": (_sim_id8, 0.0, p.group_min_effect, p.group_min_effect + 0.25, 0.0),
