@@ -180,7 +180,7 @@ def get_profile(name: str, shape: HeadShape, **overrides: Any) -> Profile:
         raise ValueError(
             f"random_draws={prof.random_draws} is too few: with {len(prof.ablation_levels)} K levels at alpha="
             f"{prof.alpha}, the head-set null needs at least {int(need)} draws to be able to pass Holm's threshold: "
-            f"use alpha >= {len(prof.ablation_levels) / (prof.random_draws + 1):.3g} with this profile, or the full "
+            f"use an alpha above {len(prof.ablation_levels) / (prof.random_draws + 1):.3g} with this profile, or the full "
             "profile (more draws)"
         )
     if prof.ca1_control not in ("outside_top", "layer_matched"):

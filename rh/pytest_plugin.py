@@ -28,6 +28,9 @@ _VERDICT = "rh_verdict"
 _META = "rh_meta"
 _CLAIM = "rh_claim"
 _COST = "rh_cost"  # under pytest -n: what a worker's passes cost since its last report (see RhSession.ship_cost)
+_JOURNAL = "rh_journal"  # a claim's fingerprint (rh.journal.item_fingerprint), for the controller's journal
+_RESUMED = "rh_resumed"  # a claim replayed from the journal: its record (the verdict's cost, when it finished)
+_OPTION_DESTS: tuple[str, ...] = ()  # every rh option's dest, for the journal's fingerprint of a run's inputs
 PLUGIN_NAME = "rh-session"
 
 log = logging.getLogger("rh")
@@ -86,8 +89,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 "rh_report_dir, else reports/ under the rootdir)")
     g.addoption("--ranking-cache", default=None, help="folder of cached rankings (default: the ini value "
                 "rh_ranking_cache, else .rh/rankings/ under the rootdir)")
+    g.addoption("--fresh", action="store_true",
+                help="compute every claim, even those an interrupted run of the same inputs finished (kept in "
+                     "the --journal folder; without --fresh the same command run again resumes)")
+    g.addoption("--journal", default=None, metavar="DIR",
+                help="where each finished claim's verdict is kept until the run has finished them all, so the "
+                     "same command run again after an interruption resumes (default: the ini value rh_journal, "
+                     "else .rh/journal/ under the rootdir)")
+    global _OPTION_DESTS
+    _OPTION_DESTS = tuple(o.dest for o in g.options)
     parser.addini("rh_report_dir", "where rh writes its reports, relative to the rootdir", default="reports")
     parser.addini("rh_ranking_cache", "rh's ranking cache, relative to the rootdir", default=".rh/rankings")
+    parser.addini("rh_journal", "the journal of finished claims (resume after an interruption), relative to the "
+                  "rootdir", default=".rh/journal")
     parser.addini("rh_expected_dir", "where expected-verdict files <model>.json live (used for the progress "
                   "lines' estimate of the time left when --expected is not given)", default="")
 
@@ -144,12 +158,14 @@ def pytest_configure(config: pytest.Config) -> None:
     from rh.expected import load_expected
     from rh.models import resolve_spec
 
-    from rh.models import ModelAccessError, check_reachable, expected_shape
+    from rh.models import ModelAccessError, check_reachable, check_weights, expected_shape
 
     try:  # a bad --model is a usage error, reported before anything is collected or loaded
         resolve_spec(config.getoption("--model"))
         check_reachable(config.getoption("--model"))  # offline and not cached: say so in seconds
         shape = expected_shape(config.getoption("--model"))  # off the registry: its config.json, once
+        if not config.getoption("--plan"):  # a plan needs the config alone; a run, weights
+            check_weights(config.getoption("--model"))
     except (ValueError, FileNotFoundError, ModelAccessError) as exc:
         raise pytest.UsageError(f"--model: {exc}") from None
     _check_runner_options(config)
@@ -211,8 +227,9 @@ def pytest_configure(config: pytest.Config) -> None:
     cache = ranking_cache(config)
     blocked = unwritable_folder(cache)
     if blocked is not None:
-        raise pytest.UsageError(f"--ranking-cache {cache}: {blocked} is not a writable folder; choose another (the "
-                                "cache takes a lock file beside each ranking it reads, and keeps those it computes)")
+        from rh.io import cache_message
+
+        raise pytest.UsageError(cache_message("--ranking-cache", cache, blocked))
     from rh import progress
 
     session.progress_token = progress.listen(session.on_progress)
@@ -331,6 +348,104 @@ class RhSession:
         self.old_sigterm = None
         self.shipped: dict[str, dict[str, int]] = {"by": {}, "saved": {}, "units": {}}  # a worker's costs reported
         self.remote: dict[str, dict[str, int]] = {"by": {}, "saved": {}, "units": {}}  # the workers' costs received
+        self._journal: Any = False  # rh.journal.Journal once opened (None: this run keeps none)
+        self.item_fps: dict[str, str] = {}  # each claim's fingerprint, by node id
+        self.resumed: dict[str, str] = {}  # claims replayed from the journal: node id -> when they finished
+        self.journal_error: str | None = None
+
+    def journal(self):
+        """This run's journal (:mod:`rh.journal`), opened on first use, or None: with --plan (nothing
+        runs) or where its inputs cannot be read (said once). With --fresh the journal an earlier
+        run left is removed first, so this run's own records start it anew."""
+        if self._journal is not False:
+            return self._journal
+        self._journal = None
+        config = self.config
+        if config.getoption("--plan"):
+            return None
+        try:
+            from rh import journal as jr
+
+            self._journal = jr.Journal(_path_setting(config, "--journal", "rh_journal"), self.fingerprint())
+        except (OSError, ValueError) as exc:
+            self.journal_error = f"no journal this run, so an interrupted run would start over: {exc}"
+            _progress(config, f"rh: {self.journal_error}", force=True)
+            return None
+        if config.getoption("--fresh") and not hasattr(config, "workerinput"):
+            self._journal.discard()
+        return self._journal
+
+    def fingerprint(self) -> str:
+        """The digest of this run's inputs (:func:`rh.journal.session_fingerprint`)."""
+        import torch
+
+        from rh import journal as jr
+        from rh.models import resolve_dtype
+
+        config = self.config
+        options = {d: getattr(config.option, d, None) for d in _OPTION_DESTS}
+        device = config.getoption("--device") or ("cuda" if torch.cuda.is_available() else "cpu")
+        files = {}
+        if config.getoption("--rankings"):
+            files["rankings"] = jr.file_digest(config.getoption("--rankings"))
+        models = {"model": jr.model_identity(config.getoption("--model"))}
+        if config.getoption("--compare-model"):
+            models["compare"] = jr.model_identity(config.getoption("--compare-model"))
+        return jr.session_fingerprint(options, model=models, dtype=str(resolve_dtype(config.getoption("--dtype"),
+                                                                                      device).dtype), files=files)
+
+    def item_fingerprint(self, item: pytest.Item) -> str | None:
+        """A claim's fingerprint (:func:`rh.journal.item_fingerprint`), once per node id."""
+        fp = self.item_fps.get(item.nodeid)
+        if fp is None and self.journal() is not None:
+            from rh import journal as jr
+
+            path = Path(item.path)
+            fp = jr.item_fingerprint(self.journal().fingerprint, item.nodeid,
+                                     [*jr.conftests(path, self.config.rootpath), path])
+            self.item_fps[item.nodeid] = fp
+        return fp
+
+    def journaled(self, item: pytest.Item) -> dict[str, Any] | None:
+        """The record of ``item`` an earlier run with the same inputs finished, if it may be replayed
+        (never with --update-expected, which records each claim's cost as it computes it)."""
+        if item.get_closest_marker("claim") is None or self.config.getoption("--update-expected") or \
+                self.config.getoption("--fresh"):
+            return None
+        j = self.journal()
+        if j is None or not j.records:
+            return None
+        return j.get(item.nodeid, self.item_fingerprint(item))
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_protocol(self, item: pytest.Item, nextitem):
+        """A claim an earlier run of the same inputs finished is replayed from the journal: its
+        verdict is recorded (and passes, fails or skips) as if computed; no fixture is set up, so a
+        rerun after an interruption loads the model only if some claim is left to compute."""
+        rec = self.journaled(item)
+        if rec is None:
+            return None
+        from rh.stats import Verdict
+
+        entry = dict(rec["verdict"])
+        verdict = Verdict.from_dict({k: v for k, v in entry.items() if k not in ("statement", "source")})
+        if self.journal().meta and not self.resumed:  # the earlier run's provenance, under this run's own
+            keep = {k: v for k, v in self.journal().meta.items() if k not in _RUN_ONLY_META}
+            _merge(keep, self.meta)
+            self.meta.clear()
+            self.meta.update(keep)
+
+        def call() -> None:
+            item.user_properties.append((_RESUMED, {"cost": rec.get("cost") or {}, "finished": rec.get("finished")}))
+            _settle(item, self.config, entry, verdict)
+
+        ihook = item.ihook
+        ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+        for when in ("setup", "call", "teardown"):
+            info = pytest.CallInfo.from_call(call if when == "call" else (lambda: None), when=when)
+            ihook.pytest_runtest_logreport(report=ihook.pytest_runtest_makereport(item=item, call=info))
+        ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+        return True
 
     def catch_sigterm(self) -> None:
         """SIGTERM (a batch scheduler's time limit, ``kill``) ends the run as Ctrl-C does: the claim
@@ -433,6 +548,12 @@ class RhSession:
             elif not recorded and report.when == "call" and not report.failed:
                 problem = "the claim test ended without recording a verdict: call record_verdict(verdict)" + (
                     f" (it skipped: {_short_error(report)})" if report.skipped else "")
+            resumed = props.get(_RESUMED)
+            if resumed:  # replayed from the journal: the bill is the earlier run's, which paid it
+                was = resumed.get("cost") or {}
+                cost, seconds, with_fixtures, saved = (was.get("token_layers", 0), was.get("seconds"),
+                                                       was.get("token_layers_with_fixtures", 0),
+                                                       was.get("saved_with_fixtures", 0))
             if recorded and problem is None:
                 v = dict(recorded[0])
                 v["nodeid"] = report.nodeid
@@ -442,6 +563,13 @@ class RhSession:
                 v["token_layers_with_fixtures"] = with_fixtures
                 v["saved_with_fixtures"] = saved
                 v["seconds"] = seconds
+                if resumed:
+                    v["resumed"] = resumed.get("finished") or True
+                    self.resumed[report.nodeid] = str(resumed.get("finished"))
+                elif props.get(_JOURNAL) and report.when == "call":
+                    self.keep(report.nodeid, props[_JOURNAL], recorded[0],
+                              {"token_layers": cost, "seconds": seconds, "token_layers_with_fixtures": with_fixtures,
+                               "saved_with_fixtures": saved})
                 self.verdicts.append(v)
             elif report.failed or problem is not None:
                 exp = self.expected
@@ -452,6 +580,20 @@ class RhSession:
                     "reason": problem or _short_error(report), "token_layers": cost,
                     "token_layers_with_fixtures": with_fixtures,
                 })
+
+    def keep(self, nodeid: str, fp: str, entry: dict[str, Any], cost: dict[str, Any]) -> None:
+        """Keep a finished claim in the journal (a journal that cannot be written is said once, and
+        the run goes on without it)."""
+        j = self.journal()
+        if j is None:
+            return
+        try:
+            j.add(nodeid, fp, entry, cost, meta={k: v for k, v in self.meta.items() if k not in _RUN_ONLY_META})
+        except OSError as exc:
+            self.journal_error = f"the journal {j.path} could not be written ({exc}): an interrupted run starts over"
+            _progress(self.config, f"rh: {self.journal_error}", force=True)
+            j.close()
+            self._journal = None
 
     @pytest.hookimpl(wrapper=True)
     def pytest_fixture_setup(self, fixturedef, request):
@@ -496,6 +638,7 @@ class RhSession:
         reserve = 30.0 + 0.03 * budget * 60  # the report, the comparison, a margin for noise
         deadline = self.t0 + budget * 60 - reserve
         costs = {nid: estimated_seconds(node.get("token_layers"), node, per_tl) for nid, node in exp.nodes.items()}
+        costs.update({it.nodeid: 0.0 for it in claims if self.journaled(it) is not None})  # replayed: free
         fixture_costs = {f: estimated_seconds(tl, exp.fixture_seconds.get(f), per_tl)
                          for f, tl in exp.fixture_token_layers.items()}
         plan = plan_budget([(it.nodeid, it.fixturenames) for it in claims], costs, fixture_costs,
@@ -607,6 +750,10 @@ class RhSession:
             rep.user_properties.append((_VERDICT, {
                 "claim": str(marker.args[0]) if marker and marker.args else item.nodeid, "status": "inconclusive",
                 "reason": reason, "params": {}, "test": "", "n": 0}))
+        if call.when == "call" and item.get_closest_marker("claim") is not None:
+            fp = self.item_fingerprint(item)
+            if fp is not None:  # the controller keeps the claim's verdict in the journal under it
+                rep.user_properties.append((_JOURNAL, fp))
         if hasattr(item.config, "workerinput") and item.get_closest_marker("claim") is not None:
             rep.user_properties.append((_COST, self.ship_cost(item, call.when)))
         if call.when == "teardown" and self.started_item:
@@ -646,6 +793,7 @@ class RhSession:
         if interrupted is not None:  # the comparison lists the claims not run, as it lists those left out
             for n in interrupted["not_run"]:
                 self.left_out.setdefault(n, f"not run: the run was interrupted by {interrupted['by']}")
+        self.close_journal(interrupted)
         if self.expected is not None:
             try:
                 status = _check_expected(config, self, status)
@@ -663,17 +811,48 @@ class RhSession:
         self.report_paths = paths
         session.exitstatus = int(pytest.ExitCode.INTERRUPTED) if interrupted is not None else status
 
+    def close_journal(self, interrupted: dict[str, Any] | None) -> None:
+        """Say in the metadata which claims were replayed from the journal; remove the journal once
+        this run has finished every claim it holds and every claim it collected (nothing
+        interrupted, left out or in error), so the next run of the command starts afresh."""
+        j = self.journal()
+        if self.resumed:
+            self.meta["resumed"] = {"journal": str(j.path) if j else None, "claims": sorted(self.resumed),
+                                    "computed": len([v for v in self.verdicts if not v.get("resumed")])}
+        if j is None or hasattr(self.config, "workerinput"):
+            return
+        done = {v["nodeid"] for v in self.verdicts if v.get("status") != "error"}
+        wanted = [n for n in self.collected if n not in self.deselected]
+        if interrupted is None and not self.left_out and set(j.records) <= done and set(wanted) <= done and (
+                len(done) == len(self.verdicts)):
+            j.discard()
+        else:
+            j.close()
+            if j.records:
+                self.meta["journal"] = {"path": str(j.path), "claims": len(j.records)}
+
     def pytest_terminal_summary(self, terminalreporter, exitstatus, config) -> None:
         stop = self.meta.get("interrupted")
+        kept = self.meta.get("journal")
         if stop:
             terminalreporter.write_sep("!", f"rh: interrupted by {stop['by']}", red=True)
             terminalreporter.write_line(f"{stop['finished']} of {stop['collected']} claims finished; the report keeps "
                                         f"their verdicts; {len(stop['not_run'])} not run:")
             for n in stop["not_run"]:
                 terminalreporter.write_line(f"  not run: {n}")
+            if kept:
+                terminalreporter.write_line(f"the same command run again resumes: the {kept['claims']} finished claims "
+                                            f"are kept in {kept['path']} and are not computed again (--fresh: all)")
             if not config.getoption("--store"):
-                terminalreporter.write_line("(with --store PATH every computed row is kept, so the same command run "
-                                            "again computes only the rows that are missing)")
+                terminalreporter.write_line("(with --store PATH every computed row is kept too, so the claims resumed "
+                                            "compute only the rows that are missing)")
+        resumed = self.meta.get("resumed")
+        if resumed:
+            terminalreporter.write_line(
+                f"rh: {len(resumed['claims'])} claim(s) resumed from {resumed['journal']} (finished by an earlier run "
+                f"of the same inputs, not computed again; --fresh computes them), {resumed['computed']} computed")
+        if self.journal_error:
+            terminalreporter.write_line(f"rh: {self.journal_error}", yellow=True)
         verdicts = sorted(self.verdicts, key=lambda v: v.get("nodeid", ""))
         if verdicts:
             from rh.report import format_matrix
@@ -995,30 +1174,39 @@ def record_verdict(request, pytestconfig):
     instead passes exactly when the verdict is the expected one (``--update-expected``: always)."""
 
     marker = request.node.get_closest_marker("claim")
-    exp = _rh(pytestconfig).expected
-    expected = None if exp is None else ({} if pytestconfig.getoption("--update-expected") else exp.verdicts)
     doc = " ".join((getattr(request.node, "function", None).__doc__ or "").split())
 
     def record(verdict) -> None:
         entry = verdict.to_dict()
         entry["statement"] = doc
         entry["source"] = marker.kwargs.get("source", "") if marker else ""
-        request.node.user_properties.append((_VERDICT, entry))
-        request.node.user_properties.append((_META, _session_meta(pytestconfig)))
-        if expected is not None and pytestconfig.getoption("--update-expected"):
-            return
-        if expected is not None:
-            key = _verdict_key(entry)
-            want = expected.get(key, "absent from the expected file")
-            assert verdict.status == want, (
-                f"{key}: expected {want}, got {verdict.status} -- if the science changed, rerun with "
-                f"--update-expected and commit the file\n" + verdict.explain())
-            return
+        _settle(request.node, pytestconfig, entry, verdict)
+
+    return record
+
+
+#: session metadata that belongs to one run: not carried over from a journal to the run resuming it
+_RUN_ONLY_META = frozenset({"cost", "units", "interrupted", "budget", "resumed", "heads_model_warning"})
+
+
+def _settle(node: pytest.Item, config: pytest.Config, entry: dict[str, Any], verdict) -> None:
+    """Attach a verdict (its dict ``entry``) to the claim's report, then pass, fail or skip as
+    :func:`record_verdict` says: what a computed verdict and one replayed from the journal share."""
+    node.user_properties.append((_VERDICT, entry))
+    node.user_properties.append((_META, _session_meta(config)))
+    exp = _rh(config).expected
+    if exp is None:
         if verdict.inconclusive:
             pytest.skip(f"inconclusive: {verdict.reason}")
         assert verdict.supported, "claim refuted:\n" + verdict.explain()
-
-    return record
+        return
+    if config.getoption("--update-expected"):
+        return
+    key = _verdict_key(entry)
+    want = exp.verdicts.get(key, "absent from the expected file")
+    assert verdict.status == want, (
+        f"{key}: expected {want}, got {verdict.status} -- if the science changed, rerun with "
+        f"--update-expected and commit the file\n" + verdict.explain())
 
 
 def _path_setting(config: pytest.Config, option: str, ini: str) -> Path:

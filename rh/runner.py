@@ -161,7 +161,9 @@ class ResultStore:
             lines.append(json.dumps({"key": key, "row": list(row)}) + "\n")
         if self.path is not None and lines:
             if self._fh is None:
-                self._fh = open(self.path, "a", encoding="utf-8")
+                from rh.journal import open_for_append
+
+                self._fh = open_for_append(self.path)
             self._fh.write("".join(lines))
             self._fh.flush()
 

@@ -29,7 +29,8 @@ def _run_claims(tmp_path, *extra, target=CA1, env=None):
     import os
 
     cmd = [sys.executable, "-m", "pytest", target, "--model", "tiny-llama", "-p", "no:cacheprovider", "-q",
-           "--report-dir", str(tmp_path / "reports"), "--ranking-cache", str(tmp_path / "rankings"), *extra]
+           "--report-dir", str(tmp_path / "reports"), "--ranking-cache", str(tmp_path / "rankings"),
+           "--journal", str(tmp_path / "journal"), *extra]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, **(env or {})})
 
@@ -212,7 +213,8 @@ def test_the_catalogue_runs_on_every_familys_tiny_model_and_supports_only_the_id
     random model of each family, and none but CA-5's mechanical identity is supported. (This run
     found IV-3's hub override indexing past the keys under Mistral's sliding window.)"""
     cmd = [sys.executable, "-m", "pytest", "claims/", "--model", f"tiny-{family}", "-p", "no:cacheprovider", "-q",
-           "--report-dir", str(tmp_path / "reports"), "--ranking-cache", str(tmp_path / "rankings")]
+           "--report-dir", str(tmp_path / "reports"), "--ranking-cache", str(tmp_path / "rankings"),
+           "--journal", str(tmp_path / "journal")]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     reports = sorted((tmp_path / "reports").glob(f"tiny-{family}-*.json"))
     assert reports, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -382,7 +384,8 @@ def test_a_run_killed_mid_way_resumes_from_its_store_computing_only_the_missing_
     assert full.returncode == 0, full.stdout[-2000:]
     total = json.loads(next((folder / "full" / "reports").glob("*.json")).read_text())["meta"]["units"]["rows_computed"]
     cmd = [sys.executable, "-m", "pytest", CA1, "--model", "tiny-llama", "-p", "no:cacheprovider", "-q",
-           "--report-dir", str(folder / "killed"), "--ranking-cache", str(folder / "rankings"), "--store", str(store)]
+           "--report-dir", str(folder / "killed"), "--ranking-cache", str(folder / "rankings"), "--store", str(store),
+           "--journal", str(folder / "journal")]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and (not store.exists() or len(store.read_text().splitlines()) < total // 3):
@@ -462,6 +465,140 @@ def test_a_run_ended_by_a_signal_writes_its_finished_verdicts_and_says_what_did_
     assert stop["not_run"] == ["test_claims.py::test_b", "test_claims.py::test_c"]
     html = report.with_suffix(".html").read_text()
     assert "<strong>Interrupted</strong> by " + sig in html and "test_claims.py::test_c" in html
+
+
+_RESUMABLE = """
+    from pathlib import Path
+
+    import pytest
+    from rh.stats import Verdict
+
+    def _v(claim, status="supported"):
+        return Verdict(claim=claim, status=status, test="t", statistic=1.0, p_value=0.01, p_adjusted=0.01,
+                       effect=0.5, ci=(0.1, 0.9), n=10, reason="why" if status != "supported" else "",
+                       params={{}}, details={{"d": [1, 2]}})
+
+    def _ran(name):
+        with open({calls!r}, "a") as fh:
+            fh.write(name + "\\n")
+
+    @pytest.mark.claim("X-1")
+    def test_a(record_verdict):
+        _ran("a")
+        record_verdict(_v("X-1"))
+
+    @pytest.mark.claim("X-2")
+    def test_b(record_verdict):
+        _ran("b")
+        block = Path({block!r})
+        if block.with_name("crash").exists():
+            raise RuntimeError("a claim that errors")
+        if block.exists():
+            Path({marker!r}).write_text("started")
+            import time
+            time.sleep(120)
+        record_verdict(_v("X-2", "refuted"))
+
+    @pytest.mark.claim("X-3")
+    def test_c(record_verdict):
+        _ran("c")
+        record_verdict(_v("X-3", "inconclusive"))
+    """
+
+
+def _resumable(folder: Path) -> tuple[Path, Path, Path]:
+    calls, block, marker = folder / "calls.txt", folder / "block", folder / "b-started"
+    (folder / "test_claims.py").write_text(textwrap.dedent(_RESUMABLE.format(calls=str(calls), block=str(block),
+                                                                              marker=str(marker))))
+    return calls, block, marker
+
+
+def test_a_run_killed_by_sigterm_resumes_computing_only_the_claims_that_had_not_finished(tmp_path):
+    """SIGTERM during the second of three claims, then the same command again: the first claim is
+    replayed from the journal (its body does not run again), the other two are computed, the
+    report holds all three verdicts (outcomes as computed: passed, failed, skipped) and says which
+    it resumed; the journal is then removed, so a third run computes everything afresh."""
+    import os
+    import signal
+    import time
+
+    calls, block, marker = _resumable(tmp_path)
+    block.write_text("")
+    cmd = [sys.executable, "-m", "pytest", "test_claims.py", "--model", "tiny-llama", "-p", "no:cacheprovider",
+           "--report-dir", "reports", "-q"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while not marker.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert marker.exists(), proc.communicate()[0][-3000:]
+        os.kill(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 2, out[-3000:]
+    journal = list((tmp_path / ".rh" / "journal").glob("*.jsonl"))
+    assert len(journal) == 1 and "the same command run again resumes: the 1 finished claims" in out, out[-3000:]
+    assert calls.read_text().split() == ["a", "b"]
+    block.unlink()
+    calls.write_text("")
+    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 1, again.stdout[-3000:]  # X-2 is refuted: a failed test, as computed
+    assert calls.read_text().split() == ["b", "c"]  # the finished claim was not computed again
+    assert "1 claim(s) resumed from" in again.stdout and "1 failed, 1 passed, 1 skipped" in again.stdout, again.stdout[-3000:]
+    second = max((tmp_path / "reports").glob("*.json"), key=lambda p: p.stat().st_mtime)
+    data = json.loads(second.read_text())
+    got = {v["claim"]: (v["status"], v["outcome"], bool(v.get("resumed"))) for v in data["verdicts"]}
+    assert got == {"X-1": ("supported", "passed", True), "X-2": ("refuted", "failed", False),
+                   "X-3": ("inconclusive", "skipped", False)}
+    first = next(v for v in data["verdicts"] if v["claim"] == "X-1")
+    assert first["details"] == {"d": [1, 2]} and first["ci"] == [0.1, 0.9]  # the verdict as recorded
+    assert data["meta"]["resumed"]["claims"] == ["test_claims.py::test_a"] and data["meta"]["resumed"]["computed"] == 2
+    assert "<strong>Resumed</strong>" in second.with_suffix(".html").read_text()
+    assert not list((tmp_path / ".rh" / "journal").glob("*.jsonl"))  # every claim finished: no journal left
+    calls.write_text("")
+    third = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert calls.read_text().split() == ["a", "b", "c"], third.stdout[-2000:]
+
+
+def test_a_journal_is_replayed_only_for_the_same_inputs(warm_imports, pytester):
+    """A claim kept by an unfinished run (here another claim errors, so the journal stays) is
+    computed again when its inputs changed: another --alpha, an edited test file, --fresh; it is
+    replayed (and passes or fails against --expected as a computed verdict would) when nothing
+    changed. A torn last line costs only its claim; a claim in error is always computed again."""
+    calls, block, marker = _resumable(pytester.path)
+    (pytester.path / "crash").write_text("")
+    args = ("--model", "tiny-llama", "-p", "no:cacheprovider")
+
+    def ran(*extra):
+        calls.write_text("")
+        res = pytester.runpytest_inprocess(*args, *extra)
+        return calls.read_text().split(), res
+
+    journal = pytester.path / ".rh" / "journal"
+    assert ran()[0] == ["a", "b", "c"]
+    assert len(list(journal.glob("*.jsonl"))) == 1  # b is in error: the run is unfinished, its journal stays
+    got, res = ran()
+    assert got == ["b"]  # a and c replayed
+    res.assert_outcomes(passed=1, failed=1, skipped=1)
+    assert ran("--alpha", "0.045")[0] == ["a", "b", "c"]  # another level: other inputs, a journal of its own
+    assert ran("--alpha", "0.045")[0] == ["b"]
+    assert ran("--fresh")[0] == ["a", "b", "c"]
+    src = pytester.path / "test_claims.py"
+    src.write_text(src.read_text() + "\n# edited\n")
+    assert ran()[0] == ["a", "b", "c"]  # the test file changed
+    for p in journal.glob("*.jsonl"):  # tear the last line (test_c's record) of every journal
+        text = p.read_text()
+        p.write_text(text[: len(text) - 20])
+    assert ran()[0] == ["b", "c"]
+    exp = pytester.path / "exp.json"
+    exp.write_text(json.dumps({"model": "tiny-llama", "profile": "quick",
+                               "verdicts": {"X-1[]": "refuted", "X-2[]": "refuted", "X-3[]": "inconclusive"}}))
+    got, res = ran("--expected", str(exp))
+    assert got == ["b"]
+    res.assert_outcomes(passed=1, failed=2)  # X-1 replayed as supported, not what the file expects; X-2 errs
 
 
 def test_a_claim_without_a_verdict_or_with_two_is_an_error_row(warm_imports, pytester):

@@ -242,6 +242,7 @@ padding:0 1em;color:#1f2328;line-height:1.45}
 h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #d0d7de;padding-bottom:.2em;margin-top:1.6em}
 .sub{color:#57606a;margin-top:0}.summary{font-size:1.1em}
 .interrupted{border:2px solid #cf222e;background:#ffebe9;padding:.2em 1em;margin:.5em 0}
+.resumed{border:1px solid #9a6700;background:#fff8c5;padding:.2em 1em;margin:.5em 0}
 table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #d0d7de;padding:.25em .6em;
 vertical-align:top;text-align:left}thead th{background:#f6f8fa}
 table.matrix td.num{text-align:right;white-space:nowrap}

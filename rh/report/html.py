@@ -229,6 +229,8 @@ def provenance(meta: Mapping[str, Any]) -> dict[str, Any]:
         "budget": meta.get("budget", {}).get("summary") if isinstance(meta.get("budget"), Mapping) else None,
         "interrupted": (f"by {meta['interrupted'].get('by')}, {len(meta['interrupted'].get('not_run') or [])} "
                         "claims not run") if isinstance(meta.get("interrupted"), Mapping) else None,
+        "resumed": (f"{len(meta['resumed'].get('claims') or [])} verdicts replayed from "
+                    f"{meta['resumed'].get('journal')}") if isinstance(meta.get("resumed"), Mapping) else None,
     }
     if out["model id"] == out["model"]:
         out["model id"] = None
@@ -298,6 +300,7 @@ def render_html(
         _render_subtitle(meta),
         _render_summary(counts, len(verdicts)),
         _render_interrupted(meta.get("interrupted")),
+        _render_resumed(meta.get("resumed")),
         _render_nav(bool(global_figures)),
         '<h2 id="matrix">Claim matrix</h2>',
         _render_matrix(verdicts),
@@ -467,6 +470,18 @@ def _render_interrupted(stop: Any) -> str:
             f'{escape(fmt_scalar(stop.get("finished")))} of {escape(fmt_scalar(stop.get("collected")))} claims '
             f"finished, and their verdicts are below; {len(not_run)} not run"
             + (f":</p><ul>{items}</ul></div>" if not_run else ".</p></div>"))
+
+
+def _render_resumed(resumed: Any) -> str:
+    """A run that resumed an interrupted one: which verdicts it replayed from the journal."""
+    if not isinstance(resumed, Mapping) or not resumed.get("claims"):
+        return ""
+    claims = [str(n) for n in resumed.get("claims") or []]
+    items = "".join(f"<li><code>{escape(n)}</code></li>" for n in claims)
+    return (f'<div class="resumed"><p><strong>Resumed</strong>: {len(claims)} verdict(s) below were finished by an '
+            f"earlier run of the same inputs (model, options, rh's source, the claims' files) and replayed from "
+            f"<code>{escape(str(resumed.get('journal')))}</code>; {escape(fmt_scalar(resumed.get('computed')))} "
+            f"computed by this run.</p><details><summary>replayed</summary><ul>{items}</ul></details></div>")
 
 
 def _render_matrix(verdicts: Sequence[Mapping[str, Any]]) -> str:
