@@ -48,7 +48,7 @@ def _bad_files(tmp_path):
     (["--report-dir", "{tmp}/a_file/reports"], "is not a writable folder"),
     (["--alpha", "0"], "strictly between 0 and 1"),
     (["--alpha", "1.5"], "strictly between 0 and 1"),
-    (["--alpha", "0.001"], "use alpha >= 0.04"),  # the fix a user can apply, not a field no option sets
+    (["--alpha", "0.001"], "use an alpha above 0.04"),  # the fix a user can apply, not a field no option sets
     (["--rankings", "{tmp}/a_file"], "is empty"),
     (["--model", "{tmp}/emptymodel"], "config.json names no model_type"),
     (["--heads", "L0H1,L9H0"], "--heads: head L9H0 is outside the model"),
