@@ -69,17 +69,47 @@ def test_kv_clustering_supports_top_heads_packed_into_groups():
     assert v.effect == pytest.approx(1 - 0.25)
 
 
-def test_kv_clustering_refutes_top_heads_spread_one_per_group():
+def _three_per_layer(lam: float) -> tuple[float, float]:
+    """Three of a layer's 9 heads (3 KV groups of 3) under placement weight e^(λ·pairs), counted by
+    hand rather than by rh's programme: 27 placements with no same-group pair, 3 * 3 * 6 = 54 with
+    one (two heads in a group, the third elsewhere), 3 with three (a whole group). Returns
+    (P(no pair), expected same-group share of the layer's 3 pairs)."""
+    import math
+
+    w0, w1, w3 = 27.0, 54.0 * math.exp(lam), 3.0 * math.exp(3 * lam)
+    z = w0 + w1 + w3
+    return w0 / z, (w1 * 1 + w3 * 3) / z / 3
+
+
+def test_kv_clustering_refutes_top_heads_spread_one_per_group_by_the_exact_tilted_test():
+    """8 layers, one top head per KV group: T = 0. The refutation's p is P(T = 0) under the placement
+    whose expected same-group share is chance + Δ, here (P_λ(no pair in a layer))^8, checked against a
+    hand count of the placements; without resampled rankings it refutes all the same (exact test)."""
+    from scipy.optimize import brentq
+
     top = _flat([(l, h) for l in range(8) for h in (0, 3, 6)])  # one head in each KV group: share 0
-    v = kv_clustering(top, np.tile(top, (50, 1)), n_layers=30, n_heads=9, n_kv_heads=3, min_effect=0.15, baseline_accuracy=1.0)
-    assert v.status == "refuted", v.reason
-    assert v.ci[1] == pytest.approx(-0.25)
+    lam = brentq(lambda x: _three_per_layer(x)[1] - (0.25 + 0.15), -5, 5)
+    want = _three_per_layer(lam)[0] ** 8
+    for boot in (np.tile(top, (50, 1)), None):
+        v = kv_clustering(top, boot, n_layers=30, n_heads=9, n_kv_heads=3, min_effect=0.15, baseline_accuracy=1.0)
+        assert v.status == "refuted", v.reason
+        assert v.details["p_refute"] == pytest.approx(want, rel=1e-6)
+        assert v.ci[0] == pytest.approx(-0.25)  # T at its minimum: the interval starts at the lowest excess
+        # the upper end: the λ at which P(T = 0) = α, i.e. P_λ(no pair)^8 = α, read back as an excess
+        lam_hi = brentq(lambda x: _three_per_layer(x)[0] ** 8 - 0.05, -5, 5)
+        assert v.ci[1] == pytest.approx(_three_per_layer(lam_hi)[1] - 0.25, abs=1e-6)
+        assert v.power["support"] is not None and v.power["refute"] is not None
 
 
-def test_kv_clustering_cannot_refute_without_resampled_rankings():
-    top = _flat([(l, h) for l in range(8) for h in (0, 3, 6)])
+def test_kv_clustering_at_the_boundary_is_not_refuted_and_an_unreachable_delta_is_not_judged():
+    """Half the layers whole groups, half spread: share 0.5, above chance + Δ = 0.4: not refuted.
+    A Δ no placement with these counts could show (max excess 0.75) is said, not refuted."""
+    top = _flat([(l, h) for l in range(4) for h in (0, 1, 2)] + [(l, h) for l in range(4, 8) for h in (0, 3, 6)])
     v = kv_clustering(top, None, n_layers=30, n_heads=9, n_kv_heads=3, min_effect=0.15, baseline_accuracy=1.0)
-    assert v.status == "inconclusive" and "cannot be refuted" in v.reason
+    assert v.status != "refuted" and v.details["p_refute"] > 0.05
+    spread = _flat([(l, h) for l in range(8) for h in (0, 3, 6)])
+    v = kv_clustering(spread, None, n_layers=30, n_heads=9, n_kv_heads=3, min_effect=0.8, baseline_accuracy=1.0)
+    assert v.status == "inconclusive" and "cannot be judged" in v.reason and v.details["p_refute"] is None
 
 
 def test_kv_clustering_is_not_applicable_without_grouped_query_attention_and_needs_pairs():

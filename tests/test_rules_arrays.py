@@ -17,13 +17,12 @@ import rh.rules.claims as claims_mod
 from rh.rules.claims import (
     ID5_TEST,
     agreement,
-    floor_reason,
     general_heads_rule,
     inconclusive,
     side_decided,
 )
-from rh.rules.core import Bounds, Power, decide_bounds, three_way
-from rh.rules.field import ID8_TEST, _boot_effects, _equal_pairs, _same_group_pairs, group_pair_null, kv_clustering
+from rh.rules.core import Power, three_way
+from rh.rules.field import _boot_effects, _equal_pairs, _same_group_pairs
 from rh.rules.paired import paired_power
 from rh.stats import Verdict, wilcoxon_pvalues
 
@@ -126,75 +125,6 @@ def _reference_general_heads_rule(ratios: Mapping[str, np.ndarray], candidates: 
                    p_value=min(p_sup), p_adjusted=min(adj_s), effect=float(len(general)), ci=None, n=n, alpha=alpha,
                    effect_name=name, details=details, min_effect=ratio,
                    power=Power.none("per-head sign tests across tasks; see the calibration").to_dict())
-
-
-def _reference_kv_clustering(top: Sequence[int], boot_tops: np.ndarray | None, *, n_layers: int, n_heads: int, n_kv_heads: int,
-                  min_effect: float, alpha: float = 0.05, k: int | None = None,
-                  baseline_accuracy: float | None = None, baseline_floor: float = 0.5) -> Verdict:
-    """ID-8: the top-K heads gather in some KV groups more than chance.
-
-    ``top``: the ranking's top K as flat indices ``layer * n_heads + head``; ``boot_tops``
-    ``[rounds, K]``: the top K of rankings from prompts resampled by group (:mod:`rh.uncertainty`),
-    None when no per-prompt scores exist (then nothing can be refuted).
-
-    Effect θ = the share of within-layer pairs of top heads that read the same KV head, minus the
-    share chance gives, ``(G - 1) / (H - 1)`` for groups of G among H query heads. Supported when
-    the exact conditional null (each layer keeps its count of top heads, placed uniformly among its
-    heads) rejects; refuted when the bootstrap's (1 - α) quantile of θ lies below Δ."""
-    params = {"k": int(k if k is not None else len(top))}
-    name = "same-KV-group share of within-layer top-head pairs minus chance"
-    if n_kv_heads >= n_heads:
-        return inconclusive("ID-8", params, f"not applicable: every query head has its own KV head ({n_heads} query, "
-                            f"{n_kv_heads} KV heads per layer), so there are no KV groups to gather in", ID8_TEST,
-                            alpha, min_effect=min_effect, effect_name=name)
-    if n_heads % n_kv_heads:
-        raise ValueError(f"kv_clustering: {n_heads} query heads do not split into {n_kv_heads} equal KV groups")
-    floor = floor_reason(baseline_accuracy, baseline_floor)
-    if floor:
-        return inconclusive("ID-8", params, floor, ID8_TEST, alpha, min_effect=min_effect, effect_name=name)
-    group = n_heads // n_kv_heads
-    chance = (group - 1) / (n_heads - 1)
-    top = np.asarray(top, dtype=int)
-    t_obs, pairs, counts = _same_group_pairs(top, n_heads, group)
-    counts = np.pad(counts, (0, max(0, n_layers - counts.size)))
-    details = {"same_group_pairs": t_obs, "within_layer_pairs": pairs, "chance_share": chance, "group_size": group,
-               "n_layers": n_layers, "n_heads": n_heads, "layer_counts": counts.tolist(), "top_heads": [f"L{i // n_heads}H{i % n_heads}" for i in top.tolist()]}
-    if pairs == 0:
-        return inconclusive("ID-8", params, f"no layer holds two of the top {len(top)} heads: the per-layer counts "
-                            "leave no pair whose KV groups could coincide (use a larger K)", ID8_TEST, alpha,
-                            details=details, min_effect=min_effect, effect_name=name)
-    pmf = group_pair_null(counts.tolist(), n_heads, group)
-    p_sup = float(min(1.0, pmf[t_obs:].sum()))
-    share = t_obs / pairs
-    effect = share - chance
-    details.update({"same_group_share": share, "null_p": p_sup, "null_expected_pairs": float(np.arange(pmf.size) @ pmf)})
-    hi = lo = None
-    p_ref = None
-    if boot_tops is not None and len(boot_tops):
-        effs = []
-        for row in np.asarray(boot_tops, dtype=int):
-            t_b, p_b, _ = _same_group_pairs(row, n_heads, group)
-            if p_b:
-                effs.append(t_b / p_b - chance)
-        if effs:
-            effs = np.asarray(effs)
-            lo, hi = (float(v) for v in np.quantile(effs, [alpha, 1 - alpha]))
-            # the bootstrap's p of H0 θ >= Δ, counted as a permutation p is (never 0 from finitely many rounds)
-            p_ref = float((np.sum(effs >= min_effect) + 1) / (len(effs) + 1))
-            details.update({"bootstrap_rounds": int(len(effs)), "bootstrap_mean_effect": float(effs.mean())})
-    bounds = Bounds("greater", 0.0, min_effect)
-    power = Power.none("exact conditional null for the support, a bootstrap bound for the refutation; rates in "
-                       "rh.rules.calibration (family ID-8)")
-    status, why = decide_bounds(p_sup, p_ref if p_ref is not None else 1.0, alpha, bounds, None,
-                                what="the same-group excess")
-    if p_ref is None and status != "supported":
-        why += "; no per-prompt scores to bound the effect, so it cannot be refuted"
-    reason = (f"of {pairs} pairs of top-{len(top)} heads in one layer, {t_obs} share a KV group ({share:.2f}; chance "
-              f"{chance:.2f}, expected {details['null_expected_pairs']:.1f} pairs); {why}")
-    return Verdict(claim="ID-8", params=params, status=status, reason=reason, test=ID8_TEST, statistic=float(t_obs),
-                   p_value=p_sup, p_adjusted=p_sup, effect=effect, ci=None if lo is None else (lo, hi),
-                   ci_level=1 - 2 * alpha, n=int(pairs), alpha=alpha, effect_name=name,
-                   details={**details, "p_refute": p_ref}, min_effect=min_effect, power=power.to_dict())
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -456,29 +386,6 @@ def test_equal_pairs_and_boot_effects_equal_the_loop():
         if rounds and k:
             brute = [sum(int(x == y) for i, x in enumerate(r) for y in r[i + 1:]) for r in boot // group]
             assert _equal_pairs(boot // group).tolist() == brute
-
-
-def test_kv_clustering_equals_reference():
-    rng = np.random.default_rng(6)
-    for i in range(40):
-        n_layers, n_heads, n_kv = 6, int(rng.choice([8, 9, 12])), int(rng.choice([1, 2, 3, 4]))
-        if n_heads % n_kv:
-            n_kv = 1
-        k = int(rng.choice([2, 6, 9, 12]))
-        top = rng.choice(n_layers * n_heads, k, replace=False)
-        if i % 5 == 0:
-            boot = None
-        elif i % 5 == 1:
-            boot = np.stack([rng.choice(n_layers, min(k, n_layers), replace=False) * n_heads
-                             for _ in range(10)])  # one head per layer: no row has a within-layer pair
-        else:
-            boot = rng.integers(0, n_layers * n_heads, (int(rng.integers(1, 60)), k))
-        kw = dict(n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, min_effect=0.2, alpha=0.1,
-                  baseline_accuracy=0.9)
-        new, old = _outcome(kv_clustering, top, boot, **kw), _outcome(_reference_kv_clustering, top, boot, **kw)
-        assert new[0] == old[0] and (new[0] == "ok" or new[1:] == old[1:])
-        if new[0] == "ok":
-            _assert_same_verdict(new[1], old[1])
 
 
 # ------------------------------------------------------------------------ CA-1, CA-7

@@ -340,7 +340,43 @@ def _planted_top(rng, effect: float, k: int) -> np.ndarray:
     return np.concatenate(out)
 
 
-def _sim_id8(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
+def _tilted_top(rng, effect: float, k: int) -> np.ndarray:
+    """A true top-K on :data:`_GRID`, three heads in each of K/3 layers, each layer's placement drawn
+    with weight e^(λ·its same-group pairs), λ such that the expected same-group share is chance +
+    ``effect``: a placement *propensity* of exactly ``effect``, the realised share varying around
+    it as real placements would (``effect`` 0: uniform placement)."""
+    from rh.rules.field import _layer_pair_pmf, _solve_tilt, _tilted
+
+    n_layers, n_heads, n_kv = _GRID
+    group = n_heads // n_kv
+    chance = (group - 1) / (n_heads - 1)
+    pmf = _layer_pair_pmf(3, n_heads, group)  # P(0, 1, 2, 3 same-group pairs) of 3 uniform heads
+    t = np.arange(pmf.size)
+    q = _tilted(pmf, _solve_tilt(pmf, lambda d: float(d @ t) / 3 - chance, effect)) if effect > 0 else pmf
+    layers = rng.choice(n_layers, size=max(1, k // 3), replace=False)
+    out = []
+    for l in layers:
+        m = int(rng.choice(t, p=q))
+        g = rng.permutation(n_kv)
+        if m == 3:
+            heads = g[0] * group + rng.permutation(group)[:3]
+        elif m == 1:
+            heads = np.append(g[0] * group + rng.permutation(group)[:2], g[1] * group + rng.integers(group))
+        else:
+            heads = g * group + rng.integers(group, size=n_kv)
+        out.append(l * n_heads + np.asarray(heads))
+    return np.concatenate(out)
+
+
+def _sim_id8_with(placement: str) -> Callable:
+    """ID-8 with the true top K placed by :func:`_planted_top` ("fixed": a realised share of exactly
+    chance + effect), by :func:`_tilted_top` ("propensity": placed at random with that expected
+    share), or uniformly with noise shared within each KV group ("group-noise": per-prompt noise
+    correlated 0.5 among a group's heads, the null a shared KV head could fake)."""
+    return lambda p, s, rng, effect: _sim_id8(p, s, rng, effect, placement)
+
+
+def _sim_id8(p: Profile, s: dict, rng, effect: float, placement: str = "fixed") -> list[Verdict]:
     """ID-8: per-prompt scores of the 270 heads, the planted top K a margin above the rest with
     per-prompt noise, so the estimated and the resampled top K differ from the true one as real
     rankings do; the rule gets the estimated top K and its bootstrap over prompts."""
@@ -348,10 +384,14 @@ def _sim_id8(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
 
     n_layers, n_heads, n_kv = _GRID
     k, n = s["group_k"] // 3 * 3, s["identify"]
-    true = _planted_top(rng, effect, k)
+    true = (_tilted_top if placement == "propensity" else _planted_top)(rng, effect, k)
     mu = rng.normal(0.0, 0.3, n_layers * n_heads)
     mu[true] = 1.0 + rng.uniform(0, 0.5, true.size)
-    x = mu[None] + rng.normal(0, 1.5, (n, mu.size))
+    noise = rng.normal(0, 1.5, (n, mu.size))
+    if placement == "group-noise":  # half of each head's noise variance shared with its KV group
+        shared = rng.normal(0, 1.5, (n, n_layers * n_kv))
+        noise = np.sqrt(0.5) * noise + np.sqrt(0.5) * np.repeat(shared, n_heads // n_kv, axis=1)
+    x = mu[None] + noise
     top = np.argsort(-x.mean(axis=0), kind="stable")[:k]
     idx = rng.integers(0, n, (100, n))
     boot = np.argsort(-x[idx].mean(axis=1), axis=1, kind="stable")[:, :k]
@@ -442,7 +482,8 @@ def _families(p: Profile, s: dict) -> dict[str, tuple]:
         "ID-5": (_shapes(_sim_id5_with), p.spike_ratio, p.spike_ratio, 4 * p.spike_ratio, 1.0),
         "ID-3/ID-4": (_sim_agree, float(p.id_k), 0.0, 0.0, float(p.id_k)),
         "ID-7": (_sim_id7, float(p.id_k), 0.0, 0.0, float(p.id_k)),
-        "ID-8": (_sim_id8, 0.0, p.group_min_effect, p.group_min_effect + 0.25, 0.0),
+        "ID-8": ({name: _sim_id8_with(name) for name in ("fixed", "propensity", "group-noise")}, 0.0,
+                 p.group_min_effect, p.group_min_effect + 0.25, 0.0),
         "CA-7": (_sim_ca7, 0.0, 1.0, 1.5, 0.0),
         "CA-8": (_sim_ca8, 0.0, 1.0, 2.0, 3.0),
     }
