@@ -29,10 +29,10 @@ def _identify(args: argparse.Namespace) -> int:
     from rh.report import head_grid
     from rh.scoring import Wu24Options, general_heads
 
-    from rh.models import expected_shape, resolve_spec
+    from rh.models import check_weights, expected_shape, resolve_spec
 
     from rh.audit import require_positive
-    from rh.io import unwritable_folder
+    from rh.io import cache_message, unwritable_folder
 
     require_positive(args, "n", "batch_size", "top", "topk")  # 0 is not "the default": refused before the model loads
     if args.out:
@@ -46,13 +46,20 @@ def _identify(args: argparse.Namespace) -> int:
 
     for t in args.task or ():
         get_task(t)  # an unknown task is named now, not after the model has loaded
-    get_profile(args.profile, expected_shape(args.model))  # the model's shape, without its weights
-    model = load_model(args.model, **model_kwargs(args))
-    prof = get_profile(args.profile, model.shape)
+    prof = get_profile(args.profile, expected_shape(args.model))  # the model's shape, without its weights
+    check_weights(args.model)
     sweep = Sweep(
         tuple(args.lengths or prof.lengths), tuple(args.depths if args.depths is not None else prof.depths),
         args.n or prof.n_per_setting, tuple(args.task or prof.tasks), args.seed,
     )
+    # a random test model's rankings never go into the folder of committed ones
+    cache = Path(args.cache) if args.cache else (
+        Path(".rh/rankings") if resolve_spec(args.model).kind == "random" else DEFAULT_CACHE)
+    blocked = unwritable_folder(cache)
+    if blocked is not None:
+        raise ValueError(cache_message("--cache", cache, blocked))
+    model = load_model(args.model, **model_kwargs(args))
+    prof = get_profile(args.profile, model.shape)
     samples = build_samples(model.tokenizer, sweep, chat=model.instruct, max_positions=model.max_positions)
     ident = samples if args.split == "all" else split_samples(samples, frac=prof.identify_frac, seed=prof.split_seed)[0]
     frac = 1.0 if args.split == "all" else prof.identify_frac
@@ -60,9 +67,6 @@ def _identify(args: argparse.Namespace) -> int:
                           once_per_position=args.once_per_position, score_prefill=not args.skip_first_step,
                           span=args.span) if args.method == "wu24" else None
     groups = {t: [s for s in ident if s.task == t] for t in sweep.tasks} if args.per_task else {"all": ident}
-    # a random test model's rankings never go into the folder of committed ones
-    cache = Path(args.cache) if args.cache else (
-        Path(".rh/rankings") if resolve_spec(args.model).kind == "random" else DEFAULT_CACHE)
     rankings = {}
     for name, subset in groups.items():
         prov = ranking_provenance(model, sweep, args.method, subset, identify_frac=frac, split_seed=prof.split_seed,

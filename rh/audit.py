@@ -53,7 +53,7 @@ def require_positive(args: argparse.Namespace, *names: str) -> None:
 
 def plan(args: argparse.Namespace) -> dict[str, Any]:
     """Everything checked before weights load: the inputs, the profile and the sizes."""
-    from rh.models import expected_shape
+    from rh.models import check_weights, expected_shape
     from rh.niah import Sweep
     from rh.profiles import get_profile
     from rh.published import HeadSet, load_heads, parse_head_set
@@ -71,6 +71,7 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--report-dir {args.report_dir}: {blocked} is not a writable folder; choose another (the "
                          "report would be lost after the run)")
     shape = expected_shape(args.model)
+    check_weights(args.model)  # a local folder with a config.json alone: said now, not when loading
     inputs = []
     for p in args.paths:
         inputs.append((p, load_heads(p, shape=shape, fmt=args.format, per_layer=args.per_layer)))

@@ -121,3 +121,13 @@ def unwritable_folder(folder: str | os.PathLike) -> Path | None:
     nearest = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
     return None if nearest.is_dir() and os.access(nearest, os.W_OK) else nearest
 
+
+
+def cache_message(option: str, cache: str | os.PathLike, blocked: Path) -> str:
+    """The one-line refusal of a ranking cache folder that cannot be written (``blocked``, from
+    :func:`unwritable_folder`), the same under pytest (``--ranking-cache``) and ``rh identify``
+    (``--cache``)."""
+    what = "a file, not a folder" if blocked.exists() and not blocked.is_dir() else "a folder that cannot be written"
+    return (f"{option} {cache}: {blocked} is {what}; choose another folder (the cache locks each ranking while it "
+            "reads or computes it, and keeps those it computes)")
+

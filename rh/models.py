@@ -682,14 +682,32 @@ def _preflight(spec: ModelSpec, attn_implementation: str) -> str:
         raise err.with_traceback(None) from None
     where = spec.source if spec.kind == "hub" else f"model directory {spec.source!r}"
     check_layout(cfg, where)
-    if spec.kind == "local":
-        path = Path(spec.source)
-        if not any(f.name.endswith(_WEIGHT_SUFFIXES) for f in path.iterdir() if f.is_file()):
-            raise FileNotFoundError(
-                f"{where} has a config.json ({_arch_name(cfg)}) but no weights (*.safetensors, *.bin): point --model "
-                "at a folder written by save_pretrained, weights included"
-            )
+    _check_weights(spec, _arch_name(cfg))
     return supported_attention(cfg, attn_implementation)
+
+
+def check_weights(name: str) -> None:
+    """A local model folder must hold weights: refused from its listing, before anything loads
+    (its config.json alone is enough for the head shape, :func:`expected_shape`, and a plan, but
+    not for a run). Silent for the registry's models and hub repos."""
+    spec = resolve_spec(name)
+    if spec.kind == "local":
+        try:
+            cfg = json.loads((Path(spec.source) / "config.json").read_text(encoding="utf-8"))
+        except (ValueError, OSError):
+            cfg = {}
+        _check_weights(spec, _arch_name(cfg) if isinstance(cfg, dict) else "?")
+
+
+def _check_weights(spec: ModelSpec, arch: str) -> None:
+    if spec.kind != "local":
+        return
+    path = Path(spec.source)
+    if not any(f.name.endswith(_WEIGHT_SUFFIXES) for f in path.iterdir() if f.is_file()):
+        raise FileNotFoundError(
+            f"model directory {spec.source!r} has a config.json ({arch}) but no weights (*.safetensors, *.bin): point "
+            "--model at a folder written by save_pretrained, weights included"
+        )
 
 
 def supported_attention(cfg: Any, asked: str) -> str:

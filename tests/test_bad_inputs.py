@@ -6,6 +6,9 @@ test_published.py; --expected's merging and refusals in test_expected.py."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -25,6 +28,59 @@ def test_c(rh_model, record_verdict):
 
 def _leftovers(tmp_path):
     return sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if "__pycache__" not in p.parts)
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    """Model folders a newcomer points --model at: a GPT-2 (a real tiny one written by
+    save_pretrained, and its config.json alone) and a Mistral config.json without weights. Read
+    once here, so that the transformers modules they need are imported before any pytester run."""
+    from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig
+
+    from rh.models import expected_shape, resolve_spec
+
+    root = tmp_path_factory.mktemp("model_dirs")
+    gpt2 = GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=100)
+    GPT2LMHeadModel(gpt2).save_pretrained(root / "gpt2")
+    gpt2.save_pretrained(root / "gpt2-config")
+    MistralConfig(num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, hidden_size=64,
+                  intermediate_size=128, vocab_size=100).save_pretrained(root / "mistral-config")
+    with pytest.raises(ValueError, match="GPT-2-style"):
+        resolve_spec(str(root / "gpt2"))
+    expected_shape(str(root / "mistral-config"))
+    return {"gpt2": str(root / "gpt2"), "gpt2-config": str(root / "gpt2-config"),
+            "mistral-config": str(root / "mistral-config")}
+
+
+def _fill(args, tmp):
+    return [a.replace("{tmp}", str(tmp)) for a in args]
+
+
+def _one_line_error(err: str, message: str) -> None:
+    """rh's subcommands fail in one line, ``error: <input>: <what is wrong and the fix>``."""
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("[transformers]")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    assert "Traceback" not in err
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """A folder this process cannot write into: chmod 555, and where that does not stop it (root)
+    the immutable attribute; skipped where neither can."""
+    path = tmp_path / "read-only"
+    path.mkdir()
+    path.chmod(0o555)
+    immutable = False
+    if os.access(path, os.W_OK) and shutil.which("chattr"):
+        immutable = subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0
+    try:
+        if os.access(path, os.W_OK):
+            pytest.skip("this process can write into any folder (root without chattr +i)")
+        yield path
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+        path.chmod(0o755)
 
 
 # --------------------------------------------------------------------------- pytest options and files
@@ -59,7 +115,7 @@ def _bad_files(tmp_path):
     (["--budget", "inf", "--expected", "x.json"], "positive number"),
     (["--budget", "nan", "--expected", "x.json"], "positive number"),
     (["--ranking-cache", "{tmp}/a_file"], "--ranking-cache"),
-    (["--ranking-cache", "{tmp}/a_file/rankings"], "is not a writable folder"),
+    (["--ranking-cache", "{tmp}/a_file/rankings"], "a_file is a file, not a folder; choose another folder"),
     (["--update-expected"], "--update-expected needs --expected"),
     (["--expected", "nowhere.json"], "no such file"),
     (["--model", "smollm3"], "unknown model 'smollm3'"),
@@ -78,6 +134,17 @@ def test_a_bad_option_is_a_usage_error_before_anything_loads(pytester, args, mes
     assert message in err, err[-2000:]
     assert "Traceback" not in err and "loaded tiny-llama" not in res.stdout.str()
     assert _leftovers(tmp) == before  # no report, no cache, nothing written
+
+
+def test_a_read_only_ranking_cache_is_a_usage_error_before_anything_loads(pytester, read_only):
+    """Once a PermissionError in the first claim that read a ranking, after the model had loaded."""
+    pytester.makepyfile(test_c=CLAIM)
+    res = pytester.runpytest_inprocess("--model", "tiny-llama", "-p", "no:cacheprovider",
+                                       "--ranking-cache", str(read_only / "rankings"))
+    err = res.stderr.str()
+    assert res.ret == 4 and f"--ranking-cache {read_only / 'rankings'}: {read_only} is a folder that cannot be " \
+        "written; choose another folder" in err, err[-2000:]
+    assert "Traceback" not in err and not (pytester.path / "reports").exists()
 
 
 def test_two_reports_of_the_same_second_do_not_overwrite_each_other(tmp_path):
@@ -120,6 +187,8 @@ def test_a_random_models_rankings_stay_out_of_the_committed_folder(warm_imports,
     (["--out", "ranking.txt"], "saved as .json or .csv"),
     (["--out", "{tmp}/a_file/ranking.json"], "is not writable"),
     (["--task", "passkee"], "unknown task 'passkee'"),
+    (["--cache", "{tmp}/a_file"], "--cache {tmp}/a_file: {tmp}/a_file is a file, not a folder; choose another"),
+    (["--cache", "{tmp}/a_file/rankings"], "{tmp}/a_file is a file, not a folder"),
 ])
 def test_identify_refuses_bad_input_before_the_model_loads(tmp_path, capsys, monkeypatch, args, message):
     import rh.models
@@ -127,11 +196,55 @@ def test_identify_refuses_bad_input_before_the_model_loads(tmp_path, capsys, mon
 
     (tmp_path / "a_file").write_text("")
     monkeypatch.setattr(rh.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
-    rc = main(["identify", "--model", "tiny-llama", "--cache", str(tmp_path / "cache"),
-               *(a.replace("{tmp}", str(tmp_path)) for a in args)])
+    rc = main(["identify", "--model", "tiny-llama", "--cache", str(tmp_path / "cache"), *_fill(args, tmp_path)])
     err = capsys.readouterr().err
-    assert rc == 2 and message in err, err
+    assert rc == 2
+    _one_line_error(err, _fill([message], tmp_path)[0])
     assert not (tmp_path / "cache").exists()
+
+
+def test_identify_refuses_a_read_only_cache_before_the_model_loads(read_only, capsys, monkeypatch):
+    """Once a raw PermissionError after the model had loaded and the samples were scored."""
+    import rh.models
+    from rh.__main__ import main
+
+    monkeypatch.setattr(rh.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    rc = main(["identify", "--model", "tiny-llama", "--cache", str(read_only)])
+    assert rc == 2
+    _one_line_error(capsys.readouterr().err, f"--cache {read_only}: {read_only} is a folder that cannot be written")
+
+
+# --------------------------------------------------------------------------- model folders, under pytest and rh
+
+
+@pytest.mark.parametrize("folder, message", [
+    ("gpt2", "GPT2LMHeadModel (model_type 'gpt2') is a GPT-2-style layout (fused c_attn / dense projections"),
+    ("gpt2-config", "model_type 'gpt2') is a GPT-2-style layout (fused c_attn / dense projections"),
+    ("mistral-config", "has a config.json (model_type 'mistral') but no weights (*.safetensors, *.bin)"),
+])
+def test_a_model_folder_rh_cannot_run_is_refused_alike_by_pytest_identify_and_audit(model_dirs, pytester, capsys,
+                                                                                    monkeypatch, folder, message):
+    """A saved tiny GPT-2 was refused ("Llama-style only") only after its weights had loaded, its
+    config.json alone with transformers' misleading errors; a Mistral config.json without weights
+    (Mistral is a supported family) failed each claim after collection. Now each is named before
+    anything loads, the folder and the fix in one line: the same line under pytest and rh."""
+    import rh.models
+    from rh.__main__ import main
+
+    path = model_dirs[folder]
+    pytester.makepyfile(test_c=CLAIM)
+    res = pytester.runpytest_inprocess("--model", path, "-p", "no:cacheprovider")
+    err = res.stderr.str()
+    assert res.ret == 4 and f"ERROR: --model: model directory '{path}'" in err and message in err, err[-2000:]
+    assert "rh supports decoder-only causal LMs with Llama's layout" in err or "weights included" in err
+    assert not (pytester.path / "reports").exists()
+    monkeypatch.setattr(rh.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    capsys.readouterr()
+    for cmd in (["identify", "--cache", str(pytester.path / "cache")],
+                ["audit", "--heads", "L0H1", "--report-dir", str(pytester.path / "reports")]):
+        assert main([*cmd, "--model", path]) == 2
+        _one_line_error(capsys.readouterr().err, f"error: model directory '{path}'")
+    assert not (pytester.path / "cache").exists() and not (pytester.path / "reports").exists()
 
 
 # --------------------------------------------------------------------------- library messages
