@@ -95,16 +95,29 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
     prof = out[0]["profile"]
     sweep = Sweep((args.length or prof.lengths[0],), prof.depths, args.n or prof.n_per_setting, prof.tasks,
                   prompt_seed(prof.sample_seed, "audit"))
-    if args.length is not None:  # one prompt built with the tokenizer alone: a length too short is said now
-        from rh.models import load_tokenizer, resolve_spec
-        from rh.niah import build_samples
-
-        one = Sweep(sweep.lengths, sweep.depths[:1], 1, sweep.tasks[:1], sweep.seed)
-        try:
-            build_samples(load_tokenizer(args.model), one, chat=resolve_spec(args.model).instruct)
-        except ValueError as exc:
-            raise ValueError(f"--length {args.length}: {exc}") from None
+    if args.length is not None or args.n is not None:  # with the tokenizer alone: a bad size is said now
+        check_sweep(args, sweep)
     return {"inputs": out, "sweep": sweep, "cost": planned_cost(out, sweep, shape.n_layers)}
+
+
+def check_sweep(args: argparse.Namespace, sweep: Any) -> None:
+    """``--length`` and ``--n`` against the prompt and the haystack, with the tokenizer alone
+    (:func:`rh.niah.sweep_room`): a length the template, question and needle do not fit in or the
+    haystack cannot fill, and more prompts per (length, depth) than the haystack has distinct
+    windows at that length. Shared by ``rh identify`` (``--lengths``) and ``rh audit``."""
+    from rh.models import load_tokenizer, resolve_spec
+    from rh.niah import sweep_room
+
+    lengths = getattr(args, "lengths", None) or ([args.length] if getattr(args, "length", None) else None)
+    try:
+        room = sweep_room(load_tokenizer(args.model), sweep, chat=resolve_spec(args.model).instruct)
+    except ValueError as exc:
+        opt = "--lengths" if hasattr(args, "lengths") else "--length"
+        raise ValueError(f"{opt} {' '.join(map(str, lengths or sweep.lengths))}: {exc}") from None
+    if sweep.n_per_setting > room:
+        raise ValueError(f"--n {sweep.n_per_setting}: at {max(sweep.lengths)} tokens the haystack has only {room:,} "
+                         f"distinct windows per depth, so {sweep.n_per_setting:,} prompts per depth would repeat them "
+                         f"(prompts that are not independent); give --n {room} or fewer")
 
 
 def planned_cost(inputs: list[dict[str, Any]], sweep: Any, layers: int) -> dict[str, int]:

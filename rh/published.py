@@ -251,7 +251,10 @@ def _parse(text: str, where: str, path: Path, fmt: str) -> Any:
         try:
             return yaml.load(stripped, Loader=_strict_yaml_loader())
         except yaml.YAMLError as exc:
-            raise ValueError(f"{where} is not valid YAML: {exc}") from None
+            mark = getattr(exc, "problem_mark", None)  # the parser's message spans lines: one line here
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            what = getattr(exc, "problem", None) or " ".join(str(exc).split())
+            raise ValueError(f"{where} is not valid YAML ({what}{at})") from None
     try:
         return json.loads(stripped, object_pairs_hook=no_duplicate_keys(where, ": a head or layer may be listed once"))
     except json.JSONDecodeError as exc:

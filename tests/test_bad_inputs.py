@@ -189,6 +189,9 @@ def test_a_random_models_rankings_stay_out_of_the_committed_folder(warm_imports,
     (["--task", "passkee"], "unknown task 'passkee'"),
     (["--cache", "{tmp}/a_file"], "--cache {tmp}/a_file: {tmp}/a_file is a file, not a folder; choose another"),
     (["--cache", "{tmp}/a_file/rankings"], "{tmp}/a_file is a file, not a folder"),
+    (["--lengths", "128", "5"], "--lengths 128 5: length=5 tokens is too short for this prompt"),
+    (["--lengths", "200000"], "--lengths 200000: length=200000 tokens needs"),
+    (["--n", "100000000"], "--n 100000000: at 128 tokens the haystack has only"),
 ])
 def test_identify_refuses_bad_input_before_the_model_loads(tmp_path, capsys, monkeypatch, args, message):
     import rh.models
@@ -212,6 +215,51 @@ def test_identify_refuses_a_read_only_cache_before_the_model_loads(read_only, ca
     rc = main(["identify", "--model", "tiny-llama", "--cache", str(read_only)])
     assert rc == 2
     _one_line_error(capsys.readouterr().err, f"--cache {read_only}: {read_only} is a folder that cannot be written")
+
+
+# --------------------------------------------------------------------------- python -m rh audit
+
+
+@pytest.mark.parametrize("args, message", [
+    # once: 83 s of passes, then NotADirectoryError and no report
+    (["--report-dir", "{tmp}/a_file/reports"], "--report-dir {tmp}/a_file/reports: {tmp}/a_file is not a writable"),
+    (["--k", "0"], "--k 0: give positive whole numbers"),
+    (["--length", "5"], "--length 5: length=5 tokens is too short for this prompt"),  # once after loading
+    (["--n", "100000000"], "--n 100000000: at 128 tokens the haystack has only"),  # once accepted, no cost said
+    (["{tmp}/bad.yaml"], "bad.yaml' is not valid YAML (expected the node content, but found '<stream end>' at line 1"),
+])
+def test_audit_refuses_bad_input_in_one_line_before_the_model_loads(tmp_path, capsys, monkeypatch, args, message):
+    import rh.models
+    from rh.__main__ import main
+
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "bad.yaml").write_text("[[\n")
+    monkeypatch.setattr(rh.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    given = _fill(args, tmp_path)
+    rc = main(["audit", *([] if given[0].endswith(".yaml") else ["--heads", "L0H1"]), "--model", "tiny-llama",
+               "--report-dir", str(tmp_path / "reports"), *given])
+    out, err = capsys.readouterr()
+    assert rc == 2
+    _one_line_error(err, _fill([message], tmp_path)[0])
+    assert "audit plan" not in out and not (tmp_path / "reports").exists()
+
+
+def test_audit_states_the_cost_of_a_large_n_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """A large --n the haystack can give is run, its forward passes and token-layers said first."""
+    import rh.models
+    from rh.__main__ import main
+
+    def stop(*a, **k):
+        raise ValueError("stopped where the weights would load")
+
+    monkeypatch.setattr(rh.models, "load_model", stop)
+    rc = main(["audit", "--heads", "L0H1", "--model", "tiny-llama", "--n", "100000",
+               "--report-dir", str(tmp_path / "reports")])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "stopped where the weights would load" in err
+    # 100,000 prompts at each of 3 depths; each pass 128 tokens through 4 layers
+    assert out.startswith("audit plan: 300,000 prompts x 51 conditions = up to 15,300,000 forward passes, about "
+                          "7,833,600,000 token-layers"), out
 
 
 # --------------------------------------------------------------------------- model folders, under pytest and rh
