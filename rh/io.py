@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import stat
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -131,3 +133,91 @@ def cache_message(option: str, cache: str | os.PathLike, blocked: Path) -> str:
     return (f"{option} {cache}: {blocked} is {what}; choose another folder (the cache locks each ranking while it "
             "reads or computes it, and keeps those it computes)")
 
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: filelock's lock, which deletes its file on release there
+    fcntl = None
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock named by ``path`` (a file in a folder of lock files only) for the
+    block, across processes and threads, and leave no file behind.
+
+    ``flock`` on the file; on release the file is removed while still held, then the folder if it
+    is empty. A process that was waiting on the removed file finds, once it holds it, that the path
+    no longer names it and locks the path afresh, so two holders never overlap. Lock files that a
+    killed run left in the folder (no one holds them) are removed on the way in."""
+    path = Path(path)
+    if fcntl is None:  # pragma: no cover
+        from filelock import FileLock
+
+        with FileLock(str(path)):
+            yield
+        return
+    while True:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except (FileNotFoundError, FileExistsError):  # a holder removed the empty folder meanwhile
+            if _is_file(path.parent):
+                raise
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if _names(path, fd):
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # the holder before us removed this file: lock the one at the path now
+    try:
+        _remove_stale(path)
+        yield
+    finally:
+        try:
+            path.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()  # only if empty: other entries' locks keep it
+
+
+def _is_file(path: Path) -> bool:
+    """Whether something other than a folder is at ``path`` (one stat: a folder removed meanwhile is not)."""
+    try:
+        return not stat.S_ISDIR(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _names(path: Path, fd: int) -> bool:
+    """Whether ``path`` still names the file open as ``fd``."""
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (now.st_ino, now.st_dev) == (held.st_ino, held.st_dev)
+
+
+def _remove_stale(path: Path) -> None:
+    """Remove the other lock files of ``path``'s folder that no process holds (left by a killed run)."""
+    for other in path.parent.glob("*.lock"):
+        if other == path:
+            continue
+        try:
+            fd = os.open(other, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: a live run's
+            os.close(fd)
+            continue
+        try:
+            if _names(other, fd):
+                other.unlink(missing_ok=True)
+        finally:
+            os.close(fd)

@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from filelock import FileLock
 
 from rh.heads import Head, HeadShape, layer_matched_heads, random_heads
-from rh.io import atomic_write_json, atomic_write_text, no_duplicate_keys
+from rh.io import atomic_write_json, atomic_write_text, file_lock, no_duplicate_keys
 
 FORMAT = "rh.ranking/1"
 # Bump when a scoring method changes what it computes, so stale cached rankings are not reused.
@@ -356,14 +355,14 @@ def cached_ranking(
 ) -> tuple[Ranking, Path, bool]:
     """Load the ranking for ``provenance`` from the cache, or compute and store it.
 
-    Returns ``(ranking, path, hit)``. A file lock makes concurrent workers (pytest-xdist) compute
-    once; the write is atomic, so a killed run leaves the old file or none.
+    Returns ``(ranking, path, hit)``. A lock per entry makes concurrent workers (pytest-xdist)
+    compute once; it leaves no file behind (:func:`rh.io.file_lock`: its file, in ``.locks/``, is
+    removed on release, and the folder once empty). The write is atomic, so a killed run leaves the
+    old file or none.
     """
     path = cache_path(cache_dir, provenance)
     path.parent.mkdir(parents=True, exist_ok=True)
-    locks = path.parent / ".locks"  # one lock per entry, kept out of the folder's listing
-    locks.mkdir(exist_ok=True)
-    with FileLock(str(locks / (path.name + ".lock"))):
+    with file_lock(path.parent / ".locks" / (path.name + ".lock")):
         if path.exists() and not recompute:
             try:
                 check_entry(path)

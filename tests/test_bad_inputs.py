@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -339,6 +340,80 @@ def test_truncated_per_sample_scores_say_so_and_name_the_file(tmp_path):
     npz.write_bytes(buf.read_bytes()[:40])
     with pytest.raises(ValueError, match=r"r.samples.npz.*unreadable.*--recompute"):
         load_sample_scores(ranking)
+
+
+_HOLD = """
+import sys, time
+from rh.io import file_lock
+with file_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def _holder(path):
+    """A process holding the lock at ``path`` (as a run computing that ranking does)."""
+    p = subprocess.Popen([sys.executable, "-c", _HOLD, str(path)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_the_ranking_cache_leaves_no_lock_file_behind(tmp_path):
+    """filelock kept a .locks/<entry>.lock per entry after every run, finished or killed. Now a
+    finished run removes its own (a claim that raised too), and the next one removes those of a
+    killed run, never one a live run holds."""
+    from rh.heads import Head, HeadShape
+    from rh.rankings import Ranking, cached_ranking
+
+    shape = HeadShape(1, 2, 1, 4)
+    ranking = Ranking("hand", shape, {Head(0, 0): 1.0, Head(0, 1): 0.5})
+    prov = {"model_id": "tiny", "method": "hand"}
+    _, path, hit = cached_ranking(tmp_path, prov, lambda: ranking, shape=shape)
+    assert not hit and _leftovers(tmp_path) == [path.name]
+    assert cached_ranking(tmp_path, prov, lambda: pytest.fail("not recomputed"), shape=shape)[2]
+    with pytest.raises(RuntimeError, match="boom"):
+        cached_ranking(tmp_path, {**prov, "model_id": "other"}, lambda: (_ for _ in ()).throw(RuntimeError("boom")),
+                       shape=shape)
+    assert _leftovers(tmp_path) == [path.name]
+
+    locks = tmp_path / ".locks"
+    killed, live = _holder(locks / "killed.json.lock"), _holder(locks / "live.json.lock")
+    try:
+        killed.kill()
+        killed.wait()
+        assert (locks / "killed.json.lock").exists()  # SIGKILL: nothing in the process could remove it
+        cached_ranking(tmp_path, prov, lambda: pytest.fail("not recomputed"), shape=shape)
+        assert _leftovers(tmp_path) == [".locks", ".locks/live.json.lock", path.name]
+    finally:
+        live.kill()
+        live.wait()
+    cached_ranking(tmp_path, prov, lambda: pytest.fail("not recomputed"), shape=shape)
+    assert _leftovers(tmp_path) == [path.name]
+
+
+def test_a_lock_waited_on_while_its_holder_removes_it_is_still_exclusive(tmp_path):
+    """The holder removes the lock file on release while others wait on it: each waiter takes the
+    lock on the file then at the path, so no two are ever inside together."""
+    import threading
+
+    from rh.io import file_lock
+
+    lock, inside, overlaps = tmp_path / ".locks" / "e.lock", [0], []
+
+    def worker():
+        for _ in range(50):
+            with file_lock(lock):
+                inside[0] += 1
+                overlaps.append(inside[0] > 1)
+                inside[0] -= 1
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(overlaps) == 200 and not any(overlaps)
+    assert not tmp_path.joinpath(".locks").exists()
 
 
 def test_ablate_given_one_string_says_to_pass_a_list(tiny):
