@@ -115,6 +115,7 @@ def _bad_files(tmp_path):
     (["--budget", "-1", "--expected", "x.json"], "positive number"),
     (["--budget", "inf", "--expected", "x.json"], "positive number"),
     (["--budget", "nan", "--expected", "x.json"], "positive number"),
+    (["--budget", "0", "--expected", "x.json"], "positive number"),
     (["--ranking-cache", "{tmp}/a_file"], "--ranking-cache"),
     (["--ranking-cache", "{tmp}/a_file/rankings"], "a_file is a file, not a folder; choose another folder"),
     (["--update-expected"], "--update-expected needs --expected"),
@@ -414,6 +415,21 @@ def test_a_lock_waited_on_while_its_holder_removes_it_is_still_exclusive(tmp_pat
         t.join()
     assert len(overlaps) == 200 and not any(overlaps)
     assert not tmp_path.joinpath(".locks").exists()
+
+
+def test_a_supported_or_refuted_verdict_is_never_flagged_underpowered():
+    """Low power is why an inconclusive verdict may have ended so; a decided verdict's test
+    rejected, whatever the power on the other side."""
+    from rh.report.html import render_html
+
+    low = {"claim": "CA-6", "effect": 0.3, "ci": [0.2, 0.4], "ci_level": 0.9, "n": 16, "alpha": 0.05,
+           "params": {}, "min_effect": 0.2, "reason": "", "power": {"support": 0.37, "support_at": 0.3,
+                                                                     "refute": 0.03, "refute_at": 0.0}}
+    meta = {"model": "tiny-llama", "profile": "quick"}
+    for status in ("supported", "refuted"):
+        page = render_html([{**low, "status": status}], meta)
+        assert "power support 0.37 / refute 0.03" in page and "underpowered" not in page, status
+    assert "underpowered at these sizes" in render_html([{**low, "status": "inconclusive"}], meta)
 
 
 def test_ablate_given_one_string_says_to_pass_a_list(tiny):
