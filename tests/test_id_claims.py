@@ -32,12 +32,64 @@ def _scores(n_trials, n_heads, strong, seed=0):
                         [{} for _ in range(n_trials)])
 
 
-def test_sparsity_is_decided_by_where_the_ci_lies():
-    assert sparsity(_scores(30, 200, 2), n_boot=500).supported  # 1% of heads, CI far below 5%
-    dense = sparsity(_scores(30, 200, 30), n_boot=500)  # 15% of heads
+def test_sparsity_is_decided_by_where_the_count_bounds_lie():
+    """At the quick profile's 64 trials: 2 of 200 heads above (1%) is supported, 30 (15%) refuted;
+    9 (4.5%, the limit being 10) still supported, 11 refuted; 30 trials cannot show the rest below."""
+    v = sparsity(_scores(64, 200, 2))
+    assert v.supported and v.details["count_bounds"] == [2, 2]
+    assert sparsity(_scores(64, 200, 9)).supported and sparsity(_scores(64, 200, 11)).refuted
+    dense = sparsity(_scores(64, 200, 30))
     assert dense.refuted and dense.statistic == pytest.approx(0.15)
-    few = sparsity(_scores(3, 200, 2), n_boot=500)
+    short = sparsity(_scores(30, 200, 2))  # an all-zero head's p is 0.055 at 30 trials: above alpha / 10
+    assert short.inconclusive
+    few = sparsity(_scores(3, 200, 2))
     assert few.inconclusive and "trials" in few.reason
+
+
+def test_betting_p_values_are_valid_for_any_distribution_on_the_unit_interval():
+    """At the boundary mean, P(p <= a) <= a for Bernoulli, zero-inflated and skewed scores (20,000
+    simulated heads of 64 trials each, both directions), and an all-zero head's p is near (1 - t)^n."""
+    from rh.rules.claims import betting_p_below
+
+    rng = np.random.default_rng(3)
+    n, heads, m = 64, 20_000, 0.1
+    shapes = {"bernoulli": (rng.random((n, heads)) < m).astype(float),
+              "zero-inflated": (rng.random((n, heads)) < 0.2) * rng.uniform(0.3, 0.7, (n, heads)),
+              "beta": rng.beta(0.2, 1.8, (n, heads))}
+    for name, x in shapes.items():
+        for a in (0.05, 0.01, 0.0036):
+            assert (betting_p_below(x, m) <= a).mean() <= a + 3 * np.sqrt(a / heads), (name, a)
+            assert (betting_p_below(1 - x, 1 - m) <= a).mean() <= a + 3 * np.sqrt(a / heads), (name, a)
+    assert 0.9 ** 64 <= betting_p_below(np.zeros((64, 1)), 0.1)[0] < 2 * 0.9 ** 64
+
+
+def test_count_bounds_follow_their_definition_by_enumerating_the_sets():
+    """u: the smallest value from which every "N >= w + 1" is rejected, each rejection checked over
+    every set of w + 1 heads (Rüger's j-th order statistic within the set); l likewise over sets of
+    H - w + 1 heads. Brute force over all subsets of 7 heads."""
+    from itertools import combinations
+
+    from rh.rules.claims import count_bounds
+
+    rng = np.random.default_rng(4)
+    heads, alpha = 7, 0.05
+    for trial in range(60):
+        pb = rng.choice([1e-4, 0.003, 0.01, 0.03, 0.2, 1.0], heads)
+        pa = rng.choice([1e-4, 0.003, 0.01, 0.03, 0.2, 1.0], heads)
+        need = int(rng.integers(1, heads + 1))
+
+        def rejects_at_least(w):  # "N >= w + 1"
+            r = max(min(w, need - 1), w // 2)
+            j = w + 1 - r
+            return all(sorted(pb[list(s)])[j - 1] <= j * alpha / (w + 1) for s in combinations(range(heads), w + 1))
+
+        def rejects_at_most(w):  # "N <= w - 1": every set of heads - w + 1 heads holds one shown above
+            size = heads - w + 1
+            return all(min(pa[list(s)]) <= alpha / size for s in combinations(range(heads), size))
+
+        u = min(x for x in range(heads + 1) if all(rejects_at_least(w) for w in range(x, heads)))
+        lo = max(x for x in range(heads + 1) if all(rejects_at_most(w) for w in range(1, x + 1)))
+        assert count_bounds(pb, pa, alpha, need) == (lo, max(u, lo)), (trial, pb, pa, need)
 
 
 def _ranking(shape, seed):

@@ -438,7 +438,14 @@ def _sim_ca8(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
                                    baseline_floor=p.baseline_floor).values())
 
 
-def _sim_id1(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
+def _sim_id1_with(shape: str) -> Callable:
+    """ID-1 with per-trial scores "smooth" (each head's mean plus normal noise, clipped to [0, 1]) or
+    "zero-inflated" as Wu24's are (a head scores 0 on most trials and a share of the needle, 0.2-1,
+    on the others; most heads never score)."""
+    return lambda p, s, rng, effect: _sim_id1(p, s, rng, effect, shape)
+
+
+def _sim_id1(p: Profile, s: dict, rng, effect: float, shape: str = "smooth") -> list[Verdict]:
     """Wu24 scores of 270 heads over the counted trials: ``effect`` is the true fraction of heads whose
     mean exceeds the threshold (rounded to whole heads); as many heads again sit just below it, so
     the fraction is estimated, not read off; the rest score near 0."""
@@ -447,10 +454,17 @@ def _sim_id1(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
 
     n, heads, thr = s["identify"], 270, p.sparsity_threshold
     above = int(round(effect * heads))
-    mu = np.full(heads, 0.01)
-    mu[:above] = rng.uniform(thr + 0.005, thr + 0.05, above)
+    if shape == "zero-inflated":  # most heads never score; a tenth copy a needle token now and then
+        mu = np.where(rng.random(heads) < 0.9, 0.0, rng.uniform(0.0, 0.005, heads))
+    else:
+        mu = np.zeros(heads)
+    mu[:above] = rng.uniform(thr + 0.005, 0.6, above)  # retrieval heads: from just above t to well above
     mu[above:2 * above] = rng.uniform(thr - 0.05, thr - 0.005, above)
-    x = np.clip(mu[None, :] + rng.normal(0, 0.1, (n, heads)), 0, 1)
+    if shape == "zero-inflated":  # a hit scores U(0.2, 1) (mean 0.6): hit rate mean / 0.6
+        hits = rng.random((n, heads)) < (mu / 0.6)[None, :]
+        x = hits * rng.uniform(0.2, 1.0, (n, heads))
+    else:  # normal noise clipped at 0: about half of a silent head's trials are 0, the rest small
+        x = np.clip(mu[None, :] + rng.normal(0, 0.03, (n, heads)), 0, 1)
     scored = SampleScores("wu24", [str(i) for i in range(n)], x[:, None, :], np.ones(n, bool), [{} for _ in range(n)])
     return [sparsity(scored, threshold=thr, max_fraction=p.sparsity_max_fraction, alpha=p.alpha, n_boot=200,
                      seed=int(rng.integers(1 << 30)))]
@@ -472,7 +486,7 @@ def _families(p: Profile, s: dict) -> dict[str, tuple]:
                  3 * (1 - p.hub_keep) * _BASE_ACC),
         "IV-7": (_sim_iv7, 0.0, p.iv7_min_effect, 3 * p.iv7_min_effect, 0.0),
         # 270 heads: 14 (5.2%) is the fewest at or above 5%, 13 (4.8%) the most below it
-        "ID-1": (_sim_id1, math.ceil(p.sparsity_max_fraction * 270) / 270,
+        "ID-1": ({name: _sim_id1_with(name) for name in ("smooth", "zero-inflated")}, math.ceil(p.sparsity_max_fraction * 270) / 270,
                  (math.ceil(p.sparsity_max_fraction * 270) - 1) / 270, p.sparsity_max_fraction / 5,
                  3 * p.sparsity_max_fraction),
         "ID-2": (_shapes(lambda sh: _sim_ratio("n_val", lambda q: q.spike_ratio, lambda q: q.spike_ratio, sh)),
