@@ -19,19 +19,24 @@ def method_scores(rh_model, ca_identify, profile):
     return identification_scores(rh_model, ca_identify, profile)
 
 
-@pytest.mark.claim("ID-7", source="QRHead (princeton-pli), RazorAttention vs Wu24")
-def test_identification_methods_agree(id_method, sum_identification, method_scores, baseline, profile,
-                                      record_verdict):
-    """Identification methods agree: another method's top-K heads overlap sum attention's as much as
-    each method's top K overlaps itself on other inputs, within Δ heads."""
-    from rh.rules.field import method_agreement
+@pytest.fixture(scope="session")
+def id7_verdicts(sum_identification, method_scores, baseline, profile):
+    """ID-7 for every method of the profile, Holm across the methods."""
+    from rh.rules.field import methods_agreement
 
-    scored = method_scores[id_method]
-    record_verdict(method_agreement(
-        id_method, sum_identification[1].scores, scored.scores, k=profile.id_k,
-        min_effect=profile.agree_min_effect * profile.id_k, same_prompts=id_method == "qrhead",
-        weights_other=scored.counted.astype(float), alpha=profile.alpha, seed=profile.draw_seed,
-        baseline_accuracy=float(baseline["correct"].mean()), baseline_floor=profile.baseline_floor))
+    return methods_agreement(
+        sum_identification[1].scores,
+        {m: (sc.scores, sc.counted.astype(float), m == "qrhead") for m, sc in method_scores.items()},
+        k=profile.id_k, min_effect=profile.agree_min_effect * profile.id_k, alpha=profile.alpha,
+        seed=profile.draw_seed, baseline_accuracy=float(baseline["correct"].mean()),
+        baseline_floor=profile.baseline_floor)
+
+
+@pytest.mark.claim("ID-7", source="QRHead (princeton-pli), RazorAttention vs Wu24")
+def test_identification_methods_agree(id_method, id7_verdicts, record_verdict):
+    """Identification methods agree: another method's top-K heads overlap sum attention's as much as
+    each method's top K overlaps itself on other inputs, within Δ heads (Holm across the methods)."""
+    record_verdict(id7_verdicts[id_method])
 
 
 # ------------------------------------------------------------------------------------------ ID-8

@@ -117,24 +117,13 @@ def stability(pairs: Mapping[str, tuple], *, k: int, min_effect: float, alpha: f
     """ID-3: rankings from two settings of one axis agree as well as each agrees with itself
     (:func:`rh.rules.claims.agreement`, Holm across axes for both decisions).
     ``pairs[axis] = (scores_a, scores_b, label_a, label_b)`` with per-prompt scores ``[n, L, H]``."""
-    from dataclasses import replace
-
-    from rh.rules.claims import agreement
-    from rh.rules.core import holm_pairs, three_way
+    from rh.rules.claims import agreement, holm_family
 
     out = {axis: agreement("ID-3", a, b, k=k, min_effect=min_effect, same_prompts=False, alpha=alpha, n_boot=n_boot,
                            seed=seed, params={"axis": axis, "k": k}, what=f"{la} vs {lb}",
                            baseline_accuracy=baseline_accuracy, baseline_floor=baseline_floor)
            for axis, (a, b, la, lb) in pairs.items()}
-    live = {a: v for a, v in out.items() if v.p_value is not None}
-    adj_s, adj_r = holm_pairs({a: v.p_value for a, v in live.items()}, {a: v.details["p_refute"] for a, v in live.items()})
-    for axis, v in live.items():
-        status, why = three_way(adj_s[axis], adj_r[axis], alpha, supported_why="stable (Holm across axes)",
-                                refuted_why="unstable (Holm across axes)", neither_why="undecided after Holm")
-        out[axis] = replace(v, status=status, p_adjusted=adj_s[axis],
-                            details={**v.details, "p_refute_adjusted": adj_r[axis]},
-                            reason=v.reason if status == v.status else f"{v.reason}; {why}")
-    return out
+    return holm_family(out, alpha, what="across axes")
 
 
 def methods_agree(sum_scores: np.ndarray, wu24_scores: np.ndarray, wu24_counted: np.ndarray, *, k: int,

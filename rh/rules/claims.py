@@ -853,6 +853,25 @@ def _halves(rng: np.random.Generator, n: int, rounds: int) -> np.ndarray:
     return mask
 
 
+def holm_family(verdicts: Mapping[str, Verdict], alpha: float, *, what: str) -> dict[str, Verdict]:
+    """One claim's parametrized verdicts decided as a family: Holm across its members, separately
+    for the support p-values (``p_value``) and the refutation ones (``details["p_refute"]``); members
+    without a test (inconclusive for a precondition) are left as they are. ``what`` names the
+    family in the reasons ("across axes", "across methods")."""
+    from dataclasses import replace
+
+    out = dict(verdicts)
+    live = {a: v for a, v in out.items() if v.p_value is not None and v.details.get("p_refute") is not None}
+    adj_s, adj_r = holm_pairs({a: v.p_value for a, v in live.items()}, {a: v.details["p_refute"] for a, v in live.items()})
+    for key, v in live.items():
+        status, why = three_way(adj_s[key], adj_r[key], alpha, supported_why=f"supported (Holm {what})",
+                                refuted_why=f"refuted (Holm {what})", neither_why=f"undecided after Holm {what}")
+        out[key] = replace(v, status=status, p_adjusted=adj_s[key],
+                           details={**v.details, "p_refute_adjusted": adj_r[key]},
+                           reason=v.reason if status == v.status else f"{v.reason}; {why}")
+    return out
+
+
 def agreement(claim: str, scores_a: np.ndarray, scores_b: np.ndarray, *, k: int, min_effect: float,
               same_prompts: bool, weights_a: np.ndarray | None = None, weights_b: np.ndarray | None = None,
               alpha: float = 0.05, n_boot: int = 400, seed: int = 0, params: dict | None = None, what: str = "",
@@ -901,8 +920,9 @@ def agreement(claim: str, scores_a: np.ndarray, scores_b: np.ndarray, *, k: int,
             "cannot be judged"), AGREE_TEST, alpha, int(min(wa.sum(), wb.sum())), details_self,
             min_effect=min_effect, effect_name=name)
     lo, hi = (float(v) for v in np.quantile(deficit, [alpha, 1 - alpha]))
-    p_sup = float(np.mean(deficit >= min_effect))
-    p_ref = float(np.mean(deficit <= min_effect))
+    # the rounds' p of each side, counted as a permutation p is: never 0 from finitely many rounds
+    p_sup = float((np.sum(deficit >= min_effect) + 1) / (deficit.size + 1))
+    p_ref = float((np.sum(deficit <= min_effect) + 1) / (deficit.size + 1))
     eff = float(deficit.mean())
     details = {"overlap": observed, "self_overlap_a": float(self_a.mean()), "self_overlap_b": float(self_b.mean()),
                "cross_overlap": float(cross.mean()), "rounds": n_boot, "p_refute": p_ref,

@@ -47,6 +47,22 @@ def method_agreement(method: str, scores_ref: np.ndarray, scores_other: np.ndarr
                      baseline_accuracy=baseline_accuracy, baseline_floor=baseline_floor)
 
 
+def methods_agreement(scores_ref: np.ndarray, others: Mapping[str, tuple[np.ndarray, np.ndarray | None, bool]], *,
+                      k: int, min_effect: float, alpha: float = 0.05, n_boot: int = 400, seed: int = 0,
+                      reference: str = "sum_attention", baseline_accuracy: float | None = None,
+                      baseline_floor: float = 0.5) -> dict[str, Verdict]:
+    """ID-7 for every further method at once, decided as one family (Holm across the methods, for
+    support and refutation apart): ``others[method] = (scores, weights or None, same_prompts)``,
+    each as :func:`method_agreement` takes them."""
+    from rh.rules.claims import holm_family
+
+    out = {m: method_agreement(m, scores_ref, sc, k=k, min_effect=min_effect, same_prompts=same, weights_other=w,
+                               alpha=alpha, n_boot=n_boot, seed=seed, reference=reference,
+                               baseline_accuracy=baseline_accuracy, baseline_floor=baseline_floor)
+           for m, (sc, w, same) in others.items()}
+    return holm_family(out, alpha, what="across methods")
+
+
 # ------------------------------------------------------------------------------------------ ID-8
 
 ID8_TEST = ("exact conditional test of the number T of same-KV-group pairs among the top-K heads, every layer keeping "
