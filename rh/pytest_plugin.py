@@ -621,8 +621,8 @@ class RhSession:
         budget = config.getoption("--budget")
         claims = [it for it in items if it.get_closest_marker("claim") is not None]
         self.collected = [it.nodeid for it in claims]
-        if budget is None and claims:
-            self.estimate = _estimate(config, self.expected, claims)
+        if budget is None and claims:  # what the progress lines count down: the claims this run computes
+            self.estimate = _estimate(config, self.expected, [it for it in claims if self.journaled(it) is None])
         if budget is None or not claims:
             return
         import signal
