@@ -120,12 +120,14 @@ def session_fingerprint(options: Mapping[str, Any], *, model: Mapping[str, Any],
 
 
 def item_fingerprint(session: str, nodeid: str, sources: Iterable[str | os.PathLike]) -> str:
-    """A claim's inputs beyond the session's: its node id (parameters included) and the source of
-    its test file and the conftest files it sees (a missing one counts as empty)."""
+    """A claim's inputs beyond the session's: its node id (parameters included) and the content of
+    ``sources``: its test file, the conftest files it sees, and the data files or folders its
+    marker declares (``@pytest.mark.claim("X-1", inputs=["data/prompts.csv"])``); a missing one
+    counts as empty."""
     parts = [session.encode(), nodeid.encode()]
     for s in sources:
         p = Path(s)
-        parts += [str(p.name).encode(), p.read_bytes() if p.is_file() else b""]
+        parts += [str(p.name).encode(), p.read_bytes() if p.is_file() else (file_digest(p) or "").encode()]
     return _sha(parts)
 
 

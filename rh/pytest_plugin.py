@@ -401,8 +401,10 @@ class RhSession:
             from rh import journal as jr
 
             path = Path(item.path)
+            marker = item.get_closest_marker("claim")
+            declared = [self.config.rootpath / d for d in ((marker.kwargs.get("inputs") or ()) if marker else ())]
             fp = jr.item_fingerprint(self.journal().fingerprint, item.nodeid,
-                                     [*jr.conftests(path, self.config.rootpath), path])
+                                     [*jr.conftests(path, self.config.rootpath), path, *declared])
             self.item_fps[item.nodeid] = fp
         return fp
 

@@ -93,3 +93,15 @@ def test_a_store_appended_after_a_torn_line_keeps_the_new_rows(tmp_path):
     store.close()
     again = ResultStore(path)
     assert again.get("c") == (False, -2.0, 0.25, 4) and again.loaded == 2
+
+
+def test_a_declared_data_folder_counts_with_every_file_in_it(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.csv").write_text("1\n")
+    test = tmp_path / "test_x.py"
+    test.write_text("")
+    first = jr.item_fingerprint("s", "t", [test, data])
+    assert jr.item_fingerprint("s", "t", [test, data]) == first
+    (data / "b.csv").write_text("2\n")
+    assert jr.item_fingerprint("s", "t", [test, data]) != first

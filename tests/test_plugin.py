@@ -601,6 +601,37 @@ def test_a_journal_is_replayed_only_for_the_same_inputs(warm_imports, pytester):
     res.assert_outcomes(passed=1, failed=2)  # X-1 replayed as supported, not what the file expects; X-2 errs
 
 
+def test_a_claim_that_declares_its_data_is_computed_again_when_the_data_change(warm_imports, pytester):
+    """``@pytest.mark.claim(..., inputs=[...])``: a journal keeps the claim only for the content of
+    the files it names (another claim errs, so the journal stays between the runs)."""
+    calls = pytester.path / "calls.txt"
+    (pytester.path / "data.txt").write_text("one")
+    pytester.makepyfile(test_claims=f"""
+        import pytest
+        from rh.stats import Verdict
+
+        @pytest.mark.claim("X-1", inputs=["data.txt"])
+        def test_a(record_verdict):
+            open({str(calls)!r}, "a").write("a\\n")
+            record_verdict(Verdict(claim="X-1", status="supported", test="t", statistic=1.0, p_value=0.01,
+                                   p_adjusted=0.01, effect=0.5, ci=(0.1, 0.9), n=10, reason="", params={{}}))
+
+        @pytest.mark.claim("X-2")
+        def test_b(record_verdict):
+            raise RuntimeError("errs")
+        """)
+
+    def ran():
+        calls.write_text("")
+        pytester.runpytest_inprocess("--model", "tiny-llama", "-p", "no:cacheprovider")
+        return calls.read_text().split()
+
+    assert ran() == ["a"]
+    assert ran() == []
+    (pytester.path / "data.txt").write_text("two")
+    assert ran() == ["a"]
+
+
 def test_a_claim_without_a_verdict_or_with_two_is_an_error_row(warm_imports, pytester):
     """A claim test that passes or skips without recording a verdict, or records two different
     ones, is an error row in the matrix and the report, never dropped; one recorded twice is one."""
