@@ -208,7 +208,7 @@ def pytest_configure(config: pytest.Config) -> None:
         if getattr(config.option, "numprocesses", None):
             raise pytest.UsageError("--budget plans one process: drop -n")
     external = _external_heads(config, shape)
-    config.addinivalue_line("markers", "claim(id, source=...): a research claim checked on a model (rh)")
+    config.addinivalue_line("markers", "claim(id, source=..., inputs=[...]): a research claim checked on a model (rh); inputs: data files it reads")
     session = RhSession(config, expected=expected, external=external, shape=shape)
     session.heads_warning = _heads_model_warning(config, external)
     if session.heads_warning:
