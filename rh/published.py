@@ -142,7 +142,7 @@ def load_heads(path: str | Path, *, shape: HeadShape, fmt: str = "auto",
     if fmt in rankings.FORMATS:
         return load_ranking(path, shape=shape, fmt=fmt)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors write one) is dropped
     except UnicodeDecodeError as exc:
         raise ValueError(f"{where} is not a text file ({exc.reason} at byte {exc.start}): give the JSON, "
                          "TSV, YAML or CSV file itself") from None
@@ -150,6 +150,8 @@ def load_heads(path: str | Path, *, shape: HeadShape, fmt: str = "auto",
         duo = _from_duo(text, where, shape, path)
         _note_model(duo.provenance, named_model(path))
         return duo
+    if fmt == "auto" and (path.suffix.lower() == ".csv" or text.startswith("# ")):
+        return load_ranking(path, shape=shape)  # rh's ranking CSV (rh identify --out r.csv): no JSON to parse
     data = _parse(text, where, path, fmt)
     if fmt == "auto":
         fmt = _detect(data, where, path)
@@ -190,7 +192,7 @@ def named_model(path: str | Path, data: Any = None) -> str | None:
             try:
                 import yaml
 
-                data = yaml.load(path.read_text(encoding="utf-8"), Loader=_strict_yaml_loader())
+                data = yaml.load(path.read_text(encoding="utf-8-sig"), Loader=_strict_yaml_loader())
             except Exception:  # an unreadable file is load_heads's to refuse, with its own message
                 data = None
         if isinstance(data, dict):

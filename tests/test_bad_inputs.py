@@ -297,6 +297,74 @@ def test_a_model_folder_rh_cannot_run_is_refused_alike_by_pytest_identify_and_au
     assert not (pytester.path / "cache").exists() and not (pytester.path / "reports").exists()
 
 
+# --------------------------------------------------------------------------- head files saved with a byte-order mark
+
+
+_BOM = b"\xef\xbb\xbf"
+_RANKINGS_READ_UTF8 = pytest.mark.xfail(
+    strict=True, reason="rh.rankings.load_ranking reads utf-8, not utf-8-sig (rankings.py is outside this change)")
+
+
+def _head_files(shape):
+    from rh.heads import Head
+    from rh.rankings import Ranking
+
+    every = [(l, h) for l in range(shape.n_layers) for h in range(shape.n_heads)]
+    ranking = Ranking("hand", shape, {Head(l, h): float((7 * l + 3 * h) % 11) for l, h in every})
+    return {
+        "qrhead.json": json.dumps([[f"{l}-{h}", float((5 * l + h) % 13)] for l, h in every]),
+        "heads.json": json.dumps(["L0H1", "L2H3"]),
+        "razor.json": json.dumps({"1": [3, 0], "3": [7]}),
+        "qrhead_set.txt": "2-5,1-3,0-7",
+        "qrhead_config.yaml": 'model_name_or_path: meta-llama/Llama-3.1-8B-Instruct\nattn_head_set: "2-5,1-3,"\n',
+        "full_attention_heads.tsv": "0.9\t0.1\n0.2\t0.7\n0.0\t0.3\n0.5\t0.4\n",
+        "rh.json": json.dumps(ranking.to_json()),
+        "rh.csv": ranking.to_csv(),
+        "wu24.json": json.dumps({f"{l}-{h}": [float((l + 2 * h) % 5)] for l, h in every}),
+    }
+
+
+@pytest.mark.parametrize("name", [
+    "qrhead.json", "heads.json", "razor.json", "qrhead_set.txt", "qrhead_config.yaml", "full_attention_heads.tsv",
+    pytest.param("rh.json", marks=_RANKINGS_READ_UTF8), pytest.param("rh.csv", marks=_RANKINGS_READ_UTF8),
+    pytest.param("wu24.json", marks=_RANKINGS_READ_UTF8),
+])
+def test_a_head_file_saved_with_a_byte_order_mark_loads_the_same_heads(tmp_path, name):
+    """Windows editors write a UTF-8 byte-order mark: the file was refused as "neither JSON nor a
+    head-set string" (a TSV's first gate as "not a number"). --rankings and rh audit read through
+    load_heads, so both take it now."""
+    from rh.heads import HeadShape
+    from rh.published import load_heads
+
+    shape = HeadShape(4, 8, 2, 8)
+    text = _head_files(shape)[name]
+    plain, marked = tmp_path / "plain", tmp_path / "bom"
+    plain.mkdir(), marked.mkdir()
+    (plain / name).write_bytes(text.encode())
+    (marked / name).write_bytes(_BOM + text.encode())
+    a, b = load_heads(plain / name, shape=shape), load_heads(marked / name, shape=shape)
+    assert type(a) is type(b)
+    assert getattr(b, "heads", getattr(b, "members", None)) == getattr(a, "heads", getattr(a, "members", None))
+    assert getattr(b, "scores", None) == getattr(a, "scores", None)
+    assert b.provenance.get("named_model") == a.provenance.get("named_model")
+
+
+def test_rh_audit_takes_a_head_file_with_a_byte_order_mark(tmp_path, capsys, monkeypatch):
+    import rh.models
+    from rh.__main__ import main
+
+    (tmp_path / "qrhead_set.txt").write_bytes(_BOM + b"2-5,1-3,0-7")
+
+    def stop(*a, **k):
+        raise ValueError("stopped where the weights would load")
+
+    monkeypatch.setattr(rh.models, "load_model", stop)
+    rc = main(["audit", str(tmp_path / "qrhead_set.txt"), "--model", "tiny-llama",
+               "--report-dir", str(tmp_path / "reports")])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "stopped where the weights would load" in err and out.startswith("audit plan:"), err
+
+
 # --------------------------------------------------------------------------- library messages
 
 

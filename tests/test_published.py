@@ -319,3 +319,14 @@ def test_a_config_that_is_not_a_head_file_says_what_it_is(tmp_path, name, conten
     with pytest.raises(ValueError, match=message) as err:
         load_heads(_write(tmp_path, name, content), shape=SHAPE)
     assert "JSON (truncated" not in str(err.value) and "fmt=" not in str(err.value)
+
+
+def test_rhs_own_ranking_csv_loads_as_a_ranking(tmp_path):
+    """rh identify --out r.csv writes one; load_heads (--rankings, rh audit) once refused it as
+    "neither JSON nor a head-set string"."""
+    from rh.rankings import load_ranking
+
+    ranking = load_heads(_write(tmp_path, "qr.json", _qrhead_rows()), shape=SHAPE)
+    path = _write(tmp_path, "r.csv", ranking.to_csv())
+    r = load_heads(path, shape=SHAPE)
+    assert isinstance(r, Ranking) and r.heads == ranking.heads == load_ranking(path, shape=SHAPE).heads
