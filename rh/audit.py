@@ -64,6 +64,8 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
     bad_k = [k for k in args.k or () if k < 1]
     if bad_k:
         raise ValueError(f"--k {bad_k[0]}: give positive whole numbers (the numbers of top heads to ablate)")
+    if args.heads and not args.paths:  # as under pytest: an option --heads cannot use is refused, not ignored
+        unused_by_heads(args)
     from rh.io import unwritable_folder
 
     blocked = unwritable_folder(args.report_dir)
@@ -77,6 +79,7 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
         inputs.append((p, load_heads(p, shape=shape, fmt=args.format, per_layer=args.per_layer)))
     if args.heads:
         inputs.append(("--heads", parse_head_set(args.heads, shape)))
+    unused_by_files(args, inputs)
     base = get_profile(args.profile, shape)
     overrides: dict[str, Any] = {"alpha": args.alpha}
     if args.draws is not None:
@@ -98,6 +101,32 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
     if args.length is not None or args.n is not None:  # with the tokenizer alone: a bad size is said now
         check_sweep(args, sweep)
     return {"inputs": out, "sweep": sweep, "cost": planned_cost(out, sweep, shape.n_layers)}
+
+
+def unused_by_heads(args: argparse.Namespace) -> None:
+    """``--per-layer`` or ``--k`` beside ``--heads`` alone: a head set has one K, its size, and no
+    per-layer order to cut, so either option would be silently ignored. Refused instead, naming both
+    options and the fix, as the pytest plugin refuses ``--heads`` with ``--per-layer``."""
+    heads = f"--heads {args.heads}"
+    if args.per_layer is not None:
+        raise ValueError(f"--per-layer {args.per_layer} needs a per-layer {{layer: [heads]}} file (PATH), and {heads} "
+                         "is a head set: drop --per-layer, or give the file instead of --heads")
+    if args.k:
+        raise ValueError(f"--k {' '.join(map(str, args.k))} sets the K levels of a ranking, and {heads} is a head set "
+                         "with one K, its size: drop --k (K is the number of heads in --heads), or give a ranking file")
+
+
+def unused_by_files(args: argparse.Namespace, inputs: list[tuple[str, Any]]) -> None:
+    """``--k`` when no input is a ranking, ``--per-layer`` when no file is a per-layer order: the
+    option would change nothing, so it is refused rather than ignored."""
+    from rh.published import HeadSet
+
+    if args.per_layer is not None and not any(getattr(h, "provenance", {}).get("per_layer") for _, h in inputs):
+        raise ValueError(f"--per-layer {args.per_layer}: no input is a per-layer {{layer: [heads]}} file, so it would "
+                         "change nothing: drop --per-layer (it takes the first M heads of each layer of such a file)")
+    if args.k and all(isinstance(h, HeadSet) for _, h in inputs):
+        raise ValueError(f"--k {' '.join(map(str, args.k))}: every input is a head set, with one K each (its size), "
+                         "and no ranking for --k to cut: drop --k, or give a ranking file")
 
 
 def check_sweep(args: argparse.Namespace, sweep: Any) -> None:

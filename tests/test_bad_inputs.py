@@ -229,6 +229,11 @@ def test_identify_refuses_a_read_only_cache_before_the_model_loads(read_only, ca
     (["--length", "5"], "--length 5: length=5 tokens is too short for this prompt"),  # once after loading
     (["--n", "100000000"], "--n 100000000: at 128 tokens the haystack has only"),  # once accepted, no cost said
     (["{tmp}/bad.yaml"], "bad.yaml' is not valid YAML (expected the node content, but found '<stream end>' at line 1"),
+    # once ignored: a head set has one K, its size, and no per-layer order (as pytest refuses --heads --per-layer)
+    (["--k", "2", "4"], "--k 2 4 sets the K levels of a ranking, and --heads L0H1 is a head set with one K, its "
+                        "size: drop --k"),
+    (["--per-layer", "2"], "--per-layer 2 needs a per-layer {layer: [heads]} file (PATH), and --heads L0H1 is a head "
+                           "set: drop --per-layer"),
 ])
 def test_audit_refuses_bad_input_in_one_line_before_the_model_loads(tmp_path, capsys, monkeypatch, args, message):
     import rh.models
@@ -243,6 +248,26 @@ def test_audit_refuses_bad_input_in_one_line_before_the_model_loads(tmp_path, ca
     out, err = capsys.readouterr()
     assert rc == 2
     _one_line_error(err, _fill([message], tmp_path)[0])
+    assert "audit plan" not in out and not (tmp_path / "reports").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{tmp}/set.json", "--k", "2"], "--k 2: every input is a head set, with one K each (its size), and no ranking "
+                                     "for --k to cut: drop --k"),
+    (["{tmp}/set.json", "--per-layer", "2"], "--per-layer 2: no input is a per-layer {layer: [heads]} file, so it "
+                                             "would change nothing: drop --per-layer"),
+])
+def test_audit_refuses_an_option_no_input_can_use(tmp_path, capsys, monkeypatch, args, message):
+    """Head-set files alone: --k and --per-layer were silently ignored, as beside --heads alone."""
+    import rh.models
+    from rh.__main__ import main
+
+    (tmp_path / "set.json").write_text('["L0H1", "L2H3"]')
+    monkeypatch.setattr(rh.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    rc = main(["audit", *_fill(args, tmp_path), "--model", "tiny-llama", "--report-dir", str(tmp_path / "reports")])
+    out, err = capsys.readouterr()
+    assert rc == 2
+    _one_line_error(err, message)
     assert "audit plan" not in out and not (tmp_path / "reports").exists()
 
 
