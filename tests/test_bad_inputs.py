@@ -322,6 +322,58 @@ def test_a_model_folder_rh_cannot_run_is_refused_alike_by_pytest_identify_and_au
     assert not (pytester.path / "cache").exists() and not (pytester.path / "reports").exists()
 
 
+@pytest.fixture(scope="module")
+def short_context_model(tmp_path_factory):
+    """A saved Llama (the tiny model's 4 x 8 heads, weights and the bundled tokenizer) whose config
+    says max_position_embeddings 256."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rh.models import bundled_tokenizer
+
+    path = tmp_path_factory.mktemp("models") / "ctx256"
+    tok = bundled_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=32, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("cmd, message", [
+    (["audit", "--heads", "L0H1", "--length", "512"],
+     "--length 512: length=512 plus the 4-token answer exceeds the model's maximum of 256 positions; use a length of "
+     "at most 252"),
+    (["identify", "--lengths", "128", "512"],
+     "--lengths 128 512: length=512 plus the 4-token answer exceeds the model's maximum of 256 positions; use a "
+     "length of at most 252"),
+    (["identify", "--profile", "full"],  # the tiny full profile's 128 and 256 tokens: 256 leaves no room for the answer
+     "the full profile's lengths 128 256 (no --lengths given): length=256 plus the 4-token answer exceeds the "
+     "model's maximum of 256 positions; use a length of at most 252 (give it with --lengths)"),
+])
+def test_a_length_beyond_the_models_context_is_refused_before_the_weights_load(short_context_model, tmp_path, capsys,
+                                                                              monkeypatch, cmd, message):
+    """Once refused only after the weights had loaded (build_samples with the loaded model's
+    max_positions). The local folder's config.json gives the context without loading."""
+    import rh.models
+    from rh.__main__ import main
+
+    monkeypatch.setattr(rh.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    where = ["--report-dir", str(tmp_path / "reports")] if cmd[0] == "audit" else ["--cache", str(tmp_path / "cache")]
+    assert main([*cmd, "--model", short_context_model, *where]) == 2
+    _one_line_error(capsys.readouterr().err, message)
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_context_is_known_before_loading_where_the_config_is(tiny, short_context_model):
+    from rh.models import known_context
+
+    assert known_context("tiny-llama") == tiny.max_positions == 4096  # the registry's
+    assert known_context(short_context_model) == 256  # the folder's config.json
+    assert known_context("nobody-we-know/no-such-model") is None  # a download: the check after loading stays
+
+
 # --------------------------------------------------------------------------- head files saved with a byte-order mark
 
 
