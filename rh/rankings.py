@@ -180,7 +180,7 @@ def load_ranking(path: str | Path, *, shape: HeadShape | None = None, fmt: str =
     if not path.exists():
         raise FileNotFoundError(f"{where} does not exist")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors write one) is dropped
     except UnicodeDecodeError as exc:
         raise ValueError(f"{where} is not a text file ({exc.reason} at byte {exc.start}): give the JSON or CSV "
                          "ranking itself") from None

@@ -378,8 +378,6 @@ def test_the_context_is_known_before_loading_where_the_config_is(tiny, short_con
 
 
 _BOM = b"\xef\xbb\xbf"
-_RANKINGS_READ_UTF8 = pytest.mark.xfail(
-    strict=True, reason="rh.rankings.load_ranking reads utf-8, not utf-8-sig (rankings.py is outside this change)")
 
 
 def _head_files(shape):
@@ -403,8 +401,7 @@ def _head_files(shape):
 
 @pytest.mark.parametrize("name", [
     "qrhead.json", "heads.json", "razor.json", "qrhead_set.txt", "qrhead_config.yaml", "full_attention_heads.tsv",
-    pytest.param("rh.json", marks=_RANKINGS_READ_UTF8), pytest.param("rh.csv", marks=_RANKINGS_READ_UTF8),
-    pytest.param("wu24.json", marks=_RANKINGS_READ_UTF8),
+    "rh.json", "rh.csv", "wu24.json",
 ])
 def test_a_head_file_saved_with_a_byte_order_mark_loads_the_same_heads(tmp_path, name):
     """Windows editors write a UTF-8 byte-order mark: the file was refused as "neither JSON nor a
