@@ -217,6 +217,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(session, PLUGIN_NAME)
     # the profile for this model's shape, once: --alpha and --heads are usage errors now, not at collection
     session.collection_profile = _collection_profile(config)
+    _check_context(config, session.collection_profile)
     from rh.io import unwritable_folder
 
     reports = report_dir(config)
@@ -235,6 +236,26 @@ def pytest_configure(config: pytest.Config) -> None:
     session.progress_token = progress.listen(session.on_progress)
     if not hasattr(config, "workerinput"):
         session.catch_sigterm()
+
+
+def _check_context(config: pytest.Config, prof) -> None:
+    """The profile's prompt lengths against the model's context, where the context is known without
+    loading weights (:func:`rh.models.known_context`): a prompt the model cannot take is a usage
+    error now, not a failure of every claim after the weights load."""
+    if prof is None or config.getoption("--plan"):
+        return
+    from rh.models import known_context
+
+    ctx = known_context(config.getoption("--model"))
+    if not ctx:
+        return
+    longest = {f"length {n}": n for n in prof.lengths}
+    longest[f"ID-3's stability length {prof.stability_length}"] = prof.stability_length
+    what, n = max(longest.items(), key=lambda kv: kv[1])
+    if n + 16 > ctx:  # room for the answer tokens after the prompt
+        raise pytest.UsageError(f"--profile {prof.name}: its {what} does not fit {config.getoption('--model')}'s "
+                                f"context of {ctx} positions (with the answer after it); use a smaller profile or a "
+                                "model with a longer context")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -366,6 +366,21 @@ def test_a_length_beyond_the_models_context_is_refused_before_the_weights_load(s
     assert not any(tmp_path.iterdir())
 
 
+def test_a_profile_whose_prompts_exceed_the_context_is_a_usage_error_under_pytest(short_context_model, pytester):
+    """pytest claims/ with a profile whose lengths (the full profile's 256) leave no room for the answer
+    in a 256-position context: refused at configure time, before collection and the weights; the
+    quick profile (128, and ID-3's 160) is collected as before (the full one's longest is ID-3's 384)."""
+    pytester.makepyfile(test_claims="def test_x():\n    pass\n")
+    res = pytester.runpytest_inprocess("--model", short_context_model, "--profile", "full", "--collect-only",
+                                       "-p", "no:cacheprovider")
+    assert res.ret == pytest.ExitCode.USAGE_ERROR
+    err = res.stderr.str()
+    assert "--profile full: its ID-3's stability length 384 does not fit" in err and "context of 256 positions" in err, err
+    ok = pytester.runpytest_inprocess("--model", short_context_model, "--profile", "quick", "--collect-only",
+                                      "-p", "no:cacheprovider")
+    assert ok.ret == pytest.ExitCode.OK, ok.stdout.str()[-2000:]
+
+
 def test_the_context_is_known_before_loading_where_the_config_is(tiny, short_context_model):
     from rh.models import known_context
 
