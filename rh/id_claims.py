@@ -114,16 +114,15 @@ def _overlap_verdict(claim: str, params: dict, a: Ranking, b: Ranking, k: int, a
 def stability(pairs: Mapping[str, tuple], *, k: int, min_effect: float, alpha: float = 0.05,
               baseline_accuracy: float | None = None, baseline_floor: float = 0.5, n_boot: int = 400,
               seed: int = 0) -> dict[str, Verdict]:
-    """ID-3: rankings from two settings of one axis agree as well as each agrees with itself
-    (:func:`rh.rules.claims.agreement`, Holm across axes for both decisions).
+    """ID-3: rankings from two settings of one axis share their top K within Δ heads
+    (:func:`rh.rules.claims.agreement`, its bands Bonferroni-corrected across the axes).
     ``pairs[axis] = (scores_a, scores_b, label_a, label_b)`` with per-prompt scores ``[n, L, H]``."""
-    from rh.rules.claims import agreement, holm_family
+    from rh.rules.claims import agreement
 
-    out = {axis: agreement("ID-3", a, b, k=k, min_effect=min_effect, same_prompts=False, alpha=alpha, n_boot=n_boot,
-                           seed=seed, params={"axis": axis, "k": k}, what=f"{la} vs {lb}",
-                           baseline_accuracy=baseline_accuracy, baseline_floor=baseline_floor)
-           for axis, (a, b, la, lb) in pairs.items()}
-    return holm_family(out, alpha, what="across axes")
+    return {axis: agreement("ID-3", a, b, k=k, min_effect=min_effect, same_prompts=False, alpha=alpha, n_boot=n_boot,
+                            seed=seed, params={"axis": axis, "k": k}, what=f"{la} vs {lb}",
+                            baseline_accuracy=baseline_accuracy, baseline_floor=baseline_floor, family=len(pairs))
+            for axis, (a, b, la, lb) in pairs.items()}
 
 
 def methods_agree(sum_scores: np.ndarray, wu24_scores: np.ndarray, wu24_counted: np.ndarray, *, k: int,

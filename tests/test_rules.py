@@ -270,8 +270,47 @@ def test_agreement_against_self_agreement():
     assert agreement("ID-4", A, C, k=k, min_effect=2, same_prompts=True, baseline_accuracy=0.9, n_boot=200).refuted
     noisy = agreement("ID-3", A[:10] * 0 + rng.normal(0, 1, (10, heads)), B[:10] * 0 + rng.normal(0, 1, (10, heads)),
                       k=k, min_effect=2, same_prompts=False, baseline_accuracy=0.9, n_boot=200)
-    assert noisy.inconclusive and "reproduce itself" in noisy.reason  # noise agrees with nothing, itself included
+    assert noisy.inconclusive and "pin down 0 and 0 heads" in noisy.reason  # noise pins down no top K
     assert agreement("ID-4", A, B, k=k, min_effect=2, same_prompts=True, baseline_accuracy=0.0).inconclusive
+
+
+def test_rank_bands_cover_every_heads_mean_at_once():
+    """Simultaneous coverage: over 200 simulated runs (64 prompts, 120 heads of unequal spread, a
+    prompt effect shared by every head, skewed noise), the bands miss some head's centered mean in
+    at most α of runs (plus Monte-Carlo error). The mean is centered as the bands are: each head's
+    true mean minus the mean over heads."""
+    from rh.rules.claims import rank_bands
+
+    rng = np.random.default_rng(11)
+    heads, n, runs, alpha = 120, 64, 200, 0.1
+    mu = np.sort(rng.gamma(1.0, 1.0, heads))[::-1]
+    sd = rng.uniform(0.3, 1.5, heads)
+    misses = 0
+    for r in range(runs):
+        noise = (rng.exponential(1.0, (n, heads)) - 1.0) * sd  # right-skewed, mean 0
+        x = mu + rng.normal(0, 0.5, (n, 1)) + noise
+        lo, hi, _ = rank_bands(x, None, alpha, n_boot=300, rng=np.random.default_rng(r))
+        target = mu - mu.mean()
+        misses += bool(((target < lo) | (target > hi)).any())
+    assert misses / runs <= alpha + 2.33 * np.sqrt(alpha * (1 - alpha) / runs), misses
+
+
+def test_top_membership_follows_its_definition():
+    """Surely in the top K: the lower end clears the upper ends of at least H - K other heads; surely
+    out: at least K other heads' lower ends clear its upper end. Counted head by head."""
+    from rh.rules.claims import top_membership
+
+    rng = np.random.default_rng(12)
+    for _ in range(50):
+        heads, k = int(rng.integers(3, 30)), int(rng.integers(1, 6))
+        mid = rng.normal(0, 1, heads)
+        half = rng.uniform(0.05, 1.0, heads)
+        lo, hi = mid - half, mid + half
+        got_in, got_out = top_membership(lo, hi, k)
+        for h in range(heads):
+            others = [g for g in range(heads) if g != h]
+            assert got_in[h] == (sum(hi[g] < lo[h] for g in others) >= heads - k)
+            assert got_out[h] == (sum(lo[g] > hi[h] for g in others) >= k)
 
 
 def test_layer_matched_controls_copy_the_top_k_layers():

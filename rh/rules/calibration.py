@@ -266,44 +266,74 @@ def _sim_id5_with(noise: str) -> Callable:
     return run
 
 
-def _agree_means(rng, k: int, heads: int, effect: float) -> tuple[np.ndarray, np.ndarray]:
+def _agree_means(rng, k: int, heads: int, effect: float, swap_at: str = "edge") -> tuple[np.ndarray, np.ndarray]:
     """Two methods' true head scores: B's top K is A's with ``effect`` heads swapped for heads ranked
-    3K and below (0: the same heads; K: disjoint)."""
+    3K and below (0: the same heads; K: disjoint). ``swap_at`` "edge": the weakest of A's top K are
+    the ones B lacks (the hardest to tell apart from the heads just outside); "anywhere": drawn at
+    random from the top K."""
     mu_a = np.sort(rng.gamma(1.0, 1.0, heads))[::-1]
     mu_b = mu_a.copy()
     swap = int(round(effect))
     if swap:
-        idx_in, idx_out = np.arange(k - swap, k), np.arange(3 * k, 3 * k + swap)
+        idx_in = np.arange(k - swap, k) if swap_at == "edge" else np.sort(rng.choice(k, swap, replace=False))
+        idx_out = np.arange(3 * k, 3 * k + swap)
         mu_b[idx_in], mu_b[idx_out] = mu_a[idx_out], mu_a[idx_in]
     return mu_a, mu_b
 
 
-def _sim_agree(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
+#: the data structures ID-3/ID-4/ID-7 are simulated under: (where the differing heads sit, per-prompt
+#: noise SD, whether the noise is shared by each KV group of 3 heads). Under noise of SD 3 (the
+#: top 10 pinned down to about one head) the rule neither supports nor refutes anything: measured
+#: once (0.000 and 0.000 at 300 runs), left out of the table, whose powers it would zero.
+_AGREE_SHAPES = {"edge": ("edge", 1.0, False), "anywhere": ("anywhere", 1.0, False),
+                 "group-noise": ("anywhere", 1.0, True), "noisy": ("edge", 3.0, False)}
+_AGREE_TABLE = ("edge", "anywhere", "group-noise")
+
+
+def _agree_noise(rng, n: int, heads: int, sd: float, grouped: bool) -> np.ndarray:
+    noise = rng.normal(0, sd, (n, heads))
+    if grouped:  # half the variance shared within groups of three neighbouring heads
+        shared = np.repeat(rng.normal(0, sd, (n, heads // 3 + 1)), 3, axis=1)[:, :heads]
+        noise = np.sqrt(0.5) * noise + np.sqrt(0.5) * shared
+    return noise
+
+
+def _sim_agree_with(shape: str) -> Callable:
+    return lambda p, s, rng, effect: _sim_agree(p, s, rng, effect, shape)
+
+
+def _sim_agree(p: Profile, s: dict, rng, effect: float, shape: str = "edge") -> list[Verdict]:
     """Two methods on the same prompts: heads' true scores, per-prompt noise; ``effect`` is the number
     of B's true top-K heads that are not A's (0: the same heads; K: disjoint)."""
     from rh.rules.claims import agreement
 
+    swap_at, sd, grouped = _AGREE_SHAPES[shape]
     n, k, heads = s["identify"], p.id_k, 270
-    mu_a, mu_b = _agree_means(rng, k, heads, effect)
+    mu_a, mu_b = _agree_means(rng, k, heads, effect, swap_at)
     prompt = rng.normal(0, 0.5, (n, 1))
-    A = mu_a[None] + prompt + rng.normal(0, 1.0, (n, heads))
-    B = mu_b[None] + prompt + rng.normal(0, 1.0, (n, heads))
+    A = mu_a[None] + prompt + _agree_noise(rng, n, heads, sd, grouped)
+    B = mu_b[None] + prompt + _agree_noise(rng, n, heads, sd, grouped)
     return [agreement("ID-4", A, B, k=k, min_effect=p.agree_min_effect * k, same_prompts=True, alpha=p.alpha,
-                      n_boot=100, seed=int(rng.integers(1 << 30)), baseline_accuracy=_BASE_ACC,
+                      n_boot=200, seed=int(rng.integers(1 << 30)), baseline_accuracy=_BASE_ACC,
                       baseline_floor=p.baseline_floor)]
 
 
-def _sim_id7(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
+def _sim_id7_with(shape: str) -> Callable:
+    return lambda p, s, rng, effect: _sim_id7(p, s, rng, effect, shape)
+
+
+def _sim_id7(p: Profile, s: dict, rng, effect: float, shape: str = "edge") -> list[Verdict]:
     """ID-7 for a content-free method: A scored on the identification prompts, B on its own random
-    sequences (independent inputs, so independent halves); ``effect`` as in :func:`_sim_agree`."""
+    sequences (independent inputs); ``effect`` as in :func:`_sim_agree`."""
     from rh.rules.field import method_agreement
 
+    swap_at, sd, grouped = _AGREE_SHAPES[shape]
     n_a, n_b, k, heads = s["identify"], s["content_free"], p.id_k, 270
-    mu_a, mu_b = _agree_means(rng, k, heads, effect)
-    A = mu_a[None] + rng.normal(0, 0.5, (n_a, 1)) + rng.normal(0, 1.0, (n_a, heads))
-    B = mu_b[None] + rng.normal(0, 0.5, (n_b, 1)) + rng.normal(0, 1.0, (n_b, heads))
+    mu_a, mu_b = _agree_means(rng, k, heads, effect, swap_at)
+    A = mu_a[None] + rng.normal(0, 0.5, (n_a, 1)) + _agree_noise(rng, n_a, heads, sd, grouped)
+    B = mu_b[None] + rng.normal(0, 0.5, (n_b, 1)) + _agree_noise(rng, n_b, heads, sd, grouped)
     return [method_agreement("echo", A, B, k=k, min_effect=p.agree_min_effect * k, same_prompts=False, alpha=p.alpha,
-                             n_boot=100, seed=int(rng.integers(1 << 30)), baseline_accuracy=_BASE_ACC,
+                             n_boot=200, seed=int(rng.integers(1 << 30)), baseline_accuracy=_BASE_ACC,
                              baseline_floor=p.baseline_floor)]
 
 
@@ -494,8 +524,11 @@ def _families(p: Profile, s: dict) -> dict[str, tuple]:
         "IV-6": (_shapes(lambda sh: _sim_ratio("ig_n", lambda q: 1.0, lambda q: q.ig_min_ratio, sh)), 1.0,
                  p.ig_min_ratio, 3 * p.ig_min_ratio, 0.5),
         "ID-5": (_shapes(_sim_id5_with), p.spike_ratio, p.spike_ratio, 4 * p.spike_ratio, 1.0),
-        "ID-3/ID-4": (_sim_agree, float(p.id_k), 0.0, 0.0, float(p.id_k)),
-        "ID-7": (_sim_id7, float(p.id_k), 0.0, 0.0, float(p.id_k)),
+        # agreement is decided on both sides of one boundary: at Δ heads differing, neither may be shown
+        "ID-3/ID-4": ({sh: _sim_agree_with(sh) for sh in _AGREE_TABLE}, p.agree_min_effect * p.id_k,
+                      p.agree_min_effect * p.id_k, 0.0, float(p.id_k)),
+        "ID-7": ({sh: _sim_id7_with(sh) for sh in _AGREE_TABLE}, p.agree_min_effect * p.id_k,
+                 p.agree_min_effect * p.id_k, 0.0, float(p.id_k)),
         "ID-8": ({name: _sim_id8_with(name) for name in ("fixed", "propensity", "group-noise")}, 0.0,
                  p.group_min_effect, p.group_min_effect + 0.25, 0.0),
         "CA-7": (_sim_ca7, 0.0, 1.0, 1.5, 0.0),

@@ -32,35 +32,32 @@ def method_agreement(method: str, scores_ref: np.ndarray, scores_other: np.ndarr
                      same_prompts: bool, weights_ref: np.ndarray | None = None,
                      weights_other: np.ndarray | None = None, alpha: float = 0.05, n_boot: int = 400, seed: int = 0,
                      reference: str = "sum_attention", baseline_accuracy: float | None = None,
-                     baseline_floor: float = 0.5) -> Verdict:
-    """ID-7: another identification method finds the reference method's top K as well as each
-    method finds its own on other prompts, within Δ heads (:func:`rh.rules.claims.agreement`, the
-    rule of ID-3 and ID-4: the null is each method's own reproducibility across halves of its
-    prompts, never uniformly random head sets).
+                     baseline_floor: float = 0.5, family: int = 1) -> Verdict:
+    """ID-7: another identification method's top K and the reference method's share all but fewer
+    than Δ heads (:func:`rh.rules.claims.agreement`, the rule of ID-3 and ID-4: each top K bounded
+    by inference for ranks over its own prompts, never against uniformly random head sets).
 
     ``same_prompts``: both methods scored the same prompts (QRHead's query-focused score on the
     identification prompts); False for the content-free echo and induction scores, whose inputs are
-    random repeated tokens, so their halves are drawn independently of the prompts'."""
+    random repeated tokens. ``family``: how many methods are decided together (Bonferroni)."""
     return agreement("ID-7", scores_ref, scores_other, k=k, min_effect=min_effect, same_prompts=same_prompts,
                      weights_a=weights_ref, weights_b=weights_other, alpha=alpha, n_boot=n_boot, seed=seed,
                      params={"method": method, "k": k}, what=f"{reference} vs {method}",
-                     baseline_accuracy=baseline_accuracy, baseline_floor=baseline_floor)
+                     baseline_accuracy=baseline_accuracy, baseline_floor=baseline_floor, family=family)
 
 
 def methods_agreement(scores_ref: np.ndarray, others: Mapping[str, tuple[np.ndarray, np.ndarray | None, bool]], *,
                       k: int, min_effect: float, alpha: float = 0.05, n_boot: int = 400, seed: int = 0,
                       reference: str = "sum_attention", baseline_accuracy: float | None = None,
                       baseline_floor: float = 0.5) -> dict[str, Verdict]:
-    """ID-7 for every further method at once, decided as one family (Holm across the methods, for
-    support and refutation apart): ``others[method] = (scores, weights or None, same_prompts)``,
-    each as :func:`method_agreement` takes them."""
-    from rh.rules.claims import holm_family
-
-    out = {m: method_agreement(m, scores_ref, sc, k=k, min_effect=min_effect, same_prompts=same, weights_other=w,
-                               alpha=alpha, n_boot=n_boot, seed=seed, reference=reference,
-                               baseline_accuracy=baseline_accuracy, baseline_floor=baseline_floor)
-           for m, (sc, w, same) in others.items()}
-    return holm_family(out, alpha, what="across methods")
+    """ID-7 for every further method at once, decided as one family (the bands Bonferroni-corrected
+    across the methods): ``others[method] = (scores, weights or None, same_prompts)``, each as
+    :func:`method_agreement` takes them."""
+    return {m: method_agreement(m, scores_ref, sc, k=k, min_effect=min_effect, same_prompts=same, weights_other=w,
+                                alpha=alpha, n_boot=n_boot, seed=seed, reference=reference,
+                                baseline_accuracy=baseline_accuracy, baseline_floor=baseline_floor,
+                                family=len(others))
+            for m, (sc, w, same) in others.items()}
 
 
 # ------------------------------------------------------------------------------------------ ID-8
