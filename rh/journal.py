@@ -165,23 +165,17 @@ class Journal:
             self._load()
 
     def _load(self) -> None:
-        with open(self.path, encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    rec = None
-                if not isinstance(rec, dict) or rec.get("session") != self.fingerprint:
-                    self.skipped += 1
-                    continue
-                if rec.get("kind") == "meta" and isinstance(rec.get("meta"), dict):
-                    self.meta = rec["meta"]
-                    self._meta_written = _digest(rec["meta"])
-                elif (rec.get("kind") == "claim" and isinstance(rec.get("nodeid"), str)
-                      and isinstance(rec.get("verdict"), dict) and isinstance(rec.get("item"), str)):
-                    self.records[rec["nodeid"]] = rec
-                else:
-                    self.skipped += 1
+        for rec in read_json_lines(self.path):
+            if rec is None or rec.get("session") != self.fingerprint:
+                self.skipped += 1
+            elif rec.get("kind") == "meta" and isinstance(rec.get("meta"), dict):
+                self.meta = rec["meta"]
+                self._meta_written = _digest(rec["meta"])
+            elif (rec.get("kind") == "claim" and isinstance(rec.get("nodeid"), str)
+                  and isinstance(rec.get("verdict"), dict) and isinstance(rec.get("item"), str)):
+                self.records[rec["nodeid"]] = rec
+            else:
+                self.skipped += 1
         if self.skipped:
             log.warning("rh journal %s: %d line(s) unreadable (torn or edited); their claims run again",
                         self.path, self.skipped)
@@ -222,6 +216,17 @@ class Journal:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+
+
+def read_json_lines(path: Path):
+    """Each line of a JSON-lines file as a dict, or None where the line is not one (torn, edited)."""
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                rec = None
+            yield rec if isinstance(rec, dict) else None
 
 
 def open_for_append(path: Path):

@@ -132,18 +132,15 @@ class ResultStore:
                 self._load()
 
     def _load(self) -> None:
-        with open(self.path, encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                try:
-                    rec = json.loads(line)
-                    row = valid_row(rec.get("row")) if isinstance(rec, dict) else None
-                    key = rec.get("key") if isinstance(rec, dict) else None
-                except json.JSONDecodeError:
-                    row = key = None
-                if row is None or not isinstance(key, str):
-                    self.skipped += 1
-                    continue
-                self.rows[key] = row
+        from rh.journal import read_json_lines
+
+        for rec in read_json_lines(self.path):
+            row = valid_row(rec.get("row")) if rec is not None else None
+            key = rec.get("key") if rec is not None else None
+            if row is None or not isinstance(key, str):
+                self.skipped += 1
+                continue
+            self.rows[key] = row
         self.loaded = len(self.rows)
         if self.skipped:
             log.warning("rh store %s: %d line(s) are not rows (torn or edited); their rows are computed again",

@@ -460,12 +460,17 @@ def _render_summary(counts: Mapping[str, int], total: int) -> str:
     return f'<p class="summary"><strong>{total}</strong> results: {" &nbsp; ".join(items)}</p>'
 
 
+def _node_items(nodes: Any) -> tuple[list[str], str]:
+    """Node ids as strings, and as the items of an HTML list."""
+    names = [str(n) for n in nodes or []]
+    return names, "".join(f"<li><code>{escape(n)}</code></li>" for n in names)
+
+
 def _render_interrupted(stop: Any) -> str:
     """A run that a signal ended: say so above the matrix, with the claims it did not run."""
     if not isinstance(stop, Mapping):
         return ""
-    not_run = [str(n) for n in stop.get("not_run") or []]
-    items = "".join(f"<li><code>{escape(n)}</code></li>" for n in not_run)
+    not_run, items = _node_items(stop.get("not_run"))
     return (f'<div class="interrupted"><p><strong>Interrupted</strong> by {escape(str(stop.get("by")))}: '
             f'{escape(fmt_scalar(stop.get("finished")))} of {escape(fmt_scalar(stop.get("collected")))} claims '
             f"finished, and their verdicts are below; {len(not_run)} not run"
@@ -476,8 +481,7 @@ def _render_resumed(resumed: Any) -> str:
     """A run that resumed an interrupted one: which verdicts it replayed from the journal."""
     if not isinstance(resumed, Mapping) or not resumed.get("claims"):
         return ""
-    claims = [str(n) for n in resumed.get("claims") or []]
-    items = "".join(f"<li><code>{escape(n)}</code></li>" for n in claims)
+    claims, items = _node_items(resumed.get("claims"))
     return (f'<div class="resumed"><p><strong>Resumed</strong>: {len(claims)} verdict(s) below were finished by an '
             f"earlier run of the same inputs (model, options, rh's source, the claims' files) and replayed from "
             f"<code>{escape(str(resumed.get('journal')))}</code>; {escape(fmt_scalar(resumed.get('computed')))} "
