@@ -116,7 +116,7 @@ def session_fingerprint(options: Mapping[str, Any], *, model: Mapping[str, Any],
         "code": code if code is not None else code_digest(),
         "libraries": dict(libraries if libraries is not None else versions()),
     }
-    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+    return _digest(body)
 
 
 def item_fingerprint(session: str, nodeid: str, sources: Iterable[str | os.PathLike]) -> str:

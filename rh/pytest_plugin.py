@@ -556,11 +556,14 @@ class RhSession:
             seconds = self.counter.seconds.get(report.nodeid)
             with_fixtures = self.counter.total - self.item_start
             saved = sum(saved_token_layers().values()) - self.saved_start
-            shipped = (props.get(_COST) or {}).get("item")
-            if shipped:  # run by a pytest -n worker: its own counter's figures
-                cost, seconds, with_fixtures, saved = (shipped["token_layers"], shipped["seconds"],
-                                                       shipped["token_layers_with_fixtures"],
-                                                       shipped.get("saved_with_fixtures", 0))
+            # the claim's bill as another counter gave it: a claim replayed from the journal, the earlier
+            # run's (which paid it); one run by a pytest -n worker, that worker's
+            resumed = props.get(_RESUMED)
+            bill = (resumed.get("cost") or {}) if resumed else (props.get(_COST) or {}).get("item")
+            if resumed or bill:
+                cost, seconds, with_fixtures, saved = (bill.get("token_layers", 0), bill.get("seconds"),
+                                                       bill.get("token_layers_with_fixtures", 0),
+                                                       bill.get("saved_with_fixtures", 0))
             recorded = list({json.dumps(val, sort_keys=True, default=str): val
                              for key, val in report.user_properties if key == _VERDICT}.values())
             problem = None
@@ -571,12 +574,6 @@ class RhSession:
             elif not recorded and report.when == "call" and not report.failed:
                 problem = "the claim test ended without recording a verdict: call record_verdict(verdict)" + (
                     f" (it skipped: {_short_error(report)})" if report.skipped else "")
-            resumed = props.get(_RESUMED)
-            if resumed:  # replayed from the journal: the bill is the earlier run's, which paid it
-                was = resumed.get("cost") or {}
-                cost, seconds, with_fixtures, saved = (was.get("token_layers", 0), was.get("seconds"),
-                                                       was.get("token_layers_with_fixtures", 0),
-                                                       was.get("saved_with_fixtures", 0))
             if recorded and problem is None:
                 v = dict(recorded[0])
                 v["nodeid"] = report.nodeid

@@ -516,7 +516,7 @@ def _families(p: Profile, s: dict) -> dict[str, tuple]:
                  3 * (1 - p.hub_keep) * _BASE_ACC),
         "IV-7": (_sim_iv7, 0.0, p.iv7_min_effect, 3 * p.iv7_min_effect, 0.0),
         # 270 heads: 14 (5.2%) is the fewest at or above 5%, 13 (4.8%) the most below it
-        "ID-1": ({name: _sim_id1_with(name) for name in ("smooth", "zero-inflated")}, math.ceil(p.sparsity_max_fraction * 270) / 270,
+        "ID-1": (_shapes(_sim_id1_with, ("smooth", "zero-inflated")), math.ceil(p.sparsity_max_fraction * 270) / 270,
                  (math.ceil(p.sparsity_max_fraction * 270) - 1) / 270, p.sparsity_max_fraction / 5,
                  3 * p.sparsity_max_fraction),
         "ID-2": (_shapes(lambda sh: _sim_ratio("n_val", lambda q: q.spike_ratio, lambda q: q.spike_ratio, sh)),
@@ -525,11 +525,11 @@ def _families(p: Profile, s: dict) -> dict[str, tuple]:
                  p.ig_min_ratio, 3 * p.ig_min_ratio, 0.5),
         "ID-5": (_shapes(_sim_id5_with), p.spike_ratio, p.spike_ratio, 4 * p.spike_ratio, 1.0),
         # agreement is decided on both sides of one boundary: at Δ heads differing, neither may be shown
-        "ID-3/ID-4": ({sh: _sim_agree_with(sh) for sh in _AGREE_TABLE}, p.agree_min_effect * p.id_k,
+        "ID-3/ID-4": (_shapes(_sim_agree_with, _AGREE_TABLE), p.agree_min_effect * p.id_k,
                       p.agree_min_effect * p.id_k, 0.0, float(p.id_k)),
-        "ID-7": ({sh: _sim_id7_with(sh) for sh in _AGREE_TABLE}, p.agree_min_effect * p.id_k,
+        "ID-7": (_shapes(_sim_id7_with, _AGREE_TABLE), p.agree_min_effect * p.id_k,
                  p.agree_min_effect * p.id_k, 0.0, float(p.id_k)),
-        "ID-8": ({name: _sim_id8_with(name) for name in ("fixed", "propensity", "group-noise")}, 0.0,
+        "ID-8": (_shapes(_sim_id8_with, ("fixed", "propensity", "group-noise")), 0.0,
                  p.group_min_effect, p.group_min_effect + 0.25, 0.0),
         "CA-7": (_sim_ca7, 0.0, 1.0, 1.5, 0.0),
         "CA-8": (_sim_ca8, 0.0, 1.0, 2.0, 3.0),
