@@ -5,6 +5,7 @@
     python -m rh niah --task hq_state --length 1024 --depth 0.5
     python -m rh report reports/llama8b-....json reports/llama70b-....json -o compare.html
     python -m rh calibrate --size small --profile quick --reps 300
+    python -m rh calibrate --plugin conftest.py --family LAB-1
     python -m rh audit full_attention_heads.tsv qrhead_scores.json --model llama8b
     python -m rh audit --heads L16H1,L14H31 --model smollm2-135m
 """
@@ -100,24 +101,69 @@ def _identify(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_families(sources: Sequence[str]) -> list[str]:
+    """Import each ``--plugin`` source (a .py file, e.g. a team's conftest.py, or a module name),
+    registering the claim families it defines at import or returns from ``pytest_rh_families``;
+    the ids registered, in order. rh's own families are registered first."""
+    import importlib
+    import importlib.util
+
+    import rh.catalogue  # noqa: F401
+    from rh.claim_families import ClaimFamily, families, register_family
+
+    before = {f.id for f in families()}
+    for src in sources:
+        path = Path(src)
+        if src.endswith(".py") or path.exists():
+            if not path.is_file():
+                raise ValueError(f"--plugin {src}: no such file (give a .py file, e.g. your conftest.py, or a module "
+                                 "name)")
+            spec = importlib.util.spec_from_file_location(f"rh_plugin_{abs(hash(str(path.resolve())))}", path)
+            module = importlib.util.module_from_spec(spec)
+            sys.path.insert(0, str(path.resolve().parent))  # its own imports, as pytest's rootdir would allow
+            try:
+                spec.loader.exec_module(module)
+            finally:
+                sys.path.remove(str(path.resolve().parent))
+        else:
+            try:
+                module = importlib.import_module(src)
+            except ImportError as exc:
+                raise ValueError(f"--plugin {src}: {exc}") from None
+        hook = getattr(module, "pytest_rh_families", None)
+        for fam in (hook() or ()) if callable(hook) else ():
+            if not isinstance(fam, ClaimFamily):
+                raise ValueError(f"--plugin {src}: pytest_rh_families returned {type(fam).__name__}, not an "
+                                 "rh.claim_families.ClaimFamily")
+            register_family(fam)
+    return [f.id for f in families() if f.id not in before]
+
+
 def _calibrate(args: argparse.Namespace) -> int:
     import json
 
+    from rh.calibration import calibrate, format_table
+    from rh.claim_families import calibrated
     from rh.heads import HeadShape
     from rh.profiles import get_profile
-    from rh.rules.calibration import FAMILIES, calibrate, format_table
 
+    try:
+        load_families(args.plugin or [])
+    except (ValueError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     shape = {"tiny": HeadShape(4, 8, 2, 16), "small": HeadShape(30, 9, 3, 64), "large": HeadShape(32, 32, 8, 128)}
     prof = get_profile(args.profile, shape[args.size])
-    fams = args.family or list(FAMILIES)
-    bad = [f for f in fams if f not in FAMILIES]
+    known = calibrated()
+    fams = args.family or list(known)
+    bad = [f for f in fams if f not in known]
     if bad or args.reps < 1:
-        print(f"error: unknown family {bad} (choose from {', '.join(FAMILIES)})" if bad else "error: --reps must be >= 1",
+        print(f"error: unknown family {bad} (choose from {', '.join(known)})" if bad else "error: --reps must be >= 1",
               file=sys.stderr)
         return 2
     rows = []
     for f in fams:
-        rows.append(calibrate(f, prof, reps=args.reps, seed=FAMILIES.index(f)))
+        rows.append(calibrate(f, prof, reps=args.reps))
         print(f"{f}: done", file=sys.stderr, flush=True)
     print(f"profile {args.profile} for a {args.size} model: {rows[0].sizes}")
     print(format_table(rows))
@@ -160,14 +206,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                           "or the original's set-coverage search (one token early on answers that repeat a token)")
     idp.add_argument("--once-per-position", action="store_true", help="wu24: credit a needle position once")
 
-    cal = sub.add_parser("calibrate", help="simulate every claim family's false-support, false-refute and power "
-                         "at a profile's sizes (rh.rules.calibration)")
+    cal = sub.add_parser("calibrate", help="simulate every registered claim family's false-support, false-refute "
+                         "and power at a profile's sizes (rh.calibration)")
     cal.add_argument("--size", default="small", choices=("tiny", "small", "large"),
                      help="the model size class whose profile sizes are used (small: SmolLM2-135M)")
     cal.add_argument("--profile", default="quick", choices=PROFILES)
     cal.add_argument("--reps", type=int, default=300, help="simulated runs per scenario and family")
     cal.add_argument("--family", action="append", help="only this family (repeatable)")
     cal.add_argument("--json", help="also write the rates to this JSON file")
+    cal.add_argument("--plugin", action="append", metavar="FILE_OR_MODULE",
+                     help="also calibrate the claim families this file (e.g. your conftest.py) or module registers "
+                          "(repeatable; see docs/writing-claims.md)")
 
     aud = sub.add_parser("audit", help="re-check published head files (QRHead, DuoAttention, RazorAttention, "
                          "CompressKV, Wu24, rh, plain head sets): CA-1, and CA-2 where the file gives an order")

@@ -190,9 +190,10 @@ def run(args: argparse.Namespace, *, out=None) -> int:
     from rh.budget import TokenLayerCounter
     from rh.causal import dose_response, evaluate_baseline, necessity_outcomes, necessity_verdicts, top_logprobs
     from rh.models import load_model
+    from rh.catalogue.causal import ca1_ablation_curve
     from rh.niah import build_samples
     from rh.published import ties_at_cut
-    from rh.report import ca1_ablation_curve, report_stem, write_report
+    from rh.report import report_stem, write_report
     from rh.rules.claims import inconclusive
 
     out = out or sys.stdout

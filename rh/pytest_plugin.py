@@ -36,6 +36,39 @@ PLUGIN_NAME = "rh-session"
 log = logging.getLogger("rh")
 
 
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    from rh import hookspecs
+
+    pluginmanager.add_hookspecs(hookspecs)
+
+
+#: id(plugin manager) -> the ids of the claim families its plugins and conftests registered
+#: (removed again at the end of that session, so that a second session in one process starts anew)
+_HOOKED_FAMILIES: dict[int, list[str]] = {}
+
+
+def pytest_plugin_registered(plugin, manager) -> None:
+    """Register the claim families of a plugin or conftest that implements ``pytest_rh_families``
+    as it is loaded (a conftest found during collection too: before its folder's claims are
+    parametrized). rh's own families are registered with the first one."""
+    hook = getattr(plugin, "pytest_rh_families", None)
+    if hook is None or not callable(hook):
+        return
+    import rh.catalogue  # noqa: F401 - rh's own families first: a team's family may not take their ids
+    from rh.claim_families import ClaimFamily, register_family
+
+    where = getattr(plugin, "__file__", None) or getattr(plugin, "__name__", repr(plugin))
+    try:
+        fams = list(hook() or ())
+        for fam in fams:
+            if not isinstance(fam, ClaimFamily):
+                raise TypeError(f"pytest_rh_families returned {type(fam).__name__}, not an rh.claim_families.ClaimFamily")
+            register_family(fam)
+            _HOOKED_FAMILIES.setdefault(id(manager), []).append(fam.id)
+    except (TypeError, ValueError) as exc:
+        raise pytest.UsageError(f"{where}: {exc}") from None
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     g = parser.getgroup("rh", "retrieval-head claims")
     add_model_options(g.addoption)
@@ -155,6 +188,7 @@ def _check_runner_options(config: pytest.Config) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    import rh.catalogue  # noqa: F401 - rh's claim families: their parameters, figures and calibrations
     from rh.expected import load_expected
     from rh.models import resolve_spec
 
@@ -259,6 +293,10 @@ def _check_context(config: pytest.Config, prof) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    from rh.claim_families import unregister_family
+
+    for fam in _HOOKED_FAMILIES.pop(id(config.pluginmanager), []):
+        unregister_family(fam)
     session = config.stash.get(_SESSION, None)
     if session is not None:
         session.release_sigterm()
@@ -1320,6 +1358,8 @@ def _write_report(config: pytest.Config, state: RhSession) -> tuple[Path, Path]:
         "platform": platform.platform(), "hardware": _hardware(),
     })
     figures = report_figures(state.verdicts, meta)
+    for extra in config.hook.pytest_rh_figures(verdicts=state.verdicts, meta=meta):
+        figures.update(extra or {})
     stem = report_stem(config.getoption("--model"), state.started)
     return write_report(state.verdicts, meta, report_dir(config), stem, figures)
 
@@ -1384,28 +1424,24 @@ def _hardware() -> dict[str, Any]:
     return hw
 
 
-_PARAMETRIZED = {  # fixture name -> (profile field, test id)
-    "ablation_k": ("ablation_levels", lambda k: f"K={k}"),
-    "inverse_k": ("inverse_levels", lambda k: f"K={k}"),
-    "id_task": ("id_tasks", str),
-    "claim_depth": ("depths", lambda d: f"depth={d:g}"),
-    "iv_level": ("incremental_levels", lambda n: f"top{n}"),
-    "iv_pattern": ("override_patterns", str),
-    "id_method": ("id_methods", str),
-    "compress_k": ("compress_levels", lambda k: f"K={k}"),
-}
-
-
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Parametrize claims over the profile's K levels, tasks and depths (known from the model's
-    shape, which the registry or the model's config gives without loading weights)."""
-    wanted = [name for name in _PARAMETRIZED if name in metafunc.fixturenames]
+    """Parametrize claims over the profile's fields that the registered claim families name
+    (:class:`rh.claim_families.Parameter`: CA-1's K levels, CA-4's tasks, CA-6's depths...), known
+    from the model's shape, which the registry or the model's config gives without loading weights."""
+    from rh.claim_families import parameters
+
+    params = parameters()
+    wanted = [name for name in params if name in metafunc.fixturenames]
     if not wanted or metafunc.definition.get_closest_marker("claim") is None:
         return
     prof = _rh(metafunc.config).collection_profile
     for name in wanted:
-        field, ids = _PARAMETRIZED[name]
-        metafunc.parametrize(name, getattr(prof, field), ids=ids)
+        p = params[name]
+        values = p.field(prof) if callable(p.field) else getattr(prof, p.field, None)
+        if values is None:
+            raise pytest.UsageError(f"the parameter {name!r} of a claim family reads the profile's field {p.field!r}, "
+                                    f"which profile {prof.name!r} does not have")
+        metafunc.parametrize(name, values, ids=p.ids)
 
 
 def _collection_profile(config: pytest.Config):

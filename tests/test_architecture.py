@@ -1,6 +1,6 @@
 """The package's import graph: no circle, and no arrow that points up the layers.
 
-rh is built in five layers, each resting only on the ones below (the report wing's docstring and
+rh is built in six layers, each resting only on the ones below (the report wing's docstring and
 ``docs/writing-claims.md`` say what each holds). A module may import any module of its own layer
 or of a lower one; an import that points up (``rh.stats`` reaching for ``rh.report``, a library
 module reaching for the plugin) is the kind of edge that turns into an import circle later, and a
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1] / "rh"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation: data types, statistics and the decision rules (no model)",
      ("rh", "rh.heads", "rh.io", "rh.options", "rh.progress", "rh.seeds", "rh.tasks", "rh.stats", "rh.expected",
-      "rh.rules", "rh.rules.core", "rh.rules.paired", "rh.rules.claims", "rh.rules.field")),
+      "rh.rules", "rh.rules.core", "rh.rules.paired", "rh.rules.claims", "rh.rules.field", "rh.claim_families")),
     ("model: loading, prompts, hooks, ablation and evaluation passes",
      ("rh.models", "rh.recording", "rh.attention", "rh.budget", "rh.memory", "rh.niah", "rh.multi_needle",
       "rh.batching", "rh.prefix", "rh.profiles", "rh.ablation", "rh.compression", "rh.evaluate", "rh.units", "rh.curtail",
@@ -30,10 +30,12 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("science: head scores, rankings and the claims' experiments",
      ("rh.scoring", "rh.rankings", "rh.published", "rh.uncertainty", "rh.pipeline", "rh.causal",
       "rh.pruning", "rh.content_free", "rh.id_claims", "rh.attribution", "rh.probes",
-      "rh.interventions", "rh.field", "rh.rules.calibration")),
+      "rh.interventions", "rh.field", "rh.calibration")),
     ("report: the figures, the HTML/JSON report and the comparison of runs", ("rh.report.*",)),
-    ("entry points: the pytest plugin, the plan, the audit and the command line",
-     ("rh.pytest_plugin", "rh.plan", "rh.audit", "rh.__main__")),
+    ("catalogue: rh's claim families registered (rule, delta, calibration, figures, parameters)",
+     ("rh.catalogue.*",)),
+    ("entry points: the pytest plugin, its hooks, the plan, the audit and the command line",
+     ("rh.pytest_plugin", "rh.hookspecs", "rh.plan", "rh.audit", "rh.__main__")),
 ]
 
 
@@ -147,3 +149,18 @@ def test_the_checks_see_a_circle_and_an_upward_arrow(tmp_path):
                  "rh.stats": {"rh.report.html"}}
     assert set(cycle(g)) == {"rh.io", "rh.stats", "rh.report.html"}
     assert upward_arrows(g) == ["rh.stats (foundation) imports rh.report.html (report)"]
+
+
+CLAIM_ID = r"\b(?:CA|ID|IV)-\d+\b"
+
+
+def test_no_report_module_names_a_claim():
+    """The report wing draws every claim's figures through the registered families
+    (rh.claim_families): a claim id in rh/report/ (a figure, a title, a docstring) is knowledge of
+    one claim that a team's own family could not have."""
+    import re
+
+    hits = [f"{p.relative_to(ROOT.parent)}:{i}: {line.strip()}" for p in sorted((ROOT / "report").rglob("*.py"))
+            for i, line in enumerate(p.read_text().splitlines(), 1) if re.search(CLAIM_ID, line)]
+    assert not hits, "rh/report/ names claims:\n" + "\n".join(hits)
+    assert re.search(CLAIM_ID, (ROOT / "catalogue" / "causal.py").read_text())  # the pattern finds what it should

@@ -205,8 +205,9 @@ def test_id7_is_decided_as_one_family_across_the_methods():
 
 def test_every_field_figure_draws_from_the_rules_verdicts_and_the_report_names_the_core():
     """The figures read the details the rules write (a renamed key would blank a figure silently)."""
+    import rh.catalogue  # noqa: F401 - the families whose figures these are
     from rh.heads import HeadShape
-    from rh.report import field_figures, provenance
+    from rh.report import provenance, report_figures
     from rh.scoring import SampleScores
     from rh.uncertainty import ranking_uncertainty
 
@@ -224,9 +225,9 @@ def test_every_field_figure_draws_from_the_rules_verdicts_and_the_report_names_t
     scored = SampleScores("sum_attention", [str(i) for i in range(64)], a.reshape(64, 30, 9), np.ones(64, bool),
                           [{}] * 64)
     unc = ranking_uncertainty(scored, shape, k=10, groups=[f"g{i // 2}" for i in range(64)], n_boot=100).to_json()
-    figs = field_figures([v.to_dict() for v in verdicts], {"ranking_uncertainty": unc})
-    assert len(figs) == 5, sorted(figs)
+    figs = report_figures([v.to_dict() for v in verdicts], {"ranking_uncertainty": unc})
+    assert sorted(t.split(":")[0] for t in figs) == ["CA-7", "CA-8", "ID-7", "ID-8", "Ranking uncertainty"], sorted(figs)
     assert all(png.startswith(b"\x89PNG") for png in figs.values())
-    assert field_figures([], {}) == {}
+    assert report_figures([], {}) == {}
     line = provenance({"ranking_uncertainty": unc})["ranking's stable core"]
     assert f"{len(unc['stable_core'])} of the top 10" in line and "core size by units resampled" in line

@@ -376,7 +376,10 @@ def test_strata_rule_on_planted_outcomes():
 
 
 def test_intervention_figures_render_from_verdict_details():
-    from rh.report import intervention_figures
+    """The IV families' figures draw from the details their rules write, through the registry's
+    draw_figures (a renamed key or a figure registered under the wrong claim would blank one)."""
+    from rh.catalogue.interventions import FAMILIES
+    from rh.claim_families import draw_figures
 
     iv1 = [{"claim": "IV-1", "params": {"n_heads": n}, "n": 80,
             "details": {"baseline_accuracy": 1.0, "ablated_accuracy": a, "min_drop": 0.1}}
@@ -394,6 +397,7 @@ def test_intervention_figures_render_from_verdict_details():
     iv5 = [{"claim": "IV-5", "params": {}, "n": 40, "details": {"layers": layers, "critical_layers": [1]}}]
     iv6 = [{"claim": "IV-6", "params": {}, "n": 1,
             "details": {"example": {"sample": "s0", "needle_span": [3, 5], "token_attr": [0.1, -0.2, 0.0, 1.0, 0.5, 0.1]}}}]
-    figs = intervention_figures(iv1 + iv2 + iv3 + iv5 + iv6 + iv7 + [{"claim": "IV-4", "params": {}, "details": {}}])
+    figs = draw_figures(iv1 + iv2 + iv3 + iv5 + iv6 + iv7 + [{"claim": "IV-4", "params": {}, "details": {}}], {},
+                        FAMILIES)
     assert sorted(t.split(":")[0] for t in figs) == ["IV-1", "IV-2", "IV-3", "IV-5", "IV-6", "IV-7"]
     assert all(png.startswith(b"\x89PNG") for png in figs.values())

@@ -227,14 +227,19 @@ def test_the_catalogue_runs_on_every_familys_tiny_model_and_supports_only_the_id
     assert len({v["claim"] for v in verdicts}) >= 18  # every claim ran
 
 
-def _guide_example() -> tuple[str, str]:
-    """The worked example of docs/writing-claims.md: (file name, code)."""
+def _guide_examples() -> dict[str, str]:
+    """The worked examples of docs/writing-claims.md: file name -> code."""
     import re
 
     text = (ROOT / "docs" / "writing-claims.md").read_text()
-    m = re.search(r"<!-- example: (\S+) -->\n```python\n(.*?)```", text, re.S)
-    assert m, "docs/writing-claims.md lost its worked example"
-    return m.group(1), m.group(2)
+    found = dict(re.findall(r"<!-- example: (\S+) -->\n```python\n(.*?)```", text, re.S))
+    assert "test_lab.py" in found, "docs/writing-claims.md lost its worked example"
+    return found
+
+
+def _guide_example() -> tuple[str, str]:
+    """The guide's example claim: (file name, code)."""
+    return "test_lab.py", _guide_examples()["test_lab.py"]
 
 
 def test_the_guides_example_runs_in_an_outside_project_and_lands_in_the_report(warm_imports, pytester):
@@ -255,6 +260,45 @@ def test_the_guides_example_runs_in_an_outside_project_and_lands_in_the_report(w
     assert v["status"] == "inconclusive" and "below the floor" in v["reason"], v
     assert v["params"] == {"set": "top3", "heads": 3} and v["min_effect"] == 0.2
     assert list((pytester.path / ".rh" / "rankings").glob("tiny-llama-sum_attention-*.json"))  # the default cache
+
+
+def test_the_guides_claim_family_gets_its_figure_in_the_report_and_a_row_in_calibrate(warm_imports, pytester):
+    """The guide's conftest (a team's own claim family) beside its example claim, in an empty
+    folder: the report shows the family's figure in LAB-1's section, ``python -m rh calibrate
+    --plugin conftest.py`` gives LAB-1 a row of rates, and after the session the registry holds
+    rh's own families only. Catches a hook that is not called, a family figure the report does not
+    draw (or files outside its claim), and a conftest's family leaking into the next session."""
+    import base64
+    import re
+
+    from rh.claim_families import families
+
+    before = [f.id for f in families()]
+    examples = _guide_examples()
+    assert "conftest.py" in examples, "docs/writing-claims.md lost its claim-family example"
+    for name in ("test_lab.py", "conftest.py"):
+        pytester.path.joinpath(name).write_text(examples[name])
+    res = pytester.runpytest_inprocess("--model", "tiny-llama", "-p", "no:cacheprovider")
+    assert res.ret == 0, res.stdout.str()
+    assert [f.id for f in families()] == before  # the conftest's family left with its session
+    [html] = sorted((pytester.path / "reports").glob("tiny-llama-*.html"))
+    page = html.read_text()
+    start = page.index('id="claim-LAB-1"')
+    section = page[start:page.index("</section>", start)]  # LAB-1's section of the claims
+    assert "accuracy before and after ablating the top 3" in section
+    m = re.search(r"data:image/png;base64,([A-Za-z0-9+/=]+)", section)
+    assert m and base64.b64decode(m.group(1)).startswith(b"\x89PNG")
+    proc = subprocess.run([sys.executable, "-m", "rh", "calibrate", "--plugin", "conftest.py", "--family", "LAB-1",
+                           "--family", "CA-4", "--reps", "40"], cwd=pytester.path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split()[0]: line.split()[1:5] for line in proc.stdout.splitlines() if line[:5] in ("LAB-1", "CA-4 ")}
+    assert set(rows) == {"LAB-1", "CA-4"}, proc.stdout
+    fs, fr, ps, pr = map(float, rows["LAB-1"])
+    assert 0 <= fs <= 0.2 and 0 <= fr <= 0.2 and ps > 0.5 and pr > 0.5, rows  # 40 runs: rates of a working rule
+    proc = subprocess.run([sys.executable, "-m", "rh", "calibrate", "--plugin", "missing.py"], cwd=pytester.path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--plugin missing.py: no such file" in proc.stderr
 
 
 def test_without_the_plugin_there_are_no_rh_options_or_fixtures(warm_imports, pytester):

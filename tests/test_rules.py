@@ -25,7 +25,8 @@ from rh.rules.claims import (
     ratio_rule,
     transplant,
 )
-from rh.rules.calibration import FAMILIES
+import rh.catalogue  # noqa: F401
+from rh.claim_families import calibrated
 from rh.rules.paired import exact_p_check, p_table
 from rh.stats import Verdict, _ni_exact_p
 
@@ -349,14 +350,14 @@ def test_the_profile_chooses_the_deciding_control():
         necessity([o], control="layer_matched")
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", calibrated())
 def test_every_calibration_simulator_runs_its_rule_at_the_quick_sizes(family):
     """The unit tier's check of the calibration machinery (the rates themselves, at hundreds of runs,
     are the slow tier's ``tests/test_calibration.py``): each family's simulator feeds its real rule
     at the quick profile's sizes for SmolLM2's shape, and every rate is a proportion of the runs."""
     from rh.heads import HeadShape
     from rh.profiles import get_profile
-    from rh.rules.calibration import calibrate, sizes
+    from rh.calibration import calibrate, sizes
 
     profile = get_profile("quick", HeadShape(30, 9, 3, 64))
     r = calibrate(family, profile, reps=2, seed=0)

@@ -247,18 +247,18 @@ def test_id5_simulation_unchanged():
     """The calibration's ID-5 simulator: same verdicts and the shared rng left in the same state."""
     from rh.heads import HeadShape
     from rh.profiles import get_profile
-    from rh.rules.calibration import _sim_id5_with, sizes
+    from rh.calibration import sim_id5_with, sizes
 
-    _sim_id5 = _sim_id5_with("right-skewed")
+    sim_id5 = sim_id5_with("right-skewed")
 
     p = get_profile("quick", HeadShape(30, 9, 3, 64))
     s = sizes(p)
     for effect in (p.spike_ratio, 4 * p.spike_ratio, 1.0):
         r1, r2 = np.random.default_rng(7), np.random.default_rng(7)
-        new = _sim_id5(p, s, r1, effect)
+        new = sim_id5(p, s, r1, effect)
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(claims_mod, "general_heads_rule", _reference_general_heads_rule)
-            old = _sim_id5(p, s, r2, effect)
+            old = sim_id5(p, s, r2, effect)
         _assert_same_verdict(new[0], old[0], skip=("power",))
         assert r1.bit_generator.state == r2.bit_generator.state
 
@@ -350,11 +350,13 @@ def test_agreement_equals_reference():
 def test_agreement_simulations_unchanged(family):
     from rh.heads import HeadShape
     from rh.profiles import get_profile
-    from rh.rules.calibration import _families, sizes
+    import rh.catalogue  # noqa: F401
+    from rh.calibration import sizes
+    from rh.claim_families import family as registered
 
     p = get_profile("quick", HeadShape(30, 9, 3, 64))
     s = sizes(p)
-    sims = _families(p, s)[family][0]
+    sims = registered(family).calibration(p, s).simulate
     for sim in (sims.values() if isinstance(sims, dict) else [sims]):
         for effect in (0.0, 3.0, float(p.id_k)):
             r1, r2 = np.random.default_rng(11), np.random.default_rng(11)
@@ -417,12 +419,12 @@ def test_at_least_top_equals_reference():
 def test_necessity_simulations_unchanged():
     from rh.heads import HeadShape
     from rh.profiles import get_profile
-    from rh.rules.calibration import _sim_ca1, _sim_ca7, sizes
+    from rh.calibration import sim_ca1, sim_ca7, sizes
     from rh.rules.paired import decisions_only
 
     p = get_profile("quick", HeadShape(30, 9, 3, 64))
     s = sizes(p)
-    for sim in (_sim_ca1, _sim_ca7):
+    for sim in (sim_ca1, sim_ca7):
         for effect in (0.0, p.ca1_min_gap + 0.1):
             r1, r2 = np.random.default_rng(3), np.random.default_rng(3)
             with decisions_only():

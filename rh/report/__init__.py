@@ -3,12 +3,16 @@
 - :mod:`rh.report.html`: a run's JSON report and self-contained HTML page, the terminal claim matrix;
 - :mod:`rh.report.compare`: the JSON reports of several runs side by side (``python -m rh report``);
 - :mod:`rh.report.format`: the formatting both pages share (escaping, badges, numbers, CSS);
-- :mod:`rh.report.figures`: :func:`report_figures`, every figure of a run (the one entry point),
-  and the head grid, the attention profile and CA-1's accuracy-vs-K curve;
+- :mod:`rh.report.figures`: :func:`report_figures`, every figure of a run (the one entry point:
+  the registered claim families' figures, :mod:`rh.claim_families`, then the run's own), the head
+  grid and the attention profile;
 - :mod:`rh.report.ablation`: figures of per-sample ablation results (accuracy by depth, by K);
-- :mod:`rh.report.interventions`: the IV claims' figures, with the probe and attribution figures;
-- :mod:`rh.report.field`: the figures of ID-7, ID-8, CA-7, CA-8 and of the ranking's uncertainty;
+- :mod:`rh.report.passes`: the probe and attribution figures of the library's passes;
+- :mod:`rh.report.uncertainty`: the ranking's uncertainty;
 - :mod:`rh.report.plotting`: matplotlib on the Agg backend and ``png(fig)``.
+
+The wing names no claim: each claim's figures belong to its family (rh's own in :mod:`rh.catalogue`,
+a layer above this one), which the report draws through the registry.
 
 The wing imports the library below it (``rh.stats``, ``rh.io``, ``rh.evaluate``, ...); nothing
 below imports the wing, only the top layer (``rh.pytest_plugin``, ``rh.audit``, ``rh.__main__``).
@@ -35,12 +39,10 @@ from rh.report.html import (
 
 #: Figure functions, by the module of the wing they live in (imported when first asked for).
 _FIGURES: dict[str, str] = {
-    **dict.fromkeys(("report_figures", "head_grid", "attention_profile", "ca1_ablation_curve"), "figures"),
+    **dict.fromkeys(("report_figures", "head_grid", "attention_profile"), "figures"),
     **dict.fromkeys(("depth_accuracy_chart", "accuracy_vs_k_curve"), "ablation"),
-    **dict.fromkeys(("intervention_figures", "incremental_curve", "patching_bars", "override_bars", "strata_bars",
-                     "probe_figure", "attribution_figure"), "interventions"),
-    **dict.fromkeys(("field_figures", "method_agreement_figure", "kv_group_figure", "distractor_figure",
-                     "compression_figure", "uncertainty_figure"), "field"),
+    **dict.fromkeys(("probe_figure", "attribution_figure"), "passes"),
+    "uncertainty_figure": "uncertainty",
 }
 
 __all__ = [

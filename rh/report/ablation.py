@@ -58,7 +58,7 @@ def depth_accuracy_chart(df: pd.DataFrame, *, by: str = "depth", metric: str = "
 def accuracy_vs_k_curve(df: pd.DataFrame, *, metric: str = "correct", level: float = 0.95,
                         title: str | None = None) -> bytes:
     """Seed 001's Figure 8 from per-sample results: ``metric`` against the number of heads
-    ablated, top-K and random-K (:func:`rh.report.figures.ca1_ablation_curve` draws CA-1's verdicts).
+    ablated, top-K and random-K (:func:`rh.catalogue.causal.ca1_ablation_curve` draws the same from verdicts).
 
     ``df`` has one row per sample and condition with columns ``selection`` (``top``, ``random``,
     optionally ``bottom`` and ``baseline``), ``k``, ``draw`` (random draws) and ``metric``: what

@@ -1,7 +1,8 @@
 """The report's figures, as PNG bytes: :func:`report_figures` draws every figure the verdicts
-and the run metadata allow (the one entry point the plugin calls); the head grid, the attention
-profile and CA-1's accuracy-vs-K curve are drawn here, the other claims' figures in
-:mod:`rh.report.interventions` and :mod:`rh.report.field`."""
+and the run metadata allow (the one entry point the plugin calls): the figures of the registered
+claim families (:mod:`rh.claim_families`; rh's own are registered by :mod:`rh.catalogue`), then
+the run's own: the attention example, the head grid (drawn here) and the ranking's uncertainty
+(:mod:`rh.report.uncertainty`)."""
 
 from __future__ import annotations
 
@@ -12,45 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from rh.report.field import field_figures
-from rh.report.interventions import intervention_figures
+from rh.claim_families import ClaimFamily, draw_figures
 from rh.report.plotting import plt, png
+from rh.report.uncertainty import uncertainty_figure
 
-__all__ = ["attention_profile", "ca1_ablation_curve", "head_grid", "report_figures"]
+__all__ = ["attention_profile", "head_grid", "report_figures"]
 
 log = logging.getLogger(__name__)
-
-
-def ca1_ablation_curve(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
-    """CA-1's verdicts as a curve: accuracy vs number of heads ablated, top-K against random-K,
-    each random draw's own accuracy as a dot (seed 001's Figure 8); None without CA-1 verdicts.
-    (:func:`rh.report.ablation.accuracy_vs_k_curve` draws the same from per-sample results.)"""
-    rows = sorted(
-        (v for v in verdicts if v.get("claim") == "CA-1" and v.get("details", {}).get("top_accuracy") is not None),
-        key=lambda v: v["params"]["k"],
-    )
-    if not rows:
-        return None
-    ks = [v["params"]["k"] for v in rows]
-    top = [v["details"]["top_accuracy"] for v in rows]
-    rand = [v["details"]["random_accuracy"] for v in rows]
-    per_draw = [v["details"].get("random_accuracy_per_draw", []) for v in rows]
-    base = rows[0]["details"]["baseline_accuracy"]
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    ax.axhline(base, color="0.5", ls="--", lw=1, label="no ablation")
-    ax.plot(ks, rand, "o-", color="tab:blue", label="random K (each item with one draw)")
-    for k, draws in zip(ks, per_draw):
-        draws = [a for a in draws if a is not None]  # draws stopped early have no accuracy of their own
-        if draws:
-            ax.scatter([k] * len(draws), draws, color="tab:blue", alpha=0.25, s=12)
-    ax.plot(ks, top, "s-", color="tab:red", label="top K by ranking")
-    ax.set_xlabel("heads ablated (K)")
-    ax.set_ylabel("exact-match accuracy")
-    ax.set_ylim(-0.05, 1.05)
-    ax.set_xticks(ks)
-    ax.legend(frameon=False, fontsize=8)
-    ax.set_title("CA-1: top-K vs random-K ablation")
-    return png(fig)
 
 
 def head_grid(ranking_json: Mapping[str, Any], top_k: int = 10) -> bytes:
@@ -93,15 +62,12 @@ def attention_profile(rows: np.ndarray, labels: Sequence[str], needle_span: tupl
     return png(fig)
 
 
-def report_figures(verdicts: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> dict[str, bytes]:
+def report_figures(verdicts: Sequence[Mapping[str, Any]], meta: Mapping[str, Any],
+                   families: Sequence[ClaimFamily] | None = None) -> dict[str, bytes]:
     """Every figure the report can draw from the verdicts and the run metadata, title -> PNG bytes:
-    CA-1's curve, the intervention claims' figures, the attention example, the head grid, then the
-    figures of ID-7, ID-8, CA-7, CA-8 and the ranking's uncertainty (:func:`~rh.report.field.field_figures`)."""
-    figures: dict[str, bytes] = {}
-    curve = ca1_ablation_curve(verdicts)
-    if curve:
-        figures["CA-1: accuracy vs heads ablated"] = curve
-    figures.update(intervention_figures(verdicts))
+    each registered claim family's figures that its verdicts allow (or those of ``families``), then
+    the attention example, the head grid and the ranking's uncertainty."""
+    figures = draw_figures(verdicts, meta, families)
     ex = meta.get("attention_example")
     if ex:
         figures[f"Last-token attention of the top heads on {ex['sample']}"] = attention_profile(
@@ -114,5 +80,9 @@ def report_figures(verdicts: Sequence[Mapping[str, Any]], meta: Mapping[str, Any
             figures["Head scores by layer and head"] = head_grid(load_ranking(path).to_json())
         except (ValueError, KeyError) as exc:
             log.warning("head grid not drawn: %s", exc)
-    figures.update(field_figures(verdicts, meta))
+    unc = meta.get("ranking_uncertainty")
+    if unc:
+        fig = uncertainty_figure(unc)
+        if fig:
+            figures["Ranking uncertainty: the stable core and how it narrows with the prompts"] = fig
     return figures

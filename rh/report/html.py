@@ -281,7 +281,7 @@ def render_html(
     Layout: title, provenance line and counts; the claim matrix; one section per claim id (statement,
     source, its figures, then each parametrization's verdict); the remaining figures; provenance
     (model, revision, rh version, seeds, runtime, hardware) and the full run metadata. A figure whose
-    title starts with a claim id of this run and a colon (``"CA-1: accuracy vs K"``) is shown in that
+    title starts with a claim id of this run and a colon (``"<claim id>: accuracy vs K"``) is shown in that
     claim's section; any other figure in the global Figures section. Every user-supplied value is
     HTML-escaped; inputs are not redacted here (:func:`write_report` redacts before rendering).
     """

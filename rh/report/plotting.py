@@ -1,5 +1,5 @@
 """What every figure of the report draws with: matplotlib on the Agg backend (no display
-needed), ``plt``, :func:`png` (a figure as PNG bytes) and :func:`claim_rows` (a claim's verdicts).
+needed), ``plt`` and :func:`png` (a figure as PNG bytes).
 Every figure module of the wing draws through this one."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["claim_rows", "plt", "png"]
+__all__ = ["plt", "png"]
 
 
 def png(fig) -> bytes:
@@ -22,8 +22,3 @@ def png(fig) -> bytes:
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
-
-
-def claim_rows(verdicts: Sequence[Mapping[str, Any]], claim: str) -> list[Mapping[str, Any]]:
-    """The verdicts of ``claim`` that carry details (a figure's data), in their order."""
-    return [v for v in verdicts if v.get("claim") == claim and v.get("details")]

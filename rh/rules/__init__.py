@@ -3,7 +3,8 @@
 - :mod:`rh.rules.core`: :func:`three_way`, :class:`Bounds`, :class:`Power`, t tests.
 - :mod:`rh.rules.paired`: paired 0/1 outcomes (accuracy before/after an intervention), exact.
 - :mod:`rh.rules.claims`: each claim family's decision from its outcomes.
-- :mod:`rh.rules.calibration`: simulated false-support, false-refute and power at a profile's sizes.
+- :mod:`rh.calibration` (a layer up: its simulators build the experiments' data types) runs these
+  rules on simulated data at a profile's sizes.
 """
 
 from rh.rules.core import Bounds, Power, TTestResult, holm_pairs, t_power, t_test, three_way

@@ -2,7 +2,7 @@
 
 The mechanisms (``rh.causal``, ``rh.interventions``, ``rh.id_claims``) gather the outcomes with
 forward passes; everything that turns them into *supported / refuted / inconclusive* lives here,
-so one module says how every claim is decided and the calibration (``rh.rules.calibration``) can
+so one module says how every claim is decided and the calibration (``rh.calibration``) can
 run the very same functions on simulated data. Every verdict carries ``min_effect`` (Δ) and
 ``power``; see ``rh.rules.core`` for the rule itself.
 """
@@ -102,7 +102,7 @@ def necessity(outcomes: Sequence, *, alpha: float = 0.05, baseline_floor: float 
     with one random draw (item i with draw i mod D: an unbiased estimate of the mean-over-draws gap
     whose differences are -1, 0, +1, so the exact paired test applies; the sign test on the
     mean-over-draws difference counted every item a random set ever lost as "top better" and had
-    power 0.17 where this has 0.63, see rh.rules.calibration). Supported when that test shows a gap
+    power 0.17 where this has 0.63, see rh.calibration). Supported when that test shows a gap
     > 0 and the head-set null rejects (p = the larger); refuted when it shows the gap below Δ. Inconclusive at a floor (baseline below the floor), at a
     ceiling (random K-sets already leave less than Δ to lose), or when neither test rejects.
 
@@ -656,7 +656,7 @@ def sparsity_rule(scores: np.ndarray, *, threshold: float = 0.1, max_fraction: f
                             "all_zero_p": float(betting_p_below(np.zeros((n, 1)), threshold)[0]) if n else None},
                    min_effect=max_fraction,
                    power=Power.none("count bounds from per-head betting tests; error rates and power measured in "
-                                    "rh.rules.calibration (family ID-1)").to_dict())
+                                    "rh.calibration (family ID-1)").to_dict())
 
 
 # ------------------------------------------------------------------------------------------ ID-2, IV-6
@@ -972,4 +972,4 @@ def agreement(claim: str, scores_a: np.ndarray, scores_b: np.ndarray, *, k: int,
                    n=int(min(wa.sum(), wb.sum())), alpha=alpha, effect_name=name, details=details,
                    min_effect=min_effect,
                    power=Power.none("bounds from simultaneous bands; error rates and power measured in "
-                                    "rh.rules.calibration").to_dict())
+                                    "rh.calibration").to_dict())

@@ -4,7 +4,7 @@ heads stay necessary among distractor needles, and ablating them raises distract
 CA-8 (compression safety: a sink plus a recent window for every head outside the top K).
 
 Pure functions from arrays to verdicts, like :mod:`rh.rules.claims`, so that
-:mod:`rh.rules.calibration` runs the very same rules on simulated data.
+:mod:`rh.calibration` runs the very same rules on simulated data.
 """
 
 from __future__ import annotations

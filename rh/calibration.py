@@ -1,6 +1,8 @@
-"""Calibration of every claim family's decision rule, by simulation at a profile's sizes.
+"""Calibration of every registered claim family's decision rule, by simulation at a profile's sizes.
 
-For each family, :func:`calibrate` plants data at the boundary of each hypothesis and runs the
+Each family registers its calibration (:class:`rh.claim_families.Calibration`: the simulator and
+the effects to plant; rh's own in :mod:`rh.catalogue`, from the simulators here). For each family,
+:func:`calibrate` plants data at the boundary of each hypothesis and runs the
 very decision function the claim uses (``rh.rules.claims``), measuring
 
 - **false support**: P(supported | effect at the support boundary, e.g. no drop), must be <= α;
@@ -15,18 +17,19 @@ really have. ``python -m rh calibrate`` prints the table; ``tests/test_calibrati
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import stats as _sps
 
+from rh import claim_families
 from rh.profiles import Profile
 from rh.stats import Verdict
 
-__all__ = ["Rates", "sizes", "FAMILIES", "calibrate", "calibrate_all", "format_table"]
+__all__ = ["Rates", "sizes", "calibrate", "calibrate_all", "format_table", "pair", "shapes", "BASE_ACC", "LOG_NOISE"]
 
-_BASE_ACC = 0.9  # planted baseline accuracy of the simulated items
+BASE_ACC = 0.9  # planted baseline accuracy of the simulated items
 _FLIP = 0.02  # background flips each way
 
 
@@ -67,7 +70,7 @@ def sizes(p: Profile) -> dict:
             "group_k": p.group_k or 27, "content_free": p.content_free_n}
 
 
-def _pair(rng: np.random.Generator, n: int, drop: float, base_acc: float = _BASE_ACC) -> tuple[np.ndarray, np.ndarray]:
+def pair(rng: np.random.Generator, n: int, drop: float, base_acc: float = BASE_ACC) -> tuple[np.ndarray, np.ndarray]:
     """Paired 0/1 outcomes with a planted accuracy drop (negative: a gain) and background flips."""
     base = (rng.random(n) < base_acc).astype(float)
     u = rng.random(n)
@@ -88,39 +91,39 @@ def _rate(status: str, runs: list[list[Verdict]]) -> float:
 # Each returns the verdicts of one simulated run with the planted effect ``effect``.
 
 
-def _sim_ca1(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
+def sim_ca1(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
     from rh.causal import NecessityOutcomes
     from rh.rules.claims import necessity
 
     n, draws = s["n_val"], s["draws"]
     outs = []
     for k in p.ablation_levels:
-        base = (rng.random(n) < _BASE_ACC).astype(float)
+        base = (rng.random(n) < BASE_ACC).astype(float)
         # items differ in how easily random ablations lose them: most never, a quarter sometimes
         item_q = np.where(rng.random(n) < 0.25, rng.uniform(0.0, 0.3, n), 0.0)
         rand = ((rng.random((draws, n)) >= item_q) & (base == 1)).astype(float)
-        top = ((rng.random(n) >= item_q + effect / _BASE_ACC) & (base == 1)).astype(float)
+        top = ((rng.random(n) >= item_q + effect / BASE_ACC) & (base == 1)).astype(float)
         z = np.zeros(n)
         outs.append(NecessityOutcomes(k, [], [], base, z, top, z, rand, np.zeros((draws, n)), None))
     return list(necessity(outs, alpha=p.alpha, baseline_floor=p.baseline_floor, min_gap=p.ca1_min_gap,
                           n_boot=200, seed=int(rng.integers(1 << 30))).values())
 
 
-def _sim_drop(groups: int, n: int) -> Callable:
+def sim_drop(groups: int, n: int) -> Callable:
     def run(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
         from rh.rules.claims import drop_family
 
-        data = {g: _pair(rng, n, effect) for g in range(groups)}
+        data = {g: pair(rng, n, effect) for g in range(groups)}
         return list(drop_family("CA-4", data, param="g", n_heads=1, min_drop=p.min_drop, alpha=p.alpha,
                                 baseline_floor=p.baseline_floor).values())
     return run
 
 
-def _sim_ca3(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
+def sim_ca3(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
     from rh.rules.claims import inverse
 
     n = s["inverse"]
-    base = (rng.random(n) < _BASE_ACC).astype(float)
+    base = (rng.random(n) < BASE_ACC).astype(float)
     ablated = {k: _pair_from(rng, base, effect) for k in p.inverse_levels}
     return list(inverse(base, ablated, p.inverse_levels, margin=p.ni_margin, alpha=p.alpha,
                         baseline_floor=p.baseline_floor).values())
@@ -135,41 +138,41 @@ def _pair_from(rng, base: np.ndarray, drop: float) -> np.ndarray:
     return after
 
 
-def _sim_iv1(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
+def sim_iv1(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
     from rh.rules.claims import incremental
 
     n = s["iv"]
-    base = (rng.random(n) < _BASE_ACC).astype(float)
+    base = (rng.random(n) < BASE_ACC).astype(float)
     abl = {m: _pair_from(rng, base, effect) for m in p.incremental_levels}
     return list(incremental(base, abl, ["h"] * max(p.incremental_levels), min_drop=p.iv_min_drop, alpha=p.alpha,
                             baseline_floor=p.baseline_floor).values())
 
 
-def _sim_iv2(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
+def sim_iv2(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
     """``effect`` is the hub drop; the non-hub arm sits at its boundary for the false rates."""
     from rh.rules.claims import position
 
     n = s["iv"]
-    base = (rng.random(n) < _BASE_ACC).astype(float)
+    base = (rng.random(n) < BASE_ACC).astype(float)
     hub = _pair_from(rng, base, effect)
     other = _pair_from(rng, base, 0.0 if effect != p.iv_min_drop else p.iv_nonhub_max)
     return [position(base, hub, other, hub_min=p.iv_min_drop, nonhub_max=p.iv_nonhub_max, alpha=p.alpha,
                      baseline_floor=p.baseline_floor)]
 
 
-def _sim_iv3_hub(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
+def sim_iv3_hub(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
     from rh.rules.claims import override
 
     n = s["iv"]
-    base = (rng.random(n) < _BASE_ACC).astype(float)
+    base = (rng.random(n) < BASE_ACC).astype(float)
     return [override(base, {"hub": _pair_from(rng, base, effect)}, keep=p.hub_keep, min_drop=p.iv_min_drop,
                      alpha=p.alpha, baseline_floor=p.baseline_floor)["hub"]]
 
 
-def _sim_ca2_with(shape: str) -> Callable:
+def sim_ca2_with(shape: str) -> Callable:
     def run(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
         """Per-prompt growth of the log-prob drop from the first to the last level: ``effect`` plus
-        noise of :data:`_LOG_NOISE`'s ``shape`` (x 2 nats; "both-ways": slopes of either sign, half
+        noise of :data:`LOG_NOISE`'s ``shape`` (x 2 nats; "both-ways": slopes of either sign, half
         the prompts shrinking), so its median is ``effect``; the levels between lie on the line
         with noise. CA-1 supported at every K (the dose part alone)."""
         from rh.rules.claims import dose_response
@@ -189,11 +192,11 @@ def _sim_ca2_with(shape: str) -> Callable:
         ca1 = {k: Verdict(claim="CA-1", params={"k": k}, status="supported", reason="", test="", statistic=None,
                           p_value=None, p_adjusted=None, effect=0.3, ci=None) for k in p.ablation_levels}
         return [dose_response(base_lp, tops, ca1, alpha=p.alpha, min_growth=p.dose_min_growth,
-                              baseline_floor=p.baseline_floor, baseline_accuracy=_BASE_ACC)]
+                              baseline_floor=p.baseline_floor, baseline_accuracy=BASE_ACC)]
     return run
 
 
-def _sim_iv7(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
+def sim_iv7(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
     """A softmax over the answer and 20 alternatives; ablation lowers the answer logit by 1.5 for
     every item (a uniform shift: no interaction) plus ``effect`` more on the less confident half."""
     from rh.rules.claims import difficulty
@@ -217,7 +220,7 @@ def _sim_iv7(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
 # Log-ratio noise with median 0 in shapes a real run shows, as quantile functions of u in (0, 1): the
 # claims are about the median ratio, so a rule must hold its rates whatever the skew (the signed-rank
 # test did not: it tests the pseudo-median).
-_LOG_NOISE: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+LOG_NOISE: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "normal": lambda u: _sps.norm.ppf(u),
     "right-skewed": lambda u: -np.log1p(-u) - math.log(2.0),
     "left-skewed": lambda u: np.log(u) + math.log(2.0),
@@ -225,19 +228,19 @@ _LOG_NOISE: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
-def _shapes(sim: Callable[[str], Callable], names=tuple(_LOG_NOISE)) -> dict:
+def shapes(sim: Callable[[str], Callable], names=tuple(LOG_NOISE)) -> dict:
     """A family's simulator under each data shape: ``{shape: sim(shape)}``."""
     return {name: sim(name) for name in names}
 
 
 def _noise(rng, shape: str, size) -> np.ndarray:
-    return _LOG_NOISE[shape](rng.random(size))
+    return LOG_NOISE[shape](rng.random(size))
 
 
-def _sim_ratio(n_key: str, support: Callable[[Profile], float], refute: Callable[[Profile], float],
+def sim_ratio(n_key: str, support: Callable[[Profile], float], refute: Callable[[Profile], float],
                noise: str = "normal") -> Callable:
     def run(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
-        """Log ratios around log(``effect``), the median, with :data:`_LOG_NOISE`'s ``noise``."""
+        """Log ratios around log(``effect``), the median, with :data:`LOG_NOISE`'s ``noise``."""
         from rh.rules.claims import ratio_rule
 
         r = np.exp(math.log(effect) + _noise(rng, noise, s[n_key]))
@@ -246,10 +249,10 @@ def _sim_ratio(n_key: str, support: Callable[[Profile], float], refute: Callable
     return run
 
 
-def _sim_id5_with(noise: str) -> Callable:
+def sim_id5_with(noise: str) -> Callable:
     def run(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
         """Three candidate heads; each task's prompts share a window effect across tasks (the
-        dependence a uniform null ignores), and the per-prompt noise has :data:`_LOG_NOISE`'s
+        dependence a uniform null ignores), and the per-prompt noise has :data:`LOG_NOISE`'s
         ``noise`` shape with median 0. ``effect``: every candidate's true median ratio (the boundary
         is the threshold)."""
         from rh.rules.claims import general_heads_rule
@@ -258,9 +261,9 @@ def _sim_id5_with(noise: str) -> Callable:
         window = rng.normal(0, 1, (n, 3))  # shared by every task: the same windows and needle positions
         # each task's noise: correlated with the others through the window (a Gaussian copula), shaped
         # by a monotone map, so its median stays 0 whatever the shape
-        ratios = {f"t{t}": np.exp(math.log(effect) + _LOG_NOISE[noise](
+        ratios = {f"t{t}": np.exp(math.log(effect) + LOG_NOISE[noise](
             _sps.norm.cdf((window + rng.normal(0, 1, (n, 3))) / math.sqrt(2.0)))) for t in range(s["tasks"])}
-        acc = {t: _BASE_ACC for t in ratios}
+        acc = {t: BASE_ACC for t in ratios}
         return [general_heads_rule(ratios, ["a", "b", "c"], ratio=p.spike_ratio, alpha=p.alpha, accuracy=acc,
                                    baseline_floor=p.baseline_floor, k=p.general_k)]
     return run
@@ -287,7 +290,7 @@ def _agree_means(rng, k: int, heads: int, effect: float, swap_at: str = "edge") 
 #: once (0.000 and 0.000 at 300 runs), left out of the table, whose powers it would zero.
 _AGREE_SHAPES = {"edge": ("edge", 1.0, False), "anywhere": ("anywhere", 1.0, False),
                  "group-noise": ("anywhere", 1.0, True), "noisy": ("edge", 3.0, False)}
-_AGREE_TABLE = ("edge", "anywhere", "group-noise")
+AGREE_TABLE = ("edge", "anywhere", "group-noise")
 
 
 def _agree_noise(rng, n: int, heads: int, sd: float, grouped: bool) -> np.ndarray:
@@ -298,11 +301,11 @@ def _agree_noise(rng, n: int, heads: int, sd: float, grouped: bool) -> np.ndarra
     return noise
 
 
-def _sim_agree_with(shape: str) -> Callable:
-    return lambda p, s, rng, effect: _sim_agree(p, s, rng, effect, shape)
+def sim_agree_with(shape: str) -> Callable:
+    return lambda p, s, rng, effect: sim_agree(p, s, rng, effect, shape)
 
 
-def _sim_agree(p: Profile, s: dict, rng, effect: float, shape: str = "edge") -> list[Verdict]:
+def sim_agree(p: Profile, s: dict, rng, effect: float, shape: str = "edge") -> list[Verdict]:
     """Two methods on the same prompts: heads' true scores, per-prompt noise; ``effect`` is the number
     of B's true top-K heads that are not A's (0: the same heads; K: disjoint)."""
     from rh.rules.claims import agreement
@@ -314,17 +317,17 @@ def _sim_agree(p: Profile, s: dict, rng, effect: float, shape: str = "edge") -> 
     A = mu_a[None] + prompt + _agree_noise(rng, n, heads, sd, grouped)
     B = mu_b[None] + prompt + _agree_noise(rng, n, heads, sd, grouped)
     return [agreement("ID-4", A, B, k=k, min_effect=p.agree_min_effect * k, same_prompts=True, alpha=p.alpha,
-                      n_boot=200, seed=int(rng.integers(1 << 30)), baseline_accuracy=_BASE_ACC,
+                      n_boot=200, seed=int(rng.integers(1 << 30)), baseline_accuracy=BASE_ACC,
                       baseline_floor=p.baseline_floor)]
 
 
-def _sim_id7_with(shape: str) -> Callable:
-    return lambda p, s, rng, effect: _sim_id7(p, s, rng, effect, shape)
+def sim_id7_with(shape: str) -> Callable:
+    return lambda p, s, rng, effect: sim_id7(p, s, rng, effect, shape)
 
 
-def _sim_id7(p: Profile, s: dict, rng, effect: float, shape: str = "edge") -> list[Verdict]:
+def sim_id7(p: Profile, s: dict, rng, effect: float, shape: str = "edge") -> list[Verdict]:
     """ID-7 for a content-free method: A scored on the identification prompts, B on its own random
-    sequences (independent inputs); ``effect`` as in :func:`_sim_agree`."""
+    sequences (independent inputs); ``effect`` as in :func:`sim_agree`."""
     from rh.rules.field import method_agreement
 
     swap_at, sd, grouped = _AGREE_SHAPES[shape]
@@ -333,7 +336,7 @@ def _sim_id7(p: Profile, s: dict, rng, effect: float, shape: str = "edge") -> li
     A = mu_a[None] + rng.normal(0, 0.5, (n_a, 1)) + _agree_noise(rng, n_a, heads, sd, grouped)
     B = mu_b[None] + rng.normal(0, 0.5, (n_b, 1)) + _agree_noise(rng, n_b, heads, sd, grouped)
     return [method_agreement("echo", A, B, k=k, min_effect=p.agree_min_effect * k, same_prompts=False, alpha=p.alpha,
-                             n_boot=200, seed=int(rng.integers(1 << 30)), baseline_accuracy=_BASE_ACC,
+                             n_boot=200, seed=int(rng.integers(1 << 30)), baseline_accuracy=BASE_ACC,
                              baseline_floor=p.baseline_floor)]
 
 
@@ -398,15 +401,15 @@ def _tilted_top(rng, effect: float, k: int) -> np.ndarray:
     return np.concatenate(out)
 
 
-def _sim_id8_with(placement: str) -> Callable:
+def sim_id8_with(placement: str) -> Callable:
     """ID-8 with the true top K placed by :func:`_planted_top` ("fixed": a realised share of exactly
     chance + effect), by :func:`_tilted_top` ("propensity": placed at random with that expected
     share), or uniformly with noise shared within each KV group ("group-noise": per-prompt noise
     correlated 0.5 among a group's heads, the null a shared KV head could fake)."""
-    return lambda p, s, rng, effect: _sim_id8(p, s, rng, effect, placement)
+    return lambda p, s, rng, effect: sim_id8(p, s, rng, effect, placement)
 
 
-def _sim_id8(p: Profile, s: dict, rng, effect: float, placement: str = "fixed") -> list[Verdict]:
+def sim_id8(p: Profile, s: dict, rng, effect: float, placement: str = "fixed") -> list[Verdict]:
     """ID-8: per-prompt scores of the 270 heads, the planted top K a margin above the rest with
     per-prompt noise, so the estimated and the resampled top K differ from the true one as real
     rankings do; the rule gets the estimated top K and its bootstrap over prompts."""
@@ -426,11 +429,11 @@ def _sim_id8(p: Profile, s: dict, rng, effect: float, placement: str = "fixed") 
     idx = rng.integers(0, n, (100, n))
     boot = np.argsort(-x[idx].mean(axis=1), axis=1, kind="stable")[:, :k]
     return [kv_clustering(top, boot, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv,
-                          min_effect=p.group_min_effect, alpha=p.alpha, baseline_accuracy=_BASE_ACC,
+                          min_effect=p.group_min_effect, alpha=p.alpha, baseline_accuracy=BASE_ACC,
                           baseline_floor=p.baseline_floor)]
 
 
-def _sim_ca7(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
+def sim_ca7(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
     """CA-7: ``effect`` in units of Δ: the top K's gap over random K-sets is ``effect`` x the CA-1
     Δ and the rise of distractor answers ``effect`` x its Δ (both parts at their boundaries at 0 and 1)."""
     from rh.causal import NecessityOutcomes
@@ -438,10 +441,10 @@ def _sim_ca7(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
 
     n, draws, k = s["distractor"], s["draws"], p.id_k
     gap = effect * p.ca1_min_gap
-    base = (rng.random(n) < _BASE_ACC).astype(float)
+    base = (rng.random(n) < BASE_ACC).astype(float)
     item_q = np.where(rng.random(n) < 0.25, rng.uniform(0.0, 0.3, n), 0.0)
     rand = ((rng.random((draws, n)) >= item_q) & (base == 1)).astype(float)
-    top = ((rng.random(n) >= item_q + gap / _BASE_ACC) & (base == 1)).astype(float)
+    top = ((rng.random(n) >= item_q + gap / BASE_ACC) & (base == 1)).astype(float)
     z = np.zeros(n)
     out = NecessityOutcomes(k, [], [], base, z, top, z, rand, np.zeros((draws, n)), None)
     d_base = (rng.random(n) < 0.05).astype(float)
@@ -452,14 +455,14 @@ def _sim_ca7(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
     return list(v.values())
 
 
-def _sim_ca8(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
+def sim_ca8(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
     """CA-8: ``effect`` names the scenario, each arm planted at once: 0 both arms at their support
     boundaries (the others' loss = the margin, the top K's drop 0), 1 at their refutation boundaries
     (loss = margin, drop = Δ), 2 both true (no loss, drop Δ + 0.1), 3 both false (loss 2 x margin, no drop)."""
     from rh.rules.field import compression_safety
 
     n, levels = s["inverse"], s["compress_levels"]
-    base = (rng.random(n) < _BASE_ACC).astype(float)
+    base = (rng.random(n) < BASE_ACC).astype(float)
     loss_others, drop_top = {0: (p.compress_margin, 0.0), 1: (p.compress_margin, p.min_drop),
                              2: (0.0, p.min_drop + 0.1), 3: (2 * p.compress_margin, 0.0)}[int(effect)]
     others = {k: _pair_from(rng, base, loss_others) for k in range(levels)}
@@ -468,14 +471,14 @@ def _sim_ca8(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
                                    baseline_floor=p.baseline_floor).values())
 
 
-def _sim_id1_with(shape: str) -> Callable:
+def sim_id1_with(shape: str) -> Callable:
     """ID-1 with per-trial scores "smooth" (each head's mean plus normal noise, clipped to [0, 1]) or
     "zero-inflated" as Wu24's are (a head scores 0 on most trials and a share of the needle, 0.2-1,
     on the others; most heads never score)."""
-    return lambda p, s, rng, effect: _sim_id1(p, s, rng, effect, shape)
+    return lambda p, s, rng, effect: sim_id1(p, s, rng, effect, shape)
 
 
-def _sim_id1(p: Profile, s: dict, rng, effect: float, shape: str = "smooth") -> list[Verdict]:
+def sim_id1(p: Profile, s: dict, rng, effect: float, shape: str = "smooth") -> list[Verdict]:
     """Wu24 scores of 270 heads over the counted trials: ``effect`` is the true fraction of heads whose
     mean exceeds the threshold (rounded to whole heads); as many heads again sit just below it, so
     the fraction is estimated, not read off; the rest score near 0."""
@@ -500,58 +503,22 @@ def _sim_id1(p: Profile, s: dict, rng, effect: float, shape: str = "smooth") -> 
                      seed=int(rng.integers(1 << 30)))]
 
 
-# family -> (simulator, effect at the support boundary, at the refutation boundary, planted for power
-# to support, planted for power to refute)
-def _families(p: Profile, s: dict) -> dict[str, tuple]:
-    d = p.min_drop
-    return {
-        "CA-1": (_sim_ca1, 0.0, p.ca1_min_gap, p.ca1_min_gap + 0.1, 0.0),
-        "CA-2": (_shapes(_sim_ca2_with, (*_LOG_NOISE, "both-ways")), 0.0, p.dose_min_growth, 2 * p.dose_min_growth, 0.0),
-        "CA-3": (_sim_ca3, p.ni_margin, p.ni_margin, 0.0, 2 * p.ni_margin),
-        "CA-4": (_sim_drop(s["tasks"], s["task"]), 0.0, d, d + 0.1, 0.0),
-        "CA-6": (_sim_drop(s["depths"], s["depth_n"]), 0.0, d, d + 0.1, 0.0),
-        "IV-1": (_sim_iv1, p.iv_min_drop, p.iv_min_drop, 2 * p.iv_min_drop + 0.1, 0.0),
-        "IV-2": (_sim_iv2, p.iv_min_drop, p.iv_min_drop, 2 * p.iv_min_drop + 0.1, 0.0),
-        "IV-3": (_sim_iv3_hub, (1 - p.hub_keep) * _BASE_ACC, (1 - p.hub_keep) * _BASE_ACC, 0.0,
-                 3 * (1 - p.hub_keep) * _BASE_ACC),
-        "IV-7": (_sim_iv7, 0.0, p.iv7_min_effect, 3 * p.iv7_min_effect, 0.0),
-        # 270 heads: 14 (5.2%) is the fewest at or above 5%, 13 (4.8%) the most below it
-        "ID-1": (_shapes(_sim_id1_with, ("smooth", "zero-inflated")), math.ceil(p.sparsity_max_fraction * 270) / 270,
-                 (math.ceil(p.sparsity_max_fraction * 270) - 1) / 270, p.sparsity_max_fraction / 5,
-                 3 * p.sparsity_max_fraction),
-        "ID-2": (_shapes(lambda sh: _sim_ratio("n_val", lambda q: q.spike_ratio, lambda q: q.spike_ratio, sh)),
-                 p.spike_ratio, p.spike_ratio, 4 * p.spike_ratio, 1.0),
-        "IV-6": (_shapes(lambda sh: _sim_ratio("ig_n", lambda q: 1.0, lambda q: q.ig_min_ratio, sh)), 1.0,
-                 p.ig_min_ratio, 3 * p.ig_min_ratio, 0.5),
-        "ID-5": (_shapes(_sim_id5_with), p.spike_ratio, p.spike_ratio, 4 * p.spike_ratio, 1.0),
-        # agreement is decided on both sides of one boundary: at Δ heads differing, neither may be shown
-        "ID-3/ID-4": (_shapes(_sim_agree_with, _AGREE_TABLE), p.agree_min_effect * p.id_k,
-                      p.agree_min_effect * p.id_k, 0.0, float(p.id_k)),
-        "ID-7": (_shapes(_sim_id7_with, _AGREE_TABLE), p.agree_min_effect * p.id_k,
-                 p.agree_min_effect * p.id_k, 0.0, float(p.id_k)),
-        "ID-8": (_shapes(_sim_id8_with, ("fixed", "propensity", "group-noise")), 0.0,
-                 p.group_min_effect, p.group_min_effect + 0.25, 0.0),
-        "CA-7": (_sim_ca7, 0.0, 1.0, 1.5, 0.0),
-        "CA-8": (_sim_ca8, 0.0, 1.0, 2.0, 3.0),
-    }
-
-
-FAMILIES = ("CA-1", "CA-2", "CA-3", "CA-4", "CA-6", "IV-1", "IV-2", "IV-3", "IV-7", "ID-1", "ID-2", "IV-6", "ID-5",
-            "ID-3/ID-4", "ID-7", "ID-8", "CA-7", "CA-8")
-
-
-def calibrate(family: str, profile: Profile, *, reps: int = 200, seed: int = 0) -> Rates:
-    """Simulate ``reps`` runs per scenario for one family at ``profile``'s sizes. A family simulated
+def calibrate(family: str, profile: Profile, *, reps: int = 200, seed: int | None = None) -> Rates:
+    """Simulate ``reps`` runs per scenario for one registered family (:mod:`rh.claim_families`) at
+    ``profile``'s sizes, with the family's own seed unless ``seed`` is given. A family simulated
     under several data shapes (skewed, heavy-tailed, ...) reports the worst case over them: the
     largest false-support and false-refute rates and the smallest powers (each shape's rates are in
     ``planted["structures"]``)."""
+    fam = claim_families.family(family)
+    if fam.calibration is None:
+        raise ValueError(f"claim family {family!r} has no calibration: choose one of "
+                         f"{', '.join(claim_families.calibrated())}")
     s = sizes(profile)
-    fams = _families(profile, s)
-    if family not in fams:
-        raise ValueError(f"unknown claim family {family!r}: choose one of {', '.join(fams)}")
-    sims, at_sup, at_ref, pw_sup, pw_ref = fams[family]
-    if not isinstance(sims, dict):
-        sims = {"": sims}
+    spec = fam.calibration(profile, s)
+    sims = spec.simulate if isinstance(spec.simulate, Mapping) else {"": spec.simulate}
+    at_sup, at_ref, pw_sup, pw_ref = spec.at_support, spec.at_refute, spec.power_support, spec.power_refute
+    if seed is None:
+        seed = spec.seed if spec.seed is not None else fam.seed
     rng = np.random.default_rng(seed)
     from rh.rules.paired import decisions_only
 
@@ -574,8 +541,9 @@ def calibrate(family: str, profile: Profile, *, reps: int = 200, seed: int = 0) 
                  min(r[2] for r in rates), min(r[3] for r in rates), planted=planted)
 
 
-def calibrate_all(profile: Profile, *, reps: int = 200, seed: int = 0, families=FAMILIES) -> list[Rates]:
-    return [calibrate(f, profile, reps=reps, seed=seed) for f in families]
+def calibrate_all(profile: Profile, *, reps: int = 200, families: Sequence[str] | None = None) -> list[Rates]:
+    """:func:`calibrate` for ``families`` (default: every registered family with a calibration)."""
+    return [calibrate(f, profile, reps=reps) for f in (claim_families.calibrated() if families is None else families)]
 
 
 def format_table(rows: list[Rates]) -> str:

@@ -1,0 +1,162 @@
+"""rh's causal-validation families (CA-1 ... CA-8): each one's rule, smallest effect Δ, calibration,
+figures and parameters, registered as a team's own family would be (:mod:`rh.claim_families`).
+
+The figures are drawn from the verdicts' details (PNG bytes); the simulators are
+:mod:`rh.calibration`'s, at the sizes :func:`rh.calibration.sizes` reads from the profile."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from rh import calibration as cal
+from rh.claim_families import Calibration, ClaimFamily, Figure, Parameter, claim_rows, register_family
+from rh.rules import claims as rules
+from rh.rules import field as field_rules
+
+__all__ = ["ca1_ablation_curve", "distractor_figure", "compression_figure", "FAMILIES"]
+
+
+def ca1_ablation_curve(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
+    """CA-1's verdicts as a curve: accuracy vs number of heads ablated, top-K against random-K,
+    each random draw's own accuracy as a dot (seed 001's Figure 8); None without CA-1 verdicts.
+    (:func:`rh.report.ablation.accuracy_vs_k_curve` draws the same from per-sample results.)"""
+    from rh.report.plotting import plt, png  # matplotlib loads when a figure is drawn
+
+    rows = sorted(
+        (v for v in verdicts if v.get("claim") == "CA-1" and v.get("details", {}).get("top_accuracy") is not None),
+        key=lambda v: v["params"]["k"],
+    )
+    if not rows:
+        return None
+    ks = [v["params"]["k"] for v in rows]
+    top = [v["details"]["top_accuracy"] for v in rows]
+    rand = [v["details"]["random_accuracy"] for v in rows]
+    per_draw = [v["details"].get("random_accuracy_per_draw", []) for v in rows]
+    base = rows[0]["details"]["baseline_accuracy"]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    ax.axhline(base, color="0.5", ls="--", lw=1, label="no ablation")
+    ax.plot(ks, rand, "o-", color="tab:blue", label="random K (each item with one draw)")
+    for k, draws in zip(ks, per_draw):
+        draws = [a for a in draws if a is not None]  # draws stopped early have no accuracy of their own
+        if draws:
+            ax.scatter([k] * len(draws), draws, color="tab:blue", alpha=0.25, s=12)
+    ax.plot(ks, top, "s-", color="tab:red", label="top K by ranking")
+    ax.set_xlabel("heads ablated (K)")
+    ax.set_ylabel("exact-match accuracy")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xticks(ks)
+    ax.legend(frameon=False, fontsize=8)
+    ax.set_title("CA-1: top-K vs random-K ablation")
+    return png(fig)
+
+
+def distractor_figure(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
+    """CA-7: accuracy with no ablation, the top K and random K ablated; distractor answers with no
+    ablation and with the top K ablated."""
+    from rh.report.plotting import plt, png  # matplotlib loads when a figure is drawn
+
+    acc = [v for v in claim_rows(verdicts, "CA-7") if v["params"].get("part") == "accuracy"]
+    rate = [v for v in claim_rows(verdicts, "CA-7") if v["params"].get("part") == "distractor_rate"]
+    if not acc or "top_accuracy" not in acc[0]["details"]:
+        return None
+    a = acc[0]["details"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(7, 3.2))
+    ax1.bar(["none", f"top {acc[0]['params']['k']}", "random K"],
+            [a["baseline_accuracy"], a["top_accuracy"], a["random_accuracy"]], color=["0.6", "tab:red", "tab:blue"])
+    ax1.set_ylim(0, 1.05)
+    ax1.set_ylabel("exact-match accuracy")
+    ax1.set_title(f"accuracy among distractors ({acc[0]['status']})", fontsize=8)
+    if rate and rate[0]["details"].get("baseline_distractor_rate") is not None:
+        r = rate[0]["details"]
+        ax2.bar(["none", f"top {rate[0]['params']['k']}"], [r["baseline_distractor_rate"], r["top_distractor_rate"]],
+                color=["0.6", "tab:red"])
+        ax2.set_title(f"answers with a distractor's value ({rate[0]['status']})", fontsize=8)
+    ax2.set_ylim(0, 1.05)
+    ax2.set_ylabel("rate")
+    fig.suptitle("CA-7: the top heads among distractor needles", fontsize=9)
+    return png(fig)
+
+
+def compression_figure(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
+    """CA-8: accuracy with every head outside the top K on a sink + recent window, and with the top K
+    on it, per K; the KV-cache share the policy saves (a KV head only when all its query heads are restricted)."""
+    from rh.report.plotting import plt, png  # matplotlib loads when a figure is drawn
+
+    rows = sorted(claim_rows(verdicts, "CA-8"), key=lambda v: (v["params"]["k"], v["params"]["arm"]))
+    if not rows:
+        return None
+    ks = sorted({v["params"]["k"] for v in rows})
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    base = rows[0]["details"].get("baseline_accuracy")
+    if base is not None:
+        ax.axhline(base, color="0.5", ls="--", lw=1, label="full attention everywhere")
+    for arm, color, label in (("others", "tab:green", "heads outside the top K restricted"),
+                              ("top", "tab:red", "top K restricted")):
+        pts = [(v["params"]["k"], v["details"].get("after_accuracy")) for v in rows if v["params"]["arm"] == arm]
+        pts = [(k, a) for k, a in pts if a is not None]
+        if pts:
+            ax.plot(*zip(*pts), "o-", color=color, label=label)
+    for v in rows:
+        kv = v["details"].get("kv_cache") or {}
+        if v["params"]["arm"] == "others" and kv.get("saved_fraction") is not None:
+            ax.annotate(f"KV saved {kv['saved_fraction']:.0%}", (v["params"]["k"], v["details"].get("after_accuracy") or 0),
+                        textcoords="offset points", xytext=(4, -12), fontsize=7, color="tab:green")
+    d = rows[0]["params"]
+    ax.set_xticks(ks)
+    ax.set_xlabel("heads kept whole (K)")
+    ax.set_ylabel("exact-match accuracy")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title(f"CA-8: a {d['sink']}-token sink + {d['window']}-token window", fontsize=9)
+    ax.legend(frameon=False, fontsize=7)
+    return png(fig)
+
+
+
+def _k(k) -> str:
+    return f"K={k}"
+
+
+def _depth(d) -> str:
+    return f"depth={d:g}"
+
+
+FAMILIES = (
+    ClaimFamily("CA-1", "ablating the top-K heads drops accuracy more than K random heads", rule=rules.necessity,
+                delta=lambda p: p.ca1_min_gap,
+                calibration=lambda p, s: Calibration(cal.sim_ca1, 0.0, p.ca1_min_gap, p.ca1_min_gap + 0.1, 0.0, seed=0),
+                figures=(Figure("CA-1: accuracy vs heads ablated", lambda rows, meta: ca1_ablation_curve(rows)),),
+                parameters=(Parameter("ablation_k", "ablation_levels", _k),)),
+    ClaimFamily("CA-2", "the top-K drop grows with K", rule=rules.dose_response, delta=lambda p: p.dose_min_growth,
+                calibration=lambda p, s: Calibration(cal.shapes(cal.sim_ca2_with, (*cal.LOG_NOISE, "both-ways")), 0.0,
+                                                     p.dose_min_growth, 2 * p.dose_min_growth, 0.0, seed=1)),
+    ClaimFamily("CA-3", "ablating the lowest-scoring heads keeps accuracy", rule=rules.inverse,
+                delta=lambda p: p.ni_margin,
+                calibration=lambda p, s: Calibration(cal.sim_ca3, p.ni_margin, p.ni_margin, 0.0, 2 * p.ni_margin,
+                                                     seed=2),
+                parameters=(Parameter("inverse_k", "inverse_levels", _k),)),
+    ClaimFamily("CA-4", "ablating the general heads hurts every task", rule=rules.drop_family,
+                delta=lambda p: p.min_drop,
+                calibration=lambda p, s: Calibration(cal.sim_drop(s["tasks"], s["task"]), 0.0, p.min_drop,
+                                                     p.min_drop + 0.1, 0.0, seed=3),
+                parameters=(Parameter("id_task", "id_tasks", str),)),
+    ClaimFamily("CA-5", "query zeroing equals logit zeroing and differs from output zeroing"),
+    ClaimFamily("CA-6", "the drop appears at every needle depth", rule=rules.drop_family, delta=lambda p: p.min_drop,
+                calibration=lambda p, s: Calibration(cal.sim_drop(s["depths"], s["depth_n"]), 0.0, p.min_drop,
+                                                     p.min_drop + 0.1, 0.0, seed=4),
+                parameters=(Parameter("claim_depth", "depths", _depth),)),
+    ClaimFamily("CA-7", "among distractor needles the top heads matter and distractor answers rise",
+                rule=field_rules.distractor_necessity,
+                calibration=lambda p, s: Calibration(cal.sim_ca7, 0.0, 1.0, 1.5, 0.0, seed=16),
+                figures=(Figure("CA-7: the top heads among distractor needles",
+                                lambda rows, meta: distractor_figure(rows)),)),
+    ClaimFamily("CA-8", "compression is safe outside the top K only", rule=field_rules.compression_safety,
+                calibration=lambda p, s: Calibration(cal.sim_ca8, 0.0, 1.0, 2.0, 3.0, seed=17),
+                figures=(Figure("CA-8: compression safety", lambda rows, meta: compression_figure(rows)),),
+                parameters=(Parameter("compress_k", "compress_levels", _k),)),
+)
+
+for _fam in FAMILIES:
+    register_family(_fam)
