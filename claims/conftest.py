@@ -43,15 +43,17 @@ def task_validation(rh_model, profile):
 @pytest.fixture(scope="session")
 def task_baselines(rh_model, task_validation, task_rankings, profile):
     """Each task's unablated outcomes on its validation prompts: the floor of ID-5 and CA-4. The
-    passes keep the residual stream where CA-4's general heads start, so CA-4's ablated passes
-    run only the layers from there on (rh.prefix)."""
-    from rh.causal import evaluate_baseline
+    same forwards read the needle mass of ID-5's candidate heads (``.needle_mass``), so ID-5 runs
+    no pass of its own (rh.id_claims.task_baselines). The passes keep the residual stream where
+    CA-4's general heads start, so CA-4's ablated passes run only the layers from there on
+    (rh.prefix)."""
+    from rh.id_claims import task_baselines
     from rh.prefix import first_layers, hinting
     from rh.scoring import general_heads
 
     with hinting(rh_model, first_layers([general_heads(task_rankings, profile.general_k)])):
-        return {t: evaluate_baseline(rh_model, samples, batch_size=profile.batch_size)
-                for t, samples in task_validation.items()}
+        return task_baselines(rh_model, task_validation, task_rankings, k=profile.general_k,
+                              batch_size=profile.batch_size)
 
 
 @pytest.fixture(scope="session")

@@ -91,13 +91,15 @@ def test_sum_attention_and_wu24_find_the_same_heads(sum_identification, wu24_ide
 def test_general_retrieval_heads_exist(rh_model, task_rankings, task_validation, task_baselines, profile,
                                        record_verdict):
     """General retrieval heads exist: some head in every task's top K puts more than 10x the uniform
-    mass per token on the needle in every task, on fresh prompts (per-head tests across tasks)."""
+    mass per token on the needle in every task, on fresh prompts (per-head tests across tasks). The
+    attention mass is read beside the task baselines' forwards (no pass of its own)."""
     from rh.id_claims import general_heads_exist
 
     acc = {t: float(df["correct"].mean()) for t, df in task_baselines.items()}
     record_verdict(general_heads_exist(rh_model, task_rankings, task_validation, k=profile.general_k,
                                        ratio=profile.spike_ratio, alpha=profile.alpha, accuracy=acc,
-                                       baseline_floor=profile.baseline_floor, batch_size=profile.batch_size))
+                                       baseline_floor=profile.baseline_floor, batch_size=profile.batch_size,
+                                       needle_mass=getattr(task_baselines, "needle_mass", None)))
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,13 @@ layer, the rows ``R`` (an int m = the last m positions, or Python-style negative
 as ``(-5, -1)``, counted from the end so that they line up across left-padded rows) as
 ``[batch, heads, len(R), kv]`` (:func:`rows_probs`): O(len(R) * L) per head, never N x N. The
 default (``rows=None``) is the last-row path above, unchanged in what it computes and costs.
+
+Reading beside a pass: :func:`reading_rows` attaches a reader (an :class:`AttentionIntervention`
+whose :meth:`~AttentionIntervention.read` records and changes nothing) to chosen layers, which hands
+``reduce`` the attention of one query position per batch row, chosen per forward (e.g. each
+prompt's last token inside a teacher-forced prompt + answer pass). Unlike a capture it reads only
+its layers, so a pass under it may still keep and reuse residual streams below the first of them
+(``rh.prefix`` counts that layer as the pass's first modified one).
 """
 
 from __future__ import annotations
@@ -214,6 +221,13 @@ class AttentionIntervention:
                  attention_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
         return probs
 
+    def read(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+             attention_mask: torch.Tensor | None, scaling: float, softcap: float | None,
+             sliding_window: int | None) -> None:
+        """Read the call's attention (``query``/``key`` as the base implementation saw them, after
+        every ``before``; detached) without changing anything: a reader's whole work
+        (:func:`reading_rows`). Called after ``after``, under ``torch.no_grad``."""
+
 
 _INTERVENTIONS_ATTR = "_rh_attention_interventions"
 
@@ -277,6 +291,12 @@ def _make_wrapper(base: str) -> Callable:
             for h in hooks:
                 output, weights = h.after(module, output, weights, query, key, value, attention_mask, scale)
             out = (output, weights)
+            readers = [h for h in hooks if type(h).read is not AttentionIntervention.read]
+            if readers:
+                softcap, window = logit_softcap(module, kwargs), kwargs.get("sliding_window")
+                with torch.no_grad():
+                    for h in readers:
+                        h.read(module, query.detach(), key.detach(), attention_mask, scale, softcap, window)
         cap = _active.get()
         if cap is not None and cap._model_id == id(getattr(module, "config", None)):
             softcap, window = logit_softcap(module, kwargs), kwargs.get("sliding_window")
@@ -430,3 +450,59 @@ def capture_attention(model: Any, reduce: Reducer = keep_rows, *,
             yield cap
         finally:
             _active.reset(token)
+
+
+class _RowReader(AttentionIntervention):
+    """One layer's reader of :func:`reading_rows`: changes nothing, reads one query row per batch row."""
+
+    def __init__(self, layer: int, positions: Callable[[int], Sequence[int]], reduce: Reducer):
+        self.layer, self.positions, self.reduce = layer, positions, reduce
+
+    def read(self, module, query, key, attention_mask, scaling, softcap, sliding_window) -> None:
+        rewriting = [type(h).__name__ for h in interventions(module)
+                     if type(h).last_row is not AttentionIntervention.last_row]
+        if rewriting:
+            raise RuntimeError(f"reading_rows cannot read layer {self.layer} with {', '.join(rewriting)} attached: it "
+                               "changes the probabilities without changing the query or key the reader sees")
+        b, q_len = query.shape[0], query.shape[2]
+        pos = [int(p) for p in self.positions(q_len)]
+        if len(pos) != b or any(not 0 <= p < q_len for p in pos):
+            raise RuntimeError(f"reading_rows at layer {self.layer}: positions {pos} for a forward of {b} rows and "
+                               f"{q_len} query positions")
+        rows = sorted({p - q_len for p in pos})  # counted from the end, as rows_probs takes them
+        probs = rows_probs(query, key, attention_mask, scaling, tuple(rows), softcap, sliding_window)
+        pick = torch.tensor([rows.index(p - q_len) for p in pos], device=probs.device)
+        self.reduce(self.layer, probs[torch.arange(b, device=probs.device), :, pick])  # [b, heads, kv]
+
+
+@contextlib.contextmanager
+def reading_rows(model: Any, layers: Sequence[int], positions: Callable[[int], Sequence[int]],
+                 reduce: Reducer) -> Iterator[None]:
+    """Within the block, every forward of ``model`` calls ``reduce(layer, probs)`` at each of
+    ``layers``: ``probs`` ``[batch, n_heads, kv_len]`` (float32, as :func:`rows_probs` computes it
+    from the very query and key the model used) is the attention of query position
+    ``positions(q_len)[r]`` (0-based, among the forward's ``q_len`` query positions) of batch row
+    ``r``. Nothing the model computes changes.
+
+    The readers sit on the layers' attention modules as interventions, so ``rh.prefix`` counts the
+    first of ``layers`` as the pass's first modified layer: a pass may start from a residual stream
+    stored at or below it (the layers it reads all run) and keeps the stream entering it (and
+    entering hinted layers below it) for the passes to come, as an ablation there would. An
+    attention capture (:func:`capture_attention`), which reads every layer, turns both off. Every
+    reader is detached in ``finally``."""
+    from rh.models import attention_modules
+
+    mods = attention_modules(hf_model(model))
+    wanted = sorted({int(x) for x in layers})
+    bad = [x for x in wanted if not 0 <= x < len(mods)]
+    if bad:
+        raise ValueError(f"reading_rows: layers {bad} are not among the model's {len(mods)}")
+    removers: list[Callable[[], None]] = []
+    with rh_attention_active(model):
+        try:
+            for layer in wanted:
+                removers.append(add_intervention(mods[layer], _RowReader(layer, positions, reduce)))
+            yield
+        finally:
+            for remove in removers:
+                remove()

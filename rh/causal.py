@@ -59,8 +59,11 @@ def _arrays(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return df["correct"].to_numpy(dtype=float), df["logprob"].to_numpy(dtype=float)
 
 
-def evaluate_baseline(model: LoadedModel, samples: Sequence[Sample], *, batch_size: int = 8) -> pd.DataFrame:
-    return run_one(model, samples, Ablation.baseline(), batch_size=batch_size)
+def evaluate_baseline(model: LoadedModel, samples: Sequence[Sample], *, batch_size: int = 8,
+                      reader=None) -> pd.DataFrame:
+    """The unablated outcomes of ``samples``, through the model's runner (``reader``: a context
+    that reads the very forwards, :meth:`rh.runner.Runner.run`)."""
+    return run_one(model, samples, Ablation.baseline(), batch_size=batch_size, reader=reader)
 
 
 def needed_items(draw: int, draws: int, n: int) -> list[int]:

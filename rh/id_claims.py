@@ -3,7 +3,9 @@ scores and captured attention to a :class:`~rh.stats.Verdict`."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -63,6 +65,128 @@ def needle_mass_per_head(model: LoadedModel, samples: Sequence[Sample], heads: S
                          through_layer=max(h.layer for h in heads) if heads else None).scores
     per_token = np.array([(s.needle_span[1] - s.needle_span[0]) / len(s.input_ids) for s in samples])
     return mass[:, [h.layer for h in heads], [h.head for h in heads]] / per_token[:, None]
+
+
+@contextlib.contextmanager
+def needle_mass_reading(model: LoadedModel, heads: Sequence[Head]) -> Iterator[dict[str, np.ndarray]]:
+    """Within the block, every teacher-forced forward (:func:`rh.evaluate.score_batch`: prompt +
+    answer but its last token, rows left-padded to end together) records, per prompt, each head's
+    needle-mass ratio: what :func:`needle_mass_per_head` computes, ``{sample id: [len(heads)]}``.
+
+    The row read is the prompt's last token (position ``pad + len(input_ids) - 1`` of its batch
+    row), the query row :func:`needle_mass_per_head` reads at the end of a prompt-only pass: under
+    causal attention the answer tokens after it change nothing in it or in anything it attends to,
+    and left padding gives every real token its own position (``rh.batching``). The needle span
+    is shifted by the row's padding in this batch, and the uniform share is 1 / the prompt's
+    length (the keys that row sees). Only the heads' layers are read
+    (:func:`rh.attention.reading_rows`)."""
+    from rh.attention import reading_rows
+    from rh.batching import current_batch
+
+    out: dict[str, np.ndarray] = {}
+    by_layer: dict[int, list[tuple[int, int]]] = {}
+    for j, h in enumerate(heads):
+        by_layer.setdefault(h.layer, []).append((j, h.head))
+
+    def batch_of(width: int):
+        batch = current_batch()
+        if batch is None or batch.input_ids.shape[1] != width:
+            raise RuntimeError("needle_mass_reading reads teacher-forced batch forwards (inside rh.batching.running); "
+                               f"this forward of {width} positions is not one")
+        return batch
+
+    def positions(q_len: int) -> list[int]:
+        batch = batch_of(q_len)
+        return [p + len(s.input_ids) - 1 for p, s in zip(batch.pad, batch.samples)]
+
+    def reduce(layer: int, probs) -> None:
+        batch = batch_of(probs.shape[-1])
+        for r, s in enumerate(batch.samples):
+            a, b = batch.needle_span(r)
+            per_token = (s.needle_span[1] - s.needle_span[0]) / len(s.input_ids)
+            row = out.setdefault(s.id, np.full(len(heads), np.nan))
+            for j, head in by_layer[layer]:
+                row[j] = float(probs[r, head, a:b].sum()) / per_token
+
+    if not heads:
+        yield out
+        return
+    with reading_rows(model, sorted(by_layer), positions, reduce):
+        yield out
+
+
+@dataclass(frozen=True)
+class NeedleMass:
+    """ID-5's capture: per task, each candidate head's needle-mass ratio on each validation
+    prompt (``ratios[task]``: ``[n_prompts, len(heads)]``, rows in the order of ``ids[task]``),
+    as :func:`needle_mass_per_head` computes it."""
+
+    heads: tuple[Head, ...]
+    ratios: Mapping[str, np.ndarray]
+    ids: Mapping[str, tuple[str, ...]]
+
+    def check(self, heads: Sequence[Head], validation: Mapping[str, Sequence[Sample]]) -> None:
+        """Refuse a capture of other heads or other prompts than ID-5 tests."""
+        if tuple(heads) != self.heads:
+            raise ValueError(f"the needle mass was read for heads {[str(h) for h in self.heads]}, not for ID-5's "
+                             f"candidates {[str(h) for h in heads]}")
+        for t, samples in validation.items():
+            if tuple(s.id for s in samples) != tuple(self.ids.get(t, ())):
+                raise ValueError(f"the needle mass of task {t!r} was read on other prompts than its validation set")
+
+
+class TaskBaselines(dict):
+    """Each task's unablated outcome frame (a dict ``{task: DataFrame}``), plus ``needle_mass``:
+    ID-5's capture read from the same forwards (:func:`task_baselines`), or None where it was not."""
+
+    needle_mass: NeedleMass | None = None
+
+
+def id5_candidates(rankings: Mapping[str, Ranking], k: int) -> list[Head]:
+    """The heads ID-5 tests: those in every task's top ``k`` (none with fewer than two tasks)."""
+    return general_heads(dict(rankings), k) if len(rankings) >= 2 else []
+
+
+def task_baselines(model: LoadedModel, validation: Mapping[str, Sequence[Sample]], rankings: Mapping[str, Ranking],
+                   *, k: int, batch_size: int = 8) -> TaskBaselines:
+    """Each task's unablated outcomes on its validation prompts (:func:`rh.causal.evaluate_baseline`,
+    one call a task, the same forwards) and, read from those very forwards, the needle mass of ID-5's
+    candidates (:func:`needle_mass_reading`), so that ID-5 runs no pass of its own.
+
+    The reading rides on the passes only where they run in this process anyway
+    (:meth:`rh.runner.Runner.computes_here`); where the rows are stored already or run on replicas,
+    ``needle_mass`` is None and :func:`general_heads_exist` captures it itself, as it always did."""
+    from rh.ablation import Ablation
+    from rh.causal import evaluate_baseline
+    from rh.runner import runner_for
+    from rh.units import Unit
+
+    heads = id5_candidates(rankings, k)
+    runner = runner_for(model)
+    units = [Unit(Ablation.baseline(), tuple(s.id for s in samples)) for samples in validation.values() if samples]
+    by_id = {s.id: s for samples in validation.values() for s in samples}
+    out = TaskBaselines()
+    if not heads or not runner.computes_here(by_id, units):
+        out.update({t: evaluate_baseline(model, samples, batch_size=batch_size) for t, samples in validation.items()})
+        return out
+    read: dict[str, np.ndarray] = {}
+
+    @contextlib.contextmanager
+    def reader():
+        with needle_mass_reading(model, heads) as got:
+            yield
+        read.update(got)
+
+    out.update({t: evaluate_baseline(model, samples, batch_size=batch_size, reader=reader)
+                for t, samples in validation.items()})
+    missed = [s.id for samples in validation.values() for s in samples if np.isnan(read.get(s.id, np.nan)).any()]
+    if missed:
+        raise RuntimeError(f"the baselines' forwards did not show the needle mass of prompts {missed[:5]}")
+    ratios = {t: np.array([read[s.id] for s in samples]).reshape(len(samples), len(heads))
+              for t, samples in validation.items()}
+    ids = {t: tuple(s.id for s in samples) for t, samples in validation.items()}
+    out.needle_mass = NeedleMass(tuple(heads), ratios, ids)
+    return out
 
 
 def needle_spike(ratios: np.ndarray, *, k: int, min_ratio: float = 10.0, alpha: float = 0.05,
@@ -141,15 +265,23 @@ def methods_agree(sum_scores: np.ndarray, wu24_scores: np.ndarray, wu24_counted:
 def general_heads_exist(model: LoadedModel, rankings: Mapping[str, Ranking], validation: Mapping[str, Sequence[Sample]],
                         *, k: int, ratio: float = 10.0, alpha: float = 0.05,
                         accuracy: Mapping[str, float] | None = None, baseline_floor: float = 0.5,
-                        batch_size: int = 8) -> Verdict:
+                        batch_size: int = 8, needle_mass: NeedleMass | None = None) -> Verdict:
     """ID-5: heads in every task's top K (on the identification split) that retrieve in every task,
-    tested per head on each task's fresh validation prompts (:func:`rh.rules.claims.general_heads_rule`)."""
+    tested per head on each task's fresh validation prompts (:func:`rh.rules.claims.general_heads_rule`).
+
+    ``needle_mass``: the candidates' needle mass already read on those prompts (by
+    :func:`task_baselines`, beside the baseline's forwards); without it, a pass over each task's
+    prompts captures it (:func:`needle_mass_per_head`)."""
     from rh.rules.claims import general_heads_rule
 
-    cands = general_heads(dict(rankings), k) if len(rankings) >= 2 else []
+    cands = id5_candidates(rankings, k)
     low = accuracy is None or any(a < baseline_floor for a in accuracy.values())
-    ratios = {t: (needle_mass_per_head(model, validation[t], cands, batch_size=batch_size) if cands and not low
-                  else np.zeros((len(validation[t]), len(cands)))) for t in sorted(rankings)}
+    if needle_mass is not None and cands:
+        needle_mass.check(cands, {t: validation[t] for t in sorted(rankings)})
+        ratios = {t: np.asarray(needle_mass.ratios[t]) for t in sorted(rankings)}
+    else:
+        ratios = {t: (needle_mass_per_head(model, validation[t], cands, batch_size=batch_size) if cands and not low
+                      else np.zeros((len(validation[t]), len(cands)))) for t in sorted(rankings)}
     return general_heads_rule(ratios, [str(h) for h in cands], ratio=ratio, alpha=alpha, accuracy=accuracy,
                               baseline_floor=baseline_floor, k=k,
                               extra_details={"per_task_top": {t: [str(h) for h in rankings[t].top(k)] for t in rankings}})

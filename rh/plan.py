@@ -515,7 +515,8 @@ def _task_validation(ctx) -> list[list[PlannedPrompt]]:
 
 
 def _task_baselines(ctx):
-    return forward_cost("task_baselines", ["baseline"], _task_validation(ctx), ctx)
+    return forward_cost("task_baselines", ["baseline"], _task_validation(ctx), ctx,
+                        note="the same passes read ID-5's attention mass")
 
 
 def _ca4(ctx):
@@ -611,8 +612,12 @@ def _id2_body(ctx):
 def _id5_body(ctx):
     if len(ctx.profile.id_tasks) < 2:
         return []
-    return forward_cost("ID-5 body", ["attention mass"], _task_validation(ctx), ctx, answer=False,
-                        note="none when no head is in every task's top K")
+    # the attention mass is read beside task_baselines' forwards (rh.id_claims.task_baselines): no pass
+    # of its own, unless the baselines' rows come from the store or run on replicas
+    own = forward_cost("ID-5 body", ["attention mass: read in task_baselines' passes"], _task_validation(ctx), ctx,
+                       answer=False)
+    return dataclasses.replace(own, n_conditions=0, note=f"a pass of its own ({own.token_layers:,} token-layers "
+                               "plain) where the baselines' rows come from the store or run on Ray replicas")
 
 
 def _iv2_body(ctx):

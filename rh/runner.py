@@ -29,7 +29,7 @@ import json
 import logging
 import os
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -221,9 +221,18 @@ class Runner:
         self.reused = 0  # rows served from the store
 
     def run(self, samples: Sequence[Sample] | Mapping[str, Sample], units: Sequence[Unit], *,
-            batch_size: int = 8) -> list[pd.DataFrame]:
+            batch_size: int = 8, reader: Callable[[], contextlib.AbstractContextManager] | None = None,
+            ) -> list[pd.DataFrame]:
+        """One frame per unit. ``reader``: a zero-argument callable opening a context that reads the
+        forwards and changes nothing (:func:`rh.attention.reading_rows`): every row then runs in
+        this process inside it, none read from the store or shipped to the executor (the reader
+        must see each one), in the packets :func:`rh.units.plan_packets` gives (the same forwards
+        and token-layers as without it), and the rows are stored after as computed ones are.
+        :meth:`computes_here` says whether that costs nothing more than running without it."""
         by_id = samples if isinstance(samples, Mapping) else {s.id: s for s in samples}
         check_prompts(units, by_id)
+        if reader is not None:
+            return self._run_reading(by_id, units, reader, batch_size)
         if not self.pristine():  # an intervention or a weight edit is active: run here, as it stands, unstored
             from rh.units import run_units
 
@@ -284,6 +293,40 @@ class Runner:
                 self.reused += 1
         return unit_frames(units, by_id, scores)
 
+    def computes_here(self, samples: Sequence[Sample] | Mapping[str, Sample], units: Sequence[Unit]) -> bool:
+        """Whether :meth:`run` would compute every row of ``units`` in this process anyway: the
+        executor is local and no row is stored (or the model is not pristine: nothing is then
+        stored or shipped). Then a ``reader`` rides on the passes for free; otherwise it would
+        recompute stored rows or take rows off the replicas."""
+        if not self.pristine():
+            return True
+        if self.executor.name != "local":
+            return False
+        by_id = samples if isinstance(samples, Mapping) else {s.id: s for s in samples}
+        lk = self.layout.key()
+        return all(self.store.get(row_key(lk, u.condition, by_id[i])) is None for u in units for i in u.sample_ids)
+
+    def _run_reading(self, by_id: Mapping[str, Sample], units: Sequence[Unit],
+                     reader: Callable[[], contextlib.AbstractContextManager], batch_size: int) -> list[pd.DataFrame]:
+        from rh.evaluate import SCORES
+        from rh.units import run_units
+
+        pure = self.pristine()  # before the reader goes on: it hooks the model, and changes nothing
+        with reader():
+            frames = run_units(self.model, by_id, units, batch_size=batch_size)
+        self.computed += sum(len(u.sample_ids) for u in units)
+        if pure:
+            lk = self.layout.key()
+            put = []
+            for u, df in zip(units, frames):
+                for i, values in zip(u.sample_ids, df[list(SCORES)].itertuples(index=False)):
+                    row = valid_row(tuple(v.item() if hasattr(v, "item") else v for v in values))
+                    if row is None:
+                        raise RuntimeError(f"prompt {i!r} under {u.condition.name!r} gave {tuple(values)!r}: not a row")
+                    put.append((row_key(lk, u.condition, by_id[i]), row))
+            self.store.put(put)
+        return frames
+
     def pristine(self) -> bool:
         """Whether the model computes what it computed when the runner was made: no intervention
         hooked on it, no weight replaced or edited in place. Otherwise a unit describes only part of
@@ -337,12 +380,16 @@ def use_runner(model: Any, runner: Runner) -> Iterator[Runner]:
 
 
 def run(model: Any, samples: Sequence[Sample] | Mapping[str, Sample], units: Sequence[Unit], *,
-        batch_size: int = 8) -> list[pd.DataFrame]:
+        batch_size: int = 8, reader: Callable[[], contextlib.AbstractContextManager] | None = None,
+        ) -> list[pd.DataFrame]:
     """Run ``units`` through ``model``'s runner: one frame per unit, as
-    :func:`rh.evaluate.teacher_forced` gives it under the unit's condition."""
-    return runner_for(model).run(samples, units, batch_size=batch_size)
+    :func:`rh.evaluate.teacher_forced` gives it under the unit's condition (``reader``: see
+    :meth:`Runner.run`)."""
+    return runner_for(model).run(samples, units, batch_size=batch_size, reader=reader)
 
 
-def run_one(model: Any, samples: Sequence[Sample], condition: Ablation, *, batch_size: int = 8) -> pd.DataFrame:
+def run_one(model: Any, samples: Sequence[Sample], condition: Ablation, *, batch_size: int = 8,
+            reader: Callable[[], contextlib.AbstractContextManager] | None = None) -> pd.DataFrame:
     """``with condition.open(model): teacher_forced(model, samples, condition=condition.name)``, as a unit."""
-    return run(model, samples, [Unit(condition, tuple(s.id for s in samples))], batch_size=batch_size)[0]
+    return run(model, samples, [Unit(condition, tuple(s.id for s in samples))], batch_size=batch_size,
+               reader=reader)[0]

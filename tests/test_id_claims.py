@@ -117,3 +117,136 @@ def test_variants_claim_is_inconclusive_without_a_pair_or_with_different_shapes(
     assert variants_share_heads(a, None, k=3).inconclusive
     assert variants_share_heads(a, _ranking(HeadShape(5, 4, 2, 4), 1), k=3).inconclusive
     assert variants_share_heads(a, a, k=3).statistic == 3
+
+
+# --------------------------------------------------------------------------- ID-5's capture beside the baselines
+
+
+@pytest.fixture(scope="module")
+def mixed_tasks(tiny):
+    """Three tasks' prompts of two lengths (112 and 128 tokens) whose answers take 1 to 7 tokens:
+    teacher-forced batches of 4 pad their rows by different amounts, and differently from the
+    prompt-only batches of the same prompts."""
+    from rh.niah import Sweep, build_samples
+
+    sweep = Sweep((112, 128), (0.0, 0.5, 1.0), 2, ("passkey", "employee_count", "hq_state"), seed=3)
+    samples = build_samples(tiny.tokenizer, sweep, max_positions=tiny.max_positions)
+    return {t: [s for s in samples if s.task == t] for t in sweep.tasks}
+
+
+def _separate_pass(model, samples, heads, batch_size):
+    """The reference: ID-5's capture as it ran before it moved into the baselines' forwards, a
+    pass of its own over the prompts alone, read at the last query row (the last prompt token),
+    needle span shifted by the prompt-only batch's padding, over the uniform share 1/len(prompt)."""
+    from rh.attention import capture_attention
+    from rh.batching import make_batches
+
+    out = {}
+    for batch in make_batches(samples, batch_size, model.tokenizer.pad_token_id):
+        with torch.no_grad(), capture_attention(model.model) as cap:
+            model.model(**batch.model_inputs(model.device), use_cache=False)
+        probs = cap.step(0)  # per layer [b, heads, kv]
+        for r, s in enumerate(batch.samples):
+            a, b = batch.needle_span(r)
+            uniform = (s.needle_span[1] - s.needle_span[0]) / len(s.input_ids)
+            out[s.id] = [float(probs[h.layer][r, h.head, a:b].double().sum()) / uniform for h in heads]
+    return np.array([out[s.id] for s in samples])
+
+
+def test_id5_needle_mass_read_beside_the_task_baselines_equals_its_own_pass(tiny, mixed_tasks):
+    """The shared pass gives ID-5 the numbers its own pass gave (1e-5 relative, fp32), the baseline
+    outcomes of the plain baseline pass and its token-layers, and ID-5 then runs nothing. Catches
+    reading the wrong query row of the teacher-forced pass (its last position is the answer's
+    second-to-last token, not the prompt's last; rows of different answer lengths sit at different
+    offsets from the end) and a needle span not shifted by that batch's own padding."""
+    from rh.batching import make_batches
+    from rh.budget import TokenLayerCounter
+    from rh.causal import evaluate_baseline
+    from rh.id_claims import id5_candidates, task_baselines
+
+    same = _ranking(tiny.shape, 0)
+    rankings = {t: same for t in mixed_tasks}
+    heads = id5_candidates(rankings, 6)
+    assert len({h.layer for h in heads}) >= 3
+    pads = [b.pad for t in mixed_tasks for b in make_batches(mixed_tasks[t], 4, tiny.tokenizer.pad_token_id,
+                                                                with_answer=True)]
+    assert any(len(set(p)) > 2 for p in pads)  # rows of one batch end their prompts at different offsets
+
+    counter = TokenLayerCounter()
+    handle = counter.attach(tiny.model)
+    try:
+        counter.label = "plain"
+        plain = {t: evaluate_baseline(tiny, s, batch_size=4) for t, s in mixed_tasks.items()}
+        counter.label = "shared"
+        shared = task_baselines(tiny, mixed_tasks, rankings, k=6, batch_size=4)
+        counter.label = "ID-5"
+        acc = {t: 0.9 for t in mixed_tasks}
+        v = general_heads_exist(tiny, rankings, mixed_tasks, k=6, accuracy=acc, batch_size=4,
+                                needle_mass=shared.needle_mass)
+    finally:
+        handle.remove()
+    assert counter.counts["shared"] == counter.counts["plain"] > 0 and counter.counts.get("ID-5", 0) == 0
+    assert shared.needle_mass is not None and shared.needle_mass.heads == tuple(heads)
+    for t, samples in mixed_tasks.items():
+        want = _separate_pass(tiny, samples, heads, batch_size=4)
+        np.testing.assert_allclose(shared.needle_mass.ratios[t], want, rtol=1e-5)
+        assert shared[t]["correct"].tolist() == plain[t]["correct"].tolist()
+        np.testing.assert_allclose(shared[t]["logprob"], plain[t]["logprob"], rtol=1e-5)
+    old = general_heads_exist(tiny, rankings, mixed_tasks, k=6, accuracy=acc, batch_size=4)
+    assert (v.status, v.statistic) == (old.status, old.statistic)
+    for h, got in v.details["per_head"].items():
+        want = old.details["per_head"][h]
+        p_values = [k for k in want if k.startswith("p_")]
+        assert p_values and {k: got[k] for k in p_values} == {k: want[k] for k in p_values}
+        assert got["median_ratio_per_task"] == pytest.approx(want["median_ratio_per_task"], rel=1e-5)
+    with pytest.raises(ValueError, match="candidates"):
+        general_heads_exist(tiny, rankings, mixed_tasks, k=5, accuracy=acc, needle_mass=shared.needle_mass)
+
+
+def test_the_shared_pass_keeps_the_prefix_ca4_starts_from(tiny, mixed_tasks):
+    """Under prefix reuse with CA-4's hint (the general heads' first layer), the baselines that read
+    ID-5's needle mass store the residual stream there, and the ablated passes start from it.
+    Catches reading through an attention capture (it reads every layer, so the pass may neither keep
+    nor reuse a prefix), which would quietly cost CA-4 its prefix saving."""
+    from rh.ablation import ablate
+    from rh.evaluate import teacher_forced
+    from rh.id_claims import id5_candidates, task_baselines
+    from rh.prefix import first_layers, hinting, reuse_prefixes
+
+    rankings = {t: _ranking(tiny.shape, 0) for t in mixed_tasks}
+    heads = id5_candidates(rankings, 3)  # layers 1 and 3
+    first = min(h.layer for h in heads)
+    assert first > 0
+    with reuse_prefixes(tiny) as cache:
+        with hinting(tiny, first_layers([heads])):
+            got = task_baselines(tiny, mixed_tasks, rankings, k=3, batch_size=4)
+        assert got.needle_mass is not None
+        assert {layer for (_, layer) in cache.entries} == {first}
+        hits = cache.hits
+        with ablate(tiny, heads):
+            teacher_forced(tiny, mixed_tasks["passkey"], batch_size=4, progress=False)
+        assert cache.hits > hits and cache.token_layers_saved > 0
+
+
+def test_stored_baselines_leave_id5_to_capture_its_own(tiny, mixed_tasks):
+    """Where the baseline rows are in the runner's store already (a resumed run), the reading would
+    see no forward: the baselines come from the store, ``needle_mass`` is None, and ID-5 captures
+    the mass itself, the same numbers."""
+    from rh.id_claims import id5_candidates, task_baselines
+    from rh.runner import Runner, use_runner
+
+    rankings = {t: _ranking(tiny.shape, 0) for t in mixed_tasks}
+    heads = id5_candidates(rankings, 6)
+    with use_runner(tiny, Runner(tiny)) as runner:
+        first = task_baselines(tiny, mixed_tasks, rankings, k=6, batch_size=4)
+        computed = runner.computed
+        again = task_baselines(tiny, mixed_tasks, rankings, k=6, batch_size=4)
+        assert runner.computed == computed and runner.reused == computed  # all from the store
+    assert first.needle_mass is not None and again.needle_mass is None
+    for t in mixed_tasks:
+        assert again[t]["correct"].tolist() == first[t]["correct"].tolist()
+    acc = {t: 0.9 for t in mixed_tasks}
+    a = general_heads_exist(tiny, rankings, mixed_tasks, k=6, accuracy=acc, batch_size=4)
+    b = general_heads_exist(tiny, rankings, mixed_tasks, k=6, accuracy=acc, batch_size=4,
+                            needle_mass=first.needle_mass)
+    assert (a.status, a.statistic) == (b.status, b.statistic) and len(heads) == len(a.details["candidates"])

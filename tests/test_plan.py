@@ -46,7 +46,8 @@ def test_the_quick_plan_reproduces_the_token_layers_a_smollm2_run_recorded(smoll
     exactly where the answers are 4-digit numbers (passkey, inc_year: 515 tokens a pass), within
     0.5% where an answer's tokens are estimated from its text (employee counts and states, CA-4's
     and ID-5's five tasks). IV-6's recorded run stopped at its first prompt off completeness: the
-    plan is the bound of all ig_n prompts, ig_n x the recorded prompt."""
+    plan is the bound of all ig_n prompts, ig_n x the recorded prompt. ID-5's body is 0: its
+    attention mass is read in task_baselines' forwards (the recorded 3,072,000 is now in none)."""
     data = json.loads(RECORDED.read_text())
     ctx = smollm2_ctx
     assert len(ctx.validation) == 16 and ctx.layers == 30
