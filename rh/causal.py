@@ -63,6 +63,8 @@ def evaluate_baseline(model: LoadedModel, samples: Sequence[Sample], *, batch_si
                       reader=None) -> pd.DataFrame:
     """The unablated outcomes of ``samples``, through the model's runner (``reader``: a context
     that reads the very forwards, :meth:`rh.runner.Runner.run`)."""
+    if reader is None:
+        return run_one(model, samples, Ablation.baseline(), batch_size=batch_size)
     return run_one(model, samples, Ablation.baseline(), batch_size=batch_size, reader=reader)
 
 
