@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,12 +24,9 @@ from rh.profiles import PROFILES  # torch-free
 
 
 def _identify(args: argparse.Namespace) -> int:
-    from rh.models import load_model
-    from rh.niah import Sweep, build_samples, split_samples
-    from rh.pipeline import DEFAULT_CACHE, cached_identification, ranking_provenance
+    from rh.niah import Sweep
+    from rh.pipeline import DEFAULT_CACHE
     from rh.profiles import get_profile
-    from rh.report import head_grid
-    from rh.scoring import Wu24Options, general_heads
 
     from rh.models import check_weights, expected_shape, resolve_spec
 
@@ -63,7 +61,25 @@ def _identify(args: argparse.Namespace) -> int:
     blocked = unwritable_folder(cache)
     if blocked is not None:
         raise ValueError(cache_message("--cache", cache, blocked))
-    model = load_model(args.model, **model_kwargs(args))
+    from rh.run import Run
+
+    command = "python -m rh identify " + " ".join(sys.argv[2:])
+    with Run(args.model, model_kwargs=model_kwargs(args), command=command) as run:
+        _identify_on(run, args, sweep, cache)
+        print(f"\nforward passes: {run.counter.total:,} token-layers "
+              f"({time.perf_counter() - run.t0:.0f} s, {run.meta['dtype']})")
+    return 0
+
+
+def _identify_on(run, args: argparse.Namespace, sweep, cache: Path) -> None:
+    """Identify on the run's model (``rh identify``'s work once its inputs are checked)."""
+    from rh.niah import build_samples, split_samples
+    from rh.pipeline import cached_identification, ranking_provenance
+    from rh.profiles import get_profile
+    from rh.report import head_grid
+    from rh.scoring import Wu24Options, general_heads
+
+    model = run.load()
     prof = get_profile(args.profile, model.shape)
     samples = build_samples(model.tokenizer, sweep, chat=model.instruct, max_positions=model.max_positions)
     ident = samples if args.split == "all" else split_samples(samples, frac=prof.identify_frac, seed=prof.split_seed)[0]
@@ -98,7 +114,6 @@ def _identify(args: argparse.Namespace) -> int:
     if args.per_task and len(rankings) > 1:
         gen = general_heads(rankings, args.top)
         print(f"\ngeneral heads (in every task's top {args.top}): {', '.join(map(str, gen)) or 'none'}")
-    return 0
 
 
 def load_families(sources: Sequence[str]) -> list[str]:

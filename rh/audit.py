@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -187,25 +186,17 @@ def planned_cost(inputs: list[dict[str, Any]], sweep: Any, layers: int) -> dict[
 
 
 def run(args: argparse.Namespace, *, out=None) -> int:
-    from rh.budget import TokenLayerCounter
-    from rh.causal import dose_response, evaluate_baseline, necessity_outcomes, necessity_verdicts, top_logprobs
-    from rh.models import load_model
-    from rh.catalogue.causal import ca1_ablation_curve
-    from rh.niah import build_samples
-    from rh.published import ties_at_cut
-    from rh.report import report_stem, write_report
-    from rh.rules.claims import inconclusive
+    from rh.run import Run
 
     out = out or sys.stdout
-    started = datetime.now(timezone.utc)
-    t0 = time.perf_counter()
     p = plan(args)  # bad input stops here, before the weights load
-    sweep, cost = p["sweep"], p["cost"]
+    cost = p["cost"]
     print(f"audit plan: {cost['prompts']:,} prompts x {cost['conditions']:,} conditions = up to {cost['passes']:,} "
           f"forward passes, about {cost['token_layers']:,} token-layers (early stopping and prefix reuse run "
           "fewer)",
           file=out, flush=True)
-    model = load_model(args.model, **model_kwargs(args))
+    run = Run(args.model, model_kwargs=model_kwargs(args), command="python -m rh audit " + " ".join(sys.argv[2:]))
+    t0 = run.t0
     from rh import progress
 
     last = [time.perf_counter()]
@@ -217,84 +208,95 @@ def run(args: argparse.Namespace, *, out=None) -> int:
             print(f"  [{now - t0:.0f} s] {what} {done}" + (f" of {total}" if total else ""), file=sys.stderr, flush=True)
 
     token = progress.listen(show)
-    counter = TokenLayerCounter()
-    handle = counter.attach(model.model)
+    run.resources.callback(progress.unlisten, token)
+    try:
+        return _audit(run, args, p, out)
+    finally:
+        run.close()
+
+
+def _audit(run, args: argparse.Namespace, p: dict[str, Any], out) -> int:
+    """The audit's claims on the run's model (prefix reuse and the run's runner included)."""
+    from rh.catalogue.causal import ca1_ablation_curve
+    from rh.causal import dose_response, evaluate_baseline, necessity_outcomes, necessity_verdicts, top_logprobs
+    from rh.niah import build_samples
+    from rh.published import ties_at_cut
+    from rh.report import report_stem
+    from rh.rules.claims import inconclusive
+    from rh.run import headline
+
+    sweep = p["sweep"]
+    model = run.load()
+    counter = run.counter
     samples = build_samples(model.tokenizer, sweep, chat=model.instruct, max_positions=model.max_positions)
     print(f"audit on {model.key} ({model.provenance['dtype']}): {len(samples)} fresh {', '.join(sweep.tasks)} prompts "
           f"of {sweep.lengths[0]} tokens at depths {', '.join(f'{d:g}' for d in sweep.depths)}", file=out, flush=True)
-    verdicts: list[dict[str, Any]] = []
-    try:
-        prof0 = p["inputs"][0]["profile"]
-        with counter.charged_to("baseline"):
-            baseline = evaluate_baseline(model, samples, batch_size=prof0.batch_size)
-        base_acc = float(baseline["correct"].mean())
-        print(f"baseline accuracy {base_acc:.2f} (floor {prof0.baseline_floor:.2f})", file=out, flush=True)
-        for item in p["inputs"]:
-            heads, prof, label = item["heads"], item["profile"], item["label"]
-            kind = (f"{heads.method} ranking of {model.shape.n_total} heads" if item["ordered"]
-                    else f"head set of {len(heads)} heads")
-            print(f"\n== {label}: {kind}; K = {', '.join(map(str, prof.ablation_levels))}, "
-                  f"{prof.random_draws} random sets per K", file=out, flush=True)
-            tag = {"source": item["source"]}
-            with counter.charged_to(f"{label}: CA-1"):
-                outs = [necessity_outcomes(model, samples, heads, k, draws=prof.random_draws, seed=prof.draw_seed,
-                                           baseline=baseline, batch_size=prof.batch_size) for k in prof.ablation_levels]
-            ca1 = necessity_verdicts(outs, alpha=prof.alpha, baseline_floor=prof.baseline_floor,
-                                     min_gap=prof.ca1_min_gap, n_boot=prof.n_boot, seed=prof.draw_seed,
-                                     control=prof.ca1_control)
-            rows = []
-            for k, v in ca1.items():
-                note = ties_at_cut(heads, k) if item["ordered"] else 0
-                d = v.to_dict()
-                d["params"] = {**d["params"], **tag}
-                if note:
-                    d["details"] = {**d.get("details", {}), "ties_at_cut": note}
-                rows.append((d, v, note))
-            if item["ordered"]:
-                ids = [s.id for s in samples]
-                base = baseline.set_index("id").loc[ids]
-                with counter.charged_to(f"{label}: CA-2"):
-                    tops = top_logprobs(model, samples, heads, prof.dose_levels, outs, batch_size=prof.batch_size)
-                v2 = dose_response(base["logprob"].to_numpy(float), tops, ca1, alpha=prof.alpha,
-                                   min_growth=prof.dose_min_growth, baseline_floor=prof.baseline_floor,
-                                   baseline_accuracy=base_acc)
-            else:
-                v2 = inconclusive("CA-2", {}, f"not applicable to a head set: {label} has no order, and CA-2's "
-                                  "dose-response needs the top K at several K", "dose-response", prof.alpha,
-                                  min_effect=prof.dose_min_growth)
-            d2 = v2.to_dict()
-            d2["params"] = {**d2["params"], **tag}
-            rows.append((d2, v2, 0))
-            for d, v, ties in rows:
-                d["statement"] = _STATEMENTS[v.claim]
-                d["source"] = f"audit of {label}"
-                verdicts.append(d)
-                params = ", ".join(f"{a}={b}" for a, b in v.params.items())
-                print(f"\n{v.claim}{' ' + params if params else ''}: {v.status.upper()}", file=out)
-                print("  " + v.explain().replace("\n", "\n  "), file=out)
-                if ties:
-                    print(f"  note: the top-{v.params.get('k')} cut falls inside a tie of {ties} heads with equal "
-                          "scores: which of them are ablated is the tie rule's choice, not the file's", file=out)
-            out.flush()
-    finally:
-        handle.remove()
-        progress.unlisten(token)
-    meta = {"model": args.model, "profile": args.profile, "command": "python -m rh audit " + " ".join(sys.argv[2:]),
-            "started": started.isoformat(timespec="seconds"), "runtime_s": round(time.perf_counter() - t0, 1),
-            "dtype": model.provenance["dtype"], "baseline": {"accuracy": base_acc, "n": len(samples)},
+    verdicts = run.verdicts
+    prof0 = p["inputs"][0]["profile"]
+    with counter.charged_to("baseline"):
+        baseline = evaluate_baseline(model, samples, batch_size=prof0.batch_size)
+    base_acc = float(baseline["correct"].mean())
+    print(f"baseline accuracy {base_acc:.2f} (floor {prof0.baseline_floor:.2f})", file=out, flush=True)
+    for item in p["inputs"]:
+        heads, prof, label = item["heads"], item["profile"], item["label"]
+        kind = (f"{heads.method} ranking of {model.shape.n_total} heads" if item["ordered"]
+                else f"head set of {len(heads)} heads")
+        print(f"\n== {label}: {kind}; K = {', '.join(map(str, prof.ablation_levels))}, "
+              f"{prof.random_draws} random sets per K", file=out, flush=True)
+        tag = {"source": item["source"]}
+        with counter.charged_to(f"{label}: CA-1"):
+            outs = [necessity_outcomes(model, samples, heads, k, draws=prof.random_draws, seed=prof.draw_seed,
+                                       baseline=baseline, batch_size=prof.batch_size) for k in prof.ablation_levels]
+        ca1 = necessity_verdicts(outs, alpha=prof.alpha, baseline_floor=prof.baseline_floor,
+                                 min_gap=prof.ca1_min_gap, n_boot=prof.n_boot, seed=prof.draw_seed,
+                                 control=prof.ca1_control)
+        rows = []
+        for k, v in ca1.items():
+            note = ties_at_cut(heads, k) if item["ordered"] else 0
+            d = v.to_dict()
+            d["params"] = {**d["params"], **tag}
+            if note:
+                d["details"] = {**d.get("details", {}), "ties_at_cut": note}
+            rows.append((d, v, note))
+        if item["ordered"]:
+            ids = [s.id for s in samples]
+            base = baseline.set_index("id").loc[ids]
+            with counter.charged_to(f"{label}: CA-2"):
+                tops = top_logprobs(model, samples, heads, prof.dose_levels, outs, batch_size=prof.batch_size)
+            v2 = dose_response(base["logprob"].to_numpy(float), tops, ca1, alpha=prof.alpha,
+                               min_growth=prof.dose_min_growth, baseline_floor=prof.baseline_floor,
+                               baseline_accuracy=base_acc)
+        else:
+            v2 = inconclusive("CA-2", {}, f"not applicable to a head set: {label} has no order, and CA-2's "
+                              "dose-response needs the top K at several K", "dose-response", prof.alpha,
+                              min_effect=prof.dose_min_growth)
+        d2 = v2.to_dict()
+        d2["params"] = {**d2["params"], **tag}
+        rows.append((d2, v2, 0))
+        for d, v, ties in rows:
+            d["statement"] = _STATEMENTS[v.claim]
+            d["source"] = f"audit of {label}"
+            run.record(d)
+            params = ", ".join(f"{a}={b}" for a, b in v.params.items())
+            print(f"\n{v.claim}{' ' + params if params else ''}: {v.status.upper()}", file=out)
+            print("  " + v.explain().replace("\n", "\n  "), file=out)
+            if ties:
+                print(f"  note: the top-{v.params.get('k')} cut falls inside a tie of {ties} heads with equal "
+                      "scores: which of them are ablated is the tie rule's choice, not the file's", file=out)
+        out.flush()
+    meta = {"model": args.model, "profile": args.profile, "dtype": model.provenance["dtype"], "baseline": {"accuracy": base_acc, "n": len(samples)},
             "audit": {"inputs": [i["label"] for i in p["inputs"]], "prompts": len(samples),
                       "length": sweep.lengths[0], "depths": list(sweep.depths)},
-            "cost": {"total": counter.total, "by": dict(sorted(counter.counts.items()))}}
-    stem = "audit-" + report_stem(args.model, started)
+            "cost": run.cost()}
+    stem = "audit-" + report_stem(args.model, run.started)
     figures = {}
     for item in p["inputs"]:  # one accuracy-vs-K figure per input: their K levels are not one curve
         png = ca1_ablation_curve([v for v in verdicts if v["params"].get("source") == item["source"]])
         if png:
             figures[f"CA-1: {item['label']}"] = png
-    paths = write_report(verdicts, meta, args.report_dir, stem, figures)
-    counts = {s: sum(v["status"] == s for v in verdicts) for s in ("supported", "refuted", "inconclusive")}
-    print(f"\n{len(verdicts)} verdicts: " + ", ".join(f"{n} {s}" for s, n in counts.items()), file=out)
-    print(f"forward passes: {counter.total:,} token-layers; {time.perf_counter() - t0:.0f} s", file=out)
+    paths = run.write_report(args.report_dir, stem, figures=figures, meta=meta, family_figures=False)
+    print("\n" + headline(run.counts()), file=out)
+    print(f"forward passes: {counter.total:,} token-layers; {time.perf_counter() - run.t0:.0f} s", file=out)
     print(f"report: {paths[1]}\n        {paths[0]}", file=out)
     return 0
 

@@ -12,9 +12,7 @@ import json
 import logging
 import math
 import os
-import platform
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -300,7 +298,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     session = config.stash.get(_SESSION, None)
     if session is not None:
         session.release_sigterm()
-        session.resources.close()
+        session.run.close()
     if session is not None and session.progress_token is not None:
         from rh import progress
 
@@ -363,20 +361,20 @@ class RhSession:
     forward passes' counter, the budget's plan, and the report written at the end."""
 
     def __init__(self, config: pytest.Config, *, expected=None, external=None, shape=None) -> None:
-        from rh.budget import TokenLayerCounter
+        from rh.run import Run
 
         self.config = config
+        # the model, its counter, the runner, the prefix cache, the verdicts and metadata: rh.run.Run
+        self.run = Run(config.getoption("--model"), model_kwargs=_model_kwargs(config),
+                       plain=bool(config.getoption("--plain")), store=config.getoption("--store"),
+                       runner=lambda model: _session_runner(config, model), on_load=lambda run, model: _loaded(
+                           config, model), on_count=lambda: _progress(config),
+                       command="pytest " + " ".join(config.invocation_params.args))
         self.expected = expected
         self.external = external  # a Ranking or HeadSet from --rankings / --heads, or None
         self.shape = shape  # the model's head shape, known before its weights load
         self.collection_profile = None  # the --profile for that shape (set in pytest_configure)
-        self.verdicts: list[dict[str, Any]] = []
-        self.meta: dict[str, Any] = {}
         self.claims_run = 0
-        self.started = datetime.now(timezone.utc)
-        self.t0 = time.perf_counter()
-        self.counter = TokenLayerCounter()
-        self.model = None
         self.left_out: dict[str, str] = {}
         self.deselected: set[str] = set()
         self.budget: dict[str, Any] | None = None
@@ -394,14 +392,9 @@ class RhSession:
         self.step: tuple[str, int, int | None] | None = None  # the loop running now: (what, done, total)
         self.step_label: str | None = None
         self.estimate: dict[str, Any] | None = None  # planned token-layers for the progress lines
-        self.loaded_at: float | None = None
         self.plan = None  # with --plan: the rh.plan.Plan printed instead of running the claims
-        self.resources = contextlib.ExitStack()  # closed at unconfigure: the session's prefix cache
-        self.prefix = None  # that rh.prefix.PrefixCache (None with --plain)
-        self.runner = None  # the session's rh.runner.Runner, once the model has loaded
         self.item_start = 0  # the counter's total when the running test started
         self.saved_start = 0  # the exact savings' total then
-        self.saved_at_start = dict(saved_token_layers())
         self.collected: list[str] = []  # the claims' node ids, as collected
         self.interrupted_by: str | None = None  # "SIGTERM" once that signal ended the run
         self.old_sigterm = None
@@ -411,6 +404,17 @@ class RhSession:
         self.item_fps: dict[str, str] = {}  # each claim's fingerprint, by node id
         self.resumed: dict[str, str] = {}  # claims replayed from the journal: node id -> when they finished
         self.journal_error: str | None = None
+
+    # what the Run holds, read where the session's hooks read it
+    verdicts = property(lambda self: self.run.verdicts)
+    meta = property(lambda self: self.run.meta)
+    counter = property(lambda self: self.run.counter)
+    model = property(lambda self: self.run.model)
+    runner = property(lambda self: self.run.runner)
+    prefix = property(lambda self: self.run.prefix)
+    started = property(lambda self: self.run.started)
+    t0 = property(lambda self: self.run.t0)
+    loaded_at = property(lambda self: self.run.loaded_at)
 
     def journal(self):
         """This run's journal (:mod:`rh.journal`), opened on first use, or None: with --plan (nothing
@@ -544,7 +548,7 @@ class RhSession:
         """What this process's passes cost so far: token-layers per label (calibration aside), the
         exact savings since the session started, and the runner's rows."""
         return {"by": {k: v for k, v in self.counter.counts.items() if k != "calibration"},
-                "saved": {k: v - self.saved_at_start.get(k, 0) for k, v in saved_token_layers().items()},
+                "saved": self.run.saved(),
                 "units": self._units_counts()}
 
     def _units_counts(self) -> dict[str, int]:
@@ -956,41 +960,32 @@ def rh_model(pytestconfig):
 
 
 def _session_model(config: pytest.Config):
-    """Load the model once (the fixture, or the budget's calibration before the first claim)."""
+    """Load the model once (the fixture, or the budget's calibration before the first claim): the
+    session's :class:`rh.run.Run` loads it, attaches the counter, then :func:`_loaded`, then prefix
+    reuse (or plain passes) and the runner."""
+    return _rh(config).run.load()
+
+
+def _model_kwargs(config: pytest.Config) -> dict[str, Any]:
+    return {"quant": config.getoption("--quant"), "device": config.getoption("--device"),
+            "max_memory": config.getoption("--max-memory"), "dtype": config.getoption("--dtype")}
+
+
+def _loaded(config: pytest.Config, model) -> None:
+    """Said once the model has loaded; with --budget or --update-expected, this machine's seconds
+    per token-layer measured (before prefix reuse starts: the calibration is a plain pass)."""
     state = _rh(config)
-    if state.model is None:
-        from rh.models import load_model
+    _progress(config, f"loaded {model.key} in {model.provenance['dtype']} "
+                      f"({model.provenance.get('dtype_reason', '')})", force=True)
+    if config.getoption("--budget") is not None or config.getoption("--update-expected"):
+        from rh.budget import calibrate
 
-        model = load_model(config.getoption("--model"), quant=config.getoption("--quant"),
-                           device=config.getoption("--device"), max_memory=config.getoption("--max-memory"),
-                           dtype=config.getoption("--dtype"))
-        state.counter.attach(model.model)
-        state.counter.on_count = lambda: _progress(config)
-        state.meta.update({"dtype": model.provenance["dtype"], "dtype_reason": model.provenance.get("dtype_reason")})
-        _progress(config, f"loaded {model.key} in {model.provenance['dtype']} "
-                          f"({model.provenance.get('dtype_reason', '')})", force=True)
-        if config.getoption("--budget") is not None or config.getoption("--update-expected"):
-            from rh.budget import calibrate
-
-            prof = state.collection_profile
-            with state.counter.charged_to("calibration"):
-                per_tl, how = calibrate(model, batch_size=prof.batch_size, length=prof.lengths[0])
-            state.per_tl = (per_tl, how)
-            state.meta.setdefault("cost", {}).update(seconds_per_token_layer=per_tl, calibration=how)
-            _progress(config, f"this machine: {how}", force=True)
-        if not config.getoption("--plain"):
-            from rh.prefix import reuse_prefixes
-
-            state.prefix = state.resources.enter_context(reuse_prefixes(model))
-        else:
-            from rh.budget import plain_passes
-
-            state.resources.enter_context(plain_passes())
-        state.runner = state.resources.enter_context(_session_runner(config, model))
-        state.meta["layout"] = state.runner.layout.as_dict()
-        state.model = model
-        state.loaded_at = time.perf_counter()
-    return state.model
+        prof = state.collection_profile
+        with state.counter.charged_to("calibration"):
+            per_tl, how = calibrate(model, batch_size=prof.batch_size, length=prof.lengths[0])
+        state.per_tl = (per_tl, how)
+        state.meta.setdefault("cost", {}).update(seconds_per_token_layer=per_tl, calibration=how)
+        _progress(config, f"this machine: {how}", force=True)
 
 
 def _session_runner(config: pytest.Config, model):
@@ -1296,10 +1291,7 @@ def compare_model(pytestconfig):
     name = pytestconfig.getoption("--compare-model")
     if not name:
         return None
-    from rh.models import load_model
-
-    return load_model(name, quant=pytestconfig.getoption("--quant"), device=pytestconfig.getoption("--device"),
-                      dtype=pytestconfig.getoption("--dtype"))
+    return _rh(pytestconfig).run.load_other(name)
 
 
 def _session_meta(config: pytest.Config) -> dict[str, Any]:
@@ -1340,28 +1332,14 @@ def _stop_alarm(state: RhSession) -> None:
 
 
 def _write_report(config: pytest.Config, state: RhSession) -> tuple[Path, Path]:
-    import torch
-    import transformers
+    from rh.report import report_stem
 
-    import rh
-    from rh.report import report_figures, report_stem, write_report
-
-    finished = datetime.now(timezone.utc)
-    meta = dict(state.meta)
-    meta.update({
-        "model": config.getoption("--model"), "profile": config.getoption("--profile"),
-        "rh_version": rh.__version__, "started": state.started.isoformat(timespec="seconds"),
-        "finished": finished.isoformat(timespec="seconds"),
-        "runtime_s": round(time.perf_counter() - state.t0, 1),
-        "command": "pytest " + " ".join(config.invocation_params.args),
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "platform": platform.platform(), "hardware": _hardware(),
-    })
-    figures = report_figures(state.verdicts, meta)
-    for extra in config.hook.pytest_rh_figures(verdicts=state.verdicts, meta=meta):
-        figures.update(extra or {})
+    meta = {"model": config.getoption("--model"), "profile": config.getoption("--profile")}
+    extra: dict[str, bytes] = {}
+    for figs in config.hook.pytest_rh_figures(verdicts=state.verdicts, meta={**state.meta, **meta}):
+        extra.update(figs or {})
     stem = report_stem(config.getoption("--model"), state.started)
-    return write_report(state.verdicts, meta, report_dir(config), stem, figures)
+    return state.run.write_report(report_dir(config), stem, figures=extra, meta=meta)
 
 
 def _verdict_key(v: dict) -> str:
@@ -1384,7 +1362,9 @@ def _check_expected(config: pytest.Config, state: RhSession, exitstatus: int) ->
         complete = not left_out and set(exp.nodes) <= run
         model = state.model
         dtype = model.provenance["dtype"] if model is not None else "unknown"
-        hw = _hardware()
+        from rh.run import hardware
+
+        hw = hardware()
         recorded = (f"{state.started.date().isoformat()}, {hw.get('cpu', '')}, {dtype}, "
                     f"{len(rows)} claims, `pytest {' '.join(config.invocation_params.args)}`")
         counter = state.counter
@@ -1405,23 +1385,6 @@ def _check_expected(config: pytest.Config, state: RhSession, exitstatus: int) ->
         state.expected_diff.append("no claim was checked against the file: the run proves nothing")
         return 1
     return 1 if not result.ok else (0 if exitstatus in (0, 1) else exitstatus)
-
-
-def _hardware() -> dict[str, Any]:
-    import os
-
-    import torch
-
-    from rh.models import cpu_description
-
-    hw: dict[str, Any] = {"cpu": cpu_description(), "cpu_count": os.cpu_count(),
-                          "torch_threads": torch.get_num_threads(),
-                          "device": "cuda" if torch.cuda.is_available() else "cpu"}
-    if hasattr(os, "getloadavg"):
-        hw["load_average"] = [round(x, 2) for x in os.getloadavg()]
-    if torch.cuda.is_available():
-        hw["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    return hw
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

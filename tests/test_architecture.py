@@ -34,8 +34,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("report: the figures, the HTML/JSON report and the comparison of runs", ("rh.report.*",)),
     ("catalogue: rh's claim families registered (rule, delta, calibration, figures, parameters)",
      ("rh.catalogue.*",)),
-    ("entry points: the pytest plugin, its hooks, the plan, the audit and the command line",
-     ("rh.pytest_plugin", "rh.hookspecs", "rh.plan", "rh.audit", "rh.__main__")),
+    ("entry points: the Run, the pytest plugin and its hooks, the plan, the audit and the command line",
+     ("rh.run", "rh.pytest_plugin", "rh.hookspecs", "rh.plan", "rh.audit", "rh.__main__")),
 ]
 
 

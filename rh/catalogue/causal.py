@@ -9,8 +9,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
-
 from rh import calibration as cal
 from rh.claim_families import Calibration, ClaimFamily, Figure, Parameter, claim_rows, register_family
 from rh.rules import claims as rules

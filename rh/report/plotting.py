@@ -5,8 +5,6 @@ Every figure module of the wing draws through this one."""
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping, Sequence
-from typing import Any
 
 import matplotlib
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
 from rh.report.plotting import plt, png
 
 __all__ = ["uncertainty_figure"]

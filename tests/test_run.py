@@ -1,0 +1,65 @@
+"""rh.run.Run, the pytest-free run the plugin, rh audit and rh identify hold: the model loaded once
+with its counter, the runner and prefix cache while it is open, verdicts and the report, and
+nothing left on the model once it is closed."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+
+def test_the_run_loads_once_counts_runs_units_and_leaves_nothing_on_the_model(tmp_path):
+    """Catches a second load, a counter that misses the runner's passes (or counts another model's),
+    a runner or prefix cache left active after close, and hooks left on the model."""
+    import rh.catalogue  # noqa: F401 - CA-1's figure
+    from rh.ablation import Ablation
+    from rh.evaluate import teacher_forced
+    from rh.heads import Head
+    from rh.niah import Sweep, build_samples
+    from rh.prefix import active_cache
+    from rh.run import Run
+    from rh.runner import runner_for
+    from rh.units import Unit
+
+    with Run("tiny-llama", model_kwargs={"dtype": "float32"}, command="a test") as run:
+        assert run.model is None and "pytest" not in vars(sys.modules["rh.run"])  # no pytest in a Run
+        model = run.load()
+        assert run.load() is model and run.loaded_at is not None
+        assert runner_for(model) is run.runner and active_cache(model) is run.prefix is not None
+        samples = build_samples(model.tokenizer, Sweep((128,), (0.5,), 3, ("passkey",), 0), chat=model.instruct,
+                                max_positions=model.max_positions)
+        n_layers = model.shape.n_layers
+        before = run.counter.total
+        frames = run.runner.run({s.id: s for s in samples},
+                                [Unit(Ablation.baseline(), tuple(s.id for s in samples)),
+                                 Unit(Ablation("top1", (Head(1, 0),)), tuple(s.id for s in samples))])
+        assert [len(f) for f in frames] == [3, 3]
+        direct = teacher_forced(model, samples, condition="baseline")
+        assert frames[0]["correct"].tolist() == direct["correct"].tolist()
+        assert run.counter.total - before >= 2 * 3 * 128 * n_layers  # two conditions x 3 prompts, counted
+        assert run.cost()["total"] == run.counter.total
+        other = run.load_other("tiny-llama")
+        assert other is not model and run.load_other("tiny-llama") is other
+        counted = run.counter.total
+        teacher_forced(other, samples[:1], condition="other model")
+        assert run.counter.total == counted  # the second model's passes are not the run's
+        row = run.record({"claim": "CA-1", "params": {"k": 1}, "status": "supported", "details": {
+            "top_accuracy": 0.2, "random_accuracy": 0.8, "baseline_accuracy": 0.9}})
+        assert run.verdicts == [row] and run.counts()["supported"] == 1
+        html, js = sorted(run.write_report(tmp_path, "r", meta={"model": "tiny-llama"}), key=lambda p: p.suffix)
+        data = json.loads(js.read_text())
+        assert data["meta"]["command"] == "a test" and data["meta"]["hardware"]["cpu_count"] >= 1
+        assert data["meta"]["layout"]["executor"] == "local"
+        assert "accuracy vs heads ablated" in html.read_text()  # the registered family's figure
+    assert runner_for(model) is not run.runner and active_cache(model) is None
+    from rh.models import decoder_layers
+
+    assert sum(len(layer._forward_pre_hooks) for layer in decoder_layers(model.model)) == 0
+    closed = Run("tiny-llama")
+    closed.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        closed.load()
