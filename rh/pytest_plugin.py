@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -247,6 +248,11 @@ def pytest_configure(config: pytest.Config) -> None:
         session.meta["heads_model_warning"] = session.heads_warning
     config.stash[_SESSION] = session
     config.pluginmanager.register(session, PLUGIN_NAME)
+    if budget is not None:  # the options' own plugins, only where given
+        session.scheduler = BudgetScheduler(session, budget)
+        config.pluginmanager.register(session.scheduler, "rh-budget")
+    if config.getoption("--plan"):
+        config.pluginmanager.register(PlanPrinter(session), "rh-plan")
     # the profile for this model's shape, once: --alpha and --heads are usage errors now, not at collection
     session.collection_profile = _collection_profile(config)
     _check_context(config, session.collection_profile)
@@ -377,14 +383,10 @@ class RhSession:
         self.claims_run = 0
         self.left_out: dict[str, str] = {}
         self.deselected: set[str] = set()
-        self.budget: dict[str, Any] | None = None
+        self.scheduler: BudgetScheduler | None = None  # with --budget: what fits, and the deadline
         self.last_progress = time.perf_counter()
         self.progress_every_s = progress_every_s()  # read when the session starts, not at import
-        self.paid: set[str] = set()
-        self.timing = [0.0, 0.0]
         self.per_tl: tuple[float | None, str] = (None, "")
-        self.old_alarm = None
-        self.started_item: tuple[float, float] | None = None
         self.expected_diff: list[str] = []
         self.report_paths: tuple[Path, Path] | None = None
         self.report_error: str | None = None
@@ -392,7 +394,6 @@ class RhSession:
         self.step: tuple[str, int, int | None] | None = None  # the loop running now: (what, done, total)
         self.step_label: str | None = None
         self.estimate: dict[str, Any] | None = None  # planned token-layers for the progress lines
-        self.plan = None  # with --plan: the rh.plan.Plan printed instead of running the claims
         self.item_start = 0  # the counter's total when the running test started
         self.saved_start = 0  # the exact savings' total then
         self.collected: list[str] = []  # the claims' node ids, as collected
@@ -679,129 +680,22 @@ class RhSession:
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-        """With --budget: measure this machine, plan the claims that fit, deselect the others."""
-        budget = config.getoption("--budget")
+        """The claims collected, and (without --budget) the token-layers the progress lines count down."""
         claims = [it for it in items if it.get_closest_marker("claim") is not None]
         self.collected = [it.nodeid for it in claims]
-        if budget is None and claims:  # what the progress lines count down: the claims this run computes
+        if self.scheduler is None and claims:  # what the progress lines count down: the claims this run computes
             self.estimate = _estimate(config, self.expected, [it for it in claims if self.journaled(it) is None])
-        if budget is None or not claims:
-            return
-        import signal
-
-        from rh.budget import format_duration, plan_budget
-
-        from rh.expected import estimated_seconds
-
-        exp = self.expected
-        _session_model(config)
-        per_tl = self.per_tl[0]
-        now = time.perf_counter()
-        reserve = 30.0 + 0.03 * budget * 60  # the report, the comparison, a margin for noise
-        deadline = self.t0 + budget * 60 - reserve
-        costs = {nid: estimated_seconds(node.get("token_layers"), node, per_tl) for nid, node in exp.nodes.items()}
-        costs.update({it.nodeid: 0.0 for it in claims if self.journaled(it) is not None})  # replayed: free
-        fixture_costs = {f: estimated_seconds(tl, exp.fixture_seconds.get(f), per_tl)
-                         for f, tl in exp.fixture_token_layers.items()}
-        plan = plan_budget([(it.nodeid, it.fixturenames) for it in claims], costs, fixture_costs,
-                           max(deadline - now, 0), unit="estimated seconds")
-        # Claims without a recorded cost cannot be planned: deselected. The others run cheapest first;
-        # those beyond the first plan still run if the claims before them prove the estimate high
-        # (each is checked against the time left when it starts: pytest_runtest_setup).
-        keep = set(plan.chosen)
-        runnable = set(plan.order)
-        dropped = [it for it in claims if it.nodeid not in runnable]
-        self.left_out.update({n: why for n, why in plan.left_out.items() if n not in runnable})
-        rank = {nid: i for i, nid in enumerate(plan.order)}
-        others = [it for it in items if it.get_closest_marker("claim") is None]
-        if dropped:
-            config.hook.pytest_deselected(items=dropped)
-        items[:] = others + sorted((it for it in claims if it.nodeid in runnable), key=lambda it: rank[it.nodeid])
-        planned_tl = sum(int(exp.nodes[n].get("token_layers") or 0) for n in plan.chosen) + sum(
-            exp.fixture_token_layers.get(f, 0) for f in {f for it in claims if it.nodeid in keep for f in it.fixturenames})
-        summary = (f"{budget:g} min: {len(plan.chosen)} of {len(claims)} claims planned, {planned_tl:,} token-layers, "
-                   f"about {format_duration(plan.cost)} of the {format_duration(max(deadline - now, 0))} left, at "
-                   f"{per_tl * 1e6:.2f} us per token-layer as measured now; {len(plan.order) - len(plan.chosen)} more "
-                   f"run, cheapest first, if the time left allows when each would start")
-        self.budget = {"plan": plan, "planned_tl": planned_tl, "deadline": deadline, "per_tl": per_tl,
-                           "summary": summary, "fixture_costs": fixture_costs, "costs": costs}
-        self.meta["budget"] = {"minutes": budget, "summary": summary, "chosen": list(plan.chosen),
-                                   "left_out": dict(plan.left_out)}
-        self.meta.setdefault("cost", {})["seconds_per_token_layer"] = per_tl
-        _progress(config, f"budget {summary}", force=True)
-        if hasattr(signal, "setitimer") and deadline > now:
-            def _out_of_time(signum, frame):
-                from rh.budget import BudgetExhausted
-
-                raise BudgetExhausted(f"the --budget of {budget:g} min ran out")
-
-            self.old_alarm = signal.signal(signal.SIGALRM, _out_of_time)
-            signal.setitimer(signal.ITIMER_REAL, deadline - now)
-
-    @pytest.hookimpl(tryfirst=True)
-    def pytest_runtestloop(self, session: pytest.Session):
-        """With --plan: print the plan of the collected claims (rh.plan) and run nothing."""
-        config = session.config
-        if not config.getoption("--plan"):
-            return None
-        from rh.plan import format_plan, plan_session, recorded_for
-
-        claims = [it for it in session.items if it.get_closest_marker("claim") is not None]
-        expected = self.expected
-        folder = config.getini("rh_expected_dir")
-        if expected is None and folder:
-            expected = recorded_for(config.rootpath / folder / f"{config.getoption('--model')}.json",
-                                    config.getoption("--model"), config.getoption("--profile"))
-        plan = plan_session(config, claims, shape=self.shape, profile=self.collection_profile, external=self.external,
-                            expected=expected, cache_dir=ranking_cache(config))
-        tr = config.pluginmanager.getplugin("terminalreporter")
-        if tr is not None:
-            tr.ensure_newline()
-            tr.write_sep("=", "rh plan")
-            heading = (f"{config.getoption('--model')}, {config.getoption('--profile')} profile: {len(claims)} "
-                       f"claims planned, none run")
-            for line in format_plan(plan, heading=heading):
-                tr.write_line(line)
-        self.plan = plan
-        return True
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logstart(self, nodeid, location) -> None:
         self.item_start = self.counter.total  # a claim's bill: the fixtures first set up for it, then its body
         self.saved_start = sum(saved_token_layers().values())
 
-    def pytest_runtest_setup(self, item: pytest.Item) -> None:
-        """With --budget: a claim that no longer fits the time left (re-estimated from how the claims
-        so far compared with their plan) is left out rather than started."""
-        if self.budget is None or item.get_closest_marker("claim") is None:
-            return
-        b = self.budget
-        planned_s = (b["costs"].get(item.nodeid) or 0.0) + sum(
-            b["fixture_costs"].get(f) or 0.0 for f in set(item.fixturenames) - self.paid)
-        actual, planned = self.timing
-        ratio = actual / planned if planned > 60 else 1.0
-        est_s = planned_s * max(ratio, 0.5)
-        left = b["deadline"] - time.perf_counter()
-        if est_s > left:
-            from rh.budget import format_duration
-
-            why = f"over budget: needs about {format_duration(est_s)}, {format_duration(max(left, 0))} left"
-            self.left_out[item.nodeid] = why
-            pytest.skip(f"left out: {why}")
-        self.paid |= set(item.fixturenames)
-        self.started_item = (time.perf_counter(), planned_s)
-
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call):
-        """A claim stopped by the budget's deadline is left out (skipped, named), not an error."""
+        """A claim a head set cannot take is inconclusive, not an error; a claim's journal
+        fingerprint, and a pytest -n worker's costs, travel with its report."""
         rep = yield
-        from rh.budget import BudgetExhausted
-
-        if call.excinfo is not None and call.excinfo.errisinstance(BudgetExhausted):
-            why = "the budget ran out while it ran"
-            self.left_out[item.nodeid] = why
-            rep.outcome = "skipped"
-            rep.longrepr = (str(item.path), item.location[1] or 0, f"left out: {why}")
         from rh.published import HeadSetHasNoOrder
 
         if call.excinfo is not None and call.excinfo.errisinstance(HeadSetHasNoOrder) and rep.failed:
@@ -818,19 +712,14 @@ class RhSession:
                 rep.user_properties.append((_JOURNAL, fp))
         if hasattr(item.config, "workerinput") and item.get_closest_marker("claim") is not None:
             rep.user_properties.append((_COST, self.ship_cost(item, call.when)))
-        if call.when == "teardown" and self.started_item:
-            t0, est = self.started_item
-            self.started_item = None
-            if item.nodeid not in self.left_out:
-                self.timing[0] += time.perf_counter() - t0
-                self.timing[1] += est
         return rep
 
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         config = session.config
         if hasattr(config, "workerinput"):  # xdist worker: the controller writes the report
             return
-        _stop_alarm(self)
+        if self.scheduler is not None:
+            self.scheduler.stop_alarm()
         interrupted = self.interruption(exitstatus)
         if interrupted is not None:
             self.meta["interrupted"] = interrupted
@@ -923,9 +812,9 @@ class RhSession:
             for line in format_matrix(verdicts, color=terminalreporter.hasmarkup,
                                       width=terminalreporter._tw.fullwidth).splitlines():
                 terminalreporter.write_line(line)
-        if self.budget is not None:
+        if self.scheduler is not None and self.scheduler.plan is not None:
             terminalreporter.write_sep("-", "rh budget")
-            terminalreporter.write_line(self.budget["summary"])
+            terminalreporter.write_line(self.scheduler.plan.summary)
             for nid, why in sorted(self.left_out.items()):
                 terminalreporter.write_line(f"left out: {nid} ({why})")
         cost = self.meta.get("cost", {})
@@ -951,6 +840,176 @@ class RhSession:
         err = self.report_error
         if err:
             terminalreporter.write_line(f"rh report could not be written: {err}", red=True)
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """What ``--budget`` planned: the claims chosen (``plan``, :func:`rh.budget.plan_budget`), their
+    token-layers, the deadline (a ``time.perf_counter()`` value), this machine's seconds per
+    token-layer, the summary line, and the estimated seconds of each claim and fixture."""
+
+    plan: Any
+    planned_tl: int
+    deadline: float
+    per_tl: float
+    summary: str
+    fixture_costs: dict[str, float]
+    costs: dict[str, float]
+
+
+class BudgetScheduler:
+    """``--budget MINUTES``, registered only with that option: measures this machine, plans the
+    claims that fit from the token-layers an expected file recorded (cheapest first), deselects the
+    others, leaves out a claim that no longer fits when it would start, and stops the one running
+    when the deadline passes (an alarm; it is left out, not an error)."""
+
+    def __init__(self, session: RhSession, minutes: float) -> None:
+        self.session = session
+        self.minutes = minutes
+        self.plan: BudgetPlan | None = None
+        self.paid: set[str] = set()  # fixtures set up so far (a later claim does not pay for them)
+        self.actual_s = 0.0  # seconds the claims run so far took ...
+        self.planned_s = 0.0  # ... and what they were planned to take
+        self.started_item: tuple[float, float] | None = None  # (start, planned seconds) of the running claim
+        self.old_alarm: Any = None
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+        claims = [it for it in items if it.get_closest_marker("claim") is not None]
+        if not claims:
+            return
+        import signal
+
+        from rh.budget import format_duration, plan_budget
+        from rh.expected import estimated_seconds
+
+        state = self.session
+        budget = self.minutes
+        exp = state.expected
+        _session_model(config)
+        per_tl = state.per_tl[0]
+        now = time.perf_counter()
+        reserve = 30.0 + 0.03 * budget * 60  # the report, the comparison, a margin for noise
+        deadline = state.t0 + budget * 60 - reserve
+        costs = {nid: estimated_seconds(node.get("token_layers"), node, per_tl) for nid, node in exp.nodes.items()}
+        costs.update({it.nodeid: 0.0 for it in claims if state.journaled(it) is not None})  # replayed: free
+        fixture_costs = {f: estimated_seconds(tl, exp.fixture_seconds.get(f), per_tl)
+                         for f, tl in exp.fixture_token_layers.items()}
+        plan = plan_budget([(it.nodeid, it.fixturenames) for it in claims], costs, fixture_costs,
+                           max(deadline - now, 0), unit="estimated seconds")
+        # Claims without a recorded cost cannot be planned: deselected. The others run cheapest first;
+        # those beyond the first plan still run if the claims before them prove the estimate high
+        # (each is checked against the time left when it starts: pytest_runtest_setup).
+        keep = set(plan.chosen)
+        runnable = set(plan.order)
+        dropped = [it for it in claims if it.nodeid not in runnable]
+        state.left_out.update({n: why for n, why in plan.left_out.items() if n not in runnable})
+        rank = {nid: i for i, nid in enumerate(plan.order)}
+        others = [it for it in items if it.get_closest_marker("claim") is None]
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+        items[:] = others + sorted((it for it in claims if it.nodeid in runnable), key=lambda it: rank[it.nodeid])
+        planned_tl = sum(int(exp.nodes[n].get("token_layers") or 0) for n in plan.chosen) + sum(
+            exp.fixture_token_layers.get(f, 0) for f in {f for it in claims if it.nodeid in keep for f in it.fixturenames})
+        summary = (f"{budget:g} min: {len(plan.chosen)} of {len(claims)} claims planned, {planned_tl:,} token-layers, "
+                   f"about {format_duration(plan.cost)} of the {format_duration(max(deadline - now, 0))} left, at "
+                   f"{per_tl * 1e6:.2f} us per token-layer as measured now; {len(plan.order) - len(plan.chosen)} more "
+                   f"run, cheapest first, if the time left allows when each would start")
+        self.plan = BudgetPlan(plan, planned_tl, deadline, per_tl, summary, fixture_costs, costs)
+        state.meta["budget"] = {"minutes": budget, "summary": summary, "chosen": list(plan.chosen),
+                                "left_out": dict(plan.left_out)}
+        state.meta.setdefault("cost", {})["seconds_per_token_layer"] = per_tl
+        _progress(config, f"budget {summary}", force=True)
+        if hasattr(signal, "setitimer") and deadline > now:
+            def _out_of_time(signum, frame):
+                from rh.budget import BudgetExhausted
+
+                raise BudgetExhausted(f"the --budget of {budget:g} min ran out")
+
+            self.old_alarm = signal.signal(signal.SIGALRM, _out_of_time)
+            signal.setitimer(signal.ITIMER_REAL, deadline - now)
+
+    def pytest_runtest_setup(self, item: pytest.Item) -> None:
+        """With --budget: a claim that no longer fits the time left (re-estimated from how the claims
+        so far compared with their plan) is left out rather than started."""
+        if self.plan is None or item.get_closest_marker("claim") is None:
+            return
+        b = self.plan
+        planned_s = (b.costs.get(item.nodeid) or 0.0) + sum(
+            b.fixture_costs.get(f) or 0.0 for f in set(item.fixturenames) - self.paid)
+        ratio = self.actual_s / self.planned_s if self.planned_s > 60 else 1.0
+        est_s = planned_s * max(ratio, 0.5)
+        left = b.deadline - time.perf_counter()
+        if est_s > left:
+            from rh.budget import format_duration
+
+            why = f"over budget: needs about {format_duration(est_s)}, {format_duration(max(left, 0))} left"
+            self.session.left_out[item.nodeid] = why
+            pytest.skip(f"left out: {why}")
+        self.paid |= set(item.fixturenames)
+        self.started_item = (time.perf_counter(), planned_s)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call):
+        """A claim stopped by the budget's deadline is left out (skipped, named), not an error."""
+        rep = yield
+        from rh.budget import BudgetExhausted
+
+        if call.excinfo is not None and call.excinfo.errisinstance(BudgetExhausted):
+            why = "the budget ran out while it ran"
+            self.session.left_out[item.nodeid] = why
+            rep.outcome = "skipped"
+            rep.longrepr = (str(item.path), item.location[1] or 0, f"left out: {why}")
+        if call.when == "teardown" and self.started_item:
+            t0, est = self.started_item
+            self.started_item = None
+            if item.nodeid not in self.session.left_out:
+                self.actual_s += time.perf_counter() - t0
+                self.planned_s += est
+        return rep
+
+    def stop_alarm(self) -> None:
+        import signal
+
+        if self.old_alarm is not None:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self.old_alarm)
+            self.old_alarm = None
+
+
+class PlanPrinter:
+    """``--plan``, registered only with that option: prints the plan of the collected claims
+    (:mod:`rh.plan`) in place of running them; no weights load."""
+
+    def __init__(self, session: RhSession) -> None:
+        self.session = session
+        self.plan: Any = None  # the rh.plan.Plan printed
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtestloop(self, session: pytest.Session):
+        """Print the plan of the collected claims (rh.plan) and run nothing."""
+        config = session.config
+        state = self.session
+        from rh.plan import format_plan, plan_session, recorded_for
+
+        claims = [it for it in session.items if it.get_closest_marker("claim") is not None]
+        expected = state.expected
+        folder = config.getini("rh_expected_dir")
+        if expected is None and folder:
+            expected = recorded_for(config.rootpath / folder / f"{config.getoption('--model')}.json",
+                                    config.getoption("--model"), config.getoption("--profile"))
+        plan = plan_session(config, claims, shape=state.shape, profile=state.collection_profile, external=state.external,
+                            expected=expected, cache_dir=ranking_cache(config))
+        tr = config.pluginmanager.getplugin("terminalreporter")
+        if tr is not None:
+            tr.ensure_newline()
+            tr.write_sep("=", "rh plan")
+            heading = (f"{config.getoption('--model')}, {config.getoption('--profile')} profile: {len(claims)} "
+                       f"claims planned, none run")
+            for line in format_plan(plan, heading=heading):
+                tr.write_line(line)
+        self.plan = plan
+        return True
 
 
 @pytest.fixture(scope="session")
@@ -1048,19 +1107,19 @@ def _progress(config: pytest.Config, message: str | None = None, *, force: bool 
 
     counter = state.counter
     total = counter.total - counter.counts.get("calibration", 0)
-    plan = state.budget or state.estimate
-    planned = plan["planned_tl"] if plan is not None else 0
+    budget = state.scheduler.plan if state.scheduler is not None else None
+    planned = budget.planned_tl if budget is not None else (state.estimate or {}).get("planned_tl", 0)
     done = f"{total:,} token-layers"
     if planned:
-        done += f" of {planned:,} {'planned' if state.budget else 'expected'} ({min(total / planned, 1):.0%})"
+        done += f" of {planned:,} {'planned' if budget else 'expected'} ({min(total / planned, 1):.0%})"
     label = counter.label.removeprefix("fixture:")
     text = message or f"running {label}"
     if message is None and state.step is not None and state.step[0] and counter.label == state.step_label:
         what, n, of = state.step
         text += f", {what} {n}" + (f" of {of}" if of else "")
     line = f"rh [{format_duration(now - state.t0)}] {text}; {done}"
-    if state.budget is not None:
-        line += f"; {format_duration(max(state.budget['deadline'] - now, 0))} of the budget left"
+    if budget is not None:
+        line += f"; {format_duration(max(budget.deadline - now, 0))} of the budget left"
     elif planned and state.loaded_at is not None and total > 0:
         rate = (now - state.loaded_at) / total
         line += f"; about {format_duration(max(planned - total, 0) * rate)} left at this pace"
@@ -1320,15 +1379,6 @@ def _merge(into: dict, new: dict) -> None:
             _merge(into[k], v)
         else:
             into[k] = v
-
-
-def _stop_alarm(state: RhSession) -> None:
-    import signal
-
-    if state.old_alarm is not None:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, state.old_alarm)
-        state.old_alarm = None
 
 
 def _write_report(config: pytest.Config, state: RhSession) -> tuple[Path, Path]:

@@ -168,9 +168,10 @@ def test_a_claim_stopped_by_the_budget_is_left_out_not_an_error(warm_imports, py
         """)
     (pytester.path / "exp.json").write_text(json.dumps({
         "model": "tiny-llama", "profile": "quick", "verdicts": {"X-1[]": "supported", "X-2[]": "supported"},
-        "nodes": {"test_claims.py::test_slow": {"key": "X-1[]"}, "test_claims.py::test_quick": {"key": "X-2[]"}}}))
+        "nodes": {"test_claims.py::test_slow": {"key": "X-1[]", "token_layers": 1000},
+                  "test_claims.py::test_quick": {"key": "X-2[]", "token_layers": 1000}}}))
     res = pytester.runpytest_inprocess("--model", "tiny-llama", "--expected", "exp.json", "--report-dir", "reports",
-                                        "-rs")
+                                        "--budget", "60", "-rs")  # the budget's own plugin handles its deadline
     out = res.stdout.str()
     assert res.ret == 0, out
     assert "left out: the budget ran out while it ran" in out
@@ -719,3 +720,22 @@ def test_a_claim_without_a_verdict_or_with_two_is_an_error_row(warm_imports, pyt
     assert rows["X-3"]["status"] == "error" and "2 different verdicts" in rows["X-3"]["reason"]
     assert rows["X-4"]["status"] == "supported"
     assert "without recording a verdict" in out
+
+
+def test_the_budget_and_plan_plugins_are_registered_only_with_their_options(warm_imports, pytester):
+    """Catches an option's plugin that is always registered (its hooks then run, and test their
+    option, in every session) or never registered (the option silently does nothing)."""
+    from rh.pytest_plugin import BudgetScheduler, PlanPrinter
+
+    (pytester.path / "exp.json").write_text(json.dumps({
+        "model": "tiny-llama", "profile": "quick", "verdicts": {"X-1[]": "supported"},
+        "nodes": {"test_x.py::test_x": {"key": "X-1[]", "token_layers": 10}}}))
+    plain = pytester.parseconfigure("--model", "tiny-llama")
+    assert plain.pluginmanager.get_plugin("rh-budget") is None and plain.pluginmanager.get_plugin("rh-plan") is None
+    planned = pytester.parseconfigure("--model", "tiny-llama", "--plan")
+    assert isinstance(planned.pluginmanager.get_plugin("rh-plan"), PlanPrinter)
+    assert planned.pluginmanager.get_plugin("rh-budget") is None
+    budget = pytester.parseconfigure("--model", "tiny-llama", "--budget", "5", "--expected", "exp.json")
+    sched = budget.pluginmanager.get_plugin("rh-budget")
+    assert isinstance(sched, BudgetScheduler) and sched.minutes == 5 and sched.plan is None
+    assert budget.pluginmanager.get_plugin("rh-plan") is None
