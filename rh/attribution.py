@@ -52,7 +52,7 @@ from rh.heads import Head, validate_heads
 from rh.models import LoadedModel, attention_modules, final_norm, hf_model
 from rh.niah import Sample
 from rh.recording import attn_z, head_slice, recording, resid_post
-from rh.stats import Verdict
+from rh.rules.verdict import Verdict
 
 log = logging.getLogger(__name__)
 

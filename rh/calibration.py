@@ -25,7 +25,7 @@ from scipy import stats as _sps
 
 from rh import claim_families
 from rh.profiles import Profile
-from rh.stats import Verdict
+from rh.rules.verdict import Verdict
 
 __all__ = ["Rates", "sizes", "calibrate", "calibrate_all", "format_table", "pair", "shapes", "BASE_ACC", "LOG_NOISE"]
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rh.io import no_duplicate_keys
-from rh.stats import STATUSES
+from rh.rules.verdict import STATUSES
 
 
 @dataclass

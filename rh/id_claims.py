@@ -1,5 +1,5 @@
 """Identification claims (CLAIMS.md ID-1 ... ID-6): plain functions from rankings, per-sample
-scores and captured attention to a :class:`~rh.stats.Verdict`."""
+scores and captured attention to a :class:`~rh.rules.verdict.Verdict`."""
 
 from __future__ import annotations
 
@@ -14,12 +14,8 @@ from rh.models import LoadedModel
 from rh.niah import Sample
 from rh.rankings import Ranking
 from rh.scoring import SampleScores, general_heads, score_samples
-from rh.stats import (
-    Verdict,
-    spearman_ci,
-    spearman_test,
-    topk_overlap_test,
-)
+from rh.rules.verdict import Verdict
+from rh.stats import spearman_ci, spearman_test, topk_overlap_test
 
 
 def inconclusive(claim: str, params: dict, reason: str, test: str, alpha: float = 0.05, n: int = 0,

@@ -16,7 +16,7 @@ reuse the ablation and capture layers rather than growing their own:
 
 The claim-level functions (:func:`incremental_ablation`, :func:`position_patching`,
 :func:`attention_override`, :func:`transplant_function`, :func:`difficulty_strata`) turn these
-into :class:`~rh.stats.Verdict` objects. Positions are always prompt positions (0 = the first
+into :class:`~rh.rules.verdict.Verdict` objects. Positions are always prompt positions (0 = the first
 prompt token); left padding is accounted for through :func:`rh.batching.current_batch`.
 """
 
@@ -42,7 +42,7 @@ from rh.niah import Sample
 from rh.recording import attn_z, head_slice, recording, resid_pre, rewriting
 from rh.runner import run_one
 from rh.seeds import derive_seed
-from rh.stats import Verdict
+from rh.rules.verdict import Verdict
 
 log = logging.getLogger(__name__)
 

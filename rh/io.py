@@ -25,7 +25,7 @@ def jsonable(obj: Any, *, strict: bool = False) -> Any:
     container is converted recursively.
 
     ``strict=True`` accepts only those and raises ``TypeError`` for anything else (a set, a
-    Mapping that is not a dict, a dataclass, a path...): what a :class:`~rh.stats.Verdict` may hold.
+    Mapping that is not a dict, a dataclass, a path...): what a :class:`~rh.rules.verdict.Verdict` may hold.
     Otherwise (the report's metadata) any Mapping becomes a dict, a set or frozenset a list sorted
     by ``repr``, an object with ``tolist()`` or ``item()`` (a torch tensor, a numpy scalar of another
     kind) what that returns, converted in turn, and anything else (paths, dataclasses) ``str(obj)``.

@@ -4,7 +4,7 @@ after the critical heads' layers").
 :func:`last_token_residuals` reads the residual stream at the last prompt token after every
 decoder layer, :func:`layer_probes` fits a cross-validated linear probe per residual index that
 predicts the first answer token, and :func:`decodable_after_heads` turns the per-layer accuracies
-into a :class:`~rh.stats.Verdict` by comparing the first decodable index with the critical heads'
+into a :class:`~rh.rules.verdict.Verdict` by comparing the first decodable index with the critical heads'
 layers.
 
 Residual indices: index 0 is the input of layer 0 (the token embeddings), index ``l + 1`` the
@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 from rh.models import LoadedModel, decoder_layers, hf_model
 from rh.niah import Sample
 from rh.recording import recording, resid_post, resid_pre
-from rh.stats import Verdict, holm, min_attainable_p_binomial
+from rh.rules.verdict import Verdict
+from rh.stats import holm, min_attainable_p_binomial
 
 log = logging.getLogger(__name__)
 

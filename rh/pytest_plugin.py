@@ -491,7 +491,7 @@ class RhSession:
         rec = self.journaled(item)
         if rec is None:
             return None
-        from rh.stats import Verdict
+        from rh.rules.verdict import Verdict
 
         entry = dict(rec["verdict"])
         verdict = Verdict.from_dict({k: v for k, v in entry.items() if k not in ("statement", "source")})

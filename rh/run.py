@@ -122,7 +122,7 @@ class Run:
     # ---------------------------------------------------------------- verdicts and costs
 
     def record(self, verdict: Any) -> dict[str, Any]:
-        """Keep a verdict (an :class:`rh.stats.Verdict` or its dict) and return its dict."""
+        """Keep a verdict (an :class:`rh.rules.verdict.Verdict` or its dict) and return its dict."""
         row = verdict.to_dict() if hasattr(verdict, "to_dict") else dict(verdict)
         self.verdicts.append(row)
         return row

@@ -12,16 +12,12 @@ import inspect
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, NamedTuple
 
 import numpy as np
 from scipy import stats as _sps
 
-from rh.io import jsonable
-
 __all__ = [
-    "STATUSES",
     "SignTestResult",
     "McNemarResult",
     "ConfidenceInterval",
@@ -34,7 +30,6 @@ __all__ = [
     "FractionBounds",
     "RatioTestResult",
     "margin_test",
-    "Verdict",
     "sign_test_greater",
     "mcnemar_exact",
     "bootstrap_ci",
@@ -61,10 +56,16 @@ __all__ = [
     "min_attainable_p_kendall",
     "min_attainable_p_page",
     "min_attainable_p_headset",
-    "format_power",
 ]
 
-STATUSES: tuple[str, ...] = ("supported", "refuted", "inconclusive")
+def __getattr__(name: str) -> Any:
+    """``rh.stats.Verdict`` and ``format_power``: they live beside the three-way rule now
+    (:mod:`rh.rules.verdict`); imported from here they still work."""
+    if name in ("Verdict", "Power", "STATUSES", "format_power"):
+        from rh.rules import verdict
+
+        return getattr(verdict, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # Results of the tests below: named tuples in the style of scipy.stats (``res.pvalue``, ``res.ci``)
 # that still unpack as the plain tuples they used to be.
@@ -140,147 +141,6 @@ class RatioTestResult(NamedTuple):
 def _opt_float(x: Any) -> float | None:
     """``None`` stays ``None``; anything else becomes a Python float."""
     return None if x is None else float(x)
-
-
-def format_power(power: dict | None) -> str:
-    """``support 0.83 at 0.1, refute 0.91 at 0`` (or the reason power is not stated)."""
-    if not power:
-        return "n/a"
-    parts = []
-    for side in ("support", "refute"):
-        if power.get(side) is not None:
-            parts.append(f"{side} {power[side]:.2f} at {_fmt(power.get(side + '_at'))}")
-    text = ", ".join(parts) or "not computed"
-    if power.get("note"):
-        text += f" ({power['note']})"
-    return text
-
-
-def _fmt(x: float | None, spec: str = ".4g") -> str:
-    """Format an optional number for :meth:`Verdict.explain`."""
-    if x is None:
-        return "n/a"
-    return format(x, spec)
-
-
-# --------------------------------------------------------------------------------------------
-# Verdict
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """The outcome of one claim under one parameter setting, with the numbers that justify it.
-
-    ``p_adjusted`` is the p-value after correction within the claim's parametrized family (equal
-    to ``p_value`` when there is no family); ``effect`` is oriented so that positive means "in the
-    direction the claim predicts", and ``effect_name`` says what it measures.
-    """
-
-    claim: str
-    params: dict
-    status: str
-    reason: str
-    test: str
-    statistic: float | None
-    p_value: float | None
-    p_adjusted: float | None
-    effect: float | None
-    ci: tuple[float, float] | None
-    ci_level: float = 0.95
-    n: int = 0
-    alpha: float = 0.05
-    effect_name: str = ""
-    details: dict = field(default_factory=dict)
-    min_effect: float | None = None  # the claim's smallest effect of interest (the refutation boundary)
-    power: dict | None = None  # rh.rules.Power.to_dict(): power to support and to refute at these sizes
-
-    def __post_init__(self) -> None:
-        if self.status not in STATUSES:
-            raise ValueError(
-                f"Verdict status {self.status!r} is not allowed; use one of {', '.join(STATUSES)}"
-            )
-        if self.ci is not None:
-            if len(self.ci) != 2:
-                raise ValueError(f"Verdict ci must be a (low, high) pair, got {self.ci!r}")
-            object.__setattr__(self, "ci", (float(self.ci[0]), float(self.ci[1])))
-        if not 0.0 < self.alpha < 1.0:
-            raise ValueError(f"Verdict alpha must lie in (0, 1), got {self.alpha!r}")
-        if not 0.0 < self.ci_level < 1.0:
-            raise ValueError(f"Verdict ci_level must lie in (0, 1), got {self.ci_level!r}")
-
-    @property
-    def supported(self) -> bool:
-        """True when the data support the claim."""
-        return self.status == "supported"
-
-    @property
-    def refuted(self) -> bool:
-        """True when the data do not support the claim (a finding, not an error)."""
-        return self.status == "refuted"
-
-    @property
-    def inconclusive(self) -> bool:
-        """True when preconditions failed, so the claim could not be tested."""
-        return self.status == "inconclusive"
-
-    def explain(self) -> str:
-        """A multi-line, human-readable account of the verdict and its numbers."""
-        params = ", ".join(f"{k}={v!r}" for k, v in self.params.items()) or "(none)"
-        if self.ci is None:
-            ci = "n/a"
-        else:
-            ci = f"[{_fmt(self.ci[0])}, {_fmt(self.ci[1])}] ({self.ci_level:.0%} CI)"
-        effect_name = f" ({self.effect_name})" if self.effect_name else ""
-        lines = [
-            f"claim:     {self.claim}",
-            f"params:    {params}",
-            f"status:    {self.status}",
-            f"reason:    {self.reason}",
-            f"test:      {self.test}",
-            f"statistic: {_fmt(self.statistic)}",
-            f"p:         raw {_fmt(self.p_value)}, adjusted {_fmt(self.p_adjusted)}",
-            f"effect:    {_fmt(self.effect)}{effect_name}, CI {ci}",
-            f"n:         {self.n}",
-            f"alpha:     {self.alpha:g}",
-            f"min effect: {_fmt(self.min_effect)}",
-            f"power:     {format_power(self.power)}",
-        ]
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict:
-        """A JSON-serialisable dict: tuples become lists, numpy scalars Python numbers, NaN/inf None."""
-        return {f.name: jsonable(getattr(self, f.name), strict=True) for f in fields(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Verdict:
-        """Rebuild a Verdict from :meth:`to_dict` output (e.g. after a JSON round-trip)."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"Verdict.from_dict got unknown keys {unknown}; allowed: {sorted(names)}")
-        required = {
-            f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
-        }
-        missing = sorted(required - set(d))
-        if missing:
-            raise ValueError(f"Verdict.from_dict is missing keys {missing}")
-        kw = dict(d)
-        for key in ("statistic", "p_value", "p_adjusted", "effect", "min_effect"):
-            if key not in kw:
-                continue
-            kw[key] = _opt_float(kw[key])
-        if kw["ci"] is not None:
-            kw["ci"] = (float(kw["ci"][0]), float(kw["ci"][1]))
-        for key in ("ci_level", "alpha"):
-            if key in kw:
-                kw[key] = float(kw[key])
-        if "n" in kw:
-            kw["n"] = int(kw["n"])
-        kw["params"] = dict(kw["params"])
-        if "details" in kw:
-            kw["details"] = dict(kw["details"])
-        return cls(**kw)
 
 
 # --------------------------------------------------------------------------------------------

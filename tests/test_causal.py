@@ -50,7 +50,7 @@ def test_clear_effect_is_supported_with_the_exact_paired_p_and_holm():
     assert v[10].supported and v[5].supported
     assert v[10].effect == pytest.approx(1.0) and v[5].effect == pytest.approx(8 / 16)
     lo, hi = v[5].ci
-    assert lo <= 8 / 16 <= hi and v[5].min_effect == 0.2 and v[5].power["support"] is not None
+    assert lo <= 8 / 16 <= hi and v[5].min_effect == 0.2 and v[5].power.support is not None
     # 1 of 16 worse: neither a gap > 0 nor one < 0.2 is shown, so inconclusive (never refuted)
     v1 = necessity_verdicts([_outcomes(5, [1] * n, [1] * 15 + [0], np.ones((DRAWS, n)))], n_boot=500)[5]
     assert v1.inconclusive and "neither" in v1.reason

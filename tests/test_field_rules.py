@@ -98,7 +98,7 @@ def test_kv_clustering_refutes_top_heads_spread_one_per_group_by_the_exact_tilte
         # the upper end: the λ at which P(T = 0) = α, i.e. P_λ(no pair)^8 = α, read back as an excess
         lam_hi = brentq(lambda x: _three_per_layer(x)[0] ** 8 - 0.05, -5, 5)
         assert v.ci[1] == pytest.approx(_three_per_layer(lam_hi)[1] - 0.25, abs=1e-6)
-        assert v.power["support"] is not None and v.power["refute"] is not None
+        assert v.power.support is not None and v.power.refute is not None
 
 
 def test_kv_clustering_at_the_boundary_is_not_refuted_and_an_unreachable_delta_is_not_judged():

@@ -155,7 +155,7 @@ def test_a_claim_stopped_by_the_budget_is_left_out_not_an_error(warm_imports, py
     pytester.makepyfile(test_claims="""
         import pytest
         from rh.budget import BudgetExhausted
-        from rh.stats import Verdict
+        from rh.rules.verdict import Verdict
 
         @pytest.mark.claim("X-1")
         def test_slow(record_verdict):
@@ -466,7 +466,7 @@ def test_a_run_ended_by_a_signal_writes_its_finished_verdicts_and_says_what_did_
         from pathlib import Path
 
         import pytest
-        from rh.stats import Verdict
+        from rh.rules.verdict import Verdict
 
         def _v(claim):
             return Verdict(claim=claim, status="supported", test="t", statistic=1.0, p_value=0.01, p_adjusted=0.01,
@@ -519,7 +519,7 @@ _RESUMABLE = """
     from pathlib import Path
 
     import pytest
-    from rh.stats import Verdict
+    from rh.rules.verdict import Verdict
 
     def _v(claim, status="supported"):
         return Verdict(claim=claim, status=status, test="t", statistic=1.0, p_value=0.01, p_adjusted=0.01,
@@ -656,7 +656,7 @@ def test_a_claim_that_declares_its_data_is_computed_again_when_the_data_change(w
     (pytester.path / "data.txt").write_text("one")
     pytester.makepyfile(test_claims=f"""
         import pytest
-        from rh.stats import Verdict
+        from rh.rules.verdict import Verdict
 
         @pytest.mark.claim("X-1", inputs=["data.txt"])
         def test_a(record_verdict):
@@ -685,7 +685,7 @@ def test_a_claim_without_a_verdict_or_with_two_is_an_error_row(warm_imports, pyt
     ones, is an error row in the matrix and the report, never dropped; one recorded twice is one."""
     pytester.makepyfile(test_claims="""
         import pytest
-        from rh.stats import Verdict
+        from rh.rules.verdict import Verdict
 
         def _v(claim, effect=0.5):
             return Verdict(claim=claim, status="supported", test="t", statistic=1.0, p_value=0.01, p_adjusted=0.01,

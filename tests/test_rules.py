@@ -28,7 +28,8 @@ from rh.rules.claims import (
 import rh.catalogue  # noqa: F401
 from rh.claim_families import calibrated
 from rh.rules.paired import exact_p_check, p_table
-from rh.stats import Verdict, _ni_exact_p
+from rh.rules.verdict import Verdict
+from rh.stats import _ni_exact_p
 
 
 
@@ -95,11 +96,11 @@ def test_paired_drop_claims_three_ways(fn):
         return incremental(base, {1: after}, ["L0H0"], min_drop=0.1)[1]
 
     few = run(*_pairs(6, 1))  # 6 items: a drop of 1/6 proves nothing either way
-    assert few.inconclusive and "neither" in few.reason and few.power["support"] < 0.8
+    assert few.inconclusive and "neither" in few.reason and few.power.support < 0.8
     assert run(*_pairs(200, 2)).refuted  # a 1-point drop on 200 items: below Δ
     assert run(*_pairs(200, 100)).supported  # a 50-point drop
     v = run(*_pairs(200, 100))
-    assert v.min_effect == (0.2 if fn == "drop" else 0.1) and 0 < v.power["support"] <= 1
+    assert v.min_effect == (0.2 if fn == "drop" else 0.1) and 0 < v.power.support <= 1
     assert v.ci[0] <= v.effect <= v.ci[1] and v.ci_level == 0.90
 
 
@@ -425,8 +426,8 @@ def test_id5_states_a_numeric_power_that_a_monte_carlo_of_the_rule_reproduces():
 
     acc = {"a": 0.9, "b": 0.9}
     stated = general_heads_rule(data(4 * ratio), ["h"], ratio=ratio, accuracy=acc).power
-    assert stated["method"].startswith("exact binomial") and 0 < stated["support"] < 1
+    assert stated.method.startswith("exact binomial") and 0 < stated.support < 1
     runs = 600
     hits = sum(general_heads_rule(data(4 * ratio), ["h"], ratio=ratio, accuracy=acc).status == "supported"
                for _ in range(runs))
-    assert abs(hits / runs - stated["support"]) < 4 * math.sqrt(0.25 / runs) + 0.05  # the spread is estimated
+    assert abs(hits / runs - stated.support) < 4 * math.sqrt(0.25 / runs) + 0.05  # the spread is estimated

@@ -24,7 +24,8 @@ from rh.rules.claims import (
 from rh.rules.core import Power, three_way
 from rh.rules.field import _boot_effects, _equal_pairs, _same_group_pairs
 from rh.rules.paired import paired_power
-from rh.stats import Verdict, wilcoxon_pvalues
+from rh.rules.verdict import Verdict
+from rh.stats import wilcoxon_pvalues
 
 pytestmark = pytest.mark.unit
 

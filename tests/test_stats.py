@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rh.heads import Head
+from rh.rules.verdict import Verdict
 from rh.stats import (
-    Verdict,
     bootstrap_ci,
     bootstrap_fraction_ci,
     fraction_ci,
@@ -867,3 +867,30 @@ def test_min_attainable_p_values_are_reached_by_the_tests_themselves():
                 lambda: min_attainable_p_headset(0), lambda: min_attainable_p_page(2, 0)):
         with pytest.raises(ValueError):
             bad()
+
+
+def test_a_verdicts_power_is_typed_and_survives_its_json_round_trip():
+    """Verdict sits beside the rule core with a typed Power: a dict (a report's, a journal's, an older
+    claim's) becomes a Power, the JSON form is Power.to_dict(), and from_dict gives the same verdict
+    back. Catches a power left as a dict (attribute access fails), one serialised as a string, and
+    rh.stats.Verdict no longer importable for claims written against it."""
+    import json
+
+    import rh.stats
+    from rh.rules.core import Power as CorePower
+    from rh.rules.verdict import Power, Verdict, format_power
+
+    pw = Power(0.8, 0.1, 0.9, 0.0, "exact binomial", "n = 40")
+    v = Verdict(claim="LAB-1", params={"k": 3}, status="supported", reason="r", test="t", statistic=1.0,
+                p_value=0.01, p_adjusted=0.02, effect=0.3, ci=(0.1, 0.5), n=40, power=pw)
+    assert v.power.support == 0.8 and CorePower is Power and rh.stats.Verdict is Verdict
+    row = json.loads(json.dumps(v.to_dict()))
+    assert row["power"] == pw.to_dict() and Verdict.from_dict(row) == v
+    as_dict = Verdict(**{**row, "ci": tuple(row["ci"])})
+    assert isinstance(as_dict.power, Power) and as_dict.power == pw
+    assert format_power(pw) == format_power(pw.to_dict()) == "support 0.80 at 0.1, refute 0.90 at 0 (n = 40)"
+    with pytest.raises(TypeError, match="rh.rules.Power"):
+        Verdict(claim="X-1", params={}, status="refuted", reason="", test="", statistic=None, p_value=None,
+                p_adjusted=None, effect=None, ci=None, power=0.8)
+    with pytest.raises(ValueError, match="unknown keys"):
+        Power.from_dict({"support": 0.5, "speed": 2})

@@ -43,8 +43,8 @@ from rh.report.format import (
     shorten,
     status_of,
 )
-from rh.stats import STATUSES as VERDICT_STATUSES
-from rh.stats import format_power
+from rh.rules.verdict import STATUSES as VERDICT_STATUSES
+from rh.rules.verdict import format_power
 
 __all__ = [
     "STATUSES",

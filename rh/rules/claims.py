@@ -18,8 +18,8 @@ from scipy import stats as _sps
 from rh.rules.core import Bounds, Power, decide_bounds, holm_pairs, t_power, three_way
 from rh.rules.paired import FLIP_RATE, paired_ci, paired_family, paired_p, paired_power, rule_power
 from rh.seeds import derive_seed
+from rh.rules.verdict import Verdict
 from rh.stats import (
-    Verdict,
     bootstrap_ci,
     headset_null_p_of_count,
     mcnemar_exact,
@@ -50,7 +50,7 @@ def inconclusive(claim: str, params: dict, reason: str, test: str, alpha: float 
     """A verdict whose preconditions failed, with the reason and whatever was measured."""
     return Verdict(claim=claim, params=params, status="inconclusive", reason=reason, test=test, statistic=None,
                    p_value=None, p_adjusted=None, effect=None, ci=None, n=n, alpha=alpha, effect_name=effect_name,
-                   details=details or {}, min_effect=min_effect, power=power.to_dict() if power else None)
+                   details=details or {}, min_effect=min_effect, power=power)
 
 
 # ------------------------------------------------------------------------------------------ CA-1
@@ -194,7 +194,7 @@ def necessity(outcomes: Sequence, *, alpha: float = 0.05, baseline_floor: float 
                       f"support approximated by the exact paired test; the head-set null must also reject (its "
                       f"smallest p is 1/{details['draws'] + 1}); {FLIP_RATE:.0%} of items flip each way")
         common = dict(claim="CA-1", params={"k": k}, test=CA1_TEST, statistic=float(n_pos), p_value=p, effect=effect,
-                      ci=ci, ci_level=1 - 2 * alpha, n=n, alpha=alpha, min_effect=min_gap, power=power.to_dict(),
+                      ci=ci, ci_level=1 - 2 * alpha, n=n, alpha=alpha, min_effect=min_gap, power=power,
                       effect_name="accuracy drop of top-K minus that of random-K (each item paired with one draw)")
         if k in reasons:
             out[k] = Verdict(status="inconclusive", reason=reasons[k], p_adjusted=None, details=details, **common)
@@ -269,7 +269,7 @@ def dose_response(base_logprob: np.ndarray, top_logprob: Mapping[int, np.ndarray
                    p_adjusted=p_grow, effect=med, ci=ci, ci_level=1 - 2 * alpha, n=len(growth), alpha=alpha,
                    effect_name=name, details={**details, "p_refute": p_ref, "p_growth_below_delta": p_short,
                                               "mean_growth": float(growth.mean())},
-                   min_effect=min_growth, power=pw.to_dict())
+                   min_effect=min_growth, power=pw)
 
 
 def _sign_power_at(n: int, distance: float, sd: float, alpha: float) -> float | None:
@@ -412,7 +412,7 @@ def position(base: np.ndarray, hub: np.ndarray, other: np.ndarray, *, hub_min: f
                    f"{other.mean():.2f} with a non-hub position patched; {why}", test=IV2_TEST,
                    statistic=float(b - c), p_value=p_sup, p_adjusted=p_sup, effect=hub_drop - other_drop, ci=None,
                    n=n, alpha=alpha, effect_name="hub drop - non-hub drop", details=details, min_effect=delta,
-                   power=power.to_dict())
+                   power=power)
 
 
 def override(base: np.ndarray, forced: Mapping[str, np.ndarray], *, keep: float = 0.9, min_drop: float = 0.10,
@@ -521,7 +521,7 @@ def difficulty(base_correct: np.ndarray, base_logprob: np.ndarray, abl_logprob: 
                    f"({drop.size} items correct at baseline); {why}", test=IV7_TEST, statistic=float(welch.statistic),
                    p_value=p_sup, p_adjusted=p_sup, effect=diff, ci=(float(ci.low), float(ci.high)),
                    ci_level=1 - 2 * alpha, n=int(drop.size), alpha=alpha, effect_name=name,
-                   details={**details, "p_refute": p_ref}, min_effect=min_effect, power=power.to_dict())
+                   details={**details, "p_refute": p_ref}, min_effect=min_effect, power=power)
 
 
 # ------------------------------------------------------------------------------------------ ID-1
@@ -696,7 +696,7 @@ def ratio_rule(claim: str, ratios: np.ndarray, *, support_ratio: float, refute_r
                    test=test, statistic=med, p_value=p_sup, p_adjusted=p_sup, effect=float(np.log(med)), ci=ci,
                    ci_level=1 - 2 * alpha, n=n, alpha=alpha, effect_name=effect_name,
                    details={**details, "median_ratio": med, "p_refute": p_ref}, min_effect=refute_ratio,
-                   power=power.to_dict())
+                   power=power)
 
 
 # ------------------------------------------------------------------------------------------ ID-5
@@ -773,7 +773,7 @@ def general_heads_rule(ratios: Mapping[str, np.ndarray], candidates: Sequence[st
                    reason=f"{len(candidates)} head(s) are in the top {k} of all {len(tasks)} tasks ({', '.join(tasks)}): "
                    f"{', '.join(candidates)}; {why}", test=ID5_TEST, statistic=float(len(general)),
                    p_value=min(p_sup), p_adjusted=min(adj_s), effect=float(len(general)), ci=None, n=n, alpha=alpha,
-                   effect_name=name, details=details, min_effect=ratio, power=power.to_dict())
+                   effect_name=name, details=details, min_effect=ratio, power=power)
 
 
 def _id5_power(ratios: Mapping[str, np.ndarray], tasks: Sequence[str], m: int, *, ratio: float,

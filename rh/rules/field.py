@@ -19,7 +19,7 @@ import numpy as np
 from rh.rules.claims import agreement, floor_reason, inconclusive, necessity
 from rh.rules.core import Bounds, Power, decide_bounds
 from rh.rules.paired import paired_family, paired_tests, rule_power
-from rh.stats import Verdict
+from rh.rules.verdict import Verdict
 
 __all__ = ["method_agreement", "group_pair_null", "kv_clustering", "distractor_necessity", "compression_safety",
            "compression_bounds",
@@ -275,7 +275,7 @@ def kv_clustering(top: Sequence[int], boot_tops: np.ndarray | None, *, n_layers:
     return Verdict(claim="ID-8", params=params, status=status, reason=reason, test=ID8_TEST, statistic=float(t_obs),
                    p_value=p_sup, p_adjusted=p_sup, effect=effect, ci=(lo, hi),
                    ci_level=1 - 2 * alpha, n=int(pairs), alpha=alpha, effect_name=name,
-                   details={**details, "p_refute": p_ref}, min_effect=min_effect, power=power.to_dict())
+                   details={**details, "p_refute": p_ref}, min_effect=min_effect, power=power)
 
 
 # ------------------------------------------------------------------------------------------ CA-7
@@ -329,7 +329,7 @@ def distractor_necessity(outcome, base_distractor: np.ndarray, top_distractor: n
     rate = Verdict(claim="CA-7", params=params, status=status, reason=reason, test=CA7_TEST, statistic=mean,
                    p_value=p_sup, p_adjusted=p_sup, effect=mean, ci=ci, ci_level=1 - 2 * a2, n=int(diffs.size),
                    alpha=a2, effect_name=name, details={**details, "p_refute": p_ref}, min_effect=min_rise,
-                   power=power.to_dict())
+                   power=power)
     return {"accuracy": acc, "distractor_rate": rate}
 
 
