@@ -1093,6 +1093,40 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
 )}
 
 
+def attention_features(config: Any) -> dict[str, Any]:
+    """What a model's config says about its attention, as the report states it: the transformers
+    ``model_type`` and the features rh's capture, ablations and prefix reuse must respect (grouped
+    queries, sliding windows, soft-capping, QK-norm, qkv biases, partial rotary, mixture-of-experts
+    layers); the families of :data:`FAMILIES` are the ones rh tests. Read from the config alone."""
+    cfg = getattr(config, "text_config", None) or config
+    get = lambda name: getattr(cfg, name, None)  # noqa: E731
+    feats = []
+    heads, kv = get("num_attention_heads"), get("num_key_value_heads")
+    if heads and kv and kv < heads:
+        feats.append(f"GQA ({heads} query heads, {kv} KV heads)")
+    if get("sliding_window") and (get("use_sliding_window") is not False):
+        layer_types = get("layer_types") or ()
+        local = sum(t == "sliding_attention" for t in layer_types)
+        feats.append(f"sliding window {get('sliding_window')}" + (f" ({local} of {len(layer_types)} layers)"
+                                                                 if layer_types else ""))
+    if get("attn_logit_softcapping"):
+        feats.append(f"attention logit soft-capping {get('attn_logit_softcapping'):g}")
+    if get("final_logit_softcapping"):
+        feats.append(f"final logit soft-capping {get('final_logit_softcapping'):g}")
+    model_type = str(get("model_type") or "")
+    if model_type.startswith(("qwen3", "gemma3", "olmo2")):
+        feats.append("QK-norm")
+    if get("attention_bias") or model_type.startswith("qwen2"):
+        feats.append("qkv biases")
+    if get("partial_rotary_factor") not in (None, 1, 1.0):
+        feats.append(f"partial rotary {get('partial_rotary_factor'):g}")
+    experts = get("num_local_experts") or get("num_experts")
+    if experts:
+        feats.append(f"mixture of experts ({experts} experts)")
+    family = next((f.name for f in FAMILIES.values() if f.config_class == type(cfg).__name__), None)
+    return {"model_type": model_type or None, "tested_family": family, "features": feats}
+
+
 def tiny_config(family: str, *, n_layers: int = 4, n_heads: int = 8, n_kv_heads: int = 2, head_dim: int = 8,
                 vocab_size: int = 49152, init_std: float = 0.2, tokenizer: Any = None) -> Any:
     """The transformers config of :func:`tiny_model`'s ``family`` model (no weights): its own config

@@ -83,7 +83,10 @@ class Run:
         model = load_model(self.model_name, **self.model_kwargs)
         handle = self.counter.attach(model.model)
         self.resources.callback(handle.remove)
-        self.meta.update({"dtype": model.provenance["dtype"], "dtype_reason": model.provenance.get("dtype_reason")})
+        from rh.models import attention_features
+
+        self.meta.update({"dtype": model.provenance["dtype"], "dtype_reason": model.provenance.get("dtype_reason"),
+                          "architecture": attention_features(model.model.config)})
         if self._on_load is not None:
             self._on_load(self, model)
         if self.plain:

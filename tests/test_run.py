@@ -53,7 +53,7 @@ def test_the_run_loads_once_counts_runs_units_and_leaves_nothing_on_the_model(tm
         html, js = sorted(run.write_report(tmp_path, "r", meta={"model": "tiny-llama"}), key=lambda p: p.suffix)
         data = json.loads(js.read_text())
         assert data["meta"]["command"] == "a test" and data["meta"]["hardware"]["cpu_count"] >= 1
-        assert data["meta"]["layout"]["executor"] == "local"
+        assert data["meta"]["layout"]["executor"] == "local" and data["meta"]["architecture"]["model_type"] == "llama"
         assert "accuracy vs heads ablated" in html.read_text()  # the registered family's figure
     assert runner_for(model) is not run.runner and active_cache(model) is None
     from rh.models import decoder_layers
@@ -63,3 +63,36 @@ def test_the_run_loads_once_counts_runs_units_and_leaves_nothing_on_the_model(tm
     closed.close()
     with pytest.raises(RuntimeError, match="closed"):
         closed.load()
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2"])
+def test_the_architecture_the_report_states_is_read_from_the_config(family):
+    """Each tested family's tiny config is stated with the attention features rh.models.FAMILIES
+    declares for it (read independently, from the config alone), and the report's provenance names
+    the family. Catches a feature the capture must respect (a sliding window, soft-capping, QK-norm,
+    qkv biases, partial rotary) going unstated, and a family rh tests shown as untested."""
+    from rh.models import FAMILIES, attention_features, tiny_config
+    from rh.report import provenance
+
+    arch = attention_features(tiny_config(family))
+    assert arch["tested_family"] == family
+    stated = " ".join(arch["features"])
+    for declared in FAMILIES[family].features:
+        key = next((k for k in ("sliding window", "logit soft-capping", "QK-norm", "qkv biases", "partial rotary",
+                                "GQA") if k in declared), None)
+        if key is not None:
+            assert key in stated, (family, declared, stated)
+    line = provenance({"architecture": arch})["architecture"]
+    assert line.startswith(arch["model_type"]) and f"the {family} family rh tests" in line
+    assert "mixture of experts" not in stated
+
+
+def test_a_model_of_an_untested_family_says_so():
+    import transformers
+
+    from rh.models import attention_features
+    from rh.report import provenance
+
+    moe = attention_features(transformers.MixtralConfig(num_local_experts=8, num_key_value_heads=8))
+    assert moe["tested_family"] is None and "mixture of experts (8 experts)" in moe["features"]
+    assert "a family rh has no tiny-model tests for" in provenance({"architecture": moe})["architecture"]

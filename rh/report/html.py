@@ -183,6 +183,17 @@ def format_matrix(verdicts: Sequence[Mapping[str, Any]], *, color: bool = False,
     return "\n".join(lines)
 
 
+def _fmt_architecture(arch: Any) -> str | None:
+    """``llama (a family rh tests): GQA (9 query heads, 3 KV heads)``, from the run's
+    ``meta["architecture"]`` (:func:`rh.models.attention_features`)."""
+    if not isinstance(arch, Mapping) or not arch.get("model_type"):
+        return None
+    tested = (f"the {arch['tested_family']} family rh tests" if arch.get("tested_family")
+              else "a family rh has no tiny-model tests for")
+    feats = ", ".join(arch.get("features") or []) or "no special attention features"
+    return f"{arch['model_type']} ({tested}): {feats}"
+
+
 def provenance(meta: Mapping[str, Any]) -> dict[str, Any]:
     """What a reader needs to trust or reproduce a run, as label -> value, from a report's meta.
 
@@ -207,6 +218,7 @@ def provenance(meta: Mapping[str, Any]) -> dict[str, Any]:
         "model": meta.get("model"),
         "model id": first(meta.get("model_id"), rprov.get("model_id")),
         "revision": first(meta.get("revision"), meta.get("model_revision"), rprov.get("revision")),
+        "architecture": _fmt_architecture(meta.get("architecture")),
         "dtype": first(meta.get("dtype"), rprov.get("dtype")),
         "dtype chosen because": meta.get("dtype_reason"),
         "head file": meta.get("heads_model_warning"),
