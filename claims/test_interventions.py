@@ -26,12 +26,13 @@ def iv_baseline(rh_model, iv_samples, critical, profile):
     """The unablated outcomes on the IV prompts. The passes keep the residual stream where each
     intervention on the critical heads starts (IV-1's top 1, 2, 3; IV-2's and IV-3's first critical
     layer), so those passes run only the layers from there on (rh.prefix)."""
-    from rh.evaluate import teacher_forced
+    from rh.ablation import Ablation
     from rh.prefix import first_layers, hinting
+    from rh.runner import run_one
 
     sets = [critical[:n] for n in profile.incremental_levels] + [critical[: profile.critical_k]]
     with hinting(rh_model, first_layers(sets)):
-        return teacher_forced(rh_model, iv_samples, condition="baseline", batch_size=profile.batch_size)
+        return run_one(rh_model, iv_samples, Ablation.baseline(), batch_size=profile.batch_size)
 
 
 @pytest.fixture(scope="session")

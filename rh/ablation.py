@@ -494,6 +494,11 @@ class Ablation:
         """The number of heads ablated."""
         return len(self.heads)
 
+    @property
+    def params(self) -> tuple:
+        """What besides heads, method and phase sets the rows: nothing (a stored row's key reads it)."""
+        return ()
+
     def columns(self) -> dict[str, Any]:
         """What the condition is, as the columns :func:`rh.evaluate.evaluate_conditions` adds to its rows."""
         on = bool(self.heads)

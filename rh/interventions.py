@@ -25,17 +25,18 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
-from rh.ablation import Ablation, ablate, uniform_attention
+from rh.ablation import Ablation, uniform_attention
 from rh.attention import AttentionIntervention, add_intervention, rh_attention_active
 from rh.batching import current_batch, make_batches
 from rh.evaluate import teacher_forced
-from rh.heads import Head, HeadShape, heads_by_layer, validate_heads
+from rh.heads import Head, HeadShape, heads_by_layer, parse_heads, validate_heads
 from rh.id_claims import inconclusive
 from rh.models import LoadedModel, attention_modules, head_shape, hf_model
 from rh.niah import Sample
@@ -267,6 +268,51 @@ def non_hub_positions(samples: Sequence[Sample], hub: int, *, seed: int = 0) -> 
     return out
 
 
+@dataclass(frozen=True)
+class Patch:
+    """IV-2's patching declared as a condition (a :class:`rh.units.Unit` takes it, as it takes an
+    :class:`~rh.ablation.Ablation`): the residual stream entering layer ``layer`` replaced at the
+    hub position (``at="hub"``) or at each prompt's non-hub control position (``at="non-hub"``,
+    :func:`non_hub_positions`, drawn per prompt by ``seed``), by ``mode`` (``"noise"`` or
+    ``"mean"``: :func:`patch_positions`; a recorded source is data, not a declaration). Plain data,
+    so its rows are stored, keyed and shipped to replicas like any unit's."""
+
+    name: str
+    layer: int
+    at: str
+    hub: int
+    mode: str = "noise"
+    seed: int = 0
+
+    heads = ()  # the whole residual stream, no head
+    method = "patch"
+    phase = "all"
+    selection = "patch"
+    draw = None
+
+    def __post_init__(self) -> None:
+        if self.at not in ("hub", "non-hub"):
+            raise ValueError(f"Patch {self.name!r}: at={self.at!r}: use 'hub' or 'non-hub'")
+        if self.mode not in ("noise", "mean"):
+            raise ValueError(f"Patch {self.name!r}: mode={self.mode!r}: a declared patch is 'noise' or 'mean' "
+                             "('source' patches recorded activations: use patch_positions directly)")
+
+    @property
+    def params(self) -> tuple:
+        return ("patch", self.layer, self.at, self.hub, self.mode, self.seed)
+
+    def columns(self) -> dict[str, Any]:
+        return {"selection": self.selection, "k": 0, "draw": None, "method": self.method, "phase": self.phase}
+
+    def positions(self, sample: Sample) -> list[int]:
+        if self.at == "hub":
+            return [self.hub]
+        return non_hub_positions([sample], self.hub, seed=self.seed)[sample.id]
+
+    def open(self, model: Any) -> contextlib.AbstractContextManager:
+        return patch_positions(model, self.layer, self.positions, mode=self.mode, seed=self.seed)
+
+
 # ============================================================================ attention override
 
 
@@ -392,6 +438,43 @@ def override_attention(model: LoadedModel, heads: Iterable[Head | str], pattern:
         for layer, idx in sorted(by_layer.items()):
             stack.callback(add_intervention(modules[layer], _Override(sorted(idx), pattern, hub, fraction, rest)))
         yield heads
+
+
+@dataclass(frozen=True)
+class Override:
+    """IV-3's attention override declared as a condition: ``heads`` forced to ``pattern``
+    (``"hub"``, ``"uniform"`` or ``"sequential"``; :func:`override_attention`) with the hub's
+    ``fraction`` and ``rest``. Plain data, so its rows are stored, keyed and shipped like any unit's."""
+
+    name: str
+    heads: tuple[Head, ...]
+    pattern: str
+    hub: int = 0
+    fraction: float = 0.8
+    rest: str = "original"
+
+    method = "override"
+    phase = "all"
+    selection = "heads"
+    draw = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "heads", tuple(parse_heads(self.heads)))
+        if self.pattern not in PATTERNS:
+            raise ValueError(f"Override {self.name!r}: pattern={self.pattern!r}: use one of "
+                             f"{', '.join(repr(p) for p in PATTERNS)} (a tensor pattern is data: use override_attention)")
+
+    @property
+    def params(self) -> tuple:
+        return ("override", self.pattern, self.hub, float(self.fraction), self.rest)
+
+    def columns(self) -> dict[str, Any]:
+        return {"selection": self.selection, "k": len(self.heads), "draw": None, "method": self.method,
+                "phase": self.phase}
+
+    def open(self, model: Any) -> contextlib.AbstractContextManager:
+        return override_attention(model, self.heads, self.pattern, hub=self.hub, fraction=self.fraction,
+                                  rest=self.rest)
 
 
 # ============================================================================ head transplant
@@ -581,10 +664,7 @@ def incremental_ablation(model: LoadedModel, samples: Sequence[Sample], heads: S
 
     def ablating(n: int):
         def evaluate(part: list[Sample]) -> np.ndarray:
-            # run here, not as a work unit: the IV claims' passes reuse the prefixes their baseline keeps, and
-            # IV-2's and IV-3's (patching, attention overrides) are not units yet, so they all stay together
-            with ablate(model, heads[:n]):
-                df = teacher_forced(model, part, condition=f"top{n}", batch_size=batch_size)
+            df = run_one(model, part, Ablation(f"top{n}", tuple(heads[:n])), batch_size=batch_size)
             frames[n].append(df)
             return _correct(df, [s.id for s in part])
         return evaluate
@@ -621,10 +701,12 @@ def position_patching(model: LoadedModel, samples: Sequence[Sample], baseline: p
         return inconclusive("IV-2", params, f"every sample's needle covers the hub position {hub}", test, alpha)
     base = _correct(baseline, ids)
     others = non_hub_positions(kept, hub, seed=seed)
-    with patch_positions(model, layer, [hub], mode=mode, seed=seed):
-        hub_df = teacher_forced(model, kept, condition="hub patched", batch_size=batch_size)
-    with patch_positions(model, layer, others, mode=mode, seed=seed):
-        other_df = teacher_forced(model, kept, condition="non-hub patched", batch_size=batch_size)
+    if mode == "source":
+        raise ValueError("position_patching patches by 'noise' or 'mean' (a recorded source is not a declared "
+                         "condition: use patch_positions directly)")
+    hub_df = run_one(model, kept, Patch("hub patched", layer, "hub", hub, mode, seed), batch_size=batch_size)
+    other_df = run_one(model, kept, Patch("non-hub patched", layer, "non-hub", hub, mode, seed),
+                       batch_size=batch_size)
     hub_c, other_c = _correct(hub_df, ids), _correct(other_df, ids)
     from rh.rules.claims import position
 
@@ -651,9 +733,8 @@ def attention_override(model: LoadedModel, samples: Sequence[Sample], heads: Seq
 
     def forcing(pat: str):
         def evaluate(part: list[Sample]) -> np.ndarray:
-            with override_attention(model, heads, pat, hub=hub, fraction=fraction):
-                df = teacher_forced(model, part, condition=f"{pat} attention", batch_size=batch_size)
-            return _correct(df, [s.id for s in part])
+            cond = Override(f"{pat} attention", tuple(heads), pat, hub=hub, fraction=fraction)
+            return _correct(run_one(model, part, cond, batch_size=batch_size), [s.id for s in part])
         return evaluate
 
     arms = {pat: Arm(samples, base, evaluate=forcing(pat)) for pat in patterns}

@@ -84,9 +84,10 @@ def row_key(layout_key: str, condition: Ablation, sample: Sample) -> str | None:
     """The stored row's key, or None where the row is not stored (mean ablation)."""
     if condition.method == "mean" and condition.heads:
         return None
-    fields = [layout_key, [str(h) for h in condition.heads], condition.method if condition.heads else "",
-              condition.phase if condition.heads else "", list(sample.input_ids), list(sample.answer_ids)]
-    params = list(getattr(condition, "params", ()))  # a window restriction's sink and window
+    params = list(getattr(condition, "params", ()))  # a window restriction's sink and window, a patch's place...
+    on = bool(condition.heads or params)  # the baseline alone has neither: its rows are keyed as such
+    fields = [layout_key, [str(h) for h in condition.heads], condition.method if on else "",
+              condition.phase if on else "", list(sample.input_ids), list(sample.answer_ids)]
     text = json.dumps(fields + [params] if params else fields)
     return hashlib.sha256(text.encode()).hexdigest()
 

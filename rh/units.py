@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 import torch
@@ -39,18 +40,39 @@ from rh.heads import Head, heads_by_layer
 from rh.niah import Sample
 
 
+#: What a condition declares (:class:`rh.ablation.Ablation` and :class:`rh.compression.Restriction`
+#: here; IV-2's patching and IV-3's attention overrides, :class:`rh.interventions.Patch` and
+#: :class:`rh.interventions.Override`): a name, the heads it touches, its method and phase, the
+#: values besides those that set its rows (``params``, part of a stored row's key), and ``open``.
+CONDITION_ATTRIBUTES = ("name", "heads", "method", "phase", "params", "open")
+
+
+def is_condition(value: Any) -> bool:
+    """Whether ``value`` declares a condition a :class:`Unit` can take: the attributes of
+    :data:`CONDITION_ATTRIBUTES` and a hash (a frozen value of plain data, so it can be keyed and
+    shipped to a replica)."""
+    if not all(hasattr(value, a) for a in CONDITION_ATTRIBUTES):
+        return False
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class Unit:
-    """Evaluate the prompts ``sample_ids`` teacher-forced under ``condition`` (an ablation, or a
-    window restriction: :class:`rh.compression.Restriction`)."""
+    """Evaluate the prompts ``sample_ids`` teacher-forced under ``condition`` (an ablation, a
+    window restriction, a patch or an attention override: any value :func:`is_condition` accepts)."""
 
-    condition: Ablation | Restriction
+    condition: Ablation | Restriction | Any
     sample_ids: tuple[str, ...]
 
     def __post_init__(self) -> None:
-        if not isinstance(self.condition, (Ablation, Restriction)):
-            raise TypeError("a Unit's condition is an rh.ablation.Ablation or an rh.compression.Restriction, not "
-                            f"{type(self.condition).__name__}")
+        if not is_condition(self.condition):
+            raise TypeError("a Unit's condition declares a name, heads, method, phase, params and open (an "
+                            "rh.ablation.Ablation, rh.compression.Restriction, rh.interventions.Patch or Override) "
+                            f"and is hashable, not {type(self.condition).__name__}")
         object.__setattr__(self, "sample_ids", tuple(str(i) for i in self.sample_ids))
         if not self.sample_ids:
             raise ValueError(f"unit {self.condition.name!r} names no prompt")

@@ -401,3 +401,47 @@ def test_intervention_figures_render_from_verdict_details():
                         FAMILIES)
     assert sorted(t.split(":")[0] for t in figs) == ["IV-1", "IV-2", "IV-3", "IV-5", "IV-6", "IV-7"]
     assert all(png.startswith(b"\x89PNG") for png in figs.values())
+
+
+def test_patches_and_overrides_as_work_units_give_the_context_managers_rows_and_are_plain_data(tiny, mixed, tmp_path):
+    """IV-2's patches and IV-3's overrides declared as conditions run through the runner (so on Ray
+    replicas too) and give exactly the rows of the context-manager passes they replace; they pickle,
+    hash, and key their stored rows apart from the baseline's and from each other's. Catches a
+    condition that ignores its per-prompt non-hub positions, a stored patched row served as the
+    baseline (a key without the patch's place), and a condition that cannot be shipped."""
+    import pickle
+
+    from rh.ablation import Ablation
+    from rh.evaluate import teacher_forced
+    from rh.interventions import Override, Patch, non_hub_positions, override_attention, patch_positions
+    from rh.runner import ResultStore, Runner, row_key, run_one, use_runner
+    from rh.units import Unit
+
+    hub, layer = 2, 1
+    conds = [Patch("hub patched", layer, "hub", hub, "noise", 3),
+             Patch("non-hub patched", layer, "non-hub", hub, "noise", 3), Patch("mean", layer, "hub", hub, "mean"), Override("uniform", ("L1H0", "L2H3"), "uniform"),
+             Override("hub", ("L1H0",), "hub", hub=hub, fraction=0.5), Override("seq", ("L2H1",), "sequential")]
+    others = non_hub_positions(mixed, hub, seed=3)
+    direct = []
+    for c in conds:
+        if isinstance(c, Patch):
+            where = [hub] if c.at == "hub" else others
+            cm = patch_positions(tiny, layer, where, mode=c.mode, seed=c.seed)
+        else:
+            cm = override_attention(tiny, c.heads, c.pattern, hub=c.hub, fraction=c.fraction)
+        with cm:
+            direct.append(teacher_forced(tiny, mixed, condition=c.name, batch_size=4))
+    with use_runner(tiny, Runner(tiny, store=ResultStore(tmp_path / "rows.jsonl"))):
+        via = [run_one(tiny, mixed, c, batch_size=4) for c in conds]
+    base = teacher_forced(tiny, mixed, condition="baseline", batch_size=4)
+    for c, d, v in zip(conds, direct, via):
+        assert v["correct"].tolist() == d["correct"].tolist(), c.name
+        np.testing.assert_allclose(v["logprob"], d["logprob"], rtol=0, atol=1e-5, err_msg=c.name)
+        assert pickle.loads(pickle.dumps(Unit(c, ("a",)))) == Unit(c, ("a",)) and hash(c) == hash(copy.deepcopy(c))
+    assert not np.allclose(via[0]["logprob"], base["logprob"])  # the patch does something on this model
+    keys = {row_key("L", c, mixed[0]) for c in [*conds, Ablation.baseline()]}
+    assert len(keys) == len(conds) + 1 and None not in keys
+    with pytest.raises(ValueError, match="'source' patches recorded activations"):
+        Patch("p", 1, "hub", 0, "source")
+    with pytest.raises(ValueError, match="pattern="):
+        Override("o", ("L0H0",), "diagonal")
