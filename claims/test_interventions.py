@@ -117,7 +117,8 @@ def test_the_answer_becomes_decodable_after_the_critical_heads(rh_model, ranking
     samples = profile.fresh_samples(rh_model, "probes", profile.probe_n)
     feats = last_token_residuals(rh_model, samples, batch_size=profile.batch_size)
     df = layer_probes(feats, answer_labels(samples), seed=profile.draw_seed)
-    v = decodable_after_heads(df, [h.layer for h in ranking.top(profile.critical_k)], alpha=profile.alpha)
+    v = decodable_after_heads(df, [h.layer for h in ranking.top(profile.critical_k)], alpha=profile.alpha,
+                              margin=profile.probe_margin)
     record_verdict(replace(v, details={**v.details, "layers": df.to_dict("list")}))  # columns: compact in the report
 
 

@@ -67,7 +67,7 @@ def sizes(p: Profile) -> dict:
             "incremental_levels": len(p.incremental_levels), "dose_levels": len(p.dose_levels),
             "ig_n": p.ig_n, "id_k": p.id_k, "identify": per_task - n_val,
             "distractor": p.distractor_n * len(p.depths), "compress_levels": len(p.compress_levels) or 2,
-            "group_k": p.group_k or 27, "content_free": p.content_free_n}
+            "group_k": p.group_k or 27, "content_free": p.content_free_n, "probe": p.probe_n * len(p.depths)}
 
 
 def pair(rng: np.random.Generator, n: int, drop: float, base_acc: float = BASE_ACC) -> tuple[np.ndarray, np.ndarray]:
@@ -501,6 +501,37 @@ def sim_id1(p: Profile, s: dict, rng, effect: float, shape: str = "smooth") -> l
     scored = SampleScores("wu24", [str(i) for i in range(n)], x[:, None, :], np.ones(n, bool), [{} for _ in range(n)])
     return [sparsity(scored, threshold=thr, max_fraction=p.sparsity_max_fraction, alpha=p.alpha, n_boot=200,
                      seed=int(rng.integers(1 << 30)))]
+
+
+def sim_iv5_with(shape: str) -> Callable:
+    """IV-5's layer probes: 31 residual indices (SmolLM2's 30 layers), the first critical head
+    writing at index 16, chance 0.2, every late index decoding at 0.7, and the early indices at
+    chance + ``effect``: all of them (``"flat"``), only the last one before the write, the others
+    at chance (``"last-early"``), or all of them with each prompt's hits shared across indices (a
+    prompt a probe gets right at one index it gets right at every index its accuracy allows:
+    ``"correlated"``, the strongest dependence between indices)."""
+    def run(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
+        import pandas as pd
+
+        from rh.probes import decodable_after_heads
+
+        n, m, first, chance = s["probe"], 31, 16, 0.2
+        acc = np.full(m, chance)
+        if shape == "last-early":
+            acc[first - 1] = chance + effect
+        else:
+            acc[:first] = chance + effect
+        acc[first:] = 0.7
+        if shape == "correlated":
+            u = rng.random(n)
+            hits = (u[None, :] < acc[:, None]).sum(axis=1)
+        else:
+            hits = rng.binomial(n, acc)
+        p_gt = _sps.binom.sf(hits - 1, n, chance)
+        df = pd.DataFrame({"layer": np.arange(m), "accuracy": hits / n, "n": n, "n_correct": hits,
+                           "chance": chance, "p_value": p_gt})
+        return [decodable_after_heads(df, [first - 1], alpha=p.alpha, margin=p.probe_margin)]
+    return run
 
 
 def calibrate(family: str, profile: Profile, *, reps: int = 200, seed: int | None = None) -> Rates:

@@ -193,21 +193,27 @@ def layer_indices(critical_layers: Any) -> list[int]:
 
 
 def decodable_after_heads(df: pd.DataFrame, critical_layers: Sequence[int], *, alpha: float = 0.05,
-                          params: dict | None = None) -> Verdict:
-    """IV-5: the answer becomes linearly decodable at or after the critical heads' layers.
+                          margin: float = 0.1, params: dict | None = None) -> Verdict:
+    """IV-5: the answer becomes linearly decodable at or after the critical heads' layers, and not
+    before them.
 
     ``df`` is :func:`layer_probes`' table (rows = residual indices 0..n_layers), ``critical_layers``
-    the layers of the critical heads (ints, or Heads). Holm across the indices; the onset is the
-    first index whose adjusted p < ``alpha``. A head in layer L first writes into index L + 1, so:
+    the layers of the critical heads (ints, or Heads). A head in layer L first writes into index
+    L + 1, so the indices split into *early* ones (before the first critical head writes) and
+    *late* ones. With ``margin`` = δ, the accuracy above chance that counts as decodable, and exact
+    binomial tests of each index's held-out accuracy:
 
-    * supported: the onset exists and is >= min(critical_layers) + 1;
-    * refuted: the onset is <= min(critical_layers): the answer was decodable before any critical
-      head wrote to the residual stream;
-    * inconclusive: no index is decodable above chance (the claim cannot be tested), or there are
-      too few samples for the exact binomial test to reach alpha / (number of indices) at all.
+    * supported: some late index decodes above chance (Holm across the late indices) **and** every
+      early index is shown below chance + δ (an intersection-union test: each at α, p = the
+      largest). Not finding early decoding is not enough: the early layers must be shown not to
+      decode, so few samples give *inconclusive*, never a silent support;
+    * refuted: some early index decodes above chance + δ (Holm across the early indices): the
+      answer was decodable before any critical head wrote to the residual stream;
+    * inconclusive otherwise, with the reason (nothing decodes after the first write, or the early
+      layers could be shown neither below nor above chance + δ, or too few samples for any test).
 
-    Effect = onset - (min critical layer + 1): >= 0 is as claimed (0 = decodable exactly where the
-    first critical head writes), negative refutes it.
+    Effect = onset - (min critical layer + 1), where the onset is the first index decoding above
+    chance (Holm across all indices): >= 0 is as claimed, negative points the other way.
     """
     need = {"layer", "accuracy", "n", "n_correct", "chance", "p_value"}
     missing = need - set(df.columns)
@@ -242,7 +248,7 @@ def decodable_after_heads(df: pd.DataFrame, critical_layers: Sequence[int], *, a
             details["p_adjusted"] = [float(p) for p in p_adj]
         from rh.rules.claims import inconclusive
 
-        return inconclusive(CLAIM, base_params, reason, TEST_NAME, alpha, n, details, min_effect=0.0,
+        return inconclusive(CLAIM, base_params, reason, TEST_NAME, alpha, n, details, min_effect=margin,
                             effect_name="onset index - (min critical layer + 1)")
 
     if np.isnan(acc).all():
@@ -252,31 +258,60 @@ def decodable_after_heads(df: pd.DataFrame, critical_layers: Sequence[int], *, a
     if min_p >= alpha / m:
         return _inconclusive(f"{n} samples at chance {chance:.3f} cannot reach p < alpha/{m} = {alpha / m:.2g} with "
                              f"an exact binomial test even at 100% accuracy (smallest p {min_p:.2g}); use more samples")
-    p_raw = df["p_value"].to_numpy(float)
+    if not 0.0 < margin < 1.0 - chance:
+        raise ValueError(f"decodable_after_heads: margin={margin!r} must lie in (0, 1 - chance = {1 - chance:.3f})")
+    from scipy.stats import binom
+
+    from rh.rules.core import Power
+
+    hits = df["n_correct"].to_numpy(float)
+    p_raw = df["p_value"].to_numpy(float)  # H0: accuracy <= chance
     p_adj = holm(p_raw.tolist())
+    bound = chance + margin
+    # per index, the exact binomial tests against chance + δ: below it (H0 >= bound) and above it (H0 <= bound)
+    p_below = [float(binom.cdf(k, n, bound)) if np.isfinite(k) else 1.0 for k in hits]
+    p_over = [float(binom.sf(k - 1, n, bound)) if np.isfinite(k) else 1.0 for k in hits]
+    early, late = list(range(first_write)), list(range(first_write, m))
+    late_adj = dict(zip(late, holm([float(p_raw[i]) for i in late]))) if late else {}
+    early_over = dict(zip(early, holm([p_over[i] for i in early]))) if early else {}
     sig = [i for i in range(m) if p_adj[i] < alpha]
-    if not sig:
+    onset = sig[0] if sig else None
+    details.update({"onset": onset, "p_adjusted": [float(p) for p in p_adj], "significant_indices": sig,
+                    "margin": margin, "p_below_margin": [round(p, 6) for p in p_below],
+                    "early_indices": len(early)})
+    power = Power.none("the IUT over the early indices and Holm over the late ones: error rates and power "
+                       "measured in rh.calibration (family IV-5)")
+    common = dict(claim=CLAIM, params=base_params, test=TEST_NAME + f"; early indices against chance + {margin:g}",
+                  ci=None, n=n, alpha=alpha, details=details, min_effect=margin, power=power,
+                  statistic=float(onset) if onset is not None else None,
+                  effect=float(onset - first_write) if onset is not None else None,
+                  effect_name="onset index - (min critical layer + 1); >= 0 as claimed")
+    refuting = [i for i in early if early_over[i] < alpha]
+    if refuting:
+        i = refuting[0]
+        return Verdict(status="refuted", p_value=p_over[i], p_adjusted=early_over[i], reason=(
+            f"the answer is decodable at residual index {i} (after layer {i - 1}), before index {first_write} where "
+            f"the first critical head (layer {crit[0]}) writes: accuracy {acc[i]:.2f}, above chance {chance:.2f} + "
+            f"{margin:g} (adjusted p {early_over[i]:.3g})"), **common)
+    decodes = [i for i in late if late_adj[i] < alpha]
+    if not decodes:
         best = int(np.nanargmax(acc))
         return _inconclusive(
-            f"no residual index decodes the answer above chance after Holm (best: index {best}, accuracy "
-            f"{acc[best]:.2f} vs chance {chance:.2f}, adjusted p {p_adj[best]:.3g}): the claim cannot be tested",
-            p_adj)
-    onset = sig[0]
-    effect = float(onset - first_write)
-    details.update({"onset": onset, "p_adjusted": [float(p) for p in p_adj], "significant_indices": sig})
-    where = (f"the answer is first linearly decodable at residual index {onset} (after layer {onset - 1})"
-             if onset else "the answer is linearly decodable already in the embeddings (index 0)")
-    where += f", accuracy {acc[onset]:.2f} vs chance {chance:.2f}, adjusted p {p_adj[onset]:.3g}"
-    if onset >= first_write:
-        status = "supported"
-        why = f"at or after index {first_write}, where the first critical head (layer {crit[0]}) writes"
-    else:
-        status = "refuted"
-        why = f"before index {first_write}, where the first critical head (layer {crit[0]}) writes"
-    return Verdict(claim=CLAIM, params=base_params, status=status, reason=f"{where}: {why}", test=TEST_NAME,
-                   statistic=float(onset), p_value=float(p_raw[onset]), p_adjusted=float(p_adj[onset]), effect=effect,
-                   ci=None, n=n, alpha=alpha,
-                   effect_name="onset index - (min critical layer + 1); >= 0 as claimed", details=details,
-                   min_effect=0.0, power={"support": None, "support_at": None, "refute": None, "refute_at": None,
-                                          "method": "none", "note": "the onset of Holm-significant decoding; both "
-                                          "outcomes need a significant probe"})
+            f"no residual index from {first_write} on decodes the answer above chance after Holm (best of all: "
+            f"index {best}, accuracy {acc[best]:.2f} vs chance {chance:.2f}, adjusted p {p_adj[best]:.3g}): the "
+            "claim cannot be tested", p_adj)
+    worst = max(early, key=lambda i: p_below[i]) if early else None
+    p_early = p_below[worst] if worst is not None else 0.0
+    j = decodes[0]
+    p_sup = max(late_adj[j], p_early)
+    where = (f"decodable from residual index {j} on (accuracy {acc[j]:.2f} vs chance {chance:.2f}, adjusted p "
+             f"{late_adj[j]:.3g})")
+    if p_early < alpha:
+        shown = (f"and every index before {first_write} is shown below chance + {margin:g} (largest p {p_early:.3g}, "
+                 f"index {worst})" if early else f"and no index precedes the first write at {first_write}")
+        return Verdict(status="supported", p_value=p_sup, p_adjusted=p_sup,
+                       reason=f"{where}, {shown}: the critical heads (first at layer {crit[0]}) come first", **common)
+    return _inconclusive(
+        f"{where}, but index {worst} (before the first critical head writes at {first_write}) cannot be shown below "
+        f"chance + {margin:g}: accuracy {acc[worst]:.2f}, p {p_early:.3g} with {n} samples; not finding decoding "
+        "there is not showing its absence (more samples would)", p_adj)

@@ -67,6 +67,7 @@ class Profile:
     agree_min_effect: float = 0.2  # ID-3, ID-4: self- minus cross-agreement, as a fraction of id_k
     iv7_min_effect: float = 0.5  # IV-7: log-odds drop, hard half minus easy half (nats)
     ig_min_ratio: float = 2.0  # IV-6: attribution concentration (times the uniform share)
+    probe_margin: float = 0.1  # IV-5: probe accuracy above chance that counts as decodable
     # Beyond the seeds (CLAIMS.md): ID-7, ID-8, CA-7, CA-8 and the ranking's uncertainty.
     id_methods: tuple[str, ...] = ("qrhead", "echo", "induction")  # ID-7: compared with sum attention
     content_free_n: int = 64  # ID-7: random repeated-token sequences for the echo and induction scores

@@ -73,6 +73,10 @@ def test_random_labels_decode_nothing():
 
 
 def test_a_planted_linear_signal_is_decoded_from_its_layer_on():
+    """Decodable from index 3 on, 60 samples. With the first write at index 3 the claim needs indices
+    0-2 shown below chance + 0.1, which 60 samples cannot do for all of them: inconclusive, named
+    (the rule once supported on not finding decoding there). First write at index 4: index 3 decodes
+    far above chance + 0.1, refuted."""
     rng = np.random.default_rng(1)
     n, d = 60, 16
     y = np.repeat(np.arange(3), n // 3)
@@ -87,7 +91,11 @@ def test_a_planted_linear_signal_is_decoded_from_its_layer_on():
 
     row = df.iloc[4]
     assert row.p_value == pytest.approx(binomtest(int(row.n_correct), n, 1 / 3, alternative="greater").pvalue)
-    assert decodable_after_heads(df, [2]).supported  # first write at index 3 = onset
+    v = decodable_after_heads(df, [2])  # first write at index 3 = onset
+    early = df.loc[df.layer < 3]
+    p_below = [binomtest(int(k), n, 1 / 3 + 0.1, alternative="less").pvalue for k in early["n_correct"]]
+    assert v.details["p_below_margin"][:3] == pytest.approx(p_below, abs=1e-6)  # rounded to 6 places
+    assert max(p_below) >= 0.05 and v.inconclusive and "cannot be shown below chance + 0.1" in v.reason
     assert decodable_after_heads(df, [3]).refuted  # first write at index 4 > onset 3
     png = probe_figure(df, [2])
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
@@ -121,11 +129,19 @@ def _df(accuracy, *, n=40, chance=0.1):
 
 
 def test_decision_rule_on_hand_built_tables():
+    """Support needs every early index shown below chance + δ and a late one above chance; refutation
+    an early index shown above chance + δ. Catches support read off the absence of early decoding
+    (40 samples cannot show it), and refutation from an early index above chance but not shown
+    above chance + δ."""
+    from scipy.stats import binomtest
+
     acc = [0.1, 0.1, 0.1, 0.1, 0.9, 1.0, 1.0]  # onset at index 4 (after layer 3)
-    df = _df(acc)
+    df = _df(acc, n=200)
     sup = decodable_after_heads(df, [3, 5])  # first write at index 4 = onset: "at"
     assert sup.supported and sup.effect == 0 and sup.details["onset"] == 4 and sup.statistic == 4
-    assert sup.p_adjusted < 0.05 and sup.details["critical_layers"] == [3, 5]
+    below = binomtest(20, 200, 0.2, alternative="less").pvalue  # each early index: 20 of 200 against 0.2
+    assert sup.p_value == pytest.approx(max(below, sup.details["p_adjusted"][4]), rel=1e-3)
+    assert sup.p_adjusted < 0.05 and sup.details["critical_layers"] == [3, 5] and sup.min_effect == 0.1
     later = decodable_after_heads(df, [1])  # onset 4 after first write at 2: "after"
     assert later.supported and later.effect == 2
     ref = decodable_after_heads(df, [4, 5])  # decodable at 4, before layer 4 writes (index 5)
@@ -133,10 +149,16 @@ def test_decision_rule_on_hand_built_tables():
     from rh.heads import Head
 
     assert decodable_after_heads(df, [Head(4, 1)]).refuted  # Heads are read as their layers
-    none = decodable_after_heads(_df([0.1] * 7), [2])
+    unseen = decodable_after_heads(_df(acc, n=40), [3, 5])  # 4 of 40 cannot be shown below 0.2
+    assert unseen.inconclusive and "cannot be shown below chance + 0.1" in unseen.reason
+    slight = decodable_after_heads(_df([0.1, 0.25, 0.1, 0.9, 1.0], n=200), [2])  # index 1 above chance, not by δ
+    assert slight.details["p_adjusted"][1] < 0.05 and slight.inconclusive
+    none = decodable_after_heads(_df([0.1] * 7, n=200), [2])
     assert none.inconclusive and none.p_value is None
     few = decodable_after_heads(_df([0.0, 1.0, 1.0], n=4, chance=0.5), [0])  # 0.5**4 > 0.05/3
     assert few.inconclusive and "more samples" in few.reason
+    with pytest.raises(ValueError, match="margin"):
+        decodable_after_heads(df, [3], margin=0.95)
 
 
 # ---------------------------------------------------------------------------- bad input

@@ -12,6 +12,7 @@ import pandas as pd
 
 from rh import calibration as cal
 from rh.claim_families import Calibration, ClaimFamily, Figure, Parameter, claim_rows, register_family
+from rh.probes import decodable_after_heads
 from rh.rules import claims as rules
 from rh.stats import proportion_ci
 
@@ -151,7 +152,11 @@ FAMILIES = (
                                 lambda rows, meta: override_bars(rows)),),
                 parameters=(Parameter("iv_pattern", "override_patterns", str),)),
     ClaimFamily("IV-4", "a transplanted critical head keeps its function", rule=rules.transplant),
-    ClaimFamily("IV-5", "the answer becomes decodable after the critical heads",
+    ClaimFamily("IV-5", "the answer becomes decodable after the critical heads, not before",
+                rule=decodable_after_heads, delta=lambda p: p.probe_margin,
+                calibration=lambda p, s: Calibration(
+                    cal.shapes(cal.sim_iv5_with, ("flat", "last-early", "correlated")), p.probe_margin,
+                    p.probe_margin, 0.0, 2 * p.probe_margin),
                 figures=(Figure("IV-5: probe accuracy by layer", _probe),)),
     ClaimFamily("IV-6", "attribution of the critical heads concentrates on the needle", rule=rules.ratio_rule,
                 delta=lambda p: p.ig_min_ratio,
