@@ -14,6 +14,14 @@ __all__ = ["STATUSES", "Power", "Verdict", "format_power"]
 STATUSES: tuple[str, ...] = ("supported", "refuted", "inconclusive")
 
 
+def _refuse_unknown(cls: type, d: dict) -> None:
+    """``cls.from_dict`` takes only the dataclass's own fields."""
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{cls.__name__}.from_dict got unknown keys {unknown}; allowed: {sorted(names)}")
+
+
 def _opt_float(x: Any) -> float | None:
     """``None`` stays ``None``; anything else becomes a Python float."""
     return None if x is None else float(x)
@@ -40,10 +48,7 @@ class Power:
     @classmethod
     def from_dict(cls, d: dict) -> Power:
         """The inverse of :meth:`to_dict` (a report's or journal's power)."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"Power.from_dict got unknown keys {unknown}; allowed: {sorted(names)}")
+        _refuse_unknown(cls, d)
         return cls(**{k: d.get(k) for k in ("support", "support_at", "refute", "refute_at")},
                    method=str(d.get("method", "")), note=str(d.get("note", "")))
 
@@ -174,10 +179,7 @@ class Verdict:
     @classmethod
     def from_dict(cls, d: dict) -> Verdict:
         """Rebuild a Verdict from :meth:`to_dict` output (e.g. after a JSON round-trip)."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"Verdict.from_dict got unknown keys {unknown}; allowed: {sorted(names)}")
+        _refuse_unknown(cls, d)
         required = {
             f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
         }
