@@ -15,7 +15,8 @@ The wing names no claim: each claim's figures belong to its family (rh's own in 
 a layer above this one), which the report draws through the registry.
 
 The wing imports the library below it (``rh.stats``, ``rh.io``, ``rh.evaluate``, ...); nothing
-below imports the wing, only the top layer (``rh.pytest_plugin``, ``rh.audit``, ``rh.__main__``).
+below imports the wing, only the layers above it: the claim families (``rh.catalogue``) and the
+entry points (``rh.run``, ``rh.pytest_plugin``, ``rh.audit``, ``rh.__main__``).
 The figure functions are loaded on first use, so ``from rh.report import write_report`` neither
 loads matplotlib (nor switches its backend) nor torch.
 """
