@@ -116,17 +116,16 @@ def _identify_on(run, args: argparse.Namespace, sweep, cache: Path) -> None:
         print(f"\ngeneral heads (in every task's top {args.top}): {', '.join(map(str, gen)) or 'none'}")
 
 
-def load_families(sources: Sequence[str]) -> list[str]:
+def load_families(sources: Sequence[str]) -> None:
     """Import each ``--plugin`` source (a .py file, e.g. a team's conftest.py, or a module name),
-    registering the claim families it defines at import or returns from ``pytest_rh_families``;
-    the ids registered, in order. rh's own families are registered first."""
+    registering the claim families it defines at import or returns from ``pytest_rh_families``
+    (after rh's own)."""
     import importlib
     import importlib.util
 
     import rh.catalogue  # noqa: F401
-    from rh.claim_families import ClaimFamily, families, register_family
+    from rh.claim_families import register_hooked
 
-    before = {f.id for f in families()}
     for src in sources:
         path = Path(src)
         if src.endswith(".py") or path.exists():
@@ -146,12 +145,10 @@ def load_families(sources: Sequence[str]) -> list[str]:
             except ImportError as exc:
                 raise ValueError(f"--plugin {src}: {exc}") from None
         hook = getattr(module, "pytest_rh_families", None)
-        for fam in (hook() or ()) if callable(hook) else ():
-            if not isinstance(fam, ClaimFamily):
-                raise ValueError(f"--plugin {src}: pytest_rh_families returned {type(fam).__name__}, not an "
-                                 "rh.claim_families.ClaimFamily")
-            register_family(fam)
-    return [f.id for f in families() if f.id not in before]
+        try:
+            register_hooked(hook() if callable(hook) else (), [])
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"--plugin {src}: {exc}") from None
 
 
 def _calibrate(args: argparse.Namespace) -> int:

@@ -221,7 +221,7 @@ def _audit(run, args: argparse.Namespace, p: dict[str, Any], out) -> int:
     from rh.causal import dose_response, evaluate_baseline, necessity_outcomes, necessity_verdicts, top_logprobs
     from rh.niah import build_samples
     from rh.published import ties_at_cut
-    from rh.report import report_stem
+    from rh.report import report_stem, summarize
     from rh.rules.claims import inconclusive
     from rh.run import headline
 
@@ -295,7 +295,7 @@ def _audit(run, args: argparse.Namespace, p: dict[str, Any], out) -> int:
         if png:
             figures[f"CA-1: {item['label']}"] = png
     paths = run.write_report(args.report_dir, stem, figures=figures, meta=meta, family_figures=False)
-    print("\n" + headline(run.counts()), file=out)
+    print("\n" + headline(summarize(run.verdicts)), file=out)
     print(f"forward passes: {counter.total:,} token-layers; {time.perf_counter() - run.t0:.0f} s", file=out)
     print(f"report: {paths[1]}\n        {paths[0]}", file=out)
     return 0

@@ -28,12 +28,12 @@ import contextlib
 import logging
 import re
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["Figure", "Calibration", "Parameter", "ClaimFamily", "register_family", "families", "family",
-           "family_of", "unregister_family", "registry_snapshot", "claim_rows", "draw_figures", "calibrated", "parameters", "CLAIM_ID"]
+           "family_of", "register_hooked", "unregister_family", "registry_snapshot", "claim_rows", "draw_figures", "calibrated", "parameters", "CLAIM_ID"]
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,6 @@ class ClaimFamily:
     calibration: Callable[[Any, dict], Calibration] | None = None
     figures: tuple[Figure, ...] = ()
     parameters: tuple[Parameter, ...] = ()
-    source: str = ""
 
     def __post_init__(self) -> None:
         claims = tuple(self.claims) or tuple(self.id.split("/"))
@@ -155,6 +154,16 @@ def register_family(fam: ClaimFamily) -> ClaimFamily:
                              f"{taken[p.fixture]!r} already; name your parameter's fixture otherwise")
     _REGISTRY[fam.id] = fam
     return fam
+
+
+def register_hooked(returned: Iterable[Any] | None, into: list[str]) -> None:
+    """Register what a ``pytest_rh_families`` hook returned, appending each id to ``into`` as it is
+    registered (so a caller can remove exactly those, even after an error part-way); anything but
+    a :class:`ClaimFamily` is a TypeError saying what the hook returned."""
+    for fam in returned or ():
+        if not isinstance(fam, ClaimFamily):
+            raise TypeError(f"pytest_rh_families returned {type(fam).__name__}, not an rh.claim_families.ClaimFamily")
+        into.append(register_family(fam).id)
 
 
 def _origin(fam: ClaimFamily) -> str:

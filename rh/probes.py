@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from rh.models import LoadedModel, decoder_layers, hf_model
 from rh.niah import Sample
 from rh.recording import recording, resid_post, resid_pre
-from rh.rules.verdict import Verdict
+from rh.rules.verdict import Power, Verdict
 from rh.stats import holm, min_attainable_p_binomial
 
 log = logging.getLogger(__name__)
@@ -261,8 +261,6 @@ def decodable_after_heads(df: pd.DataFrame, critical_layers: Sequence[int], *, a
     if not 0.0 < margin < 1.0 - chance:
         raise ValueError(f"decodable_after_heads: margin={margin!r} must lie in (0, 1 - chance = {1 - chance:.3f})")
     from scipy.stats import binom
-
-    from rh.rules.core import Power
 
     hits = df["n_correct"].to_numpy(float)
     p_raw = df["p_value"].to_numpy(float)  # H0: accuracy <= chance

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from rh.budget import claim_costs, claim_plain, format_cost, saved_token_layers  # torch-free
-from rh.options import add_model_options
+from rh.options import add_model_options, model_kwargs
 from rh.profiles import PROFILES  # torch-free
 
 _VERDICT = "rh_verdict"
@@ -54,16 +54,11 @@ def pytest_plugin_registered(plugin, manager) -> None:
     if hook is None or not callable(hook):
         return
     import rh.catalogue  # noqa: F401 - rh's own families first: a team's family may not take their ids
-    from rh.claim_families import ClaimFamily, register_family
+    from rh.claim_families import register_hooked
 
     where = getattr(plugin, "__file__", None) or getattr(plugin, "__name__", repr(plugin))
     try:
-        fams = list(hook() or ())
-        for fam in fams:
-            if not isinstance(fam, ClaimFamily):
-                raise TypeError(f"pytest_rh_families returned {type(fam).__name__}, not an rh.claim_families.ClaimFamily")
-            register_family(fam)
-            _HOOKED_FAMILIES.setdefault(id(manager), []).append(fam.id)
+        register_hooked(hook(), _HOOKED_FAMILIES.setdefault(id(manager), []))
     except (TypeError, ValueError) as exc:
         raise pytest.UsageError(f"{where}: {exc}") from None
 
@@ -371,7 +366,7 @@ class RhSession:
 
         self.config = config
         # the model, its counter, the runner, the prefix cache, the verdicts and metadata: rh.run.Run
-        self.run = Run(config.getoption("--model"), model_kwargs=_model_kwargs(config),
+        self.run = Run(config.getoption("--model"), model_kwargs=model_kwargs(config.option),
                        plain=bool(config.getoption("--plain")), store=config.getoption("--store"),
                        runner=lambda model: _session_runner(config, model), on_load=lambda run, model: _loaded(
                            config, model), on_count=lambda: _progress(config),
@@ -844,14 +839,12 @@ class RhSession:
 
 @dataclass(frozen=True)
 class BudgetPlan:
-    """What ``--budget`` planned: the claims chosen (``plan``, :func:`rh.budget.plan_budget`), their
-    token-layers, the deadline (a ``time.perf_counter()`` value), this machine's seconds per
-    token-layer, the summary line, and the estimated seconds of each claim and fixture."""
+    """What ``--budget`` planned (:func:`rh.budget.plan_budget`): the chosen claims' token-layers,
+    the deadline (a ``time.perf_counter()`` value), the summary line, and the estimated seconds of
+    each claim and fixture."""
 
-    plan: Any
     planned_tl: int
     deadline: float
-    per_tl: float
     summary: str
     fixture_costs: dict[str, float]
     costs: dict[str, float]
@@ -915,7 +908,7 @@ class BudgetScheduler:
                    f"about {format_duration(plan.cost)} of the {format_duration(max(deadline - now, 0))} left, at "
                    f"{per_tl * 1e6:.2f} us per token-layer as measured now; {len(plan.order) - len(plan.chosen)} more "
                    f"run, cheapest first, if the time left allows when each would start")
-        self.plan = BudgetPlan(plan, planned_tl, deadline, per_tl, summary, fixture_costs, costs)
+        self.plan = BudgetPlan(planned_tl, deadline, summary, fixture_costs, costs)
         state.meta["budget"] = {"minutes": budget, "summary": summary, "chosen": list(plan.chosen),
                                 "left_out": dict(plan.left_out)}
         state.meta.setdefault("cost", {})["seconds_per_token_layer"] = per_tl
@@ -983,7 +976,6 @@ class PlanPrinter:
 
     def __init__(self, session: RhSession) -> None:
         self.session = session
-        self.plan: Any = None  # the rh.plan.Plan printed
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtestloop(self, session: pytest.Session):
@@ -1008,7 +1000,6 @@ class PlanPrinter:
                        f"claims planned, none run")
             for line in format_plan(plan, heading=heading):
                 tr.write_line(line)
-        self.plan = plan
         return True
 
 
@@ -1023,11 +1014,6 @@ def _session_model(config: pytest.Config):
     session's :class:`rh.run.Run` loads it, attaches the counter, then :func:`_loaded`, then prefix
     reuse (or plain passes) and the runner."""
     return _rh(config).run.load()
-
-
-def _model_kwargs(config: pytest.Config) -> dict[str, Any]:
-    return {"quant": config.getoption("--quant"), "device": config.getoption("--device"),
-            "max_memory": config.getoption("--max-memory"), "dtype": config.getoption("--dtype")}
 
 
 def _loaded(config: pytest.Config, model) -> None:

@@ -130,21 +130,12 @@ class Run:
         self.verdicts.append(row)
         return row
 
-    def counts(self) -> dict[str, int]:
-        """Verdicts per status, in the report's order."""
-        from rh.report import STATUSES
-
-        out = {s: 0 for s in STATUSES}
-        for v in self.verdicts:
-            out[v.get("status", "error")] = out.get(v.get("status", "error"), 0) + 1
-        return out
-
     def saved(self) -> dict[str, int]:
         """Token-layers the exact savings spared since this run started, by kind."""
         from rh.budget import saved_token_layers
 
-        now = saved_token_layers()
-        return {k: v - self._saved_at_start.get(k, 0) for k, v in now.items() if v - self._saved_at_start.get(k, 0)}
+        since = {k: v - self._saved_at_start.get(k, 0) for k, v in saved_token_layers().items()}
+        return {k: v for k, v in since.items() if v}
 
     def cost(self) -> dict[str, Any]:
         """The counted token-layers, in all and by label, and the savings."""

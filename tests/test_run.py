@@ -22,6 +22,7 @@ def test_the_run_loads_once_counts_runs_units_and_leaves_nothing_on_the_model(tm
     from rh.niah import Sweep, build_samples
     from rh.prefix import active_cache
     from rh.run import Run
+    from rh.report import summarize
     from rh.runner import runner_for
     from rh.units import Unit
 
@@ -49,7 +50,7 @@ def test_the_run_loads_once_counts_runs_units_and_leaves_nothing_on_the_model(tm
         assert run.counter.total == counted  # the second model's passes are not the run's
         row = run.record({"claim": "CA-1", "params": {"k": 1}, "status": "supported", "details": {
             "top_accuracy": 0.2, "random_accuracy": 0.8, "baseline_accuracy": 0.9}})
-        assert run.verdicts == [row] and run.counts()["supported"] == 1
+        assert run.verdicts == [row] and summarize(run.verdicts)["supported"] == 1
         html, js = sorted(run.write_report(tmp_path, "r", meta={"model": "tiny-llama"}), key=lambda p: p.suffix)
         data = json.loads(js.read_text())
         assert data["meta"]["command"] == "a test" and data["meta"]["hardware"]["cpu_count"] >= 1
