@@ -285,6 +285,33 @@ def test_captured_rows_equal_eager_attention(family):
 
 
 @pytest.mark.parametrize("family", FAMS)
+def test_reading_rows_equals_eager_attention_at_each_rows_own_position(family):
+    """rh.attention.reading_rows (what ID-5 reads beside the task baselines' forwards) hands over,
+    for each batch row, the attention of that row's own query position, equal to eager attention in
+    every family (padding, sliding windows and soft-capping included), and leaves the output as it
+    was. Catches a reader that takes one position for every row, drops the window or the soft-cap,
+    or changes what the model computes."""
+    from rh.attention import reading_rows
+
+    m, eager = _model(family), _model(family, "eager")
+    ids, mask = _padded(seed=3)
+    b, q_len = ids.shape
+    pos = [q_len - 1 - 7 * r for r in range(b)]  # a different query position in every row
+    seen: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        att = eager.model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+        plain = m.model(input_ids=ids, attention_mask=mask).logits
+        with reading_rows(m, [0, 2, 3], lambda n: pos, lambda layer, p: seen.update({layer: p})):
+            read = m.model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(read, plain) and sorted(seen) == [0, 2, 3]
+    for layer, got in seen.items():
+        want = att[layer].float()[torch.arange(b), :, pos]  # [b, heads, kv]
+        diff = (got - want).abs().max()
+        _note(family, "reading rows", diff)
+        assert got.shape == want.shape and diff < 1e-5
+
+
+@pytest.mark.parametrize("family", FAMS)
 def test_sum_attention_equals_eager_output_attentions(family):
     from rh.niah import build_passkey_samples
     from rh.scoring import score_samples
