@@ -27,7 +27,12 @@ def mixed(tiny, tiny_samples):
     return [tiny_samples[1], short[0]]
 
 
-def test_residuals_have_one_row_per_index_and_start_with_the_last_tokens_embedding(tiny, tiny_samples):
+def test_residuals_have_one_row_per_index_and_start_with_the_last_tokens_embedding(tiny_samples):
+    # a model of its own: output_hidden_states=True below makes transformers leave its output-capturing
+    # hooks on the layers, and other tests check that the shared `tiny` carries no hook
+    from rh.models import tiny_llama
+
+    tiny = tiny_llama(seed=0)
     res = last_token_residuals(tiny, tiny_samples[:2], batch_size=2, progress=False)
     n_layers, hidden = tiny.shape.n_layers, tiny.model.config.hidden_size
     assert res.shape == (2, n_layers + 1, hidden) and res.dtype == np.float32
