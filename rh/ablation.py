@@ -17,10 +17,14 @@ capture uses), so they see the very query/key/value the model uses, with its cau
 mask and grouped KV heads, under sdpa, eager or flash. Softmax over all-zero scores is uniform over
 the visible keys, so both give the mean of V there, not zero: seed 001's table is wrong on this.
 
-``phase="decode"`` ablates only decoding steps (forward calls with one query position), as the
-Wu24 code did; the prefill is untouched. In a teacher-forced pass (``rh.evaluate.teacher_forced``)
-the answer positions play the decoding steps (``rh.batching.running(..., decode_from=...)``), which gives the same
-outcome as ablated greedy decoding in one forward.
+``phase="decode"`` ablates only decoding, as Wu24's masking experiment did: its loop prefills the
+prompt but its last token unablated, then feeds that last token and each generated one with the
+heads masked. Forward calls with one query position are decoding steps; in a wider forward run
+inside ``rh.batching.running(batch, decode_from=...)`` (rh's teacher-forced passes and its greedy
+generation give each row's last prompt token, :func:`rh.evaluate.decode_positions`) the
+positions from there on are, so a teacher-forced pass gives the outcome of Wu24's ablated decoding
+in one forward; any other prefill is untouched. :mod:`rh.units` runs decode-phase work units
+from the clean prompt's cache: one prefill per prompt, then each condition's answer steps only.
 
 Blocks nest and compose: the union of their heads is ablated, each head by its own method. Every
 hook, intervention and attention-implementation swap is undone in ``finally``.

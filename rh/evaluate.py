@@ -39,8 +39,9 @@ def teacher_forced(model: LoadedModel, samples: Sequence[Sample], *, condition: 
     length, depth and ``condition``.
 
     Runs whatever interventions are active around the call (e.g. inside ``ablate``). Decode-only
-    ablations (``phase="decode"``) apply at the answer positions, which greedy decoding would
-    process as decoding steps, so the outcome is that of ablated decoding.
+    ablations (``phase="decode"``) apply from the prompt's last token on, the positions Wu24's
+    masking loop feeds as decoding steps (it prefills the prompt but its last token, then decodes
+    from that token with the heads masked), so the outcome is that of Wu24's ablated decoding.
     """
     rows = {}
     bar = tqdm(total=len(samples), desc=f"evaluate {condition}", unit="sample", disable=not progress or listened(),
@@ -62,13 +63,26 @@ def score_batch(model: LoadedModel, batch: Batch) -> list[tuple[bool, float, flo
     interventions are active: per row, :data:`SCORES`."""
     # rows end together (left padding): row i's answer is predicted by its last len(answer) positions
     n_keep = max(len(s.answer_ids) for s in batch.samples)
-    starts = [p + len(s.input_ids) for p, s in zip(batch.pad, batch.samples)]  # first answer input
-    with torch.no_grad(), running(batch, decode_from=starts), \
+    with torch.no_grad(), running(batch, decode_from=decode_positions(batch)), \
             oom_guard("teacher-forced evaluation", batch_size=len(batch.samples), length=batch.input_ids.shape[1]):
         logits = forward(model, batch.model_inputs(model.device), logits_to_keep=n_keep, use_cache=False).logits
+    return score_logits(logits, batch.samples)
+
+
+def decode_positions(batch: Batch) -> list[int]:
+    """Each row's prompt's last token in ``batch`` (left-padded): the first position Wu24's masking
+    loop runs as a decoding step (it prefills ``input_ids[:, :-1]`` and decodes from the last
+    prompt token with the heads masked), where ``phase="decode"`` ablations start."""
+    return [p + len(s.input_ids) - 1 for p, s in zip(batch.pad, batch.samples)]
+
+
+def score_logits(logits: torch.Tensor, samples: Sequence[Sample]) -> list[tuple[bool, float, float, int]]:
+    """:data:`SCORES` per row from a teacher-forced forward's last logits (``[rows, n_keep, vocab]``,
+    ``n_keep`` at least each row's answer length; the rows' answers end at the last position)."""
+    n_keep = logits.shape[1]
     logp = torch.log_softmax(logits.float().cpu(), dim=-1)  # [b, n_keep, vocab]
     out = []
-    for row, s in enumerate(batch.samples):
+    for row, s in enumerate(samples):
         gold = torch.tensor(s.answer_ids)
         lp = logp[row, n_keep - len(gold) :]
         gold_lp = lp.gather(-1, gold[:, None])[:, 0]
@@ -97,7 +111,7 @@ def greedy_answers(model: LoadedModel, samples: Sequence[Sample], *, max_new_tok
         n = max_new_tokens or max(len(s.answer_ids) for s in batch.samples)
         inputs = batch.model_inputs(model.device)
         inputs.pop("position_ids", None)  # generate derives them from the attention mask
-        with torch.no_grad(), running(batch):
+        with torch.no_grad(), running(batch, decode_from=decode_positions(batch)):
             gen = model.model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                        pad_token_id=model.tokenizer.pad_token_id)
         width = batch.input_ids.shape[1]
@@ -122,7 +136,7 @@ def generated(model: LoadedModel, samples: Sequence[Sample], *, max_new_tokens: 
     for batch in make_batches(samples, batch_size, model.tokenizer.pad_token_id):
         inputs = batch.model_inputs(model.device)
         inputs.pop("position_ids", None)  # generate derives them from the attention mask
-        with torch.no_grad(), running(batch):
+        with torch.no_grad(), running(batch, decode_from=decode_positions(batch)):
             gen = model.model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                                        do_sample=False, pad_token_id=model.tokenizer.pad_token_id)
         width = batch.input_ids.shape[1]

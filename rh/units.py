@@ -12,8 +12,13 @@ input (:func:`ablate_rows`), so CA-1's and CA-7's random head sets, each needing
 at a time under early stopping, fill whole batches instead of running one small forward after
 another. A batch costs the same arithmetic per row as the separate passes, and on a small model
 far less time per row (the tiny model: 8.3 ms for one row alone, 4.3 ms a row in a batch of 8,
-one thread). Other conditions (mean, query or logit ablation, decode-only phase) run as
-before, one condition at a time.
+one thread). Other conditions (mean, query or logit ablation, window restrictions, patches)
+run as before, one condition at a time.
+
+Decode-phase ablations (Wu24's protocol: the prompt's clean prefill shared by every condition)
+run as *fan* packets (:func:`run_fan`): the clean prompt but its last token is prefilled once per
+prompt and kept, and each condition pays only its answer steps (the last prompt token and the
+answer but its last), zero-ablations side by side.
 
 Exactness: each row computes what it computes alone: the same prompt, the same heads zeroed at
 the same place; left padding gives every real token its own position (``rh.batching``). As with
@@ -25,6 +30,12 @@ separate passes).
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
+import inspect
+import os
+import weakref
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +48,7 @@ from rh.batching import batch_order, make_batches
 from rh.compression import Restriction
 from rh.evaluate import rows_frame, score_batch
 from rh.heads import Head, heads_by_layer
+from rh.memory import oom_guard
 from rh.niah import Sample
 
 
@@ -115,11 +127,24 @@ def ablate_rows(model, rows: Sequence[Sequence[Head]]) -> Iterator[None]:
             h.remove()
 
 
+def fans_out(condition: Any) -> bool:
+    """Whether rows of ``condition`` run from the clean prompt's cache (:func:`run_fan`): an
+    ablation of some heads in the decode phase (Wu24's protocol), outside ``--plain``."""
+    from rh.budget import stops_early
+
+    return isinstance(condition, Ablation) and bool(condition.heads) and condition.phase == "decode" \
+        and stops_early(None)
+
+
 @dataclass(frozen=True)
 class Packet:
     """One forward's rows, the atom the runners ship: at most ``batch_size`` rows, each a unit
     (its index in the call) and a prompt id. ``condition`` is the one condition every row runs
     under, or ``None`` for side-by-side rows, each with its own zero-ablated ``heads``.
+
+    A *fan* packet (``fan=True``) holds the decode-phase rows of one prompt (:func:`fans_out`):
+    the clean prompt but its last token is prefilled once, and the rows' answer steps run from
+    that cache ``width`` rows at a time (:func:`run_fan`).
 
     The packets of a call depend on its units and the batch size alone (:func:`plan_packets`), so
     every executor runs the same forwards: the same batches, the same padding, the same
@@ -128,6 +153,8 @@ class Packet:
     rows: tuple[tuple[int, str], ...]
     condition: Ablation | None = None
     heads: tuple[tuple[Head, ...], ...] = ()
+    fan: bool = False
+    width: int = 0
 
     @property
     def sample_ids(self) -> tuple[str, ...]:
@@ -147,8 +174,15 @@ def plan_packets(units: Sequence[Unit], by_id: Mapping[str, Sample], batch_size:
     are batched together, shortest first (:func:`rh.batching.batch_order`)."""
     check_prompts(units, by_id)
     out: list[Packet] = []
+    fan: dict[str, list[int]] = {}  # prompt -> the zero-ablating decode-phase units that name it
     for j, u in enumerate(units):
-        if not u.side_by_side:
+        if fans_out(u.condition):
+            for i in u.sample_ids:
+                if u.condition.method == "zero":
+                    fan.setdefault(i, []).append(j)
+                else:  # one condition at a time: its hooks act on every row
+                    out.append(Packet(((j, i),), u.condition, fan=True, width=1))
+        elif not u.side_by_side:
             samples = [by_id[i] for i in u.sample_ids]
             for rows in batch_order(samples, batch_size, with_answer=True):
                 out.append(Packet(tuple((j, u.sample_ids[r]) for r in rows), u.condition))
@@ -156,12 +190,17 @@ def plan_packets(units: Sequence[Unit], by_id: Mapping[str, Sample], batch_size:
     for rows in batch_order([by_id[i] for _, i in shared], batch_size, with_answer=True):
         picked = tuple(shared[r] for r in rows)
         out.append(Packet(picked, None, tuple(units[j].condition.heads for j, _ in picked)))
+    for i, js in fan.items():
+        out.append(Packet(tuple((j, i) for j in js), None, tuple(units[j].condition.heads for j in js), fan=True,
+                          width=batch_size))
     return out
 
 
 def run_packet(model, packet: Packet, by_id: Mapping[str, Sample]) -> list[tuple]:
-    """One teacher-forced forward over the packet's rows: per row, in the packet's order,
-    :data:`rh.evaluate.SCORES`."""
+    """One teacher-forced forward over the packet's rows (a fan packet: :func:`run_fan`): per
+    row, in the packet's order, :data:`rh.evaluate.SCORES`."""
+    if packet.fan:
+        return run_fan(model, packet, by_id)
     samples = [by_id[i] for i in packet.sample_ids]
     (batch,) = make_batches(samples, len(samples), model.tokenizer.pad_token_id, with_answer=True)
     out: list[tuple | None] = [None] * len(samples)
@@ -171,6 +210,97 @@ def run_packet(model, packet: Packet, by_id: Mapping[str, Sample]) -> list[tuple
         for r, res in zip(batch.index, score_batch(model, batch)):
             out[r] = res
     return out  # type: ignore[return-value]
+
+
+#: bytes of clean prefills :func:`run_fan` keeps per model for the packets to come (least recently
+#: used out first; ``RH_PREFILL_CACHE_MB``)
+PREFILL_CACHE_BYTES = int(float(os.environ.get("RH_PREFILL_CACHE_MB", "1024")) * 2**20)
+_PREFILLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def forget_prefills(model) -> None:
+    """Drop the clean prefills :func:`run_fan` keeps for ``model``."""
+    _PREFILLS.pop(getattr(model, "model", model), None)
+
+
+def _cache_tensors(cache: Any) -> list[torch.Tensor]:
+    return [t for layer in getattr(cache, "layers", ()) for t in vars(layer).values() if isinstance(t, torch.Tensor)]
+
+
+def _prefill(model, prefix: Sequence[int]) -> tuple[Any, bool]:
+    """The KV cache of the clean ``prefix`` (one row), and whether it was computed now. Kept
+    per model, keyed by the tokens and by the weights that computed it (identity and version:
+    an edit invalidates it), only while nothing modifies the model (no hook, no intervention);
+    with something active it is computed under it and not kept."""
+    from rh.prefix import _signature, first_modified_layer
+
+    hf = model.model
+    n_layers = model.shape.n_layers
+    keep = first_modified_layer(model) >= n_layers
+    key = (tuple(prefix), _signature(hf, n_layers)) if keep else None
+    held = _PREFILLS.setdefault(hf, OrderedDict()) if keep else None
+    if held is not None and key in held:
+        held.move_to_end(key)
+        return held[key][0], False
+    ids = torch.tensor([list(prefix)], device=model.device)
+    with torch.no_grad(), oom_guard("the clean prefill of a decode-phase condition", batch_size=1, length=len(prefix)):
+        out = hf(input_ids=ids, use_cache=True, logits_to_keep=1)
+    cache = out.get("cache", out.get("past_key_values"))
+    if held is not None:
+        size = sum(t.numel() * t.element_size() for t in _cache_tensors(cache))
+        if size <= PREFILL_CACHE_BYTES:
+            held[key] = (cache, size)
+            while sum(n for _, n in held.values()) > PREFILL_CACHE_BYTES:
+                held.popitem(last=False)
+    return cache, True
+
+
+def _cache_arg(hf: Any) -> str:
+    """The name a causal LM's forward takes its KV cache by: ``cache`` (transformers 5.x, from the
+    release that renamed it), else ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+
+
+def _rows_of(cache: Any, rows: int) -> Any:
+    """A cache of ``rows`` rows, each the one row of ``cache``, which stays as it was."""
+    shared = {id(t): t for t in _cache_tensors(cache)}  # the layers are copied, their tensors not
+    out = copy.deepcopy(cache, memo=shared)
+    out.batch_repeat_interleave(rows)
+    return out
+
+
+def run_fan(model, packet: Packet, by_id: Mapping[str, Sample]) -> list[tuple]:
+    """A fan packet's rows (:class:`Packet`), as Wu24's masking loop computes them: the prompt but
+    its last token prefilled without ablation (once per prompt, :func:`_prefill`), then the last
+    prompt token and the answer but its last token fed from that cache under each row's
+    condition, ``width`` rows per forward. Every position of those forwards is a decoding step,
+    so the condition applies to all of them: the rows equal the teacher-forced passes with the
+    condition in the decode phase (``tests/test_units.py``), for the answer's tokens and one
+    prefill instead of the whole prompt per condition. What that saved against the full passes
+    is noted as ``"shared prefill"``."""
+    from rh.budget import note_saved
+    from rh.evaluate import score_logits
+
+    (pid,) = set(packet.sample_ids)
+    s = by_id[pid]
+    ids, answer = list(s.input_ids), list(s.answer_ids)
+    prefix, steps = ids[:-1], [ids[-1], *answer[:-1]]
+    cache, fresh = _prefill(model, prefix) if prefix else (None, False)
+    width = packet.width or len(packet.rows)
+    out: list[tuple] = []
+    for start in range(0, len(packet.rows), width):
+        rows = range(start, min(start + width, len(packet.rows)))
+        ctx = dataclasses.replace(packet.condition, phase="all").open(model) if packet.condition is not None else \
+            ablate_rows(model, [packet.heads[r] for r in rows])
+        x = torch.tensor([steps] * len(rows), device=model.device)
+        with torch.no_grad(), ctx, oom_guard("decode-phase answer steps", batch_size=len(rows), length=len(ids)):
+            past = {_cache_arg(model.model): _rows_of(cache, len(rows))} if cache is not None else {}
+            logits = model.model(input_ids=x, **past, use_cache=cache is not None, logits_to_keep=len(answer)).logits
+        out.extend(score_logits(logits, [s] * len(rows)))
+    n_layers = model.shape.n_layers
+    full = len(packet.rows) * (len(ids) + len(answer) - 1)
+    note_saved("shared prefill", (full - len(packet.rows) * len(steps) - (len(prefix) if fresh else 0)) * n_layers)
+    return out
 
 
 def unit_frames(units: Sequence[Unit], by_id: Mapping[str, Sample], scores: Mapping[tuple[int, str], tuple],

@@ -45,7 +45,7 @@ ATOL = 1e-4  # logits of float32 models through 4 layers, as tests/test_compress
 
 DIFFS: dict[str, dict[str, float]] = {}
 MECHANISMS = ("capture", "sum attention", "reference", "zero", "mean", "query", "logits", "decode phase",
-              "sites", "prefix reuse", "restrict_window", "transplant")
+              "decode fan", "sites", "prefix reuse", "restrict_window", "transplant")
 
 
 def _note(family: str, mechanism: str, diff: float | torch.Tensor) -> None:
@@ -395,6 +395,38 @@ def test_decode_only_ablation_spares_the_prefill_and_equals_the_hand_computation
     _note(family, "decode phase", diff)
     assert diff < ATOL
     assert (step - clean_step).abs().max() > 100 * ATOL
+
+
+@pytest.mark.parametrize("family", FAMS)
+def test_decode_phase_units_from_the_clean_prompts_cache_equal_the_teacher_forced_pass(family):
+    """Wu24's protocol as rh.units runs it (one clean prefill per prompt, a sliding window's cache
+    holding only the window, then each condition's answer steps) gives the logits of the
+    teacher-forced pass with the condition in the decode phase, on prompts of two lengths (the
+    reference batch left-pads one)."""
+    from rh.ablation import Ablation
+    from rh.evaluate import teacher_forced
+    from rh.niah import Sample
+    from rh.units import Unit, forget_prefills, run_units
+
+    m = _model(family, "rh-tok")
+    rng = np.random.default_rng(11)
+    samples = [Sample(f"p{i}", "t", tuple(int(t) for t in rng.integers(5, VOCAB, n)), (0, 1),
+                      tuple(int(t) for t in rng.integers(5, VOCAB, 3)), "", "", n, 0.0, 0.0, 0)
+               for i, n in enumerate((LENGTH, LENGTH - 9))]
+    conds = [Ablation("z", HEADS, phase="decode"), Ablation("z2", HEADS[:1], phase="decode"),
+             Ablation("l", HEADS, "logits", "decode")]
+    forget_prefills(m)
+    got = run_units(m, samples, [Unit(c, [s.id for s in samples]) for c in conds], batch_size=2)
+    diff = 0.0
+    for c, df in zip(conds, got):
+        with c.open(m):
+            want = teacher_forced(m, samples, condition=c.name, batch_size=2, progress=False)
+        clean = teacher_forced(m, samples, batch_size=2, progress=False)
+        assert df["first_argmax"].tolist() == want["first_argmax"].tolist(), c.name
+        diff = max(diff, float((df["logprob"] - want["logprob"]).abs().max()))
+        assert (df["logprob"] - clean["logprob"]).abs().max() > 100 * ATOL  # the ablation acts
+    _note(family, "decode fan", diff)
+    assert diff < ATOL
 
 
 # ---------------------------------------------------------------------------- sites, prefix, window

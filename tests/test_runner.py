@@ -15,7 +15,7 @@ from rh.ablation import Ablation, ablate, head_means
 from rh.budget import TokenLayerCounter
 from rh.heads import Head
 from rh.runner import Done, Layout, LocalExecutor, ResultStore, Runner, row_key, run_one, runner_for, use_runner
-from rh.units import Unit, plan_packets, run_packet, run_units
+from rh.units import forget_prefills, Unit, plan_packets, run_packet, run_units
 
 
 class Counting(LocalExecutor):
@@ -175,8 +175,10 @@ def test_token_layers_counted_where_packets_run_equal_those_of_the_direct_passes
     counter = TokenLayerCounter()
     handle = counter.attach(tiny.model)
     try:
+        forget_prefills(tiny)
         run_units(tiny, tiny_samples, units, batch_size=4)
         direct = counter.total
+        forget_prefills(tiny)
         per_packet = []
         for p in plan_packets(units, by_id, 4):
             before = counter.total
@@ -185,9 +187,14 @@ def test_token_layers_counted_where_packets_run_equal_those_of_the_direct_passes
     finally:
         handle.remove()
     assert sum(per_packet) == direct
-    widths = [max(len(by_id[i].input_ids) + len(by_id[i].answer_ids) - 1 for i in p.sample_ids) * len(p.rows)
-              for p in plan_packets(units, by_id, 4)]
-    assert per_packet == [w * tiny.shape.n_layers for w in widths]  # each packet: its padded rows x layers
+    packets = plan_packets(units, by_id, 4)
+    # each packet: its padded rows x layers; a fan packet (decode phase, one prompt): the prompt but its
+    # last token once, then each row's answer steps (the last prompt token and the answer but its last)
+    widths = [len(by_id[p.rows[0][1]].input_ids) - 1 + len(p.rows) * len(by_id[p.rows[0][1]].answer_ids) if p.fan
+              else max(len(by_id[i].input_ids) + len(by_id[i].answer_ids) - 1 for i in p.sample_ids) * len(p.rows)
+              for p in packets]
+    assert any(p.fan for p in packets) and any(not p.fan for p in packets)
+    assert per_packet == [w * tiny.shape.n_layers for w in widths]
 
 
 class _Config:

@@ -131,3 +131,80 @@ def test_a_zero_ablation_unit_equals_ablate(tiny, tiny_samples):
         want = teacher_forced(tiny, tiny_samples, condition="s", batch_size=len(tiny_samples), progress=False)
     assert df["correct"].tolist() == want["correct"].tolist()
     np.testing.assert_array_equal(df["logprob"].to_numpy(), want["logprob"].to_numpy())
+
+
+def _wu24_logprob(model, sample, heads, method, reference=None):
+    """The gold answer's log-probability in Wu24's masking loop, written out: the prompt but its last
+    token prefilled with no ablation, then the last prompt token and each answer token fed one at a
+    time with the heads masked (every call a decoding step)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.model.config)
+    ids = list(sample.input_ids)
+    with torch.no_grad():
+        model.model(input_ids=torch.tensor([ids[:-1]]), cache=cache, use_cache=True)
+        total = 0.0
+        with ablate(model, heads, method, reference=reference):
+            for inp, gold in zip([ids[-1], *sample.answer_ids[:-1]], sample.answer_ids):
+                logits = model.model(input_ids=torch.tensor([[inp]]), cache=cache, use_cache=True).logits[0, -1]
+                total += float(torch.log_softmax(logits.float(), -1)[gold])
+    return total
+
+
+def test_decode_phase_units_run_from_the_clean_prompts_cache_as_wu24s_loop(tiny, tiny_samples):
+    """Decode-phase units (Wu24's protocol) of every method run as fan packets: one clean prefill per
+    prompt, then each condition's answer steps. Each row equals the teacher-forced pass with the
+    condition in the decode phase and Wu24's loop written out; the token-layers are the prefill
+    (once, kept for later calls until a weight changes) plus the answer steps; the saving is noted;
+    no hook stays; under --plain the units run as full passes."""
+    from rh.budget import TokenLayerCounter, plain_passes, saved_token_layers
+    from rh.units import forget_prefills, plan_packets
+
+    rng = np.random.default_rng(3)
+    heads = tiny.shape.all_heads()
+    sets = [tuple(heads[i] for i in rng.choice(len(heads), 4, replace=False)) for _ in range(5)]
+    means = head_means(tiny, tiny_samples, list(sets[0]))
+    conds = [Ablation(f"random4#{d}", hs, phase="decode", selection="random", draw=d) for d, hs in enumerate(sets)]
+    conds += [Ablation(m, sets[0], m, "decode", reference=means if m == "mean" else None)
+              for m in ("mean", "query", "logits")]
+    ids = tuple(s.id for s in tiny_samples)
+    units = [Unit(c, ids) for c in conds]
+    by_id = {s.id: s for s in tiny_samples}
+    packets = plan_packets(units, by_id, 4)
+    assert all(p.fan for p in packets) and len({p.sample_ids[0] for p in packets}) == len(ids)
+    with plain_passes():
+        assert not any(p.fan for p in plan_packets(units, by_id, 4))
+    n_hooks, n_layers = _hooks(tiny), tiny.shape.n_layers
+    counter = TokenLayerCounter()
+    handle = counter.attach(tiny.model)
+    forget_prefills(tiny)
+    saved = saved_token_layers().get("shared prefill", 0)
+    try:
+        got = run_units(tiny, tiny_samples, units, batch_size=4)
+        first = counter.total
+        again = run_units(tiny, tiny_samples, units[:1], batch_size=4)
+        second = counter.total - first
+        tiny.model.model.layers[1].mlp.down_proj.weight.add_(0.0)  # an in-place edit: the kept prefills go
+        run_units(tiny, tiny_samples, units[:1], batch_size=4)
+        third = counter.total - first - second
+    finally:
+        handle.remove()
+    assert _hooks(tiny) == n_hooks
+    prompts = sum(len(s.input_ids) - 1 for s in tiny_samples)
+    steps = sum(len(s.answer_ids) for s in tiny_samples)
+    assert first == (prompts + len(units) * steps) * n_layers  # one prefill per prompt, then answer steps only
+    assert second == steps * n_layers and third == (prompts + steps) * n_layers
+    full = sum(len(s.input_ids) + len(s.answer_ids) - 1 for s in tiny_samples)
+    assert saved_token_layers()["shared prefill"] - saved == (len(units) + 2) * full * n_layers - first - second - third
+    for u, df in zip(units, got):
+        with u.condition.open(tiny):
+            want = teacher_forced(tiny, tiny_samples, condition=u.condition.name, batch_size=4, progress=False)
+        assert df["correct"].tolist() == want["correct"].tolist(), u.condition.name
+        assert df["first_argmax"].tolist() == want["first_argmax"].tolist(), u.condition.name
+        np.testing.assert_allclose(df["logprob"], want["logprob"], rtol=1e-5, atol=1e-5)
+        c = u.condition
+        hand = [_wu24_logprob(tiny, s, c.heads, c.method, c.reference) for s in tiny_samples]
+        np.testing.assert_allclose(df["logprob"], hand, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(again[0]["logprob"], got[0]["logprob"])
+    clean = teacher_forced(tiny, tiny_samples, progress=False)
+    assert all(not np.allclose(df["logprob"], clean["logprob"], atol=1e-4) for df in got)
