@@ -52,6 +52,55 @@ def test_the_drop_grows_with_k(rh_model, validation, ranking, baseline, ca1_outc
 
 
 @pytest.fixture(scope="session")
+def ca1_decode_outcomes(rh_model, validation, ranking, baseline, profile):
+    """CA-1's conditions under Wu24's masking protocol: every head set ablated while decoding only
+    (from the prompt's last token on), each condition from the clean prompt's cache."""
+    from rh.causal import necessity_outcomes
+
+    return [
+        necessity_outcomes(rh_model, validation, ranking, k, draws=profile.random_draws, seed=profile.draw_seed,
+                           baseline=baseline, batch_size=profile.batch_size, matched_draws=profile.matched_draws,
+                           phase="decode")
+        for k in profile.ablation_levels
+    ]
+
+
+@pytest.fixture(scope="session")
+def ca1_decode_verdicts(ca1_decode_outcomes, profile):
+    """CA-1 under Wu24's protocol for every K, one Holm-corrected family of its own."""
+    from rh.causal import necessity_verdicts
+
+    return necessity_verdicts(ca1_decode_outcomes, alpha=profile.alpha, baseline_floor=profile.baseline_floor,
+                              min_gap=profile.ca1_min_gap, n_boot=profile.n_boot, seed=profile.draw_seed,
+                              control=profile.ca1_control, phase="decode")
+
+
+@pytest.mark.claim("CA-1", source="seed 001 (Wu24's masking experiment: heads masked while decoding)")
+def test_top_k_heads_are_necessary_while_decoding(ablation_k, ca1_decode_verdicts, record_verdict):
+    """Under Wu24's protocol (the heads ablated while decoding only, the prompt prefilled intact),
+    ablating the top-K retrieval heads drops needle retrieval accuracy more than ablating K random
+    heads from outside the top K (one-sided, Holm across K)."""
+    record_verdict(ca1_decode_verdicts[ablation_k])
+
+
+@pytest.mark.claim("CA-2", source="seed 001 (Figure 8; Wu24's masking protocol)")
+def test_the_drop_while_decoding_grows_with_k(rh_model, validation, ranking, baseline, ca1_decode_outcomes,
+                                              ca1_decode_verdicts, profile, record_verdict):
+    """Under Wu24's protocol (decode-only ablation), the top-K drop in the answer's log-probability
+    grows with K (by at least Δ nats from the smallest to the largest K) and the top-vs-random gap
+    of CA-1 holds at every K."""
+    from rh.causal import dose_response, top_logprobs
+
+    ids = [s.id for s in validation]
+    base = baseline.set_index("id").loc[ids]
+    tops = top_logprobs(rh_model, validation, ranking, profile.dose_levels, ca1_decode_outcomes,
+                        batch_size=profile.batch_size, phase="decode")
+    record_verdict(dose_response(base["logprob"].to_numpy(float), tops, ca1_decode_verdicts, alpha=profile.alpha,
+                                 min_growth=profile.dose_min_growth, baseline_floor=profile.baseline_floor,
+                                 baseline_accuracy=float(base["correct"].mean()), phase="decode"))
+
+
+@pytest.fixture(scope="session")
 def ca3_verdicts(rh_model, ranking, keep_samples, keep_baseline, profile):
     """Fresh prompts (``inverse_n`` per depth): non-inferiority at margin 0.1 needs about 80 items."""
     from rh.causal import inverse_ablation
@@ -103,6 +152,25 @@ def ca6_verdicts(rh_model, ranking, profile):
 def test_the_drop_appears_at_every_depth(claim_depth, ca6_verdicts, record_verdict):
     """Ablating the top-K heads lowers retrieval accuracy at every needle depth."""
     record_verdict(ca6_verdicts[claim_depth])
+
+
+@pytest.fixture(scope="session")
+def ca6_decode_verdicts(rh_model, ranking, profile):
+    """CA-6's prompts and heads under Wu24's protocol: the top K ablated while decoding only."""
+    from rh.causal import ablation_hurts
+
+    fresh = profile.fresh_samples(rh_model, "depth", profile.depth_n)
+    groups = {d: [s for s in fresh if s.depth == d] for d in profile.depths}
+    return ablation_hurts("CA-6", rh_model, groups, ranking.top(profile.id_k), None, param="depth",
+                          alpha=profile.alpha, baseline_floor=profile.baseline_floor, min_drop=profile.min_drop,
+                          batch_size=profile.batch_size, n_boot=profile.n_boot, phase="decode")
+
+
+@pytest.mark.claim("CA-6", source="seed 000 §2.2-2.4 (Wu24's masking protocol)")
+def test_the_drop_while_decoding_appears_at_every_depth(claim_depth, ca6_decode_verdicts, record_verdict):
+    """Under Wu24's protocol (decode-only ablation), ablating the top-K heads lowers retrieval
+    accuracy at every needle depth."""
+    record_verdict(ca6_decode_verdicts[claim_depth])
 
 
 @pytest.mark.claim("CA-5", source="seed 001's comparison table")

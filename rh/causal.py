@@ -3,6 +3,11 @@ drawn at random from outside the top K; compare retrieval on the same validation
 
 Outcomes are gathered once per K (:func:`necessity_outcomes`) and turned into one Holm-corrected
 family of verdicts (:func:`necessity_verdicts`), so a parametrized claim reads its own K's verdict.
+
+``phase="decode"`` runs a claim's ablations under Wu24's masking protocol (the heads ablated while
+decoding only: from the prompt's last token on, the prompt's clean prefill shared by every
+condition, :mod:`rh.units`); its verdicts carry ``phase="decode"`` in their params
+(:func:`in_phase`), so they sit beside the all-positions ones (whose params name no phase).
 """
 
 from __future__ import annotations
@@ -57,6 +62,18 @@ class NecessityOutcomes:
 
 def _arrays(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return df["correct"].to_numpy(dtype=float), df["logprob"].to_numpy(dtype=float)
+
+
+def in_phase(verdict: Verdict, phase: str) -> Verdict:
+    """``verdict`` labelled with the ablation phase its conditions ran in: ``phase="decode"`` joins
+    its params (Wu24's protocol, a claim row of its own); all positions, the default, adds nothing."""
+    if phase == "all":
+        return verdict
+    if phase != "decode":
+        raise ValueError(f"unknown phase={phase!r}: use 'all' (every position) or 'decode' (Wu24's protocol)")
+    import dataclasses
+
+    return dataclasses.replace(verdict, params={**verdict.params, "phase": phase})
 
 
 def evaluate_baseline(model: LoadedModel, samples: Sequence[Sample], *, batch_size: int = 8,
@@ -146,10 +163,12 @@ def necessity_outcomes(
     batch_size: int = 8,
     matched_draws: int = 0,
     stop_early: bool | None = None,
+    phase: str = "all",
 ) -> NecessityOutcomes:
     """Evaluate ``samples`` with no ablation, with the top-``k`` heads ablated, and with ``draws``
     random ``k``-sets from outside the top ``k`` (seeded by ``seed``, ``k`` and the draw index);
-    with ``matched_draws``, also that many random sets matched to the top K's layers.
+    with ``matched_draws``, also that many random sets matched to the top K's layers. Every
+    ablation is in ``phase`` (``"decode"``: Wu24's protocol); the baseline is the clean pass.
 
     ``stop_early`` (default, unless :func:`rh.budget.plain_passes` is on): a random set is evaluated
     on the items CA-1's paired test pairs with it, then only until the head-set null's indicator (is
@@ -170,7 +189,8 @@ def necessity_outcomes(
         baseline = evaluate_baseline(model, samples, batch_size=batch_size)
     baseline = baseline.set_index("id").loc[[s.id for s in samples]].reset_index()
     frames = [baseline]
-    frames.append(run_one(model, samples, Ablation(f"top{k}", tuple(top), selection="top"), batch_size=batch_size))
+    frames.append(run_one(model, samples, Ablation(f"top{k}", tuple(top), phase=phase, selection="top"),
+                          batch_size=batch_size))
     bc, bl = _arrays(frames[0])
     tc, tl = _arrays(frames[1])
     n = len(samples)
@@ -178,9 +198,10 @@ def necessity_outcomes(
     order = sorted(range(n), key=lambda i: (-bc[i], i))
 
     def evaluate(sets: list[list[Head]], name: str) -> tuple[np.ndarray, np.ndarray]:
-        conds = [Ablation(f"{name}{k}#{d}", tuple(heads), selection="random", draw=d) for d, heads in enumerate(sets)]
+        conds = [Ablation(f"{name}{k}#{d}", tuple(heads), phase=phase, selection="random", draw=d)
+                 for d, heads in enumerate(sets)]
         got = _stopped_draws(model, samples, conds, order=order, top_correct=float(tc.sum()), batch_size=batch_size,
-                             stop_early=stop_early, what=f"{name} K={k} draws")
+                             stop_early=stop_early, what=f"{name} K={k} draws" + (" (decode)" if phase == "decode" else ""))
         frames.extend(df for _, _, df in got)
         return np.stack([c for c, _, _ in got]), np.stack([lp for _, lp, _ in got])
 
@@ -201,41 +222,45 @@ def necessity_verdicts(
     n_boot: int = 10_000,
     seed: int = 0,
     control: str = "outside_top",
+    phase: str = "all",
 ) -> dict[int, Verdict]:
-    """One CA-1 verdict per K, Holm-corrected across the K levels: :func:`rh.rules.claims.necessity`."""
+    """One CA-1 verdict per K, Holm-corrected across the K levels: :func:`rh.rules.claims.necessity`
+    (``phase``: the one the outcomes' ablations ran in, :func:`in_phase`)."""
     from rh.rules.claims import necessity
 
-    return necessity(outcomes, alpha=alpha, baseline_floor=baseline_floor, min_gap=min_gap, n_boot=n_boot, seed=seed,
-                     control=control)
+    got = necessity(outcomes, alpha=alpha, baseline_floor=baseline_floor, min_gap=min_gap, n_boot=n_boot, seed=seed,
+                    control=control)
+    return {k: in_phase(v, phase) for k, v in got.items()}
 
 
 # --------------------------------------------------------------------------- CA-2 ... CA-6
 
 
 def top_logprobs(model: LoadedModel, samples: Sequence[Sample], ranking: Ranking, levels: Sequence[int],
-                 outcomes: Sequence[NecessityOutcomes] = (), *, batch_size: int = 8) -> dict[int, np.ndarray]:
-    """CA-2's dose: the answer log-prob with the top K ablated, per K (reusing CA-1's outcomes
-    where a K coincides; one pass over the samples per other K)."""
+                 outcomes: Sequence[NecessityOutcomes] = (), *, batch_size: int = 8, phase: str = "all",
+                 ) -> dict[int, np.ndarray]:
+    """CA-2's dose: the answer log-prob with the top K ablated (in ``phase``), per K (reusing CA-1's
+    outcomes of that phase where a K coincides; one pass over the samples per other K)."""
     have = {o.k: o.top_logprob for o in outcomes}
     out = {}
     for k in levels:
         if k in have:
             out[k] = have[k]
             continue
-        top = Ablation(f"top{k}", tuple(ranking.top(k)), selection="top")
+        top = Ablation(f"top{k}", tuple(ranking.top(k)), phase=phase, selection="top")
         out[k] = run_one(model, samples, top, batch_size=batch_size)["logprob"].to_numpy(float)
     return out
 
 
 def dose_response(base_logprob: np.ndarray, top_logprob: dict[int, np.ndarray], ca1: dict[int, Verdict], *,
                   alpha: float = 0.05, min_growth: float = 1.0, baseline_floor: float = 0.5,
-                  baseline_accuracy: float | None = None) -> Verdict:
+                  baseline_accuracy: float | None = None, phase: str = "all") -> Verdict:
     """CA-2: the top-K drop (answer log-prob) grows with K and the top-vs-random gap holds at every
-    K: :func:`rh.rules.claims.dose_response`."""
+    K: :func:`rh.rules.claims.dose_response` (``phase``: that of the ablations, :func:`in_phase`)."""
     from rh.rules.claims import dose_response as rule
 
-    return rule(base_logprob, top_logprob, ca1, alpha=alpha, min_growth=min_growth, baseline_floor=baseline_floor,
-                baseline_accuracy=baseline_accuracy)
+    return in_phase(rule(base_logprob, top_logprob, ca1, alpha=alpha, min_growth=min_growth,
+                         baseline_floor=baseline_floor, baseline_accuracy=baseline_accuracy), phase)
 
 
 def inverse_ablation(model: LoadedModel, samples: Sequence[Sample], ranking: Ranking, levels: Sequence[int],
@@ -276,11 +301,11 @@ def inverse_verdicts(base: np.ndarray, ablated: dict[int, np.ndarray], levels: S
 def ablation_hurts(claim: str, model: LoadedModel, groups: dict[str, Sequence[Sample]], heads: Sequence[Head],
                    baseline: pd.DataFrame | None, *, param: str, alpha: float = 0.05, baseline_floor: float = 0.5,
                    min_drop: float = 0.2, batch_size: int = 8, n_boot: int = 10_000, seed: int = 0,
-                   stop_early: bool | None = None) -> dict[str, Verdict]:
-    """CA-4 / CA-6: for each group of samples (a task, a depth), ablating ``heads`` lowers accuracy
-    (:func:`rh.rules.claims.drop_family`: > 0 supports, < ``min_drop`` refutes, Holm across groups).
-    Each group's baseline is evaluated in full; the ablation is curtailed (:mod:`rh.curtail`;
-    ``stop_early=False`` reads every item)."""
+                   stop_early: bool | None = None, phase: str = "all") -> dict[str, Verdict]:
+    """CA-4 / CA-6: for each group of samples (a task, a depth), ablating ``heads`` (in ``phase``)
+    lowers accuracy (:func:`rh.rules.claims.drop_family`: > 0 supports, < ``min_drop`` refutes,
+    Holm across groups). Each group's baseline is evaluated in full; the ablation is curtailed
+    (:mod:`rh.curtail`; ``stop_early=False`` reads every item)."""
     from rh.curtail import Arm, curtailed, paired_decider
     from rh.prefix import first_layers, hinting
     from rh.rules.claims import drop_bounds, drop_family
@@ -293,9 +318,10 @@ def ablation_hurts(claim: str, model: LoadedModel, groups: dict[str, Sequence[Sa
             if baseline is not None and set(ids) <= set(baseline["id"]):
                 base = baseline.set_index("id").loc[ids, "correct"].to_numpy(dtype=float)
             else:
-                with hinting(model, first_layers([heads])):  # the ablated pass starts where the heads do
+                # the ablated pass starts where the heads do (a decode-phase one from the clean prefill)
+                with hinting(model, first_layers([heads]) if phase == "all" else ()):
                     base = evaluate_baseline(model, samples, batch_size=batch_size)["correct"].to_numpy(float)
-            arms[g] = Arm(samples, base, Ablation("ablated", tuple(heads)))
+            arms[g] = Arm(samples, base, Ablation("ablated", tuple(heads), phase=phase))
         after = curtailed(model, arms, paired_decider(bounds=drop_bounds(min_drop), alpha=alpha,
                                                       baseline_floor=baseline_floor),
                           seed=derive_seed(seed, claim), batch_size=batch_size, stop_early=stop_early,
@@ -303,8 +329,9 @@ def ablation_hurts(claim: str, model: LoadedModel, groups: dict[str, Sequence[Sa
         data = {g: (arms[g].before, after[g]) for g in arms}
     else:
         data = {g: (np.zeros(0), np.zeros(0)) for g in groups}
-    return drop_family(claim, data, param=param, n_heads=len(heads), min_drop=min_drop, alpha=alpha,
-                       baseline_floor=baseline_floor, heads=[str(h) for h in heads])
+    got = drop_family(claim, data, param=param, n_heads=len(heads), min_drop=min_drop, alpha=alpha,
+                      baseline_floor=baseline_floor, heads=[str(h) for h in heads])
+    return {g: in_phase(v, phase) for g, v in got.items()}
 
 
 def head_outputs(model: LoadedModel, samples: Sequence[Sample], heads: Sequence[Head], method: str | None,

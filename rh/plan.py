@@ -364,6 +364,7 @@ def identification_cost(name: str, prompts: Sequence[PlannedPrompt], method: str
 _PREFIX = "prefix reuse from the first ablated layer"
 _EARLY = "early stopping of random draws"
 _CURTAIL = "curtailment once the statuses are decided"
+_FAN = "shared prefill (decode phase: one clean prefill per prompt, then each condition's answer steps)"
 
 
 # --------------------------------------------------------------------------- the registry
@@ -458,6 +459,17 @@ def _ca1(ctx):
     return forward_cost("ca1_outcomes", conds, ctx.validation, ctx, n_conditions=n, savings=f"{_PREFIX}; {_EARLY}")
 
 
+def _ca1_decode(ctx):
+    """CA-1 under Wu24's protocol: the same conditions as CA-1, in full passes when plain."""
+    p = ctx.profile
+    conds = []
+    for k in p.ablation_levels:
+        conds += [f"top{k} (decode)", f"random{k} (decode) x{p.random_draws}"]
+        conds += [f"matched{k} (decode) x{p.matched_draws}"] if p.matched_draws else []
+    n = len(p.ablation_levels) * (1 + p.random_draws + p.matched_draws)
+    return forward_cost("ca1_decode_outcomes", conds, ctx.validation, ctx, n_conditions=n, savings=f"{_FAN}; {_EARLY}")
+
+
 def _keep_prompts(ctx):
     return ctx.fresh(ctx.profile.inverse_n, "inverse")
 
@@ -533,6 +545,14 @@ def _ca6(ctx):
             forward_cost("ca6_verdicts", [f"top{p.id_k}"], groups, ctx, savings=f"{_PREFIX}; {_CURTAIL}")]
 
 
+def _ca6_decode(ctx):
+    """CA-6 under Wu24's protocol: the top K ablated while decoding; the baselines are CA-6's rows."""
+    p = ctx.profile
+    fresh = ctx.fresh(p.depth_n, "depth")
+    groups = [[x for x in fresh if x.depth == d] for d in p.depths]
+    return forward_cost("ca6_decode_verdicts", [f"top{p.id_k} (decode)"], groups, ctx, savings=f"{_FAN}; {_CURTAIL}")
+
+
 def _iv_prompts(ctx):
     return ctx.fresh(ctx.profile.iv_n, "interventions")
 
@@ -598,6 +618,12 @@ def _ca2_body(ctx):
     return forward_cost("CA-2 body", [f"top{k}" for k in extra], ctx.validation, ctx, savings=_PREFIX)
 
 
+def _ca2_decode_body(ctx):
+    p = ctx.profile
+    extra = [k for k in p.dose_levels if k not in p.ablation_levels]
+    return forward_cost("CA-2 decode body", [f"top{k} (decode)" for k in extra], ctx.validation, ctx, savings=_FAN)
+
+
 def _ca5_body(ctx):
     probe = ctx.validation[:4]
     return [forward_cost("CA-5 body", ["query", "logits", "zero"], probe, ctx, answer=False,
@@ -660,11 +686,13 @@ def _register_builtins() -> None:
     catalogue = {
         "ca1_outcomes": _ca1, "ca3_verdicts": _ca3, "keep_baseline": _keep_baseline, "ca7_verdicts": _ca7,
         "ca8_verdicts": _ca8, "method_scores": _method_scores, "task_baselines": _task_baselines, "ca4_verdicts": _ca4,
-        "ca6_verdicts": _ca6, "iv_baseline": _iv_baseline, "iv1": _iv1, "iv3": _iv3, "hub": _hub,
+        "ca6_verdicts": _ca6, "ca1_decode_outcomes": _ca1_decode, "ca6_decode_verdicts": _ca6_decode,
+        "iv_baseline": _iv_baseline, "iv1": _iv1, "iv3": _iv3, "hub": _hub,
         "sum_identification": _sum_identification, "wu24_identification": _wu24_identification,
         "task_rankings": _task_rankings, "stability_verdicts": _stability, "compare_ranking": _compare_ranking,
         # test bodies, by test function name
         "test_the_drop_grows_with_k": _ca2_body,
+        "test_the_drop_while_decoding_grows_with_k": _ca2_decode_body,
         "test_query_and_logit_zeroing_are_uniform_attention_not_output_zeroing": _ca5_body,
         "test_top_heads_spike_on_the_needle": _id2_body,
         "test_general_retrieval_heads_exist": _id5_body,

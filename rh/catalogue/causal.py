@@ -19,7 +19,8 @@ __all__ = ["ca1_ablation_curve", "distractor_figure", "compression_figure", "FAM
 
 def ca1_ablation_curve(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
     """CA-1's verdicts as a curve: accuracy vs number of heads ablated, top-K against random-K,
-    each random draw's own accuracy as a dot (seed 001's Figure 8); None without CA-1 verdicts.
+    each random draw's own accuracy as a dot (seed 001's Figure 8); the rows under Wu24's protocol
+    (``phase="decode"``) dashed beside them; None without CA-1 verdicts.
     (:func:`rh.report.ablation.accuracy_vs_k_curve` draws the same from per-sample results.)"""
     from rh.report.plotting import plt, png  # matplotlib loads when a figure is drawn
 
@@ -29,19 +30,24 @@ def ca1_ablation_curve(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
     )
     if not rows:
         return None
-    ks = [v["params"]["k"] for v in rows]
-    top = [v["details"]["top_accuracy"] for v in rows]
-    rand = [v["details"]["random_accuracy"] for v in rows]
-    per_draw = [v["details"].get("random_accuracy_per_draw", []) for v in rows]
-    base = rows[0]["details"]["baseline_accuracy"]
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    ax.axhline(base, color="0.5", ls="--", lw=1, label="no ablation")
-    ax.plot(ks, rand, "o-", color="tab:blue", label="random K (each item with one draw)")
-    for k, draws in zip(ks, per_draw):
-        draws = [a for a in draws if a is not None]  # draws stopped early have no accuracy of their own
-        if draws:
-            ax.scatter([k] * len(draws), draws, color="tab:blue", alpha=0.25, s=12)
-    ax.plot(ks, top, "s-", color="tab:red", label="top K by ranking")
+    ax.axhline(rows[0]["details"]["baseline_accuracy"], color="0.5", ls="--", lw=1, label="no ablation")
+    ks: list = []
+    for phase, style, what in (("all", "-", ""), ("decode", ":", ", decoding only (Wu24)")):
+        mine = [v for v in rows if v["params"].get("phase", "all") == phase]
+        if not mine:
+            continue
+        ks = sorted({*ks, *(v["params"]["k"] for v in mine)})
+        at = [v["params"]["k"] for v in mine]
+        ax.plot(at, [v["details"]["random_accuracy"] for v in mine], "o" + style, color="tab:blue",
+                label=f"random K{what}" + ("" if what else " (each item with one draw)"))
+        for k, v in zip(at, mine):
+            # draws stopped early have no accuracy of their own
+            draws = [a for a in v["details"].get("random_accuracy_per_draw", []) if a is not None]
+            if draws and phase == "all":
+                ax.scatter([k] * len(draws), draws, color="tab:blue", alpha=0.25, s=12)
+        ax.plot(at, [v["details"]["top_accuracy"] for v in mine], "s" + style, color="tab:red",
+                label=f"top K by ranking{what}")
     ax.set_xlabel("heads ablated (K)")
     ax.set_ylabel("exact-match accuracy")
     ax.set_ylim(-0.05, 1.05)
