@@ -173,6 +173,61 @@ def test_the_drop_while_decoding_appears_at_every_depth(claim_depth, ca6_decode_
     record_verdict(ca6_decode_verdicts[claim_depth])
 
 
+@pytest.fixture(scope="session")
+def sweep_prompts(rh_model, profile):
+    """CA-9's and CA-10's prompts: the first ``sweep_n`` per depth of CA-6's fresh prompts (their
+    baselines are CA-6's rows in the results store)."""
+    fresh = profile.fresh_samples(rh_model, "depth", profile.depth_n)
+    return [s for d in profile.depths for s in [x for x in fresh if x.depth == d][:profile.sweep_n]]
+
+
+@pytest.fixture(scope="session")
+def sweep_baseline(rh_model, sweep_prompts, profile):
+    from rh.causal import evaluate_baseline
+
+    return evaluate_baseline(rh_model, sweep_prompts, batch_size=profile.batch_size)
+
+
+@pytest.mark.claim("CA-9", source="MIB's faithfulness curves (CPR/CMD)")
+def test_the_top_k_drop_exceeds_random_over_the_whole_sweep(rh_model, ranking, sweep_prompts, sweep_baseline, profile,
+                                                            record_verdict):
+    """Over the whole sweep of K (1% ... 50% of the heads), ablating the top-K heads drops accuracy
+    more than ablating K random heads from outside the top K: the area between the two accuracy
+    curves is above 0 (three-way against Δ for the mean gap over the sweep)."""
+    from rh.causal import curve_outcomes, in_phase
+    from rh.rules.claims import inconclusive
+    from rh.rules.sweep import CURVE_TEST, ablation_curve, curve_levels
+
+    ks = curve_levels(rh_model.shape.n_total, profile.curve_fractions)
+    try:
+        ranking.top(max(ks))
+    except ValueError as exc:
+        record_verdict(in_phase(inconclusive("CA-9", {}, f"the sweep needs a ranking of every head: {exc}", CURVE_TEST,
+                                             profile.alpha, min_effect=profile.curve_min_area), profile.sweep_phase))
+        return
+    out = curve_outcomes(rh_model, sweep_prompts, ranking, ks, baseline=sweep_baseline, seed=profile.draw_seed,
+                         batch_size=profile.batch_size, phase=profile.sweep_phase)
+    record_verdict(in_phase(ablation_curve(out.base, out.top, out.rand, ks, min_area=profile.curve_min_area,
+                                           alpha=profile.alpha, baseline_floor=profile.baseline_floor,
+                                           seed=profile.draw_seed, n_boot=profile.n_boot), profile.sweep_phase))
+
+
+@pytest.mark.claim("CA-10", source="circuit hypothesis testing (minimality)")
+def test_every_top_head_is_needed(rh_model, ranking, sweep_prompts, sweep_baseline, profile, record_verdict):
+    """Minimality: every head of the top-K set is needed: dropping it from the ablated set recovers
+    accuracy (three-way against δ per head; the verdict names the heads shown not needed)."""
+    from rh.causal import in_phase, minimality_outcomes
+    from rh.rules.sweep import minimality
+
+    heads = ranking.top(profile.id_k)
+    top, dropped = minimality_outcomes(rh_model, sweep_prompts, heads, batch_size=profile.batch_size,
+                                       phase=profile.sweep_phase)
+    base = sweep_baseline.set_index("id").loc[[s.id for s in sweep_prompts], "correct"].to_numpy(float)
+    record_verdict(in_phase(minimality(top, dropped, base, min_recovery=profile.minimal_min_recovery,
+                                       alpha=profile.alpha, baseline_floor=profile.baseline_floor,
+                                       params={"k": profile.id_k}), profile.sweep_phase))
+
+
 @pytest.mark.claim("CA-5", source="seed 001's comparison table")
 def test_query_and_logit_zeroing_are_uniform_attention_not_output_zeroing(rh_model, validation, ranking,
                                                                           baseline, profile, record_verdict):

@@ -67,7 +67,8 @@ def sizes(p: Profile) -> dict:
             "incremental_levels": len(p.incremental_levels), "dose_levels": len(p.dose_levels),
             "ig_n": p.ig_n, "id_k": p.id_k, "identify": per_task - n_val,
             "distractor": p.distractor_n * len(p.depths), "compress_levels": len(p.compress_levels) or 2,
-            "group_k": p.group_k or 27, "content_free": p.content_free_n, "probe": p.probe_n * len(p.depths)}
+            "group_k": p.group_k or 27, "content_free": p.content_free_n, "probe": p.probe_n * len(p.depths),
+            "curve_levels": len(p.curve_fractions), "sweep": min(p.sweep_n, p.depth_n) * len(p.depths)}
 
 
 def pair(rng: np.random.Generator, n: int, drop: float, base_acc: float = BASE_ACC) -> tuple[np.ndarray, np.ndarray]:
@@ -531,6 +532,72 @@ def sim_iv5_with(shape: str) -> Callable:
         df = pd.DataFrame({"layer": np.arange(m), "accuracy": hits / n, "n": n, "n_correct": hits,
                            "chance": chance, "p_value": p_gt})
         return [decodable_after_heads(df, [first - 1], alpha=p.alpha, margin=p.probe_margin)]
+    return run
+
+
+def _latent_correct(rng, u: np.ndarray, loss: np.ndarray, mix: float) -> np.ndarray:
+    """0/1 outcomes with P(correct) = 1 - loss exactly, item by item: with probability 1 - ``mix`` an
+    item keeps its latent ``u`` (so its outcomes across conditions move together: an item lost at a
+    small K is lost at larger ones), else it draws afresh."""
+    fresh = rng.random(loss.shape)
+    keep = rng.random(loss.shape) >= mix
+    return (np.where(keep, np.broadcast_to(u, loss.shape), fresh) >= loss).astype(float)
+
+
+def _curve_gap(shape: str, x: np.ndarray, effect: float) -> np.ndarray:
+    """CA-9's planted gap (top-K loss minus random-K loss) at sweep positions ``x`` in [0, 1], its
+    mean over the levels exactly ``effect``: ``flat``; ``peaked`` at the middle K; ``crossing`` (the
+    top set hurts less than random at the smallest K, more at the largest)."""
+    if shape == "flat":
+        return np.full_like(x, effect)
+    if shape == "peaked":
+        w = np.exp(-(((x - 0.5) / 0.18) ** 2))
+        return effect * w / w.mean()
+    if shape == "crossing":
+        return effect + 2.0 * (effect + 0.05) * (x - x.mean())
+    raise ValueError(f"unknown CA-9 curve shape {shape!r}")
+
+
+def sim_ca9_with(shape: str) -> Callable:
+    """CA-9 under a curve shape (:func:`_curve_gap`): the random-K loss grows with K (0.15 at the
+    smallest, 0.45 at the largest: the baseline's 10% misses included), the top-K loss adds the
+    planted gap; items correlated across conditions and K (:func:`_latent_correct`). Planted
+    effects up to 0.25 keep every probability in range, so the mean gap is exactly the effect."""
+    def run(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
+        from rh.rules.sweep import ablation_curve
+
+        n, levels = s["sweep"], s["curve_levels"]
+        x = np.linspace(0.0, 1.0, levels)
+        rand_loss = 0.15 + 0.3 * x ** 2
+        top_loss = rand_loss + _curve_gap(shape, x, effect)
+        if top_loss.min() < 0.1 - 1e-12 or top_loss.max() > 1.0 + 1e-12:
+            raise ValueError(f"CA-9's simulation plants effects in [0, 0.25]; {effect} puts a loss out of range")
+        u = rng.random((n, 1))
+        base = (u[:, 0] >= 0.1).astype(float)
+        top = _latent_correct(rng, u, np.broadcast_to(top_loss, (n, levels)), 0.3)
+        rand = _latent_correct(rng, u, np.broadcast_to(rand_loss, (n, levels)), 0.3)
+        return [ablation_curve(base, top, rand, list(range(1, levels + 1)), min_area=p.curve_min_area, alpha=p.alpha,
+                               baseline_floor=p.baseline_floor, n_boot=50, seed=int(rng.integers(1 << 30)))]
+    return run
+
+
+def sim_ca10_with(shape: str) -> Callable:
+    """CA-10: the top-K set ablated loses 60% of the items; dropping head h from it recovers r_h
+    (P(correct) rises by exactly r_h), items correlated across the heads. ``effect`` is the
+    recovery of the least-needed head: ``one-weak``, the others recover 0.3 more; ``all-equal``,
+    every head recovers the effect (the worst case for a false refutation at δ)."""
+    def run(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
+        from rh.rules.sweep import minimality
+
+        n, k = s["sweep"], s["id_k"]
+        rec = np.full(k, effect) if shape == "all-equal" else np.r_[effect, np.full(k - 1, min(effect + 0.3, 0.55))]
+        u = rng.random((n, 1))
+        base = (u[:, 0] >= 0.1).astype(float)
+        top_loss = 0.7
+        top = _latent_correct(rng, u, np.full((n, 1), top_loss), 0.3)[:, 0]
+        dropped = _latent_correct(rng, u, np.broadcast_to(top_loss - rec, (n, k)), 0.3)
+        return [minimality(top, {f"h{j}": dropped[:, j] for j in range(k)}, base,
+                           min_recovery=p.minimal_min_recovery, alpha=p.alpha, baseline_floor=p.baseline_floor)]
     return run
 
 

@@ -334,6 +334,64 @@ def ablation_hurts(claim: str, model: LoadedModel, groups: dict[str, Sequence[Sa
     return {g: in_phase(v, phase) for g, v in got.items()}
 
 
+# --------------------------------------------------------------------------- CA-9, CA-10
+
+
+@dataclass
+class CurveOutcomes:
+    """CA-9's per-item outcomes over a sweep of K: ``top`` and ``rand`` are ``[n, len(ks)]`` 0/1
+    (item i's random set at each K is its own draw), ``base`` ``[n]``."""
+
+    ks: list[int]
+    base: np.ndarray
+    top: np.ndarray
+    rand: np.ndarray
+    random_heads: list[list[list[Head]]]  # [K][item]
+    phase: str = "all"
+
+
+def curve_outcomes(model: LoadedModel, samples: Sequence[Sample], ranking: Ranking, ks: Sequence[int], *,
+                   baseline: pd.DataFrame | None = None, seed: int = 0, batch_size: int = 8,
+                   phase: str = "all") -> CurveOutcomes:
+    """CA-9: every sample with the top K ablated and with its own K random heads from outside the
+    top K (seeded by ``seed``, K and the item), at each K of the sweep, in ``phase``: one call to
+    the runner (under ``phase="decode"`` every condition of a prompt shares its clean prefill)."""
+    ranking.check_shape(model.shape)
+    ids = [s.id for s in samples]
+    if baseline is None:
+        baseline = evaluate_baseline(model, samples, batch_size=batch_size)
+    base, _ = _arrays(baseline.set_index("id").loc[ids].reset_index())
+    units, sets = [], []
+    for k in ks:
+        units.append(Unit(Ablation(f"top{k}", tuple(ranking.top(k)), phase=phase, selection="top"), tuple(ids)))
+        per_item = [ranking.random_outside_top(k, seed=derive_seed(seed, "CA-9", k, i)) for i in range(len(ids))]
+        sets.append(per_item)
+        units += [Unit(Ablation(f"random{k}@{i}", tuple(hs), phase=phase, selection="random", draw=i), (ids[i],))
+                  for i, hs in enumerate(per_item)]
+    frames = run(model, samples, units, batch_size=batch_size)
+    top = np.zeros((len(ids), len(ks)))
+    rand = np.zeros((len(ids), len(ks)))
+    per = 1 + len(ids)
+    for j in range(len(ks)):
+        top[:, j] = frames[j * per]["correct"].to_numpy(float)
+        rand[:, j] = [float(frames[j * per + 1 + i]["correct"].iloc[0]) for i in range(len(ids))]
+    return CurveOutcomes(list(ks), base, top, rand, sets, phase)
+
+
+def minimality_outcomes(model: LoadedModel, samples: Sequence[Sample], heads: Sequence[Head], *,
+                        batch_size: int = 8, phase: str = "all") -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """CA-10: correctness with ``heads`` ablated, and with each head dropped from the ablated set
+    (``{str(head): [n]}``), in ``phase``: one call to the runner."""
+    ids = tuple(s.id for s in samples)
+    heads = list(heads)
+    units = [Unit(Ablation(f"top{len(heads)}", tuple(heads), phase=phase, selection="top"), ids)]
+    units += [Unit(Ablation(f"top{len(heads)}-{h}", tuple(x for x in heads if x != h), phase=phase), ids)
+              for h in heads]
+    frames = run(model, samples, units, batch_size=batch_size)
+    return frames[0]["correct"].to_numpy(float), {str(h): df["correct"].to_numpy(float)
+                                                  for h, df in zip(heads, frames[1:])}
+
+
 def head_outputs(model: LoadedModel, samples: Sequence[Sample], heads: Sequence[Head], method: str | None,
                  *, batch_size: int = 8) -> dict[Head, np.ndarray]:
     """The o_proj-input slice of each head (what it writes to the residual stream) at every real

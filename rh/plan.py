@@ -618,6 +618,35 @@ def _ca2_body(ctx):
     return forward_cost("CA-2 body", [f"top{k}" for k in extra], ctx.validation, ctx, savings=_PREFIX)
 
 
+def _sweep_prompts(ctx):
+    p = ctx.profile
+    fresh = ctx.fresh(p.depth_n, "depth")
+    return [x for d in p.depths for x in [y for y in fresh if y.depth == d][:p.sweep_n]]
+
+
+def _sweep_baseline(ctx):
+    return forward_cost("sweep_baseline", ["baseline"], _sweep_prompts(ctx), ctx,
+                        note="CA-6's rows where its baselines ran first (the results store)")
+
+
+def _sweep_savings(ctx) -> str:
+    return _FAN if ctx.profile.sweep_phase == "decode" else _PREFIX
+
+
+def _ca9_body(ctx):
+    from rh.rules.sweep import curve_levels
+
+    ks = curve_levels(ctx.shape.n_total, ctx.profile.curve_fractions)
+    conds = [c for k in ks for c in (f"top{k}", f"random{k} (one per prompt)")]
+    return forward_cost("CA-9 body", conds, _sweep_prompts(ctx), ctx, savings=_sweep_savings(ctx))
+
+
+def _ca10_body(ctx):
+    k = ctx.profile.id_k
+    return forward_cost("CA-10 body", [f"top{k}", f"top{k} but one head x{k}"], _sweep_prompts(ctx), ctx,
+                        n_conditions=k + 1, savings=_sweep_savings(ctx))
+
+
 def _ca2_decode_body(ctx):
     p = ctx.profile
     extra = [k for k in p.dose_levels if k not in p.ablation_levels]
@@ -687,12 +716,14 @@ def _register_builtins() -> None:
         "ca1_outcomes": _ca1, "ca3_verdicts": _ca3, "keep_baseline": _keep_baseline, "ca7_verdicts": _ca7,
         "ca8_verdicts": _ca8, "method_scores": _method_scores, "task_baselines": _task_baselines, "ca4_verdicts": _ca4,
         "ca6_verdicts": _ca6, "ca1_decode_outcomes": _ca1_decode, "ca6_decode_verdicts": _ca6_decode,
-        "iv_baseline": _iv_baseline, "iv1": _iv1, "iv3": _iv3, "hub": _hub,
+        "sweep_baseline": _sweep_baseline, "iv_baseline": _iv_baseline, "iv1": _iv1, "iv3": _iv3, "hub": _hub,
         "sum_identification": _sum_identification, "wu24_identification": _wu24_identification,
         "task_rankings": _task_rankings, "stability_verdicts": _stability, "compare_ranking": _compare_ranking,
         # test bodies, by test function name
         "test_the_drop_grows_with_k": _ca2_body,
         "test_the_drop_while_decoding_grows_with_k": _ca2_decode_body,
+        "test_the_top_k_drop_exceeds_random_over_the_whole_sweep": _ca9_body,
+        "test_every_top_head_is_needed": _ca10_body,
         "test_query_and_logit_zeroing_are_uniform_attention_not_output_zeroing": _ca5_body,
         "test_top_heads_spike_on_the_needle": _id2_body,
         "test_general_retrieval_heads_exist": _id5_body,
@@ -704,7 +735,7 @@ def _register_builtins() -> None:
     for name, fn in catalogue.items():
         register_cost(name, fn, where="catalogue")
     _free("task_validation", "iv_samples", "test_base_and_instruct_share_retrieval_heads", "keep_samples",
-          "test_retrieval_heads_gather_in_kv_groups", where="catalogue")
+          "test_retrieval_heads_gather_in_kv_groups", "sweep_prompts", where="catalogue")
 
 
 _register_builtins()

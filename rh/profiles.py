@@ -82,6 +82,13 @@ class Profile:
     compress_sink: int = 4  # CA-8: first tokens every restricted head keeps (the attention sink)
     compress_window: int = 64  # CA-8: most recent tokens every restricted head keeps
     compress_margin: float = 0.1  # CA-8: accuracy the restriction of the other heads may cost
+    curve_fractions: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)  # CA-9: K as fractions of the heads
+    curve_min_area: float = 0.1  # CA-9: area between the random-K and top-K accuracy curves (mean gap over K)
+    minimal_min_recovery: float = 0.1  # CA-10: accuracy one head's return to the ablated set must recover
+    # CA-9 and CA-10 evaluate many conditions per prompt: "decode" (Wu24's protocol) shares each prompt's
+    # clean prefill between them, so each costs its answer steps; "all" ablates every position (full passes)
+    sweep_phase: str = "decode"
+    sweep_n: int = 8  # CA-9, CA-10: prompts per depth, the first of CA-6's fresh prompts (their baselines are CA-6's)
 
     def sweep(self) -> Sweep:
         """The prompt grid this profile asks for: every task of CA-1 and of the identification claims."""
@@ -184,6 +191,8 @@ def get_profile(name: str, shape: HeadShape, **overrides: Any) -> Profile:
             f"use an alpha above {len(prof.ablation_levels) / (prof.random_draws + 1):.3g} with this profile, or the full "
             "profile (more draws)"
         )
+    if prof.sweep_phase not in ("all", "decode"):
+        raise ValueError(f"sweep_phase={prof.sweep_phase!r}: use 'decode' (Wu24's protocol) or 'all' (every position)")
     if prof.ca1_control not in ("outside_top", "layer_matched"):
         raise ValueError(f"ca1_control={prof.ca1_control!r}: use 'outside_top' or 'layer_matched'")
     if prof.ca1_control == "layer_matched" and prof.matched_draws + 1 <= need:

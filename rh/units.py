@@ -245,7 +245,9 @@ def _prefill(model, prefix: Sequence[int]) -> tuple[Any, bool]:
     ids = torch.tensor([list(prefix)], device=model.device)
     with torch.no_grad(), oom_guard("the clean prefill of a decode-phase condition", batch_size=1, length=len(prefix)):
         out = hf(input_ids=ids, use_cache=True, logits_to_keep=1)
-    cache = out.get("cache", out.get("past_key_values"))
+    cache = out.get("cache")
+    if cache is None:  # transformers before the rename
+        cache = out.get("past_key_values")
     if held is not None:
         size = sum(t.numel() * t.element_size() for t in _cache_tensors(cache))
         if size <= PREFILL_CACHE_BYTES:

@@ -13,8 +13,10 @@ from rh import calibration as cal
 from rh.claim_families import Calibration, ClaimFamily, Figure, Parameter, claim_rows, register_family
 from rh.rules import claims as rules
 from rh.rules import field as field_rules
+from rh.rules import sweep
 
-__all__ = ["ca1_ablation_curve", "distractor_figure", "compression_figure", "FAMILIES"]
+__all__ = ["ca1_ablation_curve", "distractor_figure", "compression_figure", "curve_figure", "minimality_figure",
+           "FAMILIES"]
 
 
 def ca1_ablation_curve(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
@@ -119,6 +121,66 @@ def compression_figure(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
 
 
 
+def curve_figure(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
+    """CA-9: accuracy over the sweep of K, top K against random K, and the gap between them with its
+    band, simultaneous over K."""
+    from rh.report.plotting import plt, png  # matplotlib loads when a figure is drawn
+
+    rows = [v for v in claim_rows(verdicts, "CA-9") if v["details"].get("gap") is not None]
+    if not rows:
+        return None
+    d = rows[0]["details"]
+    ks = d["ks"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8, 3.4))
+    ax1.axhline(d["baseline_accuracy"], color="0.5", ls="--", lw=1, label="no ablation")
+    ax1.plot(ks, d["random_accuracy"], "o-", color="tab:blue", label="random K (one draw per item)")
+    ax1.plot(ks, d["top_accuracy"], "s-", color="tab:red", label="top K by ranking")
+    ax1.set_xscale("log")
+    ax1.set_xlabel("heads ablated (K)")
+    ax1.set_ylabel("exact-match accuracy")
+    ax1.set_ylim(-0.05, 1.05)
+    ax1.legend(frameon=False, fontsize=7)
+    ax2.fill_between(ks, d["band_lo"], d["band_hi"], color="tab:purple", alpha=0.2, label="simultaneous 95% band")
+    ax2.plot(ks, d["gap"], "o-", color="tab:purple", label="random minus top accuracy")
+    ax2.axhline(0, color="0.3", lw=0.8)
+    ax2.axhline(rows[0].get("min_effect") or 0, color="0.5", ls=":", lw=1, label="Δ (for the mean over K)")
+    ax2.set_xscale("log")
+    ax2.set_xlabel("heads ablated (K)")
+    ax2.legend(frameon=False, fontsize=7)
+    phase = rows[0]["params"].get("phase", "all")
+    fig.suptitle(f"CA-9: the ablation curve ({'decoding only, Wu24' if phase == 'decode' else 'every position'}; "
+                 f"{rows[0]['status']})", fontsize=9)
+    return png(fig)
+
+
+def minimality_figure(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
+    """CA-10: each top head's recovery when dropped from the ablated set, with its interval and δ."""
+    from rh.report.plotting import plt, png  # matplotlib loads when a figure is drawn
+
+    rows = [v for v in claim_rows(verdicts, "CA-10") if v["details"].get("recovery")]
+    if not rows:
+        return None
+    d = rows[0]["details"]
+    heads = d["heads"]
+    rec = [d["recovery"][h] for h in heads]
+    lo = [d["recovery_ci"][h][0] for h in heads]
+    hi = [d["recovery_ci"][h][1] for h in heads]
+    colors = ["tab:green" if h in d["needed"] else "tab:red" if h in d["not_needed"] else "0.6" for h in heads]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    x = range(len(heads))
+    ax.bar(x, rec, color=colors)
+    ax.errorbar(x, rec, yerr=[[max(r - a, 0) for r, a in zip(rec, lo)], [max(b - r, 0) for r, b in zip(rec, hi)]],
+                fmt="none", ecolor="0.2", lw=1)
+    ax.axhline(0, color="0.3", lw=0.8)
+    ax.axhline(rows[0].get("min_effect") or 0, color="0.5", ls=":", lw=1)
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(heads, rotation=45, fontsize=7)
+    ax.set_ylabel("accuracy recovered")
+    ax.set_title("CA-10: each top head dropped from the ablated set (green: needed, red: not, grey: undecided)",
+                 fontsize=8)
+    return png(fig)
+
+
 def _k(k) -> str:
     return f"K={k}"
 
@@ -160,6 +222,16 @@ FAMILIES = (
                 calibration=lambda p, s: Calibration(cal.sim_ca8, 0.0, 1.0, 2.0, 3.0, seed=17),
                 figures=(Figure("CA-8: compression safety", lambda rows, meta: compression_figure(rows)),),
                 parameters=(Parameter("compress_k", "compress_levels", _k),)),
+    ClaimFamily("CA-9", "the top-K drop exceeds the random-K drop over the whole sweep of K", rule=sweep.ablation_curve,
+                delta=lambda p: p.curve_min_area,
+                calibration=lambda p, s: Calibration(cal.shapes(cal.sim_ca9_with, ("flat", "peaked", "crossing")), 0.0,
+                                                     p.curve_min_area, 0.25, 0.0),
+                figures=(Figure("CA-9: the ablation curve over K", lambda rows, meta: curve_figure(rows)),)),
+    ClaimFamily("CA-10", "every head of the top-K set is needed", rule=sweep.minimality,
+                delta=lambda p: p.minimal_min_recovery,
+                calibration=lambda p, s: Calibration(cal.shapes(cal.sim_ca10_with, ("one-weak", "all-equal")), 0.0,
+                                                     p.minimal_min_recovery, 0.3, 0.0),
+                figures=(Figure("CA-10: minimality of the top-K set", lambda rows, meta: minimality_figure(rows)),)),
 )
 
 for _fam in FAMILIES:
