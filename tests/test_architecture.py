@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1] / "rh"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation: data types, statistics and the decision rules (no model)",
      ("rh", "rh.heads", "rh.io", "rh.options", "rh.progress", "rh.seeds", "rh.tasks", "rh.stats", "rh.expected",
-      "rh.rules", "rh.rules.verdict", "rh.rules.core", "rh.rules.paired", "rh.rules.claims", "rh.rules.field", "rh.claim_families")),
+      "rh.rules", "rh.rules.verdict", "rh.rules.core", "rh.rules.paired", "rh.rules.claims", "rh.rules.field", "rh.rules.sweep", "rh.claim_families")),
     ("model: loading, prompts, hooks, ablation and evaluation passes",
      ("rh.models", "rh.recording", "rh.attention", "rh.budget", "rh.memory", "rh.niah", "rh.multi_needle",
       "rh.batching", "rh.prefix", "rh.profiles", "rh.ablation", "rh.compression", "rh.evaluate", "rh.units", "rh.curtail",
