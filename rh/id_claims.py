@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rh.heads import Head
+from rh.heads import Head, HeadShape
 from rh.models import LoadedModel
 from rh.niah import Sample
 from rh.rankings import Ranking
@@ -202,11 +202,14 @@ def needle_spike(ratios: np.ndarray, *, k: int, min_ratio: float = 10.0, alpha: 
 
 
 def _overlap_verdict(claim: str, params: dict, a: Ranking, b: Ranking, k: int, alpha: float, what: str,
-                     p_adjusted: float | None = None) -> Verdict:
+                     p_adjusted: float | None = None, population: str | None = None,
+                     details: dict | None = None) -> Verdict:
     """Top-K overlap against the hypergeometric null, with Spearman's rho of all heads' scores.
     Supported when the overlap beats chance; never refuted (a uniform null cannot show that two
-    rankings disagree), so otherwise inconclusive."""
+    rankings disagree), so otherwise inconclusive. ``population`` names the heads both rankings
+    score when they are not all of a model's (default: "all N heads"); ``details`` are added."""
     heads = a.shape.all_heads()
+    population = population or f"all {len(heads)} heads"
     overlap, expected, p = topk_overlap_test(a.top(k), b.top(k), a.shape.n_total)
     x = [a.scores[h] for h in heads]
     y = [b.scores[h] for h in heads]
@@ -218,14 +221,14 @@ def _overlap_verdict(claim: str, params: dict, a: Ranking, b: Ranking, k: int, a
            f"adjusted p = {p_adj:.3g}: not shown, and a uniform null cannot show disagreement")
     return Verdict(
         claim=claim, params=params, status=status,
-        reason=f"{what}: {overlap} of the top {k} heads are shared (chance: {expected:.2f}); Spearman rho over all "
-        f"{len(heads)} heads = {rho:.2f}; {why}",
+        reason=f"{what}: {overlap} of the top {k} heads are shared (chance: {expected:.2f}); Spearman rho over "
+        f"{population} = {rho:.2f}; {why}",
         test="one-sided hypergeometric test of the top-K overlap", statistic=float(overlap), p_value=p,
         p_adjusted=p_adj, effect=float(overlap - expected), ci=None, n=len(heads), alpha=alpha,
         effect_name="top-K overlap minus its chance expectation",
         details={"overlap": overlap, "expected": expected, "spearman_rho": rho, "spearman_p": p_rho,
                  "spearman_ci": list(ci), "shared": [str(h) for h in a.top(k) if h in set(b.top(k))],
-                 "top_a": [str(h) for h in a.top(k)], "top_b": [str(h) for h in b.top(k)]},
+                 "top_a": [str(h) for h in a.top(k)], "top_b": [str(h) for h in b.top(k)], **(details or {})},
         min_effect=None, power={"support": None, "support_at": None, "refute": None, "refute_at": None,
                                 "method": "none", "note": "rankings without per-prompt scores: no resampling"},
     )
@@ -285,13 +288,34 @@ def general_heads_exist(model: LoadedModel, rankings: Mapping[str, Ranking], val
 
 def variants_share_heads(a: Ranking | None, b: Ranking | None, *, k: int, alpha: float = 0.05,
                          names: tuple[str, str] = ("base", "instruct")) -> Verdict:
-    """ID-6: base and instruct variants share retrieval heads; inconclusive with one variant."""
+    """ID-6: base and instruct variants share retrieval heads; inconclusive with one variant.
+
+    Two models of different shapes are compared on the heads both have (layers below the smaller
+    layer count, heads below the smaller head count): each ranking's order restricted to those
+    heads (:meth:`~rh.rankings.Ranking.restricted`), the same top-K overlap test over that
+    population. Fewer than 2K shared heads leave it inconclusive: two top-K sets of them would have
+    to overlap, whatever the models do."""
+    test = "hypergeometric top-K overlap"
     if a is None or b is None:
         return inconclusive("ID-6", {"k": k}, "only one variant was run: pass --compare-model with the other variant "
-                            "(e.g. llama8b-base with llama8b) to decide this claim", "hypergeometric top-K overlap",
-                            alpha)
-    if (a.shape.n_layers, a.shape.n_heads) != (b.shape.n_layers, b.shape.n_heads):
-        return inconclusive("ID-6", {"k": k}, f"the two models differ in shape ({a.shape.n_layers}x{a.shape.n_heads} "
-                            f"vs {b.shape.n_layers}x{b.shape.n_heads}): they are not variants of one model",
-                            "hypergeometric top-K overlap", alpha)
-    return _overlap_verdict("ID-6", {"k": k}, a, b, k, alpha, f"{names[0]} vs {names[1]}")
+                            "(e.g. llama8b-base with llama8b) to decide this claim", test, alpha)
+    sa, sb = a.shape, b.shape
+    what = f"{names[0]} vs {names[1]}"
+    if (sa.n_layers, sa.n_heads) == (sb.n_layers, sb.n_heads):
+        return _overlap_verdict("ID-6", {"k": k}, a, b, k, alpha, what)
+    shared = HeadShape(min(sa.n_layers, sb.n_layers), min(sa.n_heads, sb.n_heads),
+                       min(sa.n_heads, sb.n_heads), 0)  # a grid of heads only: KV heads and head_dim do not apply
+    shapes = f"{names[0]} {sa.n_layers} layers x {sa.n_heads} heads, {names[1]} {sb.n_layers} x {sb.n_heads}"
+    span = lambda n, what: f"{what} 0" if n == 1 else f"{what}s 0-{n - 1}"  # noqa: E731
+    grid = f"{span(shared.n_layers, 'layer')} x {span(shared.n_heads, 'head')}"
+    info = {"heads_compared": {"scope": "shared heads", "n": shared.n_total, "n_layers": shared.n_layers,
+                               "n_heads": shared.n_heads, "models": list(names),
+                               "shapes": [[sa.n_layers, sa.n_heads], [sb.n_layers, sb.n_heads]]}}
+    if shared.n_total < 2 * k:
+        return inconclusive("ID-6", {"k": k}, f"the two models differ in shape ({shapes}) and share only "
+                            f"{shared.n_total} heads ({grid}): fewer than 2K = {2 * k}, so any two top-{k} sets of "
+                            "them overlap; compare with a smaller K or models of closer shapes", test, alpha,
+                            shared.n_total, info)
+    return _overlap_verdict("ID-6", {"k": k}, a.restricted(shared), b.restricted(shared), k, alpha,
+                            f"{what}, on the {shared.n_total} heads both models have ({grid}; the shapes differ: "
+                            f"{shapes})", population=f"the {shared.n_total} shared heads", details=info)

@@ -485,18 +485,27 @@ def _shape_from_model(model: Any) -> tuple[HeadShape, int]:
     return head_shape(hf), int(hf.config.hidden_size)
 
 
+def shape_difference(recipient: Any, donor: Any) -> str | None:
+    """How the donor's shape differs from the recipient's (layers, heads, KV heads, head size, hidden
+    size), both named, or None when they are one shape. Reads the configs only: no forward pass."""
+    (a, ha), (b, hb) = _shape_from_model(recipient), _shape_from_model(donor)
+    if a == b and ha == hb:
+        return None
+    return (f"the donor's shape ({b.n_layers} layers x {b.n_heads} heads, {b.n_kv_heads} KV heads, head_dim "
+            f"{b.head_dim}, hidden {hb}) differs from the recipient's ({a.n_layers} x {a.n_heads}, {a.n_kv_heads} KV, "
+            f"head_dim {a.head_dim}, hidden {ha})")
+
+
 def check_same_shape(recipient: Any, donor: Any) -> HeadShape:
     """Both models must have the same layers, heads, KV heads, head size and hidden size; a
     ValueError names the difference (no projection between shapes is attempted)."""
-    (a, ha), (b, hb) = _shape_from_model(recipient), _shape_from_model(donor)
-    if a != b or ha != hb:
+    diff = shape_difference(recipient, donor)
+    if diff:
         raise ValueError(
-            f"the donor's shape ({b.n_layers} layers x {b.n_heads} heads, {b.n_kv_heads} KV heads, head_dim "
-            f"{b.head_dim}, hidden {hb}) differs from the recipient's ({a.n_layers} x {a.n_heads}, {a.n_kv_heads} KV, "
-            f"head_dim {a.head_dim}, hidden {ha}): a head moves only between models of one shape (e.g. a base "
-            "model and its instruct variant); a projection between shapes would be a new head, not a transplant"
+            f"{diff}: a head moves only between models of one shape (e.g. a base model and its instruct variant); "
+            "a projection between shapes would be a new head, not a transplant"
         )
-    return a
+    return _shape_from_model(recipient)[0]
 
 
 def _plain_linear(lin: torch.nn.Module, where: str) -> torch.nn.Linear:
@@ -753,14 +762,20 @@ def transplant_function(recipient: LoadedModel, donor: LoadedModel | None, sampl
     """IV-4: the critical heads transplanted from ``donor`` keep at least ``keep`` of their function
     in the recipient. Their function is the accuracy they carry (baseline - with them zero-ablated);
     the transplant keeps it when accuracy with the donor's heads is non-inferior to the baseline with
-    margin ``(1 - keep) x function``. Inconclusive without a donor, or when ablating the heads does not
-    measurably hurt (there is no function to keep)."""
+    margin ``(1 - keep) x function``. Inconclusive without a donor, with a donor of another shape
+    (decided from the configs, before any forward pass: the recipient is left as it was), or when
+    ablating the heads does not measurably hurt (there is no function to keep)."""
     params = {"heads": len(heads)}
     test = "exact non-inferiority with margin (1 - keep) x (baseline - ablated)"
     if donor is None:
         return inconclusive("IV-4", params, "no donor model of the same shape: pass --compare-model (e.g. the base "
                              "variant of an instruct model)", test, alpha)
-    check_same_shape(recipient, donor)
+    diff = shape_difference(recipient, donor)
+    if diff:
+        return inconclusive("IV-4", params, f"{diff}: the transplant needs a donor of the same shape (a head moves "
+                            "only between models of one shape, e.g. a base model and its instruct variant); pass "
+                            "such a model as --compare-model", test, alpha,
+                            details={"heads": [str(h) for h in heads], "donor": getattr(donor, "key", "donor")})
     ids = [s.id for s in samples]
     base = _correct(baseline, ids)
     abl = _correct(run_one(recipient, samples, Ablation("ablated", tuple(heads)), batch_size=batch_size), ids)

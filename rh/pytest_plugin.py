@@ -73,7 +73,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--method", default="sum_attention", choices=("sum_attention", "wu24"),
                 help="how heads are identified (default: sum attention, seed 003)")
     g.addoption("--compare-model", default=None,
-                help="a second variant of the model (e.g. llama8b-base for llama8b) for ID-6")
+                help="a second model, as a registry key, hub id or local folder (e.g. llama8b-base for llama8b): "
+                     "ID-6 compares its retrieval heads (over the heads both have where the shapes differ), IV-4 "
+                     "transplants heads from it (same shape only)")
     g.addoption("--expected", default=None, metavar="PATH",
                 help="compare every verdict with this file (fixtures/expected/<model>.json): the run passes "
                      "exactly when no verdict changed, whatever the verdicts are")

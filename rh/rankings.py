@@ -81,6 +81,20 @@ class Ranking:
         :func:`rh.heads.layer_matched_heads`."""
         return layer_matched_heads(self.shape, self.top(k), seed=seed)
 
+    def restricted(self, shape: HeadShape) -> Ranking:
+        """This ranking over the heads of a smaller grid alone (layers < ``shape.n_layers``, heads <
+        ``shape.n_heads``): their scores and so their order among themselves, e.g. the heads two models
+        of different shapes share (ID-6). Per-setting scores are restricted with them; the bootstrap
+        uncertainty, computed over all heads, is dropped."""
+        if shape.n_layers > self.shape.n_layers or shape.n_heads > self.shape.n_heads:
+            raise ValueError(
+                f"cannot restrict a {self.shape.n_layers}x{self.shape.n_heads} ranking to a larger grid "
+                f"{shape.n_layers}x{shape.n_heads}: give a grid of at most its layers and heads")
+        keep = set(shape.all_heads())
+        return Ranking(self.method, shape, {h: v for h, v in self.scores.items() if h in keep},
+                       {**self.provenance, "restricted_to": f"{shape.n_layers}x{shape.n_heads}"},
+                       {name: {h: v for h, v in vals.items() if h in keep} for name, vals in self.per_setting.items()})
+
     def check_shape(self, shape: HeadShape) -> None:
         """Refuse a ranking computed for a model of another shape."""
         if (self.shape.n_layers, self.shape.n_heads) != (shape.n_layers, shape.n_heads):

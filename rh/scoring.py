@@ -152,8 +152,15 @@ def _wu24_batch(model: LoadedModel, batch: Batch, options: Wu24Options) -> tuple
     n_new = max(len(s.answer_ids) for s in batch.samples) + opts.extra_tokens
     k = opts.topk
 
-    def reduce(layer: int, probs: torch.Tensor) -> torch.Tensor:
-        return probs.topk(min(k, probs.shape[-1]), dim=-1).indices.cpu()  # [b, heads, k]
+    def reduce(layer: int, probs: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return probs.topk(min(k, probs.shape[-1]), dim=-1).indices.cpu(), probs.shape[-1]  # [b, heads, k], keys
+
+    def positions(t: int) -> torch.Tensor:
+        """Call t's top-k as positions of the padded prompt + answer: ``[b, L, H, k]``. A
+        sliding-window layer's cache holds only the last keys while decoding (its row covers the
+        last ``kv`` of the ``width + t`` positions seen), so its indices are shifted by the keys it
+        dropped; a full layer's row starts at position 0."""
+        return torch.stack([idx + max(0, width + t - kv) for idx, kv in cap.step(t)], dim=1)
 
     inputs = batch.model_inputs(model.device)
     inputs.pop("position_ids", None)  # generate derives them from the attention mask
@@ -161,7 +168,7 @@ def _wu24_batch(model: LoadedModel, batch: Batch, options: Wu24Options) -> tuple
         gen = model.model.generate(**inputs, max_new_tokens=n_new, do_sample=False, pad_token_id=tok.pad_token_id)
     new = gen[:, width:].cpu()
     steps = len(cap.steps)
-    top = torch.stack([torch.stack(cap.step(t), dim=1) for t in range(steps)], dim=1)  # [b, steps, L, H, k]
+    top = torch.stack([positions(t) for t in range(steps)], dim=1)  # [b, steps, L, H, k]
     shape = model.shape
     scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)
     eos = set(_eos_ids(model))

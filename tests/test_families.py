@@ -11,7 +11,8 @@ Each mechanism is held per family to a reference that does not use rh's code:
   :func:`_reference_attention`, an attention function written here from the definitions (a mask
   built from positions: causal, padding, the layer's sliding window; soft-capping; the ablation or
   restriction applied by hand), run by a twin of the model with the same weights;
-- prefix reuse against the plain pass.
+- prefix reuse against the plain pass;
+- Wu24's retrieval score against the original's greedy loop written out on eager attention.
 
 The largest absolute difference per family and mechanism is collected and written as a Markdown
 table (to ``$RH_FAMILY_TABLE`` if set, else ``family_diffs.md`` in pytest's temporary folder) and
@@ -45,7 +46,7 @@ ATOL = 1e-4  # logits of float32 models through 4 layers, as tests/test_compress
 
 DIFFS: dict[str, dict[str, float]] = {}
 MECHANISMS = ("capture", "sum attention", "reference", "zero", "mean", "query", "logits", "decode phase",
-              "decode fan", "sites", "prefix reuse", "restrict_window", "transplant")
+              "decode fan", "sites", "prefix reuse", "restrict_window", "transplant", "wu24 score")
 
 
 def _note(family: str, mechanism: str, diff: float | torch.Tensor) -> None:
@@ -324,6 +325,113 @@ def test_sum_attention_equals_eager_output_attentions(family):
         want = eager_needle_attention(eager, s)
         _note(family, "sum attention", np.abs(got[i] - want).max())
         np.testing.assert_allclose(got[i], want, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------- Wu24's retrieval score
+
+EMITTED = (1000, 2000, 3000, 4000)  # the only tokens the Wu24 case's models can emit
+WU24_ANSWER = 12  # answer tokens: the span a head is credited in, and the answer's length
+
+
+def _emitting_only(m, seed=0):
+    """``m`` with an LM head whose only non-zero rows are v, -v, u, -u for the four ``EMITTED``
+    tokens: greedy decoding emits one of them at every step, whatever the attention does, so that
+    heads whose top-1 lands in an answer span made of them can score (a random LM head emits tokens
+    that are nowhere in the prompt, and every score would be 0). The attention is untouched."""
+    lm = m.model.get_output_embeddings()
+    v, u = torch.randn(2, lm.weight.shape[1], generator=torch.Generator().manual_seed(seed))
+    w = torch.zeros_like(lm.weight)
+    for token, row in zip(EMITTED, (v, -v, u, -u)):
+        w[token] = row
+    lm.weight.data.copy_(w)
+    return m
+
+
+def _wu24_cases(tokenizer):
+    """Two prompts of random tokens (no EMITTED token among them) whose answer span holds the
+    EMITTED tokens in turn: one of 160 tokens with the span inside the last 48 positions (the
+    sliding-window layers see it while decoding), one of 151 (left-padded by 9 in a batch of two)
+    with the span at position 10 (only full-attention layers reach it)."""
+    from rh.niah import Sample
+
+    rng = np.random.default_rng(0)
+    out = []
+    for i, (n, at) in enumerate(((160, 140), (151, 10))):
+        ids = [int(t) for t in rng.integers(5000, 40000, n)]
+        answer = [EMITTED[j % 4] for j in range(WU24_ANSWER)]
+        ids[at:at + WU24_ANSWER] = answer
+        span = (at, at + WU24_ANSWER)
+        out.append(Sample(f"wu{i}", "t", tuple(ids), span, tuple(answer), tokenizer.decode(answer), "", n, 0.0, 0.0,
+                          0, answer_span=span))
+    return out
+
+
+def _wu24_by_hand(eager, sample, n_steps: int, eos: set[int]) -> tuple[np.ndarray, list[int]]:
+    """The loop of nightdessert/Retrieval_Head's retrieval_head_detection.py on one prompt, with
+    transformers' eager attention weights: prefill ``input_ids[:, :-1]``, then decode one token at a
+    time from the last prompt token; at each step, for each head, the argmax of its attention row
+    (top-1), when inside the answer span on a prompt token equal to the token this step emitted, adds
+    1/|span| to the head's score. Stops after ``n_steps`` steps, or after emitting an ``eos`` token.
+    A sliding-window layer's cache keeps only the last keys while decoding: its row covers the last
+    ``len(row)`` of the positions seen, and its argmax is mapped to the prompt position it is."""
+    ids = torch.tensor([sample.input_ids])
+    a, b = sample.answer_span
+    cfg = eager.model.config
+    scores = np.zeros((cfg.num_hidden_layers, cfg.num_attention_heads))
+    emitted: list[int] = []
+    with torch.no_grad():
+        out = eager.model(input_ids=ids[:, :-1], use_cache=True)
+        cache, inp, seen = out.cache, ids[:, -1:], ids.shape[1] - 1
+        for _ in range(n_steps):
+            out = eager.model(input_ids=inp, cache=cache, use_cache=True, output_attentions=True)
+            cache, seen = out.cache, seen + 1
+            token = int(out.logits[0, -1].argmax())
+            emitted.append(token)
+            for layer, att in enumerate(out.attentions):
+                row = att[0, :, -1]  # [heads, keys in the cache]
+                first = seen - row.shape[-1]
+                for head in range(row.shape[0]):
+                    pos = first + int(row[head].argmax())
+                    if a <= pos < b and sample.input_ids[pos] == token:
+                        scores[layer, head] += 1 / (b - a)
+            if token in eos:
+                break
+            inp = torch.tensor([[token]])
+    return scores, emitted
+
+
+@pytest.mark.parametrize("family", FAMS)
+def test_wu24_score_equals_the_original_greedy_loop_step_by_step(family):
+    """rh's Wu24 retrieval score (``score_samples(..., "wu24")``: one batched, left-padded
+    ``generate`` under the capture, default options) equals the original's loop written out on eager
+    attention (:func:`_wu24_by_hand`), prompt by prompt, and decodes the same tokens. What rh documents
+    (``Wu24Options``) is replicated where it departs from the original: the span is the answer's
+    own tokens in the needle (``span="exact"``; the original searches it with ``find_needle_idx``),
+    and decoding runs the answer's length plus ``extra_tokens`` steps, stopping at EOS (the original:
+    up to 50 steps, stopping at a newline). Catches a top-1 read in the cache's coordinates instead
+    of the prompt's (a sliding window's cache holds only its last 48 keys while decoding: Mistral and
+    the Gemmas credited heads for positions they never attended before this was fixed), the first
+    answer token's step dropped, a step scored against another step's token, padding misplaced."""
+    from rh.scoring import Wu24Options, score_samples
+
+    m = _emitting_only(tiny_model(family, seed=0))
+    eager = _emitting_only(tiny_model(family, seed=0, attn_implementation="eager"))
+    samples = _wu24_cases(m.tokenizer)
+    got = score_samples(m, samples, "wu24", batch_size=2, progress=False)
+    eos = {m.tokenizer.eos_token_id}
+    n_steps = WU24_ANSWER + Wu24Options().extra_tokens
+    diff, wants = 0.0, []
+    for i, s in enumerate(samples):
+        want, emitted = _wu24_by_hand(eager, s, n_steps, eos)
+        wants.append(want)
+        assert got.info[i]["generated"] == m.tokenizer.decode(emitted, skip_special_tokens=True), s.id
+        diff = max(diff, float(np.abs(got.scores[i] - want).max()))
+    _note(family, "wu24 score", diff)
+    assert diff < 1e-9
+    assert sum(w.sum() for w in wants) > 0  # heads score in this case
+    windowed = [layer for layer in range(4) if _layer_window(eager.model.model.layers[layer].self_attn)]
+    if windowed:  # a sliding layer's head scores while decoding: the cache's coordinates are exercised
+        assert wants[0][windowed].sum() > 0
 
 
 # ---------------------------------------------------------------------------- ablations vs the reference

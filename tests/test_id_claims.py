@@ -112,11 +112,85 @@ def test_general_heads_are_tested_per_head_on_fresh_prompts(tiny, tiny_samples):
     assert general_heads_exist(tiny, {"a": same}, {"a": tiny_samples}, k=3, accuracy={"a": 0.9}).inconclusive
 
 
-def test_variants_claim_is_inconclusive_without_a_pair_or_with_different_shapes():
+def test_variants_claim_is_inconclusive_without_a_pair_and_compares_other_shapes_on_their_shared_heads():
+    """One variant: inconclusive. Rankings of 4x4 and 5x4 heads drawn from one seed score the 16
+    heads of layers 0-3 alike, so on the heads both have the top 3 coincide (p = 1 / C(16, 3)); a
+    top 9 among 16 shared heads is refused (any two 9-sets of 16 overlap). Catches a shape mismatch
+    left inconclusive, and a restriction that takes other heads than the shared ones."""
     a = _ranking(HeadShape(4, 4, 2, 4), 1)
+    b = _ranking(HeadShape(5, 4, 2, 4), 1)
     assert variants_share_heads(a, None, k=3).inconclusive
-    assert variants_share_heads(a, _ranking(HeadShape(5, 4, 2, 4), 1), k=3).inconclusive
+    v = variants_share_heads(a, b, k=3)
+    assert v.supported and v.statistic == 3 and v.n == 16 and v.p_value == pytest.approx(1 / 560)
+    assert "on the 16 heads both models have" in v.reason
+    few = variants_share_heads(a, b, k=9)
+    assert few.inconclusive and "share only 16 heads" in few.reason and "fewer than 2K = 18" in few.reason
     assert variants_share_heads(a, a, k=3).statistic == 3
+
+
+def _eager_sum_attention(eager_model, samples) -> np.ndarray:
+    """``[layers, heads]``: each head's sum attention on the needle, averaged over the samples, from
+    transformers' eager attention weights (what a sum-attention ranking orders heads by)."""
+    from reference import eager_needle_attention
+
+    return np.mean([eager_needle_attention(eager_model, s) for s in samples], axis=0)
+
+
+def _overlap_by_hand(sa: np.ndarray, sb: np.ndarray, k: int) -> dict:
+    """ID-6's numbers from two score grids: the grid both have (the smaller layer and head counts),
+    each grid's top k there (ties by layer, then head), their overlap, its hypergeometric tail
+    P(X >= overlap) with scipy, the chance expectation and Spearman's rho over the shared heads."""
+    from scipy import stats
+
+    n_layers, n_heads = min(sa.shape[0], sb.shape[0]), min(sa.shape[1], sb.shape[1])
+    a, b = sa[:n_layers, :n_heads], sb[:n_layers, :n_heads]
+    grid = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
+    top = lambda s: {Head(*h) for h in sorted(grid, key=lambda h: (-s[h], h))[:k]}  # noqa: E731
+    top_a, top_b = top(a), top(b)
+    n = n_layers * n_heads
+    overlap = len(top_a & top_b)
+    return {"n": n, "overlap": overlap, "p": float(stats.hypergeom.sf(overlap - 1, n, k, k)),
+            "expected": k * k / n, "rho": float(stats.spearmanr(a.ravel(), b.ravel()).statistic),
+            "top_a": top_a, "top_b": top_b}
+
+
+@pytest.mark.parametrize("other", [{}, {"n_layers": 5, "n_heads": 4, "n_kv_heads": 2}],
+                         ids=["same shape", "other shape"])
+def test_id6_on_two_tiny_llamas_equals_the_overlap_test_by_hand(tiny, tiny_eager, tiny_samples, other):
+    """ID-6 through the real path (sum-attention rankings of the tiny Llama and of a second random
+    Llama, seed 1, by rh.scoring.identify) against the top-K overlap computed by hand from eager
+    attention: same shape over all 32 heads; a 5-layer x 4-head second model over the 16 heads
+    both have (layers 0-3, heads 0-3), its reason and details saying so. Catches a verdict taken
+    over the wrong population (the full grid, or top-K sets cut before restricting), a wrong
+    hypergeometric tail or chance level, and a capture left on either model."""
+    from rh.models import tiny_llama
+    from rh.scoring import identify
+
+    k = 4
+    second = tiny_llama(seed=1, **other)
+    second_eager = tiny_llama(seed=1, attn_implementation="eager", **other)
+    ra = identify(tiny, tiny_samples, "sum_attention", progress=False)
+    rb = identify(second, tiny_samples, "sum_attention", progress=False)
+    v = variants_share_heads(ra, rb, k=k, names=("seed0", "seed1"))
+    want = _overlap_by_hand(_eager_sum_attention(tiny_eager, tiny_samples),
+                            _eager_sum_attention(second_eager, tiny_samples), k)
+    assert v.status == ("supported" if want["p"] < 0.05 and want["overlap"] > want["expected"] else "inconclusive")
+    assert v.statistic == want["overlap"] and v.n == want["n"] == (16 if other else 32)
+    assert v.p_value == pytest.approx(want["p"], rel=1e-9)
+    assert v.details["expected"] == pytest.approx(want["expected"])
+    assert v.details["spearman_rho"] == pytest.approx(want["rho"], abs=1e-6)
+    assert set(v.details["top_a"]) == {str(h) for h in want["top_a"]}
+    assert set(v.details["top_b"]) == {str(h) for h in want["top_b"]}
+    if other:
+        assert v.details["heads_compared"] == {"scope": "shared heads", "n": 16, "n_layers": 4, "n_heads": 4,
+                                               "models": ["seed0", "seed1"], "shapes": [[4, 8], [5, 4]]}
+        assert ("on the 16 heads both models have (layers 0-3 x heads 0-3; the shapes differ: seed0 4 layers x 8 "
+                "heads, seed1 5 x 4)") in v.reason and "Spearman rho over the 16 shared heads" in v.reason
+    else:
+        assert "heads_compared" not in v.details and "over all 32 heads" in v.reason
+    for m in (tiny, second):
+        assert m.model.config._attn_implementation == "sdpa"
+        assert not any(m_._forward_pre_hooks or m_._forward_hooks for m_ in m.model.modules())
 
 
 # --------------------------------------------------------------------------- ID-5's capture beside the baselines

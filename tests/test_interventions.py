@@ -350,6 +350,106 @@ def test_iv4_is_inconclusive_without_a_donor(tiny, tiny_samples):
     assert v.inconclusive and "--compare-model" in v.reason
 
 
+IV4_HEADS = [Head(1, 2), Head(2, 5), Head(3, 0), Head(3, 7)]  # three layers, both KV groups
+
+
+@pytest.fixture(scope="module")
+def own_answers(tiny):
+    """24 passkey prompts (two lengths, three depths) whose gold answer is the first token the tiny
+    model's greedy decoding emits there (teacher_forced's ``first_argmax``), and their baseline:
+    right on every prompt, so a condition that changes the model's first choice loses the item."""
+    import dataclasses
+
+    from rh.evaluate import teacher_forced
+    from rh.niah import build_passkey_samples
+
+    samples = build_passkey_samples(tiny.tokenizer, lengths=[96, 128], depths=[0.0, 0.5, 1.0], n_per_setting=4,
+                                    seed=1, max_positions=tiny.max_positions)
+    first = teacher_forced(tiny, samples, progress=False).set_index("id")["first_argmax"]
+    own = [dataclasses.replace(s, id=f"{s.id}-own", answer_ids=(int(first[s.id]),),
+                               answer=tiny.tokenizer.decode([int(first[s.id])])) for s in samples]
+    baseline = teacher_forced(tiny, own, progress=False)
+    assert baseline["correct"].all()
+    return own, baseline
+
+
+def _untouched(model) -> tuple:
+    """Every hook table of every module, the attention implementation and the weights: what a claim
+    must leave as it found them."""
+    hooks = [(name, table, tuple(getattr(m, table, {}))) for name, m in model.model.named_modules()
+             for table in ("_forward_pre_hooks", "_forward_hooks", "_forward_hooks_with_kwargs",
+                           "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")]
+    buffers = sorted(name for name, _ in model.model.named_buffers() if "rh_" in name)
+    weights = {k: v.clone() for k, v in model.model.state_dict().items()}
+    return hooks, model.model.config._attn_implementation, buffers, weights
+
+
+def _same_state(a: tuple, b: tuple) -> bool:
+    return a[:3] == b[:3] and a[3].keys() == b[3].keys() and all(torch.equal(a[3][k], b[3][k]) for k in a[3])
+
+
+def test_iv4_with_a_donor_of_the_same_shape_gives_the_accuracies_run_by_hand(tiny, own_answers):
+    """IV-4 through the real path (zero ablation and the transplant from a second random Llama of the
+    tiny's shape, seed 1) against teacher_forced run by hand under ablate(...) and inside
+    transplant_heads(...): the three accuracies, the ablation's exact one-sided McNemar p (a binomial
+    tail over the discordant prompts, with scipy), the loss with the donor's heads and its counts.
+    Catches a transplant evaluated on stale rows (the recipient's own heads), ablated and transplanted
+    outcomes swapped or misaligned by id, and a model left changed."""
+    from scipy import stats
+
+    from rh.ablation import ablate
+    from rh.evaluate import teacher_forced
+    from rh.models import tiny_llama
+
+    samples, baseline = own_answers
+    donor = tiny_llama(seed=1)
+    before = [_untouched(tiny), _untouched(donor)]
+    v = transplant_function(tiny, donor, samples, IV4_HEADS, baseline)
+    assert _same_state(_untouched(tiny), before[0]) and _same_state(_untouched(donor), before[1])
+    with ablate(tiny, IV4_HEADS, "zero"):
+        abl = teacher_forced(tiny, samples, progress=False)["correct"].to_numpy(bool)
+    with transplant_heads(tiny, donor, IV4_HEADS):
+        tr = teacher_forced(tiny, samples, progress=False)["correct"].to_numpy(bool)
+    base = baseline["correct"].to_numpy(bool)
+    lost, won = int((base & ~abl).sum()), int((~base & abl).sum())
+    p_function = stats.binomtest(lost, lost + won, 0.5, alternative="greater").pvalue if lost + won else 1.0
+    d = v.details
+    assert v.status in ("supported", "refuted", "inconclusive") and v.n == len(samples)
+    assert d["baseline_accuracy"] == 1.0
+    assert d["ablated_accuracy"] == pytest.approx(abl.mean()) and d["transplanted_accuracy"] == pytest.approx(tr.mean())
+    assert d["p_function"] == pytest.approx(p_function, rel=1e-9)
+    assert 0 < tr.mean() < 1 and 0 < abl.mean() < 1  # both conditions change some answers, not all
+    if not v.inconclusive:  # decided on the loss with the donor's heads
+        assert v.effect == pytest.approx(base.mean() - tr.mean())
+        assert (d["right_to_wrong"], d["wrong_to_right"]) == (int((base & ~tr).sum()), int((~base & tr).sum()))
+
+
+def test_iv4_with_a_donor_of_another_shape_is_inconclusive_before_any_pass(tiny, own_answers):
+    """A donor of another shape (5 layers x 4 heads, hidden 32) gives an inconclusive IV-4 naming
+    both shapes and what the transplant needs, decided from the configs: no forward pass of either
+    model runs, and both are left as they were (no hook, no buffer, same weights and attention
+    implementation). Catches a shape check that raises, or that comes after the ablation's passes."""
+    from rh.models import tiny_llama
+
+    samples, baseline = own_answers
+    donor = tiny_llama(seed=1, n_layers=5, n_heads=4, n_kv_heads=2)
+    before = [_untouched(tiny), _untouched(donor)]
+    calls = []
+    handles = [m.model.register_forward_pre_hook(lambda mod, args, name=name: calls.append(name))
+               for name, m in (("recipient", tiny), ("donor", donor))]
+    try:
+        v = transplant_function(tiny, donor, samples, IV4_HEADS, baseline)
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == []
+    assert v.inconclusive and v.statistic is None
+    assert ("the donor's shape (5 layers x 4 heads, 2 KV heads, head_dim 8, hidden 32) differs from the "
+            "recipient's (4 x 8, 2 KV, head_dim 8, hidden 64)") in v.reason
+    assert "the transplant needs a donor of the same shape" in v.reason
+    assert _same_state(_untouched(tiny), before[0]) and _same_state(_untouched(donor), before[1])
+
+
 # ---------------------------------------------------------------------------- strata (IV-7)
 
 

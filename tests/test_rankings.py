@@ -45,6 +45,22 @@ def test_tie_order_does_not_depend_on_dict_insertion_order():
     assert make(reversed_scores).heads == ORDER
 
 
+def test_restricted_keeps_the_smaller_grids_heads_in_their_order_and_refuses_a_larger_grid():
+    """A ranking restricted to 2 layers x 2 heads orders those heads as the hand-made ORDER does (the
+    others dropped: ties stay broken by layer, then head), with their scores and per-setting scores;
+    a grid wider than the ranking's is refused. Catches a restriction that re-sorts by position or
+    keeps a head outside the grid."""
+    r = make(per_setting={"s": {h: float(i) for i, h in enumerate(SHAPE.all_heads())}}, provenance={"model_id": "m"})
+    small = r.restricted(HeadShape(2, 2, 2, 0))
+    assert small.heads == [h for h in ORDER if h.head < 2]
+    assert small.scores == {h: v for h, v in SCORES.items() if h.head < 2}
+    assert small.per_setting["s"] == {Head(0, 0): 0.0, Head(0, 1): 1.0, Head(1, 0): 3.0, Head(1, 1): 4.0}
+    assert small.provenance == {"model_id": "m", "restricted_to": "2x2"} and r.provenance == {"model_id": "m"}
+    assert r.restricted(SHAPE).heads == ORDER
+    with pytest.raises(ValueError, match="cannot restrict a 2x3 ranking to a larger grid 3x3"):
+        r.restricted(HeadShape(3, 3, 3, 0))
+
+
 @pytest.mark.parametrize("k", [-1, 7, 100, 2.0, "3", None, True])
 def test_top_and_bottom_reject_bad_k(k):
     r = make()
