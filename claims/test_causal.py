@@ -75,7 +75,8 @@ def ca1_decode_verdicts(ca1_decode_outcomes, profile):
                               control=profile.ca1_control, phase="decode")
 
 
-@pytest.mark.claim("CA-1", source="seed 001 (Wu24's masking experiment: heads masked while decoding)")
+@pytest.mark.claim("CA-1", source="seed 001 (Wu24's masking experiment: heads masked while decoding)",
+                  params={"phase": "decode"})
 def test_top_k_heads_are_necessary_while_decoding(ablation_k, ca1_decode_verdicts, record_verdict):
     """Under Wu24's protocol (the heads ablated while decoding only, the prompt prefilled intact),
     ablating the top-K retrieval heads drops needle retrieval accuracy more than ablating K random
@@ -83,7 +84,7 @@ def test_top_k_heads_are_necessary_while_decoding(ablation_k, ca1_decode_verdict
     record_verdict(ca1_decode_verdicts[ablation_k])
 
 
-@pytest.mark.claim("CA-2", source="seed 001 (Figure 8; Wu24's masking protocol)")
+@pytest.mark.claim("CA-2", source="seed 001 (Figure 8; Wu24's masking protocol)", params={"phase": "decode"})
 def test_the_drop_while_decoding_grows_with_k(rh_model, validation, ranking, baseline, ca1_decode_outcomes,
                                               ca1_decode_verdicts, profile, record_verdict):
     """Under Wu24's protocol (decode-only ablation), the top-K drop in the answer's log-probability
@@ -166,7 +167,7 @@ def ca6_decode_verdicts(rh_model, ranking, profile):
                           batch_size=profile.batch_size, n_boot=profile.n_boot, phase="decode")
 
 
-@pytest.mark.claim("CA-6", source="seed 000 §2.2-2.4 (Wu24's masking protocol)")
+@pytest.mark.claim("CA-6", source="seed 000 §2.2-2.4 (Wu24's masking protocol)", params={"phase": "decode"})
 def test_the_drop_while_decoding_appears_at_every_depth(claim_depth, ca6_decode_verdicts, record_verdict):
     """Under Wu24's protocol (decode-only ablation), ablating the top-K heads lowers retrieval
     accuracy at every needle depth."""

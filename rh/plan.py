@@ -810,7 +810,9 @@ def _label(item: Any) -> str:
     marker = item.get_closest_marker("claim")
     claim = str(marker.args[0]) if marker is not None and marker.args else None
     callspec = getattr(item, "callspec", None)
-    params = f"[{callspec.id}]" if callspec is not None else ""
+    fixed = marker.kwargs.get("params") or {} if marker is not None else {}  # e.g. {"phase": "decode"}
+    parts = ([callspec.id] if callspec is not None else []) + [f"{k}={v}" for k, v in sorted(fixed.items())]
+    params = f"[{','.join(parts)}]" if parts else ""
     return f"{claim}{params}" if claim else item.name
 
 

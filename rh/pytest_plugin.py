@@ -702,7 +702,8 @@ class RhSession:
             marker = item.get_closest_marker("claim")
             rep.user_properties.append((_VERDICT, {
                 "claim": str(marker.args[0]) if marker and marker.args else item.nodeid, "status": "inconclusive",
-                "reason": reason, "params": {}, "test": "", "n": 0}))
+                "reason": reason, "params": dict(marker.kwargs.get("params") or {}) if marker else {}, "test": "",
+                "n": 0}))
         if call.when == "call" and item.get_closest_marker("claim") is not None:
             fp = self.item_fingerprint(item)
             if fp is not None:  # the controller keeps the claim's verdict in the journal under it

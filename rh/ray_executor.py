@@ -238,8 +238,9 @@ def _actor_class(max_restarts: int):
 
 
 def replica_of(packet: Packet, replicas: int) -> int:
-    """The replica a packet goes to: a hash of its prompts, so a prompt batch meets one replica."""
-    digest = hashlib.sha1("\0".join(sorted(packet.sample_ids)).encode()).digest()
+    """The replica a packet goes to: a hash of its prompts (each once), so a prompt batch meets one
+    replica, and so does every fan packet of one prompt (its clean prefill is kept there)."""
+    digest = hashlib.sha1("\0".join(sorted(set(packet.sample_ids))).encode()).digest()
     return int.from_bytes(digest[:8], "big") % replicas
 
 

@@ -121,8 +121,9 @@ def test_plan_of_the_catalogue_prints_a_row_per_claim_and_loads_nothing(tmp_path
     total = next(line for line in full.splitlines() if line.startswith("total"))
     assert "unknown" not in total  # every catalogue claim has a known cost
     k_rows = [line.split()[0] for line in selected.splitlines() if line[:3] in ("CA-", "ID-", "IV-")]
-    assert k_rows == ["CA-1[K=2]", "CA-1[K=4]"], selected[-2000:]
-    assert "total (2 claims)" in selected
+    # CA-1 at every position and under Wu24's decode-only protocol, labelled apart
+    assert k_rows == ["CA-1[K=2]", "CA-1[K=4]", "CA-1[K=2,phase=decode]", "CA-1[K=4,phase=decode]"], selected[-2000:]
+    assert "total (4 claims)" in selected
 
 
 def test_a_registered_cost_of_your_own_fixture_is_planned_and_an_unregistered_one_is_unknown(warm_imports, pytester,

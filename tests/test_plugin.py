@@ -49,7 +49,7 @@ class Catalogue:
         under ``into``: what a run of CA-1 alone recorded."""
         shutil.copytree(self.folder / "rankings", into / "rankings")
         data = json.loads(self.expected.read_text())
-        data["verdicts"] = {k: v for k, v in data["verdicts"].items() if k.startswith("CA-1[")}
+        data["verdicts"] = {k: v for k, v in data["verdicts"].items() if k.startswith("CA-1[") and "phase=" not in k}
         data["nodes"] = {n: r for n, r in data["nodes"].items() if n.startswith(CA1 + "[")}
         out = into / "expected.json"
         out.write_text(json.dumps(data))
@@ -71,8 +71,10 @@ def tiny_catalogue(tmp_path_factory) -> Catalogue:
 def test_claims_on_the_tiny_model_write_a_report_with_a_verdict_per_k(tiny_catalogue, tmp_path):
     data = tiny_catalogue.report
     assert len(list((tiny_catalogue.folder / "reports").glob("tiny-llama-*.html"))) == 1
-    ca1 = [v for v in data["verdicts"] if v["claim"] == "CA-1"]
+    ca1 = [v for v in data["verdicts"] if v["claim"] == "CA-1" and "phase" not in v["params"]]
+    decode = [v for v in data["verdicts"] if v["claim"] == "CA-1" and v["params"].get("phase") == "decode"]
     assert sorted(v["params"]["k"] for v in ca1) == [2, 4]  # the tiny quick profile's K levels
+    assert sorted(v["params"]["k"] for v in decode) == [2, 4]  # and again under Wu24's decode-only protocol
     # a random model cannot retrieve a passkey: the claim is inconclusive (skipped), never supported
     assert {v["status"] for v in ca1} == {"inconclusive"}
     assert all("baseline accuracy" in v["reason"] for v in ca1)
@@ -82,7 +84,8 @@ def test_claims_on_the_tiny_model_write_a_report_with_a_verdict_per_k(tiny_catal
     # under --update-expected every verdict is as expected: the run passed (the fixture checks its exit code)
     recorded = json.loads(tiny_catalogue.expected.read_text())["verdicts"]
     assert {k: v for k, v in recorded.items() if k.startswith("CA-1[")} == {
-        "CA-1[k=2]": "inconclusive", "CA-1[k=4]": "inconclusive"}
+        "CA-1[k=2]": "inconclusive", "CA-1[k=4]": "inconclusive",
+        "CA-1[k=2,phase=decode]": "inconclusive", "CA-1[k=4,phase=decode]": "inconclusive"}
     assert len(recorded) == len(data["verdicts"]) and set(recorded.values()) <= {"supported", "refuted", "inconclusive"}
     assert "rh claim matrix" in tiny_catalogue.proc.stdout
 
@@ -326,11 +329,14 @@ def test_a_head_set_is_tested_at_its_own_size_and_claims_needing_an_order_say_so
     reports = sorted((tmp_path / "reports").glob("tiny-llama-*.json"))
     assert reports, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(reports[-1].read_text())
-    by = {v["claim"]: v for v in data["verdicts"]}
-    assert [v["params"]["k"] for v in data["verdicts"] if v["claim"] == "CA-1"] == [3]
-    assert by["CA-1"]["status"] == "inconclusive"  # a random model: the floor
-    assert by["CA-2"]["status"] == "inconclusive"
-    assert "not applicable to a head set" in by["CA-2"]["reason"] and "K=3" in by["CA-2"]["reason"]
+    by = {(v["claim"], v["params"].get("phase", "all")): v for v in data["verdicts"]}
+    # at K = 3 only, at every position and under Wu24's decode-only protocol
+    assert sorted((v["params"]["k"], v["params"].get("phase", "all")) for v in data["verdicts"]
+                  if v["claim"] == "CA-1") == [(3, "all"), (3, "decode")]
+    for phase in ("all", "decode"):
+        assert by["CA-1", phase]["status"] == "inconclusive"  # a random model: the floor
+        assert by["CA-2", phase]["status"] == "inconclusive"
+        assert "not applicable to a head set" in by["CA-2", phase]["reason"] and "K=3" in by["CA-2", phase]["reason"]
     assert data["meta"]["ranking"]["head_set"] == ["L0H1", "L1H2", "L3H7"]
     assert data["meta"]["ranking"]["cache"] == "external"
 
