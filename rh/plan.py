@@ -683,6 +683,15 @@ def _iv2_body(ctx):
 def _iv4_body(ctx):
     if not ctx.compare_model:
         return [CostRow("IV-4 body", ("no --compare-model: no passes",), 0, 0, 0.0, ctx.layers)]
+    try:
+        from rh.models import expected_shape
+
+        donor = expected_shape(ctx.compare_model)
+    except Exception:  # noqa: BLE001 - a shape unknown before loading: plan the passes
+        donor = None
+    if donor is not None and (donor.n_layers, donor.n_heads, donor.n_kv_heads, donor.head_dim) != (
+            ctx.shape.n_layers, ctx.shape.n_heads, ctx.shape.n_kv_heads, ctx.shape.head_dim):
+        return [CostRow("IV-4 body", ("a donor of another shape: inconclusive, no passes",), 0, 0, 0.0, ctx.layers)]
     return forward_cost("IV-4 body", ["ablated", "transplanted"], _iv_prompts(ctx), ctx, savings=_PREFIX)
 
 

@@ -220,3 +220,26 @@ def test_the_smoke_profile_plans_the_catalogue_at_a_fraction_of_quick():
         line = next(x for x in proc.stdout.splitlines() if x.startswith("total ("))
         totals[prof] = int(line.split()[4].replace(",", ""))
     assert 0 < totals["smoke"] < totals["quick"] / 4, totals
+
+
+def test_iv4_plans_no_pass_for_a_donor_of_another_shape():
+    """IV-4 with a --compare-model of another shape is inconclusive before any pass (the shape read
+    from the registry, no download): the plan counts none; a donor of the model's own shape gets
+    the ablated and transplanted passes over the intervention prompts."""
+    from rh.models import REGISTRY
+    from rh.plan import PlanContext, cost_rows, registered
+    from rh.profiles import get_profile
+
+    shape = REGISTRY["smollm2-135m"].shape
+    fn = registered("test_a_transplanted_critical_head_keeps_its_function", builtin=True)
+
+    def planned(other):
+        ctx = PlanContext(get_profile("quick", shape), shape, model="smollm2-135m",
+                          cache_dir=ROOT / "fixtures" / "rankings", compare_model=other)
+        return sum(r.token_layers for r in cost_rows(fn, ctx)), ctx
+
+    other, _ = planned("llama8b")  # 32 x 32 heads: not a donor for 30 x 9
+    same, ctx = planned("smollm2-135m")
+    assert other == 0
+    prompts = ctx.fresh(ctx.profile.iv_n, "interventions")
+    assert same == 2 * sum(p.length + p.answer_tokens - 1 for p in prompts) * 30

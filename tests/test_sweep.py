@@ -161,3 +161,17 @@ def test_curve_and_minimality_outcomes_equal_the_passes_written_out(tiny, tiny_s
             with ablate(tiny, [x for x in heads if x != h], phase=phase):
                 want = teacher_forced(tiny, tiny_samples, progress=False)["correct"].to_numpy(float)
             np.testing.assert_array_equal(dropped[str(h)], want)
+
+
+def test_the_figures_draw_the_curve_with_its_band_and_each_heads_recovery():
+    """CA-9's and CA-10's report figures draw from the verdicts' details (PNG bytes), and draw
+    nothing without such a verdict."""
+    from rh.catalogue.causal import curve_figure, minimality_figure
+
+    base, top, rand = _curve(40, 0.2, 0.8)
+    curve = ablation_curve(base, top, rand, [3, 5, 14, 27], n_boot=100).to_dict()
+    mini = minimality(np.zeros(40), {"L1H1": np.r_[np.ones(20), np.zeros(20)], "L2H2": np.zeros(40)},
+                      np.ones(40)).to_dict()
+    for fig in (curve_figure([curve, mini]), minimality_figure([curve, mini])):
+        assert fig is not None and fig[:8] == b"\x89PNG\r\n\x1a\n"
+    assert curve_figure([mini]) is None and minimality_figure([curve]) is None
