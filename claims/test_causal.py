@@ -7,26 +7,35 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="session")
-def ca1_outcomes(rh_model, validation, ranking, baseline, profile):
-    """Per-sample outcomes with no ablation, the top K ablated and random K-sets ablated, per K."""
+def _ca1_outcomes(rh_model, validation, ranking, baseline, profile, phase):
     from rh.causal import necessity_outcomes
 
     return [
         necessity_outcomes(rh_model, validation, ranking, k, draws=profile.random_draws, seed=profile.draw_seed,
-                           baseline=baseline, batch_size=profile.batch_size, matched_draws=profile.matched_draws)
+                           baseline=baseline, batch_size=profile.batch_size, matched_draws=profile.matched_draws,
+                           phase=phase)
         for k in profile.ablation_levels
     ]
+
+
+def _ca1_verdicts(outcomes, profile, phase):
+    from rh.causal import necessity_verdicts
+
+    return necessity_verdicts(outcomes, alpha=profile.alpha, baseline_floor=profile.baseline_floor,
+                              min_gap=profile.ca1_min_gap, n_boot=profile.n_boot, seed=profile.draw_seed,
+                              control=profile.ca1_control, phase=phase)
+
+
+@pytest.fixture(scope="session")
+def ca1_outcomes(rh_model, validation, ranking, baseline, profile):
+    """Per-sample outcomes with no ablation, the top K ablated and random K-sets ablated, per K."""
+    return _ca1_outcomes(rh_model, validation, ranking, baseline, profile, "all")
 
 
 @pytest.fixture(scope="session")
 def ca1_verdicts(ca1_outcomes, profile):
     """CA-1 for every K of the profile, decided as one Holm-corrected family."""
-    from rh.causal import necessity_verdicts
-
-    return necessity_verdicts(ca1_outcomes, alpha=profile.alpha, baseline_floor=profile.baseline_floor,
-                              min_gap=profile.ca1_min_gap, n_boot=profile.n_boot, seed=profile.draw_seed,
-                              control=profile.ca1_control)
+    return _ca1_verdicts(ca1_outcomes, profile, "all")
 
 
 @pytest.mark.claim("CA-1", source="seeds 000 §2.4, 001, 002")
@@ -55,24 +64,13 @@ def test_the_drop_grows_with_k(rh_model, validation, ranking, baseline, ca1_outc
 def ca1_decode_outcomes(rh_model, validation, ranking, baseline, profile):
     """CA-1's conditions under Wu24's masking protocol: every head set ablated while decoding only
     (from the prompt's last token on), each condition from the clean prompt's cache."""
-    from rh.causal import necessity_outcomes
-
-    return [
-        necessity_outcomes(rh_model, validation, ranking, k, draws=profile.random_draws, seed=profile.draw_seed,
-                           baseline=baseline, batch_size=profile.batch_size, matched_draws=profile.matched_draws,
-                           phase="decode")
-        for k in profile.ablation_levels
-    ]
+    return _ca1_outcomes(rh_model, validation, ranking, baseline, profile, "decode")
 
 
 @pytest.fixture(scope="session")
 def ca1_decode_verdicts(ca1_decode_outcomes, profile):
     """CA-1 under Wu24's protocol for every K, one Holm-corrected family of its own."""
-    from rh.causal import necessity_verdicts
-
-    return necessity_verdicts(ca1_decode_outcomes, alpha=profile.alpha, baseline_floor=profile.baseline_floor,
-                              min_gap=profile.ca1_min_gap, n_boot=profile.n_boot, seed=profile.draw_seed,
-                              control=profile.ca1_control, phase="decode")
+    return _ca1_verdicts(ca1_decode_outcomes, profile, "decode")
 
 
 @pytest.mark.claim("CA-1", source="seed 001 (Wu24's masking experiment: heads masked while decoding)",
@@ -137,16 +135,20 @@ def test_ablating_general_heads_hurts_every_task(id_task, ca4_verdicts, record_v
     record_verdict(ca4_verdicts[id_task])
 
 
-@pytest.fixture(scope="session")
-def ca6_verdicts(rh_model, ranking, profile):
-    """Fresh prompts (a seed the identification never saw), ``depth_n`` per depth: baseline vs top-K ablated."""
+def _ca6_verdicts(rh_model, ranking, profile, phase):
     from rh.causal import ablation_hurts
 
     fresh = profile.fresh_samples(rh_model, "depth", profile.depth_n)
     groups = {d: [s for s in fresh if s.depth == d] for d in profile.depths}
     return ablation_hurts("CA-6", rh_model, groups, ranking.top(profile.id_k), None, param="depth",
                           alpha=profile.alpha, baseline_floor=profile.baseline_floor, min_drop=profile.min_drop,
-                          batch_size=profile.batch_size, n_boot=profile.n_boot)
+                          batch_size=profile.batch_size, n_boot=profile.n_boot, phase=phase)
+
+
+@pytest.fixture(scope="session")
+def ca6_verdicts(rh_model, ranking, profile):
+    """Fresh prompts (a seed the identification never saw), ``depth_n`` per depth: baseline vs top-K ablated."""
+    return _ca6_verdicts(rh_model, ranking, profile, "all")
 
 
 @pytest.mark.claim("CA-6", source="seed 000 §2.2-2.4")
@@ -158,13 +160,7 @@ def test_the_drop_appears_at_every_depth(claim_depth, ca6_verdicts, record_verdi
 @pytest.fixture(scope="session")
 def ca6_decode_verdicts(rh_model, ranking, profile):
     """CA-6's prompts and heads under Wu24's protocol: the top K ablated while decoding only."""
-    from rh.causal import ablation_hurts
-
-    fresh = profile.fresh_samples(rh_model, "depth", profile.depth_n)
-    groups = {d: [s for s in fresh if s.depth == d] for d in profile.depths}
-    return ablation_hurts("CA-6", rh_model, groups, ranking.top(profile.id_k), None, param="depth",
-                          alpha=profile.alpha, baseline_floor=profile.baseline_floor, min_drop=profile.min_drop,
-                          batch_size=profile.batch_size, n_boot=profile.n_boot, phase="decode")
+    return _ca6_verdicts(rh_model, ranking, profile, "decode")
 
 
 @pytest.mark.claim("CA-6", source="seed 000 §2.2-2.4 (Wu24's masking protocol)", params={"phase": "decode"})

@@ -449,25 +449,23 @@ def _baseline(ctx):
     return forward_cost("baseline", ["baseline"], ctx.validation, ctx)
 
 
-def _ca1(ctx):
+def _ca1_rows(ctx, name: str, tag: str, savings: str):
     p = ctx.profile
     conds = []
     for k in p.ablation_levels:
-        conds += [f"top{k}", f"random{k} x{p.random_draws}"]
-        conds += [f"matched{k} x{p.matched_draws}"] if p.matched_draws else []
+        conds += [f"top{k}{tag}", f"random{k}{tag} x{p.random_draws}"]
+        conds += [f"matched{k}{tag} x{p.matched_draws}"] if p.matched_draws else []
     n = len(p.ablation_levels) * (1 + p.random_draws + p.matched_draws)
-    return forward_cost("ca1_outcomes", conds, ctx.validation, ctx, n_conditions=n, savings=f"{_PREFIX}; {_EARLY}")
+    return forward_cost(name, conds, ctx.validation, ctx, n_conditions=n, savings=savings)
+
+
+def _ca1(ctx):
+    return _ca1_rows(ctx, "ca1_outcomes", "", f"{_PREFIX}; {_EARLY}")
 
 
 def _ca1_decode(ctx):
     """CA-1 under Wu24's protocol: the same conditions as CA-1, in full passes when plain."""
-    p = ctx.profile
-    conds = []
-    for k in p.ablation_levels:
-        conds += [f"top{k} (decode)", f"random{k} (decode) x{p.random_draws}"]
-        conds += [f"matched{k} (decode) x{p.matched_draws}"] if p.matched_draws else []
-    n = len(p.ablation_levels) * (1 + p.random_draws + p.matched_draws)
-    return forward_cost("ca1_decode_outcomes", conds, ctx.validation, ctx, n_conditions=n, savings=f"{_FAN}; {_EARLY}")
+    return _ca1_rows(ctx, "ca1_decode_outcomes", " (decode)", f"{_FAN}; {_EARLY}")
 
 
 def _keep_prompts(ctx):
