@@ -92,6 +92,13 @@ def ranking_provenance(
     }
     if method == "wu24":
         prov["wu24"] = asdict(options or Wu24Options())
+        from rh.models import attention_features
+
+        cfg = getattr(getattr(model, "model", None), "config", None)
+        if cfg is not None and any(f.startswith("sliding window") for f in attention_features(cfg)["features"]):
+            # a sliding layer's top-1 is read at the window's own prompt position since 1e2d339: Wu24
+            # rankings of such models cached before it credited the wrong heads, and are keyed apart
+            prov["wu24_sliding_positions"] = 2
     if method == "qrhead":  # its options change what it scores: part of the cache key
         prov["qrhead"] = asdict(options if isinstance(options, QRHeadOptions) else QRHeadOptions())
     return prov

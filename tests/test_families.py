@@ -862,3 +862,18 @@ def test_attention_overrides_find_each_rows_start_under_padding_and_sliding_wind
             alone = [teacher_forced(m, [s], batch_size=1, progress=False)["logprob"].iloc[0] for s in samples]
         np.testing.assert_allclose(both.loc[[s.id for s in samples]].to_numpy(), alone, atol=1e-4, rtol=1e-4,
                                    err_msg=f"{family} {pattern}")
+
+
+def test_wu24_rankings_of_sliding_window_models_are_keyed_apart_from_those_cached_before_the_fix():
+    """A Wu24 ranking's cache key changes for a model with sliding windows (its earlier scores read
+    the wrong positions) and for no other model (SmolLM2's committed rankings keep their keys)."""
+    from rh.niah import Sweep
+    from rh.pipeline import ranking_provenance
+
+    sweep = Sweep((128,), (0.5,), 1, ("passkey",), 0)
+    with_window = ranking_provenance(_model("mistral", "rh-tok"), sweep, "wu24", [], identify_frac=0.8, split_seed=0)
+    without = ranking_provenance(_model("llama", "rh-tok"), sweep, "wu24", [], identify_frac=0.8, split_seed=0)
+    summed = ranking_provenance(_model("mistral", "rh-tok"), sweep, "sum_attention", [], identify_frac=0.8,
+                                split_seed=0)
+    assert with_window.get("wu24_sliding_positions") == 2
+    assert "wu24_sliding_positions" not in without and "wu24_sliding_positions" not in summed
