@@ -86,8 +86,11 @@ def row_key(layout_key: str, condition: Ablation, sample: Sample) -> str | None:
         return None
     params = list(getattr(condition, "params", ()))  # a window restriction's sink and window, a patch's place...
     on = bool(condition.heads or params)  # the baseline alone has neither: its rows are keyed as such
+    # "decode" rows are keyed as Wu24's protocol (ablated from the prompt's last token on): a store
+    # written before that carries rows of the earlier phase (from the first answer token on), not served
+    phase = ("decode@last-prompt-token" if condition.phase == "decode" else condition.phase) if on else ""
     fields = [layout_key, [str(h) for h in condition.heads], condition.method if on else "",
-              condition.phase if on else "", list(sample.input_ids), list(sample.answer_ids)]
+              phase, list(sample.input_ids), list(sample.answer_ids)]
     text = json.dumps(fields + [params] if params else fields)
     return hashlib.sha256(text.encode()).hexdigest()
 

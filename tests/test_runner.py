@@ -111,6 +111,14 @@ def test_rows_are_keyed_by_layout_and_tokens_not_by_the_conditions_name(tiny, ti
     assert row_key(lay, Ablation("x", heads), s) == row_key(lay, Ablation("y", heads, selection="top"), s)
     assert row_key(lay, Ablation("x", heads), s) != row_key(lay, Ablation("x", heads, "query"), s)
     assert row_key(lay, Ablation("x", heads), s) != row_key(lay, Ablation("x", heads, phase="decode"), s)
+    # a decode row of the phase before Wu24's (ablated from the first answer token on) is keyed apart
+    import hashlib
+    import json as js
+
+    before = js.dumps([lay, ["L1H2"], "zero", "decode", list(s.input_ids), list(s.answer_ids)])
+    assert row_key(lay, Ablation("x", heads, phase="decode"), s) != hashlib.sha256(before.encode()).hexdigest()
+    assert row_key(lay, Ablation("x", heads), s) == hashlib.sha256(
+        js.dumps([lay, ["L1H2"], "zero", "all", list(s.input_ids), list(s.answer_ids)]).encode()).hexdigest()
     assert row_key(lay, Ablation("x", heads), s) != row_key(lay, Ablation("x", heads), tiny_samples[1])
     other = Layout(model=Layout.of(tiny).model, revision=Layout.of(tiny).revision, dtype="bfloat16").key()
     assert row_key(lay, Ablation("x", heads), s) != row_key(other, Ablation("x", heads), s)
