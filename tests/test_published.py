@@ -330,3 +330,26 @@ def test_rhs_own_ranking_csv_loads_as_a_ranking(tmp_path):
     path = _write(tmp_path, "r.csv", ranking.to_csv())
     r = load_heads(path, shape=SHAPE)
     assert isinstance(r, Ranking) and r.heads == ranking.heads == load_ranking(path, shape=SHAPE).heads
+
+
+def test_published_files_load_against_their_registry_keys_shapes_without_any_download(tmp_path, monkeypatch):
+    """Wu24's released format for Mistral-7B-v0.2's grid (32 x 32) and a QRHead head set for
+    Qwen2.5-7B-Instruct (28 x 28) load against the shapes the registry gives for their keys
+    (rh.models.expected_shape: no config fetched, no weights); crossed, each is refused."""
+    from rh import models
+
+    monkeypatch.setattr(models, "hub_reachable", lambda *a, **k: False, raising=False)
+    mistral, qwen = models.expected_shape("mistral7b-v0.2"), models.expected_shape("qwen2.5-7b")
+    assert (mistral.n_layers, mistral.n_heads, qwen.n_layers, qwen.n_heads) == (32, 32, 28, 28)
+    rng = np.random.default_rng(5)
+    wu = {f"{l}-{h}": [float(x) for x in rng.random(3)] for l in range(32) for h in range(32)}
+    r = load_heads(_write(tmp_path, "Mistral-7B-v0.2-hf.json", wu), shape=mistral)
+    best = max(wu, key=lambda k: np.mean(wu[k]))
+    assert len(r.heads) == 1024 and r.heads[0] == Head(*map(int, best.split("-")))
+    qr = load_heads(_write(tmp_path, "Qwen2.5-7B-Instruct_full_head.yaml", 'attn_head_set: "20-7,15-27,3-0"\n'),
+                    shape=qwen)
+    assert isinstance(qr, HeadSet) and set(qr.members) == {Head(20, 7), Head(15, 27), Head(3, 0)}  # a set: no order
+    with pytest.raises(ValueError):
+        load_heads(tmp_path / "Mistral-7B-v0.2-hf.json", shape=qwen)  # 32 x 32 scores for a 28 x 28 model
+    with pytest.raises(ValueError, match="L15H30 is outside the model"):
+        load_heads(_write(tmp_path, "q.yaml", 'attn_head_set: "20-7,15-30"\n'), shape=qwen)  # head 30 of 28
