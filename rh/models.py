@@ -1216,6 +1216,31 @@ def hf_model(model: Any) -> Any:
 # finds it here, so supporting another layout is a change in this one place.
 
 
+def cache_kwarg(hf: Any, cache: Any) -> dict[str, Any]:
+    """The forward's KV-cache keyword with ``cache``: ``cache`` where transformers renamed
+    ``past_key_values`` (5.x), else ``past_key_values``."""
+    import inspect
+
+    params = inspect.signature(hf.forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache a forward with ``use_cache=True`` returned, under either name."""
+    cache = out.get("cache")
+    return out.get("past_key_values") if cache is None else cache
+
+
+def cache_bytes(cache: Any) -> int:
+    """Bytes of a KV cache's keys and values, over its layers."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
 def decoder_layers(model: Any, *, missing_ok: bool = False) -> list[torch.nn.Module]:
     """The decoder layers of a Llama-style model (a ``LoadedModel`` or transformers model), in order.
     A model without ``.model.layers`` is refused, or gives ``[]`` with ``missing_ok``."""

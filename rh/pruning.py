@@ -35,7 +35,7 @@ import torch
 from rh.ablation import active_ablations
 from rh.attention import install_rh_attention, interventions
 from rh.heads import Head, HeadShape, validate_heads
-from rh.models import LoadedModel, attention_modules, hf_model
+from rh.models import LoadedModel, attention_modules, cache_bytes, cache_kwarg, hf_model, output_cache
 
 log = logging.getLogger(__name__)
 
@@ -199,15 +199,6 @@ def model_costs(model: Any, *, context_length: int) -> dict[str, float]:
     }
 
 
-def _cache_bytes(cache: Any) -> int:
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
-
-
 def _time_model(model: Any, ids: torch.Tensor, decode_steps: int) -> tuple[float, float, int]:
     """Seconds of a prefill over ``ids``, seconds per decoding step after it, and the cache bytes."""
     hf = hf_model(model)
@@ -218,16 +209,17 @@ def _time_model(model: Any, ids: torch.Tensor, decode_steps: int) -> tuple[float
         out = hf(input_ids=ids, use_cache=True, logits_to_keep=1)
         sync()
         prefill = time.perf_counter() - t0
-        cache = out.past_key_values
-        cache_bytes = _cache_bytes(cache)
+        cache = output_cache(out)
+        n_bytes = cache_bytes(cache)
         nxt = out.logits[:, -1:].argmax(-1)
+        past = cache_kwarg(hf, cache)  # the cache grows in place: one keyword for every step
         t0 = time.perf_counter()
         for _ in range(decode_steps):
-            out = hf(input_ids=nxt, past_key_values=cache, use_cache=True)
+            out = hf(input_ids=nxt, **past, use_cache=True)
             nxt = out.logits[:, -1:].argmax(-1)
         sync()
         decode = (time.perf_counter() - t0) / max(1, decode_steps)
-    return prefill, decode, cache_bytes
+    return prefill, decode, n_bytes
 
 
 def measure_latency(models: dict[str, Any], *, context_length: int = 512, batch_size: int = 1, repeats: int = 3,

@@ -39,7 +39,7 @@ from rh.batching import Batch, make_batches
 from rh.heads import Head, HeadShape
 from rh.io import atomic_write_json
 from rh.memory import oom_guard
-from rh.models import LoadedModel
+from rh.models import LoadedModel, cache_kwarg
 from rh.niah import Sample
 from rh.rankings import Ranking
 
@@ -362,7 +362,7 @@ def _qrhead_batch(model: LoadedModel, batch: Batch,
 
         cache = DynamicCache()
     if reuse:
-        inputs.update(_cache_kwarg(model.model, cache))
+        inputs.update(cache_kwarg(model.model, cache))
     with torch.no_grad(), capture_attention(model.model, per_token(w), rows=w.shape[1]) as cap:
         model.model(**inputs, logits_to_keep=1, use_cache=reuse)
     real = torch.stack(cap.step(0), dim=1).double()  # [b, L, H, n_span]
@@ -398,7 +398,7 @@ def _qrhead_batch(model: LoadedModel, batch: Batch,
             if extra > 0:
                 cache.crop(-extra)  # keep the first ``cut`` positions (QRHead crops at the query's start)
             kwargs = {"input_ids": ids, "attention_mask": full_mask, "position_ids": pos[:, cut:],
-                      "use_cache": True, **_cache_kwarg(model.model, cache)}
+                      "use_cache": True, **cache_kwarg(model.model, cache)}
         else:
             kwargs = {"input_ids": torch.cat([batch.input_ids[:, :cut], ids], dim=1), "attention_mask": full_mask,
                       "position_ids": pos, "use_cache": False}
@@ -416,14 +416,6 @@ def _qrhead_batch(model: LoadedModel, batch: Batch,
         info.append({"question_span": list(lay[r]["q_span"]), "query_start": int(lay[r]["first"]),
                      "mean_uncalibrated_mass": float(real[r, :, :, :n].sum(-1).mean())})
     return scores, np.ones(b, dtype=bool), info
-
-
-def _cache_kwarg(hf: Any, cache: Any) -> dict[str, Any]:
-    """The forward's cache keyword: ``cache`` where transformers renamed ``past_key_values``."""
-    import inspect
-
-    params = inspect.signature(hf.forward).parameters
-    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
 
 
 def qrhead_filter_sum(per_token: torch.Tensor, filter_outliers: bool = True) -> torch.Tensor:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import inspect
 import os
 import weakref
 from collections import OrderedDict
@@ -49,6 +48,7 @@ from rh.compression import Restriction
 from rh.evaluate import rows_frame, score_batch
 from rh.heads import Head, heads_by_layer
 from rh.memory import oom_guard
+from rh.models import cache_bytes, cache_kwarg, output_cache
 from rh.niah import Sample
 
 
@@ -245,22 +245,14 @@ def _prefill(model, prefix: Sequence[int]) -> tuple[Any, bool]:
     ids = torch.tensor([list(prefix)], device=model.device)
     with torch.no_grad(), oom_guard("the clean prefill of a decode-phase condition", batch_size=1, length=len(prefix)):
         out = hf(input_ids=ids, use_cache=True, logits_to_keep=1)
-    cache = out.get("cache")
-    if cache is None:  # transformers before the rename
-        cache = out.get("past_key_values")
+    cache = output_cache(out)
     if held is not None:
-        size = sum(t.numel() * t.element_size() for t in _cache_tensors(cache))
+        size = cache_bytes(cache)
         if size <= PREFILL_CACHE_BYTES:
             held[key] = (cache, size)
             while sum(n for _, n in held.values()) > PREFILL_CACHE_BYTES:
                 held.popitem(last=False)
     return cache, True
-
-
-def _cache_arg(hf: Any) -> str:
-    """The name a causal LM's forward takes its KV cache by: ``cache`` (transformers 5.x, from the
-    release that renamed it), else ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
 
 
 def _rows_of(cache: Any, rows: int) -> Any:
@@ -296,7 +288,7 @@ def run_fan(model, packet: Packet, by_id: Mapping[str, Sample]) -> list[tuple]:
             ablate_rows(model, [packet.heads[r] for r in rows])
         x = torch.tensor([steps] * len(rows), device=model.device)
         with torch.no_grad(), ctx, oom_guard("decode-phase answer steps", batch_size=len(rows), length=len(ids)):
-            past = {_cache_arg(model.model): _rows_of(cache, len(rows))} if cache is not None else {}
+            past = cache_kwarg(model.model, _rows_of(cache, len(rows))) if cache is not None else {}
             logits = model.model(input_ids=x, **past, use_cache=cache is not None, logits_to_keep=len(answer)).logits
         out.extend(score_logits(logits, [s] * len(rows)))
     n_layers = model.shape.n_layers
