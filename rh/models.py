@@ -72,6 +72,15 @@ REGISTRY: dict[str, ModelSpec] = {
         description="random seeded Llama (4 layers x 8 heads, 2 KV heads) with the SmolLM2 "
         "tokenizer, for unit tests",
     ),
+    "planted": ModelSpec(
+        "planted", "random", "rh.planted", instruct=True, shape=HeadShape(6, 20, 4, 128), context=4096,
+        description="the planted positive control: a Llama whose retrieval heads (L2H5, L3H14, L4H2, L5H9) "
+        "are set by hand (rh.planted), with the SmolLM2 tokenizer; built in memory",
+    ),
+    "planted-twin": ModelSpec(
+        "planted-twin", "random", "rh.planted", instruct=True, shape=HeadShape(6, 20, 4, 128), context=4096,
+        description="the planted model's unplanted twin: the same shape and weight scales, no retrieval circuit",
+    ),
     "llama8b": ModelSpec(
         "llama8b", "hub", "meta-llama/Meta-Llama-3-8B-Instruct", instruct=True, gated=True,
         shape=HeadShape(32, 32, 8, 128), context=8192,
@@ -625,7 +634,12 @@ def load_model(
     if spec.kind == "random":
         choice = (DtypeChoice(torch.float32, "tiny random model: float32") if dtype in (None, "auto")
                   else resolve_dtype(dtype, device))
-        if spec.key == "tiny-llama":
+        if spec.key in ("planted", "planted-twin"):
+            from rh.planted import planted_model
+
+            tiny = planted_model(twin=spec.key == "planted-twin", seed=seed, device=device, dtype=choice.dtype,
+                                 attn_implementation=attn_implementation)
+        elif spec.key == "tiny-llama":
             tiny = tiny_llama(seed=seed, device=device, attn_implementation=attn_implementation, dtype=choice.dtype)
         else:  # tiny-<family>: sdpa unless the family has none (Gemma 2: eager)
             fam = spec.key.removeprefix("tiny-")
