@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -20,16 +22,32 @@ def method_scores(rh_model, ca_identify, profile):
 
 
 @pytest.fixture(scope="session")
-def id7_verdicts(sum_identification, method_scores, baseline, profile):
-    """ID-7 for every method of the profile, Holm across the methods."""
+def id7_verdicts(rh_model, sum_identification, method_scores, baseline, profile, request):
+    """ID-7 for every method of the profile, Holm across the methods. On a model whose retrieval
+    heads are known by construction (rh.planted), each verdict also says how well sum attention,
+    Wu24's score and its own method recover them (recall and precision of the top |planted|)."""
+    from rh.planted import planted_heads, ranked_by_scores, recovery_by_method
     from rh.rules.field import methods_agreement
 
-    return methods_agreement(
-        sum_identification[1].scores,
-        {m: (sc.scores, sc.counted.astype(float), m == "qrhead") for m, sc in method_scores.items()},
+    others = {m: (sc.scores, sc.counted.astype(float), m == "qrhead") for m, sc in method_scores.items()}
+    out = methods_agreement(
+        sum_identification[1].scores, others,
         k=profile.id_k, min_effect=profile.agree_min_effect * profile.id_k, alpha=profile.alpha,
         seed=profile.draw_seed, baseline_accuracy=float(baseline["correct"].mean()),
         baseline_floor=profile.baseline_floor)
+    planted = planted_heads(rh_model)
+    if not planted:
+        return out
+    shape = rh_model.shape
+    ranked = {"sum_attention": ranked_by_scores(sum_identification[1].scores, shape)}
+    wu24 = request.getfixturevalue("wu24_identification")[0]
+    if wu24 is not None:
+        ranked["wu24"] = wu24.heads
+    for m, (sc, w, _) in others.items():
+        ranked[m] = ranked_by_scores(sc, shape, w)
+    rec = recovery_by_method(ranked, planted)
+    return {m: replace(v, details={**v.details, "planted_recovery": {
+        name: rec[name] for name in ("sum_attention", "wu24", m) if name in rec}}) for m, v in out.items()}
 
 
 @pytest.mark.claim("ID-7", source="QRHead (princeton-pli), RazorAttention vs Wu24")

@@ -34,7 +34,7 @@ circuit. :func:`recovery` scores a method's top K against the planted heads (rec
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -43,7 +43,7 @@ import torch
 from rh.heads import Head, HeadShape
 
 __all__ = ["CIRCUIT_HEADS", "PLANTED_HEADS", "PLANTED_SHAPE", "PREVIOUS_TOKEN_HEADS", "control_heads",
-           "planted_model", "recovery"]
+           "planted_heads", "planted_model", "ranked_by_scores", "recovery", "recovery_by_method"]
 
 #: 6 layers x 20 heads in 4 KV groups, head_dim 128: 120 heads, the profiles of SmolLM2's size class
 PLANTED_SHAPE = HeadShape(6, 20, 4, 128)
@@ -246,3 +246,28 @@ def recovery(ranked: Sequence[Head], planted: Sequence[Head] = PLANTED_HEADS, *,
     where = {h: i + 1 for i, h in enumerate(ranked)}
     return {"k": k, "recall": hit / len(planted), "precision": hit / k,
             "ranks": {str(h): where.get(h) for h in planted}}
+
+
+def planted_heads(model: Any) -> tuple[Head, ...]:
+    """The retrieval heads ``model`` (a ``LoadedModel``) was built with, from its provenance: the
+    planted heads for :func:`planted_model`, () for its twin and for every other model."""
+    prov = getattr(model, "provenance", None) or {}
+    return tuple(Head.parse(h) for h in prov.get("planted_heads") or ())
+
+
+def ranked_by_scores(scores: np.ndarray, shape: HeadShape, weights: np.ndarray | None = None) -> list[Head]:
+    """Every head, best first, by its mean score over the inputs (``scores``: ``[n, layers, heads]``;
+    ``weights``: which inputs count, as Wu24's ROUGE filter), ties by (layer, head): the order the
+    identification claims' top K are taken in."""
+    a = np.asarray(scores, dtype=float).reshape(len(scores), -1)
+    w = np.ones(len(a)) if weights is None else np.asarray(weights, dtype=float)
+    if w.sum() <= 0:
+        raise ValueError("no input counts: every weight is 0")
+    order = np.argsort(-(w @ a / w.sum()), kind="stable")
+    return [Head(int(i) // shape.n_heads, int(i) % shape.n_heads) for i in order]
+
+
+def recovery_by_method(rankings: Mapping[str, Sequence[Head]], planted: Sequence[Head], *,
+                       k: int | None = None) -> dict[str, dict]:
+    """:func:`recovery` of the planted heads for each method's ranking (method -> heads best first)."""
+    return {m: recovery(r, planted, k=k) for m, r in rankings.items()}

@@ -131,3 +131,39 @@ def test_control_heads_avoid_the_circuit_and_are_seeded():
     assert control_heads(10, seed=1) != a
     with pytest.raises(ValueError, match="outside the circuit"):
         control_heads(PLANTED_SHAPE.n_total)
+
+
+def test_ranked_by_scores_weights_the_inputs_as_the_identification_does():
+    """Hand computation on a 1 x 3 grid: input 0 favours head 2, input 1 head 0; with input 1
+    weighted out (Wu24's filter), head 2 comes first; ties go to the lower index."""
+    from rh.heads import HeadShape
+    from rh.planted import ranked_by_scores
+
+    shape = HeadShape(1, 3, 1, 4)
+    scores = np.array([[[0.1, 0.0, 0.9]], [[1.0, 0.0, 0.0]]])
+    assert ranked_by_scores(scores, shape) == [Head(0, 0), Head(0, 2), Head(0, 1)]
+    assert ranked_by_scores(scores, shape, np.array([1.0, 0.0])) == [Head(0, 2), Head(0, 0), Head(0, 1)]
+    assert ranked_by_scores(np.zeros((2, 1, 3)), shape) == [Head(0, 0), Head(0, 1), Head(0, 2)]
+    with pytest.raises(ValueError, match="no input counts"):
+        ranked_by_scores(scores, shape, np.zeros(2))
+
+
+def test_planted_heads_come_from_the_provenance(planted, twin):
+    from rh.planted import planted_heads
+
+    assert planted_heads(planted) == PLANTED_HEADS
+    assert planted_heads(twin) == ()
+    assert planted_heads(object()) == ()
+
+
+def test_the_recovery_figure_draws_from_id7_rows_and_only_there():
+    """The report's figure reads ID-7 rows' planted_recovery; rows without it draw nothing (every
+    model but the planted one)."""
+    from rh.catalogue.identification import planted_recovery_figure
+
+    rec = recovery([*PLANTED_HEADS, Head(0, 0)])
+    rows = [{"claim": "ID-7", "params": {"method": "echo", "k": 10}, "status": "refuted",
+             "details": {"planted_recovery": {"sum_attention": rec, "echo": recovery([Head(0, 0), *PLANTED_HEADS])}}}]
+    png = planted_recovery_figure(rows)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert planted_recovery_figure([{**rows[0], "details": {}}]) is None
