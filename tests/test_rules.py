@@ -431,3 +431,67 @@ def test_id5_states_a_numeric_power_that_a_monte_carlo_of_the_rule_reproduces():
     hits = sum(general_heads_rule(data(4 * ratio), ["h"], ratio=ratio, accuracy=acc).status == "supported"
                for _ in range(runs))
     assert abs(hits / runs - stated.support) < 4 * math.sqrt(0.25 / runs) + 0.05  # the spread is estimated
+
+
+# ------------------------------------------------------------------------ agreement's power (ID-3, ID-4, ID-7)
+
+
+def _swap_block(mu: np.ndarray, k: int, d: int) -> np.ndarray:
+    """The same profile of means with the last d of the top K and the next d heads swapped: the two
+    top-K sets differ by exactly d heads."""
+    out = mu.copy()
+    out[k - d:k], out[k:k + d] = mu[k:k + d], mu[k - d:k]
+    return out
+
+
+def test_agreement_power_matches_the_rule_run_on_simulated_rankings():
+    """The power the verdict states against a brute-force run of the whole rule (bootstrap bands
+    and all) on rankings drawn from the planted truth: support when both top-5 sets are the same,
+    refutation when 4 of 5 differ (Δ = 2). Catches support and refutation swapped, the refutation
+    planted at the wrong number of differing heads, and bands simulated without the rule's
+    re-estimated, floored standard errors (its support power was then 0.26 too high here)."""
+    from rh.rules.claims import _band_fit, agreement_power
+    from rh.rules.paired import decisions_only
+
+    heads, k, n, sig, delta, runs = 40, 5, 24, 1.0, 2, 150
+    mu = np.r_[np.linspace(2.7, 2.1, k), np.linspace(0.3, 0, heads - k)]
+    rng = np.random.default_rng(5)
+    c = float(np.median([_band_fit(mu + rng.normal(0, sig, (n, heads)), None, 0.025, n_boot=200, rng=rng)[2]
+                         for _ in range(15)]))
+    se = np.full(heads, sig / np.sqrt(n))
+    fit = (mu - mu.mean(), se, c, se, float(n))
+    power = agreement_power(fit, fit, k, delta)
+    assert power.support_at == 0 and power.refute_at == 4
+    sup = ref = 0
+    with decisions_only():  # the rule's decisions only (its own power is not needed here)
+        for r in range(runs):
+            a = mu + rng.normal(0, sig, (n, heads))
+            kw = dict(k=k, min_effect=delta, same_prompts=False, baseline_accuracy=0.9, n_boot=200, seed=r)
+            sup += agreement("ID-4", a, mu + rng.normal(0, sig, (n, heads)), **kw).supported
+            ref += agreement("ID-4", a, _swap_block(mu, k, 4) + rng.normal(0, sig, (n, heads)), **kw).refuted
+    assert 0.2 < power.support < 0.9 and 0.2 < power.refute < 0.95, power  # a point where the check can fail
+    assert abs(power.support - sup / runs) < 0.12, (power, sup / runs)
+    assert abs(power.refute - ref / runs) < 0.12, (power, ref / runs)
+
+
+def test_agreement_verdicts_state_their_power_or_zero_where_nothing_can_be_decided():
+    """The verdict carries agreement_power of its own data (not a placeholder); with fewer than 8
+    prompts the rule decides nothing, so both powers are exactly 0; a floor states the power the
+    rule would have had on the same scores; K = Δ leaves nothing to refute."""
+    from rh.rules.claims import _band_fit, agreement_power
+
+    rng = np.random.default_rng(3)
+    n, heads, k = 30, 60, 6
+    mu = np.r_[np.linspace(4, 3, k), np.zeros(heads - k)]
+    a, b = mu + rng.normal(0, 1, (n, heads)), mu + rng.normal(0, 1, (n, heads))
+    v = agreement("ID-4", a, b, k=k, min_effect=2, same_prompts=True, baseline_accuracy=0.9, n_boot=100, seed=7)
+    r = np.random.default_rng(7)
+    fa, fb = _band_fit(a, None, 0.025, n_boot=100, rng=r), _band_fit(b, None, 0.025, n_boot=100, rng=r)
+    assert v.power == agreement_power(fa, fb, k, 2, seed=7)
+    assert v.power.support is not None and v.power.support > 0.5  # a clear top K: support is likely
+    few = agreement("ID-4", a[:6], b[:6], k=k, min_effect=2, same_prompts=True, baseline_accuracy=0.9)
+    assert few.inconclusive and (few.power.support, few.power.refute) == (0.0, 0.0)
+    floor = agreement("ID-4", a, b, k=k, min_effect=2, same_prompts=True, baseline_accuracy=0.1, n_boot=100, seed=7)
+    assert floor.inconclusive and floor.power == v.power
+    tight = agreement("ID-4", a, b, k=2, min_effect=2, same_prompts=True, baseline_accuracy=0.9, n_boot=100, seed=7)
+    assert tight.power.refute == 0.0 and "cannot refute" in tight.power.note

@@ -819,6 +819,15 @@ def rank_bands(scores: np.ndarray, weights: np.ndarray | None, alpha: float, *, 
     by the original ones under-covered skewed scores, 18.5% misses at α = 10% in the unit test's
     simulation). Each prompt's mean over heads is removed first: it shifts every head alike (a prompt
     that draws attention everywhere), so the heads' order is unchanged and their comparisons sharper."""
+    m, se, c, _, _ = _band_fit(scores, weights, alpha, n_boot=n_boot, rng=rng)
+    return m - c * se, m + c * se, m
+
+
+def _band_fit(scores: np.ndarray, weights: np.ndarray | None, alpha: float, *, n_boot: int = 400,
+              rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray, float, np.ndarray, float]:
+    """:func:`rank_bands`' parts: (mean, floored standard error) per head, the bootstrap-t critical
+    value ``c`` (the bands are mean ± c · se), and for :func:`agreement_power` the standard errors
+    before the floor and the weight of the prompts that count."""
     rng = rng or np.random.default_rng(0)
     X = np.asarray(scores, float).reshape(len(scores), -1)
     w = np.ones(len(X)) if weights is None else np.asarray(weights, float)
@@ -826,19 +835,19 @@ def rank_bands(scores: np.ndarray, weights: np.ndarray | None, alpha: float, *, 
     n = len(X)
     Xc = X - X.mean(axis=1, keepdims=True)
 
-    def stats(wts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def stats(wts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         total = wts.sum(axis=-1, keepdims=True)
         m = (wts @ Xc) / total
         var = ((wts @ Xc ** 2) / total - m ** 2) * (total / np.maximum(total - 1, 1.0))
-        se = np.sqrt(np.maximum(var, 0.0) / total)
-        se = np.maximum(se, np.quantile(se, _SE_FLOOR_QUANTILE, axis=-1, keepdims=True))
-        return m, np.where(se > 0, se, 1e-12)
+        raw = np.sqrt(np.maximum(var, 0.0) / total)
+        se = np.maximum(raw, np.quantile(raw, _SE_FLOOR_QUANTILE, axis=-1, keepdims=True))
+        return m, np.where(se > 0, se, 1e-12), raw
 
-    m, se = stats(w[None, :])
+    m, se, raw = stats(w[None, :])
     counts = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot) * w[None, :]
-    mb, seb = stats(counts)
+    mb, seb, _ = stats(counts)
     c = float(np.quantile(np.abs((mb - m) / seb).max(axis=1), 1 - alpha))
-    return (m - c * se)[0], (m + c * se)[0], m[0]
+    return m[0], se[0], c, raw[0], float(w.sum())
 
 
 def top_membership(low: np.ndarray, high: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -849,6 +858,81 @@ def top_membership(low: np.ndarray, high: np.ndarray, k: int) -> tuple[np.ndarra
     below = np.searchsorted(np.sort(high), low, side="left")  # heads whose upper end is below this lower end
     above = heads - np.searchsorted(np.sort(low), high, side="right")  # heads whose lower end is above this upper end
     return below >= heads - k, above >= k
+
+
+AGREE_POWER_DRAWS = 400  # simulated pairs of rankings behind each agreement verdict's power
+
+
+def _plant_order(order_a: np.ndarray, k: int, d: int) -> np.ndarray:
+    """The heads in the order ranking B's sorted means are given to them so that B's top K shares
+    exactly ``k - d`` heads with A's (``order_a``: A's heads, best first): A's first ``k - d``, then
+    A's next ``d`` below its top K, then A's last ``d`` of its top K, then the rest in A's order."""
+    return np.r_[order_a[: k - d], order_a[k: k + d], order_a[k - d: k], order_a[k + d:]]
+
+
+def _membership_rows(low: np.ndarray, high: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`top_membership` of each row of ``[draws, heads]`` bands."""
+    ins, outs = np.empty(low.shape, bool), np.empty(low.shape, bool)
+    for r in range(len(low)):
+        ins[r], outs[r] = top_membership(low[r], high[r], k)
+    return ins, outs
+
+
+def _sim_bands(mu: np.ndarray, se: np.ndarray, c: float, n: float, z: np.ndarray,
+               chi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Simulated bands of :func:`rank_bands` per row: means normal at ``se`` around ``mu``, standard
+    errors estimated with ``n - 1`` degrees of freedom (``chi``: χ² draws over them) and floored at
+    the row's median as the rule floors them, the critical value ``c`` as in the data."""
+    m = mu + se * z
+    s = se * np.sqrt(chi)
+    s = np.maximum(s, np.quantile(s, _SE_FLOOR_QUANTILE, axis=1, keepdims=True))
+    s = np.where(s > 0, s, 1e-12)
+    return m - c * s, m + c * s
+
+
+def agreement_power(fit_a: tuple, fit_b: tuple, k: int, min_effect: float, *, draws: int = AGREE_POWER_DRAWS,
+                    seed: int = 0) -> Power:
+    """Power of :func:`agreement` at these sizes by a seeded simulation of its decision. Data model
+    (``fit_* = (mean, floored se, c, se, prompts)`` from :func:`_band_fit`): each ranking's head means
+    normal around a planted truth at the data's standard errors, the standard errors re-estimated
+    (χ² with prompts - 1 degrees of freedom) and floored at their median as the rule does, the band's
+    critical value the data's. The truth is each ranking's observed profile of means: A's as
+    observed, B's sorted means given to the heads so that the two true top-K sets differ by exactly
+    d heads (:func:`_plant_order`). Support at d = 0 (the same top K), refutation at
+    d = max(⌊Δ⌋ + 1, ⌈2Δ⌉) (at most K and the heads outside the top K); the two rankings' noise is
+    drawn independently."""
+    (ma, _, ca, sa, na), (mb, _, cb, sb, nb) = fit_a, fit_b
+    ma, sa, mb, sb = (np.asarray(x, float) for x in (ma, sa, mb, sb))
+    heads = ma.size
+    d_ref = min(k, heads - k, max(int(math.floor(min_effect)) + 1, int(math.ceil(2 * min_effect))))
+    rng = np.random.default_rng(derive_seed(seed, "agreement-power"))
+
+    def chi(n: float) -> np.ndarray:
+        df = max(float(n) - 1.0, 1.0)
+        return rng.chisquare(df, (draws, heads)) / df
+
+    in_a, out_a = _membership_rows(*_sim_bands(ma, sa, ca, na, rng.standard_normal((draws, heads)), chi(na)), k)
+    order_a = np.argsort(-ma, kind="stable")
+    by_b = np.argsort(-mb, kind="stable")
+    zb, chib = rng.standard_normal((draws, heads)), chi(nb)
+    rates = {}
+    for d in sorted({0, max(d_ref, 0)}):
+        mu_b, sd_b = np.empty(heads), np.empty(heads)
+        seq = _plant_order(order_a, k, d)
+        mu_b[seq], sd_b[seq] = mb[by_b], sb[by_b]
+        in_b, out_b = _membership_rows(*_sim_bands(mu_b, sd_b, cb, nb, zb, chib), k)
+        d_up = k - (in_a & in_b).sum(axis=1)
+        d_lo = np.maximum((in_a & out_b).sum(axis=1), (in_b & out_a).sum(axis=1))
+        sup, ref = d_up < min_effect, d_lo > min_effect
+        rates[d] = (float((sup & ~ref).mean()), float((ref & ~sup).mean()))
+    method = "simulated (the rule's decision, seeded)"
+    note = (f"{draws} simulated pairs of rankings, each head's mean normal at its standard error around the observed "
+            f"profile of means; support: the same top K; refute: {d_ref} of the top {k} heads differing")
+    if d_ref <= min_effect:
+        return Power(rates[0][0], 0.0, 0.0, float(d_ref), method,
+                     note + f": no more than {d_ref} can differ here, so Δ = {min_effect:g} cannot be exceeded and the "
+                     "rule cannot refute")
+    return Power(rates[0][0], 0.0, rates[d_ref][1], float(d_ref), method, note)
 
 
 def _half_means(scores: np.ndarray, weights: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -922,21 +1006,27 @@ def agreement(claim: str, scores_a: np.ndarray, scores_b: np.ndarray, *, k: int,
     params = dict(params or {})
     name = "heads in one top K and not the other (of K)"
     floor = floor_reason(baseline_accuracy, baseline_floor)
-    if floor:
-        return inconclusive(claim, params, floor, AGREE_TEST, alpha, min_effect=min_effect, effect_name=name)
+    if floor:  # the power the rule would have on these scores, where they can be bounded at all
+        return inconclusive(claim, params, floor, AGREE_TEST, alpha, min_effect=min_effect, effect_name=name,
+                            power=_floor_agreement_power(scores_a, scores_b, weights_a, weights_b, k, min_effect,
+                                                         alpha / (2 * max(int(family), 1)), n_boot, seed))
     A = np.asarray(scores_a, float).reshape(len(scores_a), -1)
     B = np.asarray(scores_b, float).reshape(len(scores_b), -1)
     wa = np.ones(len(A)) if weights_a is None else np.asarray(weights_a, float)
     wb = np.ones(len(B)) if weights_b is None else np.asarray(weights_b, float)
     if wa.sum() < 8 or wb.sum() < 8:
         return inconclusive(claim, params, f"too few prompts count ({int(wa.sum())} and {int(wb.sum())}; at least 8 "
-                            "each) to bound the rankings", AGREE_TEST, alpha, min_effect=min_effect, effect_name=name)
+                            "each) to bound the rankings", AGREE_TEST, alpha, min_effect=min_effect, effect_name=name,
+                            power=_no_agreement_power(k, min_effect))
     if same_prompts and len(A) != len(B):
         raise ValueError(f"agreement: same_prompts needs as many rows ({len(A)} vs {len(B)})")
     rng = np.random.default_rng(seed)
     level = alpha / (2 * max(int(family), 1))
-    lo_a, hi_a, _ = rank_bands(A, wa, level, n_boot=n_boot, rng=rng)
-    lo_b, hi_b, _ = rank_bands(B, wb, level, n_boot=n_boot, rng=rng)
+    fit_a = _band_fit(A, wa, level, n_boot=n_boot, rng=rng)
+    fit_b = _band_fit(B, wb, level, n_boot=n_boot, rng=rng)
+    (m_a, se_a, c_a), (m_b, se_b, c_b) = fit_a[:3], fit_b[:3]
+    lo_a, hi_a = m_a - c_a * se_a, m_a + c_a * se_a
+    lo_b, hi_b = m_b - c_b * se_b, m_b + c_b * se_b
     in_a, out_a = top_membership(lo_a, hi_a, k)
     in_b, out_b = top_membership(lo_b, hi_b, k)
     d_up = int(k - (in_a & in_b).sum())
@@ -970,6 +1060,41 @@ def agreement(claim: str, scores_a: np.ndarray, scores_b: np.ndarray, *, k: int,
                            f"other); {why}"), test=AGREE_TEST, statistic=float(k - observed), p_value=None,
                    p_adjusted=None, effect=float(k - observed), ci=(float(d_lo), float(d_up)), ci_level=1 - alpha,
                    n=int(min(wa.sum(), wb.sum())), alpha=alpha, effect_name=name, details=details,
-                   min_effect=min_effect,
-                   power=Power.none("bounds from simultaneous bands; error rates and power measured in "
-                                    "rh.calibration").to_dict())
+                   min_effect=min_effect, power=_agreement_power_of(fit_a, fit_b, k, min_effect, seed))
+
+
+def _agreement_power_of(fit_a: tuple, fit_b: tuple, k: int, min_effect: float, seed: int) -> Power:
+    """:func:`agreement_power`, or why none is stated (inside the calibration's decisions-only
+    runs, which read only the statuses; rankings of different heads)."""
+    from rh.rules.paired import _CI
+
+    if not _CI["on"]:
+        return Power.none("not computed in a decisions-only run (rh.calibration)")
+    if np.asarray(fit_a[0]).size != np.asarray(fit_b[0]).size or not 0 < k < np.asarray(fit_a[0]).size:
+        return Power.none("the two rankings do not score the same heads, or K leaves no head outside the top K")
+    return agreement_power(fit_a, fit_b, k, min_effect, seed=seed)
+
+
+def _no_agreement_power(k: int, min_effect: float) -> Power:
+    """Fewer than 8 prompts: the rule bounds neither ranking, so it decides nothing, whatever the data."""
+    d_ref = min(k, max(int(math.floor(min_effect)) + 1, int(math.ceil(2 * min_effect))))
+    return Power(0.0, 0.0, 0.0, float(d_ref), "exact", "fewer than 8 prompts count: the rule bounds neither ranking, "
+                 "whatever the data")
+
+
+def _floor_agreement_power(scores_a, scores_b, weights_a, weights_b, k: int, min_effect: float, level: float,
+                           n_boot: int, seed: int) -> Power:
+    """The power the rule would have on these scores, for a verdict stopped at the floor."""
+    try:
+        A = np.asarray(scores_a, float).reshape(len(scores_a), -1)
+        B = np.asarray(scores_b, float).reshape(len(scores_b), -1)
+        wa = np.ones(len(A)) if weights_a is None else np.asarray(weights_a, float)
+        wb = np.ones(len(B)) if weights_b is None else np.asarray(weights_b, float)
+    except (TypeError, ValueError):
+        return Power.none("the scores could not be read")
+    if wa.sum() < 8 or wb.sum() < 8:
+        return _no_agreement_power(k, min_effect)
+    rng = np.random.default_rng(seed)
+    fit_a = _band_fit(A, wa, level, n_boot=n_boot, rng=rng)
+    fit_b = _band_fit(B, wb, level, n_boot=n_boot, rng=rng)
+    return _agreement_power_of(fit_a, fit_b, k, min_effect, seed)
