@@ -346,14 +346,15 @@ def attribution_concentrates(ratios: Any, *, alpha: float = 0.05, completeness_e
         if bad:
             worst = max(bad, key=lambda i: ce[i] if math.isfinite(ce[i]) else math.inf)
             listed = ", ".join(f"{ids[i]} ({ce[i]:.3g})" for i in bad[:10])
-            from rh.rules.claims import inconclusive
+            from rh.rules.claims import inconclusive, ratio_power
 
             return inconclusive(
                 CLAIM, base_params,
                 f"IG completeness fails on {len(bad)} of {n} samples beyond tolerance {tolerance:g}: {listed}"
                 f"{' ...' if len(bad) > 10 else ''}; worst {ids[worst]} off by {ce[worst]:.3g} of F(x) - F(baseline)."
                 " Use more n_steps or an fp32 model", TEST_NAME, alpha, n, {**details, "failed": [ids[i] for i in bad]},
-                min_effect=min_ratio, effect_name=eff_name)
+                min_effect=min_ratio, effect_name=eff_name,
+                power=ratio_power(r, support_ratio=1.0, refute_ratio=min_ratio, alpha=alpha))
     from rh.rules.claims import ratio_rule
 
     return ratio_rule(CLAIM, r, support_ratio=1.0, refute_ratio=min_ratio, alpha=alpha, params=base_params,

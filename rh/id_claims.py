@@ -189,13 +189,14 @@ def needle_spike(ratios: np.ndarray, *, k: int, min_ratio: float = 10.0, alpha: 
                  baseline_accuracy: float | None = None, baseline_floor: float = 0.0) -> Verdict:
     """ID-2: the top-K heads put at least ``min_ratio`` times the uniform mass per token on the
     needle (supported: shown above; refuted: shown below; :func:`rh.rules.claims.ratio_rule`)."""
-    from rh.rules.claims import floor_reason, ratio_rule
+    from rh.rules.claims import floor_reason, ratio_power, ratio_rule
 
     params = {"k": k, "min_ratio": min_ratio}
     test = "one-sided exact sign tests of the median ratio against min_ratio, both directions"
     floor = floor_reason(baseline_accuracy, baseline_floor) if baseline_floor > 0 else None
     if floor:
-        return inconclusive("ID-2", params, floor, test, alpha, len(ratios), min_effect=min_ratio)
+        return inconclusive("ID-2", params, floor, test, alpha, len(ratios), min_effect=min_ratio,
+                            power=ratio_power(ratios, support_ratio=min_ratio, refute_ratio=min_ratio, alpha=alpha))
     return ratio_rule("ID-2", ratios, support_ratio=min_ratio, refute_ratio=min_ratio, alpha=alpha, params=params,
                       test=test, effect_name=f"log(median ratio), against log({min_ratio:g})",
                       describe=f"the top-{k} heads' mass per needle token over the uniform share")

@@ -110,6 +110,30 @@ def test_verdict_rule():
     assert attribution_concentrates(high, completeness_errors=errs, tolerance=0.5).supported
 
 
+def test_every_iv6_verdict_states_its_power():
+    """The sign tests' power at the verdict's size, also where IG completeness fails (the same n, the
+    same rule) and exactly 0 where the prompts are too few for any sign test to reach α. Catches a
+    failed-completeness verdict stated without power, or with another number than the decided one."""
+    from math import comb
+
+    from scipy.stats import norm
+
+    rng = np.random.default_rng(0)
+    high = np.exp(rng.normal(1.0, 0.3, size=12))
+    errs = np.full(12, 0.01)
+    errs[3] = 0.4
+    decided = attribution_concentrates(high)
+    bad = attribution_concentrates(high, completeness_errors=errs)
+    assert bad.inconclusive and bad.power == decided.power
+    # by hand: 12 prompts, the sign test rejects at 10 or more positives (P = 79/4096 < 0.05; 9: 0.073);
+    # support planted at a median ratio of 2 (Δ), log ratios normal at their spread
+    q = float(norm.cdf(np.log(2.0) / np.log(high).std(ddof=1)))
+    hand = sum(comb(12, j) * q ** j * (1 - q) ** (12 - j) for j in range(10, 13))
+    assert decided.power.support == pytest.approx(hand, abs=1e-12) and decided.power.support_at == pytest.approx(2.0)
+    few = attribution_concentrates(high[:4])
+    assert (few.power.support, few.power.refute) == (0.0, 0.0)
+
+
 def test_bad_input_is_refused_with_the_fix(tiny, short):
     with pytest.raises(ValueError, match=r"heads: head L4H0 is outside the model: it has layers 0..3"):
         integrated_gradients(tiny, short, [Head(4, 0)], n_steps=2)

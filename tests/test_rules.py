@@ -495,3 +495,41 @@ def test_agreement_verdicts_state_their_power_or_zero_where_nothing_can_be_decid
     assert floor.inconclusive and floor.power == v.power
     tight = agreement("ID-4", a, b, k=2, min_effect=2, same_prompts=True, baseline_accuracy=0.9, n_boot=100, seed=7)
     assert tight.power.refute == 0.0 and "cannot refute" in tight.power.note
+
+
+# ------------------------------------------------------------------------ ratio claims' power (ID-2, IV-6)
+
+
+def _hand_sign_power(n: int, distance: float, sd: float, alpha: float) -> float:
+    """P(Binomial(n, Φ(distance / sd)) >= c), c the fewest positives of n whose one-sided sign-test
+    p is below α, by summing the binomial terms."""
+    from math import comb
+
+    from scipy.stats import norm
+
+    tail = lambda k, q: sum(comb(n, j) * q ** j * (1 - q) ** (n - j) for j in range(k, n + 1))  # noqa: E731
+    c = next(k for k in range(n + 1) if tail(k, 0.5) < alpha)
+    return tail(c, float(norm.cdf(distance / sd)))
+
+
+def test_ratio_power_is_the_hand_computed_binomial_and_zero_where_no_sign_test_can_reject():
+    """Catches a wrong critical count, support planted at the wrong median or refutation at the
+    wrong distance, and the too-few-prompts verdict (ID-2, IV-6) left without a number: 4 prompts
+    give at best p = 1/16 > 0.05, so both powers are exactly 0."""
+    from rh.rules.claims import ratio_power
+
+    rng = np.random.default_rng(8)
+    r = np.exp(rng.normal(np.log(3), 0.9, 25))
+    sd = float(np.log(r).std(ddof=1))
+    p = ratio_power(r, support_ratio=1.0, refute_ratio=2.0, alpha=0.05)
+    assert (p.support_at, p.refute_at) == (pytest.approx(2.0), 1.0)
+    assert p.support == pytest.approx(_hand_sign_power(25, math.log(2.0), sd, 0.05), abs=1e-12)
+    assert p.refute == pytest.approx(_hand_sign_power(25, math.log(2.0), sd, 0.05), abs=1e-12)
+    p10 = ratio_power(r, support_ratio=10.0, refute_ratio=10.0, alpha=0.05)  # ID-2: one threshold, support at 2x
+    assert p10.support_at == pytest.approx(20.0)
+    assert p10.support == pytest.approx(_hand_sign_power(25, math.log(2.0), sd, 0.05), abs=1e-12)
+    assert p10.refute == pytest.approx(_hand_sign_power(25, math.log(10.0), sd, 0.05), abs=1e-12)
+    few = ratio_rule("ID-2", r[:4], support_ratio=10, refute_ratio=10, test="t", effect_name="e", describe="d")
+    assert few.inconclusive and (few.power.support, few.power.refute) == (0.0, 0.0)
+    full = ratio_rule("ID-2", r, support_ratio=10, refute_ratio=10, test="t", effect_name="e", describe="d")
+    assert full.power == p10

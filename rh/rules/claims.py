@@ -31,7 +31,7 @@ from rh.stats import (
 __all__ = [
     "floor_reason", "inconclusive", "necessity", "inverse_bounds", "drop_bounds", "incremental_bounds",
     "override_bounds", "dose_response", "inverse", "drop_family", "incremental",
-    "position", "override", "transplant", "difficulty", "ratio_rule", "general_heads_rule", "agreement",
+    "position", "override", "transplant", "difficulty", "ratio_rule", "ratio_power", "general_heads_rule", "agreement",
 ]
 
 
@@ -662,6 +662,26 @@ def sparsity_rule(scores: np.ndarray, *, threshold: float = 0.1, max_fraction: f
 # ------------------------------------------------------------------------------------------ ID-2, IV-6
 
 
+def ratio_power(ratios: np.ndarray, *, support_ratio: float, refute_ratio: float, alpha: float) -> Power:
+    """:func:`ratio_rule`'s power at ``ratios``' size: exact binomial power of each sign test, log
+    ratios normal at their observed spread; support with the median at ``refute_ratio`` (at twice
+    ``support_ratio`` where the two coincide), refutation at a median ratio of 1. Exactly 0 both
+    ways where n prompts cannot reach α (the smallest sign-test p is 0.5^n), whatever the spread."""
+    from rh.stats import min_attainable_p_binomial
+
+    r = np.maximum(np.asarray(ratios, float).ravel(), 1e-12)
+    n = r.size
+    logs = np.log(r)
+    sa = math.log(refute_ratio) if refute_ratio > support_ratio else math.log(2 * support_ratio)
+    if min_attainable_p_binomial(n) >= alpha:
+        return Power(0.0, math.exp(sa), 0.0, 1.0, "exact", f"{n} prompts: no sign test can reach p < {alpha:g}")
+    sd = float(logs.std(ddof=1)) if n > 1 else math.nan
+    return Power(_sign_power_at(n, sa - math.log(support_ratio), sd, alpha), math.exp(sa),
+                 _sign_power_at(n, math.log(refute_ratio), sd, alpha), 1.0,
+                 "exact binomial power of the sign test, log ratios normal at the observed spread",
+                 "effects as median ratios")
+
+
 def ratio_rule(claim: str, ratios: np.ndarray, *, support_ratio: float, refute_ratio: float, alpha: float = 0.05,
                params: dict | None = None, test: str, effect_name: str, describe: str,
                details: dict | None = None) -> Verdict:
@@ -675,18 +695,13 @@ def ratio_rule(claim: str, ratios: np.ndarray, *, support_ratio: float, refute_r
     n = r.size
     logs = np.log(r)
     details = {**(details or {}), "ratios": [round(float(x), 3) for x in r]}
+    power = ratio_power(r, support_ratio=support_ratio, refute_ratio=refute_ratio, alpha=alpha)
     if min_attainable_p_binomial(n) >= alpha:
         return inconclusive(claim, params, f"{n} prompts cannot reach p < {alpha} with a sign test; use more",
-                            test, alpha, n, details, min_effect=refute_ratio, effect_name=effect_name)
+                            test, alpha, n, details, min_effect=refute_ratio, effect_name=effect_name, power=power)
     med = float(np.median(r))
     (p_sup,) = sign_pvalues([logs - math.log(support_ratio)], "greater")
     (p_ref,) = sign_pvalues([logs - math.log(refute_ratio)], "less")
-    sd = float(logs.std(ddof=1)) if n > 1 else math.nan
-    sa = math.log(refute_ratio) if refute_ratio > support_ratio else math.log(2 * support_ratio)
-    power = Power(_sign_power_at(n, sa - math.log(support_ratio), sd, alpha), math.exp(sa),
-                  _sign_power_at(n, math.log(refute_ratio), sd, alpha), 1.0,
-                  "exact binomial power of the sign test, log ratios normal at the observed spread",
-                  "effects as median ratios")
     ci = bootstrap_ci(logs, np.median, n_boot=2000, level=1 - 2 * alpha, seed=0)
     status, why = three_way(p_sup, p_ref, alpha, supported_why=f"the median ratio is > {support_ratio:g} (p = {p_sup:.3g})",
                             refuted_why=f"the median ratio is < Δ = {refute_ratio:g} (p = {p_ref:.3g})",
