@@ -43,7 +43,7 @@ from rh.niah import Sample
 from rh.recording import attn_z, head_slice, recording, resid_pre, rewriting
 from rh.runner import run_one
 from rh.seeds import derive_seed
-from rh.rules.verdict import Verdict
+from rh.rules.verdict import Power, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -769,13 +769,15 @@ def transplant_function(recipient: LoadedModel, donor: LoadedModel | None, sampl
     test = "exact non-inferiority with margin (1 - keep) x (baseline - ablated)"
     if donor is None:
         return inconclusive("IV-4", params, "no donor model of the same shape: pass --compare-model (e.g. the base "
-                             "variant of an instruct model)", test, alpha)
+                             "variant of an instruct model)", test, alpha,
+                            power=Power.none("no donor model: nothing was transplanted or tested"))
     diff = shape_difference(recipient, donor)
     if diff:
         return inconclusive("IV-4", params, f"{diff}: the transplant needs a donor of the same shape (a head moves "
                             "only between models of one shape, e.g. a base model and its instruct variant); pass "
                             "such a model as --compare-model", test, alpha,
-                            details={"heads": [str(h) for h in heads], "donor": getattr(donor, "key", "donor")})
+                            details={"heads": [str(h) for h in heads], "donor": getattr(donor, "key", "donor")},
+                            power=Power.none("the donor's shape differs: nothing was transplanted or tested"))
     ids = [s.id for s in samples]
     base = _correct(baseline, ids)
     abl = _correct(run_one(recipient, samples, Ablation("ablated", tuple(heads)), batch_size=batch_size), ids)

@@ -348,6 +348,7 @@ def test_transplant_refuses_a_donor_of_another_shape_and_restores_on_error(tiny)
 def test_iv4_is_inconclusive_without_a_donor(tiny, tiny_samples):
     v = transplant_function(tiny, None, tiny_samples, [Head(0, 0)], pd.DataFrame())
     assert v.inconclusive and "--compare-model" in v.reason
+    assert v.power.method == "none" and "no donor" in v.power.note  # nothing tested: the reason, not a number
 
 
 IV4_HEADS = [Head(1, 2), Head(2, 5), Head(3, 0), Head(3, 7)]  # three layers, both KV groups
@@ -447,6 +448,7 @@ def test_iv4_with_a_donor_of_another_shape_is_inconclusive_before_any_pass(tiny,
     assert ("the donor's shape (5 layers x 4 heads, 2 KV heads, head_dim 8, hidden 32) differs from the "
             "recipient's (4 x 8, 2 KV, head_dim 8, hidden 64)") in v.reason
     assert "the transplant needs a donor of the same shape" in v.reason
+    assert v.power.method == "none" and "shape differs" in v.power.note
     assert _same_state(_untouched(tiny), before[0]) and _same_state(_untouched(donor), before[1])
 
 

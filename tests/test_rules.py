@@ -137,6 +137,30 @@ def test_iv4_keeps_the_function_or_not():
     assert transplant(base, base, base).inconclusive  # ablating does not hurt: no function to keep
 
 
+def test_iv4_power_is_the_exact_paired_power_at_its_margin_also_where_it_stops_early():
+    """IV-4's margin is (1 - keep) x function = 0.2 x (0.9 - 0.4) = 0.1 here; its power is the exact
+    paired power at n = 60 (support with no loss, refutation at twice the margin), whether it
+    decides, stops at the floor or finds the function not shown. Catches a verdict that stops early
+    without power, a margin of keep x function or of the bare function, and a number stated where
+    the heads carry no function (the margin is then not positive: power is not defined)."""
+    n = 60
+    base = np.r_[np.ones(54), np.zeros(6)]  # 0.9
+    abl = np.r_[np.ones(24), np.zeros(36)]  # 0.4
+    want = (paired_power(n, 0.0, 0.1, "less", 0.05), paired_power(n, 0.2, 0.1, "greater", 0.05))
+    assert 0.01 < want[0] < 0.99 and 0.01 < want[1] < 0.99
+    decided = transplant(base, abl, base)
+    floor = transplant(base, abl, base, baseline_floor=0.95)
+    assert floor.inconclusive and "floor" in floor.reason
+    for v in (decided, floor):
+        assert (v.power.support, v.power.refute) == pytest.approx(want, abs=5e-5), v.power  # a verdict rounds to 4 places
+        assert (v.power.support_at, v.power.refute_at) == pytest.approx((0.0, 0.2))
+    weak = transplant(base, np.r_[np.ones(53), np.zeros(7)], base)  # function 0.017, not shown
+    assert weak.inconclusive and "no function" in weak.reason
+    assert weak.power.support == pytest.approx(paired_power(n, 0.0, 0.2 / 60, "less", 0.05), abs=1e-12)
+    none = transplant(base, base, base)
+    assert none.power.method == "none" and none.power.support is None and "not positive" in none.power.note
+
+
 # ------------------------------------------------------------------------------------ CA-1, CA-2
 
 

@@ -443,14 +443,18 @@ def transplant(base: np.ndarray, ablated: np.ndarray, transplanted: np.ndarray, 
     _, _, p_fn = mcnemar_exact(base.astype(bool), ablated.astype(bool), alternative="greater")
     details = {**(details or {}), "baseline_accuracy": float(base.mean()), "ablated_accuracy": float(ablated.mean()),
                "transplanted_accuracy": float(tr.mean()), "p_function": p_fn}
+    margin = (1 - keep) * function
+    # stopped before the transplant's tests: the power they would have at this size and margin
+    power = (Power.none(f"ablating the heads does not lower accuracy ({base.mean():.2f} -> {ablated.mean():.2f}): the "
+                        "margin (1 - keep) x function is not positive, so no transplant test is defined")
+             if function <= 0 else rule_power(len(base), Bounds("less", margin, margin), alpha))
     floor = floor_reason(float(base.mean()), baseline_floor)
     if floor:
-        return inconclusive("IV-4", params, floor, test, alpha, len(base), details, min_effect=1 - keep)
+        return inconclusive("IV-4", params, floor, test, alpha, len(base), details, min_effect=1 - keep, power=power)
     if p_fn >= alpha or function <= 0:
         return inconclusive("IV-4", params, f"ablating the heads does not measurably hurt (accuracy {base.mean():.2f} "
                             f"-> {ablated.mean():.2f}, p = {p_fn:.3g}): they carry no function to keep", test, alpha,
-                            len(base), details, min_effect=1 - keep)
-    margin = (1 - keep) * function
+                            len(base), details, min_effect=1 - keep, power=power)
     v = paired_family("IV-4", {"transplant": (base, tr)}, param="_", bounds=Bounds("less", margin, margin), alpha=alpha,
                       baseline_floor=baseline_floor, test=test, effect_name="accuracy loss with the donor's heads",
                       describe=lambda g, b, a: (f"accuracy {b.mean():.2f} (own heads), {ablated.mean():.2f} (ablated), "
