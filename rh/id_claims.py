@@ -4,6 +4,7 @@ scores and captured attention to a :class:`~rh.rules.verdict.Verdict`."""
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ from rh.models import LoadedModel
 from rh.niah import Sample
 from rh.rankings import Ranking
 from rh.scoring import SampleScores, general_heads, score_samples
-from rh.rules.verdict import Verdict
+from rh.rules.verdict import Power, Verdict
 from rh.stats import spearman_ci, spearman_test, topk_overlap_test
 
 
@@ -230,9 +231,28 @@ def _overlap_verdict(claim: str, params: dict, a: Ranking, b: Ranking, k: int, a
         details={"overlap": overlap, "expected": expected, "spearman_rho": rho, "spearman_p": p_rho,
                  "spearman_ci": list(ci), "shared": [str(h) for h in a.top(k) if h in set(b.top(k))],
                  "top_a": [str(h) for h in a.top(k)], "top_b": [str(h) for h in b.top(k)], **(details or {})},
-        min_effect=None, power={"support": None, "support_at": None, "refute": None, "refute_at": None,
-                                "method": "none", "note": "rankings without per-prompt scores: no resampling"},
+        min_effect=None, power=_overlap_power(len(a.top(k)), len(b.top(k)), a.shape.n_total, alpha,
+                                              p_adj / p if p > 0 else 1.0),
     )
+
+
+def _overlap_power(ka: int, kb: int, n_total: int, alpha: float, factor: float = 1.0) -> Power:
+    """:func:`_overlap_verdict`'s power. The rule reads the two rankings as they are (no per-prompt
+    scores, no resampling), so its decision is a function of the overlap: it supports exactly when
+    at least o* of the top K are shared (o* the smallest overlap above chance whose hypergeometric
+    p, times the family's adjustment ``factor``, is below α): power 1 from an effect of o* minus
+    chance on, 0 below it. It never refutes (a uniform null cannot show disagreement): power 0."""
+    from scipy.stats import hypergeom
+
+    expected = ka * kb / n_total
+    crit = next((o for o in range(int(math.floor(expected)) + 1, min(ka, kb) + 1)
+                 if o > expected and factor * float(hypergeom.sf(o - 1, n_total, ka, kb)) < alpha), None)
+    never = "never refuted: a uniform null cannot show that two rankings disagree"
+    if crit is None:
+        return Power(0.0, min(ka, kb) - expected, 0.0, 0.0, "exact (hypergeometric)",
+                     f"even all {min(ka, kb)} shared cannot reach p < {alpha:g}: never supported; {never}")
+    return Power(1.0, crit - expected, 0.0, 0.0, "exact (hypergeometric; the rankings taken as fixed)",
+                 f"supported exactly when {crit} or more of the top {min(ka, kb)} are shared; {never}")
 
 
 def stability(pairs: Mapping[str, tuple], *, k: int, min_effect: float, alpha: float = 0.05,
@@ -299,7 +319,8 @@ def variants_share_heads(a: Ranking | None, b: Ranking | None, *, k: int, alpha:
     test = "hypergeometric top-K overlap"
     if a is None or b is None:
         return inconclusive("ID-6", {"k": k}, "only one variant was run: pass --compare-model with the other variant "
-                            "(e.g. llama8b-base with llama8b) to decide this claim", test, alpha)
+                            "(e.g. llama8b-base with llama8b) to decide this claim", test, alpha,
+                            power=Power.none("one variant only: there is no second ranking to compare"))
     sa, sb = a.shape, b.shape
     what = f"{names[0]} vs {names[1]}"
     if (sa.n_layers, sa.n_heads) == (sb.n_layers, sb.n_heads):
@@ -316,7 +337,8 @@ def variants_share_heads(a: Ranking | None, b: Ranking | None, *, k: int, alpha:
         return inconclusive("ID-6", {"k": k}, f"the two models differ in shape ({shapes}) and share only "
                             f"{shared.n_total} heads ({grid}): fewer than 2K = {2 * k}, so any two top-{k} sets of "
                             "them overlap; compare with a smaller K or models of closer shapes", test, alpha,
-                            shared.n_total, info)
+                            shared.n_total, info, power=Power(0.0, None, 0.0, None, "exact", "fewer than 2K shared "
+                                                              "heads: the rule decides nothing, whatever the rankings"))
     return _overlap_verdict("ID-6", {"k": k}, a.restricted(shared), b.restricted(shared), k, alpha,
                             f"{what}, on the {shared.n_total} heads both models have ({grid}; the shapes differ: "
                             f"{shapes})", population=f"the {shared.n_total} shared heads", details=info)

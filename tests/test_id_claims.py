@@ -128,6 +128,25 @@ def test_variants_claim_is_inconclusive_without_a_pair_and_compares_other_shapes
     assert variants_share_heads(a, a, k=3).statistic == 3
 
 
+def test_id6_power_names_the_overlap_that_supports_and_that_it_never_refutes():
+    """Top 3 of 16 heads: P(X >= 2) = (3 x 13 + 1) / 560 = 0.071 and P(X >= 3) = 1/560, so the rule
+    supports exactly from 3 shared heads on: power 1 at an effect of 3 - 9/16, and 0 to refute, as
+    nothing can refute. Catches the tail taken as P(X > o) (which would name 2), the critical
+    overlap stated as a count instead of the effect's units, and verdicts left without power."""
+    a = _ranking(HeadShape(4, 4, 2, 4), 1)
+    b = _ranking(HeadShape(5, 4, 2, 4), 1)
+    v = variants_share_heads(a, b, k=3)
+    assert (v.power.support, v.power.refute, v.power.refute_at) == (1.0, 0.0, 0.0)
+    assert v.power.support_at == pytest.approx(3 - 9 / 16) and "3 or more of the top 3" in v.power.note
+    assert v.effect >= v.power.support_at  # supported: its effect is at least the critical one
+    one = variants_share_heads(a, None, k=3)
+    assert one.power.method == "none" and "one variant" in one.power.note
+    few = variants_share_heads(a, b, k=9)
+    assert (few.power.support, few.power.refute) == (0.0, 0.0)
+    tight = variants_share_heads(_ranking(HeadShape(1, 4, 2, 4), 1), _ranking(HeadShape(1, 4, 2, 4), 2), k=1)
+    assert tight.power.support == 0.0 and "never supported" in tight.power.note  # 1 of 4: p >= 1/4
+
+
 def _eager_sum_attention(eager_model, samples) -> np.ndarray:
     """``[layers, heads]``: each head's sum attention on the needle, averaged over the samples, from
     transformers' eager attention weights (what a sum-attention ranking orders heads by)."""
