@@ -29,6 +29,7 @@ from rh.niah import Sample
 from rh.rankings import Ranking
 from rh.recording import attn_z, head_slice, recording
 from rh.rules.claims import side_decided
+from rh.rules.verdict import Power
 from rh.seeds import derive_seed
 from rh.stats import Verdict
 from rh.runner import run, run_one
@@ -451,8 +452,8 @@ def mechanism_comparison(model: LoadedModel, samples: Sequence[Sample], heads: S
         effect_name="accuracy under query zeroing minus under output zeroing (reported, not tested)",
         details={"accuracy": acc, "query_vs_zero_mcnemar_p": p_zq, "query_vs_logits_rel_diff": q_vs_l,
                  "query_vs_zero_rel_diff_min": q_vs_z, "tolerance": tol, "probe_samples": len(probe)},
-        min_effect=tol, power={"support": None, "support_at": None, "refute": None, "refute_at": None,
-                               "method": "none", "note": "an exact check of the heads' outputs: no sampling"},
+        min_effect=tol, power=Power.none("an exact identity checked on the heads' outputs (no sampling, no test "
+                                         "with an error rate); the accuracies are reported, not tested"),
     )
 
 

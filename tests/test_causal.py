@@ -149,3 +149,15 @@ def test_ca3_rule_supported_refuted_and_inconclusive():
     # a baseline below the floor has nothing to keep
     low = inverse_verdicts(np.r_[np.ones(3), np.zeros(13)], {10: np.zeros(16)}, [10], n_boot=100)
     assert low[10].inconclusive and "below the floor" in low[10].reason
+
+
+def test_ca5_states_why_it_has_no_power(tiny, tiny_samples):
+    """CA-5 is an exact identity on the heads' outputs, with no test that could err: its verdict says
+    so in place of a power (the report shows the reason). Catches a CA-5 verdict with no power at all,
+    or with numbers invented for a check that has no error rate."""
+    from rh.causal import evaluate_baseline, mechanism_comparison
+
+    samples = list(tiny_samples[:4])
+    v = mechanism_comparison(tiny, samples, [Head(1, 2), Head(2, 5)], evaluate_baseline(tiny, samples))
+    assert v.power.method == "none" and v.power.support is None and v.power.refute is None
+    assert "exact identity" in v.power.note
