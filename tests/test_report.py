@@ -368,3 +368,24 @@ def test_html_shows_delta_and_power_beside_the_ci_and_flags_low_power(meta):
     # a supported verdict with low power to refute: its test rejected, so no "underpowered" beside it
     decided = render_html([{**low, "status": "supported", "reason": ""}], meta).split('id="matrix"', 1)[1]
     assert "power support 0.37 / refute 0.03" in decided and "underpowered" not in decided
+
+
+def test_the_new_powers_reach_the_report_and_its_flag(meta):
+    """The agreement rule's simulated power (ID-4), from a real verdict through to_dict to the page:
+    an inconclusive verdict of 9 prompts on heads that noise cannot separate is flagged
+    underpowered; CA-5's reason without numbers is shown as its power. Catches a power that stops
+    at the verdict (not serialised, or not read by the report)."""
+    import numpy as np
+
+    from rh.rules.claims import agreement
+    from rh.rules.verdict import Power
+
+    rng = np.random.default_rng(0)
+    v = agreement("ID-4", rng.normal(0, 1, (9, 40)), rng.normal(0, 1, (9, 40)), k=5, min_effect=2,
+                  same_prompts=True, baseline_accuracy=0.9, n_boot=50)
+    assert v.inconclusive and v.power.method.startswith("simulated") and v.power.support < 0.8
+    ca5 = {"claim": "CA-5", "status": "supported", "reason": "", "params": {"k": 10}, "n": 4, "alpha": 0.05,
+           "power": Power.none("an exact identity").to_dict()}
+    claims = render_html([v.to_dict(), ca5], meta).split('id="matrix"', 1)[1]
+    assert f"Δ = 2 · power support {v.power.support:.2f} / refute {v.power.refute:.2f} · underpowered" in claims
+    assert "power: an exact identity" in claims
