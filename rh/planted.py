@@ -11,8 +11,8 @@ The circuit (an induction circuit on trigrams, what retrieval heads are found to
 - the residual stream holds, per position, the token's random code ``E`` (64 dims; the bundled
   SmolLM2 tokenizer, so every rh prompt runs unchanged), subspaces ``P1``, ``P2``, ``P3``, the
   copy subspace ``O``, a constant bias dimension, and a junk subspace the other heads write into;
-- **previous-token heads** (layer 0, :data:`PREVIOUS_TOKEN_HEADS`): head δ attends from position i
-  to i-δ by its rotary phases alone (weights of the rotary frequencies chosen by a linear program
+- **previous-token heads** (layer 0, :data:`PREVIOUS_TOKEN_HEADS`, two per offset, each writing half):
+  a head of offset δ attends from position i to i-δ by its rotary phases alone (weights of the rotary frequencies chosen by a linear program
   for the largest worst-case margin over every other offset) and writes that token's code into
   ``Pδ``;
 - **retrieval heads** (:data:`PLANTED_HEADS`, layers 2-5): the query holds the codes of the last
@@ -48,11 +48,12 @@ __all__ = ["CIRCUIT_HEADS", "PLANTED_HEADS", "PLANTED_SHAPE", "PREVIOUS_TOKEN_HE
 #: 6 layers x 20 heads in 4 KV groups, head_dim 128: 120 heads, the profiles of SmolLM2's size class
 PLANTED_SHAPE = HeadShape(6, 20, 4, 128)
 #: offset -> the layer-0 head that copies the token that many positions back
-PREVIOUS_TOKEN_HEADS: dict[int, Head] = {1: Head(0, 7), 2: Head(0, 8), 3: Head(0, 9)}  # one KV group
+PREVIOUS_TOKEN_HEADS: dict[int, tuple[Head, ...]] = {1: (Head(0, 7), Head(0, 10)), 2: (Head(0, 8), Head(0, 11)),
+                                                    3: (Head(0, 9), Head(0, 12))}  # KV groups 1 and 2 of layer 0
 #: the retrieval heads, known by construction
 PLANTED_HEADS: tuple[Head, ...] = (Head(2, 5), Head(3, 14), Head(4, 2), Head(5, 9))
 #: every head the retrieval needs: the planted heads and the previous-token heads they read
-CIRCUIT_HEADS: tuple[Head, ...] = (*PREVIOUS_TOKEN_HEADS.values(), *PLANTED_HEADS)
+CIRCUIT_HEADS: tuple[Head, ...] = (*(h for hs in PREVIOUS_TOKEN_HEADS.values() for h in hs), *PLANTED_HEADS)
 
 _CODE = 64  # dims of a token's code
 _HIDDEN = 400  # a multiple of the 20 heads (transformers checks it)
@@ -93,10 +94,18 @@ def _codes(vocab: int, gen: torch.Generator) -> torch.Tensor:
     return c / c.norm(dim=1, keepdim=True)
 
 
-def planted_model(*, twin: bool = False, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                  attn_implementation: str = "sdpa") -> Any:
+def planted_model(*, twin: bool = False, seed: int = 0, previous_copies: int = 2, device: str = "cpu",
+                  dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa") -> Any:
     """The planted positive control (``twin=True``: its unplanted twin) as a ``LoadedModel``, with
-    the bundled SmolLM2 tokenizer and chat template. Deterministic in ``seed``."""
+    the bundled SmolLM2 tokenizer and chat template. Deterministic in ``seed``.
+
+    ``previous_copies``: previous-token heads per offset (1 or 2; each writes its share, so the
+    circuit survives one copy ablated). With 1, each is a single point of failure outside the
+    planted heads: a random head set that holds the offset-1 or offset-2 head breaks retrieval as
+    surely as the planted heads do (the catalogue run in benchmarks/README.md shows what that does
+    to CA-1's head-set null); the circuit heads not built stay ordinary heads."""
+    if previous_copies not in (1, 2):
+        raise ValueError(f"previous_copies={previous_copies}: build 1 or 2 previous-token heads per offset")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from rh.models import REGISTRY, LoadedModel, bundled_tokenizer, head_shape
@@ -123,10 +132,10 @@ def planted_model(*, twin: bool = False, seed: int = 0, device: str = "cpu", dty
     r_pos = np.sqrt(w_pos * _POS_SCALE * root)
     g_match = np.sqrt(_MATCH_SCALE * root)
     half = hd // 2
-    circuit = {h: "prev" for h in PREVIOUS_TOKEN_HEADS.values()} | {h: "retrieval" for h in PLANTED_HEADS}
+    prev = {h: d for d, hs in PREVIOUS_TOKEN_HEADS.items() for h in hs[:previous_copies]}
+    circuit = {h: "prev" for h in prev} | {h: "retrieval" for h in PLANTED_HEADS}
     if twin:
         circuit = {}
-    offset = {h: d for d, h in PREVIOUS_TOKEN_HEADS.items()}
     junk = _JUNK.stop - _JUNK.start
 
     emb = torch.zeros(len(tokenizer), _HIDDEN, dtype=torch.float64)
@@ -175,12 +184,12 @@ def planted_model(*, twin: bool = False, seed: int = 0, device: str = "cpu", dty
             head, rows = Head(li, h), slice(h * hd, (h + 1) * hd)
             kind = circuit.get(head)
             if kind == "prev":  # query r e^{-i theta_f d} on the fast pairs: score r^2 cos(theta_f (i - j - d))
-                d = offset[head]
+                d = prev[head]
                 for f in range(_POS_PAIRS):
                     q[h * hd + f, _BIAS] = r_pos[f] * np.cos(freq[f] * d)
                     q[h * hd + half + f, _BIAS] = -r_pos[f] * np.sin(freq[f] * d)
                 for c in range(_CODE):
-                    o[_P[d - 1] + c, h * hd + c] = 1.0
+                    o[_P[d - 1] + c, h * hd + c] = 1.0 / previous_copies
             elif kind == "retrieval":  # query: the codes of the last three tokens (E, P1, P2)
                 for b, q_from, _ in match:
                     for c, dim in enumerate(match_dims(b)):
@@ -217,7 +226,8 @@ def planted_model(*, twin: bool = False, seed: int = 0, device: str = "cpu", dty
     prov = {"model_id": key, "source": "rh.planted", "revision": f"seed:{seed}",
             "dtype": str(dtype).removeprefix("torch."), "device": device, "quant": "none",
             "attn_implementation": attn_implementation,
-            "planted_heads": [] if twin else [str(h) for h in PLANTED_HEADS]}
+            "planted_heads": [] if twin else [str(h) for h in PLANTED_HEADS],
+            "previous_token_heads": [] if twin else [str(h) for h in prev]}
     return LoadedModel(key, model, tokenizer, head_shape(model), spec, prov)
 
 
