@@ -1012,6 +1012,10 @@ def model_config(name: str) -> Any:
     spec = resolve_spec(name)
     if spec.kind == "bundled-gguf":
         return _gguf_config(bundled_gguf_path(spec))
+    if spec.key in ("planted", "planted-twin"):  # built by hand in rh.planted
+        from rh.planted import planted_config
+
+        return planted_config()
     if spec.kind == "random" and spec.key != "tiny-llama":  # tiny-<family>: that family's own config
         from rh.models import tiny_config
 

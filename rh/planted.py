@@ -43,7 +43,7 @@ import torch
 from rh.heads import Head, HeadShape
 
 __all__ = ["CIRCUIT_HEADS", "PLANTED_HEADS", "PLANTED_SHAPE", "PREVIOUS_TOKEN_HEADS", "control_heads",
-           "planted_heads", "planted_model", "ranked_by_scores", "recovery", "recovery_by_method"]
+           "planted_config", "planted_heads", "planted_model", "ranked_by_scores", "recovery", "recovery_by_method"]
 
 #: 6 layers x 20 heads in 4 KV groups, head_dim 128: 120 heads, the profiles of SmolLM2's size class
 PLANTED_SHAPE = HeadShape(6, 20, 4, 128)
@@ -94,6 +94,18 @@ def _codes(vocab: int, gen: torch.Generator) -> torch.Tensor:
     return c / c.norm(dim=1, keepdim=True)
 
 
+def planted_config(vocab_size: int = 49152, **token_ids: Any) -> Any:
+    """The planted model's ``LlamaConfig`` (no weights): what :func:`planted_model` builds, and what
+    ``--plan`` reads for its dimensions. ``token_ids``: the tokenizer's bos/eos/pad ids."""
+    from transformers import LlamaConfig
+
+    s = PLANTED_SHAPE
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=_HIDDEN, intermediate_size=256, num_hidden_layers=s.n_layers,
+                       num_attention_heads=s.n_heads, num_key_value_heads=s.n_kv_heads, head_dim=s.head_dim,
+                       max_position_embeddings=_CONTEXT, rope_theta=_ROPE_THETA, rms_norm_eps=1e-6,
+                       tie_word_embeddings=False, **token_ids)
+
+
 def planted_model(*, twin: bool = False, seed: int = 0, previous_copies: int = 2, device: str = "cpu",
                   dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa") -> Any:
     """The planted positive control (``twin=True``: its unplanted twin) as a ``LoadedModel``, with
@@ -106,20 +118,15 @@ def planted_model(*, twin: bool = False, seed: int = 0, previous_copies: int = 2
     to CA-1's head-set null); the circuit heads not built stay ordinary heads."""
     if previous_copies not in (1, 2):
         raise ValueError(f"previous_copies={previous_copies}: build 1 or 2 previous-token heads per offset")
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from rh.models import REGISTRY, LoadedModel, bundled_tokenizer, head_shape
 
     tokenizer = bundled_tokenizer()
     shape = PLANTED_SHAPE
     hd, nh = shape.head_dim, shape.n_heads
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=_HIDDEN, intermediate_size=256, num_hidden_layers=shape.n_layers,
-        num_attention_heads=nh, num_key_value_heads=shape.n_kv_heads, head_dim=hd,
-        max_position_embeddings=_CONTEXT, rope_theta=_ROPE_THETA, rms_norm_eps=1e-6,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
-    )
+    cfg = planted_config(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     cfg._attn_implementation = attn_implementation
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

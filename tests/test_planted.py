@@ -169,3 +169,15 @@ def test_the_recovery_figure_draws_from_id7_rows_and_only_there():
     png = planted_recovery_figure(rows)
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert planted_recovery_figure([{**rows[0], "details": {}}]) is None
+
+
+def test_the_plan_reads_the_planted_config_without_building(planted):
+    """``--plan`` reads the dimensions without weights: the config it reads is the built model's.
+    Bug caught: the planner taking the planted model for a tiny-<family> model (it refused with
+    "unknown model family 'planted'", and timed nothing)."""
+    from rh.plan import model_config
+
+    cfg, built = model_config("planted"), planted.model.config
+    for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "vocab_size", "rope_theta"):
+        assert getattr(cfg, name) == getattr(built, name), name
