@@ -179,5 +179,5 @@ def test_the_plan_reads_the_planted_config_without_building(planted):
 
     cfg, built = model_config("planted"), planted.model.config
     for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads", "head_dim", "vocab_size", "rope_theta"):
+                 "num_key_value_heads", "head_dim", "vocab_size", "rope_parameters"):
         assert getattr(cfg, name) == getattr(built, name), name
