@@ -137,10 +137,11 @@ def test_ablating_general_heads_hurts_every_task(id_task, ca4_verdicts, record_v
 
 def _ca6_verdicts(rh_model, ranking, profile, phase):
     from rh.causal import ablation_hurts
+    from rh.published import heads_under_test
 
     fresh = profile.fresh_samples(rh_model, "depth", profile.depth_n)
     groups = {d: [s for s in fresh if s.depth == d] for d in profile.depths}
-    return ablation_hurts("CA-6", rh_model, groups, ranking.top(profile.id_k), None, param="depth",
+    return ablation_hurts("CA-6", rh_model, groups, heads_under_test(ranking, profile.id_k), None, param="depth",
                           alpha=profile.alpha, baseline_floor=profile.baseline_floor, min_drop=profile.min_drop,
                           batch_size=profile.batch_size, n_boot=profile.n_boot, phase=phase)
 
@@ -214,15 +215,16 @@ def test_every_top_head_is_needed(rh_model, ranking, sweep_prompts, sweep_baseli
     """Minimality: every head of the top-K set is needed: dropping it from the ablated set recovers
     accuracy (three-way against δ per head; the verdict names the heads shown not needed)."""
     from rh.causal import in_phase, minimality_outcomes
+    from rh.published import heads_under_test
     from rh.rules.sweep import minimality
 
-    heads = ranking.top(profile.id_k)
+    heads = heads_under_test(ranking, profile.id_k)
     top, dropped = minimality_outcomes(rh_model, sweep_prompts, heads, batch_size=profile.batch_size,
                                        phase=profile.sweep_phase)
     base = sweep_baseline.set_index("id").loc[[s.id for s in sweep_prompts], "correct"].to_numpy(float)
     record_verdict(in_phase(minimality(top, dropped, base, min_recovery=profile.minimal_min_recovery,
                                        alpha=profile.alpha, baseline_floor=profile.baseline_floor,
-                                       params={"k": profile.id_k}), profile.sweep_phase))
+                                       params={"k": len(heads)}), profile.sweep_phase))
 
 
 @pytest.mark.claim("CA-5", source="seed 001's comparison table")
@@ -231,6 +233,7 @@ def test_query_and_logit_zeroing_are_uniform_attention_not_output_zeroing(rh_mod
     """The ablation mechanism matters: zeroing a head's query equals zeroing its pre-softmax logits
     (uniform attention, the mean of V), and neither is output zeroing."""
     from rh.causal import mechanism_comparison
+    from rh.published import heads_under_test
 
-    record_verdict(mechanism_comparison(rh_model, validation, ranking.top(profile.id_k), baseline,
+    record_verdict(mechanism_comparison(rh_model, validation, heads_under_test(ranking, profile.id_k), baseline,
                                        alpha=profile.alpha, batch_size=profile.batch_size))

@@ -67,16 +67,17 @@ def distractor_answers(frame, samples: Sequence[Sample]) -> np.ndarray:
 
 
 def distractor_verdicts(model: LoadedModel, ranking: Any, profile: Any) -> dict[str, Any]:
-    """CA-7: the top ``id_k`` heads and random K-sets ablated on prompts with distractor needles
-    (CA-1's machinery, early stopping included), and the distractor answers with no ablation and
-    with the top K ablated."""
+    """CA-7: the top ``id_k`` heads (a head set's own heads) and random K-sets ablated on prompts with
+    distractor needles (CA-1's machinery, early stopping included), and the distractor answers with
+    no ablation and with the top K ablated."""
     from rh.causal import evaluate_baseline, necessity_outcomes
     from rh.prefix import first_layers, hinting
+    from rh.published import heads_under_test
     from rh.rules.field import distractor_necessity
 
-    k = profile.id_k
+    top = heads_under_test(ranking, profile.id_k)
+    k = len(top)
     samples = distractor_samples(model, profile)
-    top = ranking.top(k)
     with hinting(model, first_layers([top])):
         base = evaluate_baseline(model, samples, batch_size=profile.batch_size)
     out = necessity_outcomes(model, samples, ranking, k, draws=profile.random_draws, seed=profile.draw_seed,

@@ -106,6 +106,12 @@ class HeadSet:
                 "heads": [str(h) for h in self.members], "provenance": self.provenance}
 
 
+def heads_under_test(ranking: Ranking | HeadSet, k: int) -> list[Head]:
+    """The heads a claim about "the top K" tests: the ranking's top ``k``, or a head set's members
+    (its only K is its size: ``--heads L2H5,L3H14`` asks the claim about those heads)."""
+    return list(ranking.members) if isinstance(ranking, HeadSet) else ranking.top(k)
+
+
 def ties_at_cut(ranking: Ranking, k: int) -> int:
     """How many heads share the K-th head's score on both sides of the cut (0 when the cut is clean):
     the top K then depends on the tie-breaking rule, not on the scores."""

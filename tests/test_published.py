@@ -353,3 +353,19 @@ def test_published_files_load_against_their_registry_keys_shapes_without_any_dow
         load_heads(tmp_path / "Mistral-7B-v0.2-hf.json", shape=qwen)  # 32 x 32 scores for a 28 x 28 model
     with pytest.raises(ValueError, match="L15H30 is outside the model"):
         load_heads(_write(tmp_path, "q.yaml", 'attn_head_set: "20-7,15-30"\n'), shape=qwen)  # head 30 of 28
+
+
+@pytest.mark.unit
+def test_heads_under_test_is_the_top_k_of_a_ranking_and_a_head_sets_own_heads():
+    """A claim about "the top K" (CA-5, CA-6, CA-7, CA-10) tests a head set's own heads whatever the
+    profile's K (``--heads``), and a ranking's top K. Bug caught: CA-6 skipped as "not applicable"
+    under ``--heads`` though the heads were given (its K was the profile's 10, not the set's 4)."""
+    from rh.heads import Head, HeadShape
+    from rh.published import HeadSet, heads_under_test
+    from rh.rankings import Ranking
+
+    shape = HeadShape(2, 3, 1, 4)
+    hs = HeadSet((Head(1, 2), Head(0, 1)), shape)
+    assert heads_under_test(hs, 10) == [Head(0, 1), Head(1, 2)]
+    r = Ranking("x", shape, {h: float(i) for i, h in enumerate(shape.all_heads())})
+    assert heads_under_test(r, 2) == [Head(1, 2), Head(1, 1)] == r.top(2)
