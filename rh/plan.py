@@ -585,6 +585,12 @@ def _wu24_identification(ctx):
     return identification_cost("wu24_identification", ctx.ca_identify, "wu24", ctx, status)
 
 
+def _id7(ctx):
+    """ID-7's verdicts run no pass; on the planted model they also ask for Wu24's ranking (its
+    recovery of the planted heads), which the other identification claims may not have."""
+    return _wu24_identification(ctx) if ctx.model == "planted" else []
+
+
 def _task_rankings(ctx):
     rows = []
     for t in ctx.profile.id_tasks:
@@ -726,6 +732,7 @@ def _register_builtins() -> None:
         "sweep_baseline": _sweep_baseline, "iv_baseline": _iv_baseline, "iv1": _iv1, "iv3": _iv3, "hub": _hub,
         "sum_identification": _sum_identification, "wu24_identification": _wu24_identification,
         "task_rankings": _task_rankings, "stability_verdicts": _stability, "compare_ranking": _compare_ranking,
+        "id7_verdicts": _id7,
         # test bodies, by test function name
         "test_the_drop_grows_with_k": _ca2_body,
         "test_the_drop_while_decoding_grows_with_k": _ca2_decode_body,

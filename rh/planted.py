@@ -34,6 +34,7 @@ circuit. :func:`recovery` scores a method's top K against the planted heads (rec
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -70,6 +71,7 @@ _OUT_SCALE = 40.0  # the unembedding's gain on O
 _CONTEXT = 4096
 
 
+@functools.lru_cache(maxsize=4)
 def _position_weights(n_pairs: int, theta: float, head_dim: int, span: int = _CONTEXT) -> np.ndarray:
     """Weights w_f >= 0 (sum 1) of the rotary pairs 0..n_pairs-1 maximising the worst margin
     min over offsets d != 0 in (-span, span) of sum_f w_f (1 - cos(theta_f d)): a score
@@ -86,7 +88,9 @@ def _position_weights(n_pairs: int, theta: float, head_dim: int, span: int = _CO
                   bounds=[(0, None)] * n_pairs + [(None, None)], method="highs")
     if res.status != 0:  # pragma: no cover - the program is feasible and bounded by construction
         raise RuntimeError(f"rotary weights: {res.message}")
-    return np.clip(res.x[:n_pairs], 0.0, None)
+    out = np.clip(res.x[:n_pairs], 0.0, None)
+    out.flags.writeable = False  # cached: shared by every build
+    return out
 
 
 def _codes(vocab: int, gen: torch.Generator) -> torch.Tensor:
