@@ -635,8 +635,6 @@ def load_model(
         choice = (DtypeChoice(torch.float32, "tiny random model: float32") if dtype in (None, "auto")
                   else resolve_dtype(dtype, device))
         if spec.key in ("planted", "planted-twin"):
-            from rh.planted import planted_model
-
             tiny = planted_model(twin=spec.key == "planted-twin", seed=seed, device=device, dtype=choice.dtype,
                                  attn_implementation=attn_implementation)
         elif spec.key == "tiny-llama":
@@ -1064,6 +1062,19 @@ def tiny_llama(
             "dtype": str(dtype).removeprefix("torch."), "device": device, "quant": "none",
             "attn_implementation": attn_implementation}
     return LoadedModel("tiny-llama", model, tokenizer, head_shape(model), spec, prov)
+
+
+def planted_model(*, twin: bool = False, seed: int = 0, previous_copies: int = 2, device: str = "cpu",
+                  dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa") -> LoadedModel:
+    """The planted positive control (``twin=True``: its unplanted twin; :mod:`rh.planted`) with the
+    bundled SmolLM2 tokenizer and chat template, as a ``LoadedModel``. Deterministic in ``seed``."""
+    from rh.planted import build_planted
+
+    tokenizer = bundled_tokenizer()
+    model, prov = build_planted(tokenizer, twin=twin, seed=seed, previous_copies=previous_copies, device=device,
+                                dtype=dtype, attn_implementation=attn_implementation)
+    spec = REGISTRY["planted-twin" if twin else "planted"]
+    return LoadedModel(spec.key, model, tokenizer, head_shape(model), spec, prov)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ The circuit (an induction circuit on trigrams, what retrieval heads are found to
   the stream but write only into the junk subspace (they attend, so identification has noise to
   rank, and do nothing for retrieval).
 
-:func:`planted_model` builds it; ``twin=True`` builds its **unplanted twin**: the same weights but
+:func:`build_planted` builds it (``rh.models.planted_model`` / ``--model planted`` load it); ``twin=True`` builds its **unplanted twin**: the same weights but
 the previous-token and retrieval heads drawn like every other head, a model of the same shape and
 weight scales that retrieves nothing. :func:`control_heads` is a seeded set of heads outside the
 circuit. :func:`recovery` scores a method's top K against the planted heads (recall, precision).
@@ -44,7 +44,7 @@ import torch
 from rh.heads import Head, HeadShape
 
 __all__ = ["CIRCUIT_HEADS", "PLANTED_HEADS", "PLANTED_SHAPE", "PREVIOUS_TOKEN_HEADS", "control_heads",
-           "planted_config", "planted_heads", "planted_model", "ranked_by_scores", "recovery", "recovery_by_method"]
+           "build_planted", "planted_config", "planted_heads", "ranked_by_scores", "recovery", "recovery_by_method"]
 
 #: 6 layers x 20 heads in 4 KV groups, head_dim 128: 120 heads, the profiles of SmolLM2's size class
 PLANTED_SHAPE = HeadShape(6, 20, 4, 128)
@@ -99,7 +99,7 @@ def _codes(vocab: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def planted_config(vocab_size: int = 49152, **token_ids: Any) -> Any:
-    """The planted model's ``LlamaConfig`` (no weights): what :func:`planted_model` builds, and what
+    """The planted model's ``LlamaConfig`` (no weights): what :func:`build_planted` builds, and what
     ``--plan`` reads for its dimensions. ``token_ids``: the tokenizer's bos/eos/pad ids."""
     from transformers import LlamaConfig
 
@@ -110,10 +110,13 @@ def planted_config(vocab_size: int = 49152, **token_ids: Any) -> Any:
                        tie_word_embeddings=False, **token_ids)
 
 
-def planted_model(*, twin: bool = False, seed: int = 0, previous_copies: int = 2, device: str = "cpu",
-                  dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa") -> Any:
-    """The planted positive control (``twin=True``: its unplanted twin) as a ``LoadedModel``, with
-    the bundled SmolLM2 tokenizer and chat template. Deterministic in ``seed``.
+def build_planted(tokenizer: Any, *, twin: bool = False, seed: int = 0, previous_copies: int = 2,
+                  device: str = "cpu", dtype: torch.dtype = torch.float32,
+                  attn_implementation: str = "sdpa") -> tuple[Any, dict[str, Any]]:
+    """The planted positive control's transformers model (``twin=True``: its unplanted twin) for
+    ``tokenizer``'s vocabulary, and its provenance; deterministic in ``seed``.
+    :func:`rh.models.planted_model` (and ``load_model("planted")``) wrap it with the bundled
+    tokenizer as a ``LoadedModel``.
 
     ``previous_copies``: previous-token heads per offset (1 or 2; each writes its share, so the
     circuit survives one copy ablated). With 1, each is a single point of failure outside the
@@ -124,9 +127,6 @@ def planted_model(*, twin: bool = False, seed: int = 0, previous_copies: int = 2
         raise ValueError(f"previous_copies={previous_copies}: build 1 or 2 previous-token heads per offset")
     from transformers import LlamaForCausalLM
 
-    from rh.models import REGISTRY, LoadedModel, bundled_tokenizer, head_shape
-
-    tokenizer = bundled_tokenizer()
     shape = PLANTED_SHAPE
     hd, nh = shape.head_dim, shape.n_heads
     cfg = planted_config(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
@@ -233,13 +233,12 @@ def planted_model(*, twin: bool = False, seed: int = 0, previous_copies: int = 2
     model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
     key = "planted-twin" if twin else "planted"
-    spec = REGISTRY[key]
     prov = {"model_id": key, "source": "rh.planted", "revision": f"seed:{seed}",
             "dtype": str(dtype).removeprefix("torch."), "device": device, "quant": "none",
             "attn_implementation": attn_implementation,
             "planted_heads": [] if twin else [str(h) for h in PLANTED_HEADS],
             "previous_token_heads": [] if twin else [str(h) for h in prev]}
-    return LoadedModel(key, model, tokenizer, head_shape(model), spec, prov)
+    return model, prov
 
 
 def control_heads(k: int, *, seed: int = 0, shape: HeadShape = PLANTED_SHAPE) -> list[Head]:
@@ -271,7 +270,7 @@ def recovery(ranked: Sequence[Head], planted: Sequence[Head] = PLANTED_HEADS, *,
 
 def planted_heads(model: Any) -> tuple[Head, ...]:
     """The retrieval heads ``model`` (a ``LoadedModel``) was built with, from its provenance: the
-    planted heads for :func:`planted_model`, () for its twin and for every other model."""
+    planted heads for :func:`rh.models.planted_model`, () for its twin and for every other model."""
     prov = getattr(model, "provenance", None) or {}
     return tuple(Head.parse(h) for h in prov.get("planted_heads") or ())
 

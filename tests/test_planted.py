@@ -14,10 +14,9 @@ import torch
 
 from rh.ablation import Ablation
 from rh.heads import Head
-from rh.models import REGISTRY, load_model
+from rh.models import REGISTRY, load_model, planted_model
 from rh.niah import Sweep, build_samples
-from rh.planted import (CIRCUIT_HEADS, PLANTED_HEADS, PLANTED_SHAPE, PREVIOUS_TOKEN_HEADS, control_heads,
-                        planted_model, recovery)
+from rh.planted import CIRCUIT_HEADS, PLANTED_HEADS, PLANTED_SHAPE, PREVIOUS_TOKEN_HEADS, control_heads, recovery
 from rh.runner import run_one
 
 pytestmark = pytest.mark.unit
