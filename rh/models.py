@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from rh.heads import HeadShape
+from rh.planted import PLANTED_SHAPE
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +74,12 @@ REGISTRY: dict[str, ModelSpec] = {
         "tokenizer, for unit tests",
     ),
     "planted": ModelSpec(
-        "planted", "random", "rh.planted", instruct=True, shape=HeadShape(6, 20, 4, 128), context=4096,
+        "planted", "random", "rh.planted", instruct=True, shape=PLANTED_SHAPE, context=4096,
         description="the planted positive control: a Llama whose retrieval heads (L2H5, L3H14, L4H2, L5H9) "
         "are set by hand (rh.planted), with the SmolLM2 tokenizer; built in memory",
     ),
     "planted-twin": ModelSpec(
-        "planted-twin", "random", "rh.planted", instruct=True, shape=HeadShape(6, 20, 4, 128), context=4096,
+        "planted-twin", "random", "rh.planted", instruct=True, shape=PLANTED_SHAPE, context=4096,
         description="the planted model's unplanted twin: the same shape and weight scales, no retrieval circuit",
     ),
     "llama8b": ModelSpec(
