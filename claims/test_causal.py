@@ -13,7 +13,7 @@ def _ca1_outcomes(rh_model, validation, ranking, baseline, profile, phase):
     return [
         necessity_outcomes(rh_model, validation, ranking, k, draws=profile.random_draws, seed=profile.draw_seed,
                            baseline=baseline, batch_size=profile.batch_size, matched_draws=profile.matched_draws,
-                           phase=phase)
+                           phase=phase, baseline_floor=profile.baseline_floor)
         for k in profile.ablation_levels
     ]
 
@@ -204,7 +204,8 @@ def test_the_top_k_drop_exceeds_random_over_the_whole_sweep(rh_model, ranking, s
                                              profile.alpha, min_effect=profile.curve_min_area), profile.sweep_phase))
         return
     out = curve_outcomes(rh_model, sweep_prompts, ranking, ks, baseline=sweep_baseline, seed=profile.draw_seed,
-                         batch_size=profile.batch_size, phase=profile.sweep_phase)
+                         batch_size=profile.batch_size, phase=profile.sweep_phase,
+                         baseline_floor=profile.baseline_floor)
     record_verdict(in_phase(ablation_curve(out.base, out.top, out.rand, ks, min_area=profile.curve_min_area,
                                            alpha=profile.alpha, baseline_floor=profile.baseline_floor,
                                            seed=profile.draw_seed, n_boot=profile.n_boot), profile.sweep_phase))
@@ -219,9 +220,10 @@ def test_every_top_head_is_needed(rh_model, ranking, sweep_prompts, sweep_baseli
     from rh.rules.sweep import minimality
 
     heads = heads_under_test(ranking, profile.id_k)
-    top, dropped = minimality_outcomes(rh_model, sweep_prompts, heads, batch_size=profile.batch_size,
-                                       phase=profile.sweep_phase)
     base = sweep_baseline.set_index("id").loc[[s.id for s in sweep_prompts], "correct"].to_numpy(float)
+    top, dropped = minimality_outcomes(rh_model, sweep_prompts, heads, batch_size=profile.batch_size,
+                                       phase=profile.sweep_phase, baseline_correct=base,
+                                       baseline_floor=profile.baseline_floor)
     record_verdict(in_phase(minimality(top, dropped, base, min_recovery=profile.minimal_min_recovery,
                                        alpha=profile.alpha, baseline_floor=profile.baseline_floor,
                                        params={"k": len(heads)}), profile.sweep_phase))

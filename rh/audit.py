@@ -246,7 +246,8 @@ def _audit(run, args: argparse.Namespace, p: dict[str, Any], out) -> int:
         tag = {"source": item["source"]}
         with counter.charged_to(f"{label}: CA-1"):
             outs = [necessity_outcomes(model, samples, heads, k, draws=prof.random_draws, seed=prof.draw_seed,
-                                       baseline=baseline, batch_size=prof.batch_size) for k in prof.ablation_levels]
+                                       baseline=baseline, batch_size=prof.batch_size,
+                                       baseline_floor=prof.baseline_floor) for k in prof.ablation_levels]
         ca1 = necessity_verdicts(outs, alpha=prof.alpha, baseline_floor=prof.baseline_floor,
                                  min_gap=prof.ca1_min_gap, n_boot=prof.n_boot, seed=prof.draw_seed,
                                  control=prof.ca1_control)

@@ -86,6 +86,44 @@ def evaluate_baseline(model: LoadedModel, samples: Sequence[Sample], *, batch_si
     return run_one(model, samples, Ablation.baseline(), batch_size=batch_size, reader=reader)
 
 
+def floor_decides(baseline_correct: np.ndarray, baseline_floor: float | None, stop_early: bool) -> bool:
+    """Whether the baseline's accuracy lies below ``baseline_floor``, where the random-set families
+    (CA-1, CA-7's accuracy part, CA-9, CA-10) end inconclusive at the floor whatever their
+    ablations show (:func:`rh.rules.claims.floor_reason` is their first test), so a mechanism
+    that stops early leaves those ablations unread. Never with ``stop_early`` off (``--plain``)."""
+    from rh.rules.claims import floor_reason
+
+    base = np.asarray(baseline_correct, float)
+    return bool(stop_early and baseline_floor is not None and base.size
+                and floor_reason(float(base.mean()), baseline_floor) is not None)
+
+
+def _plain_token_layers(model: LoadedModel, samples: Sequence[Sample]) -> int:
+    """The token-layers of one plain pass over each of ``samples``: its prompt and its answer but the last token."""
+    return sum(len(s.input_ids) + len(s.answer_ids) - 1 for s in samples) * model.shape.n_layers
+
+
+def _floor_saved(model: LoadedModel, samples: Sequence[Sample], units: Sequence[Unit]) -> None:
+    """Count the plain passes of ``units`` (left unread below the floor) as saved ("floor")."""
+    from rh.budget import note_saved
+
+    by_id = {s.id: s for s in samples}
+    note_saved("floor", sum(_plain_token_layers(model, [by_id[i] for i in u.sample_ids]) for u in units))
+
+
+def _unread_draws(model: LoadedModel, samples: Sequence[Sample], k: int, draws: int,
+                  name: str) -> tuple[np.ndarray, np.ndarray]:
+    """The random sets left unread below the floor (:func:`floor_decides`): every entry NaN, their
+    passes counted as saved ("floor")."""
+    from rh.budget import note_saved
+
+    note_saved("floor", _plain_token_layers(model, samples) * draws)
+    log.info("%s K=%d: the baseline is below the floor, which decides CA-1; %d random sets left unread", name, k,
+             draws)
+    nan = np.full((draws, len(samples)), np.nan)
+    return nan, nan.copy()
+
+
 def needed_items(draw: int, draws: int, n: int) -> list[int]:
     """The items CA-1's paired test reads from random draw ``draw`` of ``draws``: item i is paired
     with draw i mod ``draws`` (:func:`rh.rules.claims.necessity`)."""
@@ -146,8 +184,7 @@ def _stopped_draws(model: LoadedModel, samples: Sequence[Sample], sets: list[Abl
     if skipped:  # the passes the plain path would have run: each prompt and its answer but the last token
         from rh.budget import note_saved
 
-        note_saved("early stopping", sum(len(s.input_ids) + len(s.answer_ids) - 1 for s in skipped)
-                   * model.shape.n_layers)
+        note_saved("early stopping", _plain_token_layers(model, skipped))
     return [(correct[d], logprob[d], pd.concat(frames[d], ignore_index=True) if frames[d] else pd.DataFrame())
             for d in range(draws)]
 
@@ -165,6 +202,7 @@ def necessity_outcomes(
     matched_draws: int = 0,
     stop_early: bool | None = None,
     phase: str = "all",
+    baseline_floor: float | None = None,
 ) -> NecessityOutcomes:
     """Evaluate ``samples`` with no ablation, with the top-``k`` heads ablated, and with ``draws``
     random ``k``-sets from outside the top ``k`` (seeded by ``seed``, ``k`` and the draw index);
@@ -177,6 +215,10 @@ def necessity_outcomes(
     CA-1's rule reads nothing else, so its verdict is the one the full evaluation gives
     (``tests/test_early_stop.py``), for a fraction of the passes when the top K's drop is far from
     the random sets'.
+
+    ``baseline_floor`` (with early stopping): when the baseline's accuracy is below it, CA-1's rule
+    ends inconclusive at the floor whatever the random sets show (:func:`floor_decides`), so no
+    random set is evaluated (every entry NaN); the top K still is, for the report and CA-2.
     """
     from rh.budget import stops_early
 
@@ -198,7 +240,11 @@ def necessity_outcomes(
     # items the baseline gets right first: they decide "below the top K" soonest
     order = sorted(range(n), key=lambda i: (-bc[i], i))
 
+    floor = floor_decides(bc, baseline_floor, stop_early)
+
     def evaluate(sets: list[list[Head]], name: str) -> tuple[np.ndarray, np.ndarray]:
+        if floor:  # the floor decides CA-1 whatever these sets show
+            return _unread_draws(model, samples, k, len(sets), name)
         conds = [Ablation(f"{name}{k}#{d}", tuple(heads), phase=phase, selection="random", draw=d)
                  for d, heads in enumerate(sets)]
         got = _stopped_draws(model, samples, conds, order=order, top_correct=float(tc.sum()), batch_size=batch_size,
@@ -353,10 +399,14 @@ class CurveOutcomes:
 
 def curve_outcomes(model: LoadedModel, samples: Sequence[Sample], ranking: Ranking, ks: Sequence[int], *,
                    baseline: pd.DataFrame | None = None, seed: int = 0, batch_size: int = 8,
-                   phase: str = "all") -> CurveOutcomes:
+                   phase: str = "all", baseline_floor: float | None = None,
+                   stop_early: bool | None = None) -> CurveOutcomes:
     """CA-9: every sample with the top K ablated and with its own K random heads from outside the
     top K (seeded by ``seed``, K and the item), at each K of the sweep, in ``phase``: one call to
-    the runner (under ``phase="decode"`` every condition of a prompt shares its clean prefill)."""
+    the runner (under ``phase="decode"`` every condition of a prompt shares its clean prefill).
+    Below ``baseline_floor`` (:func:`floor_decides`) nothing is ablated: ``top`` and ``rand`` are NaN."""
+    from rh.budget import stops_early
+
     ranking.check_shape(model.shape)
     ids = [s.id for s in samples]
     if baseline is None:
@@ -369,6 +419,10 @@ def curve_outcomes(model: LoadedModel, samples: Sequence[Sample], ranking: Ranki
         sets.append(per_item)
         units += [Unit(Ablation(f"random{k}@{i}", tuple(hs), phase=phase, selection="random", draw=i), (ids[i],))
                   for i, hs in enumerate(per_item)]
+    if floor_decides(base, baseline_floor, stops_early(stop_early)):
+        _floor_saved(model, samples, units)
+        nan = np.full((len(ids), len(ks)), np.nan)
+        return CurveOutcomes(list(ks), base, nan, nan.copy(), sets, phase)
     frames = run(model, samples, units, batch_size=batch_size)
     top = np.zeros((len(ids), len(ks)))
     rand = np.zeros((len(ids), len(ks)))
@@ -380,14 +434,22 @@ def curve_outcomes(model: LoadedModel, samples: Sequence[Sample], ranking: Ranki
 
 
 def minimality_outcomes(model: LoadedModel, samples: Sequence[Sample], heads: Sequence[Head], *,
-                        batch_size: int = 8, phase: str = "all") -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                        batch_size: int = 8, phase: str = "all", baseline_correct: np.ndarray | None = None,
+                        baseline_floor: float | None = None, stop_early: bool | None = None,
+                        ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """CA-10: correctness with ``heads`` ablated, and with each head dropped from the ablated set
-    (``{str(head): [n]}``), in ``phase``: one call to the runner."""
+    (``{str(head): [n]}``), in ``phase``: one call to the runner. With ``baseline_correct`` below
+    ``baseline_floor`` (:func:`floor_decides`) nothing is ablated: every outcome is NaN."""
+    from rh.budget import stops_early
+
     ids = tuple(s.id for s in samples)
     heads = list(heads)
     units = [Unit(Ablation(f"top{len(heads)}", tuple(heads), phase=phase, selection="top"), ids)]
     units += [Unit(Ablation(f"top{len(heads)}-{h}", tuple(x for x in heads if x != h), phase=phase), ids)
               for h in heads]
+    if baseline_correct is not None and floor_decides(baseline_correct, baseline_floor, stops_early(stop_early)):
+        _floor_saved(model, samples, units)
+        return np.full(len(ids), np.nan), {str(h): np.full(len(ids), np.nan) for h in heads}
     frames = run(model, samples, units, batch_size=batch_size)
     return frames[0]["correct"].to_numpy(float), {str(h): df["correct"].to_numpy(float)
                                                   for h, df in zip(heads, frames[1:])}

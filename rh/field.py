@@ -81,7 +81,7 @@ def distractor_verdicts(model: LoadedModel, ranking: Any, profile: Any) -> dict[
     with hinting(model, first_layers([top])):
         base = evaluate_baseline(model, samples, batch_size=profile.batch_size)
     out = necessity_outcomes(model, samples, ranking, k, draws=profile.random_draws, seed=profile.draw_seed,
-                             baseline=base, batch_size=profile.batch_size)
+                             baseline=base, batch_size=profile.batch_size, baseline_floor=profile.baseline_floor)
     top_frame = out.frame[out.frame["condition"] == f"top{k}"]
     return distractor_necessity(out, distractor_answers(base, samples), distractor_answers(top_frame, samples),
                                 alpha=profile.alpha, baseline_floor=profile.baseline_floor,

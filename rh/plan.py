@@ -362,7 +362,7 @@ def identification_cost(name: str, prompts: Sequence[PlannedPrompt], method: str
 
 
 _PREFIX = "prefix reuse from the first ablated layer"
-_EARLY = "early stopping of random draws"
+_EARLY = "early stopping of random draws (none run when the baseline is below the floor)"
 _CURTAIL = "curtailment once the statuses are decided"
 _FAN = "shared prefill (decode phase: one clean prefill per prompt, then each condition's answer steps)"
 

@@ -65,11 +65,11 @@ class _Sample:
 
 @pytest.fixture
 def table(monkeypatch):
-    def make(rng, n: int, draws: int, top_acc: float, rand_acc: float):
+    def make(rng, n: int, draws: int, top_acc: float, rand_acc: float, base_acc: float = 0.95):
         shape = HeadShape(6, 4, 2, 8)
         ranking = _ranking(shape, rng)
         samples = [_Sample(i) for i in range(n)]
-        base = (rng.random(n) < 0.95).astype(float)
+        base = (rng.random(n) < base_acc).astype(float)
         outcomes = {frozenset(): base, frozenset(ranking.top(3)): ((rng.random(n) < top_acc) * base)}
         for d in range(draws):
             heads = frozenset(ranking.random_outside_top(3, seed=derive_seed(0, 3, d)))
@@ -112,9 +112,10 @@ def table(monkeypatch):
     return make
 
 
-def _run(model, samples, ranking, draws, stop_early):
+def _run(model, samples, ranking, draws, stop_early, baseline_floor=None):
     model.evaluated = 0
-    outs = [necessity_outcomes(model, samples, ranking, 3, draws=draws, seed=0, stop_early=stop_early)]
+    outs = [necessity_outcomes(model, samples, ranking, 3, draws=draws, seed=0, stop_early=stop_early,
+                               baseline_floor=baseline_floor)]
     return outs, model.evaluated
 
 
@@ -192,3 +193,82 @@ def test_early_stopping_counts_what_it_left_out(table):
     per_item = (8 + 1 - 1) * 6  # prompt + answer - 1 tokens, 6 layers
     assert saved_token_layers()["early stopping"] - before == skipped * per_item
     assert cost == 16 + 16 + 19 * 16 - skipped  # baseline, top, random: all but the skipped
+
+
+# ---------------------------------------------------------------- the floor decides before the random sets
+
+
+def test_below_the_floor_no_random_set_runs_and_the_verdict_is_the_full_evaluations(table):
+    """A baseline below the floor makes CA-1 inconclusive whatever the random sets show: with the
+    floor given, they are not evaluated at all (baseline and top K only), and the status and
+    reason are those of evaluating every set on every item. Above the floor, giving the floor
+    changes nothing (the same entries evaluated, the same verdict)."""
+    rng = np.random.default_rng(11)
+    seen_floor = 0
+    for rep in range(40):
+        n, draws = int(rng.choice([8, 16])), int(rng.choice([19, 49]))
+        base_acc = float(rng.choice([0.0, 0.2, 0.4, 0.95]))
+        model, samples, ranking = table(rng, n, draws, float(rng.choice([0.0, 0.5])), float(rng.choice([0.6, 1.0])),
+                                        base_acc)
+        full, _ = _run(model, samples, ranking, draws, False)
+        fast, cost = _run(model, samples, ranking, draws, True, baseline_floor=0.5)
+        a = necessity_verdicts(full, alpha=0.05, n_boot=100)[3]
+        b = necessity_verdicts(fast, alpha=0.05, n_boot=100)[3]
+        assert (a.status, a.reason) == (b.status, b.reason), rep
+        if fast[0].baseline_correct.mean() < 0.5:
+            seen_floor += 1
+            assert a.status == "inconclusive" and "floor" in a.reason
+            assert cost == 2 * n  # the baseline and the top K, no random set
+            assert np.isnan(fast[0].random_correct).all() and np.isnan(fast[0].random_logprob).all()
+            assert b.details["random_accuracy"] is None and b.details["random_items_evaluated"] == 0
+            assert b.details["top_accuracy"] == a.details["top_accuracy"]
+        else:
+            plain, _ = _run(model, samples, ranking, draws, True)
+            assert np.array_equal(np.isnan(fast[0].random_correct), np.isnan(plain[0].random_correct))
+    assert seen_floor >= 10
+
+
+def test_the_floor_shortcut_is_off_in_plain_passes_and_counts_what_it_left_out(table):
+    from rh.budget import plain_passes, saved_token_layers
+
+    rng = np.random.default_rng(2)
+    model, samples, ranking = table(rng, 16, 19, 0.0, 1.0, base_acc=0.0)
+    with plain_passes():
+        _, cost = _run(model, samples, ranking, 19, None, baseline_floor=0.5)
+    assert cost == 16 * (2 + 19)  # --plain: every random set on every item
+    before = saved_token_layers().get("floor", 0)
+    _, cost = _run(model, samples, ranking, 19, None, baseline_floor=0.5)
+    assert cost == 32
+    assert saved_token_layers()["floor"] - before == 19 * 16 * (8 + 1 - 1) * 6  # sets x items x tokens x layers
+
+
+def test_below_the_floor_the_sweeps_run_no_ablation_and_keep_the_full_verdicts(tiny, tiny_samples, monkeypatch):
+    """CA-9 and CA-10 on the tiny random model (it does not retrieve: below the floor): with the
+    floor given, the runner is never called for their ablations, and the verdicts are those of
+    the full evaluation."""
+    from rh.causal import curve_outcomes, evaluate_baseline, minimality_outcomes
+    from rh.rules.sweep import ablation_curve, minimality
+
+    base = evaluate_baseline(tiny, tiny_samples, batch_size=4)
+    correct = base["correct"].to_numpy(float)
+    assert correct.mean() < 0.5
+    r = _ranking(tiny.shape, np.random.default_rng(4))
+    calls = []
+    real = causal.run
+    monkeypatch.setattr(causal, "run", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ks = [1, 2]
+    full = curve_outcomes(tiny, tiny_samples, r, ks, baseline=base, batch_size=4, stop_early=False, baseline_floor=0.5)
+    n_full = len(calls)
+    fast = curve_outcomes(tiny, tiny_samples, r, ks, baseline=base, batch_size=4, baseline_floor=0.5)
+    assert n_full >= 1 and len(calls) == n_full and np.isnan(fast.top).all() and np.isnan(fast.rand).all()
+    a, b = (ablation_curve(o.base, o.top, o.rand, ks, n_boot=50) for o in (full, fast))
+    assert (a.status, a.reason) == (b.status, b.reason) == ("inconclusive", a.reason) and "floor" in a.reason
+    heads = r.top(2)
+    top_f, drop_f = minimality_outcomes(tiny, tiny_samples, heads, batch_size=4, baseline_correct=correct,
+                                        baseline_floor=0.5, stop_early=False)
+    n_full = len(calls)
+    top_s, drop_s = minimality_outcomes(tiny, tiny_samples, heads, batch_size=4, baseline_correct=correct,
+                                        baseline_floor=0.5)
+    assert len(calls) == n_full and np.isnan(top_s).all() and all(np.isnan(v).all() for v in drop_s.values())
+    a, b = minimality(top_f, drop_f, correct), minimality(top_s, drop_s, correct)
+    assert (a.status, a.reason) == (b.status, b.reason) and "floor" in a.reason

@@ -19,6 +19,11 @@ __all__ = ["ca1_ablation_curve", "distractor_figure", "compression_figure", "cur
            "FAMILIES"]
 
 
+def _num(x: Any) -> float:
+    """A detail as a number to plot: NaN (nothing drawn) where it was not measured (None)."""
+    return float("nan") if x is None else float(x)
+
+
 def ca1_ablation_curve(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
     """CA-1's verdicts as a curve: accuracy vs number of heads ablated, top-K against random-K,
     each random draw's own accuracy as a dot (seed 001's Figure 8); the rows under Wu24's protocol
@@ -41,7 +46,7 @@ def ca1_ablation_curve(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
             continue
         ks = sorted({*ks, *(v["params"]["k"] for v in mine)})
         at = [v["params"]["k"] for v in mine]
-        ax.plot(at, [v["details"]["random_accuracy"] for v in mine], "o" + style, color="tab:blue",
+        ax.plot(at, [_num(v["details"].get("random_accuracy")) for v in mine], "o" + style, color="tab:blue",
                 label=f"random K{what}" + ("" if what else " (each item with one draw)"))
         for k, v in zip(at, mine):
             # draws stopped early have no accuracy of their own
@@ -71,7 +76,8 @@ def distractor_figure(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
     a = acc[0]["details"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(7, 3.2))
     ax1.bar(["none", f"top {acc[0]['params']['k']}", "random K"],
-            [a["baseline_accuracy"], a["top_accuracy"], a["random_accuracy"]], color=["0.6", "tab:red", "tab:blue"])
+            [a["baseline_accuracy"], a["top_accuracy"], _num(a.get("random_accuracy"))],
+            color=["0.6", "tab:red", "tab:blue"])  # random K: NaN (no bar) where the floor left the sets unread
     ax1.set_ylim(0, 1.05)
     ax1.set_ylabel("exact-match accuracy")
     ax1.set_title(f"accuracy among distractors ({acc[0]['status']})", fontsize=8)

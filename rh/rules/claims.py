@@ -60,6 +60,9 @@ CA1_TEST = ("supported: head-set null (top-K drop ranked among random K-sets) an
             "the same paired test shows the gap below Δ, Holm across K")
 
 
+CA1_EFFECT = "accuracy drop of top-K minus that of random-K (each item paired with one draw)"
+
+
 def paired_draws(n: int, draws: int) -> np.ndarray:
     """CA-1's pairing: item i's outcome is compared with random draw ``i mod draws``."""
     return np.arange(n) % draws
@@ -125,7 +128,7 @@ def necessity(outcomes: Sequence, *, alpha: float = 0.05, baseline_floor: float 
         outcomes = [_replace(o, random_correct=o.matched_correct, random_logprob=o.matched_logprob,
                              matched_correct=o.random_correct, matched_logprob=o.random_logprob) for o in outcomes]
     m = len(outcomes)
-    rows, reasons = {}, {}
+    rows, reasons, floors = {}, {}, {}
     for o in outcomes:
         n = len(o.top_correct)
         draws = int(o.random_correct.shape[0])
@@ -133,6 +136,16 @@ def necessity(outcomes: Sequence, *, alpha: float = 0.05, baseline_floor: float 
         top_drop = base_acc - float(o.top_correct.mean())
         pair = (paired_draws(n, draws), np.arange(n))
         one_draw = o.random_correct[pair] - o.top_correct
+        floor = floor_reason(base_acc, baseline_floor)
+        if floor and np.isnan(one_draw).any():  # the random sets left unread: the floor decides whatever they show
+            floors[o.k] = (n, floor, {
+                "baseline_accuracy": base_acc, "top_accuracy": float(o.top_correct.mean()), "top_drop": top_drop,
+                "random_accuracy": None, "draws": draws, "random_draws_evaluated_in_full": 0,
+                "random_items_evaluated": int((~np.isnan(o.random_correct)).sum()),
+                "random_sets": "not evaluated: the baseline is below the floor, which makes the verdict inconclusive "
+                               "whatever they show (rh.causal.floor_decides)",
+                "top_heads": [str(h) for h in o.top_heads]})
+            continue
         if np.isnan(one_draw).any():
             raise ValueError(f"K={o.k}: the random draw paired with an item was not evaluated on it "
                              "(rh.causal.needed_items lists what the rule reads)")
@@ -170,7 +183,6 @@ def necessity(outcomes: Sequence, *, alpha: float = 0.05, baseline_floor: float 
         effect = float(one_draw.mean())
         ci = bootstrap_ci(one_draw, n_boot=n_boot, level=1 - 2 * alpha, seed=derive_seed(seed, o.k))
         rows[o.k] = (o, n, n_pos, p, p_ref, effect, ci, base_acc, details)
-        floor = floor_reason(base_acc, baseline_floor)
         rand_acc = details["random_accuracy"]
         if floor:
             reasons[o.k] = floor
@@ -187,15 +199,21 @@ def necessity(outcomes: Sequence, *, alpha: float = 0.05, baseline_floor: float 
     testable = [k for k in rows if k not in reasons]
     adj_s, adj_r = holm_pairs({k: rows[k][3] for k in testable}, {k: rows[k][4] for k in testable})
     bounds = Bounds("greater", 0.0, min_gap)
-    out = {}
-    for k, (o, n, n_pos, p, p_ref, effect, ci, base_acc, details) in rows.items():
+
+    def power_at(n: int, draws: int) -> Power:
         pw = rule_power(n, bounds, alpha / m)
-        power = Power(pw.support, pw.support_at, pw.refute, pw.refute_at, "exact (approximate for the support)",
-                      f"support approximated by the exact paired test; the head-set null must also reject (its "
-                      f"smallest p is 1/{details['draws'] + 1}); {FLIP_RATE:.0%} of items flip each way")
+        return Power(pw.support, pw.support_at, pw.refute, pw.refute_at, "exact (approximate for the support)",
+                     f"support approximated by the exact paired test; the head-set null must also reject (its "
+                     f"smallest p is 1/{draws + 1}); {FLIP_RATE:.0%} of items flip each way")
+
+    out = {k: inconclusive("CA-1", {"k": k}, floor, CA1_TEST, alpha, n, details, min_effect=min_gap,
+                           power=power_at(n, details["draws"]), effect_name=CA1_EFFECT)
+           for k, (n, floor, details) in floors.items()}
+    for k, (o, n, n_pos, p, p_ref, effect, ci, base_acc, details) in rows.items():
+        power = power_at(n, details["draws"])
         common = dict(claim="CA-1", params={"k": k}, test=CA1_TEST, statistic=float(n_pos), p_value=p, effect=effect,
                       ci=ci, ci_level=1 - 2 * alpha, n=n, alpha=alpha, min_effect=min_gap, power=power,
-                      effect_name="accuracy drop of top-K minus that of random-K (each item paired with one draw)")
+                      effect_name=CA1_EFFECT)
         if k in reasons:
             out[k] = Verdict(status="inconclusive", reason=reasons[k], p_adjusted=None, details=details, **common)
             continue
@@ -206,7 +224,7 @@ def necessity(outcomes: Sequence, *, alpha: float = 0.05, baseline_floor: float 
                   f"K; {why}")
         out[k] = Verdict(status=status, reason=reason, p_adjusted=adj_s[k],
                          details={**details, "p_refute_adjusted": adj_r[k]}, **common)
-    return out
+    return {o.k: out[o.k] for o in outcomes}
 
 
 # ------------------------------------------------------------------------------------------ CA-2
