@@ -192,6 +192,35 @@ def layer_indices(critical_layers: Any) -> list[int]:
     return out
 
 
+def probe_power(n: int, chance: float, margin: float, *, early: int, late: int, alpha: float) -> Power:
+    """IV-5's power, exact for independent indices (binomial): P(supported) with every early index at
+    chance and every late one at chance + 2δ (each early index shown below chance + δ at α, and the
+    best late one above chance at α / late, Holm's first step); P(refuted) with every early index at
+    chance + 2δ (one shown above chance + δ at α / early). Indices that share prompts are positively
+    correlated, which raises the support side's intersection (the calibration's worst shapes are in
+    ``python -m rh calibrate``, family IV-5)."""
+    from scipy.stats import binom
+
+    bound, alt = chance + margin, min(1.0, chance + 2 * margin)
+    ks = np.arange(n + 1)
+    below = ks[binom.cdf(ks, n, bound) < alpha]  # hits that show an early index below chance + δ
+    p_early = float(binom.cdf(below.max(), n, chance)) ** early if below.size else (1.0 if early == 0 else 0.0)
+    p_late = 0.0
+    if late:
+        over = ks[binom.sf(ks - 1, n, chance) < alpha / late]  # hits that show a late index above chance
+        p_one = float(binom.sf(over.min() - 1, n, alt)) if over.size else 0.0
+        p_late = 1.0 - (1.0 - p_one) ** late
+    p_ref = 0.0
+    if early:
+        over = ks[binom.sf(ks - 1, n, bound) < alpha / early]  # hits that show an early index above chance + δ
+        p_one = float(binom.sf(over.min() - 1, n, alt)) if over.size else 0.0
+        p_ref = 1.0 - (1.0 - p_one) ** early
+    return Power(p_early * p_late, 0.0, p_ref, 2 * margin, "exact binomial (indices independent)",
+                 f"support: the {early} early indices at chance {chance:.2f}, the {late} late ones at chance + "
+                 f"{2 * margin:g}; refute: every early index at chance + {2 * margin:g} (effects in accuracy above "
+                 "chance)")
+
+
 def decodable_after_heads(df: pd.DataFrame, critical_layers: Sequence[int], *, alpha: float = 0.05,
                           margin: float = 0.1, params: dict | None = None) -> Verdict:
     """IV-5: the answer becomes linearly decodable at or after the critical heads' layers, and not
@@ -243,17 +272,21 @@ def decodable_after_heads(df: pd.DataFrame, critical_layers: Sequence[int], *, a
     details = {"accuracy": [None if math.isnan(a) else round(float(a), 4) for a in acc], "chance": chance,
                "onset": None, "critical_layers": crit, "first_write_index": first_write, "n_indices": m}
 
+    power = Power.none("no probe decodes anything (fewer than two answer tokens with two samples each)")
+
     def _inconclusive(reason: str, p_adj: list[float] | None = None) -> Verdict:
         if p_adj is not None:
             details["p_adjusted"] = [float(p) for p in p_adj]
         from rh.rules.claims import inconclusive
 
         return inconclusive(CLAIM, base_params, reason, TEST_NAME, alpha, n, details, min_effect=margin,
-                            effect_name="onset index - (min critical layer + 1)")
+                            effect_name="onset index - (min critical layer + 1)", power=power)
 
     if np.isnan(acc).all():
         return _inconclusive("the labels have fewer than two answer tokens with two or more samples each: "
                              "there is nothing for a probe to decode")
+    if 0.0 < margin < 1.0 - chance:
+        power = probe_power(n, chance, margin, early=first_write, late=m - first_write, alpha=alpha)
     min_p = min_attainable_p_binomial(n, chance, "greater") if 0 < chance < 1 else 1.0
     if min_p >= alpha / m:
         return _inconclusive(f"{n} samples at chance {chance:.3f} cannot reach p < alpha/{m} = {alpha / m:.2g} with "
@@ -277,8 +310,6 @@ def decodable_after_heads(df: pd.DataFrame, critical_layers: Sequence[int], *, a
     details.update({"onset": onset, "p_adjusted": [float(p) for p in p_adj], "significant_indices": sig,
                     "margin": margin, "p_below_margin": [round(p, 6) for p in p_below],
                     "early_indices": len(early)})
-    power = Power.none("the IUT over the early indices and Holm over the late ones: error rates and power "
-                       "measured in rh.calibration (family IV-5)")
     common = dict(claim=CLAIM, params=base_params, test=TEST_NAME + f"; early indices against chance + {margin:g}",
                   ci=None, n=n, alpha=alpha, details=details, min_effect=margin, power=power,
                   statistic=float(onset) if onset is not None else None,

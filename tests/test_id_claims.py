@@ -343,3 +343,33 @@ def test_stored_baselines_leave_id5_to_capture_its_own(tiny, mixed_tasks):
     b = general_heads_exist(tiny, rankings, mixed_tasks, k=6, accuracy=acc, batch_size=4,
                             needle_mass=first.needle_mass)
     assert (a.status, a.statistic) == (b.status, b.statistic) and len(heads) == len(a.details["candidates"])
+
+
+def test_sparsity_power_is_high_where_silent_heads_are_silent_and_low_where_they_are_not():
+    """ID-1's power read off the data's own structure: Wu24-like scores (most heads never score)
+    leave the rule able to support at 1% of heads above and to refute at 15%; heads that score a
+    little on every trial (normal noise around 0.02) cannot be shown below 0.1 in 64 trials, so the
+    support power is near 0 there -- the calibration's two shapes (0.97 and 0.00). Catches a power
+    computed from a tidy model instead of the data, and the two sides swapped."""
+    from rh.rules.claims import sparsity_power, sparsity_rule
+
+    rng = np.random.default_rng(5)
+    n, heads = 64, 270
+    mu = np.where(rng.random(heads) < 0.9, 0.0, rng.uniform(0.0, 0.005, heads))
+    mu[:3] = rng.uniform(0.2, 0.6, 3)
+    sparse = (rng.random((n, heads)) < (mu / 0.6)) * rng.uniform(0.2, 1.0, (n, heads))
+    pw = sparsity_rule(sparse).power
+    assert pw.support >= 0.9 and pw.refute >= 0.9
+    assert pw.support_at == pytest.approx(3 / 270) and pw.refute_at == pytest.approx(41 / 270)
+    smooth = np.clip(rng.normal(0.02, 0.03, (n, heads)), 0, 1)
+    assert sparsity_power(smooth, threshold=0.1, max_fraction=0.05, alpha=0.05, draws=50).support <= 0.1
+    again = sparsity_power(sparse, threshold=0.1, max_fraction=0.05, alpha=0.05)
+    assert again == pw  # seeded: one power per data
+
+
+def test_no_power_is_simulated_inside_the_calibrations_decision_runs():
+    from rh.rules.claims import sparsity_power
+    from rh.rules.paired import decisions_only
+
+    with decisions_only():
+        assert sparsity_power(np.zeros((64, 20)), threshold=0.1, max_fraction=0.05, alpha=0.05).support is None
