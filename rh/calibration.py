@@ -27,7 +27,8 @@ from rh import claim_families
 from rh.profiles import Profile
 from rh.rules.verdict import Verdict
 
-__all__ = ["Rates", "sizes", "calibrate", "calibrate_all", "format_table", "pair", "shapes", "BASE_ACC", "LOG_NOISE"]
+__all__ = ["Rates", "sizes", "calibrate", "calibrate_all", "format_table", "pair", "shapes", "BASE_ACC", "LOG_NOISE",
+           "PAIRED_SHAPES", "PairedItems", "paired_shapes"]
 
 BASE_ACC = 0.9  # planted baseline accuracy of the simulated items
 _FLIP = 0.02  # background flips each way
@@ -83,6 +84,70 @@ def pair(rng: np.random.Generator, n: int, drop: float, base_acc: float = BASE_A
     return base, after
 
 
+#: the shapes of paired 0/1 data the paired families are calibrated under (the worst case is reported):
+#: "uniform" every item alike; "heterogeneous" 40% of the items never flip (always right, or always
+#: wrong), the others carry every flip; "ceiling" a baseline of 0.97, so few items can be lost or
+#: gained; "shared-items" each item's fragility is shared by every condition and every task of the run
+#: (an item one ablation loses the others tend to lose too; CA-4's tasks share the items' haystack
+#: windows, as :func:`rh.niah.build_samples` builds them). Items of one arm stay independent: each
+#: prompt of a fresh set has its own haystack window.
+PAIRED_SHAPES = ("uniform", "heterogeneous", "ceiling", "shared-items")
+_SURE = 0.4  # "heterogeneous": the share of items that never flip
+_SHARED = 0.5  # "shared-items": the correlation of an item's latent fragility between two conditions
+
+
+class PairedItems:
+    """The items of one simulated run of a paired family under a :data:`PAIRED_SHAPES` shape: the
+    baseline (:meth:`base`) and each condition's outcomes (:meth:`after`), with the planted drop
+    exact in expectation for every shape (the background flips shrink where the ceiling leaves no
+    room for them)."""
+
+    def __init__(self, rng: np.random.Generator, n: int, shape: str = "uniform"):
+        if shape not in PAIRED_SHAPES:
+            raise ValueError(f"paired shape {shape!r}: use one of {', '.join(PAIRED_SHAPES)}")
+        self.rng, self.n, self.shape = rng, n, shape
+        self.base_acc = 0.97 if shape == "ceiling" else BASE_ACC
+        self.movable = rng.random(n) >= _SURE if shape == "heterogeneous" else np.ones(n, bool)
+        shared = shape == "shared-items"
+        self.ease = rng.normal(size=n) if shared else None  # how easy an item is, for every task
+        self.fragility = rng.normal(size=n) if shared else None  # how easily any condition loses (or gains) it
+
+    def _uniform(self, latent: np.ndarray | None) -> np.ndarray:
+        """Per item a U(0, 1) draw, correlated across calls through ``latent`` ("shared-items")."""
+        if latent is None:
+            return self.rng.random(self.n)
+        z = math.sqrt(_SHARED) * latent + math.sqrt(1 - _SHARED) * self.rng.normal(size=self.n)
+        return _sps.norm.cdf(z)
+
+    def base(self) -> np.ndarray:
+        """The baseline's 0/1 outcomes (accuracy ``base_acc`` in expectation; under "shared-items"
+        correlated across the groups that call it, through the item's ease, which is independent of
+        its fragility, so that each condition's drop stays exact)."""
+        return (self._uniform(self.ease) < self.base_acc).astype(float)
+
+    def after(self, base: np.ndarray, drop: float) -> np.ndarray:
+        """One condition's 0/1 outcomes on these items: accuracy ``drop`` below ``base`` in
+        expectation (negative: a gain), plus background flips each way."""
+        acc = max(float(base.mean()), 1e-9)
+        share = max(float(self.movable.mean()), 1e-9)  # flips fall on the movable items only
+        room = min(_FLIP, 0.9 * (1 - acc) * share, 0.9 * acc * share)  # background flips the ceiling leaves room for
+        lose = (room + max(drop, 0.0)) / (acc * share)
+        gain = (room + max(-drop, 0.0)) / (max(1 - acc, 1e-9) * share)
+        if max(lose, gain) > 1:
+            raise ValueError(f"paired shape {self.shape!r}: a change of {-drop:+g} from a baseline of {acc:.2f} needs more "
+                             "items than can flip")
+        u = np.where(self.movable, self._uniform(self.fragility), 2.0)
+        out = base.copy()
+        out[(base == 1) & (u < lose)] = 0
+        out[(base == 0) & (u < gain)] = 1
+        return out
+
+
+def paired_shapes(make: Callable[[str], Callable]) -> dict:
+    """A paired family's simulator under each of :data:`PAIRED_SHAPES`."""
+    return shapes(make, PAIRED_SHAPES)
+
+
 def _rate(status: str, runs: list[list[Verdict]]) -> float:
     flat = [v for vs in runs for v in vs]
     return float(np.mean([v.status == status for v in flat])) if flat else float("nan")
@@ -110,24 +175,39 @@ def sim_ca1(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
                           n_boot=200, seed=int(rng.integers(1 << 30))).values())
 
 
-def sim_drop(groups: int, n: int) -> Callable:
+def sim_drop(groups: int, n: int, shape: str = "uniform") -> Callable:
+    """CA-4 (groups: tasks) and CA-6 (groups: depths): each group's items ablated with ``effect``
+    dropped; under "shared-items" the groups share the items (CA-4's tasks share haystack windows)."""
     def run(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
         from rh.rules.claims import drop_family
 
-        data = {g: pair(rng, n, effect) for g in range(groups)}
+        items = PairedItems(rng, n, shape)
+        data = {}
+        for g in range(groups):
+            base = items.base()
+            data[g] = (base, items.after(base, effect))
         return list(drop_family("CA-4", data, param="g", n_heads=1, min_drop=p.min_drop, alpha=p.alpha,
                                 baseline_floor=p.baseline_floor).values())
     return run
 
 
-def sim_ca3(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
-    from rh.rules.claims import inverse
+def sim_drop_with(groups: int, n: int) -> Callable[[str], Callable]:
+    return lambda shape: sim_drop(groups, n, shape)
 
-    n = s["inverse"]
-    base = (rng.random(n) < BASE_ACC).astype(float)
-    ablated = {k: _pair_from(rng, base, effect) for k in p.inverse_levels}
-    return list(inverse(base, ablated, p.inverse_levels, margin=p.ni_margin, alpha=p.alpha,
-                        baseline_floor=p.baseline_floor).values())
+
+def sim_ca3_with(shape: str) -> Callable:
+    def run(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
+        from rh.rules.claims import inverse
+
+        items = PairedItems(rng, s["inverse"], shape)
+        base = items.base()
+        ablated = {k: items.after(base, effect) for k in p.inverse_levels}
+        return list(inverse(base, ablated, p.inverse_levels, margin=p.ni_margin, alpha=p.alpha,
+                            baseline_floor=p.baseline_floor).values())
+    return run
+
+
+sim_ca3 = sim_ca3_with("uniform")
 
 
 def _pair_from(rng, base: np.ndarray, drop: float) -> np.ndarray:
@@ -139,35 +219,47 @@ def _pair_from(rng, base: np.ndarray, drop: float) -> np.ndarray:
     return after
 
 
-def sim_iv1(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
-    from rh.rules.claims import incremental
+def sim_iv1_with(shape: str) -> Callable:
+    def run(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
+        from rh.rules.claims import incremental
 
-    n = s["iv"]
-    base = (rng.random(n) < BASE_ACC).astype(float)
-    abl = {m: _pair_from(rng, base, effect) for m in p.incremental_levels}
-    return list(incremental(base, abl, ["h"] * max(p.incremental_levels), min_drop=p.iv_min_drop, alpha=p.alpha,
-                            baseline_floor=p.baseline_floor).values())
-
-
-def sim_iv2(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
-    """``effect`` is the hub drop; the non-hub arm sits at its boundary for the false rates."""
-    from rh.rules.claims import position
-
-    n = s["iv"]
-    base = (rng.random(n) < BASE_ACC).astype(float)
-    hub = _pair_from(rng, base, effect)
-    other = _pair_from(rng, base, 0.0 if effect != p.iv_min_drop else p.iv_nonhub_max)
-    return [position(base, hub, other, hub_min=p.iv_min_drop, nonhub_max=p.iv_nonhub_max, alpha=p.alpha,
-                     baseline_floor=p.baseline_floor)]
+        items = PairedItems(rng, s["iv"], shape)
+        base = items.base()
+        abl = {m: items.after(base, effect) for m in p.incremental_levels}
+        return list(incremental(base, abl, ["h"] * max(p.incremental_levels), min_drop=p.iv_min_drop, alpha=p.alpha,
+                                baseline_floor=p.baseline_floor).values())
+    return run
 
 
-def sim_iv3_hub(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
-    from rh.rules.claims import override
+def sim_iv2_with(shape: str) -> Callable:
+    def run(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
+        """``effect`` is the hub drop; the non-hub arm sits at its boundary for the false rates."""
+        from rh.rules.claims import position
 
-    n = s["iv"]
-    base = (rng.random(n) < BASE_ACC).astype(float)
-    return [override(base, {"hub": _pair_from(rng, base, effect)}, keep=p.hub_keep, min_drop=p.iv_min_drop,
-                     alpha=p.alpha, baseline_floor=p.baseline_floor)["hub"]]
+        items = PairedItems(rng, s["iv"], shape)
+        base = items.base()
+        hub = items.after(base, effect)
+        other = items.after(base, 0.0 if effect != p.iv_min_drop else p.iv_nonhub_max)
+        return [position(base, hub, other, hub_min=p.iv_min_drop, nonhub_max=p.iv_nonhub_max, alpha=p.alpha,
+                         baseline_floor=p.baseline_floor)]
+    return run
+
+
+def sim_iv3_hub_with(shape: str) -> Callable:
+    def run(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
+        """``effect``: the hub pattern's drop where the baseline is :data:`BASE_ACC`; scaled to the
+        shape's baseline, since the claim's margin is a share of the baseline."""
+        from rh.rules.claims import override
+
+        items = PairedItems(rng, s["iv"], shape)
+        base = items.base()
+        drop = effect * items.base_acc / BASE_ACC
+        return [override(base, {"hub": items.after(base, drop)}, keep=p.hub_keep, min_drop=p.iv_min_drop,
+                         alpha=p.alpha, baseline_floor=p.baseline_floor)["hub"]]
+    return run
+
+
+sim_iv1, sim_iv2, sim_iv3_hub = sim_iv1_with("uniform"), sim_iv2_with("uniform"), sim_iv3_hub_with("uniform")
 
 
 def sim_ca2_with(shape: str) -> Callable:
@@ -456,20 +548,26 @@ def sim_ca7(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
     return list(v.values())
 
 
-def sim_ca8(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
-    """CA-8: ``effect`` names the scenario, each arm planted at once: 0 both arms at their support
-    boundaries (the others' loss = the margin, the top K's drop 0), 1 at their refutation boundaries
-    (loss = margin, drop = Δ), 2 both true (no loss, drop Δ + 0.1), 3 both false (loss 2 x margin, no drop)."""
-    from rh.rules.field import compression_safety
+def sim_ca8_with(shape: str) -> Callable:
+    def run(p: Profile, s: dict, rng, effect: float) -> list[Verdict]:
+        """CA-8: ``effect`` names the scenario, each arm planted at once: 0 both arms at their support
+        boundaries (the others' loss = the margin, the top K's drop 0), 1 at their refutation boundaries
+        (loss = margin, drop = Δ), 2 both true (no loss, drop Δ + 0.1), 3 both false (loss 2 x margin, no drop)."""
+        from rh.rules.field import compression_safety
 
-    n, levels = s["inverse"], s["compress_levels"]
-    base = (rng.random(n) < BASE_ACC).astype(float)
-    loss_others, drop_top = {0: (p.compress_margin, 0.0), 1: (p.compress_margin, p.min_drop),
-                             2: (0.0, p.min_drop + 0.1), 3: (2 * p.compress_margin, 0.0)}[int(effect)]
-    others = {k: _pair_from(rng, base, loss_others) for k in range(levels)}
-    top = {k: _pair_from(rng, base, drop_top) for k in range(levels)}
-    return list(compression_safety(base, others, top, margin=p.compress_margin, min_drop=p.min_drop, alpha=p.alpha,
-                                   baseline_floor=p.baseline_floor).values())
+        items = PairedItems(rng, s["inverse"], shape)
+        levels = s["compress_levels"]
+        base = items.base()
+        loss_others, drop_top = {0: (p.compress_margin, 0.0), 1: (p.compress_margin, p.min_drop),
+                                 2: (0.0, p.min_drop + 0.1), 3: (2 * p.compress_margin, 0.0)}[int(effect)]
+        others = {k: items.after(base, loss_others) for k in range(levels)}
+        top = {k: items.after(base, drop_top) for k in range(levels)}
+        return list(compression_safety(base, others, top, margin=p.compress_margin, min_drop=p.min_drop,
+                                       alpha=p.alpha, baseline_floor=p.baseline_floor).values())
+    return run
+
+
+sim_ca8 = sim_ca8_with("uniform")
 
 
 def sim_id1_with(shape: str) -> Callable:
