@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from rh.heads import HeadShape
-from rh.planted import PLANTED_SHAPE
+from rh.planted import PLANTED_HEADS, PLANTED_SHAPE
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ class ModelSpec:
     description: str = ""
     shape: HeadShape | None = None  # known without loading, for parametrizing claims at collection
     context: int | None = None  # max_position_embeddings of its config, known without loading (known_context)
+    planted_heads: tuple[str, ...] = ()  # retrieval heads set by construction (rh.planted), known without loading
 
     @property
     def model_name(self) -> str | None:
@@ -75,6 +76,7 @@ REGISTRY: dict[str, ModelSpec] = {
     ),
     "planted": ModelSpec(
         "planted", "random", "rh.planted", instruct=True, shape=PLANTED_SHAPE, context=4096,
+        planted_heads=tuple(str(h) for h in PLANTED_HEADS),
         description="the planted positive control: a Llama whose retrieval heads (L2H5, L3H14, L4H2, L5H9) "
         "are set by hand (rh.planted), with the SmolLM2 tokenizer; built in memory",
     ),

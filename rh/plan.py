@@ -586,9 +586,13 @@ def _wu24_identification(ctx):
 
 
 def _id7(ctx):
-    """ID-7's verdicts run no pass; on the planted model they also ask for Wu24's ranking (its
-    recovery of the planted heads), which the other identification claims may not have."""
-    return _wu24_identification(ctx) if ctx.model == "planted" else []
+    """ID-7's verdicts run no pass; on a model whose registry entry names planted heads
+    (``ModelSpec.planted_heads``, as its build's provenance does) they also ask for Wu24's ranking
+    (its recovery of the planted heads), which the other identification claims may not have."""
+    from rh.models import REGISTRY
+
+    spec = REGISTRY.get(ctx.model)
+    return _wu24_identification(ctx) if spec is not None and spec.planted_heads else []
 
 
 def _task_rankings(ctx):

@@ -155,6 +155,23 @@ def test_planted_heads_come_from_the_provenance(planted, twin):
     assert planted_heads(planted) == PLANTED_HEADS
     assert planted_heads(twin) == ()
     assert planted_heads(object()) == ()
+    # the registry says the same without building (what --plan reads): the built model's spec and provenance agree
+    assert tuple(Head.parse(h) for h in planted.spec.planted_heads) == planted_heads(planted)
+    assert twin.spec.planted_heads == ()
+
+
+def test_the_plan_asks_for_wu24_on_a_planted_model_only():
+    """ID-7's plan row: the planted model's ID-7 asks for Wu24's ranking (its recovery), the twin's
+    and SmolLM2's do not. Bug caught: the plan knowing the planted model by its key only."""
+    from rh.plan import CostRow, PlanContext, registered
+    from rh.profiles import get_profile
+
+    cost = registered("id7_verdicts", builtin=True)
+    for name, wants in (("planted", True), ("planted-twin", False), ("smollm2-135m", False)):
+        prof = get_profile("quick", PLANTED_SHAPE)
+        rows = cost(PlanContext(prof, PLANTED_SHAPE, model=name))
+        rows = [rows] if isinstance(rows, CostRow) else list(rows)
+        assert any(r.name == "wu24_identification" for r in rows) == wants, name
 
 
 def test_the_recovery_figure_draws_from_id7_rows_and_only_there():
