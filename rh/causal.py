@@ -145,16 +145,20 @@ def _chunk_size(done: int, left: int, top_correct: float, batch_size: int) -> in
 
 def _stopped_draws(model: LoadedModel, samples: Sequence[Sample], sets: list[Ablation], *, order: list[int],
                    top_correct: float, batch_size: int, stop_early: bool, what: str,
-                   ) -> list[tuple[np.ndarray, np.ndarray, pd.DataFrame]]:
+                   prior: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray, pd.DataFrame]]:
     """Each random K-set's outcomes: the items its paired test reads (:func:`needed_items`) always,
-    the others (in ``order``) only until the head-set null's indicator is decided, a chunk at a
-    time, each chunk as small as the fewest items that could decide it. NaN marks what was left out.
-    With ``stop_early=False``, every item.
+    the others only until the head-set null's indicator is decided, a chunk at a time, each chunk
+    as small as the fewest items that could decide it. NaN marks what was left out. With
+    ``stop_early=False``, every item.
 
     The sets advance in waves: each wave submits every undecided set's next chunk as work units
     to one :func:`rh.runner.run` call, which runs rows of different sets side by side in one
-    batch. Each set's sequence of chunks depends on its own outcomes only, so the items evaluated
-    are exactly those of evaluating the sets one after another."""
+    batch. A set's next chunk is the items most likely to decide it soonest, from what every set
+    has shown so far (:func:`_next_items`: the items random sets got right most often, when the
+    set is nearer to "below the top K", else those they got wrong; ``prior``, the baseline's 0/1
+    outcomes, counts as one observation; ties in ``order``). Which items a set reads never
+    changes its indicator, which :func:`side_decided` settles exactly on any items, nor the paired
+    items the rule also reads: the verdict is the full evaluation's whatever the order."""
     n, draws = len(samples), len(sets)
     correct = np.full((draws, n), np.nan)
     logprob = np.full((draws, n), np.nan)
@@ -162,6 +166,9 @@ def _stopped_draws(model: LoadedModel, samples: Sequence[Sample], sets: list[Abl
     todo = {d: needed_items(d, draws, n) if stop_early else list(range(n)) for d in range(draws)}
     paired = {d: set(todo[d]) for d in range(draws)}
     rest = {d: [i for i in order if i not in paired[d]] if stop_early else [] for d in range(draws)}
+    rank = np.empty(n, int)
+    rank[np.asarray(order, int)] = np.arange(n)
+    prior = np.zeros(n) if prior is None else np.asarray(prior, float)
     with contextlib.closing(track(range(draws), what, unit="draw")) as bar:
         next(bar, None)  # progress: draws decided so far
         while todo:
@@ -172,13 +179,15 @@ def _stopped_draws(model: LoadedModel, samples: Sequence[Sample], sets: list[Abl
                 correct[d, idx], logprob[d, idx] = _arrays(df)
                 frames[d].append(df)
             nxt = {}
+            p_right = (np.nansum(correct, axis=0) + prior) / ((~np.isnan(correct)).sum(axis=0) + 1)
             for d in sorted(todo):
-                size = _chunk_size(int(np.nansum(correct[d])), len(rest[d]), top_correct, batch_size) \
-                    if stop_early else None
+                done = int(np.nansum(correct[d]))
+                size = _chunk_size(done, len(rest[d]), top_correct, batch_size) if stop_early else None
                 if size is None:
                     next(bar, None)
                     continue
-                nxt[d], rest[d] = rest[d][:size], rest[d][size:]
+                nxt[d], rest[d] = _next_items(rest[d], size, p_right, rank,
+                                              right=top_correct + 1 - done <= done + len(rest[d]) - top_correct)
             todo = nxt
     skipped = [samples[i] for d in range(draws) for i in np.flatnonzero(np.isnan(correct[d]))]
     if skipped:  # the passes the plain path would have run: each prompt and its answer but the last token
@@ -187,6 +196,16 @@ def _stopped_draws(model: LoadedModel, samples: Sequence[Sample], sets: list[Abl
         note_saved("early stopping", _plain_token_layers(model, skipped))
     return [(correct[d], logprob[d], pd.concat(frames[d], ignore_index=True) if frames[d] else pd.DataFrame())
             for d in range(draws)]
+
+
+def _next_items(rest: list[int], size: int, p_right: np.ndarray, rank: np.ndarray, *,
+                right: bool) -> tuple[list[int], list[int]]:
+    """(the ``size`` items of ``rest`` to read next, the others): those most likely right under a
+    random set (``right``) or most likely wrong, by ``p_right``, ties by ``rank``."""
+    sign = -1.0 if right else 1.0
+    ranked = sorted(rest, key=lambda i: (sign * p_right[i], rank[i]))
+    chosen = set(ranked[:size])
+    return ranked[:size], [i for i in rest if i not in chosen]
 
 
 def necessity_outcomes(
@@ -247,8 +266,8 @@ def necessity_outcomes(
             return _unread_draws(model, samples, k, len(sets), name)
         conds = [Ablation(f"{name}{k}#{d}", tuple(heads), phase=phase, selection="random", draw=d)
                  for d, heads in enumerate(sets)]
-        got = _stopped_draws(model, samples, conds, order=order, top_correct=float(tc.sum()), batch_size=batch_size,
-                             stop_early=stop_early, what=f"{name} K={k} draws" + (" (decode)" if phase == "decode" else ""))
+        got = _stopped_draws(model, samples, conds, order=order, prior=bc, top_correct=float(tc.sum()),
+                             batch_size=batch_size, stop_early=stop_early, what=f"{name} K={k} draws" + (" (decode)" if phase == "decode" else ""))
         frames.extend(df for _, _, df in got)
         return np.stack([c for c, _, _ in got]), np.stack([lp for _, lp, _ in got])
 
