@@ -13,15 +13,18 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from rh.budget import claim_costs, claim_plain, format_cost, saved_token_layers  # torch-free
 from rh.options import add_model_options, model_kwargs
 from rh.profiles import PROFILES  # torch-free
+
+if TYPE_CHECKING:
+    from rh.expected import Expected
 
 _VERDICT = "rh_verdict"
 _META = "rh_meta"
@@ -239,17 +242,20 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError("--budget plans one process: drop -n")
     external = _external_heads(config, shape)
     config.addinivalue_line("markers", "claim(id, source=..., inputs=[...]): a research claim checked on a model (rh); inputs: data files it reads")
-    session = RhSession(config, expected=expected, external=external, shape=shape)
+    session = RhSession(config, external=external, shape=shape)
     session.heads_warning = _heads_model_warning(config, external)
     if session.heads_warning:
         session.meta["heads_model_warning"] = session.heads_warning
     config.stash[_SESSION] = session
     config.pluginmanager.register(session, PLUGIN_NAME)
-    if budget is not None:  # the options' own plugins, only where given
-        session.scheduler = BudgetScheduler(session, budget)
+    if expected is not None:  # the options' own plugins, only where given
+        session.expected_check = ExpectedCheck(session, expected, update=bool(config.getoption("--update-expected")))
+        config.pluginmanager.register(session.expected_check, "rh-expected")
+    if budget is not None:
+        session.scheduler = BudgetScheduler(session, budget, expected)
         config.pluginmanager.register(session.scheduler, "rh-budget")
     if config.getoption("--plan"):
-        config.pluginmanager.register(PlanPrinter(session), "rh-plan")
+        config.pluginmanager.register(PlanPrinter(session, expected), "rh-plan")
     # the profile for this model's shape, once: --alpha and --heads are usage errors now, not at collection
     session.collection_profile = _collection_profile(config)
     _check_context(config, session.collection_profile)
@@ -363,7 +369,7 @@ class RhSession:
     """One run's state, registered as a plugin: the verdicts collected, the session's metadata, the
     forward passes' counter, the budget's plan, and the report written at the end."""
 
-    def __init__(self, config: pytest.Config, *, expected=None, external=None, shape=None) -> None:
+    def __init__(self, config: pytest.Config, *, external=None, shape=None) -> None:
         from rh.run import Run
 
         self.config = config
@@ -373,7 +379,6 @@ class RhSession:
                        runner=lambda model: _session_runner(config, model), on_load=lambda run, model: _loaded(
                            config, model), on_count=lambda: _progress(config),
                        command="pytest " + " ".join(config.invocation_params.args))
-        self.expected = expected
         self.external = external  # a Ranking or HeadSet from --rankings / --heads, or None
         self.shape = shape  # the model's head shape, known before its weights load
         self.collection_profile = None  # the --profile for that shape (set in pytest_configure)
@@ -381,10 +386,10 @@ class RhSession:
         self.left_out: dict[str, str] = {}
         self.deselected: set[str] = set()
         self.scheduler: BudgetScheduler | None = None  # with --budget: what fits, and the deadline
+        self.expected_check: ExpectedCheck | None = None  # with --expected: the comparison (or the writing)
         self.last_progress = time.perf_counter()
         self.progress_every_s = progress_every_s()  # read when the session starts, not at import
         self.per_tl: tuple[float | None, str] = (None, "")
-        self.expected_diff: list[str] = []
         self.report_paths: tuple[Path, Path] | None = None
         self.report_error: str | None = None
         self.progress_token = None
@@ -632,11 +637,12 @@ class RhSession:
                                "saved_with_fixtures": saved})
                 self.verdicts.append(v)
             elif report.failed or problem is not None:
-                exp = self.expected
+                check = self.expected_check
                 claim = props.get(_CLAIM, report.nodeid)
                 self.verdicts.append({
                     "nodeid": report.nodeid, "claim": claim, "status": "error", "outcome": "error",
-                    "key": (exp.key_of(report.nodeid) if exp is not None else None) or f"{claim}[{report.nodeid}]",
+                    "key": (check.expected.key_of(report.nodeid) if check is not None else None)
+                    or f"{claim}[{report.nodeid}]",
                     "reason": problem or _short_error(report), "token_layers": cost,
                     "token_layers_with_fixtures": with_fixtures,
                 })
@@ -681,7 +687,8 @@ class RhSession:
         claims = [it for it in items if it.get_closest_marker("claim") is not None]
         self.collected = [it.nodeid for it in claims]
         if self.scheduler is None and claims:  # what the progress lines count down: the claims this run computes
-            self.estimate = _estimate(config, self.expected, [it for it in claims if self.journaled(it) is None])
+            self.estimate = _estimate(config, self.expected_check.expected if self.expected_check else None,
+                                      [it for it in claims if self.journaled(it) is None])
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logstart(self, nodeid, location) -> None:
@@ -743,13 +750,8 @@ class RhSession:
             for n in interrupted["not_run"]:
                 self.left_out.setdefault(n, f"not run: the run was interrupted by {interrupted['by']}")
         self.close_journal(interrupted)
-        if self.expected is not None:
-            try:
-                status = _check_expected(config, self, status)
-            except Exception as exc:  # a comparison that fails must not lose the report
-                log.exception("could not compare with the expected verdicts")
-                self.expected_diff = [f"could not compare with {self.expected.path}: {exc}"]
-                status = status or 1
+        if self.expected_check is not None:  # before the report, which shows the comparison
+            status = self.expected_check.settle_run(status)
         try:
             paths = _write_report(config, self)
         except Exception as exc:  # a report failure must not hide the test results
@@ -780,7 +782,18 @@ class RhSession:
             if j.records:
                 self.meta["journal"] = {"path": str(j.path), "claims": len(j.records)}
 
-    def pytest_terminal_summary(self, terminalreporter, exitstatus, config) -> None:
+    @pytest.hookimpl(wrapper=True)
+    def pytest_terminal_summary(self, terminalreporter, exitstatus, config):
+        """The run's summary lines; the option plugins' own (:class:`ExpectedCheck`) follow them, and
+        a report that could not be written is said last."""
+        self._summary(terminalreporter, config)
+        try:
+            return (yield)
+        finally:
+            if self.report_error:
+                terminalreporter.write_line(f"rh report could not be written: {self.report_error}", red=True)
+
+    def _summary(self, terminalreporter, config: pytest.Config) -> None:
         stop = self.meta.get("interrupted")
         kept = self.meta.get("journal")
         if stop:
@@ -833,11 +846,86 @@ class RhSession:
             terminalreporter.write_sep("-", "rh report")
             for p in paths:
                 terminalreporter.write_line(str(p))
-        for line in self.expected_diff:
+
+
+@dataclass(eq=False)
+class ExpectedCheck:
+    """``--expected PATH``, registered only with that option: each claim passes exactly when its
+    verdict is the file's (``--update-expected``: always), and at the end the run's verdicts are
+    compared with the file, or written into it; the terminal summary says how."""
+
+    session: RhSession
+    expected: Expected  # the file, as loaded when the session was configured
+    update: bool = False  # --update-expected: write this run's verdicts instead of comparing
+    lines: list[str] = field(default_factory=list)  # what the summary says (``rh expected verdicts: ...``)
+
+    def settle(self, entry: dict[str, Any], verdict) -> None:
+        """A claim's verdict against the file: it passes exactly when the status is the one expected."""
+        if self.update:
+            return
+        key = _verdict_key(entry)
+        want = self.expected.verdicts.get(key, "absent from the expected file")
+        assert verdict.status == want, (
+            f"{key}: expected {want}, got {verdict.status} -- if the science changed, rerun with "
+            f"--update-expected and commit the file\n" + verdict.explain())
+
+    def settle_run(self, exitstatus: int) -> int:
+        """The run's exit status once compared with the file (or the file written), called by the
+        session before it writes the report; a comparison that fails must not lose the report."""
+        try:
+            return self._write() if self.update else self._compare(exitstatus)
+        except Exception as exc:
+            log.exception("could not compare with the expected verdicts")
+            self.lines = [f"could not compare with {self.expected.path}: {exc}"]
+            return exitstatus or 1
+
+    def _rows(self) -> tuple[list[dict[str, Any]], dict[str, str]]:
+        """The verdicts to compare or write, and the claims deliberately not run (--budget, -k), listed."""
+        state = self.session
+        rows = [v for v in state.verdicts if v.get("nodeid") not in state.left_out]
+        left_out = dict(state.left_out)
+        left_out.update({n: "deselected" for n in state.deselected if n not in left_out})
+        return rows, left_out
+
+    def _compare(self, exitstatus: int) -> int:
+        """The run passes iff no verdict it checked changed (and it checked one)."""
+        from rh.expected import compare
+
+        rows, left_out = self._rows()
+        result = compare(self.expected, rows, left_out=left_out)
+        self.lines = result.lines  # the report's lines are these, the note below included
+        self.session.meta["expected"] = {"path": str(self.expected.path), "ok": result.ok, "checked": result.checked,
+                                         "left_out": result.left_out, "lines": result.lines}
+        if result.checked == 0:
+            self.lines.append("no claim was checked against the file: the run proves nothing")
+            return 1
+        return 1 if not result.ok else (0 if exitstatus in (0, 1) else exitstatus)
+
+    def _write(self) -> int:
+        """Write this run's verdicts and costs into the file (merged into it for a run of some
+        claims); the run fails iff a claim ended in error (never written)."""
+        from rh.expected import update
+        from rh.io import atomic_write_json
+        from rh.run import hardware
+
+        state, config, exp = self.session, self.session.config, self.expected
+        rows, left_out = self._rows()
+        complete = not left_out and set(exp.nodes) <= {r["nodeid"] for r in rows}
+        dtype = state.model.provenance["dtype"] if state.model is not None else "unknown"
+        recorded = (f"{state.started.date().isoformat()}, {hardware().get('cpu', '')}, {dtype}, "
+                    f"{len(rows)} claims, `pytest {' '.join(config.invocation_params.args)}`")
+        counter = state.counter
+        fixture_cost = {k.removeprefix("fixture:"): v for k, v in counter.counts.items() if k.startswith("fixture:")}
+        fixture_s = {k.removeprefix("fixture:"): v for k, v in counter.seconds.items() if k.startswith("fixture:")}
+        new, self.lines = update(exp, rows, model=config.getoption("--model"), profile=config.getoption("--profile"),
+                                 dtype=dtype, recorded=recorded, fixture_token_layers=fixture_cost, complete=complete,
+                                 fixture_seconds=fixture_s, seconds_per_token_layer=state.per_tl[0])
+        atomic_write_json(exp.path, new.as_json())
+        return 1 if any(r["status"] == "error" for r in rows) else 0
+
+    def pytest_terminal_summary(self, terminalreporter, exitstatus, config) -> None:
+        for line in self.lines:
             terminalreporter.write_line(f"rh expected verdicts: {line}")
-        err = self.report_error
-        if err:
-            terminalreporter.write_line(f"rh report could not be written: {err}", red=True)
 
 
 @dataclass(frozen=True)
@@ -859,9 +947,10 @@ class BudgetScheduler:
     others, leaves out a claim that no longer fits when it would start, and stops the one running
     when the deadline passes (an alarm; it is left out, not an error)."""
 
-    def __init__(self, session: RhSession, minutes: float) -> None:
+    def __init__(self, session: RhSession, minutes: float, expected: Expected) -> None:
         self.session = session
         self.minutes = minutes
+        self.expected = expected  # the --expected file: the token-layers it recorded plan the run
         self.plan: BudgetPlan | None = None
         self.paid: set[str] = set()  # fixtures set up so far (a later claim does not pay for them)
         self.actual_s = 0.0  # seconds the claims run so far took ...
@@ -881,7 +970,7 @@ class BudgetScheduler:
 
         state = self.session
         budget = self.minutes
-        exp = state.expected
+        exp = self.expected
         _session_model(config)
         per_tl = state.per_tl[0]
         now = time.perf_counter()
@@ -977,8 +1066,9 @@ class PlanPrinter:
     """``--plan``, registered only with that option: prints the plan of the collected claims
     (:mod:`rh.plan`) in place of running them; no weights load."""
 
-    def __init__(self, session: RhSession) -> None:
+    def __init__(self, session: RhSession, expected: Expected | None = None) -> None:
         self.session = session
+        self.expected = expected  # --expected, whose recorded counts are shown beside the plan
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtestloop(self, session: pytest.Session):
@@ -988,7 +1078,7 @@ class PlanPrinter:
         from rh.plan import format_plan, plan_session, recorded_for
 
         claims = [it for it in session.items if it.get_closest_marker("claim") is not None]
-        expected = state.expected
+        expected = self.expected
         folder = config.getini("rh_expected_dir")
         if expected is None and folder:
             expected = recorded_for(config.rootpath / folder / f"{config.getoption('--model')}.json",
@@ -1295,19 +1385,13 @@ def _settle(node: pytest.Item, config: pytest.Config, entry: dict[str, Any], ver
     :func:`record_verdict` says: what a computed verdict and one replayed from the journal share."""
     node.user_properties.append((_VERDICT, entry))
     node.user_properties.append((_META, _session_meta(config)))
-    exp = _rh(config).expected
-    if exp is None:
-        if verdict.inconclusive:
-            pytest.skip(f"inconclusive: {verdict.reason}")
-        assert verdict.supported, "claim refuted:\n" + verdict.explain()
+    check = _rh(config).expected_check
+    if check is not None:
+        check.settle(entry, verdict)
         return
-    if config.getoption("--update-expected"):
-        return
-    key = _verdict_key(entry)
-    want = exp.verdicts.get(key, "absent from the expected file")
-    assert verdict.status == want, (
-        f"{key}: expected {want}, got {verdict.status} -- if the science changed, rerun with "
-        f"--update-expected and commit the file\n" + verdict.explain())
+    if verdict.inconclusive:
+        pytest.skip(f"inconclusive: {verdict.reason}")
+    assert verdict.supported, "claim refuted:\n" + verdict.explain()
 
 
 def _path_setting(config: pytest.Config, option: str, ini: str) -> Path:
@@ -1384,46 +1468,6 @@ def _write_report(config: pytest.Config, state: RhSession) -> tuple[Path, Path]:
 def _verdict_key(v: dict) -> str:
     params = ",".join(f"{k}={v2}" for k, v2 in sorted((v.get("params") or {}).items()) if k != "heads")
     return f"{v.get('claim')}[{params}]"
-
-
-def _check_expected(config: pytest.Config, state: RhSession, exitstatus: int) -> int:
-    """Compare statuses with the expected file (or write it); the run passes iff no verdict it
-    checked changed. Claims deliberately not run (--budget, -k) are listed, not compared."""
-    from rh.expected import compare, update
-    from rh.io import atomic_write_json
-
-    exp = state.expected
-    rows = [v for v in state.verdicts if v.get("nodeid") not in state.left_out]
-    left_out = dict(state.left_out)
-    left_out.update({n: "deselected" for n in state.deselected if n not in left_out})
-    if config.getoption("--update-expected"):
-        run = {r["nodeid"] for r in rows}
-        complete = not left_out and set(exp.nodes) <= run
-        model = state.model
-        dtype = model.provenance["dtype"] if model is not None else "unknown"
-        from rh.run import hardware
-
-        hw = hardware()
-        recorded = (f"{state.started.date().isoformat()}, {hw.get('cpu', '')}, {dtype}, "
-                    f"{len(rows)} claims, `pytest {' '.join(config.invocation_params.args)}`")
-        counter = state.counter
-        fixture_cost = {k.removeprefix("fixture:"): v for k, v in counter.counts.items() if k.startswith("fixture:")}
-        fixture_s = {k.removeprefix("fixture:"): v for k, v in counter.seconds.items() if k.startswith("fixture:")}
-        per_tl = state.per_tl[0]
-        new, lines = update(exp, rows, model=config.getoption("--model"), profile=config.getoption("--profile"),
-                            dtype=dtype, recorded=recorded, fixture_token_layers=fixture_cost, complete=complete,
-                            fixture_seconds=fixture_s, seconds_per_token_layer=per_tl)
-        atomic_write_json(exp.path, new.as_json())
-        state.expected_diff = lines
-        return 1 if any(r["status"] == "error" for r in rows) else 0
-    result = compare(exp, rows, left_out=left_out)
-    state.expected_diff = result.lines
-    state.meta["expected"] = {"path": str(exp.path), "ok": result.ok, "checked": result.checked,
-                                 "left_out": result.left_out, "lines": result.lines}
-    if result.checked == 0:
-        state.expected_diff.append("no claim was checked against the file: the run proves nothing")
-        return 1
-    return 1 if not result.ok else (0 if exitstatus in (0, 1) else exitstatus)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

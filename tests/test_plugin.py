@@ -747,6 +747,27 @@ def test_the_budget_and_plan_plugins_are_registered_only_with_their_options(warm
     assert budget.pluginmanager.get_plugin("rh-plan") is None
 
 
+def test_the_expected_check_is_registered_only_with_its_option(warm_imports, pytester):
+    """Catches the --expected plugin registered in every session (then a run without the option would
+    compare with nothing, or write a file) or never (the option silently does nothing), and the
+    budget planning from another file than the one the check compares with."""
+    from rh.pytest_plugin import ExpectedCheck
+
+    (pytester.path / "exp.json").write_text(json.dumps({
+        "model": "tiny-llama", "profile": "quick", "verdicts": {"X-1[]": "supported"},
+        "nodes": {"test_x.py::test_x": {"key": "X-1[]", "token_layers": 10}}}))
+    plain = pytester.parseconfigure("--model", "tiny-llama")
+    assert plain.pluginmanager.get_plugin("rh-expected") is None
+    checked = pytester.parseconfigure("--model", "tiny-llama", "--expected", "exp.json")
+    check = checked.pluginmanager.get_plugin("rh-expected")
+    assert isinstance(check, ExpectedCheck) and not check.update
+    assert check.expected.verdicts == {"X-1[]": "supported"} and check.expected.path == Path("exp.json")
+    writing = pytester.parseconfigure("--model", "tiny-llama", "--expected", "new.json", "--update-expected")
+    assert writing.pluginmanager.get_plugin("rh-expected").update
+    budget = pytester.parseconfigure("--model", "tiny-llama", "--budget", "5", "--expected", "exp.json")
+    assert budget.pluginmanager.get_plugin("rh-budget").expected is budget.pluginmanager.get_plugin("rh-expected").expected
+
+
 _EXPECTED_CLAIMS = """
     from pathlib import Path
 
