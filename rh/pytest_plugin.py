@@ -663,9 +663,14 @@ class RhSession:
 
     @pytest.hookimpl(wrapper=True)
     def pytest_fixture_setup(self, fixturedef, request):
-        """Forward passes run while a fixture is set up are charged to it (session fixtures run once)."""
-        with self.counter.charged_to(f"fixture:{fixturedef.argname}"):
-            return (yield)
+        """Forward passes run while a fixture is set up are charged to it (session fixtures run once);
+        what the report says of the session's ranking, baseline and ranking uncertainty is read off
+        the values rh's fixtures return (they write nothing into the session)."""
+        name = fixturedef.argname
+        with self.counter.charged_to(f"fixture:{_BILLED_AS.get(name, name)}"):
+            value = yield
+        self.meta.update(_report_entries(fixturedef, value, request))
+        return value
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_call(self, item):
@@ -1270,11 +1275,49 @@ def identify_ranking(pytestconfig, rh_model, profile):
     return get
 
 
+@dataclass(frozen=True)
+class AttentionExample:
+    """The top heads' last-token attention on one validation prompt, for the report's heatmap."""
+
+    sample: str  # the prompt's id
+    heads: tuple[str, ...]  # the top heads, best first (``L16H1``)
+    needle_span: tuple[int, int]
+    answer_span: tuple[int, int]
+    rows: tuple[tuple[float, ...], ...]  # one per head: its attention over the prompt, rounded
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sample": self.sample, "heads": list(self.heads), "needle_span": list(self.needle_span),
+                "answer_span": list(self.answer_span), "rows": [list(row) for row in self.rows]}
+
+
+@dataclass(frozen=True)
+class RankingSource:
+    """The session's ranking (or head set), where it came from, and the attention example drawn
+    from its top heads: what the ``ranking_source`` fixture returns, and the report shows."""
+
+    ranking: Any  # an rh.rankings.Ranking, or an rh.published.HeadSet (--heads, a head-set file)
+    path: str  # the file it was read from or cached in; "--heads" for a head set given inline
+    cache: str  # "hit" (read from the cache), "computed" (and cached), or "external" (--rankings, --heads)
+    attention: AttentionExample | None = None  # none for a head set: it has no top heads by rank
+
+    def report_entries(self) -> dict[str, Any]:
+        """The report's ``ranking`` entry (its top 10, or a head set's members) and ``attention_example``."""
+        from rh.published import HeadSet
+
+        r = self.ranking
+        entry = {"path": self.path, "cache": self.cache, "provenance": r.provenance}
+        if isinstance(r, HeadSet):
+            entry["head_set"] = [str(h) for h in r.members]
+        else:
+            entry["top10"] = [str(h) for h in r.top(min(10, r.shape.n_total))]
+        return {"ranking": entry, **({"attention_example": self.attention.to_json()} if self.attention else {})}
+
+
 @pytest.fixture(scope="session")
-def ranking(pytestconfig, rh_model, ca_identify, validation, identify_ranking):
-    """The ranking on the identification split (--method): from --rankings, the cache, or computed.
-    With ``--heads`` (or a head-set file) it is a :class:`rh.published.HeadSet`: ``top(k)`` exists
-    only for K = its size, and a claim asking for another K fails with a clear reason."""
+def ranking_source(pytestconfig, rh_model, ca_identify, validation, identify_ranking) -> RankingSource:
+    """The session's ranking on the identification split (--method: from --rankings, the cache, or
+    computed) or head set (--heads), with where it came from and its attention example. Claims
+    request ``ranking``; this fixture's passes are billed to it (:data:`_BILLED_AS`)."""
     from rh.published import HeadSet
 
     external = _rh(pytestconfig).external
@@ -1284,35 +1327,36 @@ def ranking(pytestconfig, rh_model, ca_identify, validation, identify_ranking):
         where = pytestconfig.getoption("--rankings") or "--heads"
         cache = "external"
         if isinstance(r, HeadSet):  # no top-10 to show, no attention example by rank
-            _session_meta(pytestconfig)["ranking"] = {"path": str(where), "cache": cache, "provenance": r.provenance,
-                                                      "head_set": [str(h) for h in r.members]}
-            return r
+            return RankingSource(r, str(where), cache)
     else:
         r, where, hit = identify_ranking(ca_identify, pytestconfig.getoption("--method"))
         cache = "hit" if hit else "computed"
-    _session_meta(pytestconfig)["ranking"] = {"path": str(where), "cache": cache, "provenance": r.provenance,
-                                              "top10": [str(h) for h in r.top(min(10, rh_model.shape.n_total))]}
-    _attention_example(pytestconfig, rh_model, r, validation)
-    return r
-
-
-def _attention_example(config, model, ranking, validation) -> None:
-    """The top heads' last-token attention on one validation prompt, for the report's heatmap."""
-    from rh.scoring import last_token_attention
-
-    if not validation:
-        return
-    sample = validation[0]
-    heads = ranking.top(min(5, model.shape.n_total))
-    rows = last_token_attention(model, sample, heads)
-    _session_meta(config)["attention_example"] = {
-        "sample": sample.id, "heads": [str(h) for h in heads], "needle_span": list(sample.needle_span),
-        "answer_span": list(sample.answer_span), "rows": [[round(float(x), 5) for x in row] for row in rows],
-    }
+    return RankingSource(r, str(where), cache, _attention_example(rh_model, r, validation))
 
 
 @pytest.fixture(scope="session")
-def baseline(pytestconfig, rh_model, validation, profile, ranking):
+def ranking(ranking_source):
+    """The ranking on the identification split (--method): from --rankings, the cache, or computed.
+    With ``--heads`` (or a head-set file) it is a :class:`rh.published.HeadSet`: ``top(k)`` exists
+    only for K = its size, and a claim asking for another K fails with a clear reason."""
+    return ranking_source.ranking
+
+
+def _attention_example(model, ranking, validation) -> AttentionExample | None:
+    """The top heads' last-token attention on the first validation prompt (none without one)."""
+    from rh.scoring import last_token_attention
+
+    if not validation:
+        return None
+    sample = validation[0]
+    heads = ranking.top(min(5, model.shape.n_total))
+    rows = last_token_attention(model, sample, heads)
+    return AttentionExample(sample.id, tuple(str(h) for h in heads), tuple(sample.needle_span),
+                            tuple(sample.answer_span), tuple(tuple(round(float(x), 5) for x in row) for row in rows))
+
+
+@pytest.fixture(scope="session")
+def baseline(rh_model, validation, profile, ranking):
     """Teacher-forced outcomes on the validation split with no intervention. The passes keep the
     residual stream where the top-K sets the claims ablate on these prompts start (CA-1, CA-2,
     CA-5), so those passes run only the layers from there on (rh.prefix)."""
@@ -1327,13 +1371,14 @@ def baseline(pytestconfig, rh_model, validation, profile, ranking):
         except HeadSetHasNoOrder:  # a head set has only its own size
             pass
     with hinting(rh_model, first_layers(sets)):
-        df = evaluate_baseline(rh_model, validation, batch_size=profile.batch_size)
+        return evaluate_baseline(rh_model, validation, batch_size=profile.batch_size)
+
+
+def _baseline_entry(df) -> dict[str, Any]:
+    """The report's ``baseline`` entry: accuracy in all and by depth, from the baseline's outcomes."""
     by_depth = df.groupby("depth")["correct"].mean()
-    _session_meta(pytestconfig)["baseline"] = {
-        "accuracy": float(df["correct"].mean()), "n": len(df),
-        "accuracy_by_depth": {f"{d:g}": float(a) for d, a in by_depth.items()},
-    }
-    return df
+    return {"accuracy": float(df["correct"].mean()), "n": len(df),
+            "accuracy_by_depth": {f"{d:g}": float(a) for d, a in by_depth.items()}}
 
 
 @pytest.fixture(scope="session")
@@ -1343,7 +1388,7 @@ def ranking_uncertainty(pytestconfig, rh_model, profile, ca_identify, identify_r
     per-head intervals, P(top K), the stable core, how it narrows with the number of prompts, and
     the resampled top-K sets (``boot_tops``, flat head indices). Empty for a ranking given from
     outside (--rankings, --heads): its per-prompt scores are unknown. The ``id_k`` one goes into
-    the report."""
+    the report (:func:`_report_entries`)."""
     from rh.uncertainty import ranking_uncertainty as resample
 
     if _rh(pytestconfig).external is not None:
@@ -1354,7 +1399,6 @@ def ranking_uncertainty(pytestconfig, rh_model, profile, ca_identify, identify_r
     for k in sorted({profile.id_k, profile.group_k}):
         out[k] = resample(scored, rh_model.shape, k=k, groups=groups, n_boot=profile.uncertainty_boot,
                           seed=profile.draw_seed, return_tops=True)
-    _session_meta(pytestconfig)["ranking_uncertainty"] = out[profile.id_k].to_json()
     return out
 
 
@@ -1384,7 +1428,7 @@ def _settle(node: pytest.Item, config: pytest.Config, entry: dict[str, Any], ver
     """Attach a verdict (its dict ``entry``) to the claim's report, then pass, fail or skip as
     :func:`record_verdict` says: what a computed verdict and one replayed from the journal share."""
     node.user_properties.append((_VERDICT, entry))
-    node.user_properties.append((_META, _session_meta(config)))
+    node.user_properties.append((_META, _rh(config).meta))  # how a pytest -n worker's metadata reaches the controller
     check = _rh(config).expected_check
     if check is not None:
         check.settle(entry, verdict)
@@ -1426,8 +1470,23 @@ def compare_model(pytestconfig):
     return _rh(pytestconfig).run.load_other(name)
 
 
-def _session_meta(config: pytest.Config) -> dict[str, Any]:
-    return _rh(config).meta
+#: a fixture whose passes are billed under another name: the name claims request, and expected files record
+_BILLED_AS = {"ranking_source": "ranking"}
+
+
+def _report_entries(fixturedef: pytest.FixtureDef, value: Any, request: pytest.FixtureRequest) -> dict[str, Any]:
+    """What the report says of one of rh's session fixtures, read off the value it returned (none
+    for a fixture of that name a conftest defines instead)."""
+    if getattr(fixturedef.func, "__module__", None) != __name__:
+        return {}
+    name = fixturedef.argname
+    if name == "ranking_source":
+        return value.report_entries()
+    if name == "baseline":
+        return {"baseline": _baseline_entry(value)}
+    if name == "ranking_uncertainty" and value:
+        return {"ranking_uncertainty": value[request.getfixturevalue("profile").id_k].to_json()}
+    return {}
 
 
 # --------------------------------------------------------------------------- collection of verdicts
