@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from rh.budget import claim_costs, claim_plain, format_cost, saved_token_layers  # torch-free
+from rh.budget import claim_costs, claim_plain, format_cost  # torch-free
 from rh.options import add_model_options, model_kwargs
 from rh.profiles import PROFILES  # torch-free
 
@@ -397,7 +397,7 @@ class RhSession:
         self.step_label: str | None = None
         self.estimate: dict[str, Any] | None = None  # planned token-layers for the progress lines
         self.item_start = 0  # the counter's total when the running test started
-        self.saved_start = 0  # the exact savings' total then
+        self.saved_start = 0  # the run's exact savings' total then
         self.collected: list[str] = []  # the claims' node ids, as collected
         self.interrupted_by: str | None = None  # "SIGTERM" once that signal ended the run
         self.old_sigterm = None
@@ -571,7 +571,7 @@ class RhSession:
         if when == "call" or when == "setup":
             delta["item"] = {"token_layers": self.counter.counts.get(item.nodeid, 0),
                              "token_layers_with_fixtures": self.counter.total - self.item_start,
-                             "saved_with_fixtures": sum(saved_token_layers().values()) - self.saved_start,
+                             "saved_with_fixtures": self.run.ledger.total() - self.saved_start,
                              "seconds": self.counter.seconds.get(item.nodeid)}
         return delta
 
@@ -600,7 +600,7 @@ class RhSession:
             cost = self.counter.counts.get(report.nodeid, 0)
             seconds = self.counter.seconds.get(report.nodeid)
             with_fixtures = self.counter.total - self.item_start
-            saved = sum(saved_token_layers().values()) - self.saved_start
+            saved = self.run.ledger.total() - self.saved_start
             # the claim's bill as another counter gave it: a claim replayed from the journal, the earlier
             # run's (which paid it); one run by a pytest -n worker, that worker's
             resumed = props.get(_RESUMED)
@@ -698,7 +698,7 @@ class RhSession:
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logstart(self, nodeid, location) -> None:
         self.item_start = self.counter.total  # a claim's bill: the fixtures first set up for it, then its body
-        self.saved_start = sum(saved_token_layers().values())
+        self.saved_start = self.run.ledger.total()
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call):
