@@ -194,7 +194,40 @@ def format_duration(seconds: float) -> str:
 
 # --------------------------------------------------------------------------- savings and per-claim bills
 
-_SAVED: dict[str, int] = {}  # token-layers the exact savings left out, by kind, in this process
+@dataclass
+class SavingsLedger:
+    """Token-layers the exact savings left out, by kind (``"prefix reuse"``, ``"early stopping"``,
+    ``"curtailment"``...): each :class:`rh.run.Run` keeps its own, so a run reports only what it saved."""
+
+    by_kind: dict[str, int] = field(default_factory=dict)
+
+    def note(self, kind: str, token_layers: int) -> None:
+        if token_layers:
+            self.by_kind[kind] = self.by_kind.get(kind, 0) + int(token_layers)
+
+    def saved(self) -> dict[str, int]:
+        """Token-layers left out so far, by kind (a copy)."""
+        return dict(self.by_kind)
+
+    def total(self) -> int:
+        return sum(self.by_kind.values())
+
+    def open(self) -> None:
+        """Record into this ledger every saving noted (:func:`note_saved`) until :meth:`close`; the
+        ledger opened last is the one written, so a run opened inside another keeps its own."""
+        _OPEN.append(self)
+
+    def close(self) -> None:
+        """Stop recording into this ledger (the one opened before it is written again); safe twice,
+        and in any order when several are open."""
+        for i in range(len(_OPEN) - 1, -1, -1):
+            if _OPEN[i] is self:
+                del _OPEN[i]
+                return
+
+
+_PROCESS = SavingsLedger()  # every saving noted in this process, whichever ledger was open (or none)
+_OPEN: list[SavingsLedger] = []  # the ledgers open now (a module list, not a ContextVar: threads see it too)
 _PLAIN = [False]  # inside plain_passes(): every item evaluated (pytest --plain)
 
 
@@ -217,14 +250,18 @@ def stops_early(stop_early: bool | None) -> bool:
 
 def note_saved(kind: str, token_layers: int) -> None:
     """Record ``token_layers`` that a saving (``"prefix reuse"``, ``"early stopping"``, ``"curtailment"``) did
-    not run."""
-    if token_layers:
-        _SAVED[kind] = _SAVED.get(kind, 0) + int(token_layers)
+    not run: into the ledger of the run open now (the one opened last, :meth:`SavingsLedger.open`), and
+    into the process's, which alone receives a saving noted with no run open."""
+    _PROCESS.note(kind, token_layers)
+    if _OPEN:
+        _OPEN[-1].note(kind, token_layers)
 
 
 def saved_token_layers() -> dict[str, int]:
-    """Token-layers left out by each kind of saving so far in this process (a copy)."""
-    return dict(_SAVED)
+    """Token-layers left out by each kind of saving so far in this process, whichever run was open
+    (a copy): what a caller measuring a block's savings by difference reads. A run's own:
+    :meth:`rh.run.Run.saved`."""
+    return _PROCESS.saved()
 
 
 def _per_claim(verdicts: Iterable[Mapping[str, Any]], plain: bool) -> dict[str, int]:

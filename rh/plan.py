@@ -729,6 +729,7 @@ def _register_builtins() -> None:
         register_cost(name, fn, where="plugin")
     _free("rh_model", "profile", "niah_samples", "niah_split", "validation", "identify_ranking", "record_verdict",
           "compare_model", where="plugin")
+    _free("ranking_source", where="plugin")  # its passes are billed to ranking, which requests it: costed there
     catalogue = {
         "ca1_outcomes": _ca1, "ca3_verdicts": _ca3, "keep_baseline": _keep_baseline, "ca7_verdicts": _ca7,
         "ca8_verdicts": _ca8, "method_scores": _method_scores, "task_baselines": _task_baselines, "ca4_verdicts": _ca4,

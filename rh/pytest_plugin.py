@@ -13,15 +13,18 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from rh.budget import claim_costs, claim_plain, format_cost, saved_token_layers  # torch-free
+from rh.budget import claim_costs, claim_plain, format_cost  # torch-free
 from rh.options import add_model_options, model_kwargs
 from rh.profiles import PROFILES  # torch-free
+
+if TYPE_CHECKING:
+    from rh.expected import Expected
 
 _VERDICT = "rh_verdict"
 _META = "rh_meta"
@@ -239,17 +242,20 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError("--budget plans one process: drop -n")
     external = _external_heads(config, shape)
     config.addinivalue_line("markers", "claim(id, source=..., inputs=[...]): a research claim checked on a model (rh); inputs: data files it reads")
-    session = RhSession(config, expected=expected, external=external, shape=shape)
+    session = RhSession(config, external=external, shape=shape)
     session.heads_warning = _heads_model_warning(config, external)
     if session.heads_warning:
         session.meta["heads_model_warning"] = session.heads_warning
     config.stash[_SESSION] = session
     config.pluginmanager.register(session, PLUGIN_NAME)
-    if budget is not None:  # the options' own plugins, only where given
-        session.scheduler = BudgetScheduler(session, budget)
+    if expected is not None:  # the options' own plugins, only where given
+        session.expected_check = ExpectedCheck(session, expected, update=bool(config.getoption("--update-expected")))
+        config.pluginmanager.register(session.expected_check, "rh-expected")
+    if budget is not None:
+        session.scheduler = BudgetScheduler(session, budget, expected)
         config.pluginmanager.register(session.scheduler, "rh-budget")
     if config.getoption("--plan"):
-        config.pluginmanager.register(PlanPrinter(session), "rh-plan")
+        config.pluginmanager.register(PlanPrinter(session, expected), "rh-plan")
     # the profile for this model's shape, once: --alpha and --heads are usage errors now, not at collection
     session.collection_profile = _collection_profile(config)
     _check_context(config, session.collection_profile)
@@ -363,7 +369,7 @@ class RhSession:
     """One run's state, registered as a plugin: the verdicts collected, the session's metadata, the
     forward passes' counter, the budget's plan, and the report written at the end."""
 
-    def __init__(self, config: pytest.Config, *, expected=None, external=None, shape=None) -> None:
+    def __init__(self, config: pytest.Config, *, external=None, shape=None) -> None:
         from rh.run import Run
 
         self.config = config
@@ -373,7 +379,6 @@ class RhSession:
                        runner=lambda model: _session_runner(config, model), on_load=lambda run, model: _loaded(
                            config, model), on_count=lambda: _progress(config),
                        command="pytest " + " ".join(config.invocation_params.args))
-        self.expected = expected
         self.external = external  # a Ranking or HeadSet from --rankings / --heads, or None
         self.shape = shape  # the model's head shape, known before its weights load
         self.collection_profile = None  # the --profile for that shape (set in pytest_configure)
@@ -381,10 +386,10 @@ class RhSession:
         self.left_out: dict[str, str] = {}
         self.deselected: set[str] = set()
         self.scheduler: BudgetScheduler | None = None  # with --budget: what fits, and the deadline
+        self.expected_check: ExpectedCheck | None = None  # with --expected: the comparison (or the writing)
         self.last_progress = time.perf_counter()
         self.progress_every_s = progress_every_s()  # read when the session starts, not at import
         self.per_tl: tuple[float | None, str] = (None, "")
-        self.expected_diff: list[str] = []
         self.report_paths: tuple[Path, Path] | None = None
         self.report_error: str | None = None
         self.progress_token = None
@@ -392,7 +397,7 @@ class RhSession:
         self.step_label: str | None = None
         self.estimate: dict[str, Any] | None = None  # planned token-layers for the progress lines
         self.item_start = 0  # the counter's total when the running test started
-        self.saved_start = 0  # the exact savings' total then
+        self.saved_start = 0  # the run's exact savings' total then
         self.collected: list[str] = []  # the claims' node ids, as collected
         self.interrupted_by: str | None = None  # "SIGTERM" once that signal ended the run
         self.old_sigterm = None
@@ -566,7 +571,7 @@ class RhSession:
         if when == "call" or when == "setup":
             delta["item"] = {"token_layers": self.counter.counts.get(item.nodeid, 0),
                              "token_layers_with_fixtures": self.counter.total - self.item_start,
-                             "saved_with_fixtures": sum(saved_token_layers().values()) - self.saved_start,
+                             "saved_with_fixtures": self.run.ledger.total() - self.saved_start,
                              "seconds": self.counter.seconds.get(item.nodeid)}
         return delta
 
@@ -595,7 +600,7 @@ class RhSession:
             cost = self.counter.counts.get(report.nodeid, 0)
             seconds = self.counter.seconds.get(report.nodeid)
             with_fixtures = self.counter.total - self.item_start
-            saved = sum(saved_token_layers().values()) - self.saved_start
+            saved = self.run.ledger.total() - self.saved_start
             # the claim's bill as another counter gave it: a claim replayed from the journal, the earlier
             # run's (which paid it); one run by a pytest -n worker, that worker's
             resumed = props.get(_RESUMED)
@@ -632,11 +637,12 @@ class RhSession:
                                "saved_with_fixtures": saved})
                 self.verdicts.append(v)
             elif report.failed or problem is not None:
-                exp = self.expected
+                check = self.expected_check
                 claim = props.get(_CLAIM, report.nodeid)
                 self.verdicts.append({
                     "nodeid": report.nodeid, "claim": claim, "status": "error", "outcome": "error",
-                    "key": (exp.key_of(report.nodeid) if exp is not None else None) or f"{claim}[{report.nodeid}]",
+                    "key": (check.expected.key_of(report.nodeid) if check is not None else None)
+                    or f"{claim}[{report.nodeid}]",
                     "reason": problem or _short_error(report), "token_layers": cost,
                     "token_layers_with_fixtures": with_fixtures,
                 })
@@ -657,9 +663,14 @@ class RhSession:
 
     @pytest.hookimpl(wrapper=True)
     def pytest_fixture_setup(self, fixturedef, request):
-        """Forward passes run while a fixture is set up are charged to it (session fixtures run once)."""
-        with self.counter.charged_to(f"fixture:{fixturedef.argname}"):
-            return (yield)
+        """Forward passes run while a fixture is set up are charged to it (session fixtures run once);
+        what the report says of the session's ranking, baseline and ranking uncertainty is read off
+        the values rh's fixtures return (they write nothing into the session)."""
+        name = fixturedef.argname
+        with self.counter.charged_to(f"fixture:{_BILLED_AS.get(name, name)}"):
+            value = yield
+        self.meta.update(_report_entries(fixturedef, value, request))
+        return value
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_call(self, item):
@@ -681,12 +692,13 @@ class RhSession:
         claims = [it for it in items if it.get_closest_marker("claim") is not None]
         self.collected = [it.nodeid for it in claims]
         if self.scheduler is None and claims:  # what the progress lines count down: the claims this run computes
-            self.estimate = _estimate(config, self.expected, [it for it in claims if self.journaled(it) is None])
+            self.estimate = _estimate(config, self.expected_check.expected if self.expected_check else None,
+                                      [it for it in claims if self.journaled(it) is None])
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logstart(self, nodeid, location) -> None:
         self.item_start = self.counter.total  # a claim's bill: the fixtures first set up for it, then its body
-        self.saved_start = sum(saved_token_layers().values())
+        self.saved_start = self.run.ledger.total()
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call):
@@ -743,13 +755,8 @@ class RhSession:
             for n in interrupted["not_run"]:
                 self.left_out.setdefault(n, f"not run: the run was interrupted by {interrupted['by']}")
         self.close_journal(interrupted)
-        if self.expected is not None:
-            try:
-                status = _check_expected(config, self, status)
-            except Exception as exc:  # a comparison that fails must not lose the report
-                log.exception("could not compare with the expected verdicts")
-                self.expected_diff = [f"could not compare with {self.expected.path}: {exc}"]
-                status = status or 1
+        if self.expected_check is not None:  # before the report, which shows the comparison
+            status = self.expected_check.settle_run(status)
         try:
             paths = _write_report(config, self)
         except Exception as exc:  # a report failure must not hide the test results
@@ -780,7 +787,18 @@ class RhSession:
             if j.records:
                 self.meta["journal"] = {"path": str(j.path), "claims": len(j.records)}
 
-    def pytest_terminal_summary(self, terminalreporter, exitstatus, config) -> None:
+    @pytest.hookimpl(wrapper=True)
+    def pytest_terminal_summary(self, terminalreporter, exitstatus, config):
+        """The run's summary lines; the option plugins' own (:class:`ExpectedCheck`) follow them, and
+        a report that could not be written is said last."""
+        self._summary(terminalreporter, config)
+        try:
+            return (yield)
+        finally:
+            if self.report_error:
+                terminalreporter.write_line(f"rh report could not be written: {self.report_error}", red=True)
+
+    def _summary(self, terminalreporter, config: pytest.Config) -> None:
         stop = self.meta.get("interrupted")
         kept = self.meta.get("journal")
         if stop:
@@ -833,11 +851,86 @@ class RhSession:
             terminalreporter.write_sep("-", "rh report")
             for p in paths:
                 terminalreporter.write_line(str(p))
-        for line in self.expected_diff:
+
+
+@dataclass(eq=False)
+class ExpectedCheck:
+    """``--expected PATH``, registered only with that option: each claim passes exactly when its
+    verdict is the file's (``--update-expected``: always), and at the end the run's verdicts are
+    compared with the file, or written into it; the terminal summary says how."""
+
+    session: RhSession
+    expected: Expected  # the file, as loaded when the session was configured
+    update: bool = False  # --update-expected: write this run's verdicts instead of comparing
+    lines: list[str] = field(default_factory=list)  # what the summary says (``rh expected verdicts: ...``)
+
+    def settle(self, entry: dict[str, Any], verdict) -> None:
+        """A claim's verdict against the file: it passes exactly when the status is the one expected."""
+        if self.update:
+            return
+        key = _verdict_key(entry)
+        want = self.expected.verdicts.get(key, "absent from the expected file")
+        assert verdict.status == want, (
+            f"{key}: expected {want}, got {verdict.status} -- if the science changed, rerun with "
+            f"--update-expected and commit the file\n" + verdict.explain())
+
+    def settle_run(self, exitstatus: int) -> int:
+        """The run's exit status once compared with the file (or the file written), called by the
+        session before it writes the report; a comparison that fails must not lose the report."""
+        try:
+            return self._write() if self.update else self._compare(exitstatus)
+        except Exception as exc:
+            log.exception("could not compare with the expected verdicts")
+            self.lines = [f"could not compare with {self.expected.path}: {exc}"]
+            return exitstatus or 1
+
+    def _rows(self) -> tuple[list[dict[str, Any]], dict[str, str]]:
+        """The verdicts to compare or write, and the claims deliberately not run (--budget, -k), listed."""
+        state = self.session
+        rows = [v for v in state.verdicts if v.get("nodeid") not in state.left_out]
+        left_out = dict(state.left_out)
+        left_out.update({n: "deselected" for n in state.deselected if n not in left_out})
+        return rows, left_out
+
+    def _compare(self, exitstatus: int) -> int:
+        """The run passes iff no verdict it checked changed (and it checked one)."""
+        from rh.expected import compare
+
+        rows, left_out = self._rows()
+        result = compare(self.expected, rows, left_out=left_out)
+        self.lines = result.lines  # the report's lines are these, the note below included
+        self.session.meta["expected"] = {"path": str(self.expected.path), "ok": result.ok, "checked": result.checked,
+                                         "left_out": result.left_out, "lines": result.lines}
+        if result.checked == 0:
+            self.lines.append("no claim was checked against the file: the run proves nothing")
+            return 1
+        return 1 if not result.ok else (0 if exitstatus in (0, 1) else exitstatus)
+
+    def _write(self) -> int:
+        """Write this run's verdicts and costs into the file (merged into it for a run of some
+        claims); the run fails iff a claim ended in error (never written)."""
+        from rh.expected import update
+        from rh.io import atomic_write_json
+        from rh.run import hardware
+
+        state, config, exp = self.session, self.session.config, self.expected
+        rows, left_out = self._rows()
+        complete = not left_out and set(exp.nodes) <= {r["nodeid"] for r in rows}
+        dtype = state.model.provenance["dtype"] if state.model is not None else "unknown"
+        recorded = (f"{state.started.date().isoformat()}, {hardware().get('cpu', '')}, {dtype}, "
+                    f"{len(rows)} claims, `pytest {' '.join(config.invocation_params.args)}`")
+        counter = state.counter
+        fixture_cost = {k.removeprefix("fixture:"): v for k, v in counter.counts.items() if k.startswith("fixture:")}
+        fixture_s = {k.removeprefix("fixture:"): v for k, v in counter.seconds.items() if k.startswith("fixture:")}
+        new, self.lines = update(exp, rows, model=config.getoption("--model"), profile=config.getoption("--profile"),
+                                 dtype=dtype, recorded=recorded, fixture_token_layers=fixture_cost, complete=complete,
+                                 fixture_seconds=fixture_s, seconds_per_token_layer=state.per_tl[0])
+        atomic_write_json(exp.path, new.as_json())
+        return 1 if any(r["status"] == "error" for r in rows) else 0
+
+    def pytest_terminal_summary(self, terminalreporter, exitstatus, config) -> None:
+        for line in self.lines:
             terminalreporter.write_line(f"rh expected verdicts: {line}")
-        err = self.report_error
-        if err:
-            terminalreporter.write_line(f"rh report could not be written: {err}", red=True)
 
 
 @dataclass(frozen=True)
@@ -859,9 +952,10 @@ class BudgetScheduler:
     others, leaves out a claim that no longer fits when it would start, and stops the one running
     when the deadline passes (an alarm; it is left out, not an error)."""
 
-    def __init__(self, session: RhSession, minutes: float) -> None:
+    def __init__(self, session: RhSession, minutes: float, expected: Expected) -> None:
         self.session = session
         self.minutes = minutes
+        self.expected = expected  # the --expected file: the token-layers it recorded plan the run
         self.plan: BudgetPlan | None = None
         self.paid: set[str] = set()  # fixtures set up so far (a later claim does not pay for them)
         self.actual_s = 0.0  # seconds the claims run so far took ...
@@ -881,7 +975,7 @@ class BudgetScheduler:
 
         state = self.session
         budget = self.minutes
-        exp = state.expected
+        exp = self.expected
         _session_model(config)
         per_tl = state.per_tl[0]
         now = time.perf_counter()
@@ -977,8 +1071,9 @@ class PlanPrinter:
     """``--plan``, registered only with that option: prints the plan of the collected claims
     (:mod:`rh.plan`) in place of running them; no weights load."""
 
-    def __init__(self, session: RhSession) -> None:
+    def __init__(self, session: RhSession, expected: Expected | None = None) -> None:
         self.session = session
+        self.expected = expected  # --expected, whose recorded counts are shown beside the plan
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtestloop(self, session: pytest.Session):
@@ -988,7 +1083,7 @@ class PlanPrinter:
         from rh.plan import format_plan, plan_session, recorded_for
 
         claims = [it for it in session.items if it.get_closest_marker("claim") is not None]
-        expected = state.expected
+        expected = self.expected
         folder = config.getini("rh_expected_dir")
         if expected is None and folder:
             expected = recorded_for(config.rootpath / folder / f"{config.getoption('--model')}.json",
@@ -1180,11 +1275,49 @@ def identify_ranking(pytestconfig, rh_model, profile):
     return get
 
 
+@dataclass(frozen=True)
+class AttentionExample:
+    """The top heads' last-token attention on one validation prompt, for the report's heatmap."""
+
+    sample: str  # the prompt's id
+    heads: tuple[str, ...]  # the top heads, best first (``L16H1``)
+    needle_span: tuple[int, int]
+    answer_span: tuple[int, int]
+    rows: tuple[tuple[float, ...], ...]  # one per head: its attention over the prompt, rounded
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sample": self.sample, "heads": list(self.heads), "needle_span": list(self.needle_span),
+                "answer_span": list(self.answer_span), "rows": [list(row) for row in self.rows]}
+
+
+@dataclass(frozen=True)
+class RankingSource:
+    """The session's ranking (or head set), where it came from, and the attention example drawn
+    from its top heads: what the ``ranking_source`` fixture returns, and the report shows."""
+
+    ranking: Any  # an rh.rankings.Ranking, or an rh.published.HeadSet (--heads, a head-set file)
+    path: str  # the file it was read from or cached in; "--heads" for a head set given inline
+    cache: str  # "hit" (read from the cache), "computed" (and cached), or "external" (--rankings, --heads)
+    attention: AttentionExample | None = None  # none for a head set: it has no top heads by rank
+
+    def report_entries(self) -> dict[str, Any]:
+        """The report's ``ranking`` entry (its top 10, or a head set's members) and ``attention_example``."""
+        from rh.published import HeadSet
+
+        r = self.ranking
+        entry = {"path": self.path, "cache": self.cache, "provenance": r.provenance}
+        if isinstance(r, HeadSet):
+            entry["head_set"] = [str(h) for h in r.members]
+        else:
+            entry["top10"] = [str(h) for h in r.top(min(10, r.shape.n_total))]
+        return {"ranking": entry, **({"attention_example": self.attention.to_json()} if self.attention else {})}
+
+
 @pytest.fixture(scope="session")
-def ranking(pytestconfig, rh_model, ca_identify, validation, identify_ranking):
-    """The ranking on the identification split (--method): from --rankings, the cache, or computed.
-    With ``--heads`` (or a head-set file) it is a :class:`rh.published.HeadSet`: ``top(k)`` exists
-    only for K = its size, and a claim asking for another K fails with a clear reason."""
+def ranking_source(pytestconfig, rh_model, ca_identify, validation, identify_ranking) -> RankingSource:
+    """The session's ranking on the identification split (--method: from --rankings, the cache, or
+    computed) or head set (--heads), with where it came from and its attention example. Claims
+    request ``ranking``; this fixture's passes are billed to it (:data:`_BILLED_AS`)."""
     from rh.published import HeadSet
 
     external = _rh(pytestconfig).external
@@ -1194,35 +1327,36 @@ def ranking(pytestconfig, rh_model, ca_identify, validation, identify_ranking):
         where = pytestconfig.getoption("--rankings") or "--heads"
         cache = "external"
         if isinstance(r, HeadSet):  # no top-10 to show, no attention example by rank
-            _session_meta(pytestconfig)["ranking"] = {"path": str(where), "cache": cache, "provenance": r.provenance,
-                                                      "head_set": [str(h) for h in r.members]}
-            return r
+            return RankingSource(r, str(where), cache)
     else:
         r, where, hit = identify_ranking(ca_identify, pytestconfig.getoption("--method"))
         cache = "hit" if hit else "computed"
-    _session_meta(pytestconfig)["ranking"] = {"path": str(where), "cache": cache, "provenance": r.provenance,
-                                              "top10": [str(h) for h in r.top(min(10, rh_model.shape.n_total))]}
-    _attention_example(pytestconfig, rh_model, r, validation)
-    return r
-
-
-def _attention_example(config, model, ranking, validation) -> None:
-    """The top heads' last-token attention on one validation prompt, for the report's heatmap."""
-    from rh.scoring import last_token_attention
-
-    if not validation:
-        return
-    sample = validation[0]
-    heads = ranking.top(min(5, model.shape.n_total))
-    rows = last_token_attention(model, sample, heads)
-    _session_meta(config)["attention_example"] = {
-        "sample": sample.id, "heads": [str(h) for h in heads], "needle_span": list(sample.needle_span),
-        "answer_span": list(sample.answer_span), "rows": [[round(float(x), 5) for x in row] for row in rows],
-    }
+    return RankingSource(r, str(where), cache, _attention_example(rh_model, r, validation))
 
 
 @pytest.fixture(scope="session")
-def baseline(pytestconfig, rh_model, validation, profile, ranking):
+def ranking(ranking_source):
+    """The ranking on the identification split (--method): from --rankings, the cache, or computed.
+    With ``--heads`` (or a head-set file) it is a :class:`rh.published.HeadSet`: ``top(k)`` exists
+    only for K = its size, and a claim asking for another K fails with a clear reason."""
+    return ranking_source.ranking
+
+
+def _attention_example(model, ranking, validation) -> AttentionExample | None:
+    """The top heads' last-token attention on the first validation prompt (none without one)."""
+    from rh.scoring import last_token_attention
+
+    if not validation:
+        return None
+    sample = validation[0]
+    heads = ranking.top(min(5, model.shape.n_total))
+    rows = last_token_attention(model, sample, heads)
+    return AttentionExample(sample.id, tuple(str(h) for h in heads), tuple(sample.needle_span),
+                            tuple(sample.answer_span), tuple(tuple(round(float(x), 5) for x in row) for row in rows))
+
+
+@pytest.fixture(scope="session")
+def baseline(rh_model, validation, profile, ranking):
     """Teacher-forced outcomes on the validation split with no intervention. The passes keep the
     residual stream where the top-K sets the claims ablate on these prompts start (CA-1, CA-2,
     CA-5), so those passes run only the layers from there on (rh.prefix)."""
@@ -1237,13 +1371,14 @@ def baseline(pytestconfig, rh_model, validation, profile, ranking):
         except HeadSetHasNoOrder:  # a head set has only its own size
             pass
     with hinting(rh_model, first_layers(sets)):
-        df = evaluate_baseline(rh_model, validation, batch_size=profile.batch_size)
+        return evaluate_baseline(rh_model, validation, batch_size=profile.batch_size)
+
+
+def _baseline_entry(df) -> dict[str, Any]:
+    """The report's ``baseline`` entry: accuracy in all and by depth, from the baseline's outcomes."""
     by_depth = df.groupby("depth")["correct"].mean()
-    _session_meta(pytestconfig)["baseline"] = {
-        "accuracy": float(df["correct"].mean()), "n": len(df),
-        "accuracy_by_depth": {f"{d:g}": float(a) for d, a in by_depth.items()},
-    }
-    return df
+    return {"accuracy": float(df["correct"].mean()), "n": len(df),
+            "accuracy_by_depth": {f"{d:g}": float(a) for d, a in by_depth.items()}}
 
 
 @pytest.fixture(scope="session")
@@ -1253,7 +1388,7 @@ def ranking_uncertainty(pytestconfig, rh_model, profile, ca_identify, identify_r
     per-head intervals, P(top K), the stable core, how it narrows with the number of prompts, and
     the resampled top-K sets (``boot_tops``, flat head indices). Empty for a ranking given from
     outside (--rankings, --heads): its per-prompt scores are unknown. The ``id_k`` one goes into
-    the report."""
+    the report (:func:`_report_entries`)."""
     from rh.uncertainty import ranking_uncertainty as resample
 
     if _rh(pytestconfig).external is not None:
@@ -1264,7 +1399,6 @@ def ranking_uncertainty(pytestconfig, rh_model, profile, ca_identify, identify_r
     for k in sorted({profile.id_k, profile.group_k}):
         out[k] = resample(scored, rh_model.shape, k=k, groups=groups, n_boot=profile.uncertainty_boot,
                           seed=profile.draw_seed, return_tops=True)
-    _session_meta(pytestconfig)["ranking_uncertainty"] = out[profile.id_k].to_json()
     return out
 
 
@@ -1294,20 +1428,14 @@ def _settle(node: pytest.Item, config: pytest.Config, entry: dict[str, Any], ver
     """Attach a verdict (its dict ``entry``) to the claim's report, then pass, fail or skip as
     :func:`record_verdict` says: what a computed verdict and one replayed from the journal share."""
     node.user_properties.append((_VERDICT, entry))
-    node.user_properties.append((_META, _session_meta(config)))
-    exp = _rh(config).expected
-    if exp is None:
-        if verdict.inconclusive:
-            pytest.skip(f"inconclusive: {verdict.reason}")
-        assert verdict.supported, "claim refuted:\n" + verdict.explain()
+    node.user_properties.append((_META, _rh(config).meta))  # how a pytest -n worker's metadata reaches the controller
+    check = _rh(config).expected_check
+    if check is not None:
+        check.settle(entry, verdict)
         return
-    if config.getoption("--update-expected"):
-        return
-    key = _verdict_key(entry)
-    want = exp.verdicts.get(key, "absent from the expected file")
-    assert verdict.status == want, (
-        f"{key}: expected {want}, got {verdict.status} -- if the science changed, rerun with "
-        f"--update-expected and commit the file\n" + verdict.explain())
+    if verdict.inconclusive:
+        pytest.skip(f"inconclusive: {verdict.reason}")
+    assert verdict.supported, "claim refuted:\n" + verdict.explain()
 
 
 def _path_setting(config: pytest.Config, option: str, ini: str) -> Path:
@@ -1342,8 +1470,23 @@ def compare_model(pytestconfig):
     return _rh(pytestconfig).run.load_other(name)
 
 
-def _session_meta(config: pytest.Config) -> dict[str, Any]:
-    return _rh(config).meta
+#: a fixture whose passes are billed under another name: the name claims request, and expected files record
+_BILLED_AS = {"ranking_source": "ranking"}
+
+
+def _report_entries(fixturedef: pytest.FixtureDef, value: Any, request: pytest.FixtureRequest) -> dict[str, Any]:
+    """What the report says of one of rh's session fixtures, read off the value it returned (none
+    for a fixture of that name a conftest defines instead)."""
+    if getattr(fixturedef.func, "__module__", None) != __name__:
+        return {}
+    name = fixturedef.argname
+    if name == "ranking_source":
+        return value.report_entries()
+    if name == "baseline":
+        return {"baseline": _baseline_entry(value)}
+    if name == "ranking_uncertainty" and value:
+        return {"ranking_uncertainty": value[request.getfixturevalue("profile").id_k].to_json()}
+    return {}
 
 
 # --------------------------------------------------------------------------- collection of verdicts
@@ -1384,46 +1527,6 @@ def _write_report(config: pytest.Config, state: RhSession) -> tuple[Path, Path]:
 def _verdict_key(v: dict) -> str:
     params = ",".join(f"{k}={v2}" for k, v2 in sorted((v.get("params") or {}).items()) if k != "heads")
     return f"{v.get('claim')}[{params}]"
-
-
-def _check_expected(config: pytest.Config, state: RhSession, exitstatus: int) -> int:
-    """Compare statuses with the expected file (or write it); the run passes iff no verdict it
-    checked changed. Claims deliberately not run (--budget, -k) are listed, not compared."""
-    from rh.expected import compare, update
-    from rh.io import atomic_write_json
-
-    exp = state.expected
-    rows = [v for v in state.verdicts if v.get("nodeid") not in state.left_out]
-    left_out = dict(state.left_out)
-    left_out.update({n: "deselected" for n in state.deselected if n not in left_out})
-    if config.getoption("--update-expected"):
-        run = {r["nodeid"] for r in rows}
-        complete = not left_out and set(exp.nodes) <= run
-        model = state.model
-        dtype = model.provenance["dtype"] if model is not None else "unknown"
-        from rh.run import hardware
-
-        hw = hardware()
-        recorded = (f"{state.started.date().isoformat()}, {hw.get('cpu', '')}, {dtype}, "
-                    f"{len(rows)} claims, `pytest {' '.join(config.invocation_params.args)}`")
-        counter = state.counter
-        fixture_cost = {k.removeprefix("fixture:"): v for k, v in counter.counts.items() if k.startswith("fixture:")}
-        fixture_s = {k.removeprefix("fixture:"): v for k, v in counter.seconds.items() if k.startswith("fixture:")}
-        per_tl = state.per_tl[0]
-        new, lines = update(exp, rows, model=config.getoption("--model"), profile=config.getoption("--profile"),
-                            dtype=dtype, recorded=recorded, fixture_token_layers=fixture_cost, complete=complete,
-                            fixture_seconds=fixture_s, seconds_per_token_layer=per_tl)
-        atomic_write_json(exp.path, new.as_json())
-        state.expected_diff = lines
-        return 1 if any(r["status"] == "error" for r in rows) else 0
-    result = compare(exp, rows, left_out=left_out)
-    state.expected_diff = result.lines
-    state.meta["expected"] = {"path": str(exp.path), "ok": result.ok, "checked": result.checked,
-                                 "left_out": result.left_out, "lines": result.lines}
-    if result.checked == 0:
-        state.expected_diff.append("no claim was checked against the file: the run proves nothing")
-        return 1
-    return 1 if not result.ok else (0 if exitstatus in (0, 1) else exitstatus)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -8,8 +8,9 @@ A :class:`Run` owns what every way of running claims needs, once:
   :meth:`Run.load_other`);
 - the runner every claim hands its work units to (:mod:`rh.runner`; local by default, or what the
   caller builds: Ray replicas), with prefix reuse (:mod:`rh.prefix`) unless the run is plain;
-- the savings this run made (exact savings are counted process-wide by :mod:`rh.budget`; a Run
-  reads them from where it started: :meth:`Run.saved`);
+- the savings this run made: its own :class:`rh.budget.SavingsLedger`, which every saving noted
+  (:func:`rh.budget.note_saved`) goes to while the run is open and no run opened after it is
+  (:meth:`Run.saved`);
 - the verdicts recorded, the run's metadata, progress lines (:mod:`rh.progress`), and the report
   (:meth:`Run.write_report`: every registered family's figures, :mod:`rh.claim_families`).
 
@@ -45,7 +46,7 @@ class Run:
                  store: str | Path | None = None, runner: RunnerFactory | None = None,
                  on_load: Callable[[Run, Any], None] | None = None, on_count: Callable[[], None] | None = None,
                  command: str = "") -> None:
-        from rh.budget import TokenLayerCounter, saved_token_layers
+        from rh.budget import SavingsLedger, TokenLayerCounter
 
         self.model_name = model
         self.model_kwargs = dict(model_kwargs or {})
@@ -66,7 +67,8 @@ class Run:
         self.prefix = None
         self.loaded_at: float | None = None
         self.resources = contextlib.ExitStack()
-        self._saved_at_start = dict(saved_token_layers())
+        self.ledger = SavingsLedger()  # the exact savings of this run, open until close()
+        self.ledger.open()
         self._closed = False
 
     # ---------------------------------------------------------------- models
@@ -131,11 +133,8 @@ class Run:
         return row
 
     def saved(self) -> dict[str, int]:
-        """Token-layers the exact savings spared since this run started, by kind."""
-        from rh.budget import saved_token_layers
-
-        since = {k: v - self._saved_at_start.get(k, 0) for k, v in saved_token_layers().items()}
-        return {k: v for k, v in since.items() if v}
+        """Token-layers the exact savings spared while this run was open, by kind."""
+        return {k: v for k, v in self.ledger.saved().items() if v}
 
     def cost(self) -> dict[str, Any]:
         """The counted token-layers, in all and by label, and the savings."""
@@ -172,9 +171,12 @@ class Run:
 
     def close(self) -> None:
         """Close what the run opened (the runner and its store, the prefix cache, the counter's
-        hooks), in reverse order; safe to call twice."""
+        hooks), in reverse order, and its savings ledger; safe to call twice."""
         self._closed = True
-        self.resources.close()
+        try:
+            self.resources.close()
+        finally:
+            self.ledger.close()
 
     def __enter__(self) -> Run:
         return self

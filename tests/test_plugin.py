@@ -745,3 +745,150 @@ def test_the_budget_and_plan_plugins_are_registered_only_with_their_options(warm
     sched = budget.pluginmanager.get_plugin("rh-budget")
     assert isinstance(sched, BudgetScheduler) and sched.minutes == 5 and sched.plan is None
     assert budget.pluginmanager.get_plugin("rh-plan") is None
+
+
+def test_the_expected_check_is_registered_only_with_its_option(warm_imports, pytester):
+    """Catches the --expected plugin registered in every session (then a run without the option would
+    compare with nothing, or write a file) or never (the option silently does nothing), and the
+    budget planning from another file than the one the check compares with."""
+    from rh.pytest_plugin import ExpectedCheck
+
+    (pytester.path / "exp.json").write_text(json.dumps({
+        "model": "tiny-llama", "profile": "quick", "verdicts": {"X-1[]": "supported"},
+        "nodes": {"test_x.py::test_x": {"key": "X-1[]", "token_layers": 10}}}))
+    plain = pytester.parseconfigure("--model", "tiny-llama")
+    assert plain.pluginmanager.get_plugin("rh-expected") is None
+    checked = pytester.parseconfigure("--model", "tiny-llama", "--expected", "exp.json")
+    check = checked.pluginmanager.get_plugin("rh-expected")
+    assert isinstance(check, ExpectedCheck) and not check.update
+    assert check.expected.verdicts == {"X-1[]": "supported"} and check.expected.path == Path("exp.json")
+    writing = pytester.parseconfigure("--model", "tiny-llama", "--expected", "new.json", "--update-expected")
+    assert writing.pluginmanager.get_plugin("rh-expected").update
+    budget = pytester.parseconfigure("--model", "tiny-llama", "--budget", "5", "--expected", "exp.json")
+    assert budget.pluginmanager.get_plugin("rh-budget").expected is budget.pluginmanager.get_plugin("rh-expected").expected
+
+
+_EXPECTED_CLAIMS = """
+    from pathlib import Path
+
+    import pytest
+    from rh.rules.verdict import Verdict
+
+    def _v(claim, status):
+        return Verdict(claim=claim, status=status, test="t", statistic=1.0, p_value=0.01, p_adjusted=0.01,
+                       effect=0.5, ci=(0.1, 0.9), n=10, reason="why" if status != "supported" else "", params={})
+
+    @pytest.mark.claim("X-1")
+    def test_a(record_verdict):
+        record_verdict(_v("X-1", "supported"))
+
+    @pytest.mark.claim("X-2")
+    def test_b(record_verdict):
+        record_verdict(_v("X-2", "refuted"))
+
+    @pytest.mark.claim("X-3")
+    def test_c(record_verdict):
+        record_verdict(_v("X-3", "inconclusive"))
+
+    @pytest.mark.claim("X-4")
+    def test_d(record_verdict):
+        if Path("crash").exists():
+            raise RuntimeError("a claim that errors")
+        record_verdict(_v("X-4", "supported"))
+    """
+
+
+def test_expected_is_written_then_compared_and_a_changed_verdict_fails_the_run(warm_imports, pytester):
+    """--update-expected writes the statuses the claims recorded (never an error's), --expected then
+    passes exactly when every status is the file's, whatever the statuses are, lists a claim left
+    out (deselected) instead of failing it, and fails the run on a changed or unrecorded verdict. The file
+    and the verdicts are those this test wrote. Catches the comparison or the writing lost or
+    inverted when the check moves between plugin objects: a run that passes with a changed verdict,
+    an error written into the file, a missing ``rh expected verdicts:`` line or report entry."""
+    pytester.makepyfile(test_claims=_EXPECTED_CLAIMS)
+    exp = pytester.path / "exp.json"
+    args = ("--model", "tiny-llama", "-p", "no:cacheprovider", "--fresh", "--report-dir", "reports",
+            "--expected", str(exp))
+
+    def ran(*extra):
+        for old in (pytester.path / "reports").glob("*.json"):
+            old.unlink()
+        res = pytester.runpytest_inprocess(*args, *extra)
+        report = next((pytester.path / "reports").glob("*.json"), None)
+        return res, res.stdout.str(), json.loads(report.read_text())["meta"] if report else None
+
+    (pytester.path / "crash").write_text("")
+    res, out, _ = ran("--update-expected")
+    assert res.ret == 1, out  # an error fails the run, and is not written
+    written = json.loads(exp.read_text())
+    assert written["verdicts"] == {"X-1[]": "supported", "X-2[]": "refuted", "X-3[]": "inconclusive"}
+    assert written["model"] == "tiny-llama" and written["profile"] == "quick"
+    assert "rh expected verdicts: wrote 3 verdicts to" in out and "rh expected verdicts: not written, in error: X-4[" in out
+    (pytester.path / "crash").unlink()
+    res, out, meta = ran()
+    assert res.ret == 1 and "rh expected verdicts: X-4[]: got supported, absent from" in out, out
+    assert meta["expected"]["ok"] is False and meta["expected"]["checked"] == 4
+    res, out, _ = ran("--update-expected")
+    assert res.ret == 0, out
+    assert json.loads(exp.read_text())["verdicts"]["X-4[]"] == "supported"
+    assert set(json.loads(exp.read_text())["nodes"]) == {f"test_claims.py::test_{x}" for x in "abcd"}
+    res, out, meta = ran()
+    assert res.ret == 0, out
+    res.assert_outcomes(passed=4)  # refuted and inconclusive pass: they are what the file expects
+    assert f"rh expected verdicts: all 4 verdicts checked are as expected in {exp}" in out
+    assert meta["expected"] == {"path": str(exp), "ok": True, "checked": 4, "left_out": [],
+                                "lines": [f"all 4 verdicts checked are as expected in {exp}"]}
+    res, out, meta = ran("--deselect", "test_claims.py::test_c")
+    assert res.ret == 0 and "left out (1, not compared): X-3[] (deselected)" in out, out
+    assert meta["expected"]["left_out"] == ["X-3[]"] and meta["expected"]["checked"] == 3
+    data = json.loads(exp.read_text())
+    data["verdicts"]["X-2[]"] = "supported"
+    exp.write_text(json.dumps(data))
+    res, out, meta = ran()
+    assert res.ret == 1, out
+    res.assert_outcomes(passed=3, failed=1)
+    assert "rh expected verdicts: X-2[]: expected supported, got refuted" in out
+    assert meta["expected"]["ok"] is False
+
+
+def test_the_report_keeps_what_the_session_fixtures_computed(warm_imports, pytester):
+    """The report's ranking, attention example, baseline and ranking-uncertainty entries are those of
+    the values the claim received (written out by the claim itself), and the ranking's cache state is
+    ``computed`` on the first run and ``hit`` on the next. Catches the report's entries lost or taken
+    from another value when the fixtures only return what they compute."""
+    pytester.makepyfile(test_meta="""
+        import json
+        from pathlib import Path
+
+        import pytest
+        from rh.rules.claims import inconclusive
+
+        @pytest.mark.claim("M-1")
+        def test_m(ranking, baseline, ranking_uncertainty, profile, validation, record_verdict):
+            Path("seen.json").write_text(json.dumps({
+                "top10": [str(h) for h in ranking.top(10)], "top5": [str(h) for h in ranking.top(5)],
+                "n": len(baseline), "accuracy": float(baseline["correct"].mean()),
+                "uncertainty": ranking_uncertainty[profile.id_k].to_json(), "sample": validation[0].id,
+                "provenance": ranking.provenance}, default=str))
+            record_verdict(inconclusive("M-1", {}, "a test of the report's session entries", "none"))
+        """)
+    args = ("--model", "tiny-llama", "-p", "no:cacheprovider", "--fresh", "--report-dir", "reports")
+
+    def ran():
+        for old in (pytester.path / "reports").glob("*.json"):
+            old.unlink()
+        res = pytester.runpytest_inprocess(*args)
+        assert res.ret == 0, res.stdout.str()
+        report = next((pytester.path / "reports").glob("*.json"))
+        return json.loads(report.read_text())["meta"], json.loads((pytester.path / "seen.json").read_text())
+
+    meta, seen = ran()
+    assert meta["ranking"]["cache"] == "computed" and meta["ranking"]["top10"] == seen["top10"]
+    assert Path(meta["ranking"]["path"]).is_file() and meta["ranking"]["provenance"] == seen["provenance"]
+    assert meta["baseline"]["n"] == seen["n"] and meta["baseline"]["accuracy"] == seen["accuracy"]
+    assert meta["ranking_uncertainty"] == seen["uncertainty"]
+    example = meta["attention_example"]
+    assert example["sample"] == seen["sample"] and example["heads"] == seen["top5"] and len(example["rows"]) == 5
+    again, seen = ran()
+    assert again["ranking"]["cache"] == "hit" and again["ranking"]["path"] == meta["ranking"]["path"]
+    assert again["ranking"]["top10"] == seen["top10"]

@@ -97,3 +97,37 @@ def test_a_model_of_an_untested_family_says_so():
     moe = attention_features(transformers.MixtralConfig(num_local_experts=8, num_key_value_heads=8))
     assert moe["tested_family"] is None and "mixture of experts (8 experts)" in moe["features"]
     assert "a family rh has no tiny-model tests for" in provenance({"architecture": moe})["architecture"]
+
+
+def test_each_run_reports_only_the_savings_noted_while_it_was_open():
+    """Two runs one after the other, one nested in another (a pytester session inside a unit-test
+    session), and runs closed out of order: each reports exactly the savings noted (by hand, here)
+    while it was the run opened last, and none after it closed; the process's total has them all,
+    a note with no run of this test open included. Catches a ledger shared by the process (a run
+    reporting another's savings, or those noted after it closed), and a nested run's savings
+    charged to the run around it."""
+    from rh.budget import note_saved, saved_token_layers
+    from rh.run import Run
+
+    process = saved_token_layers()
+    with Run("tiny-llama") as first:
+        note_saved("prefix reuse", 100)
+        with Run("tiny-llama") as inner:
+            note_saved("prefix reuse", 7)
+            note_saved("curtailment", 3)
+        note_saved("early stopping", 5)
+        note_saved("early stopping", 0)
+    with Run("tiny-llama") as second:
+        note_saved("prefix reuse", 20)
+    a, b = Run("tiny-llama"), Run("tiny-llama")
+    a.close()  # closed before b: b stays the run open
+    note_saved("curtailment", 11)
+    b.close()
+    note_saved("curtailment", 1000)  # after every run of this test closed
+    assert first.saved() == {"prefix reuse": 100, "early stopping": 5}
+    assert inner.saved() == {"prefix reuse": 7, "curtailment": 3}
+    assert second.saved() == {"prefix reuse": 20}
+    assert a.saved() == {} and b.saved() == {"curtailment": 11}
+    now = saved_token_layers()
+    grew = {k: now[k] - process.get(k, 0) for k in now if now[k] != process.get(k, 0)}
+    assert grew == {"prefix reuse": 127, "curtailment": 1014, "early stopping": 5}
