@@ -77,11 +77,18 @@ class Calibration:
 class Parameter:
     """Claims that ask for the fixture ``fixture`` are parametrized over the profile's field
     ``field`` (``"ablation_levels"``...) or over what ``field(profile)`` returns, each value's test
-    id given by ``ids``."""
+    id given by ``ids``. ``name``: the key the family's verdicts give the value in their params
+    (``"k"``, ``"depth"``...; default the fixture's name), so that a row pytest writes for the claim
+    without a verdict (a head set it cannot take) keeps the parameter that sets it apart."""
 
     fixture: str
     field: str | Callable[[Any], Sequence[Any]]
     ids: Callable[[Any], str] = str
+    name: str = ""
+
+    @property
+    def param(self) -> str:
+        return self.name or self.fixture
 
 
 @dataclass(frozen=True)

@@ -712,10 +712,11 @@ class RhSession:
             rep.outcome = "skipped"
             rep.longrepr = (str(item.path), item.location[1] or 0, reason)
             marker = item.get_closest_marker("claim")
+            params = dict(marker.kwargs.get("params") or {}) if marker else {}
+            params.update(_parametrized(item))
             rep.user_properties.append((_VERDICT, {
                 "claim": str(marker.args[0]) if marker and marker.args else item.nodeid, "status": "inconclusive",
-                "reason": reason, "params": dict(marker.kwargs.get("params") or {}) if marker else {}, "test": "",
-                "n": 0}))
+                "reason": reason, "params": params, "test": "", "n": 0}))
         if call.when == "call" and item.get_closest_marker("claim") is not None:
             fp = self.item_fingerprint(item)
             if fp is not None:  # the controller keeps the claim's verdict in the journal under it
@@ -1487,6 +1488,16 @@ def _report_entries(fixturedef: pytest.FixtureDef, value: Any, request: pytest.F
     if name == "ranking_uncertainty" and value:
         return {"ranking_uncertainty": value[request.getfixturevalue("profile").id_k].to_json()}
     return {}
+
+
+def _parametrized(item: pytest.Item) -> dict[str, Any]:
+    """The values a registered family's parametrization gave this claim, under the names its
+    verdicts give them (:class:`rh.claim_families.Parameter`), e.g. ``{"depth": 0.25}``."""
+    from rh.claim_families import parameters
+
+    given = getattr(getattr(item, "callspec", None), "params", {}) or {}
+    known = parameters()
+    return {known[f].param: v for f, v in given.items() if f in known}
 
 
 # --------------------------------------------------------------------------- collection of verdicts

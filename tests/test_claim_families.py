@@ -163,3 +163,20 @@ def test_parametrization_reads_the_registry(registry, pytester):
     prof = get_profile("quick", REGISTRY["tiny-llama"].shape)
     assert len(ids) == len(prof.depths) * len(prof.ablation_levels), res.stdout.str()
     assert any(f"d{prof.depths[-1]:g}-{2 * prof.ablation_levels[0]}" in i for i in ids), ids
+
+
+def test_a_row_without_a_verdict_keeps_the_parameter_that_sets_it_apart():
+    """A claim a head set cannot take gets a row pytest writes itself (no verdict): its params come
+    from the parametrization, under the names the family's verdicts use, so CA-3's three K levels
+    stay three rows (they collided as ``CA-3[]`` before) and match the keys of real verdicts."""
+    from types import SimpleNamespace
+
+    from rh.pytest_plugin import _parametrized
+
+    item = SimpleNamespace(callspec=SimpleNamespace(params={"inverse_k": 50, "unrelated": 1}))
+    assert _parametrized(item) == {"k": 50}
+    item = SimpleNamespace(callspec=SimpleNamespace(params={"claim_depth": 0.25}))
+    assert _parametrized(item) == {"depth": 0.25}
+    assert _parametrized(SimpleNamespace()) == {}  # not parametrized
+    names = {p.fixture: p.param for p in cf.parameters().values()}
+    assert names["iv_level"] == "n_heads" and names["id_method"] == "method" and names["id_task"] == "task"

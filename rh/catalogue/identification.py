@@ -134,7 +134,7 @@ FAMILIES = (
                                 lambda rows, meta: method_agreement_figure(rows)),
                          Figure("ID-7: the planted heads each method recovers",
                                 lambda rows, meta: planted_recovery_figure(rows))),
-                parameters=(Parameter("id_method", "id_methods", str),)),
+                parameters=(Parameter("id_method", "id_methods", str, "method"),)),
     ClaimFamily("ID-8", "retrieval heads gather in some KV groups", rule=field_rules.kv_clustering,
                 delta=lambda p: p.group_min_effect,
                 calibration=lambda p, s: Calibration(cal.shapes(cal.sim_id8_with, ("fixed", "propensity", "group-noise")),
