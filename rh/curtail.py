@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -45,7 +46,7 @@ class Arm:
 
     samples: Sequence[Sample]
     before: np.ndarray
-    condition: Ablation | Restriction | None = None
+    condition: Ablation | Restriction | Any | None = None  # any work unit's condition (rh.units.is_condition)
     evaluate: Callable[[list[Sample]], np.ndarray] | None = None
     known: np.ndarray | None = None  # every outcome already evaluated (an arm another claim reads in full)
 

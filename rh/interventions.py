@@ -694,11 +694,17 @@ def incremental_ablation(model: LoadedModel, samples: Sequence[Sample], heads: S
 
 def position_patching(model: LoadedModel, samples: Sequence[Sample], baseline: pd.DataFrame, *, layer: int, hub: int,
                       mode: str = "noise", hub_min: float = 0.10, nonhub_max: float = 0.05, alpha: float = 0.05,
-                      baseline_floor: float = 0.5, batch_size: int = 8, seed: int = 0) -> Verdict:
+                      baseline_floor: float = 0.5, batch_size: int = 8, seed: int = 0,
+                      stop_early: bool | None = None) -> Verdict:
     """IV-2: patching the hub position at ``layer`` hurts by more than ``hub_min`` while patching a
     non-hub context position hurts by less than ``nonhub_max``, and the hub hurts more than the
     non-hub (exact paired tests; an intersection-union test: supported when all three reject, p =
-    their maximum). Samples whose needle covers the hub are left out."""
+    their maximum). Samples whose needle covers the hub are left out. The two patched arms are
+    curtailed together (:mod:`rh.curtail`, :func:`rh.rules.claims.position_decided`;
+    ``stop_early=False`` reads every item)."""
+    from rh.curtail import Arm, curtailed
+    from rh.rules.claims import position, position_decided
+
     params = {"mode": mode}
     test = (f"intersection-union of exact paired tests: hub drop > {hub_min}, non-hub drop < {nonhub_max}, "
             "hub-patched worse than non-hub-patched (McNemar)")
@@ -713,12 +719,17 @@ def position_patching(model: LoadedModel, samples: Sequence[Sample], baseline: p
     if mode == "source":
         raise ValueError("position_patching patches by 'noise' or 'mean' (a recorded source is not a declared "
                          "condition: use patch_positions directly)")
-    hub_df = run_one(model, kept, Patch("hub patched", layer, "hub", hub, mode, seed), batch_size=batch_size)
-    other_df = run_one(model, kept, Patch("non-hub patched", layer, "non-hub", hub, mode, seed),
-                       batch_size=batch_size)
-    hub_c, other_c = _correct(hub_df, ids), _correct(other_df, ids)
-    from rh.rules.claims import position
+    arms = {"hub": Arm(kept, base, Patch("hub patched", layer, "hub", hub, mode, seed)),
+            "other": Arm(kept, base, Patch("non-hub patched", layer, "non-hub", hub, mode, seed))}
 
+    def decide(groups):
+        st = position_decided(base, groups["hub"][1], groups["other"][1], hub_min=hub_min, nonhub_max=nonhub_max,
+                              alpha=alpha, baseline_floor=baseline_floor)
+        return {"hub": st, "other": st}
+
+    after = curtailed(model, arms, decide, seed=derive_seed(seed, "IV-2"), batch_size=batch_size,
+                      stop_early=stop_early, what="IV-2 items")
+    hub_c, other_c = after["hub"], after["other"]
     return position(base, hub_c, other_c, hub_min=hub_min, nonhub_max=nonhub_max, alpha=alpha,
                     baseline_floor=baseline_floor, params=params, describe=f"{mode} at layer {layer}: ",
                     details={"layer": layer, "hub": hub,

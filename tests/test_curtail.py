@@ -222,7 +222,7 @@ def _counted(model, fn):
 
 
 def test_the_claims_curtailed_on_the_tiny_model_match_reading_every_item(tiny, many):
-    """CA-3, CA-4, CA-8, IV-1 and IV-3 through their mechanisms on a real (random) model, with a planted
+    """CA-3, CA-4, CA-8, IV-1, IV-2 and IV-3 through their mechanisms on a real (random) model, with a planted
     baseline that gets every prompt right (the random model gets them wrong: every intervention
     'drops' accuracy): the statuses of the curtailed and the full evaluation agree, the curtailed
     ones read fewer items and cost fewer token-layers."""
@@ -230,7 +230,7 @@ def test_the_claims_curtailed_on_the_tiny_model_match_reading_every_item(tiny, m
 
     from rh.causal import ablation_hurts, inverse_ablation
     from rh.field import compression_verdicts
-    from rh.interventions import attention_override, incremental_ablation
+    from rh.interventions import attention_override, incremental_ablation, position_patching
     from rh.profiles import get_profile
     from rh.rankings import Ranking
 
@@ -247,6 +247,7 @@ def test_the_claims_curtailed_on_the_tiny_model_match_reading_every_item(tiny, m
         "IV-1": lambda stop: incremental_ablation(tiny, many, ranking.top(3), base, levels=(1, 2, 3), full=[3],
                                                   stop_early=stop)[0],
         "IV-3": lambda stop: attention_override(tiny, many, ranking.top(3), base, hub=5, stop_early=stop),
+        "IV-2": lambda stop: {"noise": position_patching(tiny, many, base, layer=1, hub=5, stop_early=stop)},
     }
     for claim, fn in runs.items():
         full, cost_full = _counted(tiny, lambda: fn(False))
@@ -302,3 +303,43 @@ def test_curtailed_ablations_reuse_the_prefixes_their_baseline_kept(tiny, many):
     read = sum(v.details["curtailed"]["items_read"] for v in out.values())
     assert 0 < read < 2 * len(many)
     assert cache.hits - hits == read // 8  # every batch read found its prefix
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_iv2_is_declared_exactly_when_every_completion_gives_its_status(seed):
+    """IV-2's two patched arms curtailed together (rh.rules.claims.position_decided): brute force
+    over every completion of the items unread in either arm. A declared status is the full rule's
+    at every completion; with the same items unread in both arms (as the mechanism reads them) the
+    declaration is also complete often enough to save passes. Catches a bound taken at the wrong
+    end (McNemar's p falls with b), or Bonferroni's factor left out of the ranges."""
+    from rh.rules.claims import position, position_decided
+
+    rng = np.random.default_rng(seed)
+    declared = checked = 0
+    for _ in range(60):
+        n = int(rng.integers(6, 14))
+        base = (rng.random(n) < rng.choice([0.4, 0.9, 1.0])).astype(float)
+        hub = base * (rng.random(n) >= rng.choice([0.0, 0.3, 0.9]))
+        other = base * (rng.random(n) >= rng.choice([0.0, 0.1, 0.5]))
+        holes = rng.permutation(n)[:int(rng.integers(0, 5))]
+        h, o = hub.copy(), other.copy()
+        h[holes] = np.nan
+        o[holes if rng.random() < 0.8 else rng.permutation(n)[:len(holes)]] = np.nan
+        got = position_decided(base, h, o, hub_min=0.1, nonhub_max=0.05, alpha=0.05, baseline_floor=0.5)
+        spots = [("h", i) for i in np.flatnonzero(np.isnan(h))] + [("o", i) for i in np.flatnonzero(np.isnan(o))]
+        seen = set()
+        for values in itertools.product((0.0, 1.0), repeat=len(spots)):
+            fh, fo = h.copy(), o.copy()
+            for (arm, i), v in zip(spots, values):
+                (fh if arm == "h" else fo)[i] = v
+            seen.add(position(base, fh, fo, hub_min=0.1, nonhub_max=0.05, alpha=0.05, baseline_floor=0.5).status)
+        checked += 1
+        if got is not None:
+            assert seen == {got}, (seed, got, seen)
+            declared += 1
+            if spots:  # the curtailed verdict: the full status, the items it read, a p bounding every completion
+                v = position(base, h, o, hub_min=0.1, nonhub_max=0.05, alpha=0.05, baseline_floor=0.5)
+                assert v.status == got and v.n == n
+                if base.mean() >= 0.5 and (~np.isnan(h) & ~np.isnan(o)).any():
+                    assert v.details["curtailed"]["items"] == n
+    assert declared > checked // 3

@@ -10,6 +10,7 @@ run the very same functions on simulated data. Every verdict carries ``min_effec
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -390,18 +391,68 @@ IV2_TEST = ("supported: intersection-union of exact paired tests (hub drop > hub
             "(Bonferroni over the two)")
 
 
+def _mcnemar_p(b: int, c: int) -> float:
+    """:func:`rh.stats.mcnemar_exact`'s one-sided p ("greater") from its counts."""
+    return 1.0 if b + c == 0 else min(1.0, float(_sps.binomtest(b, b + c, 0.5, alternative="greater").pvalue))
+
+
+def position_ranges(base: np.ndarray, hub: np.ndarray, other: np.ndarray, *, hub_min: float,
+                    nonhub_max: float) -> dict[str, tuple[float, float]]:
+    """IV-2's five p-values, each as (least, largest) over every completion of the items unread
+    (NaN) in ``hub`` or ``other`` (``base`` read in full): the exact paired tables' ranges
+    (:class:`rh.rules.paired.Partial`) for the two arms' tests, and McNemar's between the arms,
+    whose p falls as b (other right, hub wrong) grows and rises with c, so an item unread in either
+    arm moves it at most by one of the two."""
+    from rh.rules.paired import Partial
+
+    hub_part, other_part = Partial.of(base, hub), Partial.of(base, other)
+    both = ~np.isnan(hub) & ~np.isnan(other)
+    b = int(((other == 1) & (hub == 0) & both).sum())
+    c = int(((other == 0) & (hub == 1) & both).sum())
+    u = int((~both).sum())
+    return {"p1": hub_part.p_range(hub_min, "greater"), "r1": hub_part.p_range(hub_min, "less"),
+            "p2": other_part.p_range(nonhub_max, "less"), "r2": other_part.p_range(nonhub_max, "greater"),
+            "p3": (_mcnemar_p(b + u, c), _mcnemar_p(b, c + u))}
+
+
+def position_decided(base: np.ndarray, hub: np.ndarray, other: np.ndarray, *, hub_min: float = 0.10,
+                     nonhub_max: float = 0.05, alpha: float = 0.05, baseline_floor: float = 0.5) -> str | None:
+    """IV-2's status where no outcome of the items unread in either arm can change it, else None
+    (curtailment, :mod:`rh.curtail`). Support is the intersection-union max(p1, p2, p3) < α, so it is
+    sure when every largest p is below α and ruled out when some least p is not; refutation is
+    2 min(r1, r2) < α, sure when the smaller largest r is below α/2 and ruled out when both least r
+    are not. Sound (a status is returned only if every completion gives it; ``tests/test_curtail.py``
+    enumerates them), not always tight."""
+    from rh.rules.paired import _status
+
+    base = np.asarray(base, float)
+    if floor_reason(float(base.mean()) if base.size else None, baseline_floor):
+        return "inconclusive"
+    rg = position_ranges(base, np.asarray(hub, float), np.asarray(other, float), hub_min=hub_min,
+                         nonhub_max=nonhub_max)
+    sup_hi = max(rg[k][1] for k in ("p1", "p2", "p3"))
+    sup_lo = max(rg[k][0] for k in ("p1", "p2", "p3"))
+    sup = True if sup_hi < alpha else False if sup_lo >= alpha else None
+    ref = True if 2 * min(rg["r1"][1], rg["r2"][1]) < alpha else \
+        False if 2 * min(rg["r1"][0], rg["r2"][0]) >= alpha else None
+    return None if sup is None or ref is None else _status(sup, ref)
+
+
 def position(base: np.ndarray, hub: np.ndarray, other: np.ndarray, *, hub_min: float = 0.10, nonhub_max: float = 0.05,
              alpha: float = 0.05, baseline_floor: float = 0.5, params: dict | None = None,
              details: dict | None = None, describe: str = "") -> Verdict:
-    """IV-2 from per-item 0/1 outcomes at baseline, with the hub patched and with a non-hub position patched."""
+    """IV-2 from per-item 0/1 outcomes at baseline, with the hub patched and with a non-hub position
+    patched. Curtailed arms (NaN where an item was not read, :func:`position_decided`): the status
+    is the full evaluation's, the p-values the largest any completion could give, and the
+    accuracies, drops and intervals those of the items read in both arms, said so."""
     base, hub, other = (np.asarray(x, float) for x in (base, hub, other))
     params = dict(params or {})
     n = len(base)
-    power = Power(min(paired_power(n, 2 * hub_min, hub_min, "greater", alpha),
-                      paired_power(n, 0.0, nonhub_max, "less", alpha)), 2 * hub_min,
-                  paired_power(n, 0.0, hub_min, "less", alpha / 2), 0.0, "exact",
-                  "support: the weaker of the hub and non-hub arms (hub drop 2 x hub_min, non-hub 0); refute: no hub "
-                  f"effect; {FLIP_RATE:.0%} of items flip each way")
+    curtailed = bool(np.isnan(hub).any() or np.isnan(other).any())
+    if curtailed:
+        return _position_curtailed(base, hub, other, hub_min=hub_min, nonhub_max=nonhub_max, alpha=alpha,
+                                   baseline_floor=baseline_floor, params=params, details=details, describe=describe)
+    power = _position_power(n, hub_min, nonhub_max, alpha)
     hub_drop, hub_ci, p1 = float((base - hub).mean()), paired_ci(base - hub), paired_p(base - hub, hub_min, "greater")
     other_drop, other_ci = float((base - other).mean()), paired_ci(base - other)
     p2 = paired_p(base - other, nonhub_max, "less")
@@ -431,6 +482,50 @@ def position(base: np.ndarray, hub: np.ndarray, other: np.ndarray, *, hub_min: f
                    statistic=float(b - c), p_value=p_sup, p_adjusted=p_sup, effect=hub_drop - other_drop, ci=None,
                    n=n, alpha=alpha, effect_name="hub drop - non-hub drop", details=details, min_effect=delta,
                    power=power)
+
+
+def _position_power(n: int, hub_min: float, nonhub_max: float, alpha: float) -> Power:
+    return Power(min(paired_power(n, 2 * hub_min, hub_min, "greater", alpha),
+                     paired_power(n, 0.0, nonhub_max, "less", alpha)), 2 * hub_min,
+                 paired_power(n, 0.0, hub_min, "less", alpha / 2), 0.0, "exact",
+                 "support: the weaker of the hub and non-hub arms (hub drop 2 x hub_min, non-hub 0); refute: no hub "
+                 f"effect; {FLIP_RATE:.0%} of items flip each way")
+
+
+def _position_curtailed(base, hub, other, *, hub_min, nonhub_max, alpha, baseline_floor, params, details,
+                        describe) -> Verdict:
+    """:func:`position` on curtailed arms: the full evaluation's status (:func:`position_decided`,
+    refused where still open), its reported figures from the items read in both arms."""
+    status = position_decided(base, hub, other, hub_min=hub_min, nonhub_max=nonhub_max, alpha=alpha,
+                              baseline_floor=baseline_floor)
+    if status is None:
+        raise ValueError("IV-2: the patched arms were stopped before the status was decided: evaluate their "
+                         "remaining items")
+    read = ~np.isnan(hub) & ~np.isnan(other)
+    k, n = int(read.sum()), len(base)
+    floor = floor_reason(float(base.mean()) if n else None, baseline_floor)
+    if floor or k == 0:
+        return inconclusive("IV-2", params, floor or "no item was read", IV2_TEST, alpha, n,
+                            {**(details or {}), "baseline_accuracy": float(base.mean()) if n else None},
+                            min_effect=hub_min, power=_position_power(n, hub_min, nonhub_max, alpha))
+    full = position(base[read], hub[read], other[read], hub_min=hub_min, nonhub_max=nonhub_max, alpha=alpha,
+                    baseline_floor=0.0, params=params, details=details, describe=describe)
+    rg = position_ranges(base, hub, other, hub_min=hub_min, nonhub_max=nonhub_max)
+    p_sup = max(rg[k_][1] for k_ in ("p1", "p2", "p3"))
+    p_ref = min(1.0, 2 * min(rg["r1"][1], rg["r2"][1]))
+    why = {"supported": f"all three tests reject whatever the unread items show (largest p = {p_sup:.3g})",
+           "refuted": f"the refutation holds whatever the unread items show (Bonferroni p at most {p_ref:.3g})",
+           "inconclusive": "neither side can be shown whatever the unread items show"}[status]
+    out = dict(full.details)
+    out.update({"baseline_accuracy": float(base.mean()), "p_hub_drop": rg["p1"][1], "p_non_hub_small": rg["p2"][1],
+                "p_hub_worse": rg["p3"][1], "p_hub_drop_short": rg["r1"][1], "p_non_hub_large": rg["r2"][1],
+                "curtailed": {"items_read": k, "items": n, "estimates": "of the items read"}})
+    delta = nonhub_max if status == "refuted" and 2 * rg["r1"][1] >= alpha else hub_min
+    return replace(full, status=status, n=n, p_value=p_sup, p_adjusted=p_sup, details=out, min_effect=delta,
+                   power=_position_power(n, hub_min, nonhub_max, alpha),
+                   reason=(f"{describe}on the {k} of {n} items read (curtailment: the rest cannot change the "
+                           f"status): accuracy {base[read].mean():.2f} -> {hub[read].mean():.2f} with the hub "
+                           f"patched, {other[read].mean():.2f} with a non-hub position patched; {why}"))
 
 
 def override(base: np.ndarray, forced: Mapping[str, np.ndarray], *, keep: float = 0.9, min_drop: float = 0.10,
