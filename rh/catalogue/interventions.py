@@ -60,10 +60,12 @@ def patching_bars(verdicts: Sequence[Mapping[str, Any]]) -> bytes | None:
     if not rows:
         return None
     d, n = rows[0]["details"], rows[0]["n"]
+    read = d.get("curtailed", {}).get("items_read", n)  # a curtailed verdict's accuracies are its items read
     fig, ax = plt.subplots(figsize=(4.2, 3.2))
     _bars(ax, ["baseline", f"hub (pos {d['hub']})", "non-hub"],
-          [d["baseline_accuracy"], d["hub_accuracy"], d["non_hub_accuracy"]], n, ["0.6", "tab:red", "tab:blue"])
-    ax.set_title(f"IV-2: {rows[0]['params'].get('mode', '')} patching at layer {d['layer']}", fontsize=9)
+          [d["baseline_accuracy"], d["hub_accuracy"], d["non_hub_accuracy"]], read, ["0.6", "tab:red", "tab:blue"])
+    ax.set_title(f"IV-2: {rows[0]['params'].get('mode', '')} patching at layer {d['layer']}"
+                 + (f" ({read} of {n} items read)" if read != n else ""), fontsize=9)
     return png(fig)
 
 

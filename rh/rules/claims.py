@@ -517,12 +517,13 @@ def _position_curtailed(base, hub, other, *, hub_min, nonhub_max, alpha, baselin
            "refuted": f"the refutation holds whatever the unread items show (Bonferroni p at most {p_ref:.3g})",
            "inconclusive": "neither side can be shown whatever the unread items show"}[status]
     out = dict(full.details)
-    out.update({"baseline_accuracy": float(base.mean()), "p_hub_drop": rg["p1"][1], "p_non_hub_small": rg["p2"][1],
+    out.update({"baseline_accuracy_all": float(base.mean()), "p_hub_drop": rg["p1"][1], "p_non_hub_small": rg["p2"][1],
                 "p_hub_worse": rg["p3"][1], "p_hub_drop_short": rg["r1"][1], "p_non_hub_large": rg["r2"][1],
                 "curtailed": {"items_read": k, "items": n, "estimates": "of the items read"}})
     delta = nonhub_max if status == "refuted" and 2 * rg["r1"][1] >= alpha else hub_min
     return replace(full, status=status, n=n, p_value=p_sup, p_adjusted=p_sup, details=out, min_effect=delta,
                    power=_position_power(n, hub_min, nonhub_max, alpha),
+                   effect_name=f"{full.effect_name} (the {k} of {n} items read)",
                    reason=(f"{describe}on the {k} of {n} items read (curtailment: the rest cannot change the "
                            f"status): accuracy {base[read].mean():.2f} -> {hub[read].mean():.2f} with the hub "
                            f"patched, {other[read].mean():.2f} with a non-hub position patched; {why}"))
