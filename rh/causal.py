@@ -256,7 +256,7 @@ def necessity_outcomes(
     bc, bl = _arrays(frames[0])
     tc, tl = _arrays(frames[1])
     n = len(samples)
-    # items the baseline gets right first: they decide "below the top K" soonest
+    # ties in the order items are read: those the baseline gets right first (they decide "below the top K" soonest)
     order = sorted(range(n), key=lambda i: (-bc[i], i))
 
     floor = floor_decides(bc, baseline_floor, stop_early)
@@ -266,8 +266,9 @@ def necessity_outcomes(
             return _unread_draws(model, samples, k, len(sets), name)
         conds = [Ablation(f"{name}{k}#{d}", tuple(heads), phase=phase, selection="random", draw=d)
                  for d, heads in enumerate(sets)]
+        what = f"{name} K={k} draws" + (" (decode)" if phase == "decode" else "")
         got = _stopped_draws(model, samples, conds, order=order, prior=bc, top_correct=float(tc.sum()),
-                             batch_size=batch_size, stop_early=stop_early, what=f"{name} K={k} draws" + (" (decode)" if phase == "decode" else ""))
+                             batch_size=batch_size, stop_early=stop_early, what=what)
         frames.extend(df for _, _, df in got)
         return np.stack([c for c, _, _ in got]), np.stack([lp for _, lp, _ in got])
 
