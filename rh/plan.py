@@ -399,7 +399,8 @@ def register_cost(name: str, fn: CostFn | None = None, *, where: str | None = No
 
 def registered(name: str, defined_in: Path | None = None, *, builtin: bool = False) -> CostFn | None:
     """The cost function for ``name`` as defined in ``defined_in`` (a file), or None; ``builtin``:
-    rh's own cost of that name, wherever it is defined."""
+    rh's own cost of that name, wherever it is defined. A name with no cost registered here takes
+    the one a registered claim family declares (``ClaimFamily.costs``)."""
     for entry in reversed(_COSTS.get(name, [])):
         if builtin:
             if entry.where is not None:
@@ -409,7 +410,11 @@ def registered(name: str, defined_in: Path | None = None, *, builtin: bool = Fal
             return entry.fn
         if defined_in is not None and _is_origin(defined_in, entry.where):
             return entry.fn
-    return None
+    if builtin:
+        return None
+    from rh.claim_families import costs
+
+    return costs().get(name)
 
 
 def _is_origin(path: Path, where: str) -> bool:
