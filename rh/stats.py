@@ -32,6 +32,7 @@ __all__ = [
     "margin_test",
     "sign_test_greater",
     "mcnemar_exact",
+    "mcnemar_p",
     "bootstrap_ci",
     "paired_bootstrap_ci",
     "holm",
@@ -205,10 +206,14 @@ def mcnemar_exact(
         )
     b = int(np.count_nonzero(a & ~b_))
     c = int(np.count_nonzero(~a & b_))
+    return McNemarResult(b, c, mcnemar_p(b, c, alternative))
+
+
+def mcnemar_p(b: int, c: int, alternative: str = "greater") -> float:
+    """:func:`mcnemar_exact`'s p from its discordant counts ``b`` and ``c`` (1 when there are none)."""
     if b + c == 0:
-        return McNemarResult(b, c, 1.0)
-    p = float(_sps.binomtest(b, b + c, 0.5, alternative=alternative).pvalue)
-    return McNemarResult(b, c, min(1.0, p))
+        return 1.0
+    return min(1.0, float(_sps.binomtest(b, b + c, 0.5, alternative=alternative).pvalue))
 
 
 # --------------------------------------------------------------------------------------------

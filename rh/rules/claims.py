@@ -24,6 +24,7 @@ from rh.stats import (
     bootstrap_ci,
     headset_null_p_of_count,
     mcnemar_exact,
+    mcnemar_p,
     min_attainable_p_sign,
     sign_test_greater,
     sign_pvalues,
@@ -391,11 +392,6 @@ IV2_TEST = ("supported: intersection-union of exact paired tests (hub drop > hub
             "(Bonferroni over the two)")
 
 
-def _mcnemar_p(b: int, c: int) -> float:
-    """:func:`rh.stats.mcnemar_exact`'s one-sided p ("greater") from its counts."""
-    return 1.0 if b + c == 0 else min(1.0, float(_sps.binomtest(b, b + c, 0.5, alternative="greater").pvalue))
-
-
 def position_ranges(base: np.ndarray, hub: np.ndarray, other: np.ndarray, *, hub_min: float,
                     nonhub_max: float) -> dict[str, tuple[float, float]]:
     """IV-2's five p-values, each as (least, largest) over every completion of the items unread
@@ -412,7 +408,7 @@ def position_ranges(base: np.ndarray, hub: np.ndarray, other: np.ndarray, *, hub
     u = int((~both).sum())
     return {"p1": hub_part.p_range(hub_min, "greater"), "r1": hub_part.p_range(hub_min, "less"),
             "p2": other_part.p_range(nonhub_max, "less"), "r2": other_part.p_range(nonhub_max, "greater"),
-            "p3": (_mcnemar_p(b + u, c), _mcnemar_p(b, c + u))}
+            "p3": (mcnemar_p(b + u, c), mcnemar_p(b, c + u))}
 
 
 def position_decided(base: np.ndarray, hub: np.ndarray, other: np.ndarray, *, hub_min: float = 0.10,
@@ -423,13 +419,17 @@ def position_decided(base: np.ndarray, hub: np.ndarray, other: np.ndarray, *, hu
     2 min(r1, r2) < α, sure when the smaller largest r is below α/2 and ruled out when both least r
     are not. Sound (a status is returned only if every completion gives it; ``tests/test_curtail.py``
     enumerates them), not always tight."""
-    from rh.rules.paired import _status
-
     base = np.asarray(base, float)
     if floor_reason(float(base.mean()) if base.size else None, baseline_floor):
         return "inconclusive"
-    rg = position_ranges(base, np.asarray(hub, float), np.asarray(other, float), hub_min=hub_min,
-                         nonhub_max=nonhub_max)
+    return _position_status(position_ranges(base, np.asarray(hub, float), np.asarray(other, float), hub_min=hub_min,
+                                            nonhub_max=nonhub_max), alpha)
+
+
+def _position_status(rg: Mapping[str, tuple[float, float]], alpha: float) -> str | None:
+    """:func:`position_decided` from the ranges (:func:`position_ranges`) of a baseline above the floor."""
+    from rh.rules.paired import _status
+
     sup_hi = max(rg[k][1] for k in ("p1", "p2", "p3"))
     sup_lo = max(rg[k][0] for k in ("p1", "p2", "p3"))
     sup = True if sup_hi < alpha else False if sup_lo >= alpha else None
@@ -496,21 +496,20 @@ def _position_curtailed(base, hub, other, *, hub_min, nonhub_max, alpha, baselin
                         describe) -> Verdict:
     """:func:`position` on curtailed arms: the full evaluation's status (:func:`position_decided`,
     refused where still open), its reported figures from the items read in both arms."""
-    status = position_decided(base, hub, other, hub_min=hub_min, nonhub_max=nonhub_max, alpha=alpha,
-                              baseline_floor=baseline_floor)
-    if status is None:
-        raise ValueError("IV-2: the patched arms were stopped before the status was decided: evaluate their "
-                         "remaining items")
     read = ~np.isnan(hub) & ~np.isnan(other)
     k, n = int(read.sum()), len(base)
     floor = floor_reason(float(base.mean()) if n else None, baseline_floor)
+    rg = None if floor else position_ranges(base, hub, other, hub_min=hub_min, nonhub_max=nonhub_max)
+    status = "inconclusive" if floor else _position_status(rg, alpha)  # position_decided, the ranges read once
+    if status is None:
+        raise ValueError("IV-2: the patched arms were stopped before the status was decided: evaluate their "
+                         "remaining items")
     if floor or k == 0:
         return inconclusive("IV-2", params, floor or "no item was read", IV2_TEST, alpha, n,
                             {**(details or {}), "baseline_accuracy": float(base.mean()) if n else None},
                             min_effect=hub_min, power=_position_power(n, hub_min, nonhub_max, alpha))
     full = position(base[read], hub[read], other[read], hub_min=hub_min, nonhub_max=nonhub_max, alpha=alpha,
                     baseline_floor=0.0, params=params, details=details, describe=describe)
-    rg = position_ranges(base, hub, other, hub_min=hub_min, nonhub_max=nonhub_max)
     p_sup = max(rg[k_][1] for k_ in ("p1", "p2", "p3"))
     p_ref = min(1.0, 2 * min(rg["r1"][1], rg["r2"][1]))
     why = {"supported": f"all three tests reject whatever the unread items show (largest p = {p_sup:.3g})",
