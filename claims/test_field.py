@@ -12,13 +12,16 @@ pytestmark = pytest.mark.slow
 # ------------------------------------------------------------------------------------------ ID-7
 
 @pytest.fixture(scope="session")
-def method_scores(rh_model, ca_identify, profile):
+def method_scores(rh_model, ca_identify, profile, identify_ranking, pytestconfig):
     """Per-input head scores of each further identification method: QRHead's query-focused score on
     the identification prompts, the echo and induction scores on random repeated tokens (one pass
-    for both)."""
+    for both). They go through the ranking cache, identified in float32 on the CPU as the rankings
+    are (--recompute computes them again)."""
     from rh.field import identification_scores
+    from rh.pytest_plugin import ranking_cache
 
-    return identification_scores(rh_model, ca_identify, profile)
+    return identification_scores(rh_model, ca_identify, profile, cache_dir=ranking_cache(pytestconfig),
+                                 recompute=pytestconfig.getoption("--recompute"), identify=identify_ranking)
 
 
 @pytest.fixture(scope="session")

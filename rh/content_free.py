@@ -185,3 +185,71 @@ def identify_content_free(model: LoadedModel, method: str, *, n_sequences: int =
         if key in getattr(model, "provenance", {}):
             prov.setdefault(key, model.provenance[key])
     return Ranking(method, shape, scores, prov)
+
+
+CONTENT_FREE_VERSION = 1  # bump when the sequences or the scores change: it re-keys the cache
+
+
+def content_free_provenance(model: LoadedModel, method: str, *, n_sequences: int, seq_len: int,
+                            repeats: int = REPEATS, seed: int = 0, bos: bool = True) -> dict[str, Any]:
+    """Everything that determines ``method``'s content-free scores of ``model``: the cache key is
+    derived from it. The dtype is the one rankings are identified in (float32 on the CPU, whatever
+    the session's dtype: :func:`rh.pipeline.identification_dtype`)."""
+    from rh.pipeline import identification_dtype
+
+    if method not in METHODS:
+        raise ValueError(f"unknown content-free method {method!r}: use one of {', '.join(METHODS)}")
+    prov = model.provenance
+    return {"model_id": prov["model_id"], "revision": prov["revision"], "dtype": identification_dtype(model),
+            "quant": prov["quant"], "shape": model.shape.as_dict(), "method": method, "content_free": True,
+            "content_free_version": CONTENT_FREE_VERSION, "n_sequences": n_sequences, "seq_len": seq_len,
+            "repeats": repeats, "seed": seed, "bos": bool(bos)}
+
+
+def cached_content_free_scores(model: LoadedModel, methods: Sequence[str], *, n_sequences: int, seq_len: int,
+                               cache_dir: Any, repeats: int = REPEATS, seed: int = 0, batch_size: int = 8,
+                               bos: bool = True, recompute: bool = False) -> dict[str, SampleScores]:
+    """Per-sequence scores of each of ``methods`` through the ranking cache, as the identification
+    rankings are (:func:`rh.pipeline.cached_identification`): each method's ranking (the mean score)
+    and its per-sequence scores (``.samples.npz``) are one cache entry, keyed by
+    :func:`content_free_provenance`. A miss runs one pass that scores every method asked for (one
+    capture gives both), in the identification dtype (float32 on the CPU), and stores them; ``recompute``
+    computes them again."""
+    from rh.pipeline import identification_model, load_sample_scores, samples_path, save_sample_scores
+    from rh.rankings import cache_path, cached_ranking
+
+    methods = tuple(methods)
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise ValueError(f"unknown content-free method {bad or methods!r}: use one of {', '.join(METHODS)}")
+    provs = {m: content_free_provenance(model, m, n_sequences=n_sequences, seq_len=seq_len, repeats=repeats,
+                                        seed=seed, bos=bos) for m in methods}
+    computed: dict[str, Any] = {}
+
+    def compute(m: str) -> Ranking:
+        if not computed:
+            t0 = time.perf_counter()
+            scorer = identification_model(model, provs[m]["dtype"])
+            computed.update(content_free_scores(scorer, methods, n_sequences=n_sequences,
+                                                seq_len=seq_len, repeats=repeats, seed=seed,
+                                                batch_size=batch_size, bos=bos))
+            computed["runtime_s"] = round(time.perf_counter() - t0, 2)
+        scored = computed[m]
+        save_sample_scores(samples_path(cache_path(cache_dir, provs[m])), scored)
+        mean = scored.scores.mean(axis=0)
+        shape = model.shape
+        scores = {Head(l, h): float(mean[l, h]) for l in range(shape.n_layers) for h in range(shape.n_heads)}
+        return Ranking(m, shape, scores, {**provs[m], "rh_version": rh.__version__,
+                                          "runtime_s": computed["runtime_s"]})
+
+    out: dict[str, SampleScores] = {}
+    for m in methods:
+        _, path, _ = cached_ranking(cache_dir, provs[m], lambda m=m: compute(m), shape=model.shape,
+                                    recompute=recompute)
+        scored = load_sample_scores(path)
+        if scored is None:  # the entry lost its per-sequence scores: compute them again
+            _, path, _ = cached_ranking(cache_dir, provs[m], lambda m=m: compute(m), shape=model.shape,
+                                        recompute=True)
+            scored = load_sample_scores(path)
+        out[m] = scored
+    return out

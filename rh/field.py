@@ -26,11 +26,17 @@ def flat_index(heads: Sequence[Head], shape: HeadShape) -> np.ndarray:
     return np.array([h.layer * shape.n_heads + h.head for h in heads], dtype=int)
 
 
-def identification_scores(model: LoadedModel, samples: Sequence[Sample], profile: Any) -> dict[str, Any]:
+def identification_scores(model: LoadedModel, samples: Sequence[Sample], profile: Any, *, cache_dir: Any = None,
+                          recompute: bool = False, identify: Any = None) -> dict[str, Any]:
     """Per-input head scores (:class:`rh.scoring.SampleScores`) of each method in
     ``profile.id_methods``: ``qrhead`` on ``samples`` (the identification prompts sum attention
-    ranked on), ``echo`` and ``induction`` on random repeated tokens (one capture gives both)."""
-    from rh.content_free import content_free_scores
+    ranked on), ``echo`` and ``induction`` on random repeated tokens (one capture gives both).
+
+    With ``cache_dir`` they go through the ranking cache as the rankings do, identified in the same
+    dtype (float32 on the CPU): ``identify(samples, method, with_scores=True)`` (the plugin's
+    ``identify_ranking``) for qrhead, :func:`rh.content_free.cached_content_free_scores` for the
+    content-free scores. Without it they are computed on ``model`` as it is."""
+    from rh.content_free import cached_content_free_scores, content_free_scores
     from rh.scoring import score_samples
 
     methods = tuple(profile.id_methods)
@@ -39,13 +45,18 @@ def identification_scores(model: LoadedModel, samples: Sequence[Sample], profile
         raise ValueError(f"id_methods={methods}: unknown method(s) {unknown}; use qrhead, echo, induction")
     out: dict[str, Any] = {}
     if "qrhead" in methods:
-        out["qrhead"] = score_samples(model, samples, "qrhead", batch_size=profile.batch_size, progress=False)
-    free = [m for m in methods if m in ("echo", "induction")]
+        if identify is not None:
+            out["qrhead"] = identify(samples, "qrhead", with_scores=True)[3]
+        else:
+            out["qrhead"] = score_samples(model, samples, "qrhead", batch_size=profile.batch_size, progress=False)
+    free = tuple(m for m in methods if m in ("echo", "induction"))
     if free:
-        out.update(content_free_scores(model, tuple(free), n_sequences=profile.content_free_n,
-                                       seq_len=profile.content_free_len,
-                                       seed=prompt_seed(profile.sample_seed, "content_free"),
-                                       batch_size=profile.batch_size))
+        kwargs = dict(n_sequences=profile.content_free_n, seq_len=profile.content_free_len,
+                      seed=prompt_seed(profile.sample_seed, "content_free"), batch_size=profile.batch_size)
+        if cache_dir is not None:
+            out.update(cached_content_free_scores(model, free, cache_dir=cache_dir, recompute=recompute, **kwargs))
+        else:
+            out.update(content_free_scores(model, free, **kwargs))
     return out
 
 

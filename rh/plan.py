@@ -282,6 +282,27 @@ class PlanContext:
         self._cache[key] = out
         return out
 
+    def content_free_status(self, methods: Sequence[str]) -> tuple[str, Path | None]:
+        """``("cached", path)`` when every one of ``methods``' content-free scores (ID-7's echo and
+        induction) is in the ranking cache, ``("not cached", path)`` when one is not, ``("unknown",
+        None)`` where the key cannot be known without the weights."""
+        if self.planned_model is None or self.cache_dir is None:
+            return ("unknown", None)
+        from rh.content_free import content_free_provenance
+        from rh.pipeline import samples_path
+        from rh.rankings import cache_path
+        from rh.seeds import prompt_seed
+
+        p = self.profile
+        path = None
+        for m in methods:
+            prov = content_free_provenance(self.planned_model, m, n_sequences=p.content_free_n,
+                                           seq_len=p.content_free_len, seed=prompt_seed(p.sample_seed, "content_free"))
+            path = cache_path(self.cache_dir, prov)
+            if self.recompute or not (path.exists() and samples_path(path).exists()):
+                return ("not cached", path)
+        return ("cached", path)
+
     @property
     def ranking(self) -> Any:
         """The ranking under test when it is known before the run (``--rankings``/``--heads``, or
@@ -510,16 +531,25 @@ def _method_scores(ctx):
     p = ctx.profile
     rows = []
     if "qrhead" in p.id_methods:
-        rows.append(forward_cost("method_scores", ["qrhead"], ctx.ca_identify, ctx, answer=False))
-        rows.append(CostRow("method_scores", ("qrhead's null-query calibration: the question onwards, on the cache",),
-                            1, len(ctx.ca_identify), 32.0, ctx.layers, note="about 32 tokens a prompt (estimated)"))
+        status = ctx.ranking_status(ctx.ca_identify, "qrhead", with_scores=True)
+        rows.append(identification_cost("method_scores", ctx.ca_identify, "qrhead", ctx, status))
+        if status[0] != "cached" and rows[-1].token_layers:
+            rows.append(CostRow("method_scores", ("qrhead's null-query calibration: the question onwards, on the cache",),
+                                1, len(ctx.ca_identify), 32.0, ctx.layers, note="about 32 tokens a prompt (estimated)"))
     free = [m for m in p.id_methods if m in ("echo", "induction")]
     if free:
         from rh.content_free import REPEATS
 
-        tokens = REPEATS * p.content_free_len + 1  # the copies of the random block, after the BOS
-        rows.append(CostRow("method_scores", (f"{' and '.join(free)} on {p.content_free_n} random sequences",), 1,
-                            p.content_free_n, float(tokens), ctx.layers, note="one pass gives both scores"))
+        label = f"{' and '.join(free)} on {p.content_free_n} random sequences"
+        state, path = ctx.content_free_status(free)
+        if state == "cached":
+            rows.append(CostRow("method_scores", (f"{label}: cached",), 0, p.content_free_n, 0.0, ctx.layers,
+                                note=path.name if path is not None else ""))
+        else:
+            tokens = REPEATS * p.content_free_len + 1  # the copies of the random block, after the BOS
+            rows.append(CostRow("method_scores", (label,), 1, p.content_free_n, float(tokens), ctx.layers,
+                                note="one pass gives both scores; " + ("not cached" if state == "not cached"
+                                                                        else "if not cached")))
     return rows
 
 

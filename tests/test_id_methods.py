@@ -258,3 +258,44 @@ def test_identify_content_free_is_a_seeded_ranking_of_every_head(tiny):
     assert identify_content_free(tiny, "echo", n_sequences=1, seq_len=16, seed=3).method == "echo"
     with pytest.raises(ValueError, match="content-free method"):
         identify_content_free(tiny, "qrhead", n_sequences=1, seq_len=8)
+
+
+def test_content_free_scores_through_the_cache_are_the_computed_ones_and_a_hit_runs_no_pass(tiny, tmp_path):
+    """The cached path stores what content_free_scores computes (one entry per method, with its
+    per-sequence scores), a second call reads them back without a forward pass, and --recompute runs
+    the pass again. Would catch: a hit that recomputes, scores saved under the wrong method or
+    shuffled, an entry keyed without the seed."""
+    from rh.budget import TokenLayerCounter
+    from rh.content_free import cached_content_free_scores, content_free_provenance
+    from rh.rankings import cache_path, check_entry
+
+    kw = dict(n_sequences=2, seq_len=16, seed=3, batch_size=2)
+    direct = content_free_scores(tiny, ("echo", "induction"), **kw)
+    counter = TokenLayerCounter()
+    handle = counter.attach(tiny.model)
+    try:
+        first = cached_content_free_scores(tiny, ("echo", "induction"), cache_dir=tmp_path, **kw)
+        after_first = counter.total
+        again = cached_content_free_scores(tiny, ("induction",), cache_dir=tmp_path, **kw)
+        after_hit = counter.total
+        cached_content_free_scores(tiny, ("echo",), cache_dir=tmp_path, recompute=True, **kw)
+        after_recompute = counter.total
+    finally:
+        handle.remove()
+    assert after_first == 2 * (1 + 4 * 16) * tiny.shape.n_layers  # one pass gives both: 2 sequences, BOS + 4 copies
+    assert after_hit == after_first and after_recompute == 2 * after_first
+    for m in ("echo", "induction"):
+        np.testing.assert_array_equal(first[m].scores, direct[m].scores)
+        assert first[m].ids == direct[m].ids and first[m].method == m
+        path = cache_path(tmp_path, content_free_provenance(tiny, m, n_sequences=2, seq_len=16, seed=3))
+        check_entry(path)  # checksummed as the rankings are
+        r = Ranking.load(path, shape=tiny.shape)
+        assert r.method == m and r.provenance["seed"] == 3 and r.provenance["dtype"] == "float32"
+        np.testing.assert_allclose([r.scores[h] for h in tiny.shape.all_heads()],
+                                   direct[m].scores.mean(axis=0).ravel(), rtol=1e-12)
+    np.testing.assert_array_equal(again["induction"].scores, direct["induction"].scores)
+    other = content_free_provenance(tiny, "echo", n_sequences=2, seq_len=16, seed=4)
+    assert cache_path(tmp_path, other) != cache_path(tmp_path, content_free_provenance(
+        tiny, "echo", n_sequences=2, seq_len=16, seed=3))
+    with pytest.raises(ValueError, match="content-free method"):
+        cached_content_free_scores(tiny, ("qrhead",), cache_dir=tmp_path, **kw)

@@ -243,3 +243,27 @@ def test_iv4_plans_no_pass_for_a_donor_of_another_shape():
     assert other == 0
     prompts = ctx.fresh(ctx.profile.iv_n, "interventions")
     assert same == 2 * sum(p.length + p.answer_tokens - 1 for p in prompts) * 30
+
+
+def test_id7_method_scores_are_planned_free_where_the_run_cached_them(smollm2_ctx, tmp_path):
+    """The committed cache holds what the run identified for ID-7 (QRHead on the identification
+    prompts, echo and induction on random sequences), under the keys the plan computes without the
+    weights: 0 token-layers. An empty cache plans the passes: QRHead one pass over each
+    identification prompt, the content-free scores one pass of BOS + 4 copies per sequence. Would
+    catch: a plan key that differs from the run's (planning passes a run never makes), or a cache
+    the plan cannot see."""
+    from rh.content_free import REPEATS
+    from rh.plan import PlanContext, padded_tokens
+
+    rows = _rows("method_scores", smollm2_ctx)
+    assert sum(r.token_layers for r in rows) == 0
+    assert all("cached" in " ".join(r.conditions) for r in rows) and len(rows) == 2
+    ctx = smollm2_ctx
+    empty = PlanContext(ctx.profile, ctx.shape, model="smollm2-135m", cache_dir=tmp_path,
+                        planned_model=ctx.planned_model)
+    rows = _rows("method_scores", empty)
+    p = ctx.profile
+    qr = [r for r in rows if r.conditions[0].startswith("identification (qrhead)")]
+    free = [r for r in rows if "random sequences" in r.conditions[0]]
+    assert qr[0].token_layers == padded_tokens(empty.ca_identify, p.batch_size, answer=False) * 30
+    assert free[0].token_layers == p.content_free_n * (REPEATS * p.content_free_len + 1) * 30
