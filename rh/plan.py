@@ -213,6 +213,7 @@ class PlanContext:
         self.recompute = recompute
         self._cache: dict[Any, Any] = {}
         self.identified: dict[Any, str] = {}  # identifications planned so far -> the fixture that computes it
+        self.paid: set[str] = set()  # the session fixtures earlier claims of the plan paid for (plan_items keeps it)
 
     @property
     def layers(self) -> int:
@@ -668,8 +669,12 @@ def _sweep_prompts(ctx):
 
 
 def _sweep_baseline(ctx):
-    return forward_cost("sweep_baseline", ["baseline"], _sweep_prompts(ctx), ctx,
-                        note="CA-6's rows where its baselines ran first (the results store)")
+    prompts = _sweep_prompts(ctx)
+    if ctx.paid & {"ca6_verdicts", "ca6_decode_verdicts"}:  # CA-6 evaluated every one of its prompts' baselines
+        return CostRow("sweep_baseline", ("baseline: CA-6's rows in the results store",), 0, len(prompts), 0.0,
+                       ctx.layers)
+    return forward_cost("sweep_baseline", ["baseline"], prompts, ctx,
+                        note="CA-6's rows instead where CA-6 runs first (the results store)")
 
 
 def _sweep_savings(ctx) -> str:
@@ -875,7 +880,7 @@ def plan_items(items: Sequence[Any], ctx: PlanContext, *, expected: Any = None) 
     fixtures it uses that no earlier item paid for (function-scoped ones every time) and for its
     own body. ``expected``: an :class:`rh.expected.Expected` whose recorded token-layers and
     seconds are set beside each claim (the same share: its body plus the fixtures it pays for)."""
-    paid: set[str] = set()
+    paid: set[str] = ctx.paid
     claims = []
     rec_fx = dict(expected.fixture_token_layers) if expected is not None else {}
     rec_fs = dict(expected.fixture_seconds) if expected is not None else {}

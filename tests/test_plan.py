@@ -267,3 +267,39 @@ def test_id7_method_scores_are_planned_free_where_the_run_cached_them(smollm2_ct
     free = [r for r in rows if "random sequences" in r.conditions[0]]
     assert qr[0].token_layers == padded_tokens(empty.ca_identify, p.batch_size, answer=False) * 30
     assert free[0].token_layers == p.content_free_n * (REPEATS * p.content_free_len + 1) * 30
+
+
+def _planned_by_claim(stdout: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for line in stdout.splitlines():
+        m = re.match(r"^((?:CA|ID|IV)-\d+)(\[\S*\])?\s+[\d,]+\s+[\d,]+\s+([\d,]+|unknown)\s", line)
+        if m:
+            assert m.group(3) != "unknown", line
+            out[m.group(1)] = out.get(m.group(1), 0) + int(m.group(3).replace(",", ""))
+    return out
+
+
+@pytest.mark.slow  # the tiny catalogue with every pass in full, and its plan, in subprocesses (about 1 min)
+def test_the_plan_bounds_a_plain_run_of_the_tiny_catalogue_claim_by_claim(tmp_path):
+    """--plan before a run, then the run with --plain (every pass in full) on tiny-llama, from an
+    empty ranking cache: per claim id, the planned token-layers are at least the counted ones (the
+    plan is the plain bound; a claim it under-plans is a pass it does not know of), and equal for
+    the claims whose passes are neither skipped below the floor (the tiny model does not retrieve)
+    nor served from rows another claim put in the results store."""
+    common = ["claims/", "--model", "tiny-llama", "-p", "no:cacheprovider", "--ranking-cache", str(tmp_path / "rk"),
+              "-W", "ignore::pytest.PytestAssertRewriteWarning"]
+    plan = subprocess.run([sys.executable, "-m", "pytest", *common, "--plan", "-q"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert plan.returncode == 0, plan.stdout[-3000:] + plan.stderr[-3000:]
+    run = subprocess.run([sys.executable, "-m", "pytest", *common, "--plain", "-q", "--report-dir",
+                          str(tmp_path / "rep")], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert run.returncode in (0, 1), run.stdout[-3000:] + run.stderr[-3000:]
+    (report,) = (tmp_path / "rep").glob("*.json")
+    counted = json.loads(report.read_text())["meta"]["cost"]["by_claim"]
+    planned = _planned_by_claim(plan.stdout)
+    assert set(planned) == set(counted)
+    under = {c: (planned[c], counted[c]) for c in counted if planned[c] < counted[c]}
+    assert not under, f"planned below the plain run: {under}"
+    exact = ("CA-1", "CA-2", "CA-4", "CA-6", "CA-7", "CA-8", "CA-9", "ID-2", "IV-1", "IV-2", "IV-3")
+    assert {c: planned[c] for c in exact} == {c: counted[c] for c in exact}
+    assert sum(counted[c] for c in exact) > 0 and sum(counted.values()) > 0
