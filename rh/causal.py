@@ -336,13 +336,18 @@ def inverse_ablation(model: LoadedModel, samples: Sequence[Sample], ranking: Ran
                      n_boot: int = 10_000, seed: int = 0, stop_early: bool | None = None) -> dict[int, Verdict]:
     """CA-3: ablating the K lowest-scoring heads keeps accuracy within ``margin`` of the baseline
     (non-inferiority: the lower confidence bound of the mean change is >= -margin), Holm across K.
-    The ablations are curtailed (:mod:`rh.curtail`; ``stop_early=False`` reads every item)."""
+    The ablations are curtailed (:mod:`rh.curtail`; ``stop_early=False`` reads every item), and
+    left unread below the floor (:func:`floor_decides`), which decides every K."""
     from rh.curtail import Arm, curtailed, paired_decider
     from rh.rules.claims import inverse_bounds
 
+    from rh.budget import note_saved, stops_early
+
     base = baseline.set_index("id").loc[[s.id for s in samples], "correct"].to_numpy(dtype=float)
     ablated = {}
-    if base.mean() >= baseline_floor:  # below it the verdicts are inconclusive whatever the ablation does
+    if floor_decides(base, baseline_floor, stops_early(stop_early)):  # inconclusive whatever the ablation does
+        note_saved("floor", _plain_token_layers(model, samples) * len(levels))
+    else:
         arms = {k: Arm(samples, base, Ablation(f"bottom{k}", tuple(ranking.bottom(k)), selection="bottom"))
                 for k in levels}
         ablated = curtailed(model, arms, paired_decider(bounds=inverse_bounds(margin), alpha=alpha,

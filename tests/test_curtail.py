@@ -343,3 +343,30 @@ def test_iv2_is_declared_exactly_when_every_completion_gives_its_status(seed):
                 if base.mean() >= 0.5 and (~np.isnan(h) & ~np.isnan(o)).any():
                     assert v.details["curtailed"]["items"] == n
     assert declared > checked // 3
+
+
+def test_ca3_below_the_floor_reads_no_ablation_and_counts_it_saved_unless_plain(tiny, many):
+    """CA-3 with a baseline below the floor is inconclusive whatever its ablations show: they are
+    left unread and their plain passes go to the ledger as "floor" (each level over every prompt);
+    under --plain they are read, and the verdicts are the same. Would catch: the floor skip counting
+    nothing saved, or --plain skipping passes (then --plan and a plain run disagree)."""
+    import pandas as pd
+
+    from rh.budget import plain_passes, saved_token_layers
+    from rh.causal import inverse_ablation
+    from rh.rankings import Ranking
+
+    rng = np.random.default_rng(1)
+    shape = tiny.shape
+    ranking = Ranking("t", shape, {h: float(x) for h, x in zip(shape.all_heads(), rng.random(shape.n_total))})
+    low = pd.DataFrame({"id": [s.id for s in many], "correct": [i % 4 == 0 for i in range(len(many))]})
+    before = saved_token_layers().get("floor", 0)
+    fast, cost_fast = _counted(tiny, lambda: inverse_ablation(tiny, many, ranking, (2, 4), low, batch_size=8))
+    noted = saved_token_layers().get("floor", 0) - before
+    with plain_passes():
+        full, cost_full = _counted(tiny, lambda: inverse_ablation(tiny, many, ranking, (2, 4), low, batch_size=8))
+    plain = sum(len(s.input_ids) + len(s.answer_ids) - 1 for s in many) * shape.n_layers
+    assert cost_fast == 0 and noted == 2 * plain
+    assert cost_full >= 2 * plain  # both levels over every prompt (padding included)
+    assert {k: (v.status, v.reason) for k, v in fast.items()} == {k: (v.status, v.reason) for k, v in full.items()}
+    assert all(v.status == "inconclusive" and "floor" in v.reason for v in fast.values())
