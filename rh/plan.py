@@ -55,7 +55,7 @@ import mmap
 import random
 import re
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -90,11 +90,12 @@ class CostRow:
     layers: int
     savings: str = ""
     note: str = ""
+    stored: int = 0  # of the n_conditions x prompts rows, those the results store holds already (no pass)
 
     @property
     def passes(self) -> int:
         """Forward passes of one prompt (a batch of b prompts is b passes)."""
-        return self.n_conditions * self.prompts
+        return self.n_conditions * self.prompts - self.stored
 
     @property
     def token_layers(self) -> int:
@@ -104,6 +105,10 @@ class CostRow:
         conds = ", ".join(self.conditions)
         if self.n_conditions == 0:
             text = f"{self.name}: {conds}" if conds else f"{self.name}: no passes"
+        elif self.stored:
+            text = (f"{self.name}: {self.n_conditions} condition{'s' if self.n_conditions > 1 else ''} ({conds}) x "
+                    f"{self.prompts} prompts, {self.stored} of the rows from the results store: {self.passes} passes x "
+                    f"{self.tokens:.4g} tokens x {self.layers} layers = {self.token_layers:,}")
         else:
             what = f"{self.n_conditions} conditions ({conds})" if self.n_conditions > 1 else conds
             prompts = f"{self.prompts} prompt{'s' if self.prompts != 1 else ''}"
@@ -130,6 +135,7 @@ class PlannedPrompt:
     group: str
     answer: str
     answer_tokens: int  # estimated (:func:`answer_token_estimate`)
+    seed: int = 0  # the sweep's: with ``id``, which prompt it is (fresh sets reuse ids with other seeds)
 
 
 _TOKEN = re.compile(r"\d|[^\w\s]|[^\W\d_]+")
@@ -154,7 +160,7 @@ def planned_prompts(sweep: Sweep) -> list[PlannedPrompt]:
             rng = random.Random(f"{sweep.seed}:value:{name}:{group}")
             _, answer = get_task(name).make(rng)
             out.append(PlannedPrompt(f"{name}-{group}", name, length, depth, group, answer,
-                                     answer_token_estimate(answer)))
+                                     answer_token_estimate(answer), sweep.seed))
     return out
 
 
@@ -214,6 +220,7 @@ class PlanContext:
         self._cache: dict[Any, Any] = {}
         self.identified: dict[Any, str] = {}  # identifications planned so far -> the fixture that computes it
         self.paid: set[str] = set()  # the session fixtures earlier claims of the plan paid for (plan_items keeps it)
+        self.store: set[tuple[Hashable, int, str]] = set()  # (condition key, sweep seed, prompt id): rows planned so far
 
     @property
     def layers(self) -> int:
@@ -339,17 +346,80 @@ class PlanContext:
 def forward_cost(name: str, conditions: Sequence[str],
                  prompts: Sequence[PlannedPrompt] | Sequence[Sequence[PlannedPrompt]], ctx: PlanContext, *,
                  n_conditions: int | None = None, answer: bool = True, batch_size: int | None = None,
-                 layers: int | None = None, extra: int = 0, savings: str = "", note: str = "") -> CostRow:
+                 layers: int | None = None, extra: int = 0, savings: str = "", note: str = "",
+                 keys: Sequence[Hashable] | None = None) -> CostRow:
     """The passes of ``conditions`` over ``prompts`` (or over each group of a list of groups,
     batched separately, as a fixture that evaluates per task or per depth does). ``answer``: a
     teacher-forced pass (prompt + answer - 1 tokens); False: the prompt alone (attention capture,
-    residual probes, identification). ``n_conditions`` defaults to ``len(conditions)``."""
+    residual probes, identification). ``n_conditions`` defaults to ``len(conditions)``.
+
+    ``keys``: one key per condition (:func:`condition_key`), for teacher-forced passes the runner
+    stores: a prompt's row under a key an earlier row of the plan computed comes from the results
+    store, as in the run (:meth:`rh.runner.Runner.run` runs only the rows the store lacks)."""
     groups = [list(g) for g in prompts] if prompts and not isinstance(prompts[0], PlannedPrompt) else [list(prompts)]
+    if keys is not None:
+        return _keyed_cost(name, conditions, keys, groups, ctx, batch_size=batch_size, layers=layers,
+                           savings=savings, note=note)
     n = sum(len(g) for g in groups)
     bs = ctx.batch_size if batch_size is None else batch_size
     total = sum(padded_tokens(g, bs, answer=answer, extra=extra) for g in groups if g)
     return CostRow(name, tuple(conditions), len(conditions) if n_conditions is None else n_conditions, n,
                    total / n if n else 0.0, ctx.layers if layers is None else layers, savings, note)
+
+
+def condition_key(ctx: PlanContext, label: str, heads: Sequence[Any] | None = None, *, method: str = "zero",
+                  phase: str = "all") -> Hashable:
+    """What the results store keys a condition's rows by (:func:`rh.runner.row_key`: the heads in
+    their order, the method, the phase; the prompt's tokens beside): ``heads`` where the plan knows
+    them (the ranking cached or given), else the condition's ``label`` (then no other condition's
+    rows are taken for its own). The baseline: ``heads=()``."""
+    if heads is None:
+        return ("label", label, method, phase)
+    heads = tuple(str(h) for h in heads)
+    return ("baseline",) if not heads else ("heads", heads, method, phase)
+
+
+def top_key(ctx: PlanContext, k: int, *, phase: str = "all", method: str = "zero", drop: int | None = None) -> Hashable:
+    """:func:`condition_key` of the ranking's top ``k`` (a head set's own heads: rh.published.heads_under_test),
+    without its ``drop``-th head if given (CA-10's sets)."""
+    label = f"top{k}" + (f"-{drop}" if drop is not None else "")
+    r = ctx.ranking
+    if r is None:
+        return condition_key(ctx, label, method=method, phase=phase)
+    from rh.published import heads_under_test
+
+    try:
+        heads = list(heads_under_test(r, k))
+    except ValueError:
+        return condition_key(ctx, label, method=method, phase=phase)
+    if drop is not None:
+        heads = heads[:drop] + heads[drop + 1:]
+    return condition_key(ctx, label, heads, method=method, phase=phase)
+
+
+BASELINE_KEY: Hashable = ("baseline",)
+
+
+def _keyed_cost(name: str, conditions: Sequence[str], keys: Sequence[Hashable], groups: list[list[PlannedPrompt]],
+                ctx: PlanContext, *, batch_size: int | None, layers: int | None, savings: str, note: str) -> CostRow:
+    if len(keys) != len(conditions):
+        raise ValueError(f"{name}: {len(keys)} keys for {len(conditions)} conditions")
+    bs = ctx.batch_size if batch_size is None else batch_size
+    total = stored = 0
+    labels = []
+    for label, key in zip(conditions, keys):
+        hit = 0
+        for g in groups:
+            todo = [p for p in g if (key, p.seed, p.id) not in ctx.store]
+            hit += len(g) - len(todo)
+            total += padded_tokens(todo, bs) if todo else 0
+            ctx.store.update((key, p.seed, p.id) for p in todo)
+        stored += hit
+        labels.append(label if not hit else f"{label} ({hit} rows from the results store)")
+    n = sum(len(g) for g in groups)
+    passes = len(conditions) * n - stored
+    return CostRow(name, tuple(labels), len(conditions), n, total / passes if passes else 0.0,
+                   ctx.layers if layers is None else layers, savings, note, stored=stored)
 
 
 def identification_cost(name: str, prompts: Sequence[PlannedPrompt], method: str, ctx: PlanContext,
@@ -473,17 +543,20 @@ def _ranking(ctx: PlanContext):
 
 
 def _baseline(ctx):
-    return forward_cost("baseline", ["baseline"], ctx.validation, ctx)
+    return forward_cost("baseline", ["baseline"], ctx.validation, ctx, keys=[BASELINE_KEY])
 
 
 def _ca1_rows(ctx, name: str, tag: str, savings: str):
     p = ctx.profile
+    phase = "decode" if tag else "all"
+    top = forward_cost(name, [f"top{k}{tag}" for k in p.ablation_levels], ctx.validation, ctx, savings=savings,
+                       keys=[top_key(ctx, k, phase=phase) for k in p.ablation_levels])
     conds = []
     for k in p.ablation_levels:
-        conds += [f"top{k}{tag}", f"random{k}{tag} x{p.random_draws}"]
+        conds += [f"random{k}{tag} x{p.random_draws}"]
         conds += [f"matched{k}{tag} x{p.matched_draws}"] if p.matched_draws else []
-    n = len(p.ablation_levels) * (1 + p.random_draws + p.matched_draws)
-    return forward_cost(name, conds, ctx.validation, ctx, n_conditions=n, savings=savings)
+    n = len(p.ablation_levels) * (p.random_draws + p.matched_draws)
+    return [top, forward_cost(name, conds, ctx.validation, ctx, n_conditions=n, savings=savings)]
 
 
 def _ca1(ctx):
@@ -500,7 +573,7 @@ def _keep_prompts(ctx):
 
 
 def _keep_baseline(ctx):
-    return forward_cost("keep_baseline", ["baseline"], _keep_prompts(ctx), ctx)
+    return forward_cost("keep_baseline", ["baseline"], _keep_prompts(ctx), ctx, keys=[BASELINE_KEY])
 
 
 def _ca3(ctx):
@@ -575,8 +648,9 @@ def _ca6(ctx):
     p = ctx.profile
     fresh = ctx.fresh(p.depth_n, "depth")
     groups = [[x for x in fresh if x.depth == d] for d in p.depths]
-    return [forward_cost("ca6_verdicts", ["baseline"], groups, ctx),
-            forward_cost("ca6_verdicts", [f"top{p.id_k}"], groups, ctx, savings=f"{_PREFIX}; {_CURTAIL}")]
+    return [forward_cost("ca6_verdicts", ["baseline"], groups, ctx, keys=[BASELINE_KEY]),
+            forward_cost("ca6_verdicts", [f"top{p.id_k}"], groups, ctx, savings=f"{_PREFIX}; {_CURTAIL}",
+                         keys=[top_key(ctx, p.id_k)])]
 
 
 def _ca6_decode(ctx):
@@ -584,7 +658,8 @@ def _ca6_decode(ctx):
     p = ctx.profile
     fresh = ctx.fresh(p.depth_n, "depth")
     groups = [[x for x in fresh if x.depth == d] for d in p.depths]
-    return forward_cost("ca6_decode_verdicts", [f"top{p.id_k} (decode)"], groups, ctx, savings=f"{_FAN}; {_CURTAIL}")
+    return forward_cost("ca6_decode_verdicts", [f"top{p.id_k} (decode)"], groups, ctx, savings=f"{_FAN}; {_CURTAIL}",
+                        keys=[top_key(ctx, p.id_k, phase="decode")])
 
 
 def _iv_prompts(ctx):
@@ -592,7 +667,7 @@ def _iv_prompts(ctx):
 
 
 def _iv_baseline(ctx):
-    return forward_cost("iv_baseline", ["baseline"], _iv_prompts(ctx), ctx)
+    return forward_cost("iv_baseline", ["baseline"], _iv_prompts(ctx), ctx, keys=[BASELINE_KEY])
 
 
 def _iv1(ctx):
@@ -658,8 +733,8 @@ def _compare_ranking(ctx):
 
 def _ca2_body(ctx):
     p = ctx.profile
-    extra = [k for k in p.dose_levels if k not in p.ablation_levels]
-    return forward_cost("CA-2 body", [f"top{k}" for k in extra], ctx.validation, ctx, savings=_PREFIX)
+    return forward_cost("CA-2 body", [f"top{k}" for k in p.dose_levels], ctx.validation, ctx, savings=_PREFIX,
+                        keys=[top_key(ctx, k) for k in p.dose_levels])
 
 
 def _sweep_prompts(ctx):
@@ -669,12 +744,8 @@ def _sweep_prompts(ctx):
 
 
 def _sweep_baseline(ctx):
-    prompts = _sweep_prompts(ctx)
-    if ctx.paid & {"ca6_verdicts", "ca6_decode_verdicts"}:  # CA-6 evaluated every one of its prompts' baselines
-        return CostRow("sweep_baseline", ("baseline: CA-6's rows in the results store",), 0, len(prompts), 0.0,
-                       ctx.layers)
-    return forward_cost("sweep_baseline", ["baseline"], prompts, ctx,
-                        note="CA-6's rows instead where CA-6 runs first (the results store)")
+    return forward_cost("sweep_baseline", ["baseline"], _sweep_prompts(ctx), ctx, keys=[BASELINE_KEY],
+                        note="CA-6's rows where its baselines ran first (the results store)")
 
 
 def _sweep_savings(ctx) -> str:
@@ -685,27 +756,32 @@ def _ca9_body(ctx):
     from rh.rules.sweep import curve_levels
 
     ks = curve_levels(ctx.shape.n_total, ctx.profile.curve_fractions)
-    conds = [c for k in ks for c in (f"top{k}", f"random{k} (one per prompt)")]
-    return forward_cost("CA-9 body", conds, _sweep_prompts(ctx), ctx, savings=_sweep_savings(ctx))
+    phase, prompts = ctx.profile.sweep_phase, _sweep_prompts(ctx)
+    return [forward_cost("CA-9 body", [f"top{k}" for k in ks], prompts, ctx, savings=_sweep_savings(ctx),
+                         keys=[top_key(ctx, k, phase=phase) for k in ks]),
+            forward_cost("CA-9 body", [f"random{k} (one per prompt)" for k in ks], prompts, ctx,
+                         savings=_sweep_savings(ctx))]
 
 
 def _ca10_body(ctx):
-    k = ctx.profile.id_k
-    return forward_cost("CA-10 body", [f"top{k}", f"top{k} but one head x{k}"], _sweep_prompts(ctx), ctx,
-                        n_conditions=k + 1, savings=_sweep_savings(ctx))
+    k, phase = ctx.profile.id_k, ctx.profile.sweep_phase
+    return forward_cost("CA-10 body", [f"top{k}"] + [f"top{k} but head {i + 1}" for i in range(k)], _sweep_prompts(ctx),
+                        ctx, savings=_sweep_savings(ctx),
+                        keys=[top_key(ctx, k, phase=phase)] + [top_key(ctx, k, phase=phase, drop=i) for i in range(k)])
 
 
 def _ca2_decode_body(ctx):
     p = ctx.profile
-    extra = [k for k in p.dose_levels if k not in p.ablation_levels]
-    return forward_cost("CA-2 decode body", [f"top{k} (decode)" for k in extra], ctx.validation, ctx, savings=_FAN)
+    return forward_cost("CA-2 decode body", [f"top{k} (decode)" for k in p.dose_levels], ctx.validation, ctx,
+                        savings=_FAN, keys=[top_key(ctx, k, phase="decode") for k in p.dose_levels])
 
 
 def _ca5_body(ctx):
     probe = ctx.validation[:4]
     return [forward_cost("CA-5 body", ["query", "logits", "zero"], probe, ctx, answer=False,
                          note="the heads' outputs on 4 prompts"),
-            forward_cost("CA-5 body", ["zero", "query", "logits"], ctx.validation, ctx, savings=_PREFIX)]
+            forward_cost("CA-5 body", ["zero", "query", "logits"], ctx.validation, ctx, savings=_PREFIX,
+                         keys=[top_key(ctx, ctx.profile.id_k, method=m) for m in ("zero", "query", "logits")])]
 
 
 def _id2_body(ctx):
