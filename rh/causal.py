@@ -338,10 +338,9 @@ def inverse_ablation(model: LoadedModel, samples: Sequence[Sample], ranking: Ran
     (non-inferiority: the lower confidence bound of the mean change is >= -margin), Holm across K.
     The ablations are curtailed (:mod:`rh.curtail`; ``stop_early=False`` reads every item), and
     left unread below the floor (:func:`floor_decides`), which decides every K."""
+    from rh.budget import note_saved, stops_early
     from rh.curtail import Arm, curtailed, paired_decider
     from rh.rules.claims import inverse_bounds
-
-    from rh.budget import note_saved, stops_early
 
     base = baseline.set_index("id").loc[[s.id for s in samples], "correct"].to_numpy(dtype=float)
     ablated = {}

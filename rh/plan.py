@@ -219,7 +219,6 @@ class PlanContext:
         self.recompute = recompute
         self._cache: dict[Any, Any] = {}
         self.identified: dict[Any, str] = {}  # identifications planned so far -> the fixture that computes it
-        self.paid: set[str] = set()  # the session fixtures earlier claims of the plan paid for (plan_items keeps it)
         self.store: set[tuple[Hashable, int, str]] = set()  # (condition key, sweep seed, prompt id): rows planned so far
 
     @property
@@ -367,7 +366,7 @@ def forward_cost(name: str, conditions: Sequence[str],
                    total / n if n else 0.0, ctx.layers if layers is None else layers, savings, note)
 
 
-def condition_key(ctx: PlanContext, label: str, heads: Sequence[Any] | None = None, *, method: str = "zero",
+def condition_key(label: str, heads: Sequence[Any] | None = None, *, method: str = "zero",
                   phase: str = "all") -> Hashable:
     """What the results store keys a condition's rows by (:func:`rh.runner.row_key`: the heads in
     their order, the method, the phase; the prompt's tokens beside): ``heads`` where the plan knows
@@ -385,16 +384,16 @@ def top_key(ctx: PlanContext, k: int, *, phase: str = "all", method: str = "zero
     label = f"top{k}" + (f"-{drop}" if drop is not None else "")
     r = ctx.ranking
     if r is None:
-        return condition_key(ctx, label, method=method, phase=phase)
+        return condition_key(label, method=method, phase=phase)
     from rh.published import heads_under_test
 
     try:
         heads = list(heads_under_test(r, k))
     except ValueError:
-        return condition_key(ctx, label, method=method, phase=phase)
+        return condition_key(label, method=method, phase=phase)
     if drop is not None:
         heads = heads[:drop] + heads[drop + 1:]
-    return condition_key(ctx, label, heads, method=method, phase=phase)
+    return condition_key(label, heads, method=method, phase=phase)
 
 
 BASELINE_KEY: Hashable = ("baseline",)
@@ -956,7 +955,7 @@ def plan_items(items: Sequence[Any], ctx: PlanContext, *, expected: Any = None) 
     fixtures it uses that no earlier item paid for (function-scoped ones every time) and for its
     own body. ``expected``: an :class:`rh.expected.Expected` whose recorded token-layers and
     seconds are set beside each claim (the same share: its body plus the fixtures it pays for)."""
-    paid: set[str] = ctx.paid
+    paid: set[str] = set()
     claims = []
     rec_fx = dict(expected.fixture_token_layers) if expected is not None else {}
     rec_fs = dict(expected.fixture_seconds) if expected is not None else {}
