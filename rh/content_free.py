@@ -174,17 +174,21 @@ def identify_content_free(model: LoadedModel, method: str, *, n_sequences: int =
     t0 = time.perf_counter()
     scored = content_free_scores(model, method, n_sequences=n_sequences, seq_len=seq_len, repeats=repeats,
                                  seed=seed, batch_size=batch_size, bos=bos)
-    mean = scored.scores.mean(axis=0)
-    shape = model.shape
-    scores = {Head(l, h): float(mean[l, h]) for l in range(shape.n_layers) for h in range(shape.n_heads)}
     prov = dict(provenance or {})
     prov.update({"method": method, "seed": seed, "n_sequences": n_sequences, "seq_len": seq_len,
-                 "repeats": repeats, "bos": bool(bos), "content_free": True, "rh_version": rh.__version__,
+                 "repeats": repeats, "bos": bool(bos), "content_free": True,
                  "runtime_s": round(time.perf_counter() - t0, 2)})
     for key in ("model_id", "revision", "dtype"):
         if key in getattr(model, "provenance", {}):
             prov.setdefault(key, model.provenance[key])
-    return Ranking(method, shape, scores, prov)
+    return _mean_ranking(scored, model.shape, prov)
+
+
+def _mean_ranking(scored: SampleScores, shape: Any, provenance: dict[str, Any]) -> Ranking:
+    """Every head ranked by its mean score over the sequences of ``scored``."""
+    mean = scored.scores.mean(axis=0)
+    scores = {Head(l, h): float(mean[l, h]) for l in range(shape.n_layers) for h in range(shape.n_heads)}
+    return Ranking(scored.method, shape, scores, {**provenance, "rh_version": rh.__version__})
 
 
 CONTENT_FREE_VERSION = 1  # bump when the sequences or the scores change: it re-keys the cache
@@ -215,7 +219,7 @@ def cached_content_free_scores(model: LoadedModel, methods: Sequence[str], *, n_
     :func:`content_free_provenance`. A miss runs one pass that scores every method asked for (one
     capture gives both), in the identification dtype (float32 on the CPU), and stores them; ``recompute``
     computes them again."""
-    from rh.pipeline import identification_model, load_sample_scores, samples_path, save_sample_scores
+    from rh.pipeline import identification_model, samples_path, save_sample_scores, with_sample_scores
     from rh.rankings import cache_path, cached_ranking
 
     methods = tuple(methods)
@@ -234,22 +238,10 @@ def cached_content_free_scores(model: LoadedModel, methods: Sequence[str], *, n_
                                                 seq_len=seq_len, repeats=repeats, seed=seed,
                                                 batch_size=batch_size, bos=bos))
             computed["runtime_s"] = round(time.perf_counter() - t0, 2)
-        scored = computed[m]
-        save_sample_scores(samples_path(cache_path(cache_dir, provs[m])), scored)
-        mean = scored.scores.mean(axis=0)
-        shape = model.shape
-        scores = {Head(l, h): float(mean[l, h]) for l in range(shape.n_layers) for h in range(shape.n_heads)}
-        return Ranking(m, shape, scores, {**provs[m], "rh_version": rh.__version__,
-                                          "runtime_s": computed["runtime_s"]})
+        save_sample_scores(samples_path(cache_path(cache_dir, provs[m])), computed[m])
+        return _mean_ranking(computed[m], model.shape, {**provs[m], "runtime_s": computed["runtime_s"]})
 
-    out: dict[str, SampleScores] = {}
-    for m in methods:
-        _, path, _ = cached_ranking(cache_dir, provs[m], lambda m=m: compute(m), shape=model.shape,
-                                    recompute=recompute)
-        scored = load_sample_scores(path)
-        if scored is None:  # the entry lost its per-sequence scores: compute them again
-            _, path, _ = cached_ranking(cache_dir, provs[m], lambda m=m: compute(m), shape=model.shape,
-                                        recompute=True)
-            scored = load_sample_scores(path)
-        out[m] = scored
-    return out
+    return {m: with_sample_scores(lambda again, m=m: cached_ranking(cache_dir, provs[m], lambda: compute(m),
+                                                                    shape=model.shape, recompute=again),
+                                  recompute)[3]
+            for m in methods}

@@ -26,6 +26,13 @@ def flat_index(heads: Sequence[Head], shape: HeadShape) -> np.ndarray:
     return np.array([h.layer * shape.n_heads + h.head for h in heads], dtype=int)
 
 
+def content_free_settings(profile: Any) -> dict[str, Any]:
+    """The random sequences ID-7's echo and induction scores are read on: their number, their block
+    length and their seed (the run and ``--plan``'s cache lookup take them from here)."""
+    return {"n_sequences": profile.content_free_n, "seq_len": profile.content_free_len,
+            "seed": prompt_seed(profile.sample_seed, "content_free")}
+
+
 def identification_scores(model: LoadedModel, samples: Sequence[Sample], profile: Any, *, cache_dir: Any = None,
                           recompute: bool = False, identify: Any = None) -> dict[str, Any]:
     """Per-input head scores (:class:`rh.scoring.SampleScores`) of each method in
@@ -51,8 +58,7 @@ def identification_scores(model: LoadedModel, samples: Sequence[Sample], profile
             out["qrhead"] = score_samples(model, samples, "qrhead", batch_size=profile.batch_size, progress=False)
     free = tuple(m for m in methods if m in ("echo", "induction"))
     if free:
-        kwargs = dict(n_sequences=profile.content_free_n, seq_len=profile.content_free_len,
-                      seed=prompt_seed(profile.sample_seed, "content_free"), batch_size=profile.batch_size)
+        kwargs = dict(content_free_settings(profile), batch_size=profile.batch_size)
         if cache_dir is not None:
             out.update(cached_content_free_scores(model, free, cache_dir=cache_dir, recompute=recompute, **kwargs))
         else:

@@ -146,6 +146,18 @@ def cached_identification(
     return cached_ranking(cache_dir, provenance, compute, shape=model.shape, recompute=recompute)
 
 
+def with_sample_scores(get, recompute: bool = False) -> tuple[Ranking, Path, bool, SampleScores]:
+    """``get(recompute)`` (a cached ranking: ``(ranking, path, hit)``) with the per-sample scores
+    stored beside it; an entry cached without them (before they were kept, or with the file lost) is
+    computed once more so that they are."""
+    r, path, hit = get(recompute)
+    scored = load_sample_scores(path)
+    if scored is None:
+        r, path, hit = get(True)
+        scored = load_sample_scores(path)
+    return r, path, hit, scored
+
+
 def samples_path(ranking_path: str | Path) -> Path:
     """Where a cached ranking's per-sample scores live (beside it, ``.samples.npz``)."""
     return Path(ranking_path).with_suffix(".samples.npz")

@@ -296,16 +296,14 @@ class PlanContext:
         if self.planned_model is None or self.cache_dir is None:
             return ("unknown", None)
         from rh.content_free import content_free_provenance
+        from rh.field import content_free_settings
         from rh.pipeline import samples_path
         from rh.rankings import cache_path
-        from rh.seeds import prompt_seed
 
-        p = self.profile
         path = None
         for m in methods:
-            prov = content_free_provenance(self.planned_model, m, n_sequences=p.content_free_n,
-                                           seq_len=p.content_free_len, seed=prompt_seed(p.sample_seed, "content_free"))
-            path = cache_path(self.cache_dir, prov)
+            path = cache_path(self.cache_dir, content_free_provenance(self.planned_model, m,
+                                                                      **content_free_settings(self.profile)))
             if self.recompute or not (path.exists() and samples_path(path).exists()):
                 return ("not cached", path)
         return ("cached", path)
@@ -357,6 +355,8 @@ def forward_cost(name: str, conditions: Sequence[str],
     store, as in the run (:meth:`rh.runner.Runner.run` runs only the rows the store lacks)."""
     groups = [list(g) for g in prompts] if prompts and not isinstance(prompts[0], PlannedPrompt) else [list(prompts)]
     if keys is not None:
+        if not answer or extra or n_conditions not in (None, len(keys)):
+            raise ValueError(f"{name}: keys name the rows of teacher-forced passes, one key a condition")
         return _keyed_cost(name, conditions, keys, groups, ctx, batch_size=batch_size, layers=layers,
                            savings=savings, note=note)
     n = sum(len(g) for g in groups)
@@ -364,6 +364,9 @@ def forward_cost(name: str, conditions: Sequence[str],
     total = sum(padded_tokens(g, bs, answer=answer, extra=extra) for g in groups if g)
     return CostRow(name, tuple(conditions), len(conditions) if n_conditions is None else n_conditions, n,
                    total / n if n else 0.0, ctx.layers if layers is None else layers, savings, note)
+
+
+BASELINE_KEY: Hashable = ("baseline",)
 
 
 def condition_key(label: str, heads: Sequence[Any] | None = None, *, method: str = "zero",
@@ -375,7 +378,7 @@ def condition_key(label: str, heads: Sequence[Any] | None = None, *, method: str
     if heads is None:
         return ("label", label, method, phase)
     heads = tuple(str(h) for h in heads)
-    return ("baseline",) if not heads else ("heads", heads, method, phase)
+    return BASELINE_KEY if not heads else ("heads", heads, method, phase)
 
 
 def top_key(ctx: PlanContext, k: int, *, phase: str = "all", method: str = "zero", drop: int | None = None) -> Hashable:
@@ -394,9 +397,6 @@ def top_key(ctx: PlanContext, k: int, *, phase: str = "all", method: str = "zero
     if drop is not None:
         heads = heads[:drop] + heads[drop + 1:]
     return condition_key(label, heads, method=method, phase=phase)
-
-
-BASELINE_KEY: Hashable = ("baseline",)
 
 
 def _keyed_cost(name: str, conditions: Sequence[str], keys: Sequence[Hashable], groups: list[list[PlannedPrompt]],

@@ -1254,24 +1254,19 @@ def ca_identify(niah_split, profile):
 @pytest.fixture(scope="session")
 def identify_ranking(pytestconfig, rh_model, profile):
     """A function: (identification samples, method, sweep) -> (ranking, cache path), via the cache."""
-    from rh.pipeline import cached_identification, ranking_provenance
-
-    from rh.pipeline import load_sample_scores
+    from rh.pipeline import cached_identification, ranking_provenance, with_sample_scores
 
     def get(samples, method: str = "sum_attention", sweep=None, *, model=None, with_scores: bool = False):
         m = model or rh_model
         prov = ranking_provenance(m, sweep or profile.sweep(), method, samples,
                                   identify_frac=profile.identify_frac, split_seed=profile.split_seed)
-        kwargs = dict(cache_dir=ranking_cache(pytestconfig), batch_size=profile.batch_size)
-        r, where, hit = cached_identification(m, samples, prov, recompute=pytestconfig.getoption("--recompute"),
-                                              **kwargs)
-        if not with_scores:
-            return r, where, hit
-        scored = load_sample_scores(where)
-        if scored is None:  # cached before per-sample scores were kept: compute them once
-            r, where, hit = cached_identification(m, samples, prov, recompute=True, **kwargs)
-            scored = load_sample_scores(where)
-        return r, where, hit, scored
+
+        def cached(recompute: bool):
+            return cached_identification(m, samples, prov, recompute=recompute, cache_dir=ranking_cache(pytestconfig),
+                                         batch_size=profile.batch_size)
+
+        recompute = pytestconfig.getoption("--recompute")
+        return with_sample_scores(cached, recompute) if with_scores else cached(recompute)
 
     return get
 
