@@ -77,13 +77,9 @@ def in_phase(verdict: Verdict, phase: str) -> Verdict:
     return dataclasses.replace(verdict, params={**verdict.params, "phase": phase})
 
 
-def evaluate_baseline(model: LoadedModel, samples: Sequence[Sample], *, batch_size: int = 8,
-                      reader=None) -> pd.DataFrame:
-    """The unablated outcomes of ``samples``, through the model's runner (``reader``: a context
-    that reads the very forwards, :meth:`rh.runner.Runner.run`)."""
-    if reader is None:
-        return run_one(model, samples, Ablation.baseline(), batch_size=batch_size)
-    return run_one(model, samples, Ablation.baseline(), batch_size=batch_size, reader=reader)
+def evaluate_baseline(model: LoadedModel, samples: Sequence[Sample], *, batch_size: int = 8) -> pd.DataFrame:
+    """The unablated outcomes of ``samples``, through the model's runner."""
+    return run_one(model, samples, Ablation.baseline(), batch_size=batch_size)
 
 
 def floor_decides(baseline_correct: np.ndarray, baseline_floor: float | None, stop_early: bool) -> bool:

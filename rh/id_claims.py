@@ -134,7 +134,8 @@ class NeedleMass:
 
 class TaskBaselines(dict):
     """Each task's unablated outcome frame (a dict ``{task: DataFrame}``), plus ``needle_mass``:
-    ID-5's capture read from the same forwards (:func:`task_baselines`), or None where it was not."""
+    ID-5's capture read from the same forwards (:func:`task_baselines`), or None where ID-5 has no
+    candidate heads."""
 
     needle_mass: NeedleMass | None = None
 
@@ -144,43 +145,53 @@ def id5_candidates(rankings: Mapping[str, Ranking], k: int) -> list[Head]:
     return general_heads(dict(rankings), k) if len(rankings) >= 2 else []
 
 
+@dataclass(frozen=True)
+class NeedleMassReading:
+    """ID-5's needle mass as a :class:`rh.runner.Reading`: the value that travels to a replica with
+    the task baselines' packets and opens :func:`needle_mass_reading` of ``heads`` there."""
+
+    heads: tuple[Head, ...]
+    #: bump when what a row's values mean changes (stored values of another version are not served)
+    version: int = 1
+
+    @property
+    def width(self) -> int:
+        return len(self.heads)
+
+    def key(self) -> str:
+        return f"needle_mass/v{self.version}:" + ",".join(str(h) for h in self.heads)
+
+    def open(self, model: LoadedModel) -> contextlib.AbstractContextManager[dict[str, np.ndarray]]:
+        return needle_mass_reading(model, self.heads)
+
+
 def task_baselines(model: LoadedModel, validation: Mapping[str, Sequence[Sample]], rankings: Mapping[str, Ranking],
                    *, k: int, batch_size: int = 8) -> TaskBaselines:
-    """Each task's unablated outcomes on its validation prompts (:func:`rh.causal.evaluate_baseline`,
-    one call a task, the same forwards) and, read from those very forwards, the needle mass of ID-5's
-    candidates (:func:`needle_mass_reading`), so that ID-5 runs no pass of its own.
-
-    The reading rides on the passes only where they run in this process anyway
-    (:meth:`rh.runner.Runner.computes_here`); where the rows are stored already or run on replicas,
-    ``needle_mass`` is None and :func:`general_heads_exist` captures it itself, as it always did."""
+    """Each task's unablated outcomes on its validation prompts (the baseline unit, one runner call
+    a task: the forwards :func:`rh.causal.evaluate_baseline` runs) and, read in those very forwards
+    (:class:`NeedleMassReading`, :meth:`rh.runner.Runner.read`), the needle mass of ID-5's
+    candidates, so that ID-5 runs no pass of its own: in this process, on Ray replicas, or from the
+    store of a resumed run (the values are stored beside the rows)."""
     from rh.ablation import Ablation
     from rh.causal import evaluate_baseline
-    from rh.runner import runner_for
+    from rh.runner import read
     from rh.units import Unit
 
     heads = id5_candidates(rankings, k)
-    runner = runner_for(model)
-    units = [Unit(Ablation.baseline(), tuple(s.id for s in samples)) for samples in validation.values() if samples]
-    by_id = {s.id: s for samples in validation.values() for s in samples}
     out = TaskBaselines()
-    if not heads or not runner.computes_here(by_id, units):
+    if not heads:
         out.update({t: evaluate_baseline(model, samples, batch_size=batch_size) for t, samples in validation.items()})
         return out
-    read: dict[str, np.ndarray] = {}
-
-    @contextlib.contextmanager
-    def reader():
-        with needle_mass_reading(model, heads) as got:
-            yield
-        read.update(got)
-
-    out.update({t: evaluate_baseline(model, samples, batch_size=batch_size, reader=reader)
-                for t, samples in validation.items()})
-    missed = [s.id for samples in validation.values() for s in samples if np.isnan(read.get(s.id, np.nan)).any()]
-    if missed:
-        raise RuntimeError(f"the baselines' forwards did not show the needle mass of prompts {missed[:5]}")
-    ratios = {t: np.array([read[s.id] for s in samples]).reshape(len(samples), len(heads))
-              for t, samples in validation.items()}
+    reading = NeedleMassReading(tuple(heads))
+    ratios = {}
+    for t, samples in validation.items():
+        (frame,), (got,) = read(model, samples, [Unit(Ablation.baseline(), tuple(s.id for s in samples))], reading,
+                                batch_size=batch_size)
+        out[t] = frame
+        ratios[t] = np.array([got[s.id] for s in samples], dtype=float).reshape(len(samples), len(heads))
+        missed = [s.id for s, row in zip(samples, ratios[t]) if np.isnan(row).any()]
+        if missed:
+            raise RuntimeError(f"the baselines' forwards did not show the needle mass of prompts {missed[:5]}")
     ids = {t: tuple(s.id for s in samples) for t, samples in validation.items()}
     out.needle_mass = NeedleMass(tuple(heads), ratios, ids)
     return out

@@ -790,12 +790,12 @@ def _id2_body(ctx):
 def _id5_body(ctx):
     if len(ctx.profile.id_tasks) < 2:
         return []
-    # the attention mass is read beside task_baselines' forwards (rh.id_claims.task_baselines): no pass
-    # of its own, unless the baselines' rows come from the store or run on replicas
+    # the attention mass is read in task_baselines' forwards wherever they run, and stored beside their
+    # rows (rh.id_claims.NeedleMassReading): never a pass of its own
     own = forward_cost("ID-5 body", ["attention mass: read in task_baselines' passes"], _task_validation(ctx), ctx,
                        answer=False)
-    return dataclasses.replace(own, n_conditions=0, note=f"a pass of its own ({own.token_layers:,} token-layers "
-                               "plain) where the baselines' rows come from the store or run on Ray replicas")
+    return dataclasses.replace(own, n_conditions=0, note=f"no pass of its own ({own.token_layers:,} token-layers "
+                               "plain), on Ray replicas and from a store as in this process")
 
 
 def _iv2_body(ctx):

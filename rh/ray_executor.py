@@ -30,6 +30,7 @@ import os
 import socket
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from rh.niah import Sample
 from rh.runner import Done
@@ -214,20 +215,20 @@ class _Replica:
 
         return ray.get_runtime_context().get_node_id()
 
-    def run(self, packets: list[Packet], samples: list[Sample], hints: list[int]) -> list[tuple]:
+    def run(self, packets: list[Packet], samples: list[Sample], hints: list[int], reading: Any = None) -> list[tuple]:
         from rh.budget import saved_token_layers
         from rh.prefix import hinting
-        from rh.units import run_packet
+        from rh.units import read_packet
 
         by_id = {s.id: s for s in samples}
         out = []
         for p in packets:
             tl, saved = self.counter.total, dict(saved_token_layers())
             with hinting(self.model, hints):
-                scores = run_packet(self.model, p, by_id)
+                scores, read = read_packet(self.model, p, by_id, reading)
             now = saved_token_layers()
             out.append((scores, self.counter.total - tl,
-                        {k: v - saved.get(k, 0) for k, v in now.items() if v - saved.get(k, 0)}))
+                        {k: v - saved.get(k, 0) for k, v in now.items() if v - saved.get(k, 0)}, read))
         return out
 
 
@@ -278,7 +279,10 @@ class RayExecutor:
             self.close()
             raise
 
-    def execute(self, packets: Sequence[Packet], by_id: Mapping[str, Sample], hints: Sequence[int]) -> Iterator[Done]:
+    def execute(self, packets: Sequence[Packet], by_id: Mapping[str, Sample], hints: Sequence[int],
+                reading: Any = None) -> Iterator[Done]:
+        """The packets, each on the replica :func:`replica_of` names; ``reading`` (a
+        :class:`rh.runner.Reading`, a value) travels with them and is read there."""
         import ray
 
         mine: list[list[int]] = [[] for _ in range(self.replicas)]
@@ -289,7 +293,7 @@ class RayExecutor:
             if idx:
                 ps = [packets[n] for n in idx]
                 samples = [by_id[i] for i in dict.fromkeys(i for p in ps for i in p.sample_ids)]
-                refs[r] = self.actors[r].run.remote(ps, samples, list(hints))
+                refs[r] = self.actors[r].run.remote(ps, samples, list(hints), reading)
         got: dict[int, Done] = {}
         for r, ref in refs.items():
             try:
@@ -302,8 +306,8 @@ class RayExecutor:
                 raise RuntimeError(f"Ray replica {r} returned {type(results).__name__} for {len(mine[r])} packets: "
                                    "its results are not used")
             for n, res in zip(mine[r], results):
-                scores, tl, saved = res
-                got[n] = Done(list(scores), int(tl), dict(saved))
+                scores, tl, saved, read = res
+                got[n] = Done(list(scores), int(tl), dict(saved), None if read is None else list(read))
         for n in range(len(packets)):
             yield got[n]
 

@@ -19,6 +19,11 @@ A row's key holds the model (its id, revision, dtype, quantization, device type 
 kernel), the condition's heads, method and phase, and the prompt's tokens (its ids and the gold
 answer's): not the condition's name, which only labels rows. Mean ablation depends on reference
 activations that are not part of the condition's value, so its rows are never stored.
+
+A :class:`Reading` rides on the rows' own forwards: a value (picklable, keyed) that opens a context
+reading each forward without changing it (ID-5's needle mass, read in the task baselines' passes).
+Its values per row are stored beside the row, keyed by the row and the reading, and computed
+wherever the row is: on a replica as in this process, so a reading never costs a pass of its own.
 """
 
 from __future__ import annotations
@@ -29,16 +34,17 @@ import json
 import logging
 import os
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import pandas as pd
 
 from rh.ablation import Ablation
 from rh.niah import Sample
-from rh.units import Packet, Unit, check_prompts, plan_packets, run_packet, unit_frames
+from rh.units import Packet, Unit, check_prompts, check_readable, plan_packets, read_packet, unit_frames
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +114,41 @@ def valid_row(value: Any) -> tuple | None:
         return None
 
 
+class Reading(Protocol):
+    """What a forward is read for beside its rows: a picklable value (it travels to the replicas
+    with the packets). :meth:`open` is a context in which every teacher-forced forward of ``model``
+    (:func:`rh.units.run_packet`) adds ``{sample id: width floats}`` to the dict it yields, changing
+    nothing the model computes; :meth:`key` names what is read (it keys the stored values)."""
+
+    width: int
+
+    def key(self) -> str: ...
+
+    def open(self, model: Any) -> contextlib.AbstractContextManager[dict[str, Any]]: ...
+
+
+def read_key(row: str | None, reading: Reading) -> str | None:
+    """The stored reading's key: the row's and the reading's (None where the row is not stored)."""
+    return None if row is None else hashlib.sha256(f"{row}\0{reading.key()}".encode()).hexdigest()
+
+
+def valid_read(value: Any, width: int) -> tuple[float, ...] | None:
+    """A reading's values for one row (``width`` numbers), or None if ``value`` is not that."""
+    if not isinstance(value, (list, tuple)) or len(value) != width:
+        try:
+            value = list(value)  # a numpy row
+        except TypeError:
+            return None
+        if len(value) != width:
+            return None
+    try:
+        if any(isinstance(v, (bool, str)) for v in value):
+            return None
+        return tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+
+
 def check_store_path(path: str | os.PathLike) -> None:
     """Refuse a store path that cannot be a file: a folder, or a file in a folder that does not exist."""
     path = Path(path)
@@ -121,12 +162,14 @@ def check_store_path(path: str | os.PathLike) -> None:
 class ResultStore:
     """Rows computed so far, by key; with ``path``, also appended to a JSON-lines file as each
     packet returns (one line a row, flushed), so a run that dies keeps what it computed and the
-    next run with the same ``path`` reads it back. A line that does not parse as a row (a torn
-    last line, an edit) is skipped and counted in ``skipped``: its row is computed again."""
+    next run with the same ``path`` reads it back. A reading's values for a row (:class:`Reading`)
+    are lines of their own (``{"key", "read"}``). A line that does not parse as either (a torn last
+    line, an edit) is skipped and counted in ``skipped``: its row is computed again."""
 
     def __init__(self, path: str | os.PathLike | None = None):
         self.path = Path(path) if path is not None else None
         self.rows: dict[str, tuple] = {}
+        self.reads: dict[str, tuple[float, ...]] = {}
         self.skipped = 0
         self.loaded = 0
         self._fh = None
@@ -139,8 +182,13 @@ class ResultStore:
         from rh.journal import read_json_lines
 
         for rec in read_json_lines(self.path):
-            row = valid_row(rec.get("row")) if rec is not None else None
-            key = rec.get("key") if rec is not None else None
+            key = rec.get("key") if isinstance(rec, dict) else None
+            if isinstance(key, str) and isinstance(rec.get("read"), list):
+                got = valid_read(rec["read"], len(rec["read"]))
+                if got is not None:
+                    self.reads[key] = got
+                    continue
+            row = valid_row(rec.get("row")) if isinstance(rec, dict) else None
             if row is None or not isinstance(key, str):
                 self.skipped += 1
                 continue
@@ -153,13 +201,24 @@ class ResultStore:
     def get(self, key: str | None) -> tuple | None:
         return None if key is None else self.rows.get(key)
 
-    def put(self, items: Sequence[tuple[str | None, tuple]]) -> None:
+    def get_read(self, key: str | None, width: int) -> tuple[float, ...] | None:
+        got = None if key is None else self.reads.get(key)
+        return got if got is not None and len(got) == width else None
+
+    def put(self, items: Sequence[tuple[str | None, tuple]],
+            reads: Sequence[tuple[str | None, tuple[float, ...]]] = ()) -> None:
+        """Keep ``items`` (row key, row) and ``reads`` (read key, a reading's values)."""
         lines = []
         for key, row in items:
             if key is None:
                 continue
             self.rows[key] = row
             lines.append(json.dumps({"key": key, "row": list(row)}) + "\n")
+        for key, values in reads:
+            if key is None:
+                continue
+            self.reads[key] = values
+            lines.append(json.dumps({"key": key, "read": list(values)}) + "\n")
         if self.path is not None and lines:
             if self._fh is None:
                 from rh.journal import open_for_append
@@ -178,18 +237,21 @@ class ResultStore:
 class Done:
     """What one packet gave back: its rows' scores (in the packet's order), the token-layers it
     executed (None where the model's own counter counted them, in this process) and the
-    token-layers prefix reuse saved."""
+    token-layers prefix reuse saved; with a reading, its values per row (in the packet's order)."""
 
     scores: list[tuple]
     token_layers: int | None = None
     saved: dict[str, int] = field(default_factory=dict)
+    read: list | None = None
 
 
 class Executor(Protocol):
     name: str
 
-    def execute(self, packets: Sequence[Packet], by_id: Mapping[str, Sample], hints: Sequence[int]) -> Iterator[Done]:
-        """Run ``packets``; yield one :class:`Done` per packet, in order."""
+    def execute(self, packets: Sequence[Packet], by_id: Mapping[str, Sample], hints: Sequence[int],
+                reading: Reading | None = None) -> Iterator[Done]:
+        """Run ``packets``; yield one :class:`Done` per packet, in order (with ``reading`` open
+        around each packet's forward, and its values per row in ``Done.read``)."""
 
     def close(self) -> None: ...
 
@@ -202,9 +264,11 @@ class LocalExecutor:
     def __init__(self, model: Any):
         self.model = model
 
-    def execute(self, packets: Sequence[Packet], by_id: Mapping[str, Sample], hints: Sequence[int]) -> Iterator[Done]:
+    def execute(self, packets: Sequence[Packet], by_id: Mapping[str, Sample], hints: Sequence[int],
+                reading: Reading | None = None) -> Iterator[Done]:
         for p in packets:
-            yield Done(run_packet(self.model, p, by_id))
+            scores, read = read_packet(self.model, p, by_id, reading)
+            yield Done(scores, read=read)
 
     def close(self) -> None:
         pass
@@ -225,24 +289,30 @@ class Runner:
         self.reused = 0  # rows served from the store
 
     def run(self, samples: Sequence[Sample] | Mapping[str, Sample], units: Sequence[Unit], *,
-            batch_size: int = 8, reader: Callable[[], contextlib.AbstractContextManager] | None = None,
-            ) -> list[pd.DataFrame]:
-        """One frame per unit. ``reader``: a zero-argument callable opening a context that reads the
-        forwards and changes nothing (:func:`rh.attention.reading_rows`): every row then runs in
-        this process inside it, none read from the store or shipped to the executor (the reader
-        must see each one), in the packets :func:`rh.units.plan_packets` gives (the same forwards
-        and token-layers as without it), and the rows are stored after as computed ones are.
-        :meth:`computes_here` says whether that costs nothing more than running without it."""
+            batch_size: int = 8) -> list[pd.DataFrame]:
+        """One frame per unit, as :func:`rh.evaluate.teacher_forced` gives it under the unit's condition."""
+        return self._run(samples, units, batch_size, None)[0]
+
+    def read(self, samples: Sequence[Sample] | Mapping[str, Sample], units: Sequence[Unit], reading: Reading, *,
+             batch_size: int = 8) -> tuple[list[pd.DataFrame], list[dict[str, np.ndarray]]]:
+        """:meth:`run`, with ``reading`` read in the rows' forwards: the frames, and per unit
+        ``{prompt id: the reading's values}``. A row is served from the store only where its
+        reading's values are stored beside it; otherwise row and reading are computed together, by
+        the executor (on a replica as in this process), in the packets :func:`rh.units.plan_packets`
+        gives: the reading never costs a forward of its own."""
+        frames, read = self._run(samples, units, batch_size, reading)
+        return frames, read  # type: ignore[return-value]
+
+    def _run(self, samples: Sequence[Sample] | Mapping[str, Sample], units: Sequence[Unit], batch_size: int,
+             reading: Reading | None) -> tuple[list[pd.DataFrame], list[dict[str, np.ndarray]] | None]:
         by_id = samples if isinstance(samples, Mapping) else {s.id: s for s in samples}
         check_prompts(units, by_id)
-        if reader is not None:
-            return self._run_reading(by_id, units, reader, batch_size)
         if not self.pristine():  # an intervention or a weight edit is active: run here, as it stands, unstored
-            from rh.units import run_units
-
-            return run_units(self.model, by_id, units, batch_size=batch_size)
+            return self._run_here(by_id, units, batch_size, reading)
         lk = self.layout.key()
+        width = reading.width if reading is not None else 0
         scores: dict[tuple[int, str], tuple] = {}
+        reads: dict[tuple[int, str], tuple[float, ...]] = {}
         first: dict[str, tuple[int, str]] = {}  # a key asked twice in this call is computed once
         todo: list[Unit] = []
         origin: list[dict[str, tuple[int, str]]] = []  # todo unit's row -> the caller's (unit, prompt)
@@ -253,8 +323,11 @@ class Runner:
                 k = row_key(lk, u.condition, by_id[i])
                 keys[(j, i)] = k
                 got = self.store.get(k)
-                if got is not None:
+                got_read = self.store.get_read(read_key(k, reading), width) if reading is not None else ()
+                if got is not None and got_read is not None:
                     scores[(j, i)] = got
+                    if reading is not None:
+                        reads[(j, i)] = got_read
                     self.reused += 1
                 elif k is not None and k in first:
                     continue
@@ -267,22 +340,37 @@ class Runner:
                 origin.append({i: (j, i) for i in rows})
         if todo:
             packets = plan_packets(todo, by_id, batch_size)
+            if reading is not None:
+                check_readable(packets)  # before any forward
             from rh.prefix import active_hints
 
             hints = sorted(active_hints(self.model))
-            for p, done in zip(packets, self.executor.execute(packets, by_id, hints)):
+            done_iter = (self.executor.execute(packets, by_id, hints, reading) if reading is not None
+                         else self.executor.execute(packets, by_id, hints))
+            for p, done in zip(packets, done_iter):
                 if len(done.scores) != len(p.rows):
                     raise RuntimeError(f"the {self.executor.name} executor returned {len(done.scores)} rows for a "
                                        f"packet of {len(p.rows)}: its results are not used")
-                put = []
-                for (tj, i), sc in zip(p.rows, done.scores):
+                if reading is not None and (done.read is None or len(done.read) != len(p.rows)):
+                    raise RuntimeError(f"the {self.executor.name} executor returned no reading of {reading.key()} "
+                                       f"for a packet of {len(p.rows)} rows: its results are not used")
+                put, put_read = [], []
+                for r, ((tj, i), sc) in enumerate(zip(p.rows, done.scores)):
                     row = valid_row(sc)
                     if row is None:
                         raise RuntimeError(f"the {self.executor.name} executor returned {sc!r} for prompt {i!r} "
                                            f"under {todo[tj].condition.name!r}: not a row of {_ROW_TYPES}")
                     scores[origin[tj][i]] = row
                     put.append((keys[origin[tj][i]], row))
-                self.store.put(put)
+                    if reading is not None:
+                        values = valid_read(done.read[r], width) if done.read[r] is not None else None
+                        if values is None:
+                            raise RuntimeError(f"the forward of prompt {i!r} under {todo[tj].condition.name!r} "
+                                               f"gave {done.read[r]!r} as the reading {reading.key()}: not "
+                                               f"{width} numbers")
+                        reads[origin[tj][i]] = values
+                        put_read.append((read_key(keys[origin[tj][i]], reading), values))
+                self.store.put(put, put_read)
                 self.computed += len(p.rows)
                 if done.token_layers is not None and self.charge is not None:
                     self.charge(done.token_layers)
@@ -294,42 +382,34 @@ class Runner:
         for (j, i), k in keys.items():  # rows another unit of this call computed
             if (j, i) not in scores:
                 scores[(j, i)] = scores[first[k]]
+                if reading is not None:
+                    reads[(j, i)] = reads[first[k]]
                 self.reused += 1
-        return unit_frames(units, by_id, scores)
+        frames = unit_frames(units, by_id, scores)
+        if reading is None:
+            return frames, None
+        return frames, [{i: np.asarray(reads[(j, i)], dtype=float) for i in u.sample_ids} for j, u in enumerate(units)]
 
-    def computes_here(self, samples: Sequence[Sample] | Mapping[str, Sample], units: Sequence[Unit]) -> bool:
-        """Whether :meth:`run` would compute every row of ``units`` in this process anyway: the
-        executor is local and no row is stored (or the model is not pristine: nothing is then
-        stored or shipped). Then a ``reader`` rides on the passes for free; otherwise it would
-        recompute stored rows or take rows off the replicas."""
-        if not self.pristine():
-            return True
-        if self.executor.name != "local":
-            return False
-        by_id = samples if isinstance(samples, Mapping) else {s.id: s for s in samples}
-        lk = self.layout.key()
-        return all(self.store.get(row_key(lk, u.condition, by_id[i])) is None for u in units for i in u.sample_ids)
-
-    def _run_reading(self, by_id: Mapping[str, Sample], units: Sequence[Unit],
-                     reader: Callable[[], contextlib.AbstractContextManager], batch_size: int) -> list[pd.DataFrame]:
-        from rh.evaluate import SCORES
-        from rh.units import run_units
-
-        pure = self.pristine()  # before the reader goes on: it hooks the model, and changes nothing
-        with reader():
-            frames = run_units(self.model, by_id, units, batch_size=batch_size)
-        self.computed += sum(len(u.sample_ids) for u in units)
-        if pure:
-            lk = self.layout.key()
-            put = []
-            for u, df in zip(units, frames):
-                for i, values in zip(u.sample_ids, df[list(SCORES)].itertuples(index=False)):
-                    row = valid_row(tuple(v.item() if hasattr(v, "item") else v for v in values))
-                    if row is None:
-                        raise RuntimeError(f"prompt {i!r} under {u.condition.name!r} gave {tuple(values)!r}: not a row")
-                    put.append((row_key(lk, u.condition, by_id[i]), row))
-            self.store.put(put)
-        return frames
+    def _run_here(self, by_id: Mapping[str, Sample], units: Sequence[Unit], batch_size: int,
+                  reading: Reading | None) -> tuple[list[pd.DataFrame], list[dict[str, np.ndarray]] | None]:
+        """The units run in this process on the model as it stands (not pristine): nothing stored."""
+        scores: dict[tuple[int, str], tuple] = {}
+        reads: dict[tuple[int, str], Any] = {}
+        packets = plan_packets(units, by_id, batch_size)
+        if reading is not None:
+            check_readable(packets)
+        for packet in packets:
+            got, read = read_packet(self.model, packet, by_id, reading)
+            scores.update(zip(packet.rows, got))
+            if read is not None:
+                reads.update(zip(packet.rows, read))
+        frames = unit_frames(units, by_id, scores)
+        if reading is None:
+            return frames, None
+        missed = [i for (j, i), v in reads.items() if v is None]
+        if missed:
+            raise RuntimeError(f"the forwards did not show the reading {reading.key()} for prompts {missed[:5]}")
+        return frames, [{i: np.asarray(reads[(j, i)], dtype=float) for i in u.sample_ids} for j, u in enumerate(units)]
 
     def pristine(self) -> bool:
         """Whether the model computes what it computed when the runner was made: no intervention
@@ -384,16 +464,18 @@ def use_runner(model: Any, runner: Runner) -> Iterator[Runner]:
 
 
 def run(model: Any, samples: Sequence[Sample] | Mapping[str, Sample], units: Sequence[Unit], *,
-        batch_size: int = 8, reader: Callable[[], contextlib.AbstractContextManager] | None = None,
-        ) -> list[pd.DataFrame]:
+        batch_size: int = 8) -> list[pd.DataFrame]:
     """Run ``units`` through ``model``'s runner: one frame per unit, as
-    :func:`rh.evaluate.teacher_forced` gives it under the unit's condition (``reader``: see
-    :meth:`Runner.run`)."""
-    return runner_for(model).run(samples, units, batch_size=batch_size, reader=reader)
+    :func:`rh.evaluate.teacher_forced` gives it under the unit's condition."""
+    return runner_for(model).run(samples, units, batch_size=batch_size)
 
 
-def run_one(model: Any, samples: Sequence[Sample], condition: Ablation, *, batch_size: int = 8,
-            reader: Callable[[], contextlib.AbstractContextManager] | None = None) -> pd.DataFrame:
+def read(model: Any, samples: Sequence[Sample] | Mapping[str, Sample], units: Sequence[Unit], reading: Reading, *,
+         batch_size: int = 8) -> tuple[list[pd.DataFrame], list[dict[str, np.ndarray]]]:
+    """:func:`run` with ``reading`` read in the same forwards (:meth:`Runner.read`)."""
+    return runner_for(model).read(samples, units, reading, batch_size=batch_size)
+
+
+def run_one(model: Any, samples: Sequence[Sample], condition: Ablation, *, batch_size: int = 8) -> pd.DataFrame:
     """``with condition.open(model): teacher_forced(model, samples, condition=condition.name)``, as a unit."""
-    return run(model, samples, [Unit(condition, tuple(s.id for s in samples))], batch_size=batch_size,
-               reader=reader)[0]
+    return run(model, samples, [Unit(condition, tuple(s.id for s in samples))], batch_size=batch_size)[0]

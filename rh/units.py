@@ -212,6 +212,30 @@ def run_packet(model, packet: Packet, by_id: Mapping[str, Sample]) -> list[tuple
     return out  # type: ignore[return-value]
 
 
+def check_readable(packets: Sequence[Packet]) -> None:
+    """Refuse a reading over ``packets`` where one would not see its rows' own forwards."""
+    for p in packets:
+        if p.fan or len(set(p.sample_ids)) != len(p.sample_ids):
+            raise ValueError("a reading rides on teacher-forced forwards of distinct prompts: not on decode-phase "
+                             "rows run from a cache, nor on a forward that holds one prompt twice; read units of "
+                             "one condition in the 'all' phase, one unit per prompt")
+
+
+def read_packet(model, packet: Packet, by_id: Mapping[str, Sample], reading: Any = None,
+                ) -> tuple[list[tuple], list[list[float] | None] | None]:
+    """:func:`run_packet`, with ``reading`` (:class:`rh.runner.Reading`) open around its forward:
+    the rows' scores and, per row in the packet's order, the values the reading took (None where it
+    took none). A reading reads teacher-forced forwards of distinct prompts: a fan packet (decode
+    steps from a cache) or one prompt twice in a forward is refused."""
+    if reading is None:
+        return run_packet(model, packet, by_id), None
+    check_readable([packet])
+    ids = packet.sample_ids
+    with reading.open(model) as got:
+        scores = run_packet(model, packet, by_id)
+    return scores, [None if got.get(i) is None else [float(x) for x in got[i]] for i in ids]
+
+
 #: bytes of clean prefills :func:`run_fan` keeps per model for the packets to come (least recently
 #: used out first; ``RH_PREFILL_CACHE_MB``)
 PREFILL_CACHE_BYTES = int(float(os.environ.get("RH_PREFILL_CACHE_MB", "1024")) * 2**20)

@@ -321,28 +321,80 @@ def test_the_shared_pass_keeps_the_prefix_ca4_starts_from(tiny, mixed_tasks):
         assert cache.hits > hits and cache.token_layers_saved > 0
 
 
-def test_stored_baselines_leave_id5_to_capture_its_own(tiny, mixed_tasks):
-    """Where the baseline rows are in the runner's store already (a resumed run), the reading would
-    see no forward: the baselines come from the store, ``needle_mass`` is None, and ID-5 captures
-    the mass itself, the same numbers."""
+def test_a_resumed_run_serves_the_needle_mass_from_the_store_and_reads_it_where_only_the_rows_are(tiny, mixed_tasks,
+                                                                                                     tmp_path):
+    """The needle mass is stored beside the baseline rows (one file, read back by a new store): a
+    resumed run serves rows and mass with no forward at all, the same numbers. A store that holds
+    the rows but not the mass (written by a claim that read nothing) has those rows computed again
+    with the reading, in the plain baseline's forwards and token-layers, never a pass of ID-5's own.
+    Catches a reading lost on resume (ID-5 would then see no forward), a row served without its
+    mass, and a mass keyed by the prompt alone (another head set's mass would be served)."""
+    from rh.budget import TokenLayerCounter
+    from rh.causal import evaluate_baseline
     from rh.id_claims import id5_candidates, task_baselines
-    from rh.runner import Runner, use_runner
+    from rh.runner import ResultStore, Runner, use_runner
 
     rankings = {t: _ranking(tiny.shape, 0) for t in mixed_tasks}
     heads = id5_candidates(rankings, 6)
-    with use_runner(tiny, Runner(tiny)) as runner:
-        first = task_baselines(tiny, mixed_tasks, rankings, k=6, batch_size=4)
-        computed = runner.computed
-        again = task_baselines(tiny, mixed_tasks, rankings, k=6, batch_size=4)
-        assert runner.computed == computed and runner.reused == computed  # all from the store
-    assert first.needle_mass is not None and again.needle_mass is None
+    path = tmp_path / "rows.jsonl"
+    counter = TokenLayerCounter()
+    handle = counter.attach(tiny.model)
+    try:
+        counter.label = "first"
+        with use_runner(tiny, Runner(tiny, store=ResultStore(path))):
+            first = task_baselines(tiny, mixed_tasks, rankings, k=6, batch_size=4)
+        counter.label = "resumed"
+        with use_runner(tiny, Runner(tiny, store=ResultStore(path))) as runner:
+            again = task_baselines(tiny, mixed_tasks, rankings, k=6, batch_size=4)
+            assert runner.computed == 0 and runner.reused == sum(len(s) for s in mixed_tasks.values())
+        # rows alone in the store: the baselines of a claim that reads nothing
+        rows_only = tmp_path / "rows-only.jsonl"
+        counter.label = "rows"
+        with use_runner(tiny, Runner(tiny, store=ResultStore(rows_only))):
+            for samples in mixed_tasks.values():
+                evaluate_baseline(tiny, samples, batch_size=4)
+        counter.label = "with the mass"
+        with use_runner(tiny, Runner(tiny, store=ResultStore(rows_only))) as runner:
+            read_again = task_baselines(tiny, mixed_tasks, rankings, k=6, batch_size=4)
+            assert runner.reused == 0 and runner.computed == sum(len(s) for s in mixed_tasks.values())
+        # another head set on the same rows: its own mass, not the stored one
+        other = {t: _ranking(tiny.shape, 1) for t in mixed_tasks}
+        counter.label = "another head set"
+        with use_runner(tiny, Runner(tiny, store=ResultStore(path))) as runner:
+            moved = task_baselines(tiny, mixed_tasks, other, k=6, batch_size=4)
+            assert runner.computed == sum(len(s) for s in mixed_tasks.values())
+    finally:
+        handle.remove()
+    assert counter.counts.get("resumed", 0) == 0
+    assert counter.counts["with the mass"] == counter.counts["rows"] == counter.counts["first"] > 0
+    for got in (again, read_again):
+        assert got.needle_mass.heads == tuple(heads)
+        for t, samples in mixed_tasks.items():
+            np.testing.assert_allclose(got.needle_mass.ratios[t], first.needle_mass.ratios[t], rtol=1e-6)
+            assert got[t]["correct"].tolist() == first[t]["correct"].tolist()
+    want = {t: _separate_pass(tiny, s, id5_candidates(other, 6), batch_size=4) for t, s in mixed_tasks.items()}
     for t in mixed_tasks:
-        assert again[t]["correct"].tolist() == first[t]["correct"].tolist()
-    acc = {t: 0.9 for t in mixed_tasks}
-    a = general_heads_exist(tiny, rankings, mixed_tasks, k=6, accuracy=acc, batch_size=4)
-    b = general_heads_exist(tiny, rankings, mixed_tasks, k=6, accuracy=acc, batch_size=4,
-                            needle_mass=first.needle_mass)
-    assert (a.status, a.statistic) == (b.status, b.statistic) and len(heads) == len(a.details["candidates"])
+        np.testing.assert_allclose(moved.needle_mass.ratios[t], want[t], rtol=1e-5)
+
+
+def test_a_reading_is_refused_where_it_would_see_no_forward_of_its_own_row(tiny, tiny_samples):
+    """Decode-phase rows run from a shared prefill, and one prompt twice in a forward would mix two
+    rows' readings: both are refused with a message, before any forward. Catches a reading that
+    quietly returns another row's values."""
+    from rh.ablation import Ablation
+    from rh.id_claims import NeedleMassReading
+    from rh.runner import Runner
+    from rh.units import Unit
+
+    reading = NeedleMassReading((Head(1, 0),))
+    ids = tuple(s.id for s in tiny_samples[:4])
+    runner = Runner(tiny)
+    with pytest.raises(ValueError, match="decode-phase"):
+        runner.read(tiny_samples, [Unit(Ablation("d", (Head(0, 1),), phase="decode"), ids)], reading, batch_size=4)
+    with pytest.raises(ValueError, match="twice"):
+        runner.read(tiny_samples, [Unit(Ablation.baseline(), ids), Unit(Ablation("z", (Head(0, 1),)), ids)], reading,
+                    batch_size=8)
+    assert runner.computed == 0
 
 
 def test_sparsity_power_is_high_where_silent_heads_are_silent_and_low_where_they_are_not():

@@ -103,6 +103,31 @@ def test_replicas_return_the_rows_and_token_layers_of_the_passes_run_here(tiny, 
     assert used == {0, 1}  # both replicas worked
 
 
+def test_a_reading_travels_with_the_packets_and_is_read_on_the_replicas_as_here(tiny, samples, replicas):
+    """ID-5's needle mass (a :class:`rh.runner.Reading`, a value) rides on the baseline's packets to
+    the replicas: the same values per prompt as read in this process, the rows and token-layers of
+    the plain baseline, and no forward of its own. Catches a reading left behind on the controller
+    (the replicas would return none), values paired with the wrong rows of a packet, and a replica
+    that runs a second pass to read."""
+    import numpy as np
+
+    from rh.id_claims import NeedleMassReading
+
+    reading = NeedleMassReading((Head(1, 2), Head(3, 0), Head(3, 5)))
+    units = [Unit(Ablation.baseline(), tuple(s.id for s in samples))]
+    ref, tl = _local(tiny, samples, units)
+    here_frames, here = Runner(tiny).read(samples, units, reading, batch_size=4)
+    charged: list[int] = []
+    frames, got = Runner(tiny, executor=replicas, charge=charged.append).read(samples, units, reading, batch_size=4)
+    _check(frames, ref)
+    _check(here_frames, ref)
+    assert sum(charged) == tl
+    assert set(got[0]) == set(here[0]) == {s.id for s in samples}
+    for i, values in here[0].items():
+        assert values.shape == (3,) and np.isfinite(values).all()
+        np.testing.assert_allclose(got[0][i], values, rtol=1e-5)
+
+
 def test_a_replica_killed_mid_run_is_restarted_and_loses_nothing(tiny, samples, replicas):
     units = [Unit(Ablation(f"r{d}", (Head(d % 4, d // 4),)), tuple(s.id for s in samples)) for d in range(24)]
     ref, tl = _local(tiny, samples, units)
