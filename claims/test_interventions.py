@@ -133,21 +133,28 @@ def test_attribution_of_the_critical_heads_concentrates_on_the_needle(rh_model, 
     """Integrated-gradients attribution of the critical heads' contribution to the answer puts more
     mass on the needle's tokens than their share of the prompt (refuted below Δ = 2x)."""
     from rh.attribution import attribution_concentrates, integrated_gradients, needle_mass_ratio
+    from rh.budget import stops_early
     from rh.rules.claims import floor_reason, inconclusive
 
     floor = floor_reason(float(iv_baseline["correct"].mean()), profile.baseline_floor)
-    if floor:
-        return record_verdict(inconclusive("IV-6", {"tolerance": profile.ig_tolerance}, floor, "IG attribution",
-                                           profile.alpha, min_effect=profile.ig_min_ratio))
+    plain = not stops_early(None)  # --plain: every attribution, even where the verdict is already known
+    below = inconclusive("IV-6", {"tolerance": profile.ig_tolerance}, floor, "IG attribution", profile.alpha,
+                         min_effect=profile.ig_min_ratio) if floor else None
+    if below is not None and not plain:
+        return record_verdict(below)
 
     step = max(1, len(iv_samples) // profile.ig_n)
     chosen = iv_samples[::step][: profile.ig_n]
     heads = ranking.top(profile.critical_k)
     attrs = []
-    for s in chosen:  # one sample off completeness makes the verdict inconclusive: stop there
+    for s in chosen:  # one sample off completeness makes the verdict inconclusive: stop there (but --plain)
         attrs.append(integrated_gradients(rh_model, s, heads, n_steps=profile.ig_steps))
-        if not attrs[-1].completeness_error <= profile.ig_tolerance:
+        if not attrs[-1].completeness_error <= profile.ig_tolerance and not plain:
             break
+    if below is not None:
+        return record_verdict(below)
+    off = [i for i, a in enumerate(attrs) if not a.completeness_error <= profile.ig_tolerance]
+    attrs = attrs[: off[0] + 1] if off else attrs  # the rule reads what it reads without --plain
     chosen = chosen[: len(attrs)]
     ratios = [needle_mass_ratio(a.token_attr, s.needle_span) for a, s in zip(attrs, chosen)]
     v = attribution_concentrates(ratios, alpha=profile.alpha, completeness_errors=[a.completeness_error for a in attrs],

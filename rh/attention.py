@@ -455,6 +455,8 @@ def capture_attention(model: Any, reduce: Reducer = keep_rows, *,
 class _RowReader(AttentionIntervention):
     """One layer's reader of :func:`reading_rows`: changes nothing, reads one query row per batch row."""
 
+    changes = False  # rh.prefix: the streams past its layer stay clean (kept for hinted layers above it)
+
     def __init__(self, layer: int, positions: Callable[[int], Sequence[int]], reduce: Reducer):
         self.layer, self.positions, self.reduce = layer, positions, reduce
 
@@ -487,7 +489,7 @@ def reading_rows(model: Any, layers: Sequence[int], positions: Callable[[int], S
     The readers sit on the layers' attention modules as interventions, so ``rh.prefix`` counts the
     first of ``layers`` as the pass's first modified layer: a pass may start from a residual stream
     stored at or below it (the layers it reads all run) and keeps the stream entering it (and
-    entering hinted layers below it) for the passes to come, as an ablation there would. An
+    entering every hinted layer, above it too: a reader changes nothing) for the passes to come. An
     attention capture (:func:`capture_attention`), which reads every layer, turns both off. Every
     reader is detached in ``finally``."""
     from rh.models import attention_modules

@@ -7,6 +7,7 @@ import contextlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -165,33 +166,45 @@ class NeedleMassReading:
         return needle_mass_reading(model, self.heads)
 
 
-def task_baselines(model: LoadedModel, validation: Mapping[str, Sequence[Sample]], rankings: Mapping[str, Ranking],
-                   *, k: int, batch_size: int = 8) -> TaskBaselines:
-    """Each task's unablated outcomes on its validation prompts (the baseline unit, one runner call
-    a task: the forwards :func:`rh.causal.evaluate_baseline` runs) and, read in those very forwards
-    (:class:`NeedleMassReading`, :meth:`rh.runner.Runner.read`), the needle mass of ID-5's
-    candidates, so that ID-5 runs no pass of its own: in this process, on Ray replicas, or from the
-    store of a resumed run (the values are stored beside the rows)."""
+def read_needle_mass(model: LoadedModel, samples: Sequence[Sample], heads: Sequence[Head], *,
+                     batch_size: int = 8) -> tuple[Any, np.ndarray]:
+    """The unablated outcomes of ``samples`` (the baseline unit: the forwards
+    :func:`rh.causal.evaluate_baseline` runs) and, read in those very forwards
+    (:class:`NeedleMassReading`, :meth:`rh.runner.Runner.read`), each head's needle mass ratio per
+    sample, ``[len(samples), len(heads)]``: what :func:`needle_mass_per_head` computes, with no pass
+    of its own. Where the rows and the reading are in the runner's store (a baseline that read them,
+    a resumed run) nothing runs; on Ray replicas they are read there."""
     from rh.ablation import Ablation
-    from rh.causal import evaluate_baseline
     from rh.runner import read
     from rh.units import Unit
+
+    if not heads:
+        raise ValueError("read_needle_mass: no heads to read; pass the heads whose needle mass is wanted")
+    (frame,), (got,) = read(model, samples, [Unit(Ablation.baseline(), tuple(s.id for s in samples))],
+                            NeedleMassReading(tuple(heads)), batch_size=batch_size)
+    ratios = np.array([got[s.id] for s in samples], dtype=float).reshape(len(samples), len(heads))
+    missed = [s.id for s, row in zip(samples, ratios) if np.isnan(row).any()]
+    if missed:
+        raise RuntimeError(f"the baselines' forwards did not show the needle mass of prompts {missed[:5]}")
+    return frame, ratios
+
+
+def task_baselines(model: LoadedModel, validation: Mapping[str, Sequence[Sample]], rankings: Mapping[str, Ranking],
+                   *, k: int, batch_size: int = 8) -> TaskBaselines:
+    """Each task's unablated outcomes on its validation prompts (one runner call a task) and, read
+    in those very forwards (:func:`read_needle_mass`), the needle mass of ID-5's candidates, so
+    that ID-5 runs no pass of its own: in this process, on Ray replicas, or from the store of a
+    resumed run (the values are stored beside the rows)."""
+    from rh.causal import evaluate_baseline
 
     heads = id5_candidates(rankings, k)
     out = TaskBaselines()
     if not heads:
         out.update({t: evaluate_baseline(model, samples, batch_size=batch_size) for t, samples in validation.items()})
         return out
-    reading = NeedleMassReading(tuple(heads))
     ratios = {}
     for t, samples in validation.items():
-        (frame,), (got,) = read(model, samples, [Unit(Ablation.baseline(), tuple(s.id for s in samples))], reading,
-                                batch_size=batch_size)
-        out[t] = frame
-        ratios[t] = np.array([got[s.id] for s in samples], dtype=float).reshape(len(samples), len(heads))
-        missed = [s.id for s, row in zip(samples, ratios[t]) if np.isnan(row).any()]
-        if missed:
-            raise RuntimeError(f"the baselines' forwards did not show the needle mass of prompts {missed[:5]}")
+        out[t], ratios[t] = read_needle_mass(model, samples, heads, batch_size=batch_size)
     ids = {t: tuple(s.id for s in samples) for t, samples in validation.items()}
     out.needle_mass = NeedleMass(tuple(heads), ratios, ids)
     return out

@@ -542,7 +542,8 @@ def _ranking(ctx: PlanContext):
 
 
 def _baseline(ctx):
-    return forward_cost("baseline", ["baseline"], ctx.validation, ctx, keys=[BASELINE_KEY])
+    return forward_cost("baseline", ["baseline"], ctx.validation, ctx, keys=[BASELINE_KEY],
+                        note="the same passes read ID-2's attention mass")
 
 
 def _ca1_rows(ctx, name: str, tag: str, savings: str):
@@ -784,7 +785,12 @@ def _ca5_body(ctx):
 
 
 def _id2_body(ctx):
-    return forward_cost("ID-2 body", ["attention mass"], ctx.validation, ctx, answer=False)
+    # the attention mass is read in the baseline's forwards and stored beside its rows
+    # (rh.id_claims.read_needle_mass): no pass of its own
+    own = forward_cost("ID-2 body", ["attention mass: read in the baseline's passes"], ctx.validation, ctx,
+                       answer=False)
+    return dataclasses.replace(own, n_conditions=0, note=f"no pass of its own ({own.token_layers:,} token-layers "
+                               "plain), on Ray replicas and from a store as in this process")
 
 
 def _id5_body(ctx):
@@ -835,7 +841,8 @@ def _iv6_body(ctx):
     return [forward_cost("IV-6 body", ["final-norm scale"], chosen, ctx, answer=False, batch_size=1),
             forward_cost("IV-6 body", [f"{p.ig_steps} IG steps + 4"], chosen, ctx, n_conditions=p.ig_steps + 4,
                          answer=False, batch_size=1, layers=deepest,
-                         note=f"{where}; stops at the first prompt off completeness")]
+                         note=f"{where}; stops at the first prompt off completeness and, below the floor, "
+                              "runs none (--plain: every prompt, as planned)")]
 
 
 def _register_builtins() -> None:

@@ -19,6 +19,9 @@ pass rh's evaluations run (``rh.evaluate.teacher_forced``). For each batch it
    as ``inputs_embeds`` and the decoder layers 0..L-1 left out;
 3. stores the stream entering layer M (and entering every *hinted* layer <= M, see
    :func:`hinting`) for the passes to come, within a byte budget (least recently used first out).
+   An attention reader (:func:`rh.attention.reading_rows`: it changes nothing) sets M, since it
+   must see its layers run, but not the hints' bound: the streams hinted above it are clean, and
+   kept, up to the first layer something changes.
 
 Layers left out are not executed, so the token-layer counter (a pre-hook on every decoder layer)
 does not count them. The outputs are those of the plain pass: the same operations on the same
@@ -71,8 +74,10 @@ def _is_passive(hook: Any) -> bool:
     return bool(getattr(hook, "_rh_passive", False)) or transformers_reader(hook)
 
 
-def _hooked(module: torch.nn.Module) -> bool:
-    """Whether ``module`` or a submodule has a hook that is not passive, or an rh attention intervention."""
+def _hooked(module: torch.nn.Module, *, readers: bool = True) -> bool:
+    """Whether ``module`` or a submodule has a hook that is not passive, or an rh attention
+    intervention (``readers=False``: one that changes something; a reader, ``changes = False``,
+    is left out)."""
     from rh.attention import interventions
 
     for m in module.modules():
@@ -80,7 +85,7 @@ def _hooked(module: torch.nn.Module) -> bool:
                       getattr(m, "_backward_pre_hooks", {})):
             if any(not _is_passive(h) for h in table.values()):
                 return True
-        if interventions(m):
+        if any(readers or getattr(h, "changes", True) for h in interventions(m)):
             return True
     return False
 
@@ -93,11 +98,15 @@ def _global_hooks() -> bool:
         "_global_backward_pre_hooks", "_global_forward_hooks_always_called"))
 
 
-def first_modified_layer(model: Any) -> int:
+def first_modified_layer(model: Any, *, readers: bool = True) -> int:
     """The first decoder layer whose computation something changes right now (a hook, an rh
     attention intervention); the number of layers when nothing does; 0 when the change could reach
     the prefix from outside the layers (hooks on the embedding, the rotary embedding or the model,
-    global hooks, an active attention capture), so that no prefix may be reused."""
+    global hooks, an active attention capture), so that no prefix may be reused.
+
+    An attention reader (an intervention with ``changes = False``: :func:`rh.attention.reading_rows`)
+    counts as a modification, since it must see its layers run; ``readers=False`` leaves it out:
+    the first layer whose computation actually changes, below which every stream is the clean one."""
     from rh.attention import capturing
 
     hf = hf_model(model)
@@ -112,7 +121,7 @@ def first_modified_layer(model: Any) -> int:
         if any(not _is_passive(h) for t in (m._forward_pre_hooks, m._forward_hooks) for h in t.values()):
             return 0
     for i, layer in enumerate(layers):
-        if _hooked(layer):
+        if _hooked(layer, readers=readers):
             return i
     return len(layers)
 
@@ -271,7 +280,7 @@ def forward(model: Any, inputs: Mapping[str, torch.Tensor], **kwargs: Any) -> An
     cache = _CACHES.get(hf)
     if cache is None or kwargs.get("use_cache") or "inputs_embeds" in inputs:
         return hf(**inputs, **kwargs)
-    first = first_modified_layer(hf)
+    first = first_modified_layer(hf)  # where the pass must start at the latest (a reader sees its layers run)
     if first == 0:
         cache.misses += 1
         return hf(**inputs, **kwargs)
@@ -280,7 +289,10 @@ def forward(model: Any, inputs: Mapping[str, torch.Tensor], **kwargs: Any) -> An
     key = _batch_key(hf, inputs)
     found = cache.best(key, first if first < n_layers else n_layers - 1, hf)
     start = found[0] if found else 0
-    keep = {layer for layer in cache.hinted() | ({first} if first < n_layers else set()) if start < layer <= first
+    # the streams this pass computes clean: up to its first layer that something changes (a reader
+    # changes nothing, so a baseline that reads still keeps the streams hinted above its layers)
+    clean = first_modified_layer(hf, readers=False) if first < n_layers else first
+    keep = {layer for layer in cache.hinted() | ({first} if first < n_layers else set()) if start < layer <= clean
             and layer < n_layers and (key, layer) not in cache.entries}
     stored: dict[int, torch.Tensor] = {}
     handles = []

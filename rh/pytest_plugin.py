@@ -1355,8 +1355,11 @@ def _attention_example(model, ranking, validation) -> AttentionExample | None:
 def baseline(rh_model, validation, profile, ranking):
     """Teacher-forced outcomes on the validation split with no intervention. The passes keep the
     residual stream where the top-K sets the claims ablate on these prompts start (CA-1, CA-2,
-    CA-5), so those passes run only the layers from there on (rh.prefix)."""
+    CA-5), so those passes run only the layers from there on (rh.prefix). They also read the top
+    ``id_k`` heads' needle mass (:func:`rh.id_claims.read_needle_mass`), kept beside the rows in
+    the results store: ID-2 reads it from there and runs no pass of its own."""
     from rh.causal import evaluate_baseline
+    from rh.id_claims import read_needle_mass
     from rh.prefix import first_layers, hinting
     from rh.published import HeadSetHasNoOrder
 
@@ -1366,8 +1369,14 @@ def baseline(rh_model, validation, profile, ranking):
             sets.append(ranking.top(k))
         except HeadSetHasNoOrder:  # a head set has only its own size
             pass
+    try:
+        top = ranking.top(profile.id_k)
+    except HeadSetHasNoOrder:
+        top = []
     with hinting(rh_model, first_layers(sets)):
-        return evaluate_baseline(rh_model, validation, batch_size=profile.batch_size)
+        if not top or not validation:
+            return evaluate_baseline(rh_model, validation, batch_size=profile.batch_size)
+        return read_needle_mass(rh_model, validation, top, batch_size=profile.batch_size)[0]
 
 
 def _baseline_entry(df) -> dict[str, Any]:

@@ -377,6 +377,35 @@ def test_a_resumed_run_serves_the_needle_mass_from_the_store_and_reads_it_where_
         np.testing.assert_allclose(moved.needle_mass.ratios[t], want[t], rtol=1e-5)
 
 
+def test_id2_reads_the_mass_the_baseline_read_and_runs_nothing(tiny, tiny_samples):
+    """The plugin's baseline reads the top K's needle mass beside its rows; ID-2 asks for the same
+    reading and gets it from the store: no forward, and the ratios of its former pass of its own
+    (needle_mass_ratios: a prompt-only sum-attention capture), 1e-5 relative in float32. Catches a
+    reading keyed differently by the two (ID-2 would pay a pass) and a mean over the wrong axis."""
+    from rh.budget import TokenLayerCounter
+    from rh.causal import evaluate_baseline
+    from rh.id_claims import read_needle_mass
+    from rh.runner import Runner, use_runner
+
+    heads = _ranking(tiny.shape, 2).top(4)
+    counter = TokenLayerCounter()
+    handle = counter.attach(tiny.model)
+    try:
+        counter.label = "plain baseline"
+        plain = evaluate_baseline(tiny, tiny_samples, batch_size=4)
+        with use_runner(tiny, Runner(tiny)):
+            counter.label = "baseline"
+            frame, _ = read_needle_mass(tiny, tiny_samples, heads, batch_size=4)
+            counter.label = "ID-2"
+            again, per_head = read_needle_mass(tiny, tiny_samples, heads, batch_size=4)
+    finally:
+        handle.remove()
+    assert counter.counts.get("ID-2", 0) == 0 and counter.counts["baseline"] == counter.counts["plain baseline"]
+    assert frame["correct"].tolist() == plain["correct"].tolist() == again["correct"].tolist()
+    np.testing.assert_allclose(per_head.mean(axis=1), needle_mass_ratios(tiny, tiny_samples, heads, batch_size=4),
+                               rtol=1e-5)
+
+
 def test_a_reading_is_refused_where_it_would_see_no_forward_of_its_own_row(tiny, tiny_samples):
     """Decode-phase rows run from a shared prefill, and one prompt twice in a forward would mix two
     rows' readings: both are refused with a message, before any forward. Catches a reading that

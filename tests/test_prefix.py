@@ -101,6 +101,43 @@ def test_without_a_hint_the_first_pass_of_a_condition_stores_what_the_next_reuse
     _same(plain1, r1)
 
 
+def test_a_reading_baseline_keeps_the_streams_hinted_above_the_layers_it_reads(tiny, tiny_samples):
+    """A baseline that reads layer 1 (rh.attention.reading_rows changes nothing) keeps the stream
+    hinted at layer 3, above what it reads, as the plain baseline does; the ablation at layer 3
+    then runs layers 3.. only and gives the plain pass's outputs. A pass that reads layer 1 cannot
+    start from layer 3's stream (its reader must see layer 1 run). Catches a reader counted as a
+    change (the hint above it lost: the ablation runs in full) and one ignored when starting (the
+    reader would see no forward)."""
+    from rh.id_claims import needle_mass_reading
+
+    with ablate(tiny, [Head(3, 4)]):
+        plain = teacher_forced(tiny, tiny_samples, batch_size=6, progress=False)
+    counter = TokenLayerCounter()
+    handle = counter.attach(tiny.model)
+    try:
+        with reuse_prefixes(tiny) as cache:
+            with hinting(tiny, [3]), needle_mass_reading(tiny, [Head(1, 0)]) as read:
+                assert first_modified_layer(tiny) == 1 and first_modified_layer(tiny, readers=False) == 4
+                teacher_forced(tiny, tiny_samples, batch_size=6, progress=False)
+            assert {layer for _, layer in cache.entries} == {1, 3} and set(read) == {s.id for s in tiny_samples}
+            before = counter.total
+            with ablate(tiny, [Head(3, 4)]):
+                reused = teacher_forced(tiny, tiny_samples, batch_size=6, progress=False)
+            assert cache.hits == 1
+            padded = (counter.total - before) // (tiny.shape.n_layers - 3)
+            assert counter.total - before == padded * (tiny.shape.n_layers - 3) > 0
+            with needle_mass_reading(tiny, [Head(1, 0)]) as again:
+                start = counter.total
+                teacher_forced(tiny, tiny_samples, batch_size=6, progress=False)
+            assert counter.total - start == padded * (tiny.shape.n_layers - 1)  # from layer 1's stream, not 3's
+            np.testing.assert_allclose(np.array([again[s.id] for s in tiny_samples]),
+                                       np.array([read[s.id] for s in tiny_samples]), rtol=1e-6)
+    finally:
+        handle.remove()
+    _same(plain, reused)
+    assert _hooks(tiny) == 0
+
+
 def test_an_edit_below_the_stored_layer_invalidates_it(tiny, tiny_samples):
     """A weight edited in place below the stored layer (its version counter moves) or a module
     replaced there: the stored stream is not used, and the outputs are the edited model's."""
