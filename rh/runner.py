@@ -134,17 +134,14 @@ def read_key(row: str | None, reading: Reading) -> str | None:
 
 def valid_read(value: Any, width: int) -> tuple[float, ...] | None:
     """A reading's values for one row (``width`` numbers), or None if ``value`` is not that."""
-    if not isinstance(value, (list, tuple)) or len(value) != width:
-        try:
-            value = list(value)  # a numpy row
-        except TypeError:
-            return None
-        if len(value) != width:
-            return None
     try:
-        if any(isinstance(v, (bool, str)) for v in value):
-            return None
-        return tuple(float(v) for v in value)
+        values = list(value)
+    except TypeError:
+        return None
+    if len(values) != width or any(isinstance(v, (bool, str)) for v in values):
+        return None
+    try:
+        return tuple(float(v) for v in values)
     except (TypeError, ValueError):
         return None
 
@@ -217,6 +214,7 @@ class ResultStore:
         for key, values in reads:
             if key is None:
                 continue
+            values = tuple(float(v) for v in values)
             self.reads[key] = values
             lines.append(json.dumps({"key": key, "read": list(values)}) + "\n")
         if self.path is not None and lines:

@@ -240,3 +240,27 @@ def test_a_store_that_cannot_be_a_file_is_a_usage_error(tmp_path):
     with pytest.raises(pytest.UsageError, match="does not exist"):
         _check_runner_options(_Config(store=str(tmp_path / "no" / "rows.jsonl")))
     _check_runner_options(_Config(store=str(tmp_path / "rows.jsonl")))  # a new file in a folder that exists: fine
+
+
+def test_stored_readings_are_read_back_and_a_torn_or_foreign_one_is_computed_again(tmp_path):
+    """A reading's values go to the store file as lines of their own and come back from it in a new
+    store, exactly; a torn line is skipped (counted), a value of another width is not served, and
+    what is not a list of numbers is no reading. Catches reading lines taken for torn rows (every
+    reading recomputed after a resume) and values served to a reading of other heads."""
+    import numpy as np
+
+    from rh.runner import ResultStore, valid_read
+
+    path = tmp_path / "rows.jsonl"
+    first = ResultStore(path)
+    first.put([("r1", (True, -0.5, 0.6, 3))], [("k1", (1.0, 2.5)), ("k2", tuple(np.array([3, 4], dtype=np.float32)))])
+    first.close()
+    with open(path, "a") as fh:
+        fh.write('{"key": "k3", "read": [1.0, tr')
+    again = ResultStore(path)
+    assert again.get("r1") == (True, -0.5, 0.6, 3)
+    assert again.get_read("k1", 2) == (1.0, 2.5) and again.get_read("k2", 2) == (3.0, 4.0)
+    assert again.get_read("k1", 3) is None and again.get_read("k3", 2) is None
+    assert (again.loaded, again.skipped) == (1, 1)
+    assert valid_read([True, 1.0], 2) is None and valid_read("ab", 2) is None and valid_read([1, None], 2) is None
+    assert valid_read(np.array([0.5, 2.0]), 2) == (0.5, 2.0) and valid_read([1.0], 2) is None
