@@ -7,7 +7,7 @@ import contextlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,6 +18,9 @@ from rh.rankings import Ranking
 from rh.scoring import SampleScores, general_heads, score_samples
 from rh.rules.verdict import Power, Verdict
 from rh.stats import spearman_ci, spearman_test, topk_overlap_test
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def inconclusive(claim: str, params: dict, reason: str, test: str, alpha: float = 0.05, n: int = 0,
@@ -148,8 +151,8 @@ def id5_candidates(rankings: Mapping[str, Ranking], k: int) -> list[Head]:
 
 @dataclass(frozen=True)
 class NeedleMassReading:
-    """ID-5's needle mass as a :class:`rh.runner.Reading`: the value that travels to a replica with
-    the task baselines' packets and opens :func:`needle_mass_reading` of ``heads`` there."""
+    """The needle mass of ``heads`` as a :class:`rh.runner.Reading` (ID-2's and ID-5's): the value
+    that travels to a replica with a baseline's packets and opens :func:`needle_mass_reading` there."""
 
     heads: tuple[Head, ...]
     #: bump when what a row's values mean changes (stored values of another version are not served)
@@ -167,7 +170,7 @@ class NeedleMassReading:
 
 
 def read_needle_mass(model: LoadedModel, samples: Sequence[Sample], heads: Sequence[Head], *,
-                     batch_size: int = 8) -> tuple[Any, np.ndarray]:
+                     batch_size: int = 8) -> tuple[pd.DataFrame, np.ndarray]:
     """The unablated outcomes of ``samples`` (the baseline unit: the forwards
     :func:`rh.causal.evaluate_baseline` runs) and, read in those very forwards
     (:class:`NeedleMassReading`, :meth:`rh.runner.Runner.read`), each head's needle mass ratio per
