@@ -535,9 +535,10 @@ def _ranking(ctx: PlanContext):
         rows.append(identification_cost("ranking", ctx.ca_identify, ctx.method, ctx, status))
     elif isinstance(ext, HeadSet):
         return [CostRow("ranking", ("external head set: no passes",), 0, 0, 0.0, ctx.layers)]
-    if ctx.validation:  # the report's attention example: one validation prompt
+    if ctx.validation:  # the report's attention example: one validation prompt, through the top 5's deepest layer
+        top5 = ctx.top_layers(min(5, ctx.shape.n_total))
         rows.append(forward_cost("ranking", ["attention example"], ctx.validation[:1], ctx, answer=False,
-                                 batch_size=1))
+                                 batch_size=1, **({"layers": max(top5) + 1} if top5 else {})))
     return rows
 
 
@@ -683,7 +684,12 @@ def _iv3(ctx):
 def _hub(ctx):
     p = ctx.profile
     ident = [x for x in ctx.ca_identify if x.length == p.lengths[0]]
-    return forward_cost("hub", ["last-token attention"], ident, ctx, answer=False, batch_size=1)
+    layers = ctx.top_layers(p.critical_k)  # the capture runs through the deepest critical head's layer
+    if not layers:
+        return forward_cost("hub", ["last-token attention"], ident, ctx, answer=False, batch_size=1,
+                            note="through every layer (the deepest critical head is known only once ranked)")
+    return forward_cost("hub", ["last-token attention"], ident, ctx, answer=False, batch_size=1,
+                        layers=max(layers) + 1, note=f"through layer {max(layers)}, the deepest critical head")
 
 
 def _sum_identification(ctx):
