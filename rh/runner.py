@@ -44,7 +44,7 @@ import pandas as pd
 
 from rh.ablation import Ablation
 from rh.niah import Sample
-from rh.units import Packet, Unit, check_prompts, check_readable, plan_packets, read_packet, unit_frames
+from rh.units import Packet, Unit, check_prompts, check_readable, plan_packets, read_packet, read_units, unit_frames
 
 log = logging.getLogger(__name__)
 
@@ -386,28 +386,19 @@ class Runner:
         frames = unit_frames(units, by_id, scores)
         if reading is None:
             return frames, None
-        return frames, [{i: np.asarray(reads[(j, i)], dtype=float) for i in u.sample_ids} for j, u in enumerate(units)]
+        return frames, _per_unit(units, reads)
 
     def _run_here(self, by_id: Mapping[str, Sample], units: Sequence[Unit], batch_size: int,
                   reading: Reading | None) -> tuple[list[pd.DataFrame], list[dict[str, np.ndarray]] | None]:
         """The units run in this process on the model as it stands (not pristine): nothing stored."""
-        scores: dict[tuple[int, str], tuple] = {}
-        reads: dict[tuple[int, str], Any] = {}
-        packets = plan_packets(units, by_id, batch_size)
-        if reading is not None:
-            check_readable(packets)
-        for packet in packets:
-            got, read = read_packet(self.model, packet, by_id, reading)
-            scores.update(zip(packet.rows, got))
-            if read is not None:
-                reads.update(zip(packet.rows, read))
+        scores, reads = read_units(self.model, by_id, units, reading, batch_size)
         frames = unit_frames(units, by_id, scores)
         if reading is None:
             return frames, None
         missed = [i for (j, i), v in reads.items() if v is None]
         if missed:
             raise RuntimeError(f"the forwards did not show the reading {reading.key()} for prompts {missed[:5]}")
-        return frames, [{i: np.asarray(reads[(j, i)], dtype=float) for i in u.sample_ids} for j, u in enumerate(units)]
+        return frames, _per_unit(units, reads)
 
     def pristine(self) -> bool:
         """Whether the model computes what it computed when the runner was made: no intervention
@@ -421,6 +412,11 @@ class Runner:
     def close(self) -> None:
         self.store.close()
         self.executor.close()
+
+
+def _per_unit(units: Sequence[Unit], reads: Mapping[tuple[int, str], Any]) -> list[dict[str, np.ndarray]]:
+    """A reading's values by (unit index, prompt id), as one ``{prompt id: values}`` per unit."""
+    return [{i: np.asarray(reads[(j, i)], dtype=float) for i in u.sample_ids} for j, u in enumerate(units)]
 
 
 def _weights(model: Any) -> tuple:

@@ -334,7 +334,21 @@ def run_units(model, samples: Sequence[Sample] | Mapping[str, Sample], units: Se
     """Execute ``units`` on ``model`` in this process: one frame per unit, in order, each with the
     rows :func:`rh.evaluate.teacher_forced` gives (``condition`` = the unit's condition's name)."""
     by_id = samples if isinstance(samples, Mapping) else {s.id: s for s in samples}
+    return unit_frames(units, by_id, read_units(model, by_id, units, None, batch_size)[0])
+
+
+def read_units(model, by_id: Mapping[str, Sample], units: Sequence[Unit], reading: Any, batch_size: int,
+               ) -> tuple[dict[tuple[int, str], tuple], dict[tuple[int, str], Any]]:
+    """Every packet of ``units`` run here, ``reading`` (or None) open around each: the scores and
+    the reading's values, each by (unit index, prompt id)."""
     scores: dict[tuple[int, str], tuple] = {}
-    for packet in plan_packets(units, by_id, batch_size):
-        scores.update(zip(packet.rows, run_packet(model, packet, by_id)))
-    return unit_frames(units, by_id, scores)
+    reads: dict[tuple[int, str], Any] = {}
+    packets = plan_packets(units, by_id, batch_size)
+    if reading is not None:
+        check_readable(packets)  # before any forward
+    for packet in packets:
+        got, read = read_packet(model, packet, by_id, reading)
+        scores.update(zip(packet.rows, got))
+        if read is not None:
+            reads.update(zip(packet.rows, read))
+    return scores, reads
