@@ -108,7 +108,7 @@ def test_the_answer_becomes_decodable_after_the_critical_heads(rh_model, ranking
     """Linear probes on the last token's residual stream decode the answer's first token only at or
     after the layers of the critical heads."""
     from rh.budget import note_saved, stops_early
-    from rh.probes import answer_labels, decodable_after_heads, last_token_residuals, layer_probes
+    from rh.probes import answer_labels, decodable_after_heads, layer_probes, read_residuals
     from rh.rules.claims import floor_reason, inconclusive
 
     floor = floor_reason(float(iv_baseline["correct"].mean()), profile.baseline_floor)
@@ -117,10 +117,11 @@ def test_the_answer_becomes_decodable_after_the_critical_heads(rh_model, ranking
         if stops_early(None):  # the probes' passes are left unread, and counted as saved
             note_saved("floor", sum(len(s.input_ids) for s in samples) * rh_model.shape.n_layers)
         else:  # --plain: every pass in full
-            last_token_residuals(rh_model, samples, batch_size=profile.batch_size)
+            read_residuals(rh_model, samples, batch_size=profile.batch_size)
         return record_verdict(inconclusive("IV-5", {}, floor, "layer probes", profile.alpha, min_effect=0.0))
 
-    feats = last_token_residuals(rh_model, samples, batch_size=profile.batch_size)
+    # the probe prompts' clean forwards are work units: on Ray they run on the replicas
+    feats = read_residuals(rh_model, samples, batch_size=profile.batch_size)
     df = layer_probes(feats, answer_labels(samples), seed=profile.draw_seed)
     v = decodable_after_heads(df, [h.layer for h in ranking.top(profile.critical_k)], alpha=profile.alpha,
                               margin=profile.probe_margin)

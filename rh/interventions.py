@@ -228,24 +228,25 @@ def patch_positions(model: LoadedModel, layer: int, positions: Positions, *, mod
         yield
 
 
-def hub_position(model: LoadedModel, samples: Sequence[Sample], heads: Sequence[Head | str]) -> tuple[int, np.ndarray]:
+def hub_position(model: LoadedModel, samples: Sequence[Sample], heads: Sequence[Head | str], *,
+                 batch_size: int = 8) -> tuple[int, np.ndarray]:
     """Seed 004's hub: the prompt position the critical ``heads`` attend to most from the last
     token, their attention averaged over heads and ``samples`` (which must share one length).
     Returns ``(position, mean attention per position)``. Each sample's needle span is left out of
     its average: retrieval heads attend to the needle, and needles at one depth share positions, so
     without this the hub would be where one depth's needles sit. The hub is a position the prompts
     share outside the needle (for Llama-family models usually the first token, the attention sink)."""
-    from rh.scoring import last_token_attention
+    from rh.scoring import read_last_token_attention
 
     heads = validate_heads(heads, model.shape)
     if not samples:
         raise ValueError("hub_position needs at least one sample")
-    lengths = {s.length for s in samples}
+    lengths = {len(s.input_ids) for s in samples}
     if len(lengths) != 1:
         raise ValueError(f"hub_position needs samples of one length (positions are compared across them); got {sorted(lengths)}")
+    # the clean prompt-only forwards through the deepest head are work units (on Ray, on the replicas)
     rows = []
-    for s in samples:
-        row = last_token_attention(model, s, heads).mean(0)
+    for s, row in zip(samples, read_last_token_attention(model, samples, heads, mean=True, batch_size=batch_size)):
         row[s.needle_span[0] : s.needle_span[1]] = np.nan
         rows.append(row)
     with np.errstate(invalid="ignore"):

@@ -17,10 +17,12 @@ keeps only the last column rather than every position of every layer.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,7 +32,7 @@ from tqdm.auto import tqdm
 
 from rh.models import LoadedModel, decoder_layers, hf_model
 from rh.niah import Sample
-from rh.recording import recording, resid_post, resid_pre
+from rh.recording import reading, recording, resid_post, resid_pre
 from rh.rules.verdict import Power, Verdict
 from rh.stats import holm, min_attainable_p_binomial
 
@@ -80,6 +82,88 @@ def last_token_residuals(model: LoadedModel, samples: Sequence[Sample], *, batch
             for row, s in enumerate(batch.samples):
                 out[slots[id(s)].pop(0)] = stack[row]
     return out
+
+
+@contextlib.contextmanager
+def residual_reading(model: LoadedModel) -> Iterator[dict[str, np.ndarray]]:
+    """Within the block, every batch forward run inside :func:`rh.batching.running` (a clean
+    prompt-only packet, :func:`rh.units.run_prompts`, or a teacher-forced one: prompt + answer but
+    its last token, rows left-padded to end together) records, per prompt, the residual stream at
+    its last prompt token before layer 0 and after every layer: ``{sample id: [(n_layers + 1) *
+    hidden]}`` float32, what :func:`last_token_residuals` gives for that prompt, flattened.
+
+    The position read is ``pad + len(input_ids) - 1`` of the prompt's batch row: under causal
+    attention any answer tokens after it change nothing at it, and left padding gives every real
+    token its own position (``rh.batching``)."""
+    from rh.batching import current_batch
+
+    n_layers = len(decoder_layers(model))
+    hidden = int(hf_model(model).config.hidden_size)
+    sites = [resid_pre(0), *(resid_post(layer) for layer in range(n_layers))]  # index i: the input of layer i
+    out: dict[str, np.ndarray] = {}
+
+    def read_at(index: int):
+        def fn(x: torch.Tensor) -> None:
+            batch = current_batch()
+            if batch is None or batch.input_ids.shape[1] != x.shape[1]:
+                raise RuntimeError("residual_reading reads batch forwards (inside rh.batching.running); "
+                                   f"this forward of {x.shape[1]} positions is not one")
+            pos = torch.tensor([p + len(s.input_ids) - 1 for p, s in zip(batch.pad, batch.samples)],
+                               device=x.device)
+            rows = x.detach()[torch.arange(x.shape[0], device=x.device), pos].float().cpu().numpy()
+            for r, s in enumerate(batch.samples):
+                row = out.setdefault(s.id, np.full((n_layers + 1) * hidden, np.nan, dtype=np.float32))
+                row[index * hidden:(index + 1) * hidden] = rows[r]
+        return fn
+
+    with reading(model, {site: read_at(i) for i, site in enumerate(sites)}):
+        yield out
+
+
+@dataclass(frozen=True)
+class ResidualReading:
+    """IV-5's residual streams as a :class:`rh.runner.Reading`: the value that travels to a
+    replica with a baseline's packets and opens :func:`residual_reading` there. ``(n_layers + 1) *
+    hidden`` numbers a prompt (17,856 on SmolLM2-135M, 663,552 on a 70B Llama) are too many to keep
+    in the results store (``stored = False``): a resumed run reads them again with their rows."""
+
+    n_layers: int
+    hidden: int
+    #: bump when what a row's values mean changes
+    version: int = 1
+    stored = False
+
+    @classmethod
+    def of(cls, model: LoadedModel) -> ResidualReading:
+        return cls(len(decoder_layers(model)), int(hf_model(model).config.hidden_size))
+
+    @property
+    def width(self) -> int:
+        return (self.n_layers + 1) * self.hidden
+
+    def key(self) -> str:
+        return f"residual_last_prompt_token/v{self.version}:{self.n_layers}x{self.hidden}"
+
+    def open(self, model: LoadedModel) -> contextlib.AbstractContextManager[dict[str, np.ndarray]]:
+        got = ResidualReading.of(model)
+        if (got.n_layers, got.hidden) != (self.n_layers, self.hidden):
+            raise ValueError(f"a residual reading of {self.n_layers} layers x {self.hidden} opened on a model of "
+                             f"{got.n_layers} x {got.hidden}")
+        return residual_reading(model)
+
+
+def read_residuals(model: LoadedModel, samples: Sequence[Sample], *, batch_size: int = 8) -> np.ndarray:
+    """What :func:`last_token_residuals` returns, ``[n_samples, n_layers + 1, hidden]`` float32,
+    read (:class:`ResidualReading`) in the same clean prompt-only forwards, run as work units by the
+    model's runner (:func:`rh.runner.read_prompts`): on Ray replicas they run there."""
+    from rh.runner import read_prompts
+
+    samples = list(samples)
+    if not samples:
+        raise ValueError("read_residuals: samples is empty; pass at least one Sample")
+    rd = ResidualReading.of(model)
+    got = read_prompts(model, samples, rd, batch_size=batch_size)
+    return np.stack([np.asarray(got[s.id], dtype=np.float32).reshape(rd.n_layers + 1, rd.hidden) for s in samples])
 
 
 def answer_labels(samples: Sequence[Sample]) -> np.ndarray:

@@ -1340,13 +1340,13 @@ def ranking(ranking_source):
 
 def _attention_example(model, ranking, validation) -> AttentionExample | None:
     """The top heads' last-token attention on the first validation prompt (none without one)."""
-    from rh.scoring import last_token_attention
+    from rh.scoring import read_last_token_attention
 
     if not validation:
         return None
     sample = validation[0]
     heads = ranking.top(min(5, model.shape.n_total))
-    rows = last_token_attention(model, sample, heads)
+    (rows,) = read_last_token_attention(model, [sample], heads)  # a work unit: on Ray, on a replica
     return AttentionExample(sample.id, tuple(str(h) for h in heads), tuple(sample.needle_span),
                             tuple(sample.answer_span), tuple(tuple(round(float(x), 5) for x in row) for row in rows))
 

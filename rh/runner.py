@@ -118,7 +118,9 @@ class Reading(Protocol):
     """What a forward is read for beside its rows: a picklable value (it travels to the replicas
     with the packets). :meth:`open` is a context in which every teacher-forced forward of ``model``
     (:func:`rh.units.run_packet`) adds ``{sample id: width floats}`` to the dict it yields, changing
-    nothing the model computes; :meth:`key` names what is read (it keys the stored values)."""
+    nothing the model computes; :meth:`key` names what is read (it keys the stored values). A
+    reading with ``stored = False`` (IV-5's residual streams: too large for the store) is never kept
+    in nor served from the store: its rows are computed again with it whenever it is asked for."""
 
     width: int
 
@@ -301,6 +303,69 @@ class Runner:
         frames, read = self._run(samples, units, batch_size, reading)
         return frames, read  # type: ignore[return-value]
 
+    def read_prompts(self, samples: Sequence[Sample], reading: Reading, *, batch_size: int = 8,
+                     through: int | None = None) -> dict[str, np.ndarray]:
+        """``reading`` read in clean forwards of the prompts alone (no answer tokens, no rows: the
+        hub's attention profile, IV-5's residual streams), through layer ``through`` (None: every
+        layer): ``{prompt id: values}``. Work units like the rows: the executor runs them (on a
+        replica as in this process, token-layers charged as the rows' are), and the values are kept
+        in the store under the prompt's clean row and the reading (unless ``reading.stored`` is
+        False), so a resumed run or a second caller reads them with no forward. ``through`` must
+        reach the deepest layer the reading reads (it does not change the values)."""
+        from rh.units import prompt_packets
+
+        samples = list({s.id: s for s in samples}.values())
+        by_id = {s.id: s for s in samples}
+        width = reading.width
+        kept = getattr(reading, "stored", True)
+        if not self.pristine():  # an intervention or a weight edit is active: read here, as it stands, unstored
+            out = {}
+            for p in prompt_packets(samples, batch_size, through=through):
+                _, got = read_packet(self.model, p, by_id, reading)
+                out.update(self._read_values(p, got, width, reading))
+            return {i: np.asarray(out[i], dtype=float) for i in by_id}
+        lk = self.layout.key()
+        keys = {s.id: read_key(row_key(lk, Ablation.baseline(), s), reading) for s in samples}
+        out: dict[str, tuple[float, ...]] = {}
+        for s in samples:
+            got = self.store.get_read(keys[s.id], width) if kept else None
+            if got is not None:
+                out[s.id] = got
+                self.reused += 1
+        todo = [s for s in samples if s.id not in out]
+        if todo:
+            packets = prompt_packets(todo, batch_size, through=through)
+            for p, done in zip(packets, self.executor.execute(packets, by_id, [], reading)):
+                values = self._read_values(p, done.read, width, reading)
+                out.update(values)
+                self.store.put([], [(keys[i], v) for i, v in values.items()] if kept else [])
+                self.computed += len(p.rows)
+                if done.token_layers is not None and self.charge is not None:
+                    self.charge(done.token_layers)
+                if done.saved:
+                    from rh.budget import note_saved
+
+                    for kind, n in done.saved.items():
+                        note_saved(kind, n)
+        return {i: np.asarray(out[i], dtype=float) for i in by_id}
+
+    def _read_values(self, packet: Packet, read: Sequence[Any] | None, width: int,
+                     reading: Reading) -> dict[str, tuple[float, ...]]:
+        if read is None or len(read) != len(packet.rows):
+            raise RuntimeError(f"the {self.executor.name} executor returned no reading of {reading.key()} for a packet "
+                               f"of {len(packet.rows)} prompts: its results are not used")
+        out = {}
+        for (_, i), got in zip(packet.rows, read):
+            values = valid_read(got, width) if got is not None else None
+            if values is None:
+                raise RuntimeError(f"the clean forward of prompt {i!r} gave {str(got)[:80]} as the reading "
+                                   f"{reading.key()}: not {width} numbers")
+            if not np.isfinite(values).all():
+                raise RuntimeError(f"the clean forward of prompt {i!r} left part of the reading {reading.key()} unread "
+                                   "(NaN): a layer it reads was not run; pass through= the deepest layer it reads")
+            out[i] = values
+        return out
+
     def _run(self, samples: Sequence[Sample] | Mapping[str, Sample], units: Sequence[Unit], batch_size: int,
              reading: Reading | None) -> tuple[list[pd.DataFrame], list[dict[str, np.ndarray]] | None]:
         by_id = samples if isinstance(samples, Mapping) else {s.id: s for s in samples}
@@ -309,6 +374,7 @@ class Runner:
             return self._run_here(by_id, units, batch_size, reading)
         lk = self.layout.key()
         width = reading.width if reading is not None else 0
+        kept = reading is not None and getattr(reading, "stored", True)  # a reading too large to keep: read again
         scores: dict[tuple[int, str], tuple] = {}
         reads: dict[tuple[int, str], tuple[float, ...]] = {}
         first: dict[str, tuple[int, str]] = {}  # a key asked twice in this call is computed once
@@ -321,7 +387,8 @@ class Runner:
                 k = row_key(lk, u.condition, by_id[i])
                 keys[(j, i)] = k
                 got = self.store.get(k)
-                got_read = self.store.get_read(read_key(k, reading), width) if reading is not None else ()
+                got_read = (self.store.get_read(read_key(k, reading), width) if kept else None) if reading is not None \
+                    else ()
                 if got is not None and got_read is not None:
                     scores[(j, i)] = got
                     if reading is not None:
@@ -367,7 +434,8 @@ class Runner:
                                                f"gave {done.read[r]!r} as the reading {reading.key()}: not "
                                                f"{width} numbers")
                         reads[origin[tj][i]] = values
-                        put_read.append((read_key(keys[origin[tj][i]], reading), values))
+                        if kept:
+                            put_read.append((read_key(keys[origin[tj][i]], reading), values))
                 self.store.put(put, put_read)
                 self.computed += len(p.rows)
                 if done.token_layers is not None and self.charge is not None:
@@ -468,6 +536,12 @@ def read(model: Any, samples: Sequence[Sample] | Mapping[str, Sample], units: Se
          batch_size: int = 8) -> tuple[list[pd.DataFrame], list[dict[str, np.ndarray]]]:
     """:func:`run` with ``reading`` read in the same forwards (:meth:`Runner.read`)."""
     return runner_for(model).read(samples, units, reading, batch_size=batch_size)
+
+
+def read_prompts(model: Any, samples: Sequence[Sample], reading: Reading, *, batch_size: int = 8,
+                 through: int | None = None) -> dict[str, np.ndarray]:
+    """``reading`` read in clean prompt-only forwards through ``model``'s runner (:meth:`Runner.read_prompts`)."""
+    return runner_for(model).read_prompts(samples, reading, batch_size=batch_size, through=through)
 
 
 def run_one(model: Any, samples: Sequence[Sample], condition: Ablation, *, batch_size: int = 8) -> pd.DataFrame:

@@ -21,10 +21,11 @@ identification resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -626,3 +627,103 @@ def last_token_attention(model: LoadedModel, sample: Sample, heads: Sequence[Hea
         model.model(input_ids=ids, logits_to_keep=1, use_cache=False)
     rows = cap.step(0)
     return np.stack([rows[h.layer][0, h.head].double().numpy() for h in heads])
+
+
+@contextlib.contextmanager
+def last_token_attention_reading(model: LoadedModel, heads: Sequence[Head], width: int, *,
+                                 mean: bool = False) -> Iterator[dict[str, np.ndarray]]:
+    """Within the block, every batch forward run inside :func:`rh.batching.running` (a clean
+    prompt-only packet, :func:`rh.units.run_prompts`) records, per prompt of ``width`` tokens, the
+    attention of its last prompt token over its own positions for ``heads``: ``{sample id:
+    [len(heads) * width]}`` (head by head, what :func:`last_token_attention` gives, flattened), or
+    with ``mean`` their mean over the heads, ``[width]``. The row read is ``pad + width - 1`` of
+    the prompt's batch row and the keys its own ``width`` positions (left padding gives every real
+    token its own position, ``rh.batching``). Only the heads' layers are read
+    (:func:`rh.attention.reading_rows`)."""
+    from rh.attention import reading_rows
+    from rh.batching import current_batch
+
+    heads = list(heads)
+    if not heads:
+        raise ValueError("last_token_attention_reading: no heads; pass the heads whose attention is read")
+    out: dict[str, np.ndarray] = {}
+    by_layer: dict[int, list[tuple[int, int]]] = {}
+    for j, h in enumerate(heads):
+        by_layer.setdefault(h.layer, []).append((j, h.head))
+
+    def batch_of(q_len: int):
+        batch = current_batch()
+        if batch is None or batch.input_ids.shape[1] != q_len:
+            raise RuntimeError("last_token_attention_reading reads batch forwards (inside rh.batching.running); "
+                               f"this forward of {q_len} positions is not one")
+        wrong = [s.id for s in batch.samples if len(s.input_ids) != width]
+        if wrong:
+            raise ValueError(f"last_token_attention_reading reads prompts of {width} tokens; {wrong[:3]} are not")
+        return batch
+
+    def positions(q_len: int) -> list[int]:
+        return [p + width - 1 for p in batch_of(q_len).pad]
+
+    def reduce(layer: int, probs) -> None:
+        batch = batch_of(probs.shape[-1])
+        for r, s in enumerate(batch.samples):
+            a = batch.pad[r]
+            row = out.setdefault(s.id, np.full((len(heads), width), np.nan))
+            for j, head in by_layer[layer]:
+                row[j] = probs[r, head, a:a + width].double().cpu().numpy()
+
+    with reading_rows(model, sorted(by_layer), positions, reduce):
+        yield out
+    for i, rows in list(out.items()):
+        out[i] = rows.mean(0) if mean else rows.reshape(-1)
+
+
+@dataclass(frozen=True)
+class LastTokenAttentionReading:
+    """:func:`last_token_attention_reading` as a :class:`rh.runner.Reading` (a value that travels
+    to a replica with the prompt-only packets): the hub's profile (``mean``), the report's
+    attention example (head by head)."""
+
+    heads: tuple[Head, ...]
+    length: int  # the prompts' tokens
+    mean: bool = False
+    #: bump when what a row's values mean changes
+    version: int = 1
+
+    @property
+    def width(self) -> int:
+        return self.length if self.mean else len(self.heads) * self.length
+
+    @property
+    def through(self) -> int:
+        """The deepest layer read: the prompt-only forwards run through it only."""
+        return max(h.layer for h in self.heads)
+
+    def key(self) -> str:
+        return (f"last_token_attention{'_mean' if self.mean else ''}/v{self.version}:{self.length}:"
+                + ",".join(str(h) for h in self.heads))
+
+    def open(self, model: LoadedModel) -> contextlib.AbstractContextManager[dict[str, np.ndarray]]:
+        return last_token_attention_reading(model, self.heads, self.length, mean=self.mean)
+
+
+def read_last_token_attention(model: LoadedModel, samples: Sequence[Sample], heads: Sequence[Head], *,
+                              mean: bool = False, batch_size: int = 8) -> np.ndarray:
+    """:func:`last_token_attention` of every one of ``samples`` (which must share one length),
+    ``[n, len(heads), length]`` (with ``mean``: ``[n, length]``), read in clean prompt-only forwards
+    through the deepest head's layer, run as work units by the model's runner
+    (:func:`rh.runner.read_prompts`: on Ray replicas they run there; the values are kept in the
+    results store)."""
+    from rh.runner import read_prompts
+
+    samples = list(samples)
+    lengths = sorted({len(s.input_ids) for s in samples})
+    if len(lengths) != 1:
+        raise ValueError(f"read_last_token_attention reads prompts of one length (positions are compared across "
+                         f"them); got {lengths or 'no prompt'}")
+    reading = LastTokenAttentionReading(tuple(heads), lengths[0], mean=mean)
+    if not reading.heads:
+        raise ValueError("read_last_token_attention: no heads; pass the heads whose attention is read")
+    got = read_prompts(model, samples, reading, batch_size=batch_size, through=reading.through)
+    shape = (lengths[0],) if mean else (len(reading.heads), lengths[0])
+    return np.stack([np.asarray(got[s.id], dtype=float).reshape(shape) for s in samples])

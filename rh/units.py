@@ -155,6 +155,11 @@ class Packet:
     heads: tuple[tuple[Head, ...], ...] = ()
     fan: bool = False
     width: int = 0
+    #: a clean forward of the prompts alone, run for a reading (:func:`rh.runner.read_prompts`): no
+    #: answer tokens and no rows; ``through``: the deepest layer the reading needs (the layers after
+    #: it are not run), None: every layer
+    prompt_only: bool = False
+    through: int | None = None
 
     @property
     def sample_ids(self) -> tuple[str, ...]:
@@ -201,6 +206,8 @@ def run_packet(model, packet: Packet, by_id: Mapping[str, Sample]) -> list[tuple
     row, in the packet's order, :data:`rh.evaluate.SCORES`."""
     if packet.fan:
         return run_fan(model, packet, by_id)
+    if packet.prompt_only:
+        return run_prompts(model, packet, by_id)
     samples = [by_id[i] for i in packet.sample_ids]
     (batch,) = make_batches(samples, len(samples), model.tokenizer.pad_token_id, with_answer=True)
     out: list[tuple | None] = [None] * len(samples)
@@ -210,6 +217,37 @@ def run_packet(model, packet: Packet, by_id: Mapping[str, Sample]) -> list[tuple
         for r, res in zip(batch.index, score_batch(model, batch)):
             out[r] = res
     return out  # type: ignore[return-value]
+
+
+def prompt_packets(samples: Sequence[Sample], batch_size: int, *, through: int | None = None) -> list[Packet]:
+    """The clean prompt-only forwards that read ``samples`` (:func:`rh.runner.read_prompts`):
+    batches of prompts of like length, shortest first (:func:`rh.batching.batch_order`)."""
+    return [Packet(tuple((0, samples[r].id) for r in rows), Ablation.baseline(), prompt_only=True, through=through)
+            for rows in batch_order(list(samples), batch_size, with_answer=False)]
+
+
+def run_prompts(model, packet: Packet, by_id: Mapping[str, Sample]) -> list[None]:
+    """One clean forward over the packet's prompts alone (left-padded, the last logit only), through
+    layer ``packet.through`` (the layers after it, which cannot change what the earlier ones
+    compute, are not run: counted as saved, as the shorter captures are). It scores nothing (a
+    reading open around it reads it): one None per row."""
+    from rh.batching import running
+    from rh.models import decoder_layers, layer_slice
+
+    samples = [by_id[i] for i in packet.sample_ids]
+    (batch,) = make_batches(samples, len(samples), model.tokenizer.pad_token_id, with_answer=False)
+    hf = model.model
+    n_layers = len(decoder_layers(hf))
+    stop = n_layers if packet.through is None else int(packet.through) + 1
+    if not 0 < stop <= n_layers:
+        raise ValueError(f"a prompt-only packet through layer {packet.through}: the model has layers 0..{n_layers - 1}")
+    with torch.no_grad(), running(batch), (layer_slice(hf, 0, stop) if stop < n_layers else contextlib.nullcontext()):
+        hf(**batch.model_inputs(model.device), logits_to_keep=1, use_cache=False)
+    if stop < n_layers:
+        from rh.budget import note_saved
+
+        note_saved("shorter captures", int(batch.input_ids.numel()) * (n_layers - stop))
+    return [None] * len(samples)
 
 
 def check_readable(packets: Sequence[Packet]) -> None:

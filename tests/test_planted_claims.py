@@ -26,7 +26,8 @@ def _necessity(tmp_path: Path, heads: list) -> dict:
            "planted",
            "--heads", ",".join(str(h) for h in heads), "-p", "no:cacheprovider", "-q",
            "--report-dir", str(tmp_path / "reports"), "--journal", str(tmp_path / "journal")]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    # about 4.5 min a set on a quiet 2-core machine; twice that and more when the machine is shared
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500)
     reports = sorted((tmp_path / "reports").glob("planted-*.json"))
     assert reports, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {v["key"]: v["status"] for v in json.loads(reports[-1].read_text())["verdicts"]}
@@ -39,9 +40,13 @@ def _expected(status: str) -> dict:
     return dict.fromkeys(keys, status)
 
 
-def test_necessity_is_supported_for_the_planted_heads_and_refuted_for_a_control_set(tmp_path):
+@pytest.mark.parametrize("which", ["planted", "control"])
+def test_necessity_is_supported_for_the_planted_heads_and_refuted_for_a_control_set(tmp_path, which):
     """Bug caught: a necessity rule that cannot recognise heads known to be necessary (a positive
     control it fails), or that calls any set necessary (the control, outside the circuit, must be
-    refuted: its ablation leaves the retrieval intact, so its drop is shown < Δ)."""
-    assert _necessity(tmp_path / "planted", list(PLANTED_HEADS)) == _expected("supported")
-    assert _necessity(tmp_path / "control", control_heads(len(PLANTED_HEADS))) == _expected("refuted")
+    refuted: its ablation leaves the retrieval intact, so its drop is shown < Δ). One set a test,
+    so each has its own time limit."""
+    if which == "planted":
+        assert _necessity(tmp_path, list(PLANTED_HEADS)) == _expected("supported")
+    else:
+        assert _necessity(tmp_path, control_heads(len(PLANTED_HEADS))) == _expected("refuted")

@@ -59,6 +59,41 @@ def test_left_padded_batch_equals_each_sample_alone(tiny, mixed):
     assert answer_labels(mixed).tolist() == [s.answer_ids[0] for s in mixed]
 
 
+def test_residuals_read_as_work_units_equal_the_prompt_only_pass(tiny, mixed, tmp_path):
+    """IV-5's residuals as a reading in prompt-only work units (rh.probes.read_residuals through
+    the runner): each prompt's residuals as last_token_residuals reads them, in the caller's order,
+    at its token-layers, and read again (not kept: too large for the store) when asked again.
+    Catches a row read at the wrong position (the padding), indices paired with the wrong layer,
+    rows paired with the wrong prompts, and a reading kept in the store."""
+    from rh.budget import TokenLayerCounter
+    from rh.probes import ResidualReading, read_residuals
+    from rh.runner import ResultStore, Runner, use_runner
+
+    order = [mixed[1], mixed[0]]
+    counter = TokenLayerCounter()
+    handle = counter.attach(tiny.model)
+    try:
+        ref = last_token_residuals(tiny, order, batch_size=2, progress=False)
+        plain = counter.total
+        store = ResultStore(tmp_path / "rows.jsonl")
+        with use_runner(tiny, Runner(tiny, store=store)) as runner:
+            got = read_residuals(tiny, order, batch_size=2)
+            assert counter.total - plain == plain  # the same forward
+            again = read_residuals(tiny, order, batch_size=2)
+            assert counter.total - plain == 2 * plain  # not kept: read again
+            assert runner.computed == 4 and not store.reads
+    finally:
+        handle.remove()
+    assert got.shape == ref.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(again, got)
+    assert ResidualReading.of(tiny).width == (tiny.shape.n_layers + 1) * tiny.model.config.hidden_size
+    assert not (tmp_path / "rows.jsonl").exists() or '"read"' not in (tmp_path / "rows.jsonl").read_text()
+    with pytest.raises(ValueError, match="opened on a model of"):
+        with ResidualReading(tiny.shape.n_layers + 1, 8).open(tiny):
+            pass
+
+
 # ---------------------------------------------------------------------------- probes
 
 

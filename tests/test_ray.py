@@ -128,6 +128,38 @@ def test_a_reading_travels_with_the_packets_and_is_read_on_the_replicas_as_here(
         np.testing.assert_allclose(got[0][i], values, rtol=1e-5)
 
 
+def test_prompt_only_readings_run_on_the_replicas_as_here(tiny, samples, replicas):
+    """The clean prompt-only forwards of rh.runner.read_prompts on the replicas: IV-5's residual
+    streams (rh.probes.ResidualReading, every layer) and the hub's attention profile
+    (rh.scoring.LastTokenAttentionReading, through the deepest head read) equal the values read in
+    this process, at the token-layers counted here. Catches those passes left on the controller, a
+    reading that does not survive the trip, and a replica that runs every layer for a shorter read."""
+    import numpy as np
+
+    from rh.probes import ResidualReading, last_token_residuals
+    from rh.scoring import LastTokenAttentionReading, last_token_attention
+
+    counter = TokenLayerCounter()
+    handle = counter.attach(tiny.model)
+    try:
+        alone = last_token_residuals(tiny, samples, batch_size=4, progress=False)
+        tl = counter.total
+    finally:
+        handle.remove()
+    charged: list[int] = []
+    runner = Runner(tiny, executor=replicas, charge=charged.append)
+    got = runner.read_prompts(samples, ResidualReading.of(tiny), batch_size=4)
+    assert sum(charged) == tl
+    for i, s in enumerate(samples):
+        np.testing.assert_allclose(got[s.id].reshape(alone.shape[1:]), alone[i], rtol=1e-4, atol=1e-5)
+    same = [s for s in samples if len(s.input_ids) == 128]
+    heads = (Head(1, 2), Head(2, 0))
+    hub = runner.read_prompts(same, LastTokenAttentionReading(heads, 128, mean=True), batch_size=4, through=2)
+    assert sum(charged) == tl + len(same) * 128 * 3
+    for s in same:
+        np.testing.assert_allclose(hub[s.id], last_token_attention(tiny, s, heads).mean(0), atol=1e-6)
+
+
 def test_a_replica_killed_mid_run_is_restarted_and_loses_nothing(tiny, samples, replicas):
     units = [Unit(Ablation(f"r{d}", (Head(d % 4, d // 4),)), tuple(s.id for s in samples)) for d in range(24)]
     ref, tl = _local(tiny, samples, units)

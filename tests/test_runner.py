@@ -264,3 +264,54 @@ def test_stored_readings_are_read_back_and_a_torn_or_foreign_one_is_computed_aga
     assert (again.loaded, again.skipped) == (1, 1)
     assert valid_read([True, 1.0], 2) is None and valid_read("ab", 2) is None and valid_read([1, None], 2) is None
     assert valid_read(np.array([0.5, 2.0]), 2) == (0.5, 2.0) and valid_read([1.0], 2) is None
+
+
+def test_a_reading_of_prompts_alone_runs_as_work_units_and_is_kept_in_the_store(tiny, tiny_samples, tmp_path):
+    """rh.runner.read_prompts: the hub's attention profile (a reading of clean prompt-only forwards
+    through the deepest head read) gives what last_token_attention computes, at the token-layers of
+    those forwards through that layer; it is kept in the store, so a second call and a resumed run
+    (a new store on the same file) read it with no forward, while another head set is read anew.
+    A through= short of a layer read, and a model with an intervention on, are handled: the first
+    refused, the second read here and not stored. Catches values paired with the wrong prompt, a
+    forward run through every layer (or not far enough), and a stored reading not served."""
+    import numpy as np
+
+    from rh.scoring import LastTokenAttentionReading, last_token_attention, read_last_token_attention
+
+    heads = [Head(1, 2), Head(2, 5)]
+    samples = list(tiny_samples)
+    length = len(samples[0].input_ids)
+    counter = TokenLayerCounter()
+    handle = counter.attach(tiny.model)
+    path = tmp_path / "rows.jsonl"
+    try:
+        with use_runner(tiny, Runner(tiny, store=ResultStore(path))) as runner:
+            per_head = read_last_token_attention(tiny, samples, heads, batch_size=4)
+            assert counter.total == len(samples) * length * 3  # layers 0..2: through the deepest head read
+            mean = read_last_token_attention(tiny, samples, heads, mean=True, batch_size=4)
+            assert counter.total == 2 * len(samples) * length * 3  # another reading: read anew
+            read_last_token_attention(tiny, samples, heads, batch_size=4)
+            assert counter.total == 2 * len(samples) * length * 3 and runner.reused == len(samples)
+        with use_runner(tiny, Runner(tiny, store=ResultStore(path))) as resumed:
+            again = read_last_token_attention(tiny, samples[::-1], heads, mean=True, batch_size=4)
+            assert counter.total == 2 * len(samples) * length * 3 and resumed.reused == len(samples)
+            read_last_token_attention(tiny, samples, heads[:1], batch_size=4)
+            assert counter.total == 2 * len(samples) * length * 3 + len(samples) * length * 2
+            with pytest.raises(RuntimeError, match="pass through="):
+                resumed.read_prompts(samples[:1], LastTokenAttentionReading((Head(1, 2), Head(3, 0)), length), through=1)
+            with ablate(tiny, [Head(0, 1)]):  # not pristine: read here, as the model stands, nothing stored
+                hooked = read_last_token_attention(tiny, samples[:2], [Head(3, 0)], batch_size=4)
+            assert resumed.store.get_read("x", 1) is None and len(resumed.store.reads) == 3 * len(samples)
+    finally:
+        handle.remove()
+    for i, s in enumerate(samples):
+        want = last_token_attention(tiny, s, heads)
+        np.testing.assert_allclose(per_head[i], want, atol=1e-6)
+        np.testing.assert_allclose(mean[i], want.mean(0), atol=1e-6)
+        np.testing.assert_allclose(again[len(samples) - 1 - i], want.mean(0), atol=1e-6)
+    with ablate(tiny, [Head(0, 1)]):
+        np.testing.assert_allclose(hooked[0], last_token_attention(tiny, samples[0], [Head(3, 0)]), atol=1e-6)
+    with pytest.raises(ValueError, match="one length"):
+        read_last_token_attention(tiny, [samples[0], samples[0].__class__(**{**vars(samples[0]), "id": "short",
+                                                                            "input_ids": samples[0].input_ids[1:]})],
+                                  heads)
