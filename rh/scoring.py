@@ -25,7 +25,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -489,15 +489,13 @@ def score_samples(
                disable=not progress or _progress.listened(), leave=False)
     finished = len(samples) - len(todo)
     _progress.step(what, finished, len(samples))
-    for i, batch in enumerate(make_batches(todo, batch_size, model.tokenizer.pad_token_id)):
-        with oom_guard(f"identification ({method})", batch_size=len(batch.samples), length=batch.input_ids.shape[1]):
-            scores, counted, info = _SCORERS[method](model, batch, options, **extra)
-        for row, s in enumerate(batch.samples):
+    for i, (batch, scores, counted, info) in enumerate(_scored_batches(model, todo, method, options, batch_size, extra)):
+        for row, s in enumerate(batch):
             done[s.id] = (scores[row], bool(counted[row]), info[row])
         if checkpoint:
             _save_checkpoint(checkpoint, method, shape, done)
-        bar.update(len(batch.samples))
-        finished += len(batch.samples)
+        bar.update(len(batch))
+        finished += len(batch)
         _progress.step(what, finished, len(samples))
         if on_batch is not None:
             on_batch(i)
@@ -509,6 +507,37 @@ def score_samples(
     if checkpoint:
         Path(checkpoint).unlink(missing_ok=True)
     return out
+
+
+def _scored_batches(model: LoadedModel, todo: Sequence[Sample], method: str, options: Any, batch_size: int,
+                    extra: Mapping[str, Any]) -> Iterator[tuple[list[Sample], np.ndarray, np.ndarray, list]]:
+    """``(samples, scores, counted, info)`` batch by batch. Sum attention over every layer is read
+    in clean prompt-only forwards run as work units by the model's runner
+    (:class:`SumAttentionReading`, :func:`rh.runner.read_prompts`): on Ray replicas where the
+    session has them (as many batches at a time as replicas), kept in the results store. The
+    batches are those :func:`rh.batching.make_batches` cuts (a stable sort by length), so the
+    forwards are the same wherever they run. The other methods, and a model without an installed
+    runner (the float32 twin a bf16 CPU session identifies on), run here."""
+    if method == "sum_attention" and not extra:
+        from rh.batching import batch_order
+        from rh.runner import runner_for
+
+        runner = runner_for(model)
+        reading = SumAttentionReading(model.shape.n_layers, model.shape.n_heads)
+        order = batch_order(todo, batch_size)
+        step = max(1, int(runner.layout.replicas or 1))
+        for c in range(0, len(order), step):
+            chunk = [todo[i] for rows in order[c:c + step] for i in rows]
+            with oom_guard(f"identification ({method})", batch_size=batch_size,
+                           length=max(len(s.input_ids) for s in chunk)):
+                got = runner.read_prompts(chunk, reading, batch_size=batch_size)
+            scores = np.stack([got[s.id].reshape(model.shape.n_layers, model.shape.n_heads) for s in chunk])
+            yield chunk, scores, np.ones(len(chunk), dtype=bool), [{} for _ in chunk]
+        return
+    for batch in make_batches(todo, batch_size, model.tokenizer.pad_token_id):
+        with oom_guard(f"identification ({method})", batch_size=len(batch.samples), length=batch.input_ids.shape[1]):
+            scores, counted, info = _SCORERS[method](model, batch, options, **extra)
+        yield list(batch.samples), scores, counted, info
 
 
 def _save_checkpoint(path, method: str, shape: HeadShape, done: dict) -> None:
@@ -727,3 +756,66 @@ def read_last_token_attention(model: LoadedModel, samples: Sequence[Sample], hea
     got = read_prompts(model, samples, reading, batch_size=batch_size, through=reading.through)
     shape = (lengths[0],) if mean else (len(reading.heads), lengths[0])
     return np.stack([np.asarray(got[s.id], dtype=float).reshape(shape) for s in samples])
+
+
+@contextlib.contextmanager
+def sum_attention_reading(model: LoadedModel) -> Iterator[dict[str, np.ndarray]]:
+    """Within the block, every batch forward run inside :func:`rh.batching.running` (a clean
+    prompt-only packet, :func:`rh.units.run_prompts`) records, per prompt, every head's attention
+    mass on the needle from the last prompt token: ``{sample id: [n_layers * n_heads]}``, layer by
+    layer, what :func:`_sum_attention_batch` (sum-attention identification) scores, flattened. The
+    row read is ``pad + len(input_ids) - 1`` of the prompt's batch row and the needle span is
+    shifted by that row's padding (:func:`rh.attention.reading_rows` on every layer)."""
+    from rh.attention import reading_rows
+    from rh.batching import current_batch
+
+    shape = model.shape
+    n_layers, n_heads = shape.n_layers, shape.n_heads
+    out: dict[str, np.ndarray] = {}
+
+    def batch_of(q_len: int):
+        batch = current_batch()
+        if batch is None or batch.input_ids.shape[1] != q_len:
+            raise RuntimeError("sum_attention_reading reads batch forwards (inside rh.batching.running); "
+                               f"this forward of {q_len} positions is not one")
+        return batch
+
+    def positions(q_len: int) -> list[int]:
+        batch = batch_of(q_len)
+        return [p + len(s.input_ids) - 1 for p, s in zip(batch.pad, batch.samples)]
+
+    def reduce(layer: int, probs) -> None:
+        batch = batch_of(probs.shape[-1])
+        mass = torch.stack([probs[r, :, slice(*batch.needle_span(r))].sum(-1) for r in range(len(batch.samples))])
+        mass = mass.double().cpu().numpy()
+        for r, s in enumerate(batch.samples):
+            row = out.setdefault(s.id, np.full(n_layers * n_heads, np.nan))
+            row[layer * n_heads:(layer + 1) * n_heads] = mass[r]
+
+    with reading_rows(model, range(n_layers), positions, reduce):
+        yield out
+
+
+@dataclass(frozen=True)
+class SumAttentionReading:
+    """Sum-attention identification as a :class:`rh.runner.Reading`: the value that travels to a
+    replica with the identification prompts' clean forwards (:func:`rh.runner.read_prompts`) and
+    opens :func:`sum_attention_reading` there; kept in the results store beside the prompt."""
+
+    n_layers: int
+    n_heads: int
+    #: bump when what a row's values mean changes
+    version: int = 1
+
+    @property
+    def width(self) -> int:
+        return self.n_layers * self.n_heads
+
+    def key(self) -> str:
+        return f"sum_attention/v{self.version}:{self.n_layers}x{self.n_heads}"
+
+    def open(self, model: LoadedModel) -> contextlib.AbstractContextManager[dict[str, np.ndarray]]:
+        if (model.shape.n_layers, model.shape.n_heads) != (self.n_layers, self.n_heads):
+            raise ValueError(f"a sum-attention reading of {self.n_layers} layers x {self.n_heads} heads opened on a "
+                             f"model of {model.shape.n_layers} x {model.shape.n_heads}")
+        return sum_attention_reading(model)

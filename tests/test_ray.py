@@ -160,6 +160,43 @@ def test_prompt_only_readings_run_on_the_replicas_as_here(tiny, samples, replica
         np.testing.assert_allclose(hub[s.id], last_token_attention(tiny, s, heads).mean(0), atol=1e-6)
 
 
+def test_identification_by_sum_attention_runs_on_the_replicas_as_here(tiny, samples, replicas):
+    """With a Ray runner installed on the model, sum-attention identification (rh.scoring.score_samples)
+    reads its prompts' clean forwards on the replicas: the scores computed in this process, at the
+    token-layers counted here, charged as the replicas count them. Catches identification left on
+    the controller and batches cut otherwise than make_batches cuts them (other padding, other
+    token-layers than --plan plans)."""
+    import numpy as np
+
+    from rh.runner import Layout, use_runner
+    from rh.scoring import score_samples
+
+    counter = TokenLayerCounter()
+    handle = counter.attach(tiny.model)
+    try:
+        here = score_samples(tiny, samples, "sum_attention", batch_size=4, progress=False)
+        tl = counter.total
+    finally:
+        handle.remove()
+
+    class Kept:  # the module's replicas outlive this test's runner
+        name = "ray"
+
+        def execute(self, *args):
+            return replicas.execute(*args)
+
+        def close(self):
+            pass
+
+    charged: list[int] = []
+    runner = Runner(tiny, executor=Kept(), layout=Layout.of(tiny, executor="ray", replicas=2), charge=charged.append)
+    with use_runner(tiny, runner):
+        there = score_samples(tiny, samples, "sum_attention", batch_size=4, progress=False)
+    assert sum(charged) == tl and runner.computed == len(samples)
+    assert there.ids == here.ids
+    np.testing.assert_allclose(there.scores, here.scores, atol=1e-6)
+
+
 def test_a_replica_killed_mid_run_is_restarted_and_loses_nothing(tiny, samples, replicas):
     units = [Unit(Ablation(f"r{d}", (Head(d % 4, d // 4),)), tuple(s.id for s in samples)) for d in range(24)]
     ref, tl = _local(tiny, samples, units)

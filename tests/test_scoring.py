@@ -31,6 +31,20 @@ def test_sum_attention_equals_eager_output_attentions(tiny, tiny_eager, tiny_sam
         np.testing.assert_allclose(got[i], eager_needle_attention(tiny_eager, s), atol=1e-5, rtol=1e-5)
 
 
+
+def test_sum_attention_of_left_padded_prompts_equals_eager_output_attentions(tiny, tiny_eager):
+    """Sum attention is read in the runner's prompt-only forwards (rh.scoring.SumAttentionReading):
+    prompts of two lengths share a left-padded batch, and each one's scores are still its own eager
+    attention on its needle. Catches a needle span or a query row not shifted by the row's padding."""
+    from rh.niah import build_passkey_samples
+
+    mixed = build_passkey_samples(tiny.tokenizer, lengths=[96, 128], depths=[0.0, 1.0], n_per_setting=1, seed=4,
+                                  max_positions=tiny.max_positions)
+    got = score_samples(tiny, mixed, "sum_attention", batch_size=4, progress=False).scores
+    for i, s in enumerate(mixed):
+        np.testing.assert_allclose(got[i], eager_needle_attention(tiny_eager, s), atol=1e-5, rtol=1e-5)
+
+
 # ------------------------------------------------------------------ Wu24, hand-built
 
 PROMPT = torch.tensor([5, 5, 7, 8, 9, 5, 5])  # the answer span [2, 5) spells 7 8 9
