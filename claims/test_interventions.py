@@ -133,7 +133,7 @@ def test_attribution_of_the_critical_heads_concentrates_on_the_needle(rh_model, 
                                                                       profile, record_verdict):
     """Integrated-gradients attribution of the critical heads' contribution to the answer puts more
     mass on the needle's tokens than their share of the prompt (refuted below Δ = 2x)."""
-    from rh.attribution import attribution_concentrates, integrated_gradients, needle_mass_ratio
+    from rh.attribution import attribute, attribution_concentrates, needle_mass_ratio
     from rh.budget import stops_early
     from rh.rules.claims import floor_reason, inconclusive
 
@@ -147,11 +147,10 @@ def test_attribution_of_the_critical_heads_concentrates_on_the_needle(rh_model, 
     step = max(1, len(iv_samples) // profile.ig_n)
     chosen = iv_samples[::step][: profile.ig_n]
     heads = ranking.top(profile.critical_k)
-    attrs = []
-    for s in chosen:  # one sample off completeness makes the verdict inconclusive: stop there (but --plain)
-        attrs.append(integrated_gradients(rh_model, s, heads, n_steps=profile.ig_steps))
-        if not attrs[-1].completeness_error <= profile.ig_tolerance and not plain:
-            break
+    # one sample off completeness makes the verdict inconclusive: stop there (but --plain); the
+    # attributions are tasks of the runner (on Ray, on the replicas, a wave of prompts at a time)
+    off_completeness = None if plain else (lambda a: not a.completeness_error <= profile.ig_tolerance)
+    attrs = attribute(rh_model, chosen, heads, n_steps=profile.ig_steps, until=off_completeness)
     if below is not None:
         return record_verdict(below)
     off = [i for i, a in enumerate(attrs) if not a.completeness_error <= profile.ig_tolerance]

@@ -282,6 +282,46 @@ def integrated_gradients(model: LoadedModel, sample: Sample, heads: Sequence[Any
                         "method": method, "rms_clean": rms, "answer_id": answer})
 
 
+@dataclass(frozen=True)
+class AttributionTask:
+    """:func:`integrated_gradients` of one prompt as a :class:`rh.runner.Task`: a value that travels
+    to a replica, runs there (a backward pass: not a row) and sends the :class:`Attribution` back."""
+
+    sample_id: str
+    heads: tuple[Head, ...] | None  # None: the answer token's full logit
+    n_steps: int
+
+    @property
+    def sample_ids(self) -> tuple[str, ...]:
+        return (self.sample_id,)
+
+    def run(self, model: LoadedModel, by_id: Any) -> Attribution:
+        heads = list(self.heads) if self.heads is not None else None
+        return integrated_gradients(model, by_id[self.sample_id], heads, n_steps=self.n_steps)
+
+
+def attribute(model: LoadedModel, samples: Sequence[Sample], heads: Sequence[Any], *, n_steps: int = 32,
+              until: Any = None) -> list[Attribution]:
+    """:func:`integrated_gradients` of each of ``samples``, in order, run by the model's runner
+    (:func:`rh.runner.call`): on Ray, on the replicas, as many prompts at a time as replicas. With
+    ``until`` (a predicate on an Attribution), no prompt after the wave in which it first holds is
+    attributed (IV-6 stops at the first prompt off completeness): with one replica, or in this
+    process, that is the very prompt where it holds; on several replicas, the rest of its wave runs too."""
+    from rh.runner import runner_for
+
+    checked = _check_heads(model, heads)
+    hs = tuple(checked) if checked is not None else None
+    runner = runner_for(model)
+    wave = max(1, int(runner.layout.replicas or 1))
+    out: list[Attribution] = []
+    for c in range(0, len(samples), wave):
+        part = list(samples[c:c + wave])
+        out += runner.call(part, [AttributionTask(s.id, hs, n_steps) for s in part])
+        if until is not None and any(until(a) for a in out[c:]):
+            break
+    return out
+
+
 # ---------------------------------------------------------------------------- concentration
 
 

@@ -232,6 +232,21 @@ class _Replica:
         return out
 
 
+    def call(self, tasks: list[Any], samples: list[Sample]) -> list[tuple]:
+        """Each task's result, with the token-layers it ran and what it saved (:class:`rh.runner.Task`)."""
+        from rh.budget import saved_token_layers
+
+        by_id = {s.id: s for s in samples}
+        out = []
+        for t in tasks:
+            tl, saved = self.counter.total, dict(saved_token_layers())
+            result = t.run(self.model, by_id)
+            now = saved_token_layers()
+            out.append((result, self.counter.total - tl,
+                        {k: v - saved.get(k, 0) for k, v in now.items() if v - saved.get(k, 0)}))
+        return out
+
+
 def _actor_class(max_restarts: int):
     import ray
 
@@ -310,6 +325,27 @@ class RayExecutor:
                 got[n] = Done(list(scores), int(tl), dict(saved), None if read is None else list(read))
         for n in range(len(packets)):
             yield got[n]
+
+    def call(self, tasks: Sequence[Any], by_id: Mapping[str, Sample]) -> Iterator[tuple[Any, int, dict]]:
+        """Each task's result in order (:class:`rh.runner.Task`), task ``i`` on replica ``i %
+        replicas``: a wave of as many tasks as replicas runs at once."""
+        import ray
+
+        refs = []
+        for n, t in enumerate(tasks):
+            samples = [by_id[i] for i in dict.fromkeys(t.sample_ids)]
+            refs.append((n % self.replicas, self.actors[n % self.replicas].call.remote([t], samples)))
+        for r, ref in refs:
+            try:
+                results = ray.get(ref)
+            except ray.exceptions.RayActorError as e:
+                raise RuntimeError(f"Ray replica {r} died and could not be restarted ({e.__class__.__name__}); "
+                                   "its task was not counted. Rerun") from None
+            if not isinstance(results, list) or len(results) != 1:
+                raise RuntimeError(f"Ray replica {r} returned {type(results).__name__} for one task: its result is "
+                                   "not used")
+            result, tl, saved = results[0]
+            yield result, int(tl), dict(saved)
 
     def close(self) -> None:
         try:

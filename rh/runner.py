@@ -245,6 +245,17 @@ class Done:
     read: list | None = None
 
 
+class Task(Protocol):
+    """A pass that gives back something other than rows or a reading (IV-6's integrated gradients: a
+    backward pass): a frozen, picklable value naming its prompts (``sample_ids``) whose
+    ``run(model, by_id)`` returns a picklable result. An executor with ``call`` runs it where the
+    model is (a replica); its token-layers are charged as the rows' are. Not stored."""
+
+    sample_ids: tuple[str, ...]
+
+    def run(self, model: Any, by_id: Mapping[str, Sample]) -> Any: ...
+
+
 class Executor(Protocol):
     name: str
 
@@ -263,6 +274,11 @@ class LocalExecutor:
 
     def __init__(self, model: Any):
         self.model = model
+
+    def call(self, tasks: Sequence[Task], by_id: Mapping[str, Sample]) -> Iterator[tuple[Any, int | None, dict]]:
+        """Each task's result, in order (token-layers counted by the model's own counter, here)."""
+        for t in tasks:
+            yield t.run(self.model, by_id), None, {}
 
     def execute(self, packets: Sequence[Packet], by_id: Mapping[str, Sample], hints: Sequence[int],
                 reading: Reading | None = None) -> Iterator[Done]:
@@ -348,6 +364,31 @@ class Runner:
                     for kind, n in done.saved.items():
                         note_saved(kind, n)
         return {i: np.asarray(out[i], dtype=float) for i in by_id}
+
+    def call(self, samples: Sequence[Sample], tasks: Sequence[Task]) -> list[Any]:
+        """Each task's result, in order, run by the executor (on Ray, on the replicas, one task a
+        replica at a time), its token-layers charged as the rows' are; here, where the executor
+        cannot run tasks or the model is not pristine (an intervention on: it runs as it stands)."""
+        by_id = {s.id: s for s in samples}
+        missing = sorted({i for t in tasks for i in t.sample_ids if i not in by_id})
+        if missing:
+            raise KeyError(f"tasks name prompts that were not given: {missing[:5]}")
+        run_there = getattr(self.executor, "call", None)
+        if run_there is None or not self.pristine():
+            return [t.run(self.model, by_id) for t in tasks]
+        out = []
+        for t, (result, tl, saved) in zip(tasks, run_there(list(tasks), by_id)):
+            out.append(result)
+            if tl is not None and self.charge is not None:
+                self.charge(tl)
+            if saved:
+                from rh.budget import note_saved
+
+                for kind, n in saved.items():
+                    note_saved(kind, n)
+        if len(out) != len(tasks):
+            raise RuntimeError(f"the {self.executor.name} executor returned {len(out)} results for {len(tasks)} tasks")
+        return out
 
     def _read_values(self, packet: Packet, read: Sequence[Any] | None, width: int,
                      reading: Reading) -> dict[str, tuple[float, ...]]:
@@ -542,6 +583,11 @@ def read_prompts(model: Any, samples: Sequence[Sample], reading: Reading, *, bat
                  through: int | None = None) -> dict[str, np.ndarray]:
     """``reading`` read in clean prompt-only forwards through ``model``'s runner (:meth:`Runner.read_prompts`)."""
     return runner_for(model).read_prompts(samples, reading, batch_size=batch_size, through=through)
+
+
+def call(model: Any, samples: Sequence[Sample], tasks: Sequence[Task]) -> list[Any]:
+    """Run ``tasks`` through ``model``'s runner (:meth:`Runner.call`): each one's result, in order."""
+    return runner_for(model).call(samples, tasks)
 
 
 def run_one(model: Any, samples: Sequence[Sample], condition: Ablation, *, batch_size: int = 8) -> pd.DataFrame:

@@ -150,3 +150,48 @@ def test_bad_input_is_refused_with_the_fix(tiny, short):
         attribution_concentrates(np.ones(12), completeness_errors=[0, 0, 0])
     with pytest.raises(ValueError, match="baseline='nope'"):
         integrated_gradients(tiny, short, HEADS, n_steps=2, baseline="nope")
+
+
+def test_attributions_run_as_tasks_of_the_runner_in_order_and_stop_where_asked(tiny):
+    """rh.attribution.attribute: each prompt's integrated gradients as run directly, in the callers'
+    order, through the model's runner (rh.runner.Runner.call), at the same token-layers; with
+    ``until``, no prompt after the first one where it holds (one replica: waves of one). An
+    executor that cannot run tasks, or a model with an intervention on, runs them here. Catches
+    results paired with the wrong prompt, a stop that reads past the first prompt off completeness,
+    and passes that escape the bill."""
+    from rh.ablation import ablate
+    from rh.attribution import attribute
+    from rh.budget import TokenLayerCounter
+    from rh.niah import build_passkey_samples
+    from rh.runner import LocalExecutor, Runner, use_runner
+
+    samples = build_passkey_samples(tiny.tokenizer, lengths=[96, 112], depths=[0.0, 1.0], n_per_setting=1, seed=5,
+                                    max_positions=tiny.max_positions)
+    counter = TokenLayerCounter()
+    handle = counter.attach(tiny.model)
+    try:
+        direct = [integrated_gradients(tiny, s, HEADS, n_steps=4) for s in samples]
+        tl = counter.total
+        got = attribute(tiny, samples, HEADS, n_steps=4)
+        assert counter.total == 2 * tl
+        seen = []
+        stopped = attribute(tiny, samples, HEADS, n_steps=4, until=lambda a: seen.append(a.sample_id) or len(seen) == 2)
+        assert [a.sample_id for a in stopped] == [s.id for s in samples[:2]]
+
+        class NoTasks(LocalExecutor):
+            call = None
+
+        with use_runner(tiny, Runner(tiny, executor=NoTasks(tiny))):
+            here = attribute(tiny, samples[:1], HEADS, n_steps=4)
+        with ablate(tiny, [Head(0, 3)]):
+            hooked = attribute(tiny, samples[:1], HEADS, n_steps=4)
+            want = integrated_gradients(tiny, samples[0], HEADS, n_steps=4)
+    finally:
+        handle.remove()
+    assert [a.sample_id for a in got] == [s.id for s in samples]
+    for a, b in zip(got, direct):
+        np.testing.assert_allclose(a.token_attr, b.token_attr, rtol=1e-6, atol=1e-9)
+        assert a.completeness_error == pytest.approx(b.completeness_error, abs=1e-9)
+    np.testing.assert_allclose(here[0].token_attr, direct[0].token_attr, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(hooked[0].token_attr, want.token_attr, rtol=1e-6, atol=1e-9)
+    assert not np.allclose(want.token_attr, direct[0].token_attr)  # the intervention was on

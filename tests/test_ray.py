@@ -197,6 +197,50 @@ def test_identification_by_sum_attention_runs_on_the_replicas_as_here(tiny, samp
     np.testing.assert_allclose(there.scores, here.scores, atol=1e-6)
 
 
+def test_iv6s_attributions_run_on_the_replicas_as_here(tiny, samples, replicas):
+    """IV-6's integrated gradients as tasks (rh.attribution.attribute through a Ray runner): each
+    prompt's attribution as computed here, in order, the forwards' token-layers charged as counted
+    here; with a stop asked at the first prompt, its wave of two (one a replica) runs. Catches IG
+    left on the controller, results paired with the wrong prompt, and passes left off the bill."""
+    import numpy as np
+
+    from rh.attribution import attribute, integrated_gradients
+    from rh.runner import Layout, use_runner
+
+    heads = [Head(1, 2), Head(2, 5)]
+    chosen = samples[:3]
+    counter = TokenLayerCounter()
+    handle = counter.attach(tiny.model)
+    try:
+        here = [integrated_gradients(tiny, s, heads, n_steps=4) for s in chosen]
+        tl = counter.total
+    finally:
+        handle.remove()
+
+    class Kept:  # the module's replicas outlive this test's runner
+        name = "ray"
+
+        def execute(self, *args):
+            return replicas.execute(*args)
+
+        def call(self, *args):
+            return replicas.call(*args)
+
+        def close(self):
+            pass
+
+    charged: list[int] = []
+    runner = Runner(tiny, executor=Kept(), layout=Layout.of(tiny, executor="ray", replicas=2), charge=charged.append)
+    with use_runner(tiny, runner):
+        there = attribute(tiny, chosen, heads, n_steps=4)
+        assert sum(charged) == tl
+        first = attribute(tiny, chosen, heads, n_steps=4, until=lambda a: True)
+    assert [a.sample_id for a in there] == [s.id for s in chosen]
+    assert [a.sample_id for a in first] == [s.id for s in chosen[:2]]
+    for a, b in zip(there, here):
+        np.testing.assert_allclose(a.token_attr, b.token_attr, rtol=1e-5, atol=1e-8)
+
+
 def test_a_replica_killed_mid_run_is_restarted_and_loses_nothing(tiny, samples, replicas):
     units = [Unit(Ablation(f"r{d}", (Head(d % 4, d // 4),)), tuple(s.id for s in samples)) for d in range(24)]
     ref, tl = _local(tiny, samples, units)
