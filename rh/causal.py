@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +32,7 @@ from rh.rules.claims import side_decided
 from rh.rules.verdict import Power
 from rh.seeds import derive_seed
 from rh.stats import Verdict
-from rh.runner import run, run_one
+from rh.runner import call, run, run_one
 from rh.units import Unit
 
 log = logging.getLogger(__name__)
@@ -497,6 +497,21 @@ def head_outputs(model: LoadedModel, samples: Sequence[Sample], heads: Sequence[
     return {h: np.concatenate(v) for h, v in store.items()}
 
 
+@dataclass(frozen=True)
+class HeadOutputsTask:
+    """:func:`head_outputs` as a :class:`rh.runner.Task` (CA-5: three conditions' outputs compared
+    with each other, not rows): a value that runs where the model is, a replica on Ray."""
+
+    sample_ids: tuple[str, ...]
+    heads: tuple[Head, ...]
+    method: str | None
+    batch_size: int = 8
+
+    def run(self, model: LoadedModel, by_id: Mapping[str, Sample]) -> dict[Head, np.ndarray]:
+        return head_outputs(model, [by_id[i] for i in self.sample_ids], self.heads, self.method,
+                            batch_size=self.batch_size)
+
+
 def mechanism_comparison(model: LoadedModel, samples: Sequence[Sample], heads: Sequence[Head],
                          baseline: pd.DataFrame, *, alpha: float = 0.05, batch_size: int = 8) -> Verdict:
     """CA-5: zeroing a head's query and zeroing its pre-softmax logits are the same intervention
@@ -505,7 +520,10 @@ def mechanism_comparison(model: LoadedModel, samples: Sequence[Sample], heads: S
     from rh.stats import mcnemar_exact
 
     probe = list(samples[: min(4, len(samples))])
-    out = {m: head_outputs(model, probe, heads, m, batch_size=batch_size) for m in ("query", "logits", "zero")}
+    methods = ("query", "logits", "zero")  # tasks of the runner: on Ray, each on a replica
+    got = call(model, probe, [HeadOutputsTask(tuple(s.id for s in probe), tuple(heads), m, batch_size)
+                              for m in methods])
+    out = dict(zip(methods, got))
     scale = max(float(np.abs(v).max()) for v in out["query"].values()) or 1.0
     q_vs_l = max(float(np.abs(out["query"][h] - out["logits"][h]).max()) for h in heads) / scale
     q_vs_z = min(float(np.abs(out["query"][h] - out["zero"][h]).max()) for h in heads) / scale

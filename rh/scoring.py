@@ -534,10 +534,45 @@ def _scored_batches(model: LoadedModel, todo: Sequence[Sample], method: str, opt
             scores = np.stack([got[s.id].reshape(model.shape.n_layers, model.shape.n_heads) for s in chunk])
             yield chunk, scores, np.ones(len(chunk), dtype=bool), [{} for _ in chunk]
         return
-    for batch in make_batches(todo, batch_size, model.tokenizer.pad_token_id):
-        with oom_guard(f"identification ({method})", batch_size=len(batch.samples), length=batch.input_ids.shape[1]):
-            scores, counted, info = _SCORERS[method](model, batch, options, **extra)
-        yield list(batch.samples), scores, counted, info
+    if extra:  # a shorter capture for a few heads (rh.id_claims): here
+        for batch in make_batches(todo, batch_size, model.tokenizer.pad_token_id):
+            with oom_guard(f"identification ({method})", batch_size=len(batch.samples),
+                           length=batch.input_ids.shape[1]):
+                scores, counted, info = _SCORERS[method](model, batch, options, **extra)
+            yield list(batch.samples), scores, counted, info
+        return
+    from rh.batching import batch_order
+    from rh.runner import runner_for
+
+    runner = runner_for(model)  # Wu24's generation, QRHead's calibrated passes: one task a batch
+    order = batch_order(todo, batch_size)
+    step = max(1, int(runner.layout.replicas or 1))
+    for c in range(0, len(order), step):
+        batches = [[todo[i] for i in rows] for rows in order[c:c + step]]
+        tasks = [ScoreBatchTask(tuple(s.id for s in b), method, options) for b in batches]
+        with oom_guard(f"identification ({method})", batch_size=batch_size,
+                       length=max(len(s.input_ids) for b in batches for s in b)):
+            results = runner.call([s for b in batches for s in b], tasks)
+        for b, (scores, counted, info) in zip(batches, results):
+            yield b, scores, counted, info
+
+
+@dataclass(frozen=True)
+class ScoreBatchTask:
+    """One identification batch as a :class:`rh.runner.Task` (Wu24's greedy generation, QRHead's
+    passes: not rows): ``(scores, counted, info)`` of the batch :func:`rh.batching.make_batches`
+    cuts from these prompts, run where the model is (a replica on Ray)."""
+
+    sample_ids: tuple[str, ...]
+    method: str
+    options: Any = None
+
+    def run(self, model: LoadedModel, by_id: Mapping[str, Sample]) -> tuple[np.ndarray, np.ndarray, list]:
+        samples = [by_id[i] for i in self.sample_ids]
+        (batch,) = make_batches(samples, len(samples), model.tokenizer.pad_token_id)
+        scores, counted, info = _SCORERS[self.method](model, batch, self.options)
+        back = np.argsort(batch.index)  # the batch's rows back to the order of sample_ids
+        return scores[back], np.asarray(counted)[back], [info[j] for j in back]
 
 
 def _save_checkpoint(path, method: str, shape: HeadShape, done: dict) -> None:

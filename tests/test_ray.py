@@ -85,6 +85,26 @@ def _check(frames, ref):
         assert (a["logprob"] - b["logprob"]).abs().max() <= 1e-5
 
 
+def _installable(tiny, replicas, charged):
+    """A runner on the module's replicas to install on ``tiny`` (rh.runner.use_runner closes the
+    runner it installs: this one leaves the replicas to the module's fixture)."""
+    from rh.runner import Layout
+
+    class Kept:
+        name = "ray"
+
+        def execute(self, *args):
+            return replicas.execute(*args)
+
+        def call(self, *args):
+            return replicas.call(*args)
+
+        def close(self):
+            pass
+
+    return Runner(tiny, executor=Kept(), layout=Layout.of(tiny, executor="ray", replicas=2), charge=charged.append)
+
+
 def test_every_ray_process_binds_to_the_loopback_address(replicas):
     assert {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]} == {"127.0.0.1"}
 
@@ -168,7 +188,7 @@ def test_identification_by_sum_attention_runs_on_the_replicas_as_here(tiny, samp
     token-layers than --plan plans)."""
     import numpy as np
 
-    from rh.runner import Layout, use_runner
+    from rh.runner import use_runner
     from rh.scoring import score_samples
 
     counter = TokenLayerCounter()
@@ -179,22 +199,25 @@ def test_identification_by_sum_attention_runs_on_the_replicas_as_here(tiny, samp
     finally:
         handle.remove()
 
-    class Kept:  # the module's replicas outlive this test's runner
-        name = "ray"
-
-        def execute(self, *args):
-            return replicas.execute(*args)
-
-        def close(self):
-            pass
-
+    counter = TokenLayerCounter()
+    handle = counter.attach(tiny.model)
+    try:
+        wu24 = score_samples(tiny, samples, "wu24", batch_size=4, progress=False)
+        wu24_tl = counter.total
+    finally:
+        handle.remove()
     charged: list[int] = []
-    runner = Runner(tiny, executor=Kept(), layout=Layout.of(tiny, executor="ray", replicas=2), charge=charged.append)
+    runner = _installable(tiny, replicas, charged)
     with use_runner(tiny, runner):
         there = score_samples(tiny, samples, "sum_attention", batch_size=4, progress=False)
-    assert sum(charged) == tl and runner.computed == len(samples)
+        assert sum(charged) == tl and runner.computed == len(samples)
+        wu24_there = score_samples(tiny, samples, "wu24", batch_size=4, progress=False)  # tasks: one a batch
+        assert sum(charged) == tl + wu24_tl
     assert there.ids == here.ids
     np.testing.assert_allclose(there.scores, here.scores, atol=1e-6)
+    np.testing.assert_allclose(wu24_there.scores, wu24.scores, atol=1e-9)
+    assert list(wu24_there.counted) == list(wu24.counted)
+    assert [i["generated"] for i in wu24_there.info] == [i["generated"] for i in wu24.info]
 
 
 def test_iv6s_attributions_run_on_the_replicas_as_here(tiny, samples, replicas):
@@ -205,7 +228,7 @@ def test_iv6s_attributions_run_on_the_replicas_as_here(tiny, samples, replicas):
     import numpy as np
 
     from rh.attribution import attribute, integrated_gradients
-    from rh.runner import Layout, use_runner
+    from rh.runner import use_runner
 
     heads = [Head(1, 2), Head(2, 5)]
     chosen = samples[:3]
@@ -217,20 +240,8 @@ def test_iv6s_attributions_run_on_the_replicas_as_here(tiny, samples, replicas):
     finally:
         handle.remove()
 
-    class Kept:  # the module's replicas outlive this test's runner
-        name = "ray"
-
-        def execute(self, *args):
-            return replicas.execute(*args)
-
-        def call(self, *args):
-            return replicas.call(*args)
-
-        def close(self):
-            pass
-
     charged: list[int] = []
-    runner = Runner(tiny, executor=Kept(), layout=Layout.of(tiny, executor="ray", replicas=2), charge=charged.append)
+    runner = _installable(tiny, replicas, charged)
     with use_runner(tiny, runner):
         there = attribute(tiny, chosen, heads, n_steps=4)
         assert sum(charged) == tl
@@ -239,6 +250,31 @@ def test_iv6s_attributions_run_on_the_replicas_as_here(tiny, samples, replicas):
     assert [a.sample_id for a in first] == [s.id for s in chosen[:2]]
     for a, b in zip(there, here):
         np.testing.assert_allclose(a.token_attr, b.token_attr, rtol=1e-5, atol=1e-8)
+
+
+def test_ca5s_head_outputs_run_on_the_replicas_as_here(tiny, samples, replicas):
+    """CA-5's heads' outputs under each mechanism as tasks (rh.causal.HeadOutputsTask): on the
+    replicas as in this process, and its verdict the same."""
+    import numpy as np
+
+    from rh.causal import HeadOutputsTask, evaluate_baseline, head_outputs, mechanism_comparison
+    from rh.runner import use_runner
+
+    heads = (Head(1, 2), Head(2, 5))
+    ids = tuple(s.id for s in samples[:4])
+    here = {m: head_outputs(tiny, samples[:4], heads, m, batch_size=4) for m in ("query", "zero")}
+    base = evaluate_baseline(tiny, samples)
+    want = mechanism_comparison(tiny, samples, list(heads), base, batch_size=4)
+    charged: list[int] = []
+    with use_runner(tiny, _installable(tiny, replicas, charged)) as runner:
+        got = runner.call(samples[:4], [HeadOutputsTask(ids, heads, m, 4) for m in ("query", "zero")])
+        v = mechanism_comparison(tiny, samples, list(heads), base, batch_size=4)
+    assert charged
+    for m, out in zip(("query", "zero"), got):
+        for h in heads:
+            np.testing.assert_allclose(out[h], here[m][h], atol=1e-6)
+    assert (v.status, v.details["query_vs_logits_rel_diff"] <= v.details["tolerance"]) == \
+        (want.status, want.details["query_vs_logits_rel_diff"] <= want.details["tolerance"])
 
 
 def test_a_replica_killed_mid_run_is_restarted_and_loses_nothing(tiny, samples, replicas):
