@@ -148,7 +148,7 @@ def test_attribution_of_the_critical_heads_concentrates_on_the_needle(rh_model, 
     chosen = iv_samples[::step][: profile.ig_n]
     heads = ranking.top(profile.critical_k)
     # one sample off completeness makes the verdict inconclusive: stop there (but --plain); the
-    # attributions are tasks of the runner (on Ray, on the replicas, a wave of prompts at a time)
+    # attributions are tasks of the runner (on Ray, on the replicas: one at a time while a stop is possible)
     off_completeness = None if plain else (lambda a: not a.completeness_error <= profile.ig_tolerance)
     attrs = attribute(rh_model, chosen, heads, n_steps=profile.ig_steps, until=off_completeness)
     if below is not None:

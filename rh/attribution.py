@@ -304,15 +304,16 @@ def attribute(model: LoadedModel, samples: Sequence[Sample], heads: Sequence[Any
               until: Any = None) -> list[Attribution]:
     """:func:`integrated_gradients` of each of ``samples``, in order, run by the model's runner
     (:func:`rh.runner.call`): on Ray, on the replicas, as many prompts at a time as replicas. With
-    ``until`` (a predicate on an Attribution), no prompt after the wave in which it first holds is
-    attributed (IV-6 stops at the first prompt off completeness): with one replica, or in this
-    process, that is the very prompt where it holds; on several replicas, the rest of its wave runs too."""
+    ``until`` (a predicate on an Attribution), no prompt after the first one where it holds is
+    attributed (IV-6 stops at the first prompt off completeness): the prompts then run one at a
+    time, on Ray as here, so that no executor attributes a prompt another would not (the same
+    forwards, the same token-layers)."""
     from rh.runner import runner_for
 
     checked = _check_heads(model, heads)
     hs = tuple(checked) if checked is not None else None
     runner = runner_for(model)
-    wave = max(1, int(runner.layout.replicas or 1))
+    wave = 1 if until is not None else max(1, int(runner.layout.replicas or 1))
     out: list[Attribution] = []
     for c in range(0, len(samples), wave):
         part = list(samples[c:c + wave])

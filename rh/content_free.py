@@ -43,6 +43,7 @@ keeps two numbers per head.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import time
 from typing import Any
@@ -141,10 +142,42 @@ def content_free_scores(model: LoadedModel, method: str | Sequence[str], *, n_se
     return out[method] if isinstance(method, str) else out
 
 
+@dataclass(frozen=True)
+class EchoInductionTask:
+    """The echo and induction scores of random sequences ``start..stop-1`` (of ``n_sequences``
+    drawn by ``seed``) as a :class:`rh.runner.Task`: the sequences are drawn again where it runs (a
+    replica on Ray), from the seed and the model's tokenizer, and the scores sent back."""
+
+    n_sequences: int
+    seq_len: int
+    repeats: int
+    seed: int
+    bos: bool
+    start: int
+    stop: int
+    sample_ids: tuple[str, ...] = ()  # no prompt: the sequences are drawn from the seed
+
+    def run(self, model: LoadedModel, by_id: Any) -> dict[str, np.ndarray]:
+        return _echo_induction_rows(model, n_sequences=self.n_sequences, seq_len=self.seq_len, repeats=self.repeats,
+                                    seed=self.seed, bos=self.bos, start=self.start, stop=self.stop)
+
+
 def _echo_induction(model: LoadedModel, *, n_sequences: int, seq_len: int, repeats: int, seed: int,
                     batch_size: int, bos: bool) -> dict[str, np.ndarray]:
+    """The scores of every sequence, a batch a task of the model's runner (on Ray, on the replicas)."""
+    from rh.runner import call
+
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be at least 1")
+    tasks = [EchoInductionTask(n_sequences, seq_len, repeats, seed, bos, c, min(c + batch_size, n_sequences))
+             for c in range(0, n_sequences, batch_size)]
+    parts = call(model, [], tasks)
+    return {k: np.concatenate([p[k] for p in parts]) for k in ("echo", "induction")}
+
+
+def _echo_induction_rows(model: LoadedModel, *, n_sequences: int, seq_len: int, repeats: int, seed: int,
+                         bos: bool, start: int, stop: int) -> dict[str, np.ndarray]:
+    """The scores of sequences ``start..stop-1``, in one forward."""
     ids, offset = random_repeated_sequences(model, n_sequences=n_sequences, seq_len=seq_len, repeats=repeats,
                                             seed=seed, bos=bos)
     echo_m, ind_m = echo_induction_targets(offset, seq_len, repeats)
@@ -156,15 +189,11 @@ def _echo_induction(model: LoadedModel, *, n_sequences: int, seq_len: int, repea
         return {k: torch.einsum("bhrl,rl->bh", probs, m.to(probs.device)).div_(n_rows).double().cpu()
                 for k, m in masks.items()}
 
-    out: dict[str, list[np.ndarray]] = {"echo": [], "induction": []}
-    for c in range(0, n_sequences, batch_size):
-        chunk = ids[c : c + batch_size].to(dev)
-        with torch.no_grad(), capture_attention(model.model, reduce, rows=n_rows) as cap:
-            model.model(input_ids=chunk, logits_to_keep=1, use_cache=False)
-        per_layer = cap.step(0)
-        for k in out:
-            out[k].append(torch.stack([d[k] for d in per_layer], dim=1).numpy())  # [b, L, H]
-    return {k: np.concatenate(v) for k, v in out.items()}
+    chunk = ids[start:stop].to(dev)
+    with torch.no_grad(), capture_attention(model.model, reduce, rows=n_rows) as cap:
+        model.model(input_ids=chunk, logits_to_keep=1, use_cache=False)
+    per_layer = cap.step(0)
+    return {k: torch.stack([d[k] for d in per_layer], dim=1).numpy() for k in masks}  # [b, L, H]
 
 
 def identify_content_free(model: LoadedModel, method: str, *, n_sequences: int = 1, seq_len: int = 2500,

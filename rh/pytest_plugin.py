@@ -557,6 +557,7 @@ class RhSession:
     def _units_counts(self) -> dict[str, int]:
         r = self.runner
         return {} if r is None else {"rows_computed": r.computed, "rows_reused": r.reused,
+                                     "prompts_read": r.prompts_read, "prompts_reused": r.prompts_reused,
                                      "store_loaded": r.store.loaded, "store_unreadable": r.store.skipped}
 
     def ship_cost(self, item: pytest.Item, when: str) -> dict[str, Any]:
@@ -740,8 +741,8 @@ class RhSession:
         units = _add(own["units"], remote["units"])
         if units:  # what the work units cost: rows computed, and served by the store
             store = config.getoption("--store")
-            self.meta["units"] = {"rows_computed": 0, "rows_reused": 0, "store_loaded": 0, "store_unreadable": 0,
-                                  **units, "store": store and str(Path(store))}
+            self.meta["units"] = {"rows_computed": 0, "rows_reused": 0, "prompts_read": 0, "prompts_reused": 0,
+                                  "store_loaded": 0, "store_unreadable": 0, **units, "store": store and str(Path(store))}
         by = _add(own["by"], remote["by"])
         cost = self.meta.setdefault("cost", {})
         cost.update({"total": sum(by.values()),  # the counter's total is the sum of its labels
@@ -845,8 +846,9 @@ class RhSession:
                          else "in this process")
                 terminalreporter.write_line(
                     f"work units: {units['rows_computed']} rows computed {where}, {units['rows_reused']} served by "
-                    f"the store" + (f" ({units['store']}: {units['store_loaded']} rows from earlier runs)"
-                                    if units["store"] else ""))
+                    f"the store; {units['prompts_read']} prompt-only readings computed, {units['prompts_reused']} "
+                    f"served" + (f" ({units['store']}: {units['store_loaded']} rows from earlier runs)"
+                                 if units["store"] else ""))
         paths = self.report_paths
         if paths:
             terminalreporter.write_sep("-", "rh report")

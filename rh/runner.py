@@ -302,6 +302,8 @@ class Runner:
         self.charge = charge  # called with token-layers counted outside this process
         self._weights = _weights(model)
         self.computed = 0  # rows computed by this runner
+        self.prompts_read = 0  # prompt-only readings computed (read_prompts)
+        self.prompts_reused = 0  # prompt-only readings served from the store
         self.reused = 0  # rows served from the store
 
     def run(self, samples: Sequence[Sample] | Mapping[str, Sample], units: Sequence[Unit], *,
@@ -347,7 +349,7 @@ class Runner:
             got = self.store.get_read(keys[s.id], width) if kept else None
             if got is not None:
                 out[s.id] = got
-                self.reused += 1
+                self.prompts_reused += 1
         todo = [s for s in samples if s.id not in out]
         if todo:
             packets = prompt_packets(todo, batch_size, through=through)
@@ -355,7 +357,7 @@ class Runner:
                 values = self._read_values(p, done.read, width, reading)
                 out.update(values)
                 self.store.put([], [(keys[i], v) for i, v in values.items()] if kept else [])
-                self.computed += len(p.rows)
+                self.prompts_read += len(p.rows)
                 if done.token_layers is not None and self.charge is not None:
                     self.charge(done.token_layers)
                 if done.saved:

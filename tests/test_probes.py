@@ -81,7 +81,7 @@ def test_residuals_read_as_work_units_equal_the_prompt_only_pass(tiny, mixed, tm
             assert counter.total - plain == plain  # the same forward
             again = read_residuals(tiny, order, batch_size=2)
             assert counter.total - plain == 2 * plain  # not kept: read again
-            assert runner.computed == 4 and not store.reads
+            assert runner.prompts_read == 4 and not runner.computed and not store.reads
     finally:
         handle.remove()
     assert got.shape == ref.shape and got.dtype == np.float32

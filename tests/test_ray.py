@@ -189,6 +189,7 @@ def test_identification_by_sum_attention_runs_on_the_replicas_as_here(tiny, samp
     import numpy as np
 
     from rh.runner import use_runner
+    from rh.content_free import content_free_scores
     from rh.scoring import score_samples
 
     counter = TokenLayerCounter()
@@ -210,9 +211,19 @@ def test_identification_by_sum_attention_runs_on_the_replicas_as_here(tiny, samp
     runner = _installable(tiny, replicas, charged)
     with use_runner(tiny, runner):
         there = score_samples(tiny, samples, "sum_attention", batch_size=4, progress=False)
-        assert sum(charged) == tl and runner.computed == len(samples)
+        assert sum(charged) == tl and runner.prompts_read == len(samples)
         wu24_there = score_samples(tiny, samples, "wu24", batch_size=4, progress=False)  # tasks: one a batch
         assert sum(charged) == tl + wu24_tl
+        free_there = content_free_scores(tiny, ("echo", "induction"), n_sequences=5, seq_len=16, batch_size=2)
+    counter = TokenLayerCounter()
+    handle = counter.attach(tiny.model)
+    try:
+        free = content_free_scores(tiny, ("echo", "induction"), n_sequences=5, seq_len=16, batch_size=2)
+        assert sum(charged) == tl + wu24_tl + counter.total
+    finally:
+        handle.remove()
+    for m in ("echo", "induction"):
+        np.testing.assert_allclose(free_there[m].scores, free[m].scores, atol=1e-9)
     assert there.ids == here.ids
     np.testing.assert_allclose(there.scores, here.scores, atol=1e-6)
     np.testing.assert_allclose(wu24_there.scores, wu24.scores, atol=1e-9)
@@ -223,8 +234,9 @@ def test_identification_by_sum_attention_runs_on_the_replicas_as_here(tiny, samp
 def test_iv6s_attributions_run_on_the_replicas_as_here(tiny, samples, replicas):
     """IV-6's integrated gradients as tasks (rh.attribution.attribute through a Ray runner): each
     prompt's attribution as computed here, in order, the forwards' token-layers charged as counted
-    here; with a stop asked at the first prompt, its wave of two (one a replica) runs. Catches IG
-    left on the controller, results paired with the wrong prompt, and passes left off the bill."""
+    here; with a stop asked at the first prompt, only that prompt runs, as in this process (the
+    token-layers of a stopped run do not depend on the replicas). Catches IG left on the
+    controller, results paired with the wrong prompt, and passes left off the bill."""
     import numpy as np
 
     from rh.attribution import attribute, integrated_gradients
@@ -247,7 +259,7 @@ def test_iv6s_attributions_run_on_the_replicas_as_here(tiny, samples, replicas):
         assert sum(charged) == tl
         first = attribute(tiny, chosen, heads, n_steps=4, until=lambda a: True)
     assert [a.sample_id for a in there] == [s.id for s in chosen]
-    assert [a.sample_id for a in first] == [s.id for s in chosen[:2]]
+    assert [a.sample_id for a in first] == [s.id for s in chosen[:1]]
     for a, b in zip(there, here):
         np.testing.assert_allclose(a.token_attr, b.token_attr, rtol=1e-5, atol=1e-8)
 

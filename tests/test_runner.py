@@ -291,10 +291,10 @@ def test_a_reading_of_prompts_alone_runs_as_work_units_and_is_kept_in_the_store(
             mean = read_last_token_attention(tiny, samples, heads, mean=True, batch_size=4)
             assert counter.total == 2 * len(samples) * length * 3  # another reading: read anew
             read_last_token_attention(tiny, samples, heads, batch_size=4)
-            assert counter.total == 2 * len(samples) * length * 3 and runner.reused == len(samples)
+            assert counter.total == 2 * len(samples) * length * 3 and runner.prompts_reused == len(samples)
         with use_runner(tiny, Runner(tiny, store=ResultStore(path))) as resumed:
             again = read_last_token_attention(tiny, samples[::-1], heads, mean=True, batch_size=4)
-            assert counter.total == 2 * len(samples) * length * 3 and resumed.reused == len(samples)
+            assert counter.total == 2 * len(samples) * length * 3 and resumed.prompts_reused == len(samples)
             read_last_token_attention(tiny, samples, heads[:1], batch_size=4)
             assert counter.total == 2 * len(samples) * length * 3 + len(samples) * length * 2
             with pytest.raises(RuntimeError, match="pass through="):
