@@ -110,6 +110,23 @@ def current_batch() -> Batch | None:
     return run.batch if run is not None else None
 
 
+def running_batch(width: int, who: str) -> Batch:
+    """The batch of the forward now running (inside :func:`running`), which must be ``width``
+    positions wide; a reader (``who``) that sees another forward is refused, naming itself."""
+    batch = current_batch()
+    if batch is None or batch.input_ids.shape[1] != width:
+        raise RuntimeError(f"{who} reads batch forwards (inside rh.batching.running); this forward of {width} "
+                           "positions is not one")
+    return batch
+
+
+def last_prompt_positions(width: int, who: str) -> list[int]:
+    """Each row's last prompt token in the batch now running (:func:`running_batch`): its left
+    padding plus its prompt's length, less one (answer tokens, if teacher-forced, come after)."""
+    batch = running_batch(width, who)
+    return [p + len(s.input_ids) - 1 for p, s in zip(batch.pad, batch.samples)]
+
+
 def decode_start(width: int) -> torch.Tensor | None:
     """Each row's first decoding position (``[b]``) when the forward now running is a teacher-forced
     batch (``running(..., decode_from=...)``) ``width`` positions wide; else None (a prefill, or a

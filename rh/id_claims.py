@@ -81,27 +81,19 @@ def needle_mass_reading(model: LoadedModel, heads: Sequence[Head]) -> Iterator[d
     is shifted by the row's padding in this batch, and the uniform share is 1 / the prompt's
     length (the keys that row sees). Only the heads' layers are read
     (:func:`rh.attention.reading_rows`)."""
+    from functools import partial
+
     from rh.attention import reading_rows
-    from rh.batching import current_batch
+    from rh.batching import last_prompt_positions, running_batch
 
     out: dict[str, np.ndarray] = {}
     by_layer: dict[int, list[tuple[int, int]]] = {}
     for j, h in enumerate(heads):
         by_layer.setdefault(h.layer, []).append((j, h.head))
-
-    def batch_of(width: int):
-        batch = current_batch()
-        if batch is None or batch.input_ids.shape[1] != width:
-            raise RuntimeError("needle_mass_reading reads teacher-forced batch forwards (inside rh.batching.running); "
-                               f"this forward of {width} positions is not one")
-        return batch
-
-    def positions(q_len: int) -> list[int]:
-        batch = batch_of(q_len)
-        return [p + len(s.input_ids) - 1 for p, s in zip(batch.pad, batch.samples)]
+    positions = partial(last_prompt_positions, who="needle_mass_reading")
 
     def reduce(layer: int, probs) -> None:
-        batch = batch_of(probs.shape[-1])
+        batch = running_batch(probs.shape[-1], "needle_mass_reading")
         for r, s in enumerate(batch.samples):
             a, b = batch.needle_span(r)
             per_token = (s.needle_span[1] - s.needle_span[0]) / len(s.input_ids)

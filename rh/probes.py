@@ -95,7 +95,7 @@ def residual_reading(model: LoadedModel) -> Iterator[dict[str, np.ndarray]]:
     The position read is ``pad + len(input_ids) - 1`` of the prompt's batch row: under causal
     attention any answer tokens after it change nothing at it, and left padding gives every real
     token its own position (``rh.batching``)."""
-    from rh.batching import current_batch
+    from rh.batching import last_prompt_positions, running_batch
 
     n_layers = len(decoder_layers(model))
     hidden = int(hf_model(model).config.hidden_size)
@@ -104,12 +104,8 @@ def residual_reading(model: LoadedModel) -> Iterator[dict[str, np.ndarray]]:
 
     def read_at(index: int):
         def fn(x: torch.Tensor) -> None:
-            batch = current_batch()
-            if batch is None or batch.input_ids.shape[1] != x.shape[1]:
-                raise RuntimeError("residual_reading reads batch forwards (inside rh.batching.running); "
-                                   f"this forward of {x.shape[1]} positions is not one")
-            pos = torch.tensor([p + len(s.input_ids) - 1 for p, s in zip(batch.pad, batch.samples)],
-                               device=x.device)
+            batch = running_batch(x.shape[1], "residual_reading")
+            pos = torch.tensor(last_prompt_positions(x.shape[1], "residual_reading"), device=x.device)
             rows = x.detach()[torch.arange(x.shape[0], device=x.device), pos].float().cpu().numpy()
             for r, s in enumerate(batch.samples):
                 row = out.setdefault(s.id, np.full((n_layers + 1) * hidden, np.nan, dtype=np.float32))

@@ -358,13 +358,7 @@ class Runner:
                 out.update(values)
                 self.store.put([], [(keys[i], v) for i, v in values.items()] if kept else [])
                 self.prompts_read += len(p.rows)
-                if done.token_layers is not None and self.charge is not None:
-                    self.charge(done.token_layers)
-                if done.saved:
-                    from rh.budget import note_saved
-
-                    for kind, n in done.saved.items():
-                        note_saved(kind, n)
+                self._bill(done.token_layers, done.saved)
         return {i: np.asarray(out[i], dtype=float) for i in by_id}
 
     def call(self, samples: Sequence[Sample], tasks: Sequence[Task]) -> list[Any]:
@@ -381,16 +375,21 @@ class Runner:
         out = []
         for t, (result, tl, saved) in zip(tasks, run_there(list(tasks), by_id)):
             out.append(result)
-            if tl is not None and self.charge is not None:
-                self.charge(tl)
-            if saved:
-                from rh.budget import note_saved
-
-                for kind, n in saved.items():
-                    note_saved(kind, n)
+            self._bill(tl, saved)
         if len(out) != len(tasks):
             raise RuntimeError(f"the {self.executor.name} executor returned {len(out)} results for {len(tasks)} tasks")
         return out
+
+    def _bill(self, token_layers: int | None, saved: Mapping[str, int]) -> None:
+        """Charge what an executor counted elsewhere (None: this process's counter counted it) and
+        note the exact savings it made."""
+        if token_layers is not None and self.charge is not None:
+            self.charge(token_layers)
+        if saved:
+            from rh.budget import note_saved
+
+            for kind, n in saved.items():
+                note_saved(kind, n)
 
     def _read_values(self, packet: Packet, read: Sequence[Any] | None, width: int,
                      reading: Reading) -> dict[str, tuple[float, ...]]:
@@ -481,13 +480,7 @@ class Runner:
                             put_read.append((read_key(keys[origin[tj][i]], reading), values))
                 self.store.put(put, put_read)
                 self.computed += len(p.rows)
-                if done.token_layers is not None and self.charge is not None:
-                    self.charge(done.token_layers)
-                if done.saved:
-                    from rh.budget import note_saved
-
-                    for kind, n in done.saved.items():
-                        note_saved(kind, n)
+                self._bill(done.token_layers, done.saved)
         for (j, i), k in keys.items():  # rows another unit of this call computed
             if (j, i) not in scores:
                 scores[(j, i)] = scores[first[k]]

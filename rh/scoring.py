@@ -705,7 +705,7 @@ def last_token_attention_reading(model: LoadedModel, heads: Sequence[Head], widt
     token its own position, ``rh.batching``). Only the heads' layers are read
     (:func:`rh.attention.reading_rows`)."""
     from rh.attention import reading_rows
-    from rh.batching import current_batch
+    from rh.batching import running_batch
 
     heads = list(heads)
     if not heads:
@@ -716,10 +716,7 @@ def last_token_attention_reading(model: LoadedModel, heads: Sequence[Head], widt
         by_layer.setdefault(h.layer, []).append((j, h.head))
 
     def batch_of(q_len: int):
-        batch = current_batch()
-        if batch is None or batch.input_ids.shape[1] != q_len:
-            raise RuntimeError("last_token_attention_reading reads batch forwards (inside rh.batching.running); "
-                               f"this forward of {q_len} positions is not one")
+        batch = running_batch(q_len, "last_token_attention_reading")
         wrong = [s.id for s in batch.samples if len(s.input_ids) != width]
         if wrong:
             raise ValueError(f"last_token_attention_reading reads prompts of {width} tokens; {wrong[:3]} are not")
@@ -801,26 +798,18 @@ def sum_attention_reading(model: LoadedModel) -> Iterator[dict[str, np.ndarray]]
     layer, what :func:`_sum_attention_batch` (sum-attention identification) scores, flattened. The
     row read is ``pad + len(input_ids) - 1`` of the prompt's batch row and the needle span is
     shifted by that row's padding (:func:`rh.attention.reading_rows` on every layer)."""
+    from functools import partial
+
     from rh.attention import reading_rows
-    from rh.batching import current_batch
+    from rh.batching import last_prompt_positions, running_batch
 
     shape = model.shape
     n_layers, n_heads = shape.n_layers, shape.n_heads
     out: dict[str, np.ndarray] = {}
-
-    def batch_of(q_len: int):
-        batch = current_batch()
-        if batch is None or batch.input_ids.shape[1] != q_len:
-            raise RuntimeError("sum_attention_reading reads batch forwards (inside rh.batching.running); "
-                               f"this forward of {q_len} positions is not one")
-        return batch
-
-    def positions(q_len: int) -> list[int]:
-        batch = batch_of(q_len)
-        return [p + len(s.input_ids) - 1 for p, s in zip(batch.pad, batch.samples)]
+    positions = partial(last_prompt_positions, who="sum_attention_reading")
 
     def reduce(layer: int, probs) -> None:
-        batch = batch_of(probs.shape[-1])
+        batch = running_batch(probs.shape[-1], "sum_attention_reading")
         mass = torch.stack([probs[r, :, slice(*batch.needle_span(r))].sum(-1) for r in range(len(batch.samples))])
         mass = mass.double().cpu().numpy()
         for r, s in enumerate(batch.samples):

@@ -85,6 +85,16 @@ def _check(frames, ref):
         assert (a["logprob"] - b["logprob"]).abs().max() <= 1e-5
 
 
+def _counted(tiny, fn):
+    """``fn()`` run here, and the token-layers it ran."""
+    counter = TokenLayerCounter()
+    handle = counter.attach(tiny.model)
+    try:
+        return fn(), counter.total
+    finally:
+        handle.remove()
+
+
 def _installable(tiny, replicas, charged):
     """A runner on the module's replicas to install on ``tiny`` (rh.runner.use_runner closes the
     runner it installs: this one leaves the replicas to the module's fixture)."""
@@ -159,13 +169,7 @@ def test_prompt_only_readings_run_on_the_replicas_as_here(tiny, samples, replica
     from rh.probes import ResidualReading, last_token_residuals
     from rh.scoring import LastTokenAttentionReading, last_token_attention
 
-    counter = TokenLayerCounter()
-    handle = counter.attach(tiny.model)
-    try:
-        alone = last_token_residuals(tiny, samples, batch_size=4, progress=False)
-        tl = counter.total
-    finally:
-        handle.remove()
+    alone, tl = _counted(tiny, lambda: last_token_residuals(tiny, samples, batch_size=4, progress=False))
     charged: list[int] = []
     runner = Runner(tiny, executor=replicas, charge=charged.append)
     got = runner.read_prompts(samples, ResidualReading.of(tiny), batch_size=4)
@@ -192,21 +196,8 @@ def test_identification_by_sum_attention_runs_on_the_replicas_as_here(tiny, samp
     from rh.content_free import content_free_scores
     from rh.scoring import score_samples
 
-    counter = TokenLayerCounter()
-    handle = counter.attach(tiny.model)
-    try:
-        here = score_samples(tiny, samples, "sum_attention", batch_size=4, progress=False)
-        tl = counter.total
-    finally:
-        handle.remove()
-
-    counter = TokenLayerCounter()
-    handle = counter.attach(tiny.model)
-    try:
-        wu24 = score_samples(tiny, samples, "wu24", batch_size=4, progress=False)
-        wu24_tl = counter.total
-    finally:
-        handle.remove()
+    here, tl = _counted(tiny, lambda: score_samples(tiny, samples, "sum_attention", batch_size=4, progress=False))
+    wu24, wu24_tl = _counted(tiny, lambda: score_samples(tiny, samples, "wu24", batch_size=4, progress=False))
     charged: list[int] = []
     runner = _installable(tiny, replicas, charged)
     with use_runner(tiny, runner):
@@ -215,13 +206,9 @@ def test_identification_by_sum_attention_runs_on_the_replicas_as_here(tiny, samp
         wu24_there = score_samples(tiny, samples, "wu24", batch_size=4, progress=False)  # tasks: one a batch
         assert sum(charged) == tl + wu24_tl
         free_there = content_free_scores(tiny, ("echo", "induction"), n_sequences=5, seq_len=16, batch_size=2)
-    counter = TokenLayerCounter()
-    handle = counter.attach(tiny.model)
-    try:
-        free = content_free_scores(tiny, ("echo", "induction"), n_sequences=5, seq_len=16, batch_size=2)
-        assert sum(charged) == tl + wu24_tl + counter.total
-    finally:
-        handle.remove()
+    free, free_tl = _counted(tiny, lambda: content_free_scores(tiny, ("echo", "induction"), n_sequences=5, seq_len=16,
+                                                               batch_size=2))
+    assert sum(charged) == tl + wu24_tl + free_tl
     for m in ("echo", "induction"):
         np.testing.assert_allclose(free_there[m].scores, free[m].scores, atol=1e-9)
     assert there.ids == here.ids
@@ -244,13 +231,7 @@ def test_iv6s_attributions_run_on_the_replicas_as_here(tiny, samples, replicas):
 
     heads = [Head(1, 2), Head(2, 5)]
     chosen = samples[:3]
-    counter = TokenLayerCounter()
-    handle = counter.attach(tiny.model)
-    try:
-        here = [integrated_gradients(tiny, s, heads, n_steps=4) for s in chosen]
-        tl = counter.total
-    finally:
-        handle.remove()
+    here, tl = _counted(tiny, lambda: [integrated_gradients(tiny, s, heads, n_steps=4) for s in chosen])
 
     charged: list[int] = []
     runner = _installable(tiny, replicas, charged)
