@@ -216,41 +216,55 @@ class _Replica:
         return ray.get_runtime_context().get_node_id()
 
     def run(self, packets: list[Packet], samples: list[Sample], hints: list[int], reading: Any = None) -> list[tuple]:
-        from rh.budget import saved_token_layers
         from rh.prefix import hinting
         from rh.units import read_packet
 
         by_id = {s.id: s for s in samples}
         out = []
         for p in packets:
-            tl, saved = self.counter.total, dict(saved_token_layers())
-            with hinting(self.model, hints):
-                scores, read = read_packet(self.model, p, by_id, reading)
-            now = saved_token_layers()
-            out.append((scores, self.counter.total - tl,
-                        {k: v - saved.get(k, 0) for k, v in now.items() if v - saved.get(k, 0)}, read))
-        return out
+            def one(p=p):
+                with hinting(self.model, hints):
+                    return read_packet(self.model, p, by_id, reading)
 
+            (scores, read), tl, saved = self._measured(one)
+            out.append((scores, tl, saved, read))
+        return out
 
     def call(self, tasks: list[Any], samples: list[Sample]) -> list[tuple]:
         """Each task's result, with the token-layers it ran and what it saved (:class:`rh.runner.Task`)."""
+        by_id = {s.id: s for s in samples}
+        return [self._measured(lambda t=t: t.run(self.model, by_id)) for t in tasks]
+
+    def _measured(self, fn: Any) -> tuple[Any, int, dict[str, int]]:
+        """``fn()``, the token-layers it ran on this replica and the exact savings it made."""
         from rh.budget import saved_token_layers
 
-        by_id = {s.id: s for s in samples}
-        out = []
-        for t in tasks:
-            tl, saved = self.counter.total, dict(saved_token_layers())
-            result = t.run(self.model, by_id)
-            now = saved_token_layers()
-            out.append((result, self.counter.total - tl,
-                        {k: v - saved.get(k, 0) for k, v in now.items() if v - saved.get(k, 0)}))
-        return out
+        tl, saved = self.counter.total, dict(saved_token_layers())
+        result = fn()
+        now = saved_token_layers()
+        return result, self.counter.total - tl, {k: v - saved.get(k, 0) for k, v in now.items() if v - saved.get(k, 0)}
 
 
 def _actor_class(max_restarts: int):
     import ray
 
     return ray.remote(max_restarts=max_restarts, max_task_retries=-1)(_Replica)
+
+
+def _results(replica: int, ref: Any, n: int, what: str, lost: str) -> list:
+    """What replica ``replica`` returned for ``n`` packets or tasks (``what``): refused, naming
+    the replica, if it died for good (``lost`` says what that costs) or returned something else."""
+    import ray
+
+    try:
+        results = ray.get(ref)
+    except ray.exceptions.RayActorError as e:
+        raise RuntimeError(f"Ray replica {replica} died and could not be restarted ({e.__class__.__name__}); "
+                           f"{lost}") from None
+    if not isinstance(results, list) or len(results) != n:
+        raise RuntimeError(f"Ray replica {replica} returned {type(results).__name__} for {n} {what}: its results are "
+                           "not used")
+    return results
 
 
 def replica_of(packet: Packet, replicas: int) -> int:
@@ -298,8 +312,6 @@ class RayExecutor:
                 reading: Any = None) -> Iterator[Done]:
         """The packets, each on the replica :func:`replica_of` names; ``reading`` (a
         :class:`rh.runner.Reading`, a value) travels with them and is read there."""
-        import ray
-
         mine: list[list[int]] = [[] for _ in range(self.replicas)]
         for n, p in enumerate(packets):
             mine[replica_of(p, self.replicas)].append(n)
@@ -311,15 +323,8 @@ class RayExecutor:
                 refs[r] = self.actors[r].run.remote(ps, samples, list(hints), reading)
         got: dict[int, Done] = {}
         for r, ref in refs.items():
-            try:
-                results = ray.get(ref)
-            except ray.exceptions.RayActorError as e:
-                raise RuntimeError(f"Ray replica {r} died and could not be restarted ({e.__class__.__name__}); "
-                                   "its packets' rows were not counted. Rerun: with --store the rows already "
-                                   "computed are kept") from None
-            if not isinstance(results, list) or len(results) != len(mine[r]):
-                raise RuntimeError(f"Ray replica {r} returned {type(results).__name__} for {len(mine[r])} packets: "
-                                   "its results are not used")
+            results = _results(r, ref, len(mine[r]), "packets", "its packets' rows were not counted. Rerun: with "
+                               "--store the rows already computed are kept")
             for n, res in zip(mine[r], results):
                 scores, tl, saved, read = res
                 got[n] = Done(list(scores), int(tl), dict(saved), None if read is None else list(read))
@@ -329,22 +334,12 @@ class RayExecutor:
     def call(self, tasks: Sequence[Any], by_id: Mapping[str, Sample]) -> Iterator[tuple[Any, int, dict]]:
         """Each task's result in order (:class:`rh.runner.Task`), task ``i`` on replica ``i %
         replicas``: a wave of as many tasks as replicas runs at once."""
-        import ray
-
         refs = []
         for n, t in enumerate(tasks):
             samples = [by_id[i] for i in dict.fromkeys(t.sample_ids)]
             refs.append((n % self.replicas, self.actors[n % self.replicas].call.remote([t], samples)))
         for r, ref in refs:
-            try:
-                results = ray.get(ref)
-            except ray.exceptions.RayActorError as e:
-                raise RuntimeError(f"Ray replica {r} died and could not be restarted ({e.__class__.__name__}); "
-                                   "its task was not counted. Rerun") from None
-            if not isinstance(results, list) or len(results) != 1:
-                raise RuntimeError(f"Ray replica {r} returned {type(results).__name__} for one task: its result is "
-                                   "not used")
-            result, tl, saved = results[0]
+            ((result, tl, saved),) = _results(r, ref, 1, "tasks", "its task was not counted. Rerun")
             yield result, int(tl), dict(saved)
 
     def close(self) -> None:

@@ -335,13 +335,9 @@ class Runner:
         samples = list({s.id: s for s in samples}.values())
         by_id = {s.id: s for s in samples}
         width = reading.width
-        kept = getattr(reading, "stored", True)
-        if not self.pristine():  # an intervention or a weight edit is active: read here, as it stands, unstored
-            out = {}
-            for p in prompt_packets(samples, batch_size, through=through):
-                _, got = read_packet(self.model, p, by_id, reading)
-                out.update(self._read_values(p, got, width, reading))
-            return {i: np.asarray(out[i], dtype=float) for i in by_id}
+        pristine = self.pristine()  # else an intervention or a weight edit is active: read here, as it stands
+        kept = pristine and getattr(reading, "stored", True)
+        executor = self.executor if pristine else LocalExecutor(self.model)
         lk = self.layout.key()
         keys = {s.id: read_key(row_key(lk, Ablation.baseline(), s), reading) for s in samples}
         out: dict[str, tuple[float, ...]] = {}
@@ -353,7 +349,7 @@ class Runner:
         todo = [s for s in samples if s.id not in out]
         if todo:
             packets = prompt_packets(todo, batch_size, through=through)
-            for p, done in zip(packets, self.executor.execute(packets, by_id, [], reading)):
+            for p, done in zip(packets, executor.execute(packets, by_id, [], reading)):
                 values = self._read_values(p, done.read, width, reading)
                 out.update(values)
                 self.store.put([], [(keys[i], v) for i, v in values.items()] if kept else [])

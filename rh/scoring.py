@@ -511,29 +511,13 @@ def score_samples(
 
 def _scored_batches(model: LoadedModel, todo: Sequence[Sample], method: str, options: Any, batch_size: int,
                     extra: Mapping[str, Any]) -> Iterator[tuple[list[Sample], np.ndarray, np.ndarray, list]]:
-    """``(samples, scores, counted, info)`` batch by batch. Sum attention over every layer is read
-    in clean prompt-only forwards run as work units by the model's runner
-    (:class:`SumAttentionReading`, :func:`rh.runner.read_prompts`): on Ray replicas where the
-    session has them (as many batches at a time as replicas), kept in the results store. The
-    batches are those :func:`rh.batching.make_batches` cuts (a stable sort by length), so the
-    forwards are the same wherever they run. The other methods, and a model without an installed
-    runner (the float32 twin a bf16 CPU session identifies on), run here."""
-    if method == "sum_attention" and not extra:
-        from rh.batching import batch_order
-        from rh.runner import runner_for
-
-        runner = runner_for(model)
-        reading = SumAttentionReading(model.shape.n_layers, model.shape.n_heads)
-        order = batch_order(todo, batch_size)
-        step = max(1, int(runner.layout.replicas or 1))
-        for c in range(0, len(order), step):
-            chunk = [todo[i] for rows in order[c:c + step] for i in rows]
-            with oom_guard(f"identification ({method})", batch_size=batch_size,
-                           length=max(len(s.input_ids) for s in chunk)):
-                got = runner.read_prompts(chunk, reading, batch_size=batch_size)
-            scores = np.stack([got[s.id].reshape(model.shape.n_layers, model.shape.n_heads) for s in chunk])
-            yield chunk, scores, np.ones(len(chunk), dtype=bool), [{} for _ in chunk]
-        return
+    """``(samples, scores, counted, info)`` batch by batch, through the model's runner, as many
+    batches at a time as it has replicas: sum attention over every layer read in clean prompt-only
+    forwards (:class:`SumAttentionReading`, :func:`rh.runner.read_prompts`; kept in the results
+    store), the other methods as one task a batch (:class:`ScoreBatchTask`). The batches are those
+    :func:`rh.batching.make_batches` cuts (a stable sort by length), so the forwards are the same
+    wherever they run; a model without an installed runner (the float32 twin a bf16 CPU session
+    identifies on) runs them here. A shorter capture (``extra``) runs here."""
     if extra:  # a shorter capture for a few heads (rh.id_claims): here
         for batch in make_batches(todo, batch_size, model.tokenizer.pad_token_id):
             with oom_guard(f"identification ({method})", batch_size=len(batch.samples),
@@ -544,15 +528,21 @@ def _scored_batches(model: LoadedModel, todo: Sequence[Sample], method: str, opt
     from rh.batching import batch_order
     from rh.runner import runner_for
 
-    runner = runner_for(model)  # Wu24's generation, QRHead's calibrated passes: one task a batch
+    runner = runner_for(model)
+    shape = model.shape
+    reading = SumAttentionReading(shape.n_layers, shape.n_heads) if method == "sum_attention" else None
     order = batch_order(todo, batch_size)
     step = max(1, int(runner.layout.replicas or 1))
-    for c in range(0, len(order), step):
+    for c in range(0, len(order), step):  # a round: as many batches as replicas
         batches = [[todo[i] for i in rows] for rows in order[c:c + step]]
-        tasks = [ScoreBatchTask(tuple(s.id for s in b), method, options) for b in batches]
-        with oom_guard(f"identification ({method})", batch_size=batch_size,
-                       length=max(len(s.input_ids) for b in batches for s in b)):
-            results = runner.call([s for b in batches for s in b], tasks)
+        chunk = [s for b in batches for s in b]
+        with oom_guard(f"identification ({method})", batch_size=batch_size, length=max(len(s.input_ids) for s in chunk)):
+            if reading is not None:  # the clean forwards' attention mass, read
+                got = runner.read_prompts(chunk, reading, batch_size=batch_size)
+                results = [(np.stack([got[s.id].reshape(shape.n_layers, shape.n_heads) for s in b]),
+                            np.ones(len(b), dtype=bool), [{} for _ in b]) for b in batches]
+            else:  # Wu24's generation, QRHead's calibrated passes: one task a batch
+                results = runner.call(chunk, [ScoreBatchTask(tuple(s.id for s in b), method, options) for b in batches])
         for b, (scores, counted, info) in zip(batches, results):
             yield b, scores, counted, info
 
