@@ -23,6 +23,35 @@ from rh.models import head_shape, hf_model
 GiB = 1024**3
 
 
+def peak_memory() -> dict[str, Any]:
+    """This process's peak memory so far: ``rss_peak_bytes``, its peak resident set (``VmHWM`` of
+    ``/proc/self/status``; ``getrusage``'s ``ru_maxrss`` where that file is missing), and on CUDA
+    ``cuda_peak_bytes``, the most each GPU held in tensors (``torch.cuda.max_memory_allocated``),
+    keyed by device name. A field that cannot be read is left out."""
+    out: dict[str, Any] = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    out["rss_peak_bytes"] = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    if "rss_peak_bytes" not in out:
+        try:
+            import resource
+            import sys
+
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            out["rss_peak_bytes"] = int(peak) * (1 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux
+        except (ImportError, OSError, ValueError):
+            pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda_peak_bytes"] = {f"cuda:{i}": int(torch.cuda.max_memory_allocated(i))
+                                  for i in range(torch.cuda.device_count())}
+    return out
+
+
 def is_oom(exc: BaseException) -> bool:
     """Whether ``exc`` is an accelerator out-of-memory error (``torch.cuda.OutOfMemoryError``, or a
     RuntimeError from a kernel or an extension that says so)."""

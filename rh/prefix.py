@@ -167,12 +167,14 @@ class _Entry:
 class PrefixCache:
     """Stored residual streams, keyed by (batch, layer); at most ``max_bytes``, least recently used
     first out. ``hits`` counts passes that reused a prefix, ``layers_saved`` the decoder layers they
-    left out (per row of the batch: token-layers saved = layers_saved x tokens)."""
+    left out (per row of the batch: token-layers saved = layers_saved x tokens); ``peak_nbytes`` is
+    the most it held at once (never above ``max_bytes``)."""
 
     max_bytes: int = DEFAULT_MAX_BYTES
     entries: OrderedDict = field(default_factory=OrderedDict)
     hints: list[set[int]] = field(default_factory=list)
     nbytes: int = 0
+    peak_nbytes: int = 0
     hits: int = 0
     misses: int = 0
     token_layers_saved: int = 0
@@ -203,6 +205,11 @@ class PrefixCache:
             self._drop(next(iter(self.entries)))
         self.entries[(key, layer)] = _Entry(state, signature, nbytes)
         self.nbytes += nbytes
+        self.peak_nbytes = max(self.peak_nbytes, self.nbytes)
+
+    def memory(self) -> dict[str, int]:
+        """Its peak and cap in bytes, as the report's memory line reads them."""
+        return {"prefix_cache_peak_bytes": int(self.peak_nbytes), "prefix_cache_max_bytes": int(self.max_bytes)}
 
     def _drop(self, k) -> None:
         e = self.entries.pop(k)

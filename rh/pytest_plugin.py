@@ -743,6 +743,8 @@ class RhSession:
             store = config.getoption("--store")
             self.meta["units"] = {"rows_computed": 0, "rows_reused": 0, "prompts_read": 0, "prompts_reused": 0,
                                   "store_loaded": 0, "store_unreadable": 0, **units, "store": store and str(Path(store))}
+        if not getattr(config.option, "numprocesses", None):  # pytest -n: each worker is a process of its own
+            self.meta["memory"] = self.run.memory()
         by = _add(own["by"], remote["by"])
         cost = self.meta.setdefault("cost", {})
         cost.update({"total": sum(by.values()),  # the counter's total is the sum of its labels
@@ -849,6 +851,11 @@ class RhSession:
                     f"the store; {units['prompts_read']} prompt-only readings computed, {units['prompts_reused']} "
                     f"served" + (f" ({units['store']}: {units['store_loaded']} rows from earlier runs)"
                                  if units["store"] else ""))
+        from rh.report.format import memory_text
+
+        memory = memory_text(self.meta.get("memory"))
+        if memory:
+            terminalreporter.write_line(f"memory: {memory}")
         paths = self.report_paths
         if paths:
             terminalreporter.write_sep("-", "rh report")
@@ -1428,7 +1435,7 @@ def record_verdict(request, pytestconfig):
 
 
 #: session metadata that belongs to one run: not carried over from a journal to the run resuming it
-_RUN_ONLY_META = frozenset({"cost", "units", "interrupted", "budget", "resumed", "heads_model_warning"})
+_RUN_ONLY_META = frozenset({"cost", "units", "memory", "interrupted", "budget", "resumed", "heads_model_warning"})
 
 
 def _settle(node: pytest.Item, config: pytest.Config, entry: dict[str, Any], verdict) -> None:

@@ -202,10 +202,11 @@ class _Replica:
         self.counter = TokenLayerCounter()
         self.counter.attach(self.model.model)
         self.resources = contextlib.ExitStack()
+        self.prefix = None
         if spec.prefix_reuse:
             from rh.prefix import reuse_prefixes
 
-            self.resources.enter_context(reuse_prefixes(self.model))
+            self.prefix = self.resources.enter_context(reuse_prefixes(self.model))
 
     def pid(self) -> int:
         return os.getpid()
@@ -214,6 +215,13 @@ class _Replica:
         import ray
 
         return ray.get_runtime_context().get_node_id()
+
+    def memory(self) -> dict[str, Any]:
+        """This replica's peak memory (:func:`rh.memory.peak_memory`: resident set, and each GPU's
+        tensors) and its prefix cache's peak and cap, in bytes."""
+        from rh.memory import peak_memory
+
+        return {"pid": os.getpid(), **peak_memory(), **(self.prefix.memory() if self.prefix is not None else {})}
 
     def run(self, packets: list[Packet], samples: list[Sample], hints: list[int], reading: Any = None) -> list[tuple]:
         from rh.prefix import hinting
@@ -341,6 +349,20 @@ class RayExecutor:
         for r, ref in refs:
             ((result, tl, saved),) = _results(r, ref, 1, "tasks", "its task was not counted. Rerun")
             yield result, int(tl), dict(saved)
+
+    def memory(self, timeout_s: float = 30.0) -> list[dict[str, Any]]:
+        """Each replica's peak memory (:meth:`_Replica.memory`), in replica order; a replica that
+        does not answer within ``timeout_s`` gives ``{"error": why}`` instead (a replica restarted
+        after a loss reports the peak of its new process)."""
+        import ray
+
+        out = []
+        for r, a in enumerate(self.actors):
+            try:
+                out.append(dict(ray.get(a.memory.remote(), timeout=timeout_s)))
+            except Exception as e:  # noqa: BLE001 - a report field: the run's results stand
+                out.append({"error": f"replica {r} did not report its memory ({e.__class__.__name__})"})
+        return out
 
     def close(self) -> None:
         try:

@@ -140,6 +140,18 @@ class Run:
         """The counted token-layers, in all and by label, and the savings."""
         return {"total": self.counter.total, "by": dict(sorted(self.counter.counts.items())), "saved": self.saved()}
 
+    def memory(self) -> dict[str, Any]:
+        """The run's peak memory so far: this process's (:func:`rh.memory.peak_memory`, with its
+        prefix cache's peak and cap) under ``process``, and, where an executor runs the passes in
+        other processes (Ray replicas), each one's under ``replicas``. Call it before :meth:`close`."""
+        from rh.memory import peak_memory
+
+        out: dict[str, Any] = {"process": {**peak_memory(), **(self.prefix.memory() if self.prefix is not None else {})}}
+        replicas = getattr(getattr(self.runner, "executor", None), "memory", None)
+        if replicas is not None:
+            out["replicas"] = replicas()
+        return out
+
     # ---------------------------------------------------------------- the report
 
     def write_report(self, directory: str | Path, stem: str, *, figures: Mapping[str, bytes] | None = None,

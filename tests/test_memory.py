@@ -84,3 +84,45 @@ def test_auto_batch_size(tiny):
     assert auto_batch_size(tiny, 8) >= 1  # measured free memory of the CPU
     with pytest.raises(ValueError, match="length"):
         auto_batch_size(tiny, 0)
+
+
+def _resident_bytes() -> int:
+    """This process's resident set now, from /proc/self/statm (pages), not from /proc/self/status."""
+    import os
+
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/statm"), reason="needs Linux's /proc")
+def test_peak_memory_is_this_processs_peak_resident_set_in_bytes():
+    """The peak is in bytes (not KiB), at least what is resident now, and it rises by what a touched
+    buffer adds: a wrong unit or another process's figure fails."""
+    import numpy as np
+
+    from rh.memory import peak_memory
+
+    before = peak_memory()["rss_peak_bytes"]
+    assert before >= _resident_bytes() * 0.99
+    size = 256 * 2**20 + before  # beyond the peak so far, so the peak must move
+    buf = np.ones(size // 8)  # touched: resident
+    after = peak_memory()["rss_peak_bytes"]
+    assert after >= _resident_bytes() * 0.99
+    assert after >= size * 0.95
+    del buf
+    # a peak does not fall when memory is freed (Linux's per-CPU RSS counters may lag by a few pages)
+    assert peak_memory()["rss_peak_bytes"] >= after - 4 * 2**20
+
+
+def test_the_memory_line_gives_each_process_its_peak_and_cache():
+    from rh.report.format import memory_text
+
+    line = memory_text({"process": {"rss_peak_bytes": 12_200_000_000},
+                        "replicas": [{"pid": 7, "rss_peak_bytes": 1_460_000_000, "prefix_cache_peak_bytes": 310 * 2**20,
+                                      "prefix_cache_max_bytes": 2048 * 2**20,
+                                      "cuda_peak_bytes": {"cuda:0": 40_000_000_000}},
+                                     {"error": "replica 1 did not report its memory (GetTimeoutError)"}]})
+    assert line == ("peak in this process: 12.20 GB resident; replica 0: 1.46 GB resident, GPU tensors cuda:0 40.00 GB, "
+                    "prefix cache at most 310 MiB of its 2,048 MiB cap; replica 1 did not report its memory "
+                    "(GetTimeoutError)")
+    assert memory_text(None) == "" and memory_text({}) == ""

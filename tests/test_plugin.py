@@ -392,6 +392,11 @@ def test_the_catalogue_on_two_ray_replicas_gives_the_local_verdicts_and_token_la
     assert reports[1]["meta"]["layout"]["executor"] == "ray" and reports[1]["meta"]["layout"]["replicas"] == 2
     assert reports[1]["meta"]["units"]["rows_computed"] == reports[0]["meta"]["units"]["rows_computed"] > 0
     assert "rows computed on 2 Ray replica(s)" in ray.stdout
+    memory = reports[1]["meta"]["memory"]  # each replica's own peak, beside the controller's
+    assert len(memory["replicas"]) == 2 and all(m["rss_peak_bytes"] > 0 for m in memory["replicas"])
+    assert len({m["pid"] for m in memory["replicas"]}) == 2
+    assert "replicas" not in reports[0]["meta"]["memory"] and reports[0]["meta"]["memory"]["process"]["rss_peak_bytes"]
+    assert "memory: peak in this process:" in ray.stdout and "replica 1:" in ray.stdout
 
 
 @pytest.mark.slow

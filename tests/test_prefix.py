@@ -255,6 +255,7 @@ def test_the_byte_budget_evicts_the_least_recently_used(tiny, tiny_samples):
             with hinting(tiny, [2]):  # two batches through a budget of one: never over it
                 teacher_forced(tiny, tiny_samples, batch_size=3, progress=False)
                 assert cache.nbytes <= budget and len(cache.entries) <= 1
+            assert cache.peak_nbytes == one * kept  # the most it held: one batch's stream, or none
             with ablate(tiny, [Head(2, 2)]):
                 both = teacher_forced(tiny, tiny_samples, batch_size=3, progress=False)
         _same(plain.iloc[:3].reset_index(drop=True), got)

@@ -199,6 +199,36 @@ def hardware_text(hardware: Any) -> str:
     return ", ".join(bits)
 
 
+def _gb(n: Any) -> str:
+    return f"{float(n) / 1e9:.2f} GB" if isinstance(n, int | float) else "?"
+
+
+def _one_memory(m: Mapping[str, Any]) -> str:
+    bits = [f"{_gb(m['rss_peak_bytes'])} resident" if m.get("rss_peak_bytes") is not None else "resident ?"]
+    cuda = m.get("cuda_peak_bytes")
+    if isinstance(cuda, Mapping) and cuda:
+        bits.append("GPU tensors " + ", ".join(f"{d} {_gb(v)}" for d, v in cuda.items()))
+    if m.get("prefix_cache_max_bytes"):
+        bits.append(f"prefix cache at most {float(m.get('prefix_cache_peak_bytes') or 0) / 2**20:,.0f} MiB of its "
+                    f"{float(m['prefix_cache_max_bytes']) / 2**20:,.0f} MiB cap")
+    return ", ".join(bits)
+
+
+def memory_text(memory: Any) -> str:
+    """One line for a ``meta["memory"]`` dict (:meth:`rh.run.Run.memory`): the peak of this process
+    and of each replica, in GB (10^9 bytes), and each prefix cache's peak against its cap."""
+    if not isinstance(memory, Mapping):
+        return ""
+    parts = []
+    if isinstance(memory.get("process"), Mapping):
+        parts.append("peak in this process: " + _one_memory(memory["process"]))
+    replicas = [m for m in memory.get("replicas") or [] if isinstance(m, Mapping)]
+    if replicas:
+        parts.append("; ".join(str(m["error"]) if m.get("error") else f"replica {i}: {_one_memory(m)}"
+                               for i, m in enumerate(replicas)))
+    return "; ".join(parts)
+
+
 # --------------------------------------------------------------------------------------------
 # HTML pieces
 # --------------------------------------------------------------------------------------------

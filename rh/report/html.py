@@ -36,6 +36,7 @@ from rh.report.format import (
     fmt_scalar,
     hardware_text,
     html_head,
+    memory_text,
     p_text,
     params_text,
     reason_note,
@@ -237,6 +238,8 @@ def provenance(meta: Mapping[str, Any]) -> dict[str, Any]:
         "platform": meta.get("platform"),
         "hardware": first(meta.get("hardware"), meta.get("device")),
         "forward passes": _fmt_cost(meta.get("cost")),
+        "layout": _fmt_layout(meta.get("layout")),
+        "memory": memory_text(meta.get("memory")) or None,
         "ranking's stable core": _fmt_core(meta.get("ranking_uncertainty")),
         "budget": meta.get("budget", {}).get("summary") if isinstance(meta.get("budget"), Mapping) else None,
         "interrupted": (f"by {meta['interrupted'].get('by')}, {len(meta['interrupted'].get('not_run') or [])} "
@@ -247,6 +250,26 @@ def provenance(meta: Mapping[str, Any]) -> dict[str, Any]:
     if out["model id"] == out["model"]:
         out["model id"] = None
     return {k: v for k, v in out.items() if v not in (None, "", {}, [])}
+
+
+def _fmt_layout(layout: Any) -> str | None:
+    """Where the passes ran (:class:`rh.runner.Layout`) as a line: the executor and its replicas,
+    the device and its map, the attention kernel."""
+    if not isinstance(layout, Mapping) or not layout:
+        return None
+    if layout.get("executor") == "ray":
+        each = [f"{layout['threads_per_replica']} threads" if layout.get("threads_per_replica") else "",
+                f"{layout['gpus_per_replica']:g} GPUs" if layout.get("gpus_per_replica") else ""]
+        where = f"{layout.get('replicas')} Ray replica(s)" + (f" of {', '.join(b for b in each if b)}"
+                                                              if any(each) else "")
+    else:
+        where = "in one process"
+    bits = [where, f"device {layout.get('device')}"]
+    if layout.get("device_map"):
+        bits.append(f"device_map {layout['device_map']}")
+    if layout.get("attn"):
+        bits.append(f"attention {layout['attn']}")
+    return ", ".join(bits)
 
 
 def _fmt_core(unc: Any) -> str | None:
