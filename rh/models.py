@@ -17,7 +17,7 @@ import platform
 import re
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -514,6 +514,39 @@ def cpu_description(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
     native = sorted(set(BF16_CPU_FLAGS) & flags)
     vec = "avx512f" if "avx512f" in flags else "avx2" if "avx2" in flags else "no avx2"
     return f"{name} ({vec}; {', '.join(native) if native else 'no avx512_bf16/amx_bf16'})"
+
+
+def numerics(dtype: str, device: str = "cpu", *, flags: set[str] | None | Callable[[], set[str] | None] = None,
+             capability: str | None = None, environ: Mapping[str, str] | None = None) -> str:
+    """The arithmetic a run's forward passes use, as far as it can move a verdict: the dtype and the
+    kernels that multiply in it. A borderline item's outcome can differ between kernels that round
+    differently (bf16 matmuls on AMX tiles and on AVX-512 BF16 units accumulate in another order), so
+    an expected-verdicts file keys its statuses by this (:mod:`rh.expected`). E.g.
+    ``"bfloat16 on CPU AVX512 + AMX"``, ``"float32 on CPU AVX2"``, ``"bfloat16 on NVIDIA H100 80GB HBM3"``.
+
+    On a CPU: torch's vector capability (``ATEN_CPU_CAPABILITY`` can lower it), and for bf16 the
+    matrix units oneDNN uses (``amx_bf16``, else ``avx512_bf16``, else emulated through fp32; an
+    ``ONEDNN_MAX_CPU_ISA`` below them turns them off). On CUDA: the GPU's name. ``flags``,
+    ``capability`` and ``environ`` are there for tests (defaults: this machine's)."""
+    if str(device).startswith("cuda"):
+        name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CUDA"
+        return f"{dtype} on {name}"
+    if str(device) != "cpu":
+        return f"{dtype} on {device}"
+    env = os.environ if environ is None else environ
+    cap = capability if capability is not None else torch.backends.cpu.get_cpu_capability()
+    text = f"{dtype} on CPU {cap}"
+    if dtype != "bfloat16":
+        return text
+    found = (flags() if callable(flags) else flags) if flags is not None else cpu_flags()
+    found = found or set()
+    isa = env.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    capped = bool(isa) and isa not in ("ALL", "DEFAULT")
+    if "amx_bf16" in found and (not capped or "AMX" in isa):
+        return text + " + AMX"
+    if "avx512_bf16" in found and (not capped or "BF16" in isa or "AMX" in isa):
+        return text + " + avx512_bf16"
+    return text + " (bf16 emulated)"
 
 
 def bf16_matmul_ratio(n: int = 384, repeats: int = 3) -> float:

@@ -879,7 +879,7 @@ class ExpectedCheck:
         if self.update:
             return
         key = _verdict_key(entry)
-        want = self.expected.verdicts.get(key, "absent from the expected file")
+        want = self.expected.want(key, self.session.meta.get("numerics")) or "absent from the expected file"
         assert verdict.status == want, (
             f"{key}: expected {want}, got {verdict.status} -- if the science changed, rerun with "
             f"--update-expected and commit the file\n" + verdict.explain())
@@ -907,7 +907,7 @@ class ExpectedCheck:
         from rh.expected import compare
 
         rows, left_out = self._rows()
-        result = compare(self.expected, rows, left_out=left_out)
+        result = compare(self.expected, rows, left_out=left_out, numerics=self.session.meta.get("numerics"))
         self.lines = result.lines  # the report's lines are these, the note below included
         self.session.meta["expected"] = {"path": str(self.expected.path), "ok": result.ok, "checked": result.checked,
                                          "left_out": result.left_out, "lines": result.lines}
@@ -934,7 +934,8 @@ class ExpectedCheck:
         fixture_s = {k.removeprefix("fixture:"): v for k, v in counter.seconds.items() if k.startswith("fixture:")}
         new, self.lines = update(exp, rows, model=config.getoption("--model"), profile=config.getoption("--profile"),
                                  dtype=dtype, recorded=recorded, fixture_token_layers=fixture_cost, complete=complete,
-                                 fixture_seconds=fixture_s, seconds_per_token_layer=state.per_tl[0])
+                                 fixture_seconds=fixture_s, seconds_per_token_layer=state.per_tl[0],
+                                 numerics=state.meta.get("numerics"))
         atomic_write_json(exp.path, new.as_json())
         return 1 if any(r["status"] == "error" for r in rows) else 0
 

@@ -85,9 +85,10 @@ class Run:
         model = load_model(self.model_name, **self.model_kwargs)
         handle = self.counter.attach(model.model)
         self.resources.callback(handle.remove)
-        from rh.models import attention_features
+        from rh.models import attention_features, numerics
 
         self.meta.update({"dtype": model.provenance["dtype"], "dtype_reason": model.provenance.get("dtype_reason"),
+                          "numerics": numerics(model.provenance["dtype"], str(model.provenance.get("device", "cpu"))),
                           "architecture": attention_features(model.model.config)})
         if self._on_load is not None:
             self._on_load(self, model)

@@ -111,3 +111,86 @@ def test_a_left_out_test_without_a_recorded_key_is_named_when_its_verdict_goes_m
     c = compare(e, [_row("t::ca1[K=10]", "CA-1[k=10]", "supported"), _row("t::id1", "ID-1[]", "supported")],
                 left_out={"t::ca1[K=20]": "no recorded cost"})
     assert not c.ok and any("left out without a recorded key: t::ca1[K=20]" in x for x in c.lines)
+
+
+REF, AMX, AVX2 = "bfloat16 on CPU AVX512 + avx512_bf16", "bfloat16 on CPU AVX512 + AMX", "float32 on CPU AVX2"
+
+
+def test_other_numerics_are_compared_with_the_statuses_recorded_for_them(tmp_path):
+    """A status recorded for other numerics applies to them alone; keys it does not name, and
+    numerics with no record, take the file's. Catches the differences applied to every run, or a
+    run on unrecorded numerics passing a changed verdict."""
+    e = load_expected(_write(tmp_path, {**GOOD, "numerics": REF, "differences": {AMX: {"CA-1[k=20]": "inconclusive"}}}))
+    assert e.want("CA-1[k=20]", AMX) == "inconclusive" and e.want("CA-1[k=10]", AMX) == "supported"
+    assert e.want("CA-1[k=20]", REF) == e.want("CA-1[k=20]", AVX2) == e.want("CA-1[k=20]") == "refuted"
+    rows = [_row("t::ca1[K=10]", "CA-1[k=10]", "supported"), _row("t::ca1[K=20]", "CA-1[k=20]", "inconclusive"),
+            _row("t::id1", "ID-1[]", "supported")]
+    assert compare(e, rows, left_out={}, numerics=AMX).ok
+    on_ref = compare(e, rows, left_out={}, numerics=REF)
+    assert not on_ref.ok and "CA-1[k=20]: expected refuted, got inconclusive" in on_ref.lines
+    unrecorded = compare(e, rows, left_out={}, numerics=AVX2)
+    assert not unrecorded.ok and any(f"({AVX2}) are not the file's ({REF})" in x and "--update-expected" in x
+                                     for x in unrecorded.lines)
+    assert e.recorded_for(AMX) and e.recorded_for(REF) and not e.recorded_for(AVX2)
+
+
+def test_a_run_on_other_numerics_records_only_what_differs_there(tmp_path):
+    """--update-expected on numerics that are not the file's leaves its verdicts, nodes and costs,
+    and writes the statuses that differ (a complete run replaces them, a run of some merges and
+    drops those that now agree); the file round-trips. Catches another machine's run overwriting
+    the reference verdicts."""
+    e = load_expected(_write(tmp_path, {**GOOD, "numerics": REF}))
+    rows = [_row("t::ca1[K=10]", "CA-1[k=10]", "supported"), _row("t::ca1[K=20]", "CA-1[k=20]", "inconclusive"),
+            _row("t::id1", "ID-1[]", "supported")]
+    new, lines = update(e, rows, model="m", profile="quick", dtype="bfloat16", recorded="amx run",
+                        fixture_token_layers={"baseline": 1}, complete=True, numerics=AMX)
+    assert new.verdicts == GOOD["verdicts"] and new.nodes == GOOD["nodes"] and new.fixture_token_layers == {"baseline": 7}
+    assert new.differences == {AMX: {"CA-1[k=20]": "inconclusive"}} and new.recorded[AMX] == "amx run"
+    assert "1 differ there (CA-1[k=20] inconclusive)" in lines[0]
+    p = tmp_path / "round.json"
+    p.write_text(json.dumps(new.as_json()))
+    again = load_expected(p)
+    assert again.numerics == REF and again.differences == new.differences
+    merged, _ = update(again, [_row("t::ca1[K=20]", "CA-1[k=20]", "refuted"), _row("t::id1", "ID-1[]", "refuted")],
+                       model="m", profile="quick", dtype="bfloat16", recorded="some", fixture_token_layers={},
+                       complete=False, numerics=AMX)
+    assert merged.differences == {AMX: {"ID-1[]": "refuted"}}  # CA-1[k=20] agrees now: dropped
+    same, lines = update(again, rows[:1], model="m", profile="quick", dtype="bfloat16", recorded="x",
+                         fixture_token_layers={}, complete=True, numerics=AMX)
+    assert same.differences == {AMX: {}} and "none differ" in lines[0]  # recorded: these numerics agree
+
+
+def test_a_run_on_the_files_numerics_rewrites_the_verdicts_and_drops_differences_now_equal(tmp_path):
+    e = load_expected(_write(tmp_path, {**GOOD, "numerics": REF, "recorded": {REF: "old", AMX: "amx run"},
+                                        "differences": {AMX: {"CA-1[k=20]": "inconclusive", "ID-1[]": "refuted"}}}))
+    rows = [_row("t::ca1[K=10]", "CA-1[k=10]", "supported"), _row("t::ca1[K=20]", "CA-1[k=20]", "inconclusive"),
+            _row("t::id1", "ID-1[]", "supported")]
+    new, _ = update(e, rows, model="m", profile="quick", dtype="bfloat16", recorded="new", fixture_token_layers={},
+                    complete=True, numerics=REF)
+    assert new.verdicts["CA-1[k=20]"] == "inconclusive" and new.numerics == REF
+    assert new.differences == {AMX: {"ID-1[]": "refuted"}} and new.recorded == {REF: "new", AMX: "amx run"}
+    first, _ = update(load_expected(_write(tmp_path, GOOD, "plain.json")), rows, model="m", profile="quick",
+                      dtype="bfloat16", recorded="r", fixture_token_layers={}, complete=True, numerics=AMX)
+    assert first.numerics == AMX and first.differences == {}  # a file that named none takes this run's
+
+
+@pytest.mark.parametrize("differences, message", [([1], '"differences" must map'),
+                                                  ({AMX: {"CA-1[k=10]": "maybe"}}, 'under "differences"')])
+def test_bad_differences_are_refused(tmp_path, differences, message):
+    with pytest.raises(ValueError, match=message):
+        load_expected(_write(tmp_path, {**GOOD, "numerics": REF, "differences": differences}))
+
+
+@pytest.mark.parametrize("dtype, flags, cap, env, want", [
+    ("bfloat16", {"avx512f", "avx512_bf16", "amx_bf16"}, "AVX512", {}, "bfloat16 on CPU AVX512 + AMX"),
+    ("bfloat16", {"avx512f", "avx512_bf16"}, "AVX512", {}, "bfloat16 on CPU AVX512 + avx512_bf16"),
+    ("bfloat16", {"avx512f", "avx512_bf16", "amx_bf16"}, "AVX512", {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},
+     "bfloat16 on CPU AVX512 + avx512_bf16"),
+    ("bfloat16", {"avx512f", "avx512_bf16", "amx_bf16"}, "AVX2", {"ONEDNN_MAX_CPU_ISA": "AVX2"},
+     "bfloat16 on CPU AVX2 (bf16 emulated)"),
+    ("float32", {"avx512f", "amx_bf16"}, "AVX2", {}, "float32 on CPU AVX2"),
+])
+def test_numerics_name_the_kernels_that_multiply(dtype, flags, cap, env, want):
+    from rh.models import numerics
+
+    assert numerics(dtype, "cpu", flags=flags, capability=cap, environ=env) == want

@@ -860,6 +860,44 @@ def test_expected_is_written_then_compared_and_a_changed_verdict_fails_the_run(w
     assert meta["expected"]["ok"] is False
 
 
+def test_expected_statuses_recorded_for_this_machines_numerics_are_the_ones_checked(warm_imports, pytester):
+    """The file's statuses are its numerics'; a status recorded for this run's numerics (the dtype and
+    the kernels, in the report) is the one its claims must meet, and --update-expected here writes
+    only what differs from the file's. Catches the per-numerics record ignored by the claims' own
+    pass/fail or by the run's comparison, and another machine's run rewriting the file's verdicts."""
+    pytester.makepyfile(test_claims="""
+        import pytest
+        from rh.rules.verdict import Verdict
+
+        @pytest.mark.claim("X-1")
+        def test_a(rh_model, record_verdict):
+            record_verdict(Verdict(claim="X-1", status="supported", test="t", statistic=1.0, p_value=0.01,
+                                   p_adjusted=0.01, effect=0.5, ci=(0.1, 0.9), n=10, reason="", params={}))
+    """)
+    exp = pytester.path / "exp.json"
+    args = ("--model", "tiny-llama", "-p", "no:cacheprovider", "--fresh", "--report-dir", "reports",
+            "--expected", str(exp))
+    res = pytester.runpytest_inprocess(*args, "--update-expected")
+    assert res.ret == 0, res.stdout.str()
+    written = json.loads(exp.read_text())
+    report = json.loads(next((pytester.path / "reports").glob("*.json")).read_text())
+    here = report["meta"]["numerics"]
+    assert written["numerics"] == here and here.startswith(report["meta"]["dtype"] + " on CPU ")
+    elsewhere = "float64 on an abacus"
+    exp.write_text(json.dumps({**written, "numerics": elsewhere, "verdicts": {"X-1[]": "refuted"},
+                               "differences": {here: {"X-1[]": "supported"}}}))
+    res = pytester.runpytest_inprocess(*args)
+    assert res.ret == 0 and "all 1 verdicts checked are as expected" in res.stdout.str(), res.stdout.str()
+    exp.write_text(json.dumps({**written, "numerics": elsewhere, "verdicts": {"X-1[]": "refuted"}}))
+    res = pytester.runpytest_inprocess(*args)
+    out = res.stdout.str()
+    assert res.ret == 1 and "X-1[]: expected refuted, got supported" in out and f"({here}) are not the file's" in out
+    res = pytester.runpytest_inprocess(*args, "--update-expected")
+    assert res.ret == 0 and f"recorded 1 verdicts on {here}" in res.stdout.str()
+    again = json.loads(exp.read_text())
+    assert again["verdicts"] == {"X-1[]": "refuted"} and again["differences"] == {here: {"X-1[]": "supported"}}
+
+
 def test_the_report_keeps_what_the_session_fixtures_computed(warm_imports, pytester):
     """The report's ranking, attention example, baseline and ranking-uncertainty entries are those of
     the values the claim received (written out by the claim itself), and the ranking's cache state is

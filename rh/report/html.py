@@ -222,6 +222,7 @@ def provenance(meta: Mapping[str, Any]) -> dict[str, Any]:
         "architecture": _fmt_architecture(meta.get("architecture")),
         "dtype": first(meta.get("dtype"), rprov.get("dtype")),
         "dtype chosen because": meta.get("dtype_reason"),
+        "numerics": meta.get("numerics"),
         "head file": meta.get("heads_model_warning"),
         "rankings identified in": rprov.get("dtype") if meta.get("dtype") and rprov.get("dtype") != meta.get("dtype")
         else None,
