@@ -205,6 +205,7 @@ def test_decode_phase_units_run_from_the_clean_prompts_cache_as_wu24s_loop(tiny,
         c = u.condition
         hand = [_wu24_logprob(tiny, s, c.heads, c.method, c.reference) for s in tiny_samples]
         np.testing.assert_allclose(df["logprob"], hand, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(again[0]["logprob"], got[0]["logprob"])
+    # from the kept prefill, in a batch of its own: equal up to float32 rounding (1 ulp apart on an Intel AMX machine)
+    np.testing.assert_allclose(again[0]["logprob"], got[0]["logprob"], rtol=1e-6, atol=0)
     clean = teacher_forced(tiny, tiny_samples, progress=False)
     assert all(not np.allclose(df["logprob"], clean["logprob"], atol=1e-4) for df in got)
