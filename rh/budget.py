@@ -121,6 +121,19 @@ def calibrate(model: Any, *, batch_size: int, length: int, repeats: int = 2) -> 
 
 
 @dataclass(frozen=True)
+class CalibrationTask:
+    """:func:`calibrate` as a task (:class:`rh.runner.Task`): run by the runner's executor, it times
+    the model where the passes run (a Ray replica's own speed, not the controller's)."""
+
+    batch_size: int
+    length: int
+    sample_ids: tuple[str, ...] = ()
+
+    def run(self, model: Any, by_id: Any) -> tuple[float, str]:
+        return calibrate(model, batch_size=self.batch_size, length=self.length)
+
+
+@dataclass(frozen=True)
 class Plan:
     """The claims a budget admits, in the order they run, and why each other one was left out."""
 

@@ -792,6 +792,9 @@ def transplant_function(recipient: LoadedModel, donor: LoadedModel | None, sampl
                             power=Power.none("the donor's shape differs: nothing was transplanted or tested"))
     ids = [s.id for s in samples]
     base = _correct(baseline, ids)
+    from rh.pipeline import with_weights
+
+    recipient = with_weights(recipient)  # a controller holding no weights (--ray) loads them for the transplant
     abl = _correct(run_one(recipient, samples, Ablation("ablated", tuple(heads)), batch_size=batch_size), ids)
     with transplant_heads(recipient, donor, heads):
         tr = _correct(teacher_forced(recipient, samples, condition="transplanted", batch_size=batch_size), ids)

@@ -159,6 +159,7 @@ class LoadedModel:
     spec: ModelSpec
     provenance: dict[str, Any] = field(default_factory=dict)
     twins: dict[str, "LoadedModel"] = field(default_factory=dict, repr=False)  # the same weights in other dtypes
+    holds_weights: bool = True  # False: the architecture on the meta device (load_model(weights=False))
 
     @property
     def instruct(self) -> bool:
@@ -168,6 +169,8 @@ class LoadedModel:
     def device(self) -> torch.device:
         """Where inputs go: the device of the input embeddings (the first shard under a device map;
         where the embeddings run if accelerate offloaded their weights)."""
+        if not self.holds_weights:  # where the replicas holding the weights run
+            return torch.device(str(self.provenance.get("device", "cpu")))
         emb = self.model.get_input_embeddings()
         dev = emb.weight.device
         if dev.type == "meta":
@@ -631,6 +634,7 @@ def load_model(
     offload_folder: str | Path | None = None,
     attn_implementation: str = "sdpa",
     seed: int = 0,
+    weights: bool = True,
 ) -> LoadedModel:
     """Load a model by registry key, HF repo id or local directory, ready for inference.
 
@@ -642,6 +646,10 @@ def load_model(
     loads through bitsandbytes (CUDA only). ``device_map`` overrides the placement (accelerate's
     names: a dict from module to GPU index, ``"cpu"`` or ``"disk"``, with ``offload_folder`` for
     disk), for a local directory or a hub model.
+
+    ``weights=False`` loads everything but the weights (:func:`_weightless`): the tokenizer, the
+    config, the architecture on the meta device, and the provenance a full load on ``device`` would
+    give. A controller whose passes all run on Ray replicas holds that (``pytest --ray``).
     """
     spec = resolve_spec(name)
     max_memory = parse_max_memory(max_memory)
@@ -655,7 +663,7 @@ def load_model(
     quant = None if quant in (None, "none") else quant
     cuda = torch.cuda.is_available()
     device = device or ("cuda" if cuda else "cpu")
-    if device.startswith("cuda") and not cuda:
+    if device.startswith("cuda") and not cuda and weights:
         raise ValueError(f"device={device!r} asked for, but torch sees no CUDA device; use device='cpu'")
     if max_memory and device_map is None and device != "cuda":
         raise ValueError(
@@ -667,6 +675,9 @@ def load_model(
             f"quant={quant!r} needs a CUDA GPU (bitsandbytes); on CPU load the model unquantized "
             "by leaving --quant unset"
         )
+    if not weights:
+        return _weightless(spec, device=device, dtype=dtype, quant=quant, attn_implementation=attn_implementation,
+                           seed=seed)
     if spec.kind == "random":
         choice = (DtypeChoice(torch.float32, "tiny random model: float32") if dtype in (None, "auto")
                   else resolve_dtype(dtype, device))
@@ -729,6 +740,58 @@ def load_model(
         prov["device_map"] = {str(d): sum(1 for v in dmap.values() if str(v) == str(d))
                               for d in dict.fromkeys(map(str, dmap.values()))}
     return LoadedModel(spec.key, model, tokenizer, head_shape(model), spec, prov)
+
+
+def _weightless(spec: ModelSpec, *, device: str, dtype: Any, quant: str | None, attn_implementation: str,
+                seed: int) -> LoadedModel:
+    """The model without its weights: the tokenizer and config, the causal LM built on the meta
+    device (no memory: its modules, shapes and dtype, for hooks and head shapes, but no forward
+    pass), and the provenance a full load on ``device`` gives (model id, revision, dtype, device,
+    quantization, attention kernel), so rows, rankings and reports are keyed as the replicas' are.
+    A random model is built (it is small) and its weights dropped."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if spec.kind == "random":
+        full = load_model(spec.key, device="cpu", dtype=dtype, attn_implementation=attn_implementation, seed=seed)
+        full.model.to("meta")
+        full.provenance["device"] = device
+        return dataclasses.replace(full, holds_weights=False)
+    choice = resolve_dtype(dtype, device)
+    if spec.kind == "bundled-gguf":
+        gguf_path = bundled_gguf_path(spec)
+        tokenizer = _gguf_tokenizer(str(gguf_path))
+        cfg = AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        prov = {"model_id": spec.key, "source": f"{spec.source}=={md.version(spec.source)}:{gguf_path.name}",
+                "revision": f"sha256:{file_sha256(gguf_path)}"}
+    else:
+        from transformers import AutoTokenizer
+
+        attn_implementation = _preflight(spec, attn_implementation)
+        token = hf_token() if spec.kind == "hub" else None
+        try:
+            cfg = AutoConfig.from_pretrained(spec.source, token=token, **_hub_kwargs(spec))
+            tokenizer = AutoTokenizer.from_pretrained(spec.source, token=token, **_hub_kwargs(spec))
+        except Exception as exc:  # as _load_pretrained: no hub frame (its arguments carry the token)
+            err = _access_error(spec, exc, has_token=bool(token))
+            if err is exc and spec.kind != "hub":
+                raise
+            raise err.with_traceback(None) from None
+        revision = getattr(cfg, "_commit_hash", None)
+        if spec.kind == "local":
+            revision = revision or _dir_fingerprint(Path(spec.source))
+        prov = {"model_id": spec.source if spec.kind == "hub" else spec.key, "source": spec.source,
+                "revision": revision or "unknown"}
+        if spec.key not in REGISTRY:
+            spec = dataclasses.replace(spec, instruct=bool(getattr(tokenizer, "chat_template", None)))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=choice.dtype, attn_implementation=attn_implementation)
+    model.eval()
+    model.requires_grad_(False)
+    if spec.shape is not None and head_shape(model) != spec.shape:
+        raise RuntimeError(f"{spec.key} built with shape {head_shape(model)}, but the registry says {spec.shape}")
+    prov.update({"dtype": choice.name, "dtype_reason": choice.reason, "device": device, "quant": quant or "none",
+                 "attn_implementation": model.config._attn_implementation})
+    return LoadedModel(spec.key, model, tokenizer, head_shape(model), spec, prov, holds_weights=False)
 
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".gguf")

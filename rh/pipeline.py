@@ -49,20 +49,40 @@ def identification_model(model: LoadedModel, dtype: str) -> LoadedModel:
     (once per session: kept on ``model``). Only a cache miss on a bf16 CPU session needs this."""
     if model.provenance["dtype"] == dtype:
         return model
-    twin = model.twins.get(dtype)
+    return _loaded_again(model, dtype, f"identification runs in {dtype}", dtype=dtype, device="cpu")
+
+
+def with_weights(model: LoadedModel) -> LoadedModel:
+    """``model`` itself where it holds its weights, else its weights loaded here, once per session
+    (kept on ``model``), in its dtype, device and quantization, its passes on the session's counters.
+    A controller that holds no weights (``pytest --ray``) loads them so only for a pass that needs
+    two models in one process: IV-4's transplant from a donor."""
+    if model.holds_weights:
+        return model
+    prov = model.provenance
+    quant = prov.get("quant", "none")
+    return _loaded_again(model, "weights", "a pass here needs the weights", dtype=prov["dtype"],
+                         device=str(prov.get("device", "cpu")), quant=None if quant == "none" else quant)
+
+
+def _loaded_again(model: LoadedModel, key: str, why: str, **load: Any) -> LoadedModel:
+    """The weights of ``model`` loaded again with ``load`` (kept as ``model.twins[key]``), the same
+    revision, with every counter of ``model`` attached: its passes are this session's (billed, and
+    the progress lines go on)."""
+    twin = model.twins.get(key)
     if twin is None:
         from rh.models import load_model
 
         source = model.spec.source if model.spec.kind in ("hub", "local") else model.key
-        log.info("identification runs in %s: loading %s again in %s", dtype, model.key, dtype)
-        twin = load_model(source, dtype=dtype, device="cpu")
+        log.info("%s: loading %s again (%s)", why, model.key, ", ".join(f"{k}={v}" for k, v in load.items()))
+        twin = load_model(source, **load)
         if twin.provenance["revision"] != model.provenance["revision"]:
-            raise RuntimeError(f"{model.key} loaded again in {dtype} has revision {twin.provenance['revision']}, "
+            raise RuntimeError(f"{model.key} loaded again ({why}) has revision {twin.provenance['revision']}, "
                                f"not {model.provenance['revision']}: the weights changed during the session")
-        model.twins[dtype] = twin
+        model.twins[key] = twin
     from rh.budget import counters_of
 
-    for counter in counters_of(model.model):  # its passes are this session's: billed, and the progress lines go on
+    for counter in counters_of(model.model):
         if counter not in counters_of(twin.model):
             counter.attach(twin.model)
     return twin

@@ -374,7 +374,10 @@ class RhSession:
 
         self.config = config
         # the model, its counter, the runner, the prefix cache, the verdicts and metadata: rh.run.Run
-        self.run = Run(config.getoption("--model"), model_kwargs=model_kwargs(config.option),
+        kwargs, ray = model_kwargs(config.option), config.getoption("--ray") is not None
+        if ray:  # the replicas hold the weights, on their device; this process holds the architecture alone
+            kwargs["device"] = "cuda" if config.getoption("--gpus-per-replica") else "cpu"
+        self.run = Run(config.getoption("--model"), model_kwargs=kwargs, weights=not ray,
                        plain=bool(config.getoption("--plain")), store=config.getoption("--store"),
                        runner=lambda model: _session_runner(config, model), on_load=lambda run, model: _loaded(
                            config, model), on_count=lambda: _progress(config),
@@ -1127,19 +1130,29 @@ def _session_model(config: pytest.Config):
 
 def _loaded(config: pytest.Config, model) -> None:
     """Said once the model has loaded; with --budget or --update-expected, this machine's seconds
-    per token-layer measured (before prefix reuse starts: the calibration is a plain pass)."""
-    state = _rh(config)
+    per token-layer measured (before prefix reuse starts: the calibration is a plain pass). A model
+    loaded without its weights (--ray) says so."""
+    what = "" if model.holds_weights else ", without its weights: the Ray replicas hold them"
     _progress(config, f"loaded {model.key} in {model.provenance['dtype']} "
-                      f"({model.provenance.get('dtype_reason', '')})", force=True)
-    if config.getoption("--budget") is not None or config.getoption("--update-expected"):
-        from rh.budget import calibrate
+                      f"({model.provenance.get('dtype_reason', '')}){what}", force=True)
+    if model.holds_weights:  # else on a replica, once they run (_session_runner)
+        _calibrate(config, lambda task: task.run(model, {}))
 
-        prof = state.collection_profile
-        with state.counter.charged_to("calibration"):
-            per_tl, how = calibrate(model, batch_size=prof.batch_size, length=prof.lengths[0])
-        state.per_tl = (per_tl, how)
-        state.meta.setdefault("cost", {}).update(seconds_per_token_layer=per_tl, calibration=how)
-        _progress(config, f"this machine: {how}", force=True)
+
+def _calibrate(config: pytest.Config, run_task) -> None:
+    """With --budget or --update-expected: this machine's seconds per token-layer, measured by
+    ``run_task(rh.budget.CalibrationTask)`` here or on a replica, kept for the budget and the file."""
+    if config.getoption("--budget") is None and not config.getoption("--update-expected"):
+        return
+    from rh.budget import CalibrationTask
+
+    state = _rh(config)
+    prof = state.collection_profile
+    with state.counter.charged_to("calibration"):
+        per_tl, how = run_task(CalibrationTask(batch_size=prof.batch_size, length=prof.lengths[0]))
+    state.per_tl = (per_tl, how)
+    state.meta.setdefault("cost", {}).update(seconds_per_token_layer=per_tl, calibration=how)
+    _progress(config, f"this machine: {how}", force=True)
 
 
 def _session_runner(config: pytest.Config, model):
@@ -1174,8 +1187,14 @@ def _session_runner(config: pytest.Config, model):
     layout = Layout.of(model, executor="ray", replicas=replicas, threads_per_replica=threads,
                        gpus_per_replica=gpus or None)
     _progress(config, f"{replicas} Ray replica(s) ready (pids {', '.join(map(str, executor.pids))})", force=True)
-    return use_runner(model, Runner(model, executor=executor, store=store, layout=layout,
-                                    charge=state.counter.charge))
+    runner = Runner(model, executor=executor, store=store, layout=layout, charge=state.counter.charge)
+    if not model.holds_weights:  # this process has no weights to time: replica 0 is timed
+        def on_replica(task):
+            per_tl, how = runner.call([], [task])[0]
+            return per_tl, f"on Ray replica 0, {how}"
+
+        _calibrate(config, on_replica)
+    return use_runner(model, runner)
 
 
 def progress_every_s() -> float:

@@ -40,15 +40,18 @@ class Run:
     ``store``: the runner's results store file (None: in memory). ``runner``: builds the runner for
     the loaded model instead of the local one (the plugin's ``--ray``). ``on_load(run, model)`` runs
     after the counter is attached and before prefix reuse starts (the budget's calibration pass).
-    ``on_count``: called after each counted forward (progress lines)."""
+    ``on_count``: called after each counted forward (progress lines). ``weights=False``: the model
+    is loaded without its weights (:func:`rh.models.load_model`), for a runner whose executor holds
+    them (Ray replicas): this process then runs no forward pass of its own."""
 
     def __init__(self, model: str, *, model_kwargs: Mapping[str, Any] | None = None, plain: bool = False,
                  store: str | Path | None = None, runner: RunnerFactory | None = None,
                  on_load: Callable[[Run, Any], None] | None = None, on_count: Callable[[], None] | None = None,
-                 command: str = "") -> None:
+                 command: str = "", weights: bool = True) -> None:
         from rh.budget import SavingsLedger, TokenLayerCounter
 
         self.model_name = model
+        self.weights = weights
         self.model_kwargs = dict(model_kwargs or {})
         self.plain = plain
         self.store_path = store
@@ -82,7 +85,7 @@ class Run:
             raise RuntimeError("this Run is closed: start another")
         from rh.models import load_model
 
-        model = load_model(self.model_name, **self.model_kwargs)
+        model = load_model(self.model_name, **self.model_kwargs, weights=self.weights)
         handle = self.counter.attach(model.model)
         self.resources.callback(handle.remove)
         from rh.models import attention_features, numerics

@@ -69,6 +69,7 @@ class Layout:
     threads_per_replica: int | None = None
     gpus_per_replica: float | None = None
     device_map: str | None = None
+    controller_weights: bool = True  # False: this process holds the architecture alone (the replicas, the weights)
 
     @classmethod
     def of(cls, model: Any, **kw: Any) -> Layout:
@@ -77,7 +78,8 @@ class Layout:
         return cls(model=str(p.get("model_id", getattr(model, "key", "model"))), revision=str(p.get("revision", "")),
                    dtype=str(p.get("dtype", "")), quant=str(p.get("quant", "none")), device=dev.split(":")[0],
                    attn=str(p.get("attn_implementation", "sdpa")),
-                   device_map=str(p["device_map"]) if p.get("device_map") is not None else None, **kw)
+                   device_map=str(p["device_map"]) if p.get("device_map") is not None else None,
+                   controller_weights=bool(getattr(model, "holds_weights", True)), **kw)
 
     def key(self) -> str:
         return json.dumps([self.model, self.revision, self.dtype, self.quant, self.device, self.attn])

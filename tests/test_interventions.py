@@ -547,3 +547,21 @@ def test_patches_and_overrides_as_work_units_give_the_context_managers_rows_and_
         Patch("p", 1, "hub", 0, "source")
     with pytest.raises(ValueError, match="pattern="):
         Override("o", ("L0H0",), "diagonal")
+
+
+def test_iv4_on_a_controller_without_weights_loads_them_and_gives_the_same_verdict(tiny, own_answers):
+    """A recipient loaded without its weights (a --ray controller) transplants on its weights loaded
+    here, counted on its counter: the verdict and its details equal the loaded recipient's. Catches
+    the transplant run on meta tensors, or its passes not billed."""
+    from rh.budget import TokenLayerCounter
+    from rh.models import load_model, tiny_llama
+
+    samples, baseline = own_answers
+    donor = tiny_llama(seed=1)
+    bare = load_model("tiny-llama", weights=False)
+    counter = TokenLayerCounter()
+    counter.attach(bare.model)
+    full = transplant_function(tiny, donor, samples, IV4_HEADS, baseline)
+    got = transplant_function(bare, donor, samples, IV4_HEADS, baseline)
+    assert (got.status, got.p_value, got.effect, got.details) == (full.status, full.p_value, full.effect, full.details)
+    assert counter.total > 0 and not bare.holds_weights and bare.twins["weights"].holds_weights

@@ -398,3 +398,44 @@ def test_the_bundled_tokenizer_is_converted_once_and_its_saved_copy_tokenizes_th
     monkeypatch.setenv("RH_CACHE_DIR", str(blocked))  # a file where the folder should be
     calls.clear()
     assert convert(path)(text)["input_ids"] == first(text)["input_ids"] and calls == ["gguf"]
+
+
+def test_a_model_without_its_weights_is_keyed_as_the_loaded_one_and_runs_no_pass(tiny):
+    """load_model(weights=False): the tokenizer, shape, config and provenance of a full load (so the
+    store's rows and the ranking cache are keyed alike), the parameters on the meta device in the
+    load's dtype, the device the replicas use; a forward pass fails loudly. Catches a skeleton keyed
+    otherwise than its replicas (rows never shared) or one that computes on nothing."""
+    from rh.evaluate import teacher_forced
+    from rh.models import load_model
+    from rh.niah import build_passkey_samples
+    from rh.runner import Layout
+
+    full = load_model("tiny-llama")
+    bare = load_model("tiny-llama", weights=False)
+    assert bare.provenance == full.provenance and bare.shape == full.shape
+    assert Layout.of(bare).key() == Layout.of(full).key()
+    assert bare.model.config.to_dict() == full.model.config.to_dict()
+    assert {p.device.type for p in bare.model.parameters()} == {"meta"}
+    assert {p.dtype for p in bare.model.parameters()} == {p.dtype for p in full.model.parameters()}
+    assert not bare.holds_weights and full.holds_weights and bare.device == torch.device("cpu")
+    on_gpu = load_model("tiny-llama", weights=False, device="cuda")  # a controller of GPU replicas needs no GPU
+    assert on_gpu.device == torch.device("cuda") and on_gpu.provenance["device"] == "cuda"
+    samples = build_passkey_samples(bare.tokenizer, lengths=[96], depths=[0.5], n_per_setting=1, seed=0,
+                                    max_positions=bare.max_positions)
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        teacher_forced(bare, samples, progress=False)
+
+
+def test_the_bundled_model_without_its_weights_has_the_provenance_of_its_file():
+    """The GGUF's skeleton: its revision is the file's sha256 (hashed here), its shape SmolLM2's
+    (30 x 9, 3 KV heads), the dtype the CPU's choice; no weight is read into memory."""
+    import hashlib
+
+    from rh.models import bundled_gguf_path, choose_dtype, load_model, resolve_spec
+
+    bare = load_model("smollm2-135m", weights=False)
+    digest = hashlib.sha256(bundled_gguf_path(resolve_spec("smollm2-135m")).read_bytes()).hexdigest()
+    assert bare.provenance["revision"] == f"sha256:{digest}" and bare.provenance["model_id"] == "smollm2-135m"
+    assert (bare.shape.n_layers, bare.shape.n_heads, bare.shape.n_kv_heads) == (30, 9, 3)
+    assert bare.provenance["dtype"] == choose_dtype("cpu").name and bare.provenance["attn_implementation"] == "sdpa"
+    assert {p.device.type for p in bare.model.parameters()} == {"meta"}

@@ -390,6 +390,9 @@ def test_the_catalogue_on_two_ray_replicas_gives_the_local_verdicts_and_token_la
     assert _node_costs(reports[0]) == _node_costs(reports[1])
     assert reports[0]["meta"]["cost"]["by"] == reports[1]["meta"]["cost"]["by"]
     assert reports[1]["meta"]["layout"]["executor"] == "ray" and reports[1]["meta"]["layout"]["replicas"] == 2
+    # the controller held the architecture alone: every pass ran on the replicas
+    assert reports[1]["meta"]["layout"]["controller_weights"] is False
+    assert reports[0]["meta"]["layout"]["controller_weights"] is True
     assert reports[1]["meta"]["units"]["rows_computed"] == reports[0]["meta"]["units"]["rows_computed"] > 0
     assert "rows computed on 2 Ray replica(s)" in ray.stdout
     memory = reports[1]["meta"]["memory"]  # each replica's own peak, beside the controller's

@@ -293,6 +293,18 @@ def test_a_replica_killed_mid_run_is_restarted_and_loses_nothing(tiny, samples, 
     replicas.pids = now
 
 
+def test_the_budgets_calibration_times_a_replica(tiny, replicas):
+    """Under --ray the controller holds no weights: the seconds per token-layer are measured on a
+    replica (rh.budget.CalibrationTask), its three forwards (a warm-up, best of two) charged here:
+    3 x 4 x 64 tokens x 4 layers. Catches the calibration run on the controller or left uncounted."""
+    from rh.budget import CalibrationTask
+
+    charged: list[int] = []
+    per_tl, how = Runner(tiny, executor=replicas, charge=charged.append).call([], [CalibrationTask(4, 64)])[0]
+    assert sum(charged) == 3 * 4 * 64 * 4
+    assert per_tl > 0 and "one forward of 4 x 64 tokens x 4 layers" in how
+
+
 def _vm_hwm(pid: int) -> int:
     with open(f"/proc/{pid}/status") as fh:
         return next(int(ln.split()[1]) * 1024 for ln in fh if ln.startswith("VmHWM:"))

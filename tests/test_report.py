@@ -314,15 +314,16 @@ def test_provenance_block_has_model_revision_seeds_runtime_and_hardware(verdicts
 
 def test_provenance_says_where_the_passes_ran_and_the_peak_memory_of_each_process():
     layout = {"model": "m", "executor": "ray", "replicas": 4, "gpus_per_replica": 2.0, "threads_per_replica": None,
-              "device": "cuda", "device_map": "auto", "attn": "sdpa"}
+              "device": "cuda", "device_map": "auto", "attn": "sdpa", "controller_weights": False}
     memory = {"process": {"rss_peak_bytes": 1_050_000_000},
               "replicas": [{"rss_peak_bytes": 2_000_000_000, "cuda_peak_bytes": {"cuda:0": 70e9, "cuda:1": 69e9}}]}
     prov = provenance({"model": "m", "layout": layout, "memory": memory})
-    assert prov["layout"] == "4 Ray replica(s) of 2 GPUs, device cuda, device_map auto, attention sdpa"
+    assert prov["layout"] == ("4 Ray replica(s) of 2 GPUs, device cuda, device_map auto, attention sdpa, the controller "
+                              "holds no weights")
     assert prov["memory"].startswith("peak in this process: 1.05 GB resident; replica 0: 2.00 GB resident, GPU tensors "
                                      "cuda:0 70.00 GB, cuda:1 69.00 GB")
     local = provenance({"model": "m", "layout": {**layout, "executor": "local", "replicas": 1, "device": "cpu",
-                                                 "device_map": None}})
+                                                 "device_map": None, "controller_weights": True}})
     assert local["layout"] == "in one process, device cpu, attention sdpa" and "memory" not in local
 
 

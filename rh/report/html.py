@@ -270,6 +270,8 @@ def _fmt_layout(layout: Any) -> str | None:
         bits.append(f"device_map {layout['device_map']}")
     if layout.get("attn"):
         bits.append(f"attention {layout['attn']}")
+    if layout.get("controller_weights") is False:
+        bits.append("the controller holds no weights")
     return ", ".join(bits)
 
 
