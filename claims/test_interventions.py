@@ -150,7 +150,9 @@ def test_attribution_of_the_critical_heads_concentrates_on_the_needle(rh_model, 
     # one sample off completeness makes the verdict inconclusive: stop there (but --plain); the
     # attributions are tasks of the runner (on Ray, on the replicas: one at a time while a stop is possible)
     off_completeness = None if plain else (lambda a: not a.completeness_error <= profile.ig_tolerance)
-    attrs = attribute(rh_model, chosen, heads, n_steps=profile.ig_steps, until=off_completeness)
+    # the integration path a batch of path points at a time: the memory of a batch of prompts, not of ig_steps
+    attrs = attribute(rh_model, chosen, heads, n_steps=profile.ig_steps, until=off_completeness,
+                      internal_batch_size=profile.batch_size)
     if below is not None:
         return record_verdict(below)
     off = [i for i, a in enumerate(attrs) if not a.completeness_error <= profile.ig_tolerance]

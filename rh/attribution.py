@@ -290,6 +290,7 @@ class AttributionTask:
     sample_id: str
     heads: tuple[Head, ...] | None  # None: the answer token's full logit
     n_steps: int
+    internal_batch_size: int | None = None  # path points a forward/backward (None: all at once)
 
     @property
     def sample_ids(self) -> tuple[str, ...]:
@@ -297,17 +298,19 @@ class AttributionTask:
 
     def run(self, model: LoadedModel, by_id: Any) -> Attribution:
         heads = list(self.heads) if self.heads is not None else None
-        return integrated_gradients(model, by_id[self.sample_id], heads, n_steps=self.n_steps)
+        return integrated_gradients(model, by_id[self.sample_id], heads, n_steps=self.n_steps,
+                                    internal_batch_size=self.internal_batch_size)
 
 
 def attribute(model: LoadedModel, samples: Sequence[Sample], heads: Sequence[Any], *, n_steps: int = 32,
-              until: Any = None) -> list[Attribution]:
+              until: Any = None, internal_batch_size: int | None = None) -> list[Attribution]:
     """:func:`integrated_gradients` of each of ``samples``, in order, run by the model's runner
     (:func:`rh.runner.call`): on Ray, on the replicas, as many prompts at a time as replicas. With
     ``until`` (a predicate on an Attribution), no prompt after the first one where it holds is
     attributed (IV-6 stops at the first prompt off completeness): the prompts then run one at a
     time, on Ray as here, so that no executor attributes a prompt another would not (the same
-    forwards, the same token-layers)."""
+    forwards, the same token-layers). ``internal_batch_size`` bounds the path points run in one
+    forward/backward, so the memory (the same token-layers; the gradients summed in other chunks)."""
     from rh.runner import runner_for
 
     checked = _check_heads(model, heads)
@@ -317,7 +320,7 @@ def attribute(model: LoadedModel, samples: Sequence[Sample], heads: Sequence[Any
     out: list[Attribution] = []
     for c in range(0, len(samples), wave):
         part = list(samples[c:c + wave])
-        out += runner.call(part, [AttributionTask(s.id, hs, n_steps) for s in part])
+        out += runner.call(part, [AttributionTask(s.id, hs, n_steps, internal_batch_size) for s in part])
         if until is not None and any(until(a) for a in out[c:]):
             break
     return out
