@@ -126,6 +126,9 @@ def test_a_budget_checks_what_fits_and_lists_what_it_left_out(tiny_catalogue, tm
     assert sum(full["fixture_token_layers"].values()) > 0 and full["numerics"].startswith("float32 on CPU")
     assert list(full["recorded"]) == [full["numerics"]]
     assert tiny_catalogue.report["meta"]["cost"]["total"] >= sum(full["fixture_token_layers"].values())
+    # every pass is some claim's, with its fixtures, but the calibration (--update-expected), which no bill carries
+    assert (sum(v["token_layers_with_fixtures"] for v in tiny_catalogue.report["verdicts"])
+            == tiny_catalogue.report["meta"]["cost"]["total"])
     expected = tiny_catalogue.ca1_only(tmp_path)
     data = json.loads(expected.read_text())
     nodes = data["nodes"]
