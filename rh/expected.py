@@ -167,7 +167,7 @@ def compare(expected: Expected, rows: list[dict[str, Any]], *, left_out: dict[st
         lines.append(f"{k}: expected {expected.want(k, numerics)}, but no test produced it{hint}")
         ok = False
     if numerics is not None and expected.numerics not in (None, numerics):
-        if numerics in expected.differences:
+        if expected.recorded_for(numerics):
             where = (f"compared with the statuses recorded for this run's numerics ({numerics}): the file's own are "
                      f"{expected.numerics}'s")
         else:

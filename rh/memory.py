@@ -52,6 +52,12 @@ def peak_memory() -> dict[str, Any]:
     return out
 
 
+def process_memory(prefix_cache: Any = None) -> dict[str, Any]:
+    """:func:`peak_memory` with a prefix cache's peak and cap (:meth:`rh.prefix.PrefixCache.memory`),
+    where the process reuses prefixes: what the report's memory line gives for each process."""
+    return {**peak_memory(), **(prefix_cache.memory() if prefix_cache is not None else {})}
+
+
 def is_oom(exc: BaseException) -> bool:
     """Whether ``exc`` is an accelerator out-of-memory error (``torch.cuda.OutOfMemoryError``, or a
     RuntimeError from a kernel or an extension that says so)."""

@@ -714,11 +714,7 @@ def load_model(
         else:
             model.to(device)
         tokenizer = tok_src
-        prov = {
-            "model_id": spec.key,
-            "source": f"{spec.source}=={md.version(spec.source)}:{gguf_path.name}",
-            "revision": f"sha256:{file_sha256(gguf_path)}",
-        }
+        prov = _gguf_provenance(spec, gguf_path)
     else:
         attn_implementation = _preflight(spec, attn_implementation)
         model, tokenizer, prov = _load_pretrained(spec, device, dtype, quant, max_memory, attn_implementation,
@@ -761,8 +757,7 @@ def _weightless(spec: ModelSpec, *, device: str, dtype: Any, quant: str | None, 
         gguf_path = bundled_gguf_path(spec)
         tokenizer = _gguf_tokenizer(str(gguf_path))
         cfg = AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        prov = {"model_id": spec.key, "source": f"{spec.source}=={md.version(spec.source)}:{gguf_path.name}",
-                "revision": f"sha256:{file_sha256(gguf_path)}"}
+        prov = _gguf_provenance(spec, gguf_path)
     else:
         from transformers import AutoTokenizer
 
@@ -776,11 +771,7 @@ def _weightless(spec: ModelSpec, *, device: str, dtype: Any, quant: str | None, 
             if err is exc and spec.kind != "hub":
                 raise
             raise err.with_traceback(None) from None
-        revision = getattr(cfg, "_commit_hash", None)
-        if spec.kind == "local":
-            revision = revision or _dir_fingerprint(Path(spec.source))
-        prov = {"model_id": spec.source if spec.kind == "hub" else spec.key, "source": spec.source,
-                "revision": revision or "unknown"}
+        prov = _pretrained_provenance(spec, cfg)
         if spec.key not in REGISTRY:
             spec = dataclasses.replace(spec, instruct=bool(getattr(tokenizer, "chat_template", None)))
     with torch.device("meta"):
@@ -894,12 +885,23 @@ def _load_pretrained(spec, device, dtype, quant, max_memory, attn_implementation
         raise err.with_traceback(None) from None
     if "device_map" not in kwargs:
         model.to(device)
-    revision = getattr(model.config, "_commit_hash", None)
+    return model, tokenizer, _pretrained_provenance(spec, model.config)
+
+
+def _gguf_provenance(spec: ModelSpec, gguf_path: Path) -> dict[str, Any]:
+    """A bundled GGUF's id, source and revision (the file's sha256), as a full or a weightless load keys it."""
+    return {"model_id": spec.key, "source": f"{spec.source}=={md.version(spec.source)}:{gguf_path.name}",
+            "revision": f"sha256:{file_sha256(gguf_path)}"}
+
+
+def _pretrained_provenance(spec: ModelSpec, config: Any) -> dict[str, Any]:
+    """A hub or local model's id, source and revision (the hub commit of its config; a local
+    folder's fingerprint), as a full or a weightless load keys it."""
+    revision = getattr(config, "_commit_hash", None)
     if spec.kind == "local":
         revision = revision or _dir_fingerprint(Path(spec.source))
-    prov = {"model_id": spec.source if spec.kind == "hub" else spec.key, "source": spec.source,
+    return {"model_id": spec.source if spec.kind == "hub" else spec.key, "source": spec.source,
             "revision": revision or "unknown"}
-    return model, tokenizer, prov
 
 
 def _dispatch(model: Any, device_map: str | dict, max_memory: dict | None, offload_folder: str | Path | None) -> Any:

@@ -219,9 +219,9 @@ class _Replica:
     def memory(self) -> dict[str, Any]:
         """This replica's peak memory (:func:`rh.memory.peak_memory`: resident set, and each GPU's
         tensors) and its prefix cache's peak and cap, in bytes."""
-        from rh.memory import peak_memory
+        from rh.memory import process_memory
 
-        return {"pid": os.getpid(), **peak_memory(), **(self.prefix.memory() if self.prefix is not None else {})}
+        return {"pid": os.getpid(), **process_memory(self.prefix)}
 
     def run(self, packets: list[Packet], samples: list[Sample], hints: list[int], reading: Any = None) -> list[tuple]:
         from rh.prefix import hinting

@@ -148,9 +148,9 @@ class Run:
         """The run's peak memory so far: this process's (:func:`rh.memory.peak_memory`, with its
         prefix cache's peak and cap) under ``process``, and, where an executor runs the passes in
         other processes (Ray replicas), each one's under ``replicas``. Call it before :meth:`close`."""
-        from rh.memory import peak_memory
+        from rh.memory import process_memory
 
-        out: dict[str, Any] = {"process": {**peak_memory(), **(self.prefix.memory() if self.prefix is not None else {})}}
+        out: dict[str, Any] = {"process": process_memory(self.prefix)}
         replicas = getattr(getattr(self.runner, "executor", None), "memory", None)
         if replicas is not None:
             out["replicas"] = replicas()
