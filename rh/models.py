@@ -423,15 +423,8 @@ def expected_shape(name: str) -> HeadShape:
         return spec.shape
     from transformers import AutoConfig
 
-    token = hf_token() if spec.kind == "hub" else None
-    try:
+    with hub_access(spec) as token:
         cfg = AutoConfig.from_pretrained(spec.source, token=token, **_hub_kwargs(spec))
-    except Exception as exc:
-        err = _access_error(spec, exc, has_token=bool(token))
-        if err is exc and spec.kind != "hub":
-            raise  # a local model: no token anywhere, the whole traceback helps
-        # without the hub client's frames, whose arguments carry the token (pytest prints arguments)
-        raise err.with_traceback(None) from None
     check_layout(cfg, spec.source if spec.kind == "hub" else f"model directory {spec.source!r}")
     return _config_shape(cfg)
 
@@ -762,15 +755,9 @@ def _weightless(spec: ModelSpec, *, device: str, dtype: Any, quant: str | None, 
         from transformers import AutoTokenizer
 
         attn_implementation = _preflight(spec, attn_implementation)
-        token = hf_token() if spec.kind == "hub" else None
-        try:
+        with hub_access(spec) as token:
             cfg = AutoConfig.from_pretrained(spec.source, token=token, **_hub_kwargs(spec))
             tokenizer = AutoTokenizer.from_pretrained(spec.source, token=token, **_hub_kwargs(spec))
-        except Exception as exc:  # as _load_pretrained: no hub frame (its arguments carry the token)
-            err = _access_error(spec, exc, has_token=bool(token))
-            if err is exc and spec.kind != "hub":
-                raise
-            raise err.with_traceback(None) from None
         prov = _pretrained_provenance(spec, cfg)
         if spec.key not in REGISTRY:
             spec = dataclasses.replace(spec, instruct=bool(getattr(tokenizer, "chat_template", None)))
@@ -795,14 +782,8 @@ def _preflight(spec: ModelSpec, attn_implementation: str) -> str:
     sdpa path: Gemma 2, whose soft-capping sdpa cannot apply). Returns the implementation to use."""
     from transformers import AutoConfig
 
-    token = hf_token() if spec.kind == "hub" else None
-    try:
+    with hub_access(spec) as token:
         cfg = AutoConfig.from_pretrained(spec.source, token=token, **_hub_kwargs(spec))
-    except Exception as exc:
-        err = _access_error(spec, exc, has_token=bool(token))
-        if err is exc and spec.kind != "hub":
-            raise
-        raise err.with_traceback(None) from None
     where = spec.source if spec.kind == "hub" else f"model directory {spec.source!r}"
     check_layout(cfg, where)
     _check_weights(spec, _arch_name(cfg))
@@ -855,9 +836,6 @@ def _load_pretrained(spec, device, dtype, quant, max_memory, attn_implementation
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation}
-    token = hf_token() if spec.kind == "hub" else None
-    if token:
-        kwargs["token"] = token
     if device_map is not None:
         kwargs["device_map"] = device_map
     elif device.startswith("cuda"):
@@ -874,15 +852,11 @@ def _load_pretrained(spec, device, dtype, quant, max_memory, attn_implementation
             if quant == "4bit"
             else BitsAndBytesConfig(load_in_8bit=True)
         )
-    try:
+    with hub_access(spec) as token:
+        if token:
+            kwargs["token"] = token
         tokenizer = AutoTokenizer.from_pretrained(spec.source, token=token, **_hub_kwargs(spec))
         model = AutoModelForCausalLM.from_pretrained(spec.source, **kwargs, **_hub_kwargs(spec))
-    except Exception as exc:  # translate hub failures into a message that says what to do
-        err = _access_error(spec, exc, has_token=bool(token))
-        if err is exc and spec.kind != "hub":
-            raise  # a local model: no token anywhere, the whole traceback helps
-        # without the hub client's frames, whose arguments carry the token (pytest prints arguments)
-        raise err.with_traceback(None) from None
     if "device_map" not in kwargs:
         model.to(device)
     return model, tokenizer, _pretrained_provenance(spec, model.config)
@@ -980,6 +954,24 @@ def check_reachable(name: str) -> None:
 
     if not isinstance(try_to_load_from_cache(spec.source, "config.json"), str):
         raise _offline_error(spec.source)
+
+
+@contextlib.contextmanager
+def hub_access(spec: ModelSpec) -> Iterator[Secret | None]:
+    """Around a call that reads ``spec`` from the hub (or a local folder): gives the token to pass
+    (:func:`hf_token` for a hub model, None for a local one), and turns a
+    failure into a message that says what to do (:func:`_access_error`: gated, not found, offline).
+    A hub model's failure is raised without the hub client's frames, whose arguments carry the
+    token (pytest prints arguments and, with ``--showlocals``, locals), whatever it was; a local
+    model's unrecognised failure keeps its whole traceback (no token anywhere, and it helps)."""
+    token = hf_token() if spec.kind == "hub" else None
+    try:
+        yield token
+    except Exception as exc:
+        err = _access_error(spec, exc, has_token=bool(token))
+        if err is exc and spec.kind != "hub":
+            raise
+        raise err.with_traceback(None) from None
 
 
 def _access_error(spec: ModelSpec, exc: BaseException, *, has_token: bool) -> BaseException:
@@ -1425,12 +1417,5 @@ def load_tokenizer(name: str = DEFAULT_MODEL) -> Any:
         return bundled_tokenizer()
     from transformers import AutoTokenizer
 
-    token = hf_token() if spec.kind == "hub" else None
-    try:
+    with hub_access(spec) as token:
         return AutoTokenizer.from_pretrained(spec.source, token=token, **_hub_kwargs(spec))
-    except Exception as exc:
-        err = _access_error(spec, exc, has_token=bool(token))
-        if err is exc and spec.kind != "hub":
-            raise  # a local model: no token anywhere, the whole traceback helps
-        # without the hub client's frames, whose arguments carry the token (pytest prints arguments)
-        raise err.with_traceback(None) from None

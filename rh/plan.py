@@ -1147,7 +1147,7 @@ def model_config(name: str) -> Any:
     """The transformers config of a model, without its weights: the bundled GGUF's header, the tiny
     random Llama's config, or config.json (a local folder, or the hub's, cached). Cached per
     process: treat it as read-only (:func:`calibrate_config` works on a copy)."""
-    from rh.models import _access_error, _hub_kwargs, bundled_gguf_path, hf_token, resolve_spec
+    from rh.models import _hub_kwargs, bundled_gguf_path, hub_access, resolve_spec
 
     spec = resolve_spec(name)
     if spec.kind == "bundled-gguf":
@@ -1172,14 +1172,8 @@ def model_config(name: str) -> Any:
                            max_position_embeddings=4096, rope_theta=10000.0, tie_word_embeddings=False)
     from transformers import AutoConfig
 
-    token = hf_token() if spec.kind == "hub" else None
-    try:
+    with hub_access(spec) as token:
         return AutoConfig.from_pretrained(spec.source, token=token, **_hub_kwargs(spec))
-    except Exception as exc:
-        err = _access_error(spec, exc, has_token=bool(token))
-        if err is exc:
-            raise
-        raise err.with_traceback(None) from None
 
 
 def run_device_dtype(name: str, device: str | None, dtype: str | None) -> tuple[str, Any]:
