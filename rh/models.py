@@ -17,7 +17,7 @@ import platform
 import re
 import socket
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -543,6 +543,24 @@ def numerics(dtype: str, device: str = "cpu", *, flags: set[str] | None | Callab
     if "avx512_bf16" in found and (not capped or "BF16" in isa or "AMX" in isa):
         return text + " + avx512_bf16"
     return text + " (bf16 emulated)"
+
+
+def joined_numerics(by_replica: Sequence[str]) -> str:
+    """The numerics of a run whose passes ran in several processes (Ray replicas, each naming its
+    own with :func:`numerics`): the one name where they agree, else each name with the replicas that
+    computed under it, e.g. ``"mixed: bfloat16 on NVIDIA H100 80GB HBM3 (replicas 0, 2); bfloat16 on
+    NVIDIA A100-SXM4-80GB (replica 1)"``: rows computed under several numerics, which an expected
+    file has no record of (it compares them with its own verdicts and says so)."""
+    names = list(by_replica)
+    if not names:
+        raise ValueError("no replica named its numerics")
+    if len(set(names)) == 1:
+        return names[0]
+    where: dict[str, list[int]] = {}
+    for r, name in enumerate(names):
+        where.setdefault(name, []).append(r)
+    return "mixed: " + "; ".join(f"{name} (replica{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))})"
+                                 for name, rs in where.items())
 
 
 def bf16_matmul_ratio(n: int = 384, repeats: int = 3) -> float:

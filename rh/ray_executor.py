@@ -223,6 +223,14 @@ class _Replica:
 
         return {"pid": os.getpid(), **process_memory(self.prefix)}
 
+    def numerics(self) -> str:
+        """The arithmetic of this replica's passes (:func:`rh.models.numerics`), named in its own
+        process: its node's CPU or GPU, which need not be the controller's."""
+        from rh.models import numerics
+
+        prov = self.model.provenance
+        return numerics(prov["dtype"], str(prov.get("device", "cpu")))
+
     def run(self, packets: list[Packet], samples: list[Sample], hints: list[int], reading: Any = None) -> list[tuple]:
         from rh.prefix import hinting
         from rh.units import read_packet
@@ -349,6 +357,13 @@ class RayExecutor:
         for r, ref in refs:
             ((result, tl, saved),) = _results(r, ref, 1, "tasks", "its task was not counted. Rerun")
             yield result, int(tl), dict(saved)
+
+    def numerics(self, timeout_s: float = 60.0) -> list[str]:
+        """Each replica's numerics (:meth:`_Replica.numerics`), in replica order: what the run's
+        verdicts are keyed by (:func:`rh.models.joined_numerics`), read where the passes run."""
+        import ray
+
+        return [str(x) for x in ray.get([a.numerics.remote() for a in self.actors], timeout=timeout_s)]
 
     def memory(self, timeout_s: float = 30.0) -> list[dict[str, Any]]:
         """Each replica's peak memory (:meth:`_Replica.memory`), in replica order; a replica that

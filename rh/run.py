@@ -88,7 +88,7 @@ class Run:
         model = load_model(self.model_name, **self.model_kwargs, weights=self.weights)
         handle = self.counter.attach(model.model)
         self.resources.callback(handle.remove)
-        from rh.models import attention_features, numerics
+        from rh.models import attention_features, joined_numerics, numerics
 
         self.meta.update({"dtype": model.provenance["dtype"], "dtype_reason": model.provenance.get("dtype_reason"),
                           "numerics": numerics(model.provenance["dtype"], str(model.provenance.get("device", "cpu"))),
@@ -105,6 +105,9 @@ class Run:
             self.prefix = self.resources.enter_context(reuse_prefixes(model))
         self.runner = self.resources.enter_context(self._make_runner(model))
         self.meta["layout"] = self.runner.layout.as_dict()
+        spread = getattr(self.runner.executor, "numerics", None)
+        if spread is not None:  # the passes run in other processes (Ray replicas): their arithmetic, not this one's
+            self.meta["numerics"] = joined_numerics(spread())
         self.model = model
         self.loaded_at = time.perf_counter()
         return model

@@ -305,6 +305,14 @@ def test_the_budgets_calibration_times_a_replica(tiny, replicas):
     assert per_tl > 0 and "one forward of 4 x 64 tokens x 4 layers" in how
 
 
+def test_each_replica_names_the_numerics_it_computes_in(tiny, replicas):
+    """Read in each replica's process, as rh.models.numerics names them here for the replicas' dtype
+    and device (this one machine: the same CPU)."""
+    from rh.models import numerics
+
+    assert replicas.numerics() == [numerics(tiny.provenance["dtype"], "cpu")] * replicas.replicas
+
+
 def _vm_hwm(pid: int) -> int:
     with open(f"/proc/{pid}/status") as fh:
         return next(int(ln.split()[1]) * 1024 for ln in fh if ln.startswith("VmHWM:"))

@@ -131,3 +131,41 @@ def test_each_run_reports_only_the_savings_noted_while_it_was_open():
     now = saved_token_layers()
     grew = {k: now[k] - process.get(k, 0) for k in now if now[k] != process.get(k, 0)}
     assert grew == {"prefix reuse": 127, "curtailment": 1014, "early stopping": 5}
+
+
+def test_a_run_whose_passes_run_elsewhere_is_keyed_by_their_numerics():
+    """An executor that runs the passes in other processes names each one's arithmetic; the run's
+    numerics (what an expected file keys verdicts by) are theirs, not this process's: one name where
+    they agree, each name with its replicas where they do not. Catches the controller's own CPU
+    standing for GPU replicas or for replicas on other kinds of node."""
+    from rh.models import joined_numerics
+    from rh.run import Run
+    from rh.runner import LocalExecutor, Runner, use_runner
+
+    class Elsewhere(LocalExecutor):
+        name = "elsewhere"
+
+        def __init__(self, model, names):
+            super().__init__(model)
+            self.names = names
+
+        def numerics(self):
+            return list(self.names)
+
+    def factory(names):
+        return lambda model: use_runner(model, Runner(model, executor=Elsewhere(model, names)))
+
+    with Run("tiny-llama", model_kwargs={"dtype": "float32"}) as here:
+        here.load()
+        own = here.meta["numerics"]
+    assert own.startswith("float32 on CPU")
+    with Run("tiny-llama", model_kwargs={"dtype": "float32"}, runner=factory(["float32 on GPU A"] * 2)) as run:
+        run.load()
+        assert run.meta["numerics"] == "float32 on GPU A"
+    mixed = ["float32 on GPU A", "float32 on GPU B", "float32 on GPU A"]
+    with Run("tiny-llama", model_kwargs={"dtype": "float32"}, runner=factory(mixed)) as run:
+        run.load()
+        assert run.meta["numerics"] == "mixed: float32 on GPU A (replicas 0, 2); float32 on GPU B (replica 1)"
+    assert joined_numerics([own]) == own
+    with pytest.raises(ValueError, match="no replica"):
+        joined_numerics([])
