@@ -482,6 +482,8 @@ class Override:
 
 
 def _shape_from_model(model: Any) -> tuple[HeadShape, int]:
+    if isinstance(model, DonorHeads):
+        return model.shape, model.hidden
     hf = hf_model(model)
     return head_shape(hf), int(hf.config.hidden_size)
 
@@ -518,13 +520,71 @@ def _plain_linear(lin: torch.nn.Module, where: str) -> torch.nn.Linear:
     return lin
 
 
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass(frozen=True, eq=False)
+class DonorHeads:
+    """The donor's weights for the heads a transplant moves, taken out of the donor model
+    (:func:`take_donor_heads`): per (layer, donor head), its rows of ``q_proj`` (and bias), its columns of
+    ``o_proj`` and its KV head's rows of ``k_proj``/``v_proj`` (and biases), on the CPU. A value
+    that travels (a Ray replica transplants them into its own copy of the recipient,
+    :class:`TransplantTask`) where the whole donor model would not: a few heads' slices, not its
+    weights. :func:`transplant_heads` takes it in place of the donor model."""
+
+    key: str  # the donor model's key, named in the report
+    shape: HeadShape
+    hidden: int
+    parts: dict[tuple[int, int], dict[str, torch.Tensor | None]]  # (layer, head) -> "q", "q_bias", "o", "k", ...
+
+    def part(self, layer: int, head: int) -> dict[str, torch.Tensor | None]:
+        try:
+            return self.parts[(layer, head)]
+        except KeyError:
+            raise ValueError(f"the donor's weights for L{layer}H{head} were not taken (take_donor_heads names the "
+                             "heads a transplant moves)") from None
+
+
+def take_donor_heads(donor: Any, heads: Iterable[Head | str]) -> DonorHeads:
+    """The donor's weights for ``heads`` (:class:`DonorHeads`), checked as a transplant needs them:
+    separate, unquantized q/k/v/o projections held on a device (not offloaded)."""
+    if isinstance(donor, DonorHeads):
+        return donor
+    shape, hidden = _shape_from_model(donor)
+    d, group = shape.head_dim, shape.group_size
+    mods = attention_modules(donor)
+    parts: dict[tuple[int, int], dict[str, torch.Tensor | None]] = {}
+    with torch.no_grad():
+        for h in validate_heads(heads, shape):
+            s = mods[h.layer]
+            missing = [n for n in _PROJECTIONS if not hasattr(s, n)]
+            if missing:
+                raise ValueError(
+                    f"layer {h.layer}'s attention ({type(s).__name__}) has no {', '.join(missing)}: a transplant "
+                    "moves a head's rows of separate q/k/v projections; a fused qkv_proj (Phi-3) is not supported")
+            sl = {n: _plain_linear(getattr(s, n), f"donor layer {h.layer} {n}") for n in _PROJECTIONS}
+            q, kv = slice(h.head * d, (h.head + 1) * d), slice((h.head // group) * d, (h.head // group + 1) * d)
+
+            def rows(n: str, at: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
+                b = sl[n].bias
+                return sl[n].weight.detach()[at].cpu().clone(), (None if b is None else b.detach()[at].cpu().clone())
+
+            part: dict[str, torch.Tensor | None] = {}
+            for n, at in (("q", q), ("k", kv), ("v", kv)):
+                part[n], part[f"{n}_bias"] = rows(f"{n}_proj", at)
+            part["o"] = sl["o_proj"].weight.detach()[:, q].cpu().clone()
+            parts[(h.layer, h.head)] = part
+    return DonorHeads(str(getattr(donor, "key", "donor")), shape, hidden, parts)
+
+
 @contextlib.contextmanager
 def transplant_heads(recipient: LoadedModel, donor: Any, heads: Iterable[Head | str],
                      donor_heads: Iterable[Head | str] | None = None, *, kv: str = "own") -> Iterator[list[Head]]:
     """Within the block, each of the recipient's ``heads`` computes with the donor's weights for
     that head (or for the matching entry of ``donor_heads``): its rows of ``q_proj``, its columns of
     ``o_proj`` and its KV head's rows of ``k_proj``/``v_proj``. The recipient's weights are restored
-    in ``finally``.
+    in ``finally``. ``donor``: the donor model, or its heads' weights taken out of it
+    (:class:`DonorHeads`).
 
     Grouped-query attention: ``kv="own"`` (default) appends the donor's KV head as an extra KV head
     used by the transplanted query head alone, so exactly that head changes (the layer then runs
@@ -542,7 +602,7 @@ def transplant_heads(recipient: LoadedModel, donor: Any, heads: Iterable[Head | 
     if any(h.layer != g.layer for h, g in zip(heads, donor_list)):
         raise ValueError("a head moves within its layer: each donor head must be in the same layer as its recipient head")
     d, group = shape.head_dim, shape.group_size
-    rec_mods, don_mods = attention_modules(recipient), attention_modules(donor)
+    rec_mods = attention_modules(recipient)
     saved: list[Callable[[], None]] = []
     needs_index = False
     try:
@@ -550,13 +610,12 @@ def transplant_heads(recipient: LoadedModel, donor: Any, heads: Iterable[Head | 
             by_layer: dict[int, list[tuple[int, int]]] = {}
             for h, g in zip(heads, donor_list):
                 by_layer.setdefault(h.layer, []).append((h.head, g.head))
-            for layer, pairs in sorted(by_layer.items()):
-                r, s = rec_mods[layer], don_mods[layer]
+            for layer in sorted(by_layer):
+                r = rec_mods[layer]
                 if getattr(r, "rh_kept_heads", None) is not None or getattr(r, "rh_kv_heads", None) is not None:
                     raise ValueError(f"layer {layer} of the recipient is pruned or already transplanted: transplant "
                                      "into the unpruned model, all heads in one block")
-                names = ("q_proj", "k_proj", "v_proj", "o_proj")
-                missing = [n for n in names if not hasattr(r, n) or not hasattr(s, n)]
+                missing = [n for n in _PROJECTIONS if not hasattr(r, n)]
                 if missing:
                     raise ValueError(
                         f"layer {layer}'s attention ({type(r).__name__}) has no {', '.join(missing)}: a transplant "
@@ -568,9 +627,13 @@ def transplant_heads(recipient: LoadedModel, donor: Any, heads: Iterable[Head | 
                         f"layer {layer}'s {' and '.join(wide)} normalise all heads together ({type(r).__name__}, "
                         "OLMo-2's QK-norm): a head's projection rows cannot move without the others'; a transplant "
                         "is not supported for this family")
-                rl = {n: _plain_linear(getattr(r, n), f"recipient layer {layer} {n}") for n in names}
-                sl = {n: _plain_linear(getattr(s, n), f"donor layer {layer} {n}") for n in names}
-                originals = {n: (rl[n].weight, rl[n].bias, rl[n].out_features, rl[n].in_features) for n in names}
+                for n in _PROJECTIONS:
+                    _plain_linear(getattr(r, n), f"recipient layer {layer} {n}")
+            taken = take_donor_heads(donor, [Head(h.layer, g.head) for h, g in zip(heads, donor_list)])
+            for layer, pairs in sorted(by_layer.items()):
+                r = rec_mods[layer]
+                rl = {n: getattr(r, n) for n in _PROJECTIONS}
+                originals = {n: (rl[n].weight, rl[n].bias, rl[n].out_features, rl[n].in_features) for n in _PROJECTIONS}
                 prev_groups = r.num_key_value_groups
 
                 def restore(r=r, rl=rl, originals=originals, prev_groups=prev_groups):
@@ -582,42 +645,38 @@ def transplant_heads(recipient: LoadedModel, donor: Any, heads: Iterable[Head | 
                         del r._buffers["rh_kv_heads"]
 
                 saved.append(restore)
-                new = {n: rl[n].weight.detach().clone() for n in names}
-                new_bias = {n: (rl[n].bias.detach().clone() if rl[n].bias is not None else None) for n in names}
+                new = {n: rl[n].weight.detach().clone() for n in _PROJECTIONS}
+                new_bias = {n: (rl[n].bias.detach().clone() if rl[n].bias is not None else None) for n in _PROJECTIONS}
 
-                def take(n: str, rows_to: slice, rows_from: slice, dim: int = 0) -> None:
-                    src = sl[n].weight.detach().to(new[n].device, new[n].dtype)
-                    if dim == 0:
-                        new[n][rows_to] = src[rows_from]
-                        if new_bias[n] is not None and sl[n].bias is not None:
-                            new_bias[n][rows_to] = sl[n].bias.detach().to(new_bias[n].device, new_bias[n].dtype)[rows_from]
-                    else:
-                        new[n][:, rows_to] = src[:, rows_from]
+                def put(n: str, rows_to: slice, part: dict[str, torch.Tensor | None], what: str) -> None:
+                    new[n][rows_to] = part[what].to(new[n].device, new[n].dtype)
+                    if new_bias[n] is not None and part[f"{what}_bias"] is not None:
+                        new_bias[n][rows_to] = part[f"{what}_bias"].to(new_bias[n].device, new_bias[n].dtype)
 
                 kv_map = [q // group for q in range(shape.n_heads)]
                 extra_k, extra_v, extra_kb, extra_vb = [], [], [], []
                 for hr, hd_ in pairs:
-                    take("q_proj", slice(hr * d, (hr + 1) * d), slice(hd_ * d, (hd_ + 1) * d))
-                    take("o_proj", slice(hr * d, (hr + 1) * d), slice(hd_ * d, (hd_ + 1) * d), dim=1)
-                    kv_src = slice((hd_ // group) * d, (hd_ // group + 1) * d)
+                    part = taken.part(layer, hd_)
+                    put("q_proj", slice(hr * d, (hr + 1) * d), part, "q")
+                    new["o_proj"][:, hr * d:(hr + 1) * d] = part["o"].to(new["o_proj"].device, new["o_proj"].dtype)
                     if kv == "group" or group == 1:
                         kv_dst = slice((hr // group) * d, (hr // group + 1) * d)
-                        take("k_proj", kv_dst, kv_src)
-                        take("v_proj", kv_dst, kv_src)
+                        put("k_proj", kv_dst, part, "k")
+                        put("v_proj", kv_dst, part, "v")
                     else:
                         kv_map[hr] = shape.n_kv_heads + len(extra_k)
-                        extra_k.append(sl["k_proj"].weight.detach()[kv_src].to(new["k_proj"].device, new["k_proj"].dtype))
-                        extra_v.append(sl["v_proj"].weight.detach()[kv_src].to(new["v_proj"].device, new["v_proj"].dtype))
-                        for lst, n in ((extra_kb, "k_proj"), (extra_vb, "v_proj")):
+                        extra_k.append(part["k"].to(new["k_proj"].device, new["k_proj"].dtype))
+                        extra_v.append(part["v"].to(new["v_proj"].device, new["v_proj"].dtype))
+                        for lst, n, what in ((extra_kb, "k_proj", "k_bias"), (extra_vb, "v_proj", "v_bias")):
                             if rl[n].bias is not None:
-                                lst.append(sl[n].bias.detach()[kv_src].to(new_bias[n].device, new_bias[n].dtype))
+                                lst.append(part[what].to(new_bias[n].device, new_bias[n].dtype))
                 if extra_k:
                     new["k_proj"] = torch.cat([new["k_proj"], *extra_k])
                     new["v_proj"] = torch.cat([new["v_proj"], *extra_v])
                     if extra_kb:
                         new_bias["k_proj"] = torch.cat([new_bias["k_proj"], *extra_kb])
                         new_bias["v_proj"] = torch.cat([new_bias["v_proj"], *extra_vb])
-                for n in names:
+                for n in _PROJECTIONS:
                     lin = rl[n]
                     lin.weight = torch.nn.Parameter(new[n], requires_grad=False)
                     if new_bias[n] is not None:
@@ -635,6 +694,24 @@ def transplant_heads(recipient: LoadedModel, donor: Any, heads: Iterable[Head | 
     finally:
         for restore in reversed(saved):
             restore()
+
+
+@dataclass(frozen=True, eq=False)
+class TransplantTask:
+    """IV-4's transplanted pass as a :class:`rh.runner.Task`: the donor's heads' weights
+    (:class:`DonorHeads`) travel to where the recipient is (a Ray replica), are transplanted into it
+    for the pass and taken out after; the rows' correctness, in ``sample_ids``' order, comes back."""
+
+    sample_ids: tuple[str, ...]
+    heads: tuple[Head, ...]
+    donor: DonorHeads
+    batch_size: int = 8
+
+    def run(self, model: LoadedModel, by_id: Mapping[str, Sample]) -> np.ndarray:
+        samples = [by_id[i] for i in self.sample_ids]
+        with transplant_heads(model, self.donor, self.heads):
+            df = teacher_forced(model, samples, condition="transplanted", batch_size=self.batch_size)
+        return _correct(df, list(self.sample_ids))
 
 
 # ============================================================================ claims
@@ -792,12 +869,12 @@ def transplant_function(recipient: LoadedModel, donor: LoadedModel | None, sampl
                             power=Power.none("the donor's shape differs: nothing was transplanted or tested"))
     ids = [s.id for s in samples]
     base = _correct(baseline, ids)
-    from rh.pipeline import with_weights
+    from rh.runner import call
 
-    recipient = with_weights(recipient)  # a controller holding no weights (--ray) loads them for the transplant
     abl = _correct(run_one(recipient, samples, Ablation("ablated", tuple(heads)), batch_size=batch_size), ids)
-    with transplant_heads(recipient, donor, heads):
-        tr = _correct(teacher_forced(recipient, samples, condition="transplanted", batch_size=batch_size), ids)
+    # the donor's heads travel to the recipient's passes (on Ray, a replica): the controller needs no recipient weights
+    (tr,) = call(recipient, samples, [TransplantTask(tuple(ids), tuple(validate_heads(heads, recipient.shape)),
+                                                     take_donor_heads(donor, heads), batch_size)])
     from rh.rules.claims import transplant
 
     return transplant(base, abl, tr, keep=keep, alpha=alpha, baseline_floor=baseline_floor, params=params,

@@ -52,19 +52,6 @@ def identification_model(model: LoadedModel, dtype: str) -> LoadedModel:
     return _loaded_again(model, dtype, f"identification runs in {dtype}", dtype=dtype, device="cpu")
 
 
-def with_weights(model: LoadedModel) -> LoadedModel:
-    """``model`` itself where it holds its weights, else its weights loaded here, once per session
-    (kept on ``model``), in its dtype, device and quantization, its passes on the session's counters.
-    A controller that holds no weights (``pytest --ray``) loads them so only for a pass that needs
-    two models in one process: IV-4's transplant from a donor."""
-    if model.holds_weights:
-        return model
-    prov = model.provenance
-    quant = prov.get("quant", "none")
-    return _loaded_again(model, "weights", "a pass here needs the weights", dtype=prov["dtype"],
-                         device=str(prov.get("device", "cpu")), quant=None if quant == "none" else quant)
-
-
 def _loaded_again(model: LoadedModel, key: str, why: str, **load: Any) -> LoadedModel:
     """The weights of ``model`` loaded again with ``load`` (kept as ``model.twins[key]``), the same
     revision, with every counter of ``model`` attached: its passes are this session's (billed, and

@@ -549,19 +549,43 @@ def test_patches_and_overrides_as_work_units_give_the_context_managers_rows_and_
         Override("o", ("L0H0",), "diagonal")
 
 
-def test_iv4_on_a_controller_without_weights_loads_them_and_gives_the_same_verdict(tiny, own_answers):
-    """A recipient loaded without its weights (a --ray controller) transplants on its weights loaded
-    here, counted on its counter: the verdict and its details equal the loaded recipient's. Catches
-    the transplant run on meta tensors, or its passes not billed."""
+def test_iv4_on_a_controller_without_weights_runs_where_the_weights_are(tiny, own_answers):
+    """A recipient loaded without its weights (a --ray controller) hands IV-4's passes to its
+    runner's executor: here one holding the loaded model (as a replica holds it). The ablated rows
+    run there as units, and the transplant as a task carrying the donor's heads
+    (rh.interventions.TransplantTask, DonorHeads). The verdict and its details equal the loaded
+    recipient's, the same forwards ran (token-layers), and the controller loaded no weights.
+    Catches the transplant run on meta tensors, weights loaded on the controller, or a pass run
+    elsewhere than the executor."""
+    import pickle
+
     from rh.budget import TokenLayerCounter
+    from rh.evaluate import teacher_forced
+    from rh.interventions import DonorHeads, TransplantTask, take_donor_heads
     from rh.models import load_model, tiny_llama
+    from rh.runner import LocalExecutor, Runner, use_runner
 
     samples, baseline = own_answers
     donor = tiny_llama(seed=1)
-    bare = load_model("tiny-llama", weights=False)
     counter = TokenLayerCounter()
-    counter.attach(bare.model)
-    full = transplant_function(tiny, donor, samples, IV4_HEADS, baseline)
-    got = transplant_function(bare, donor, samples, IV4_HEADS, baseline)
+    handle = counter.attach(tiny.model)
+    try:
+        full = transplant_function(tiny, donor, samples, IV4_HEADS, baseline)
+        here = counter.total
+        bare = load_model("tiny-llama", weights=False)
+        with use_runner(bare, Runner(bare, executor=LocalExecutor(tiny))):
+            got = transplant_function(bare, donor, samples, IV4_HEADS, baseline)
+        there = counter.total - here
+    finally:
+        handle.remove()
     assert (got.status, got.p_value, got.effect, got.details) == (full.status, full.p_value, full.effect, full.details)
-    assert counter.total > 0 and not bare.holds_weights and bare.twins["weights"].holds_weights
+    assert there == here > 0 and not bare.holds_weights and not bare.twins
+    # the task is a value that travels: its donor's heads survive pickling and transplant alike
+    task = TransplantTask(tuple(s.id for s in samples), tuple(IV4_HEADS), take_donor_heads(donor, IV4_HEADS))
+    back = pickle.loads(pickle.dumps(task))
+    assert isinstance(back.donor, DonorHeads) and back.donor.parts.keys() == task.donor.parts.keys()
+    by_id = {s.id: s for s in samples}
+    assert back.run(tiny, by_id).tolist() == task.run(tiny, by_id).tolist()
+    with transplant_heads(tiny, donor, IV4_HEADS):
+        want = teacher_forced(tiny, samples, progress=False)["correct"].tolist()
+    assert task.run(tiny, by_id).tolist() == want

@@ -270,6 +270,32 @@ def test_ca5s_head_outputs_run_on_the_replicas_as_here(tiny, samples, replicas):
         (want.status, want.details["query_vs_logits_rel_diff"] <= want.details["tolerance"])
 
 
+def test_iv4s_transplant_runs_on_the_replicas_as_here(tiny, samples, replicas):
+    """IV-4's transplanted pass as a task carrying the donor's heads (rh.interventions.TransplantTask):
+    on a replica, which holds the recipient alone, the verdict and the accuracies are those of this
+    process, and its token-layers are charged here."""
+    from rh.budget import TokenLayerCounter
+    from rh.causal import evaluate_baseline
+    from rh.interventions import transplant_function
+    from rh.models import tiny_llama
+    from rh.runner import use_runner
+
+    heads = [Head(1, 2), Head(3, 7)]
+    donor = tiny_llama(seed=1)
+    base = evaluate_baseline(tiny, samples)
+    want = transplant_function(tiny, donor, samples, heads, base, batch_size=4)
+    charged: list[int] = []
+    counter = TokenLayerCounter()
+    handle = counter.attach(tiny.model)
+    try:
+        with use_runner(tiny, _installable(tiny, replicas, charged)):
+            got = transplant_function(tiny, donor, samples, heads, base, batch_size=4)
+    finally:
+        handle.remove()
+    assert sum(charged) > 0 and counter.total == 0  # every pass on the replicas, none here
+    assert (got.status, got.p_value, got.details) == (want.status, want.p_value, want.details)
+
+
 def test_a_replica_killed_mid_run_is_restarted_and_loses_nothing(tiny, samples, replicas):
     units = [Unit(Ablation(f"r{d}", (Head(d % 4, d // 4),)), tuple(s.id for s in samples)) for d in range(24)]
     ref, tl = _local(tiny, samples, units)
