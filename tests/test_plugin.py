@@ -381,6 +381,36 @@ def _node_costs(report: dict) -> dict[str, int]:
 
 
 @pytest.mark.slow
+def test_iv4_with_a_donor_gives_the_same_verdict_and_passes_on_ray_replicas(tiny_catalogue, tmp_path):
+    """IV-4 with --compare-model (a second random Llama of the tiny's shape, saved to a folder) in
+    one process and on a Ray replica: the same verdict (status, accuracies, p-values) and
+    token-layers. On Ray the controller holds no weights of the model under test and loads none
+    (the donor's heads travel to the replica with the transplant task)."""
+    from rh.models import tiny_llama
+
+    donor = tiny_llama(seed=1)
+    donor.model.save_pretrained(tmp_path / "donor")
+    donor.tokenizer.save_pretrained(tmp_path / "donor")
+    shutil.copytree(tiny_catalogue.folder / "rankings", tmp_path / "rankings")
+    common = ("--ranking-cache", str(tmp_path / "rankings"), "--compare-model", str(tmp_path / "donor"),
+              "-k", "transplanted", "-o", "log_cli=true", "--log-cli-level", "INFO")
+    runs = {"local": _run_claims(tmp_path / "local", *common, target="claims/test_interventions.py"),
+            "ray": _run_claims(tmp_path / "ray", *common, "--ray", "local", "--replicas", "1",
+                               "--threads-per-replica", "1", target="claims/test_interventions.py")}
+    reports = {}
+    for name, proc in runs.items():
+        assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:]
+        reports[name] = json.loads(next((tmp_path / name / "reports").glob("*.json")).read_text())
+    (here,), (there,) = ([v for v in reports[n]["verdicts"] if v["claim"] == "IV-4"] for n in ("local", "ray"))
+    assert "transplanted_accuracy" in here["details"]  # the transplant ran: a donor of the same shape
+    assert (there["status"], there["details"], there.get("p_value")) == \
+        (here["status"], here["details"], here.get("p_value"))
+    assert _node_costs(reports["ray"]) == _node_costs(reports["local"])
+    assert reports["ray"]["meta"]["layout"]["controller_weights"] is False
+    assert "loading tiny-llama again" not in runs["ray"].stdout + runs["ray"].stderr
+
+
+@pytest.mark.slow
 def test_the_catalogue_on_two_ray_replicas_gives_the_local_verdicts_and_token_layers(tiny_catalogue, tmp_path):
     """``--ray local --replicas 2``: every verdict the local run recorded, and each claim's
     token-layers equal to a local run's with the same (cached) rankings."""
