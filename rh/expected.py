@@ -15,7 +15,7 @@ another order, and an item at the edge of its answer flips. A run on other numer
 run on those numerics is compared with them (every other key with ``verdicts``)::
 
     "numerics": "bfloat16 on CPU AVX512 + avx512_bf16",
-    "differences": {"bfloat16 on CPU AVX512 + AMX": {"CA-10[k=10,phase=decode]": "refuted"}}
+    "differences": {"bfloat16 on CPU AVX512 + AMX, 2 threads": {"CA-10[k=10,phase=decode]": "refuted"}}
 
 An empty map records numerics that gave every status of ``verdicts``. Numerics with no record are
 compared with ``verdicts``, and a difference is said to be possibly theirs. ``nodes`` ties each test to its verdict key and records what the
@@ -101,7 +101,7 @@ def load_expected(path: str | Path, *, missing_ok: bool = False) -> Expected:
         raise ValueError(f"--expected {p}: \"nodes\" must map test ids to objects with a \"key\"")
     numerics = data.get("numerics")
     if numerics is not None and not isinstance(numerics, str):
-        raise ValueError(f"--expected {p}: \"numerics\" must be a string such as \"bfloat16 on CPU AVX512 + AMX\"")
+        raise ValueError(f"--expected {p}: \"numerics\" must be a string such as \"bfloat16 on CPU AVX512 + AMX, 2 threads\"")
     differences = data.get("differences") or {}
     if not isinstance(differences, dict) or not all(isinstance(d, dict) for d in differences.values()):
         raise ValueError(f"--expected {p}: \"differences\" must map numerics to {{claim key: status}}")

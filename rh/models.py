@@ -513,16 +513,21 @@ def cpu_description(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
 
 
 def numerics(dtype: str, device: str = "cpu", *, flags: set[str] | None | Callable[[], set[str] | None] = None,
-             capability: str | None = None, environ: Mapping[str, str] | None = None) -> str:
+             capability: str | None = None, environ: Mapping[str, str] | None = None,
+             threads: int | None = None) -> str:
     """The arithmetic a run's forward passes use, as far as it can move a verdict: the dtype and the
     kernels that multiply in it. A borderline item's outcome can differ between kernels that round
     differently (bf16 matmuls on AMX tiles and on AVX-512 BF16 units accumulate in another order), so
     an expected-verdicts file keys its statuses by this (:mod:`rh.expected`). E.g.
-    ``"bfloat16 on CPU AVX512 + AMX"``, ``"float32 on CPU AVX2"``, ``"bfloat16 on NVIDIA H100 80GB HBM3"``.
+    ``"bfloat16 on CPU AVX512 + AMX, 2 threads"``, ``"float32 on CPU AVX2"``, ``"bfloat16 on NVIDIA H100
+    80GB HBM3"``.
 
     On a CPU: torch's vector capability (``ATEN_CPU_CAPABILITY`` can lower it), and for bf16 the
     matrix units oneDNN uses (``amx_bf16``, else ``avx512_bf16``, else emulated through fp32; an
-    ``ONEDNN_MAX_CPU_ISA`` below them turns them off). On CUDA: the GPU's name. ``flags``,
+    ``ONEDNN_MAX_CPU_ISA`` below them turns them off). On AMX, also torch's threads (``threads``,
+    default ``torch.get_num_threads()``): SmolLM2's bf16 logits on 4 x 512 tokens differed by up to
+    0.625 between 1 and 2 threads there, and not at all on AVX-512 BF16 or emulated bf16, nor in
+    float32 (2026-12-06, Intel Xeon with amx_bf16). On CUDA: the GPU's name. ``flags``,
     ``capability`` and ``environ`` are there for tests (defaults: this machine's)."""
     if str(device).startswith("cuda"):
         name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CUDA"
@@ -539,7 +544,8 @@ def numerics(dtype: str, device: str = "cpu", *, flags: set[str] | None | Callab
     isa = env.get("ONEDNN_MAX_CPU_ISA", "").upper()
     capped = bool(isa) and isa not in ("ALL", "DEFAULT")
     if "amx_bf16" in found and (not capped or "AMX" in isa):
-        return text + " + AMX"
+        n = torch.get_num_threads() if threads is None else int(threads)
+        return text + f" + AMX, {n} thread{'s' if n != 1 else ''}"
     if "avx512_bf16" in found and (not capped or "BF16" in isa or "AMX" in isa):
         return text + " + avx512_bf16"
     return text + " (bf16 emulated)"

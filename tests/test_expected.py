@@ -113,7 +113,7 @@ def test_a_left_out_test_without_a_recorded_key_is_named_when_its_verdict_goes_m
     assert not c.ok and any("left out without a recorded key: t::ca1[K=20]" in x for x in c.lines)
 
 
-REF, AMX, AVX2 = "bfloat16 on CPU AVX512 + avx512_bf16", "bfloat16 on CPU AVX512 + AMX", "float32 on CPU AVX2"
+REF, AMX, AVX2 = "bfloat16 on CPU AVX512 + avx512_bf16", "bfloat16 on CPU AVX512 + AMX, 2 threads", "float32 on CPU AVX2"
 
 
 def test_other_numerics_are_compared_with_the_statuses_recorded_for_them(tmp_path):
@@ -182,7 +182,7 @@ def test_bad_differences_are_refused(tmp_path, differences, message):
 
 
 @pytest.mark.parametrize("dtype, flags, cap, env, want", [
-    ("bfloat16", {"avx512f", "avx512_bf16", "amx_bf16"}, "AVX512", {}, "bfloat16 on CPU AVX512 + AMX"),
+    ("bfloat16", {"avx512f", "avx512_bf16", "amx_bf16"}, "AVX512", {}, "bfloat16 on CPU AVX512 + AMX, 2 threads"),
     ("bfloat16", {"avx512f", "avx512_bf16"}, "AVX512", {}, "bfloat16 on CPU AVX512 + avx512_bf16"),
     ("bfloat16", {"avx512f", "avx512_bf16", "amx_bf16"}, "AVX512", {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},
      "bfloat16 on CPU AVX512 + avx512_bf16"),
@@ -193,4 +193,9 @@ def test_bad_differences_are_refused(tmp_path, differences, message):
 def test_numerics_name_the_kernels_that_multiply(dtype, flags, cap, env, want):
     from rh.models import numerics
 
-    assert numerics(dtype, "cpu", flags=flags, capability=cap, environ=env) == want
+    assert numerics(dtype, "cpu", flags=flags, capability=cap, environ=env, threads=2) == want
+    # AMX's bf16 results move with torch's threads (measured); no other path's do: only AMX names them
+    one = numerics(dtype, "cpu", flags=flags, capability=cap, environ=env, threads=1)
+    assert (one != want) == want.endswith("AMX, 2 threads")
+    if one != want:
+        assert one == want.replace("2 threads", "1 thread")
