@@ -353,6 +353,52 @@ def test_an_unregistered_model_is_instruct_iff_its_tokenizer_has_a_chat_template
     assert load_model(str(tmp_path / "tiny-saved"), device="cpu").instruct  # SmolLM2's template is kept
 
 
+@pytest.mark.slow  # three reads of the GGUF, about 20 s each
+def test_the_bundled_models_dequantized_weights_are_kept_once_and_load_bit_for_bit(tmp_path, monkeypatch):
+    """The GGUF's dequantized weights saved under RH_CACHE_DIR are what later loads read: every
+    tensor equal bit for bit to the GGUF load's (so the same logits: the same numerics), the
+    embedding still tied to the output head; a damaged copy is converted again, and an unwritable
+    cache folder only costs the time. Catches a copy saved in another dtype or with the GGUF's
+    tensors misnamed, and a cache that fails a load."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rh.models import REGISTRY, bundled_gguf_path
+
+    path = bundled_gguf_path(REGISTRY["smollm2-135m"])
+    calls = []
+    real = AutoModelForCausalLM.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        calls.append("gguf" if kwargs.get("gguf_file") else "copy")
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(spy))
+    monkeypatch.setenv("RH_CACHE_DIR", str(tmp_path / "cache"))
+    first = models._gguf_weights(path, torch.bfloat16, "sdpa")
+    [saved] = (tmp_path / "cache" / "models").iterdir()
+    assert calls == ["gguf"] and (saved / "model.safetensors").is_file()
+    assert not [p for p in saved.parent.iterdir() if p.name.endswith(".tmp")]  # nothing half-written left
+    again = models._gguf_weights(path, torch.bfloat16, "sdpa")
+    assert calls == ["gguf", "copy"]
+    a, b = first.state_dict(), again.state_dict()
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype == torch.bfloat16 and torch.equal(a[k], b[k]) for k in a)
+    assert again.lm_head.weight.data_ptr() == again.model.embed_tokens.weight.data_ptr()
+    ids = torch.randint(0, first.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(first(input_ids=ids).logits, again(input_ids=ids).logits)
+
+    (saved / "model.safetensors").write_bytes(b"not safetensors")  # damaged: converted again and replaced
+    calls.clear()
+    models._gguf_weights(path, torch.bfloat16, "sdpa")
+    assert calls == ["copy", "gguf"] and (saved / "model.safetensors").stat().st_size > 10**8
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    monkeypatch.setenv("RH_CACHE_DIR", str(blocked))  # a file where the folder should be
+    calls.clear()
+    assert models._gguf_weights(path, torch.bfloat16, "sdpa") is not None and calls == ["gguf"]
+
+
 @pytest.mark.slow  # three conversions from the GGUF, about 5 s each
 def test_the_bundled_tokenizer_is_converted_once_and_its_saved_copy_tokenizes_the_same(tmp_path, monkeypatch):
     """The GGUF tokenizer's converted copy under RH_CACHE_DIR is what later processes load: the
