@@ -353,6 +353,20 @@ def test_an_unregistered_model_is_instruct_iff_its_tokenizer_has_a_chat_template
     assert load_model(str(tmp_path / "tiny-saved"), device="cpu").instruct  # SmolLM2's template is kept
 
 
+def _spy_loads(monkeypatch, cls) -> list[str]:
+    """The loads ``cls.from_pretrained`` makes from now on, in order: "gguf" (converting the GGUF)
+    or "copy" (reading the converted copy)."""
+    calls: list[str] = []
+    real = cls.from_pretrained.__func__
+
+    def spy(klass, *args, **kwargs):
+        calls.append("gguf" if kwargs.get("gguf_file") else "copy")
+        return real(klass, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+    return calls
+
+
 @pytest.mark.slow  # three reads of the GGUF, about 20 s each
 def test_the_bundled_models_dequantized_weights_are_kept_once_and_load_bit_for_bit(tmp_path, monkeypatch):
     """The GGUF's dequantized weights saved under RH_CACHE_DIR are what later loads read: every
@@ -366,14 +380,7 @@ def test_the_bundled_models_dequantized_weights_are_kept_once_and_load_bit_for_b
     from rh.models import REGISTRY, bundled_gguf_path
 
     path = bundled_gguf_path(REGISTRY["smollm2-135m"])
-    calls = []
-    real = AutoModelForCausalLM.from_pretrained.__func__
-
-    def spy(cls, *args, **kwargs):
-        calls.append("gguf" if kwargs.get("gguf_file") else "copy")
-        return real(cls, *args, **kwargs)
-
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(spy))
+    calls = _spy_loads(monkeypatch, AutoModelForCausalLM)
     monkeypatch.setenv("RH_CACHE_DIR", str(tmp_path / "cache"))
     first = models._gguf_weights(path, torch.bfloat16, "sdpa")
     [saved] = (tmp_path / "cache" / "models").iterdir()
@@ -411,14 +418,7 @@ def test_the_bundled_tokenizer_is_converted_once_and_its_saved_copy_tokenizes_th
 
     path = str(bundled_gguf_path(REGISTRY["smollm2-135m"]))
     convert = models._gguf_tokenizer.__wrapped__  # past the per-process cache
-    calls = []
-    real = AutoTokenizer.from_pretrained.__func__
-
-    def spy(cls, *args, **kwargs):
-        calls.append("gguf" if kwargs.get("gguf_file") else "copy")
-        return real(cls, *args, **kwargs)
-
-    monkeypatch.setattr(AutoTokenizer, "from_pretrained", classmethod(spy))
+    calls = _spy_loads(monkeypatch, AutoTokenizer)
     monkeypatch.setenv("RH_CACHE_DIR", str(tmp_path / "cache"))
     first = convert(path)
     [saved] = (tmp_path / "cache" / "tokenizers").iterdir()
