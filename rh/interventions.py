@@ -523,6 +523,17 @@ def _plain_linear(lin: torch.nn.Module, where: str) -> torch.nn.Linear:
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
+def _projections(attn: torch.nn.Module, layer: int, who: str) -> dict[str, torch.nn.Linear]:
+    """One layer's separate, unquantized q/k/v/o projections (``who``: "recipient" or "donor"), or a
+    ValueError naming what a transplant cannot move."""
+    missing = [n for n in _PROJECTIONS if not hasattr(attn, n)]
+    if missing:
+        raise ValueError(
+            f"layer {layer}'s attention ({type(attn).__name__}) has no {', '.join(missing)}: a transplant "
+            "moves a head's rows of separate q/k/v projections; a fused qkv_proj (Phi-3) is not supported")
+    return {n: _plain_linear(getattr(attn, n), f"{who} layer {layer} {n}") for n in _PROJECTIONS}
+
+
 @dataclass(frozen=True, eq=False)
 class DonorHeads:
     """The donor's weights for the heads a transplant moves, taken out of the donor model
@@ -556,13 +567,7 @@ def take_donor_heads(donor: Any, heads: Iterable[Head | str]) -> DonorHeads:
     parts: dict[tuple[int, int], dict[str, torch.Tensor | None]] = {}
     with torch.no_grad():
         for h in validate_heads(heads, shape):
-            s = mods[h.layer]
-            missing = [n for n in _PROJECTIONS if not hasattr(s, n)]
-            if missing:
-                raise ValueError(
-                    f"layer {h.layer}'s attention ({type(s).__name__}) has no {', '.join(missing)}: a transplant "
-                    "moves a head's rows of separate q/k/v projections; a fused qkv_proj (Phi-3) is not supported")
-            sl = {n: _plain_linear(getattr(s, n), f"donor layer {h.layer} {n}") for n in _PROJECTIONS}
+            sl = _projections(mods[h.layer], h.layer, "donor")
             q, kv = slice(h.head * d, (h.head + 1) * d), slice((h.head // group) * d, (h.head // group + 1) * d)
 
             def rows(n: str, at: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -610,16 +615,13 @@ def transplant_heads(recipient: LoadedModel, donor: Any, heads: Iterable[Head | 
             by_layer: dict[int, list[tuple[int, int]]] = {}
             for h, g in zip(heads, donor_list):
                 by_layer.setdefault(h.layer, []).append((h.head, g.head))
+            rls: dict[int, dict[str, torch.nn.Linear]] = {}
             for layer in sorted(by_layer):
                 r = rec_mods[layer]
                 if getattr(r, "rh_kept_heads", None) is not None or getattr(r, "rh_kv_heads", None) is not None:
                     raise ValueError(f"layer {layer} of the recipient is pruned or already transplanted: transplant "
                                      "into the unpruned model, all heads in one block")
-                missing = [n for n in _PROJECTIONS if not hasattr(r, n)]
-                if missing:
-                    raise ValueError(
-                        f"layer {layer}'s attention ({type(r).__name__}) has no {', '.join(missing)}: a transplant "
-                        "moves a head's rows of separate q/k/v projections; a fused qkv_proj (Phi-3) is not supported")
+                rls[layer] = _projections(r, layer, "recipient")
                 wide = [n for n in ("q_norm", "k_norm") if getattr(getattr(r, n, None), "weight", None) is not None
                         and getattr(r, n).weight.numel() != d]
                 if wide:
@@ -627,12 +629,9 @@ def transplant_heads(recipient: LoadedModel, donor: Any, heads: Iterable[Head | 
                         f"layer {layer}'s {' and '.join(wide)} normalise all heads together ({type(r).__name__}, "
                         "OLMo-2's QK-norm): a head's projection rows cannot move without the others'; a transplant "
                         "is not supported for this family")
-                for n in _PROJECTIONS:
-                    _plain_linear(getattr(r, n), f"recipient layer {layer} {n}")
             taken = take_donor_heads(donor, [Head(h.layer, g.head) for h, g in zip(heads, donor_list)])
             for layer, pairs in sorted(by_layer.items()):
-                r = rec_mods[layer]
-                rl = {n: getattr(r, n) for n in _PROJECTIONS}
+                r, rl = rec_mods[layer], rls[layer]
                 originals = {n: (rl[n].weight, rl[n].bias, rl[n].out_features, rl[n].in_features) for n in _PROJECTIONS}
                 prev_groups = r.num_key_value_groups
 
