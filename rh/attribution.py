@@ -301,6 +301,25 @@ class AttributionTask:
         return integrated_gradients(model, by_id[self.sample_id], heads, n_steps=self.n_steps,
                                     internal_batch_size=self.internal_batch_size)
 
+    def dry(self, model: LoadedModel, by_id: Any) -> tuple[Attribution, int]:
+        """A dry run's (:mod:`rh.dry`): a made-up attribution that is complete (so an ``until`` on
+        completeness never stops early: the bound), and the token-layers of the passes: the clean
+        prompt through every layer for the final norm's scale (with heads), then F at the input and
+        the baseline, at the ``n_steps`` path points and twice for captum's convergence delta, each
+        through the deepest head's layer (without heads: every layer)."""
+        from rh.dry import made_up_array
+
+        sample = by_id[self.sample_id]
+        n, layers = len(sample.input_ids), model.shape.n_layers
+        if self.heads is None:
+            tl = (self.n_steps + 4) * n * layers
+        else:
+            tl = n * layers + (self.n_steps + 4) * n * (max(h.layer for h in self.heads) + 1)
+        attr = made_up_array((n,), self.sample_id, self.n_steps)
+        total = float(attr.sum())
+        return Attribution(attr, 0.0, total, 0.0, 0.0, sample.id, list(self.heads) if self.heads is not None else None,
+                           self.n_steps, "dry run", tuple(sample.needle_span), {"dry": True}), tl
+
 
 def attribute(model: LoadedModel, samples: Sequence[Sample], heads: Sequence[Any], *, n_steps: int = 32,
               until: Any = None, internal_batch_size: int | None = None) -> list[Attribution]:

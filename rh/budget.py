@@ -132,6 +132,10 @@ class CalibrationTask:
     def run(self, model: Any, by_id: Any) -> tuple[float, str]:
         return calibrate(model, batch_size=self.batch_size, length=self.length)
 
+    def dry(self, model: Any, by_id: Any) -> tuple[tuple[float, str], int]:
+        """A dry run times nothing (:mod:`rh.dry`)."""
+        return (float("nan"), "not measured: a dry run"), 0
+
 
 @dataclass(frozen=True)
 class Plan:

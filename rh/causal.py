@@ -511,6 +511,16 @@ class HeadOutputsTask:
         return head_outputs(model, [by_id[i] for i in self.sample_ids], self.heads, self.method,
                             batch_size=self.batch_size)
 
+    def dry(self, model: LoadedModel, by_id: Mapping[str, Sample]) -> tuple[dict[Head, np.ndarray], int]:
+        """A dry run's (:mod:`rh.dry`): made-up outputs of the right shape, the forwards' token-layers."""
+        from rh.dry import batch_tokens, made_up_array
+
+        samples = [by_id[i] for i in self.sample_ids]
+        tokens = sum(batch_tokens(samples, self.batch_size, with_answer=False))
+        real = sum(len(s.input_ids) for s in samples)
+        out = {h: made_up_array((real, model.shape.head_dim), str(h), self.method) for h in self.heads}
+        return out, tokens * model.shape.n_layers
+
 
 def mechanism_comparison(model: LoadedModel, samples: Sequence[Sample], heads: Sequence[Head],
                          baseline: pd.DataFrame, *, alpha: float = 0.05, batch_size: int = 8) -> Verdict:

@@ -161,6 +161,17 @@ class EchoInductionTask:
         return _echo_induction_rows(model, n_sequences=self.n_sequences, seq_len=self.seq_len, repeats=self.repeats,
                                     seed=self.seed, bos=self.bos, start=self.start, stop=self.stop)
 
+    def dry(self, model: LoadedModel, by_id: Any) -> tuple[dict[str, np.ndarray], int]:
+        """A dry run's (:mod:`rh.dry`): made-up scores, and one forward of the sequences' token-layers."""
+        from rh.dry import made_up_array
+
+        shape = model.shape
+        width = int(self.bos and _bos_id(model) is not None) + self.repeats * self.seq_len
+        rows = self.stop - self.start
+        out = {k: made_up_array((rows, shape.n_layers, shape.n_heads), k, self.seed, self.start) for k in
+               ("echo", "induction")}
+        return out, rows * width * shape.n_layers
+
 
 def _echo_induction(model: LoadedModel, *, n_sequences: int, seq_len: int, repeats: int, seed: int,
                     batch_size: int, bos: bool) -> dict[str, np.ndarray]:

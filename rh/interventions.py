@@ -712,6 +712,14 @@ class TransplantTask:
             df = teacher_forced(model, samples, condition="transplanted", batch_size=self.batch_size)
         return _correct(df, list(self.sample_ids))
 
+    def dry(self, model: LoadedModel, by_id: Mapping[str, Sample]) -> tuple[np.ndarray, int]:
+        """A dry run's (:mod:`rh.dry`): every row correct, and the teacher-forced batches' token-layers."""
+        from rh.dry import batch_tokens
+
+        samples = [by_id[i] for i in self.sample_ids]
+        tokens = sum(batch_tokens(samples, self.batch_size, with_answer=True))
+        return np.ones(len(samples)), tokens * model.shape.n_layers
+
 
 # ============================================================================ claims
 

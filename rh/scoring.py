@@ -320,6 +320,16 @@ def _qrhead_rows(tokenizer: Any, sample: Sample, opts: QRHeadOptions) -> dict[st
     return out
 
 
+def _qrhead_null_width(tokenizer: Any, batch: Batch, opts: QRHeadOptions) -> int:
+    """The width of :func:`_qrhead_batch`'s null (calibration) pass over ``batch``: its rows from
+    the earliest query start on, padded to the longest (with the real pass's cache reused), or the
+    whole padded row (without it)."""
+    lay = [_qrhead_rows(tokenizer, s, opts) for s in batch.samples]
+    cut = min(batch.pad[r] + l["first"] for r, l in enumerate(lay))
+    T = max(batch.pad[r] + l["q_span"][0] - cut + len(l["null_tail"]) for r, l in enumerate(lay))
+    return T if opts.reuse_prefix else cut + T
+
+
 def _row_weights(dists: Sequence[tuple[int, int]]) -> torch.Tensor:
     """``[b, m]`` weights over the last ``m`` query rows: 1/count on each row's query rows."""
     m = max(d0 for d0, _ in dists)
@@ -563,6 +573,32 @@ class ScoreBatchTask:
         scores, counted, info = _SCORERS[self.method](model, batch, self.options)
         back = np.argsort(batch.index)  # the batch's rows back to the order of sample_ids
         return scores[back], np.asarray(counted)[back], [info[j] for j in back]
+
+    def dry(self, model: LoadedModel, by_id: Mapping[str, Sample]) -> tuple[tuple[np.ndarray, np.ndarray, list], int]:
+        """A dry run's (:mod:`rh.dry`): made-up scores of every prompt (each counted), and the
+        token-layers of the batch's passes: the prompt's, then Wu24's generation to its last
+        step (as if no row stopped early: the bound), or QRHead's calibration pass."""
+        from rh.dry import made_up_array
+
+        samples = [by_id[i] for i in self.sample_ids]
+        (batch,) = make_batches(samples, len(samples), model.tokenizer.pad_token_id)
+        b, width = batch.input_ids.shape
+        shape = model.shape
+        tokens = b * width
+        info: list[dict[str, Any]] = [{} for _ in samples]
+        if self.method == "wu24":
+            opts = self.options or Wu24Options()
+            n_new = max(len(s.answer_ids) for s in samples) + opts.extra_tokens
+            tokens += b * (n_new - 1)  # one token a row per step after the prompt's
+            info = [{"generated": s.answer, "rouge1_recall": 1.0} for s in samples]
+        elif self.method == "qrhead":
+            opts = self.options or QRHeadOptions()
+            if opts.calibrate:
+                tokens += b * _qrhead_null_width(model.tokenizer, batch, opts)
+        elif self.method != "sum_attention":
+            raise ValueError(f"unknown identification method {self.method!r}")
+        scores = made_up_array((b, shape.n_layers, shape.n_heads), self.method, *self.sample_ids)
+        return (scores, np.ones(b, dtype=bool), info), tokens * shape.n_layers
 
 
 def _save_checkpoint(path, method: str, shape: HeadShape, done: dict) -> None:
