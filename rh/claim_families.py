@@ -29,7 +29,7 @@ import logging
 import re
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["Figure", "Calibration", "Parameter", "ClaimFamily", "register_family", "families", "family",
@@ -97,12 +97,10 @@ class ClaimFamily:
     ``"ID-3/ID-4"``, lists them in ``claims``), a one-line ``title``, its decision ``rule`` (the
     function that turns the data into verdicts), ``delta`` (``profile -> Δ``, the smallest effect
     the claim states), ``calibration`` (``(profile, sizes) -> Calibration``: see
-    ``rh.calibration.sizes``), ``figures``, ``parameters`` and ``costs``: what the family's fixtures
-    or test functions cost where ``--plan`` cannot count it from the passes alone (an identification,
-    integrated gradients), ``{name: fn(ctx)}`` as :func:`rh.plan.register_cost` takes them (a name
-    with a cost registered there keeps that one). Only ``id`` is required: a family without a
-    calibration is simply not simulated, one without figures draws none, one without costs plans
-    its fixtures as unknown where they run the model."""
+    ``rh.calibration.sizes``), ``figures`` and ``parameters``. Only ``id`` is required: a family
+    without a calibration is simply not simulated, one without figures draws none. What its claims
+    cost needs no declaring: ``--plan`` runs them dry and counts the passes they hand the runner
+    (:mod:`rh.dry`)."""
 
     id: str
     title: str = ""
@@ -112,7 +110,6 @@ class ClaimFamily:
     calibration: Callable[[Any, dict], Calibration] | None = None
     figures: tuple[Figure, ...] = ()
     parameters: tuple[Parameter, ...] = ()
-    costs: Mapping[str, Callable[[Any], Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         claims = tuple(self.claims) or tuple(self.id.split("/"))
@@ -131,14 +128,6 @@ class ClaimFamily:
             if not isinstance(p, Parameter):
                 raise TypeError(f"claim family {self.id!r}: parameters are rh.claim_families.Parameter values, not "
                                 f"{type(p).__name__}")
-        if not isinstance(self.costs, Mapping):
-            raise TypeError(f"claim family {self.id!r}: costs is a mapping {{fixture name: fn(ctx)}}, not "
-                            f"{type(self.costs).__name__}")
-        object.__setattr__(self, "costs", dict(self.costs))
-        for name, fn in self.costs.items():
-            if not isinstance(name, str) or not callable(fn):
-                raise TypeError(f"claim family {self.id!r}: costs maps a fixture's name to fn(ctx) (rh.plan.PlanContext "
-                                f"-> CostRows); got {name!r}: {type(fn).__name__}")
 
     @property
     def seed(self) -> int:
@@ -215,11 +204,6 @@ def family_of(claim: str) -> ClaimFamily | None:
 def calibrated() -> tuple[str, ...]:
     """The ids of the registered families that have a calibration, in the order registered."""
     return tuple(f.id for f in _REGISTRY.values() if f.calibration is not None)
-
-
-def costs() -> dict[str, Callable[[Any], Any]]:
-    """fixture (or test function) name -> its declared cost, over every registered family."""
-    return {name: fn for f in _REGISTRY.values() for name, fn in f.costs.items()}
 
 
 def parameters() -> dict[str, Parameter]:

@@ -112,16 +112,11 @@ def made_up_row(sample: Sample, condition: Any, heads: Sequence[Any] = ()) -> tu
 
 @dataclass
 class Tally:
-    """What one label (a fixture, a claim's body) asked for: its rows by condition name, its tasks
-    by kind, and the token-layers of each."""
+    """What one label (a fixture, a claim's body) asked for: its rows by condition name (side-by-side
+    rows by how many heads they zero), and its tasks by kind."""
 
     rows: dict[str, int] = field(default_factory=dict)
     tasks: dict[str, int] = field(default_factory=dict)
-    token_layers: dict[str, int] = field(default_factory=dict)
-
-    def describe(self) -> str:
-        parts = [f"{n} x {name}" for name, n in self.rows.items()] + [f"{n} x {name}" for name, n in self.tasks.items()]
-        return ", ".join(parts)
 
 
 class DryExecutor:
@@ -136,11 +131,10 @@ class DryExecutor:
         self.label = label or (lambda: "")  # the label charged now (the counter's)
         self.tallies: dict[str, Tally] = defaultdict(Tally)
 
-    def _note(self, kind: str, what: str, n: int, tl: int) -> None:
+    def _note(self, kind: str, what: str, n: int) -> None:
         t = self.tallies[self.label() or ""]
         bucket = t.rows if kind == "rows" else t.tasks
         bucket[what] = bucket.get(what, 0) + n
-        t.token_layers[what] = t.token_layers.get(what, 0) + tl
 
     def execute(self, packets: Sequence[Packet], by_id: Mapping[str, Sample], hints: Sequence[int],
                 reading: Any = None) -> Iterator[Any]:
@@ -154,12 +148,18 @@ class DryExecutor:
             else:
                 heads = p.heads or [()] * len(p.rows)
                 scores = [made_up_row(by_id[i], p.condition, heads[r]) for r, (_, i) in enumerate(p.rows)]
-                what = p.condition.name if p.condition is not None else "side by side"
             read = None
-            if reading is not None:
+            if reading is not None:  # the reading's own made-up values where it has them (made_up)
                 width = int(reading.width)
-                read = [[unit_hash(i, reading.key(), c) for c in range(width)] for _, i in p.rows]
-            self._note("rows", what, len(p.rows), tl)
+                made = getattr(reading, "made_up", None)
+                read = [list(made(i)) if made is not None else [unit_hash(i, reading.key(), c) for c in range(width)]
+                        for _, i in p.rows]
+            if p.prompt_only or p.condition is not None:
+                self._note("rows", what if p.prompt_only else p.condition.name, len(p.rows))
+            else:  # side-by-side rows, each with its own zero-ablated heads (the token-layers shared out by row)
+                names = [f"{len(h)} head{'s' if len(h) > 1 else ''} zeroed" if h else "clean" for h in p.heads]
+                for name in dict.fromkeys(names):
+                    self._note("rows", name, names.count(name))
             yield Done(scores, token_layers=tl, read=read)
 
     def call(self, tasks: Sequence[Any], by_id: Mapping[str, Sample]) -> Iterator[tuple[Any, int, dict]]:
@@ -169,7 +169,7 @@ class DryExecutor:
                 raise NotPlanned(f"{type(t).__name__} declares no dry run (a dry(model, by_id) method giving a "
                                  "made-up result and its token-layers): its claim's cost is unknown")
             result, tl = dry(self.model, by_id)
-            self._note("tasks", type(t).__name__, 1, int(tl))
+            self._note("tasks", type(t).__name__, 1)
             yield result, int(tl), {}
 
     def close(self) -> None:

@@ -515,7 +515,9 @@ def _plain_linear(lin: torch.nn.Module, where: str) -> torch.nn.Linear:
     if type(lin) is not torch.nn.Linear:
         raise ValueError(f"{where} is a {type(lin).__name__}: a transplant needs unquantized weights; "
                          "load both models in bf16/fp32 (no --quant)")
-    if lin.weight.device.type == "meta":
+    from rh.dry import is_dry
+
+    if lin.weight.device.type == "meta" and not is_dry():  # a dry run's models are all on the meta device
         raise ValueError(f"{where}'s weights are offloaded (meta device): load the model fully onto devices")
     return lin
 
@@ -556,6 +558,11 @@ class DonorHeads:
                              "heads a transplant moves)") from None
 
 
+def _taken(t: torch.Tensor) -> torch.Tensor:
+    """A copy on the CPU (a dry run's meta tensor as it is: it holds no numbers to copy)."""
+    return t if t.is_meta else t.cpu().clone()
+
+
 def take_donor_heads(donor: Any, heads: Iterable[Head | str]) -> DonorHeads:
     """The donor's weights for ``heads`` (:class:`DonorHeads`), checked as a transplant needs them:
     separate, unquantized q/k/v/o projections held on a device (not offloaded)."""
@@ -572,12 +579,12 @@ def take_donor_heads(donor: Any, heads: Iterable[Head | str]) -> DonorHeads:
 
             def rows(n: str, at: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
                 b = sl[n].bias
-                return sl[n].weight.detach()[at].cpu().clone(), (None if b is None else b.detach()[at].cpu().clone())
+                return _taken(sl[n].weight.detach()[at]), (None if b is None else _taken(b.detach()[at]))
 
             part: dict[str, torch.Tensor | None] = {}
             for n, at in (("q", q), ("k", kv), ("v", kv)):
                 part[n], part[f"{n}_bias"] = rows(f"{n}_proj", at)
-            part["o"] = sl["o_proj"].weight.detach()[:, q].cpu().clone()
+            part["o"] = _taken(sl["o_proj"].weight.detach()[:, q])
             parts[(h.layer, h.head)] = part
     return DonorHeads(str(getattr(donor, "key", "donor")), shape, hidden, parts)
 

@@ -8,10 +8,13 @@ how to write claims in your own repository."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,9 +103,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      "sets, no curtailment of the paired families (the reference the savings give identical "
                      "verdicts to, at about four times the token-layers)")
     g.addoption("--plan", action="store_true",
-                help="print each collected claim's planned conditions, forward passes, token-layers and estimated "
-                     "time (timed on a random 2-layer copy of the model's architecture), then stop: no weights "
-                     "load and no test runs (rh.plan; with --expected, the recorded counts beside)")
+                help="run the collected claims dry (rh.dry): the model without its weights, every pass counted "
+                     "and none computed; print each claim's passes, token-layers and estimated time (timed on a "
+                     "random 2-layer copy of the architecture; with --expected, the recorded counts beside). No "
+                     "verdict, report, journal, store or ranking is kept")
     g.addoption("--ray", default=None, metavar="local|HOST:PORT",
                 help="run the claims' forward passes (work units) on model replicas held by Ray actors: 'local' "
                      "starts a cluster on this machine (every Ray process on 127.0.0.1) and stops it at the end; "
@@ -232,6 +236,8 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("--plan"):
         if budget is not None:
             raise pytest.UsageError("--plan runs no claim: drop --budget (the plan's estimated times say what fits)")
+        if config.getoption("--update-expected"):
+            raise pytest.UsageError("--plan computes no verdict to record: drop --update-expected (or --plan)")
         if getattr(config.option, "numprocesses", None):
             raise pytest.UsageError("--plan plans in one process: drop -n")
     if budget is not None:
@@ -248,13 +254,19 @@ def pytest_configure(config: pytest.Config) -> None:
         session.meta["heads_model_warning"] = session.heads_warning
     config.stash[_SESSION] = session
     config.pluginmanager.register(session, PLUGIN_NAME)
-    if expected is not None:  # the options' own plugins, only where given
+    if expected is not None and not config.getoption("--plan"):  # the options' own plugins, only where given
         session.expected_check = ExpectedCheck(session, expected, update=bool(config.getoption("--update-expected")))
         config.pluginmanager.register(session.expected_check, "rh-expected")
     if budget is not None:
         session.scheduler = BudgetScheduler(session, budget, expected)
         config.pluginmanager.register(session.scheduler, "rh-budget")
     if config.getoption("--plan"):
+        folder = config.getini("rh_expected_dir")
+        if expected is None and folder:  # the recorded counts beside the plan: the bundled file, where it is this run's
+            from rh.plan import recorded_for
+
+            expected = recorded_for(config.rootpath / folder / f"{config.getoption('--model')}.json",
+                                    config.getoption("--model"), config.getoption("--profile"))
         config.pluginmanager.register(PlanPrinter(session, expected), "rh-plan")
     # the profile for this model's shape, once: --alpha and --heads are usage errors now, not at collection
     session.collection_profile = _collection_profile(config)
@@ -378,6 +390,7 @@ class RhSession:
         if ray:  # the replicas hold the weights, on their device; this process holds the architecture alone
             kwargs["device"] = "cuda" if config.getoption("--gpus-per-replica") else "cpu"
         self.run = Run(config.getoption("--model"), model_kwargs=kwargs, weights=not ray,
+                       dry=bool(config.getoption("--plan")),
                        plain=bool(config.getoption("--plain")), store=config.getoption("--store"),
                        runner=lambda model: _session_runner(config, model), on_load=lambda run, model: _loaded(
                            config, model), on_count=lambda: _progress(config),
@@ -695,7 +708,7 @@ class RhSession:
         """The claims collected, and (without --budget) the token-layers the progress lines count down."""
         claims = [it for it in items if it.get_closest_marker("claim") is not None]
         self.collected = [it.nodeid for it in claims]
-        if self.scheduler is None and claims:  # what the progress lines count down: the claims this run computes
+        if self.scheduler is None and claims and not self.run.dry:  # what the progress lines count down
             self.estimate = _estimate(config, self.expected_check.expected if self.expected_check else None,
                                       [it for it in claims if self.journaled(it) is None])
 
@@ -757,6 +770,8 @@ class RhSession:
                      "saved": {k: v for k, v in _add(own["saved"], remote["saved"]).items() if v}})
         if getattr(config.option, "numprocesses", None):
             cost["workers"] = "each pytest -n worker loads the model and sets up the session fixtures it needs"
+        if self.run.dry:  # --plan: the counts are the plan (PlanPrinter); no journal, no report, no comparison
+            return
         status = int(exitstatus)
         if interrupted is not None:  # the comparison lists the claims not run, as it lists those left out
             for n in interrupted["not_run"]:
@@ -806,6 +821,8 @@ class RhSession:
                 terminalreporter.write_line(f"rh report could not be written: {self.report_error}", red=True)
 
     def _summary(self, terminalreporter, config: pytest.Config) -> None:
+        if self.run.dry:  # --plan: the plan's table says it all (made-up outcomes have no verdicts to show)
+            return
         stop = self.meta.get("interrupted")
         kept = self.meta.get("journal")
         if stop:
@@ -1082,37 +1099,120 @@ class BudgetScheduler:
 
 
 class PlanPrinter:
-    """``--plan``, registered only with that option: prints the plan of the collected claims
-    (:mod:`rh.plan`) in place of running them; no weights load."""
+    """``--plan``, registered only with that option: a dry run of the collected claims (:mod:`rh.dry`).
+
+    Every claim runs its own code on the model without its weights, and the session's runner counts
+    the token-layers of each work unit and task instead of computing it (made-up outcomes keep the
+    claim going). What each claim charged (the fixtures first set up for it, and its body) is its
+    plan, printed as a table with the time this machine would take (:func:`rh.plan.calibrate_run`) and,
+    with an expected-verdicts file, what its recorded run executed. A claim whose passes cannot be
+    counted (a pass outside the runner, a task without ``dry``) is shown unknown with the reason,
+    never 0. The made-up outcomes never leave the dry run: no verdict is shown or kept, no report,
+    journal or store is written, and the ranking cache it reads is a copy (:meth:`cache_copy`)."""
 
     def __init__(self, session: RhSession, expected: Expected | None = None) -> None:
         self.session = session
         self.expected = expected  # --expected, whose recorded counts are shown beside the plan
+        self.claims: list[Any] = []  # rh.plan.ClaimPlan, in run order
+        self.unknown: dict[str, str] = {}  # node id -> why its passes could not be counted
+        self._copy: tempfile.TemporaryDirectory | None = None
+        self._copied: dict[Path, Path] = {}
+        self._start: tuple[dict[str, int], dict[str, Any]] | None = None
+        self._fixtures: list[str] = []
 
-    @pytest.hookimpl(tryfirst=True)
-    def pytest_runtestloop(self, session: pytest.Session):
-        """Print the plan of the collected claims (rh.plan) and run nothing."""
-        config = session.config
-        state = self.session
-        from rh.plan import format_plan, plan_session, recorded_for
+    def cache_copy(self, folder: Path) -> Path:
+        """A copy of the ranking cache ``folder``, made once: the dry run finds the rankings cached
+        there (so their identification costs nothing, as in a run) and writes those it makes up from
+        made-up scores into the copy, removed at the end."""
+        folder = Path(folder)
+        if folder not in self._copied:
+            if self._copy is None:
+                self._copy = tempfile.TemporaryDirectory(prefix="rh-plan-")
+            target = Path(self._copy.name) / f"rankings-{len(self._copied)}"
+            if folder.is_dir():
+                shutil.copytree(folder, target, ignore=shutil.ignore_patterns(".locks"))
+            else:
+                target.mkdir()
+            self._copied[folder] = target
+        return self._copied[folder]
 
-        claims = [it for it in session.items if it.get_closest_marker("claim") is not None]
-        expected = self.expected
-        folder = config.getini("rh_expected_dir")
-        if expected is None and folder:
-            expected = recorded_for(config.rootpath / folder / f"{config.getoption('--model')}.json",
-                                    config.getoption("--model"), config.getoption("--profile"))
-        plan = plan_session(config, claims, shape=state.shape, profile=state.collection_profile, external=state.external,
-                            expected=expected, cache_dir=ranking_cache(config))
-        tr = config.pluginmanager.getplugin("terminalreporter")
-        if tr is not None:
-            tr.ensure_newline()
-            tr.write_sep("=", "rh plan")
-            heading = (f"{config.getoption('--model')}, {config.getoption('--profile')} profile: {len(claims)} "
-                       f"claims planned, none run")
-            for line in format_plan(plan, heading=heading):
-                tr.write_line(line)
-        return True
+    def _tallies(self) -> dict[str, Any]:
+        executor = self.session.runner.executor if self.session.runner is not None else None
+        return dict(getattr(executor, "tallies", {}))
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_protocol(self, item: pytest.Item, nextitem):
+        """What the claim charged while it ran (its fixtures first set up, and its body): its plan."""
+        counts, tallies = dict(self.session.counter.counts), copy.deepcopy(self._tallies())
+        self._fixtures = []
+        try:
+            return (yield)
+        finally:
+            if item.get_closest_marker("claim") is not None:
+                self.claims.append(self._planned(item, counts, tallies))
+
+    def pytest_fixture_setup(self, fixturedef, request) -> None:
+        self._fixtures.append(fixturedef.argname)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call):
+        """A claim that raised is not planned: skipped, with the reason kept for the table."""
+        rep = yield
+        if item.get_closest_marker("claim") is not None and rep.failed:
+            why = _short_error(rep)
+            self.unknown.setdefault(item.nodeid, why)
+            rep.outcome = "skipped"
+            rep.longrepr = (str(item.path), item.location[1] or 0, f"not planned: {why}")
+        return rep
+
+    def _planned(self, item: pytest.Item, counts: dict[str, int], tallies: dict[str, Any]) -> Any:
+        from rh.plan import ClaimPlan, PlanLine, claim_label
+
+        nodeid = item.nodeid
+        now = self._tallies()
+        cp = ClaimPlan(nodeid, claim_label(item), unknown=self.unknown.get(nodeid))
+        for label, n in self.session.counter.counts.items():
+            spent = n - counts.get(label, 0)
+            before, t = tallies.get(label), now.get(label)
+            rows = {k: v - (before.rows.get(k, 0) if before else 0) for k, v in (t.rows if t else {}).items()}
+            tasks = {k: v - (before.tasks.get(k, 0) if before else 0) for k, v in (t.tasks if t else {}).items()}
+            if spent or any(rows.values()) or any(tasks.values()):
+                name = "body" if label == nodeid else label.removeprefix("fixture:")
+                cp.lines.append(PlanLine(name, spent, {k: v for k, v in rows.items() if v},
+                                         {k: v for k, v in tasks.items() if v}))
+        exp = self.expected
+        node = exp.nodes.get(nodeid) if exp is not None else None
+        if node is not None and node.get("token_layers") is not None:
+            rec_fx, rec_fs = dict(exp.fixture_token_layers), dict(exp.fixture_seconds)
+            fixtures = list(dict.fromkeys(self._fixtures))  # those first set up for this claim
+            cp.recorded_tl = int(node["token_layers"]) + sum(int(rec_fx.get(f, 0)) for f in fixtures)
+            if node.get("seconds") is not None:
+                cp.recorded_s = float(node["seconds"]) + sum((rec_fs.get(f) or {}).get("seconds") or 0.0
+                                                             for f in fixtures)
+        return cp
+
+    def pytest_terminal_summary(self, terminalreporter, exitstatus, config) -> None:
+        from rh.plan import Plan, calibrate_run, format_plan
+
+        plan = Plan(self.claims, recorded_from=str(self.expected.path) if self.expected is not None else None)
+        opt = config.getoption
+        try:
+            cal = calibrate_run(opt("--model"), self.session.collection_profile, device=opt("--device"),
+                                dtype=opt("--dtype"), quant=opt("--quant"))
+            plan.per_tl, plan.calibration = cal.seconds_per_token_layer, cal.line()
+        except Exception as exc:  # a plan without times is still a plan
+            plan.calibration = f"no calibration ({type(exc).__name__}: {exc}); times unknown"
+        terminalreporter.ensure_newline()
+        terminalreporter.write_sep("=", "rh plan")
+        heading = (f"{opt('--model')}, {opt('--profile')} profile: {len(self.claims)} claims run dry (every pass "
+                   "counted, none computed; no verdict)")
+        for line in format_plan(plan, heading=heading):
+            terminalreporter.write_line(line)
+
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
+        if self._copy is not None:
+            self._copy.cleanup()
+            self._copy = None
 
 
 @pytest.fixture(scope="session")
@@ -1132,7 +1232,8 @@ def _loaded(config: pytest.Config, model) -> None:
     """Said once the model has loaded; with --budget or --update-expected, this machine's seconds
     per token-layer measured (before prefix reuse starts: the calibration is a plain pass). A model
     loaded without its weights (--ray) says so."""
-    what = "" if model.holds_weights else ", without its weights: the Ray replicas hold them"
+    what = ("" if model.holds_weights else ", without its weights: a dry run (--plan) counts the passes and computes "
+            "none" if _rh(config).run.dry else ", without its weights: the Ray replicas hold them")
     _progress(config, f"loaded {model.key} in {model.provenance['dtype']} "
                       f"({model.provenance.get('dtype_reason', '')}){what}", force=True)
     if model.holds_weights:  # else on a replica, once they run (_session_runner)
@@ -1466,6 +1567,8 @@ def _settle(node: pytest.Item, config: pytest.Config, entry: dict[str, Any], ver
     :func:`record_verdict` says: what a computed verdict and one replayed from the journal share."""
     node.user_properties.append((_VERDICT, entry))
     node.user_properties.append((_META, _rh(config).meta))  # how a pytest -n worker's metadata reaches the controller
+    if _rh(config).run.dry:  # --plan: made-up outcomes decide nothing; the claim's passes were what counted
+        return
     check = _rh(config).expected_check
     if check is not None:
         check.settle(entry, verdict)
@@ -1490,7 +1593,14 @@ def report_dir(config: pytest.Config) -> Path:
 def ranking_cache(config: pytest.Config) -> Path:
     """``--ranking-cache``, else the ini value ``rh_ranking_cache`` under the rootdir; rankings of a
     random test model (``tiny-llama``) go to ``.rh/rankings`` under the rootdir instead, never into
-    a folder of committed rankings."""
+    a folder of committed rankings. With ``--plan``, a copy of that folder (:class:`PlanPrinter`)."""
+    plan = config.pluginmanager.getplugin("rh-plan")
+    if plan is not None:  # a dry run reads the rankings cached and keeps those it makes up to itself
+        return plan.cache_copy(_ranking_cache(config))
+    return _ranking_cache(config)
+
+
+def _ranking_cache(config: pytest.Config) -> Path:
     from rh.models import resolve_spec
 
     if not config.getoption("--ranking-cache") and resolve_spec(config.getoption("--model")).kind == "random":

@@ -42,19 +42,23 @@ class Run:
     after the counter is attached and before prefix reuse starts (the budget's calibration pass).
     ``on_count``: called after each counted forward (progress lines). ``weights=False``: the model
     is loaded without its weights (:func:`rh.models.load_model`), for a runner whose executor holds
-    them (Ray replicas): this process then runs no forward pass of its own."""
+    them (Ray replicas): this process then runs no forward pass of its own. ``dry=True``: a dry run
+    (:mod:`rh.dry`, ``--plan``): the model without its weights, every pass plain, the runner's
+    executor a :class:`rh.dry.DryExecutor` that counts each pass's token-layers and computes none,
+    and a results store in memory only."""
 
     def __init__(self, model: str, *, model_kwargs: Mapping[str, Any] | None = None, plain: bool = False,
                  store: str | Path | None = None, runner: RunnerFactory | None = None,
                  on_load: Callable[[Run, Any], None] | None = None, on_count: Callable[[], None] | None = None,
-                 command: str = "", weights: bool = True) -> None:
+                 command: str = "", weights: bool = True, dry: bool = False) -> None:
         from rh.budget import SavingsLedger, TokenLayerCounter
 
         self.model_name = model
-        self.weights = weights
+        self.dry = dry
+        self.weights = weights and not dry
         self.model_kwargs = dict(model_kwargs or {})
-        self.plain = plain
-        self.store_path = store
+        self.plain = plain or dry
+        self.store_path = None if dry else store
         self._runner_factory = runner
         self._on_load = on_load
         self.counter = TokenLayerCounter()
@@ -85,6 +89,10 @@ class Run:
             raise RuntimeError("this Run is closed: start another")
         from rh.models import load_model
 
+        if self.dry:
+            from rh.dry import dry_running
+
+            self.resources.enter_context(dry_running())
         model = load_model(self.model_name, **self.model_kwargs, weights=self.weights)
         handle = self.counter.attach(model.model)
         self.resources.callback(handle.remove)
@@ -113,10 +121,15 @@ class Run:
         return model
 
     def _make_runner(self, model):
-        if self._runner_factory is not None:
-            return self._runner_factory(model)
         from rh.runner import ResultStore, Runner, use_runner
 
+        if self.dry:
+            from rh.dry import DryExecutor
+
+            executor = DryExecutor(model, label=lambda: self.counter.label)
+            return use_runner(model, Runner(model, executor=executor, charge=self.counter.charge))
+        if self._runner_factory is not None:
+            return self._runner_factory(model)
         return use_runner(model, Runner(model, store=ResultStore(self.store_path)))
 
     def load_other(self, name: str, **model_kwargs: Any):
@@ -128,7 +141,7 @@ class Run:
 
             kwargs = {k: v for k, v in self.model_kwargs.items() if k != "max_memory"}
             kwargs.update(model_kwargs)
-            self.others[name] = load_model(name, **kwargs)
+            self.others[name] = load_model(name, **kwargs, weights=not self.dry)
         return self.others[name]
 
     # ---------------------------------------------------------------- verdicts and costs

@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("model: loading, prompts, hooks, ablation and evaluation passes",
      ("rh.models", "rh.recording", "rh.attention", "rh.budget", "rh.memory", "rh.niah", "rh.multi_needle",
       "rh.batching", "rh.prefix", "rh.profiles", "rh.ablation", "rh.compression", "rh.evaluate", "rh.units", "rh.curtail",
-      "rh.journal", "rh.runner", "rh.ray_executor", "rh.planted")),
+      "rh.journal", "rh.runner", "rh.dry", "rh.ray_executor", "rh.planted")),
     ("science: head scores, rankings and the claims' experiments",
      ("rh.scoring", "rh.rankings", "rh.published", "rh.uncertainty", "rh.pipeline", "rh.causal",
       "rh.pruning", "rh.content_free", "rh.id_claims", "rh.attribution", "rh.probes",

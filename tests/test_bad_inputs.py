@@ -119,6 +119,7 @@ def _bad_files(tmp_path):
     (["--ranking-cache", "{tmp}/a_file"], "--ranking-cache"),
     (["--ranking-cache", "{tmp}/a_file/rankings"], "a_file is a file, not a folder; choose another folder"),
     (["--update-expected"], "--update-expected needs --expected"),
+    (["--plan", "--expected", "{tmp}/new.json", "--update-expected"], "--plan computes no verdict to record"),
     (["--expected", "nowhere.json"], "no such file"),
     (["--model", "smollm3"], "unknown model 'smollm3'"),
 ])

@@ -182,31 +182,3 @@ def test_a_row_without_a_verdict_keeps_the_parameter_that_sets_it_apart():
     assert names["iv_level"] == "n_heads" and names["id_method"] == "method" and names["id_task"] == "task"
 
 
-def test_a_family_declares_the_cost_plan_cannot_count_and_register_cost_still_wins():
-    """ClaimFamily.costs reaches --plan's lookup (rh.plan.registered) for a name nothing else
-    registered; a cost registered with register_cost keeps precedence; rh's built-in lookup ignores
-    a family's; a cost that is not callable is refused at registration. Catches the family's costs
-    never reaching the plan (planned as unknown) or overriding a fixture's own registration."""
-    from rh import plan
-    from rh.plan import register_cost, registered
-
-    def mine(ctx):
-        return []
-
-    fam = cf.register_family(ClaimFamily("LAB-77", "costs", costs={"lab77_outcomes": mine, "lab77_both": mine}))
-    try:
-        assert registered("lab77_outcomes") is mine
-        assert registered("lab77_outcomes", builtin=True) is None
-
-        def explicit(ctx):
-            return []
-
-        register_cost("lab77_both", explicit)
-        assert registered("lab77_both") is explicit
-        assert registered("lab77_missing") is None
-    finally:
-        cf._REGISTRY.pop(fam.id, None)
-        plan._COSTS.pop("lab77_both", None)
-    assert registered("lab77_outcomes") is None
-    with pytest.raises(TypeError, match="costs maps a fixture's name"):
-        ClaimFamily("LAB-78", costs={"x": 3})

@@ -160,20 +160,6 @@ def test_planted_heads_come_from_the_provenance(planted, twin):
     assert twin.spec.planted_heads == ()
 
 
-def test_the_plan_asks_for_wu24_on_a_planted_model_only():
-    """ID-7's plan row: the planted model's ID-7 asks for Wu24's ranking (its recovery), the twin's
-    and SmolLM2's do not. Bug caught: the plan knowing the planted model by its key only."""
-    from rh.plan import CostRow, PlanContext, registered
-    from rh.profiles import get_profile
-
-    cost = registered("id7_verdicts", builtin=True)
-    for name, wants in (("planted", True), ("planted-twin", False), ("smollm2-135m", False)):
-        prof = get_profile("quick", PLANTED_SHAPE)
-        rows = cost(PlanContext(prof, PLANTED_SHAPE, model=name))
-        rows = [rows] if isinstance(rows, CostRow) else list(rows)
-        assert any(r.name == "wu24_identification" for r in rows) == wants, name
-
-
 def test_the_recovery_figure_draws_from_id7_rows_and_only_there():
     """The report's figure reads ID-7 rows' planted_recovery; rows without it draw nothing (every
     model but the planted one)."""
