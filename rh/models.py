@@ -768,7 +768,7 @@ def _weightless(spec: ModelSpec, *, device: str, dtype: Any, quant: str | None, 
     if spec.kind == "bundled-gguf":
         gguf_path = bundled_gguf_path(spec)
         tokenizer = _gguf_tokenizer(str(gguf_path))
-        cfg = AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        cfg = _cached_gguf_config(gguf_path)
         prov = _gguf_provenance(spec, gguf_path)
     else:
         from transformers import AutoTokenizer
@@ -1161,6 +1161,31 @@ def _gguf_weights(gguf_path: Path, dtype: Any, attn_implementation: str):
         save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
     return _cached_conversion(saved, convert, load_copy, save, "dequantized model")
+
+
+def _cached_gguf_config(gguf_path: Path) -> Any:
+    """The transformers config of a GGUF file, as ``AutoConfig.from_pretrained(gguf_file=...)``
+    reads it (about 5 s: the header's vocabulary is parsed), kept once as ``config.json`` under
+    :func:`cache_dir` (``configs/``, keyed as the tokenizer's copy) for the loads without weights
+    (``--plan``, a ``--ray`` controller) of later processes: the same config, but for its
+    ``_name_or_path``, which is set back."""
+    from transformers import AutoConfig
+
+    saved = cache_dir() / "configs" / f"{gguf_path.stem}-{_gguf_key(gguf_path)}"
+
+    def load_copy(folder: Path):
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(folder / "config.json")
+        cfg = AutoConfig.from_pretrained(str(folder))
+        cfg._name_or_path = str(gguf_path.parent)
+        return cfg
+
+    def save(cfg: Any, folder: Path) -> None:
+        folder.mkdir(parents=True)
+        cfg.save_pretrained(str(folder))
+
+    return _cached_conversion(saved, lambda: AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name),
+                              load_copy, save, "GGUF config")
 
 
 def bundled_tokenizer():

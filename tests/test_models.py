@@ -485,3 +485,30 @@ def test_the_bundled_model_without_its_weights_has_the_provenance_of_its_file():
     assert (bare.shape.n_layers, bare.shape.n_heads, bare.shape.n_kv_heads) == (30, 9, 3)
     assert bare.provenance["dtype"] == choose_dtype("cpu").name and bare.provenance["attn_implementation"] == "sdpa"
     assert {p.device.type for p in bare.model.parameters()} == {"meta"}
+
+
+@pytest.mark.slow  # two conversions of the GGUF's header, about 5 s each, and a weightless load
+def test_the_bundled_config_is_read_from_the_gguf_once_and_its_copy_is_the_same(tmp_path, monkeypatch):
+    """The config a load without weights (--plan, a --ray controller) builds the bundled model's
+    architecture from: converted from the GGUF once, then read from its copy under RH_CACHE_DIR,
+    equal in every field to the GGUF's; a damaged copy is converted again. The weightless model
+    built from the copy has the full load's modules and shapes."""
+    from transformers import AutoConfig
+
+    from rh.models import REGISTRY, bundled_gguf_path, load_model
+
+    path = bundled_gguf_path(REGISTRY["smollm2-135m"])
+    calls = _spy_loads(monkeypatch, AutoConfig)
+    monkeypatch.setenv("RH_CACHE_DIR", str(tmp_path / "cache"))
+    first = models._cached_gguf_config(path)
+    [saved] = (tmp_path / "cache" / "configs").iterdir()
+    assert calls == ["gguf"] and (saved / "config.json").is_file()
+    again = models._cached_gguf_config(path)
+    assert calls == ["gguf", "copy"] and again.to_dict() == first.to_dict()
+    (saved / "config.json").write_text("{not json")
+    calls.clear()
+    assert models._cached_gguf_config(path).to_dict() == first.to_dict() and calls == ["copy", "gguf"]
+    bare = load_model("smollm2-135m", weights=False)
+    built = {k: v for k, v in bare.model.config.to_dict().items() if k != "dtype"}  # set by the build
+    assert not bare.holds_weights and built == {k: v for k, v in first.to_dict().items() if k != "dtype"}
+    assert bare.shape == REGISTRY["smollm2-135m"].shape
