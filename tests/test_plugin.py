@@ -374,6 +374,10 @@ def test_a_long_claim_prints_progress_without_s_and_estimates_the_time_left(warm
     lines = [ln for ln in out.splitlines() if ln.startswith("rh [")]
     assert any("running test_long.py::test_long, conditions 2 of 3" in ln for ln in lines), lines
     assert any("192 token-layers of 384 expected (50%)" in ln and "left at this pace" in ln for ln in lines), lines
+    # --plain runs every pass in full: the file's count (a run with its savings) is not what it will run
+    plain = pytester.runpytest_inprocess("--model", "tiny-llama", "-p", "no:cacheprovider", "--plain").stdout.str()
+    lines = [ln for ln in plain.splitlines() if ln.startswith("rh [")]
+    assert any("conditions 2 of 3" in ln for ln in lines) and not any("expected" in ln for ln in lines), lines
 
 
 def _node_costs(report: dict) -> dict[str, int]:
