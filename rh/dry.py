@@ -41,7 +41,7 @@ from rh.niah import Sample
 from rh.units import Packet
 
 __all__ = ["DryExecutor", "NotPlanned", "Tally", "dry_running", "is_dry", "packet_token_layers", "batch_tokens",
-           "unit_hash", "made_up_row"]
+           "unit_hash", "made_up_row", "made_up_array"]
 
 _DRY: ContextVar[bool] = ContextVar("rh_dry_run", default=False)
 
@@ -57,6 +57,7 @@ def is_dry() -> bool:
 
 @contextlib.contextmanager
 def dry_running() -> Iterator[None]:
+    """Within the block, :func:`is_dry` is True (a :class:`rh.run.Run` with ``dry=True`` holds it open)."""
     token = _DRY.set(True)
     try:
         yield
@@ -132,6 +133,7 @@ class DryExecutor:
         self.tallies: dict[str, Tally] = defaultdict(Tally)
 
     def _note(self, kind: str, what: str, n: int) -> None:
+        """``n`` more rows of ``what`` (a condition's name), or tasks of that kind, for the label charged now."""
         t = self.tallies[self.label() or ""]
         bucket = t.rows if kind == "rows" else t.tasks
         bucket[what] = bucket.get(what, 0) + n
@@ -156,7 +158,7 @@ class DryExecutor:
                         for _, i in p.rows]
             if p.prompt_only or p.condition is not None:
                 self._note("rows", what if p.prompt_only else p.condition.name, len(p.rows))
-            else:  # side-by-side rows, each with its own zero-ablated heads (the token-layers shared out by row)
+            else:  # side-by-side rows, each with its own zero-ablated heads: named by how many
                 names = [f"{len(h)} head{'s' if len(h) > 1 else ''} zeroed" if h else "clean" for h in p.heads]
                 for name in dict.fromkeys(names):
                     self._note("rows", name, names.count(name))

@@ -1117,7 +1117,6 @@ class PlanPrinter:
         self.unknown: dict[str, str] = {}  # node id -> why its passes could not be counted
         self._copy: tempfile.TemporaryDirectory | None = None
         self._copied: dict[Path, Path] = {}
-        self._start: tuple[dict[str, int], dict[str, Any]] | None = None
         self._fixtures: list[str] = []
 
     def cache_copy(self, folder: Path) -> Path:
