@@ -237,6 +237,39 @@ def test_a_teams_own_claim_is_planned_as_it_runs_and_a_pass_outside_the_runner_i
     res.assert_outcomes(passed=2, skipped=1)
 
 
+def test_a_local_model_folder_is_planned_from_its_config_and_tokenizer_alone(warm_imports, pytester, tiny_dir,
+                                                                          monkeypatch):
+    """``--plan --model ./folder`` (the path a hub model takes, from its config.json and tokenizer):
+    no weights are read (transformers' from_pretrained of the causal LM raises here), the claim's
+    passes are counted as for the registry's tiny-llama of the same shape and prompts."""
+    from transformers import AutoModelForCausalLM
+
+    def no_weights(*a, **k):
+        raise AssertionError("--plan read the folder's weights")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_weights)
+    pytester.makepyfile(test_lab=textwrap.dedent("""
+        import pytest
+        from rh.ablation import Ablation
+        from rh.heads import Head
+        from rh.rules.claims import inconclusive
+        from rh.runner import run_one
+
+        @pytest.mark.claim("LAB-1")
+        def test_runner(rh_model, validation, record_verdict):
+            run_one(rh_model, validation, Ablation("top2", (Head(0, 1), Head(2, 3))))
+            record_verdict(inconclusive("LAB-1", {}, "a lab claim", "none", 0.05, min_effect=0.0))
+    """))
+    common = ["-p", "no:cacheprovider", "-W", "ignore::pytest.PytestAssertRewriteWarning", "--dtype", "float32"]
+    res = pytester.runpytest_inprocess("--plan", "--model", str(tiny_dir), *common)
+    out = res.stdout.str()
+    assert res.ret == 0 and "without its weights: a dry run" in out, out[-3000:]
+    row = next(line for line in out.splitlines() if line.startswith("LAB-1"))
+    ref = pytester.runpytest_inprocess("--plan", "--model", "tiny-llama", *common).stdout.str()
+    assert row.split()[3] != "unknown" and row.split()[1:4] == next(
+        line for line in ref.splitlines() if line.startswith("LAB-1")).split()[1:4]
+
+
 @pytest.mark.slow  # the claim planned twice and run once, in subprocesses (about 40 s)
 def test_iv4_is_planned_with_a_donor_of_the_same_shape_and_without_passes_for_another(tmp_path):
     """IV-4 with --compare-model: the donor loads without its weights too, and the transplanted
