@@ -154,7 +154,7 @@ class DryExecutor:
             if reading is not None:  # the reading's own made-up values where it has them (made_up)
                 width = int(reading.width)
                 made = getattr(reading, "made_up", None)
-                read = [list(made(i)) if made is not None else [unit_hash(i, reading.key(), c) for c in range(width)]
+                read = [list(made(i)) if made is not None else made_up_array((width,), i, reading.key()).tolist()
                         for _, i in p.rows]
             if p.prompt_only or p.condition is not None:
                 self._note("rows", what if p.prompt_only else p.condition.name, len(p.rows))
