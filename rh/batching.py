@@ -43,12 +43,18 @@ class Batch:
         return out
 
 
+def row_length(sample: Sample, *, with_answer: bool = False) -> int:
+    """A sample's tokens in a forward: its prompt, with ``with_answer`` the gold answer but its last
+    token (the teacher-forcing input)."""
+    return len(sample.input_ids) + (len(sample.answer_ids[:-1]) if with_answer else 0)
+
+
 def batch_order(samples: Sequence[Sample], batch_size: int, *, with_answer: bool = False) -> list[list[int]]:
     """Which samples :func:`make_batches` puts in each batch (their indices): ordered by length (a
     stable sort), then cut into batches of at most ``batch_size``."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be at least 1")
-    lengths = [len(s.input_ids) + (len(s.answer_ids[:-1]) if with_answer else 0) for s in samples]
+    lengths = [row_length(s, with_answer=with_answer) for s in samples]
     order = sorted(range(len(samples)), key=lambda i: lengths[i])
     return [order[c : c + batch_size] for c in range(0, len(order), batch_size)]
 

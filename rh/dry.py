@@ -74,9 +74,9 @@ def unit_hash(*parts: Any) -> float:
 def batch_tokens(samples: Sequence[Sample], batch_size: int, *, with_answer: bool) -> list[int]:
     """Tokens of each forward :func:`rh.batching.make_batches` would cut from ``samples``: rows x
     the longest row (left padding included), as the counter counts them."""
-    from rh.batching import batch_order
+    from rh.batching import batch_order, row_length
 
-    seqs = [len(s.input_ids) + (len(s.answer_ids) - 1 if with_answer else 0) for s in samples]
+    seqs = [row_length(s, with_answer=with_answer) for s in samples]
     return [len(rows) * max(seqs[i] for i in rows)
             for rows in batch_order(list(samples), max(1, batch_size), with_answer=with_answer)]
 
@@ -93,15 +93,14 @@ def packet_token_layers(packet: Packet, by_id: Mapping[str, Sample], n_layers: i
     return tokens * layers
 
 
-def _on(condition: Any, heads: Sequence[Any]) -> bool:
-    return bool(heads) or bool(getattr(condition, "params", ())) if condition is not None else bool(heads)
-
-
 def made_up_row(sample: Sample, condition: Any, heads: Sequence[Any] = ()) -> tuple[bool, float, float, int]:
     """A row as :func:`rh.evaluate.score_batch` gives it, made up: correct without an intervention,
-    by a hash of the prompt and the condition with one."""
+    by a hash of the prompt and the condition with one (``heads``: a side-by-side row's own, where
+    ``condition`` is None)."""
+    from rh.runner import intervenes
+
     heads = tuple(heads) or tuple(getattr(condition, "heads", ()) or ())
-    if not _on(condition, heads):
+    if not heads and not intervenes(condition):
         correct, u = True, 0.9
     else:
         u = unit_hash(sample.id, getattr(condition, "name", ""), heads)

@@ -8,7 +8,6 @@ how to write claims in your own repository."""
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import math
@@ -1136,19 +1135,22 @@ class PlanPrinter:
         return self._copied[folder]
 
     def _tallies(self) -> dict[str, Any]:
+        """The dry executor's rows and tasks by label since the running claim started (empty before
+        the model loads)."""
         executor = self.session.runner.executor if self.session.runner is not None else None
-        return dict(getattr(executor, "tallies", {}))
+        return getattr(executor, "tallies", {})
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_protocol(self, item: pytest.Item, nextitem):
         """What the claim charged while it ran (its fixtures first set up, and its body): its plan."""
-        counts, tallies = dict(self.session.counter.counts), copy.deepcopy(self._tallies())
+        counts = dict(self.session.counter.counts)
+        self._tallies().clear()  # the executor's tallies are this claim's from here
         self._fixtures = []
         try:
             return (yield)
         finally:
             if item.get_closest_marker("claim") is not None:
-                self.claims.append(self._planned(item, counts, tallies))
+                self.claims.append(self._planned(item, counts))
 
     def pytest_fixture_setup(self, fixturedef, request) -> None:
         self._fixtures.append(fixturedef.argname)
@@ -1164,21 +1166,18 @@ class PlanPrinter:
             rep.longrepr = (str(item.path), item.location[1] or 0, f"not planned: {why}")
         return rep
 
-    def _planned(self, item: pytest.Item, counts: dict[str, int], tallies: dict[str, Any]) -> Any:
+    def _planned(self, item: pytest.Item, counts: dict[str, int]) -> Any:
         from rh.plan import ClaimPlan, PlanLine, claim_label
 
         nodeid = item.nodeid
-        now = self._tallies()
+        tallies = self._tallies()
         cp = ClaimPlan(nodeid, claim_label(item), unknown=self.unknown.get(nodeid))
         for label, n in self.session.counter.counts.items():
             spent = n - counts.get(label, 0)
-            before, t = tallies.get(label), now.get(label)
-            rows = {k: v - (before.rows.get(k, 0) if before else 0) for k, v in (t.rows if t else {}).items()}
-            tasks = {k: v - (before.tasks.get(k, 0) if before else 0) for k, v in (t.tasks if t else {}).items()}
-            if spent or any(rows.values()) or any(tasks.values()):
+            t = tallies.get(label)
+            if spent or (t is not None and (t.rows or t.tasks)):
                 name = "body" if label == nodeid else label.removeprefix("fixture:")
-                cp.lines.append(PlanLine(name, spent, {k: v for k, v in rows.items() if v},
-                                         {k: v for k, v in tasks.items() if v}))
+                cp.lines.append(PlanLine(name, spent, dict(t.rows) if t else {}, dict(t.tasks) if t else {}))
         exp = self.expected
         node = exp.nodes.get(nodeid) if exp is not None else None
         if node is not None and node.get("token_layers") is not None:

@@ -88,12 +88,18 @@ class Layout:
         return asdict(self)
 
 
+def intervenes(condition: Any) -> bool:
+    """Whether ``condition`` changes the forward: heads it acts on, or parameters of its own (a
+    window restriction's sink and window, a patch's place...). The baseline (or None) has neither."""
+    return bool(getattr(condition, "heads", ()) or getattr(condition, "params", ()))
+
+
 def row_key(layout_key: str, condition: Ablation, sample: Sample) -> str | None:
     """The stored row's key, or None where the row is not stored (mean ablation)."""
     if condition.method == "mean" and condition.heads:
         return None
     params = list(getattr(condition, "params", ()))  # a window restriction's sink and window, a patch's place...
-    on = bool(condition.heads or params)  # the baseline alone has neither: its rows are keyed as such
+    on = intervenes(condition)  # the baseline alone has neither: its rows are keyed as such
     # "decode" rows are keyed as Wu24's protocol (ablated from the prompt's last token on): a store
     # written before that carries rows of the earlier phase (from the first answer token on), not served
     phase = ("decode@last-prompt-token" if condition.phase == "decode" else condition.phase) if on else ""

@@ -320,14 +320,13 @@ def _qrhead_rows(tokenizer: Any, sample: Sample, opts: QRHeadOptions) -> dict[st
     return out
 
 
-def _qrhead_null_width(tokenizer: Any, batch: Batch, opts: QRHeadOptions) -> int:
-    """The width of :func:`_qrhead_batch`'s null (calibration) pass over ``batch``: its rows from
-    the earliest query start on, padded to the longest (with the real pass's cache reused), or the
-    whole padded row (without it)."""
-    lay = [_qrhead_rows(tokenizer, s, opts) for s in batch.samples]
-    cut = min(batch.pad[r] + l["first"] for r, l in enumerate(lay))
-    T = max(batch.pad[r] + l["q_span"][0] - cut + len(l["null_tail"]) for r, l in enumerate(lay))
-    return T if opts.reuse_prefix else cut + T
+def _qrhead_null_extent(pads: Sequence[int], lay: Sequence[dict[str, Any]]) -> tuple[int, int]:
+    """Where :func:`_qrhead_batch`'s null (calibration) pass starts in the padded batch (``cut``:
+    the earliest query start, where the real pass's cache is cropped) and its width from there
+    (``T``: each row's tokens up to its question, then its null tail, padded to the longest).
+    ``lay``: each row's :func:`_qrhead_rows` with the calibration's fields."""
+    cut = min(pads[r] + l["first"] for r, l in enumerate(lay))
+    return cut, max(pads[r] + l["q_span"][0] - cut + len(l["null_tail"]) for r, l in enumerate(lay))
 
 
 def _row_weights(dists: Sequence[tuple[int, int]]) -> torch.Tensor:
@@ -365,7 +364,6 @@ def _qrhead_batch(model: LoadedModel, batch: Batch,
 
     w = _row_weights([l["real_d"] for l in lay])
     inputs = batch.model_inputs(dev)
-    cut = min(pads[r] + l["first"] for r, l in enumerate(lay))  # the null pass starts here
     reuse = opts.calibrate and opts.reuse_prefix
     cache = None
     if reuse:
@@ -381,11 +379,11 @@ def _qrhead_batch(model: LoadedModel, batch: Batch,
     if opts.calibrate:
         # null rows: the row's tokens up to its question (same padded positions as the real pass),
         # padding inserted there so that every row ends together, then the null query and the rest
+        cut, T = _qrhead_null_extent(pads, lay)  # the null pass starts at cut, T tokens wide
         tails = []
         for r, l in enumerate(lay):
             q0 = pads[r] + l["q_span"][0]
             tails.append((batch.input_ids[r, cut:q0].tolist(), l["null_tail"]))
-        T = max(len(a) + len(n) for a, n in tails)
         ids = torch.full((b, T), int(tok.pad_token_id), dtype=torch.long)
         mask = torch.zeros(b, T, dtype=torch.long)
         wn = torch.zeros(b, T)  # over the null pass's query positions
@@ -593,8 +591,10 @@ class ScoreBatchTask:
             info = [{"generated": s.answer, "rouge1_recall": 1.0} for s in samples]
         elif self.method == "qrhead":
             opts = self.options or QRHeadOptions()
-            if opts.calibrate:
-                tokens += b * _qrhead_null_width(model.tokenizer, batch, opts)
+            if opts.calibrate:  # the null pass: from cut on with the real pass's cache, else the whole row
+                cut, width_null = _qrhead_null_extent(batch.pad, [_qrhead_rows(model.tokenizer, s, opts)
+                                                                  for s in batch.samples])
+                tokens += b * (width_null if opts.reuse_prefix else cut + width_null)
         elif self.method != "sum_attention":
             raise ValueError(f"unknown identification method {self.method!r}")
         scores = made_up_array((b, shape.n_layers, shape.n_heads), self.method, *self.sample_ids)

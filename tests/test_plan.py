@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -39,8 +40,7 @@ def _plan(tmp_path: Path, *args: str, timeout: int = 600) -> tuple[dict, str]:
     """--plan in a subprocess: what it planned per claim (``_DUMP``) and its output."""
     (tmp_path / "plandump.py").write_text(_DUMP)
     dump = tmp_path / "plan.json"
-    env = {**__import__("os").environ, "RH_PLAN_DUMP": str(dump),
-           "PYTHONPATH": f"{tmp_path}:{__import__('os').environ.get('PYTHONPATH', '')}"}
+    env = {**os.environ, "RH_PLAN_DUMP": str(dump), "PYTHONPATH": f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run([sys.executable, "-m", "pytest", "claims/", "--plan", "-q", "-p", "plandump", "-p",
                            "no:cacheprovider", "-W", "ignore::pytest.PytestAssertRewriteWarning", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout, env=env)
