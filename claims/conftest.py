@@ -56,20 +56,40 @@ def task_baselines(rh_model, task_validation, task_rankings, profile):
                               batch_size=profile.batch_size)
 
 
-@pytest.fixture(scope="session")
-def keep_samples(rh_model, profile):
-    """Fresh prompts (``inverse_n`` per depth, a seed no identification used) for the claims that
-    an intervention *keeps* accuracy within a margin: CA-3 and CA-8 (non-inferiority needs about 80)."""
-    return profile.fresh_samples(rh_model, "inverse", profile.inverse_n)
+def _first_per_depth(samples, n):
+    """The first ``n`` prompts of each depth, in the order given (depth by depth)."""
+    out, seen = [], {}
+    for s in samples:
+        seen[s.depth] = seen.get(s.depth, 0) + 1
+        if seen[s.depth] <= n:
+            out.append(s)
+    return out
 
 
 @pytest.fixture(scope="session")
-def keep_baseline(rh_model, keep_samples, ranking, profile):
-    """The unablated outcomes on :func:`keep_samples`, shared by CA-3 and CA-8. The passes keep the
-    residual stream where CA-3's bottom K and CA-8's top K start, so those passes run only the
-    layers from there on (rh.prefix)."""
-    from rh.causal import evaluate_baseline
-    from rh.prefix import first_layers, hinting
+def fresh_validation(rh_model, profile):
+    """Fresh prompts (a seed no identification used), ``max(inverse_n, iv_n)`` per depth, for the
+    claims that intervene on a held-out set of one-needle prompts: CA-3 and CA-8 take the first
+    ``inverse_n`` of each depth (:func:`keep_samples`), the IV claims the first ``iv_n``
+    (:func:`iv_samples`): one set, and one baseline, where the two sizes agree (quick)."""
+    return profile.fresh_samples(rh_model, "interventions", max(profile.inverse_n, profile.iv_n))
+
+
+@pytest.fixture(scope="session")
+def keep_samples(fresh_validation, profile):
+    """The prompts of the claims that an intervention *keeps* accuracy within a margin: CA-3 and
+    CA-8 (non-inferiority needs about 80), ``inverse_n`` per depth."""
+    return _first_per_depth(fresh_validation, profile.inverse_n)
+
+
+@pytest.fixture(scope="session")
+def iv_samples(fresh_validation, profile):
+    """The IV claims' prompts (IV-1, IV-2, IV-3, IV-4, IV-6, IV-7), ``iv_n`` per depth."""
+    return _first_per_depth(fresh_validation, profile.iv_n)
+
+
+def _keep_sets(ranking, profile) -> list:
+    """The head sets CA-3 (the bottom K) and CA-8 (the top K) intervene on."""
     from rh.published import HeadSetHasNoOrder
 
     sets = []
@@ -79,5 +99,88 @@ def keep_baseline(rh_model, keep_samples, ranking, profile):
                 sets.append(pick(k))
             except HeadSetHasNoOrder:  # a head set has no bottom, and only its own size
                 pass
+    return sets
+
+
+def _iv_sets(ranking, profile) -> list:
+    """The head sets the IV claims intervene on: IV-1's top 1, 2, 3 and the critical heads (IV-2's
+    and IV-3's first critical layer)."""
+    try:
+        critical = ranking.top(max(profile.critical_k, *profile.incremental_levels))
+    except ValueError:  # a head set smaller than the critical heads: the IV claims say so themselves
+        return []
+    return [critical[:n] for n in profile.incremental_levels] + [critical[: profile.critical_k]]
+
+
+def _validation_baseline(rh_model, samples, sets, profile):
+    from rh.causal import evaluate_baseline
+    from rh.prefix import first_layers, hinting
+
     with hinting(rh_model, first_layers(sets)):
-        return evaluate_baseline(rh_model, keep_samples, batch_size=profile.batch_size)
+        return evaluate_baseline(rh_model, samples, batch_size=profile.batch_size)
+
+
+@pytest.fixture(scope="session")
+def keep_baseline(rh_model, keep_samples, iv_samples, ranking, profile):
+    """The unablated outcomes on :func:`keep_samples`, shared by CA-3 and CA-8 (and by the IV
+    claims where their prompts are the same). The passes keep the residual stream where CA-3's
+    bottom K and CA-8's top K start (and the IV claims' heads, where they share the prompts), so
+    those passes run only the layers from there on (rh.prefix)."""
+    shared = [s.id for s in iv_samples] == [s.id for s in keep_samples]
+    sets = _keep_sets(ranking, profile) + (_iv_sets(ranking, profile) if shared else [])
+    return _validation_baseline(rh_model, keep_samples, sets, profile)
+
+
+@pytest.fixture(scope="session")
+def iv_baseline(rh_model, iv_samples, keep_samples, ranking, profile):
+    """The unablated outcomes on the IV prompts: :func:`keep_baseline`'s rows (from the results
+    store) where the prompts are the same. The passes keep the residual stream where each
+    intervention on the critical heads starts (IV-1's top 1, 2, 3; IV-2's and IV-3's first critical
+    layer), and CA-3's and CA-8's where they share the prompts, so those passes run only the layers
+    from there on (rh.prefix)."""
+    shared = [s.id for s in iv_samples] == [s.id for s in keep_samples]
+    sets = _iv_sets(ranking, profile) + (_keep_sets(ranking, profile) if shared else [])
+    return _validation_baseline(rh_model, iv_samples, sets, profile)
+
+
+@pytest.fixture(scope="session")
+def depth_samples(rh_model, profile):
+    """Fresh prompts per depth (a seed no identification used), shared by the claims that test the
+    retrieval of one needle at every depth: CA-6 takes the first ``depth_n`` of each depth, IV-5's
+    probes the first ``probe_n``, CA-9 and CA-10 the first ``sweep_n``. ``{depth: prompts}``."""
+    n = max(profile.depth_n, profile.probe_n, profile.sweep_n)
+    fresh = profile.fresh_samples(rh_model, "depth", n)
+    return {d: [s for s in fresh if s.depth == d] for d in profile.depths}
+
+
+@pytest.fixture(scope="session")
+def depth_baselines(rh_model, depth_samples, ranking, profile):
+    """The unablated outcomes of :func:`depth_samples` (``.frame``) and, read in those very forwards,
+    the residual stream at each prompt's last token after every layer (``.residuals``: ``{id:
+    [n_layers + 1, hidden]}``), IV-5's probe features: IV-5 runs no pass of its own. CA-6's prompts
+    run depth by depth, as CA-6's curtailment reads them, and keep the residual stream where its top
+    K start, so its ablated passes run only the layers from there on (rh.prefix); prompts past
+    ``depth_n`` (IV-5's, where ``probe_n`` is larger) run after them."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from rh.prefix import first_layers, hinting
+    from rh.probes import baseline_residuals
+    from rh.published import heads_under_test
+
+    frames, residuals = [], {}
+
+    def read(samples, hints):
+        if samples:
+            with hinting(rh_model, hints):
+                frame, feats = baseline_residuals(rh_model, samples, batch_size=profile.batch_size)
+            frames.append(frame)
+            residuals.update(zip((s.id for s in samples), feats))
+
+    hints = first_layers([heads_under_test(ranking, profile.id_k)])
+    for group in depth_samples.values():
+        read(group[: profile.depth_n], hints)
+    for group in depth_samples.values():
+        read(group[profile.depth_n:], ())
+    return SimpleNamespace(frame=pd.concat(frames, ignore_index=True), residuals=residuals)

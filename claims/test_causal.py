@@ -135,21 +135,20 @@ def test_ablating_general_heads_hurts_every_task(id_task, ca4_verdicts, record_v
     record_verdict(ca4_verdicts[id_task])
 
 
-def _ca6_verdicts(rh_model, ranking, profile, phase):
+def _ca6_verdicts(rh_model, ranking, depth_samples, depth_baselines, profile, phase):
     from rh.causal import ablation_hurts
     from rh.published import heads_under_test
 
-    fresh = profile.fresh_samples(rh_model, "depth", profile.depth_n)
-    groups = {d: [s for s in fresh if s.depth == d] for d in profile.depths}
-    return ablation_hurts("CA-6", rh_model, groups, heads_under_test(ranking, profile.id_k), None, param="depth",
-                          alpha=profile.alpha, baseline_floor=profile.baseline_floor, min_drop=profile.min_drop,
-                          batch_size=profile.batch_size, n_boot=profile.n_boot, phase=phase)
+    groups = {d: group[: profile.depth_n] for d, group in depth_samples.items()}
+    return ablation_hurts("CA-6", rh_model, groups, heads_under_test(ranking, profile.id_k), depth_baselines.frame,
+                          param="depth", alpha=profile.alpha, baseline_floor=profile.baseline_floor,
+                          min_drop=profile.min_drop, batch_size=profile.batch_size, n_boot=profile.n_boot, phase=phase)
 
 
 @pytest.fixture(scope="session")
-def ca6_verdicts(rh_model, ranking, profile):
+def ca6_verdicts(rh_model, ranking, depth_samples, depth_baselines, profile):
     """Fresh prompts (a seed the identification never saw), ``depth_n`` per depth: baseline vs top-K ablated."""
-    return _ca6_verdicts(rh_model, ranking, profile, "all")
+    return _ca6_verdicts(rh_model, ranking, depth_samples, depth_baselines, profile, "all")
 
 
 @pytest.mark.claim("CA-6", source="seed 000 §2.2-2.4")
@@ -159,9 +158,9 @@ def test_the_drop_appears_at_every_depth(claim_depth, ca6_verdicts, record_verdi
 
 
 @pytest.fixture(scope="session")
-def ca6_decode_verdicts(rh_model, ranking, profile):
+def ca6_decode_verdicts(rh_model, ranking, depth_samples, depth_baselines, profile):
     """CA-6's prompts and heads under Wu24's protocol: the top K ablated while decoding only."""
-    return _ca6_verdicts(rh_model, ranking, profile, "decode")
+    return _ca6_verdicts(rh_model, ranking, depth_samples, depth_baselines, profile, "decode")
 
 
 @pytest.mark.claim("CA-6", source="seed 000 §2.2-2.4 (Wu24's masking protocol)", params={"phase": "decode"})
@@ -172,11 +171,10 @@ def test_the_drop_while_decoding_appears_at_every_depth(claim_depth, ca6_decode_
 
 
 @pytest.fixture(scope="session")
-def sweep_prompts(rh_model, profile):
+def sweep_prompts(depth_samples, profile):
     """CA-9's and CA-10's prompts: the first ``sweep_n`` per depth of CA-6's fresh prompts (their
     baselines are CA-6's rows in the results store)."""
-    fresh = profile.fresh_samples(rh_model, "depth", profile.depth_n)
-    return [s for d in profile.depths for s in [x for x in fresh if x.depth == d][:profile.sweep_n]]
+    return [s for group in depth_samples.values() for s in group[: profile.sweep_n]]
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -14,25 +15,6 @@ pytestmark = pytest.mark.slow
 def critical(ranking, profile):
     """The critical heads: the ranking's top ``critical_k`` (at least as many as IV-1's levels)."""
     return ranking.top(max(profile.critical_k, *profile.incremental_levels))
-
-
-@pytest.fixture(scope="session")
-def iv_samples(rh_model, profile):
-    return profile.fresh_samples(rh_model, "interventions", profile.iv_n)
-
-
-@pytest.fixture(scope="session")
-def iv_baseline(rh_model, iv_samples, critical, profile):
-    """The unablated outcomes on the IV prompts. The passes keep the residual stream where each
-    intervention on the critical heads starts (IV-1's top 1, 2, 3; IV-2's and IV-3's first critical
-    layer), so those passes run only the layers from there on (rh.prefix)."""
-    from rh.ablation import Ablation
-    from rh.prefix import first_layers, hinting
-    from rh.runner import run_one
-
-    sets = [critical[:n] for n in profile.incremental_levels] + [critical[: profile.critical_k]]
-    with hinting(rh_model, first_layers(sets)):
-        return run_one(rh_model, iv_samples, Ablation.baseline(), batch_size=profile.batch_size)
 
 
 @pytest.fixture(scope="session")
@@ -103,25 +85,22 @@ def test_a_transplanted_critical_head_keeps_its_function(rh_model, compare_model
 
 
 @pytest.mark.claim("IV-5", source="seed 004 §3.1")
-def test_the_answer_becomes_decodable_after_the_critical_heads(rh_model, ranking, iv_baseline, profile,
-                                                               record_verdict):
+def test_the_answer_becomes_decodable_after_the_critical_heads(rh_model, ranking, iv_baseline, depth_samples, profile,
+                                                               request, record_verdict):
     """Linear probes on the last token's residual stream decode the answer's first token only at or
     after the layers of the critical heads."""
-    from rh.budget import note_saved, stops_early
-    from rh.probes import answer_labels, decodable_after_heads, layer_probes, read_residuals
+    from rh.probes import answer_labels, decodable_after_heads, layer_probes
     from rh.rules.claims import floor_reason, inconclusive
 
     floor = floor_reason(float(iv_baseline["correct"].mean()), profile.baseline_floor)
-    samples = profile.fresh_samples(rh_model, "probes", profile.probe_n)
     if floor:  # a model that does not retrieve has no critical heads to locate the answer after
-        if stops_early(None):  # the probes' passes are left unread, and counted as saved
-            note_saved("floor", sum(len(s.input_ids) for s in samples) * rh_model.shape.n_layers)
-        else:  # --plain: every pass in full
-            read_residuals(rh_model, samples, batch_size=profile.batch_size)
         return record_verdict(inconclusive("IV-5", {}, floor, "layer probes", profile.alpha, min_effect=0.0))
 
-    # the probe prompts' clean forwards are work units: on Ray they run on the replicas
-    feats = read_residuals(rh_model, samples, batch_size=profile.batch_size)
+    # the first probe_n prompts of each depth of CA-6's: their residuals are read in the baselines'
+    # forwards (depth_baselines; on Ray, on the replicas), so the probes run no pass of their own
+    samples = [s for group in depth_samples.values() for s in group[: profile.probe_n]]
+    residuals = request.getfixturevalue("depth_baselines").residuals
+    feats = np.stack([residuals[s.id] for s in samples])
     df = layer_probes(feats, answer_labels(samples), seed=profile.draw_seed)
     v = decodable_after_heads(df, [h.layer for h in ranking.top(profile.critical_k)], alpha=profile.alpha,
                               margin=profile.probe_margin)

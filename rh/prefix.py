@@ -74,6 +74,13 @@ def _is_passive(hook: Any) -> bool:
     return bool(getattr(hook, "_rh_passive", False)) or transformers_reader(hook)
 
 
+def _is_reader(hook: Any) -> bool:
+    """A hook that reads its module's input or output and changes nothing (``rh.recording.reading``
+    marks its hooks ``_rh_reader``): unlike a passive one, its module must run, so it bounds where a
+    pass may start; unlike a change, the streams after it are clean."""
+    return bool(getattr(hook, "_rh_reader", False))
+
+
 def _hooked(module: torch.nn.Module, *, readers: bool = True) -> bool:
     """Whether ``module`` or a submodule has a hook that is not passive, or an rh attention
     intervention (``readers=False``: one that changes something; a reader, ``changes = False``,
@@ -83,7 +90,7 @@ def _hooked(module: torch.nn.Module, *, readers: bool = True) -> bool:
     for m in module.modules():
         for table in (m._forward_pre_hooks, m._forward_hooks, m._backward_hooks,
                       getattr(m, "_backward_pre_hooks", {})):
-            if any(not _is_passive(h) for h in table.values()):
+            if any(not _is_passive(h) and (readers or not _is_reader(h)) for h in table.values()):
                 return True
         if any(readers or getattr(h, "changes", True) for h in interventions(m)):
             return True
@@ -288,17 +295,18 @@ def forward(model: Any, inputs: Mapping[str, torch.Tensor], **kwargs: Any) -> An
     if cache is None or kwargs.get("use_cache") or "inputs_embeds" in inputs:
         return hf(**inputs, **kwargs)
     first = first_modified_layer(hf)  # where the pass must start at the latest (a reader sees its layers run)
-    if first == 0:
-        cache.misses += 1
-        return hf(**inputs, **kwargs)
     layers = decoder_layers(hf, missing_ok=True)
     n_layers = len(layers)
+    # the streams this pass computes clean: up to its first layer that something changes (a reader
+    # changes nothing, so a baseline that reads, even from layer 0 on, still keeps the streams
+    # hinted above its layers)
+    clean = first_modified_layer(hf, readers=False) if first < n_layers else first
+    if clean == 0:
+        cache.misses += 1
+        return hf(**inputs, **kwargs)
     key = _batch_key(hf, inputs)
     found = cache.best(key, first if first < n_layers else n_layers - 1, hf)
     start = found[0] if found else 0
-    # the streams this pass computes clean: up to its first layer that something changes (a reader
-    # changes nothing, so a baseline that reads still keeps the streams hinted above its layers)
-    clean = first_modified_layer(hf, readers=False) if first < n_layers else first
     keep = {layer for layer in cache.hinted() | ({first} if first < n_layers else set()) if start < layer <= clean
             and layer < n_layers and (key, layer) not in cache.entries}
     stored: dict[int, torch.Tensor] = {}

@@ -162,6 +162,28 @@ def read_residuals(model: LoadedModel, samples: Sequence[Sample], *, batch_size:
     return np.stack([np.asarray(got[s.id], dtype=np.float32).reshape(rd.n_layers + 1, rd.hidden) for s in samples])
 
 
+def baseline_residuals(model: LoadedModel, samples: Sequence[Sample], *,
+                       batch_size: int = 8) -> tuple[pd.DataFrame, np.ndarray]:
+    """The unablated outcomes of ``samples`` (the baseline unit: the forwards
+    :func:`rh.causal.evaluate_baseline` runs, in its batches) and, read in those very forwards
+    (:class:`ResidualReading` at the last prompt token of each teacher-forced row), what
+    :func:`read_residuals` gives: ``[n_samples, n_layers + 1, hidden]`` float32, with no pass of its
+    own. The residuals are not kept in the store (``ResidualReading.stored``), so the rows are
+    computed even where the store has them: call it where the baseline is computed."""
+    from rh.ablation import Ablation
+    from rh.runner import read
+    from rh.units import Unit
+
+    samples = list(samples)
+    if not samples:
+        raise ValueError("baseline_residuals: samples is empty; pass at least one Sample")
+    rd = ResidualReading.of(model)
+    (frame,), (got,) = read(model, samples, [Unit(Ablation.baseline(), tuple(s.id for s in samples))], rd,
+                            batch_size=batch_size)
+    feats = np.stack([np.asarray(got[s.id], dtype=np.float32).reshape(rd.n_layers + 1, rd.hidden) for s in samples])
+    return frame, feats
+
+
 def answer_labels(samples: Sequence[Sample]) -> np.ndarray:
     """The first gold answer token id of every sample, ``[n_samples]`` int64: the probe's target."""
     empty = [s.id for s in samples if not s.answer_ids]

@@ -53,7 +53,7 @@ class Profile:
     hub_keep: float = 0.9  # IV-3: the hub pattern keeps this share of the baseline
     override_patterns: tuple[str, ...] = ("hub", "uniform", "sequential")  # IV-3
     transplant_keep: float = 0.8  # IV-4
-    probe_n: int = 24  # IV-5: fresh prompts per depth for the layer probes
+    probe_n: int = 24  # IV-5: prompts per depth for the layer probes (the first of CA-6's fresh prompts)
     ig_n: int = 8  # IV-6: prompts attributed
     ig_steps: int = 32  # IV-6: integration steps
     ig_tolerance: float = 0.05  # IV-6: IG's completeness error allowed, relative to F(x) - F(baseline)

@@ -139,6 +139,7 @@ def reading(model: Any, fns: Mapping[Site | str, Callable[[torch.Tensor], Any]],
             fired.add(s)
             if stop_after and len(fired) == len(calls):
                 raise _StopForward
+        hook._rh_reader = True  # it changes nothing: rh.prefix keeps the clean streams after it
         return hook
 
     with contextlib.ExitStack() as stack:

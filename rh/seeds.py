@@ -27,10 +27,10 @@ _MULT = 1_000_003
 
 # offset added to the profile's sample_seed -> what the prompts of that stream are for
 PROMPT_STREAMS: dict[str, int] = {
-    "depth": 1_000_003,  # CA-6's prompts at each needle depth
-    "interventions": 2_000_003,  # IV-1..IV-4's fresh prompts (identification never saw them)
-    "probes": 3_000_017,  # IV-5's probe prompts
-    "inverse": 4_000_037,  # CA-3's (the lowest-scoring heads') prompts
+    "depth": 1_000_003,  # CA-6's prompts at each needle depth (IV-5, CA-9 and CA-10 read the first of them)
+    "interventions": 2_000_003,  # the IV claims', CA-3's and CA-8's fresh prompts (identification never saw them)
+    "probes": 3_000_017,  # IV-5's probe prompts until it read CA-6's ("depth"); kept so that no stream takes its seed
+    "inverse": 4_000_037,  # CA-3's and CA-8's until they shared the IV claims'; kept so no stream takes its seed
     "tasks": 5_000_011,  # CA-4 / ID-5's prompts of every task
     "distractor": 6_000_011,  # CA-7's multi-needle prompts with a distractor
     "content_free": 7_000_003,  # ID-7's random repeated-token sequences

@@ -82,6 +82,12 @@ def test_the_quick_plan_is_the_token_layers_a_plain_smollm2_run_counted(tmp_path
         if name in ("hub", "ranking"):  # through the deepest head read (the recording: every layer)
             assert fixtures[name] < recorded and fixtures[name] % (512 if name == "ranking" else 64 * 512) == 0, name
             continue
+        if name == "ca6_verdicts":  # its baselines are depth_baselines' (IV-5's prompts among them)
+            assert fixtures[name] + fixtures["depth_baselines"] == recorded, name
+            continue
+        if name == "iv_baseline":  # the IV claims' prompts are CA-3's and CA-8's: keep_baseline's rows
+            assert fixtures.get(name, 0) == 0 and fixtures["keep_baseline"] == recorded, name
+            continue
         assert fixtures.get(name) == recorded, name
     assert fixtures["hub"] == 720_896 and fixtures["ranking"] == 12_800  # as a --plain run at ab462c1 counted
     checked = 0
@@ -92,7 +98,8 @@ def test_the_quick_plan_is_the_token_layers_a_plain_smollm2_run_counted(tmp_path
         name = nodeid.split("::")[1].split("[")[0]
         if "attribution" in name:
             assert body == prof.ig_n * node["token_layers"], name
-        elif "spike_on_the_needle" in name or name.startswith("test_needle_mass"):
+        elif ("spike_on_the_needle" in name or name.startswith("test_needle_mass")
+              or "decodable_after_the_critical_heads" in name):
             assert body == 0, name
         elif "query_and_logit_zeroing" in name:
             assert body == node["token_layers"] - 16 * 515 * 30, name

@@ -138,6 +138,44 @@ def test_a_reading_baseline_keeps_the_streams_hinted_above_the_layers_it_reads(t
     assert _hooks(tiny) == 0
 
 
+def test_a_baseline_reading_every_layers_residual_keeps_the_streams_hinted_above(tiny, tiny_samples):
+    """IV-5's residual reading (rh.recording.reading hooks on every layer, from layer 0's input
+    on) changes nothing: the baseline that reads it still keeps the stream hinted at layer 3, and
+    the ablation at layer 3 then runs layers 3.. only, with the plain pass's outputs; a pass with
+    the reading on cannot start above layer 0. Catches a reading hook counted as a change (CA-6's
+    ablated passes ran in full after its baselines read IV-5's residuals) and one ignored when
+    starting (the reading would miss the layers left out)."""
+    from rh.probes import residual_reading
+
+    with ablate(tiny, [Head(3, 4)]):
+        plain = teacher_forced(tiny, tiny_samples, batch_size=6, progress=False)
+    counter = TokenLayerCounter()
+    handle = counter.attach(tiny.model)
+    try:
+        with reuse_prefixes(tiny) as cache:
+            with hinting(tiny, [3]), residual_reading(tiny) as read:
+                assert first_modified_layer(tiny) == 0
+                assert first_modified_layer(tiny, readers=False) == tiny.shape.n_layers
+                teacher_forced(tiny, tiny_samples, batch_size=6, progress=False)
+            assert {layer for _, layer in cache.entries} == {3} and set(read) == {s.id for s in tiny_samples}
+            before = counter.total
+            with ablate(tiny, [Head(3, 4)]):
+                reused = teacher_forced(tiny, tiny_samples, batch_size=6, progress=False)
+            assert cache.hits == 1
+            padded = (counter.total - before) // (tiny.shape.n_layers - 3)
+            assert counter.total - before == padded * (tiny.shape.n_layers - 3) > 0
+            with residual_reading(tiny) as again:
+                start = counter.total
+                teacher_forced(tiny, tiny_samples, batch_size=6, progress=False)
+            assert counter.total - start == padded * tiny.shape.n_layers  # from layer 0: it reads layer 0's input
+            np.testing.assert_allclose(np.array([again[s.id] for s in tiny_samples]),
+                                       np.array([read[s.id] for s in tiny_samples]), rtol=1e-6)
+    finally:
+        handle.remove()
+    _same(plain, reused)
+    assert _hooks(tiny) == 0
+
+
 def test_an_edit_below_the_stored_layer_invalidates_it(tiny, tiny_samples):
     """A weight edited in place below the stored layer (its version counter moves) or a module
     replaced there: the stored stream is not used, and the outputs are the edited model's."""

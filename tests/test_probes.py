@@ -94,6 +94,39 @@ def test_residuals_read_as_work_units_equal_the_prompt_only_pass(tiny, mixed, tm
             pass
 
 
+def test_residuals_read_in_the_baselines_forwards_equal_the_prompt_only_pass_at_no_pass_of_their_own(tiny, mixed):
+    """IV-5 reads its residuals in the teacher-forced baseline forwards of CA-6's prompts
+    (rh.probes.baseline_residuals): each prompt's residuals as the prompt-only pass reads them (the
+    answer tokens after the last prompt token change nothing at it), its rows those of the plain
+    baseline, and the token-layers those of the baseline alone. Catches the row read at the last
+    answer token instead of the last prompt token, rows paired with the wrong prompts, and a second
+    pass for the reading."""
+    from rh.budget import TokenLayerCounter
+    from rh.causal import evaluate_baseline
+    from rh.probes import baseline_residuals
+    from rh.runner import Runner, use_runner
+
+    order = [mixed[1], mixed[0]]
+    ref = last_token_residuals(tiny, order, batch_size=2, progress=False)
+    counter = TokenLayerCounter()
+    handle = counter.attach(tiny.model)
+    try:
+        with use_runner(tiny, Runner(tiny)):
+            plain = evaluate_baseline(tiny, order, batch_size=2)
+        cost = counter.total
+        with use_runner(tiny, Runner(tiny)):
+            frame, feats = baseline_residuals(tiny, order, batch_size=2)
+        assert counter.total - cost == cost  # the baseline's forwards, nothing more
+    finally:
+        handle.remove()
+    assert feats.shape == ref.shape and feats.dtype == np.float32
+    np.testing.assert_allclose(feats, ref, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(feats[0], feats[1])
+    pd.testing.assert_frame_equal(frame.reset_index(drop=True), plain.reset_index(drop=True))
+    with pytest.raises(ValueError, match="samples is empty"):
+        baseline_residuals(tiny, [])
+
+
 # ---------------------------------------------------------------------------- probes
 
 
