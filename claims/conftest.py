@@ -154,33 +154,40 @@ def depth_samples(rh_model, profile):
 
 
 @pytest.fixture(scope="session")
-def depth_baselines(rh_model, depth_samples, ranking, profile):
-    """The unablated outcomes of :func:`depth_samples` (``.frame``) and, read in those very forwards,
-    the residual stream at each prompt's last token after every layer (``.residuals``: ``{id:
-    [n_layers + 1, hidden]}``), IV-5's probe features: IV-5 runs no pass of its own. CA-6's prompts
-    run depth by depth, as CA-6's curtailment reads them, and keep the residual stream where its top
-    K start, so its ablated passes run only the layers from there on (rh.prefix); prompts past
-    ``depth_n`` (IV-5's, where ``probe_n`` is larger) run after them."""
+def depth_baselines(rh_model, depth_samples, ranking, profile, request):
+    """The unablated outcomes of :func:`depth_samples` (``.frame``) and, where IV-5 is among the
+    claims collected, read in those very forwards, the residual stream at each prompt's last token
+    after every layer (``.residuals``: ``{id: [n_layers + 1, hidden]}``), IV-5's probe features:
+    IV-5 runs no pass of its own. CA-6's prompts run depth by depth, as CA-6's curtailment reads
+    them, and keep the residual stream where its top K start, so its ablated passes run only the
+    layers from there on (rh.prefix); prompts past ``depth_n`` (IV-5's, where ``probe_n`` is
+    larger) run after them."""
     from types import SimpleNamespace
 
     import pandas as pd
 
+    from rh.causal import evaluate_baseline
     from rh.prefix import first_layers, hinting
     from rh.probes import baseline_residuals
     from rh.published import heads_under_test
 
+    probes = any(m.args[:1] == ("IV-5",) for it in request.session.items for m in it.iter_markers("claim"))
     frames, residuals = [], {}
 
     def read(samples, hints):
-        if samples:
-            with hinting(rh_model, hints):
+        if not samples:
+            return
+        with hinting(rh_model, hints):
+            if probes:
                 frame, feats = baseline_residuals(rh_model, samples, batch_size=profile.batch_size)
-            frames.append(frame)
-            residuals.update(zip((s.id for s in samples), feats))
+                residuals.update(zip((s.id for s in samples), feats))
+            else:  # the same forwards, nothing read in them
+                frame = evaluate_baseline(rh_model, samples, batch_size=profile.batch_size)
+        frames.append(frame)
 
     hints = first_layers([heads_under_test(ranking, profile.id_k)])
     for group in depth_samples.values():
         read(group[: profile.depth_n], hints)
     for group in depth_samples.values():
-        read(group[profile.depth_n:], ())
+        read(group[profile.depth_n:] if probes else [], ())
     return SimpleNamespace(frame=pd.concat(frames, ignore_index=True), residuals=residuals)
