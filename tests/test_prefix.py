@@ -101,73 +101,51 @@ def test_without_a_hint_the_first_pass_of_a_condition_stores_what_the_next_reuse
     _same(plain1, r1)
 
 
-def test_a_reading_baseline_keeps_the_streams_hinted_above_the_layers_it_reads(tiny, tiny_samples):
-    """A baseline that reads layer 1 (rh.attention.reading_rows changes nothing) keeps the stream
-    hinted at layer 3, above what it reads, as the plain baseline does; the ablation at layer 3
-    then runs layers 3.. only and gives the plain pass's outputs. A pass that reads layer 1 cannot
-    start from layer 3's stream (its reader must see layer 1 run). Catches a reader counted as a
-    change (the hint above it lost: the ablation runs in full) and one ignored when starting (the
-    reader would see no forward)."""
+def _needle_mass_at_layer_1(model):
     from rh.id_claims import needle_mass_reading
 
-    with ablate(tiny, [Head(3, 4)]):
-        plain = teacher_forced(tiny, tiny_samples, batch_size=6, progress=False)
-    counter = TokenLayerCounter()
-    handle = counter.attach(tiny.model)
-    try:
-        with reuse_prefixes(tiny) as cache:
-            with hinting(tiny, [3]), needle_mass_reading(tiny, [Head(1, 0)]) as read:
-                assert first_modified_layer(tiny) == 1 and first_modified_layer(tiny, readers=False) == 4
-                teacher_forced(tiny, tiny_samples, batch_size=6, progress=False)
-            assert {layer for _, layer in cache.entries} == {1, 3} and set(read) == {s.id for s in tiny_samples}
-            before = counter.total
-            with ablate(tiny, [Head(3, 4)]):
-                reused = teacher_forced(tiny, tiny_samples, batch_size=6, progress=False)
-            assert cache.hits == 1
-            padded = (counter.total - before) // (tiny.shape.n_layers - 3)
-            assert counter.total - before == padded * (tiny.shape.n_layers - 3) > 0
-            with needle_mass_reading(tiny, [Head(1, 0)]) as again:
-                start = counter.total
-                teacher_forced(tiny, tiny_samples, batch_size=6, progress=False)
-            assert counter.total - start == padded * (tiny.shape.n_layers - 1)  # from layer 1's stream, not 3's
-            np.testing.assert_allclose(np.array([again[s.id] for s in tiny_samples]),
-                                       np.array([read[s.id] for s in tiny_samples]), rtol=1e-6)
-    finally:
-        handle.remove()
-    _same(plain, reused)
-    assert _hooks(tiny) == 0
+    return needle_mass_reading(model, [Head(1, 0)])
 
 
-def test_a_baseline_reading_every_layers_residual_keeps_the_streams_hinted_above(tiny, tiny_samples):
-    """IV-5's residual reading (rh.recording.reading hooks on every layer, from layer 0's input
-    on) changes nothing: the baseline that reads it still keeps the stream hinted at layer 3, and
-    the ablation at layer 3 then runs layers 3.. only, with the plain pass's outputs; a pass with
-    the reading on cannot start above layer 0. Catches a reading hook counted as a change (CA-6's
-    ablated passes ran in full after its baselines read IV-5's residuals) and one ignored when
-    starting (the reading would miss the layers left out)."""
+def _residuals_from_layer_0(model):
     from rh.probes import residual_reading
 
+    return residual_reading(model)
+
+
+@pytest.mark.parametrize("reading, reads_from", [(_needle_mass_at_layer_1, 1), (_residuals_from_layer_0, 0)],
+                         ids=["needle mass at layer 1", "residuals from layer 0"])
+def test_a_reading_baseline_keeps_the_streams_hinted_above_the_layers_it_reads(tiny, tiny_samples, reading,
+                                                                               reads_from):
+    """A baseline that reads (ID-5's needle mass at layer 1: rh.attention.reading_rows; IV-5's
+    residuals, rh.recording.reading hooks on every layer from layer 0's input on) changes nothing:
+    it keeps the stream hinted at layer 3, above what it reads, as the plain baseline does; the
+    ablation at layer 3 then runs layers 3.. only and gives the plain pass's outputs. A pass with
+    the reading on cannot start above the first layer it reads. Catches a reader counted as a
+    change (the hint above it lost: the ablation runs in full, as CA-6's did after its baselines
+    read IV-5's residuals) and one ignored when starting (the reader would see no forward)."""
     with ablate(tiny, [Head(3, 4)]):
         plain = teacher_forced(tiny, tiny_samples, batch_size=6, progress=False)
     counter = TokenLayerCounter()
     handle = counter.attach(tiny.model)
     try:
         with reuse_prefixes(tiny) as cache:
-            with hinting(tiny, [3]), residual_reading(tiny) as read:
-                assert first_modified_layer(tiny) == 0
+            with hinting(tiny, [3]), reading(tiny) as read:
+                assert first_modified_layer(tiny) == reads_from
                 assert first_modified_layer(tiny, readers=False) == tiny.shape.n_layers
                 teacher_forced(tiny, tiny_samples, batch_size=6, progress=False)
-            assert {layer for _, layer in cache.entries} == {3} and set(read) == {s.id for s in tiny_samples}
+            assert {layer for _, layer in cache.entries} == {reads_from, 3} - {0}
+            assert set(read) == {s.id for s in tiny_samples}
             before = counter.total
             with ablate(tiny, [Head(3, 4)]):
                 reused = teacher_forced(tiny, tiny_samples, batch_size=6, progress=False)
             assert cache.hits == 1
             padded = (counter.total - before) // (tiny.shape.n_layers - 3)
             assert counter.total - before == padded * (tiny.shape.n_layers - 3) > 0
-            with residual_reading(tiny) as again:
+            with reading(tiny) as again:
                 start = counter.total
                 teacher_forced(tiny, tiny_samples, batch_size=6, progress=False)
-            assert counter.total - start == padded * tiny.shape.n_layers  # from layer 0: it reads layer 0's input
+            assert counter.total - start == padded * (tiny.shape.n_layers - reads_from)  # not from layer 3's stream
             np.testing.assert_allclose(np.array([again[s.id] for s in tiny_samples]),
                                        np.array([read[s.id] for s in tiny_samples]), rtol=1e-6)
     finally:
