@@ -19,9 +19,10 @@ pass rh's evaluations run (``rh.evaluate.teacher_forced``). For each batch it
    as ``inputs_embeds`` and the decoder layers 0..L-1 left out;
 3. stores the stream entering layer M (and entering every *hinted* layer <= M, see
    :func:`hinting`) for the passes to come, within a byte budget (least recently used first out).
-   An attention reader (:func:`rh.attention.reading_rows`: it changes nothing) sets M, since it
-   must see its layers run, but not the hints' bound: the streams hinted above it are clean, and
-   kept, up to the first layer something changes.
+   A reader (:func:`rh.attention.reading_rows`, :func:`rh.recording.reading`'s hooks: they change
+   nothing) sets M, since it must see its layers run, but not the hints' bound: the streams hinted
+   above it are clean, and kept, up to the first layer something changes (even when it reads from
+   layer 0 on, as IV-5's residual reading does).
 
 Layers left out are not executed, so the token-layer counter (a pre-hook on every decoder layer)
 does not count them. The outputs are those of the plain pass: the same operations on the same
@@ -83,8 +84,8 @@ def _is_reader(hook: Any) -> bool:
 
 def _hooked(module: torch.nn.Module, *, readers: bool = True) -> bool:
     """Whether ``module`` or a submodule has a hook that is not passive, or an rh attention
-    intervention (``readers=False``: one that changes something; a reader, ``changes = False``,
-    is left out)."""
+    intervention (``readers=False``: one that changes something; a reader, an intervention with
+    ``changes = False`` or a hook marked ``_rh_reader``, is left out)."""
     from rh.attention import interventions
 
     for m in module.modules():
@@ -111,8 +112,9 @@ def first_modified_layer(model: Any, *, readers: bool = True) -> int:
     the prefix from outside the layers (hooks on the embedding, the rotary embedding or the model,
     global hooks, an active attention capture), so that no prefix may be reused.
 
-    An attention reader (an intervention with ``changes = False``: :func:`rh.attention.reading_rows`)
-    counts as a modification, since it must see its layers run; ``readers=False`` leaves it out:
+    A reader (an attention intervention with ``changes = False``: :func:`rh.attention.reading_rows`;
+    a hook of :func:`rh.recording.reading`) counts as a modification, since it must see its layers
+    run; ``readers=False`` leaves it out:
     the first layer whose computation actually changes, below which every stream is the clean one."""
     from rh.attention import capturing
 
