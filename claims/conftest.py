@@ -102,14 +102,35 @@ def _keep_sets(ranking, profile) -> list:
     return sets
 
 
+def _critical(ranking, profile) -> list:
+    return ranking.top(max(profile.critical_k, *profile.incremental_levels))
+
+
+@pytest.fixture(scope="session")
+def critical(ranking, profile):
+    """The critical heads: the ranking's top ``critical_k`` (at least as many as IV-1's levels)."""
+    return _critical(ranking, profile)
+
+
 def _iv_sets(ranking, profile) -> list:
     """The head sets the IV claims intervene on: IV-1's top 1, 2, 3 and the critical heads (IV-2's
     and IV-3's first critical layer)."""
     try:
-        critical = ranking.top(max(profile.critical_k, *profile.incremental_levels))
+        critical = _critical(ranking, profile)
     except ValueError:  # a head set smaller than the critical heads: the IV claims say so themselves
         return []
     return [critical[:n] for n in profile.incremental_levels] + [critical[: profile.critical_k]]
+
+
+@pytest.fixture(scope="session")
+def validation_hints(keep_samples, iv_samples, ranking, profile):
+    """The head sets whose first layers each baseline of :func:`fresh_validation` keeps the residual
+    stream of (rh.prefix), ``{"keep": ..., "iv": ...}``: CA-3's and CA-8's, the IV claims'; both
+    for both where the two use the same prompts, since the baseline that runs first serves both."""
+    keep, iv = _keep_sets(ranking, profile), _iv_sets(ranking, profile)
+    if [s.id for s in iv_samples] == [s.id for s in keep_samples]:
+        keep = iv = keep + iv
+    return {"keep": keep, "iv": iv}
 
 
 def _validation_baseline(rh_model, samples, sets, profile):
@@ -121,26 +142,22 @@ def _validation_baseline(rh_model, samples, sets, profile):
 
 
 @pytest.fixture(scope="session")
-def keep_baseline(rh_model, keep_samples, iv_samples, ranking, profile):
+def keep_baseline(rh_model, keep_samples, validation_hints, profile):
     """The unablated outcomes on :func:`keep_samples`, shared by CA-3 and CA-8 (and by the IV
     claims where their prompts are the same). The passes keep the residual stream where CA-3's
     bottom K and CA-8's top K start (and the IV claims' heads, where they share the prompts), so
     those passes run only the layers from there on (rh.prefix)."""
-    shared = [s.id for s in iv_samples] == [s.id for s in keep_samples]
-    sets = _keep_sets(ranking, profile) + (_iv_sets(ranking, profile) if shared else [])
-    return _validation_baseline(rh_model, keep_samples, sets, profile)
+    return _validation_baseline(rh_model, keep_samples, validation_hints["keep"], profile)
 
 
 @pytest.fixture(scope="session")
-def iv_baseline(rh_model, iv_samples, keep_samples, ranking, profile):
+def iv_baseline(rh_model, iv_samples, validation_hints, profile):
     """The unablated outcomes on the IV prompts: :func:`keep_baseline`'s rows (from the results
     store) where the prompts are the same. The passes keep the residual stream where each
     intervention on the critical heads starts (IV-1's top 1, 2, 3; IV-2's and IV-3's first critical
     layer), and CA-3's and CA-8's where they share the prompts, so those passes run only the layers
     from there on (rh.prefix)."""
-    shared = [s.id for s in iv_samples] == [s.id for s in keep_samples]
-    sets = _iv_sets(ranking, profile) + (_keep_sets(ranking, profile) if shared else [])
-    return _validation_baseline(rh_model, iv_samples, sets, profile)
+    return _validation_baseline(rh_model, iv_samples, validation_hints["iv"], profile)
 
 
 @pytest.fixture(scope="session")

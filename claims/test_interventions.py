@@ -12,12 +12,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="session")
-def critical(ranking, profile):
-    """The critical heads: the ranking's top ``critical_k`` (at least as many as IV-1's levels)."""
-    return ranking.top(max(profile.critical_k, *profile.incremental_levels))
-
-
-@pytest.fixture(scope="session")
 def iv1(rh_model, iv_samples, iv_baseline, critical, profile):
     from rh.interventions import incremental_ablation
 

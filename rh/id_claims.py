@@ -170,13 +170,11 @@ def read_needle_mass(model: LoadedModel, samples: Sequence[Sample], heads: Seque
     of its own. Where the rows and the reading are in the runner's store (a baseline that read them,
     a resumed run) nothing runs; on Ray replicas they are read there."""
     from rh.ablation import Ablation
-    from rh.runner import read
-    from rh.units import Unit
+    from rh.runner import read_one
 
     if not heads:
         raise ValueError("read_needle_mass: no heads to read; pass the heads whose needle mass is wanted")
-    (frame,), (got,) = read(model, samples, [Unit(Ablation.baseline(), tuple(s.id for s in samples))],
-                            NeedleMassReading(tuple(heads)), batch_size=batch_size)
+    frame, got = read_one(model, samples, Ablation.baseline(), NeedleMassReading(tuple(heads)), batch_size=batch_size)
     ratios = np.array([got[s.id] for s in samples], dtype=float).reshape(len(samples), len(heads))
     missed = [s.id for s, row in zip(samples, ratios) if np.isnan(row).any()]
     if missed:

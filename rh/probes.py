@@ -21,7 +21,7 @@ import contextlib
 import logging
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,6 +140,12 @@ class ResidualReading:
     def key(self) -> str:
         return f"residual_last_prompt_token/v{self.version}:{self.n_layers}x{self.hidden}"
 
+    def stacked(self, got: Mapping[str, Any], samples: Sequence[Sample]) -> np.ndarray:
+        """The values read, ``{id: [(n_layers + 1) * hidden]}``, as :func:`last_token_residuals`
+        returns them: ``[len(samples), n_layers + 1, hidden]`` float32, in the order of ``samples``."""
+        return np.stack([np.asarray(got[s.id], dtype=np.float32).reshape(self.n_layers + 1, self.hidden)
+                         for s in samples])
+
     def open(self, model: LoadedModel) -> contextlib.AbstractContextManager[dict[str, np.ndarray]]:
         got = ResidualReading.of(model)
         if (got.n_layers, got.hidden) != (self.n_layers, self.hidden):
@@ -158,8 +164,7 @@ def read_residuals(model: LoadedModel, samples: Sequence[Sample], *, batch_size:
     if not samples:
         raise ValueError("read_residuals: samples is empty; pass at least one Sample")
     rd = ResidualReading.of(model)
-    got = read_prompts(model, samples, rd, batch_size=batch_size)
-    return np.stack([np.asarray(got[s.id], dtype=np.float32).reshape(rd.n_layers + 1, rd.hidden) for s in samples])
+    return rd.stacked(read_prompts(model, samples, rd, batch_size=batch_size), samples)
 
 
 def baseline_residuals(model: LoadedModel, samples: Sequence[Sample], *,
@@ -171,17 +176,14 @@ def baseline_residuals(model: LoadedModel, samples: Sequence[Sample], *,
     own. The residuals are not kept in the store (``ResidualReading.stored``), so the rows are
     computed even where the store has them: call it where the baseline is computed."""
     from rh.ablation import Ablation
-    from rh.runner import read
-    from rh.units import Unit
+    from rh.runner import read_one
 
     samples = list(samples)
     if not samples:
         raise ValueError("baseline_residuals: samples is empty; pass at least one Sample")
     rd = ResidualReading.of(model)
-    (frame,), (got,) = read(model, samples, [Unit(Ablation.baseline(), tuple(s.id for s in samples))], rd,
-                            batch_size=batch_size)
-    feats = np.stack([np.asarray(got[s.id], dtype=np.float32).reshape(rd.n_layers + 1, rd.hidden) for s in samples])
-    return frame, feats
+    frame, got = read_one(model, samples, Ablation.baseline(), rd, batch_size=batch_size)
+    return frame, rd.stacked(got, samples)
 
 
 def answer_labels(samples: Sequence[Sample]) -> np.ndarray:

@@ -592,3 +592,12 @@ def call(model: Any, samples: Sequence[Sample], tasks: Sequence[Task]) -> list[A
 def run_one(model: Any, samples: Sequence[Sample], condition: Ablation, *, batch_size: int = 8) -> pd.DataFrame:
     """``with condition.open(model): teacher_forced(model, samples, condition=condition.name)``, as a unit."""
     return run(model, samples, [Unit(condition, tuple(s.id for s in samples))], batch_size=batch_size)[0]
+
+
+def read_one(model: Any, samples: Sequence[Sample], condition: Ablation, reading: Reading, *,
+             batch_size: int = 8) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """:func:`run_one` with ``reading`` read in the same forwards (:func:`read`): the frame and
+    ``{prompt id: the reading's values}``."""
+    (frame,), (got,) = read(model, samples, [Unit(condition, tuple(s.id for s in samples))], reading,
+                            batch_size=batch_size)
+    return frame, got
